@@ -1,0 +1,111 @@
+# boma — the front door. `make help` lists every target.
+#
+# Variables (override on the command line):
+#   VENV          virtualenv with the pinned tools (requirements.txt)
+#   PLAYBOOK_BIN  ansible-playbook from the venv
+#   INVENTORY     inventory for deploys (the real fleet)
+#   VAULT_ARGS    how deploys unlock the vault (scripts/vault-password.sh reads rbw or a file)
+#   ROLE          role for test-role
+#   PLAYBOOK      playbook for deploy (file name under playbooks/)
+#   LIMIT, TAGS   narrow a deploy
+#   HOST          profile for test-integration (tests/integration/profiles/<HOST>.json)
+#   CERTS         cert tier for test-integration: internal | le-staging | le-prod-wildcard
+#   KEEP=1        keep the integration VM after the run
+#   SANDBOX       auto | netns | none — how test-integration reaches libvirt (see below)
+
+SHELL := /bin/bash
+.DEFAULT_GOAL := help
+
+PYTHON        ?= python3
+VENV          ?= .venv
+PLAYBOOK_BIN  ?= $(VENV)/bin/ansible-playbook
+INVENTORY     ?= inventories/production
+VAULT_ARGS    ?= --vault-id prod@scripts/vault-password.sh
+ROLE          ?=
+PLAYBOOK      ?=
+LIMIT         ?=
+TAGS          ?=
+HOST          ?=
+CERTS         ?=
+KEEP          ?=
+SANDBOX       ?= auto
+ROLES         := $(notdir $(wildcard roles/*))
+VENV_STAMP    := $(VENV)/.installed-$(shell sha256sum requirements.txt | cut -c1-12)
+export PATH   := $(CURDIR)/$(VENV)/bin:$(PATH)
+export ANSIBLE_CONFIG := $(CURDIR)/ansible.cfg
+
+.PHONY: help venv lint test test-unit test-role test-all new-role deploy molecule-image \
+        substrate test-integration test-integration-red test-integration-clean \
+        bench-integration integration-status integration-doctor
+
+help: ## List every target
+	@awk 'BEGIN {FS = ":.*## "} /^[a-zA-Z_-]+:.*## / {printf "  \033[1m%-24s\033[0m %s\n", $$1, $$2}' $(MAKEFILE_LIST)
+
+$(VENV_STAMP): requirements.txt
+	$(PYTHON) -m venv $(VENV)
+	$(VENV)/bin/pip install -q --upgrade pip
+	$(VENV)/bin/pip install -q -r requirements.txt
+	rm -f $(VENV)/.installed-* && touch $@
+
+venv: $(VENV_STAMP) ## Create .venv with the pinned tools (re-runs when requirements.txt changes)
+
+lint: venv ## yamllint + ansible-lint (production profile) + tag vocabulary check
+	$(VENV)/bin/yamllint -s .
+	$(VENV)/bin/ansible-lint
+	$(VENV)/bin/python scripts/check-tags.py
+
+test-unit: venv ## pytest unit tests (no hypervisor, no Docker)
+	$(VENV)/bin/pytest -q tests
+
+test: test-unit lint ## Unit tests + lint: what CI and the README run first
+
+molecule-image: ## Build the local systemd Debian 13 image Molecule runs roles in (no registry)
+	scripts/build-molecule-image.sh
+
+test-role: venv molecule-image ## Molecule default scenario for one role: make test-role ROLE=base
+	@test -n "$(ROLE)" || { echo "usage: make test-role ROLE=<$(ROLES: =|)>" >&2; exit 2; }
+	@test -d roles/$(ROLE) || { echo "test-role: no role roles/$(ROLE)" >&2; exit 2; }
+	cd roles/$(ROLE) && molecule test
+
+test-all: venv molecule-image ## Molecule default scenario for every role
+	@set -e; for r in $(ROLES); do echo "=== molecule: $$r"; (cd roles/$$r && molecule test); done
+
+new-role: ## Scaffold a role in house style: make new-role NAME=x
+	@test -n "$(NAME)" || { echo "usage: make new-role NAME=<role_name>" >&2; exit 2; }
+	$(PYTHON) scripts/new-role.py $(NAME)
+
+deploy: venv ## Apply a playbook to the real fleet: make deploy PLAYBOOK=site.yml [LIMIT=..] [TAGS=..]
+	@test -n "$(PLAYBOOK)" || { echo "usage: make deploy PLAYBOOK=<site.yml|offsite.yml|workstation.yml> [LIMIT=host] [TAGS=a,b]" >&2; exit 2; }
+	@test -f playbooks/$(PLAYBOOK) || { echo "deploy: no playbook playbooks/$(PLAYBOOK)" >&2; exit 2; }
+	$(PLAYBOOK_BIN) -i $(INVENTORY) $(VAULT_ARGS) playbooks/$(PLAYBOOK) \
+	  $(if $(LIMIT),--limit $(LIMIT)) $(if $(TAGS),--tags $(TAGS))
+
+# --- Local VM integration tests (ADR-025) ------------------------------------------
+# scripts/it-run wraps the driver: it installs the substrate when it is missing and, on a
+# machine without systemd (containers, CI sandboxes), runs libvirtd and the driver inside
+# a network namespace the run creates and removes (SANDBOX=netns; auto picks it there).
+IT_RUN = SANDBOX=$(SANDBOX) scripts/it-run
+
+substrate: venv ## Install/start the libvirt substrate on this machine (integration_test role)
+	$(IT_RUN) --substrate-only
+
+test-integration: venv ## Boot a VM as HOST, apply, reboot, verify: make test-integration HOST=askari [CERTS=..] [KEEP=1]
+	@test -n "$(HOST)" || { echo "usage: make test-integration HOST=<profile> [CERTS=internal|le-staging|le-prod-wildcard] [KEEP=1]" >&2; exit 2; }
+	$(IT_RUN) cycle --host $(HOST) $(if $(CERTS),--certs $(CERTS)) $(if $(KEEP),--keep)
+
+test-integration-red: venv ## The 2026-06-17 regression: HOST's cycle without the docker forward drop-in must FAIL
+	@test -n "$(HOST)" || { echo "usage: make test-integration-red HOST=<profile>" >&2; exit 2; }
+	$(IT_RUN) cycle --host $(HOST)-regression --expect-fail
+
+test-integration-clean: venv ## Remove every VM, overlay, seed and run file the harness owns
+	$(IT_RUN) prune
+
+integration-status: venv ## List the harness's VMs, runs and checkpoints with their age
+	$(IT_RUN) status
+
+integration-doctor: venv ## Preflight: tools, libvirtd, accelerator, /dev/kvm, RAM, disk
+	$(IT_RUN) doctor
+
+bench-integration: venv ## Run a cycle and print per-phase durations: make bench-integration HOST=askari
+	@test -n "$(HOST)" || { echo "usage: make bench-integration HOST=<profile>" >&2; exit 2; }
+	$(IT_RUN) bench --host $(HOST)
