@@ -35,7 +35,7 @@ export PATH   := $(CURDIR)/$(VENV)/bin:$(PATH)
 export ANSIBLE_CONFIG := $(CURDIR)/ansible.cfg
 
 .PHONY: help venv lint test test-unit test-role test-all new-role deploy molecule-image \
-        substrate test-integration test-integration-red test-integration-clean \
+        substrate test-integration test-integration-red test-vm test-integration-clean \
         bench-integration integration-status integration-doctor
 
 help: ## List every target
@@ -93,9 +93,12 @@ test-integration: venv ## Boot a VM as HOST, apply, reboot, verify: make test-in
 	@test -n "$(HOST)" || { echo "usage: make test-integration HOST=<profile> [CERTS=internal|le-staging|le-prod-wildcard] [KEEP=1]" >&2; exit 2; }
 	$(IT_RUN) cycle --host $(HOST) $(if $(CERTS),--certs $(CERTS)) $(if $(KEEP),--keep)
 
-test-integration-red: venv ## The 2026-06-17 regression: HOST's cycle without the docker forward drop-in must FAIL
-	@test -n "$(HOST)" || { echo "usage: make test-integration-red HOST=<profile>" >&2; exit 2; }
-	$(IT_RUN) cycle --host $(HOST)-regression --expect-fail
+test-integration-red: venv ## RED: HOST-regression (no docker forward drop-in) must FAIL verify for the right reason
+	@test -n "$(HOST)" || { echo "usage: make test-integration-red HOST=askari" >&2; exit 2; }
+	$(IT_RUN) exec -- $(CURDIR)/$(VENV)/bin/pytest -m vm -k red -p no:cacheprovider tests/e2e
+
+test-vm: venv ## RED and GREEN on real VMs in one pytest run (tests/e2e, marker vm)
+	$(IT_RUN) exec -- $(CURDIR)/$(VENV)/bin/pytest -m vm -p no:cacheprovider tests/e2e
 
 test-integration-clean: venv ## Remove every VM, overlay, seed and run file the harness owns
 	$(IT_RUN) prune
