@@ -1,0 +1,2461 @@
+#!/usr/bin/env python3
+"""boma local-VM integration test harness driver (ADR-025).
+
+Boots a throwaway libvirt VM that plays one real host (a profile), applies the real
+playbooks to it through a single-host transient inventory, reboots it (and proves the
+reboot happened), runs the verify playbook, and tears it down.
+
+Stdlib-only by convention: never imports a YAML library or libvirt bindings. It talks
+to libvirt through `virsh`/`virt-install`/`qemu-img`/`cloud-localds` and to the guest
+through `ssh`/`ansible-playbook`. Stubs and cert tiers reach Ansible as `-e @file`.
+
+Layout of this file: pure helpers (argv builders, renderers, parsers) at the top,
+exactly one function that starts processes (`run`), impure orchestration below it,
+the CLI at the bottom.
+"""
+import argparse
+import contextlib
+import dataclasses
+import datetime
+import fcntl
+import hashlib
+import json
+import os
+import pathlib
+import re
+import secrets
+import shlex
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+import urllib.request
+import uuid
+import xml.etree.ElementTree as ET
+from xml.sax.saxutils import escape as _xml_escape, quoteattr as _xml_quoteattr
+
+# --------------------------------------------------------------------------------------
+# Constants (spec names kept)
+# --------------------------------------------------------------------------------------
+REPO_ROOT = pathlib.Path(__file__).resolve().parent.parent
+CACHE_DIR = pathlib.Path(os.environ.get("BOMA_IT_CACHE", "/var/lib/boma-integration"))
+IMAGE_URL = "https://cloud.debian.org/images/cloud/trixie/latest/debian-13-genericcloud-amd64.qcow2"
+SHA_URL = "https://cloud.debian.org/images/cloud/trixie/latest/SHA512SUMS"
+IMAGE_NAME = "debian-13-genericcloud-amd64.qcow2"
+NET_NAME = "boma-it"
+NET_XML = """<network>
+  <name>boma-it</name>
+  <forward mode='nat'/>
+  <bridge name='virbr-boma' stp='on' delay='0'/>
+  <ip address='192.168.150.1' netmask='255.255.255.0'>
+    <dhcp><range start='192.168.150.10' end='192.168.150.254'/></dhcp>
+  </ip>
+</network>
+"""
+NAME_PREFIX = "boma-it-"
+INTEG_DIR = REPO_ROOT / "tests" / "integration"
+RUN_DIR = pathlib.Path(os.environ.get("BOMA_IT_RUN_DIR", str(INTEG_DIR / ".run")))
+DIAG_ROOT = pathlib.Path(os.environ.get("BOMA_IT_DIAG_DIR",
+                                        str(pathlib.Path.home() / "integration-runs")))
+PROFILE_DIR = INTEG_DIR / "profiles"
+CERT_DIR = INTEG_DIR / "certs"
+PLAYBOOK_DIR = REPO_ROOT / "playbooks"
+DEFAULT_VERIFY = "tests/integration/verify.yml"
+TEST_VAULT_VALUES = REPO_ROOT / "tests" / "vault" / "test-values.yml"
+PROD_GROUP_VARS = REPO_ROOT / "inventories" / "production" / "group_vars"
+DEFAULT_MEM_MIB = 3072
+DEFAULT_VCPUS = 2
+RAM_FLOOR_MIB = 1024            # MemAvailable minus the VM's memory must stay above this
+MIN_FREE_MIB = DEFAULT_MEM_MIB + RAM_FLOOR_MIB   # spec name: free RAM a default VM needs
+MIN_DISK_MIB_RUN = 4096         # free disk for one run's overlay to grow into
+MIN_DISK_MIB_IMAGE = 4096       # free disk to build/fetch a golden image
+VALID_TIERS = ("internal", "le-staging", "le-prod-wildcard")
+PROD_TIER = "le-prod-wildcard"
+REBOOT_MODES = ("graceful", "hard")
+ACCEL_CHOICES = ("auto", "kvm", "tcg")
+ANSIBLE_USER = "ansible"
+DEFAULT_URI = "qemu:///system"
+METADATA_URI = "https://boma.invalid/integration-vm"
+METADATA_KEY = "boma"
+SUBCOMMANDS = ("image", "up", "apply", "reboot", "assert", "cycle", "bench", "down",
+               "console", "prune", "status", "doctor")
+
+EXIT_PASS, EXIT_VERIFY, EXIT_USAGE, EXIT_INFRA, EXIT_INTERRUPTED = 0, 1, 2, 3, 130
+EXIT_CODES_HELP = """exit codes:
+  0    pass (or, with --expect-fail, the verify failed as expected)
+  1    verify failed (an assertion about the guest: verify playbook, idempotence)
+  2    usage or configuration error (bad flag, unknown host/profile, bad profile JSON,
+       missing playbook, prod certs without --allow-prod-certs); nothing was created
+  3    infrastructure failure (image, boot, lease, SSH, cloud-init, reboot, libvirt,
+       missing tool, resource guard, another run holding the VM slot)
+  130  interrupted (Ctrl-C / SIGTERM); what this run created was torn down unless --keep
+"""
+
+# Golden image recipe (source "build"). Bump IMAGE_RECIPE_VERSION whenever the build
+# procedure changes in a way the inputs below do not capture.
+IMAGE_RECIPE_VERSION = 1
+IMAGE_SUITE = "trixie"
+DEFAULT_MIRROR = "http://deb.debian.org/debian"
+IMAGE_DISK_SIZE = "8G"
+IMAGE_BASE_PACKAGES = (
+    "linux-image-cloud-amd64", "systemd-sysv", "systemd-resolved", "udev", "dbus",
+    "openssh-server", "openssh-sftp-server", "cloud-init", "python3", "python3-apt",
+    "sudo", "nftables", "ca-certificates", "iproute2", "curl", "less", "zstd",
+)
+# Profile-independent extras that the roles install anyway: carrying them in the golden
+# image saves minutes of apt under TCG (the roles' apt tasks then find them present).
+IMAGE_EXTRA_PACKAGES = ("docker.io", "iptables", "gnupg", "procps", "kmod")
+KERNEL_ARGS = "root=LABEL=root rw console=ttyS0,115200n8"
+
+# Readiness / command bounds in seconds (KVM). TCG multiplies the boot-ish ones by
+# TCG_SCALE. Each is overridable: BOMA_IT_TIMEOUT_<NAME> (upper-case, '-' -> '_').
+DEFAULT_BOUNDS = {
+    "domain-running": 60, "dhcp-lease": 120, "tcp-22": 90, "ssh-handshake": 90,
+    "cloud-init": 300, "reboot": 240, "system-running": 180, "ssh-attempt": 20,
+    "ssh-command": 60, "virsh": 60, "apply": 3600, "verify": 1800, "image-build": 1800,
+    "download": 1800, "accel-probe": 30, "lock": 600, "diag-command": 30,
+}
+TCG_SCALED = ("dhcp-lease", "tcp-22", "ssh-handshake", "cloud-init", "reboot",
+              "system-running", "apply", "verify")
+TCG_SCALE = 3
+DEFAULT_POLL = 2.0
+
+GUEST_DIAG_COMMANDS = (
+    ("nft-ruleset.txt", "nft list ruleset"),
+    ("nft-ruleset.json", "nft -j list ruleset"),
+    ("docker-ps.txt", "docker ps -a"),
+    ("ss-tlnp.txt", "ss -tlnp"),
+    ("journal-this-boot.txt", "journalctl -b --no-pager"),
+    ("journal-previous-boot.txt", "journalctl -b -1 --no-pager"),
+    ("critical-chain.txt", "systemd-analyze critical-chain"),
+    ("failed-units.txt", "systemctl --failed --no-pager"),
+    ("cloud-init.log", "cat /var/log/cloud-init.log"),
+    ("cloud-init-output.log", "cat /var/log/cloud-init-output.log"),
+)
+PROFILE_KEYS = {
+    "groups": list, "applies": list, "extra_vars_files": list, "mem_mib": int,
+    "vcpus": int, "extends": str, "reboot": list, "reboot_diff_tolerate": (dict, list),
+    "verify": str, "description": str,
+}
+PROFILE_REQUIRED = ("groups", "applies")
+
+
+# --------------------------------------------------------------------------------------
+# Errors: one hierarchy, mapped to exit codes in main()
+# --------------------------------------------------------------------------------------
+class HarnessError(Exception):
+    exit_code = EXIT_INFRA
+    stage = None
+
+
+class UsageError(HarnessError):
+    """Bad invocation or configuration. Nothing has been created."""
+    exit_code = EXIT_USAGE
+    stage = "usage"
+
+
+class InfraError(HarnessError):
+    """The machinery failed (image, boot, lease, SSH, libvirt, tools, guards)."""
+    exit_code = EXIT_INFRA
+
+    def __init__(self, stage, msg):
+        super().__init__(f"{stage}: {msg}")
+        self.stage = stage
+        self.msg = msg
+
+
+class VerifyFailed(HarnessError):
+    """An assertion about the guest failed (verify playbook, idempotence)."""
+    exit_code = EXIT_VERIFY
+
+    def __init__(self, stage, msg, failed_tasks=()):
+        super().__init__(f"{stage}: {msg}")
+        self.stage = stage
+        self.msg = msg
+        self.failed_tasks = list(failed_tasks)
+
+
+# --------------------------------------------------------------------------------------
+# Pure helpers: names, parsing, rendering
+# --------------------------------------------------------------------------------------
+def vm_name(host, suffix=None):
+    suffix = suffix or uuid.uuid4().hex[:8]
+    return f"{NAME_PREFIX}{host}-{suffix}"
+
+
+def free_mib(meminfo_text):
+    m = re.search(r"^MemAvailable:\s+(\d+)\s+kB", meminfo_text, re.MULTILINE)
+    return int(m.group(1)) // 1024 if m else 0
+
+
+_LEASE_ROW = re.compile(
+    r"^\s*\S+\s+([0-9A-Fa-f]{2}(?::[0-9A-Fa-f]{2}){5})\s+ipv4\s+(\d+\.\d+\.\d+\.\d+)",
+    re.MULTILINE)
+
+
+def parse_lease_ip(domifaddr_output, mac=None):
+    """IPv4 address from `virsh domifaddr --source lease`; with `mac`, only that NIC's."""
+    for m in _LEASE_ROW.finditer(domifaddr_output):
+        if mac is None or m.group(1).lower() == mac.lower():
+            return m.group(2)
+    if mac is None:
+        m = re.search(r"ipv4\s+(\d+\.\d+\.\d+\.\d+)", domifaddr_output)
+        return m.group(1) if m else None
+    return None
+
+
+def make_mac(rand3):
+    """A locally administered libvirt-style MAC from three random bytes."""
+    return "52:54:00:" + ":".join(f"{b:02x}" for b in rand3[:3])
+
+
+def yaml_quote(value):
+    """A YAML single-quoted scalar (the only quoting the renderers need)."""
+    return "'" + str(value).replace("'", "''") + "'"
+
+
+def render_meta_data(instance_id, hostname):
+    return f"instance-id: {instance_id}\nlocal-hostname: {hostname}\n"
+
+
+def render_user_data(ssh_pubkey, ansible_user, host_key_private=None, host_key_public=None):
+    """cloud-config: the ansible user (NOPASSWD sudo, the run's client key) and, when
+    given, the run's ed25519 HOST key pair (so the client can pin it in known_hosts).
+    cloud-init's cc_ssh deletes image host keys (ssh_deletekeys defaults true) and writes
+    the provided `ssh_keys`; `ssh_genkeytypes: []` stops it generating others."""
+    lines = [
+        "#cloud-config",
+        "users:",
+        f"  - name: {ansible_user}",
+        "    sudo: 'ALL=(ALL) NOPASSWD:ALL'",
+        "    shell: /bin/bash",
+        "    lock_passwd: true",
+        "    ssh_authorized_keys:",
+        f"      - {ssh_pubkey.strip()}",
+        "ssh_pwauth: false",
+        "disable_root: true",
+        "package_update: false",
+        "package_upgrade: false",
+        "manage_etc_hosts: true",
+    ]
+    if host_key_private and host_key_public:
+        lines += ["ssh_deletekeys: true", "ssh_genkeytypes: []", "ssh_keys:",
+                  "  ed25519_private: |"]
+        lines += [f"    {ln}" for ln in host_key_private.strip().splitlines()]
+        lines += [f"  ed25519_public: {host_key_public.strip()}"]
+    return "\n".join(lines) + "\n"
+
+
+def cert_file(tier):
+    if tier not in VALID_TIERS:
+        raise ValueError(f"unknown cert tier: {tier}")
+    return CERT_DIR / f"{tier}.yml"
+
+
+def profile_path(host):
+    return PROFILE_DIR / f"{host}.json"
+
+
+def render_run_hosts(name, ip, ansible_user, groups, host_vars=None):
+    """Transient single-host inventory (YAML by string template). `host_vars` is an
+    optional {var: value} rendered as single-quoted scalars."""
+    lines = [
+        "# Generated by scripts/integration-vm.py — transient, gitignored. Do not edit.",
+        "# Single test host ONLY (safety invariant: no real host is ever in scope).",
+        "all:",
+        "  children:",
+    ]
+    for g in groups:
+        lines += [
+            f"    {g}:",
+            "      hosts:",
+            f"        {name}:",
+            f"          ansible_host: {ip}",
+            f"          ansible_user: {ansible_user}",
+        ]
+        for k, v in (host_vars or {}).items():
+            lines.append(f"          {k}: {yaml_quote(v)}")
+    return "\n".join(lines) + "\n"
+
+
+def inventory_host_names(inventory_text):
+    """Every host name declared under a `hosts:` key of a YAML inventory (as rendered by
+    render_run_hosts or written by hand in block style)."""
+    names, hosts_indent, child_indent = set(), None, None
+    for raw in inventory_text.splitlines():
+        line = raw.split("#", 1)[0].rstrip()
+        if not line.strip():
+            continue
+        indent = len(line) - len(line.lstrip(" "))
+        key = line.strip()
+        if hosts_indent is not None and indent <= hosts_indent:
+            hosts_indent = child_indent = None
+        if hosts_indent is not None:
+            if child_indent is None:
+                child_indent = indent
+            if indent == child_indent:
+                names.add(key.split(":", 1)[0].strip().strip("'\""))
+            continue
+        if key == "hosts:" or key.startswith("hosts: "):
+            hosts_indent = indent
+    return names
+
+
+def assert_single_host_inventory(inventory_text, name):
+    """Safety invariant: the transient inventory holds the test VM and nothing else."""
+    found = inventory_host_names(inventory_text)
+    if found != {name}:
+        raise InfraError("inventory", f"transient inventory must hold only {name}, "
+                         f"found {sorted(found)} — refusing to run ansible-playbook")
+
+
+def _expected_sha(sha_text, filename):
+    for line in sha_text.splitlines():
+        parts = line.split()
+        if len(parts) == 2 and parts[1].lstrip("*") == filename:
+            return parts[0]
+    return None
+
+
+def render_current(name, ip, host):
+    """tests/integration/.run/current (spec format: name, ip, host lines)."""
+    return f"{name}\n{ip or ''}\n{host}\n"
+
+
+# ---- profiles ---------------------------------------------------------------------
+def _rel(path):
+    try:
+        return str(pathlib.Path(path).relative_to(REPO_ROOT))
+    except ValueError:
+        return str(path)
+
+
+def parse_profile_text(text, path):
+    """JSON -> dict, malformed JSON -> UsageError naming file and line."""
+    try:
+        data = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise UsageError(f"profile {_rel(path)}: invalid JSON at line {e.lineno} "
+                         f"column {e.colno}: {e.msg}") from None
+    if not isinstance(data, dict):
+        raise UsageError(f"profile {_rel(path)}: top level must be a JSON object")
+    return data
+
+
+def check_profile_types(data, path):
+    """Type-check the keys one profile file sets (not yet merged)."""
+    for key, value in data.items():
+        if key.startswith("_"):
+            continue
+        if key not in PROFILE_KEYS:
+            raise UsageError(f"profile {_rel(path)}: unknown key {key!r} "
+                             f"(known: {', '.join(sorted(PROFILE_KEYS))})")
+        want = PROFILE_KEYS[key]
+        if isinstance(value, bool) or not isinstance(value, want):
+            tname = want.__name__ if isinstance(want, type) else "/".join(t.__name__ for t in want)
+            raise UsageError(f"profile {_rel(path)}: key {key!r} must be {tname}, "
+                             f"got {type(value).__name__}")
+    for key in ("groups", "extra_vars_files"):
+        if key in data and not all(isinstance(x, str) and x for x in data[key]):
+            raise UsageError(f"profile {_rel(path)}: key {key!r} must be a list of "
+                             "non-empty strings")
+    if "groups" in data and not all(re.fullmatch(r"[A-Za-z0-9_]+", g) for g in data["groups"]):
+        raise UsageError(f"profile {_rel(path)}: key 'groups' holds an invalid group name")
+    for i, step in enumerate(data.get("applies", [])):
+        if not isinstance(step, dict) or not isinstance(step.get("playbook"), str):
+            raise UsageError(f"profile {_rel(path)}: key 'applies[{i}].playbook' missing "
+                             "or not a string")
+        tags = step.get("tags", [])
+        if not isinstance(tags, list) or not all(isinstance(t, str) for t in tags):
+            raise UsageError(f"profile {_rel(path)}: key 'applies[{i}].tags' must be a "
+                             "list of strings")
+        extra = set(step) - {"playbook", "tags"}
+        if extra:
+            raise UsageError(f"profile {_rel(path)}: key 'applies[{i}]' has unknown "
+                             f"keys {sorted(extra)}")
+    for mode in data.get("reboot", []):
+        if mode not in REBOOT_MODES:
+            raise UsageError(f"profile {_rel(path)}: key 'reboot' entries must be one of "
+                             f"{', '.join(REBOOT_MODES)}, got {mode!r}")
+    if "mem_mib" in data and data["mem_mib"] < 512:
+        raise UsageError(f"profile {_rel(path)}: key 'mem_mib' must be >= 512")
+    if "vcpus" in data and data["vcpus"] < 1:
+        raise UsageError(f"profile {_rel(path)}: key 'vcpus' must be >= 1")
+
+
+def merge_profiles(parent, child):
+    """Shallow merge; lists in the child replace the parent's, except extra_vars_files,
+    which the child APPENDS to the parent's."""
+    merged = dict(parent)
+    for k, v in child.items():
+        if k == "extends":
+            continue
+        if k == "extra_vars_files":
+            merged[k] = list(parent.get(k, [])) + list(v)
+        else:
+            merged[k] = v
+    return merged
+
+
+def load_profile(host, profile_dir=None, repo_root=None, read=None):
+    """Load, resolve `extends`, validate. Returns the merged profile dict with `name`
+    and `path`. Every problem is a UsageError naming the file (and key)."""
+    profile_dir = pathlib.Path(profile_dir or PROFILE_DIR)
+    repo_root = pathlib.Path(repo_root or REPO_ROOT)
+    read = read or (lambda p: p.read_text())
+    if not re.fullmatch(r"[a-z0-9][a-z0-9_-]{0,40}", host or ""):
+        raise UsageError(f"invalid host name {host!r} (lower-case letters, digits, - and _)")
+    chain, name = [], host
+    while name is not None:
+        path = profile_dir / f"{name}.json"
+        if name in [n for n, _, _ in chain]:
+            raise UsageError(f"profile {_rel(path)}: 'extends' cycle "
+                             f"({' -> '.join([n for n, _, _ in chain] + [name])})")
+        if not path.is_file():
+            known = sorted(p.stem for p in profile_dir.glob("*.json")) if profile_dir.is_dir() else []
+            if chain:
+                raise UsageError(f"profile {_rel(chain[-1][1])}: key 'extends' names "
+                                 f"{name!r} but there is no {_rel(path)}")
+            raise UsageError(f"no profile {_rel(path)} (known: {', '.join(known) or 'none'})")
+        data = parse_profile_text(read(path), path)
+        check_profile_types(data, path)
+        chain.append((name, path, data))
+        name = data.get("extends")
+    merged = {}
+    for _, _, data in reversed(chain):
+        merged = merge_profiles(merged, data)
+    top = chain[0][1]
+    for key in PROFILE_REQUIRED:
+        if not merged.get(key):
+            raise UsageError(f"profile {_rel(top)}: missing required key {key!r}")
+    merged.setdefault("extra_vars_files", [])
+    merged.setdefault("mem_mib", DEFAULT_MEM_MIB)
+    merged.setdefault("vcpus", DEFAULT_VCPUS)
+    merged.setdefault("reboot", ["graceful"])
+    merged.setdefault("verify", DEFAULT_VERIFY)
+    for i, step in enumerate(merged["applies"]):
+        pb = repo_root / "playbooks" / step["playbook"]
+        if not pb.is_file():
+            raise UsageError(f"profile {_rel(top)}: key 'applies[{i}].playbook' names "
+                             f"playbooks/{step['playbook']}, which does not exist")
+    for f in merged["extra_vars_files"]:
+        if not (repo_root / "tests" / "integration" / f).is_file():
+            raise UsageError(f"profile {_rel(top)}: key 'extra_vars_files' names "
+                             f"tests/integration/{f}, which does not exist")
+    if not (repo_root / merged["verify"]).is_file():
+        raise UsageError(f"profile {_rel(top)}: verify playbook {merged['verify']} "
+                         "does not exist")
+    merged["name"] = host
+    merged["path"] = str(top)
+    return merged
+
+
+def extra_vars_files(profile, tier, integ_dir=None, vault_values=None):
+    """Ordered -e @files: profile files, then the cert tier, then test vault values."""
+    integ_dir = pathlib.Path(integ_dir or INTEG_DIR)
+    files = [integ_dir / f for f in profile["extra_vars_files"]]
+    files.append(integ_dir / "certs" / f"{tier}.yml")
+    vault_values = pathlib.Path(vault_values or TEST_VAULT_VALUES)
+    if vault_values.is_file():
+        files.append(vault_values)
+    return files
+
+
+# ---- argv builders ------------------------------------------------------------------
+def virsh_argv(uri, *args):
+    return ["virsh", "--connect", uri, *[str(a) for a in args]]
+
+
+def ssh_options(run_dir, alias, port=22):
+    """Pinned-host-key SSH options (never StrictHostKeyChecking=no)."""
+    run_dir = pathlib.Path(run_dir)
+    return [
+        "-o", "BatchMode=yes",
+        "-o", "StrictHostKeyChecking=yes",
+        "-o", f"UserKnownHostsFile={run_dir / 'known_hosts'}",
+        "-o", "GlobalKnownHostsFile=/dev/null",
+        "-o", f"HostKeyAlias={alias}",
+        "-o", "CheckHostIP=no",
+        "-o", "IdentitiesOnly=yes",
+        "-o", "IdentityAgent=none",
+        "-i", str(run_dir / "id_ed25519"),
+        "-o", "ConnectTimeout=10",
+        "-o", "ServerAliveInterval=5",
+        "-o", "ServerAliveCountMax=3",
+        "-o", "LogLevel=ERROR",
+        "-p", str(port),
+    ]
+
+
+def ssh_argv(run_dir, alias, ip, command, user=ANSIBLE_USER, port=22):
+    return ["ssh", *ssh_options(run_dir, alias, port), f"{user}@{ip}", command]
+
+
+def ansible_ssh_args(run_dir, alias):
+    """ANSIBLE_SSH_ARGS: ansible.cfg's multiplexing plus the pinned options (no -p:
+    the port goes to the inventory)."""
+    opts = ssh_options(run_dir, alias)[:-2]
+    return " ".join(["-o ControlMaster=auto", "-o ControlPersist=60s"]
+                    + [shlex.quote(o) for o in opts])
+
+
+def known_hosts_line(alias, host_pubkey):
+    parts = host_pubkey.split()
+    return f"{alias} {parts[0]} {parts[1]}\n"
+
+
+def ssh_keygen_argv(path, comment):
+    return ["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-C", comment, "-f", str(path)]
+
+
+def qemu_img_overlay_argv(golden, overlay):
+    return ["qemu-img", "create", "-q", "-f", "qcow2", "-F", "qcow2", "-b", str(golden),
+            str(overlay)]
+
+
+def cloud_localds_argv(seed, user_data, meta_data):
+    return ["cloud-localds", str(seed), str(user_data), str(meta_data)]
+
+
+def choose_osinfo(osinfo_list_output, wanted="debian13"):
+    tokens = set(re.findall(r"[A-Za-z0-9._-]+", osinfo_list_output or ""))
+    return wanted if wanted in tokens else "detect=on,require=off"
+
+
+def virt_install_argv(uri, name, mem_mib, vcpus, overlay, seed, mac, console_log,
+                      virt_type, osinfo, kernel=None, initrd=None, kernel_args=KERNEL_ARGS):
+    """virt-install that PRINTS the domain XML (we add ownership metadata, then define):
+    a domain never exists without the boma metadata that prune/status rely on."""
+    argv = [
+        "virt-install", "--connect", uri, "--name", name,
+        "--memory", str(mem_mib), "--vcpus", str(vcpus), "--import",
+        "--disk", f"path={overlay},format=qcow2,bus=virtio",
+        "--disk", f"path={seed},format=raw,bus=virtio,readonly=on",
+        "--network", f"network={NET_NAME},model=virtio,mac={mac}",
+        "--osinfo", osinfo,
+        "--graphics", "none",
+        "--serial", f"file,path={console_log}",
+        "--noautoconsole",
+        "--virt-type", virt_type,
+    ]
+    if kernel:
+        argv += ["--boot", f'kernel={kernel},initrd={initrd},kernel_args="{kernel_args}"']
+    argv += ["--print-xml"]
+    return argv
+
+
+def ansible_playbook_argv(ansible_playbook, inventory, playbook, limit, tags=(), extra_files=()):
+    if not limit:
+        raise InfraError("inventory", "refusing to run ansible-playbook without --limit")
+    argv = [str(ansible_playbook), "-i", str(inventory), str(playbook), "--limit", limit]
+    if tags:
+        argv += ["--tags", ",".join(tags)]
+    for f in extra_files:
+        argv += ["-e", f"@{f}"]
+    return argv
+
+
+def ansible_env(base_env, repo_root, run_dir, alias):
+    env = dict(base_env)
+    env.update({
+        "ANSIBLE_CONFIG": str(pathlib.Path(repo_root) / "ansible.cfg"),
+        "ANSIBLE_CACHE_PLUGIN_CONNECTION": str(pathlib.Path(run_dir) / "facts"),
+        "ANSIBLE_SSH_ARGS": ansible_ssh_args(run_dir, alias),
+        "ANSIBLE_HOST_KEY_CHECKING": "True",
+        "ANSIBLE_RETRY_FILES_ENABLED": "False",
+        "ANSIBLE_NOCOLOR": "1",
+        "PYTHONUNBUFFERED": "1",
+    })
+    return env
+
+
+# ---- libvirt metadata ------------------------------------------------------------------
+def render_metadata_xml(run_id, created_at, profile, owner, host=None):
+    attrs = {"id": run_id, "created_at": created_at, "profile": profile, "owner": owner}
+    if host:
+        attrs["host"] = host
+    body = " ".join(f"{k}={_xml_quoteattr(str(v))}" for k, v in attrs.items())
+    return f'<boma:run xmlns:boma="{METADATA_URI}" {body}/>'
+
+
+def parse_metadata_xml(text):
+    """The boma run attributes from `virsh metadata --uri` output, or None."""
+    if not text or not text.strip():
+        return None
+    try:
+        el = ET.fromstring(text.strip())
+    except ET.ParseError:
+        return None
+    if el.tag not in (f"{{{METADATA_URI}}}run", "run"):
+        found = el.find(f".//{{{METADATA_URI}}}run")
+        if found is None:
+            return None
+        el = found
+    return dict(el.attrib) if el.get("id") else None
+
+
+def add_domain_metadata(domain_xml, metadata_xml):
+    """Insert our element into the domain's <metadata> (creating it) — string surgery so
+    the rest of virt-install's XML stays byte-identical."""
+    if "<metadata>" in domain_xml:
+        return domain_xml.replace("<metadata>", f"<metadata>\n    {metadata_xml}", 1)
+    if "<metadata/>" in domain_xml:
+        return domain_xml.replace("<metadata/>", f"<metadata>\n    {metadata_xml}\n  </metadata>", 1)
+    idx = domain_xml.rfind("</domain>")
+    if idx < 0:
+        raise InfraError("define", "virt-install --print-xml produced no <domain> XML")
+    return (domain_xml[:idx] + f"  <metadata>\n    {metadata_xml}\n  </metadata>\n"
+            + domain_xml[idx:])
+
+
+def domain_name_from_xml(domain_xml):
+    m = re.search(r"<name>([^<]+)</name>", domain_xml)
+    return m.group(1) if m else None
+
+
+def parse_net_info(text):
+    info = {}
+    for line in (text or "").splitlines():
+        if ":" in line:
+            k, v = line.split(":", 1)
+            info[k.strip().lower()] = v.strip()
+    return info
+
+
+def parse_name_list(text):
+    return [ln.strip() for ln in (text or "").splitlines() if ln.strip()]
+
+
+# ---- ansible output ---------------------------------------------------------------
+_RECAP = re.compile(r"^(\S+)\s*:\s*ok=(\d+)\s+changed=(\d+)\s+unreachable=(\d+)\s+failed=(\d+)"
+                    r"(?:\s+skipped=(\d+))?(?:\s+rescued=(\d+))?(?:\s+ignored=(\d+))?",
+                    re.MULTILINE)
+
+
+def parse_recap(output):
+    """PLAY RECAP lines -> {host: {ok, changed, unreachable, failed, ...}} (summed over
+    several plays' recaps)."""
+    out = {}
+    for m in _RECAP.finditer(output or ""):
+        keys = ("ok", "changed", "unreachable", "failed", "skipped", "rescued", "ignored")
+        counts = out.setdefault(m.group(1), dict.fromkeys(keys, 0))
+        for k, v in zip(keys, m.groups()[1:]):
+            counts[k] += int(v or 0)
+    return out
+
+
+_TASK = re.compile(r"^TASK \[(.+?)\]")
+_RESULT = re.compile(r"^(ok|changed|fatal|failed|skipping|included): \[([^\]]+)\]")
+
+
+def parse_task_results(output, host=None):
+    """[(task name, status, message)] in order, for `host` (or any). status is the worst
+    seen: failed > changed > ok > skipped; an `...ignoring` failure counts as ok."""
+    rank = {"skipped": 0, "ok": 1, "changed": 2, "failed": 3}
+    tasks, current, lines = [], None, (output or "").splitlines()
+    for i, line in enumerate(lines):
+        m = _TASK.match(line)
+        if m:
+            current = {"name": m.group(1), "status": None, "message": ""}
+            tasks.append(current)
+            continue
+        if current is None:
+            continue
+        if line.startswith("...ignoring") and current["status"] == "failed":
+            current["status"], current["message"] = "ok", ""
+            continue
+        r = _RESULT.match(line)
+        if not r or (host and r.group(2).split(" ")[0] != host):
+            continue
+        status = {"fatal": "failed", "skipping": "skipped", "included": "ok"}.get(
+            r.group(1), r.group(1))
+        if status == "failed":
+            msg = [line.split("=>", 1)[1].strip() if "=>" in line else line]
+            for nxt in lines[i + 1:i + 12]:
+                if not nxt.strip() or _TASK.match(nxt) or nxt.startswith(("PLAY", "...")):
+                    break
+                msg.append(nxt.strip())
+            current["message"] = " ".join(msg)[:600]
+        if current["status"] is None or rank[status] > rank[current["status"]]:
+            current["status"] = status
+    return [(t["name"], t["status"] or "skipped", t["message"]) for t in tasks]
+
+
+def failed_task_names(output, host=None):
+    return [n for n, s, _ in parse_task_results(output, host) if s == "failed"]
+
+
+# ---- results ---------------------------------------------------------------------
+def new_result(command, host=None):
+    return {
+        "schema": 1, "command": command, "verdict": None, "exit_code": None,
+        "stage": None, "message": "", "host": host, "vm": None, "ip": None,
+        "accel": None, "certs": None, "reboot_modes": [], "phases": [],
+        "failed_tasks": [], "verify_tasks": [], "idempotence": None,
+        "diagnostics": None, "run_dir": None, "started_at": None, "finished_at": None,
+        "total_seconds": None, "kept": False,
+    }
+
+
+def phase_totals(phases):
+    """Group `apply:site.yml`, `reboot:graceful` ... under their family, in order."""
+    totals = {}
+    for p in phases:
+        fam = p["name"].split(":", 1)[0]
+        totals[fam] = totals.get(fam, 0.0) + p["seconds"]
+    return totals
+
+
+def format_summary(result):
+    verdict = (result.get("verdict") or "error").upper()
+    if result.get("expect_fail"):
+        verdict += " (expected fail)" if result.get("verdict") == "fail" else " (expected FAIL)"
+    head = f"integration-vm: {verdict}"
+    if result.get("verdict") in ("error", "fail", "interrupted") and result.get("stage"):
+        head += f"[{result['stage']}]"
+    parts = [head, result.get("host") or "-", result.get("vm") or "-",
+             f"accel={result.get('accel') or '-'}",
+             f"total={round(result.get('total_seconds') or 0)}s"]
+    totals = phase_totals(result.get("phases", []))
+    if totals:
+        parts.append("(" + ", ".join(f"{k} {round(v)}s" for k, v in totals.items()) + ")")
+    return " ".join(parts)
+
+
+def format_bench_table(result):
+    rows = [("phase", "seconds", "status")]
+    rows += [(p["name"], f"{p['seconds']:.1f}", p["status"]) for p in result.get("phases", [])]
+    rows.append(("total", f"{result.get('total_seconds') or 0:.1f}", result.get("verdict") or ""))
+    w = [max(len(r[i]) for r in rows) for i in range(3)]
+    return "\n".join(f"{a:<{w[0]}}  {b:>{w[1]}}  {c}" for a, b, c in rows) + "\n"
+
+
+def render_junit(result):
+    """JUnit XML: one testcase per phase and per verify task."""
+    suite = f"integration-vm.{result.get('host') or 'unknown'}"
+    cases = []
+    for p in result.get("phases", []):
+        cases.append((p["name"], p["seconds"], p["status"], p.get("message", "")))
+    for t in result.get("verify_tasks", []):
+        st = "fail" if t["status"] == "failed" else ("skipped" if t["status"] == "skipped" else "pass")
+        cases.append((f"verify: {t['name']}", 0.0, st, t.get("message", "")))
+    if result.get("verdict") in ("error", "interrupted") and not any(
+            c[2] in ("error", "fail") for c in cases):
+        cases.append((result.get("stage") or "harness", 0.0, "error", result.get("message", "")))
+    failures = sum(1 for c in cases if c[2] == "fail")
+    errors = sum(1 for c in cases if c[2] in ("error", "interrupted"))
+    skipped = sum(1 for c in cases if c[2] == "skipped")
+    out = ['<?xml version="1.0" encoding="UTF-8"?>',
+           f'<testsuites name="integration-vm" tests="{len(cases)}" failures="{failures}" '
+           f'errors="{errors}" time="{result.get("total_seconds") or 0:.3f}">',
+           f'  <testsuite name={_xml_quoteattr(suite)} tests="{len(cases)}" '
+           f'failures="{failures}" errors="{errors}" skipped="{skipped}" '
+           f'time="{result.get("total_seconds") or 0:.3f}">']
+    for name, secs, status, msg in cases:
+        head = (f'    <testcase classname={_xml_quoteattr(suite)} name={_xml_quoteattr(name)} '
+                f'time="{secs:.3f}"')
+        if status == "pass":
+            out.append(head + "/>")
+            continue
+        out.append(head + ">")
+        tag = {"fail": "failure", "skipped": "skipped"}.get(status, "error")
+        out.append(f"      <{tag} message={_xml_quoteattr(msg[:300] or status)}>"
+                   f"{_xml_escape(msg)}</{tag}>")
+        out.append("    </testcase>")
+    out += ["  </testsuite>", "</testsuites>"]
+    return "\n".join(out) + "\n"
+
+
+# ---- accelerator ------------------------------------------------------------------
+ACCEL_BAD_MARKERS = ("KVM internal error", "emulation failure", "Could not access KVM",
+                     "failed to initialize kvm", "failed to initialize KVM")
+ACCEL_GOOD_MARKERS = ("VFS:", "Kernel panic", "Unable to mount root")
+
+
+def accel_probe_argv(kernel, qemu="qemu-system-x86_64"):
+    return [qemu, "-accel", "kvm", "-machine", "q35", "-cpu", "host", "-m", "256",
+            "-display", "none", "-serial", "stdio", "-no-reboot", "-kernel", str(kernel),
+            "-append", "console=ttyS0 panic=-1 root=/dev/nonexistent"]
+
+
+def classify_accel_probe(output, timed_out=False, bound=None):
+    """('kvm'|'tcg', reason) from a KVM probe's serial output."""
+    text = output or ""
+    for marker in ACCEL_BAD_MARKERS:
+        if marker in text:
+            return "tcg", f"KVM probe failed: {marker!r}"
+    for marker in ACCEL_GOOD_MARKERS:
+        if marker in text:
+            return "kvm", f"KVM probe booted a kernel to its root-mount panic ({marker!r})"
+    if timed_out:
+        return "tcg", f"KVM probe reached no root-mount panic within {bound}s"
+    return "tcg", "KVM probe ended without reaching the kernel's root-mount panic"
+
+
+def kvm_group_accessible(mode, gid, kvm_gid):
+    """Can libvirt's qemu user (group kvm) open /dev/kvm read-write?"""
+    if mode & 0o006 == 0o006:
+        return True
+    return kvm_gid is not None and gid == kvm_gid and mode & 0o060 == 0o060
+
+
+def stage_bounds(accel, environ):
+    bounds = {}
+    for k, v in DEFAULT_BOUNDS.items():
+        env_key = "BOMA_IT_TIMEOUT_" + k.upper().replace("-", "_")
+        if environ.get(env_key):
+            bounds[k] = float(environ[env_key])
+        else:
+            bounds[k] = float(v * (TCG_SCALE if accel == "tcg" and k in TCG_SCALED else 1))
+    return bounds
+
+
+# ---- golden image recipe (source "build") -------------------------------------------
+NETWORKD_UNIT = """[Match]
+Name=en* eth*
+
+[Network]
+DHCP=yes
+
+[DHCPv4]
+ClientIdentifier=mac
+"""
+CLOUD_CFG = """# boma integration golden image (scripts/integration-vm.py)
+datasource_list: [NoCloud, None]
+# The disk is sized at build time and has no partition table.
+growpart:
+  mode: "off"
+resize_rootfs: false
+# systemd-networkd's 10-dhcp.network is the network config.
+network:
+  config: disabled
+"""
+FSTAB = "LABEL=root / ext4 defaults 0 1\n"
+
+
+def image_packages():
+    return sorted(set(IMAGE_BASE_PACKAGES) | set(IMAGE_EXTRA_PACKAGES))
+
+
+def seal_spec():
+    """Everything the sealing step does to the root, as data (part of the image key)."""
+    unit_dir = "/usr/lib/systemd/system"
+    return {
+        "files": {
+            "etc/systemd/network/10-dhcp.network": NETWORKD_UNIT,
+            "etc/cloud/cloud.cfg.d/90-boma.cfg": CLOUD_CFG,
+            "etc/fstab": FSTAB,
+            "etc/machine-id": "",
+        },
+        "symlinks": {
+            "etc/systemd/system/multi-user.target.wants/systemd-networkd.service":
+                f"{unit_dir}/systemd-networkd.service",
+            "etc/systemd/system/sockets.target.wants/systemd-networkd.socket":
+                f"{unit_dir}/systemd-networkd.socket",
+            "etc/systemd/system/network-online.target.wants/systemd-networkd-wait-online.service":
+                f"{unit_dir}/systemd-networkd-wait-online.service",
+            "etc/systemd/system/dbus-org.freedesktop.network1.service":
+                f"{unit_dir}/systemd-networkd.service",
+            "etc/systemd/system/multi-user.target.wants/systemd-resolved.service":
+                f"{unit_dir}/systemd-resolved.service",
+            "etc/systemd/system/dbus-org.freedesktop.resolve1.service":
+                f"{unit_dir}/systemd-resolved.service",
+            "etc/resolv.conf": "../run/systemd/resolve/stub-resolv.conf",
+        },
+        "remove_globs": ["etc/ssh/ssh_host_*", "var/lib/dbus/machine-id"],
+    }
+
+
+def image_inputs(mirror=DEFAULT_MIRROR, suite=IMAGE_SUITE):
+    return {
+        "recipe_version": IMAGE_RECIPE_VERSION, "source": "build", "suite": suite,
+        "mirror": mirror, "packages": image_packages(), "seal": seal_spec(),
+        "disk_size": IMAGE_DISK_SIZE, "kernel_args": KERNEL_ARGS,
+    }
+
+
+def image_key(inputs):
+    blob = json.dumps(inputs, sort_keys=True, separators=(",", ":")).encode()
+    return hashlib.sha256(blob).hexdigest()[:16]
+
+
+def fetch_inputs(url=IMAGE_URL):
+    return {"recipe_version": IMAGE_RECIPE_VERSION, "source": "fetch", "url": url}
+
+
+def mmdebstrap_argv(suite, root, mirror, packages):
+    return ["mmdebstrap", "--variant=minbase", "--include=" + ",".join(packages),
+            "--dpkgopt=path-exclude=/usr/share/man/*",
+            "--dpkgopt=path-exclude=/usr/share/doc/*",
+            "--dpkgopt=path-include=/usr/share/doc/*/copyright",
+            suite, str(root), mirror]
+
+
+def mkfs_argv(root, raw):
+    return ["mkfs.ext4", "-q", "-F", "-L", "root", "-d", str(root), str(raw)]
+
+
+def qemu_img_convert_argv(raw, qcow2):
+    return ["qemu-img", "convert", "-O", "qcow2", str(raw), str(qcow2)]
+
+
+def size_bytes(spec):
+    m = re.fullmatch(r"(\d+)([KMGT]?)", spec)
+    if not m:
+        raise ValueError(f"bad size {spec!r}")
+    return int(m.group(1)) * 1024 ** " KMGT".index(m.group(2) or " ")
+
+
+def find_boot_file(root, link_name, prefix):
+    """Resolve /vmlinuz (or /initrd.img) INSIDE root, else the newest /boot/<prefix>-*."""
+    root = pathlib.Path(root)
+    link = root / link_name
+    if link.is_symlink():
+        target = pathlib.PurePosixPath(os.readlink(link))
+        cand = root / target.relative_to("/") if target.is_absolute() else root / target
+        if cand.is_file():
+            return cand
+    cands = sorted((root / "boot").glob(f"{prefix}-*"),
+                   key=lambda p: [int(x) if x.isdigit() else x for x in re.split(r"(\d+)", p.name)])
+    return cands[-1] if cands else None
+
+
+# --------------------------------------------------------------------------------------
+# The one function that starts processes
+# --------------------------------------------------------------------------------------
+@dataclasses.dataclass
+class Proc:
+    argv: list
+    returncode: int
+    stdout: str
+    stderr: str
+    timed_out: bool = False
+    seconds: float = 0.0
+
+
+def _kill_group(proc):
+    for sig, wait in ((signal.SIGTERM, 3), (signal.SIGKILL, 3)):
+        try:
+            os.killpg(proc.pid, sig)
+        except (ProcessLookupError, PermissionError):
+            return
+        try:
+            proc.wait(timeout=wait)
+            return
+        except subprocess.TimeoutExpired:
+            continue
+
+
+def run(argv, *, timeout, env=None, cwd=None, input=None, stream_log=None, check=False,
+        stage="command", cmdlog=None):
+    """Run argv with a hard wall-clock timeout, in its own process group (killed whole
+    on timeout or interrupt). stream_log: merge stdout+stderr, tee to that file and to our
+    stderr line by line. Missing executable -> InfraError('tools'). check=True: nonzero
+    exit or timeout -> InfraError(stage)."""
+    argv = [str(a) for a in argv]
+    if cmdlog:
+        with open(cmdlog, "a") as fh:
+            fh.write(f"{datetime.datetime.now().isoformat(timespec='seconds')} "
+                     f"{shlex.join(argv)}\n")
+    t0 = time.monotonic()
+    try:
+        proc = subprocess.Popen(
+            argv, env=env, cwd=cwd, text=True, errors="replace", start_new_session=True,
+            stdin=subprocess.PIPE if input is not None else subprocess.DEVNULL,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT if stream_log else subprocess.PIPE)
+    except FileNotFoundError:
+        raise InfraError("tools", f"{argv[0]} not found on PATH") from None
+    except PermissionError as e:
+        raise InfraError("tools", f"cannot execute {argv[0]}: {e}") from None
+    timed_out = False
+    try:
+        if stream_log:
+            chunks = []
+
+            def pump():
+                with open(stream_log, "a") as log:
+                    for line in proc.stdout:
+                        chunks.append(line)
+                        log.write(line)
+                        log.flush()
+                        sys.stderr.write(line)
+                        sys.stderr.flush()
+
+            pumper = threading.Thread(target=pump, daemon=True)
+            pumper.start()
+            try:
+                proc.wait(timeout=timeout)
+            except subprocess.TimeoutExpired:
+                timed_out = True
+                _kill_group(proc)
+            pumper.join(timeout=5)
+            out, err = "".join(chunks), ""
+        else:
+            try:
+                out, err = proc.communicate(input=input, timeout=timeout)
+            except subprocess.TimeoutExpired:
+                timed_out = True
+                _kill_group(proc)
+                out, err = proc.communicate()
+    except BaseException:
+        _kill_group(proc)
+        raise
+    res = Proc(argv, 124 if timed_out else proc.returncode, out or "", err or "", timed_out,
+               time.monotonic() - t0)
+    if check and (timed_out or res.returncode != 0):
+        what = os.path.basename(argv[0])
+        if timed_out:
+            raise InfraError(stage, f"{what} timed out after {timeout:.0f}s")
+        last = (res.stderr.strip() or res.stdout.strip()).splitlines()
+        raise InfraError(stage, f"{shlex.join(argv[:4])}... failed (exit {res.returncode})"
+                         + (f": {last[-1]}" if last else ""))
+    return res
+
+
+# --------------------------------------------------------------------------------------
+# Impure orchestration
+# --------------------------------------------------------------------------------------
+@dataclasses.dataclass
+class Ctx:
+    repo: pathlib.Path
+    run_parent: pathlib.Path
+    cache: pathlib.Path
+    diag_root: pathlib.Path
+    uri: str
+    environ: dict
+    accel_request: str = "auto"
+    poll: float = DEFAULT_POLL
+    max_vms: int = 1
+    ssh_port: int = 22
+    t0: float = dataclasses.field(default_factory=time.monotonic)
+    bounds: dict = dataclasses.field(default_factory=dict)
+    cmdlog: pathlib.Path = None
+
+    def path_env(self, name, default):
+        return pathlib.Path(self.environ.get(name, default))
+
+
+def ctx_from_env(environ, args):
+    e = environ
+    uri = getattr(args, "connect", None) or e.get("LIBVIRT_DEFAULT_URI") or DEFAULT_URI
+    accel = getattr(args, "accel", None) or e.get("BOMA_IT_ACCEL") or "auto"
+    if accel not in ACCEL_CHOICES:
+        raise UsageError(f"BOMA_IT_ACCEL must be one of {', '.join(ACCEL_CHOICES)}, got {accel!r}")
+    try:
+        ctx = Ctx(
+            repo=REPO_ROOT,
+            run_parent=pathlib.Path(e.get("BOMA_IT_RUN_DIR", str(INTEG_DIR / ".run"))),
+            cache=pathlib.Path(e.get("BOMA_IT_CACHE", "/var/lib/boma-integration")),
+            diag_root=pathlib.Path(e.get("BOMA_IT_DIAG_DIR",
+                                         str(pathlib.Path.home() / "integration-runs"))),
+            uri=uri, environ=dict(e), accel_request=accel,
+            poll=float(e.get("BOMA_IT_POLL", DEFAULT_POLL)),
+            max_vms=int(e.get("BOMA_IT_MAX_VMS", "1")),
+            ssh_port=int(e.get("BOMA_IT_SSH_PORT", "22")),
+        )
+        ctx.bounds = stage_bounds("kvm", e)
+    except ValueError as exc:
+        raise UsageError(f"bad BOMA_IT_* environment value: {exc}") from None
+    return ctx
+
+
+def progress(ctx, phase, msg):
+    print(f"[{time.monotonic() - ctx.t0:7.1f}s] {phase}: {msg}", file=sys.stderr, flush=True)
+
+
+def now_iso():
+    return datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
+
+
+def owner_name():
+    try:
+        import pwd
+        return pwd.getpwuid(os.getuid()).pw_name
+    except (KeyError, ImportError):
+        return str(os.getuid())
+
+
+def virsh(ctx, *args, check=False, stage="libvirt", timeout=None):
+    return run(virsh_argv(ctx.uri, *args), timeout=timeout or ctx.bounds["virsh"],
+               check=check, stage=stage, cmdlog=ctx.cmdlog)
+
+
+# ---- run state ----------------------------------------------------------------------
+@dataclasses.dataclass
+class RunState:
+    ctx: Ctx
+    data: dict
+
+    @property
+    def name(self):
+        return self.data["name"]
+
+    @property
+    def dir(self):
+        return self.ctx.run_parent / self.name
+
+    @property
+    def disk_dir(self):
+        return self.ctx.cache / "runs" / self.name
+
+    @property
+    def diag_dir(self):
+        return self.ctx.diag_root / self.name
+
+    @property
+    def console_log(self):
+        return self.disk_dir / "console.log"
+
+    @property
+    def ip(self):
+        return self.data.get("ip")
+
+    def save(self):
+        self.dir.mkdir(parents=True, exist_ok=True)
+        tmp = self.dir / "run.json.tmp"
+        tmp.write_text(json.dumps(self.data, indent=2, sort_keys=True) + "\n")
+        tmp.replace(self.dir / "run.json")
+
+    def ssh(self, command, timeout, stage="ssh"):
+        return run(ssh_argv(self.dir, self.name, self.ip, command, port=self.ctx.ssh_port),
+                   timeout=timeout, stage=stage, cmdlog=self.ctx.cmdlog)
+
+
+def list_runs(ctx):
+    runs = []
+    if ctx.run_parent.is_dir():
+        for p in sorted(ctx.run_parent.iterdir()):
+            f = p / "run.json"
+            if p.is_dir() and f.is_file():
+                try:
+                    runs.append(RunState(ctx, json.loads(f.read_text())))
+                except (json.JSONDecodeError, OSError):
+                    continue
+    return sorted(runs, key=lambda r: r.data.get("created_at", ""))
+
+
+def select_run(ctx, run_name=None, host=None, live=True):
+    runs = list_runs(ctx)
+    if run_name:
+        for r in runs:
+            if r.name == run_name:
+                return r
+        raise UsageError(f"no run {run_name!r} under {ctx.run_parent} "
+                         f"(runs: {', '.join(r.name for r in runs) or 'none'})")
+    cands = [r for r in runs if host is None or r.data.get("host") == host]
+    if live:
+        up_ = [r for r in cands if r.data.get("state") != "down"]
+        cands = up_ or ([] if live == "required" else cands)
+    if not cands:
+        raise UsageError("no run found" + (f" for host {host!r}" if host else "")
+                         + "; start one with `integration-vm up --host <name>`")
+    if host is None and len({r.data.get("host") for r in cands}) > 1:
+        raise UsageError("several runs exist; pass --host or --run "
+                         f"({', '.join(r.name for r in cands)})")
+    return cands[-1]
+
+
+def write_current(ctx, run_state):
+    ctx.run_parent.mkdir(parents=True, exist_ok=True)
+    (ctx.run_parent / "current").write_text(
+        render_current(run_state.name, run_state.ip, run_state.data["host"]))
+
+
+# ---- preflight ------------------------------------------------------------------------
+def find_ansible_playbook(ctx):
+    explicit = ctx.environ.get("BOMA_IT_ANSIBLE_PLAYBOOK")
+    if explicit:
+        return explicit
+    found = shutil.which("ansible-playbook", path=ctx.environ.get("PATH"))
+    if found:
+        return found
+    venv = ctx.repo / ".venv" / "bin" / "ansible-playbook"
+    return str(venv) if venv.exists() else "ansible-playbook"
+
+
+TOOL_PACKAGES = {
+    "virsh": "libvirt-clients", "virt-install": "virt-install (bookworm: virtinst)",
+    "qemu-img": "qemu-utils", "cloud-localds": "cloud-image-utils",
+    "ssh": "openssh-client", "ssh-keygen": "openssh-client", "mmdebstrap": "mmdebstrap",
+    "mkfs.ext4": "e2fsprogs", "qemu-system-x86_64": "qemu-system-x86",
+    "ansible-playbook": "make venv",
+}
+
+
+def tools_for(command, image_source, need_build=True):
+    tools = ["virsh"] if command != "image" else []
+    if command in ("up", "cycle", "bench"):
+        tools += ["virt-install", "qemu-img", "cloud-localds", "ssh", "ssh-keygen"]
+    if command in ("up", "cycle", "bench", "image") and image_source == "build" and need_build:
+        tools += ["mmdebstrap", "mkfs.ext4", "qemu-img"]
+    if command in ("apply", "reboot", "assert"):
+        tools += ["ssh"]
+    return list(dict.fromkeys(tools))
+
+
+def check_tools(ctx, tools):
+    path = ctx.environ.get("PATH")
+    for t in tools:
+        if shutil.which(t, path=path) is None:
+            raise InfraError("tools", f"required tool {t!r} not found on PATH "
+                             f"(install {TOOL_PACKAGES.get(t, t)})")
+
+
+def check_ansible(ctx):
+    pb = find_ansible_playbook(ctx)
+    if shutil.which(pb, path=ctx.environ.get("PATH")) is None and not os.access(pb, os.X_OK):
+        raise InfraError("tools", "ansible-playbook not found (set BOMA_IT_ANSIBLE_PLAYBOOK "
+                         "or run `make venv`)")
+    return pb
+
+
+def check_libvirt(ctx):
+    r = virsh(ctx, "uri", timeout=min(ctx.bounds["virsh"], 30))
+    if r.returncode != 0:
+        lines = (r.stderr.strip() or r.stdout.strip() or
+                 ("timed out" if r.timed_out else "no output")).splitlines()
+        raise InfraError("libvirt", f"libvirtd not reachable at {ctx.uri}: {lines[0]}")
+
+
+def read_meminfo(ctx):
+    try:
+        return ctx.path_env("BOMA_IT_MEMINFO", "/proc/meminfo").read_text()
+    except OSError:
+        return ""
+
+
+def owned_domains(ctx):
+    """{name: metadata dict + state} for every domain carrying our metadata."""
+    r = virsh(ctx, "list", "--all", "--name", check=True)
+    owned = {}
+    for name in parse_name_list(r.stdout):
+        m = virsh(ctx, "metadata", name, "--uri", METADATA_URI)
+        meta = parse_metadata_xml(m.stdout) if m.returncode == 0 else None
+        if meta:
+            st = virsh(ctx, "domstate", name)
+            meta["state"] = st.stdout.strip() if st.returncode == 0 else "unknown"
+            owned[name] = meta
+    return owned
+
+
+def check_guards(ctx, profile, need_image):
+    """RAM, the one-VM slot, and disk. Raises InfraError('guard', ...)."""
+    avail = free_mib(read_meminfo(ctx))
+    floor = int(ctx.environ.get("BOMA_IT_RAM_FLOOR_MIB", RAM_FLOOR_MIB))
+    if avail - profile["mem_mib"] < floor:
+        raise InfraError("guard", f"refusing to start: MemAvailable {avail} MiB minus the "
+                         f"VM's {profile['mem_mib']} MiB leaves less than {floor} MiB")
+    running = [n for n, m in owned_domains(ctx).items() if m.get("state") != "shut off"]
+    if len(running) >= ctx.max_vms:
+        raise InfraError("guard", f"refusing to start: {len(running)} harness VM(s) already "
+                         f"running ({', '.join(running)}); BOMA_IT_MAX_VMS={ctx.max_vms}. "
+                         "Tear it down with `integration-vm down --run NAME` or "
+                         "`make test-integration-clean`")
+    ctx.cache.mkdir(parents=True, exist_ok=True)
+    free = shutil.disk_usage(ctx.cache).free // (1024 * 1024)
+    need = MIN_DISK_MIB_RUN + (MIN_DISK_MIB_IMAGE if need_image else 0)
+    need = int(ctx.environ.get("BOMA_IT_MIN_DISK_MIB", need))
+    if free < need:
+        raise InfraError("guard", f"refusing to start: {free} MiB free under {ctx.cache}, "
+                         f"need {need} MiB")
+
+
+@contextlib.contextmanager
+def file_lock(ctx, path, what):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fh = open(path, "a+")
+    deadline = time.monotonic() + ctx.bounds["lock"]
+    try:
+        while True:
+            try:
+                fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                if time.monotonic() > deadline:
+                    raise InfraError("guard", f"{what}: lock {path} held by another run for "
+                                     f"more than {ctx.bounds['lock']:.0f}s") from None
+                time.sleep(ctx.poll)
+        yield
+    finally:
+        fh.close()
+
+
+# ---- golden image ---------------------------------------------------------------------
+@dataclasses.dataclass
+class Image:
+    dir: pathlib.Path
+    disk: pathlib.Path
+    kernel: pathlib.Path = None
+    initrd: pathlib.Path = None
+    key: str = ""
+    built: bool = False
+
+
+def image_source(ctx):
+    src = ctx.environ.get("BOMA_IT_IMAGE_SOURCE", "build")
+    if src not in ("build", "fetch"):
+        raise UsageError(f"BOMA_IT_IMAGE_SOURCE must be build or fetch, got {src!r}")
+    return src
+
+
+def current_image_key(ctx):
+    if image_source(ctx) == "fetch":
+        return image_key(fetch_inputs())
+    return image_key(image_inputs(ctx.environ.get("BOMA_IT_MIRROR", DEFAULT_MIRROR)))
+
+
+def image_from_dir(d, key):
+    kernel, initrd = d / "vmlinuz", d / "initrd.img"
+    return Image(d, d / "disk.qcow2", kernel if kernel.is_file() else None,
+                 initrd if initrd.is_file() else None, key)
+
+
+def ensure_image(ctx, force=False):
+    """The golden image for the current inputs, building/fetching it if missing."""
+    src = image_source(ctx)
+    key = current_image_key(ctx)
+    dest = ctx.cache / "images" / key
+    with file_lock(ctx, ctx.cache / "image.lock", "image"):
+        if (dest / "manifest.json").is_file() and not force:
+            return image_from_dir(dest, key)
+        if dest.exists():
+            shutil.rmtree(dest)
+        (build_image if src == "build" else fetch_image)(ctx, key, dest)
+    img = image_from_dir(dest, key)
+    img.built = True
+    return img
+
+
+def apply_seal(root, spec):
+    root = pathlib.Path(root)
+    for pattern in spec["remove_globs"]:
+        for p in root.glob(pattern):
+            if p.is_file() or p.is_symlink():
+                p.unlink()
+    for rel, content in spec["files"].items():
+        p = root / rel
+        p.parent.mkdir(parents=True, exist_ok=True)
+        if p.is_symlink():
+            p.unlink()
+        p.write_text(content)
+    for rel, target in spec["symlinks"].items():
+        p = root / rel
+        p.parent.mkdir(parents=True, exist_ok=True)
+        if p.is_symlink() or p.exists():
+            p.unlink()
+        p.symlink_to(target)
+
+
+def build_image(ctx, key, dest):
+    """mmdebstrap a trixie root, seal it, copy out kernel+initrd, make an ext4 qcow2.
+    Everything lands in a temp dir renamed atomically to images/<key>/."""
+    mirror = ctx.environ.get("BOMA_IT_MIRROR", DEFAULT_MIRROR)
+    inputs = image_inputs(mirror)
+    tmp = ctx.cache / "images" / f".tmp-{key}-{os.getpid()}"
+    t0 = time.monotonic()
+    try:
+        if tmp.exists():
+            shutil.rmtree(tmp)
+        tmp.mkdir(parents=True)
+        root = tmp / "root"
+        progress(ctx, "image", f"building golden image {key} from {mirror} (mmdebstrap)")
+        run(mmdebstrap_argv(IMAGE_SUITE, root, mirror, image_packages()),
+            timeout=ctx.bounds["image-build"], check=True, stage="image",
+            stream_log=tmp / "build.log", cmdlog=ctx.cmdlog)
+        apply_seal(root, inputs["seal"])
+        for link, prefix, out in (("vmlinuz", "vmlinuz", "vmlinuz"),
+                                  ("initrd.img", "initrd.img", "initrd.img")):
+            src = find_boot_file(root, link, prefix)
+            if src is None:
+                raise InfraError("image", f"no /boot/{prefix}-* in the built root")
+            shutil.copyfile(src, tmp / out)
+            os.chmod(tmp / out, 0o644)
+        raw = tmp / "disk.raw"
+        with open(raw, "wb") as fh:
+            fh.truncate(size_bytes(IMAGE_DISK_SIZE))
+        run(mkfs_argv(root, raw), timeout=ctx.bounds["image-build"], check=True,
+            stage="image", cmdlog=ctx.cmdlog)
+        run(qemu_img_convert_argv(raw, tmp / "disk.qcow2"), timeout=ctx.bounds["image-build"],
+            check=True, stage="image", cmdlog=ctx.cmdlog)
+        raw.unlink()
+        shutil.rmtree(root)
+        sizes = {p.name: p.stat().st_size for p in tmp.iterdir() if p.is_file()}
+        (tmp / "manifest.json").write_text(json.dumps({
+            "key": key, "inputs": inputs, "built_at": now_iso(),
+            "build_seconds": round(time.monotonic() - t0, 1), "sizes": sizes,
+        }, indent=2, sort_keys=True) + "\n")
+        for p in tmp.iterdir():
+            os.chmod(p, 0o644)
+        os.chmod(tmp, 0o755)
+        tmp.rename(dest)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    progress(ctx, "image", f"built {dest} in {time.monotonic() - t0:.0f}s")
+
+
+def _download(url, dest, timeout):
+    with urllib.request.urlopen(url, timeout=timeout) as resp, open(dest, "wb") as fh:
+        shutil.copyfileobj(resp, fh, 1 << 20)
+
+
+def fetch_image(ctx, key, dest):
+    """Download Debian's genericcloud qcow2 + SHA512SUMS; .part + rename; a mismatch
+    deletes the download and refuses."""
+    url = ctx.environ.get("BOMA_IT_IMAGE_URL", IMAGE_URL)
+    sha_url = ctx.environ.get("BOMA_IT_SHA_URL", SHA_URL)
+    name = url.rsplit("/", 1)[-1]
+    tmp = ctx.cache / "images" / f".tmp-{key}-{os.getpid()}"
+    tmp.mkdir(parents=True, exist_ok=True)
+    part = tmp / (name + ".part")
+    try:
+        progress(ctx, "image", f"downloading {url}")
+        try:
+            _download(url, part, 60)
+            with urllib.request.urlopen(sha_url, timeout=60) as resp:
+                sha_text = resp.read().decode()
+        except OSError as e:
+            raise InfraError("image", f"download failed: {e}") from None
+        want = _expected_sha(sha_text, name)
+        if not want:
+            raise InfraError("image", f"checksum for {name} not found at {sha_url}")
+        h = hashlib.sha512()
+        with open(part, "rb") as fh:
+            for chunk in iter(lambda: fh.read(1 << 20), b""):
+                h.update(chunk)
+        if h.hexdigest() != want:
+            raise InfraError("image", "golden image SHA512 mismatch — deleted, refusing to use it")
+        part.rename(tmp / "disk.qcow2")
+        (tmp / "manifest.json").write_text(json.dumps({
+            "key": key, "inputs": fetch_inputs(url), "built_at": now_iso(), "sha512": want,
+        }, indent=2) + "\n")
+        for p in tmp.iterdir():
+            os.chmod(p, 0o644)
+        os.chmod(tmp, 0o755)
+        tmp.rename(dest)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+# ---- accelerator ----------------------------------------------------------------------
+def kvm_dev_status(ctx):
+    """(exists, accessible_by_kvm_group, description)."""
+    dev = ctx.path_env("BOMA_IT_KVM_DEV", "/dev/kvm")
+    try:
+        st = dev.stat()
+    except OSError:
+        return False, False, f"{dev} absent"
+    try:
+        import grp
+        kvm_gid = grp.getgrnam("kvm").gr_gid
+        gname = grp.getgrgid(st.st_gid).gr_name
+    except (KeyError, ImportError):
+        kvm_gid, gname = None, str(st.st_gid)
+    ok = kvm_group_accessible(st.st_mode, st.st_gid, kvm_gid)
+    return True, ok, f"{dev} mode {st.st_mode & 0o777:04o} group {gname}"
+
+
+def host_boot_id(ctx):
+    try:
+        return ctx.path_env("BOMA_IT_BOOT_ID_PATH", "/proc/sys/kernel/random/boot_id").read_text().strip()
+    except OSError:
+        return "unknown"
+
+
+def choose_accel(ctx, image):
+    """'kvm' or 'tcg', printed with the reason; auto verdicts cached per host boot."""
+    if ctx.accel_request in ("kvm", "tcg"):
+        verdict, reason = ctx.accel_request, "forced by --accel/BOMA_IT_ACCEL"
+    else:
+        verdict, reason = probe_accel(ctx, image.kernel if image else None)
+    progress(ctx, "accel", f"{verdict} ({reason})")
+    return verdict
+
+
+def probe_accel(ctx, kernel):
+    exists, group_ok, desc = kvm_dev_status(ctx)
+    if not exists:
+        return "tcg", f"{desc}; not probed"
+    if kernel is None:
+        host_kernels = sorted(pathlib.Path("/boot").glob("vmlinuz-*"))
+        kernel = next((k for k in reversed(host_kernels) if os.access(k, os.R_OK)), None)
+    cache_file = ctx.cache / "accel.json"
+    key = {"boot_id": host_boot_id(ctx), "kernel": str(kernel),
+           "size": kernel.stat().st_size if kernel else None, "dev": desc}
+    try:
+        cached = json.loads(cache_file.read_text())
+        if cached.get("key") == key:
+            return cached["verdict"], cached["reason"] + " [cached]"
+    except (OSError, ValueError, KeyError):
+        pass
+    qemu = shutil.which("qemu-system-x86_64", path=ctx.environ.get("PATH"))
+    if kernel is None or qemu is None:
+        verdict, reason = ("kvm", "no kernel/qemu to probe with; /dev/kvm present") \
+            if group_ok else ("tcg", f"{desc}: libvirt's qemu user cannot open it")
+    else:
+        bound = ctx.bounds["accel-probe"]
+        r = run(accel_probe_argv(kernel, qemu), timeout=bound, cmdlog=ctx.cmdlog)
+        verdict, reason = classify_accel_probe(r.stdout + r.stderr, r.timed_out, bound)
+        if verdict == "kvm" and not group_ok and ctx.uri.startswith("qemu:///system"):
+            verdict, reason = "tcg", f"KVM works but {desc}: libvirt's qemu user cannot open it"
+    try:
+        ctx.cache.mkdir(parents=True, exist_ok=True)
+        cache_file.write_text(json.dumps({"key": key, "verdict": verdict, "reason": reason,
+                                          "at": now_iso()}) + "\n")
+    except OSError:
+        pass
+    return verdict, reason
+
+
+# ---- network --------------------------------------------------------------------------
+def ensure_network(ctx):
+    r = virsh(ctx, "net-info", NET_NAME)
+    if r.returncode != 0:
+        xml = ctx.cache / "net.xml"
+        xml.write_text(NET_XML)
+        virsh(ctx, "net-define", xml, check=True, stage="network")
+        virsh(ctx, "net-autostart", NET_NAME, stage="network")
+        r = virsh(ctx, "net-info", NET_NAME, check=True, stage="network")
+    if parse_net_info(r.stdout).get("active") != "yes":
+        virsh(ctx, "net-start", NET_NAME, check=True, stage="network")
+
+
+# ---- boot -----------------------------------------------------------------------------
+def create_run(ctx, profile, certs, accel, image, holder):
+    """Everything a run needs on disk, then define (with ownership metadata). The run is
+    published in holder['rs'] as soon as it exists, so a failure anywhere after that is
+    cleaned up by down_run."""
+    host = profile["name"]
+    name = vm_name(host)
+    data = {
+        "name": name, "host": host, "profile": profile["path"], "certs": certs,
+        "accel": accel, "mac": make_mac(secrets.token_bytes(3)), "ip": None,
+        "created_at": now_iso(), "owner": owner_name(), "image": str(image.disk),
+        "image_key": image.key, "state": "creating", "boot_ids": [], "uri": ctx.uri,
+        "mem_mib": profile["mem_mib"], "vcpus": profile["vcpus"],
+    }
+    rs = RunState(ctx, data)
+    holder["rs"] = rs
+    rs.dir.mkdir(parents=True, exist_ok=True)
+    os.chmod(rs.dir, 0o700)
+    (rs.dir / "logs").mkdir(exist_ok=True)
+    ctx.cmdlog = rs.dir / "logs" / "commands.log"
+    rs.save()
+    rs.disk_dir.mkdir(parents=True, exist_ok=True)
+    os.chmod(rs.disk_dir, 0o755)
+    run(ssh_keygen_argv(rs.dir / "id_ed25519", f"boma-it client {name}"),
+        timeout=30, check=True, stage="keys", cmdlog=ctx.cmdlog)
+    run(ssh_keygen_argv(rs.dir / "ssh_host_ed25519_key", f"boma-it host {name}"),
+        timeout=30, check=True, stage="keys", cmdlog=ctx.cmdlog)
+    host_pub = (rs.dir / "ssh_host_ed25519_key.pub").read_text()
+    (rs.dir / "known_hosts").write_text(known_hosts_line(name, host_pub))
+    (rs.dir / "user-data").write_text(render_user_data(
+        (rs.dir / "id_ed25519.pub").read_text(), ANSIBLE_USER,
+        host_key_private=(rs.dir / "ssh_host_ed25519_key").read_text(),
+        host_key_public=host_pub))
+    (rs.dir / "meta-data").write_text(render_meta_data(f"iid-{name}", name))
+    overlay, seed = rs.disk_dir / "overlay.qcow2", rs.disk_dir / "seed.img"
+    run(qemu_img_overlay_argv(image.disk, overlay), timeout=60, check=True, stage="boot",
+        cmdlog=ctx.cmdlog)
+    run(cloud_localds_argv(seed, rs.dir / "user-data", rs.dir / "meta-data"), timeout=60,
+        check=True, stage="boot", cmdlog=ctx.cmdlog)
+    for p in (overlay, seed):
+        os.chmod(p, 0o644)
+    osinfo = choose_osinfo(run(["virt-install", "--osinfo", "list"], timeout=60,
+                               cmdlog=ctx.cmdlog).stdout)
+    xml = run(virt_install_argv(
+        ctx.uri, name, profile["mem_mib"], profile["vcpus"], overlay, seed, data["mac"],
+        rs.console_log, "kvm" if accel == "kvm" else "qemu", osinfo,
+        kernel=image.kernel, initrd=image.initrd), timeout=120, check=True, stage="boot",
+        cmdlog=ctx.cmdlog).stdout
+    if domain_name_from_xml(xml) != name:
+        raise InfraError("boot", "virt-install --print-xml returned XML for another domain")
+    xml = add_domain_metadata(xml, render_metadata_xml(
+        data["created_at"] + "/" + name, data["created_at"], host, data["owner"], host))
+    (rs.dir / "domain.xml").write_text(xml)
+    data["state"] = "defined"
+    rs.save()
+    virsh(ctx, "define", rs.dir / "domain.xml", check=True, stage="boot")
+    return rs
+
+
+def wait_until(ctx, stage, bound, probe, what, rs=None):
+    """Poll probe() -> value|None until truthy or `bound` seconds pass."""
+    deadline = time.monotonic() + bound
+    while True:
+        value = probe(deadline)
+        if value:
+            return value
+        if time.monotonic() >= deadline:
+            where = f"; console log: {rs.console_log}" if rs is not None else ""
+            raise InfraError(stage, f"timed out after {bound:.0f}s waiting for {what}{where}")
+        time.sleep(min(ctx.poll, max(0.0, deadline - time.monotonic())))
+
+
+def tcp_open(ip, port, timeout):
+    try:
+        with socket.create_connection((ip, port), timeout=max(0.2, timeout)):
+            return True
+    except OSError:
+        return False
+
+
+def wait_domain_running(ctx, rs):
+    def probe(_):
+        r = virsh(ctx, "domstate", rs.name)
+        return r.returncode == 0 and r.stdout.strip() == "running"
+    wait_until(ctx, "domain-running", ctx.bounds["domain-running"], probe,
+               f"domain {rs.name} to run", rs)
+
+
+def wait_lease(ctx, rs, stage="dhcp-lease"):
+    def probe(_):
+        r = virsh(ctx, "domifaddr", rs.name, "--source", "lease")
+        return parse_lease_ip(r.stdout, rs.data["mac"]) if r.returncode == 0 else None
+    ip = wait_until(ctx, stage, ctx.bounds["dhcp-lease"], probe,
+                    f"a DHCP lease for {rs.data['mac']}", rs)
+    rs.data["ip"] = ip
+    rs.save()
+    return ip
+
+
+def wait_tcp22(ctx, rs, stage="tcp-22"):
+    wait_until(ctx, stage, ctx.bounds["tcp-22"],
+               lambda dl: tcp_open(rs.ip, ctx.ssh_port, min(5, dl - time.monotonic())),
+               f"TCP {rs.ip}:{ctx.ssh_port}", rs)
+
+
+def wait_ssh(ctx, rs, stage="ssh-handshake", command="true", accept=None):
+    """Pinned-key SSH until `command` succeeds (and accept(stdout) holds)."""
+    last = {"err": ""}
+
+    def probe(deadline):
+        left = deadline - time.monotonic()
+        r = rs.ssh(command, timeout=max(1.0, min(ctx.bounds["ssh-attempt"], left)))
+        if r.returncode == 0 and (accept is None or accept(r.stdout)):
+            return r.stdout or True
+        last["err"] = "attempt timed out" if r.timed_out else (
+            (r.stderr.strip().splitlines() or [f"exit {r.returncode}"])[-1])
+        return None
+    try:
+        return wait_until(ctx, stage, ctx.bounds[stage if stage in ctx.bounds else "ssh-handshake"],
+                          probe, f"SSH to {ANSIBLE_USER}@{rs.ip} ({command})", rs)
+    except InfraError as e:
+        raise InfraError(e.stage, f"{e.msg}; last: {last['err']}") from None
+
+
+def wait_cloud_init(ctx, rs):
+    bound = ctx.bounds["cloud-init"]
+    r = rs.ssh("cloud-init status --wait", timeout=bound, stage="cloud-init")
+    if r.timed_out:
+        raise InfraError("cloud-init", f"`cloud-init status --wait` still running after "
+                         f"{bound:.0f}s; console log: {rs.console_log}")
+    if r.returncode == 2:
+        progress(ctx, "boot", "cloud-init finished with recoverable errors")
+    elif r.returncode != 0:
+        raise InfraError("cloud-init", f"cloud-init failed (exit {r.returncode}): "
+                         f"{(r.stdout + r.stderr).strip()[-300:]}")
+
+
+def read_boot_id(ctx, rs, timeout=None):
+    r = rs.ssh("cat /proc/sys/kernel/random/boot_id",
+               timeout=timeout or ctx.bounds["ssh-command"], stage="ssh")
+    if r.returncode != 0:
+        raise InfraError("ssh", f"could not read boot_id (exit {r.returncode}): "
+                         f"{r.stderr.strip()[-200:]}")
+    return r.stdout.strip()
+
+
+def boot(ctx, rs):
+    virsh(ctx, "start", rs.name, check=True, stage="domain-running")
+    rs.data["state"] = "booting"
+    rs.save()
+    wait_domain_running(ctx, rs)
+    progress(ctx, "boot", f"domain-running {rs.name}")
+    ip = wait_lease(ctx, rs)
+    progress(ctx, "boot", f"dhcp-lease {ip}")
+    wait_tcp22(ctx, rs)
+    progress(ctx, "boot", "tcp-22 open")
+    wait_ssh(ctx, rs)
+    progress(ctx, "boot", "ssh-handshake ok (pinned host key)")
+    wait_cloud_init(ctx, rs)
+    rs.data["boot_ids"].append(read_boot_id(ctx, rs))
+    rs.data["state"] = "up"
+    rs.save()
+    write_current(ctx, rs)
+    progress(ctx, "boot", "cloud-init done")
+
+
+# ---- apply / verify -------------------------------------------------------------------
+def write_run_inventory(ctx, rs, groups):
+    """<run>/inventory/hosts.yml (only the VM) + group_vars symlinks (minus vault.yml)."""
+    inv = rs.dir / "inventory"
+    if inv.exists():
+        shutil.rmtree(inv)
+    gv = inv / "group_vars"
+    gv.mkdir(parents=True)
+    host_vars = {}
+    if ctx.ssh_port != 22:
+        host_vars["ansible_port"] = ctx.ssh_port
+    host_vars["ansible_ssh_common_args"] = ansible_ssh_args(rs.dir, rs.name)
+    text = render_run_hosts(rs.name, rs.ip, ANSIBLE_USER, groups, host_vars=host_vars)
+    (inv / "hosts.yml").write_text(text)
+    src = ctx.repo / "inventories" / "production" / "group_vars"
+    if src.is_dir():
+        for entry in sorted(src.iterdir()):
+            if entry.name == "vault.yml":
+                continue
+            if entry.is_dir():
+                (gv / entry.name).mkdir()
+                for f in sorted(entry.rglob("*")):
+                    if f.is_file() and f.name != "vault.yml":
+                        dst = gv / entry.name / f.relative_to(entry)
+                        dst.parent.mkdir(parents=True, exist_ok=True)
+                        dst.symlink_to(f)
+            elif entry.is_file():
+                (gv / entry.name).symlink_to(entry)
+    return inv / "hosts.yml"
+
+
+def run_playbook(ctx, rs, profile, playbook, tags, certs, phase, timeout):
+    """One ansible-playbook call against the VM only; returns (rc, output)."""
+    inv = write_run_inventory(ctx, rs, profile["groups"])
+    assert_single_host_inventory(inv.read_text(), rs.name)
+    argv = ansible_playbook_argv(
+        find_ansible_playbook(ctx), inv, playbook, rs.name, tags,
+        extra_vars_files(profile, certs, ctx.repo / "tests" / "integration",
+                         ctx.repo / "tests" / "vault" / "test-values.yml"))
+    if argv[argv.index("--limit") + 1] != rs.name:
+        raise InfraError("inventory", "ansible-playbook --limit is not the test VM")
+    log = rs.dir / "logs" / f"{phase.replace(':', '-').replace('/', '_')}.log"
+    log.parent.mkdir(parents=True, exist_ok=True)
+    log.write_text(f"# {shlex.join(argv)}\n")
+    r = run(argv, timeout=timeout, cwd=ctx.repo, stream_log=log, cmdlog=ctx.cmdlog,
+            env=ansible_env(ctx.environ, ctx.repo, rs.dir, rs.name))
+    if r.timed_out:
+        raise InfraError(phase, f"ansible-playbook {pathlib.Path(playbook).name} timed out "
+                         f"after {timeout:.0f}s (log: {log})")
+    return r.returncode, r.stdout
+
+
+def apply(ctx, rs, profile, certs, phase_prefix="apply", result=None):
+    """Run every profile apply; returns total changed tasks. Nonzero rc -> InfraError
+    (a broken converge is not a verify verdict)."""
+    changed, changed_tasks = 0, []
+    for step in profile["applies"]:
+        phase = f"{phase_prefix}:{step['playbook']}"
+        with timed_phase(ctx, result, phase):
+            progress(ctx, phase, f"ansible-playbook {step['playbook']}"
+                     + (f" --tags {','.join(step['tags'])}" if step.get("tags") else ""))
+            rc, out = run_playbook(ctx, rs, profile, ctx.repo / "playbooks" / step["playbook"],
+                                   step.get("tags", []), certs, phase, ctx.bounds["apply"])
+            recap = parse_recap(out).get(rs.name, {})
+            if rc != 0:
+                failed = failed_task_names(out, rs.name)
+                raise InfraError(phase, f"ansible-playbook {step['playbook']} failed (exit "
+                                 f"{rc})" + (f" at task {failed[-1]!r}" if failed else "")
+                                 + f"; log: {rs.dir / 'logs'}")
+            changed += recap.get("changed", 0)
+            changed_tasks += [n for n, s, _ in parse_task_results(out, rs.name) if s == "changed"]
+    return changed, changed_tasks
+
+
+def run_assert(ctx, rs, profile, certs, result=None):
+    """The verify playbook. Failing task names go to result['failed_tasks']."""
+    with timed_phase(ctx, result, "verify"):
+        progress(ctx, "verify", f"ansible-playbook {profile['verify']}")
+        rc, out = run_playbook(ctx, rs, profile, ctx.repo / profile["verify"], (), certs,
+                               "verify", ctx.bounds["verify"])
+        tasks = parse_task_results(out, rs.name)
+        if result is not None:
+            result["verify_tasks"] = [{"name": n, "status": s, "message": m} for n, s, m in tasks]
+        recap = parse_recap(out).get(rs.name, {})
+        if recap.get("unreachable"):
+            raise InfraError("verify", f"{rs.name} unreachable during verify")
+        if rc != 0 or recap.get("failed"):
+            failed = [n for n, s, _ in tasks if s == "failed"]
+            raise VerifyFailed("verify", "verify playbook failed"
+                               + (f" at: {', '.join(failed)}" if failed else f" (exit {rc})"),
+                               failed)
+
+
+def idempotence(ctx, rs, profile, certs, result=None):
+    progress(ctx, "idempotence", "re-applying the profile; expecting zero changes")
+    changed, tasks = apply(ctx, rs, profile, certs, "idempotence", result)
+    if result is not None:
+        result["idempotence"] = {"changed": changed, "changed_tasks": tasks}
+    if changed:
+        raise VerifyFailed("idempotence", f"{changed} task(s) changed on the re-apply after "
+                           f"the reboot: {', '.join(tasks) or '?'}", tasks)
+
+
+# ---- reboot ---------------------------------------------------------------------------
+def capture_state(ctx, rs):
+    """Guest state worth comparing across a reboot (issue 5 extends this)."""
+    state = {"boot_id": read_boot_id(ctx, rs), "at": now_iso()}
+    r = rs.ssh("systemctl --failed --plain --no-legend --no-pager",
+               timeout=ctx.bounds["ssh-command"])
+    state["failed_units"] = sorted(ln.split()[0] for ln in r.stdout.splitlines() if ln.split())
+    return state
+
+
+def reboot_vm(ctx, rs, mode="graceful"):
+    """Reboot and PROVE it: boot_id must change. graceful = virsh reboot; hard = power
+    cut (virsh destroy + start)."""
+    if mode not in REBOOT_MODES:
+        raise UsageError(f"--reboot must be one of {', '.join(REBOOT_MODES)}")
+    before = capture_state(ctx, rs)
+    if mode == "graceful":
+        virsh(ctx, "reboot", rs.name, check=True, stage="reboot")
+    else:
+        virsh(ctx, "destroy", rs.name, check=True, stage="reboot")
+        virsh(ctx, "start", rs.name, check=True, stage="reboot")
+    progress(ctx, f"reboot:{mode}", f"issued; old boot_id {before['boot_id'][:8]}")
+    deadline = time.monotonic() + ctx.bounds["reboot"]
+
+    def new_boot(_):
+        left = deadline - time.monotonic()
+        r = rs.ssh("cat /proc/sys/kernel/random/boot_id",
+                   timeout=max(1.0, min(ctx.bounds["ssh-attempt"], left)))
+        bid = r.stdout.strip() if r.returncode == 0 else None
+        return bid if bid and bid != before["boot_id"] else None
+    try:
+        wait_lease(ctx, rs, stage="reboot")
+        new_id = wait_until(ctx, "reboot", max(0.0, deadline - time.monotonic()), new_boot,
+                            "a new boot_id over SSH", rs)
+    except InfraError as e:
+        raise InfraError("reboot", f"{e.msg} (boot_id before: {before['boot_id']}; the guest "
+                         "did not come back from a new boot)") from None
+    bound = ctx.bounds["system-running"]
+    r = rs.ssh("systemctl is-system-running --wait", timeout=bound)
+    sysstate = r.stdout.strip() or ("timeout" if r.timed_out else "unknown")
+    if sysstate not in ("running", "degraded"):
+        raise InfraError("reboot", f"system state {sysstate!r} after {bound:.0f}s "
+                         f"(`systemctl is-system-running --wait`); console log: {rs.console_log}")
+    after = capture_state(ctx, rs)
+    rs.data["boot_ids"].append(new_id)
+    rs.data.setdefault("reboots", []).append(
+        {"mode": mode, "system_state": sysstate, "failed_units": after["failed_units"]})
+    rs.save()
+    progress(ctx, f"reboot:{mode}", f"new boot_id {new_id[:8]}, system {sysstate}"
+             + (f", failed units: {', '.join(after['failed_units'])}" if after["failed_units"] else ""))
+    return before, after
+
+
+# ---- diagnostics ----------------------------------------------------------------------
+def collect_diagnostics(ctx, rs, reason):
+    """Host + guest bundle under the run's diagnostics dir. Never raises."""
+    d = rs.diag_dir
+    notes = []
+    try:
+        d.mkdir(parents=True, exist_ok=True)
+        for src, dst in ((rs.console_log, "console.log"),
+                         (ctx.path_env("BOMA_IT_LIBVIRT_LOG_DIR", "/var/log/libvirt/qemu")
+                          / f"{rs.name}.log", "libvirt-qemu.log")):
+            try:
+                shutil.copyfile(src, d / dst)
+            except OSError as e:
+                notes.append(f"{dst}: not collected ({e.strerror or e})")
+        for fname, args in (("domifaddr.txt", ("domifaddr", rs.name, "--source", "lease")),
+                            ("net-dhcp-leases.txt", ("net-dhcp-leases", NET_NAME)),
+                            ("domain.xml", ("dumpxml", rs.name)),
+                            ("domstate.txt", ("domstate", rs.name, "--reason"))):
+            try:
+                r = virsh(ctx, *args, timeout=ctx.bounds["diag-command"])
+                (d / fname).write_text(r.stdout + r.stderr)
+            except HarnessError as e:
+                notes.append(f"{fname}: {e}")
+        guest_ok = False
+        if rs.ip:
+            r = rs.ssh("true", timeout=min(15, ctx.bounds["diag-command"]))
+            guest_ok = r.returncode == 0
+            why = "attempt timed out" if r.timed_out else (r.stderr.strip() or f"exit {r.returncode}")
+        else:
+            why = "the VM never got an IP address"
+        if guest_ok:
+            for fname, cmd in GUEST_DIAG_COMMANDS:
+                r = rs.ssh(f"sudo -n {cmd}", timeout=ctx.bounds["diag-command"])
+                (d / f"guest-{fname}").write_text(
+                    r.stdout + (f"\n# stderr:\n{r.stderr}" if r.stderr.strip() else "")
+                    + ("\n# TIMED OUT\n" if r.timed_out else ""))
+        else:
+            (d / "NOTE").write_text(f"Guest-side diagnostics could not be collected: SSH to "
+                                    f"{ANSIBLE_USER}@{rs.ip or '?'} failed ({why}).\n"
+                                    "Only host-side files are here; read console.log.\n")
+        logs = rs.dir / "logs"
+        if logs.is_dir():
+            shutil.copytree(logs, d / "logs", dirs_exist_ok=True)
+        files = sorted(p for p in d.rglob("*") if p.is_file() and p.name != "SUMMARY.txt")
+        lines = [f"integration-vm diagnostics for {rs.name} ({rs.data.get('host')})",
+                 f"reason: {reason}", f"collected: {now_iso()}", f"ip: {rs.ip or '-'}",
+                 f"console log: {rs.console_log}", "", "files:"]
+        lines += [f"  {p.relative_to(d)}  ({p.stat().st_size} bytes)" for p in files]
+        if notes:
+            lines += ["", "not collected:"] + [f"  {n}" for n in notes]
+        (d / "SUMMARY.txt").write_text("\n".join(lines) + "\n")
+        progress(ctx, "diagnostics", f"written to {d}")
+    except Exception as e:  # diagnostics must never mask the real failure
+        print(f"integration-vm: warning: diagnostics incomplete: {e}", file=sys.stderr)
+    return d
+
+
+# ---- teardown -------------------------------------------------------------------------
+def destroy_domain(ctx, name, expect_run_id=None):
+    """Destroy+undefine a domain IF it carries our metadata. Idempotent."""
+    m = virsh(ctx, "metadata", name, "--uri", METADATA_URI)
+    if m.returncode != 0:
+        exists = virsh(ctx, "domstate", name).returncode == 0
+        if exists:
+            print(f"integration-vm: not touching domain {name}: no boma metadata",
+                  file=sys.stderr)
+        return False
+    meta = parse_metadata_xml(m.stdout)
+    if not meta or (expect_run_id and meta.get("id") != expect_run_id):
+        print(f"integration-vm: not touching domain {name}: metadata is not this run's",
+              file=sys.stderr)
+        return False
+    if virsh(ctx, "domstate", name).stdout.strip() not in ("shut off", ""):
+        virsh(ctx, "destroy", name)
+    r = virsh(ctx, "undefine", name, "--nvram")
+    if r.returncode != 0:
+        r = virsh(ctx, "undefine", name)
+        if r.returncode != 0 and virsh(ctx, "domstate", name).returncode == 0:
+            raise InfraError("teardown", f"could not undefine {name}: {r.stderr.strip()}")
+    return True
+
+
+def down_run(ctx, rs):
+    """Destroy the VM and its disks; keep run.json/logs/result (state=down)."""
+    run_id = rs.data.get("created_at", "") + "/" + rs.name
+    destroy_domain(ctx, rs.name, run_id)
+    shutil.rmtree(rs.disk_dir, ignore_errors=True)
+    if rs.dir.is_dir():
+        rs.data["state"] = "down"
+        rs.data["down_at"] = now_iso()
+        rs.save()
+
+
+# ---- sessions (exception -> verdict -> teardown policy) -------------------------------
+@contextlib.contextmanager
+def timed_phase(ctx, result, name):
+    t0 = time.monotonic()
+    entry = {"name": name, "seconds": 0.0, "status": "pass"}
+    if result is not None:
+        result["phases"].append(entry)
+    try:
+        yield entry
+    except VerifyFailed as e:
+        entry["status"], entry["message"] = "fail", e.msg
+        raise
+    except KeyboardInterrupt:
+        entry["status"], entry["message"] = "interrupted", "interrupted"
+        raise
+    except HarnessError as e:
+        entry["status"], entry["message"] = "error", str(e)
+        raise
+    finally:
+        entry["seconds"] = round(time.monotonic() - t0, 1)
+
+
+def inspection_help(ctx, rs):
+    ssh_cmd = shlex.join(ssh_argv(rs.dir, rs.name, rs.ip or "<ip>", "", port=ctx.ssh_port)[:-1])
+    return (f"integration-vm: VM {rs.name} kept for inspection:\n"
+            f"  console log:  {rs.console_log}\n"
+            f"  serial:       virsh --connect {ctx.uri} console {rs.name}\n"
+            f"  ssh:          {ssh_cmd}\n"
+            f"  diagnostics:  {rs.diag_dir}\n"
+            f"  clean up:     scripts/integration-vm.py down --run {rs.name}   "
+            f"(or: make test-integration-clean)\n")
+
+
+def finish_result(ctx, result, rs, junit=None, stream=None):
+    result["finished_at"] = now_iso()
+    result["total_seconds"] = round(time.monotonic() - ctx.t0, 1)
+    if rs is not None:
+        result.update(vm=rs.name, ip=rs.ip, accel=rs.data.get("accel"),
+                      run_dir=str(rs.dir))
+        text = json.dumps(result, indent=2, sort_keys=True) + "\n"
+        try:
+            rs.dir.mkdir(parents=True, exist_ok=True)
+            (rs.dir / "result.json").write_text(text)
+            rs.diag_dir.mkdir(parents=True, exist_ok=True)
+            (rs.diag_dir / "result.json").write_text(text)
+        except OSError as e:
+            print(f"integration-vm: warning: could not write result.json: {e}", file=sys.stderr)
+    if junit:
+        pathlib.Path(junit).write_text(render_junit(result))
+    print(format_summary(result), file=stream or sys.stdout, flush=True)
+
+
+def _ignore_signals():
+    for s in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(s, signal.SIG_IGN)
+
+
+def session(ctx, args, command):
+    """Run a command's phases with uniform failure handling:
+    verify failure -> diagnostics, keep VM; infra error -> diagnostics, destroy what this
+    invocation created (unless --keep); interrupt -> destroy what it created (unless
+    --keep), exit 130; success of cycle/bench -> teardown (unless --keep)."""
+    result = new_result(command, getattr(args, "host", None))
+    result["started_at"] = now_iso()
+    result["certs"] = getattr(args, "certs", None)
+    result["expect_fail"] = bool(getattr(args, "expect_fail", False))
+    creates = command in ("up", "cycle", "bench")
+    writes_result = command in ("cycle", "bench", "assert")
+    holder = {"rs": None}
+    exit_code = EXIT_PASS
+    try:
+        profile, certs = prepare(ctx, args, command)
+        result["certs"] = certs
+        if creates:
+            holder["rs"] = provision(ctx, args, profile, certs, result, holder)
+        else:
+            holder["rs"] = select_run(ctx, args.run, args.host, live="required")
+            if holder["rs"].data.get("state") != "up":
+                raise UsageError(f"run {holder['rs'].name} is {holder['rs'].data.get('state')}, "
+                                 "not up")
+            ctx.cmdlog = holder["rs"].dir / "logs" / "commands.log"
+            ctx.bounds = stage_bounds(holder["rs"].data.get("accel"), ctx.environ)
+        rs = holder["rs"]
+        result["host"] = rs.data["host"]
+        if command == "apply":
+            apply(ctx, rs, profile, certs, result=result)
+        if command in ("cycle", "bench"):
+            apply(ctx, rs, profile, certs, result=result)
+        if command == "reboot" or (command in ("cycle", "bench") and not args.no_reboot):
+            modes = [args.reboot] if args.reboot else profile["reboot"]
+            if command == "reboot":
+                modes = modes[:1]
+            result["reboot_modes"] = modes
+            for mode in modes:
+                with timed_phase(ctx, result, f"reboot:{mode}"):
+                    reboot_vm(ctx, rs, mode)
+        if command in ("assert", "cycle", "bench"):
+            run_assert(ctx, rs, profile, certs, result)
+        if command in ("cycle", "bench") and not args.no_idempotence and not args.no_reboot:
+            idempotence(ctx, rs, profile, certs, result)
+        result["verdict"] = "pass"
+        if command in ("cycle", "bench") and not args.keep:
+            with timed_phase(ctx, result, "teardown"):
+                down_run(ctx, rs)
+        elif command in ("cycle", "bench"):
+            result["kept"] = True
+            print(inspection_help(ctx, rs), file=sys.stderr, end="")
+        if command == "up":
+            print(f"{rs.name} {rs.ip}", flush=True)
+    except VerifyFailed as e:
+        _ignore_signals()
+        rs = holder["rs"]
+        exit_code = EXIT_VERIFY
+        result.update(verdict="fail", stage=e.stage, message=e.msg, failed_tasks=e.failed_tasks)
+        print(f"integration-vm: verify failed: {e.msg}", file=sys.stderr)
+        if rs is not None:
+            result["diagnostics"] = str(collect_diagnostics(ctx, rs, f"{e.stage}: {e.msg}"))
+            if result["expect_fail"] and creates and not args.keep:
+                with timed_phase(ctx, result, "teardown"):
+                    down_run(ctx, rs)
+            else:
+                result["kept"] = True
+                print(inspection_help(ctx, rs), file=sys.stderr, end="")
+    except HarnessError as e:
+        _ignore_signals()
+        rs = holder["rs"]
+        exit_code = e.exit_code
+        result.update(verdict="error", stage=e.stage, message=getattr(e, "msg", str(e)))
+        print(f"integration-vm: error: {e}", file=sys.stderr)
+        if rs is not None and e.exit_code == EXIT_INFRA:
+            result["diagnostics"] = str(collect_diagnostics(ctx, rs, str(e)))
+            if creates and not getattr(args, "keep", False):
+                with timed_phase(ctx, result, "teardown"):
+                    down_run(ctx, rs)
+            else:
+                result["kept"] = True
+                print(inspection_help(ctx, rs), file=sys.stderr, end="")
+    except KeyboardInterrupt:
+        _ignore_signals()
+        rs = holder["rs"]
+        exit_code = EXIT_INTERRUPTED
+        result.update(verdict="interrupted", stage="interrupted", message="interrupted")
+        print("\nintegration-vm: interrupted", file=sys.stderr)
+        if rs is not None:
+            if creates and not getattr(args, "keep", False):
+                progress(ctx, "teardown", f"tearing down {rs.name}")
+                with timed_phase(ctx, result, "teardown"):
+                    down_run(ctx, rs)
+            else:
+                result["kept"] = True
+                print(inspection_help(ctx, rs), file=sys.stderr, end="")
+    if result["expect_fail"] and exit_code in (EXIT_PASS, EXIT_VERIFY):
+        exit_code = EXIT_PASS if exit_code == EXIT_VERIFY else EXIT_VERIFY
+        if exit_code == EXIT_VERIFY:
+            print("integration-vm: verify PASSED but --expect-fail was given", file=sys.stderr)
+    result["exit_code"] = exit_code
+    finish_result(ctx, result, holder["rs"] if writes_result else None,
+                  getattr(args, "junit", None), stream=sys.stdout if writes_result else sys.stderr)
+    if command == "bench":
+        sys.stdout.write(format_bench_table(result))
+    return exit_code
+
+
+def prepare(ctx, args, command):
+    """All validation that can fail before anything is created."""
+    host = args.host
+    if host is None and command in ("apply", "assert", "reboot"):
+        rs = select_run(ctx, args.run, None, live="required")
+        host = rs.data["host"]
+        args.host = host
+    profile = load_profile(host, ctx.repo / "tests" / "integration" / "profiles", ctx.repo)
+    certs = args.certs
+    if certs is None and command in ("apply", "assert", "reboot") and args.host:
+        try:
+            certs = select_run(ctx, args.run, host, live="required").data.get("certs")
+        except UsageError:
+            certs = None
+    certs = certs or "internal"
+    if certs == PROD_TIER and not args.allow_prod_certs:
+        raise UsageError(f"--certs {PROD_TIER} uses the production DNS token and the real "
+                         "zone; pass --allow-prod-certs to confirm")
+    if not (ctx.repo / "tests" / "integration" / "certs" / f"{certs}.yml").is_file():
+        raise UsageError(f"cert tier file tests/integration/certs/{certs}.yml does not exist")
+    if command != "reboot" and command != "up":
+        check_ansible(ctx)
+    cached = (ctx.cache / "images" / current_image_key(ctx) / "manifest.json").is_file()
+    check_tools(ctx, tools_for(command, image_source(ctx), need_build=not cached))
+    check_libvirt(ctx)
+    return profile, certs
+
+
+def provision(ctx, args, profile, certs, result, holder):
+    """image -> accel -> network -> guarded create -> boot."""
+    check_guards(ctx, profile, need_image=False)   # early, cheap refusal (no lock)
+    with timed_phase(ctx, result, "image"):
+        image = ensure_image(ctx)
+        progress(ctx, "image", f"{'built' if image.built else 'cached'} {image.dir}")
+    accel = choose_accel(ctx, image)
+    result["accel"] = accel
+    ctx.bounds = stage_bounds(accel, ctx.environ)
+    with timed_phase(ctx, result, "boot"):
+        ensure_network(ctx)
+        with file_lock(ctx, ctx.cache / "lock", "up"):
+            check_guards(ctx, profile, need_image=False)  # authoritative, under the lock
+            create_run(ctx, profile, certs, accel, image, holder)
+        boot(ctx, holder["rs"])
+    return holder["rs"]
+
+
+# ---- other subcommands ----------------------------------------------------------------
+def cmd_image(ctx, args):
+    check_tools(ctx, tools_for("image", image_source(ctx)))
+    ctx.cache.mkdir(parents=True, exist_ok=True)
+    t0 = time.monotonic()
+    img = ensure_image(ctx, force=args.force)
+    print(f"{img.dir} ({'built' if img.built else 'cached'}, key {img.key}, "
+          f"{time.monotonic() - t0:.1f}s)")
+    return EXIT_PASS
+
+
+def cmd_down(ctx, args):
+    check_tools(ctx, ["virsh"])
+    try:
+        rs = select_run(ctx, args.run, args.host, live=True)
+    except UsageError:
+        if list_runs(ctx) and not args.run:
+            raise
+        if args.run and args.run.startswith(NAME_PREFIX):
+            check_libvirt(ctx)
+            destroy_domain(ctx, args.run)   # only if it carries our metadata
+        print("integration-vm: nothing to tear down")
+        return EXIT_PASS
+    check_libvirt(ctx)
+    if args.keep:
+        print(f"integration-vm: --keep: leaving {rs.name} up")
+        return EXIT_PASS
+    was = rs.data.get("state")
+    down_run(ctx, rs)
+    print(f"integration-vm: {rs.name} {'already down' if was == 'down' else 'destroyed'}")
+    return EXIT_PASS
+
+
+def cmd_prune(ctx, args):
+    check_tools(ctx, ["virsh"])
+    check_libvirt(ctx)
+    owned = owned_domains(ctx)
+    r = virsh(ctx, "list", "--all", "--name", check=True)
+    for name in parse_name_list(r.stdout):
+        if name not in owned and name.startswith(NAME_PREFIX):
+            print(f"integration-vm: skipping {name}: no boma metadata (not the harness's)")
+    for name in owned:
+        destroy_domain(ctx, name)
+        print(f"integration-vm: pruned domain {name}")
+    runs_disk = ctx.cache / "runs"
+    if runs_disk.is_dir():
+        for d in runs_disk.iterdir():
+            if d.is_dir() and d.name.startswith(NAME_PREFIX):
+                shutil.rmtree(d, ignore_errors=True)
+    for rs in list_runs(ctx):
+        shutil.rmtree(rs.dir, ignore_errors=True)
+        print(f"integration-vm: removed run {rs.name}")
+    (ctx.run_parent / "current").unlink(missing_ok=True)
+    if args.images:
+        keep = current_image_key(ctx)
+        for d in (ctx.cache / "images").glob("*"):
+            if d.is_dir() and d.name != keep:
+                shutil.rmtree(d, ignore_errors=True)
+                print(f"integration-vm: removed image {d.name}")
+    print("integration-vm: prune done")
+    return EXIT_PASS
+
+
+def _age(iso):
+    try:
+        t = datetime.datetime.fromisoformat(iso)
+        secs = (datetime.datetime.now(datetime.timezone.utc) - t).total_seconds()
+    except (TypeError, ValueError):
+        return "?"
+    for unit, n in (("d", 86400), ("h", 3600), ("m", 60)):
+        if secs >= n:
+            return f"{int(secs // n)}{unit}"
+    return f"{int(secs)}s"
+
+
+def cmd_status(ctx, args):
+    check_tools(ctx, ["virsh"])
+    check_libvirt(ctx)
+    owned = owned_domains(ctx)
+    runs = {rs.name: rs for rs in list_runs(ctx)}
+    print(f"{'NAME':<36} {'STATE':<10} {'PROFILE':<20} {'AGE':>5}  IP")
+    for name in sorted(set(owned) | set(runs)):
+        meta, rs = owned.get(name, {}), runs.get(name)
+        state = meta.get("state") or (rs.data.get("state") if rs else "?")
+        if rs and name not in owned and rs.data.get("state") != "down":
+            state = "orphan-run"
+        created = meta.get("created_at") or (rs.data.get("created_at") if rs else None)
+        profile = meta.get("profile") or (rs.data.get("host") if rs else "?")
+        print(f"{name:<36} {state:<10} {profile:<20} {_age(created):>5}  "
+              f"{(rs.ip if rs else '') or '-'}")
+    for d in sorted((ctx.cache / "images").glob("*/manifest.json")):
+        try:
+            m = json.loads(d.read_text())
+        except (OSError, ValueError):
+            continue
+        size = sum(p.stat().st_size for p in d.parent.iterdir() if p.is_file()) // (1 << 20)
+        cur = " (current)" if m.get("key") == current_image_key(ctx) else ""
+        print(f"image {m.get('key')}{cur}: {size} MiB, built {_age(m.get('built_at'))} ago")
+    return EXIT_PASS
+
+
+def cmd_console(ctx, args):
+    rs = select_run(ctx, args.run, args.host, live=True)
+    print(f"console log: {rs.console_log}")
+    print(f"interactive: virsh --connect {ctx.uri} console {rs.name}")
+    try:
+        lines = rs.console_log.read_text(errors="replace").splitlines()
+        sys.stdout.write("\n".join(lines[-int(args.lines):]) + "\n")
+    except OSError as e:
+        print(f"(console log not readable: {e.strerror or e})")
+    return EXIT_PASS
+
+
+def cmd_doctor(ctx, args):
+    checks = []
+
+    def check(name, ok, detail, fix=""):
+        checks.append(ok)
+        print(f"{'OK  ' if ok else 'FAIL'} {name}: {detail}" + ("" if ok or not fix else f" — fix: {fix}"))
+
+    src = image_source(ctx)
+    path = ctx.environ.get("PATH")
+    for t in list(dict.fromkeys(tools_for("cycle", src) + ["qemu-system-x86_64"])):
+        w = shutil.which(t, path=path)
+        check(f"tool {t}", w is not None, w or "not found", f"apt-get install {TOOL_PACKAGES.get(t, t)}")
+    pb = find_ansible_playbook(ctx)
+    ok = shutil.which(pb, path=path) is not None or os.access(pb, os.X_OK)
+    check("tool ansible-playbook", ok, pb, "make venv (or set BOMA_IT_ANSIBLE_PLAYBOOK)")
+    try:
+        check_libvirt(ctx)
+        check("libvirtd", True, f"reachable at {ctx.uri}")
+        libvirt_ok = True
+    except HarnessError as e:
+        check("libvirtd", False, str(e), "start libvirtd (virtlogd -d; libvirtd -d) or "
+              "set --connect/LIBVIRT_DEFAULT_URI")
+        libvirt_ok = False
+    if libvirt_ok:
+        r = virsh(ctx, "net-info", NET_NAME)
+        if r.returncode != 0:
+            check(f"network {NET_NAME}", True, "not defined yet (up defines and starts it)")
+        else:
+            active = parse_net_info(r.stdout).get("active") == "yes"
+            check(f"network {NET_NAME}", True, "active" if active else "defined, inactive "
+                  "(up starts it)")
+    exists, group_ok, desc = kvm_dev_status(ctx)
+    check("/dev/kvm", group_ok or not exists, desc + (
+        "" if not exists else (": libvirt-qemu (group kvm) can open it" if group_ok
+                               else ": libvirt-qemu (group kvm) cannot open it")),
+        "udev rule: KERNEL==\"kvm\", GROUP=\"kvm\", MODE=\"0660\" (or chmod 0660 + chgrp kvm)")
+    img_dir = ctx.cache / "images" / current_image_key(ctx)
+    img = image_from_dir(img_dir, img_dir.name) if (img_dir / "manifest.json").is_file() else None
+    try:
+        verdict = choose_accel(ctx, img)
+        check("accelerator", True, verdict + ("" if verdict == "kvm" else
+                                              " (guests run under TCG: slow but correct)"))
+    except HarnessError as e:
+        check("accelerator", False, str(e))
+    avail = free_mib(read_meminfo(ctx))
+    check("RAM", avail - DEFAULT_MEM_MIB >= RAM_FLOOR_MIB,
+          f"{avail} MiB available (a default VM needs {DEFAULT_MEM_MIB} + {RAM_FLOOR_MIB} floor)",
+          "stop other VMs/workloads")
+    try:
+        ctx.cache.mkdir(parents=True, exist_ok=True)
+        probe = ctx.cache / f".doctor-{os.getpid()}"
+        probe.write_text("")
+        probe.unlink()
+        check("cache dir", True, f"{ctx.cache} writable")
+        free = shutil.disk_usage(ctx.cache).free // (1 << 20)
+        need = MIN_DISK_MIB_RUN + (0 if img else MIN_DISK_MIB_IMAGE)
+        check("disk", free >= need, f"{free} MiB free under {ctx.cache} (need {need})",
+              "free space or point BOMA_IT_CACHE elsewhere")
+    except OSError as e:
+        check("cache dir", False, f"{ctx.cache}: {e.strerror or e}",
+              "apply the integration_test role (make substrate) or set BOMA_IT_CACHE")
+    check("golden image", True, str(img.dir) if img else "not built yet (up/image builds it)")
+    return EXIT_PASS if all(checks) else EXIT_INFRA
+
+
+# --------------------------------------------------------------------------------------
+# CLI
+# --------------------------------------------------------------------------------------
+ENV_HELP = """environment:
+  LIBVIRT_DEFAULT_URI       libvirt URI (default qemu:///system); --connect wins
+  BOMA_IT_ACCEL             auto|kvm|tcg (default auto); --accel wins
+  BOMA_IT_CACHE             VM disks + golden images (default /var/lib/boma-integration)
+  BOMA_IT_RUN_DIR           run metadata parent (default tests/integration/.run)
+  BOMA_IT_DIAG_DIR          diagnostics parent (default ~/integration-runs)
+  BOMA_IT_IMAGE_SOURCE      build (mmdebstrap, default) | fetch (cloud.debian.org)
+  BOMA_IT_MIRROR            Debian mirror for image builds (default deb.debian.org)
+  BOMA_IT_MAX_VMS           harness VMs allowed at once (default 1)
+  BOMA_IT_ANSIBLE_PLAYBOOK  ansible-playbook to use (default: PATH, then .venv)
+  BOMA_IT_TIMEOUT_<STAGE>   bound in seconds, e.g. BOMA_IT_TIMEOUT_DHCP_LEASE=300
+  BOMA_IT_POLL              poll interval of bounded waits (default 2)
+"""
+
+
+def build_parser():
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--connect", metavar="URI", help="libvirt URI (env LIBVIRT_DEFAULT_URI)")
+    common.add_argument("--accel", choices=ACCEL_CHOICES,
+                        help="accelerator: auto probes KVM, falls back to TCG (env BOMA_IT_ACCEL)")
+
+    def run_opts(sp, host_required=False):
+        sp.add_argument("--host", required=host_required,
+                        help="profile name: tests/integration/profiles/<host>.json")
+        sp.add_argument("--run", metavar="NAME",
+                        help="address a specific run (default: newest run of --host)")
+
+    def cert_opts(sp):
+        sp.add_argument("--certs", choices=VALID_TIERS,
+                        help="cert tier (default internal; le-prod-wildcard needs "
+                             "--allow-prod-certs)")
+        sp.add_argument("--allow-prod-certs", action="store_true",
+                        help="confirm the le-prod-wildcard tier (real DNS token and zone)")
+
+    def cycle_opts(sp):
+        sp.add_argument("--keep", action="store_true",
+                        help="keep the VM afterwards, whatever the outcome")
+        sp.add_argument("--no-reboot", action="store_true", help="skip the reboot (and idempotence)")
+        sp.add_argument("--reboot", choices=REBOOT_MODES,
+                        help="reboot mode (default: the profile's list, else graceful); "
+                             "hard = virsh destroy + start")
+        sp.add_argument("--no-idempotence", action="store_true",
+                        help="skip the post-reboot re-apply that must change nothing")
+        sp.add_argument("--junit", metavar="FILE", help="write JUnit XML here")
+        sp.add_argument("--expect-fail", action="store_true",
+                        help="RED runs: a verify failure is the expected outcome (exit 0; "
+                             "the VM is torn down), a pass exits 1")
+
+    p = argparse.ArgumentParser(
+        prog="integration-vm", description=__doc__.split("\n\n")[0] + "\n\n" +
+        __doc__.split("\n\n")[1], epilog=EXIT_CODES_HELP + "\n" + ENV_HELP,
+        formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = p.add_subparsers(dest="cmd", required=True, metavar="COMMAND")
+    helps = {
+        "image": "build (or fetch) and verify the golden image for the current inputs",
+        "up": "boot a VM for --host and wait until it is ready (prints NAME IP)",
+        "apply": "apply the profile's playbooks to a run's VM",
+        "reboot": "reboot a run's VM and prove it (boot_id must change)",
+        "assert": "run the verify playbook against a run's VM (writes result.json)",
+        "cycle": "up, apply, reboot, verify, idempotence, teardown (writes result.json)",
+        "bench": "a cycle that prints a per-phase timing table at the end",
+        "down": "destroy a run's VM and disks (idempotent)",
+        "console": "print a run's console log path and tail it",
+        "prune": "remove every VM, disk and run the harness owns (only those)",
+        "status": "list the harness's VMs, runs and images with their age",
+        "doctor": "preflight: tools, libvirtd, accelerator, /dev/kvm, network, RAM, disk",
+    }
+    sps = {}
+    for c in SUBCOMMANDS:
+        sps[c] = sub.add_parser(c, parents=[common], help=helps[c], description=helps[c],
+                                epilog=EXIT_CODES_HELP,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    sps["image"].add_argument("--force", action="store_true", help="rebuild even if cached")
+    for c in ("up", "cycle", "bench"):
+        run_opts(sps[c], host_required=True)
+        cert_opts(sps[c])
+    for c in ("cycle", "bench"):
+        cycle_opts(sps[c])
+    sps["up"].add_argument("--keep", action="store_true",
+                           help="on a failed boot keep what was created")
+    for c in ("apply", "reboot", "assert"):
+        run_opts(sps[c])
+        cert_opts(sps[c])
+        sps[c].add_argument("--junit", metavar="FILE", help="write JUnit XML here")
+    sps["reboot"].add_argument("--reboot", choices=REBOOT_MODES, help="graceful (default) or hard")
+    for c in ("down", "console"):
+        run_opts(sps[c])
+    sps["down"].add_argument("--keep", action="store_true", help="do nothing (spec compatibility)")
+    sps["console"].add_argument("--lines", type=int, default=60, help="lines to tail (default 60)")
+    sps["prune"].add_argument("--images", action="store_true",
+                              help="also remove golden images other than the current one")
+    return p
+
+
+def _defaults(args):
+    for k, v in (("host", None), ("run", None), ("certs", None), ("allow_prod_certs", False),
+                 ("keep", False), ("no_reboot", False), ("reboot", None),
+                 ("no_idempotence", False), ("junit", None), ("expect_fail", False)):
+        if not hasattr(args, k):
+            setattr(args, k, v)
+    return args
+
+
+def main(argv=None):
+    parser = build_parser()
+    args = _defaults(parser.parse_args(argv))
+
+    def on_term(signum, frame):
+        raise KeyboardInterrupt
+    signal.signal(signal.SIGTERM, on_term)
+    try:
+        ctx = ctx_from_env(os.environ, args)
+        if args.cmd in ("up", "apply", "reboot", "assert", "cycle", "bench"):
+            return session(ctx, args, args.cmd)
+        return {"image": cmd_image, "down": cmd_down, "console": cmd_console,
+                "prune": cmd_prune, "status": cmd_status, "doctor": cmd_doctor}[args.cmd](ctx, args)
+    except HarnessError as e:
+        print(f"integration-vm: error: {e}", file=sys.stderr)
+        return e.exit_code
+    except KeyboardInterrupt:
+        print("\nintegration-vm: interrupted", file=sys.stderr)
+        return EXIT_INTERRUPTED
+    except OSError as e:
+        print(f"integration-vm: error: {e}", file=sys.stderr)
+        return EXIT_INFRA
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())
