@@ -690,13 +690,17 @@ def failed_task_names(output, host=None):
 
 # ---- results ---------------------------------------------------------------------
 def new_result(command, host=None):
+    """result.json shape. `phases` maps a phase family (image, boot, apply, reboot,
+    verify, idempotence, teardown) to seconds; `phase_details` keeps each step
+    (apply:site.yml, reboot:hard ...) with its status; `failures` are the failing verify
+    (or idempotence) task names; `failed_stage` names where a non-pass stopped."""
     return {
         "schema": 1, "command": command, "verdict": None, "exit_code": None,
-        "stage": None, "message": "", "host": host, "vm": None, "ip": None,
-        "accel": None, "certs": None, "reboot_modes": [], "phases": [],
-        "failed_tasks": [], "verify_tasks": [], "idempotence": None,
+        "failed_stage": None, "message": "", "host": host, "vm": None, "ip": None,
+        "accel": None, "certs": None, "reboot_modes": [], "phases": {},
+        "phase_details": [], "failures": [], "verify_tasks": [], "idempotence": None,
         "diagnostics": None, "run_dir": None, "started_at": None, "finished_at": None,
-        "total_seconds": None, "kept": False,
+        "total_seconds": None, "kept": False, "expect_fail": False,
     }
 
 
@@ -714,12 +718,12 @@ def format_summary(result):
     if result.get("expect_fail"):
         verdict += " (expected fail)" if result.get("verdict") == "fail" else " (expected FAIL)"
     head = f"integration-vm: {verdict}"
-    if result.get("verdict") in ("error", "fail", "interrupted") and result.get("stage"):
-        head += f"[{result['stage']}]"
+    if result.get("verdict") in ("error", "fail", "interrupted") and result.get("failed_stage"):
+        head += f"[{result['failed_stage']}]"
     parts = [head, result.get("host") or "-", result.get("vm") or "-",
              f"accel={result.get('accel') or '-'}",
              f"total={round(result.get('total_seconds') or 0)}s"]
-    totals = phase_totals(result.get("phases", []))
+    totals = phase_totals(result.get("phase_details", []))
     if totals:
         parts.append("(" + ", ".join(f"{k} {round(v)}s" for k, v in totals.items()) + ")")
     return " ".join(parts)
@@ -727,7 +731,7 @@ def format_summary(result):
 
 def format_bench_table(result):
     rows = [("phase", "seconds", "status")]
-    rows += [(p["name"], f"{p['seconds']:.1f}", p["status"]) for p in result.get("phases", [])]
+    rows += [(p["name"], f"{p['seconds']:.1f}", p["status"]) for p in result.get("phase_details", [])]
     rows.append(("total", f"{result.get('total_seconds') or 0:.1f}", result.get("verdict") or ""))
     w = [max(len(r[i]) for r in rows) for i in range(3)]
     return "\n".join(f"{a:<{w[0]}}  {b:>{w[1]}}  {c}" for a, b, c in rows) + "\n"
@@ -737,14 +741,15 @@ def render_junit(result):
     """JUnit XML: one testcase per phase and per verify task."""
     suite = f"integration-vm.{result.get('host') or 'unknown'}"
     cases = []
-    for p in result.get("phases", []):
+    for p in result.get("phase_details", []):
         cases.append((p["name"], p["seconds"], p["status"], p.get("message", "")))
     for t in result.get("verify_tasks", []):
         st = "fail" if t["status"] == "failed" else ("skipped" if t["status"] == "skipped" else "pass")
         cases.append((f"verify: {t['name']}", 0.0, st, t.get("message", "")))
     if result.get("verdict") in ("error", "interrupted") and not any(
             c[2] in ("error", "fail") for c in cases):
-        cases.append((result.get("stage") or "harness", 0.0, "error", result.get("message", "")))
+        cases.append((result.get("failed_stage") or "harness", 0.0, "error",
+                      result.get("message", "")))
     failures = sum(1 for c in cases if c[2] == "fail")
     errors = sum(1 for c in cases if c[2] in ("error", "interrupted"))
     skipped = sum(1 for c in cases if c[2] == "skipped")
@@ -1636,7 +1641,7 @@ def wait_ssh(ctx, rs, stage="ssh-handshake", command="true", accept=None):
 
     def probe(deadline):
         left = deadline - time.monotonic()
-        r = rs.ssh(command, timeout=max(1.0, min(ctx.bounds["ssh-attempt"], left)))
+        r = rs.ssh(command, timeout=max(0.2, min(ctx.bounds["ssh-attempt"], left)))
         if r.returncode == 0 and (accept is None or accept(r.stdout)):
             return r.stdout or True
         last["err"] = "attempt timed out" if r.timed_out else (
@@ -1821,7 +1826,7 @@ def reboot_vm(ctx, rs, mode="graceful"):
     def new_boot(_):
         left = deadline - time.monotonic()
         r = rs.ssh("cat /proc/sys/kernel/random/boot_id",
-                   timeout=max(1.0, min(ctx.bounds["ssh-attempt"], left)))
+                   timeout=max(0.2, min(ctx.bounds["ssh-attempt"], left)))
         bid = r.stdout.strip() if r.returncode == 0 else None
         return bid if bid and bid != before["boot_id"] else None
     try:
@@ -1880,7 +1885,7 @@ def collect_diagnostics(ctx, rs, reason):
         if guest_ok:
             for fname, cmd in GUEST_DIAG_COMMANDS:
                 r = rs.ssh(f"sudo -n {cmd}", timeout=ctx.bounds["diag-command"])
-                (d / f"guest-{fname}").write_text(
+                (d / fname).write_text(
                     r.stdout + (f"\n# stderr:\n{r.stderr}" if r.stderr.strip() else "")
                     + ("\n# TIMED OUT\n" if r.timed_out else ""))
         else:
@@ -1946,7 +1951,7 @@ def timed_phase(ctx, result, name):
     t0 = time.monotonic()
     entry = {"name": name, "seconds": 0.0, "status": "pass"}
     if result is not None:
-        result["phases"].append(entry)
+        result["phase_details"].append(entry)
     try:
         yield entry
     except VerifyFailed as e:
@@ -1960,6 +1965,11 @@ def timed_phase(ctx, result, name):
         raise
     finally:
         entry["seconds"] = round(time.monotonic() - t0, 1)
+
+
+def _current_phase(result):
+    running = [p["name"] for p in result["phase_details"] if p["status"] == "interrupted"]
+    return running[-1] if running else "interrupted"
 
 
 def inspection_help(ctx, rs):
@@ -1976,6 +1986,7 @@ def inspection_help(ctx, rs):
 def finish_result(ctx, result, rs, junit=None, stream=None):
     result["finished_at"] = now_iso()
     result["total_seconds"] = round(time.monotonic() - ctx.t0, 1)
+    result["phases"] = {k: round(v, 1) for k, v in phase_totals(result["phase_details"]).items()}
     if rs is not None:
         result.update(vm=rs.name, ip=rs.ip, accel=rs.data.get("accel"),
                       run_dir=str(rs.dir))
@@ -1993,8 +2004,13 @@ def finish_result(ctx, result, rs, junit=None, stream=None):
 
 
 def _ignore_signals():
+    """While diagnostics/teardown run, a second Ctrl-C must not abort them. A Python
+    handler (not SIG_IGN, which children would inherit across exec) keeps the processes
+    we start killable."""
+    def note(signum, frame):
+        print("integration-vm: cleaning up, please wait", file=sys.stderr, flush=True)
     for s in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(s, signal.SIG_IGN)
+        signal.signal(s, note)
 
 
 def session(ctx, args, command):
@@ -2053,7 +2069,7 @@ def session(ctx, args, command):
         _ignore_signals()
         rs = holder["rs"]
         exit_code = EXIT_VERIFY
-        result.update(verdict="fail", stage=e.stage, message=e.msg, failed_tasks=e.failed_tasks)
+        result.update(verdict="fail", failed_stage=e.stage, message=e.msg, failures=e.failed_tasks)
         print(f"integration-vm: verify failed: {e.msg}", file=sys.stderr)
         if rs is not None:
             result["diagnostics"] = str(collect_diagnostics(ctx, rs, f"{e.stage}: {e.msg}"))
@@ -2067,7 +2083,7 @@ def session(ctx, args, command):
         _ignore_signals()
         rs = holder["rs"]
         exit_code = e.exit_code
-        result.update(verdict="error", stage=e.stage, message=getattr(e, "msg", str(e)))
+        result.update(verdict="error", failed_stage=e.stage, message=getattr(e, "msg", str(e)))
         print(f"integration-vm: error: {e}", file=sys.stderr)
         if rs is not None and e.exit_code == EXIT_INFRA:
             result["diagnostics"] = str(collect_diagnostics(ctx, rs, str(e)))
@@ -2081,7 +2097,8 @@ def session(ctx, args, command):
         _ignore_signals()
         rs = holder["rs"]
         exit_code = EXIT_INTERRUPTED
-        result.update(verdict="interrupted", stage="interrupted", message="interrupted")
+        result.update(verdict="interrupted", failed_stage=_current_phase(result),
+                      message="interrupted")
         print("\nintegration-vm: interrupted", file=sys.stderr)
         if rs is not None:
             if creates and not getattr(args, "keep", False):
@@ -2136,7 +2153,8 @@ def provision(ctx, args, profile, certs, result, holder):
     check_guards(ctx, profile, need_image=False)   # early, cheap refusal (no lock)
     with timed_phase(ctx, result, "image"):
         image = ensure_image(ctx)
-        progress(ctx, "image", f"{'built' if image.built else 'cached'} {image.dir}")
+        if not image.built:
+            progress(ctx, "image", f"cached {image.dir}")
     accel = choose_accel(ctx, image)
     result["accel"] = accel
     ctx.bounds = stage_bounds(accel, ctx.environ)
@@ -2282,7 +2300,7 @@ def cmd_doctor(ctx, args):
         check("libvirtd", True, f"reachable at {ctx.uri}")
         libvirt_ok = True
     except HarnessError as e:
-        check("libvirtd", False, str(e), "start libvirtd (virtlogd -d; libvirtd -d) or "
+        check("libvirtd", False, getattr(e, "msg", str(e)), "start libvirtd (virtlogd -d; libvirtd -d) or "
               "set --connect/LIBVIRT_DEFAULT_URI")
         libvirt_ok = False
     if libvirt_ok:

@@ -1,0 +1,362 @@
+#!/usr/bin/env -S python3 -S
+"""One fake for every external tool the integration-vm driver runs.
+
+Symlinked under the tool's name (virsh, virt-install, qemu-img, cloud-localds, ssh,
+ssh-keygen, ansible-playbook, mmdebstrap, mkfs.ext4, qemu-system-x86_64) into a temp dir
+that is put alone on PATH; dispatches on basename(argv[0]).
+
+  FAKE_LOG    JSONL file: one record per call {tool, argv, pid, ...}
+  FAKE_STATE  JSON file: domains, networks, leases, per-playbook call counts
+
+Behaviour knobs (env):
+  FAKE_LIBVIRT_DOWN=1        every virsh call fails like an unreachable libvirtd
+  FAKE_NO_LEASE=1            domains never get a DHCP lease
+  FAKE_SSH=hang|refuse       ssh hangs forever / is refused (default: answers)
+  FAKE_BOOT_ID_STICKY=1      reboot/start keep the old boot_id
+  FAKE_SYSTEM_STATE=X        `systemctl is-system-running` prints X (default running)
+  FAKE_VERIFY_FAIL=1         the verify playbook fails one task
+  FAKE_APPLY_FAIL=1          apply playbooks fail
+  FAKE_APPLY_SLEEP=N         apply playbooks sleep N seconds after their first task
+  FAKE_IDEMPOTENCE_CHANGED=N a playbook's second and later runs report N changed tasks
+  FAKE_ACCEL_OUTPUT=TEXT     what qemu-system-x86_64 (the KVM probe) prints
+  FAKE_DEFINE_SLEEP=N        virsh define sleeps N seconds (to race two `up`s)
+"""
+import contextlib
+import fcntl
+import json
+import os
+import pathlib
+import re
+import sys
+import time
+import uuid
+
+TOOL = os.path.basename(sys.argv[0])
+ARGS = sys.argv[1:]
+ENV = os.environ
+
+
+def log(**extra):
+    rec = {"tool": TOOL, "argv": ARGS, "pid": os.getpid(), "t": time.time(), **extra}
+    with open(ENV["FAKE_LOG"], "a") as fh:
+        fcntl.flock(fh, fcntl.LOCK_EX)
+        fh.write(json.dumps(rec) + "\n")
+
+
+@contextlib.contextmanager
+def state():
+    path = pathlib.Path(ENV["FAKE_STATE"])
+    with open(str(path) + ".lock", "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        data = json.loads(path.read_text()) if path.exists() and path.read_text().strip() else {}
+        for k in ("domains", "networks", "leases", "calls"):
+            data.setdefault(k, {})
+        yield data
+        path.write_text(json.dumps(data, indent=1))
+
+
+def die(msg, rc=1):
+    sys.stderr.write(msg + "\n")
+    sys.exit(rc)
+
+
+# ---- virsh ------------------------------------------------------------------------
+def virsh():
+    args = list(ARGS)
+    while args and args[0] in ("--connect", "-c", "-q"):
+        args = args[2:] if args[0] in ("--connect", "-c") else args[1:]
+    if ENV.get("FAKE_LIBVIRT_DOWN"):
+        die("error: failed to connect to the hypervisor\n"
+            "error: Failed to connect socket to '/run/libvirt/libvirt-sock': No such file or directory")
+    cmd, rest = args[0], args[1:]
+    with state() as st:
+        doms, nets, leases = st["domains"], st["networks"], st["leases"]
+
+        def dom(name):
+            if name not in doms:
+                die(f"error: failed to get domain '{name}'")
+            return doms[name]
+
+        if cmd == "uri":
+            print("test:///fake")
+        elif cmd == "version":
+            print("Compiled against library: libvirt 9.0.0")
+        elif cmd == "net-info":
+            if rest[0] not in nets:
+                die(f"error: failed to get network '{rest[0]}'")
+            n = nets[rest[0]]
+            print(f"Name:           {rest[0]}\nActive:         {'yes' if n['active'] else 'no'}\n"
+                  f"Autostart:      {'yes' if n['autostart'] else 'no'}\nBridge:         virbr-boma")
+        elif cmd == "net-define":
+            name = re.search(r"<name>([^<]+)</name>", pathlib.Path(rest[0]).read_text()).group(1)
+            nets[name] = {"active": False, "autostart": False}
+            print(f"Network {name} defined from {rest[0]}")
+        elif cmd == "net-start":
+            nets[rest[0]]["active"] = True
+        elif cmd == "net-autostart":
+            nets[rest[0]]["autostart"] = True
+        elif cmd == "net-dhcp-leases":
+            for mac, ip in leases.items():
+                print(f" 2026-11-25 18:00:00  {mac}  ipv4  {ip}/24  guest  -")
+        elif cmd == "define":
+            xml = pathlib.Path(rest[0]).read_text()
+            name = re.search(r"<name>([^<]+)</name>", xml).group(1)
+            if name in doms:
+                die(f"error: operation failed: domain '{name}' already exists")
+            time.sleep(float(ENV.get("FAKE_DEFINE_SLEEP", "0")))
+            meta = re.search(r"<boma:run\b[^>]*/>", xml)
+            mac = re.search(r"<mac address='([^']+)'", xml)
+            console = re.search(r"<source path='([^']+console[^']*)'", xml)
+            doms[name] = {"xml": xml, "state": "shut off", "metadata": meta.group(0) if meta else None,
+                          "mac": mac.group(1) if mac else None, "boot_id": None,
+                          "console": console.group(1) if console else None}
+            print(f"Domain '{name}' defined from {rest[0]}")
+        elif cmd == "start":
+            d = dom(rest[0])
+            if d["state"] == "running":
+                die("error: Requested operation is not valid: domain is already active")
+            d["state"] = "running"
+            if not ENV.get("FAKE_BOOT_ID_STICKY") or not d["boot_id"]:
+                d["boot_id"] = str(uuid.uuid4())
+            if d["mac"] and not ENV.get("FAKE_NO_LEASE"):
+                leases[d["mac"]] = ENV.get("FAKE_LEASE_IP", "127.0.0.1")
+            if d.get("console"):
+                with open(d["console"], "a") as fh:
+                    fh.write(f"[    0.000000] Linux version 6.12.0-fake (boot {d['boot_id']})\n")
+        elif cmd == "reboot":
+            d = dom(rest[0])
+            if d["state"] != "running":
+                die("error: Requested operation is not valid: domain is not running")
+            if not ENV.get("FAKE_BOOT_ID_STICKY"):
+                d["boot_id"] = str(uuid.uuid4())
+        elif cmd == "destroy":
+            d = dom(rest[0])
+            if d["state"] != "running":
+                die("error: Requested operation is not valid: domain is not running")
+            d["state"] = "shut off"
+        elif cmd == "undefine":
+            dom(rest[0])
+            del doms[rest[0]]
+        elif cmd == "domstate":
+            print(dom(rest[0])["state"] + (" (booted)" if "--reason" in rest else ""))
+        elif cmd == "list":
+            for name, d in sorted(doms.items()):
+                if "--all" in rest or d["state"] == "running":
+                    print(name)
+            print()
+        elif cmd == "metadata":
+            d = dom(rest[0])
+            if "--set" in rest:
+                d["metadata"] = rest[rest.index("--set") + 1]
+            elif not d["metadata"]:
+                die("error: metadata not found: Requested metadata element is not present")
+            else:
+                print(d["metadata"])
+        elif cmd == "domifaddr":
+            d = dom(rest[0])
+            print(" Name       MAC address          Protocol     Address")
+            print("-" * 64)
+            if d["state"] == "running" and d["mac"] in leases:
+                print(f" vnet0      {d['mac']}    ipv4         {leases[d['mac']]}/24")
+            print()
+        elif cmd == "dumpxml":
+            print(dom(rest[0])["xml"])
+        else:
+            die(f"fake virsh: unsupported command {cmd}")
+
+
+# ---- virt-install -----------------------------------------------------------------
+def virt_install():
+    if ARGS[:2] == ["--osinfo", "list"]:
+        print("debian11\ndebian12\ndebian13, debiantesting\n")
+        return
+    opts, disks, i = {}, [], 0
+    while i < len(ARGS):
+        a = ARGS[i]
+        if a.startswith("--") and i + 1 < len(ARGS) and not ARGS[i + 1].startswith("--"):
+            if a == "--disk":
+                disks.append(ARGS[i + 1])
+            opts[a] = ARGS[i + 1]
+            i += 2
+        else:
+            opts[a] = True
+            i += 1
+    if "--print-xml" not in opts:
+        die("fake virt-install: only --print-xml is supported")
+    mac = re.search(r"mac=([0-9a-f:]+)", opts["--network"]).group(1)
+    console = opts["--serial"].split("path=", 1)[1]
+    vtype = "kvm" if opts["--virt-type"] == "kvm" else "qemu"
+    disk_xml = "".join(f"    <disk type='file' device='disk'><source file='{d.split(',')[0][5:]}'/></disk>\n"
+                       for d in disks)
+    print(f"""<domain type='{vtype}'>
+  <name>{opts['--name']}</name>
+  <memory unit='MiB'>{opts['--memory']}</memory>
+  <vcpu>{opts['--vcpus']}</vcpu>
+  <devices>
+{disk_xml}    <interface type='network'>
+      <source network='boma-it'/>
+      <mac address='{mac}'/>
+    </interface>
+    <serial type='file'><source path='{console}'/></serial>
+  </devices>
+</domain>""")
+
+
+# ---- disks / seeds / keys -----------------------------------------------------------
+def qemu_img():
+    if ARGS[0] == "create":
+        backing = ARGS[ARGS.index("-b") + 1]
+        if not os.path.exists(backing):
+            die(f"qemu-img: Could not open '{backing}': No such file or directory")
+        pathlib.Path(ARGS[-1]).write_text(f"fake overlay backed by {backing}\n")
+    elif ARGS[0] == "convert":
+        if not os.path.exists(ARGS[-2]):
+            die(f"qemu-img: Could not open '{ARGS[-2]}'")
+        pathlib.Path(ARGS[-1]).write_text("fake qcow2\n")
+    else:
+        die(f"fake qemu-img: unsupported {ARGS[0]}")
+
+
+def cloud_localds():
+    seed, ud, md = ARGS[-3:]
+    ud_text = pathlib.Path(ud).read_text()
+    pathlib.Path(md).read_text()
+    pathlib.Path(seed).write_text(f"cidata\n{ud_text}")
+
+
+def ssh_keygen():
+    path = ARGS[ARGS.index("-f") + 1]
+    comment = ARGS[ARGS.index("-C") + 1] if "-C" in ARGS else "fake"
+    tag = uuid.uuid4().hex
+    pathlib.Path(path).write_text(
+        f"-----BEGIN OPENSSH PRIVATE KEY-----\nFAKE{tag}\n-----END OPENSSH PRIVATE KEY-----\n")
+    pathlib.Path(path + ".pub").write_text(f"ssh-ed25519 AAAAC3Fake{tag} {comment}\n")
+
+
+def mmdebstrap():
+    suite, root, mirror = ARGS[-3:]
+    r = pathlib.Path(root)
+    (r / "boot").mkdir(parents=True)
+    (r / "boot" / "vmlinuz-6.12.0-fake-cloud-amd64").write_text("kernel\n")
+    (r / "boot" / "initrd.img-6.12.0-fake-cloud-amd64").write_text("initrd\n")
+    (r / "vmlinuz").symlink_to("boot/vmlinuz-6.12.0-fake-cloud-amd64")
+    (r / "etc" / "ssh").mkdir(parents=True)
+    (r / "etc" / "ssh" / "ssh_host_rsa_key").write_text("image key\n")
+    (r / "etc" / "machine-id").write_text("0123456789abcdef\n")
+    print(f"fake mmdebstrap {suite} from {mirror}")
+
+
+def mkfs():
+    root, raw = ARGS[ARGS.index("-d") + 1], ARGS[-1]
+    if not os.path.isdir(root) or not os.path.exists(raw):
+        die("mkfs.ext4: bad arguments")
+
+
+def qemu_system():
+    print(ENV.get("FAKE_ACCEL_OUTPUT", "[    0.8] VFS: Cannot open root device \"nonexistent\"\n"
+                                       "[    0.8] Kernel panic - not syncing: VFS: Unable to mount root fs"))
+
+
+# ---- ssh ----------------------------------------------------------------------------
+def ssh():
+    opts, i = {}, 0
+    while i < len(ARGS) and ARGS[i].startswith("-"):
+        flag = ARGS[i]
+        if flag == "-o":
+            k, v = ARGS[i + 1].split("=", 1)
+            opts[k] = v
+        else:
+            opts[flag] = ARGS[i + 1]
+        i += 2
+    dest, command = ARGS[i], " ".join(ARGS[i + 1:])
+    mode = ENV.get("FAKE_SSH", "")
+    if mode == "hang":
+        time.sleep(3600)
+    if mode == "refuse":
+        die(f"ssh: connect to host {dest} port 22: Connection refused", 255)
+    if opts.get("StrictHostKeyChecking") != "yes":
+        die("fake ssh: refusing a connection without StrictHostKeyChecking=yes", 255)
+    alias = opts.get("HostKeyAlias")
+    kh = pathlib.Path(opts.get("UserKnownHostsFile", "/nonexistent"))
+    if not alias or not kh.is_file() or not kh.read_text().startswith(alias + " "):
+        die("Host key verification failed.", 255)
+    if not os.path.isfile(opts.get("-i", "/nonexistent")):
+        die("fake ssh: identity file missing", 255)
+    with state() as st:
+        d = st["domains"].get(alias)
+        if not d or d["state"] != "running":
+            die(f"ssh: connect to host {dest} port 22: No route to host", 255)
+        boot_id = d["boot_id"]
+    sysstate = ENV.get("FAKE_SYSTEM_STATE", "running")
+    if command == "true":
+        return
+    if command == "cat /proc/sys/kernel/random/boot_id":
+        print(boot_id)
+    elif command == "cloud-init status --wait":
+        print("status: done")
+    elif command == "systemctl is-system-running --wait":
+        print(sysstate)
+    elif command.startswith("systemctl --failed"):
+        if sysstate == "degraded":
+            print("fake-broken.service loaded failed failed Fake broken unit")
+    elif command.startswith("sudo -n nft list ruleset"):
+        print("table inet filter {\n\tchain forward {\n\t\ttype filter hook forward priority "
+              "filter; policy drop;\n\t}\n}")
+    else:
+        print(f"fake output of: {command}")
+
+
+# ---- ansible-playbook ------------------------------------------------------------------
+def ansible_playbook():
+    inv = ARGS[ARGS.index("-i") + 1]
+    limit = ARGS[ARGS.index("--limit") + 1] if "--limit" in ARGS else None
+    playbook = next(a for a in ARGS if a.endswith(".yml") and not a.startswith("@")
+                    and ARGS[ARGS.index(a) - 1] not in ("-i", "-e"))
+    inv_text = pathlib.Path(inv).read_text()
+    log(inventory=inv_text, limit=limit, playbook=playbook,
+        env={k: v for k, v in ENV.items() if k.startswith("ANSIBLE_")})
+    host = limit
+    with state() as st:
+        n = st["calls"].get(playbook, 0) + 1
+        st["calls"][playbook] = n
+    out = sys.stdout
+    out.write(f"\nPLAY [{os.path.basename(playbook)}] ****\n\nTASK [Gathering Facts] ****\nok: [{host}]\n")
+    out.flush()
+    if playbook.endswith("verify.yml"):
+        fail = bool(ENV.get("FAKE_VERIFY_FAIL"))
+        out.write(f"\nTASK [docker enabled and active] ****\nok: [{host}]\n")
+        out.write("\nTASK [published :443 answers from the controller] ****\n")
+        if fail:
+            out.write(f"fatal: [{host} -> localhost]: FAILED! => changed=false\n"
+                      "  msg: 'Status code was -1: Connection timed out'\n")
+        else:
+            out.write(f"ok: [{host} -> localhost]\n")
+        out.write(f"\nPLAY RECAP ****\n{host} : ok=3 changed=0 unreachable=0 "
+                  f"failed={1 if fail else 0} skipped=0 rescued=0 ignored=0\n")
+        sys.exit(2 if fail else 0)
+    changed = 2 if n == 1 else int(ENV.get("FAKE_IDEMPOTENCE_CHANGED", "0"))
+    out.write(f"\nTASK [base : Install packages] ****\n{'changed' if changed else 'ok'}: [{host}]\n")
+    out.flush()
+    if ENV.get("FAKE_APPLY_SLEEP"):
+        out.write("\nTASK [slow : Wait] ****\n")
+        out.flush()
+        time.sleep(float(ENV["FAKE_APPLY_SLEEP"]))
+    if ENV.get("FAKE_APPLY_FAIL"):
+        out.write(f"\nTASK [base : Load nftables] ****\nfatal: [{host}]: FAILED! => rc=1\n"
+                  f"\nPLAY RECAP ****\n{host} : ok=1 changed=0 unreachable=0 failed=1\n")
+        sys.exit(2)
+    out.write(f"\nPLAY RECAP ****\n{host} : ok=2 changed={changed} unreachable=0 failed=0 "
+              "skipped=0 rescued=0 ignored=0\n")
+
+
+def main():
+    if TOOL != "ansible-playbook":
+        log()
+    {"virsh": virsh, "virt-install": virt_install, "qemu-img": qemu_img,
+     "cloud-localds": cloud_localds, "ssh-keygen": ssh_keygen, "ssh": ssh,
+     "mmdebstrap": mmdebstrap, "mkfs.ext4": mkfs, "qemu-system-x86_64": qemu_system,
+     "ansible-playbook": ansible_playbook}[TOOL]()
+
+
+if __name__ == "__main__":
+    main()

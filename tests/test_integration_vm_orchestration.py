@@ -1,0 +1,639 @@
+"""Orchestration tests for scripts/integration-vm.py against fake executables.
+
+No hypervisor: every tool the driver runs (virsh, virt-install, qemu-img, cloud-localds,
+ssh, ssh-keygen, ansible-playbook, mmdebstrap, mkfs.ext4, qemu-system-x86_64) is
+tests/fakes/fakebin.py, symlinked into a temp dir that is the ONLY entry on PATH (so a
+real virsh on the machine can never be reached). The driver is copied into a temp repo
+so its repo root (from __file__) holds test profiles/playbooks, and every other path is
+pointed at temp dirs through BOMA_IT_* variables. TCP 22 is a listening socket on
+127.0.0.1 (BOMA_IT_SSH_PORT); the fake lease hands out 127.0.0.1.
+"""
+import json
+import os
+import pathlib
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+import xml.etree.ElementTree as ET
+
+import pytest
+
+HERE = pathlib.Path(__file__).resolve().parent
+DRIVER = HERE.parent / "scripts" / "integration-vm.py"
+FAKEBIN = HERE / "fakes" / "fakebin.py"
+TOOLS = ("virsh", "virt-install", "qemu-img", "cloud-localds", "ssh", "ssh-keygen",
+         "ansible-playbook", "mmdebstrap", "mkfs.ext4", "qemu-system-x86_64")
+
+ASKARI = {
+    "groups": ["offsite_hosts", "docker_hosts"],
+    "applies": [{"playbook": "site.yml", "tags": ["base"]},
+                {"playbook": "offsite.yml", "tags": ["docker_host", "reverse_proxy"]}],
+    "extra_vars_files": ["overrides/askari.yml"],
+    "mem_mib": 2048, "vcpus": 2,
+}
+BOUNDS = {
+    "DOMAIN_RUNNING": 5, "DHCP_LEASE": 1.5, "TCP_22": 3, "SSH_HANDSHAKE": 1.5,
+    "CLOUD_INIT": 5, "REBOOT": 1.5, "SYSTEM_RUNNING": 5, "SSH_ATTEMPT": 0.5,
+    "SSH_COMMAND": 5, "VIRSH": 10, "APPLY": 30, "VERIFY": 30, "DIAG_COMMAND": 1,
+    "LOCK": 5, "ACCEL_PROBE": 5, "IMAGE_BUILD": 30,
+}
+
+
+class Harness:
+    def __init__(self, tmp):
+        self.tmp = tmp
+        self.repo = tmp / "repo"
+        self.bin = tmp / "bin"
+        self.cache = tmp / "cache"
+        self.diag = tmp / "diag"
+        self.log = tmp / "fake-log.jsonl"
+        self.state_file = tmp / "fake-state.json"
+        self.run_root = self.repo / "tests" / "integration" / ".run"
+        self._make_repo()
+        self._make_bin()
+        self.sock = socket.socket()
+        self.sock.bind(("127.0.0.1", 0))
+        self.sock.listen(64)
+        (tmp / "meminfo").write_text("MemTotal: 25165824 kB\nMemAvailable: 16777216 kB\n")
+        (tmp / "home").mkdir()
+        self.env = {
+            "PATH": str(self.bin), "HOME": str(tmp / "home"), "LANG": "C.UTF-8",
+            "BOMA_IT_CACHE": str(self.cache), "BOMA_IT_DIAG_DIR": str(self.diag),
+            "BOMA_IT_MEMINFO": str(tmp / "meminfo"), "BOMA_IT_ACCEL": "tcg",
+            "BOMA_IT_SSH_PORT": str(self.sock.getsockname()[1]), "BOMA_IT_POLL": "0.02",
+            "BOMA_IT_MIN_DISK_MIB": "1", "BOMA_IT_LIBVIRT_LOG_DIR": str(tmp / "libvirt-log"),
+            "BOMA_IT_KVM_DEV": str(tmp / "no-kvm"), "LIBVIRT_DEFAULT_URI": "test:///fake",
+            "FAKE_LOG": str(self.log), "FAKE_STATE": str(self.state_file),
+        }
+        self.env.update({f"BOMA_IT_TIMEOUT_{k}": str(v) for k, v in BOUNDS.items()})
+
+    def _make_repo(self):
+        r = self.repo
+        (r / "scripts").mkdir(parents=True)
+        shutil.copy(DRIVER, r / "scripts" / "integration-vm.py")
+        integ = r / "tests" / "integration"
+        for d in ("profiles", "overrides", "certs"):
+            (integ / d).mkdir(parents=True)
+        (integ / "profiles" / "askari.json").write_text(json.dumps(ASKARI, indent=1))
+        (integ / "profiles" / "askari-regression.json").write_text(json.dumps(
+            {"extends": "askari", "extra_vars_files": ["overrides/askari-regression.yml"]}))
+        for f in ("askari.yml", "askari-regression.yml"):
+            (integ / "overrides" / f).write_text("---\nbase__firewall_apply: true\n")
+        for t in ("internal", "le-staging", "le-prod-wildcard"):
+            (integ / "certs" / f"{t}.yml").write_text("---\nreverse_proxy__tls_internal: true\n")
+        (integ / "verify.yml").write_text("---\n- hosts: all\n  tasks: []\n")
+        (r / "tests" / "vault").mkdir()
+        (r / "tests" / "vault" / "test-values.yml").write_text("---\nvault: {}\n")
+        (r / "playbooks").mkdir()
+        for pb in ("site.yml", "offsite.yml"):
+            (r / "playbooks" / pb).write_text("---\n- hosts: all\n  tasks: []\n")
+        gv = r / "inventories" / "production" / "group_vars"
+        for g in ("all", "offsite_hosts"):
+            (gv / g).mkdir(parents=True)
+            (gv / g / "vars.yml").write_text(f"---\n{g}_var: 1\n")
+        (gv / "all" / "vault.yml").write_text("$ANSIBLE_VAULT;1.2;AES256;prod\n3132\n")
+        (r / "inventories" / "production" / "offsite.yml").write_text(
+            "offsite_hosts:\n  hosts:\n    askari:\n      ansible_host: 77.42.120.136\n")
+        (r / "ansible.cfg").write_text("[defaults]\n")
+
+    def _make_bin(self):
+        self.bin.mkdir()
+        for t in TOOLS:
+            (self.bin / t).symlink_to(FAKEBIN)
+        (self.bin / "python3").symlink_to(sys.executable)
+
+    @property
+    def script(self):
+        return self.repo / "scripts" / "integration-vm.py"
+
+    def cmd(self, *args):
+        return [sys.executable, str(self.script), *args]
+
+    def run(self, *args, timeout=60, **env):
+        return subprocess.run(self.cmd(*args), env={**self.env, **env}, text=True,
+                              capture_output=True, timeout=timeout, cwd=self.tmp)
+
+    def popen(self, *args, **env):
+        return subprocess.Popen(self.cmd(*args), env={**self.env, **env}, text=True,
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, cwd=self.tmp)
+
+    def calls(self, tool=None):
+        if not self.log.exists():
+            return []
+        recs = [json.loads(line) for line in self.log.read_text().splitlines() if line.strip()]
+        return [r for r in recs if tool is None or r["tool"] == tool]
+
+    def virsh_cmds(self):
+        out = []
+        for c in self.calls("virsh"):
+            a = c["argv"]
+            assert a[:2] == ["--connect", "test:///fake"], a
+            out.append(a[2:])
+        return out
+
+    def state(self):
+        return json.loads(self.state_file.read_text()) if self.state_file.exists() else {}
+
+    def domains(self):
+        return self.state().get("domains", {})
+
+    def results(self):
+        return [json.loads(p.read_text()) for p in sorted(self.run_root.glob("*/result.json"))]
+
+    def seed_foreign_domain(self, name, state="running"):
+        st = self.state() or {"domains": {}, "networks": {}, "leases": {}, "calls": {}}
+        st.setdefault("domains", {})[name] = {
+            "xml": f"<domain><name>{name}</name></domain>", "state": state,
+            "metadata": None, "mac": None, "boot_id": "x", "console": None}
+        self.state_file.write_text(json.dumps(st))
+
+    def close(self):
+        self.sock.close()
+
+
+@pytest.fixture
+def h(tmp_path):
+    harness = Harness(tmp_path)
+    yield harness
+    harness.close()
+
+
+def assert_one_line_error(proc):
+    assert "Traceback" not in proc.stderr, proc.stderr
+    errs = [ln for ln in proc.stderr.splitlines() if ln.startswith("integration-vm: error:")]
+    assert len(errs) == 1, proc.stderr
+    return errs[0]
+
+
+def assert_nothing_created(h):
+    virsh = h.virsh_cmds()
+    assert not any(a[0] in ("define", "start", "net-define") for a in virsh), virsh
+    assert not h.calls("qemu-img") and not h.calls("virt-install") and not h.calls("mmdebstrap")
+    assert not (h.cache / "runs").exists() or not any((h.cache / "runs").iterdir())
+    assert not h.run_root.exists() or not any(h.run_root.iterdir())
+
+
+# ---- a passing cycle ------------------------------------------------------------------
+def test_passing_cycle(h):
+    p = h.run("cycle", "--host", "askari", "--junit", str(h.tmp / "junit.xml"))
+    assert p.returncode == 0, p.stderr
+    summary = p.stdout.strip().splitlines()[-1]
+    assert summary.startswith("integration-vm: PASS askari boma-it-askari-"), summary
+    assert "accel=tcg" in summary and "boot " in summary and "verify " in summary
+    # order of the important calls
+    seq = [c["tool"] + ":" + (c["argv"][2] if c["tool"] == "virsh" else
+                              c.get("playbook", "").rsplit("/", 1)[-1] or c["argv"][0])
+           for c in h.calls()]
+    keys = ["mmdebstrap:--variant=minbase", "virsh:net-define", "qemu-img:create",
+            "cloud-localds", "virsh:define", "virsh:start", "virsh:domifaddr",
+            "ansible-playbook:site.yml", "ansible-playbook:offsite.yml", "virsh:reboot",
+            "ansible-playbook:verify.yml", "virsh:undefine"]
+    pos, idx = -1, []
+    for k in keys:
+        hits = [i for i, s in enumerate(seq) if s.startswith(k) and i > pos]
+        assert hits, f"{k} missing after position {pos}: {seq}"
+        pos = hits[0]
+        idx.append(pos)
+    # teardown happened, disks gone, run dir kept with result
+    assert h.domains() == {}
+    assert not any((h.cache / "runs").iterdir())
+    (res,) = h.results()
+    assert res["verdict"] == "pass" and res["exit_code"] == 0 and res["failed_stage"] is None
+    assert set(res["phases"]) >= {"image", "boot", "apply", "reboot", "verify",
+                                  "idempotence", "teardown"}
+    assert res["phases"]["reboot"] >= 0 and res["accel"] == "tcg" and res["ip"] == "127.0.0.1"
+    assert res["idempotence"]["changed"] == 0
+    diag_copy = json.loads((h.diag / res["vm"] / "result.json").read_text())
+    assert diag_copy["verdict"] == "pass"
+    run_json = json.loads((h.run_root / res["vm"] / "run.json").read_text())
+    assert run_json["state"] == "down" and len(run_json["boot_ids"]) == 2
+    assert run_json["boot_ids"][0] != run_json["boot_ids"][1]
+    # current points at the run (spec format)
+    name, ip, host = (h.run_root / "current").read_text().splitlines()
+    assert (name, ip, host) == (res["vm"], "127.0.0.1", "askari")
+    # JUnit parses
+    root = ET.parse(h.tmp / "junit.xml").getroot()
+    names = [tc.get("name") for tc in root.iter("testcase")]
+    assert "boot" in names and "verify" in names and any(n.startswith("verify: ") for n in names)
+
+
+def test_cycle_safety_invariants(h):
+    p = h.run("cycle", "--host", "askari")
+    assert p.returncode == 0, p.stderr
+    everything = json.dumps(h.calls())
+    assert "StrictHostKeyChecking=no" not in everything
+    assert "UserKnownHostsFile=/dev/null" not in everything
+    for c in h.calls("ssh"):
+        assert "StrictHostKeyChecking=yes" in c["argv"]
+        assert any(a.startswith("UserKnownHostsFile=") and a.endswith("/known_hosts")
+                   for a in c["argv"])
+    pbs = h.calls("ansible-playbook")
+    assert len(pbs) == 5  # site, offsite, verify, site + offsite again (idempotence)
+    vm = pbs[0]["limit"]
+    assert vm.startswith("boma-it-askari-")
+    for c in pbs:
+        a = c["argv"]
+        assert a[a.index("--limit") + 1] == vm
+        assert "askari:" not in c["inventory"].replace(f"{vm}:", "")
+        assert "77.42.120.136" not in c["inventory"]
+        assert c["inventory"].count(f"{vm}:") == 2  # one entry per profile group
+        assert "StrictHostKeyChecking=yes" in c["env"]["ANSIBLE_SSH_ARGS"]
+        assert c["env"]["ANSIBLE_HOST_KEY_CHECKING"] == "True"
+        assert c["env"]["ANSIBLE_CONFIG"].endswith("/ansible.cfg")
+        assert c["env"]["ANSIBLE_CACHE_PLUGIN_CONNECTION"].endswith("/facts")
+        extra = [a[i + 1] for i, x in enumerate(a) if x == "-e"]
+        assert [pathlib.Path(e).name for e in extra] == ["askari.yml", "internal.yml",
+                                                         "test-values.yml"]
+    # group_vars symlinked, production vault excluded; real inventory untouched
+    gv = h.run_root / vm / "inventory" / "group_vars"
+    assert (gv / "all" / "vars.yml").is_symlink()
+    assert (gv / "offsite_hosts" / "vars.yml").is_symlink()
+    assert not (gv / "all" / "vault.yml").exists()
+    assert "askari" in (h.repo / "inventories" / "production" / "offsite.yml").read_text()
+    # the domain carried ownership metadata from the moment it was defined
+    define = [c for c in h.calls("virsh") if c["argv"][2] == "define"][0]
+    assert "boma:run" in pathlib.Path(define["argv"][3]).read_text()
+    # the guest got the pinned host key through cloud-init
+    ud = (h.run_root / vm / "user-data").read_text()
+    pub = (h.run_root / vm / "ssh_host_ed25519_key.pub").read_text().split()[1]
+    assert "ssh_keys:" in ud and pub in ud and "ssh_genkeytypes: []" in ud
+    assert (h.run_root / vm / "known_hosts").read_text().startswith(f"{vm} ssh-ed25519 {pub}")
+    # virt-install got the seed as a virtio disk, direct kernel boot, TCG
+    vi = [c["argv"] for c in h.calls("virt-install") if "--print-xml" in c["argv"]][0]
+    assert any(a.endswith("seed.img,format=raw,bus=virtio,readonly=on") for a in vi)
+    assert vi[vi.index("--virt-type") + 1] == "qemu"
+    assert vi[vi.index("--osinfo") + 1] == "debian13"
+    assert any(a.startswith("kernel=") and "root=LABEL=root" in a for a in vi)
+
+
+def test_second_cycle_reuses_cached_image(h):
+    assert h.run("cycle", "--host", "askari").returncode == 0
+    assert len(h.calls("mmdebstrap")) == 1
+    p = h.run("cycle", "--host", "askari")
+    assert p.returncode == 0, p.stderr
+    assert len(h.calls("mmdebstrap")) == 1
+    assert len(list((h.cache / "images").iterdir())) == 1  # one key dir, no leftovers
+    assert not list((h.cache / "images").glob(".tmp-*"))
+
+
+# ---- verify failure -------------------------------------------------------------------
+def test_verify_failure_keeps_vm_and_writes_diagnostics(h):
+    p = h.run("cycle", "--host", "askari", "--junit", str(h.tmp / "j.xml"), FAKE_VERIFY_FAIL="1")
+    assert p.returncode == 1, p.stderr
+    assert "Traceback" not in p.stderr
+    (res,) = h.results()
+    assert res["verdict"] == "fail" and res["failed_stage"] == "verify"
+    assert res["failures"] == ["published :443 answers from the controller"]
+    assert res["kept"] is True
+    vm = res["vm"]
+    assert h.domains()[vm]["state"] == "running"  # kept for inspection
+    diag = pathlib.Path(res["diagnostics"])
+    assert diag == h.diag / vm
+    for f in ("SUMMARY.txt", "nft-ruleset.txt", "nft-ruleset.json", "journal-this-boot.txt",
+              "journal-previous-boot.txt", "console.log", "domain.xml", "domifaddr.txt",
+              "net-dhcp-leases.txt", "failed-units.txt", "cloud-init.log", "result.json"):
+        assert (diag / f).is_file(), f
+    assert "policy drop" in (diag / "nft-ruleset.txt").read_text()
+    assert "nft-ruleset.txt" in (diag / "SUMMARY.txt").read_text()
+    assert "virsh --connect test:///fake console " + vm in p.stderr
+    assert "StrictHostKeyChecking=yes" in p.stderr and "down --run " + vm in p.stderr
+    assert p.stdout.strip().splitlines()[-1].startswith("integration-vm: FAIL[verify] askari")
+    root = ET.parse(h.tmp / "j.xml").getroot()
+    failed = [tc.get("name") for tc in root.iter("testcase") if tc.find("failure") is not None]
+    assert "verify: published :443 answers from the controller" in failed
+    # the kept VM can be torn down; twice is fine
+    assert h.run("down", "--run", vm).returncode == 0
+    assert vm not in h.domains()
+    d2 = h.run("down", "--run", vm)
+    assert d2.returncode == 0 and "already down" in d2.stdout
+
+
+def test_expect_fail_turns_verify_failure_into_success_and_tears_down(h):
+    p = h.run("cycle", "--host", "askari-regression", "--expect-fail", FAKE_VERIFY_FAIL="1")
+    assert p.returncode == 0, p.stderr
+    assert h.domains() == {}
+    p2 = h.run("cycle", "--host", "askari-regression", "--expect-fail")
+    assert p2.returncode == 1
+
+
+def test_idempotence_failure_after_reboot(h):
+    p = h.run("cycle", "--host", "askari", FAKE_IDEMPOTENCE_CHANGED="1")
+    assert p.returncode == 1, p.stderr
+    (res,) = h.results()
+    assert res["failed_stage"] == "idempotence"
+    assert res["idempotence"]["changed"] == 2  # one per playbook
+    assert "base : Install packages" in res["failures"]
+
+
+def test_no_idempotence_flag_skips_the_reapply(h):
+    p = h.run("cycle", "--host", "askari", "--no-idempotence", FAKE_IDEMPOTENCE_CHANGED="3")
+    assert p.returncode == 0, p.stderr
+    assert len(h.calls("ansible-playbook")) == 3
+
+
+# ---- infrastructure failures ------------------------------------------------------------
+def test_lease_never_comes(h):
+    t0 = time.monotonic()
+    p = h.run("cycle", "--host", "askari", FAKE_NO_LEASE="1")
+    elapsed = time.monotonic() - t0
+    assert p.returncode == 3, p.stderr
+    line = assert_one_line_error(p)
+    assert "dhcp-lease" in line and "1.5s" in line or "2s" in line, line
+    assert "console log:" in line
+    assert elapsed < 20
+    (res,) = h.results()
+    assert res["verdict"] == "error" and res["failed_stage"] == "dhcp-lease"
+    vm = res["vm"]
+    # infra error: diagnostics (host side + NOTE), then teardown of what this run created
+    diag = h.diag / vm
+    assert "could not be collected" in (diag / "NOTE").read_text()
+    assert (diag / "domain.xml").is_file() and (diag / "SUMMARY.txt").is_file()
+    assert h.domains() == {}
+    assert not (h.cache / "runs" / vm).exists()
+    assert not h.calls("ansible-playbook")
+
+
+@pytest.mark.parametrize("mode", ["refuse", "hang"])
+def test_ssh_never_answers(h, mode):
+    t0 = time.monotonic()
+    p = h.run("up", "--host", "askari", FAKE_SSH=mode)
+    assert p.returncode == 3, p.stderr
+    line = assert_one_line_error(p)
+    assert "ssh-handshake" in line and "timed out" in line, line
+    assert time.monotonic() - t0 < 20
+    assert h.domains() == {}
+    notes = list(h.diag.glob("*/NOTE"))
+    assert notes and "SSH" in notes[0].read_text()
+
+
+def test_reboot_with_unchanged_boot_id_is_an_infra_error(h):
+    p = h.run("cycle", "--host", "askari", FAKE_BOOT_ID_STICKY="1")
+    assert p.returncode == 3, p.stderr
+    line = assert_one_line_error(p)
+    assert line.startswith("integration-vm: error: reboot:") and "boot_id" in line, line
+    (res,) = h.results()
+    assert res["failed_stage"] == "reboot"
+    assert h.domains() == {}
+
+
+def test_hard_reboot_is_destroy_plus_start(h):
+    p = h.run("cycle", "--host", "askari", "--reboot", "hard", "--no-idempotence")
+    assert p.returncode == 0, p.stderr
+    cmds = [a[0] for a in h.virsh_cmds()]
+    i = cmds.index("define")
+    assert cmds[i:].count("start") == 2 and "reboot" not in cmds
+    j = cmds.index("destroy", i)
+    assert cmds.index("start", j) > j
+    (res,) = h.results()
+    assert res["reboot_modes"] == ["hard"] and "reboot" in res["phases"]
+
+
+def test_apply_failure_is_infra_error_with_teardown(h):
+    p = h.run("cycle", "--host", "askari", FAKE_APPLY_FAIL="1")
+    assert p.returncode == 3, p.stderr
+    line = assert_one_line_error(p)
+    assert "apply:site.yml" in line and "base : Load nftables" in line
+    assert h.domains() == {}
+
+
+def test_keep_on_infra_error_keeps_the_vm(h):
+    p = h.run("cycle", "--host", "askari", "--keep", FAKE_BOOT_ID_STICKY="1")
+    assert p.returncode == 3
+    assert len(h.domains()) == 1
+
+
+# ---- interrupts ---------------------------------------------------------------------
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
+def test_interrupt_mid_apply_tears_down(h, sig):
+    proc = h.popen("cycle", "--host", "askari", FAKE_APPLY_SLEEP="60")
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline and not h.calls("ansible-playbook"):
+        time.sleep(0.05)
+    assert h.calls("ansible-playbook"), "apply never started"
+    time.sleep(0.3)
+    proc.send_signal(sig)
+    out, err = proc.communicate(timeout=30)
+    assert proc.returncode == 130, err
+    assert "Traceback" not in err
+    assert h.domains() == {}
+    assert not any((h.cache / "runs").iterdir())
+    (res,) = h.results()
+    assert res["verdict"] == "interrupted" and res["failed_stage"] == "apply:site.yml"
+    pb_pid = h.calls("ansible-playbook")[0]["pid"]
+    time.sleep(0.2)
+    with pytest.raises(ProcessLookupError):
+        os.kill(pb_pid, 0)
+
+
+# ---- prune / down / status -----------------------------------------------------------
+def test_prune_touches_only_harness_domains(h):
+    assert h.run("up", "--host", "askari").returncode == 0
+    h.seed_foreign_domain("boma-it-foo")
+    h.seed_foreign_domain("somebody-elses-vm")
+    st = h.run("status")
+    assert st.returncode == 0 and "boma-it-askari-" in st.stdout and "boma-it-foo" not in st.stdout
+    p = h.run("prune")
+    assert p.returncode == 0, p.stderr
+    assert set(h.domains()) == {"boma-it-foo", "somebody-elses-vm"}
+    assert "skipping boma-it-foo" in p.stdout
+    assert not h.run_root.exists() or not any(h.run_root.iterdir())
+    assert not any((h.cache / "runs").iterdir())
+    assert not any(a[0] in ("destroy", "undefine") and a[1] in ("boma-it-foo", "somebody-elses-vm")
+                   for a in h.virsh_cmds())
+    assert h.run("prune").returncode == 0  # idempotent
+
+
+def test_down_refuses_foreign_domain_and_is_idempotent(h):
+    h.seed_foreign_domain("boma-it-foo")
+    p = h.run("down", "--run", "boma-it-foo")
+    assert p.returncode == 0
+    assert "boma-it-foo" in h.domains()
+    assert "no boma metadata" in p.stderr
+    assert h.run("up", "--host", "askari").returncode == 0
+    assert h.run("down", "--host", "askari").returncode == 0
+    assert h.run("down", "--host", "askari").returncode == 0
+    assert set(h.domains()) == {"boma-it-foo"}
+
+
+def test_step_by_step_subcommands(h):
+    up = h.run("up", "--host", "askari")
+    assert up.returncode == 0, up.stderr
+    name, ip = up.stdout.strip().splitlines()[0].split()
+    assert ip == "127.0.0.1"
+    assert h.run("apply", "--host", "askari").returncode == 0
+    assert h.run("reboot", "--run", name).returncode == 0
+    a = h.run("assert")
+    assert a.returncode == 0, a.stderr
+    assert h.results()[0]["command"] == "assert"
+    c = h.run("console", "--host", "askari")
+    assert "console log:" in c.stdout and "Linux version" in c.stdout
+    assert h.run("down").returncode == 0
+    again = h.run("apply", "--host", "askari")
+    assert again.returncode == 2 and "no run found" in again.stderr
+
+
+def test_second_up_is_refused_while_one_runs(h):
+    assert h.run("up", "--host", "askari").returncode == 0
+    p = h.run("up", "--host", "askari-regression")
+    assert p.returncode == 3
+    line = assert_one_line_error(p)
+    assert "already running" in line and "BOMA_IT_MAX_VMS=1" in line
+    assert len(h.domains()) == 1
+
+
+def test_two_concurrent_ups_do_not_race(h):
+    procs = [h.popen("up", "--host", "askari", FAKE_DEFINE_SLEEP="1") for _ in range(2)]
+    rcs = sorted(p.wait(timeout=60) for p in procs)
+    assert rcs == [0, 3], [p.stderr.read() for p in procs]
+    assert len(h.domains()) == 1
+
+
+def test_max_vms_allows_two(h):
+    assert h.run("up", "--host", "askari", BOMA_IT_MAX_VMS="2").returncode == 0
+    assert h.run("up", "--host", "askari", BOMA_IT_MAX_VMS="2").returncode == 0
+    assert len(h.domains()) == 2
+    ambiguous = h.run("down")
+    assert ambiguous.returncode == 0  # same host: newest run
+    assert len(h.domains()) == 1
+
+
+# ---- bad input: exit 2/3, one line, nothing created -----------------------------------
+@pytest.mark.parametrize("setup,args,code,needle", [
+    (None, ["cycle", "--host", "nosuch"], 2, "no profile tests/integration/profiles/nosuch.json (known: askari, askari-regression)"),
+    ("badjson", ["cycle", "--host", "broken"], 2, "broken.json: invalid JSON at line 3"),
+    ("missingkey", ["cycle", "--host", "broken"], 2, "missing required key 'applies'"),
+    ("badtype", ["cycle", "--host", "broken"], 2, "key 'mem_mib' must be int"),
+    ("badplaybook", ["cycle", "--host", "broken"], 2, "playbooks/nope.yml, which does not exist"),
+    ("badextends", ["cycle", "--host", "broken"], 2, "key 'extends' names 'ghost'"),
+    (None, ["cycle", "--host", "askari", "--certs", "le-prod-wildcard"], 2, "--allow-prod-certs"),
+    (None, ["cycle", "--host", "Bad/Name"], 2, "invalid host name"),
+    ("notool", ["cycle", "--host", "askari"], 3, "required tool 'cloud-localds' not found"),
+    ("libvirtdown", ["cycle", "--host", "askari"], 3, "libvirtd not reachable at test:///fake"),
+    ("lowram", ["up", "--host", "askari"], 3, "MemAvailable"),
+    ("noansible", ["cycle", "--host", "askari"], 3, "ansible-playbook not found"),
+])
+def test_bad_input(h, setup, args, code, needle):
+    prof = h.repo / "tests" / "integration" / "profiles" / "broken.json"
+    env = {}
+    if setup == "badjson":
+        prof.write_text('{\n  "groups": ["a"],\n  "applies": [}\n')
+    elif setup == "missingkey":
+        prof.write_text(json.dumps({"groups": ["a"]}))
+    elif setup == "badtype":
+        prof.write_text(json.dumps({**ASKARI, "mem_mib": "2048"}))
+    elif setup == "badplaybook":
+        prof.write_text(json.dumps({**ASKARI, "applies": [{"playbook": "nope.yml"}]}))
+    elif setup == "badextends":
+        prof.write_text(json.dumps({"extends": "ghost"}))
+    elif setup == "notool":
+        (h.bin / "cloud-localds").unlink()
+    elif setup == "libvirtdown":
+        env["FAKE_LIBVIRT_DOWN"] = "1"
+    elif setup == "lowram":
+        (h.tmp / "meminfo").write_text("MemAvailable: 2097152 kB\n")
+    elif setup == "noansible":
+        (h.bin / "ansible-playbook").unlink()
+    p = h.run(*args, **env)
+    assert p.returncode == code, (p.returncode, p.stderr)
+    line = assert_one_line_error(p)
+    assert needle in line, line
+    assert_nothing_created(h)
+
+
+def test_unknown_cert_tier_is_argparse_exit_2(h):
+    p = h.run("cycle", "--host", "askari", "--certs", "bogus")
+    assert p.returncode == 2 and "invalid choice" in p.stderr and "Traceback" not in p.stderr
+    assert_nothing_created(h)
+
+
+def test_help_lists_exit_codes_and_subcommands(h):
+    p = h.run("--help")
+    assert p.returncode == 0
+    for needle in ("exit codes:", "130", "verify failed", "infrastructure failure",
+                   "usage or configuration error"):
+        assert needle in p.stdout
+    for sub in ("image", "up", "apply", "reboot", "assert", "cycle", "bench", "down",
+                "console", "prune", "status", "doctor"):
+        assert sub in p.stdout
+        sp = h.run(sub, "--help")
+        assert sp.returncode == 0 and "exit codes:" in sp.stdout
+    cyc = h.run("cycle", "--help").stdout
+    for flag in ("--host", "--run", "--certs", "--keep", "--no-reboot", "--reboot",
+                 "--no-idempotence", "--accel", "--connect", "--allow-prod-certs", "--junit"):
+        assert flag in cyc
+
+
+# ---- image / accel / doctor / bench ------------------------------------------------------
+def test_image_build_seals_and_is_keyed(h):
+    p = h.run("image")
+    assert p.returncode == 0, p.stderr
+    (img,) = [d for d in (h.cache / "images").iterdir() if d.is_dir()]
+    assert {f.name for f in img.iterdir()} == {"disk.qcow2", "vmlinuz", "initrd.img",
+                                                "manifest.json", "build.log"}
+    m = json.loads((img / "manifest.json").read_text())
+    assert m["key"] == img.name and "docker.io" in m["inputs"]["packages"]
+    mk = h.calls("mmdebstrap")[0]["argv"]
+    assert mk[-3:-1] == ["trixie", mk[-2]] and mk[-1] == "http://deb.debian.org/debian"
+    again = h.run("image")
+    assert "cached" in again.stdout and len(h.calls("mmdebstrap")) == 1
+    other = h.run("image", BOMA_IT_MIRROR="http://mirror.invalid/debian")
+    assert other.returncode == 0 and len(h.calls("mmdebstrap")) == 2
+    assert len([d for d in (h.cache / "images").iterdir() if d.is_dir()]) == 2
+
+
+def test_accel_auto_probes_once_and_caches(h):
+    kvm = h.tmp / "kvm"
+    kvm.write_text("")
+    os.chmod(kvm, 0o666)
+    env = {"BOMA_IT_ACCEL": "auto", "BOMA_IT_KVM_DEV": str(kvm),
+           "BOMA_IT_BOOT_ID_PATH": str(h.tmp / "host-boot-id")}
+    (h.tmp / "host-boot-id").write_text("b1\n")
+    p = h.run("up", "--host", "askari", **env)
+    assert p.returncode == 0, p.stderr
+    assert "accel: kvm (KVM probe booted a kernel" in p.stderr
+    vi = [c["argv"] for c in h.calls("virt-install") if "--print-xml" in c["argv"]][0]
+    assert vi[vi.index("--virt-type") + 1] == "kvm"
+    assert h.run("down").returncode == 0
+    p2 = h.run("up", "--host", "askari", **env, FAKE_ACCEL_OUTPUT="KVM internal error. Suberror: 1")
+    assert "[cached]" in p2.stderr and len(h.calls("qemu-system-x86_64")) == 1
+    assert h.run("down").returncode == 0
+    (h.tmp / "host-boot-id").write_text("b2\n")  # host rebooted: probe again
+    p3 = h.run("up", "--host", "askari", **env, FAKE_ACCEL_OUTPUT="KVM internal error. Suberror: 1")
+    assert "accel: tcg (KVM probe failed: 'KVM internal error')" in p3.stderr
+    assert len(h.calls("qemu-system-x86_64")) == 2
+
+
+def test_accel_auto_without_dev_kvm_is_tcg_unprobed(h):
+    p = h.run("up", "--host", "askari", BOMA_IT_ACCEL="auto")
+    assert p.returncode == 0, p.stderr
+    assert "absent; not probed" in p.stderr and not h.calls("qemu-system-x86_64")
+
+
+def test_doctor(h):
+    p = h.run("doctor")
+    assert p.returncode == 0, p.stdout
+    lines = p.stdout.splitlines()
+    assert all(ln.startswith(("OK  ", "FAIL")) for ln in lines), lines
+    assert any("libvirtd: reachable at test:///fake" in ln for ln in lines)
+    assert any(ln.startswith("OK   /dev/kvm") and "absent" in ln for ln in lines)
+    kvm = h.tmp / "kvm"
+    kvm.write_text("")
+    os.chmod(kvm, 0o600)
+    (h.tmp / "meminfo").write_text("MemAvailable: 1048576 kB\n")
+    bad = h.run("doctor", FAKE_LIBVIRT_DOWN="1", BOMA_IT_KVM_DEV=str(kvm))
+    assert bad.returncode == 3
+    failing = [ln for ln in bad.stdout.splitlines() if ln.startswith("FAIL")]
+    assert [f.split()[1].rstrip(":") for f in failing] == ["libvirtd", "/dev/kvm", "RAM"], failing
+    assert all("fix:" in ln for ln in failing), failing
+    assert "cannot open it" in failing[1]
+
+
+def test_bench_prints_table(h):
+    p = h.run("bench", "--host", "askari")
+    assert p.returncode == 0, p.stderr
+    out = p.stdout
+    assert "phase" in out and "apply:site.yml" in out and "reboot:graceful" in out
+    assert out.strip().splitlines()[-1].startswith("total")
