@@ -326,64 +326,64 @@ def render_current(name, ip, host):
 
 
 # ---- profiles ---------------------------------------------------------------------
-def _rel(path):
+def _rel(path, root=None):
     try:
-        return str(pathlib.Path(path).relative_to(REPO_ROOT))
+        return str(pathlib.Path(path).relative_to(root or REPO_ROOT))
     except ValueError:
         return str(path)
 
 
-def parse_profile_text(text, path):
+def parse_profile_text(text, path, root=None):
     """JSON -> dict, malformed JSON -> UsageError naming file and line."""
     try:
         data = json.loads(text)
     except json.JSONDecodeError as e:
-        raise UsageError(f"profile {_rel(path)}: invalid JSON at line {e.lineno} "
+        raise UsageError(f"profile {_rel(path, root)}: invalid JSON at line {e.lineno} "
                          f"column {e.colno}: {e.msg}") from None
     if not isinstance(data, dict):
-        raise UsageError(f"profile {_rel(path)}: top level must be a JSON object")
+        raise UsageError(f"profile {_rel(path, root)}: top level must be a JSON object")
     return data
 
 
-def check_profile_types(data, path):
+def check_profile_types(data, path, root=None):
     """Type-check the keys one profile file sets (not yet merged)."""
     for key, value in data.items():
         if key.startswith("_"):
             continue
         if key not in PROFILE_KEYS:
-            raise UsageError(f"profile {_rel(path)}: unknown key {key!r} "
+            raise UsageError(f"profile {_rel(path, root)}: unknown key {key!r} "
                              f"(known: {', '.join(sorted(PROFILE_KEYS))})")
         want = PROFILE_KEYS[key]
         if isinstance(value, bool) or not isinstance(value, want):
             tname = want.__name__ if isinstance(want, type) else "/".join(t.__name__ for t in want)
-            raise UsageError(f"profile {_rel(path)}: key {key!r} must be {tname}, "
+            raise UsageError(f"profile {_rel(path, root)}: key {key!r} must be {tname}, "
                              f"got {type(value).__name__}")
     for key in ("groups", "extra_vars_files"):
         if key in data and not all(isinstance(x, str) and x for x in data[key]):
-            raise UsageError(f"profile {_rel(path)}: key {key!r} must be a list of "
+            raise UsageError(f"profile {_rel(path, root)}: key {key!r} must be a list of "
                              "non-empty strings")
     if "groups" in data and not all(re.fullmatch(r"[A-Za-z0-9_]+", g) for g in data["groups"]):
-        raise UsageError(f"profile {_rel(path)}: key 'groups' holds an invalid group name")
+        raise UsageError(f"profile {_rel(path, root)}: key 'groups' holds an invalid group name")
     for i, step in enumerate(data.get("applies", [])):
         if not isinstance(step, dict) or not isinstance(step.get("playbook"), str):
-            raise UsageError(f"profile {_rel(path)}: key 'applies[{i}].playbook' missing "
+            raise UsageError(f"profile {_rel(path, root)}: key 'applies[{i}].playbook' missing "
                              "or not a string")
         tags = step.get("tags", [])
         if not isinstance(tags, list) or not all(isinstance(t, str) for t in tags):
-            raise UsageError(f"profile {_rel(path)}: key 'applies[{i}].tags' must be a "
+            raise UsageError(f"profile {_rel(path, root)}: key 'applies[{i}].tags' must be a "
                              "list of strings")
         extra = set(step) - {"playbook", "tags"}
         if extra:
-            raise UsageError(f"profile {_rel(path)}: key 'applies[{i}]' has unknown "
+            raise UsageError(f"profile {_rel(path, root)}: key 'applies[{i}]' has unknown "
                              f"keys {sorted(extra)}")
     for mode in data.get("reboot", []):
         if mode not in REBOOT_MODES:
-            raise UsageError(f"profile {_rel(path)}: key 'reboot' entries must be one of "
+            raise UsageError(f"profile {_rel(path, root)}: key 'reboot' entries must be one of "
                              f"{', '.join(REBOOT_MODES)}, got {mode!r}")
     if "mem_mib" in data and data["mem_mib"] < 512:
-        raise UsageError(f"profile {_rel(path)}: key 'mem_mib' must be >= 512")
+        raise UsageError(f"profile {_rel(path, root)}: key 'mem_mib' must be >= 512")
     if "vcpus" in data and data["vcpus"] < 1:
-        raise UsageError(f"profile {_rel(path)}: key 'vcpus' must be >= 1")
+        raise UsageError(f"profile {_rel(path, root)}: key 'vcpus' must be >= 1")
 
 
 def merge_profiles(parent, child):
@@ -412,16 +412,16 @@ def load_profile(host, profile_dir=None, repo_root=None, read=None):
     while name is not None:
         path = profile_dir / f"{name}.json"
         if name in [n for n, _, _ in chain]:
-            raise UsageError(f"profile {_rel(path)}: 'extends' cycle "
+            raise UsageError(f"profile {_rel(path, repo_root)}: 'extends' cycle "
                              f"({' -> '.join([n for n, _, _ in chain] + [name])})")
         if not path.is_file():
             known = sorted(p.stem for p in profile_dir.glob("*.json")) if profile_dir.is_dir() else []
             if chain:
-                raise UsageError(f"profile {_rel(chain[-1][1])}: key 'extends' names "
-                                 f"{name!r} but there is no {_rel(path)}")
-            raise UsageError(f"no profile {_rel(path)} (known: {', '.join(known) or 'none'})")
-        data = parse_profile_text(read(path), path)
-        check_profile_types(data, path)
+                raise UsageError(f"profile {_rel(chain[-1][1], repo_root)}: key 'extends' names "
+                                 f"{name!r} but there is no {_rel(path, repo_root)}")
+            raise UsageError(f"no profile {_rel(path, repo_root)} (known: {', '.join(known) or 'none'})")
+        data = parse_profile_text(read(path), path, repo_root)
+        check_profile_types(data, path, repo_root)
         chain.append((name, path, data))
         name = data.get("extends")
     merged = {}
@@ -430,7 +430,7 @@ def load_profile(host, profile_dir=None, repo_root=None, read=None):
     top = chain[0][1]
     for key in PROFILE_REQUIRED:
         if not merged.get(key):
-            raise UsageError(f"profile {_rel(top)}: missing required key {key!r}")
+            raise UsageError(f"profile {_rel(top, repo_root)}: missing required key {key!r}")
     merged.setdefault("extra_vars_files", [])
     merged.setdefault("mem_mib", DEFAULT_MEM_MIB)
     merged.setdefault("vcpus", DEFAULT_VCPUS)
@@ -439,14 +439,14 @@ def load_profile(host, profile_dir=None, repo_root=None, read=None):
     for i, step in enumerate(merged["applies"]):
         pb = repo_root / "playbooks" / step["playbook"]
         if not pb.is_file():
-            raise UsageError(f"profile {_rel(top)}: key 'applies[{i}].playbook' names "
+            raise UsageError(f"profile {_rel(top, repo_root)}: key 'applies[{i}].playbook' names "
                              f"playbooks/{step['playbook']}, which does not exist")
     for f in merged["extra_vars_files"]:
         if not (repo_root / "tests" / "integration" / f).is_file():
-            raise UsageError(f"profile {_rel(top)}: key 'extra_vars_files' names "
+            raise UsageError(f"profile {_rel(top, repo_root)}: key 'extra_vars_files' names "
                              f"tests/integration/{f}, which does not exist")
     if not (repo_root / merged["verify"]).is_file():
-        raise UsageError(f"profile {_rel(top)}: verify playbook {merged['verify']} "
+        raise UsageError(f"profile {_rel(top, repo_root)}: verify playbook {merged['verify']} "
                          "does not exist")
     merged["name"] = host
     merged["path"] = str(top)
@@ -648,44 +648,83 @@ def parse_recap(output):
 
 
 _TASK = re.compile(r"^TASK \[(.+?)\]")
-_RESULT = re.compile(r"^(ok|changed|fatal|failed|skipping|included): \[([^\]]+)\]")
+_RESULT = re.compile(r"^(ok|changed|fatal|failed|skipping|included): \[([^\]]+)\]:?"
+                     r"(?: =>)?(?: \(item=(.*?)\)(?: =>|$))?")
+_MSG_JSON = re.compile(r'"msg":\s*"((?:[^"\\]|\\.)*)"')
+_MSG_YAML = re.compile(r"^\s*msg:\s*(.+?)\s*$")
+_RANK = {"skipped": 0, "ok": 1, "changed": 2, "failed": 3}
+
+
+def _status(word):
+    return {"fatal": "failed", "skipping": "skipped", "included": "ok"}.get(word, word)
+
+
+def _failure_message(lines, i):
+    """The msg of a failure printed at lines[i] (JSON on the line, or YAML below it)."""
+    block = [lines[i]]
+    for nxt in lines[i + 1:i + 40]:
+        if not nxt.startswith((" ", "\t")):
+            break
+        block.append(nxt)
+    for ln in block:
+        m = _MSG_JSON.search(ln)
+        if m:
+            return m.group(1).replace('\\"', '"')[:600]
+        m = _MSG_YAML.match(ln)
+        if m and ln is not block[0]:
+            return m.group(1).strip("'\"")[:600]
+    return " ".join(x.strip() for x in block)[:600]
 
 
 def parse_task_results(output, host=None):
-    """[(task name, status, message)] in order, for `host` (or any). status is the worst
-    seen: failed > changed > ok > skipped; an `...ignoring` failure counts as ok."""
-    rank = {"skipped": 0, "ok": 1, "changed": 2, "failed": 3}
+    """[(task name, status, message, items)] in order, for `host` (or any). status is
+    the worst seen: failed > changed > ok > skipped; an `...ignoring` failure counts as
+    ok. items: [(label, status, message)] of a looped task, in order."""
     tasks, current, lines = [], None, (output or "").splitlines()
     for i, line in enumerate(lines):
         m = _TASK.match(line)
         if m:
-            current = {"name": m.group(1), "status": None, "message": ""}
+            current = {"name": m.group(1), "status": None, "message": "", "items": []}
             tasks.append(current)
             continue
         if current is None:
             continue
         if line.startswith("...ignoring") and current["status"] == "failed":
             current["status"], current["message"] = "ok", ""
+            current["items"] = [(lb, "ok" if st == "failed" else st, "")
+                                for lb, st, _ in current["items"]]
             continue
         r = _RESULT.match(line)
         if not r or (host and r.group(2).split(" ")[0] != host):
             continue
-        status = {"fatal": "failed", "skipping": "skipped", "included": "ok"}.get(
-            r.group(1), r.group(1))
-        if status == "failed":
-            msg = [line.split("=>", 1)[1].strip() if "=>" in line else line]
-            for nxt in lines[i + 1:i + 12]:
-                if not nxt.strip() or _TASK.match(nxt) or nxt.startswith(("PLAY", "...")):
-                    break
-                msg.append(nxt.strip())
-            current["message"] = " ".join(msg)[:600]
-        if current["status"] is None or rank[status] > rank[current["status"]]:
+        status = _status(r.group(1))
+        msg = _failure_message(lines, i) if status == "failed" else ""
+        if r.group(3) is not None:
+            current["items"].append((r.group(3), status, msg))
+        elif status == "failed":
+            current["message"] = msg
+        if current["status"] is None or _RANK[status] > _RANK[current["status"]]:
             current["status"] = status
-    return [(t["name"], t["status"] or "skipped", t["message"]) for t in tasks]
+    return [(t["name"], t["status"] or "skipped", t["message"], t["items"]) for t in tasks]
 
 
 def failed_task_names(output, host=None):
-    return [n for n, s, _ in parse_task_results(output, host) if s == "failed"]
+    return [t[0] for t in parse_task_results(output, host) if t[1] == "failed"]
+
+
+def verify_checks(output, host=None):
+    """The verify playbook's checks as [(name, status, message)]: a looped task (such as
+    one assert over a list of outcomes) contributes one check per item label, any other
+    task one check under its own name."""
+    checks = []
+    for name, status, msg, items in parse_task_results(output, host):
+        if items:
+            checks += [(label, st, m) for label, st, m in items]
+            if status == "failed" and not any(st == "failed" for _, st, _ in items):
+                checks.append((name, status, msg))
+        else:
+            checks.append((name, status, msg))
+    return checks
 
 
 # ---- results ---------------------------------------------------------------------
@@ -1766,7 +1805,7 @@ def apply(ctx, rs, profile, certs, phase_prefix="apply", result=None):
                                  f"{rc})" + (f" at task {failed[-1]!r}" if failed else "")
                                  + f"; log: {rs.dir / 'logs'}")
             changed += recap.get("changed", 0)
-            changed_tasks += [n for n, s, _ in parse_task_results(out, rs.name) if s == "changed"]
+            changed_tasks += [t[0] for t in parse_task_results(out, rs.name) if t[1] == "changed"]
     return changed, changed_tasks
 
 
@@ -1776,7 +1815,7 @@ def run_assert(ctx, rs, profile, certs, result=None):
         progress(ctx, "verify", f"ansible-playbook {profile['verify']}")
         rc, out = run_playbook(ctx, rs, profile, ctx.repo / profile["verify"], (), certs,
                                "verify", ctx.bounds["verify"])
-        tasks = parse_task_results(out, rs.name)
+        tasks = verify_checks(out, rs.name)
         if result is not None:
             result["verify_tasks"] = [{"name": n, "status": s, "message": m} for n, s, m in tasks]
         recap = parse_recap(out).get(rs.name, {})
