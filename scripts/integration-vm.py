@@ -32,7 +32,6 @@ import subprocess
 import sys
 import threading
 import time
-import urllib.request
 import uuid
 import xml.etree.ElementTree as ET
 from xml.sax.saxutils import escape as _xml_escape, quoteattr as _xml_quoteattr
@@ -86,7 +85,8 @@ SUBCOMMANDS = ("image", "up", "apply", "reboot", "assert", "cycle", "bench", "do
 EXIT_PASS, EXIT_VERIFY, EXIT_USAGE, EXIT_INFRA, EXIT_INTERRUPTED = 0, 1, 2, 3, 130
 EXIT_CODES_HELP = """exit codes:
   0    pass (or, with --expect-fail, the verify failed as expected)
-  1    verify failed (an assertion about the guest: verify playbook, idempotence)
+  1    verify failed: the code under test failed (verify playbook, a failing apply,
+       changes on the post-reboot re-apply); the VM is kept for inspection
   2    usage or configuration error (bad flag, unknown host/profile, bad profile JSON,
        missing playbook, prod certs without --allow-prod-certs); nothing was created
   3    infrastructure failure (image, boot, lease, SSH, cloud-init, reboot, libvirt,
@@ -1348,7 +1348,7 @@ def image_source(ctx):
 
 def current_image_key(ctx):
     if image_source(ctx) == "fetch":
-        return image_key(fetch_inputs())
+        return image_key(fetch_inputs(ctx.environ.get("BOMA_IT_IMAGE_URL", IMAGE_URL)))
     return image_key(image_inputs(ctx.environ.get("BOMA_IT_MIRROR", DEFAULT_MIRROR)))
 
 
@@ -1443,6 +1443,7 @@ def build_image(ctx, key, dest):
 
 
 def _download(url, dest, timeout):
+    import urllib.request  # lazy: only the fetch source needs it
     with urllib.request.urlopen(url, timeout=timeout) as resp, open(dest, "wb") as fh:
         shutil.copyfileobj(resp, fh, 1 << 20)
 
@@ -1460,8 +1461,8 @@ def fetch_image(ctx, key, dest):
         progress(ctx, "image", f"downloading {url}")
         try:
             _download(url, part, 60)
-            with urllib.request.urlopen(sha_url, timeout=60) as resp:
-                sha_text = resp.read().decode()
+            _download(sha_url, tmp / "SHA512SUMS", 60)
+            sha_text = (tmp / "SHA512SUMS").read_text()
         except OSError as e:
             raise InfraError("image", f"download failed: {e}") from None
         want = _expected_sha(sha_text, name)
@@ -1801,9 +1802,13 @@ def apply(ctx, rs, profile, certs, phase_prefix="apply", result=None):
             recap = parse_recap(out).get(rs.name, {})
             if rc != 0:
                 failed = failed_task_names(out, rs.name)
-                raise InfraError(phase, f"ansible-playbook {step['playbook']} failed (exit "
-                                 f"{rc})" + (f" at task {failed[-1]!r}" if failed else "")
-                                 + f"; log: {rs.dir / 'logs'}")
+                what = (f"ansible-playbook {step['playbook']} failed (exit {rc})"
+                        + (f" at task {failed[-1]!r}" if failed else "")
+                        + f"; log: {rs.dir / 'logs'}")
+                if recap.get("unreachable") or not recap:
+                    raise InfraError(phase, what + " — the VM was unreachable")
+                # The code under test broke: a verdict, not an infrastructure failure.
+                raise VerifyFailed(phase, what, failed)
             changed += recap.get("changed", 0)
             changed_tasks += [t[0] for t in parse_task_results(out, rs.name) if t[1] == "changed"]
     return changed, changed_tasks
@@ -2152,6 +2157,8 @@ def session(ctx, args, command):
         if exit_code == EXIT_VERIFY:
             print("integration-vm: verify PASSED but --expect-fail was given", file=sys.stderr)
     result["exit_code"] = exit_code
+    if exit_code == EXIT_USAGE and holder["rs"] is None:
+        return exit_code  # bad input: the one error line says it all, nothing ran
     finish_result(ctx, result, holder["rs"] if writes_result else None,
                   getattr(args, "junit", None), stream=sys.stdout if writes_result else sys.stderr)
     if command == "bench":
@@ -2189,7 +2196,8 @@ def prepare(ctx, args, command):
 
 def provision(ctx, args, profile, certs, result, holder):
     """image -> accel -> network -> guarded create -> boot."""
-    check_guards(ctx, profile, need_image=False)   # early, cheap refusal (no lock)
+    cached = (ctx.cache / "images" / current_image_key(ctx) / "manifest.json").is_file()
+    check_guards(ctx, profile, need_image=not cached)   # early refusal, before any build
     with timed_phase(ctx, result, "image"):
         image = ensure_image(ctx)
         if not image.built:

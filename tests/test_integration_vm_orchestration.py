@@ -391,12 +391,45 @@ def test_hard_reboot_is_destroy_plus_start(h):
     assert res["reboot_modes"] == ["hard"] and "reboot" in res["phases"]
 
 
-def test_apply_failure_is_infra_error_with_teardown(h):
+def test_apply_failure_is_a_verdict_and_keeps_the_vm(h):
     p = h.run("cycle", "--host", "askari", FAKE_APPLY_FAIL="1")
-    assert p.returncode == 3, p.stderr
-    line = assert_one_line_error(p)
-    assert "apply:site.yml" in line and "base : Load nftables" in line
-    assert h.domains() == {}
+    assert p.returncode == 1, p.stderr
+    assert "Traceback" not in p.stderr
+    (res,) = h.results()
+    assert res["verdict"] == "fail" and res["failed_stage"] == "apply:site.yml"
+    assert res["failures"] == ["base : Load nftables"] and res["kept"]
+    assert len(h.domains()) == 1 and (h.diag / res["vm"] / "logs" / "apply-site.yml.log").is_file()
+
+
+def _fetch_env(h, payload, sums):
+    src = h.tmp / "mirror"
+    src.mkdir(exist_ok=True)
+    (src / "debian-13-genericcloud-amd64.qcow2").write_bytes(payload)
+    (src / "SHA512SUMS").write_text(sums)
+    return {"BOMA_IT_IMAGE_SOURCE": "fetch",
+            "BOMA_IT_IMAGE_URL": (src / "debian-13-genericcloud-amd64.qcow2").as_uri(),
+            "BOMA_IT_SHA_URL": (src / "SHA512SUMS").as_uri()}
+
+
+def test_fetch_source_verifies_sha512(h):
+    import hashlib
+    payload = b"qcow2 bytes"
+    good = hashlib.sha512(payload).hexdigest() + "  debian-13-genericcloud-amd64.qcow2\n"
+    p = h.run("image", **_fetch_env(h, payload, good))
+    assert p.returncode == 0, p.stderr
+    (img,) = [d for d in (h.cache / "images").iterdir() if d.is_dir()]
+    assert (img / "disk.qcow2").read_bytes() == payload and not list(img.glob("*.part"))
+    assert not h.calls()  # the fetch source runs no tools
+
+
+def test_fetch_source_refuses_a_mismatch_and_deletes_it(h):
+    bad = "00" * 64 + "  debian-13-genericcloud-amd64.qcow2\n"
+    p = h.run("image", **_fetch_env(h, b"tampered", bad))
+    assert p.returncode == 3
+    assert "SHA512 mismatch" in assert_one_line_error(p)
+    assert not [d for d in (h.cache / "images").rglob("*") if d.is_file()]
+    missing = h.run("image", **_fetch_env(h, b"x", "abc  other-file.qcow2\n"))
+    assert missing.returncode == 3 and "checksum for debian-13" in missing.stderr
 
 
 def test_keep_on_infra_error_keeps_the_vm(h):
