@@ -520,9 +520,14 @@ def cloud_localds_argv(seed, user_data, meta_data):
     return ["cloud-localds", str(seed), str(user_data), str(meta_data)]
 
 
-def choose_osinfo(osinfo_list_output, wanted="debian13"):
+OSINFO_PREFERENCE = ("debian13", "debian12", "debian11")
+
+
+def choose_osinfo(osinfo_list_output, preference=OSINFO_PREFERENCE):
+    """The newest Debian id `virt-install --osinfo list` knows (bookworm's osinfo-db
+    stops at debian11), else let virt-install detect without requiring it."""
     tokens = set(re.findall(r"[A-Za-z0-9._-]+", osinfo_list_output or ""))
-    return wanted if wanted in tokens else "detect=on,require=off"
+    return next((p for p in preference if p in tokens), "detect=on,require=off")
 
 
 def virt_install_argv(uri, name, mem_mib, vcpus, overlay, seed, mac, console_log,
@@ -542,7 +547,8 @@ def virt_install_argv(uri, name, mem_mib, vcpus, overlay, seed, mac, console_log
         "--virt-type", virt_type,
     ]
     if kernel:
-        argv += ["--boot", f'kernel={kernel},initrd={initrd},kernel_args="{kernel_args}"']
+        # cmdline= is the canonical name (kernel_args= is an alias in virt-install 4/5).
+        argv += ["--boot", f'kernel={kernel},initrd={initrd},cmdline="{kernel_args}"']
     argv += ["--print-xml"]
     return argv
 

@@ -200,7 +200,9 @@ def test_ssh_keygen_and_disk_argv():
 
 def test_choose_osinfo():
     assert ivm.choose_osinfo("debian12\ndebian13, debiantesting\n") == "debian13"
-    assert ivm.choose_osinfo("debian11\ndebian12\n") == "detect=on,require=off"
+    assert ivm.choose_osinfo("debian11\ndebian12\n") == "debian12"
+    assert ivm.choose_osinfo("debian11, debianbullseye\ndebian10, debianbuster\n") == "debian11"
+    assert ivm.choose_osinfo("fedora40\n") == "detect=on,require=off"
     assert ivm.choose_osinfo("") == "detect=on,require=off"
 
 
@@ -222,7 +224,7 @@ def test_virt_install_argv_direct_kernel_boot():
     assert a[a.index("--serial") + 1] == "file,path=/c/console.log"
     assert a[a.index("--virt-type") + 1] == "qemu" and a[a.index("--graphics") + 1] == "none"
     assert a[a.index("--boot") + 1] == ('kernel=/i/vmlinuz,initrd=/i/initrd.img,'
-                                        'kernel_args="root=LABEL=root rw console=ttyS0,115200n8"')
+                                        'cmdline="root=LABEL=root rw console=ttyS0,115200n8"')
 
 
 def test_virt_install_argv_firmware_boot_for_fetched_images():
@@ -684,3 +686,39 @@ def test_run_stream_log_tees(tmp_path, capsys):
 def sys_executable():
     import sys
     return sys.executable
+
+
+# ---- rendered YAML parses to the intended structure (PyYAML comes with ansible in the
+# venv; the DRIVER never imports it) -----------------------------------------------------
+def test_rendered_inventory_is_valid_yaml():
+    yaml = pytest.importorskip("yaml")
+    args = ivm.ansible_ssh_args("/r un/vm", "vm")
+    inv = yaml.safe_load(ivm.render_run_hosts("boma-it-a-1", "192.168.150.9", "ansible",
+                                              ["offsite_hosts", "docker_hosts"],
+                                              host_vars={"ansible_ssh_common_args": args}))
+    for g in ("offsite_hosts", "docker_hosts"):
+        hosts = inv["all"]["children"][g]["hosts"]
+        assert list(hosts) == ["boma-it-a-1"]
+        assert hosts["boma-it-a-1"]["ansible_ssh_common_args"] == args
+        assert hosts["boma-it-a-1"]["ansible_host"] == "192.168.150.9"
+
+
+def test_rendered_user_data_is_valid_cloud_config():
+    yaml = pytest.importorskip("yaml")
+    priv = "-----BEGIN OPENSSH PRIVATE KEY-----\nAAAA\n-----END OPENSSH PRIVATE KEY-----\n"
+    ud = yaml.safe_load(ivm.render_user_data("ssh-ed25519 C c", "ansible", priv, "ssh-ed25519 H h"))
+    assert ud["users"][0]["name"] == "ansible"
+    assert ud["users"][0]["ssh_authorized_keys"] == ["ssh-ed25519 C c"]
+    assert ud["ssh_keys"]["ed25519_private"] == priv
+    assert ud["ssh_keys"]["ed25519_public"] == "ssh-ed25519 H h"
+    assert ud["ssh_genkeytypes"] == [] and ud["manage_etc_hosts"] is True
+    md = yaml.safe_load(ivm.render_meta_data("iid-x", "boma-it-x"))
+    assert md == {"instance-id": "iid-x", "local-hostname": "boma-it-x"}
+
+
+def test_cloud_cfg_is_valid_yaml():
+    yaml = pytest.importorskip("yaml")
+    cfg = yaml.safe_load(ivm.CLOUD_CFG)
+    assert cfg["datasource_list"] == ["NoCloud", "None"]
+    assert cfg["growpart"]["mode"] == "off" and cfg["resize_rootfs"] is False
+    assert cfg["network"]["config"] == "disabled"
