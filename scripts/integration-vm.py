@@ -1292,14 +1292,16 @@ def owned_domains(ctx):
     return owned
 
 
-def check_guards(ctx, profile, need_image):
-    """RAM, the one-VM slot, and disk. Raises InfraError('guard', ...)."""
+def check_guards(ctx, profile, need_image, count_vms=True):
+    """RAM, the one-VM slot (count_vms; authoritative only under the lock), and disk.
+    Raises InfraError('guard', ...)."""
     avail = free_mib(read_meminfo(ctx))
     floor = int(ctx.environ.get("BOMA_IT_RAM_FLOOR_MIB", RAM_FLOOR_MIB))
     if avail - profile["mem_mib"] < floor:
         raise InfraError("guard", f"refusing to start: MemAvailable {avail} MiB minus the "
                          f"VM's {profile['mem_mib']} MiB leaves less than {floor} MiB")
-    running = [n for n, m in owned_domains(ctx).items() if m.get("state") != "shut off"]
+    running = [n for n, m in owned_domains(ctx).items()
+               if m.get("state") != "shut off"] if count_vms else []
     if len(running) >= ctx.max_vms:
         raise InfraError("guard", f"refusing to start: {len(running)} harness VM(s) already "
                          f"running ({', '.join(running)}); BOMA_IT_MAX_VMS={ctx.max_vms}. "
@@ -1577,6 +1579,29 @@ def ensure_network(ctx):
 
 
 # ---- boot -----------------------------------------------------------------------------
+def osinfo_for(ctx):
+    """choose_osinfo() over `virt-install --osinfo list`, cached per virt-install binary."""
+    vi = shutil.which("virt-install", path=ctx.environ.get("PATH")) or "virt-install"
+    try:
+        key = f"{vi}:{os.stat(vi).st_mtime_ns}"
+    except OSError:
+        key = vi
+    cache = ctx.cache / "osinfo.json"
+    try:
+        cached = json.loads(cache.read_text())
+        if cached.get("key") == key:
+            return cached["osinfo"]
+    except (OSError, ValueError, KeyError):
+        pass
+    osinfo = choose_osinfo(run(["virt-install", "--osinfo", "list"], timeout=60,
+                               cmdlog=ctx.cmdlog).stdout)
+    try:
+        cache.write_text(json.dumps({"key": key, "osinfo": osinfo}) + "\n")
+    except OSError:
+        pass
+    return osinfo
+
+
 def create_run(ctx, profile, certs, accel, image, holder):
     """Everything a run needs on disk, then define (with ownership metadata). The run is
     published in holder['rs'] as soon as it exists, so a failure anywhere after that is
@@ -1617,8 +1642,7 @@ def create_run(ctx, profile, certs, accel, image, holder):
         check=True, stage="boot", cmdlog=ctx.cmdlog)
     for p in (overlay, seed):
         os.chmod(p, 0o644)
-    osinfo = choose_osinfo(run(["virt-install", "--osinfo", "list"], timeout=60,
-                               cmdlog=ctx.cmdlog).stdout)
+    osinfo = osinfo_for(ctx)
     xml = run(virt_install_argv(
         ctx.uri, name, profile["mem_mib"], profile["vcpus"], overlay, seed, data["mac"],
         rs.console_log, "kvm" if accel == "kvm" else "qemu", osinfo,
@@ -1850,9 +1874,9 @@ def idempotence(ctx, rs, profile, certs, result=None):
 
 
 # ---- reboot ---------------------------------------------------------------------------
-def capture_state(ctx, rs):
+def capture_state(ctx, rs, boot_id=None):
     """Guest state worth comparing across a reboot (issue 5 extends this)."""
-    state = {"boot_id": read_boot_id(ctx, rs), "at": now_iso()}
+    state = {"boot_id": boot_id or read_boot_id(ctx, rs), "at": now_iso()}
     r = rs.ssh("systemctl --failed --plain --no-legend --no-pager",
                timeout=ctx.bounds["ssh-command"])
     state["failed_units"] = sorted(ln.split()[0] for ln in r.stdout.splitlines() if ln.split())
@@ -1892,7 +1916,7 @@ def reboot_vm(ctx, rs, mode="graceful"):
     if sysstate not in ("running", "degraded"):
         raise InfraError("reboot", f"system state {sysstate!r} after {bound:.0f}s "
                          f"(`systemctl is-system-running --wait`); console log: {rs.console_log}")
-    after = capture_state(ctx, rs)
+    after = capture_state(ctx, rs, boot_id=new_id)
     rs.data["boot_ids"].append(new_id)
     rs.data.setdefault("reboots", []).append(
         {"mode": mode, "system_state": sysstate, "failed_units": after["failed_units"]})
@@ -2203,7 +2227,7 @@ def prepare(ctx, args, command):
 def provision(ctx, args, profile, certs, result, holder):
     """image -> accel -> network -> guarded create -> boot."""
     cached = (ctx.cache / "images" / current_image_key(ctx) / "manifest.json").is_file()
-    check_guards(ctx, profile, need_image=not cached)   # early refusal, before any build
+    check_guards(ctx, profile, need_image=not cached, count_vms=not cached)  # before a build
     with timed_phase(ctx, result, "image"):
         image = ensure_image(ctx)
         if not image.built:

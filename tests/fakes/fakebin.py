@@ -26,10 +26,13 @@ import fcntl
 import json
 import os
 import pathlib
+
+
+def new_id():
+    return os.urandom(16).hex()
 import re
 import sys
 import time
-import uuid
 
 TOOL = os.path.basename(sys.argv[0])
 ARGS = sys.argv[1:]
@@ -117,7 +120,7 @@ def virsh():
                 die("error: Requested operation is not valid: domain is already active")
             d["state"] = "running"
             if not ENV.get("FAKE_BOOT_ID_STICKY") or not d["boot_id"]:
-                d["boot_id"] = str(uuid.uuid4())
+                d["boot_id"] = new_id()
             if d["mac"] and not ENV.get("FAKE_NO_LEASE"):
                 leases[d["mac"]] = ENV.get("FAKE_LEASE_IP", "127.0.0.1")
             if d.get("console"):
@@ -128,7 +131,7 @@ def virsh():
             if d["state"] != "running":
                 die("error: Requested operation is not valid: domain is not running")
             if not ENV.get("FAKE_BOOT_ID_STICKY"):
-                d["boot_id"] = str(uuid.uuid4())
+                d["boot_id"] = new_id()
         elif cmd == "destroy":
             d = dom(rest[0])
             if d["state"] != "running":
@@ -227,7 +230,7 @@ def cloud_localds():
 def ssh_keygen():
     path = ARGS[ARGS.index("-f") + 1]
     comment = ARGS[ARGS.index("-C") + 1] if "-C" in ARGS else "fake"
-    tag = uuid.uuid4().hex
+    tag = new_id()
     pathlib.Path(path).write_text(
         f"-----BEGIN OPENSSH PRIVATE KEY-----\nFAKE{tag}\n-----END OPENSSH PRIVATE KEY-----\n")
     pathlib.Path(path + ".pub").write_text(f"ssh-ed25519 AAAAC3Fake{tag} {comment}\n")
