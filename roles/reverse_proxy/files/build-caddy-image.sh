@@ -6,6 +6,8 @@
 # archive is. The image holds /usr/bin/caddy, the shared libraries `ldd` reports, the CA
 # bundle, /etc/passwd+group, /data and /config, and runs
 # `caddy run --config /etc/caddy/Caddyfile --adapter caddyfile` like the upstream image.
+# Like the upstream (Alpine) image it has a shell and the usual tools, from Debian's
+# busybox-static, so `docker exec caddy cat ...` / `sh` work for checks and debugging.
 # Debian's caddy has NO DNS provider modules (no gandi): images built here are for
 # `tls internal` (tests) and HTTP-01, never for DNS-01 production certificates.
 #
@@ -41,17 +43,29 @@ cd "$work"
 
 # apt-get download keeps the host's package state untouched (no install, no service).
 # APT::Sandbox::User=root: the temp dir is root-only, _apt could not write into it.
-apt-get -q -o APT::Sandbox::User=root download "caddy${version:+=$version}" >&2 \
-  || die 4 "apt-get download caddy${version:+=$version} failed"
+apt-get -q -o APT::Sandbox::User=root download "caddy${version:+=$version}" busybox-static >&2 \
+  || die 4 "apt-get download caddy${version:+=$version} busybox-static failed"
 deb=$(ls caddy_*.deb)
 got=$(dpkg-deb -f "$deb" Version)
 [ -z "$version" ] || [ "$got" = "$version" ] || die 4 "downloaded caddy $got, wanted $version"
 dpkg-deb -x "$deb" pkg
+dpkg-deb -x busybox-static_*.deb bb
+busybox=""
+for candidate in bb/bin/busybox bb/usr/bin/busybox; do
+  [ -x "$candidate" ] && { busybox=$candidate; break; }
+done
+[ -n "$busybox" ] || die 4 "no bin/busybox in busybox-static"
 
 root="$work/rootfs"
-mkdir -p "$root"/{usr/bin,etc/caddy,etc/ssl/certs,data,config,srv,root,tmp}
+mkdir -p "$root"/{bin,usr/bin,etc/caddy,etc/ssl/certs,data,config,srv,root,tmp}
 chmod 1777 "$root/tmp"
 install -m 0755 pkg/usr/bin/caddy "$root/usr/bin/caddy"
+# busybox is static: one file, plus a symlink per applet it lists (sh, cat, ls, wget...).
+install -m 0755 "$busybox" "$root/bin/busybox"
+applets=$("$root/bin/busybox" --list) && [ -n "$applets" ] || die 4 "busybox --list failed"
+for applet in $applets; do
+  [ -e "$root/bin/$applet" ] || ln -s busybox "$root/bin/$applet"
+done
 install -m 0644 "$ca_bundle" "$root/etc/ssl/certs/ca-certificates.crt"
 # The stock config Debian ships, so `docker run IMAGE` without a mount still starts.
 install -m 0644 pkg/etc/caddy/Caddyfile "$root/etc/caddy/Caddyfile"
@@ -82,7 +96,7 @@ printf 'hosts: files dns\n' >"$root/etc/nsswitch.conf"
 tar --numeric-owner --owner=0 --group=0 -C "$root" -cf rootfs.tar .
 docker import \
   -c 'CMD ["caddy", "run", "--config", "/etc/caddy/Caddyfile", "--adapter", "caddyfile"]' \
-  -c 'ENV PATH=/usr/bin XDG_DATA_HOME=/data XDG_CONFIG_HOME=/config HOME=/root' \
+  -c 'ENV PATH=/usr/bin:/bin XDG_DATA_HOME=/data XDG_CONFIG_HOME=/config HOME=/root' \
   -c 'WORKDIR /srv' \
   -c 'EXPOSE 80 443 443/udp 2019' \
   -c "LABEL org.opencontainers.image.title=boma-caddy-debian org.opencontainers.image.version=$got" \
