@@ -95,7 +95,7 @@ test-integration: venv ## Boot a VM as HOST, apply, reboot, verify: make test-in
 
 test-integration-red: venv ## RED: HOST-regression (no docker forward drop-in) must FAIL verify for the right reason
 	@test -n "$(HOST)" || { echo "usage: make test-integration-red HOST=askari" >&2; exit 2; }
-	$(IT_RUN) exec -- $(CURDIR)/$(VENV)/bin/pytest -m vm -k red -p no:cacheprovider tests/e2e
+	$(IT_RUN) exec -- $(CURDIR)/$(VENV)/bin/pytest -m vm -k regression -p no:cacheprovider tests/e2e
 
 test-vm: venv ## RED and GREEN on real VMs in one pytest run (tests/e2e, marker vm)
 	$(IT_RUN) exec -- $(CURDIR)/$(VENV)/bin/pytest -m vm -p no:cacheprovider tests/e2e

@@ -225,7 +225,10 @@ def render_user_data(ssh_pubkey, ansible_user, host_key_private=None, host_key_p
     """cloud-config: the ansible user (NOPASSWD sudo, the run's client key) and, when
     given, the run's ed25519 HOST key pair (so the client can pin it in known_hosts).
     cloud-init's cc_ssh deletes image host keys (ssh_deletekeys defaults true) and writes
-    the provided `ssh_keys`; `ssh_genkeytypes: []` stops it generating others."""
+    the provided `ssh_keys`; `ssh_genkeytypes: [ed25519]` generates nothing more (the
+    ed25519 key is provided; an empty list fails cloud-init's schema). No `ssh_pwauth`:
+    it makes cloud-init restart sshd mid-boot; the image's sshd drop-in already refuses
+    passwords."""
     lines = [
         "#cloud-config",
         "users:",
@@ -235,14 +238,13 @@ def render_user_data(ssh_pubkey, ansible_user, host_key_private=None, host_key_p
         "    lock_passwd: true",
         "    ssh_authorized_keys:",
         f"      - {ssh_pubkey.strip()}",
-        "ssh_pwauth: false",
         "disable_root: true",
         "package_update: false",
         "package_upgrade: false",
         "manage_etc_hosts: true",
     ]
     if host_key_private and host_key_public:
-        lines += ["ssh_deletekeys: true", "ssh_genkeytypes: []", "ssh_keys:",
+        lines += ["ssh_deletekeys: true", "ssh_genkeytypes: [ed25519]", "ssh_keys:",
                   "  ed25519_private: |"]
         lines += [f"    {ln}" for ln in host_key_private.strip().splitlines()]
         lines += [f"  ed25519_public: {host_key_public.strip()}"]
@@ -884,6 +886,24 @@ network:
   config: disabled
 """
 FSTAB = "LABEL=root / ext4 defaults 0 1\n"
+SSHD_IMAGE_CONF = """# boma golden image: keys only (the base role hardens the rest).
+PasswordAuthentication no
+KbdInteractiveAuthentication no
+"""
+# Units the golden image ships disabled. Docker is baked in for speed (its apt install
+# costs ~2.5 min under TCG) but must not run until a role enables it, as on a fresh host;
+# the timers only cost boot time on a VM that lives for minutes.
+IMAGE_DISABLED_UNITS = (
+    "etc/systemd/system/multi-user.target.wants/docker.service",
+    "etc/systemd/system/sockets.target.wants/docker.socket",
+    "etc/systemd/system/multi-user.target.wants/containerd.service",
+    "etc/systemd/system/timers.target.wants/apt-daily.timer",
+    "etc/systemd/system/timers.target.wants/apt-daily-upgrade.timer",
+    "etc/systemd/system/timers.target.wants/man-db.timer",
+    "etc/systemd/system/timers.target.wants/e2scrub_all.timer",
+    "etc/systemd/system/timers.target.wants/fstrim.timer",
+    "etc/systemd/system/timers.target.wants/dpkg-db-backup.timer",
+)
 
 
 def image_packages():
@@ -899,6 +919,7 @@ def seal_spec():
             "etc/cloud/cloud.cfg.d/90-boma.cfg": CLOUD_CFG,
             "etc/fstab": FSTAB,
             "etc/machine-id": "",
+            "etc/ssh/sshd_config.d/05-boma-image.conf": SSHD_IMAGE_CONF,
         },
         "symlinks": {
             "etc/systemd/system/multi-user.target.wants/systemd-networkd.service":
@@ -915,7 +936,8 @@ def seal_spec():
                 f"{unit_dir}/systemd-resolved.service",
             "etc/resolv.conf": "../run/systemd/resolve/stub-resolv.conf",
         },
-        "remove_globs": ["etc/ssh/ssh_host_*", "var/lib/dbus/machine-id"],
+        "remove_globs": ["etc/ssh/ssh_host_*", "var/lib/dbus/machine-id",
+                         *IMAGE_DISABLED_UNITS],
     }
 
 

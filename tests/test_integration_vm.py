@@ -116,8 +116,8 @@ def test_user_data_with_host_key_block():
                               host_key_public="ssh-ed25519 HOSTPUB h\n")
     assert "  ed25519_private: |\n    -----BEGIN OPENSSH PRIVATE KEY-----\n    AAA\n    BBB\n" in ud
     assert "  ed25519_public: ssh-ed25519 HOSTPUB h\n" in ud
-    assert "ssh_genkeytypes: []" in ud and "manage_etc_hosts: true" in ud
-    assert "package_update: false" in ud and "ssh_pwauth: false" in ud
+    assert "ssh_genkeytypes: [ed25519]" in ud and "manage_etc_hosts: true" in ud
+    assert "package_update: false" in ud and "ssh_pwauth" not in ud
 
 
 def test_user_data_without_host_key_has_no_ssh_keys():
@@ -711,7 +711,7 @@ def test_rendered_user_data_is_valid_cloud_config():
     assert ud["users"][0]["ssh_authorized_keys"] == ["ssh-ed25519 C c"]
     assert ud["ssh_keys"]["ed25519_private"] == priv
     assert ud["ssh_keys"]["ed25519_public"] == "ssh-ed25519 H h"
-    assert ud["ssh_genkeytypes"] == [] and ud["manage_etc_hosts"] is True
+    assert ud["ssh_genkeytypes"] == ["ed25519"] and ud["manage_etc_hosts"] is True
     md = yaml.safe_load(ivm.render_meta_data("iid-x", "boma-it-x"))
     assert md == {"instance-id": "iid-x", "local-hostname": "boma-it-x"}
 

@@ -259,7 +259,7 @@ def test_cycle_safety_invariants(h):
     # the guest got the pinned host key through cloud-init
     ud = (h.run_root / vm / "user-data").read_text()
     pub = (h.run_root / vm / "ssh_host_ed25519_key.pub").read_text().split()[1]
-    assert "ssh_keys:" in ud and pub in ud and "ssh_genkeytypes: []" in ud
+    assert "ssh_keys:" in ud and pub in ud and "ssh_genkeytypes: [ed25519]" in ud
     assert (h.run_root / vm / "known_hosts").read_text().startswith(f"{vm} ssh-ed25519 {pub}")
     # virt-install got the seed as a virtio disk, direct kernel boot, TCG
     vi = [c["argv"] for c in h.calls("virt-install") if "--print-xml" in c["argv"]][0]
