@@ -35,7 +35,10 @@ trap 'rm -rf "$workdir"' EXIT
 echo "building ${tag} from ${mirror} (${suite})" >&2
 # --customize-hook: systemd in a container must not try to remount or rename the
 # network; an empty machine-id lets systemd generate one per container.
-mmdebstrap --variant=minbase --include="$packages" \
+# --skip=cleanup/apt/lists: keep the package lists, so a role's apt task with
+# cache_valid_time finds packages without an update (an empty lists dir with a fresh
+# mtime would make apt skip the update and find nothing).
+mmdebstrap --variant=minbase --include="$packages" --skip=cleanup/apt/lists \
   --customize-hook='rm -f "$1"/etc/machine-id; touch "$1"/etc/machine-id' \
   --customize-hook='chroot "$1" systemctl mask systemd-remount-fs.service getty@tty1.service console-getty.service' \
   "$suite" "$workdir/rootfs.tar" "$mirror" >&2

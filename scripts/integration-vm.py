@@ -963,6 +963,10 @@ def mmdebstrap_argv(suite, root, mirror, packages):
             "--dpkgopt=path-exclude=/usr/share/man/*",
             "--dpkgopt=path-exclude=/usr/share/doc/*",
             "--dpkgopt=path-include=/usr/share/doc/*/copyright",
+            # Keep the package lists: a role's apt task within the hour needs no
+            # `apt-get update` (~30 s under TCG); older lists are refreshed by
+            # cache_valid_time as on any host.
+            "--skip=cleanup/apt/lists",
             suite, str(root), mirror]
 
 
