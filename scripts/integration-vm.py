@@ -17,6 +17,7 @@ import argparse
 import contextlib
 import dataclasses
 import datetime
+import difflib
 import fcntl
 import hashlib
 import json
@@ -86,7 +87,8 @@ EXIT_PASS, EXIT_VERIFY, EXIT_USAGE, EXIT_INFRA, EXIT_INTERRUPTED = 0, 1, 2, 3, 1
 EXIT_CODES_HELP = """exit codes:
   0    pass (or, with --expect-fail, the verify failed as expected)
   1    verify failed: the code under test failed (verify playbook, a failing apply,
-       changes on the post-reboot re-apply); the VM is kept for inspection
+       an unexpected state difference across a reboot, changes on the post-reboot
+       re-apply); the VM is kept for inspection
   2    usage or configuration error (bad flag, unknown host/profile, bad profile JSON,
        missing playbook, prod certs without --allow-prod-certs); nothing was created
   3    infrastructure failure (image, boot, lease, SSH, cloud-init, reboot, libvirt,
@@ -117,9 +119,10 @@ DEFAULT_BOUNDS = {
     "cloud-init": 300, "reboot": 240, "system-running": 180, "ssh-attempt": 20,
     "ssh-command": 60, "virsh": 60, "apply": 3600, "verify": 1800, "image-build": 1800,
     "download": 1800, "accel-probe": 30, "lock": 600, "diag-command": 30,
+    "reboot-settle": 20,
 }
 TCG_SCALED = ("dhcp-lease", "tcp-22", "ssh-handshake", "cloud-init", "reboot",
-              "system-running", "apply", "verify")
+              "system-running", "apply", "verify", "reboot-settle")
 TCG_SCALE = 3
 DEFAULT_POLL = 2.0
 
@@ -171,11 +174,12 @@ class VerifyFailed(HarnessError):
     """An assertion about the guest failed (verify playbook, idempotence)."""
     exit_code = EXIT_VERIFY
 
-    def __init__(self, stage, msg, failed_tasks=()):
+    def __init__(self, stage, msg, failed_tasks=(), detail=None):
         super().__init__(f"{stage}: {msg}")
         self.stage = stage
         self.msg = msg
         self.failed_tasks = list(failed_tasks)
+        self.detail = detail    # multi-line text for JUnit (msg stays one line)
 
 
 # --------------------------------------------------------------------------------------
@@ -382,6 +386,8 @@ def check_profile_types(data, path, root=None):
         if mode not in REBOOT_MODES:
             raise UsageError(f"profile {_rel(path, root)}: key 'reboot' entries must be one of "
                              f"{', '.join(REBOOT_MODES)}, got {mode!r}")
+    if "reboot_diff_tolerate" in data:
+        check_tolerance_spec(data["reboot_diff_tolerate"], f"profile {_rel(path, root)}")
     if "mem_mib" in data and data["mem_mib"] < 512:
         raise UsageError(f"profile {_rel(path, root)}: key 'mem_mib' must be >= 512")
     if "vcpus" in data and data["vcpus"] < 1:
@@ -744,7 +750,7 @@ def new_result(command, host=None):
     return {
         "schema": 1, "command": command, "verdict": None, "exit_code": None,
         "failed_stage": None, "message": "", "host": host, "vm": None, "ip": None,
-        "accel": None, "certs": None, "reboot_modes": [], "phases": {},
+        "accel": None, "certs": None, "reboot_modes": [], "reboot_diffs": [], "phases": {},
         "phase_details": [], "failures": [], "verify_tasks": [], "idempotence": None,
         "diagnostics": None, "run_dir": None, "started_at": None, "finished_at": None,
         "total_seconds": None, "kept": False, "expect_fail": False,
@@ -789,14 +795,15 @@ def render_junit(result):
     suite = f"integration-vm.{result.get('host') or 'unknown'}"
     cases = []
     for p in result.get("phase_details", []):
-        cases.append((p["name"], p["seconds"], p["status"], p.get("message", "")))
+        cases.append((p["name"], p["seconds"], p["status"], p.get("message", ""),
+                      p.get("detail") or p.get("message", "")))
     for t in result.get("verify_tasks", []):
         st = "fail" if t["status"] == "failed" else ("skipped" if t["status"] == "skipped" else "pass")
-        cases.append((f"verify: {t['name']}", 0.0, st, t.get("message", "")))
+        cases.append((f"verify: {t['name']}", 0.0, st, t.get("message", ""), t.get("message", "")))
     if result.get("verdict") in ("error", "interrupted") and not any(
             c[2] in ("error", "fail") for c in cases):
         cases.append((result.get("failed_stage") or "harness", 0.0, "error",
-                      result.get("message", "")))
+                      result.get("message", ""), result.get("message", "")))
     failures = sum(1 for c in cases if c[2] == "fail")
     errors = sum(1 for c in cases if c[2] in ("error", "interrupted"))
     skipped = sum(1 for c in cases if c[2] == "skipped")
@@ -806,19 +813,488 @@ def render_junit(result):
            f'  <testsuite name={_xml_quoteattr(suite)} tests="{len(cases)}" '
            f'failures="{failures}" errors="{errors}" skipped="{skipped}" '
            f'time="{result.get("total_seconds") or 0:.3f}">']
-    for name, secs, status, msg in cases:
+    for name, secs, status, msg, body in cases:
         head = (f'    <testcase classname={_xml_quoteattr(suite)} name={_xml_quoteattr(name)} '
                 f'time="{secs:.3f}"')
-        if status == "pass":
+        if status == "pass" and not msg:
             out.append(head + "/>")
             continue
         out.append(head + ">")
-        tag = {"fail": "failure", "skipped": "skipped"}.get(status, "error")
-        out.append(f"      <{tag} message={_xml_quoteattr(msg[:300] or status)}>"
-                   f"{_xml_escape(msg)}</{tag}>")
+        if status == "pass":   # a passing case with a note (e.g. --reboot-diff=warn)
+            out.append(f"      <system-out>{_xml_escape(body)}</system-out>")
+        else:
+            tag = {"fail": "failure", "skipped": "skipped"}.get(status, "error")
+            out.append(f"      <{tag} message={_xml_quoteattr(msg[:300] or status)}>"
+                       f"{_xml_escape(body)}</{tag}>")
         out.append("    </testcase>")
     out += ["  </testsuite>", "</testsuites>"]
     return "\n".join(out) + "\n"
+
+
+# ---- what a reboot changed (issue 5) ------------------------------------------------
+# One SSH round trip per capture: a shell script (run as root through one `sudo -n sh -s`,
+# fed on stdin) prints each command's output between marker lines that carry a per-call
+# nonce; parse_capture_output() splits it, the normalise_* functions make each category a
+# list of stable, diffable lines. Every guest command is bounded by `timeout`.
+REBOOT_DIFF_CATEGORIES = ("nft", "ports", "sockets", "failed_units", "services")
+REBOOT_DIFF_POLICIES = ("fail", "warn")
+CAPTURE_SCRIPT = r"""M='@@boma-@NONCE@'
+T=@BOUND@
+e=$(mktemp) && o=$(mktemp) || exit 97
+trap 'rm -f "$e" "$o"' EXIT
+sec() {
+  n=$1; shift
+  timeout -k 2 "$T" "$@" </dev/null >"$o" 2>"$e"; rc=$?
+  echo "$M begin $n"; cat "$o"; echo
+  echo "$M end $n $rc $(head -c 300 "$e" | tr -s '\n\t' '  ')"
+}
+sec boot_id cat /proc/sys/kernel/random/boot_id
+sec port_range cat /proc/sys/net/ipv4/ip_local_port_range
+sec nft_json nft -j list ruleset
+sec nft_text nft list ruleset
+if ! command -v docker >/dev/null 2>&1; then
+  sec docker echo 'docker: absent'
+elif ! timeout -k 2 "$T" systemctl is-active --quiet docker.service </dev/null; then
+  sec docker echo 'docker: not running'
+else
+  sec docker docker ps --format '{{.Names}} {{.Ports}}'
+fi
+sec sockets ss -H -tulnp
+sec failed_units systemctl --failed --plain --no-legend --no-pager
+sec enabled_units systemctl list-unit-files --state=enabled --type=service --no-legend --no-pager
+units=$(awk '$1 !~ /@\.service$/ {print $1}' "$o")
+if [ -n "$units" ]; then sec enabled_active systemctl is-active $units; fi
+exit 0
+"""
+CAPTURE_COMMANDS = 10           # upper bound of `timeout`-bounded commands in the script
+# iptables-nft's tables (Docker's): their rules are compared per chain as a multiset,
+# because Docker rebuilds them at start in an order that follows its network restore
+# order, not the order they were first created in.
+XTABLES_FAMILIES = ("ip", "ip6", "arp", "bridge")
+XTABLES_TABLES = ("filter", "nat", "mangle", "raw", "security")
+_NFT_VOLATILE = ("handle", "expires", "used", "used_unit")
+_NFT_VERDICTS = ("accept", "drop", "continue", "return", "queue", "masquerade", "notrack")
+
+
+def render_capture_script(nonce, command_bound):
+    return (CAPTURE_SCRIPT.replace("@NONCE@", nonce)
+            .replace("@BOUND@", str(max(1, int(round(command_bound))))))
+
+
+def parse_capture_output(text, nonce):
+    """{section: {"rc": int|None, "out": str, "err": str}} from the capture script's
+    stdout. A section whose end marker never came (the SSH call was cut) has rc None."""
+    marker = f"@@boma-{nonce} "
+    sections, name, body = {}, None, []
+    for line in (text or "").splitlines():
+        if line.startswith(marker):
+            parts = line[len(marker):].split(" ", 3)
+            if parts[0] == "begin" and len(parts) > 1:
+                name, body = parts[1], []
+            elif parts[0] == "end" and len(parts) > 2 and parts[1] == name:
+                rc = int(parts[2]) if parts[2].lstrip("-").isdigit() else None
+                sections[name] = {"rc": rc, "out": "\n".join(body).strip("\n"),
+                                  "err": (parts[3] if len(parts) > 3 else "").strip()}
+                name = None
+            continue
+        if name is not None:
+            body.append(line)
+    if name is not None:
+        sections[name] = {"rc": None, "out": "\n".join(body).strip("\n"), "err": "cut off"}
+    return sections
+
+
+def _capture_error(what, sec):
+    """One sortable line saying why a category could not be captured."""
+    if sec is None:
+        return f"! {what}: not captured"
+    if sec["rc"] is None:
+        return f"! {what}: cut off"
+    if sec["rc"] == 124:
+        return f"! {what}: timed out"
+    return f"! {what}: exit {sec['rc']}" + (f": {sec['err'][:200]}" if sec["err"] else "")
+
+
+def _strip_nft_volatile(obj):
+    if isinstance(obj, dict):
+        return {k: _strip_nft_volatile(v) for k, v in obj.items() if k not in _NFT_VOLATILE}
+    if isinstance(obj, list):
+        return [_strip_nft_volatile(v) for v in obj]
+    return obj
+
+
+def _canon_json(obj):
+    return json.dumps(obj, sort_keys=True, separators=(",", ":"))
+
+
+def nft_expr_text(x):
+    """A compact canonical string for an nft JSON expression or statement: nft-like
+    where that is easy, canonical JSON otherwise. Counter values, handles, expiry times
+    and anonymous-set element order are dropped (they change without meaning)."""
+    if x is None:
+        return ""
+    if isinstance(x, bool):
+        return str(x).lower()
+    if isinstance(x, (int, float)):
+        return str(x)
+    if isinstance(x, str):
+        return x if x and re.fullmatch(r"[^\s{}\",]+", x) else json.dumps(x)
+    if isinstance(x, list):
+        elems = sorted((nft_expr_text(v) for v in x),
+                       key=lambda t: (0, int(t), "") if t.isdigit() else (1, 0, t))
+        return "{ " + ", ".join(elems) + " }"
+    if not isinstance(x, dict):
+        return _canon_json(x)
+    x = _strip_nft_volatile(x)
+    if len(x) != 1:
+        return " ".join(f"{k} {nft_expr_text(v)}" for k, v in sorted(x.items()))
+    (k, v), = x.items()
+    if k == "match":
+        op = v.get("op", "==")
+        left, right = nft_expr_text(v.get("left")), nft_expr_text(v.get("right"))
+        return f"{left} {right}" if op in ("==", "in") else f"{left} {op} {right}"
+    if k == "payload" and isinstance(v, dict):
+        if "protocol" in v:
+            return f"{v['protocol']} {v.get('field', '')}".strip()
+        return f"@{v.get('base')},{v.get('offset')},{v.get('len')}"
+    if k in ("meta", "rt", "socket", "osf") and isinstance(v, dict) and "key" in v:
+        return f"{k} {v['key']}"
+    if k == "ct" and isinstance(v, dict):
+        return " ".join(str(p) for p in ("ct", v.get("dir"), v.get("family"), v.get("key")) if p)
+    if k == "fib" and isinstance(v, dict):
+        flags = v.get("flags", [])
+        flags = [flags] if isinstance(flags, str) else sorted(flags)
+        return "fib " + " . ".join(flags) + f" {v.get('result', '')}".rstrip()
+    if k == "set":
+        return nft_expr_text(v if isinstance(v, list) else [v])
+    if k == "prefix" and isinstance(v, dict):
+        return f"{nft_expr_text(v.get('addr'))}/{v.get('len')}"
+    if k == "range" and isinstance(v, list) and len(v) == 2:
+        return f"{nft_expr_text(v[0])}-{nft_expr_text(v[1])}"
+    if k == "elem" and isinstance(v, dict):
+        rest = {a: b for a, b in v.items() if a != "val"}
+        return nft_expr_text(v.get("val")) + (f" {_canon_json(rest)}" if rest else "")
+    if k == "concat" and isinstance(v, list):
+        return " . ".join(nft_expr_text(p) for p in v)
+    if k in ("&", "|", "^", "<<", ">>") and isinstance(v, list) and len(v) == 2:
+        return f"{nft_expr_text(v[0])} {k} {nft_expr_text(v[1])}"
+    if k == "counter":
+        return "counter" if not isinstance(v, str) else f"counter name {v}"
+    if k in ("jump", "goto") and isinstance(v, dict):
+        return f"{k} {v.get('target')}"
+    if k in _NFT_VERDICTS and not v:
+        return k
+    if k in ("dnat", "snat") and isinstance(v, dict):
+        to = nft_expr_text(v.get("addr")) if "addr" in v else ""
+        if "port" in v:
+            to += f":{nft_expr_text(v['port'])}"
+        extra = {a: b for a, b in v.items() if a not in ("addr", "port", "family")}
+        return (f"{k} {v['family']} to {to}" if v.get("family") else f"{k} to {to}") + (
+            f" {_canon_json(extra)}" if extra else "")
+    if k == "xt" and isinstance(v, dict):
+        return f"xt {v.get('type', '')} {v.get('name', '')}".strip()
+    if isinstance(v, dict) and not v:
+        return k
+    if v is None:
+        return k
+    return f"{k} {_canon_json(v)}"
+
+
+def _nft_object_line(kind, obj):
+    head = f"{kind} {obj.get('family', '?')} {obj.get('table', obj.get('name', '?'))}"
+    if kind == "table":
+        rest = {a: b for a, b in obj.items() if a not in ("family", "name")}
+        return head + (f" {_canon_json(rest)}" if rest else "")
+    head += f" {obj.get('name', '?')}"
+    if kind == "chain":
+        if "hook" in obj:
+            head += " {" + " ".join(f"{a} {obj[a]}" for a in ("type", "hook", "prio", "policy", "dev")
+                                    if a in obj) + "}"
+        return head
+    if kind in ("set", "map"):
+        rest = {a: b for a, b in obj.items() if a not in ("family", "table", "name", "elem")}
+        elems = nft_expr_text(obj.get("elem", []))
+        return head + f" {_canon_json(rest)} elements {elems}"
+    drop = ("family", "table", "name") + (("packets", "bytes") if kind == "counter" else ())
+    rest = {a: b for a, b in obj.items() if a not in drop}
+    return head + f" {_canon_json(rest)}"
+
+
+def normalise_nft_json(text):
+    """`nft -j list ruleset` -> ordered, stable lines:
+      table <family> <name>
+      chain <family> <table> <name> [{type T hook H prio P policy X}]
+      rule <family> <table> <chain>: <expressions, canonical>
+      set|map|... <family> <table> <name> ...
+    Dropped: metainfo, handles, counter values, expiry. Tables are sorted by family and
+    name, chains and sets by name (creation order is not meaning: boma's `delete table`
+    + re-create moves its table behind Docker's). Rules keep nft's order within a chain,
+    except in iptables-nft tables (Docker's), where they are sorted."""
+    data = json.loads(text)
+    items = data.get("nftables", []) if isinstance(data, dict) else []
+    tables, objects, rules = {}, {}, {}
+    for item in items:
+        if not isinstance(item, dict) or len(item) != 1:
+            continue
+        (kind, obj), = item.items()
+        if kind == "metainfo" or not isinstance(obj, dict):
+            continue
+        obj = _strip_nft_volatile(obj)
+        fam = obj.get("family", "?")
+        if kind == "table":
+            tables[(fam, obj.get("name", "?"))] = _nft_object_line("table", obj)
+            continue
+        tkey = (fam, obj.get("table", "?"))
+        tables.setdefault(tkey, f"table {fam} {tkey[1]}")
+        if kind == "rule":
+            line = (f"rule {fam} {tkey[1]} {obj.get('chain', '?')}: "
+                    + " ".join(t for t in (nft_expr_text(e) for e in obj.get("expr", [])) if t))
+            if obj.get("comment"):
+                line += f" comment {json.dumps(obj['comment'])}"
+            rules.setdefault((tkey, obj.get("chain", "?")), []).append(line)
+        else:
+            order = 0 if kind == "chain" else 1
+            objects.setdefault(tkey, []).append(
+                (order, str(obj.get("name", "")), kind, _nft_object_line(kind, obj)))
+    lines = []
+    for tkey in sorted(tables):
+        lines.append(tables[tkey])
+        xtables = tkey[0] in XTABLES_FAMILIES and tkey[1] in XTABLES_TABLES
+        chains = sorted(objects.get(tkey, []))
+        seen = {o[1] for o in chains if o[2] == "chain"}
+        chains += [(0, c, "chain", f"chain {tkey[0]} {tkey[1]} {c}")
+                   for (t, c) in sorted(rules) if t == tkey and c not in seen]
+        for order, name, kind, line in sorted(chains):
+            lines.append(line)
+            if kind == "chain":
+                chain_rules = rules.get((tkey, name), [])
+                lines += sorted(chain_rules) if xtables else chain_rules
+    return lines
+
+
+def normalise_docker_ports(text):
+    """`docker ps --format '{{.Names}} {{.Ports}}'` -> sorted `<container> <mapping>`
+    lines (one per published or exposed port; `<container> -` without ports). The
+    capture script's own `docker: absent` / `docker: not running` lines pass through."""
+    lines = []
+    for raw in (text or "").splitlines():
+        raw = raw.strip()
+        if not raw:
+            continue
+        if raw.startswith("docker: "):
+            lines.append(raw)
+            continue
+        name, _, ports = raw.partition(" ")
+        mappings = [p.strip() for p in ports.split(",") if p.strip()]
+        lines += [f"{name} {m}" for m in mappings] or [f"{name} -"]
+    return sorted(lines)
+
+
+def parse_port_range(text):
+    nums = [int(n) for n in re.findall(r"\d+", text or "")]
+    return (nums[0], nums[1]) if len(nums) >= 2 else (32768, 60999)
+
+
+_SS_PROCS = re.compile(r'\("((?:[^"\\]|\\.)*)",pid=\d+')
+
+
+def normalise_listeners(text, port_range=(32768, 60999), own_ips=()):
+    """`ss -H -tulnp` (or -tlnp) -> sorted, de-duplicated `<proto> <addr>:<port>
+    <processes>` lines. Dropped: queue sizes, pids, fds. A port inside the guest's
+    ip_local_port_range was picked by the kernel (bound to port 0, e.g. containerd's
+    stream server) and becomes `ephemeral`; the VM's own DHCP address becomes `VM_IP`."""
+    lo, hi = port_range
+    own = {ip for ip in own_ips if ip and not ip.startswith("127.") and ip != "::1"}
+    out = set()
+    for raw in (text or "").splitlines():
+        f = raw.split()
+        if len(f) < 5:
+            continue
+        proto = "tcp"
+        if f[0] in ("tcp", "udp", "raw", "sctp", "u_str", "u_dgr", "u_seq", "p_raw",
+                    "p_dgr", "nl", "mptcp"):
+            proto, f = f[0], f[1:]
+        if len(f) < 5:
+            continue
+        local = f[3]
+        addr, _, port = local.rpartition(":")
+        bare = addr.split("%", 1)[0].strip("[]")
+        if bare and bare in own:
+            addr = addr.replace(bare, "VM_IP", 1)
+        if port.isdigit() and lo <= int(port) <= hi:
+            port = "ephemeral"
+        procs = sorted(set(_SS_PROCS.findall(" ".join(f[5:])))) or ["-"]
+        out.add(f"{proto} {addr}:{port} {','.join(procs)}")
+    return sorted(out)
+
+
+def parse_failed_units(text):
+    """`systemctl --failed --plain --no-legend` -> sorted unit names."""
+    return sorted({ln.split()[0] for ln in (text or "").splitlines()
+                   if ln.split() and not ln.startswith(("0 loaded", "UNIT"))})
+
+
+def pair_enabled_active(units_text, states_text):
+    """`systemctl list-unit-files --state=enabled --type=service --no-legend` +
+    `systemctl is-active <those units>` (one state per line, same order; template units
+    `x@.service` are left out of both) -> sorted `<unit> <state>` lines."""
+    units = [ln.split()[0] for ln in (units_text or "").splitlines()
+             if ln.split() and not ln.split()[0].endswith("@.service")]
+    states = [ln.strip() for ln in (states_text or "").splitlines() if ln.strip()]
+    if len(units) != len(states):
+        return [f"! services: {len(units)} enabled units but {len(states)} states"]
+    return sorted(f"{u} {s}" for u, s in zip(units, states))
+
+
+def normalise_capture(sections, own_ips=()):
+    """Parsed capture sections -> {"categories": {category: [lines]}, "boot_id",
+    "nft_text", "port_range"}. A command that failed becomes one `! ...` line in its
+    category (so it shows in the diff instead of silently comparing empty lists)."""
+    def ok(name):
+        s = sections.get(name)
+        return s if s is not None and s["rc"] == 0 else None
+
+    cats = {}
+    s = ok("nft_json")
+    if s is None:
+        cats["nft"] = [_capture_error("nft -j list ruleset", sections.get("nft_json"))]
+    else:
+        try:
+            cats["nft"] = normalise_nft_json(s["out"] or '{"nftables": []}')
+        except (ValueError, AttributeError, TypeError) as e:
+            cats["nft"] = [f"! nft -j list ruleset: unparsable output ({e})"]
+    s = ok("docker")
+    cats["ports"] = (normalise_docker_ports(s["out"]) if s is not None
+                     else [_capture_error("docker ps", sections.get("docker"))])
+    pr = parse_port_range((sections.get("port_range") or {}).get("out"))
+    s = ok("sockets")
+    cats["sockets"] = (normalise_listeners(s["out"], pr, own_ips) if s is not None
+                       else [_capture_error("ss -tulnp", sections.get("sockets"))])
+    s = ok("failed_units")
+    cats["failed_units"] = (parse_failed_units(s["out"]) if s is not None
+                            else [_capture_error("systemctl --failed", sections.get("failed_units"))])
+    s = ok("enabled_units")
+    if s is None:
+        cats["services"] = [_capture_error("systemctl list-unit-files",
+                                           sections.get("enabled_units"))]
+    else:
+        # is-active exits nonzero when any unit is inactive: its rc is not an error.
+        act = sections.get("enabled_active")
+        if act is not None and act["rc"] in (None, 124):
+            cats["services"] = [_capture_error("systemctl is-active", act)]
+        else:
+            cats["services"] = pair_enabled_active(s["out"], (act or {}).get("out", ""))
+    nft_text = sections.get("nft_text") or {}
+    return {"categories": cats,
+            "boot_id": ((sections.get("boot_id") or {}).get("out") or "").strip() or None,
+            "nft_text": nft_text.get("out", "") if nft_text.get("rc") == 0
+            else _capture_error("nft list ruleset", sections.get("nft_text")),
+            "port_range": list(pr)}
+
+
+def diff_lines(before, after):
+    """(removed, added) between two line lists, order-aware (a moved line is one
+    removal and one addition; for sorted lists this is the multiset difference)."""
+    removed, added = [], []
+    sm = difflib.SequenceMatcher(None, before, after, autojunk=False)
+    for tag, i1, i2, j1, j2 in sm.get_opcodes():
+        if tag in ("replace", "delete"):
+            removed += before[i1:i2]
+        if tag in ("replace", "insert"):
+            added += after[j1:j2]
+    return removed, added
+
+
+def diff_state(before_cats, after_cats):
+    """{category: {"removed": [...], "added": [...]}} for every category."""
+    out = {}
+    for cat in REBOOT_DIFF_CATEGORIES:
+        removed, added = diff_lines(before_cats.get(cat, []), after_cats.get(cat, []))
+        out[cat] = {"removed": removed, "added": added}
+    return out
+
+
+def tolerance_patterns(spec):
+    """The profile's `reboot_diff_tolerate` -> {category: [compiled regex]}. A dict maps
+    a category to regexes; a plain list applies to every category."""
+    if isinstance(spec, list):
+        pats = [re.compile(p) for p in spec]
+        return {c: pats for c in REBOOT_DIFF_CATEGORIES}
+    return {c: [re.compile(p) for p in (spec or {}).get(c, [])] for c in REBOOT_DIFF_CATEGORIES}
+
+
+def classify_diff(diff, spec):
+    """(tolerated, unexpected): `<category>: <-|+> <line>` strings. A changed line is
+    tolerated when a pattern of its category matches it (re.search, on the line without
+    its sign); everything else is unexpected."""
+    pats = tolerance_patterns(spec)
+    tolerated, unexpected = [], []
+    for cat in REBOOT_DIFF_CATEGORIES:
+        d = diff.get(cat, {})
+        for sign, key in (("-", "removed"), ("+", "added")):
+            for line in d.get(key, []):
+                entry = f"{cat}: {sign} {line}"
+                (tolerated if any(p.search(line) for p in pats[cat]) else unexpected).append(entry)
+    return tolerated, unexpected
+
+
+def check_tolerance_spec(value, where):
+    """Validate a `reboot_diff_tolerate` value; UsageError naming `where`."""
+    if isinstance(value, list):
+        groups = {"*": value}
+    else:
+        unknown = sorted(set(value) - set(REBOOT_DIFF_CATEGORIES))
+        if unknown:
+            raise UsageError(f"{where}: key 'reboot_diff_tolerate' has unknown categories "
+                             f"{unknown} (known: {', '.join(REBOOT_DIFF_CATEGORIES)})")
+        groups = value
+    for cat, pats in groups.items():
+        if not isinstance(pats, list) or not all(isinstance(p, str) and p for p in pats):
+            raise UsageError(f"{where}: key 'reboot_diff_tolerate' entries must be lists of "
+                             f"non-empty regex strings (category {cat!r})")
+        for p in pats:
+            try:
+                re.compile(p)
+            except re.error as e:
+                raise UsageError(f"{where}: key 'reboot_diff_tolerate' has an invalid regex "
+                                 f"{p!r}: {e}") from None
+
+
+def render_state_diff(before, after, diff, tolerated, unexpected, mode, index, note=""):
+    """diff.txt: a header, the verdict lines, then a unified diff per category."""
+    out = [f"reboot {index} ({mode}): boot_id {before.get('boot_id') or '?'} -> "
+           f"{after.get('boot_id') or '?'}",
+           f"before: {before.get('at', '?')}   after: {after.get('at', '?')}"]
+    if note:
+        out.append(note)
+    out.append("")
+    if unexpected:
+        out.append(f"UNEXPECTED ({len(unexpected)}; not in the profile's reboot_diff_tolerate):")
+        out += [f"  {u}" for u in unexpected]
+    if tolerated:
+        out.append(f"tolerated ({len(tolerated)}; reboot_diff_tolerate):")
+        out += [f"  {t}" for t in tolerated]
+    if not unexpected and not tolerated:
+        out.append("no differences")
+    for cat in REBOOT_DIFF_CATEGORIES:
+        d = diff.get(cat, {"removed": [], "added": []})
+        out += ["", f"== {cat}: {len(d['removed'])} removed, {len(d['added'])} added =="]
+        if d["removed"] or d["added"]:
+            out += list(difflib.unified_diff(
+                before["categories"].get(cat, []), after["categories"].get(cat, []),
+                f"before/{cat}.json", f"after/{cat}.json", lineterm="", n=3))
+    return "\n".join(out) + "\n"
+
+
+def reboot_diff_summary(mode, index, diff, tolerated, unexpected, directory):
+    return {
+        "index": index, "mode": mode,
+        "changed": any(d["removed"] or d["added"] for d in diff.values()),
+        "categories": {c: {"added": len(d["added"]), "removed": len(d["removed"])}
+                       for c, d in diff.items()},
+        "tolerated": tolerated, "unexpected": unexpected,
+        "dir": str(directory), "diff": str(pathlib.Path(directory) / "diff.txt"),
+    }
 
 
 # ---- accelerator ------------------------------------------------------------------
@@ -1196,9 +1672,9 @@ class RunState:
         tmp.write_text(json.dumps(self.data, indent=2, sort_keys=True) + "\n")
         tmp.replace(self.dir / "run.json")
 
-    def ssh(self, command, timeout, stage="ssh"):
+    def ssh(self, command, timeout, stage="ssh", input=None):
         return run(ssh_argv(self.dir, self.name, self.ip, command, port=self.ctx.ssh_port),
-                   timeout=timeout, stage=stage, cmdlog=self.ctx.cmdlog)
+                   timeout=timeout, stage=stage, cmdlog=self.ctx.cmdlog, input=input)
 
 
 def list_runs(ctx):
@@ -1901,12 +2377,94 @@ def idempotence(ctx, rs, profile, certs, result=None):
 
 # ---- reboot ---------------------------------------------------------------------------
 def capture_state(ctx, rs, boot_id=None):
-    """Guest state worth comparing across a reboot (issue 5 extends this)."""
-    state = {"boot_id": boot_id or read_boot_id(ctx, rs), "at": now_iso()}
-    r = rs.ssh("systemctl --failed --plain --no-legend --no-pager",
-               timeout=ctx.bounds["ssh-command"])
-    state["failed_units"] = sorted(ln.split()[0] for ln in r.stdout.splitlines() if ln.split())
+    """Guest state worth comparing across a reboot, in ONE pinned SSH round trip: the
+    capture script (render_capture_script) runs as root via `sudo -n sh -s`, each command
+    bounded by `timeout` (diag-command), the call by ssh-command plus those. Returns
+    normalise_capture()'s dict plus boot_id, at, failed_units and the raw output.
+    No usable answer -> InfraError('reboot')."""
+    nonce = secrets.token_hex(6)
+    per = ctx.bounds["diag-command"]
+    r = rs.ssh("sudo -n sh -s", timeout=ctx.bounds["ssh-command"] + per * CAPTURE_COMMANDS,
+               stage="reboot", input=render_capture_script(nonce, per))
+    sections = parse_capture_output(r.stdout, nonce)
+    if r.returncode != 0 or "boot_id" not in sections:
+        why = "timed out" if r.timed_out else (
+            (r.stderr.strip().splitlines() or [f"exit {r.returncode}"])[-1])
+        raise InfraError("reboot", f"could not capture the guest's state over SSH ({why})")
+    state = normalise_capture(sections, own_ips=[rs.ip] if rs.ip else [])
+    state["boot_id"] = boot_id or state["boot_id"]
+    state["at"] = now_iso()
+    state["failed_units"] = [u for u in state["categories"]["failed_units"]
+                             if not u.startswith("!")]
+    state["raw"] = r.stdout
     return state
+
+
+def write_capture(d, state):
+    """One capture as files: the ruleset as text (for humans), each category's
+    normalised lines as JSON, and the raw script output (to debug normalisation)."""
+    d.mkdir(parents=True, exist_ok=True)
+    (d / "nft-ruleset.txt").write_text(state.get("nft_text", "").rstrip("\n") + "\n")
+    for cat in REBOOT_DIFF_CATEGORIES:
+        (d / f"{cat}.json").write_text(json.dumps(state["categories"].get(cat, []), indent=1) + "\n")
+    (d / "capture-raw.txt").write_text(state.get("raw", ""))
+
+
+def reboot_diff(ctx, rs, profile, mode, before, after, result=None, policy="fail"):
+    """Compare the captures around one reboot. Files go to the run's diagnostics dir
+    (reboot-<n>-<mode>/before/, after/, diff.txt) on every outcome; the summary to
+    result['reboot_diffs'] and run.json. Differences the profile's reboot_diff_tolerate
+    does not cover are UNEXPECTED: they are captured once more after reboot-settle
+    seconds (the guest may still be starting something), and if still there,
+    VerifyFailed('reboot-diff') (policy fail) or a warning (policy warn). Returns the
+    summary."""
+    index = len(rs.data.get("reboots", [])) or 1
+    spec = profile.get("reboot_diff_tolerate") or {}
+    d = rs.diag_dir / f"reboot-{index}-{mode}"
+    diff = diff_state(before["categories"], after["categories"])
+    tolerated, unexpected = classify_diff(diff, spec)
+    note = ""
+    settle = ctx.bounds["reboot-settle"]
+    if unexpected and settle > 0:
+        progress(ctx, f"reboot-diff:{mode}", f"{len(unexpected)} unexpected difference(s); "
+                 f"capturing again in {settle:g}s in case the guest is still settling")
+        time.sleep(settle)
+        write_capture(d / "after-first", after)
+        early = unexpected
+        after = capture_state(ctx, rs)
+        diff = diff_state(before["categories"], after["categories"])
+        tolerated, unexpected = classify_diff(diff, spec)
+        gone = [u for u in early if u not in unexpected]
+        note = (f"captured twice after the boot ({settle:g}s apart; the first is in "
+                f"after-first/); gone by the second capture: {len(gone)}"
+                + "".join(f"\n  {g}" for g in gone))
+    write_capture(d / "before", before)
+    write_capture(d / "after", after)
+    (d / "diff.txt").write_text(render_state_diff(before, after, diff, tolerated, unexpected,
+                                                  mode, index, note))
+    summary = reboot_diff_summary(mode, index, diff, tolerated, unexpected, d)
+    summary["recaptured"] = bool(note)
+    if result is not None:
+        result.setdefault("reboot_diffs", []).append(summary)
+    if rs.data.get("reboots"):
+        rs.data["reboots"][-1]["diff"] = {"changed": summary["changed"],
+                                          "unexpected": len(unexpected), "dir": str(d)}
+        rs.save()
+    if not unexpected:
+        progress(ctx, f"reboot-diff:{mode}", ("no differences" if not summary["changed"] else
+                                              f"{len(tolerated)} tolerated difference(s)")
+                 + f"; {d}")
+        return summary
+    shown = unexpected[:20]
+    msg = (f"{len(unexpected)} unexpected difference(s) across the {mode} reboot: "
+           + "; ".join(shown) + (f"; ... {len(unexpected) - 20} more" if len(unexpected) > 20
+                                 else "") + f" (diff: {d / 'diff.txt'})")
+    if policy == "fail":
+        raise VerifyFailed("reboot-diff", msg, shown, detail="\n".join(unexpected)
+                           + f"\n\ndiff: {d / 'diff.txt'}")
+    progress(ctx, f"reboot-diff:{mode}", f"warning (--reboot-diff=warn): {msg}")
+    summary["warning"] = msg
+    return summary
 
 
 def reboot_vm(ctx, rs, mode="graceful"):
@@ -2056,6 +2614,8 @@ def timed_phase(ctx, result, name):
         yield entry
     except VerifyFailed as e:
         entry["status"], entry["message"] = "fail", e.msg
+        if e.detail:
+            entry["detail"] = e.detail
         raise
     except KeyboardInterrupt:
         entry["status"], entry["message"] = "interrupted", "interrupted"
@@ -2151,7 +2711,12 @@ def session(ctx, args, command):
             result["reboot_modes"] = modes
             for mode in modes:
                 with timed_phase(ctx, result, f"reboot:{mode}"):
-                    reboot_vm(ctx, rs, mode)
+                    before, after = reboot_vm(ctx, rs, mode)
+                with timed_phase(ctx, result, f"reboot-diff:{mode}") as entry:
+                    summary = reboot_diff(ctx, rs, profile, mode, before, after, result,
+                                          args.reboot_diff)
+                    if summary.get("warning"):
+                        entry["message"] = summary["warning"]
         if command in ("assert", "cycle", "bench"):
             run_assert(ctx, rs, profile, certs, result)
         if command in ("cycle", "bench") and not args.no_idempotence and not args.no_reboot:
@@ -2466,6 +3031,28 @@ ENV_HELP = """environment:
 """
 
 
+REBOOT_HELP = """reboots (cycle, bench, reboot):
+  A profile's "reboot" list runs in order: "reboot": ["graceful", "hard"] reboots
+  gracefully (virsh reboot), then cuts the power (virsh destroy + start); default
+  ["graceful"]; --reboot MODE replaces the list with that one mode (the reboot
+  subcommand does one reboot). Each reboot must change the guest's boot_id.
+  Right before and after each reboot the guest's state is captured in one SSH call
+  and normalised into categories: nft (ruleset without handles, counter values,
+  table/chain creation order; Docker's iptables-nft chains compared as multisets),
+  ports (docker ps published ports), sockets (ss -tulnp: proto, address:port,
+  process; kernel-picked ports shown as "ephemeral"), failed_units, services
+  (every enabled service and whether it is active). Written on every outcome to
+  <diagnostics>/reboot-<n>-<mode>/{before,after}/ and diff.txt; summarised in
+  result.json "reboot_diffs". A difference the profile does not tolerate is captured
+  once more after BOMA_IT_TIMEOUT_REBOOT_SETTLE seconds and, if still there, fails the
+  run: exit 1, stage reboot-diff, VM kept (--reboot-diff=warn only reports it).
+  Tolerance, in the profile: "reboot_diff_tolerate": {"sockets": ["dhclient"],
+  "nft": ["^rule ip6? (nat|filter) DOCKER"]} maps a category to regexes searched
+  (re.search) in each changed line without its +/- sign; a plain list of regexes
+  applies to every category.
+"""
+
+
 def build_parser():
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument("--connect", metavar="URI", help="libvirt URI (env LIBVIRT_DEFAULT_URI)")
@@ -2490,8 +3077,12 @@ def build_parser():
                         help="keep the VM afterwards, whatever the outcome")
         sp.add_argument("--no-reboot", action="store_true", help="skip the reboot (and idempotence)")
         sp.add_argument("--reboot", choices=REBOOT_MODES,
-                        help="reboot mode (default: the profile's list, else graceful); "
-                             "hard = virsh destroy + start")
+                        help="one reboot of this mode instead of the profile's \"reboot\" "
+                             "list (default [\"graceful\"]; [\"graceful\", \"hard\"] does "
+                             "both in order); hard = virsh destroy + start")
+        sp.add_argument("--reboot-diff", choices=REBOOT_DIFF_POLICIES, default="fail",
+                        help="an unexpected difference in the guest's state across a reboot "
+                             "fails the run (fail, default) or is only reported (warn)")
         sp.add_argument("--no-idempotence", action="store_true",
                         help="skip the post-reboot re-apply that must change nothing")
         sp.add_argument("--junit", metavar="FILE", help="write JUnit XML here")
@@ -2521,7 +3112,8 @@ def build_parser():
     sps = {}
     for c in SUBCOMMANDS:
         sps[c] = sub.add_parser(c, parents=[common], help=helps[c], description=helps[c],
-                                epilog=EXIT_CODES_HELP,
+                                epilog=(REBOOT_HELP + "\n" if c in ("cycle", "bench", "reboot")
+                                        else "") + EXIT_CODES_HELP,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     sps["image"].add_argument("--force", action="store_true", help="rebuild even if cached")
     for c in ("up", "cycle", "bench"):
@@ -2535,7 +3127,11 @@ def build_parser():
         run_opts(sps[c])
         cert_opts(sps[c])
         sps[c].add_argument("--junit", metavar="FILE", help="write JUnit XML here")
-    sps["reboot"].add_argument("--reboot", choices=REBOOT_MODES, help="graceful (default) or hard")
+    sps["reboot"].add_argument("--reboot", choices=REBOOT_MODES,
+                               help="graceful or hard (default: the first of the profile's "
+                                    "\"reboot\" list, else graceful)")
+    sps["reboot"].add_argument("--reboot-diff", choices=REBOOT_DIFF_POLICIES, default="fail",
+                               help="an unexpected state difference fails (default) or warns")
     for c in ("down", "console"):
         run_opts(sps[c])
     sps["down"].add_argument("--keep", action="store_true", help="do nothing (spec compatibility)")
@@ -2548,7 +3144,8 @@ def build_parser():
 def _defaults(args):
     for k, v in (("host", None), ("run", None), ("certs", None), ("allow_prod_certs", False),
                  ("keep", False), ("no_reboot", False), ("reboot", None),
-                 ("no_idempotence", False), ("junit", None), ("expect_fail", False)):
+                 ("no_idempotence", False), ("junit", None), ("expect_fail", False),
+                 ("reboot_diff", "fail")):
         if not hasattr(args, k):
             setattr(args, k, v)
     return args

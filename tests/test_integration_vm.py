@@ -722,3 +722,450 @@ def test_cloud_cfg_is_valid_yaml():
     assert cfg["datasource_list"] == ["NoCloud", "None"]
     assert cfg["growpart"]["mode"] == "off" and cfg["resize_rootfs"] is False
     assert cfg["network"]["config"] == "disabled"
+
+
+# ---- what a reboot changed (issue 5) -------------------------------------------------
+GUEST = FIXTURES / "guest"
+NONCE = "0123456789ab"
+
+
+def _nft_items():
+    return json.loads((GUEST / "nft-ruleset.json").read_text())["nftables"]
+
+
+def _nft(items):
+    return json.dumps({"nftables": items})
+
+
+def _capture(**sections):
+    """Capture-script output with the given {name: (rc, out)} sections."""
+    out = []
+    for name, (rc, body) in sections.items():
+        out += [f"@@boma-{NONCE} begin {name}", body, "", f"@@boma-{NONCE} end {name} {rc} "]
+    return "\n".join(out) + "\n"
+
+
+def test_capture_script_bounds_every_command_and_runs_as_one_script():
+    s = ivm.render_capture_script(NONCE, 30.4)
+    assert s.startswith(f"M='@@boma-{NONCE}'\nT=30\n") and s.rstrip().endswith("exit 0")
+    assert 'timeout -k 2 "$T" "$@" </dev/null' in s  # bounded, and never eats the script
+    for sec in ("boot_id", "port_range", "nft_json", "nft_text", "docker", "sockets",
+                "failed_units", "enabled_units", "enabled_active"):
+        assert f"sec {sec} " in s
+    for cmd in ("nft -j list ruleset", "nft list ruleset", "ss -H -tulnp",
+                "docker ps --format '{{.Names}} {{.Ports}}'",
+                "systemctl --failed --plain --no-legend --no-pager",
+                "systemctl list-unit-files --state=enabled --type=service --no-legend --no-pager",
+                "systemctl is-active $units"):
+        assert cmd in s
+    assert "sudo" not in s  # the whole script runs under ONE `sudo -n sh -s`
+    assert ivm.render_capture_script(NONCE, 0.2).splitlines()[1] == "T=1"
+    assert s.count("timeout -k 2") <= ivm.CAPTURE_COMMANDS
+
+
+def _stub_guest(tmp_path, docker="running"):
+    """A PATH with stub guest commands and only the real tools the script needs."""
+    import shutil
+    import textwrap
+    bin_ = tmp_path / "bin"
+    bin_.mkdir()
+    for tool in ("timeout", "mktemp", "awk", "head", "tr", "cat", "rm", "echo"):
+        (bin_ / tool).symlink_to(shutil.which(tool))
+    stubs = {
+        # nft reads stdin: if the script did not shield it, the rest of the script is eaten
+        "nft": f"""cat >/dev/null
+                   if [ "$1" = -j ]; then cat {GUEST / 'nft-ruleset.json'}; else cat {GUEST / 'nft-ruleset.txt'}; fi""",
+        "ss": f"cat {GUEST / 'ss-tulnp.txt'}",
+        "docker": f"cat {GUEST / 'docker-ps.txt'}",
+        "systemctl": f"""case "$*" in
+                   "is-active --quiet docker.service") [ "{docker}" = running ] ;;
+                   --failed*) echo 'fstrim.service loaded failed failed Discard unused blocks' ;;
+                   list-unit-files*) cat {GUEST / 'list-unit-files.txt'} ;;
+                   is-active*) shift; for u in "$@"; do
+                                 case $u in *@*) echo "bad unit $u" >&2; exit 1 ;; e2scrub*) echo inactive ;; *) echo active ;; esac
+                               done; exit 3 ;;
+                   esac""",
+    }
+    for name, body in stubs.items():
+        if name == "docker" and docker == "absent":
+            continue
+        (bin_ / name).write_text("#!/bin/sh\n" + textwrap.dedent(body) + "\n")
+        (bin_ / name).chmod(0o755)
+    return bin_
+
+
+@pytest.mark.parametrize("docker", ["running", "stopped", "absent"])
+def test_capture_script_runs_under_sh_and_parses(tmp_path, docker):
+    import subprocess
+    bin_ = _stub_guest(tmp_path, docker)
+    p = subprocess.run(["/bin/sh", "-s"], input=ivm.render_capture_script(NONCE, 5),
+                       env={"PATH": str(bin_)}, capture_output=True, text=True, timeout=60)
+    assert p.returncode == 0, p.stderr
+    secs = ivm.parse_capture_output(p.stdout, NONCE)
+    assert set(secs) == {"boot_id", "port_range", "nft_json", "nft_text", "docker", "sockets",
+                         "failed_units", "enabled_units", "enabled_active"}
+    assert secs["enabled_active"]["rc"] == 3  # is-active: some unit inactive
+    st = ivm.normalise_capture(secs, own_ips=["192.168.150.42"])
+    assert st["boot_id"] and len(st["boot_id"]) == 36
+    cats = st["categories"]
+    assert "rule inet filter forward: meta iifname docker0 accept" in cats["nft"]
+    assert "table inet filter" in st["nft_text"]
+    assert cats["failed_units"] == ["fstrim.service"]
+    assert "e2scrub_reap.service inactive" in cats["services"]
+    assert "docker.service active" in cats["services"]
+    assert not any(ln.startswith("getty@") for ln in cats["services"])  # template left out
+    assert "udp VM_IP%enp1s0:68 systemd-network" in cats["sockets"]
+    assert cats["ports"] == {"running": ivm.normalise_docker_ports(
+        (GUEST / "docker-ps.txt").read_text()), "stopped": ["docker: not running"],
+        "absent": ["docker: absent"]}[docker]
+
+
+def test_parse_capture_output_rc_stderr_and_cut_off():
+    text = (f"noise before\n@@boma-{NONCE} begin a\nline 1\n\n@@boma-{NONCE} end a 0 \n"
+            f"@@boma-{NONCE} begin b\n@@boma-ffffffffffff end b 0\n\n"
+            f"@@boma-{NONCE} end b 1 nft: Operation not permitted \n"
+            f"@@boma-{NONCE} begin c\npartial")
+    s = ivm.parse_capture_output(text, NONCE)
+    assert s["a"] == {"rc": 0, "out": "line 1", "err": ""}
+    # a marker with another nonce is content, not structure
+    assert s["b"] == {"rc": 1, "out": "@@boma-ffffffffffff end b 0",
+                      "err": "nft: Operation not permitted"}
+    assert s["c"]["rc"] is None and s["c"]["out"] == "partial"
+    assert ivm.parse_capture_output("", NONCE) == {}
+
+
+@pytest.mark.parametrize("expr,text", [
+    ({"match": {"op": "==", "left": {"meta": {"key": "iifname"}}, "right": "docker0"}},
+     "meta iifname docker0"),
+    ({"match": {"op": "!=", "left": {"meta": {"key": "oifname"}}, "right": "br-1"}},
+     "meta oifname != br-1"),
+    ({"match": {"op": "in", "left": {"ct": {"key": "state"}}, "right": ["related", "established"]}},
+     "ct state { established, related }"),
+    ({"match": {"op": "==", "left": {"payload": {"protocol": "tcp", "field": "dport"}},
+                "right": {"set": [8443, 443, 80]}}}, "tcp dport { 80, 443, 8443 }"),
+    ({"match": {"op": "==", "left": {"payload": {"protocol": "ip", "field": "saddr"}},
+                "right": {"prefix": {"addr": "172.17.0.0", "len": 16}}}}, "ip saddr 172.17.0.0/16"),
+    ({"match": {"op": ">=", "left": {"payload": {"base": "th", "offset": 16, "len": 16}},
+                "right": {"range": [1024, 2048]}}}, "@th,16,16 >= 1024-2048"),
+    ({"match": {"op": "==", "left": {"fib": {"result": "type", "flags": ["daddr"]}},
+                "right": "local"}}, "fib daddr type local"),
+    ({"counter": {"packets": 812, "bytes": 99211}}, "counter"),
+    ({"counter": "named"}, "counter name named"),
+    ({"jump": {"target": "DOCKER"}}, "jump DOCKER"),
+    ({"accept": None}, "accept"),
+    ({"masquerade": None}, "masquerade"),
+    ({"dnat": {"addr": "172.18.0.2", "port": 443}}, "dnat to 172.18.0.2:443"),
+    ({"dnat": {"family": "ip", "addr": "172.18.0.2", "port": 443}}, "dnat ip to 172.18.0.2:443"),
+    ({"xt": {"type": "match", "name": "addrtype"}}, "xt match addrtype"),
+    ({"log": {"prefix": "nft drop: "}}, 'log {"prefix":"nft drop: "}'),
+    ({"reject": None}, "reject"),
+    ({"last": {"used": 1234}}, "last"),
+    ({"set": [{"elem": {"val": "10.0.0.1", "timeout": 60, "expires": 17}}]},
+     '{ 10.0.0.1 {"timeout":60} }'),
+])
+def test_nft_expr_text(expr, text):
+    assert ivm.nft_expr_text(expr) == text
+
+
+def test_normalise_nft_json_drops_volatile_fields():
+    text = (GUEST / "nft-ruleset.json").read_text()
+    lines = ivm.normalise_nft_json(text)
+    joined = "\n".join(lines)
+    for gone in ("handle", "packets", "bytes", "metainfo", "Bullmoose"):
+        assert gone not in joined
+    assert lines[0] == "table inet filter"  # tables sorted, not in creation order
+    assert [ln for ln in lines if ln.startswith("table")] == [
+        "table inet filter", "table ip filter", "table ip nat"]
+    fwd = lines.index("chain inet filter forward {type filter hook forward prio 0 policy drop}")
+    assert lines[fwd + 1:fwd + 6] == [
+        "rule inet filter forward: ct state { established, related } accept",
+        "rule inet filter forward: meta iifname docker0 accept",
+        "rule inet filter forward: meta oifname docker0 accept",
+        "rule inet filter forward: meta iifname br-* accept",
+        "rule inet filter forward: meta oifname br-* accept"]
+    assert 'rule inet filter input: tcp dport 22 accept comment "ssh"' in lines
+    assert ("rule ip nat DOCKER: meta iifname != br-3f1c2a9d8e7b meta l4proto tcp tcp dport 443 "
+            "counter dnat to 172.18.0.2:443") in lines
+    assert "chain ip nat POSTROUTING {type nat hook postrouting prio 100 policy accept}" in lines
+    assert "chain ip filter DOCKER-USER" in lines
+
+
+def _rebooted(items, boots=2):
+    """What the same ruleset looks like after a reboot: base's table loaded first,
+    Docker's rules re-created in another order, new handles and counter values."""
+    items = json.loads(json.dumps(items))
+    meta = [i for i in items if "metainfo" in i]
+    inet = [i for i in items if "metainfo" not in i and list(i.values())[0]["family"] == "inet"]
+    docker = [i for i in items if "metainfo" not in i and i not in inet]
+    docker = [i for i in docker if "rule" not in i] + [i for i in docker if "rule" in i][::-1]
+    out = meta + inet + docker
+    for i in out:
+        obj = list(i.values())[0]
+        if "handle" in obj:
+            obj["handle"] += 100 * boots
+        for e in obj.get("expr", []):
+            if "counter" in e:
+                e["counter"] = {"packets": 7 * boots, "bytes": 999 * boots}
+    return out
+
+
+def test_normalise_nft_json_is_blind_to_what_a_reboot_reorders():
+    items = _nft_items()
+    assert ivm.normalise_nft_json(_nft(items)) == ivm.normalise_nft_json(_nft(_rebooted(items)))
+
+
+def test_normalise_nft_json_keeps_rule_order_in_boma_tables():
+    items = _nft_items()
+    idx = [i for i, it in enumerate(items)
+           if "rule" in it and it["rule"]["family"] == "inet" and it["rule"]["chain"] == "forward"]
+    swapped = list(items)
+    swapped[idx[0]], swapped[idx[1]] = swapped[idx[1]], swapped[idx[0]]
+    before, after = ivm.normalise_nft_json(_nft(items)), ivm.normalise_nft_json(_nft(swapped))
+    assert sorted(before) == sorted(after) and before != after
+    removed, added = ivm.diff_lines(before, after)
+    assert len(removed) == len(added) == 1 and removed == added  # a moved rule
+
+
+def test_normalise_nft_json_sets_objects_and_empty():
+    text = json.dumps({"nftables": [
+        {"metainfo": {"version": "1.1.3"}},
+        {"table": {"family": "inet", "name": "f", "handle": 9}},
+        {"set": {"family": "inet", "table": "f", "name": "allow", "type": "ipv4_addr",
+                 "handle": 3, "flags": ["interval"],
+                 "elem": [{"prefix": {"addr": "10.0.0.0", "len": 8}}, "192.168.1.1"]}},
+        {"chain": {"family": "inet", "table": "f", "name": "c", "handle": 1}},
+        {"counter": {"family": "inet", "table": "f", "name": "hits", "handle": 4,
+                     "packets": 5, "bytes": 6}},
+    ]})
+    assert ivm.normalise_nft_json(text) == [
+        "table inet f", "chain inet f c",
+        'set inet f allow {"flags":["interval"],"type":"ipv4_addr"} elements '
+        '{ 10.0.0.0/8, 192.168.1.1 }',
+        "counter inet f hits {}"]
+    assert ivm.normalise_nft_json('{"nftables": [{"metainfo": {}}]}') == []
+    with pytest.raises(ValueError):
+        ivm.normalise_nft_json("nft: not JSON")
+
+
+def test_normalise_docker_ports():
+    out = ivm.normalise_docker_ports((GUEST / "docker-ps.txt").read_text()
+                                     + "netbird-signal \nzz-worker\n")
+    assert out == ["caddy 0.0.0.0:443->443/tcp", "caddy 0.0.0.0:443->443/udp",
+                   "caddy 0.0.0.0:80->80/tcp", "caddy [::]:443->443/tcp",
+                   "caddy [::]:443->443/udp", "caddy [::]:80->80/tcp",
+                   "netbird-signal -", "zz-worker -"]
+    assert ivm.normalise_docker_ports("docker: absent\n") == ["docker: absent"]
+    assert ivm.normalise_docker_ports("") == []
+
+
+def test_normalise_listeners_realistic():
+    out = ivm.normalise_listeners((GUEST / "ss-tulnp.txt").read_text(), (32768, 60999),
+                                  own_ips=["192.168.150.42"])
+    assert out == sorted([
+        "udp 127.0.0.54:53 systemd-resolve", "udp 127.0.0.53%lo:53 systemd-resolve",
+        "udp VM_IP%enp1s0:68 systemd-network", "udp 0.0.0.0:443 docker-proxy",
+        "udp [::]:443 docker-proxy", "udp 0.0.0.0:5355 systemd-resolve",
+        "udp [::]:5355 systemd-resolve", "tcp 127.0.0.54:53 systemd-resolve",
+        "tcp 127.0.0.53%lo:53 systemd-resolve", "tcp 127.0.0.1:ephemeral containerd",
+        "tcp 0.0.0.0:5355 systemd-resolve", "tcp 0.0.0.0:22 sshd",
+        "tcp 0.0.0.0:443 docker-proxy", "tcp 0.0.0.0:80 docker-proxy", "tcp [::]:22 sshd",
+        "tcp [::]:443 docker-proxy", "tcp [::]:80 docker-proxy",
+        "tcp [::]:5355 systemd-resolve"])
+
+
+def test_normalise_listeners_tlnp_without_netid_and_odd_rows():
+    text = ('LISTEN 0 4096 0.0.0.0:443 0.0.0.0:* users:(("docker-proxy",pid=1234,fd=7))\n'
+            'LISTEN 0 4096 0.0.0.0:443 0.0.0.0:* users:(("docker-proxy",pid=9,fd=7))\n'
+            'LISTEN 0 128 *:8080 *:* users:(("nginx",pid=2,fd=6),("nginx",pid=1,fd=6),'
+            '("nginx",pid=3,fd=6))\n'
+            'LISTEN 0 64 0.0.0.0:2049 0.0.0.0:*\n'
+            'LISTEN 0 5 [fe80::5054:ff:fe12:3456]%enp1s0:546 [::]:* users:(("x y",pid=5,fd=1))\n'
+            'LISTEN 0 5 127.0.0.1:45000 0.0.0.0:* users:(("containerd",pid=7,fd=9))\n'
+            "garbage\n")
+    assert ivm.normalise_listeners(text, (40000, 50000), own_ips=["127.0.0.1"]) == [
+        "tcp *:8080 nginx", "tcp 0.0.0.0:2049 -", "tcp 0.0.0.0:443 docker-proxy",
+        "tcp 127.0.0.1:ephemeral containerd",   # loopback is never "the VM's address"
+        "tcp [fe80::5054:ff:fe12:3456]%enp1s0:546 x y"]
+
+
+def test_parse_port_range_and_failed_units():
+    assert ivm.parse_port_range("32768\t60999\n") == (32768, 60999)
+    assert ivm.parse_port_range("") == (32768, 60999)
+    assert ivm.parse_failed_units("fstrim.service loaded failed failed Discard\n"
+                                  "a.mount loaded failed failed A\n\n") == ["a.mount",
+                                                                          "fstrim.service"]
+    assert ivm.parse_failed_units("") == []
+
+
+def test_pair_enabled_active():
+    units = (GUEST / "list-unit-files.txt").read_text()
+    names = [ln.split()[0] for ln in units.splitlines() if "@." not in ln]
+    states = "\n".join("inactive" if n.startswith("e2scrub") else "active" for n in names)
+    out = ivm.pair_enabled_active(units, states)
+    assert "getty@.service active" not in out and len(out) == len(names) == 13
+    assert out[0] == "cloud-config.service active" and "e2scrub_reap.service inactive" in out
+    assert ivm.pair_enabled_active(units, "active\n")[0].startswith("! services: 13 enabled")
+    assert ivm.pair_enabled_active("", "") == []
+
+
+def test_normalise_capture_records_failures_as_lines():
+    st = ivm.normalise_capture(ivm.parse_capture_output(_capture(
+        boot_id=(0, "b-1"), port_range=(0, "32768 60999"),
+        nft_json=(1, "Error: Could not process rule: Operation not permitted"),
+        docker=(124, ""), sockets=(0, "not ss output"),
+        enabled_units=(0, "ssh.service enabled enabled"), enabled_active=(0, "active"),
+    ), NONCE))
+    c = st["categories"]
+    assert st["boot_id"] == "b-1" and st["port_range"] == [32768, 60999]
+    assert c["nft"] == ["! nft -j list ruleset: exit 1"]
+    assert c["ports"] == ["! docker ps: timed out"]
+    assert c["sockets"] == []
+    assert c["failed_units"] == ["! systemctl --failed: not captured"]
+    assert c["services"] == ["ssh.service active"]
+    assert st["nft_text"] == "! nft list ruleset: not captured"
+    bad = ivm.normalise_capture(ivm.parse_capture_output(_capture(
+        nft_json=(0, "{not json"), enabled_units=(0, "a.service enabled enabled"),
+        enabled_active=(124, "")), NONCE))["categories"]
+    assert bad["nft"][0].startswith("! nft -j list ruleset: unparsable output")
+    assert bad["services"] == ["! systemctl is-active: timed out"]
+
+
+def test_diff_state_finds_flushes_readds_and_losses():
+    before = {"nft": ["table inet filter", "rule inet filter forward: accept"],
+              "ports": ["caddy 0.0.0.0:443->443/tcp"], "sockets": ["tcp 0.0.0.0:443 docker-proxy"],
+              "failed_units": [], "services": ["docker.service active"]}
+    after = {"nft": ["table inet filter", "rule inet filter forward: accept",
+                     "rule inet filter forward: accept"],   # re-added: a duplicate
+             "ports": [], "sockets": ["tcp 0.0.0.0:443 docker-proxy"],
+             "failed_units": ["docker.service"], "services": ["docker.service failed"]}
+    d = ivm.diff_state(before, after)
+    assert list(d) == list(ivm.REBOOT_DIFF_CATEGORIES)
+    assert d["nft"] == {"removed": [], "added": ["rule inet filter forward: accept"]}
+    assert d["ports"] == {"removed": ["caddy 0.0.0.0:443->443/tcp"], "added": []}
+    assert d["sockets"] == {"removed": [], "added": []}
+    assert d["failed_units"]["added"] == ["docker.service"]
+    assert d["services"] == {"removed": ["docker.service active"],
+                             "added": ["docker.service failed"]}
+    assert ivm.diff_state(before, before) == {c: {"removed": [], "added": []}
+                                              for c in ivm.REBOOT_DIFF_CATEGORIES}
+
+
+def test_classify_diff_with_dict_and_list_tolerance():
+    d = {c: {"removed": [], "added": []} for c in ivm.REBOOT_DIFF_CATEGORIES}
+    d["sockets"]["added"] = ["udp 0.0.0.0:68 dhclient"]
+    d["nft"]["removed"] = ["rule ip nat DOCKER: meta iifname docker0 counter return",
+                           "rule inet filter forward: meta iifname docker0 accept"]
+    tol, unexp = ivm.classify_diff(d, {"sockets": ["dhclient"],
+                                       "nft": ["^rule ip6? (nat|filter) DOCKER"]})
+    assert tol == ["nft: - rule ip nat DOCKER: meta iifname docker0 counter return",
+                   "sockets: + udp 0.0.0.0:68 dhclient"]
+    assert unexp == ["nft: - rule inet filter forward: meta iifname docker0 accept"]
+    # a pattern only applies to its own category; the sign is not part of the line
+    tol, unexp = ivm.classify_diff(d, {"nft": ["dhclient"], "sockets": ["^[+-]"]})
+    assert tol == [] and len(unexp) == 3
+    tol, unexp = ivm.classify_diff(d, ["docker0"])  # a list applies everywhere
+    assert unexp == ["sockets: + udp 0.0.0.0:68 dhclient"] and len(tol) == 2
+    assert ivm.classify_diff(d, {}) == ([], [
+        "nft: - rule ip nat DOCKER: meta iifname docker0 counter return",
+        "nft: - rule inet filter forward: meta iifname docker0 accept",
+        "sockets: + udp 0.0.0.0:68 dhclient"])
+
+
+@pytest.mark.parametrize("value,needle", [
+    ({"socket": ["x"]}, "unknown categories ['socket']"),
+    ({"sockets": "dhclient"}, "lists of non-empty regex strings (category 'sockets')"),
+    ({"sockets": [""]}, "lists of non-empty regex strings"),
+    ({"nft": ["(unclosed"]}, "invalid regex '(unclosed'"),
+    (["ok", 3], "lists of non-empty regex strings (category '*')"),
+])
+def test_check_tolerance_spec_rejects(value, needle):
+    with pytest.raises(ivm.UsageError) as e:
+        ivm.check_tolerance_spec(value, "profile x.json")
+    assert str(e.value).startswith("profile x.json: key 'reboot_diff_tolerate'") and needle in str(e.value)
+    ivm.check_tolerance_spec({"sockets": ["dhclient"], "nft": ["^rule ip"]}, "p")
+    ivm.check_tolerance_spec(["dhclient"], "p")
+
+
+def test_load_profile_checks_tolerance_and_reboot_list(tmp_path):
+    _write_profile_repo(tmp_path, {"a": {"groups": ["g"], "applies": [{"playbook": "site.yml"}],
+                                         "reboot": ["graceful", "hard"],
+                                         "reboot_diff_tolerate": {"sockets": ["dhclient"]}},
+                                   "b": {"extends": "a", "reboot_diff_tolerate": {"x": []}}})
+    prof = ivm.load_profile("a", tmp_path / "tests/integration/profiles", tmp_path)
+    assert prof["reboot"] == ["graceful", "hard"]
+    assert prof["reboot_diff_tolerate"] == {"sockets": ["dhclient"]}
+    with pytest.raises(ivm.UsageError) as e:
+        ivm.load_profile("b", tmp_path / "tests/integration/profiles", tmp_path)
+    assert "b.json: key 'reboot_diff_tolerate' has unknown categories" in str(e.value)
+
+
+def _write_profile_repo(root, profiles):
+    pdir = root / "tests" / "integration" / "profiles"
+    pdir.mkdir(parents=True)
+    (root / "tests" / "integration" / "verify.yml").write_text("---\n")
+    (root / "playbooks").mkdir()
+    (root / "playbooks" / "site.yml").write_text("---\n")
+    for name, data in profiles.items():
+        (pdir / f"{name}.json").write_text(json.dumps(data))
+
+
+def _states():
+    before = {"boot_id": "aaaa", "at": "t0", "categories": {
+        "nft": ["table inet filter", "chain inet filter forward", "rule inet filter forward: a",
+                "rule inet filter forward: b"], "ports": [], "sockets": ["tcp 0.0.0.0:22 sshd"],
+        "failed_units": [], "services": []}}
+    after = {"boot_id": "bbbb", "at": "t1", "categories": dict(before["categories"])}
+    after["categories"]["nft"] = before["categories"]["nft"][:3]
+    after["categories"]["sockets"] = ["tcp 0.0.0.0:22 sshd", "udp 0.0.0.0:68 dhclient"]
+    return before, after
+
+
+def test_render_state_diff_and_summary(tmp_path):
+    before, after = _states()
+    d = ivm.diff_state(before["categories"], after["categories"])
+    tol, unexp = ivm.classify_diff(d, {"sockets": ["dhclient"]})
+    text = ivm.render_state_diff(before, after, d, tol, unexp, "hard", 2, note="a note")
+    assert text.startswith("reboot 2 (hard): boot_id aaaa -> bbbb\n")
+    assert "a note" in text
+    assert "UNEXPECTED (1; not in the profile's reboot_diff_tolerate):\n  nft: - rule inet filter forward: b" in text
+    assert "tolerated (1; reboot_diff_tolerate):\n  sockets: + udp 0.0.0.0:68 dhclient" in text
+    assert "--- before/nft.json\n+++ after/nft.json\n" in text and "\n-rule inet filter forward: b\n" in text
+    assert "== ports: 0 removed, 0 added ==" in text
+    s = ivm.reboot_diff_summary("hard", 2, d, tol, unexp, tmp_path / "reboot-2-hard")
+    json.dumps(s)
+    assert s["changed"] is True and s["mode"] == "hard" and s["index"] == 2
+    assert s["categories"]["nft"] == {"added": 0, "removed": 1}
+    assert s["categories"]["sockets"] == {"added": 1, "removed": 0}
+    assert s["diff"].endswith("reboot-2-hard/diff.txt")
+    same = ivm.diff_state(before["categories"], before["categories"])
+    assert "no differences" in ivm.render_state_diff(before, before, same, [], [], "graceful", 1)
+    assert ivm.reboot_diff_summary("graceful", 1, same, [], [], tmp_path)["changed"] is False
+
+
+def test_render_junit_reboot_diff_failure_detail_and_warning_note():
+    r = _result(verdict="fail", failed_stage="reboot-diff")
+    r["phase_details"][4:] = [
+        {"name": "reboot:graceful", "seconds": 20.0, "status": "pass"},
+        {"name": "reboot-diff:graceful", "seconds": 0.1, "status": "pass",
+         "message": "1 unexpected difference(s) (warn)"},
+        {"name": "reboot:hard", "seconds": 8.0, "status": "pass"},
+        {"name": "reboot-diff:hard", "seconds": 0.2, "status": "fail",
+         "message": "2 unexpected difference(s) across the hard reboot: a; b",
+         "detail": "nft: - rule a\nports: - caddy 0.0.0.0:443->443/tcp"}]
+    suite = ET.fromstring(ivm.render_junit(r)).find("testsuite")
+    cases = {c.get("name"): c for c in suite.iter("testcase")}
+    assert list(cases)[4:] == ["reboot:graceful", "reboot-diff:graceful", "reboot:hard",
+                               "reboot-diff:hard"]
+    f = cases["reboot-diff:hard"].find("failure")
+    assert f.get("message").startswith("2 unexpected difference(s) across the hard reboot")
+    assert f.text == "nft: - rule a\nports: - caddy 0.0.0.0:443->443/tcp"
+    note = cases["reboot-diff:graceful"]
+    assert note.find("failure") is None and "(warn)" in note.find("system-out").text
+    assert suite.get("failures") == "1"
+
+
+def test_result_has_reboot_diffs_and_settle_bound():
+    assert ivm.new_result("cycle")["reboot_diffs"] == []
+    b = ivm.stage_bounds("tcg", {})
+    assert b["reboot-settle"] == ivm.DEFAULT_BOUNDS["reboot-settle"] * ivm.TCG_SCALE
+    assert ivm.stage_bounds("kvm", {"BOMA_IT_TIMEOUT_REBOOT_SETTLE": "0"})["reboot-settle"] == 0

@@ -20,19 +20,37 @@ Behaviour knobs (env):
   FAKE_IDEMPOTENCE_CHANGED=N a playbook's second and later runs report N changed tasks
   FAKE_ACCEL_OUTPUT=TEXT     what qemu-system-x86_64 (the KVM probe) prints
   FAKE_DEFINE_SLEEP=N        virsh define sleeps N seconds (to race two `up`s)
+
+The guest-state capture (`ssh ... sudo -n sh -s` fed the driver's capture script) is
+answered from tests/fakes/guest/ (askari after its apply: Docker + base's firewall). Boot 1
+is the fixtures as they are; every later boot adds what a real reboot changes without
+meaning (new handles, counters, pids, kernel-picked ports; Docker's rules and tables
+re-created in another order), which the driver must normalise away.
+  FAKE_REBOOT_CHANGE=a,b     real changes from boot FAKE_REBOOT_CHANGE_FROM (default 2,
+                             i.e. after the first reboot): forward-accept-gone (the
+                             drop-in's accepts missing from inet filter forward),
+                             port-443-gone (no :443 listeners/published ports),
+                             late-443 (port-443-gone on the first capture of a boot
+                             only), dhclient (a dhclient socket appears),
+                             service-inactive (docker.service inactive)
+  FAKE_DOCKER=absent         the guest has no docker
+  FAKE_CAPTURE_FAIL=1        sudo refuses the capture script
 """
 import contextlib
 import fcntl
 import json
 import os
 import pathlib
+import re
+import sys
+import time
 
 
 def new_id():
     return os.urandom(16).hex()
-import re
-import sys
-import time
+
+
+GUEST = pathlib.Path(__file__).resolve().parent / "guest"
 
 TOOL = os.path.basename(sys.argv[0])
 ARGS = sys.argv[1:]
@@ -119,6 +137,7 @@ def virsh():
             if d["state"] == "running":
                 die("error: Requested operation is not valid: domain is already active")
             d["state"] = "running"
+            d["boots"] = d.get("boots", 0) + 1
             if not ENV.get("FAKE_BOOT_ID_STICKY") or not d["boot_id"]:
                 d["boot_id"] = new_id()
             if d["mac"] and not ENV.get("FAKE_NO_LEASE"):
@@ -130,6 +149,7 @@ def virsh():
             d = dom(rest[0])
             if d["state"] != "running":
                 die("error: Requested operation is not valid: domain is not running")
+            d["boots"] = d.get("boots", 0) + 1
             if not ENV.get("FAKE_BOOT_ID_STICKY"):
                 d["boot_id"] = new_id()
         elif cmd == "destroy":
@@ -290,7 +310,14 @@ def ssh():
         if not d or d["state"] != "running":
             die(f"ssh: connect to host {dest} port 22: No route to host", 255)
         boot_id = d["boot_id"]
+        boots = d.get("boots", 1)
+        nth = 0
+        if command == "sudo -n sh -s":
+            caps = d.setdefault("captures", {})
+            nth = caps[str(boots)] = caps.get(str(boots), 0) + 1
     sysstate = ENV.get("FAKE_SYSTEM_STATE", "running")
+    if command == "sudo -n sh -s":
+        return guest_capture(sys.stdin.read(), boot_id, boots, nth, sysstate)
     if command == "true":
         return
     if command == "cat /proc/sys/kernel/random/boot_id":
@@ -307,6 +334,81 @@ def ssh():
               "filter; policy drop;\n\t}\n}")
     else:
         print(f"fake output of: {command}")
+
+
+GUEST_CHANGES = ("forward-accept-gone", "port-443-gone", "late-443", "dhclient",
+                 "service-inactive")
+
+
+def guest_nft(boots, changes):
+    data = json.loads((GUEST / "nft-ruleset.json").read_text())
+    items = data["nftables"]
+    if "forward-accept-gone" in changes:
+        items = [i for i in items if not ("rule" in i and i["rule"]["family"] == "inet"
+                                          and i["rule"]["chain"] == "forward"
+                                          and re.search(r'"(docker0|br-\*)"', json.dumps(i)))]
+    if boots > 1:
+        # nftables.service loads base's table at boot, before Docker re-creates its own
+        # tables, in another rule order; new handles and counter values.
+        meta = [i for i in items if "metainfo" in i]
+        inet = [i for i in items if "metainfo" not in i and
+                list(i.values())[0].get("family") == "inet"]
+        docker = [i for i in items if "metainfo" not in i and i not in inet]
+        rules = [i for i in docker if "rule" in i][::-1]
+        docker = [i for i in docker if "rule" not in i] + rules
+        items = meta + inet + docker
+        text = json.dumps({"nftables": items})
+        text = re.sub(r'"handle": (\d+)', lambda m: f'"handle": {int(m.group(1)) + 100 * boots}', text)
+        text = re.sub(r'"packets": 0, "bytes": 0', f'"packets": {17 * boots}, "bytes": {1234 * boots}', text)
+        return text
+    return json.dumps({"nftables": items})
+
+
+def guest_capture(script, boot_id, boots, nth, sysstate):
+    """Answer the driver's capture script the way the guest's shell would."""
+    mark = re.search(r"^M='(@@boma-[0-9a-f]+)'", script, re.M).group(1)
+    names = list(dict.fromkeys(re.findall(r"^\s*sec (\w+) ", script, re.M)))
+    if ENV.get("FAKE_CAPTURE_FAIL"):
+        die("sudo: a password is required", 1)
+    changes = {c for c in ENV.get("FAKE_REBOOT_CHANGE", "").split(",") if c}
+    if set(changes) - set(GUEST_CHANGES):
+        die(f"fake ssh: unknown FAKE_REBOOT_CHANGE {sorted(set(changes) - set(GUEST_CHANGES))}")
+    if boots < int(ENV.get("FAKE_REBOOT_CHANGE_FROM", "2")):
+        changes = set()
+    if "late-443" in changes and nth == 1:
+        changes.add("port-443-gone")
+    ss = (GUEST / "ss-tulnp.txt").read_text()
+    ps = (GUEST / "docker-ps.txt").read_text()
+    if boots > 1:
+        ss = re.sub(r"pid=(\d+)", lambda m: f"pid={int(m.group(1)) + 1000 * boots}", ss)
+        ss = ss.replace(":38427 ", f":{38427 + 1000 * boots} ")
+    if "port-443-gone" in changes:
+        ss = "".join(ln for ln in ss.splitlines(True) if ":443 " not in ln)
+        ps = ", ".join(x for x in ps.strip().split(", ") if "443->" not in x) + "\n"
+    if "dhclient" in changes:
+        ss += ('udp   UNCONN 0      0       0.0.0.0:68        0.0.0.0:*    '
+               'users:(("dhclient",pid=901,fd=7))\n')
+    units = [ln.split()[0] for ln in (GUEST / "list-unit-files.txt").read_text().splitlines()
+             if ln.split() and not ln.split()[0].endswith("@.service")]
+    inactive = {"e2scrub_reap.service", "systemd-pstore.service"}
+    if "service-inactive" in changes:
+        inactive.add("docker.service")
+    answers = {
+        "boot_id": (0, boot_id, ""),
+        "port_range": (0, "32768\t60999", ""),
+        "nft_json": (0, guest_nft(boots, changes), ""),
+        "nft_text": (0, (GUEST / "nft-ruleset.txt").read_text(), ""),
+        "docker": (0, "docker: absent" if ENV.get("FAKE_DOCKER") == "absent" else ps, ""),
+        "sockets": (0, ss, ""),
+        "failed_units": (0, "fake-broken.service loaded failed failed Fake broken unit"
+                         if sysstate == "degraded" else "", ""),
+        "enabled_units": (0, (GUEST / "list-unit-files.txt").read_text(), ""),
+        "enabled_active": (3 if inactive else 0,
+                           "\n".join("inactive" if u in inactive else "active" for u in units), ""),
+    }
+    for name in names:
+        rc, out, err = answers.get(name, (127, "", f"timeout: failed to run command '{name}'"))
+        print(f"{mark} begin {name}\n{out.rstrip(chr(10))}\n\n{mark} end {name} {rc} {err}")
 
 
 # ---- ansible-playbook ------------------------------------------------------------------
