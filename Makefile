@@ -11,6 +11,7 @@
 #   HOST          profile for test-integration (tests/integration/profiles/<HOST>.json)
 #   CERTS         cert tier for test-integration: internal | le-staging | le-prod-wildcard
 #   KEEP=1        keep the integration VM after the run
+#   ALLOW_PROD_CERTS=1  required with CERTS=le-prod-wildcard (an accepted risk)
 #   SANDBOX       auto | netns | none — how test-integration reaches libvirt (see below)
 
 SHELL := /bin/bash
@@ -28,6 +29,8 @@ TAGS          ?=
 HOST          ?=
 CERTS         ?=
 KEEP          ?=
+ALLOW_PROD_CERTS ?=
+IT_FLAGS       = $(if $(CERTS),--certs $(CERTS)) $(if $(KEEP),--keep) $(if $(ALLOW_PROD_CERTS),--allow-prod-certs)
 SANDBOX       ?= auto
 ROLES         := $(notdir $(wildcard roles/*))
 VENV_STAMP    := $(VENV)/.installed-$(shell sha256sum requirements.txt | cut -c1-12)
@@ -91,19 +94,19 @@ substrate: venv ## Install/start the libvirt substrate on this machine (integrat
 
 test-integration: venv ## Boot a VM as HOST, apply, reboot, verify: make test-integration HOST=askari [CERTS=..] [KEEP=1]
 	@test -n "$(HOST)" || { echo "usage: make test-integration HOST=<profile> [CERTS=internal|le-staging|le-prod-wildcard] [KEEP=1]" >&2; exit 2; }
-	$(IT_RUN) cycle --host $(HOST) $(if $(CERTS),--certs $(CERTS)) $(if $(KEEP),--keep)
+	$(IT_RUN) cycle --host $(HOST) $(IT_FLAGS)
 
 test-integration-red: venv ## RED: HOST-regression (no docker forward drop-in) must FAIL verify for the right reason
 	@test -n "$(HOST)" || { echo "usage: make test-integration-red HOST=askari" >&2; exit 2; }
-	$(IT_RUN) exec -- $(CURDIR)/$(VENV)/bin/pytest -m vm -k regression -p no:cacheprovider tests/e2e
+	BOMA_IT_E2E_HOST=$(HOST) $(IT_RUN) exec -- $(CURDIR)/$(VENV)/bin/pytest -m vm -k regression -p no:cacheprovider tests/e2e
 
-test-vm: venv ## RED and GREEN on real VMs in one pytest run (tests/e2e, marker vm)
-	$(IT_RUN) exec -- $(CURDIR)/$(VENV)/bin/pytest -m vm -p no:cacheprovider tests/e2e
+test-vm: venv ## RED and GREEN on real VMs in one pytest run (tests/e2e, marker vm; HOST=askari)
+	BOMA_IT_E2E_HOST=$(or $(HOST),askari) $(IT_RUN) exec -- $(CURDIR)/$(VENV)/bin/pytest -m vm -p no:cacheprovider tests/e2e
 
 test-integration-clean: venv ## Remove every VM, overlay, seed and run file the harness owns
 	$(IT_RUN) prune
 
-integration-status: venv ## List the harness's VMs, runs and checkpoints with their age
+integration-status: venv ## List the harness's VMs, runs and golden images with their age
 	$(IT_RUN) status
 
 integration-doctor: venv ## Preflight: tools, libvirtd, accelerator, /dev/kvm, RAM, disk
@@ -111,4 +114,4 @@ integration-doctor: venv ## Preflight: tools, libvirtd, accelerator, /dev/kvm, R
 
 bench-integration: venv ## Run a cycle and print per-phase durations: make bench-integration HOST=askari
 	@test -n "$(HOST)" || { echo "usage: make bench-integration HOST=<profile>" >&2; exit 2; }
-	$(IT_RUN) bench --host $(HOST)
+	$(IT_RUN) bench --host $(HOST) $(IT_FLAGS)

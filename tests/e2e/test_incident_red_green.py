@@ -26,6 +26,8 @@ RUN_ROOT = pathlib.Path(os.environ.get("BOMA_IT_RUN_DIR", REPO / "tests" / "inte
 # One cycle under TCG is ~10 minutes; the driver bounds every stage itself, this is a
 # last-resort bound so a wedged run cannot eat the CI budget.
 CYCLE_TIMEOUT_S = int(os.environ.get("BOMA_IT_E2E_TIMEOUT", "1800"))
+# The profile pair under test: <host> (GREEN) and <host>-regression (RED).
+HOST = os.environ.get("BOMA_IT_E2E_HOST", "askari")
 
 pytestmark = pytest.mark.vm
 
@@ -52,11 +54,11 @@ def forward_chain(ruleset_text):
     return chain.group(1)
 
 
-def test_green_askari_survives_reboot():
-    proc = run_driver("cycle", "--host", "askari")
+def test_green_host_survives_reboot():
+    proc = run_driver("cycle", "--host", HOST)
     sys.stderr.write(proc.stderr[-4000:])
     assert proc.returncode == 0, proc.stderr[-2000:]
-    result = newest_result("askari")
+    result = newest_result(HOST)
     assert result["verdict"] == "pass"
     assert result["phases"]["reboot"] > 0, "a GREEN run must include a real reboot"
     listed = subprocess.run(["virsh", "list", "--all", "--name"], text=True,
@@ -65,12 +67,12 @@ def test_green_askari_survives_reboot():
 
 
 def test_red_regression_fails_for_the_right_reason():
-    proc = run_driver("cycle", "--host", "askari-regression")
+    proc = run_driver("cycle", "--host", f"{HOST}-regression")
     sys.stderr.write(proc.stderr[-4000:])
     assert proc.returncode == 1, (
         f"the regression profile must fail verify (exit 1), got {proc.returncode}: "
         "if it passed, the harness does not reproduce the 2026-06-17 incident")
-    result = newest_result("askari-regression")
+    result = newest_result(f"{HOST}-regression")
     assert result["verdict"] == "fail"
     assert result["failed_stage"] == "verify"
     failures = " ".join(result.get("failures", []))
