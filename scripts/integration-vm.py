@@ -1223,18 +1223,34 @@ def tolerance_patterns(spec):
     return {c: [re.compile(p) for p in (spec or {}).get(c, [])] for c in REBOOT_DIFF_CATEGORIES}
 
 
-def classify_diff(diff, spec):
+def capture_errors(*category_sets):
+    """{category: [`! ...` line]}: commands that failed in any of the captures."""
+    out = {}
+    for cats in category_sets:
+        for cat in REBOOT_DIFF_CATEGORIES:
+            for line in cats.get(cat, []):
+                if line.startswith("! ") and line not in out.setdefault(cat, []):
+                    out[cat].append(line)
+    return {c: v for c, v in out.items() if v}
+
+
+def classify_diff(diff, spec, errors=None):
     """(tolerated, unexpected): `<category>: <-|+> <line>` strings. A changed line is
     tolerated when a pattern of its category matches it (re.search, on the line without
-    its sign); everything else is unexpected."""
+    its sign); everything else is unexpected. `errors` (capture_errors()) adds a
+    `<category>: ! <why>` entry for a category that could not be captured, even the same
+    way both times: that category was not compared, which a pass must not hide."""
     pats = tolerance_patterns(spec)
     tolerated, unexpected = [], []
     for cat in REBOOT_DIFF_CATEGORIES:
         d = diff.get(cat, {})
-        for sign, key in (("-", "removed"), ("+", "added")):
-            for line in d.get(key, []):
-                entry = f"{cat}: {sign} {line}"
-                (tolerated if any(p.search(line) for p in pats[cat]) else unexpected).append(entry)
+        entries = [(f"{cat}: {sign} {line}", line) for sign, key in (("-", "removed"),
+                                                                      ("+", "added"))
+                   for line in d.get(key, [])]
+        entries += [(f"{cat}: {line}", line) for line in (errors or {}).get(cat, [])
+                    if line not in d.get("removed", []) and line not in d.get("added", [])]
+        for entry, line in entries:
+            (tolerated if any(p.search(line) for p in pats[cat]) else unexpected).append(entry)
     return tolerated, unexpected
 
 
@@ -2422,7 +2438,8 @@ def reboot_diff(ctx, rs, profile, mode, before, after, result=None, policy="fail
     spec = profile.get("reboot_diff_tolerate") or {}
     d = rs.diag_dir / f"reboot-{index}-{mode}"
     diff = diff_state(before["categories"], after["categories"])
-    tolerated, unexpected = classify_diff(diff, spec)
+    tolerated, unexpected = classify_diff(
+        diff, spec, capture_errors(before["categories"], after["categories"]))
     note = ""
     settle = ctx.bounds["reboot-settle"]
     if unexpected and settle > 0:
@@ -2433,7 +2450,8 @@ def reboot_diff(ctx, rs, profile, mode, before, after, result=None, policy="fail
         early = unexpected
         after = capture_state(ctx, rs)
         diff = diff_state(before["categories"], after["categories"])
-        tolerated, unexpected = classify_diff(diff, spec)
+        tolerated, unexpected = classify_diff(
+            diff, spec, capture_errors(before["categories"], after["categories"]))
         gone = [u for u in early if u not in unexpected]
         note = (f"captured twice after the boot ({settle:g}s apart; the first is in "
                 f"after-first/); gone by the second capture: {len(gone)}"

@@ -1071,6 +1071,21 @@ def test_classify_diff_with_dict_and_list_tolerance():
         "sockets: + udp 0.0.0.0:68 dhclient"])
 
 
+def test_capture_errors_are_unexpected_even_when_unchanged():
+    err = "! ss -tulnp: exit 1: Cannot open netlink socket"
+    before = {"sockets": [err], "nft": ["table inet filter"], "services": []}
+    after = {"sockets": [err], "nft": ["table inet filter"],
+             "services": ["! systemctl is-active: timed out"]}
+    errors = ivm.capture_errors(before, after)
+    assert errors == {"sockets": [err], "services": ["! systemctl is-active: timed out"]}
+    d = ivm.diff_state(before, after)
+    assert d["sockets"] == {"removed": [], "added": []}  # the same both times: no diff...
+    tol, unexp = ivm.classify_diff(d, {}, errors)        # ...but not compared either
+    assert unexp == [f"sockets: {err}", "services: + ! systemctl is-active: timed out"]
+    tol, unexp = ivm.classify_diff(d, {"sockets": ["^! ss .*netlink"]}, errors)
+    assert tol == [f"sockets: {err}"] and len(unexp) == 1
+
+
 @pytest.mark.parametrize("value,needle", [
     ({"socket": ["x"]}, "unknown categories ['socket']"),
     ({"sockets": "dhclient"}, "lists of non-empty regex strings (category 'sockets')"),

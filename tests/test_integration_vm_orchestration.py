@@ -38,7 +38,7 @@ BOUNDS = {
     "DOMAIN_RUNNING": 5, "DHCP_LEASE": 1.5, "TCP_22": 3, "SSH_HANDSHAKE": 1.5,
     "CLOUD_INIT": 5, "REBOOT": 1.5, "SYSTEM_RUNNING": 5, "SSH_ATTEMPT": 0.5,
     "SSH_COMMAND": 5, "VIRSH": 10, "APPLY": 30, "VERIFY": 30, "DIAG_COMMAND": 1,
-    "LOCK": 5, "ACCEL_PROBE": 5, "IMAGE_BUILD": 30,
+    "LOCK": 5, "ACCEL_PROBE": 5, "IMAGE_BUILD": 30, "REBOOT_SETTLE": 0.2,
 }
 
 
@@ -214,10 +214,42 @@ def test_passing_cycle(h):
     # current points at the run (spec format)
     name, ip, host = (h.run_root / "current").read_text().splitlines()
     assert (name, ip, host) == (res["vm"], "127.0.0.1", "askari")
-    # JUnit parses
+    # the reboot changed nothing that matters: new handles, counters, pids, kernel-picked
+    # ports and Docker's re-created rule order (the fake's reboot noise) normalise away
+    (diff,) = res["reboot_diffs"]
+    assert diff["mode"] == "graceful" and diff["index"] == 1 and diff["changed"] is False
+    assert diff["unexpected"] == [] and diff["tolerated"] == [] and not diff["recaptured"]
+    assert set(diff["categories"]) == {"nft", "ports", "sockets", "failed_units", "services"}
+    assert all(c == {"added": 0, "removed": 0} for c in diff["categories"].values())
+    # ... and a PASSING run keeps its before/after/diff in its diagnostics dir
+    rd = h.diag / res["vm"] / "reboot-1-graceful"
+    assert diff["dir"] == str(rd) and diff["diff"] == str(rd / "diff.txt")
+    assert "no differences" in (rd / "diff.txt").read_text()
+    for side in ("before", "after"):
+        for f in ("nft-ruleset.txt", "nft.json", "ports.json", "sockets.json",
+                  "failed_units.json", "services.json", "capture-raw.txt"):
+            assert (rd / side / f).is_file(), (side, f)
+        assert "chain forward" in (rd / side / "nft-ruleset.txt").read_text()
+        nft = json.loads((rd / side / "nft.json").read_text())
+        assert "rule inet filter forward: meta iifname docker0 accept" in nft
+        for cat in ("nft", "ports", "sockets", "services"):
+            lines = json.loads((rd / side / f"{cat}.json").read_text())
+            assert lines and not [ln for ln in lines if ln.startswith("!")], (side, cat, lines)
+    assert json.loads((rd / "before" / "sockets.json").read_text()) == json.loads(
+        (rd / "after" / "sockets.json").read_text())
+    assert "handle" in (rd / "after" / "capture-raw.txt").read_text()  # raw kept as it came
+    # one SSH round trip per capture, all under one sudo
+    captures = [c for c in h.calls("ssh") if c["argv"][-1] == "sudo -n sh -s"]
+    assert len(captures) == 2
+    assert run_json["reboots"][0]["diff"] == {"changed": False, "unexpected": 0, "dir": str(rd)}
+    # JUnit parses: one case per phase (reboot and its diff included) and per verify check
     root = ET.parse(h.tmp / "junit.xml").getroot()
     names = [tc.get("name") for tc in root.iter("testcase")]
     assert "boot" in names and "verify" in names and any(n.startswith("verify: ") for n in names)
+    assert names.index("reboot:graceful") + 1 == names.index("reboot-diff:graceful")
+    assert {"verify: docker enabled and active",
+            "verify: published :443 answers from the controller"} <= set(names)
+    assert not [tc for tc in root.iter("testcase") if len(tc)]  # nothing failed
 
 
 def test_cycle_safety_invariants(h):
@@ -334,6 +366,118 @@ def test_no_idempotence_flag_skips_the_reapply(h):
     assert len(h.calls("ansible-playbook")) == 3
 
 
+# ---- what the reboot changed (issue 5) -------------------------------------------------
+def _profile(h, name, **extra):
+    (h.repo / "tests" / "integration" / "profiles" / f"{name}.json").write_text(
+        json.dumps({**ASKARI, **extra}))
+
+
+def test_reboot_diff_unexpected_change_fails_and_keeps_the_vm(h):
+    p = h.run("cycle", "--host", "askari", "--junit", str(h.tmp / "j.xml"),
+              FAKE_REBOOT_CHANGE="forward-accept-gone,port-443-gone")
+    assert p.returncode == 1, p.stderr
+    assert "Traceback" not in p.stderr
+    (res,) = h.results()
+    assert res["verdict"] == "fail" and res["failed_stage"] == "reboot-diff" and res["kept"]
+    assert h.domains()[res["vm"]]["state"] == "running"
+    lost_accept = "nft: - rule inet filter forward: meta iifname docker0 accept"
+    assert lost_accept in res["message"] and "sockets: - tcp 0.0.0.0:443 docker-proxy" in res["message"]
+    assert lost_accept in res["failures"]
+    assert p.stdout.strip().splitlines()[-1].startswith("integration-vm: FAIL[reboot-diff] askari")
+    verdict = [ln for ln in p.stderr.splitlines() if ln.startswith("integration-vm: verify failed")]
+    assert len(verdict) == 1 and "12 unexpected difference(s) across the graceful reboot" in verdict[0]
+    assert not [c for c in h.calls("ansible-playbook") if c["playbook"].endswith("verify.yml")]
+    (diff,) = res["reboot_diffs"]
+    assert diff["changed"] and diff["recaptured"] and len(diff["unexpected"]) == 12
+    assert diff["categories"]["nft"] == {"added": 0, "removed": 4}
+    assert diff["categories"]["ports"] == {"added": 0, "removed": 4}
+    assert diff["categories"]["sockets"] == {"added": 0, "removed": 4}
+    # diagnostics: the forward chain as it stood before and after, and the diff
+    diag = pathlib.Path(res["diagnostics"])
+    rd = diag / "reboot-1-graceful"
+    assert 'iifname "docker0" accept' in (rd / "before" / "nft-ruleset.txt").read_text()
+    text = (rd / "diff.txt").read_text()
+    assert "UNEXPECTED (12;" in text and "\n-rule inet filter forward: meta iifname docker0 accept\n" in text
+    assert (rd / "after-first" / "nft.json").is_file()  # captured twice before failing
+    assert "reboot-1-graceful/diff.txt" in (diag / "SUMMARY.txt").read_text()
+    case = [tc for tc in ET.parse(h.tmp / "j.xml").getroot().iter("testcase")
+            if tc.get("name") == "reboot-diff:graceful"][0]
+    failure = case.find("failure")
+    assert failure.get("message").startswith("12 unexpected difference(s)")
+    assert lost_accept in failure.text.splitlines()
+
+
+def test_reboot_diff_tolerated_change_passes(h):
+    _profile(h, "askari", reboot_diff_tolerate={"sockets": ["dhclient"]})
+    p = h.run("cycle", "--host", "askari", FAKE_REBOOT_CHANGE="dhclient")
+    assert p.returncode == 0, p.stderr
+    (res,) = h.results()
+    (diff,) = res["reboot_diffs"]
+    assert diff["changed"] is True and diff["unexpected"] == [] and not diff["recaptured"]
+    assert diff["tolerated"] == ["sockets: + udp 0.0.0.0:68 dhclient"]
+    assert "1 tolerated difference(s)" in p.stderr
+
+
+def test_reboot_diff_warn_reports_without_failing(h):
+    p = h.run("cycle", "--host", "askari", "--reboot-diff", "warn", "--no-idempotence",
+              "--junit", str(h.tmp / "j.xml"), FAKE_REBOOT_CHANGE="service-inactive")
+    assert p.returncode == 0, p.stderr
+    (res,) = h.results()
+    (diff,) = res["reboot_diffs"]
+    assert diff["unexpected"] == ["services: - docker.service active",
+                                  "services: + docker.service inactive"]
+    assert "warning (--reboot-diff=warn)" in p.stderr
+    case = [tc for tc in ET.parse(h.tmp / "j.xml").getroot().iter("testcase")
+            if tc.get("name") == "reboot-diff:graceful"][0]
+    assert case.find("failure") is None and "docker.service inactive" in case.find("system-out").text
+
+
+def test_reboot_diff_settles_a_late_port(h):
+    p = h.run("cycle", "--host", "askari", "--no-idempotence", FAKE_REBOOT_CHANGE="late-443")
+    assert p.returncode == 0, p.stderr
+    (res,) = h.results()
+    (diff,) = res["reboot_diffs"]
+    assert diff["recaptured"] and diff["changed"] is False and diff["unexpected"] == []
+    rd = pathlib.Path(diff["dir"])
+    assert "gone by the second capture: 8" in (rd / "diff.txt").read_text()
+    assert "tcp 0.0.0.0:443 docker-proxy" not in (rd / "after-first" / "sockets.json").read_text()
+    assert "tcp 0.0.0.0:443 docker-proxy" in (rd / "after" / "sockets.json").read_text()
+
+
+def test_profile_reboot_list_runs_graceful_then_hard_with_a_diff_each(h):
+    _profile(h, "askari", reboot=["graceful", "hard"])
+    p = h.run("cycle", "--host", "askari", "--no-idempotence", "--junit", str(h.tmp / "j.xml"))
+    assert p.returncode == 0, p.stderr
+    cmds = [a[0] for a in h.virsh_cmds()]
+    i = cmds.index("reboot")
+    j = cmds.index("destroy", i)
+    assert cmds.index("start", j) > j > i  # graceful first, then the power cut
+    (res,) = h.results()
+    assert res["reboot_modes"] == ["graceful", "hard"]
+    assert [(d["index"], d["mode"], d["changed"]) for d in res["reboot_diffs"]] == [
+        (1, "graceful", False), (2, "hard", False)]
+    assert [pathlib.Path(d["dir"]).name for d in res["reboot_diffs"]] == [
+        "reboot-1-graceful", "reboot-2-hard"]
+    for d in res["reboot_diffs"]:
+        assert pathlib.Path(d["diff"]).is_file()
+    run_json = json.loads((h.run_root / res["vm"] / "run.json").read_text())
+    assert len(run_json["boot_ids"]) == 3 and len(set(run_json["boot_ids"])) == 3
+    assert [r["mode"] for r in run_json["reboots"]] == ["graceful", "hard"]
+    names = [tc.get("name") for tc in ET.parse(h.tmp / "j.xml").getroot().iter("testcase")]
+    reboots = [n for n in names if n.startswith("reboot")]
+    assert reboots == ["reboot:graceful", "reboot-diff:graceful", "reboot:hard", "reboot-diff:hard"]
+    assert names.index("reboot-diff:hard") < names.index("verify")
+
+
+def test_state_capture_failure_is_an_infra_error(h):
+    p = h.run("cycle", "--host", "askari", FAKE_CAPTURE_FAIL="1")
+    assert p.returncode == 3, p.stderr
+    line = assert_one_line_error(p)
+    assert line.startswith("integration-vm: error: reboot: could not capture the guest's state")
+    assert "a password is required" in line
+    assert h.domains() == {}
+
+
 # ---- infrastructure failures ------------------------------------------------------------
 def test_lease_never_comes(h):
     t0 = time.monotonic()
@@ -380,6 +524,9 @@ def test_reboot_with_unchanged_boot_id_is_an_infra_error(h):
 
 
 def test_hard_reboot_is_destroy_plus_start(h):
+    # --reboot MODE replaces the profile's list
+    (h.repo / "tests" / "integration" / "profiles" / "askari.json").write_text(
+        json.dumps({**ASKARI, "reboot": ["graceful", "hard"]}))
     p = h.run("cycle", "--host", "askari", "--reboot", "hard", "--no-idempotence")
     assert p.returncode == 0, p.stderr
     cmds = [a[0] for a in h.virsh_cmds()]
@@ -389,6 +536,7 @@ def test_hard_reboot_is_destroy_plus_start(h):
     assert cmds.index("start", j) > j
     (res,) = h.results()
     assert res["reboot_modes"] == ["hard"] and "reboot" in res["phases"]
+    assert [(d["mode"], d["changed"]) for d in res["reboot_diffs"]] == [("hard", False)]
 
 
 def test_apply_failure_is_a_verdict_and_keeps_the_vm(h):
@@ -595,8 +743,15 @@ def test_help_lists_exit_codes_and_subcommands(h):
         assert sp.returncode == 0 and "exit codes:" in sp.stdout
     cyc = h.run("cycle", "--help").stdout
     for flag in ("--host", "--run", "--certs", "--keep", "--no-reboot", "--reboot",
-                 "--no-idempotence", "--accel", "--connect", "--allow-prod-certs", "--junit"):
+                 "--no-idempotence", "--accel", "--connect", "--allow-prod-certs", "--junit",
+                 "--reboot-diff"):
         assert flag in cyc
+    flat = " ".join(cyc.split())
+    for needle in ('"reboot": ["graceful", "hard"]', "reboot_diff_tolerate", "reboot_diffs",
+                   "stage reboot-diff", "reboot-<n>-<mode>/{before,after}/ and diff.txt",
+                   "--reboot-diff=warn", "an unexpected state difference across a reboot"):
+        assert needle in flat, needle
+    assert "reboot_diff_tolerate" in h.run("reboot", "--help").stdout
 
 
 # ---- image / accel / doctor / bench ------------------------------------------------------

@@ -367,7 +367,7 @@ def guest_nft(boots, changes):
 def guest_capture(script, boot_id, boots, nth, sysstate):
     """Answer the driver's capture script the way the guest's shell would."""
     mark = re.search(r"^M='(@@boma-[0-9a-f]+)'", script, re.M).group(1)
-    names = list(dict.fromkeys(re.findall(r"^\s*sec (\w+) ", script, re.M)))
+    names = list(dict.fromkeys(re.findall(r"(?:^|\s)sec (\w+) ", script)))
     if ENV.get("FAKE_CAPTURE_FAIL"):
         die("sudo: a password is required", 1)
     changes = {c for c in ENV.get("FAKE_REBOOT_CHANGE", "").split(",") if c}
