@@ -858,6 +858,10 @@ elif ! timeout -k 2 "$T" systemctl is-active --quiet docker.service </dev/null; 
   sec docker echo 'docker: not running'
 else
   sec docker docker ps --format '{{.Names}} {{.Ports}}'
+  names=$(awk '{print $1}' "$o")
+  if [ -n "$names" ]; then
+    sec containers docker inspect --format '{{.Name}}{{range .NetworkSettings.Networks}} {{.IPAddress}} {{.GlobalIPv6Address}}{{end}}' $names
+  fi
 fi
 sec sockets ss -H -tulnp
 sec failed_units systemctl --failed --plain --no-legend --no-pager
@@ -866,7 +870,7 @@ units=$(awk '$1 !~ /@\.service$/ {print $1}' "$o")
 if [ -n "$units" ]; then sec enabled_active systemctl is-active $units; fi
 exit 0
 """
-CAPTURE_COMMANDS = 10           # upper bound of `timeout`-bounded commands in the script
+CAPTURE_COMMANDS = 11           # upper bound of `timeout`-bounded commands in the script
 # iptables-nft's tables (Docker's): their rules are compared per chain as a multiset,
 # because Docker rebuilds them at start in an order that follows its network restore
 # order, not the order they were first created in.
@@ -1020,13 +1024,37 @@ def _nft_object_line(kind, obj):
     return head + f" {_canon_json(rest)}"
 
 
-def normalise_nft_json(text):
+def parse_container_ips(text):
+    """`docker inspect --format '{{.Name}}{{range .NetworkSettings.Networks}} {{.IPAddress}}
+    {{.GlobalIPv6Address}}{{end}}'` -> {address: container name}."""
+    ips = {}
+    for line in (text or "").splitlines():
+        parts = line.split()
+        for addr in parts[1:]:
+            if re.fullmatch(r"\d+\.\d+\.\d+\.\d+|[0-9a-fA-F]*:[0-9a-fA-F:]+", addr):
+                ips[addr] = parts[0].lstrip("/")
+    return ips
+
+
+def name_container_addresses(line, container_ips):
+    """Replace each container address in `line` by `<container name>`: Docker's IPAM
+    hands a container its address when it starts, so the same DNAT can point at another
+    address after a reboot; what must not change is WHICH container it reaches. An
+    address no running container holds stays as it is (and shows in the diff)."""
+    for addr, name in sorted((container_ips or {}).items(), key=lambda kv: -len(kv[0])):
+        guard = "0-9a-fA-F:" if ":" in addr else r"\d."
+        line = re.sub(rf"(?<![{guard}]){re.escape(addr)}(?![{guard}])", f"<{name}>", line)
+    return line
+
+
+def normalise_nft_json(text, container_ips=None):
     """`nft -j list ruleset` -> ordered, stable lines:
       table <family> <name>
       chain <family> <table> <name> [{type T hook H prio P policy X}]
       rule <family> <table> <chain>: <expressions, canonical>
       set|map|... <family> <table> <name> ...
-    Dropped: metainfo, handles, counter values, expiry. Tables are sorted by family and
+    Dropped: metainfo, handles, counter values, expiry; a running container's address
+    becomes `<name>` (container_ips, name_container_addresses). Tables are sorted by family and
     name, chains and sets by name (creation order is not meaning: boma's `delete table`
     + re-create moves its table behind Docker's). Rules keep nft's order within a chain,
     except in iptables-nft tables (Docker's), where they are sorted."""
@@ -1051,6 +1079,7 @@ def normalise_nft_json(text):
                     + " ".join(t for t in (nft_expr_text(e) for e in obj.get("expr", [])) if t))
             if obj.get("comment"):
                 line += f" comment {json.dumps(obj['comment'])}"
+            line = name_container_addresses(line, container_ips)
             rules.setdefault((tkey, obj.get("chain", "?")), []).append(line)
         else:
             order = 0 if kind == "chain" else 1
@@ -1160,7 +1189,8 @@ def normalise_capture(sections, own_ips=()):
         cats["nft"] = [_capture_error("nft -j list ruleset", sections.get("nft_json"))]
     else:
         try:
-            cats["nft"] = normalise_nft_json(s["out"] or '{"nftables": []}')
+            cats["nft"] = normalise_nft_json(s["out"] or '{"nftables": []}', parse_container_ips(
+                (sections.get("containers") or {}).get("out")))
         except (ValueError, AttributeError, TypeError) as e:
             cats["nft"] = [f"! nft -j list ruleset: unparsable output ({e})"]
     s = ok("docker")
@@ -2413,6 +2443,7 @@ def capture_state(ctx, rs, boot_id=None):
     state["failed_units"] = [u for u in state["categories"]["failed_units"]
                              if not u.startswith("!")]
     state["raw"] = r.stdout
+    state["seconds"] = round(r.seconds, 1)
     return state
 
 
@@ -2462,6 +2493,7 @@ def reboot_diff(ctx, rs, profile, mode, before, after, result=None, policy="fail
                                                   mode, index, note))
     summary = reboot_diff_summary(mode, index, diff, tolerated, unexpected, d)
     summary["recaptured"] = bool(note)
+    summary["capture_seconds"] = {"before": before.get("seconds"), "after": after.get("seconds")}
     if result is not None:
         result.setdefault("reboot_diffs", []).append(summary)
     if rs.data.get("reboots"):

@@ -749,8 +749,8 @@ def test_capture_script_bounds_every_command_and_runs_as_one_script():
     s = ivm.render_capture_script(NONCE, 30.4)
     assert s.startswith(f"M='@@boma-{NONCE}'\nT=30\n") and s.rstrip().endswith("exit 0")
     assert 'timeout -k 2 "$T" "$@" </dev/null' in s  # bounded, and never eats the script
-    for sec in ("boot_id", "port_range", "nft_json", "nft_text", "docker", "sockets",
-                "failed_units", "enabled_units", "enabled_active"):
+    for sec in ("boot_id", "port_range", "nft_json", "nft_text", "docker", "containers",
+                "sockets", "failed_units", "enabled_units", "enabled_active"):
         assert f"sec {sec} " in s
     for cmd in ("nft -j list ruleset", "nft list ruleset", "ss -H -tulnp",
                 "docker ps --format '{{.Names}} {{.Ports}}'",
@@ -776,7 +776,10 @@ def _stub_guest(tmp_path, docker="running"):
         "nft": f"""cat >/dev/null
                    if [ "$1" = -j ]; then cat {GUEST / 'nft-ruleset.json'}; else cat {GUEST / 'nft-ruleset.txt'}; fi""",
         "ss": f"cat {GUEST / 'ss-tulnp.txt'}",
-        "docker": f"cat {GUEST / 'docker-ps.txt'}",
+        "docker": f"""case $1 in
+                   ps) cat {GUEST / 'docker-ps.txt'} ;;
+                   inspect) [ "$4" = caddy ] && echo '/caddy 172.18.0.2 ' ;;
+                   esac""",
         "systemctl": f"""case "$*" in
                    "is-active --quiet docker.service") [ "{docker}" = running ] ;;
                    --failed*) echo 'fstrim.service loaded failed failed Discard unused blocks' ;;
@@ -803,12 +806,16 @@ def test_capture_script_runs_under_sh_and_parses(tmp_path, docker):
     assert p.returncode == 0, p.stderr
     secs = ivm.parse_capture_output(p.stdout, NONCE)
     assert set(secs) == {"boot_id", "port_range", "nft_json", "nft_text", "docker", "sockets",
-                         "failed_units", "enabled_units", "enabled_active"}
+                         "failed_units", "enabled_units", "enabled_active"} | (
+        {"containers"} if docker == "running" else set())
     assert secs["enabled_active"]["rc"] == 3  # is-active: some unit inactive
     st = ivm.normalise_capture(secs, own_ips=["192.168.150.42"])
     assert st["boot_id"] and len(st["boot_id"]) == 36
     cats = st["categories"]
     assert "rule inet filter forward: meta iifname docker0 accept" in cats["nft"]
+    dnat = ("rule ip nat DOCKER: meta iifname != br-3f1c2a9d8e7b meta l4proto tcp tcp dport 443 "
+            "counter dnat to {}:443")
+    assert dnat.format("<caddy>" if docker == "running" else "172.18.0.2") in cats["nft"]
     assert "table inet filter" in st["nft_text"]
     assert cats["failed_units"] == ["fstrim.service"]
     assert "e2scrub_reap.service inactive" in cats["services"]
@@ -912,6 +919,28 @@ def _rebooted(items, boots=2):
 def test_normalise_nft_json_is_blind_to_what_a_reboot_reorders():
     items = _nft_items()
     assert ivm.normalise_nft_json(_nft(items)) == ivm.normalise_nft_json(_nft(_rebooted(items)))
+
+
+def test_container_addresses_become_names():
+    ips = ivm.parse_container_ips("/caddy 172.18.0.2 \n/db 172.18.0.25 fd00::19\n"
+                                  "/hostnet  \n/odd <no value>\n")
+    assert ips == {"172.18.0.2": "caddy", "172.18.0.25": "db", "fd00::19": "db"}
+    line = ("ip saddr 172.18.0.2 ip daddr 172.18.0.25 dnat to 172.18.0.2:443 "
+            "ip daddr 172.18.0.20 ip6 daddr fd00::19 ip6 daddr fd00::190 ip saddr 172.18.0.2/32")
+    assert ivm.name_container_addresses(line, ips) == (
+        "ip saddr <caddy> ip daddr <db> dnat to <caddy>:443 ip daddr 172.18.0.20 "
+        "ip6 daddr <db> ip6 daddr fd00::190 ip saddr <caddy>/32")
+    # the container came back at another address: the same rules
+    items = _nft_items()
+    moved = json.loads(json.dumps(_rebooted(items)).replace('"172.18.0.2"', '"172.18.0.3"'))
+    before = ivm.normalise_nft_json(_nft(items), {"172.18.0.2": "caddy"})
+    assert before == ivm.normalise_nft_json(_nft(moved), {"172.18.0.3": "caddy"})
+    assert "rule ip nat DOCKER: meta iifname != br-3f1c2a9d8e7b meta l4proto udp udp dport 443 " \
+           "counter dnat to <caddy>:443" in before
+    # ... but a DNAT to an address no container holds any more is a difference
+    stale = ivm.normalise_nft_json(_nft(moved), {"172.18.0.4": "caddy"})
+    removed, added = ivm.diff_lines(before, stale)
+    assert len(removed) == len(added) == 9 and all("172.18.0.3" in a for a in added)
 
 
 def test_normalise_nft_json_keeps_rule_order_in_boma_tables():

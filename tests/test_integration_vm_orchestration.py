@@ -219,6 +219,8 @@ def test_passing_cycle(h):
     (diff,) = res["reboot_diffs"]
     assert diff["mode"] == "graceful" and diff["index"] == 1 and diff["changed"] is False
     assert diff["unexpected"] == [] and diff["tolerated"] == [] and not diff["recaptured"]
+    assert set(diff["capture_seconds"]) == {"before", "after"}
+    assert all(isinstance(v, float) for v in diff["capture_seconds"].values())
     assert set(diff["categories"]) == {"nft", "ports", "sockets", "failed_units", "services"}
     assert all(c == {"added": 0, "removed": 0} for c in diff["categories"].values())
     # ... and a PASSING run keeps its before/after/diff in its diagnostics dir

@@ -25,7 +25,8 @@ The guest-state capture (`ssh ... sudo -n sh -s` fed the driver's capture script
 answered from tests/fakes/guest/ (askari after its apply: Docker + base's firewall). Boot 1
 is the fixtures as they are; every later boot adds what a real reboot changes without
 meaning (new handles, counters, pids, kernel-picked ports; Docker's rules and tables
-re-created in another order), which the driver must normalise away.
+re-created in another order, the container at another address), which the driver must
+normalise away.
   FAKE_REBOOT_CHANGE=a,b     real changes from boot FAKE_REBOOT_CHANGE_FROM (default 2,
                              i.e. after the first reboot): forward-accept-gone (the
                              drop-in's accepts missing from inet filter forward),
@@ -340,6 +341,11 @@ GUEST_CHANGES = ("forward-accept-gone", "port-443-gone", "late-443", "dhclient",
                  "service-inactive")
 
 
+def caddy_ip(boots):
+    """Docker's IPAM may hand the restarted container another address."""
+    return f"172.18.0.{1 + boots}"
+
+
 def guest_nft(boots, changes):
     data = json.loads((GUEST / "nft-ruleset.json").read_text())
     items = data["nftables"]
@@ -360,7 +366,7 @@ def guest_nft(boots, changes):
         text = json.dumps({"nftables": items})
         text = re.sub(r'"handle": (\d+)', lambda m: f'"handle": {int(m.group(1)) + 100 * boots}', text)
         text = re.sub(r'"packets": 0, "bytes": 0', f'"packets": {17 * boots}, "bytes": {1234 * boots}', text)
-        return text
+        return text.replace('"172.18.0.2"', f'"{caddy_ip(boots)}"')
     return json.dumps({"nftables": items})
 
 
@@ -399,6 +405,7 @@ def guest_capture(script, boot_id, boots, nth, sysstate):
         "nft_json": (0, guest_nft(boots, changes), ""),
         "nft_text": (0, (GUEST / "nft-ruleset.txt").read_text(), ""),
         "docker": (0, "docker: absent" if ENV.get("FAKE_DOCKER") == "absent" else ps, ""),
+        "containers": (0, f"/caddy {caddy_ip(boots)} ", ""),
         "sockets": (0, ss, ""),
         "failed_units": (0, "fake-broken.service loaded failed failed Fake broken unit"
                          if sysstate == "degraded" else "", ""),
