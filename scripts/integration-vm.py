@@ -3,7 +3,8 @@
 
 Boots a throwaway libvirt VM that plays one real host (a profile), applies the real
 playbooks to it through a single-host transient inventory, reboots it (and proves the
-reboot happened), runs the verify playbook, and tears it down.
+reboot happened, and that the guest's firewall, published ports, listening sockets and
+services are what they were before it), runs the verify playbook, and tears it down.
 
 Stdlib-only by convention: never imports a YAML library or libvirt bindings. It talks
 to libvirt through `virsh`/`virt-install`/`qemu-img`/`cloud-localds` and to the guest
@@ -860,7 +861,9 @@ else
   sec docker docker ps --format '{{.Names}} {{.Ports}}'
   names=$(awk '{print $1}' "$o")
   if [ -n "$names" ]; then
-    sec containers docker inspect --format '{{.Name}}{{range .NetworkSettings.Networks}} {{.IPAddress}} {{.GlobalIPv6Address}}{{end}}' $names
+    sec containers docker inspect --format \
+      '{{.Name}}{{range .NetworkSettings.Networks}} {{.IPAddress}} {{.GlobalIPv6Address}}{{end}}' \
+      $names
   fi
 fi
 sec sockets ss -H -tulnp
@@ -1012,8 +1015,8 @@ def _nft_object_line(kind, obj):
     head += f" {obj.get('name', '?')}"
     if kind == "chain":
         if "hook" in obj:
-            head += " {" + " ".join(f"{a} {obj[a]}" for a in ("type", "hook", "prio", "policy", "dev")
-                                    if a in obj) + "}"
+            keys = ("type", "hook", "prio", "policy", "dev")
+            head += " {" + " ".join(f"{a} {obj[a]}" for a in keys if a in obj) + "}"
         return head
     if kind in ("set", "map"):
         rest = {a: b for a, b in obj.items() if a not in ("family", "table", "name", "elem")}
@@ -1201,8 +1204,9 @@ def normalise_capture(sections, own_ips=()):
     cats["sockets"] = (normalise_listeners(s["out"], pr, own_ips) if s is not None
                        else [_capture_error("ss -tulnp", sections.get("sockets"))])
     s = ok("failed_units")
-    cats["failed_units"] = (parse_failed_units(s["out"]) if s is not None
-                            else [_capture_error("systemctl --failed", sections.get("failed_units"))])
+    cats["failed_units"] = (
+        parse_failed_units(s["out"]) if s is not None
+        else [_capture_error("systemctl --failed", sections.get("failed_units"))])
     s = ok("enabled_units")
     if s is None:
         cats["services"] = [_capture_error("systemctl list-unit-files",
@@ -3088,7 +3092,8 @@ REBOOT_HELP = """reboots (cycle, bench, reboot):
   subcommand does one reboot). Each reboot must change the guest's boot_id.
   Right before and after each reboot the guest's state is captured in one SSH call
   and normalised into categories: nft (ruleset without handles, counter values,
-  table/chain creation order; Docker's iptables-nft chains compared as multisets),
+  table/chain creation order; Docker's iptables-nft chains compared as multisets;
+  a running container's address shown as <name>),
   ports (docker ps published ports), sockets (ss -tulnp: proto, address:port,
   process; kernel-picked ports shown as "ephemeral"), failed_units, services
   (every enabled service and whether it is active). Written on every outcome to
