@@ -1050,19 +1050,74 @@ def name_container_addresses(line, container_ips):
     return line
 
 
-def normalise_nft_json(text, container_ips=None):
+def parse_nft_text_rules(text):
+    """`nft list ruleset` -> {(family, table, chain): [rule text]} in listing order, each
+    rule with its counter values dropped. Only used for rules whose JSON form is opaque:
+    iptables-nft writes some matches/targets as xtables compat expressions, which
+    `nft -j` shows as `{"xt": {"name": "DNAT"}}` while the text listing translates them
+    (`dnat to 172.18.0.2:443`, `ct state related,established`)."""
+    rules, stack, pending = {}, [], 0
+    for raw in (text or "").splitlines():
+        line = raw.strip()
+        if not line or line.startswith("#"):
+            continue
+        if pending:
+            pending += line.count("{") - line.count("}")
+            continue
+        m = re.match(r"table (\S+) (\S+) \{$", line)
+        if m and not stack:
+            stack.append(("table", m.group(1), m.group(2)))
+            continue
+        m = re.match(r"chain (\S+) \{$", line)
+        if m and len(stack) == 1:
+            stack.append(("chain", m.group(1)))
+            rules.setdefault((stack[0][1], stack[0][2], m.group(1)), [])
+            continue
+        if line == "}":
+            if stack:
+                stack.pop()
+            continue
+        if line.endswith("{"):
+            stack.append(("other",))
+            continue
+        if len(stack) == 2 and stack[1][0] == "chain" and not line.endswith(";") \
+                and not line.startswith("comment "):
+            rules[(stack[0][1], stack[0][2], stack[1][1])].append(
+                re.sub(r"counter packets \d+ bytes \d+", "counter", line))
+            continue
+        pending = max(0, line.count("{") - line.count("}"))
+    return rules
+
+
+def _has_xt(exprs):
+    return any(isinstance(e, dict) and "xt" in e for e in exprs or [])
+
+
+def normalise_nft_json(text, container_ips=None, ruleset_text=None):
     """`nft -j list ruleset` -> ordered, stable lines:
       table <family> <name>
       chain <family> <table> <name> [{type T hook H prio P policy X}]
       rule <family> <table> <chain>: <expressions, canonical>
       set|map|... <family> <table> <name> ...
     Dropped: metainfo, handles, counter values, expiry; a running container's address
-    becomes `<name>` (container_ips, name_container_addresses). Tables are sorted by family and
-    name, chains and sets by name (creation order is not meaning: boma's `delete table`
-    + re-create moves its table behind Docker's). Rules keep nft's order within a chain,
-    except in iptables-nft tables (Docker's), where they are sorted."""
+    becomes `<name>` (container_ips, name_container_addresses). A rule holding an
+    xtables compat expression (opaque in JSON) is taken from `ruleset_text` (the same
+    ruleset as `nft list ruleset`) when that lists the chain with as many rules.
+    Tables are sorted by family and name, chains and sets by name (creation order is
+    not meaning: boma's `delete table` + re-create puts its table behind Docker's during
+    an apply and before them at boot). Rules keep nft's order within a chain, except in
+    iptables-nft tables (Docker's), where they are sorted: Docker re-creates its
+    per-network rules at boot in another order (both seen on a real askari VM)."""
     data = json.loads(text)
     items = data.get("nftables", []) if isinstance(data, dict) else []
+    text_rules = parse_nft_text_rules(ruleset_text) if ruleset_text else {}
+    json_counts = {}
+    for item in items:
+        r = item.get("rule") if isinstance(item, dict) else None
+        if isinstance(r, dict):
+            key = (r.get("family", "?"), r.get("table", "?"), r.get("chain", "?"))
+            json_counts[key] = json_counts.get(key, 0) + 1
+    seen_rules = {}
     tables, objects, rules = {}, {}, {}
     for item in items:
         if not isinstance(item, dict) or len(item) != 1:
@@ -1078,10 +1133,16 @@ def normalise_nft_json(text, container_ips=None):
         tkey = (fam, obj.get("table", "?"))
         tables.setdefault(tkey, f"table {fam} {tkey[1]}")
         if kind == "rule":
-            line = (f"rule {fam} {tkey[1]} {obj.get('chain', '?')}: "
-                    + " ".join(t for t in (nft_expr_text(e) for e in obj.get("expr", [])) if t))
-            if obj.get("comment"):
-                line += f" comment {json.dumps(obj['comment'])}"
+            ckey = (fam, tkey[1], obj.get("chain", "?"))
+            pos = seen_rules[ckey] = seen_rules.get(ckey, -1) + 1
+            listed = text_rules.get(ckey)
+            if _has_xt(obj.get("expr")) and listed and len(listed) == json_counts[ckey]:
+                line = f"rule {fam} {tkey[1]} {ckey[2]}: {listed[pos]}"
+            else:
+                line = (f"rule {fam} {tkey[1]} {ckey[2]}: "
+                        + " ".join(t for t in (nft_expr_text(e) for e in obj.get("expr", [])) if t))
+                if obj.get("comment"):
+                    line += f" comment {json.dumps(obj['comment'])}"
             line = name_container_addresses(line, container_ips)
             rules.setdefault((tkey, obj.get("chain", "?")), []).append(line)
         else:
@@ -1192,8 +1253,11 @@ def normalise_capture(sections, own_ips=()):
         cats["nft"] = [_capture_error("nft -j list ruleset", sections.get("nft_json"))]
     else:
         try:
-            cats["nft"] = normalise_nft_json(s["out"] or '{"nftables": []}', parse_container_ips(
-                (sections.get("containers") or {}).get("out")))
+            text = sections.get("nft_text") or {}
+            cats["nft"] = normalise_nft_json(
+                s["out"] or '{"nftables": []}',
+                parse_container_ips((sections.get("containers") or {}).get("out")),
+                text.get("out") if text.get("rc") == 0 else None)
         except (ValueError, AttributeError, TypeError) as e:
             cats["nft"] = [f"! nft -j list ruleset: unparsable output ({e})"]
     s = ok("docker")

@@ -347,27 +347,47 @@ def caddy_ip(boots):
 
 
 def guest_nft(boots, changes):
-    data = json.loads((GUEST / "nft-ruleset.json").read_text())
-    items = data["nftables"]
+    """(nft -j list ruleset, nft list ruleset), consistent with each other. The fixtures
+    are a real askari VM's (Debian 13, Docker 26 through iptables-nft)."""
+    items = json.loads((GUEST / "nft-ruleset.json").read_text())["nftables"]
+    text = (GUEST / "nft-ruleset.txt").read_text()
     if "forward-accept-gone" in changes:
         items = [i for i in items if not ("rule" in i and i["rule"]["family"] == "inet"
                                           and i["rule"]["chain"] == "forward"
                                           and re.search(r'"(docker0|br-\*)"', json.dumps(i)))]
-    if boots > 1:
-        # nftables.service loads base's table at boot, before Docker re-creates its own
-        # tables, in another rule order; new handles and counter values.
-        meta = [i for i in items if "metainfo" in i]
-        inet = [i for i in items if "metainfo" not in i and
-                list(i.values())[0].get("family") == "inet"]
-        docker = [i for i in items if "metainfo" not in i and i not in inet]
-        rules = [i for i in docker if "rule" in i][::-1]
-        docker = [i for i in docker if "rule" not in i] + rules
-        items = meta + inet + docker
-        text = json.dumps({"nftables": items})
-        text = re.sub(r'"handle": (\d+)', lambda m: f'"handle": {int(m.group(1)) + 100 * boots}', text)
-        text = re.sub(r'"packets": 0, "bytes": 0', f'"packets": {17 * boots}, "bytes": {1234 * boots}', text)
-        return text.replace('"172.18.0.2"', f'"{caddy_ip(boots)}"')
-    return json.dumps({"nftables": items})
+        text = re.sub(r'(?m)^\t\t[io]ifname "(docker0|br-\*)" accept\n', "", text)
+    if boots == 1:
+        return json.dumps({"nftables": items}), text
+    # nftables.service loads base's table at boot, before Docker re-creates its own
+    # tables, with each chain's rules in another order; new handles and counter values;
+    # the container at another address.
+    meta = [i for i in items if "metainfo" in i]
+    inet = [i for i in items if "metainfo" not in i and list(i.values())[0].get("family") == "inet"]
+    docker = [i for i in items if "metainfo" not in i and i not in inet]
+    docker = [i for i in docker if "rule" not in i] + [i for i in docker if "rule" in i][::-1]
+    js = json.dumps({"nftables": meta + inet + docker})
+    js = re.sub(r'"handle": (\d+)', lambda m: f'"handle": {int(m.group(1)) + 100 * boots}', js)
+    js = re.sub(r'"packets": \d+, "bytes": \d+', f'"packets": {17 * boots}, "bytes": {1234 * boots}', js)
+    blocks = [b for b in re.split(r"(?m)^(?=table )", text) if b.strip()]
+    out = [b for b in blocks if b.startswith("table inet ")]
+    for block in (b for b in blocks if not b.startswith("table inet ")):
+        res, chain = [], None
+        for ln in block.splitlines(True):
+            st = ln.strip()
+            if chain is None:
+                res.append(ln)
+                chain = [] if st.startswith("chain ") and st.endswith("{") else None
+            elif st == "}":
+                res += chain[::-1] + [ln]
+                chain = None
+            elif st.endswith(";"):
+                res.append(ln)
+            else:
+                chain.append(ln)
+        out.append("".join(res))
+    text = re.sub(r"packets \d+ bytes \d+", f"packets {17 * boots} bytes {1234 * boots}", "".join(out))
+    ip = caddy_ip(boots)
+    return js.replace('"172.18.0.2"', f'"{ip}"'), re.sub(r"172\.18\.0\.2\b", ip, text)
 
 
 def guest_capture(script, boot_id, boots, nth, sysstate):
@@ -396,14 +416,15 @@ def guest_capture(script, boot_id, boots, nth, sysstate):
                'users:(("dhclient",pid=901,fd=7))\n')
     units = [ln.split()[0] for ln in (GUEST / "list-unit-files.txt").read_text().splitlines()
              if ln.split() and not ln.split()[0].endswith("@.service")]
-    inactive = {"e2scrub_reap.service", "systemd-pstore.service"}
+    inactive = {"cloud-init-main.service", "sshd-keygen.service", "systemd-pstore.service"}
     if "service-inactive" in changes:
         inactive.add("docker.service")
+    nft_json, nft_text = guest_nft(boots, changes)
     answers = {
         "boot_id": (0, boot_id, ""),
         "port_range": (0, "32768\t60999", ""),
-        "nft_json": (0, guest_nft(boots, changes), ""),
-        "nft_text": (0, (GUEST / "nft-ruleset.txt").read_text(), ""),
+        "nft_json": (0, nft_json, ""),
+        "nft_text": (0, nft_text, "# Warning: table ip nat is managed by iptables-nft, do not touch!"),
         "docker": (0, "docker: absent" if ENV.get("FAKE_DOCKER") == "absent" else ps, ""),
         "containers": (0, f"/caddy {caddy_ip(boots)} ", ""),
         "sockets": (0, ss, ""),
