@@ -22,7 +22,8 @@ Behaviour knobs (env):
   FAKE_DEFINE_SLEEP=N        virsh define sleeps N seconds (to race two `up`s)
 
 The guest-state capture (`ssh ... sudo -n sh -s` fed the driver's capture script) is
-answered from tests/fakes/guest/ (askari after its apply: Docker + base's firewall). Boot 1
+answered from tests/fakes/guest/ (askari after its apply: Docker + base's firewall; its nft
+ruleset and unit list were captured on a real askari VM under TCG). Boot 1
 is the fixtures as they are; every later boot adds what a real reboot changes without
 meaning (new handles, counters, pids, kernel-picked ports; Docker's rules and tables
 re-created in another order, the container at another address), which the driver must
