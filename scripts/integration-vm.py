@@ -75,6 +75,11 @@ MIN_DISK_MIB_RUN = 4096         # free disk for one run's overlay to grow into
 MIN_DISK_MIB_IMAGE = 4096       # free disk to build/fetch a golden image
 VALID_TIERS = ("internal", "le-staging", "le-prod-wildcard")
 PROD_TIER = "le-prod-wildcard"
+# Tiers that need the real Gandi token: their runs load the production vault (password via
+# scripts/vault-password.sh) instead of tests/vault/test-values.yml. Everything else never
+# sees the production vault.
+REAL_SECRET_TIERS = ("le-staging", "le-prod-wildcard")
+VAULT_ID = "prod@scripts/vault-password.sh"
 REBOOT_MODES = ("graceful", "hard")
 ACCEL_CHOICES = ("auto", "kvm", "tcg")
 ANSIBLE_USER = "ansible"
@@ -463,12 +468,13 @@ def load_profile(host, profile_dir=None, repo_root=None, read=None):
 
 
 def extra_vars_files(profile, tier, integ_dir=None, vault_values=None):
-    """Ordered -e @files: profile files, then the cert tier, then test vault values."""
+    """Ordered -e @files: profile files, then the cert tier, then test vault values
+    (except for REAL_SECRET_TIERS, which use the production vault)."""
     integ_dir = pathlib.Path(integ_dir or INTEG_DIR)
     files = [integ_dir / f for f in profile["extra_vars_files"]]
     files.append(integ_dir / "certs" / f"{tier}.yml")
     vault_values = pathlib.Path(vault_values or TEST_VAULT_VALUES)
-    if vault_values.is_file():
+    if tier not in REAL_SECRET_TIERS and vault_values.is_file():
         files.append(vault_values)
     return files
 
@@ -551,7 +557,8 @@ def virt_install_argv(uri, name, mem_mib, vcpus, overlay, seed, mac, console_log
         "--network", f"network={NET_NAME},model=virtio,mac={mac}",
         "--osinfo", osinfo,
         "--graphics", "none",
-        "--serial", f"file,path={console_log}",
+        # A pty (so `virsh console` attaches) whose output virtlogd also writes to a file.
+        "--serial", f"pty,log.file={console_log}",
         "--noautoconsole",
         "--virt-type", virt_type,
     ]
@@ -2164,7 +2171,8 @@ def probe_accel(ctx, kernel):
         pass
     qemu = shutil.which("qemu-system-x86_64", path=ctx.environ.get("PATH"))
     if kernel is None or qemu is None:
-        verdict, reason = ("kvm", "no kernel/qemu to probe with; /dev/kvm present") \
+        verdict, reason = ("tcg", "not probed: no guest kernel yet (run `integration-vm "
+                                  "image`); a cycle probes KVM before it boots") \
             if group_ok else ("tcg", f"{desc}: libvirt's qemu user cannot open it")
     else:
         bound = ctx.bounds["accel-probe"]
@@ -2383,8 +2391,9 @@ def boot(ctx, rs):
 
 
 # ---- apply / verify -------------------------------------------------------------------
-def write_run_inventory(ctx, rs, groups):
-    """<run>/inventory/hosts.yml (only the VM) + group_vars symlinks (minus vault.yml)."""
+def write_run_inventory(ctx, rs, groups, with_vault=False):
+    """<run>/inventory/hosts.yml (only the VM) + group_vars symlinks (minus vault.yml,
+    unless the cert tier needs the real secrets)."""
     inv = rs.dir / "inventory"
     if inv.exists():
         shutil.rmtree(inv)
@@ -2399,12 +2408,12 @@ def write_run_inventory(ctx, rs, groups):
     src = ctx.repo / "inventories" / "production" / "group_vars"
     if src.is_dir():
         for entry in sorted(src.iterdir()):
-            if entry.name == "vault.yml":
+            if entry.name == "vault.yml" and not with_vault:
                 continue
             if entry.is_dir():
                 (gv / entry.name).mkdir()
                 for f in sorted(entry.rglob("*")):
-                    if f.is_file() and f.name != "vault.yml":
+                    if f.is_file() and (f.name != "vault.yml" or with_vault):
                         dst = gv / entry.name / f.relative_to(entry)
                         dst.parent.mkdir(parents=True, exist_ok=True)
                         dst.symlink_to(f)
@@ -2415,12 +2424,15 @@ def write_run_inventory(ctx, rs, groups):
 
 def run_playbook(ctx, rs, profile, playbook, tags, certs, phase, timeout):
     """One ansible-playbook call against the VM only; returns (rc, output)."""
-    inv = write_run_inventory(ctx, rs, profile["groups"])
+    real_secrets = certs in REAL_SECRET_TIERS
+    inv = write_run_inventory(ctx, rs, profile["groups"], with_vault=real_secrets)
     assert_single_host_inventory(inv.read_text(), rs.name)
     argv = ansible_playbook_argv(
         find_ansible_playbook(ctx), inv, playbook, rs.name, tags,
         extra_vars_files(profile, certs, ctx.repo / "tests" / "integration",
                          ctx.repo / "tests" / "vault" / "test-values.yml"))
+    if real_secrets:
+        argv[1:1] = ["--vault-id", VAULT_ID]
     if argv[argv.index("--limit") + 1] != rs.name:
         raise InfraError("inventory", "ansible-playbook --limit is not the test VM")
     log = rs.dir / "logs" / f"{phase.replace(':', '-').replace('/', '_')}.log"
@@ -2751,11 +2763,14 @@ def _current_phase(result):
 
 
 def inspection_help(ctx, rs):
+    # Under scripts/it-run's sandbox the VM is only reachable inside its namespace.
+    netns = ctx.environ.get("BOMA_IT_NETNS")
+    prefix = f"ip netns exec {netns} " if netns else ""
     ssh_cmd = shlex.join(ssh_argv(rs.dir, rs.name, rs.ip or "<ip>", "", port=ctx.ssh_port)[:-1])
     return (f"integration-vm: VM {rs.name} kept for inspection:\n"
             f"  console log:  {rs.console_log}\n"
-            f"  serial:       virsh --connect {ctx.uri} console {rs.name}\n"
-            f"  ssh:          {ssh_cmd}\n"
+            f"  serial:       {prefix}virsh --connect {ctx.uri} console {rs.name}\n"
+            f"  ssh:          {prefix}{ssh_cmd}\n"
             f"  diagnostics:  {rs.diag_dir}\n"
             f"  clean up:     scripts/integration-vm.py down --run {rs.name}   "
             f"(or: make test-integration-clean)\n")
@@ -2925,6 +2940,13 @@ def prepare(ctx, args, command):
                          "zone; pass --allow-prod-certs to confirm")
     if not (ctx.repo / "tests" / "integration" / "certs" / f"{certs}.yml").is_file():
         raise UsageError(f"cert tier file tests/integration/certs/{certs}.yml does not exist")
+    if certs in REAL_SECRET_TIERS and command in ("up", "apply", "cycle", "bench"):
+        # Before anything is created: these tiers need the real Gandi token.
+        r = run([str(ctx.repo / "scripts" / "vault-password.sh")], timeout=30)
+        if r.returncode != 0 or not r.stdout.strip():
+            why = (r.stderr.strip().splitlines() or ["no password printed"])[-1]
+            raise UsageError(f"--certs {certs} needs the production vault password "
+                             f"(scripts/vault-password.sh: {why})")
     if command != "reboot" and command != "up":
         check_ansible(ctx)
     cached = (ctx.cache / "images" / current_image_key(ctx) / "manifest.json").is_file()
@@ -3146,6 +3168,14 @@ ENV_HELP = """environment:
   BOMA_IT_ANSIBLE_PLAYBOOK  ansible-playbook to use (default: PATH, then .venv)
   BOMA_IT_TIMEOUT_<STAGE>   bound in seconds, e.g. BOMA_IT_TIMEOUT_DHCP_LEASE=300
   BOMA_IT_POLL              poll interval of bounded waits (default 2)
+  BOMA_IT_IMAGE_URL         image to fetch with BOMA_IT_IMAGE_SOURCE=fetch
+  BOMA_IT_SHA_URL           its SHA512SUMS
+  BOMA_IT_SSH_PORT          guest SSH port (default 22)
+  BOMA_IT_RAM_FLOOR_MIB     MemAvailable that must remain after the VM's memory (default 1024)
+  BOMA_IT_MIN_DISK_MIB      free disk required for a run's overlay / an image build
+  BOMA_IT_NETNS             set by scripts/it-run: the sandbox namespace (inspection hints)
+  BOMA_VAULT_PASSWORD_FILE  production vault password file, only for --certs le-staging /
+                            le-prod-wildcard (else scripts/vault-password.sh asks rbw)
 """
 
 

@@ -160,6 +160,16 @@ def test_extra_vars_order(tmp_path):
     assert ivm.extra_vars_files(prof, "internal", tmp_path, vault)[-1] == vault
 
 
+@pytest.mark.parametrize("tier", ["le-staging", "le-prod-wildcard"])
+def test_real_secret_tiers_never_get_the_fake_vault_values(tmp_path, tier):
+    # Their Caddy needs the real Gandi token: the production vault is loaded instead.
+    vault = tmp_path / "vault.yml"
+    vault.write_text("x: 1\n")
+    files = ivm.extra_vars_files({"extra_vars_files": []}, tier, tmp_path, vault)
+    assert vault not in files and files[-1].name == f"{tier}.yml"
+    assert tier in ivm.REAL_SECRET_TIERS and "internal" not in ivm.REAL_SECRET_TIERS
+
+
 # ---- argv builders ------------------------------------------------------------------
 def test_ssh_options_pin_the_host_key():
     opts = ivm.ssh_options("/r", "boma-it-x-1", 2222)
@@ -221,7 +231,7 @@ def test_virt_install_argv_direct_kernel_boot():
     assert "path=/c/o.qcow2,format=qcow2,bus=virtio" in a
     assert "path=/c/seed.img,format=raw,bus=virtio,readonly=on" in a
     assert "network=boma-it,model=virtio,mac=52:54:00:01:02:03" in a
-    assert a[a.index("--serial") + 1] == "file,path=/c/console.log"
+    assert a[a.index("--serial") + 1] == "pty,log.file=/c/console.log"
     assert a[a.index("--virt-type") + 1] == "qemu" and a[a.index("--graphics") + 1] == "none"
     assert a[a.index("--boot") + 1] == ('kernel=/i/vmlinuz,initrd=/i/initrd.img,'
                                         'cmdline="root=LABEL=root rw console=ttyS0,115200n8"')

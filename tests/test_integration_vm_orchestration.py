@@ -697,6 +697,9 @@ def test_max_vms_allows_two(h):
     ("libvirtdown", ["cycle", "--host", "askari"], 3, "libvirtd not reachable at test:///fake"),
     ("lowram", ["up", "--host", "askari"], 3, "MemAvailable"),
     ("noansible", ["cycle", "--host", "askari"], 3, "ansible-playbook not found"),
+    ("novault", ["cycle", "--host", "askari", "--certs", "le-staging"], 2,
+     "--certs le-staging needs the production vault password (scripts/vault-password.sh: "
+     "vault-password: no vault password"),
 ])
 def test_bad_input(h, setup, args, code, needle):
     prof = h.repo / "tests" / "integration" / "profiles" / "broken.json"
@@ -719,6 +722,10 @@ def test_bad_input(h, setup, args, code, needle):
         (h.tmp / "meminfo").write_text("MemAvailable: 2097152 kB\n")
     elif setup == "noansible":
         (h.bin / "ansible-playbook").unlink()
+    elif setup == "novault":  # the real client script, with no password file and no rbw
+        shutil.copy(DRIVER.parent / "vault-password.sh", h.repo / "scripts")
+        for tool in ("bash", "head"):
+            (h.bin / tool).symlink_to(shutil.which(tool))
     p = h.run(*args, **env)
     assert p.returncode == code, (p.returncode, p.stderr)
     line = assert_one_line_error(p)

@@ -129,7 +129,7 @@ def virsh():
             time.sleep(float(ENV.get("FAKE_DEFINE_SLEEP", "0")))
             meta = re.search(r"<boma:run\b[^>]*/>", xml)
             mac = re.search(r"<mac address='([^']+)'", xml)
-            console = re.search(r"<source path='([^']+console[^']*)'", xml)
+            console = re.search(r"<log file='([^']+console[^']*)'", xml)
             doms[name] = {"xml": xml, "state": "shut off", "metadata": meta.group(0) if meta else None,
                           "mac": mac.group(1) if mac else None, "boot_id": None,
                           "console": console.group(1) if console else None}
@@ -209,7 +209,7 @@ def virt_install():
     if "--print-xml" not in opts:
         die("fake virt-install: only --print-xml is supported")
     mac = re.search(r"mac=([0-9a-f:]+)", opts["--network"]).group(1)
-    console = opts["--serial"].split("path=", 1)[1]
+    console = opts["--serial"].split("log.file=", 1)[1]
     vtype = "kvm" if opts["--virt-type"] == "kvm" else "qemu"
     disk_xml = "".join(f"    <disk type='file' device='disk'><source file='{d.split(',')[0][5:]}'/></disk>\n"
                        for d in disks)
@@ -222,7 +222,7 @@ def virt_install():
       <source network='boma-it'/>
       <mac address='{mac}'/>
     </interface>
-    <serial type='file'><source path='{console}'/></serial>
+    <serial type='pty'><log file='{console}'/></serial>
   </devices>
 </domain>""")
 
