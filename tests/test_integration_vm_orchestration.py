@@ -834,3 +834,8 @@ def test_bench_prints_table(h):
     out = p.stdout
     assert "phase" in out and "apply:site.yml" in out and "reboot:graceful" in out
     assert out.strip().splitlines()[-1].startswith("total")
+    # Cold (forced rebuild) and warm (cache hit) image, and boot-to-stage figures.
+    names = [ln.split()[0] for ln in out.splitlines()[1:] if ln.strip()]
+    assert names.index("image:cold") < names.index("image") < names.index("boot")
+    for stage in ("dhcp-lease", "tcp-22", "ssh-handshake", "cloud-init"):
+        assert f"boot to {stage}" in out
