@@ -115,7 +115,10 @@ IMAGE_BASE_PACKAGES = (
 )
 # Profile-independent extras that the roles install anyway: carrying them in the golden
 # image saves minutes of apt under TCG (the roles' apt tasks then find them present).
-IMAGE_EXTRA_PACKAGES = ("docker.io", "iptables", "gnupg", "procps", "kmod")
+# docker-cli: trixie moved the docker command there (docker_host installs it);
+# python3-docker: reverse_proxy's community.docker modules need it on the target.
+IMAGE_EXTRA_PACKAGES = ("docker.io", "docker-cli", "python3-docker", "iptables", "gnupg",
+                        "procps", "kmod")
 KERNEL_ARGS = "root=LABEL=root rw console=ttyS0,115200n8"
 
 # Readiness / command bounds in seconds (KVM). TCG multiplies the boot-ish ones by
