@@ -800,6 +800,11 @@ def format_bench_table(result):
         if p["name"] == "boot":  # readiness stages, as seconds after `virsh start`
             rows += [(f"  boot to {stage}", f"{sec:.1f}", "")
                      for stage, sec in result.get("boot_stages", {}).items()]
+        if p["name"].startswith("reboot:"):  # seconds after the reboot was issued
+            for r in result.get("reboot_stages", []):
+                if p["name"] == f"reboot:{r['mode']}":
+                    rows += [("  reboot to ssh", f"{r['seconds_to_ssh']:.1f}", ""),
+                             ("  reboot to system-running", f"{r['seconds_to_running']:.1f}", "")]
     rows.append(("total", f"{result.get('total_seconds') or 0:.1f}", result.get("verdict") or ""))
     w = [max(len(r[i]) for r in rows) for i in range(3)]
     return "\n".join(f"{a:<{w[0]}}  {b:>{w[1]}}  {c}" for a, b, c in rows) + "\n"
@@ -2623,7 +2628,8 @@ def reboot_vm(ctx, rs, mode="graceful"):
         virsh(ctx, "destroy", rs.name, check=True, stage="reboot")
         virsh(ctx, "start", rs.name, check=True, stage="reboot")
     progress(ctx, f"reboot:{mode}", f"issued; old boot_id {before['boot_id'][:8]}")
-    deadline = time.monotonic() + ctx.bounds["reboot"]
+    issued = time.monotonic()
+    deadline = issued + ctx.bounds["reboot"]
 
     def new_boot(_):
         left = deadline - time.monotonic()
@@ -2638,18 +2644,22 @@ def reboot_vm(ctx, rs, mode="graceful"):
     except InfraError as e:
         raise InfraError("reboot", f"{e.msg} (boot_id before: {before['boot_id']}; the guest "
                          "did not come back from a new boot)") from None
+    to_ssh = round(time.monotonic() - issued, 1)
     bound = ctx.bounds["system-running"]
     r = rs.ssh("systemctl is-system-running --wait", timeout=bound)
     sysstate = r.stdout.strip() or ("timeout" if r.timed_out else "unknown")
+    to_running = round(time.monotonic() - issued, 1)
     if sysstate not in ("running", "degraded"):
         raise InfraError("reboot", f"system state {sysstate!r} after {bound:.0f}s "
                          f"(`systemctl is-system-running --wait`); console log: {rs.console_log}")
     after = capture_state(ctx, rs, boot_id=new_id)
     rs.data["boot_ids"].append(new_id)
     rs.data.setdefault("reboots", []).append(
-        {"mode": mode, "system_state": sysstate, "failed_units": after["failed_units"]})
+        {"mode": mode, "system_state": sysstate, "failed_units": after["failed_units"],
+         "seconds_to_ssh": to_ssh, "seconds_to_running": to_running})
     rs.save()
-    progress(ctx, f"reboot:{mode}", f"new boot_id {new_id[:8]}, system {sysstate}"
+    progress(ctx, f"reboot:{mode}", f"new boot_id {new_id[:8]} over SSH after {to_ssh}s, "
+             f"system {sysstate} after {to_running}s"
              + (f", failed units: {', '.join(after['failed_units'])}" if after["failed_units"] else ""))
     return before, after
 
@@ -2859,6 +2869,9 @@ def session(ctx, args, command):
             for mode in modes:
                 with timed_phase(ctx, result, f"reboot:{mode}"):
                     before, after = reboot_vm(ctx, rs, mode)
+                result.setdefault("reboot_stages", []).append(
+                    {k: rs.data["reboots"][-1][k]
+                     for k in ("mode", "seconds_to_ssh", "seconds_to_running")})
                 with timed_phase(ctx, result, f"reboot-diff:{mode}") as entry:
                     summary = reboot_diff(ctx, rs, profile, mode, before, after, result,
                                           args.reboot_diff)

@@ -839,3 +839,4 @@ def test_bench_prints_table(h):
     assert names.index("image:cold") < names.index("image") < names.index("boot")
     for stage in ("dhcp-lease", "tcp-22", "ssh-handshake", "cloud-init"):
         assert f"boot to {stage}" in out
+    assert "reboot to ssh" in out and "reboot to system-running" in out
