@@ -61,6 +61,12 @@ def test_green_host_survives_reboot():
     result = newest_result(HOST)
     assert result["verdict"] == "pass"
     assert result["phases"]["reboot"] > 0, "a GREEN run must include a real reboot"
+    # The reboot changed nothing that matters, and the forward chain it came back with
+    # still admits container traffic.
+    diff = result["reboot_diffs"][0]
+    assert diff["unexpected"] == [], diff
+    after = forward_chain((pathlib.Path(diff["dir"]) / "after" / "nft-ruleset.txt").read_text())
+    assert "policy drop" in after and 'iifname "docker0" accept' in after, after
     listed = subprocess.run(["virsh", "list", "--all", "--name"], text=True,
                             capture_output=True, timeout=30).stdout.split()
     assert result["vm"] not in listed, "a passing cycle must destroy its VM"
@@ -86,5 +92,10 @@ def test_red_regression_fails_for_the_right_reason():
     chain = forward_chain((diag / "nft-ruleset.txt").read_text())
     assert "policy drop" in chain
     assert "accept" not in chain, f"forward chain should be pure drop:\n{chain}"
+    # ...and it stood that way on both sides of the reboot (the reboot diff's captures).
+    reboot_dir = pathlib.Path(result["reboot_diffs"][0]["dir"])
+    for side in ("before", "after"):
+        chain = forward_chain((reboot_dir / side / "nft-ruleset.txt").read_text())
+        assert "policy drop" in chain and "accept" not in chain, (side, chain)
     # The VM is kept for inspection on a verify failure; this test cleans up after itself.
     assert run_driver("prune").returncode == 0
