@@ -2071,18 +2071,25 @@ def build_image(ctx, key, dest):
         raw.unlink()
         shutil.rmtree(root)
         sizes = {p.name: p.stat().st_size for p in tmp.iterdir() if p.is_file()}
-        (tmp / "manifest.json").write_text(json.dumps({
+        publish_image_dir(tmp, dest, {
             "key": key, "inputs": inputs, "built_at": now_iso(),
             "build_seconds": round(time.monotonic() - t0, 1), "sizes": sizes,
-        }, indent=2, sort_keys=True) + "\n")
-        for p in tmp.iterdir():
-            os.chmod(p, 0o644)
-        os.chmod(tmp, 0o755)
-        tmp.rename(dest)
+        })
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     progress(ctx, "image", f"built {dest} in {time.monotonic() - t0:.0f}s")
+
+
+def publish_image_dir(tmp, dest, manifest):
+    """Finish a golden image staged in `tmp`: write its manifest, make it readable by
+    libvirt's qemu user, and rename it into place atomically (a half-built image is
+    never visible under images/<key>/)."""
+    (tmp / "manifest.json").write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n")
+    for p in tmp.iterdir():
+        os.chmod(p, 0o644)
+    os.chmod(tmp, 0o755)
+    tmp.rename(dest)
 
 
 def _download(url, dest, timeout):
@@ -2118,13 +2125,9 @@ def fetch_image(ctx, key, dest):
         if h.hexdigest() != want:
             raise InfraError("image", "golden image SHA512 mismatch — deleted, refusing to use it")
         part.rename(tmp / "disk.qcow2")
-        (tmp / "manifest.json").write_text(json.dumps({
+        publish_image_dir(tmp, dest, {
             "key": key, "inputs": fetch_inputs(url), "built_at": now_iso(), "sha512": want,
-        }, indent=2) + "\n")
-        for p in tmp.iterdir():
-            os.chmod(p, 0o644)
-        os.chmod(tmp, 0o755)
-        tmp.rename(dest)
+        })
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
