@@ -32,6 +32,7 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 import uuid
@@ -128,9 +129,9 @@ DEFAULT_BOUNDS = {
     "cloud-init": 300, "reboot": 240, "system-running": 180, "ssh-attempt": 20,
     "ssh-command": 60, "virsh": 60, "apply": 3600, "verify": 1800, "image-build": 1800,
     "download": 1800, "accel-probe": 30, "lock": 600, "diag-command": 30,
-    "reboot-settle": 20,
+    "reboot-settle": 20, "checkpoint": 300, "resume": 60,
 }
-TCG_SCALED = ("dhcp-lease", "tcp-22", "ssh-handshake", "cloud-init", "reboot",
+TCG_SCALED = ("dhcp-lease", "tcp-22", "ssh-handshake", "cloud-init", "reboot", "resume",
               "system-running", "apply", "verify", "reboot-settle")
 TCG_SCALE = 3
 DEFAULT_POLL = 2.0
@@ -810,6 +811,27 @@ def format_bench_table(result):
     return "\n".join(f"{a:<{w[0]}}  {b:>{w[1]}}  {c}" for a, b, c in rows) + "\n"
 
 
+BENCH_FAMILIES = ("image", "boot", "resume", "checkpoint", "apply", "reboot", "reboot-diff",
+                  "verify", "idempotence", "teardown")
+
+
+def format_bench_comparison(cold, warm, edited):
+    """Cold cycle and warm re-run side by side, by phase family."""
+    tc, tw = phase_totals(cold.get("phase_details", [])), phase_totals(warm.get("phase_details", []))
+    rows = [("phase", "cold", "warm")]
+    for fam in BENCH_FAMILIES:
+        if fam in tc or fam in tw:
+            rows.append((fam, f"{tc.get(fam, 0.0):.1f}", f"{tw.get(fam, 0.0):.1f}"))
+    c, w = cold.get("total_seconds") or 0.0, warm.get("total_seconds") or 0.0
+    rows.append(("total", f"{c:.1f}", f"{w:.1f}"))
+    width = [max(len(r[i]) for r in rows) for i in range(3)]
+    resumed = (warm.get("resumed_from") or {}).get("stage", "nothing (cold boot)")
+    out = [f"bench: warm re-run after editing {edited}; it resumed from {resumed}"]
+    out += [f"{a:<{width[0]}}  {b:>{width[1]}}  {c_:>{width[2]}}" for a, b, c_ in rows]
+    out.append(f"warm/cold = {w / c:.2f} (target <= 0.33)" if c else "warm/cold = ?")
+    return "\n".join(out) + "\n"
+
+
 def render_junit(result):
     """JUnit XML: one testcase per phase and per verify task."""
     suite = f"integration-vm.{result.get('host') or 'unknown'}"
@@ -1430,6 +1452,252 @@ def reboot_diff_summary(mode, index, diff, tolerated, unexpected, directory):
     }
 
 
+# ---- checkpoints: keys and restore XML (issue 5, ADR-026) ---------------------------
+# A checkpoint is a paused guest written to disk: its memory (`virsh save`) plus the
+# qcow2 layer its disk had grown, frozen read-only. The chain for a profile is
+#   booted -> applied-1 -> ... -> applied-N
+# and each key hashes its parent's key plus what the stage was built from, so editing a
+# role invalidates the first apply that uses it and everything after, nothing before.
+CHECKPOINT_FORMAT = 1
+CHECKPOINT_FILES = ("manifest.json", "memory.save", "disk.qcow2", "domain.xml", "seed.img",
+                    "id_ed25519", "id_ed25519.pub", "ssh_host_ed25519_key.pub")
+# Files under a role that never reach a host: Molecule scenarios and docs.
+ROLE_IGNORED_PARTS = ("molecule",)
+ROLE_IGNORED_SUFFIXES = (".md",)
+APPLY_SHARED_INPUTS = ("ansible.cfg", "requirements.txt")
+
+_ROLES_BLOCK = re.compile(r"^(\s*)(?:-\s+)?roles:\s*$")
+_ROLE_ITEM = re.compile(r"^(\s*)-\s+(?:role:\s*|name:\s*)?['\"]?([^'\"\s#{}]+)['\"]?\s*(?:#.*)?$")
+_ROLE_ITEM_TEMPLATED = re.compile(r"^\s*-\s+(?:role:|name:)?.*\{\{")
+_ROLE_FLOW_ITEM = re.compile(r"^\s*-\s*\{.*?\b(?:role|name):\s*['\"]?([\w.\-]+)")
+_TAGS_LINE = re.compile(r"^(\s*)tags:\s*(.*?)\s*(?:#.*)?$")
+_INCLUDE_ROLE = re.compile(r"^\s*(?:-\s+)?(?:ansible\.builtin\.)?(?:include|import)_role:\s*$")
+_INCLUDE_ROLE_NAME = re.compile(r"^\s*name:\s*['\"]?([^'\"\s#]+)['\"]?\s*$")
+_UNFOLLOWED = re.compile(r"^\s*(?:-\s+)?(?:ansible\.builtin\.)?"
+                         r"(?:import_playbook|include_tasks|import_tasks|include_vars"
+                         r"|include_role|import_role)\s*:\s*\S")
+_ALWAYS_TAG = re.compile(r"tags:\s*\[[^\]]*\balways\b|tags:\s*['\"]?always\b")
+
+
+def parse_tags_value(value):
+    """`[a, b]` or `a` (the two inline forms) -> list; anything else -> None (unknown)."""
+    value = value.strip()
+    if value.startswith("[") and value.endswith("]"):
+        return [t.strip().strip("'\"") for t in value[1:-1].split(",") if t.strip()]
+    if re.fullmatch(r"['\"]?[\w.\-]+['\"]?", value):
+        return [value.strip("'\"")]
+    return None
+
+
+def playbook_role_refs(text):
+    """The roles a playbook (or a role's meta/tasks file) names: ([(role, tags|None)],
+    complete). tags is the role entry's own inline tags, None when it has none or they are
+    not in a form this scanner reads. complete=False means the scan met something it does
+    not follow (a templated role name, import_playbook, include_tasks ...), and the caller
+    must then count every role as an input."""
+    refs, complete = [], True
+    lines = text.splitlines()
+    roles_indent = None
+    play_tags = False
+    i = 0
+    while i < len(lines):
+        line = lines[i]
+        if not line.strip() or line.lstrip().startswith("#"):
+            i += 1
+            continue
+        indent = len(line) - len(line.lstrip())
+        m = _ROLES_BLOCK.match(line)
+        if m:
+            roles_indent = len(m.group(1))
+            i += 1
+            continue
+        if roles_indent is not None and indent <= roles_indent and not line.lstrip().startswith("- "):
+            roles_indent = None
+        if roles_indent is not None and indent < roles_indent:
+            roles_indent = None
+        if roles_indent is not None:
+            if _ROLE_ITEM_TEMPLATED.match(line):
+                complete = False
+            flow = _ROLE_FLOW_ITEM.match(line)
+            if flow:  # - { role: x, tags: [...] }: tags not read, so never filtered out
+                refs.append((flow.group(1), None))
+                i += 1
+                continue
+            m = _ROLE_ITEM.match(line)
+            if not m and line.lstrip().startswith("- "):
+                complete = False  # an item form this scanner does not read
+            if m:
+                item_indent, role, tags = len(m.group(1)), m.group(2), None
+                j = i + 1
+                while j < len(lines) and (not lines[j].strip() or
+                                          len(lines[j]) - len(lines[j].lstrip()) > item_indent):
+                    t = _TAGS_LINE.match(lines[j])
+                    if t:
+                        tags = parse_tags_value(t.group(2))
+                    j += 1
+                refs.append((role, tags))
+                i = j
+                continue
+        if _INCLUDE_ROLE.match(line):
+            j = i + 1
+            while j < len(lines) and not _INCLUDE_ROLE_NAME.match(lines[j]) and j < i + 6:
+                j += 1
+            n = _INCLUDE_ROLE_NAME.match(lines[j]) if j < len(lines) else None
+            if n and "{{" not in n.group(1):
+                refs.append((n.group(1), None))
+            else:
+                complete = False
+        elif _UNFOLLOWED.match(line):
+            complete = False
+        t = _TAGS_LINE.match(line)
+        if t and len(t.group(1)) == 2:  # a play's own tags (plays are `- ` items at column 0)
+            play_tags = True
+        i += 1
+    if play_tags:  # play-level tags reach every role of the play: do not filter by tags
+        refs = [(r, None) for r, _ in refs]
+    return refs, complete
+
+
+def role_selected(tags, apply_tags, role_has_always):
+    """Whether `--tags apply_tags` can run any of a role's tasks."""
+    if not apply_tags or tags is None or role_has_always:
+        return True
+    return bool(set(tags) & (set(apply_tags) | {"always"}))
+
+
+def role_files(repo, role):
+    """A role's files that can reach a host (not Molecule scenarios, not docs)."""
+    root = pathlib.Path(repo) / "roles" / role
+    if not root.is_dir():
+        return []
+    return sorted(p for p in root.rglob("*") if p.is_file()
+                  and not any(part in ROLE_IGNORED_PARTS for part in p.relative_to(root).parts)
+                  and not p.name.endswith(ROLE_IGNORED_SUFFIXES))
+
+
+def roles_used(repo, playbook_text, apply_tags):
+    """(roles, complete): the roles one apply can run, following role dependencies and
+    include_role/import_role in their tasks."""
+    repo = pathlib.Path(repo)
+    refs, complete = playbook_role_refs(playbook_text)
+    chosen, queue = set(), []
+    for role, tags in refs:
+        always = any(_ALWAYS_TAG.search(p.read_text(errors="replace"))
+                     for p in role_files(repo, role) if p.suffix in (".yml", ".yaml"))
+        if role_selected(tags, apply_tags, always):
+            queue.append(role)
+    while queue:
+        role = queue.pop()
+        if role in chosen:
+            continue
+        chosen.add(role)
+        if not (repo / "roles" / role).is_dir():
+            complete = False  # a collection role or a typo: not ours to hash
+            continue
+        for p in role_files(repo, role):
+            if p.suffix not in (".yml", ".yaml"):
+                continue
+            rel = p.relative_to(repo / "roles" / role).parts
+            if rel[0] == "meta" and p.stem == "main":
+                text = p.read_text(errors="replace")
+                deps = text.split("dependencies:", 1)[1] if "dependencies:" in text else ""
+                if deps.strip() and not deps.strip().startswith("[]"):
+                    sub, ok = playbook_role_refs("roles:\n" + deps)
+                    complete = complete and ok
+                    queue += [r for r, _ in sub]
+            elif rel[0] in ("tasks", "handlers"):
+                text = p.read_text(errors="replace")
+                if _INCLUDE_ROLE.search(text) or "include_role" in text or "import_role" in text:
+                    sub, ok = playbook_role_refs(text)
+                    complete = complete and ok
+                    queue += [r for r, _ in sub]
+    return sorted(chosen), complete
+
+
+def files_digest(repo, paths):
+    """sha256 over (path relative to repo, content digest) of each file, in order."""
+    repo = pathlib.Path(repo)
+    h = hashlib.sha256()
+    for p in sorted(set(pathlib.Path(p) for p in paths)):
+        rel = p.relative_to(repo) if p.is_absolute() else p
+        full = repo / rel
+        digest = hashlib.sha256(full.read_bytes()).hexdigest() if full.is_file() else "absent"
+        h.update(f"{rel.as_posix()}\0{digest}\n".encode())
+    return h.hexdigest()
+
+
+def apply_input_paths(repo, step, extra_files, group_vars_files):
+    """Every file one apply step reads: its playbook, the roles it can run, the group_vars
+    of the transient inventory, the -e files, ansible.cfg and the pinned requirements."""
+    repo = pathlib.Path(repo)
+    pb = repo / "playbooks" / step["playbook"]
+    text = pb.read_text(errors="replace") if pb.is_file() else ""
+    roles, complete = roles_used(repo, text, step.get("tags") or [])
+    if not complete:  # could not tell exactly: every role and playbook is an input
+        roles = sorted(p.name for p in (repo / "roles").iterdir() if p.is_dir()) \
+            if (repo / "roles").is_dir() else []
+    paths = [pb] + [f for r in roles for f in role_files(repo, r)]
+    if not complete:
+        paths += sorted((repo / "playbooks").glob("*.yml"))
+    paths += list(group_vars_files) + [pathlib.Path(f) for f in extra_files]
+    paths += [repo / f for f in APPLY_SHARED_INPUTS]
+    return [p.relative_to(repo) if pathlib.Path(p).is_absolute() and
+            str(p).startswith(str(repo) + os.sep) else pathlib.Path(p) for p in paths], roles, complete
+
+
+def checkpoint_key(parent, stage, inputs):
+    blob = json.dumps({"format": CHECKPOINT_FORMAT, "parent": parent, "stage": stage,
+                       "inputs": inputs}, sort_keys=True)
+    return hashlib.sha256(blob.encode()).hexdigest()[:20]
+
+
+def booted_checkpoint_inputs(image_key, host, mem_mib, vcpus, accel):
+    """What a booted guest is made of: the golden image, the VM's shape (a saved memory
+    image only restores into the same ABI) and the cloud-init documents' templates (the
+    per-run keys are stored with the checkpoint, not hashed)."""
+    templates = render_user_data("PUB", "USER", "HOSTPRIV", "HOSTPUB") + \
+        render_meta_data("IID", "HOST") + NET_XML
+    return {"image": image_key, "host": host, "mem_mib": mem_mib, "vcpus": vcpus,
+            "accel": accel, "templates": hashlib.sha256(templates.encode()).hexdigest()}
+
+
+def newest_valid_checkpoint(chain, is_valid):
+    """chain: [(stage, key)] from booted on. The deepest checkpoint whose whole ancestry
+    is valid (a later one built on a missing parent is unusable), or None."""
+    best = None
+    for stage, key in chain:
+        if not is_valid(key):
+            break
+        best = (stage, key)
+    return best
+
+
+_DISK_SOURCE = re.compile(r"(<source file=')([^']*)(')")
+_LOG_FILE = re.compile(r"(<log file=')([^']*console[^']*)(')")
+_BOMA_RUN = re.compile(r"<boma:run\b[^>]*/>")
+
+
+def rewrite_restore_xml(xml, overlay, seed, console_log, metadata_xml):
+    """A checkpoint's saved domain XML, pointed at a new run's writable overlay, the
+    checkpoint's seed copy and the run's console log, with the run's ownership metadata.
+    Name, UUID, MAC and devices stay: libvirt refuses a restore that changes the ABI."""
+    def disk(m):
+        path = m.group(2)
+        if path.endswith("overlay.qcow2"):
+            return m.group(1) + str(overlay) + m.group(3)
+        if path.endswith("seed.img"):
+            return m.group(1) + str(seed) + m.group(3)
+        return m.group(0)
+    out = _DISK_SOURCE.sub(disk, xml)
+    out = _LOG_FILE.sub(lambda m: m.group(1) + str(console_log) + m.group(3), out)
+    # A stale <backingStore> would describe the previous chain; libvirt probes the new one.
+    out = re.sub(r"\s*<backingStore\b.*?</backingStore>|\s*<backingStore/>", "", out, flags=re.S)
+    if _BOMA_RUN.search(out):
+        inner = _BOMA_RUN.search(metadata_xml)
+        out = _BOMA_RUN.sub(lambda m: inner.group(0) if inner else metadata_xml, out, count=1)
+    return out
+
+
 # ---- accelerator ------------------------------------------------------------------
 ACCEL_BAD_MARKERS = ("KVM internal error", "emulation failure", "Could not access KVM",
                      "failed to initialize kvm", "failed to initialize KVM")
@@ -1719,6 +1987,9 @@ class Ctx:
     t0: float = dataclasses.field(default_factory=time.monotonic)
     bounds: dict = dataclasses.field(default_factory=dict)
     cmdlog: pathlib.Path = None
+    checkpoint_chain: list = None   # [(stage, key, detail)] when this cycle uses checkpoints
+    bench_phase: str = None         # "cold" | "warm" inside cmd_bench
+    last_result: dict = None
 
     def path_env(self, name, default):
         return pathlib.Path(self.environ.get(name, default))
@@ -1780,6 +2051,13 @@ class RunState:
         return self.data["name"]
 
     @property
+    def domain(self):
+        """The libvirt domain, guest hostname, inventory host and SSH HostKeyAlias. A run
+        resumed from a checkpoint keeps the checkpoint's (a saved memory image pins its
+        name, UUID and MAC); its own name still names its dirs, logs and diagnostics."""
+        return self.data.get("domain") or self.data["name"]
+
+    @property
     def dir(self):
         return self.ctx.run_parent / self.name
 
@@ -1806,7 +2084,7 @@ class RunState:
         tmp.replace(self.dir / "run.json")
 
     def ssh(self, command, timeout, stage="ssh", input=None):
-        return run(ssh_argv(self.dir, self.name, self.ip, command, port=self.ctx.ssh_port),
+        return run(ssh_argv(self.dir, self.domain, self.ip, command, port=self.ctx.ssh_port),
                    timeout=timeout, stage=stage, cmdlog=self.ctx.cmdlog, input=input)
 
 
@@ -2321,15 +2599,15 @@ def tcp_open(ip, port, timeout):
 
 def wait_domain_running(ctx, rs):
     def probe(_):
-        r = virsh(ctx, "domstate", rs.name)
+        r = virsh(ctx, "domstate", rs.domain)
         return r.returncode == 0 and r.stdout.strip() == "running"
     wait_until(ctx, "domain-running", ctx.bounds["domain-running"], probe,
-               f"domain {rs.name} to run", rs)
+               f"domain {rs.domain} to run", rs)
 
 
 def wait_lease(ctx, rs, stage="dhcp-lease"):
     def probe(_):
-        r = virsh(ctx, "domifaddr", rs.name, "--source", "lease")
+        r = virsh(ctx, "domifaddr", rs.domain, "--source", "lease")
         return parse_lease_ip(r.stdout, rs.data["mac"]) if r.returncode == 0 else None
     ip = wait_until(ctx, stage, ctx.bounds["dhcp-lease"], probe,
                     f"a DHCP lease for {rs.data['mac']}", rs)
@@ -2392,7 +2670,7 @@ def boot(ctx, rs):
     def reached(stage, msg):
         stages[stage] = round(time.monotonic() - t0, 1)
         progress(ctx, "boot", msg)
-    virsh(ctx, "start", rs.name, check=True, stage="domain-running")
+    virsh(ctx, "start", rs.domain, check=True, stage="domain-running")
     rs.data["state"] = "booting"
     rs.save()
     wait_domain_running(ctx, rs)
@@ -2424,8 +2702,8 @@ def write_run_inventory(ctx, rs, groups, with_vault=False):
     host_vars = {}
     if ctx.ssh_port != 22:
         host_vars["ansible_port"] = ctx.ssh_port
-    host_vars["ansible_ssh_common_args"] = ansible_ssh_args(rs.dir, rs.name)
-    text = render_run_hosts(rs.name, rs.ip, ANSIBLE_USER, groups, host_vars=host_vars)
+    host_vars["ansible_ssh_common_args"] = ansible_ssh_args(rs.dir, rs.domain)
+    text = render_run_hosts(rs.domain, rs.ip, ANSIBLE_USER, groups, host_vars=host_vars)
     (inv / "hosts.yml").write_text(text)
     src = ctx.repo / "inventories" / "production" / "group_vars"
     if src.is_dir():
@@ -2448,40 +2726,50 @@ def run_playbook(ctx, rs, profile, playbook, tags, certs, phase, timeout):
     """One ansible-playbook call against the VM only; returns (rc, output)."""
     real_secrets = certs in REAL_SECRET_TIERS
     inv = write_run_inventory(ctx, rs, profile["groups"], with_vault=real_secrets)
-    assert_single_host_inventory(inv.read_text(), rs.name)
+    assert_single_host_inventory(inv.read_text(), rs.domain)
     argv = ansible_playbook_argv(
-        find_ansible_playbook(ctx), inv, playbook, rs.name, tags,
+        find_ansible_playbook(ctx), inv, playbook, rs.domain, tags,
         extra_vars_files(profile, certs, ctx.repo / "tests" / "integration",
                          ctx.repo / "tests" / "vault" / "test-values.yml"))
     if real_secrets:
         argv[1:1] = ["--vault-id", VAULT_ID]
-    if argv[argv.index("--limit") + 1] != rs.name:
+    if argv[argv.index("--limit") + 1] != rs.domain:
         raise InfraError("inventory", "ansible-playbook --limit is not the test VM")
     log = rs.dir / "logs" / f"{phase.replace(':', '-').replace('/', '_')}.log"
     log.parent.mkdir(parents=True, exist_ok=True)
     log.write_text(f"# {shlex.join(argv)}\n")
     r = run(argv, timeout=timeout, cwd=ctx.repo, stream_log=log, cmdlog=ctx.cmdlog,
-            env=ansible_env(ctx.environ, ctx.repo, rs.dir, rs.name))
+            env=ansible_env(ctx.environ, ctx.repo, rs.dir, rs.domain))
     if r.timed_out:
         raise InfraError(phase, f"ansible-playbook {pathlib.Path(playbook).name} timed out "
                          f"after {timeout:.0f}s (log: {log})")
     return r.returncode, r.stdout
 
 
-def apply(ctx, rs, profile, certs, phase_prefix="apply", result=None):
+def apply(ctx, rs, profile, certs, phase_prefix="apply", result=None, start=0,
+          after_step=None):
     """Run every profile apply; returns total changed tasks. Nonzero rc -> InfraError
-    (a broken converge is not a verify verdict)."""
+    (a broken converge is not a verify verdict). The first `start` applies are already in
+    the guest (it was resumed from checkpoint applied-<start>); after_step(i) runs after
+    apply i succeeds (to checkpoint it)."""
     changed, changed_tasks = 0, []
-    for step in profile["applies"]:
+    for i, step in enumerate(profile["applies"], 1):
         phase = f"{phase_prefix}:{step['playbook']}"
+        if i <= start:
+            if result is not None:
+                result["phase_details"].append(
+                    {"name": phase, "seconds": 0.0, "status": "skipped",
+                     "message": f"in the guest already: resumed from checkpoint applied-{start}"})
+            progress(ctx, phase, f"already applied (resumed from checkpoint applied-{start})")
+            continue
         with timed_phase(ctx, result, phase):
             progress(ctx, phase, f"ansible-playbook {step['playbook']}"
                      + (f" --tags {','.join(step['tags'])}" if step.get("tags") else ""))
             rc, out = run_playbook(ctx, rs, profile, ctx.repo / "playbooks" / step["playbook"],
                                    step.get("tags", []), certs, phase, ctx.bounds["apply"])
-            recap = parse_recap(out).get(rs.name, {})
+            recap = parse_recap(out).get(rs.domain, {})
             if rc != 0:
-                failed = failed_task_names(out, rs.name)
+                failed = failed_task_names(out, rs.domain)
                 what = (f"ansible-playbook {step['playbook']} failed (exit {rc})"
                         + (f" at task {failed[-1]!r}" if failed else "")
                         + f"; log: {rs.dir / 'logs'}")
@@ -2490,7 +2778,9 @@ def apply(ctx, rs, profile, certs, phase_prefix="apply", result=None):
                 # The code under test broke: a verdict, not an infrastructure failure.
                 raise VerifyFailed(phase, what, failed)
             changed += recap.get("changed", 0)
-            changed_tasks += [t[0] for t in parse_task_results(out, rs.name) if t[1] == "changed"]
+            changed_tasks += [t[0] for t in parse_task_results(out, rs.domain) if t[1] == "changed"]
+        if after_step is not None:
+            after_step(i)
     return changed, changed_tasks
 
 
@@ -2500,12 +2790,12 @@ def run_assert(ctx, rs, profile, certs, result=None):
         progress(ctx, "verify", f"ansible-playbook {profile['verify']}")
         rc, out = run_playbook(ctx, rs, profile, ctx.repo / profile["verify"], (), certs,
                                "verify", ctx.bounds["verify"])
-        tasks = verify_checks(out, rs.name)
+        tasks = verify_checks(out, rs.domain)
         if result is not None:
             result["verify_tasks"] = [{"name": n, "status": s, "message": m} for n, s, m in tasks]
-        recap = parse_recap(out).get(rs.name, {})
+        recap = parse_recap(out).get(rs.domain, {})
         if recap.get("unreachable"):
-            raise InfraError("verify", f"{rs.name} unreachable during verify")
+            raise InfraError("verify", f"{rs.domain} unreachable during verify")
         if rc != 0 or recap.get("failed"):
             failed = [n for n, s, _ in tasks if s == "failed"]
             raise VerifyFailed("verify", "verify playbook failed"
@@ -2626,10 +2916,10 @@ def reboot_vm(ctx, rs, mode="graceful"):
         raise UsageError(f"--reboot must be one of {', '.join(REBOOT_MODES)}")
     before = capture_state(ctx, rs)
     if mode == "graceful":
-        virsh(ctx, "reboot", rs.name, check=True, stage="reboot")
+        virsh(ctx, "reboot", rs.domain, check=True, stage="reboot")
     else:
-        virsh(ctx, "destroy", rs.name, check=True, stage="reboot")
-        virsh(ctx, "start", rs.name, check=True, stage="reboot")
+        virsh(ctx, "destroy", rs.domain, check=True, stage="reboot")
+        virsh(ctx, "start", rs.domain, check=True, stage="reboot")
     progress(ctx, f"reboot:{mode}", f"issued; old boot_id {before['boot_id'][:8]}")
     issued = time.monotonic()
     deadline = issued + ctx.bounds["reboot"]
@@ -2667,6 +2957,243 @@ def reboot_vm(ctx, rs, mode="graceful"):
     return before, after
 
 
+# ---- checkpoints (issue 5, ADR-026) ---------------------------------------------------
+def checkpoints_enabled(ctx, args):
+    return not getattr(args, "no_checkpoints", False) and \
+        ctx.environ.get("BOMA_IT_CHECKPOINTS", "1") not in ("0", "off", "no")
+
+
+def checkpoint_dir(ctx, key):
+    return ctx.cache / "checkpoints" / key
+
+
+def load_checkpoint(ctx, key):
+    """The manifest of a complete checkpoint (every file present, manifest written last),
+    else None."""
+    d = checkpoint_dir(ctx, key)
+    try:
+        manifest = json.loads((d / "manifest.json").read_text())
+    except (OSError, ValueError):
+        return None
+    if manifest.get("key") != key or not all((d / f).is_file() for f in CHECKPOINT_FILES):
+        return None
+    return manifest
+
+
+def group_vars_inputs(ctx, with_vault):
+    """The production group_vars files the transient inventory links (write_run_inventory)."""
+    src = ctx.repo / "inventories" / "production" / "group_vars"
+    if not src.is_dir():
+        return []
+    return sorted(p for p in src.rglob("*") if p.is_file() and (p.name != "vault.yml" or with_vault))
+
+
+def checkpoint_chain(ctx, profile, certs, image_key, accel):
+    """[(stage, key, detail)] for this run's inputs: booted, then one per apply."""
+    parent = checkpoint_key(None, "booted", booted_checkpoint_inputs(
+        image_key, profile["name"], profile["mem_mib"], profile["vcpus"], accel))
+    chain = [("booted", parent, {})]
+    extra = extra_vars_files(profile, certs, ctx.repo / "tests" / "integration",
+                             ctx.repo / "tests" / "vault" / "test-values.yml")
+    gv = group_vars_inputs(ctx, certs in REAL_SECRET_TIERS)
+    for i, step in enumerate(profile["applies"], 1):
+        paths, roles, complete = apply_input_paths(ctx.repo, step, extra, gv)
+        inputs = {"playbook": step["playbook"], "tags": step.get("tags", []),
+                  "groups": profile["groups"], "certs": certs,
+                  "files": files_digest(ctx.repo, paths)}
+        parent = checkpoint_key(parent, f"applied-{i}", inputs)
+        chain.append((f"applied-{i}", parent, {"roles": roles, "exact": complete}))
+    return chain
+
+
+def checkpoints_in_use(ctx):
+    """Checkpoint keys a live run's disk chain still reads."""
+    used = set()
+    for rs in list_runs(ctx):
+        if rs.data.get("state") not in ("down",):
+            used.update(rs.data.get("checkpoints_read", []))
+    return used
+
+
+def remove_checkpoint(ctx, key):
+    shutil.rmtree(checkpoint_dir(ctx, key), ignore_errors=True)
+
+
+def gc_checkpoints(ctx, host, keep):
+    """Drop this profile's checkpoints that the current inputs can no longer resume
+    (and half-written ones), except those a live run reads."""
+    root = ctx.cache / "checkpoints"
+    if not root.is_dir():
+        return []
+    removed = []
+    with file_lock(ctx, ctx.cache / "checkpoints.lock", "checkpoint gc"):
+        used = checkpoints_in_use(ctx) | set(keep)
+        for d in root.iterdir():
+            if not d.is_dir() or d.name in used:
+                continue
+            try:
+                m = json.loads((d / "manifest.json").read_text())
+            except (OSError, ValueError):
+                m = None
+            if m is None and time.time() - d.stat().st_mtime < 3600:
+                continue  # maybe being written right now by another run
+            if m is None or m.get("host") == host:
+                shutil.rmtree(d, ignore_errors=True)
+                removed.append(d.name)
+    return removed
+
+
+def step_guest_clock(ctx, rs):
+    """A restored guest's clock stands where it was saved; apt rejects Release files from
+    its 'future'. Step it to the controller's (the sandbox has no NTP)."""
+    r = rs.ssh(f"sudo -n date -u -s @{int(time.time())}", timeout=ctx.bounds["ssh-command"],
+               stage="resume")
+    if r.returncode != 0:
+        raise InfraError("resume", f"could not set the restored guest's clock: "
+                         f"{(r.stderr.strip().splitlines() or ['?'])[-1]}")
+
+
+def take_checkpoint(ctx, rs, stage, key, parent, result=None):
+    """Save the running guest (memory + device state), freeze its overlay as the
+    checkpoint's disk, give the run a fresh overlay on top and restore it. The guest sees
+    a pause of a few seconds; its boot_id is unchanged."""
+    if load_checkpoint(ctx, key):
+        return None
+    need = rs.data["mem_mib"] + 512
+    free = shutil.disk_usage(ctx.cache).free // (1024 * 1024)
+    if free < need:
+        progress(ctx, "checkpoint", f"skipping {stage}: {free} MiB free, a checkpoint needs "
+                 f"about {need} MiB")
+        return None
+    d = checkpoint_dir(ctx, key)
+    overlay = rs.disk_dir / "overlay.qcow2"
+    with timed_phase(ctx, result, f"checkpoint:{stage}"), \
+            file_lock(ctx, ctx.cache / "checkpoints.lock", "checkpoint"):
+        if d.exists():
+            shutil.rmtree(d)
+        d.mkdir(parents=True)
+        os.chmod(d, 0o755)
+        r = virsh(ctx, "save", rs.domain, d / "memory.save", "--running",
+                  timeout=ctx.bounds["checkpoint"], stage="checkpoint")
+        if r.returncode != 0:  # libvirt aborts a failed save and the guest runs on
+            shutil.rmtree(d, ignore_errors=True)
+            progress(ctx, "checkpoint", f"skipping {stage}: virsh save failed: "
+                     f"{(r.stderr.strip().splitlines() or ['?'])[-1]}")
+            return None
+        moved = False
+        try:
+            xml = virsh(ctx, "save-image-dumpxml", d / "memory.save", check=True,
+                        stage="checkpoint").stdout
+            (d / "domain.xml").write_text(xml)
+            seed = re.search(r"<source file='([^']*seed\.img)'", xml)
+            shutil.copyfile(seed.group(1) if seed else rs.disk_dir / "seed.img", d / "seed.img")
+            for f in ("id_ed25519", "id_ed25519.pub", "ssh_host_ed25519_key.pub"):
+                shutil.copyfile(rs.dir / f, d / f)
+            os.chmod(d / "id_ed25519", 0o600)
+            os.chmod(d / "seed.img", 0o444)
+            os.replace(overlay, d / "disk.qcow2")
+            moved = True
+            # From here the run's disk reads this checkpoint: gc must leave it alone.
+            rs.data.setdefault("checkpoints_read", []).append(key)
+            rs.save()
+            os.chmod(d / "disk.qcow2", 0o444)
+            run(qemu_img_overlay_argv(d / "disk.qcow2", overlay), timeout=60, check=True,
+                stage="checkpoint", cmdlog=ctx.cmdlog)
+            os.chmod(overlay, 0o644)
+        except (HarnessError, OSError) as e:
+            if moved:
+                raise InfraError("checkpoint", f"{stage}: {e}") from None
+            # Nothing of the run moved: give the guest back and go on without one.
+            virsh(ctx, "restore", d / "memory.save", timeout=ctx.bounds["checkpoint"],
+                  check=True, stage="checkpoint")
+            shutil.rmtree(d, ignore_errors=True)
+            progress(ctx, "checkpoint", f"skipping {stage}: {e}")
+            return None
+        virsh(ctx, "restore", d / "memory.save", timeout=ctx.bounds["checkpoint"],
+              check=True, stage="checkpoint")
+        manifest = {
+            "key": key, "parent": parent, "stage": stage, "host": rs.data["host"],
+            "domain": rs.domain, "mac": rs.data["mac"], "ip": rs.ip,
+            "boot_id": rs.data["boot_ids"][-1], "accel": rs.data["accel"],
+            "image_key": rs.data["image_key"], "mem_mib": rs.data["mem_mib"],
+            "vcpus": rs.data["vcpus"], "created_at": now_iso(), "created_by": rs.name,
+            "format": CHECKPOINT_FORMAT,
+        }
+        tmp = d / "manifest.json.tmp"
+        tmp.write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n")
+        tmp.replace(d / "manifest.json")  # last: only now is the checkpoint valid
+        rs.data.setdefault("checkpoints_taken", []).append(stage)
+        rs.save()
+        step_guest_clock(ctx, rs)
+    size = sum(p.stat().st_size for p in d.iterdir()) // (1 << 20)
+    progress(ctx, "checkpoint", f"{stage} saved ({key}, {size} MiB)")
+    return manifest
+
+
+def resume_run(ctx, profile, certs, manifest, chain_keys, holder):
+    """A new run whose VM is a checkpoint's guest, restored mid-flight: same domain
+    name, UUID, MAC, keys and boot_id; its own run dir, overlay, console log and
+    ownership metadata."""
+    host = profile["name"]
+    name = vm_name(host)
+    ck = checkpoint_dir(ctx, manifest["key"])
+    data = {
+        "name": name, "domain": manifest["domain"], "host": host, "profile": profile["path"],
+        "certs": certs, "accel": manifest["accel"], "mac": manifest["mac"],
+        "ip": manifest["ip"], "created_at": now_iso(), "owner": owner_name(),
+        "image": str(ck / "disk.qcow2"), "image_key": manifest["image_key"],
+        "state": "creating", "boot_ids": [manifest["boot_id"]], "uri": ctx.uri,
+        "mem_mib": manifest["mem_mib"], "vcpus": manifest["vcpus"],
+        "resumed_from": {"stage": manifest["stage"], "key": manifest["key"],
+                         "created_at": manifest["created_at"]},
+        "checkpoints_read": list(chain_keys),
+    }
+    rs = RunState(ctx, data)
+    holder["rs"] = rs
+    rs.dir.mkdir(parents=True, exist_ok=True)
+    os.chmod(rs.dir, 0o700)
+    (rs.dir / "logs").mkdir(exist_ok=True)
+    ctx.cmdlog = rs.dir / "logs" / "commands.log"
+    rs.save()
+    for f in ("id_ed25519", "id_ed25519.pub", "ssh_host_ed25519_key.pub"):
+        shutil.copyfile(ck / f, rs.dir / f)
+    os.chmod(rs.dir / "id_ed25519", 0o600)
+    (rs.dir / "known_hosts").write_text(
+        known_hosts_line(rs.domain, (ck / "ssh_host_ed25519_key.pub").read_text()))
+    rs.disk_dir.mkdir(parents=True, exist_ok=True)
+    os.chmod(rs.disk_dir, 0o755)
+    overlay = rs.disk_dir / "overlay.qcow2"
+    run(qemu_img_overlay_argv(ck / "disk.qcow2", overlay), timeout=60, check=True,
+        stage="resume", cmdlog=ctx.cmdlog)
+    os.chmod(overlay, 0o644)
+    xml = rewrite_restore_xml(
+        (ck / "domain.xml").read_text(), overlay, ck / "seed.img", rs.console_log,
+        render_metadata_xml(data["created_at"] + "/" + name, data["created_at"], host,
+                            data["owner"], host))
+    (rs.dir / "domain.xml").write_text(xml)
+    t0 = time.monotonic()
+    virsh(ctx, "restore", ck / "memory.save", "--xml", rs.dir / "domain.xml",
+          timeout=ctx.bounds["checkpoint"], check=True, stage="resume")
+    data["state"] = "restored"
+    rs.save()
+    # Persistent, so a hard reboot (destroy + start) finds it again.
+    virsh(ctx, "define", rs.dir / "domain.xml", check=True, stage="resume")
+    wait_ssh(ctx, rs, stage="resume")
+    step_guest_clock(ctx, rs)
+    boot_id = read_boot_id(ctx, rs)
+    if boot_id != manifest["boot_id"]:
+        raise InfraError("resume", f"the restored guest has boot_id {boot_id}, the "
+                         f"checkpoint recorded {manifest['boot_id']}: it rebooted instead of "
+                         "resuming")
+    rs.data["boot_stages"] = {"restored-ssh": round(time.monotonic() - t0, 1)}
+    rs.data["state"] = "up"
+    rs.save()
+    write_current(ctx, rs)
+    progress(ctx, "resume", f"{rs.domain} resumed from checkpoint {manifest['stage']} "
+             f"({manifest['key']}, saved {_age(manifest['created_at'])} ago) as run {name}")
+    return rs
+
+
 # ---- diagnostics ----------------------------------------------------------------------
 def collect_diagnostics(ctx, rs, reason):
     """Host + guest bundle under the run's diagnostics dir. Never raises."""
@@ -2676,15 +3203,15 @@ def collect_diagnostics(ctx, rs, reason):
         d.mkdir(parents=True, exist_ok=True)
         for src, dst in ((rs.console_log, "console.log"),
                          (ctx.path_env("BOMA_IT_LIBVIRT_LOG_DIR", "/var/log/libvirt/qemu")
-                          / f"{rs.name}.log", "libvirt-qemu.log")):
+                          / f"{rs.domain}.log", "libvirt-qemu.log")):
             try:
                 shutil.copyfile(src, d / dst)
             except OSError as e:
                 notes.append(f"{dst}: not collected ({e.strerror or e})")
-        for fname, args in (("domifaddr.txt", ("domifaddr", rs.name, "--source", "lease")),
+        for fname, args in (("domifaddr.txt", ("domifaddr", rs.domain, "--source", "lease")),
                             ("net-dhcp-leases.txt", ("net-dhcp-leases", NET_NAME)),
-                            ("domain.xml", ("dumpxml", rs.name)),
-                            ("domstate.txt", ("domstate", rs.name, "--reason"))):
+                            ("domain.xml", ("dumpxml", rs.domain)),
+                            ("domstate.txt", ("domstate", rs.domain, "--reason"))):
             try:
                 r = virsh(ctx, *args, timeout=ctx.bounds["diag-command"])
                 (d / fname).write_text(r.stdout + r.stderr)
@@ -2752,7 +3279,7 @@ def destroy_domain(ctx, name, expect_run_id=None):
 def down_run(ctx, rs):
     """Destroy the VM and its disks; keep run.json/logs/result (state=down)."""
     run_id = rs.data.get("created_at", "") + "/" + rs.name
-    destroy_domain(ctx, rs.name, run_id)
+    destroy_domain(ctx, rs.domain, run_id)
     shutil.rmtree(rs.disk_dir, ignore_errors=True)
     if rs.dir.is_dir():
         rs.data["state"] = "down"
@@ -2793,10 +3320,10 @@ def inspection_help(ctx, rs):
     # Under scripts/it-run's sandbox the VM is only reachable inside its namespace.
     netns = ctx.environ.get("BOMA_IT_NETNS")
     prefix = f"ip netns exec {netns} " if netns else ""
-    ssh_cmd = shlex.join(ssh_argv(rs.dir, rs.name, rs.ip or "<ip>", "", port=ctx.ssh_port)[:-1])
-    return (f"integration-vm: VM {rs.name} kept for inspection:\n"
+    ssh_cmd = shlex.join(ssh_argv(rs.dir, rs.domain, rs.ip or "<ip>", "", port=ctx.ssh_port)[:-1])
+    return (f"integration-vm: VM {rs.domain} (run {rs.name}) kept for inspection:\n"
             f"  console log:  {rs.console_log}\n"
-            f"  serial:       {prefix}virsh --connect {ctx.uri} console {rs.name}\n"
+            f"  serial:       {prefix}virsh --connect {ctx.uri} console {rs.domain}\n"
             f"  ssh:          {prefix}{ssh_cmd}\n"
             f"  diagnostics:  {rs.diag_dir}\n"
             f"  clean up:     scripts/integration-vm.py down --run {rs.name}   "
@@ -2808,7 +3335,7 @@ def finish_result(ctx, result, rs, junit=None, stream=None):
     result["total_seconds"] = round(time.monotonic() - ctx.t0, 1)
     result["phases"] = {k: round(v, 1) for k, v in phase_totals(result["phase_details"]).items()}
     if rs is not None:
-        result.update(vm=rs.name, ip=rs.ip, accel=rs.data.get("accel"),
+        result.update(vm=rs.name, domain=rs.domain, ip=rs.ip, accel=rs.data.get("accel"),
                       run_dir=str(rs.dir))
         text = json.dumps(result, indent=2, sort_keys=True) + "\n"
         try:
@@ -2863,7 +3390,9 @@ def session(ctx, args, command):
         if command == "apply":
             apply(ctx, rs, profile, certs, result=result)
         if command in ("cycle", "bench"):
-            apply(ctx, rs, profile, certs, result=result)
+            apply(ctx, rs, profile, certs, result=result,
+                  start=rs.data.get("applied_steps", 0),
+                  after_step=checkpoint_after_apply(ctx, rs, result))
         if command == "reboot" or (command in ("cycle", "bench") and not args.no_reboot):
             modes = [args.reboot] if args.reboot else profile["reboot"]
             if command == "reboot":
@@ -2943,6 +3472,15 @@ def session(ctx, args, command):
     result["exit_code"] = exit_code
     if exit_code == EXIT_USAGE and holder["rs"] is None:
         return exit_code  # bad input: the one error line says it all, nothing ran
+    if ctx.checkpoint_chain and ctx.bench_phase != "warm":
+        try:  # one chain per profile: what these inputs can no longer resume goes
+            gone = gc_checkpoints(ctx, result.get("host"),
+                                  keep=[k for _, k, _ in ctx.checkpoint_chain])
+            if gone:
+                progress(ctx, "checkpoint", f"removed {len(gone)} outdated checkpoint(s)")
+        except (HarnessError, OSError) as e:
+            print(f"integration-vm: warning: checkpoint cleanup: {e}", file=sys.stderr)
+    ctx.last_result = result
     finish_result(ctx, result, holder["rs"] if writes_result else None,
                   getattr(args, "junit", None), stream=sys.stdout if writes_result else sys.stderr)
     if command == "bench":
@@ -2989,7 +3527,7 @@ def provision(ctx, args, profile, certs, result, holder):
     """image -> accel -> network -> guarded create -> boot."""
     cached = (ctx.cache / "images" / current_image_key(ctx) / "manifest.json").is_file()
     check_guards(ctx, profile, need_image=not cached, count_vms=not cached)  # before a build
-    if getattr(args, "cmd", None) == "bench":
+    if getattr(args, "cmd", None) == "bench" and ctx.bench_phase != "warm":
         # The benchmark measures both: a forced rebuild (cold) and the cache hit (warm).
         with timed_phase(ctx, result, "image:cold"):
             ensure_image(ctx, force=True)
@@ -3000,6 +3538,15 @@ def provision(ctx, args, profile, certs, result, holder):
     accel = choose_accel(ctx, image)
     result["accel"] = accel
     ctx.bounds = stage_bounds(accel, ctx.environ)
+    if getattr(args, "cmd", None) in ("cycle", "bench") and checkpoints_enabled(ctx, args):
+        ctx.checkpoint_chain = checkpoint_chain(ctx, profile, certs, image.key, accel)
+        result["checkpoints"] = {"chain": [{"stage": st, "key": k, **det}
+                                           for st, k, det in ctx.checkpoint_chain]}
+        if ctx.bench_phase == "cold":  # a cold benchmark starts with none of its own
+            gc_checkpoints(ctx, profile["name"], keep=())
+        rs = try_resume(ctx, profile, certs, result, holder)
+        if rs is not None:
+            return rs
     with timed_phase(ctx, result, "boot"):
         ensure_network(ctx)
         with file_lock(ctx, ctx.cache / "lock", "up"):
@@ -3007,10 +3554,117 @@ def provision(ctx, args, profile, certs, result, holder):
             create_run(ctx, profile, certs, accel, image, holder)
         boot(ctx, holder["rs"])
     result["boot_stages"] = holder["rs"].data.get("boot_stages", {})
+    if ctx.checkpoint_chain:
+        _, key, _ = ctx.checkpoint_chain[0]
+        take_checkpoint(ctx, holder["rs"], "booted", key, None, result)
     return holder["rs"]
 
 
+def try_resume(ctx, profile, certs, result, holder):
+    """Resume the newest valid checkpoint of ctx.checkpoint_chain; None -> boot cold.
+    A checkpoint that fails to come back is reported and the run boots cold instead."""
+    chain = ctx.checkpoint_chain
+    best = newest_valid_checkpoint([(st, k) for st, k, _ in chain],
+                                   lambda k: load_checkpoint(ctx, k) is not None)
+    if best is None:
+        progress(ctx, "resume", "no valid checkpoint for these inputs: cold boot")
+        return None
+    stage, key = best
+    manifest = load_checkpoint(ctx, key)
+    keys = [k for _, k, _ in chain[:[k for _, k, _ in chain].index(key) + 1]]
+    try:
+        with timed_phase(ctx, result, "resume"):
+            with file_lock(ctx, ctx.cache / "lock", "up"):
+                check_guards(ctx, profile, need_image=False)
+                if virsh(ctx, "domstate", manifest["domain"]).returncode == 0:
+                    progress(ctx, "resume", f"checkpoint {stage} is in use (domain "
+                             f"{manifest['domain']} exists): cold boot")
+                    result["phase_details"].pop()
+                    return None
+                rs = resume_run(ctx, profile, certs, manifest, keys, holder)
+    except InfraError as e:
+        if e.stage == "guard":
+            raise
+        progress(ctx, "resume", f"checkpoint {stage} did not resume ({e}): cold boot")
+        if holder.get("rs") is not None:
+            down_run(ctx, holder["rs"])
+            holder["rs"] = None
+        result["resume_error"] = str(e)
+        return None
+    rs.data["applied_steps"] = 0 if stage == "booted" else int(stage.split("-")[1])
+    rs.save()
+    result["resumed_from"] = rs.data["resumed_from"]
+    result["boot_stages"] = rs.data.get("boot_stages", {})
+    return rs
+
+
+def checkpoint_after_apply(ctx, rs, result):
+    """after_step for apply(): checkpoint applied-i when this cycle keeps checkpoints."""
+    if not ctx.checkpoint_chain:
+        return None
+
+    def after(i):
+        _, parent, _ = ctx.checkpoint_chain[i - 1]
+        stage, key, _ = ctx.checkpoint_chain[i]
+        take_checkpoint(ctx, rs, stage, key, parent, result)
+    return after
+
+
 # ---- other subcommands ----------------------------------------------------------------
+BENCH_EDIT_SUFFIXES = (".yml", ".yaml", ".j2", ".sh", ".py", ".cfg", ".conf", ".nft", ".txt")
+BENCH_DEFAULT_EDIT = "roles/docker_host/templates/etc/nftables.d/10-docker-forward.nft.j2"
+
+
+def warm_repo_copy(repo, edited, stamp):
+    """A copy of what the applies read, with one role file edited (a comment appended):
+    the working tree is never touched."""
+    tmp = pathlib.Path(tempfile.mkdtemp(prefix="boma-bench-"))
+    ignore = shutil.ignore_patterns(".run", "__pycache__", ".venv", ".git", "*.pyc")
+    for name in ("roles", "playbooks", "inventories", "scripts"):
+        if (repo / name).is_dir():
+            shutil.copytree(repo / name, tmp / name, symlinks=True, ignore=ignore)
+    for name in ("tests/integration", "tests/vault"):
+        if (repo / name).is_dir():
+            shutil.copytree(repo / name, tmp / name, symlinks=True, ignore=ignore)
+    for name in APPLY_SHARED_INPUTS:
+        if (repo / name).is_file():
+            shutil.copy2(repo / name, tmp / name)
+    with open(tmp / edited, "a") as fh:
+        fh.write(f"\n# bench-integration: the warm re-run's edit ({stamp})\n")
+    return tmp
+
+
+def cmd_bench(ctx, args):
+    """A cold cycle (image rebuilt, none of this profile's checkpoints), then a warm
+    re-run after editing one role file, each with its table, then both side by side."""
+    if args.no_warm or not checkpoints_enabled(ctx, args):
+        return session(ctx, args, "bench")
+    edited = args.warm_edit
+    f = ctx.repo / edited
+    if not edited.startswith("roles/") or not f.is_file() or \
+            not f.name.endswith(BENCH_EDIT_SUFFIXES) or "/molecule/" in edited:
+        raise UsageError(f"--warm-edit {edited}: must be an existing file under roles/ (not "
+                         f"molecule/) ending in {' '.join(BENCH_EDIT_SUFFIXES)}")
+    ctx.bench_phase = "cold"
+    progress(ctx, "bench", "cold cycle: image rebuilt, no checkpoint of this profile")
+    rc = session(ctx, args, "bench")
+    cold = ctx.last_result
+    if rc != EXIT_PASS or cold is None:
+        return rc
+    warm_ctx = dataclasses.replace(ctx, t0=time.monotonic(), cmdlog=None, bench_phase="warm",
+                                   checkpoint_chain=None, last_result=None)
+    warm_ctx.repo = warm_repo_copy(ctx.repo, edited, now_iso())
+    progress(warm_ctx, "bench", f"warm re-run after editing {edited} (in a copy: "
+             f"{warm_ctx.repo})")
+    try:
+        rc = session(warm_ctx, args, "bench")
+    finally:
+        shutil.rmtree(warm_ctx.repo, ignore_errors=True)
+    if warm_ctx.last_result is not None:
+        sys.stdout.write("\n" + format_bench_comparison(cold, warm_ctx.last_result, edited))
+    return rc
+
+
 def cmd_image(ctx, args):
     check_tools(ctx, tools_for("image", image_source(ctx)))
     ctx.cache.mkdir(parents=True, exist_ok=True)
@@ -3063,6 +3717,12 @@ def cmd_prune(ctx, args):
         shutil.rmtree(rs.dir, ignore_errors=True)
         print(f"integration-vm: removed run {rs.name}")
     (ctx.run_parent / "current").unlink(missing_ok=True)
+    ckpts = ctx.cache / "checkpoints"
+    if ckpts.is_dir():
+        for d in sorted(ckpts.iterdir()):
+            shutil.rmtree(d, ignore_errors=True)
+            print(f"integration-vm: removed checkpoint {d.name}")
+        shutil.rmtree(ckpts, ignore_errors=True)
     if args.images:
         keep = current_image_key(ctx)
         for d in (ctx.cache / "images").glob("*"):
@@ -3089,7 +3749,7 @@ def cmd_status(ctx, args):
     check_tools(ctx, ["virsh"])
     check_libvirt(ctx)
     owned = owned_domains(ctx)
-    runs = {rs.name: rs for rs in list_runs(ctx)}
+    runs = {rs.domain: rs for rs in list_runs(ctx) if rs.data.get("state") != "down"}
     print(f"{'NAME':<36} {'STATE':<10} {'PROFILE':<20} {'AGE':>5}  IP")
     for name in sorted(set(owned) | set(runs)):
         meta, rs = owned.get(name, {}), runs.get(name)
@@ -3108,13 +3768,21 @@ def cmd_status(ctx, args):
         size = sum(p.stat().st_size for p in d.parent.iterdir() if p.is_file()) // (1 << 20)
         cur = " (current)" if m.get("key") == current_image_key(ctx) else ""
         print(f"image {m.get('key')}{cur}: {size} MiB, built {_age(m.get('built_at'))} ago")
+    for d in sorted((ctx.cache / "checkpoints").glob("*")):
+        m = load_checkpoint(ctx, d.name)
+        size = sum(p.stat().st_size for p in d.iterdir() if p.is_file()) // (1 << 20)
+        if m is None:
+            print(f"checkpoint {d.name}: incomplete, {size} MiB")
+        else:
+            print(f"checkpoint {d.name}: {m['host']} {m['stage']}, {size} MiB, saved "
+                  f"{_age(m.get('created_at'))} ago")
     return EXIT_PASS
 
 
 def cmd_console(ctx, args):
     rs = select_run(ctx, args.run, args.host, live=True)
     print(f"console log: {rs.console_log}")
-    print(f"interactive: virsh --connect {ctx.uri} console {rs.name}")
+    print(f"interactive: virsh --connect {ctx.uri} console {rs.domain}")
     try:
         lines = rs.console_log.read_text(errors="replace").splitlines()
         sys.stdout.write("\n".join(lines[-int(args.lines):]) + "\n")
@@ -3270,6 +3938,9 @@ def build_parser():
         sp.add_argument("--no-idempotence", action="store_true",
                         help="skip the post-reboot re-apply that must change nothing")
         sp.add_argument("--junit", metavar="FILE", help="write JUnit XML here")
+        sp.add_argument("--no-checkpoints", action="store_true",
+                        help="neither resume from nor write checkpoints (env "
+                             "BOMA_IT_CHECKPOINTS=0)")
         sp.add_argument("--expect-fail", action="store_true",
                         help="RED runs: a verify failure is the expected outcome (exit 0; "
                              "the VM is torn down), a pass exits 1")
@@ -3305,6 +3976,11 @@ def build_parser():
         cert_opts(sps[c])
     for c in ("cycle", "bench"):
         cycle_opts(sps[c])
+    sps["bench"].add_argument("--warm-edit", metavar="ROLE_FILE", default=BENCH_DEFAULT_EDIT,
+                              help="the role file the warm re-run edits, in a copy of the "
+                                   f"repo (default {BENCH_DEFAULT_EDIT})")
+    sps["bench"].add_argument("--no-warm", action="store_true",
+                              help="only the cold cycle")
     sps["up"].add_argument("--keep", action="store_true",
                            help="on a failed boot keep what was created")
     for c in ("apply", "reboot", "assert"):
@@ -3329,7 +4005,8 @@ def _defaults(args):
     for k, v in (("host", None), ("run", None), ("certs", None), ("allow_prod_certs", False),
                  ("keep", False), ("no_reboot", False), ("reboot", None),
                  ("no_idempotence", False), ("junit", None), ("expect_fail", False),
-                 ("reboot_diff", "fail")):
+                 ("reboot_diff", "fail"), ("no_checkpoints", False), ("no_warm", True),
+                 ("warm_edit", None)):
         if not hasattr(args, k):
             setattr(args, k, v)
     return args
@@ -3344,7 +4021,9 @@ def main(argv=None):
     signal.signal(signal.SIGTERM, on_term)
     try:
         ctx = ctx_from_env(os.environ, args)
-        if args.cmd in ("up", "apply", "reboot", "assert", "cycle", "bench"):
+        if args.cmd == "bench":
+            return cmd_bench(ctx, args)
+        if args.cmd in ("up", "apply", "reboot", "assert", "cycle"):
             return session(ctx, args, args.cmd)
         return {"image": cmd_image, "down": cmd_down, "console": cmd_console,
                 "prune": cmd_prune, "status": cmd_status, "doctor": cmd_doctor}[args.cmd](ctx, args)

@@ -67,6 +67,9 @@ class Harness:
             "BOMA_IT_MIN_DISK_MIB": "1", "BOMA_IT_LIBVIRT_LOG_DIR": str(tmp / "libvirt-log"),
             "BOMA_IT_KVM_DEV": str(tmp / "no-kvm"), "LIBVIRT_DEFAULT_URI": "test:///fake",
             "FAKE_LOG": str(self.log), "FAKE_STATE": str(self.state_file),
+            # Checkpoints have their own tests (test_integration_vm_checkpoints.py); here
+            # every cycle boots cold so the call sequences stay what these tests assert.
+            "BOMA_IT_CHECKPOINTS": "0",
         }
         self.env.update({f"BOMA_IT_TIMEOUT_{k}": str(v) for k, v in BOUNDS.items()})
 

@@ -124,6 +124,11 @@ def virsh():
         elif cmd == "define":
             xml = pathlib.Path(rest[0]).read_text()
             name = re.search(r"<name>([^<]+)</name>", xml).group(1)
+            if name in doms and doms[name].get("transient"):
+                doms[name]["transient"] = False  # a restored domain made persistent
+                doms[name]["xml"] = xml
+                print(f"Domain '{name}' defined from {rest[0]}")
+                return
             if name in doms:
                 die(f"error: operation failed: domain '{name}' already exists")
             time.sleep(float(ENV.get("FAKE_DEFINE_SLEEP", "0")))
@@ -159,6 +164,46 @@ def virsh():
             if d["state"] != "running":
                 die("error: Requested operation is not valid: domain is not running")
             d["state"] = "shut off"
+            if d.get("transient"):
+                del doms[rest[0]]
+        elif cmd == "save":
+            d = dom(rest[0])
+            if d["state"] != "running":
+                die("error: Requested operation is not valid: domain is not running")
+            if ENV.get("FAKE_SAVE_FAIL"):
+                die("error: operation failed: fake save failure")
+            pathlib.Path(rest[1]).write_text(json.dumps({"name": rest[0], **d}))
+            d["state"] = "shut off"
+            if d.get("transient"):
+                del doms[rest[0]]
+            print(f"Domain '{rest[0]}' saved to {rest[1]}")
+        elif cmd == "save-image-dumpxml":
+            print(json.loads(pathlib.Path(rest[0]).read_text())["xml"])
+        elif cmd == "restore":
+            saved = json.loads(pathlib.Path(rest[0]).read_text())
+            xml = pathlib.Path(rest[rest.index("--xml") + 1]).read_text() if "--xml" in rest \
+                else saved["xml"]
+            name = re.search(r"<name>([^<]+)</name>", xml).group(1)
+            if ENV.get("FAKE_RESTORE_FAIL"):
+                die("error: Failed to restore domain: fake restore failure")
+            if name != saved["name"]:
+                die(f"error: unsupported configuration: Target domain name '{name}' does "
+                    f"not match source '{saved['name']}'")
+            if name in doms and doms[name]["state"] == "running":
+                die(f"error: operation failed: domain '{name}' is already active")
+            for src in re.findall(r"<source file='([^']+)'", xml):
+                if not os.path.exists(src):
+                    die(f"error: Cannot access storage file '{src}': No such file or directory")
+            meta = re.search(r"<boma:run\b[^>]*/>", xml)
+            console = re.search(r"<log file='([^']+console[^']*)'", xml)
+            persistent = name in doms and not doms[name].get("transient")
+            doms[name] = {**saved, "xml": xml, "state": "running", "transient": not persistent,
+                          "metadata": meta.group(0) if meta else None,
+                          "console": console.group(1) if console else None}
+            doms[name].pop("name", None)
+            if doms[name]["mac"] and not ENV.get("FAKE_NO_LEASE"):
+                leases[doms[name]["mac"]] = ENV.get("FAKE_LEASE_IP", "127.0.0.1")
+            print(f"Domain restored from {rest[0]}")
         elif cmd == "undefine":
             dom(rest[0])
             del doms[rest[0]]
@@ -324,6 +369,8 @@ def ssh():
         return
     if command == "cat /proc/sys/kernel/random/boot_id":
         print(boot_id)
+    elif command.startswith("sudo -n date -u -s @"):
+        print(time.strftime("%a %b %d %H:%M:%S UTC %Y", time.gmtime()))
     elif command == "cloud-init status --wait":
         print("status: done")
     elif command == "systemctl is-system-running --wait":

@@ -1,0 +1,345 @@
+"""Checkpoints (issue 5, ADR-026): keys, resume, invalidation, fallbacks, prune.
+
+Pure parts (which roles an apply reads, key chains, the restore XML) are tested on the
+driver module; the orchestration against the fake binaries of
+test_integration_vm_orchestration.Harness, whose virsh fakes save/restore with libvirt's
+rule that a restore keeps the saved domain's name.
+"""
+import importlib.util
+import json
+import pathlib
+import sys
+
+import pytest
+
+HERE = pathlib.Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+from test_integration_vm_orchestration import Harness  # noqa: E402
+
+_spec = importlib.util.spec_from_file_location("integration_vm",
+                                               HERE.parent / "scripts" / "integration-vm.py")
+ivm = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(ivm)
+
+SITE = """---
+- name: Baseline
+  hosts: all
+  roles:
+    - role: base
+      tags: [base]
+
+- name: Docker
+  hosts: docker_hosts
+  roles:
+    - role: docker_host
+      tags: [docker_host]
+"""
+OFFSITE = """---
+- name: Offsite services
+  hosts: offsite_hosts
+  roles:
+    - role: docker_host
+      tags: [docker_host]
+    - role: reverse_proxy
+      tags: [reverse_proxy]
+"""
+
+
+def make_roles(repo):
+    """Role trees shaped like the real ones: base and reverse_proxy have an `always`
+    preflight, docker_host has none."""
+    for role, always in (("base", True), ("docker_host", False), ("reverse_proxy", True)):
+        r = repo / "roles" / role
+        (r / "tasks").mkdir(parents=True)
+        (r / "meta").mkdir()
+        (r / "molecule" / "default").mkdir(parents=True)
+        (r / "tasks" / "main.yml").write_text(
+            "---\n- name: Preflight\n  ansible.builtin.import_tasks: preflight.yml\n"
+            "  tags: [always]\n" if always else
+            "---\n- name: Install\n  ansible.builtin.debug:\n    msg: hi\n")
+        (r / "meta" / "main.yml").write_text("---\ndependencies: []\n")
+        (r / "README.md").write_text(f"# {role}\n")
+        (r / "molecule" / "default" / "converge.yml").write_text("---\n")
+        (r / "templates").mkdir()
+        (r / "templates" / "x.j2").write_text("x\n")
+    (repo / "playbooks").mkdir(exist_ok=True)
+    (repo / "playbooks" / "site.yml").write_text(SITE)
+    (repo / "playbooks" / "offsite.yml").write_text(OFFSITE)
+
+
+PROFILE = {"name": "askari", "groups": ["offsite_hosts", "docker_hosts"],
+           "applies": [{"playbook": "site.yml", "tags": ["base"]},
+                       {"playbook": "offsite.yml", "tags": ["docker_host", "reverse_proxy"]}],
+           "extra_vars_files": [], "mem_mib": 2048, "vcpus": 2}
+
+
+def chain(repo):
+    ctx = ivm.Ctx(repo=repo, run_parent=repo / ".run", cache=repo / "cache", diag_root=repo,
+                  uri="test:///", environ={})
+    return {st: k for st, k, _ in ivm.checkpoint_chain(ctx, PROFILE, "internal", "img1", "tcg")}
+
+
+# ---- which files an apply reads ---------------------------------------------------------
+def test_role_refs_read_tags_and_flag_what_they_cannot_follow():
+    refs, complete = ivm.playbook_role_refs(SITE)
+    assert refs == [("base", ["base"]), ("docker_host", ["docker_host"])] and complete
+    assert ivm.playbook_role_refs("- import_playbook: other.yml\n")[1] is False
+    assert ivm.playbook_role_refs(
+        "- hosts: all\n  roles:\n    - role: '{{ r }}'\n")[1] is False
+    refs, complete = ivm.playbook_role_refs(
+        "- hosts: all\n  tasks:\n    - ansible.builtin.include_role:\n        name: foo\n")
+    assert refs == [("foo", None)] and complete
+    # play-level tags reach every role: no role may then be filtered out by tags
+    refs, _ = ivm.playbook_role_refs("- hosts: all\n  tags: [x]\n  roles:\n    - role: a\n"
+                                     "      tags: [a]\n")
+    assert refs == [("a", None)]
+
+
+def test_role_selected_by_tags_unless_it_has_always_tasks():
+    assert ivm.role_selected(["docker_host"], ["base"], False) is False
+    assert ivm.role_selected(["docker_host"], ["base"], True) is True
+    assert ivm.role_selected(None, ["base"], False) is True
+    assert ivm.role_selected(["docker_host"], [], False) is True
+
+
+def test_roles_used_follows_tags_and_always(tmp_path):
+    make_roles(tmp_path)
+    assert ivm.roles_used(tmp_path, SITE, ["base"]) == (["base"], True)
+    assert ivm.roles_used(tmp_path, OFFSITE, ["docker_host", "reverse_proxy"]) == \
+        (["docker_host", "reverse_proxy"], True)
+    # reverse_proxy's always-tagged preflight runs under any --tags
+    assert ivm.roles_used(tmp_path, OFFSITE, ["docker_host"]) == \
+        (["docker_host", "reverse_proxy"], True)
+
+
+# ---- a change invalidates exactly what it must -------------------------------------------
+def edit(path):
+    path.write_text(path.read_text() + "# edited\n")
+
+
+def test_key_chain_invalidation(tmp_path):
+    make_roles(tmp_path)
+    (tmp_path / "ansible.cfg").write_text("[defaults]\n")
+    gv = tmp_path / "inventories" / "production" / "group_vars" / "all"
+    gv.mkdir(parents=True)
+    (gv / "vars.yml").write_text("---\na: 1\n")
+    (gv / "vault.yml").write_text("$ANSIBLE_VAULT;1.1;AES256\n00\n")
+    k0 = chain(tmp_path)
+    assert list(k0) == ["booted", "applied-1", "applied-2"]
+    assert chain(tmp_path) == k0  # deterministic
+
+    def changed_after(path):
+        edit(path)
+        now = chain(tmp_path)
+        return [st for st in k0 if now[st] != k0[st]]
+
+    # docker_host is not in site.yml's --tags base: only the offsite apply is invalid
+    assert changed_after(tmp_path / "roles/docker_host/templates/x.j2") == ["applied-2"]
+    k0 = chain(tmp_path)
+    assert changed_after(tmp_path / "roles/base/templates/x.j2") == ["applied-1", "applied-2"]
+    k0 = chain(tmp_path)
+    # docs, Molecule scenarios and the (unused) vault file reach no host
+    assert changed_after(tmp_path / "roles/base/README.md") == []
+    assert changed_after(tmp_path / "roles/base/molecule/default/converge.yml") == []
+    assert changed_after(gv / "vault.yml") == []
+    assert changed_after(gv / "vars.yml") == ["applied-1", "applied-2"]
+    k0 = chain(tmp_path)
+    assert changed_after(tmp_path / "playbooks/offsite.yml") == ["applied-2"]
+    k0 = chain(tmp_path)
+    assert changed_after(tmp_path / "ansible.cfg") == ["applied-1", "applied-2"]
+
+
+def test_booted_key_covers_image_shape_and_accel():
+    base = ivm.booted_checkpoint_inputs("img1", "askari", 2048, 2, "tcg")
+    key = ivm.checkpoint_key(None, "booted", base)
+    for change in ({"image": "img2"}, {"mem_mib": 4096}, {"accel": "kvm"}, {"host": "x"}):
+        assert ivm.checkpoint_key(None, "booted", {**base, **change}) != key
+
+
+def test_newest_valid_checkpoint_needs_its_whole_ancestry():
+    chain_ = [("booted", "a"), ("applied-1", "b"), ("applied-2", "c")]
+    assert ivm.newest_valid_checkpoint(chain_, {"a", "b", "c"}.__contains__) == ("applied-2", "c")
+    assert ivm.newest_valid_checkpoint(chain_, {"a", "c"}.__contains__) == ("booted", "a")
+    assert ivm.newest_valid_checkpoint(chain_, {"b", "c"}.__contains__) is None
+
+
+def test_rewrite_restore_xml_keeps_identity_and_moves_paths():
+    xml = """<domain type='qemu'>
+  <name>boma-it-askari-1</name>
+  <uuid>u-1</uuid>
+  <metadata><boma:run xmlns:boma="https://boma.invalid/integration-vm" id="old/boma-it-askari-1"/></metadata>
+  <devices>
+    <disk><source file='/c/runs/boma-it-askari-1/overlay.qcow2'/><backingStore/></disk>
+    <disk><source file='/c/runs/boma-it-askari-1/seed.img'/></disk>
+    <serial><log file='/c/runs/boma-it-askari-1/console.log'/></serial>
+    <interface><mac address='52:54:00:aa:bb:cc'/></interface>
+  </devices>
+</domain>"""
+    meta = '<boma:run xmlns:boma="https://boma.invalid/integration-vm" id="new/boma-it-askari-2"/>'
+    out = ivm.rewrite_restore_xml(xml, "/c/runs/boma-it-askari-2/overlay.qcow2",
+                                  "/c/checkpoints/k/seed.img",
+                                  "/c/runs/boma-it-askari-2/console.log", meta)
+    assert "<name>boma-it-askari-1</name>" in out and "<uuid>u-1</uuid>" in out
+    assert "52:54:00:aa:bb:cc" in out and "backingStore" not in out
+    assert "source file='/c/runs/boma-it-askari-2/overlay.qcow2'" in out
+    assert "source file='/c/checkpoints/k/seed.img'" in out
+    assert "log file='/c/runs/boma-it-askari-2/console.log'" in out
+    assert 'id="new/boma-it-askari-2"' in out and "old/" not in out
+
+
+def test_bench_comparison_table():
+    cold = {"total_seconds": 500.0, "phase_details": [
+        {"name": "boot", "seconds": 40.0}, {"name": "apply:site.yml", "seconds": 60.0},
+        {"name": "checkpoint:booted", "seconds": 8.0}]}
+    warm = {"total_seconds": 150.0, "resumed_from": {"stage": "applied-1"}, "phase_details": [
+        {"name": "resume", "seconds": 5.0}, {"name": "apply:site.yml", "seconds": 0.0}]}
+    text = ivm.format_bench_comparison(cold, warm, "roles/x/y.j2")
+    assert "resumed from applied-1" in text and "warm/cold = 0.30" in text
+    assert [ln.split()[0] for ln in text.splitlines()[2:-1]] == \
+        ["boot", "resume", "checkpoint", "apply", "total"]
+
+
+# ---- orchestration against the fakes -----------------------------------------------------
+@pytest.fixture
+def hc(tmp_path):
+    harness = Harness(tmp_path)
+    harness.env["BOMA_IT_CHECKPOINTS"] = "1"
+    make_roles(harness.repo)
+    yield harness
+    harness.close()
+
+
+def ckpt_manifests(h):
+    out = {}
+    for m in sorted((h.cache / "checkpoints").glob("*/manifest.json")):
+        d = json.loads(m.read_text())
+        out[d["stage"]] = d
+    return out
+
+
+def virsh_verbs(h, since=0):
+    return [a[0] for a in h.virsh_cmds()[since:]]
+
+
+def test_cold_cycle_writes_a_checkpoint_per_stage_then_a_rerun_resumes_the_newest(hc):
+    p = hc.run("cycle", "--host", "askari")
+    assert p.returncode == 0, p.stderr
+    ck = ckpt_manifests(hc)
+    assert sorted(ck) == ["applied-1", "applied-2", "booted"]
+    assert ck["applied-2"]["parent"] == ck["applied-1"]["key"]
+    assert ck["applied-1"]["parent"] == ck["booted"]["key"]
+    for m in ck.values():
+        d = hc.cache / "checkpoints" / m["key"]
+        assert oct((d / "id_ed25519").stat().st_mode & 0o777) == "0o600"
+        assert oct((d / "disk.qcow2").stat().st_mode & 0o777) == "0o444"
+    first = hc.results()[-1]
+    assert [p["name"] for p in first["phase_details"] if p["name"].startswith("checkpoint")] \
+        == ["checkpoint:booted", "checkpoint:applied-1", "checkpoint:applied-2"]
+    # the guest is saved and restored, never rebooted, by a checkpoint
+    assert virsh_verbs(hc).count("save") == 3 and virsh_verbs(hc).count("restore") == 3
+
+    n_virsh, n_calls = len(hc.virsh_cmds()), len(hc.calls())
+    p = hc.run("cycle", "--host", "askari")
+    assert p.returncode == 0, p.stderr
+    assert "resumed from checkpoint applied-2" in p.stderr
+    verbs = virsh_verbs(hc, n_virsh)
+    assert "start" not in verbs[:verbs.index("restore")] and "save" not in verbs
+    assert not [c for c in hc.calls()[n_calls:] if c["tool"] == "virt-install"]
+    second = sorted(hc.results(), key=lambda r: r["started_at"])[-1]
+    assert second["resumed_from"]["stage"] == "applied-2"
+    assert second["domain"] == ck["booted"]["domain"] != second["vm"]
+    applies = [p for p in second["phase_details"] if p["name"].startswith("apply:")]
+    assert [p["status"] for p in applies] == ["skipped", "skipped"]
+    # the reboot, verify and the post-reboot idempotence still run in full
+    names = [p["name"] for p in second["phase_details"]]
+    assert "reboot:graceful" in names and "verify" in names
+    assert [p for p in names if p.startswith("idempotence:")] == \
+        ["idempotence:site.yml", "idempotence:offsite.yml"]
+    # the restored guest carries the new run's ownership metadata, and was torn down
+    restore = [a for a in hc.virsh_cmds()[n_virsh:] if a[0] == "restore"][0]
+    xml = pathlib.Path(restore[restore.index("--xml") + 1]).read_text()
+    assert second["vm"] in xml and hc.domains() == {}
+
+
+def test_editing_a_role_file_resumes_before_the_first_apply_that_reads_it(hc):
+    assert hc.run("cycle", "--host", "askari").returncode == 0
+    old = ckpt_manifests(hc)
+    edit(hc.repo / "roles" / "docker_host" / "templates" / "x.j2")
+    p = hc.run("cycle", "--host", "askari")
+    assert p.returncode == 0, p.stderr
+    assert "resumed from checkpoint applied-1" in p.stderr
+    r = sorted(hc.results(), key=lambda r: r["started_at"])[-1]
+    applies = {p["name"]: p["status"] for p in r["phase_details"] if p["name"].startswith("apply:")}
+    assert applies == {"apply:site.yml": "skipped", "apply:offsite.yml": "pass"}
+    new = ckpt_manifests(hc)
+    assert new["booted"]["key"] == old["booted"]["key"]
+    assert new["applied-1"]["key"] == old["applied-1"]["key"]
+    assert new["applied-2"]["key"] != old["applied-2"]["key"]
+    # the outdated applied-2 is gone: one chain per profile
+    assert not (hc.cache / "checkpoints" / old["applied-2"]["key"]).exists()
+
+    edit(hc.repo / "roles" / "base" / "templates" / "x.j2")
+    p = hc.run("cycle", "--host", "askari")
+    assert p.returncode == 0 and "resumed from checkpoint booted" in p.stderr, p.stderr
+
+
+def test_no_checkpoints_flag_neither_reads_nor_writes(hc):
+    assert hc.run("cycle", "--host", "askari", "--no-checkpoints").returncode == 0
+    assert "save" not in virsh_verbs(hc) and not (hc.cache / "checkpoints").exists()
+    assert hc.run("cycle", "--host", "askari").returncode == 0
+    n = len(hc.virsh_cmds())
+    p = hc.run("cycle", "--host", "askari", "--no-checkpoints")
+    assert p.returncode == 0 and "restore" not in virsh_verbs(hc, n), p.stderr
+
+
+def test_incomplete_checkpoint_is_not_resumed(hc):
+    assert hc.run("cycle", "--host", "askari").returncode == 0
+    ck = ckpt_manifests(hc)
+    (hc.cache / "checkpoints" / ck["applied-1"]["key"] / "manifest.json").unlink()
+    p = hc.run("cycle", "--host", "askari")
+    # applied-2 is complete but its parent is not: resume from booted
+    assert p.returncode == 0 and "resumed from checkpoint booted" in p.stderr, p.stderr
+
+
+def test_a_checkpoint_that_fails_to_restore_falls_back_to_a_cold_boot(hc):
+    assert hc.run("cycle", "--host", "askari").returncode == 0
+    n = len(hc.virsh_cmds())
+    p = hc.run("cycle", "--host", "askari", FAKE_RESTORE_FAIL="1")
+    assert p.returncode == 0, p.stderr
+    assert "did not resume" in p.stderr and "cold boot" in p.stderr, p.stderr
+    verbs = virsh_verbs(hc, n)
+    assert "start" in verbs[verbs.index("restore"):] and "save" not in verbs  # keys exist
+
+
+def test_a_guest_that_cannot_come_back_from_its_checkpoint_is_an_infra_error(hc):
+    p = hc.run("cycle", "--host", "askari", FAKE_RESTORE_FAIL="1")
+    assert p.returncode == 3, p.stderr
+    r = hc.results()[-1]
+    assert r["failed_stage"] == "checkpoint" and r["verdict"] == "error"
+    assert hc.domains() == {} and not list((hc.cache / "runs").glob("*/overlay.qcow2"))
+
+
+def test_failed_save_skips_the_checkpoint_and_the_run_goes_on(hc):
+    p = hc.run("cycle", "--host", "askari", FAKE_SAVE_FAIL="1")
+    assert p.returncode == 0, p.stderr
+    assert "skipping booted: virsh save failed" in p.stderr
+    assert not list((hc.cache / "checkpoints").glob("*/manifest.json"))
+
+
+def test_checkpoint_in_use_by_a_kept_run_is_not_resumed_twice(hc):
+    assert hc.run("cycle", "--host", "askari").returncode == 0
+    p = hc.run("cycle", "--host", "askari", "--keep")
+    assert p.returncode == 0 and "resumed from checkpoint applied-2" in p.stderr
+    p = hc.run("cycle", "--host", "askari", BOMA_IT_MAX_VMS="2")
+    assert p.returncode == 0, p.stderr
+    assert "is in use" in p.stderr and "cold boot" in p.stderr
+
+
+def test_prune_removes_checkpoints(hc):
+    assert hc.run("cycle", "--host", "askari").returncode == 0
+    assert list((hc.cache / "checkpoints").iterdir())
+    status = hc.run("status")
+    assert status.stdout.count("checkpoint ") == 3 and "askari applied-2" in status.stdout
+    p = hc.run("prune")
+    assert p.returncode == 0 and "removed checkpoint" in p.stdout
+    assert not (hc.cache / "checkpoints").exists()
