@@ -3045,7 +3045,9 @@ def gc_checkpoints(ctx, host, keep):
 
 def step_guest_clock(ctx, rs):
     """A restored guest's clock stands where it was saved; apt rejects Release files from
-    its 'future'. Step it to the controller's (the sandbox has no NTP)."""
+    its 'future'. Step it to the controller's (the sandbox has no NTP). First wait for SSH:
+    for a few seconds after a restore the host has no neighbour entry for the guest."""
+    wait_ssh(ctx, rs, stage="resume")
     r = rs.ssh(f"sudo -n date -u -s @{int(time.time())}", timeout=ctx.bounds["ssh-command"],
                stage="resume")
     if r.returncode != 0:
@@ -3178,7 +3180,6 @@ def resume_run(ctx, profile, certs, manifest, chain_keys, holder):
     rs.save()
     # Persistent, so a hard reboot (destroy + start) finds it again.
     virsh(ctx, "define", rs.dir / "domain.xml", check=True, stage="resume")
-    wait_ssh(ctx, rs, stage="resume")
     step_guest_clock(ctx, rs)
     boot_id = read_boot_id(ctx, rs)
     if boot_id != manifest["boot_id"]:
@@ -3538,7 +3539,10 @@ def provision(ctx, args, profile, certs, result, holder):
     accel = choose_accel(ctx, image)
     result["accel"] = accel
     ctx.bounds = stage_bounds(accel, ctx.environ)
-    if getattr(args, "cmd", None) in ("cycle", "bench") and checkpoints_enabled(ctx, args):
+    if certs in REAL_SECRET_TIERS and checkpoints_enabled(ctx, args):
+        progress(ctx, "checkpoint", f"off: --certs {certs} puts the real Gandi token in the "
+                 "guest's memory, which a checkpoint would keep on disk")
+    elif getattr(args, "cmd", None) in ("cycle", "bench") and checkpoints_enabled(ctx, args):
         ctx.checkpoint_chain = checkpoint_chain(ctx, profile, certs, image.key, accel)
         result["checkpoints"] = {"chain": [{"stage": st, "key": k, **det}
                                            for st, k, det in ctx.checkpoint_chain]}

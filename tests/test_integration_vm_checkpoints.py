@@ -343,3 +343,21 @@ def test_prune_removes_checkpoints(hc):
     p = hc.run("prune")
     assert p.returncode == 0 and "removed checkpoint" in p.stdout
     assert not (hc.cache / "checkpoints").exists()
+
+
+def test_real_secret_tiers_never_checkpoint(hc):
+    """A le-* tier puts the real Gandi token in the guest's RAM: no memory image of it."""
+    import shutil
+    shutil.copy(HERE.parent / "scripts" / "vault-password.sh", hc.repo / "scripts")
+    for tool in ("bash", "head"):
+        (hc.bin / tool).symlink_to(shutil.which(tool))
+    pw = hc.tmp / "pw"
+    pw.write_text("not-the-real-password\n")
+    assert hc.run("cycle", "--host", "askari").returncode == 0  # an internal chain exists
+    n = len(hc.virsh_cmds())
+    p = hc.run("cycle", "--host", "askari", "--certs", "le-staging",
+               BOMA_VAULT_PASSWORD_FILE=str(pw))
+    assert p.returncode == 0, p.stderr
+    assert "checkpoint: off: --certs le-staging" in p.stderr
+    verbs = virsh_verbs(hc, n)
+    assert "save" not in verbs and "restore" not in verbs
