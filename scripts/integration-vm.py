@@ -2519,6 +2519,21 @@ def osinfo_for(ctx):
     return osinfo
 
 
+def open_run(ctx, data, holder):
+    """A run's private dir (0700) and disk dir, published in holder['rs'] at once so a
+    failure anywhere after is cleaned up by down_run."""
+    rs = RunState(ctx, data)
+    holder["rs"] = rs
+    rs.dir.mkdir(parents=True, exist_ok=True)
+    os.chmod(rs.dir, 0o700)
+    (rs.dir / "logs").mkdir(exist_ok=True)
+    ctx.cmdlog = rs.dir / "logs" / "commands.log"
+    rs.save()
+    rs.disk_dir.mkdir(parents=True, exist_ok=True)
+    os.chmod(rs.disk_dir, 0o755)
+    return rs
+
+
 def create_run(ctx, profile, certs, accel, image, holder):
     """Everything a run needs on disk, then define (with ownership metadata). The run is
     published in holder['rs'] as soon as it exists, so a failure anywhere after that is
@@ -2532,15 +2547,7 @@ def create_run(ctx, profile, certs, accel, image, holder):
         "image_key": image.key, "state": "creating", "boot_ids": [], "uri": ctx.uri,
         "mem_mib": profile["mem_mib"], "vcpus": profile["vcpus"],
     }
-    rs = RunState(ctx, data)
-    holder["rs"] = rs
-    rs.dir.mkdir(parents=True, exist_ok=True)
-    os.chmod(rs.dir, 0o700)
-    (rs.dir / "logs").mkdir(exist_ok=True)
-    ctx.cmdlog = rs.dir / "logs" / "commands.log"
-    rs.save()
-    rs.disk_dir.mkdir(parents=True, exist_ok=True)
-    os.chmod(rs.disk_dir, 0o755)
+    rs = open_run(ctx, data, holder)
     run(ssh_keygen_argv(rs.dir / "id_ed25519", f"boma-it client {name}"),
         timeout=30, check=True, stage="keys", cmdlog=ctx.cmdlog)
     run(ssh_keygen_argv(rs.dir / "ssh_host_ed25519_key", f"boma-it host {name}"),
@@ -3150,20 +3157,12 @@ def resume_run(ctx, profile, certs, manifest, chain_keys, holder):
                          "created_at": manifest["created_at"]},
         "checkpoints_read": list(chain_keys),
     }
-    rs = RunState(ctx, data)
-    holder["rs"] = rs
-    rs.dir.mkdir(parents=True, exist_ok=True)
-    os.chmod(rs.dir, 0o700)
-    (rs.dir / "logs").mkdir(exist_ok=True)
-    ctx.cmdlog = rs.dir / "logs" / "commands.log"
-    rs.save()
+    rs = open_run(ctx, data, holder)
     for f in ("id_ed25519", "id_ed25519.pub", "ssh_host_ed25519_key.pub"):
         shutil.copyfile(ck / f, rs.dir / f)
     os.chmod(rs.dir / "id_ed25519", 0o600)
     (rs.dir / "known_hosts").write_text(
         known_hosts_line(rs.domain, (ck / "ssh_host_ed25519_key.pub").read_text()))
-    rs.disk_dir.mkdir(parents=True, exist_ok=True)
-    os.chmod(rs.disk_dir, 0o755)
     overlay = rs.disk_dir / "overlay.qcow2"
     run(qemu_img_overlay_argv(ck / "disk.qcow2", overlay), timeout=60, check=True,
         stage="resume", cmdlog=ctx.cmdlog)
