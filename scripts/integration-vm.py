@@ -3547,6 +3547,7 @@ def provision(ctx, args, profile, certs, result, holder):
                                            for st, k, det in ctx.checkpoint_chain]}
         if ctx.bench_phase == "cold":  # a cold benchmark starts with none of its own
             gc_checkpoints(ctx, profile["name"], keep=())
+        ensure_network(ctx)  # a restore needs it active too (a fresh libvirtd has not started it)
         rs = try_resume(ctx, profile, certs, result, holder)
         if rs is not None:
             return rs

@@ -261,6 +261,17 @@ def test_cold_cycle_writes_a_checkpoint_per_stage_then_a_rerun_resumes_the_newes
     assert second["vm"] in xml and hc.domains() == {}
 
 
+def test_resume_starts_the_network_a_fresh_libvirtd_left_down(hc):
+    """scripts/it-run's sandbox restarts libvirtd between runs: boma-it is then defined
+    but inactive, and a restore (unlike virt-install's boot path) does not start it."""
+    assert hc.run("cycle", "--host", "askari").returncode == 0
+    st = hc.state()
+    st["networks"]["boma-it"]["active"] = False
+    hc.state_file.write_text(json.dumps(st))
+    p = hc.run("cycle", "--host", "askari")
+    assert p.returncode == 0 and "resumed from checkpoint applied-2" in p.stderr, p.stderr
+
+
 def test_editing_a_role_file_resumes_before_the_first_apply_that_reads_it(hc):
     assert hc.run("cycle", "--host", "askari").returncode == 0
     old = ckpt_manifests(hc)

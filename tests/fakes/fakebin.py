@@ -191,6 +191,10 @@ def virsh():
                     f"not match source '{saved['name']}'")
             if name in doms and doms[name]["state"] == "running":
                 die(f"error: operation failed: domain '{name}' is already active")
+            for net in re.findall(r"<source network='([^']+)'", xml):
+                if not nets.get(net, {}).get("active"):
+                    die(f"error: Failed to restore domain from {rest[0]}\n"
+                        f"error: Requested operation is not valid: network '{net}' is not active")
             for src in re.findall(r"<source file='([^']+)'", xml):
                 if not os.path.exists(src):
                     die(f"error: Cannot access storage file '{src}': No such file or directory")
