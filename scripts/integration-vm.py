@@ -1459,8 +1459,9 @@ def reboot_diff_summary(mode, index, diff, tolerated, unexpected, directory):
 # and each key hashes its parent's key plus what the stage was built from, so editing a
 # role invalidates the first apply that uses it and everything after, nothing before.
 CHECKPOINT_FORMAT = 1
-CHECKPOINT_FILES = ("manifest.json", "memory.save", "disk.qcow2", "domain.xml", "seed.img",
-                    "id_ed25519", "id_ed25519.pub", "ssh_host_ed25519_key.pub")
+RUN_KEY_FILES = ("id_ed25519", "id_ed25519.pub", "ssh_host_ed25519_key.pub")
+CHECKPOINT_FILES = ("manifest.json", "memory.save", "disk.qcow2", "domain.xml",
+                    "seed.img") + RUN_KEY_FILES
 # Files under a role that never reach a host: Molecule scenarios and docs.
 ROLE_IGNORED_PARTS = ("molecule",)
 ROLE_IGNORED_SUFFIXES = (".md",)
@@ -1607,7 +1608,7 @@ def roles_used(repo, playbook_text, apply_tags):
                     queue += [r for r, _ in sub]
             elif rel[0] in ("tasks", "handlers"):
                 text = p.read_text(errors="replace")
-                if _INCLUDE_ROLE.search(text) or "include_role" in text or "import_role" in text:
+                if "include_role" in text or "import_role" in text:
                     sub, ok = playbook_role_refs(text)
                     complete = complete and ok
                     queue += [r for r, _ in sub]
@@ -1641,8 +1642,7 @@ def apply_input_paths(repo, step, extra_files, group_vars_files):
         paths += sorted((repo / "playbooks").glob("*.yml"))
     paths += list(group_vars_files) + [pathlib.Path(f) for f in extra_files]
     paths += [repo / f for f in APPLY_SHARED_INPUTS]
-    return [p.relative_to(repo) if pathlib.Path(p).is_absolute() and
-            str(p).startswith(str(repo) + os.sep) else pathlib.Path(p) for p in paths], roles, complete
+    return paths, roles, complete
 
 
 def checkpoint_key(parent, stage, inputs):
@@ -3017,7 +3017,7 @@ def checkpoints_in_use(ctx):
     """Checkpoint keys a live run's disk chain still reads."""
     used = set()
     for rs in list_runs(ctx):
-        if rs.data.get("state") not in ("down",):
+        if rs.data.get("state") != "down":
             used.update(rs.data.get("checkpoints_read", []))
     return used
 
@@ -3048,6 +3048,13 @@ def gc_checkpoints(ctx, host, keep):
                 shutil.rmtree(d, ignore_errors=True)
                 removed.append(d.name)
     return removed
+
+
+def copy_run_keys(src, dst):
+    """A run's client key pair and guest host public key (the private one stays 0600)."""
+    for f in RUN_KEY_FILES:
+        shutil.copyfile(src / f, dst / f)
+    os.chmod(dst / "id_ed25519", 0o600)
 
 
 def step_guest_clock(ctx, rs):
@@ -3096,9 +3103,7 @@ def take_checkpoint(ctx, rs, stage, key, parent, result=None):
             (d / "domain.xml").write_text(xml)
             seed = re.search(r"<source file='([^']*seed\.img)'", xml)
             shutil.copyfile(seed.group(1) if seed else rs.disk_dir / "seed.img", d / "seed.img")
-            for f in ("id_ed25519", "id_ed25519.pub", "ssh_host_ed25519_key.pub"):
-                shutil.copyfile(rs.dir / f, d / f)
-            os.chmod(d / "id_ed25519", 0o600)
+            copy_run_keys(rs.dir, d)
             os.chmod(d / "seed.img", 0o444)
             os.replace(overlay, d / "disk.qcow2")
             moved = True
@@ -3158,9 +3163,7 @@ def resume_run(ctx, profile, certs, manifest, chain_keys, holder):
         "checkpoints_read": list(chain_keys),
     }
     rs = open_run(ctx, data, holder)
-    for f in ("id_ed25519", "id_ed25519.pub", "ssh_host_ed25519_key.pub"):
-        shutil.copyfile(ck / f, rs.dir / f)
-    os.chmod(rs.dir / "id_ed25519", 0o600)
+    copy_run_keys(ck, rs.dir)
     (rs.dir / "known_hosts").write_text(
         known_hosts_line(rs.domain, (ck / "ssh_host_ed25519_key.pub").read_text()))
     overlay = rs.disk_dir / "overlay.qcow2"
@@ -3567,15 +3570,16 @@ def provision(ctx, args, profile, certs, result, holder):
 def try_resume(ctx, profile, certs, result, holder):
     """Resume the newest valid checkpoint of ctx.checkpoint_chain; None -> boot cold.
     A checkpoint that fails to come back is reported and the run boots cold instead."""
-    chain = ctx.checkpoint_chain
-    best = newest_valid_checkpoint([(st, k) for st, k, _ in chain],
-                                   lambda k: load_checkpoint(ctx, k) is not None)
+    keys = [k for _, k, _ in ctx.checkpoint_chain]
+    manifests = {k: load_checkpoint(ctx, k) for k in keys}
+    best = newest_valid_checkpoint([(st, k) for st, k, _ in ctx.checkpoint_chain],
+                                   lambda k: manifests[k] is not None)
     if best is None:
         progress(ctx, "resume", "no valid checkpoint for these inputs: cold boot")
         return None
     stage, key = best
-    manifest = load_checkpoint(ctx, key)
-    keys = [k for _, k, _ in chain[:[k for _, k, _ in chain].index(key) + 1]]
+    manifest = manifests[key]
+    keys = keys[:keys.index(key) + 1]   # the disk chain this run will read
     try:
         with timed_phase(ctx, result, "resume"):
             with file_lock(ctx, ctx.cache / "lock", "up"):
@@ -3655,9 +3659,9 @@ def cmd_bench(ctx, args):
     cold = ctx.last_result
     if rc != EXIT_PASS or cold is None:
         return rc
-    warm_ctx = dataclasses.replace(ctx, t0=time.monotonic(), cmdlog=None, bench_phase="warm",
+    warm_ctx = dataclasses.replace(ctx, repo=warm_repo_copy(ctx.repo, edited, now_iso()),
+                                   t0=time.monotonic(), cmdlog=None, bench_phase="warm",
                                    checkpoint_chain=None, last_result=None)
-    warm_ctx.repo = warm_repo_copy(ctx.repo, edited, now_iso())
     progress(warm_ctx, "bench", f"warm re-run after editing {edited} (in a copy: "
              f"{warm_ctx.repo})")
     try:
