@@ -3580,25 +3580,28 @@ def try_resume(ctx, profile, certs, result, holder):
     stage, key = best
     manifest = manifests[key]
     keys = keys[:keys.index(key) + 1]   # the disk chain this run will read
-    try:
-        with timed_phase(ctx, result, "resume"):
+    with timed_phase(ctx, result, "resume") as entry:
+        why = None
+        try:
             with file_lock(ctx, ctx.cache / "lock", "up"):
                 check_guards(ctx, profile, need_image=False)
                 if virsh(ctx, "domstate", manifest["domain"]).returncode == 0:
-                    progress(ctx, "resume", f"checkpoint {stage} is in use (domain "
-                             f"{manifest['domain']} exists): cold boot")
-                    result["phase_details"].pop()
-                    return None
-                rs = resume_run(ctx, profile, certs, manifest, keys, holder)
-    except InfraError as e:
-        if e.stage == "guard":
-            raise
-        progress(ctx, "resume", f"checkpoint {stage} did not resume ({e}): cold boot")
-        if holder.get("rs") is not None:
-            down_run(ctx, holder["rs"])
-            holder["rs"] = None
-        result["resume_error"] = str(e)
-        return None
+                    why = f"checkpoint {stage} is in use (domain {manifest['domain']} exists)"
+                else:
+                    rs = resume_run(ctx, profile, certs, manifest, keys, holder)
+        except InfraError as e:
+            if e.stage == "guard":
+                raise
+            why = f"checkpoint {stage} did not resume ({e})"
+            if holder.get("rs") is not None:
+                down_run(ctx, holder["rs"])
+                holder["rs"] = None
+            result["resume_error"] = str(e)
+        if why:
+            # Not an error of this run: it boots cold. JUnit shows the phase as skipped.
+            entry.update(status="skipped", message=f"{why}: cold boot")
+            progress(ctx, "resume", f"{why}: cold boot")
+            return None
     rs.data["applied_steps"] = 0 if stage == "booted" else int(stage.split("-")[1])
     rs.save()
     result["resumed_from"] = rs.data["resumed_from"]

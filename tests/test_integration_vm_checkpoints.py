@@ -320,6 +320,14 @@ def test_a_checkpoint_that_fails_to_restore_falls_back_to_a_cold_boot(hc):
     assert "did not resume" in p.stderr and "cold boot" in p.stderr, p.stderr
     verbs = virsh_verbs(hc, n)
     assert "start" in verbs[verbs.index("restore"):] and "save" not in verbs  # keys exist
+    # a fallback is not an error of a passing run: the resume phase is skipped, with why
+    r = sorted(hc.results(), key=lambda r: r["started_at"])[-1]
+    resume = [p for p in r["phase_details"] if p["name"] == "resume"]
+    assert [p["status"] for p in resume] == ["skipped"] and "did not resume" in resume[0]["message"]
+    junit = hc.tmp / "fallback.xml"
+    assert hc.run("cycle", "--host", "askari", "--junit", str(junit),
+                  FAKE_RESTORE_FAIL="1").returncode == 0
+    assert 'errors="0"' in junit.read_text()
 
 
 def test_a_guest_that_cannot_come_back_from_its_checkpoint_is_an_infra_error(hc):
@@ -344,6 +352,9 @@ def test_checkpoint_in_use_by_a_kept_run_is_not_resumed_twice(hc):
     p = hc.run("cycle", "--host", "askari", BOMA_IT_MAX_VMS="2")
     assert p.returncode == 0, p.stderr
     assert "is in use" in p.stderr and "cold boot" in p.stderr
+    r = sorted(hc.results(), key=lambda r: r["started_at"])[-1]
+    assert [(p["status"], "is in use" in p["message"]) for p in r["phase_details"]
+            if p["name"] == "resume"] == [("skipped", True)]
 
 
 def test_prune_removes_checkpoints(hc):
