@@ -584,8 +584,59 @@ def ansible_playbook_argv(ansible_playbook, inventory, playbook, limit, tags=(),
     return argv
 
 
-def ansible_env(base_env, repo_root, run_dir, alias):
+# ---- Ansible transport (ADR-027) ------------------------------------------------------
+# Under TCG every module call costs ~2.7 s of emulated Python (the guest unpacks and
+# compiles AnsiballZ's module_utils per task); Mitogen keeps one interpreter in the guest
+# for the whole play and ships each module once. The harness uses it unless told not to
+# (--strategy default / BOMA_IT_ANSIBLE_STRATEGY=default), or it cannot load, in which case
+# the run says why and falls back to ansible-core's own linear strategy.
+STRATEGY_CHOICES = ("mitogen", "default")
+MITOGEN_STRATEGY = "mitogen_linear"
+MITOGEN_PROBE = ("import os, ansible_mitogen.plugins.strategy.mitogen_linear as s; "
+                 "print(os.path.dirname(s.__file__))")
+
+
+def script_interpreter(first_line):
+    """The interpreter of a `#!` line (`#!/usr/bin/env python3` -> python3), or None."""
+    if not first_line.startswith("#!"):
+        return None
+    words = first_line[2:].split()
+    if words and pathlib.PurePath(words[0]).name == "env":
+        words = [w for w in words[1:] if not w.startswith("-")]
+    return words[0] if words else None
+
+
+def strategy_choice(requested, probe_rc=None, probe_out="", probe_err=""):
+    """What ansible-playbook runs with: {requested, used, plugin_dir, fallback}.
+    `probe_*` is the result of importing Mitogen's strategy with ansible-playbook's own
+    interpreter (rc None: no interpreter found)."""
+    choice = {"requested": requested, "used": "linear", "plugin_dir": None, "fallback": None}
+    if requested != "mitogen":
+        return choice
+    lines = (probe_out or "").strip().splitlines()
+    if probe_rc == 0 and lines and pathlib.PurePath(lines[-1]).is_absolute():
+        choice.update(used=MITOGEN_STRATEGY, plugin_dir=lines[-1])
+    elif probe_rc is None:
+        choice["fallback"] = "cannot tell ansible-playbook's interpreter (no #! line)"
+    else:
+        err = (probe_err or "").strip().splitlines()
+        choice["fallback"] = ("Mitogen does not load: " + (err[-1] if err else f"rc {probe_rc}"))
+    return choice
+
+
+def strategy_env(choice):
+    """The environment that selects the strategy: explicit either way, so an operator's
+    ANSIBLE_STRATEGY never decides what a harness run measures."""
+    if choice and choice["used"] == MITOGEN_STRATEGY:
+        return {"ANSIBLE_STRATEGY_PLUGINS": choice["plugin_dir"],
+                "ANSIBLE_STRATEGY": MITOGEN_STRATEGY}
+    return {"ANSIBLE_STRATEGY": "linear"}
+
+
+def ansible_env(base_env, repo_root, run_dir, alias, strategy=None):
     env = dict(base_env)
+    env.pop("ANSIBLE_STRATEGY_PLUGINS", None)
+    env.update(strategy_env(strategy))
     env.update({
         "ANSIBLE_CONFIG": str(pathlib.Path(repo_root) / "ansible.cfg"),
         "ANSIBLE_CACHE_PLUGIN_CONNECTION": str(pathlib.Path(run_dir) / "facts"),
@@ -1984,6 +2035,8 @@ class Ctx:
     poll: float = DEFAULT_POLL
     max_vms: int = 1
     ssh_port: int = 22
+    strategy_request: str = "mitogen"
+    strategy: dict = None           # strategy_choice(), resolved once per process
     t0: float = dataclasses.field(default_factory=time.monotonic)
     bounds: dict = dataclasses.field(default_factory=dict)
     cmdlog: pathlib.Path = None
@@ -2001,6 +2054,11 @@ def ctx_from_env(environ, args):
     accel = getattr(args, "accel", None) or e.get("BOMA_IT_ACCEL") or "auto"
     if accel not in ACCEL_CHOICES:
         raise UsageError(f"BOMA_IT_ACCEL must be one of {', '.join(ACCEL_CHOICES)}, got {accel!r}")
+    strategy = (getattr(args, "strategy", None) or e.get("BOMA_IT_ANSIBLE_STRATEGY")
+                or "mitogen")
+    if strategy not in STRATEGY_CHOICES:
+        raise UsageError("BOMA_IT_ANSIBLE_STRATEGY must be one of "
+                         f"{', '.join(STRATEGY_CHOICES)}, got {strategy!r}")
     try:
         ctx = Ctx(
             repo=REPO_ROOT,
@@ -2008,7 +2066,7 @@ def ctx_from_env(environ, args):
             cache=pathlib.Path(e.get("BOMA_IT_CACHE", "/var/lib/boma-integration")),
             diag_root=pathlib.Path(e.get("BOMA_IT_DIAG_DIR",
                                          str(pathlib.Path.home() / "integration-runs"))),
-            uri=uri, environ=dict(e), accel_request=accel,
+            uri=uri, environ=dict(e), accel_request=accel, strategy_request=strategy,
             poll=float(e.get("BOMA_IT_POLL", DEFAULT_POLL)),
             max_vms=int(e.get("BOMA_IT_MAX_VMS", "1")),
             ssh_port=int(e.get("BOMA_IT_SSH_PORT", "22")),
@@ -2729,13 +2787,42 @@ def write_run_inventory(ctx, rs, groups, with_vault=False):
     return inv / "hosts.yml"
 
 
+def resolve_strategy(ctx, ansible_playbook):
+    """strategy_choice() for this process, probed once (a fraction of a second on the
+    controller) and announced once, fallback included."""
+    if ctx.strategy is not None:
+        return ctx.strategy
+    rc = out = err = None
+    if ctx.strategy_request == "mitogen":
+        try:
+            with open(shutil.which(ansible_playbook, path=ctx.environ.get("PATH"))
+                      or ansible_playbook, "rb") as f:
+                interp = script_interpreter(f.readline(256).decode("utf-8", "replace"))
+        except OSError:
+            interp = None
+        if interp:
+            try:
+                r = run([interp, "-c", MITOGEN_PROBE], timeout=60, cmdlog=ctx.cmdlog)
+                rc, out, err = r.returncode, r.stdout, r.stderr
+            except InfraError as e:     # the #! names an interpreter that is not there
+                rc, err = "missing", str(e)
+    ctx.strategy = strategy_choice(ctx.strategy_request, rc, out or "", err or "")
+    msg = f"strategy {ctx.strategy['used']}"
+    if ctx.strategy["fallback"]:
+        msg += f" (fallback from mitogen: {ctx.strategy['fallback']})"
+    progress(ctx, "ansible", msg)
+    return ctx.strategy
+
+
 def run_playbook(ctx, rs, profile, playbook, tags, certs, phase, timeout):
     """One ansible-playbook call against the VM only; returns (rc, output)."""
     real_secrets = certs in REAL_SECRET_TIERS
     inv = write_run_inventory(ctx, rs, profile["groups"], with_vault=real_secrets)
     assert_single_host_inventory(inv.read_text(), rs.domain)
+    ansible_playbook = find_ansible_playbook(ctx)
+    strategy = resolve_strategy(ctx, ansible_playbook)
     argv = ansible_playbook_argv(
-        find_ansible_playbook(ctx), inv, playbook, rs.domain, tags,
+        ansible_playbook, inv, playbook, rs.domain, tags,
         extra_vars_files(profile, certs, ctx.repo / "tests" / "integration",
                          ctx.repo / "tests" / "vault" / "test-values.yml"))
     if real_secrets:
@@ -2746,7 +2833,7 @@ def run_playbook(ctx, rs, profile, playbook, tags, certs, phase, timeout):
     log.parent.mkdir(parents=True, exist_ok=True)
     log.write_text(f"# {shlex.join(argv)}\n")
     r = run(argv, timeout=timeout, cwd=ctx.repo, stream_log=log, cmdlog=ctx.cmdlog,
-            env=ansible_env(ctx.environ, ctx.repo, rs.dir, rs.domain))
+            env=ansible_env(ctx.environ, ctx.repo, rs.dir, rs.domain, strategy))
     if r.timed_out:
         raise InfraError(phase, f"ansible-playbook {pathlib.Path(playbook).name} timed out "
                          f"after {timeout:.0f}s (log: {log})")
@@ -3337,6 +3424,8 @@ def finish_result(ctx, result, rs, junit=None, stream=None):
     result["finished_at"] = now_iso()
     result["total_seconds"] = round(time.monotonic() - ctx.t0, 1)
     result["phases"] = {k: round(v, 1) for k, v in phase_totals(result["phase_details"]).items()}
+    if ctx.strategy is not None:
+        result["ansible_strategy"] = ctx.strategy
     if rs is not None:
         result.update(vm=rs.name, domain=rs.domain, ip=rs.ip, accel=rs.data.get("accel"),
                       run_dir=str(rs.dir))
@@ -3880,6 +3969,7 @@ ENV_HELP = """environment:
   BOMA_IT_MIRROR            Debian mirror for image builds (default deb.debian.org)
   BOMA_IT_MAX_VMS           harness VMs allowed at once (default 1)
   BOMA_IT_ANSIBLE_PLAYBOOK  ansible-playbook to use (default: PATH, then .venv)
+  BOMA_IT_ANSIBLE_STRATEGY  mitogen (default) | default; --strategy wins
   BOMA_IT_TIMEOUT_<STAGE>   bound in seconds, e.g. BOMA_IT_TIMEOUT_DHCP_LEASE=300
   BOMA_IT_POLL              poll interval of bounded waits (default 2)
   BOMA_IT_IMAGE_URL         image to fetch with BOMA_IT_IMAGE_SOURCE=fetch
@@ -3921,6 +4011,10 @@ def build_parser():
     common.add_argument("--connect", metavar="URI", help="libvirt URI (env LIBVIRT_DEFAULT_URI)")
     common.add_argument("--accel", choices=ACCEL_CHOICES,
                         help="accelerator: auto probes KVM, falls back to TCG (env BOMA_IT_ACCEL)")
+    common.add_argument("--strategy", choices=STRATEGY_CHOICES,
+                        help="Ansible transport: mitogen (default; falls back to default "
+                             "when it cannot load) or default (ansible-core's linear) "
+                             "(env BOMA_IT_ANSIBLE_STRATEGY)")
 
     def run_opts(sp, host_required=False):
         sp.add_argument("--host", required=host_required,
