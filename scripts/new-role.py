@@ -135,13 +135,14 @@ def render_handlers(name):
     return f"""\
 ---
 # {name} handlers. One per service action, with a stable capitalised name and a
-# `listen:` topic; notify by the topic, not by the name. Example:
+# `listen:` topic `<role> <verb> <service>`; notify by the topic, not by the name
+# (tests/test_role_conventions.py checks both). Example:
 #
 # - name: Restart example
 #   ansible.builtin.systemd_service:
 #     name: example.service
 #     state: restarted
-#   listen: restart example
+#   listen: {name} restart example
 []
 """
 
