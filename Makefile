@@ -33,6 +33,9 @@ ALLOW_PROD_CERTS ?=
 IT_FLAGS       = $(if $(CERTS),--certs $(CERTS)) $(if $(KEEP),--keep) $(if $(ALLOW_PROD_CERTS),--allow-prod-certs)
 SANDBOX       ?= auto
 ROLES         := $(notdir $(wildcard roles/*))
+# Every shell script: shellcheck reads them in `make lint` (ruff.toml says which Python).
+SHELL_SCRIPTS := .ci/run scripts/it-run scripts/it-leftovers $(wildcard scripts/*.sh) \
+                 $(wildcard roles/*/files/*.sh)
 VENV_STAMP    := $(VENV)/.installed-$(shell sha256sum requirements.txt | cut -c1-12)
 export PATH   := $(CURDIR)/$(VENV)/bin:$(PATH)
 export ANSIBLE_CONFIG := $(CURDIR)/ansible.cfg
@@ -52,10 +55,14 @@ $(VENV_STAMP): requirements.txt
 
 venv: $(VENV_STAMP) ## Create .venv with the pinned tools (re-runs when requirements.txt changes)
 
-lint: venv ## yamllint + ansible-lint (production profile) + tag vocabulary check
+lint: venv ## yamllint, ansible-lint (production profile), tag vocabulary, ruff (lint + format), shellcheck
 	$(VENV)/bin/yamllint -s .
 	$(VENV)/bin/ansible-lint
 	$(VENV)/bin/python scripts/check-tags.py
+	$(VENV)/bin/ruff check
+	$(VENV)/bin/ruff format --check
+	@command -v shellcheck >/dev/null || { echo "lint: shellcheck is missing: apt-get install shellcheck" >&2; exit 3; }
+	shellcheck $(SHELL_SCRIPTS)
 
 test-unit: venv ## pytest unit tests (no hypervisor, no Docker)
 	$(VENV)/bin/pytest -q tests

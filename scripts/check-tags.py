@@ -8,6 +8,7 @@ roles/*/tasks/*.yml, roles/*/handlers/*.yml and playbooks/*.yml.
 Exit codes: 0 every tag is known, 1 unknown tags (one line each, `path:line: ...`),
 2 the vocabulary or a scanned file cannot be read.
 """
+
 import argparse
 import pathlib
 import sys
@@ -152,10 +153,18 @@ def collect(root, vocabulary_path):
 
 def main(argv=None):
     parser = argparse.ArgumentParser(prog="check-tags", description=__doc__.splitlines()[0])
-    parser.add_argument("--root", type=pathlib.Path, default=REPO_ROOT,
-                        help="repository root to scan (default: this script's repo)")
-    parser.add_argument("--vocabulary", type=pathlib.Path, default=None,
-                        help=f"tag vocabulary file (default: ROOT/{VOCABULARY})")
+    parser.add_argument(
+        "--root",
+        type=pathlib.Path,
+        default=REPO_ROOT,
+        help="repository root to scan (default: this script's repo)",
+    )
+    parser.add_argument(
+        "--vocabulary",
+        type=pathlib.Path,
+        default=None,
+        help=f"tag vocabulary file (default: ROOT/{VOCABULARY})",
+    )
     args = parser.parse_args(argv)
     vocabulary = args.vocabulary or args.root / VOCABULARY
     try:

@@ -14,6 +14,7 @@ half-made role behind.
 Exit codes: 0 scaffolded; 2 invalid name, or the role already exists (one line on
 stderr, nothing written); 3 the files could not be written.
 """
+
 import argparse
 import os
 import pathlib
@@ -55,8 +56,10 @@ class UsageError(Exception):
 def check_name(name):
     """Raise UsageError unless `name` is a valid role name (and Ansible variable prefix)."""
     if not NAME_RE.match(name or ""):
-        raise UsageError(f"invalid role name {name!r}: it must match {NAME_RE.pattern} "
-                         "(lower-case letters, digits and _, starting with a letter)")
+        raise UsageError(
+            f"invalid role name {name!r}: it must match {NAME_RE.pattern} "
+            "(lower-case letters, digits and _, starting with a letter)"
+        )
 
 
 def platform_name(name):
@@ -110,7 +113,7 @@ galaxy_info:
         - bookworm
         - trixie
   galaxy_tags:
-    - {name.replace('_', '')}
+    - {name.replace("_", "")}
 dependencies: []
 """
 
@@ -132,13 +135,14 @@ def render_handlers(name):
     return f"""\
 ---
 # {name} handlers. One per service action, with a stable capitalised name and a
-# `listen:` topic; notify by the topic, not by the name. Example:
+# `listen:` topic `<role> <verb> <service>`; notify by the topic, not by the name
+# (tests/test_role_conventions.py checks both). Example:
 #
 # - name: Restart example
 #   ansible.builtin.systemd_service:
 #     name: example.service
 #     state: restarted
-#   listen: restart example
+#   listen: {name} restart example
 []
 """
 
@@ -313,11 +317,17 @@ def write_role(roles_dir, name):
 
 def main(argv=None):
     parser = argparse.ArgumentParser(
-        prog="new-role", description=__doc__.split("\n\n")[0],
-        epilog="exit codes: 0 scaffolded, 2 invalid name or existing role, 3 write error")
+        prog="new-role",
+        description=__doc__.split("\n\n")[0],
+        epilog="exit codes: 0 scaffolded, 2 invalid name or existing role, 3 write error",
+    )
     parser.add_argument("name", help="role name: ^[a-z][a-z0-9_]*$ (it prefixes every input)")
-    parser.add_argument("--roles-dir", type=pathlib.Path, default=ROLES_DIR,
-                        help=f"where to create the role (default {ROLES_DIR})")
+    parser.add_argument(
+        "--roles-dir",
+        type=pathlib.Path,
+        default=ROLES_DIR,
+        help=f"where to create the role (default {ROLES_DIR})",
+    )
     args = parser.parse_args(argv)
     try:
         dest = write_role(args.roles_dir, args.name)
@@ -331,9 +341,11 @@ def main(argv=None):
         shown = dest.relative_to(pathlib.Path.cwd())
     except ValueError:
         shown = dest
-    print(f"new-role: created {shown}/ — next: fill in defaults/main.yml, "
-          f"meta/argument_specs.yml, tasks/main.yml and README.md, then "
-          f"`make test` and `make test-role ROLE={args.name}`")
+    print(
+        f"new-role: created {shown}/ — next: fill in defaults/main.yml, "
+        f"meta/argument_specs.yml, tasks/main.yml and README.md, then "
+        f"`make test` and `make test-role ROLE={args.name}`"
+    )
     return EXIT_OK
 
 

@@ -17,7 +17,6 @@ import pathlib
 import subprocess
 import sys
 
-import pytest
 from ansible.parsing.dataloader import DataLoader
 from ansible.template import Templar, trust_as_template
 
@@ -35,7 +34,9 @@ HEADER = "#\n# Ansible managed\n#\n"
 def load_vars(production=True, **overrides):
     """Role defaults (+ production group_vars) + fake vault values + overrides."""
     loader = DataLoader()
-    variables = dict(loader.load_from_file(str(ROLE / "defaults" / "main.yml"), trusted_as_template=True))
+    variables = dict(
+        loader.load_from_file(str(ROLE / "defaults" / "main.yml"), trusted_as_template=True)
+    )
     if production:
         variables.update(loader.load_from_file(str(PRODUCTION_VARS), trusted_as_template=True))
     variables.update(loader.load_from_file(str(TEST_VAULT), trusted_as_template=True))
@@ -220,16 +221,32 @@ def test_real_template_module_matches_golden(tmp_path):
     env = dict(os.environ, ANSIBLE_CONFIG=str(REPO / "ansible.cfg"), ANSIBLE_GATHERING="explicit")
     proc = subprocess.run(
         [
-            str(ansible), "localhost", "-i", "localhost,", "-c", "local",
-            "-e", f"@{ROLE / 'defaults' / 'main.yml'}",
-            "-e", f"@{PRODUCTION_VARS}",
-            "-e", f"@{TEST_VAULT}",
-            "-e", f"ansible_managed='{ANSIBLE_MANAGED}'",
-            "-e", f"ansible_python_interpreter={sys.executable}",
-            "-m", "ansible.builtin.template",
-            "-a", f"src={TEMPLATES / 'Caddyfile.j2'} dest={dest}",
+            str(ansible),
+            "localhost",
+            "-i",
+            "localhost,",
+            "-c",
+            "local",
+            "-e",
+            f"@{ROLE / 'defaults' / 'main.yml'}",
+            "-e",
+            f"@{PRODUCTION_VARS}",
+            "-e",
+            f"@{TEST_VAULT}",
+            "-e",
+            f"ansible_managed='{ANSIBLE_MANAGED}'",
+            "-e",
+            f"ansible_python_interpreter={sys.executable}",
+            "-m",
+            "ansible.builtin.template",
+            "-a",
+            f"src={TEMPLATES / 'Caddyfile.j2'} dest={dest}",
         ],
-        cwd=REPO, env=env, capture_output=True, text=True, timeout=120,
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
     )
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert dest.read_bytes() == GOLDEN.read_bytes()

@@ -20,7 +20,10 @@ def _write(root, relpath, text):
 def _tree(root):
     """A small clean repo: one role, one playbook, every tag known."""
     _write(root, "tests/tags.yml", VOCABULARY)
-    _write(root, "roles/base/tasks/main.yml", """\
+    _write(
+        root,
+        "roles/base/tasks/main.yml",
+        """\
         ---
         - name: Refuse a lockout
           ansible.builtin.import_tasks: preflight.yml
@@ -36,22 +39,31 @@ def _tree(root):
                 src: a.j2
                 dest: /b
               tags: [firewall]
-        """)
-    _write(root, "roles/base/handlers/main.yml", """\
+        """,
+    )
+    _write(
+        root,
+        "roles/base/handlers/main.yml",
+        """\
         ---
         - name: Reload nftables
           ansible.builtin.command: nft -f /etc/nftables.conf
           listen: reload nftables
           tags: [firewall]
-        """)
-    _write(root, "playbooks/site.yml", """\
+        """,
+    )
+    _write(
+        root,
+        "playbooks/site.yml",
+        """\
         ---
         - name: Baseline
           hosts: all
           roles:
             - role: base
               tags: [base]
-        """)
+        """,
+    )
     return root
 
 
@@ -63,13 +75,20 @@ def test_clean_tree_passes(tmp_path, capsys):
 
 def test_role_names_are_allowed_implicitly(tmp_path):
     _tree(tmp_path)
-    _write(tmp_path, "roles/docker_host/tasks/main.yml", "---\n- name: X\n  ansible.builtin.debug:\n  tags: [base]\n")
+    _write(
+        tmp_path,
+        "roles/docker_host/tasks/main.yml",
+        "---\n- name: X\n  ansible.builtin.debug:\n  tags: [base]\n",
+    )
     assert check_tags.main(["--root", str(tmp_path)]) == 0
 
 
 def test_offending_tags_are_reported_one_line_each(tmp_path, capsys):
     _tree(tmp_path)
-    _write(tmp_path, "roles/base/tasks/extra.yml", """\
+    _write(
+        tmp_path,
+        "roles/base/tasks/extra.yml",
+        """\
         ---
         - name: Do a thing
           ansible.builtin.debug:
@@ -82,8 +101,12 @@ def test_offending_tags_are_reported_one_line_each(tmp_path, capsys):
             - name: Rescued
               ansible.builtin.debug:
               tags: "firewall,netfilter"
-        """)
-    _write(tmp_path, "playbooks/offsite.yml", """\
+        """,
+    )
+    _write(
+        tmp_path,
+        "playbooks/offsite.yml",
+        """\
         ---
         - name: Offsite
           hosts: offsite_hosts
@@ -91,7 +114,8 @@ def test_offending_tags_are_reported_one_line_each(tmp_path, capsys):
           roles:
             - role: base
               tags: [reverse-proxy]
-        """)
+        """,
+    )
     assert check_tags.main(["--root", str(tmp_path)]) == 1
     lines = capsys.readouterr().out.splitlines()
     assert len(lines) == 4
@@ -103,27 +127,35 @@ def test_offending_tags_are_reported_one_line_each(tmp_path, capsys):
 
 def test_include_role_apply_tags_are_checked(tmp_path, capsys):
     _tree(tmp_path)
-    _write(tmp_path, "roles/base/tasks/inc.yml", """\
+    _write(
+        tmp_path,
+        "roles/base/tasks/inc.yml",
+        """\
         ---
         - name: Include another role
           ansible.builtin.include_role:
             name: base
             apply:
               tags: [bogus]
-        """)
+        """,
+    )
     assert check_tags.main(["--root", str(tmp_path)]) == 1
     assert "tag 'bogus'" in capsys.readouterr().out
 
 
 def test_module_tags_mapping_is_not_a_tag(tmp_path):
     _tree(tmp_path)
-    _write(tmp_path, "roles/base/tasks/cloud.yml", """\
+    _write(
+        tmp_path,
+        "roles/base/tasks/cloud.yml",
+        """\
         ---
         - name: A module with its own tags argument
           some.collection.instance:
             tags:
               Name: web
-        """)
+        """,
+    )
     assert check_tags.main(["--root", str(tmp_path)]) == 0
 
 
@@ -132,7 +164,9 @@ def test_unparsable_yaml_is_one_line_and_exit_2(tmp_path, capsys):
     _write(tmp_path, "playbooks/broken.yml", "- name: x\n  tags: [a\n")
     assert check_tags.main(["--root", str(tmp_path)]) == 2
     err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and err[0].startswith("check-tags: playbooks/broken.yml: cannot parse YAML")
+    assert len(err) == 1 and err[0].startswith(
+        "check-tags: playbooks/broken.yml: cannot parse YAML"
+    )
 
 
 def test_missing_vocabulary_is_exit_2(tmp_path, capsys):

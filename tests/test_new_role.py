@@ -1,4 +1,5 @@
 """scripts/new-role.py: `make new-role NAME=x` scaffolds a role in house style."""
+
 import importlib.util
 import pathlib
 
@@ -118,8 +119,9 @@ def test_molecule_platform_is_bases_with_a_unique_name(scaffold):
     (platform,) = mine["platforms"]
     (base_platform,) = base["platforms"]
     assert platform["name"] == "tmp-probe-debian13"
-    assert {k: v for k, v in platform.items() if k != "name"} == \
-        {k: v for k, v in base_platform.items() if k != "name"}
+    assert {k: v for k, v in platform.items() if k != "name"} == {
+        k: v for k, v in base_platform.items() if k != "name"
+    }
     assert mine["driver"] == base["driver"]
     assert mine["scenario"] == base["scenario"]
     assert mine["ansible"] == base["ansible"]

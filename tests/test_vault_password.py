@@ -96,7 +96,9 @@ class _VaultLoader(yaml.SafeLoader):
     """SafeLoader that reads inline `!vault |` values as their ciphertext."""
 
 
-_VaultLoader.add_constructor("!vault", lambda loader, node: ("!vault", loader.construct_scalar(node)))
+_VaultLoader.add_constructor(
+    "!vault", lambda loader, node: ("!vault", loader.construct_scalar(node))
+)
 
 
 def production_vault():
@@ -108,7 +110,9 @@ def test_production_vault_values_are_encrypted_for_vault_id_prod():
     assert vault, "vault.yml holds no variable"
     for name, value in vault.items():
         assert name.startswith("vault_"), name
-        assert isinstance(value, tuple) and value[0] == "!vault", f"{name} is not an inline !vault value"
+        assert isinstance(value, tuple) and value[0] == "!vault", (
+            f"{name} is not an inline !vault value"
+        )
         assert value[1].splitlines()[0] == "$ANSIBLE_VAULT;1.2;AES256;prod", name
 
 
@@ -134,7 +138,9 @@ def test_every_vault_variable_in_use_has_a_test_value():
                 continue
             used |= set(re.findall(r"\bvault_[a-z0-9_]+\b", path.read_text(errors="replace")))
     assert used, "no vault_* variable referenced anywhere: did the naming change?"
-    assert used <= test_values, f"missing from tests/vault/test-values.yml: {sorted(used - test_values)}"
+    assert used <= test_values, (
+        f"missing from tests/vault/test-values.yml: {sorted(used - test_values)}"
+    )
 
 
 def test_script_is_executable():

@@ -11,6 +11,7 @@ the right reason: the published :443 is dead from the controller and the forward
 pure policy drop, which the diagnostics bundle shows. If RED passes, the harness is not
 faithful: fix the harness, not this test.
 """
+
 import json
 import os
 import pathlib
@@ -33,8 +34,13 @@ pytestmark = pytest.mark.vm
 
 
 def run_driver(*args):
-    return subprocess.run([sys.executable, str(DRIVER), *args], cwd=REPO,
-                          timeout=CYCLE_TIMEOUT_S, text=True, capture_output=True)
+    return subprocess.run(
+        [sys.executable, str(DRIVER), *args],
+        cwd=REPO,
+        timeout=CYCLE_TIMEOUT_S,
+        text=True,
+        capture_output=True,
+    )
 
 
 def newest_result(host):
@@ -67,8 +73,9 @@ def test_green_host_survives_reboot():
     assert diff["unexpected"] == [], diff
     after = forward_chain((pathlib.Path(diff["dir"]) / "after" / "nft-ruleset.txt").read_text())
     assert "policy drop" in after and 'iifname "docker0" accept' in after, after
-    listed = subprocess.run(["virsh", "list", "--all", "--name"], text=True,
-                            capture_output=True, timeout=30).stdout.split()
+    listed = subprocess.run(
+        ["virsh", "list", "--all", "--name"], text=True, capture_output=True, timeout=30
+    ).stdout.split()
     assert result["vm"] not in listed, "a passing cycle must destroy its VM"
 
 
@@ -77,7 +84,8 @@ def test_red_regression_fails_for_the_right_reason():
     sys.stderr.write(proc.stderr[-4000:])
     assert proc.returncode == 1, (
         f"the regression profile must fail verify (exit 1), got {proc.returncode}: "
-        "if it passed, the harness does not reproduce the 2026-06-17 incident")
+        "if it passed, the harness does not reproduce the 2026-06-17 incident"
+    )
     result = newest_result(f"{HOST}-regression")
     assert result["verdict"] == "fail"
     assert result["failed_stage"] == "verify"
@@ -85,8 +93,12 @@ def test_red_regression_fails_for_the_right_reason():
     assert "published :443 answers from the controller" in failures
     assert "forward chain admits container traffic" in failures
     # Nothing else may be broken: the reason is the forward chain, not a dead host.
-    for healthy in ("nftables enabled and active", "docker enabled and active",
-                    "caddy container running", "forward chain still default-deny"):
+    for healthy in (
+        "nftables enabled and active",
+        "docker enabled and active",
+        "caddy container running",
+        "forward chain still default-deny",
+    ):
         assert healthy not in failures, f"unexpected failure: {healthy}"
     diag = pathlib.Path(result["diagnostics"])
     chain = forward_chain((diag / "nft-ruleset.txt").read_text())

@@ -21,7 +21,7 @@ set -euo pipefail
 
 die() { echo "build-caddy-image: $2" >&2; exit "$1"; }
 
-[ $# -ge 1 ] && [ $# -le 2 ] || die 2 "usage: build-caddy-image.sh IMAGE:TAG [CADDY_VERSION]"
+{ [ $# -ge 1 ] && [ $# -le 2 ]; } || die 2 "usage: build-caddy-image.sh IMAGE:TAG [CADDY_VERSION]"
 ref="$1"
 version="${2:-}"
 
@@ -62,7 +62,7 @@ chmod 1777 "$root/tmp"
 install -m 0755 pkg/usr/bin/caddy "$root/usr/bin/caddy"
 # busybox is static: one file, plus a symlink per applet it lists (sh, cat, ls, wget...).
 install -m 0755 "$busybox" "$root/bin/busybox"
-applets=$("$root/bin/busybox" --list) && [ -n "$applets" ] || die 4 "busybox --list failed"
+{ applets=$("$root/bin/busybox" --list) && [ -n "$applets" ]; } || die 4 "busybox --list failed"
 for applet in $applets; do
   [ -e "$root/bin/$applet" ] || ln -s busybox "$root/bin/$applet"
 done
