@@ -58,6 +58,13 @@ NET_XML = """<network>
 </network>
 """
 NAME_PREFIX = "boma-it-"
+# A run's overlay and NoCloud seed (the guest's private host key; for le-* tiers the
+# overlay holds the Gandi token), their checkpoint copies and memory images: root only.
+# libvirt's DAC driver (dynamic_ownership, on by default) chowns a disk to the QEMU user
+# (Debian: libvirt-qemu) while its domain runs; the cache dir is root:libvirt 2775, so a
+# group-readable file would be readable by every member of libvirt.
+DISK_MODE = 0o600
+FROZEN_DISK_MODE = 0o400        # a checkpoint's disk and seed: read-only backing files
 INTEG_DIR = REPO_ROOT / "tests" / "integration"
 RUN_DIR = pathlib.Path(os.environ.get("BOMA_IT_RUN_DIR", str(INTEG_DIR / ".run")))
 DIAG_ROOT = pathlib.Path(os.environ.get("BOMA_IT_DIAG_DIR",
@@ -2560,12 +2567,14 @@ def create_run(ctx, profile, certs, accel, image, holder):
         host_key_public=host_pub))
     (rs.dir / "meta-data").write_text(render_meta_data(f"iid-{name}", name))
     overlay, seed = rs.disk_dir / "overlay.qcow2", rs.disk_dir / "seed.img"
+    os.chmod(rs.disk_dir, 0o700)  # until the seed (a private key) is root-only
     run(qemu_img_overlay_argv(image.disk, overlay), timeout=60, check=True, stage="boot",
         cmdlog=ctx.cmdlog)
     run(cloud_localds_argv(seed, rs.dir / "user-data", rs.dir / "meta-data"), timeout=60,
         check=True, stage="boot", cmdlog=ctx.cmdlog)
     for p in (overlay, seed):
-        os.chmod(p, 0o644)
+        os.chmod(p, DISK_MODE)
+    os.chmod(rs.disk_dir, 0o755)  # QEMU (not root) opens the disks by path
     osinfo = osinfo_for(ctx)
     xml = run(virt_install_argv(
         ctx.uri, name, profile["mem_mib"], profile["vcpus"], overlay, seed, data["mac"],
@@ -3088,7 +3097,7 @@ def take_checkpoint(ctx, rs, stage, key, parent, result=None):
         if d.exists():
             shutil.rmtree(d)
         d.mkdir(parents=True)
-        os.chmod(d, 0o755)
+        os.chmod(d, 0o700)  # until the seed copy and the memory image are root-only
         r = virsh(ctx, "save", rs.domain, d / "memory.save", "--running",
                   timeout=ctx.bounds["checkpoint"], stage="checkpoint")
         if r.returncode != 0:  # libvirt aborts a failed save and the guest runs on
@@ -3098,22 +3107,24 @@ def take_checkpoint(ctx, rs, stage, key, parent, result=None):
             return None
         moved = False
         try:
+            os.chmod(d / "memory.save", DISK_MODE)
             xml = virsh(ctx, "save-image-dumpxml", d / "memory.save", check=True,
                         stage="checkpoint").stdout
             (d / "domain.xml").write_text(xml)
             seed = re.search(r"<source file='([^']*seed\.img)'", xml)
             shutil.copyfile(seed.group(1) if seed else rs.disk_dir / "seed.img", d / "seed.img")
             copy_run_keys(rs.dir, d)
-            os.chmod(d / "seed.img", 0o444)
+            os.chmod(d / "seed.img", FROZEN_DISK_MODE)
             os.replace(overlay, d / "disk.qcow2")
             moved = True
             # From here the run's disk reads this checkpoint: gc must leave it alone.
             rs.data.setdefault("checkpoints_read", []).append(key)
             rs.save()
-            os.chmod(d / "disk.qcow2", 0o444)
+            os.chmod(d / "disk.qcow2", FROZEN_DISK_MODE)
+            os.chmod(d, 0o755)  # QEMU opens disk.qcow2 as the run's backing file
             run(qemu_img_overlay_argv(d / "disk.qcow2", overlay), timeout=60, check=True,
                 stage="checkpoint", cmdlog=ctx.cmdlog)
-            os.chmod(overlay, 0o644)
+            os.chmod(overlay, DISK_MODE)
         except (HarnessError, OSError) as e:
             if moved:
                 raise InfraError("checkpoint", f"{stage}: {e}") from None
@@ -3169,7 +3180,7 @@ def resume_run(ctx, profile, certs, manifest, chain_keys, holder):
     overlay = rs.disk_dir / "overlay.qcow2"
     run(qemu_img_overlay_argv(ck / "disk.qcow2", overlay), timeout=60, check=True,
         stage="resume", cmdlog=ctx.cmdlog)
-    os.chmod(overlay, 0o644)
+    os.chmod(overlay, DISK_MODE)
     xml = rewrite_restore_xml(
         (ck / "domain.xml").read_text(), overlay, ck / "seed.img", rs.console_log,
         render_metadata_xml(data["created_at"] + "/" + name, data["created_at"], host,
