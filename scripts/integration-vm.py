@@ -662,6 +662,27 @@ def parse_name_list(text):
     return [ln.strip() for ln in (text or "").splitlines() if ln.strip()]
 
 
+def parse_pool_target(pool_xml):
+    """A storage pool's target directory from `virsh pool-dumpxml`, or None."""
+    m = re.search(r"<target>\s*<path>([^<]+)</path>", pool_xml or "")
+    return m.group(1).strip() if m else None
+
+
+def path_under(path, root):
+    """path is root or below it, compared as normalised strings (path may not exist)."""
+    path, root = os.path.normpath(str(path)), os.path.normpath(str(root))
+    return path == root or path.startswith(root.rstrip("/") + "/")
+
+
+def is_harness_pool(name, target, cache_roots, target_exists):
+    """A pool the harness (or virt-install on its behalf) made: its directory is under the
+    cache, or it carries the run-name prefix and points at a directory that is gone (what
+    earlier versions left, one per run). A foreign pool with live content is never ours."""
+    if target and any(path_under(target, r) for r in cache_roots):
+        return True
+    return name.startswith(NAME_PREFIX) and (not target or not target_exists)
+
+
 # ---- ansible output ---------------------------------------------------------------
 _RECAP = re.compile(r"^(\S+)\s*:\s*ok=(\d+)\s+changed=(\d+)\s+unreachable=(\d+)\s+failed=(\d+)"
                     r"(?:\s+skipped=(\d+))?(?:\s+rescued=(\d+))?(?:\s+ignored=(\d+))?",
@@ -2576,11 +2597,12 @@ def create_run(ctx, profile, certs, accel, image, holder):
         os.chmod(p, DISK_MODE)
     os.chmod(rs.disk_dir, 0o755)  # QEMU (not root) opens the disks by path
     osinfo = osinfo_for(ctx)
-    xml = run(virt_install_argv(
-        ctx.uri, name, profile["mem_mib"], profile["vcpus"], overlay, seed, data["mac"],
-        rs.console_log, "kvm" if accel == "kvm" else "qemu", osinfo,
-        kernel=image.kernel, initrd=image.initrd), timeout=120, check=True, stage="boot",
-        cmdlog=ctx.cmdlog).stdout
+    with transient_pool(ctx, name, rs.disk_dir):
+        xml = run(virt_install_argv(
+            ctx.uri, name, profile["mem_mib"], profile["vcpus"], overlay, seed, data["mac"],
+            rs.console_log, "kvm" if accel == "kvm" else "qemu", osinfo,
+            kernel=image.kernel, initrd=image.initrd), timeout=120, check=True, stage="boot",
+            cmdlog=ctx.cmdlog).stdout
     if domain_name_from_xml(xml) != name:
         raise InfraError("boot", "virt-install --print-xml returned XML for another domain")
     xml = add_domain_metadata(xml, render_metadata_xml(
@@ -3265,6 +3287,41 @@ def collect_diagnostics(ctx, rs, reason):
     return d
 
 
+# ---- storage pools (issue 12) ----------------------------------------------------------
+@contextlib.contextmanager
+def transient_pool(ctx, name, directory):
+    """virt-install defines a persistent, autostarted storage pool for a disk's directory
+    unless a pool already holds it (virtinst's diskbackend.manage_path, even with
+    --print-xml): lend it a transient one, destroyed (and so gone) once the XML is out. The
+    domain names its disks by path, not by pool. A transient pool also dies with libvirtd."""
+    virsh(ctx, "pool-create-as", name, "dir", "--target", directory, check=True, stage="boot")
+    try:
+        yield
+    finally:
+        virsh(ctx, "pool-destroy", name)
+
+
+def harness_pools(ctx):
+    """[(name, target)] of every storage pool the harness made (is_harness_pool)."""
+    r = virsh(ctx, "pool-list", "--all", "--name")
+    if r.returncode != 0:
+        return []
+    roots = {str(ctx.cache), str(ctx.cache.resolve())}
+    found = []
+    for name in parse_name_list(r.stdout):
+        x = virsh(ctx, "pool-dumpxml", name)
+        target = parse_pool_target(x.stdout) if x.returncode == 0 else None
+        if is_harness_pool(name, target, roots, bool(target) and os.path.isdir(target)):
+            found.append((name, target))
+    return found
+
+
+def remove_pool(ctx, name):
+    """Stop and forget a pool (and its autostart link). Never deletes its files."""
+    virsh(ctx, "pool-destroy", name)
+    virsh(ctx, "pool-undefine", name)
+
+
 # ---- teardown -------------------------------------------------------------------------
 def destroy_domain(ctx, name, expect_run_id=None):
     """Destroy+undefine a domain IF it carries our metadata. Idempotent."""
@@ -3730,6 +3787,9 @@ def cmd_prune(ctx, args):
     for name in owned:
         destroy_domain(ctx, name)
         print(f"integration-vm: pruned domain {name}")
+    for name, target in harness_pools(ctx):
+        remove_pool(ctx, name)
+        print(f"integration-vm: pruned storage pool {name} ({target})")
     runs_disk = ctx.cache / "runs"
     if runs_disk.is_dir():
         for d in runs_disk.iterdir():
@@ -3782,6 +3842,9 @@ def cmd_status(ctx, args):
         profile = meta.get("profile") or (rs.data.get("host") if rs else "?")
         print(f"{name:<36} {state:<10} {profile:<20} {_age(created):>5}  "
               f"{(rs.ip if rs else '') or '-'}")
+    for name, target in harness_pools(ctx):
+        print(f"storage pool {name}: {target} (left over; make test-integration-clean "
+              "removes it)")
     for d in sorted((ctx.cache / "images").glob("*/manifest.json")):
         try:
             m = json.loads(d.read_text())
