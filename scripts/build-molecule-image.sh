@@ -22,7 +22,7 @@ packages="systemd,systemd-sysv,dbus,python3,python3-apt,sudo,ca-certificates,ipr
 command -v mmdebstrap >/dev/null || { echo "build-molecule-image: mmdebstrap missing (apt-get install mmdebstrap)" >&2; exit 3; }
 docker info >/dev/null 2>&1 || { echo "build-molecule-image: no Docker engine answers (start dockerd)" >&2; exit 3; }
 
-key=$(cat "$0" | sha256sum | cut -c1-12)
+key=$(sha256sum <"$0" | cut -c1-12)
 tag="${image}:${suite}-${key}"
 if docker image inspect "$tag" >/dev/null 2>&1; then
   docker tag "$tag" "${image}:latest"
@@ -38,6 +38,8 @@ echo "building ${tag} from ${mirror} (${suite})" >&2
 # --skip=cleanup/apt/lists: keep the package lists, so a role's apt task with
 # cache_valid_time finds packages without an update (an empty lists dir with a fresh
 # mtime would make apt skip the update and find nothing).
+# The hooks' "$1" (the rootfs) is mmdebstrap's to expand, not ours.
+# shellcheck disable=SC2016
 mmdebstrap --variant=minbase --include="$packages" --skip=cleanup/apt/lists \
   --customize-hook='rm -f "$1"/etc/machine-id; touch "$1"/etc/machine-id' \
   --customize-hook='chroot "$1" systemctl mask systemd-remount-fs.service getty@tty1.service console-getty.service' \
