@@ -58,6 +58,13 @@ NET_XML = """<network>
 </network>
 """
 NAME_PREFIX = "boma-it-"
+# A run's overlay and NoCloud seed (the guest's private host key; for le-* tiers the
+# overlay holds the Gandi token), their checkpoint copies and memory images: root only.
+# libvirt's DAC driver (dynamic_ownership, on by default) chowns a disk to the QEMU user
+# (Debian: libvirt-qemu) while its domain runs; the cache dir is root:libvirt 2775, so a
+# group-readable file would be readable by every member of libvirt.
+DISK_MODE = 0o600
+FROZEN_DISK_MODE = 0o400        # a checkpoint's disk and seed: read-only backing files
 INTEG_DIR = REPO_ROOT / "tests" / "integration"
 RUN_DIR = pathlib.Path(os.environ.get("BOMA_IT_RUN_DIR", str(INTEG_DIR / ".run")))
 DIAG_ROOT = pathlib.Path(os.environ.get("BOMA_IT_DIAG_DIR",
@@ -704,6 +711,27 @@ def parse_net_info(text):
 
 def parse_name_list(text):
     return [ln.strip() for ln in (text or "").splitlines() if ln.strip()]
+
+
+def parse_pool_target(pool_xml):
+    """A storage pool's target directory from `virsh pool-dumpxml`, or None."""
+    m = re.search(r"<target>\s*<path>([^<]+)</path>", pool_xml or "")
+    return m.group(1).strip() if m else None
+
+
+def path_under(path, root):
+    """path is root or below it, compared as normalised strings (path may not exist)."""
+    path, root = os.path.normpath(str(path)), os.path.normpath(str(root))
+    return path == root or path.startswith(root.rstrip("/") + "/")
+
+
+def is_harness_pool(name, target, cache_roots, target_exists):
+    """A pool the harness (or virt-install on its behalf) made: its directory is under the
+    cache, or it carries the run-name prefix and points at a directory that is gone (what
+    earlier versions left, one per run). A foreign pool with live content is never ours."""
+    if target and any(path_under(target, r) for r in cache_roots):
+        return True
+    return name.startswith(NAME_PREFIX) and (not target or not target_exists)
 
 
 # ---- ansible output ---------------------------------------------------------------
@@ -2618,18 +2646,21 @@ def create_run(ctx, profile, certs, accel, image, holder):
         host_key_public=host_pub))
     (rs.dir / "meta-data").write_text(render_meta_data(f"iid-{name}", name))
     overlay, seed = rs.disk_dir / "overlay.qcow2", rs.disk_dir / "seed.img"
+    os.chmod(rs.disk_dir, 0o700)  # until the seed (a private key) is root-only
     run(qemu_img_overlay_argv(image.disk, overlay), timeout=60, check=True, stage="boot",
         cmdlog=ctx.cmdlog)
     run(cloud_localds_argv(seed, rs.dir / "user-data", rs.dir / "meta-data"), timeout=60,
         check=True, stage="boot", cmdlog=ctx.cmdlog)
     for p in (overlay, seed):
-        os.chmod(p, 0o644)
+        os.chmod(p, DISK_MODE)
+    os.chmod(rs.disk_dir, 0o755)  # QEMU (not root) opens the disks by path
     osinfo = osinfo_for(ctx)
-    xml = run(virt_install_argv(
-        ctx.uri, name, profile["mem_mib"], profile["vcpus"], overlay, seed, data["mac"],
-        rs.console_log, "kvm" if accel == "kvm" else "qemu", osinfo,
-        kernel=image.kernel, initrd=image.initrd), timeout=120, check=True, stage="boot",
-        cmdlog=ctx.cmdlog).stdout
+    with transient_pool(ctx, name, rs.disk_dir):
+        xml = run(virt_install_argv(
+            ctx.uri, name, profile["mem_mib"], profile["vcpus"], overlay, seed, data["mac"],
+            rs.console_log, "kvm" if accel == "kvm" else "qemu", osinfo,
+            kernel=image.kernel, initrd=image.initrd), timeout=120, check=True, stage="boot",
+            cmdlog=ctx.cmdlog).stdout
     if domain_name_from_xml(xml) != name:
         raise InfraError("boot", "virt-install --print-xml returned XML for another domain")
     xml = add_domain_metadata(xml, render_metadata_xml(
@@ -3175,7 +3206,7 @@ def take_checkpoint(ctx, rs, stage, key, parent, result=None):
         if d.exists():
             shutil.rmtree(d)
         d.mkdir(parents=True)
-        os.chmod(d, 0o755)
+        os.chmod(d, 0o700)  # until the seed copy and the memory image are root-only
         r = virsh(ctx, "save", rs.domain, d / "memory.save", "--running",
                   timeout=ctx.bounds["checkpoint"], stage="checkpoint")
         if r.returncode != 0:  # libvirt aborts a failed save and the guest runs on
@@ -3185,22 +3216,24 @@ def take_checkpoint(ctx, rs, stage, key, parent, result=None):
             return None
         moved = False
         try:
+            os.chmod(d / "memory.save", DISK_MODE)
             xml = virsh(ctx, "save-image-dumpxml", d / "memory.save", check=True,
                         stage="checkpoint").stdout
             (d / "domain.xml").write_text(xml)
             seed = re.search(r"<source file='([^']*seed\.img)'", xml)
             shutil.copyfile(seed.group(1) if seed else rs.disk_dir / "seed.img", d / "seed.img")
             copy_run_keys(rs.dir, d)
-            os.chmod(d / "seed.img", 0o444)
+            os.chmod(d / "seed.img", FROZEN_DISK_MODE)
             os.replace(overlay, d / "disk.qcow2")
             moved = True
             # From here the run's disk reads this checkpoint: gc must leave it alone.
             rs.data.setdefault("checkpoints_read", []).append(key)
             rs.save()
-            os.chmod(d / "disk.qcow2", 0o444)
+            os.chmod(d / "disk.qcow2", FROZEN_DISK_MODE)
+            os.chmod(d, 0o755)  # QEMU opens disk.qcow2 as the run's backing file
             run(qemu_img_overlay_argv(d / "disk.qcow2", overlay), timeout=60, check=True,
                 stage="checkpoint", cmdlog=ctx.cmdlog)
-            os.chmod(overlay, 0o644)
+            os.chmod(overlay, DISK_MODE)
         except (HarnessError, OSError) as e:
             if moved:
                 raise InfraError("checkpoint", f"{stage}: {e}") from None
@@ -3256,7 +3289,7 @@ def resume_run(ctx, profile, certs, manifest, chain_keys, holder):
     overlay = rs.disk_dir / "overlay.qcow2"
     run(qemu_img_overlay_argv(ck / "disk.qcow2", overlay), timeout=60, check=True,
         stage="resume", cmdlog=ctx.cmdlog)
-    os.chmod(overlay, 0o644)
+    os.chmod(overlay, DISK_MODE)
     xml = rewrite_restore_xml(
         (ck / "domain.xml").read_text(), overlay, ck / "seed.img", rs.console_log,
         render_metadata_xml(data["created_at"] + "/" + name, data["created_at"], host,
@@ -3339,6 +3372,41 @@ def collect_diagnostics(ctx, rs, reason):
     except Exception as e:  # diagnostics must never mask the real failure
         print(f"integration-vm: warning: diagnostics incomplete: {e}", file=sys.stderr)
     return d
+
+
+# ---- storage pools (issue 12) ----------------------------------------------------------
+@contextlib.contextmanager
+def transient_pool(ctx, name, directory):
+    """virt-install defines a persistent, autostarted storage pool for a disk's directory
+    unless a pool already holds it (virtinst's diskbackend.manage_path, even with
+    --print-xml): lend it a transient one, destroyed (and so gone) once the XML is out. The
+    domain names its disks by path, not by pool. A transient pool also dies with libvirtd."""
+    virsh(ctx, "pool-create-as", name, "dir", "--target", directory, check=True, stage="boot")
+    try:
+        yield
+    finally:
+        virsh(ctx, "pool-destroy", name)
+
+
+def harness_pools(ctx):
+    """[(name, target)] of every storage pool the harness made (is_harness_pool)."""
+    r = virsh(ctx, "pool-list", "--all", "--name")
+    if r.returncode != 0:
+        return []
+    roots = {str(ctx.cache), str(ctx.cache.resolve())}
+    found = []
+    for name in parse_name_list(r.stdout):
+        x = virsh(ctx, "pool-dumpxml", name)
+        target = parse_pool_target(x.stdout) if x.returncode == 0 else None
+        if is_harness_pool(name, target, roots, bool(target) and os.path.isdir(target)):
+            found.append((name, target))
+    return found
+
+
+def remove_pool(ctx, name):
+    """Stop and forget a pool (and its autostart link). Never deletes its files."""
+    virsh(ctx, "pool-destroy", name)
+    virsh(ctx, "pool-undefine", name)
 
 
 # ---- teardown -------------------------------------------------------------------------
@@ -3808,6 +3876,9 @@ def cmd_prune(ctx, args):
     for name in owned:
         destroy_domain(ctx, name)
         print(f"integration-vm: pruned domain {name}")
+    for name, target in harness_pools(ctx):
+        remove_pool(ctx, name)
+        print(f"integration-vm: pruned storage pool {name} ({target})")
     runs_disk = ctx.cache / "runs"
     if runs_disk.is_dir():
         for d in runs_disk.iterdir():
@@ -3860,6 +3931,9 @@ def cmd_status(ctx, args):
         profile = meta.get("profile") or (rs.data.get("host") if rs else "?")
         print(f"{name:<36} {state:<10} {profile:<20} {_age(created):>5}  "
               f"{(rs.ip if rs else '') or '-'}")
+    for name, target in harness_pools(ctx):
+        print(f"storage pool {name}: {target} (left over; make test-integration-clean "
+              "removes it)")
     for d in sorted((ctx.cache / "images").glob("*/manifest.json")):
         try:
             m = json.loads(d.read_text())

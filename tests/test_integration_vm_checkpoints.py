@@ -231,7 +231,7 @@ def test_cold_cycle_writes_a_checkpoint_per_stage_then_a_rerun_resumes_the_newes
     for m in ck.values():
         d = hc.cache / "checkpoints" / m["key"]
         assert oct((d / "id_ed25519").stat().st_mode & 0o777) == "0o600"
-        assert oct((d / "disk.qcow2").stat().st_mode & 0o777) == "0o444"
+        assert oct((d / "disk.qcow2").stat().st_mode & 0o777) == "0o400"
     first = hc.results()[-1]
     assert [p["name"] for p in first["phase_details"] if p["name"].startswith("checkpoint")] \
         == ["checkpoint:booted", "checkpoint:applied-1", "checkpoint:applied-2"]
@@ -355,6 +355,35 @@ def test_checkpoint_in_use_by_a_kept_run_is_not_resumed_twice(hc):
     r = sorted(hc.results(), key=lambda r: r["started_at"])[-1]
     assert [(p["status"], "is in use" in p["message"]) for p in r["phase_details"]
             if p["name"] == "resume"] == [("skipped", True)]
+
+
+def mode(p):
+    return oct(p.stat().st_mode & 0o777)
+
+
+def test_secrets_at_rest_are_root_only(hc):
+    """Issue 12, class 6: the seed carries the guest's private host key, the overlay the
+    applied secrets, memory.save the guest's RAM; the cache is root:libvirt 2775."""
+    up = hc.run("up", "--host", "askari")
+    assert up.returncode == 0, up.stderr
+    (disks,) = (hc.cache / "runs").iterdir()
+    assert (mode(disks / "overlay.qcow2"), mode(disks / "seed.img")) == ("0o600", "0o600")
+    assert hc.run("down").returncode == 0
+    p = hc.run("cycle", "--host", "askari")
+    assert p.returncode == 0, p.stderr
+    ck = ckpt_manifests(hc)
+    assert sorted(ck) == ["applied-1", "applied-2", "booted"]
+    for m in ck.values():
+        d = hc.cache / "checkpoints" / m["key"]
+        assert {f.name: mode(f) for f in d.iterdir() if not f.name.endswith((".pub", ".json",
+                                                                            ".xml"))} == {
+            "disk.qcow2": "0o400", "seed.img": "0o400", "memory.save": "0o600",
+            "id_ed25519": "0o600"}
+    # a resumed run's overlay (on top of a checkpoint) too
+    p = hc.run("cycle", "--host", "askari", "--keep")
+    assert p.returncode == 0 and "resumed from checkpoint" in p.stderr, p.stderr
+    overlays = list((hc.cache / "runs").glob("*/overlay.qcow2"))
+    assert overlays and {mode(o) for o in overlays} == {"0o600"}
 
 
 def test_prune_removes_checkpoints(hc):

@@ -632,6 +632,49 @@ def test_prune_touches_only_harness_domains(h):
     assert h.run("prune").returncode == 0  # idempotent
 
 
+def test_a_run_defines_no_storage_pool(h):
+    """Issue 12, class 9: virt-install defines an autostarted pool for a disk directory no
+    pool holds (the fake does as virtinst 4.1 does); the run lends it a transient one."""
+    assert h.run("up", "--host", "askari").returncode == 0
+    assert h.state().get("pools", {}) == {}
+    creates = [a for a in h.virsh_cmds() if a[0] == "pool-create-as"]
+    assert len(creates) == 1 and creates[0][1].startswith("boma-it-askari-")
+    assert creates[0][creates[0].index("--target") + 1].startswith(str(h.cache / "runs"))
+    assert h.run("down").returncode == 0
+    assert h.state().get("pools", {}) == {}
+
+
+def test_prune_removes_the_pools_earlier_versions_left(h):
+    outside = h.tmp / "vm-images"
+    outside.mkdir()
+    st = {"domains": {}, "networks": {}, "leases": {}, "calls": {}, "pools": {
+        # what every run of an earlier version left: persistent, autostarted, dir gone
+        "boma-it-askari-0a1b2c3d": {"target": str(h.cache / "runs" / "boma-it-askari-0a1b2c3d"),
+                                    "active": True, "persistent": True, "autostart": True},
+        "boma-it-askari-4e5f6a7b": {"target": "/var/lib/boma-old-cache/runs/boma-it-askari-4e5f",
+                                    "active": False, "persistent": True, "autostart": True},
+        "runs": {"target": str(h.cache / "runs"), "active": True, "persistent": True,
+                 "autostart": True},
+        # not ours: a live directory elsewhere, whatever its name
+        "boma-it-mine": {"target": str(outside), "active": True, "persistent": True,
+                         "autostart": True},
+        "default": {"target": "/var/lib/libvirt/images", "active": False,
+                    "persistent": True, "autostart": True}}}
+    h.state_file.write_text(json.dumps(st))
+    status = h.run("status")
+    assert status.returncode == 0, status.stderr
+    listed = {ln.split()[2].rstrip(":") for ln in status.stdout.splitlines()
+              if ln.startswith("storage pool ")}
+    assert listed == {"boma-it-askari-0a1b2c3d", "boma-it-askari-4e5f6a7b", "runs"}
+    p = h.run("prune")
+    assert p.returncode == 0, p.stderr
+    assert set(h.state()["pools"]) == {"boma-it-mine", "default"}
+    assert p.stdout.count("pruned storage pool") == 3
+    assert not any(a[0].startswith("pool-") and a[0] != "pool-list" and a[0] != "pool-dumpxml"
+                   and a[1] in ("boma-it-mine", "default") for a in h.virsh_cmds())
+    assert h.run("prune").returncode == 0  # idempotent
+
+
 def test_down_refuses_foreign_domain_and_is_idempotent(h):
     h.seed_foreign_domain("boma-it-foo")
     p = h.run("down", "--run", "boma-it-foo")

@@ -21,6 +21,9 @@ Behaviour knobs (env):
   FAKE_ACCEL_OUTPUT=TEXT     what qemu-system-x86_64 (the KVM probe) prints
   FAKE_DEFINE_SLEEP=N        virsh define sleeps N seconds (to race two `up`s)
 
+Storage pools live in the state's "pools" (virsh_storage): virt-install defines one per
+disk directory no pool holds, as virtinst does; tests seed leftovers there directly.
+
 The guest-state capture (`ssh ... sudo -n sh -s` fed the driver's capture script) is
 answered from tests/fakes/guest/ (askari after its apply: Docker + base's firewall; its nft
 ruleset and unit list were captured on a real askari VM under TCG). Boot 1
@@ -235,8 +238,95 @@ def virsh():
             print()
         elif cmd == "dumpxml":
             print(dom(rest[0])["xml"])
+        elif cmd.startswith(("pool-", "vol-")) or cmd == "net-list":
+            virsh_storage(st, cmd, rest)
         else:
             die(f"fake virsh: unsupported command {cmd}")
+
+
+def virsh_storage(st, cmd, rest):
+    """Storage pools (state "pools": {name: {target, active, persistent, autostart}}),
+    their volumes (the files in the target dir) and `net-list`, as libvirt 9 answers."""
+    pools = st.setdefault("pools", {})
+
+    def pool(name):
+        if name not in pools:
+            die(f"error: failed to get pool '{name}'\n"
+                f"error: Storage pool not found: no storage pool with matching name '{name}'")
+        return pools[name]
+
+    if cmd == "pool-list":
+        for name, p in sorted(pools.items()):
+            if "--all" in rest or p["active"]:
+                print(name)
+        print()
+    elif cmd == "pool-dumpxml":
+        p = pool(rest[0])
+        print(f"<pool type='dir'>\n  <name>{rest[0]}</name>\n  <target>\n"
+              f"    <path>{p['target']}</path>\n  </target>\n</pool>")
+    elif cmd in ("pool-create-as", "pool-define-as"):
+        name, target = rest[0], rest[rest.index("--target") + 1]
+        if name in pools:
+            die(f"error: operation failed: pool '{name}' already exists")
+        create = cmd == "pool-create-as"
+        pools[name] = {"target": target, "active": create, "persistent": not create,
+                       "autostart": False}
+        print(f"Pool {name} {'created' if create else 'defined'}")
+    elif cmd == "pool-destroy":
+        p = pool(rest[0])
+        if not p["active"]:
+            die(f"error: Failed to destroy pool {rest[0]}\n"
+                "error: Requested operation is not valid: storage pool is not active")
+        p["active"] = False
+        if not p["persistent"]:
+            del pools[rest[0]]
+        print(f"Pool {rest[0]} destroyed")
+    elif cmd == "pool-undefine":
+        p = pool(rest[0])
+        if not p["persistent"]:
+            die(f"error: Failed to undefine pool {rest[0]}\n"
+                "error: internal error: pool is transient")
+        p["persistent"] = p["autostart"] = False
+        if not p["active"]:
+            del pools[rest[0]]
+        print(f"Pool {rest[0]} has been undefined")
+    elif cmd == "pool-autostart":
+        pool(rest[0])["autostart"] = "--disable" not in rest
+    elif cmd == "vol-list":
+        name = rest[rest.index("--pool") + 1] if "--pool" in rest else rest[0]
+        p = pool(name)
+        print(" Name   Path\n" + "-" * 20)
+        if p["active"] and os.path.isdir(p["target"]):
+            for f in sorted(os.listdir(p["target"])):
+                print(f" {f}   {os.path.join(p['target'], f)}")
+        print()
+    elif cmd == "net-list":
+        for name, n in sorted(st["networks"].items()):
+            if "--all" in rest or n["active"]:
+                print(name)
+        print()
+    else:
+        die(f"fake virsh: unsupported command {cmd}")
+
+
+def virt_install_pools(disks):
+    """What virtinst 4.1's diskbackend.manage_path does for each --disk path=...: unless
+    an existing pool's target is the path's directory, define a persistent, autostarted,
+    running dir pool named after that directory (even with --print-xml)."""
+    with state() as st:
+        pools = st.setdefault("pools", {})
+        for d in disks:
+            path = os.path.abspath(d.split(",")[0][len("path="):])
+            dirname = os.path.dirname(path)
+            if any(os.path.abspath(p["target"]) == dirname for p in pools.values()):
+                continue
+            base = os.path.basename(dirname) or "dirpool"
+            name, n = base, 0
+            while name in pools:
+                n += 1
+                name = f"{base}-{n}"
+            pools[name] = {"target": dirname, "active": True, "persistent": True,
+                           "autostart": True}
 
 
 # ---- virt-install -----------------------------------------------------------------
@@ -257,6 +347,7 @@ def virt_install():
             i += 1
     if "--print-xml" not in opts:
         die("fake virt-install: only --print-xml is supported")
+    virt_install_pools(disks)
     mac = re.search(r"mac=([0-9a-f:]+)", opts["--network"]).group(1)
     console = opts["--serial"].split("log.file=", 1)[1]
     vtype = "kvm" if opts["--virt-type"] == "kvm" else "qemu"

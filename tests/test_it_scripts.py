@@ -1,0 +1,259 @@
+"""scripts/it-run's netns sandbox and scripts/it-leftovers against fake host tools (issue 12).
+
+No real network, firewall, sysctl or daemon is touched: ip, iptables, iptables-save, sysctl,
+virtlogd, libvirtd, pgrep and id are tests/fakes/sysbin.py, virsh is tests/fakes/fakebin.py,
+and the only other tools on PATH are the handful of real ones the scripts need. /run and
+/etc/libvirt are moved under a temp dir with BOMA_IT_SYSROOT. it-run is sourced (its
+functions only) to drive the sandbox's setup and teardown one step at a time.
+"""
+import json
+import os
+import pathlib
+import shutil
+import signal
+import subprocess
+import sys
+
+import pytest
+
+HERE = pathlib.Path(__file__).resolve().parent
+REPO = HERE.parent
+IT_RUN = REPO / "scripts" / "it-run"
+LEFTOVERS = REPO / "scripts" / "it-leftovers"
+SYS_FAKES = ("ip", "iptables", "iptables-save", "sysctl", "virtlogd", "libvirtd", "pgrep", "id")
+REAL = ("bash", "sh", "cat", "awk", "grep", "sed", "sleep", "seq", "mkdir", "rm", "rmdir",
+        "chmod", "flock", "readlink", "env", "dirname", "basename", "head", "tail", "tr", "cut",
+        "find", "ls", "sort", "touch")
+NS = "boma-it-tsbx"   # never the real sandbox's name
+
+
+class Sandbox:
+    def __init__(self, tmp):
+        self.tmp = tmp
+        self.bin = tmp / "bin"
+        self.root = tmp / "root"
+        self.cache = tmp / "cache"
+        self.state_file = tmp / "sys-state.json"
+        self.bin.mkdir()
+        for t in SYS_FAKES:
+            (self.bin / t).symlink_to(HERE / "fakes" / "sysbin.py")
+        (self.bin / "virsh").symlink_to(HERE / "fakes" / "fakebin.py")
+        for t in REAL:
+            (self.bin / t).symlink_to(shutil.which(t))
+        (self.bin / "python3").symlink_to(sys.executable)
+        (self.root / "run" / "lock").mkdir(parents=True)
+        (self.root / "etc" / "libvirt").mkdir(parents=True)
+        self.cache.mkdir()
+        self.env = {
+            "PATH": str(self.bin), "LANG": "C.UTF-8", "HOME": str(tmp),
+            "BOMA_IT_SYSROOT": str(self.root), "BOMA_IT_NETNS": NS,
+            "BOMA_IT_CACHE": str(self.cache), "BOMA_IT_RUN_DIR": str(tmp / "runs"),
+            "FAKE_SYS_STATE": str(self.state_file), "FAKE_STATE": str(tmp / "virsh.json"),
+            "FAKE_LOG": str(tmp / "virsh.log"), "VENV": str(tmp / "no-venv"),
+            "SANDBOX": "netns",
+        }
+        self.write({"sysctl": {"net.ipv4.ip_forward": "0"}})
+
+    def state(self):
+        return json.loads(self.state_file.read_text())
+
+    def write(self, st):
+        self.state_file.write_text(json.dumps(st))
+
+    def update(self, fn):
+        st = self.state()
+        fn(st)
+        self.write(st)
+
+    def sh(self, script, **env):
+        """Source it-run (functions only) and run `script` after it."""
+        return subprocess.run(["bash", "-c", f'source "{IT_RUN}"; {script}'],
+                              env={**self.env, **env}, text=True, capture_output=True,
+                              timeout=60, cwd=self.tmp)
+
+    def leftovers(self, **env):
+        return subprocess.run([str(LEFTOVERS)], env={**self.env, **env}, text=True,
+                              capture_output=True, timeout=60, cwd=self.tmp)
+
+    def spawn(self):
+        p = subprocess.Popen(["sleep", "300"], start_new_session=True)
+        self.update(lambda st: st.setdefault("spawned", []).append(p.pid))
+        return p.pid
+
+    def close(self):
+        if self.state_file.exists():
+            for pid in self.state().get("spawned", []):
+                try:
+                    os.kill(pid, signal.SIGKILL)
+                    os.waitpid(pid, 0)
+                except (ProcessLookupError, ChildProcessError):
+                    pass
+
+
+def alive(pid):
+    try:
+        with open(f"/proc/{pid}/stat") as fh:
+            return fh.read().split()[2] != "Z"
+    except FileNotFoundError:
+        return False
+
+
+@pytest.fixture
+def sb(tmp_path):
+    s = Sandbox(tmp_path)
+    yield s
+    s.close()
+
+
+# ---- class 8: the sandbox name is checked before it is used anywhere ----------------------
+@pytest.mark.parametrize("bad", [".", "../x", "boma-it-", "boma-it-../../etc", "x",
+                                 "boma-it-a/b", "boma-it-sbx;id", "boma-it-" + "a" * 21,
+                                 "boma-it-sbx\nfoo", "boma-it-SBX"])
+@pytest.mark.parametrize("script", [IT_RUN, LEFTOVERS])
+def test_bad_netns_name_is_exit_2_before_anything(sb, script, bad):
+    p = subprocess.run([str(script), "status"], env={**sb.env, "BOMA_IT_NETNS": bad},
+                       text=True, capture_output=True, timeout=30, cwd=sb.tmp)
+    assert p.returncode == 2, (p.stdout, p.stderr)
+    assert len(p.stderr.strip().splitlines()) == 1 and "BOMA_IT_NETNS" in p.stderr
+    assert list((sb.root / "run" / "lock").iterdir()) == []
+    assert not (sb.tmp / "virsh.log").exists() and "netns" not in sb.state_file.read_text()
+
+
+# ---- class 8: cleanup_rules: exact comment, never eval ------------------------------------
+def test_cleanup_rules_deletes_exactly_ours_and_never_runs_rule_text(sb):
+    pwned = sb.tmp / "pwned"
+    ours_nat = f"-A POSTROUTING -s 10.250.0.2/32 ! -d 10.250.0.0/30 -m comment --comment {NS} -j MASQUERADE"
+    ours_fwd = f"-A FORWARD -i bit-out0 -m comment --comment {NS} -j DROP"
+    keep = [
+        f"-A FORWARD -i bit-out0 -m comment --comment {NS}2 -j DROP",     # another sandbox
+        f"-A FORWARD -m comment --comment \"{NS} $(touch {pwned})\" -j ACCEPT",
+        f"-A FORWARD -m comment --comment {NS} -m comment --comment \"`touch {pwned}`\" -j ACCEPT",
+        "-A FORWARD -i docker0 -m comment --comment boma -j ACCEPT",
+        "-A FORWARD -o docker0 -j DOCKER",
+    ]
+    sb.update(lambda st: st.update(rules={"nat": [ours_nat, f"-A POSTROUTING -m comment --comment {NS}x -j MASQUERADE"],
+                                          "filter": [ours_fwd] + keep}))
+    p = sb.sh("cleanup_rules")
+    assert p.returncode == 0, p.stderr
+    assert not pwned.exists()
+    rules = sb.state()["rules"]
+    assert rules["filter"] == keep
+    assert rules["nat"] == [f"-A POSTROUTING -m comment --comment {NS}x -j MASQUERADE"]
+
+
+# ---- class 8: up/down restore what they changed and touch only what they made -------------
+def test_sandbox_restores_ip_forward_and_stops_only_its_own_daemons(sb):
+    up = sb.sh("sandbox_up")
+    assert up.returncode == 0, up.stderr
+    st = sb.state()
+    assert st["sysctl"]["net.ipv4.ip_forward"] == "1"
+    assert NS in st["netns"] and "bit-out0" in st["links"]
+    assert any(f"--comment {NS} " in r for r in st["rules"]["filter"])
+    daemons = [int((sb.root / "run" / f).read_text())
+               for f in ("libvirtd.pid", "virtlogd.pid", "libvirt/network/boma-it.pid")]
+    assert all(alive(p) for p in daemons)
+    operator = sb.spawn()   # `ip netns exec boma-it-... ssh ...` from the runbook
+    sb.update(lambda s: s["netns"][NS]["pids"].append(operator))
+    down = sb.sh("sandbox_down")
+    assert down.returncode == 0, down.stderr
+    st = sb.state()
+    assert st["sysctl"]["net.ipv4.ip_forward"] == "0"
+    assert NS not in st["netns"] and st["links"] == []
+    assert st["rules"] == {"nat": [], "filter": []}
+    assert not any(alive(p) for p in daemons)
+    assert alive(operator), "an operator's process in the namespace was killed"
+    assert str(operator) in down.stderr  # named, not killed
+    assert not (sb.root / "run" / "libvirt" / "libvirt-sock").exists()
+    assert not (sb.root / "run" / "boma-it" / NS).exists()
+
+
+def test_ip_forward_already_on_stays_on(sb):
+    sb.update(lambda st: st["sysctl"].update({"net.ipv4.ip_forward": "1"}))
+    assert sb.sh("sandbox_up").returncode == 0
+    assert sb.sh("sandbox_down").returncode == 0
+    assert sb.state()["sysctl"]["net.ipv4.ip_forward"] == "1"
+
+
+def test_a_libvirtd_outside_the_sandbox_is_refused_and_left_alone(sb):
+    host = sb.spawn()
+    run = sb.root / "run"
+    (run / "libvirt").mkdir()
+    (run / "libvirt" / "libvirt-sock").touch()
+    (run / "libvirtd.pid").write_text(f"{host}\n")
+    up = sb.sh("sandbox_up")
+    assert up.returncode == 3 and f"pid {host}" in up.stderr, up.stderr
+    # a namespace of ours whose libvirtd is not the one the pidfile names
+    sb.update(lambda st: st["netns"].update({NS: {"pids": []}}))
+    down = sb.sh("sandbox_down")
+    assert down.returncode == 0, down.stderr
+    assert alive(host)
+    assert (run / "libvirt" / "libvirt-sock").exists() and (run / "libvirtd.pid").exists()
+
+
+# ---- class 8/9: it-leftovers sees every kind of leak, and never says clean unchecked ------
+def virsh_state(sb, **extra):
+    st = {"domains": {}, "networks": {"boma-it": {"active": True, "autostart": True}},
+          "leases": {}, "calls": {}, "pools": {}}
+    st.update(extra)
+    (sb.tmp / "virsh.json").write_text(json.dumps(st))
+
+
+def test_leftovers_clean(sb):
+    virsh_state(sb)
+    p = sb.leftovers()
+    assert p.returncode == 0, p.stderr
+    assert "clean" in p.stdout and "not running" not in p.stdout
+
+
+def test_leftovers_reports_each_kind(sb):
+    runs = sb.cache / "runs" / "boma-it-askari-1"
+    runs.mkdir(parents=True)
+    (runs / "overlay.qcow2").write_text("x")
+    virsh_state(sb, domains={"boma-it-askari-2": {"state": "shut off"}},
+                networks={"boma-it": {"active": True, "autostart": True},
+                          "boma-it-extra": {"active": False, "autostart": False}},
+                pools={"boma-it-askari-3": {"target": "/gone", "active": False,
+                                            "persistent": True, "autostart": True},
+                       "runs": {"target": str(sb.cache / "runs"), "active": True,
+                                "persistent": True, "autostart": False}})
+    sb.update(lambda st: st.update(
+        netns={NS: {"pids": []}}, links=["bit-out0", "bit-in0"],
+        rules={"nat": [f"-A POSTROUTING -m comment --comment {NS} -j MASQUERADE"], "filter": []},
+        sysctl={"net.ipv4.ip_forward": "1"}))
+    state = sb.root / "run" / "boma-it" / NS
+    state.mkdir(parents=True)
+    (state / "ip_forward").write_text("0\n")
+    etc = sb.root / "etc" / "libvirt"
+    for d in ("qemu/autostart", "storage/autostart"):
+        (etc / d).mkdir(parents=True)
+    (etc / "qemu" / "boma-it-askari-4.xml").write_text("<domain/>")
+    (etc / "storage" / "boma-it-askari-5.xml").write_text("<pool/>")
+    (etc / "storage" / "autostart" / "boma-it-askari-5.xml").symlink_to("../boma-it-askari-5.xml")
+    (etc / "storage" / "other.xml").write_text(f"<pool><target><path>{sb.cache}/runs/x</path></target></pool>")
+    p = sb.leftovers()
+    assert p.returncode == 1, (p.stdout, p.stderr)
+    for needle in (f"network namespace {NS}", "veth bit-out0", f"1 iptables rule(s) commented {NS}",
+                   "ip_forward is 1, was 0", "libvirt domains: boma-it-askari-2",
+                   "libvirt networks: boma-it-extra", "storage pool boma-it-askari-3 (/gone)",
+                   "storage pool runs", f"volume {runs}", "qemu/boma-it-askari-4.xml",
+                   "storage/boma-it-askari-5.xml", "storage/autostart/boma-it-askari-5.xml",
+                   "storage/other.xml", f"files under {sb.cache}/runs"):
+        assert needle in p.stderr, (needle, p.stderr)
+    assert "network boma-it " not in p.stderr and "networks: boma-it\n" not in p.stderr
+
+
+def test_leftovers_cannot_say_clean_when_libvirtd_does_not_answer(sb):
+    daemon = sb.spawn()
+    (sb.root / "run" / "libvirtd.pid").write_text(f"{daemon}\n")
+    p = sb.leftovers(FAKE_LIBVIRT_DOWN="1")
+    assert p.returncode == 3, (p.stdout, p.stderr)
+    assert "could not check libvirt" in p.stderr and "clean" not in p.stdout
+
+
+def test_leftovers_without_libvirtd_reads_libvirts_files(sb):
+    p = sb.leftovers(FAKE_LIBVIRT_DOWN="1")
+    assert p.returncode == 0 and "libvirtd is not running" in p.stdout, (p.stdout, p.stderr)
+    (sb.root / "etc" / "libvirt" / "storage").mkdir()
+    (sb.root / "etc" / "libvirt" / "storage" / "boma-it-askari-1.xml").write_text("<pool/>")
+    p = sb.leftovers(FAKE_LIBVIRT_DOWN="1")
+    assert p.returncode == 1 and "storage/boma-it-askari-1.xml" in p.stderr, p.stderr
