@@ -988,12 +988,15 @@ else
 fi
 sec sockets ss -H -tulnp
 sec failed_units systemctl --failed --plain --no-legend --no-pager
+sec boot_time systemd-analyze time
+sec boot_blame sh -c 'systemd-analyze blame --no-pager | head -n 15'
+sec boot_chain systemd-analyze critical-chain --no-pager
 sec enabled_units systemctl list-unit-files --state=enabled --type=service --no-legend --no-pager
 units=$(awk '$1 !~ /@\.service$/ {print $1}' "$o")
 if [ -n "$units" ]; then sec enabled_active systemctl is-active $units; fi
 exit 0
 """
-CAPTURE_COMMANDS = 11           # upper bound of `timeout`-bounded commands in the script
+CAPTURE_COMMANDS = 14           # upper bound of `timeout`-bounded commands in the script
 # iptables-nft's tables (Docker's): their rules are compared per chain as a multiset,
 # because Docker rebuilds them at start in an order that follows its network restore
 # order, not the order they were first created in.
@@ -1403,11 +1406,68 @@ def normalise_capture(sections, own_ips=()):
         else:
             cats["services"] = pair_enabled_active(s["out"], (act or {}).get("out", ""))
     nft_text = sections.get("nft_text") or {}
-    return {"categories": cats,
+    return {"categories": cats, "boot": boot_analysis(sections),
             "boot_id": ((sections.get("boot_id") or {}).get("out") or "").strip() or None,
             "nft_text": nft_text.get("out", "") if nft_text.get("rc") == 0
             else _capture_error("nft list ruleset", sections.get("nft_text")),
             "port_range": list(pr)}
+
+
+# Where a boot's time went (issue 13): systemd-analyze's own figures, kept beside each
+# capture (boot-analysis.txt) and summarised in result.json. Informational: a guest
+# without systemd-analyze, or a boot not finished, gives None, never a failure.
+_TIMESPAN = re.compile(r"(\d+(?:\.\d+)?)(h|min|ms|us|s)\b")
+_TIMESPAN_UNITS = {"h": 3600.0, "min": 60.0, "s": 1.0, "ms": 0.001, "us": 0.000001}
+
+
+def parse_timespan(text):
+    """systemd's "1min 3.402s" / "987ms" -> seconds (float), or None."""
+    parts = _TIMESPAN.findall(text or "")
+    if not parts:
+        return None
+    return round(sum(float(n) * _TIMESPAN_UNITS[u] for n, u in parts), 3)
+
+
+def parse_analyze_time(text):
+    """`systemd-analyze time` -> {"kernel": s, "initrd": s, "userspace": s, "total": s}
+    (only the parts the boot had), or None."""
+    m = re.search(r"Startup finished in (.+?) = (.+?)\s*$", text or "", re.MULTILINE)
+    if not m:
+        return None
+    out = {}
+    for span, part in re.findall(r"([^+()]+?)\s*\((\w+)\)", m.group(1)):
+        secs = parse_timespan(span)
+        if secs is not None:
+            out[part] = secs
+    total = parse_timespan(m.group(2))
+    if total is None:
+        return None
+    out["total"] = total
+    return out
+
+
+def parse_blame(text, top=5):
+    """`systemd-analyze blame` -> [[seconds, unit], ...] slowest first, at most `top`."""
+    rows = []
+    for line in (text or "").splitlines():
+        bits = line.split()
+        if len(bits) >= 2:
+            secs = parse_timespan(" ".join(bits[:-1]))
+            if secs is not None:
+                rows.append([secs, bits[-1]])
+    return sorted(rows, key=lambda r: -r[0])[:top]
+
+
+def boot_analysis(sections):
+    """The capture's systemd-analyze sections -> {"startup", "blame_top", "text"}."""
+    def out(name):
+        s = sections.get(name) or {}
+        return s.get("out", "") if s.get("rc") == 0 else ""
+    text = "\n\n".join(f"$ systemd-analyze {cmd}\n{out(name) or '(not available)'}"
+                        for name, cmd in (("boot_time", "time"), ("boot_blame", "blame"),
+                                          ("boot_chain", "critical-chain")))
+    return {"startup": parse_analyze_time(out("boot_time")),
+            "blame_top": parse_blame(out("boot_blame")), "text": text + "\n"}
 
 
 def diff_lines(before, after):
@@ -2972,6 +3032,8 @@ def write_capture(d, state):
     for cat in REBOOT_DIFF_CATEGORIES:
         (d / f"{cat}.json").write_text(json.dumps(state["categories"].get(cat, []), indent=1) + "\n")
     (d / "capture-raw.txt").write_text(state.get("raw", ""))
+    if state.get("boot"):
+        (d / "boot-analysis.txt").write_text(state["boot"]["text"])
 
 
 def reboot_diff(ctx, rs, profile, mode, before, after, result=None, policy="fail"):
@@ -3011,6 +3073,8 @@ def reboot_diff(ctx, rs, profile, mode, before, after, result=None, policy="fail
     summary = reboot_diff_summary(mode, index, diff, tolerated, unexpected, d)
     summary["recaptured"] = bool(note)
     summary["capture_seconds"] = {"before": before.get("seconds"), "after": after.get("seconds")}
+    boot = after.get("boot") or {}
+    summary["boot"] = {"startup": boot.get("startup"), "blame_top": boot.get("blame_top", [])}
     if result is not None:
         result.setdefault("reboot_diffs", []).append(summary)
     if rs.data.get("reboots"):

@@ -1289,3 +1289,29 @@ def test_result_has_reboot_diffs_and_settle_bound():
     b = ivm.stage_bounds("tcg", {})
     assert b["reboot-settle"] == ivm.DEFAULT_BOUNDS["reboot-settle"] * ivm.TCG_SCALE
     assert ivm.stage_bounds("kvm", {"BOMA_IT_TIMEOUT_REBOOT_SETTLE": "0"})["reboot-settle"] == 0
+
+
+# ---- where a boot's time went (systemd-analyze) --------------------------------------
+
+
+@pytest.mark.parametrize("text,secs", [
+    ("1min 3.402s", 63.402), ("987ms", 0.987), ("2.104s", 2.104), ("1h 2min", 3720.0),
+    ("", None), ("n/a", None)])
+def test_parse_timespan(text, secs):
+    assert ivm.parse_timespan(text) == secs
+
+
+def test_parse_analyze_time_with_and_without_initrd():
+    assert ivm.parse_analyze_time(
+        "Startup finished in 1.975s (kernel) + 2.123s (initrd) + 10.3s (userspace) = 14.398s\n"
+        "graphical.target reached after 10.2s in userspace.\n") == {
+        "kernel": 1.975, "initrd": 2.123, "userspace": 10.3, "total": 14.398}
+    assert ivm.parse_analyze_time(
+        "Startup finished in 3.871s (kernel) + 1min 2.130s (userspace) = 1min 6.001s \n") == {
+        "kernel": 3.871, "userspace": 62.13, "total": 66.001}
+    assert ivm.parse_analyze_time("Bootup is not yet finished.\n") is None
+
+
+def test_parse_blame_sorts_and_cuts():
+    text = " 987ms a.service\n1min 2.5s b.service\n30.8s c.service\ngarbage\n"
+    assert ivm.parse_blame(text, top=2) == [[62.5, "b.service"], [30.8, "c.service"]]

@@ -230,6 +230,11 @@ def test_passing_cycle(h):
     rd = h.diag / res["vm"] / "reboot-1-graceful"
     assert diff["dir"] == str(rd) and diff["diff"] == str(rd / "diff.txt")
     assert "no differences" in (rd / "diff.txt").read_text()
+    # where the boot's time went: systemd-analyze's figures beside the capture, summary here
+    assert diff["boot"]["startup"] == {"kernel": 3.871, "userspace": 62.13, "total": 66.001}
+    assert diff["boot"]["blame_top"][0] == [30.811, "docker.service"]
+    analysis = (rd / "after" / "boot-analysis.txt").read_text()
+    assert "$ systemd-analyze critical-chain" in analysis and "docker.service @31.2s" in analysis
     for side in ("before", "after"):
         for f in ("nft-ruleset.txt", "nft.json", "ports.json", "sockets.json",
                   "failed_units.json", "services.json", "capture-raw.txt"):
@@ -886,3 +891,12 @@ def test_bench_prints_table(h):
     for stage in ("dhcp-lease", "tcp-22", "ssh-handshake", "cloud-init"):
         assert f"boot to {stage}" in out
     assert "reboot to ssh" in out and "reboot to system-running" in out
+
+
+def test_a_guest_without_boot_figures_still_passes_and_says_so(h):
+    assert h.run("cycle", "--host", "askari", FAKE_NO_ANALYZE="1").returncode == 0
+    (res,) = h.results()
+    (diff,) = res["reboot_diffs"]
+    assert diff["boot"]["startup"] is None and diff["unexpected"] == []
+    rd = h.diag / res["vm"] / "reboot-1-graceful" / "after" / "boot-analysis.txt"
+    assert "$ systemd-analyze time\n(not available)" in rd.read_text()

@@ -13,6 +13,7 @@ Behaviour knobs (env):
   FAKE_NO_LEASE=1            domains never get a DHCP lease
   FAKE_SSH=hang|refuse       ssh hangs forever / is refused (default: answers)
   FAKE_BOOT_ID_STICKY=1      reboot/start keep the old boot_id
+  FAKE_NO_ANALYZE=1          the guest's `systemd-analyze time` fails (boot not finished)
   FAKE_SYSTEM_STATE=X        `systemctl is-system-running` prints X (default running)
   FAKE_VERIFY_FAIL=1         the verify playbook fails one task
   FAKE_APPLY_FAIL=1          apply playbooks fail
@@ -574,6 +575,12 @@ def guest_capture(script, boot_id, boots, nth, sysstate):
         "failed_units": (0, "fake-broken.service loaded failed failed Fake broken unit"
                          if sysstate == "degraded" else "", ""),
         "enabled_units": (0, (GUEST / "list-unit-files.txt").read_text(), ""),
+        # systemd-analyze: the shape of a real askari boot (guest/systemd-analyze-*.txt);
+        # FAKE_NO_ANALYZE=1: a guest where it fails (the capture must not).
+        "boot_time": ((1, "", "Bootup is not yet finished") if ENV.get("FAKE_NO_ANALYZE")
+                      else (0, (GUEST / "systemd-analyze-time.txt").read_text(), "")),
+        "boot_blame": (0, (GUEST / "systemd-analyze-blame.txt").read_text(), ""),
+        "boot_chain": (0, "multi-user.target @1min 2.1s\n└─docker.service @31.2s +30.8s", ""),
         "enabled_active": (3 if inactive else 0,
                            "\n".join("inactive" if u in inactive else "active" for u in units), ""),
     }
