@@ -86,7 +86,7 @@ SUBCOMMANDS = ("image", "up", "apply", "reboot", "assert", "cycle", "bench", "do
 
 EXIT_PASS, EXIT_VERIFY, EXIT_USAGE, EXIT_INFRA, EXIT_INTERRUPTED = 0, 1, 2, 3, 130
 EXIT_CODES_HELP = """exit codes:
-  0    pass (or, with --expect-fail, the verify failed as expected)
+  0    pass (or, with --expect-fail[=STAGE], verify (or STAGE) failed as expected)
   1    verify failed: the code under test failed (verify playbook, a failing apply,
        an unexpected state difference across a reboot, changes on the post-reboot
        re-apply); the VM is kept for inspection
@@ -818,7 +818,8 @@ def phase_totals(phases):
 def format_summary(result):
     verdict = (result.get("verdict") or "error").upper()
     if result.get("expect_fail"):
-        verdict += " (expected fail)" if result.get("verdict") == "fail" else " (expected FAIL)"
+        verdict += " (expected fail)" if result.get("verdict") == "fail" and \
+            result.get("exit_code") == EXIT_PASS else f" (expected FAIL at {result['expect_fail']})"
     head = f"integration-vm: {verdict}"
     if result.get("verdict") in ("error", "fail", "interrupted") and result.get("failed_stage"):
         head += f"[{result['failed_stage']}]"
@@ -1928,16 +1929,64 @@ class Proc:
 
 
 def _kill_group(proc):
-    for sig, wait in ((signal.SIGTERM, 3), (signal.SIGKILL, 3)):
+    """SIGTERM the child's process group, give its leader 3 s, then SIGKILL the group:
+    what the leader started (ansible's workers, ssh) goes with it."""
+    for sig in (signal.SIGTERM, signal.SIGKILL):
         try:
             os.killpg(proc.pid, sig)
         except (ProcessLookupError, PermissionError):
-            return
+            break
         try:
-            proc.wait(timeout=wait)
-            return
+            proc.wait(timeout=3)
         except subprocess.TimeoutExpired:
             continue
+    with contextlib.suppress(subprocess.TimeoutExpired):
+        proc.wait(timeout=3)
+
+
+@contextlib.contextmanager
+def _signals_deferred():
+    """Hold SIGINT/SIGTERM back while a child is being started: an interrupt landing
+    inside Popen would otherwise leave a child nobody kills. On exit the held signal is
+    handed to the handler that was installed (KeyboardInterrupt, or the cleanup note)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    held, old = [], {}
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        old[sig] = signal.signal(sig, lambda signum, frame: held.append(signum))
+    try:
+        yield
+    finally:
+        for sig, handler in old.items():
+            signal.signal(sig, signal.SIG_DFL if handler is None else handler)
+        for sig in held[:1]:
+            if callable(old[sig]):
+                old[sig](sig, None)
+            elif old[sig] == signal.SIG_DFL:
+                signal.raise_signal(sig)
+
+
+def _start(argv, env, cwd, input, stream_log):
+    """Popen in its own session/process group, interrupts held back until the child is
+    ours to kill (then it is killed and the interrupt raised)."""
+    proc = None
+    try:
+        with _signals_deferred():
+            proc = subprocess.Popen(
+                argv, env=env, cwd=cwd, text=True, errors="replace", start_new_session=True,
+                stdin=subprocess.PIPE if input is not None else subprocess.DEVNULL,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.STDOUT if stream_log else subprocess.PIPE)
+    except FileNotFoundError:
+        raise InfraError("tools", f"{argv[0]} not found on PATH") from None
+    except PermissionError as e:
+        raise InfraError("tools", f"cannot execute {argv[0]}: {e}") from None
+    except BaseException:
+        if proc is not None:
+            _kill_group(proc)
+        raise
+    return proc
 
 
 def run(argv, *, timeout, env=None, cwd=None, input=None, stream_log=None, check=False,
@@ -1952,16 +2001,7 @@ def run(argv, *, timeout, env=None, cwd=None, input=None, stream_log=None, check
             fh.write(f"{datetime.datetime.now().isoformat(timespec='seconds')} "
                      f"{shlex.join(argv)}\n")
     t0 = time.monotonic()
-    try:
-        proc = subprocess.Popen(
-            argv, env=env, cwd=cwd, text=True, errors="replace", start_new_session=True,
-            stdin=subprocess.PIPE if input is not None else subprocess.DEVNULL,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT if stream_log else subprocess.PIPE)
-    except FileNotFoundError:
-        raise InfraError("tools", f"{argv[0]} not found on PATH") from None
-    except PermissionError as e:
-        raise InfraError("tools", f"cannot execute {argv[0]}: {e}") from None
+    proc = _start(argv, env, cwd, input, stream_log)
     timed_out = False
     try:
         if stream_log:
@@ -2016,7 +2056,7 @@ def run(argv, *, timeout, env=None, cwd=None, input=None, stream_log=None, check
 # ENV_HELP (--help) is generated from this table (env_help).
 def _int_range(lo, hi):
     def parse(text):
-        if not re.fullmatch(r"[0-9]{1,9}", text.strip()):
+        if not re.fullmatch(r"[0-9]{1,12}", text.strip()):
             raise ValueError(f"must be a whole number from {lo} to {hi}")
         value = int(text)
         if not lo <= value <= hi:
@@ -2475,10 +2515,38 @@ def check_guards(ctx, profile, need_image, count_vms=True):
         raise InfraError("guard", f"refusing to start: {detail}")
 
 
+def open_lock_file(path):
+    """A lock file the harness owns, opened without following a symlink."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    return os.fdopen(os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o600), "r+")
+
+
+def acquire_slot(ctx, holder):
+    """Hold one of BOMA_IT_MAX_VMS slot locks from before the domain is defined to the
+    end of the session (its teardown included): two sessions can never both be between
+    define and teardown beyond the limit. Busy slots -> InfraError('guard') at once."""
+    for i in range(ctx.max_vms):
+        fh = open_lock_file(owned_path(ctx.cache, f"vm-slot-{i}.lock"))
+        try:
+            fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            fh.close()
+            continue
+        holder["slot"] = fh
+        return
+    raise InfraError("guard", f"refusing to start: another run holds the VM slot "
+                     f"(BOMA_IT_MAX_VMS={ctx.max_vms}, all slots busy)")
+
+
+def release_slot(holder):
+    if holder.get("slot") is not None:
+        holder["slot"].close()
+        holder["slot"] = None
+
+
 @contextlib.contextmanager
 def file_lock(ctx, path, what):
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fh = open(path, "a+")
+    fh = open_lock_file(path)
     deadline = time.monotonic() + ctx.bounds["lock"]
     try:
         while True:
@@ -2613,10 +2681,25 @@ def publish_image_dir(tmp, dest, manifest):
     tmp.rename(dest)
 
 
-def _download(url, dest, timeout):
+def _download(url, dest, deadline, bound):
+    """url -> dest, the whole transfer bounded by `deadline` (time.monotonic()); each
+    socket wait by what is left of it (at most 60 s)."""
     import urllib.request  # lazy: only the fetch source needs it
-    with urllib.request.urlopen(url, timeout=timeout) as resp, open(dest, "wb") as fh:
-        shutil.copyfileobj(resp, fh, 1 << 20)
+
+    def left():
+        rest = deadline - time.monotonic()
+        if rest <= 0:
+            raise InfraError("image", f"download of {url} exceeded BOMA_IT_TIMEOUT_DOWNLOAD "
+                             f"({bound:g}s)")
+        return rest
+    with urllib.request.urlopen(url, timeout=min(60.0, left())) as resp, \
+            open(dest, "wb") as fh:
+        while True:
+            chunk = resp.read(1 << 20)
+            left()
+            if not chunk:
+                return
+            fh.write(chunk)
 
 
 def fetch_image(ctx, key, dest):
@@ -2631,8 +2714,9 @@ def fetch_image(ctx, key, dest):
     try:
         progress(ctx, "image", f"downloading {url}")
         try:
-            _download(url, part, 60)
-            _download(sha_url, tmp / "SHA512SUMS", 60)
+            deadline = time.monotonic() + ctx.bounds["download"]
+            _download(url, part, deadline, ctx.bounds["download"])
+            _download(sha_url, tmp / "SHA512SUMS", deadline, ctx.bounds["download"])
             sha_text = (tmp / "SHA512SUMS").read_text()
         except OSError as e:
             raise InfraError("image", f"download failed: {e}") from None
@@ -3311,7 +3395,9 @@ def step_guest_clock(ctx, rs):
 def take_checkpoint(ctx, rs, stage, key, parent, result=None):
     """Save the running guest (memory + device state), freeze its overlay as the
     checkpoint's disk, give the run a fresh overlay on top and restore it. The guest sees
-    a pause of a few seconds; its boot_id is unchanged."""
+    a pause of a few seconds; its boot_id is unchanged. Staged in checkpoints/.tmp-<key>-
+    <pid>, renamed into place, the manifest written last: any failure or interrupt before
+    that removes both, so no half-written checkpoint (with the run's keys) stays behind."""
     if load_checkpoint(ctx, key):
         return None
     need = rs.data["mem_mib"] + 512
@@ -3321,66 +3407,83 @@ def take_checkpoint(ctx, rs, stage, key, parent, result=None):
                  f"about {need} MiB")
         return None
     d = checkpoint_dir(ctx, key)
-    overlay = rs.disk_dir / "overlay.qcow2"
+    tmp = owned_path(ctx.cache, "checkpoints", f".tmp-{key}-{os.getpid()}")
     with timed_phase(ctx, result, f"checkpoint:{stage}"), \
             file_lock(ctx, ctx.cache / "checkpoints.lock", "checkpoint"):
-        if d.exists():
-            shutil.rmtree(d)
-        d.mkdir(parents=True)
-        os.chmod(d, 0o755)
-        r = virsh(ctx, "save", rs.domain, d / "memory.save", "--running",
-                  timeout=ctx.bounds["checkpoint"], stage="checkpoint")
-        if r.returncode != 0:  # libvirt aborts a failed save and the guest runs on
-            shutil.rmtree(d, ignore_errors=True)
-            progress(ctx, "checkpoint", f"skipping {stage}: virsh save failed: "
-                     f"{(r.stderr.strip().splitlines() or ['?'])[-1]}")
-            return None
-        moved = False
+        manifest = None
         try:
-            xml = virsh(ctx, "save-image-dumpxml", d / "memory.save", check=True,
-                        stage="checkpoint").stdout
-            (d / "domain.xml").write_text(xml)
-            seed = re.search(r"<source file='([^']*seed\.img)'", xml)
-            shutil.copyfile(seed.group(1) if seed else rs.disk_dir / "seed.img", d / "seed.img")
-            copy_run_keys(rs.dir, d)
-            os.chmod(d / "seed.img", 0o444)
-            os.replace(overlay, d / "disk.qcow2")
-            moved = True
-            # From here the run's disk reads this checkpoint: gc must leave it alone.
-            rs.data.setdefault("checkpoints_read", []).append(key)
-            rs.save()
-            os.chmod(d / "disk.qcow2", 0o444)
-            run(qemu_img_overlay_argv(d / "disk.qcow2", overlay), timeout=60, check=True,
-                stage="checkpoint", cmdlog=ctx.cmdlog)
-            os.chmod(overlay, 0o644)
-        except (HarnessError, OSError) as e:
-            if moved:
-                raise InfraError("checkpoint", f"{stage}: {e}") from None
-            # Nothing of the run moved: give the guest back and go on without one.
-            virsh(ctx, "restore", d / "memory.save", timeout=ctx.bounds["checkpoint"],
-                  check=True, stage="checkpoint")
-            shutil.rmtree(d, ignore_errors=True)
-            progress(ctx, "checkpoint", f"skipping {stage}: {e}")
-            return None
-        virsh(ctx, "restore", d / "memory.save", timeout=ctx.bounds["checkpoint"],
-              check=True, stage="checkpoint")
-        manifest = {
-            "key": key, "parent": parent, "stage": stage, "host": rs.data["host"],
-            "domain": rs.domain, "mac": rs.data["mac"], "ip": rs.ip,
-            "boot_id": rs.data["boot_ids"][-1], "accel": rs.data["accel"],
-            "image_key": rs.data["image_key"], "mem_mib": rs.data["mem_mib"],
-            "vcpus": rs.data["vcpus"], "created_at": now_iso(), "created_by": rs.name,
-            "format": CHECKPOINT_FORMAT,
-        }
-        tmp = d / "manifest.json.tmp"
-        tmp.write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n")
-        tmp.replace(d / "manifest.json")  # last: only now is the checkpoint valid
+            for leftover in (d, tmp):
+                if leftover.exists():
+                    shutil.rmtree(leftover)
+            if not stage_checkpoint(ctx, rs, stage, key, tmp, d):
+                return None
+            manifest = {
+                "key": key, "parent": parent, "stage": stage, "host": rs.data["host"],
+                "domain": rs.domain, "mac": rs.data["mac"], "ip": rs.ip,
+                "boot_id": rs.data["boot_ids"][-1], "accel": rs.data["accel"],
+                "image_key": rs.data["image_key"], "mem_mib": rs.data["mem_mib"],
+                "vcpus": rs.data["vcpus"], "created_at": now_iso(), "created_by": rs.name,
+                "format": CHECKPOINT_FORMAT,
+            }
+            # last: only now is the checkpoint valid
+            write_owned(d / "manifest.json", json.dumps(manifest, indent=2, sort_keys=True) + "\n")
+        except BaseException:
+            manifest = None
+            raise
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+            if manifest is None:
+                shutil.rmtree(d, ignore_errors=True)
         rs.data.setdefault("checkpoints_taken", []).append(stage)
         rs.save()
         step_guest_clock(ctx, rs)
     size = sum(p.stat().st_size for p in d.iterdir()) // (1 << 20)
     progress(ctx, "checkpoint", f"{stage} saved ({key}, {size} MiB)")
     return manifest
+
+
+def stage_checkpoint(ctx, rs, stage, key, tmp, d):
+    """take_checkpoint's files: saved in `tmp`, renamed to `d` once the run's disk is in
+    it (the run's fresh overlay must name the final path), guest restored. False: skipped,
+    the guest runs on as it was."""
+    tmp.mkdir(parents=True)
+    os.chmod(tmp, 0o755)
+    overlay = rs.disk_dir / "overlay.qcow2"
+    r = virsh(ctx, "save", rs.domain, tmp / "memory.save", "--running",
+              timeout=ctx.bounds["checkpoint"], stage="checkpoint")
+    if r.returncode != 0:  # libvirt aborts a failed save and the guest runs on
+        progress(ctx, "checkpoint", f"skipping {stage}: virsh save failed: "
+                 f"{(r.stderr.strip().splitlines() or ['?'])[-1]}")
+        return False
+    try:
+        xml = virsh(ctx, "save-image-dumpxml", tmp / "memory.save", check=True,
+                    stage="checkpoint").stdout
+        (tmp / "domain.xml").write_text(xml)
+        seed = re.search(r"<source file='([^']*seed\.img)'", xml)
+        shutil.copyfile(seed.group(1) if seed else rs.disk_dir / "seed.img", tmp / "seed.img")
+        copy_run_keys(rs.dir, tmp)
+        os.chmod(tmp / "seed.img", 0o444)
+    except (HarnessError, OSError) as e:
+        # Nothing of the run moved: give the guest back and go on without one.
+        virsh(ctx, "restore", tmp / "memory.save", timeout=ctx.bounds["checkpoint"],
+              check=True, stage="checkpoint")
+        progress(ctx, "checkpoint", f"skipping {stage}: {e}")
+        return False
+    try:
+        os.replace(overlay, tmp / "disk.qcow2")
+        os.chmod(tmp / "disk.qcow2", 0o444)
+        tmp.rename(d)
+        # From here the run's disk reads this checkpoint: gc must leave it alone.
+        rs.data.setdefault("checkpoints_read", []).append(key)
+        rs.save()
+        run(qemu_img_overlay_argv(d / "disk.qcow2", overlay), timeout=60, check=True,
+            stage="checkpoint", cmdlog=ctx.cmdlog)
+        os.chmod(overlay, 0o644)
+    except OSError as e:
+        raise InfraError("checkpoint", f"{stage}: {e}") from None
+    virsh(ctx, "restore", d / "memory.save", timeout=ctx.bounds["checkpoint"],
+          check=True, stage="checkpoint")
+    return True
 
 
 def resume_run(ctx, profile, certs, manifest, chain_keys, holder):
@@ -3546,7 +3649,7 @@ def timed_phase(ctx, result, name):
     except KeyboardInterrupt:
         entry["status"], entry["message"] = "interrupted", "interrupted"
         raise
-    except HarnessError as e:
+    except Exception as e:  # any error ends the phase as an error
         entry["status"], entry["message"] = "error", str(e)
         raise
     finally:
@@ -3582,13 +3685,16 @@ def finish_result(ctx, result, rs, junit=None, stream=None):
         text = json.dumps(result, indent=2, sort_keys=True) + "\n"
         try:
             rs.dir.mkdir(parents=True, exist_ok=True)
-            (rs.dir / "result.json").write_text(text)
+            write_owned(rs.dir / "result.json", text)
             rs.diag_dir.mkdir(parents=True, exist_ok=True)
-            (rs.diag_dir / "result.json").write_text(text)
-        except OSError as e:
+            write_owned(rs.diag_dir / "result.json", text)
+        except (OSError, HarnessError) as e:
             print(f"integration-vm: warning: could not write result.json: {e}", file=sys.stderr)
     if junit:
-        pathlib.Path(junit).write_text(render_junit(result))
+        try:
+            pathlib.Path(junit).write_text(render_junit(result))
+        except OSError as e:
+            print(f"integration-vm: warning: could not write {junit}: {e}", file=sys.stderr)
     print(format_summary(result), file=stream or sys.stdout, flush=True)
 
 
@@ -3604,113 +3710,30 @@ def _ignore_signals():
 
 def session(ctx, args, command):
     """Run a command's phases with uniform failure handling:
-    verify failure -> diagnostics, keep VM; infra error -> diagnostics, destroy what this
-    invocation created (unless --keep); interrupt -> destroy what it created (unless
-    --keep), exit 130; success of cycle/bench -> teardown (unless --keep)."""
+    verify failure -> diagnostics, keep VM; any other error (the harness's own, or an
+    unexpected OSError/ValueError/...: exit 3 naming the stage) -> diagnostics, destroy
+    what this invocation created (unless --keep); interrupt -> destroy what it created
+    (unless --keep), exit 130; success of cycle/bench -> teardown (unless --keep)."""
     result = new_result(command, getattr(args, "host", None))
     result["started_at"] = now_iso()
     result["certs"] = getattr(args, "certs", None)
-    result["expect_fail"] = bool(getattr(args, "expect_fail", False))
-    creates = command in ("up", "cycle", "bench")
+    result["expect_fail"] = getattr(args, "expect_fail", None) or False
     writes_result = command in ("cycle", "bench", "assert")
-    holder = {"rs": None}
+    holder = {"rs": None, "slot": None}
     exit_code = EXIT_PASS
     try:
-        profile, certs = prepare(ctx, args, command)
-        result["certs"] = certs
-        if creates:
-            holder["rs"] = provision(ctx, args, profile, certs, result, holder)
-        else:
-            holder["rs"] = select_run(ctx, args.run, args.host, live="required")
-            if holder["rs"].data.get("state") != "up":
-                raise UsageError(f"run {holder['rs'].name} is {holder['rs'].data.get('state')}, "
-                                 "not up")
-            ctx.cmdlog = holder["rs"].dir / "logs" / "commands.log"
-            ctx.bounds = stage_bounds(holder["rs"].data.get("accel"), ctx.settings)
-        rs = holder["rs"]
-        result["host"] = rs.data["host"]
-        if command == "apply":
-            apply(ctx, rs, profile, certs, result=result)
-        if command in ("cycle", "bench"):
-            apply(ctx, rs, profile, certs, result=result,
-                  start=rs.data.get("applied_steps", 0),
-                  after_step=checkpoint_after_apply(ctx, rs, result))
-        if command == "reboot" or (command in ("cycle", "bench") and not args.no_reboot):
-            modes = [args.reboot] if args.reboot else profile["reboot"]
-            if command == "reboot":
-                modes = modes[:1]
-            result["reboot_modes"] = modes
-            for mode in modes:
-                with timed_phase(ctx, result, f"reboot:{mode}"):
-                    before, after = reboot_vm(ctx, rs, mode)
-                result.setdefault("reboot_stages", []).append(
-                    {k: rs.data["reboots"][-1][k]
-                     for k in ("mode", "seconds_to_ssh", "seconds_to_running")})
-                with timed_phase(ctx, result, f"reboot-diff:{mode}") as entry:
-                    summary = reboot_diff(ctx, rs, profile, mode, before, after, result,
-                                          args.reboot_diff)
-                    if summary.get("warning"):
-                        entry["message"] = summary["warning"]
-        if command in ("assert", "cycle", "bench"):
-            run_assert(ctx, rs, profile, certs, result)
-        if command in ("cycle", "bench") and not args.no_idempotence and not args.no_reboot:
-            idempotence(ctx, rs, profile, certs, result)
-        result["verdict"] = "pass"
-        if command in ("cycle", "bench") and not args.keep:
-            with timed_phase(ctx, result, "teardown"):
-                down_run(ctx, rs)
-        elif command in ("cycle", "bench"):
-            result["kept"] = True
-            print(inspection_help(ctx, rs), file=sys.stderr, end="")
-        if command == "up":
-            print(f"{rs.name} {rs.ip}", flush=True)
-    except VerifyFailed as e:
-        _ignore_signals()
-        rs = holder["rs"]
-        exit_code = EXIT_VERIFY
-        result.update(verdict="fail", failed_stage=e.stage, message=e.msg, failures=e.failed_tasks)
-        print(f"integration-vm: verify failed: {e.msg}", file=sys.stderr)
-        if rs is not None:
-            result["diagnostics"] = str(collect_diagnostics(ctx, rs, f"{e.stage}: {e.msg}"))
-            if result["expect_fail"] and creates and not args.keep:
-                with timed_phase(ctx, result, "teardown"):
-                    down_run(ctx, rs)
-            else:
-                result["kept"] = True
-                print(inspection_help(ctx, rs), file=sys.stderr, end="")
-    except HarnessError as e:
-        _ignore_signals()
-        rs = holder["rs"]
-        exit_code = e.exit_code
-        result.update(verdict="error", failed_stage=e.stage, message=getattr(e, "msg", str(e)))
-        print(f"integration-vm: error: {e}", file=sys.stderr)
-        if rs is not None and e.exit_code == EXIT_INFRA:
-            result["diagnostics"] = str(collect_diagnostics(ctx, rs, str(e)))
-            if creates and not getattr(args, "keep", False):
-                with timed_phase(ctx, result, "teardown"):
-                    down_run(ctx, rs)
-            else:
-                result["kept"] = True
-                print(inspection_help(ctx, rs), file=sys.stderr, end="")
-    except KeyboardInterrupt:
-        _ignore_signals()
-        rs = holder["rs"]
-        exit_code = EXIT_INTERRUPTED
-        result.update(verdict="interrupted", failed_stage=_current_phase(result),
-                      message="interrupted")
-        print("\nintegration-vm: interrupted", file=sys.stderr)
-        if rs is not None:
-            if creates and not getattr(args, "keep", False):
-                progress(ctx, "teardown", f"tearing down {rs.name}")
-                with timed_phase(ctx, result, "teardown"):
-                    down_run(ctx, rs)
-            else:
-                result["kept"] = True
-                print(inspection_help(ctx, rs), file=sys.stderr, end="")
-    if result["expect_fail"] and exit_code in (EXIT_PASS, EXIT_VERIFY):
-        exit_code = EXIT_PASS if exit_code == EXIT_VERIFY else EXIT_VERIFY
-        if exit_code == EXIT_VERIFY:
-            print("integration-vm: verify PASSED but --expect-fail was given", file=sys.stderr)
+        try:
+            session_phases(ctx, args, command, result, holder)
+        except VerifyFailed as e:
+            exit_code = on_verify_failed(ctx, args, command, result, holder["rs"], e)
+        except KeyboardInterrupt:
+            exit_code = on_interrupt(ctx, args, command, result, holder["rs"])
+        except Exception as e:  # every error takes the same road
+            exit_code = on_error(ctx, args, command, result, holder["rs"],
+                                 as_harness_error(e, result))
+    finally:
+        release_slot(holder)
+    exit_code = apply_expect_fail(result, exit_code)
     result["exit_code"] = exit_code
     if exit_code == EXIT_USAGE and holder["rs"] is None:
         return exit_code  # bad input: the one error line says it all, nothing ran
@@ -3720,7 +3743,7 @@ def session(ctx, args, command):
                                   keep=[k for _, k, _ in ctx.checkpoint_chain])
             if gone:
                 progress(ctx, "checkpoint", f"removed {len(gone)} outdated checkpoint(s)")
-        except (HarnessError, OSError) as e:
+        except Exception as e:  # a cleanup must not change the verdict
             print(f"integration-vm: warning: checkpoint cleanup: {e}", file=sys.stderr)
     ctx.last_result = result
     finish_result(ctx, result, holder["rs"] if writes_result else None,
@@ -3730,8 +3753,155 @@ def session(ctx, args, command):
     return exit_code
 
 
+def session_phases(ctx, args, command, result, holder):
+    """The phases of one command, in order; raises on the first failure."""
+    creates = command in ("up", "cycle", "bench")
+    profile, certs = prepare(ctx, args, command)
+    result["certs"] = certs
+    if creates:
+        holder["rs"] = provision(ctx, args, profile, certs, result, holder)
+    else:
+        holder["rs"] = select_run(ctx, args.run, args.host, live="required")
+        if holder["rs"].data.get("state") != "up":
+            raise UsageError(f"run {holder['rs'].name} is {holder['rs'].data.get('state')}, "
+                             "not up")
+        ctx.cmdlog = holder["rs"].dir / "logs" / "commands.log"
+        ctx.bounds = stage_bounds(holder["rs"].data.get("accel"), ctx.settings)
+    rs = holder["rs"]
+    result["host"] = rs.data["host"]
+    if command == "apply":
+        apply(ctx, rs, profile, certs, result=result)
+    if command in ("cycle", "bench"):
+        apply(ctx, rs, profile, certs, result=result, start=rs.data.get("applied_steps", 0),
+              after_step=checkpoint_after_apply(ctx, rs, result))
+    if command == "reboot" or (command in ("cycle", "bench") and not args.no_reboot):
+        modes = [args.reboot] if args.reboot else profile["reboot"]
+        result["reboot_modes"] = modes[:1] if command == "reboot" else modes
+        for mode in result["reboot_modes"]:
+            with timed_phase(ctx, result, f"reboot:{mode}"):
+                before, after = reboot_vm(ctx, rs, mode)
+            result.setdefault("reboot_stages", []).append(
+                {k: rs.data["reboots"][-1][k]
+                 for k in ("mode", "seconds_to_ssh", "seconds_to_running")})
+            with timed_phase(ctx, result, f"reboot-diff:{mode}") as entry:
+                summary = reboot_diff(ctx, rs, profile, mode, before, after, result,
+                                      args.reboot_diff)
+                if summary.get("warning"):
+                    entry["message"] = summary["warning"]
+    if command in ("assert", "cycle", "bench"):
+        run_assert(ctx, rs, profile, certs, result)
+    if command in ("cycle", "bench") and not args.no_idempotence and not args.no_reboot:
+        idempotence(ctx, rs, profile, certs, result)
+    result["verdict"] = "pass"
+    if command in ("cycle", "bench") and not args.keep:
+        with timed_phase(ctx, result, "teardown"):
+            down_run(ctx, rs)
+    elif command in ("cycle", "bench"):
+        result["kept"] = True
+        print(inspection_help(ctx, rs), file=sys.stderr, end="")
+    if command == "up":
+        print(f"{rs.name} {rs.ip}", flush=True)
+
+
+def expected_failure(result, stage):
+    """Whether a VerifyFailed at `stage` is the one --expect-fail[=STAGE] names (verify by
+    default; a family name like `apply` covers `apply:site.yml`)."""
+    want = result.get("expect_fail")
+    return bool(want) and stage is not None and want in (stage, stage.split(":")[0])
+
+
+def apply_expect_fail(result, exit_code):
+    """--expect-fail: the named stage failing is a pass; a pass is a failure; a failure
+    at another stage stays one."""
+    want = result.get("expect_fail")
+    if not want or exit_code not in (EXIT_PASS, EXIT_VERIFY):
+        return exit_code
+    if exit_code == EXIT_PASS:
+        print(f"integration-vm: {want} PASSED but --expect-fail={want} was given",
+              file=sys.stderr)
+        return EXIT_VERIFY
+    if expected_failure(result, result.get("failed_stage")):
+        return EXIT_PASS
+    print(f"integration-vm: failed at {result.get('failed_stage')}, not at the expected "
+          f"stage {want} (--expect-fail)", file=sys.stderr)
+    return EXIT_VERIFY
+
+
+def teardown_or_keep(ctx, args, command, result, rs, teardown):
+    """Tear down what this invocation created (never raises), or keep it and say how to
+    inspect it."""
+    if rs is None:
+        return
+    if teardown and command in ("up", "cycle", "bench") and not getattr(args, "keep", False):
+        try:
+            with timed_phase(ctx, result, "teardown"):
+                down_run(ctx, rs)
+        except Exception as e:  # report, never mask the verdict
+            result["teardown_error"] = str(e)
+            print(f"integration-vm: warning: teardown of {rs.name} incomplete: {e}",
+                  file=sys.stderr)
+        return
+    result["kept"] = True
+    print(inspection_help(ctx, rs), file=sys.stderr, end="")
+
+
+def on_verify_failed(ctx, args, command, result, rs, e):
+    _ignore_signals()
+    result.update(verdict="fail", failed_stage=e.stage, message=e.msg, failures=e.failed_tasks)
+    print(f"integration-vm: verify failed: {e.msg}", file=sys.stderr)
+    if rs is not None:
+        result["diagnostics"] = str(collect_diagnostics(ctx, rs, f"{e.stage}: {e.msg}"))
+        teardown_or_keep(ctx, args, command, result, rs, expected_failure(result, e.stage))
+    return EXIT_VERIFY
+
+
+def on_error(ctx, args, command, result, rs, e):
+    _ignore_signals()
+    result.update(verdict="error", failed_stage=e.stage, message=getattr(e, "msg", str(e)))
+    print(f"integration-vm: error: {e}", file=sys.stderr)
+    if rs is not None and e.exit_code == EXIT_INFRA:
+        result["diagnostics"] = str(collect_diagnostics(ctx, rs, str(e)))
+        teardown_or_keep(ctx, args, command, result, rs, True)
+    return e.exit_code
+
+
+def on_interrupt(ctx, args, command, result, rs):
+    _ignore_signals()
+    result.update(verdict="interrupted", failed_stage=_current_phase(result),
+                  message="interrupted")
+    print("\nintegration-vm: interrupted", file=sys.stderr)
+    if rs is not None and command in ("up", "cycle", "bench") and not args.keep:
+        progress(ctx, "teardown", f"tearing down {rs.name}")
+    teardown_or_keep(ctx, args, command, result, rs, True)
+    return EXIT_INTERRUPTED
+
+
+def as_harness_error(e, result):
+    """An exception as the HarnessError the policy handles: an unexpected one (OSError,
+    ValueError, ...) is an infrastructure error of the stage that was running."""
+    if isinstance(e, HarnessError):
+        return e
+    failed = [p["name"] for p in result["phase_details"] if p["status"] == "error"]
+    stage = failed[-1] if failed else "session"
+    what = f"{e.strerror}: {e.filename}" if isinstance(e, OSError) and e.strerror and \
+        e.filename else (str(e).splitlines() or [""])[0]
+    return InfraError(stage, f"unexpected {type(e).__name__}: {what}")
+
+
+def check_junit(path):
+    """--junit FILE: its directory must exist and be writable now, not after a cycle."""
+    if not path:
+        return
+    f = pathlib.Path(path)
+    parent = f.parent if str(f.parent) else pathlib.Path(".")
+    if f.is_dir() or not parent.is_dir() or not os.access(parent, os.W_OK | os.X_OK):
+        raise UsageError(f"--junit {path}: not a writable file path (its directory must "
+                         "exist and be writable)")
+
+
 def prepare(ctx, args, command):
     """All validation that can fail before anything is created."""
+    check_junit(getattr(args, "junit", None))
     host = args.host
     if host is None and command in ("apply", "assert", "reboot"):
         rs = select_run(ctx, args.run, None, live="required")
@@ -3780,6 +3950,7 @@ def provision(ctx, args, profile, certs, result, holder):
     accel = choose_accel(ctx, image)
     result["accel"] = accel
     ctx.bounds = stage_bounds(accel, ctx.settings)
+    acquire_slot(ctx, holder)   # held until the session ends, after its teardown
     if certs in REAL_SECRET_TIERS and checkpoints_enabled(ctx, args):
         progress(ctx, "checkpoint", f"off: --certs {certs} puts the real Gandi token in the "
                  "guest's memory, which a checkpoint would keep on disk")
@@ -4184,9 +4355,11 @@ def build_parser():
         sp.add_argument("--no-checkpoints", action="store_true",
                         help="neither resume from nor write checkpoints (env "
                              "BOMA_IT_CHECKPOINTS=0)")
-        sp.add_argument("--expect-fail", action="store_true",
-                        help="RED runs: a verify failure is the expected outcome (exit 0; "
-                             "the VM is torn down), a pass exits 1")
+        sp.add_argument("--expect-fail", nargs="?", const="verify", metavar="STAGE",
+                        help="RED runs: a failure of the verify stage (or of STAGE, e.g. "
+                             "--expect-fail=reboot-diff; apply covers apply:<playbook>) is "
+                             "the expected outcome (exit 0; the VM is torn down); a pass, "
+                             "or a failure at another stage, exits 1")
 
     p = argparse.ArgumentParser(
         prog="integration-vm", description=__doc__.split("\n\n")[0] + "\n\n" +
@@ -4247,7 +4420,7 @@ def build_parser():
 def _defaults(args):
     for k, v in (("host", None), ("run", None), ("certs", None), ("allow_prod_certs", False),
                  ("keep", False), ("no_reboot", False), ("reboot", None),
-                 ("no_idempotence", False), ("junit", None), ("expect_fail", False),
+                 ("no_idempotence", False), ("junit", None), ("expect_fail", None),
                  ("reboot_diff", "fail"), ("no_checkpoints", False), ("no_warm", True),
                  ("warm_edit", None)):
         if not hasattr(args, k):
@@ -4276,8 +4449,9 @@ def main(argv=None):
     except KeyboardInterrupt:
         print("\nintegration-vm: interrupted", file=sys.stderr)
         return EXIT_INTERRUPTED
-    except OSError as e:
-        print(f"integration-vm: error: {e}", file=sys.stderr)
+    except Exception as e:  # one line, never a traceback
+        print(f"integration-vm: error: {as_harness_error(e, new_result(args.cmd))}",
+              file=sys.stderr)
         return EXIT_INFRA
 
 
