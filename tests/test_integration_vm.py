@@ -669,7 +669,7 @@ def test_run_times_out_and_kills_the_group():
     import time
     t0 = time.monotonic()
     r = ivm.run([sys_executable(), "-c", "import time; time.sleep(30)"], timeout=0.5)
-    assert r.timed_out and r.returncode == 124 and time.monotonic() - t0 < 10
+    assert r.timed_out and r.returncode == 124 and time.monotonic() - t0 < 0.5 + 3.5
 
 
 def test_run_missing_tool_is_infra_error():
