@@ -466,11 +466,11 @@ def load_profile(host, profile_dir=None, repo_root=None, read=None):
     profile_dir = pathlib.Path(profile_dir or PROFILE_DIR)
     repo_root = pathlib.Path(repo_root or REPO_ROOT)
     read = read or (lambda p: _read_profile(p, repo_root))
-    if not re.fullmatch(r"[a-z0-9][a-z0-9_-]{0,40}", host or ""):
+    if not re.fullmatch(HOST_RE, host or ""):
         raise UsageError(f"invalid host name {host!r} (lower-case letters, digits, - and _)")
     chain, name = [], host
     while name is not None:
-        if not re.fullmatch(r"[a-z0-9][a-z0-9_-]{0,40}", name):
+        if not re.fullmatch(HOST_RE, name):
             raise UsageError(f"profile {_rel(chain[-1][1], repo_root)}: key 'extends' must name "
                              "a profile (lower-case letters, digits, - and _)")
         path = profile_dir / f"{name}.json"
@@ -2317,6 +2317,7 @@ def write_owned(path, text, mode=0o644):
     (O_EXCL|O_NOFOLLOW) renamed over `path` replaces a link instead of following it."""
     path = pathlib.Path(path)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp.unlink(missing_ok=True)   # a crashed writer's (a link there is removed, not followed)
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, mode)
     try:
         with os.fdopen(fd, "w") as fh:
