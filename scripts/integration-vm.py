@@ -22,6 +22,7 @@ import difflib
 import fcntl
 import hashlib
 import json
+import math
 import os
 import pathlib
 import re
@@ -33,8 +34,10 @@ import socket
 import subprocess
 import sys
 import tempfile
+import textwrap
 import threading
 import time
+import types
 import uuid
 import xml.etree.ElementTree as ET
 from xml.sax.saxutils import escape as _xml_escape, quoteattr as _xml_quoteattr
@@ -43,10 +46,8 @@ from xml.sax.saxutils import escape as _xml_escape, quoteattr as _xml_quoteattr
 # Constants (spec names kept)
 # --------------------------------------------------------------------------------------
 REPO_ROOT = pathlib.Path(__file__).resolve().parent.parent
-CACHE_DIR = pathlib.Path(os.environ.get("BOMA_IT_CACHE", "/var/lib/boma-integration"))
 IMAGE_URL = "https://cloud.debian.org/images/cloud/trixie/latest/debian-13-genericcloud-amd64.qcow2"
 SHA_URL = "https://cloud.debian.org/images/cloud/trixie/latest/SHA512SUMS"
-IMAGE_NAME = "debian-13-genericcloud-amd64.qcow2"
 NET_NAME = "boma-it"
 NET_XML = """<network>
   <name>boma-it</name>
@@ -66,19 +67,13 @@ NAME_PREFIX = "boma-it-"
 DISK_MODE = 0o600
 FROZEN_DISK_MODE = 0o400        # a checkpoint's disk and seed: read-only backing files
 INTEG_DIR = REPO_ROOT / "tests" / "integration"
-RUN_DIR = pathlib.Path(os.environ.get("BOMA_IT_RUN_DIR", str(INTEG_DIR / ".run")))
-DIAG_ROOT = pathlib.Path(os.environ.get("BOMA_IT_DIAG_DIR",
-                                        str(pathlib.Path.home() / "integration-runs")))
 PROFILE_DIR = INTEG_DIR / "profiles"
 CERT_DIR = INTEG_DIR / "certs"
-PLAYBOOK_DIR = REPO_ROOT / "playbooks"
 DEFAULT_VERIFY = "tests/integration/verify.yml"
 TEST_VAULT_VALUES = REPO_ROOT / "tests" / "vault" / "test-values.yml"
-PROD_GROUP_VARS = REPO_ROOT / "inventories" / "production" / "group_vars"
 DEFAULT_MEM_MIB = 3072
 DEFAULT_VCPUS = 2
 RAM_FLOOR_MIB = 1024            # MemAvailable minus the VM's memory must stay above this
-MIN_FREE_MIB = DEFAULT_MEM_MIB + RAM_FLOOR_MIB   # spec name: free RAM a default VM needs
 MIN_DISK_MIB_RUN = 4096         # free disk for one run's overlay to grow into
 MIN_DISK_MIB_IMAGE = 4096       # free disk to build/fetch a golden image
 VALID_TIERS = ("internal", "le-staging", "le-prod-wildcard")
@@ -93,13 +88,12 @@ ACCEL_CHOICES = ("auto", "kvm", "tcg")
 ANSIBLE_USER = "ansible"
 DEFAULT_URI = "qemu:///system"
 METADATA_URI = "https://boma.invalid/integration-vm"
-METADATA_KEY = "boma"
 SUBCOMMANDS = ("image", "up", "apply", "reboot", "assert", "cycle", "bench", "down",
                "console", "prune", "status", "doctor")
 
 EXIT_PASS, EXIT_VERIFY, EXIT_USAGE, EXIT_INFRA, EXIT_INTERRUPTED = 0, 1, 2, 3, 130
 EXIT_CODES_HELP = """exit codes:
-  0    pass (or, with --expect-fail, the verify failed as expected)
+  0    pass (or, with --expect-fail[=STAGE], verify (or STAGE) failed as expected)
   1    verify failed: the code under test failed (verify playbook, a failing apply,
        an unexpected state difference across a reboot, changes on the post-reboot
        re-apply); the VM is kept for inspection
@@ -202,6 +196,10 @@ class VerifyFailed(HarnessError):
 # --------------------------------------------------------------------------------------
 # Pure helpers: names, parsing, rendering
 # --------------------------------------------------------------------------------------
+HOST_RE = r"[a-z0-9][a-z0-9_-]{0,40}"
+RUN_NAME_RE = re.compile(re.escape(NAME_PREFIX) + HOST_RE + r"-[0-9a-f]{8}")
+
+
 def vm_name(host, suffix=None):
     suffix = suffix or uuid.uuid4().hex[:8]
     return f"{NAME_PREFIX}{host}-{suffix}"
@@ -276,10 +274,6 @@ def cert_file(tier):
     if tier not in VALID_TIERS:
         raise ValueError(f"unknown cert tier: {tier}")
     return CERT_DIR / f"{tier}.yml"
-
-
-def profile_path(host):
-    return PROFILE_DIR / f"{host}.json"
 
 
 def render_run_hosts(name, ip, ansible_user, groups, host_vars=None):
@@ -363,6 +357,9 @@ def parse_profile_text(text, path, root=None):
     except json.JSONDecodeError as e:
         raise UsageError(f"profile {_rel(path, root)}: invalid JSON at line {e.lineno} "
                          f"column {e.colno}: {e.msg}") from None
+    except (ValueError, RecursionError) as e:  # a 4,300-digit integer, 100k-deep nesting
+        raise UsageError(f"profile {_rel(path, root)}: invalid JSON: "
+                         f"{str(e).splitlines()[0][:120] or type(e).__name__}") from None
     if not isinstance(data, dict):
         raise UsageError(f"profile {_rel(path, root)}: top level must be a JSON object")
     return data
@@ -405,10 +402,11 @@ def check_profile_types(data, path, root=None):
                              f"{', '.join(REBOOT_MODES)}, got {mode!r}")
     if "reboot_diff_tolerate" in data:
         check_tolerance_spec(data["reboot_diff_tolerate"], f"profile {_rel(path, root)}")
-    if "mem_mib" in data and data["mem_mib"] < 512:
-        raise UsageError(f"profile {_rel(path, root)}: key 'mem_mib' must be >= 512")
-    if "vcpus" in data and data["vcpus"] < 1:
-        raise UsageError(f"profile {_rel(path, root)}: key 'vcpus' must be >= 1")
+    for key, lo, hi in (("mem_mib", 512, 1 << 20), ("vcpus", 1, 256)):
+        if key in data and data[key] < lo:
+            raise UsageError(f"profile {_rel(path, root)}: key {key!r} must be >= {lo}")
+        if key in data and data[key] > hi:
+            raise UsageError(f"profile {_rel(path, root)}: key {key!r} must be <= {hi}")
 
 
 def merge_profiles(parent, child):
@@ -425,16 +423,63 @@ def merge_profiles(parent, child):
     return merged
 
 
+def resolved_under(path, root):
+    """`path` with every symlink resolved, if that lies under `root` (resolved too), else
+    None: what a profile, flag or state file names must stay inside its tree."""
+    try:
+        real, base = pathlib.Path(path).resolve(), pathlib.Path(root).resolve()
+    except (OSError, RuntimeError, ValueError):
+        return None
+    return real if real == base or base in real.parents else None
+
+
+def _read_profile(path, root):
+    try:
+        return path.read_bytes().decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise UsageError(f"profile {_rel(path, root)}: not UTF-8 (byte {e.start})") from None
+    except OSError as e:
+        raise UsageError(f"profile {_rel(path, root)}: not readable: {e.strerror or e}") from None
+
+
+def check_profile_paths(merged, top, repo_root):
+    """Every file a merged profile names exists and resolves inside the repository."""
+    for i, step in enumerate(merged["applies"]):
+        pb = repo_root / "playbooks" / step["playbook"]
+        if resolved_under(pb, repo_root) is None:
+            raise UsageError(f"profile {_rel(top, repo_root)}: key 'applies[{i}].playbook' "
+                             f"names {step['playbook']!r}, which resolves outside the repository")
+        if not pb.is_file():
+            raise UsageError(f"profile {_rel(top, repo_root)}: key 'applies[{i}].playbook' names "
+                             f"playbooks/{step['playbook']}, which does not exist")
+    for f in merged["extra_vars_files"]:
+        if resolved_under(repo_root / "tests" / "integration" / f, repo_root) is None:
+            raise UsageError(f"profile {_rel(top, repo_root)}: key 'extra_vars_files' names "
+                             f"{f!r}, which resolves outside the repository")
+        if not (repo_root / "tests" / "integration" / f).is_file():
+            raise UsageError(f"profile {_rel(top, repo_root)}: key 'extra_vars_files' names "
+                             f"tests/integration/{f}, which does not exist")
+    if resolved_under(repo_root / merged["verify"], repo_root) is None:
+        raise UsageError(f"profile {_rel(top, repo_root)}: key 'verify' names "
+                         f"{merged['verify']!r}, which resolves outside the repository")
+    if not (repo_root / merged["verify"]).is_file():
+        raise UsageError(f"profile {_rel(top, repo_root)}: verify playbook {merged['verify']} "
+                         "does not exist")
+
+
 def load_profile(host, profile_dir=None, repo_root=None, read=None):
     """Load, resolve `extends`, validate. Returns the merged profile dict with `name`
     and `path`. Every problem is a UsageError naming the file (and key)."""
     profile_dir = pathlib.Path(profile_dir or PROFILE_DIR)
     repo_root = pathlib.Path(repo_root or REPO_ROOT)
-    read = read or (lambda p: p.read_text())
-    if not re.fullmatch(r"[a-z0-9][a-z0-9_-]{0,40}", host or ""):
+    read = read or (lambda p: _read_profile(p, repo_root))
+    if not re.fullmatch(HOST_RE, host or ""):
         raise UsageError(f"invalid host name {host!r} (lower-case letters, digits, - and _)")
     chain, name = [], host
     while name is not None:
+        if not re.fullmatch(HOST_RE, name):
+            raise UsageError(f"profile {_rel(chain[-1][1], repo_root)}: key 'extends' must name "
+                             "a profile (lower-case letters, digits, - and _)")
         path = profile_dir / f"{name}.json"
         if name in [n for n, _, _ in chain]:
             raise UsageError(f"profile {_rel(path, repo_root)}: 'extends' cycle "
@@ -445,6 +490,9 @@ def load_profile(host, profile_dir=None, repo_root=None, read=None):
                 raise UsageError(f"profile {_rel(chain[-1][1], repo_root)}: key 'extends' names "
                                  f"{name!r} but there is no {_rel(path, repo_root)}")
             raise UsageError(f"no profile {_rel(path, repo_root)} (known: {', '.join(known) or 'none'})")
+        if resolved_under(path, profile_dir) is None:
+            raise UsageError(f"profile {_rel(path, repo_root)}: resolves outside "
+                             f"{_rel(profile_dir, repo_root)} (via 'extends' or a symlink)")
         data = parse_profile_text(read(path), path, repo_root)
         check_profile_types(data, path, repo_root)
         chain.append((name, path, data))
@@ -461,18 +509,7 @@ def load_profile(host, profile_dir=None, repo_root=None, read=None):
     merged.setdefault("vcpus", DEFAULT_VCPUS)
     merged.setdefault("reboot", ["graceful"])
     merged.setdefault("verify", DEFAULT_VERIFY)
-    for i, step in enumerate(merged["applies"]):
-        pb = repo_root / "playbooks" / step["playbook"]
-        if not pb.is_file():
-            raise UsageError(f"profile {_rel(top, repo_root)}: key 'applies[{i}].playbook' names "
-                             f"playbooks/{step['playbook']}, which does not exist")
-    for f in merged["extra_vars_files"]:
-        if not (repo_root / "tests" / "integration" / f).is_file():
-            raise UsageError(f"profile {_rel(top, repo_root)}: key 'extra_vars_files' names "
-                             f"tests/integration/{f}, which does not exist")
-    if not (repo_root / merged["verify"]).is_file():
-        raise UsageError(f"profile {_rel(top, repo_root)}: verify playbook {merged['verify']} "
-                         "does not exist")
+    check_profile_paths(merged, top, repo_root)
     merged["name"] = host
     merged["path"] = str(top)
     return merged
@@ -860,7 +897,8 @@ def phase_totals(phases):
 def format_summary(result):
     verdict = (result.get("verdict") or "error").upper()
     if result.get("expect_fail"):
-        verdict += " (expected fail)" if result.get("verdict") == "fail" else " (expected FAIL)"
+        verdict += " (expected fail)" if result.get("verdict") == "fail" and \
+            result.get("exit_code") == EXIT_PASS else f" (expected FAIL at {result['expect_fail']})"
     head = f"integration-vm: {verdict}"
     if result.get("verdict") in ("error", "fail", "interrupted") and result.get("failed_stage"):
         head += f"[{result['failed_stage']}]"
@@ -1870,14 +1908,15 @@ def kvm_group_accessible(mode, gid, kvm_gid):
     return kvm_gid is not None and gid == kvm_gid and mode & 0o060 == 0o060
 
 
-def stage_bounds(accel, environ):
+def stage_bounds(accel, settings):
+    """Per-stage bounds; a BOMA_IT_TIMEOUT_<STAGE> in settings (a Settings, or an environ
+    mapping, parsed through SETTINGS) wins over the default and its TCG scaling."""
+    if not isinstance(settings, Settings):
+        settings = read_settings(settings)
     bounds = {}
     for k, v in DEFAULT_BOUNDS.items():
-        env_key = "BOMA_IT_TIMEOUT_" + k.upper().replace("-", "_")
-        if environ.get(env_key):
-            bounds[k] = float(environ[env_key])
-        else:
-            bounds[k] = float(v * (TCG_SCALE if accel == "tcg" and k in TCG_SCALED else 1))
+        bounds[k] = settings.timeouts.get(
+            k, float(v * (TCG_SCALE if accel == "tcg" and k in TCG_SCALED else 1)))
     return bounds
 
 
@@ -2029,16 +2068,64 @@ class Proc:
 
 
 def _kill_group(proc):
-    for sig, wait in ((signal.SIGTERM, 3), (signal.SIGKILL, 3)):
+    """SIGTERM the child's process group, give its leader 3 s, then SIGKILL the group:
+    what the leader started (ansible's workers, ssh) goes with it."""
+    for sig in (signal.SIGTERM, signal.SIGKILL):
         try:
             os.killpg(proc.pid, sig)
         except (ProcessLookupError, PermissionError):
-            return
+            break
         try:
-            proc.wait(timeout=wait)
-            return
+            proc.wait(timeout=3)
         except subprocess.TimeoutExpired:
             continue
+    with contextlib.suppress(subprocess.TimeoutExpired):
+        proc.wait(timeout=3)
+
+
+@contextlib.contextmanager
+def _signals_deferred():
+    """Hold SIGINT/SIGTERM back while a child is being started: an interrupt landing
+    inside Popen would otherwise leave a child nobody kills. On exit the held signal is
+    handed to the handler that was installed (KeyboardInterrupt, or the cleanup note)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    held, old = [], {}
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        old[sig] = signal.signal(sig, lambda signum, frame: held.append(signum))
+    try:
+        yield
+    finally:
+        for sig, handler in old.items():
+            signal.signal(sig, signal.SIG_DFL if handler is None else handler)
+        for sig in held[:1]:
+            if callable(old[sig]):
+                old[sig](sig, None)
+            elif old[sig] == signal.SIG_DFL:
+                signal.raise_signal(sig)
+
+
+def _start(argv, env, cwd, input, stream_log):
+    """Popen in its own session/process group, interrupts held back until the child is
+    ours to kill (then it is killed and the interrupt raised)."""
+    proc = None
+    try:
+        with _signals_deferred():
+            proc = subprocess.Popen(
+                argv, env=env, cwd=cwd, text=True, errors="replace", start_new_session=True,
+                stdin=subprocess.PIPE if input is not None else subprocess.DEVNULL,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.STDOUT if stream_log else subprocess.PIPE)
+    except FileNotFoundError:
+        raise InfraError("tools", f"{argv[0]} not found on PATH") from None
+    except PermissionError as e:
+        raise InfraError("tools", f"cannot execute {argv[0]}: {e}") from None
+    except BaseException:
+        if proc is not None:
+            _kill_group(proc)
+        raise
+    return proc
 
 
 def run(argv, *, timeout, env=None, cwd=None, input=None, stream_log=None, check=False,
@@ -2053,16 +2140,7 @@ def run(argv, *, timeout, env=None, cwd=None, input=None, stream_log=None, check
             fh.write(f"{datetime.datetime.now().isoformat(timespec='seconds')} "
                      f"{shlex.join(argv)}\n")
     t0 = time.monotonic()
-    try:
-        proc = subprocess.Popen(
-            argv, env=env, cwd=cwd, text=True, errors="replace", start_new_session=True,
-            stdin=subprocess.PIPE if input is not None else subprocess.DEVNULL,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT if stream_log else subprocess.PIPE)
-    except FileNotFoundError:
-        raise InfraError("tools", f"{argv[0]} not found on PATH") from None
-    except PermissionError as e:
-        raise InfraError("tools", f"cannot execute {argv[0]}: {e}") from None
+    proc = _start(argv, env, cwd, input, stream_log)
     timed_out = False
     try:
         if stream_log:
@@ -2111,6 +2189,148 @@ def run(argv, *, timeout, env=None, cwd=None, input=None, stream_log=None, check
 # --------------------------------------------------------------------------------------
 # Impure orchestration
 # --------------------------------------------------------------------------------------
+# ---- settings: every environment variable, declared once --------------------------------
+# One row per variable: (name, parser, default, help). read_settings() parses them all at
+# startup, before anything is created; a bad value is one line naming the variable, exit 2.
+# ENV_HELP (--help) is generated from this table (env_help).
+def _int_range(lo, hi):
+    def parse(text):
+        if not re.fullmatch(r"[0-9]{1,12}", text.strip()):
+            raise ValueError(f"must be a whole number from {lo} to {hi}")
+        value = int(text)
+        if not lo <= value <= hi:
+            raise ValueError(f"must be from {lo} to {hi}")
+        return value
+    return parse
+
+
+def _seconds(lo=0.0, hi=7 * 86400.0):
+    def parse(text):
+        try:
+            value = float(text)
+        except ValueError:
+            raise ValueError("must be a number of seconds") from None
+        if not math.isfinite(value) or not lo <= value <= hi:
+            raise ValueError(f"must be a finite number of seconds from {lo:g} to {hi:g}")
+        return value
+    return parse
+
+
+def _choice(*choices):
+    def parse(text):
+        if text not in choices:
+            raise ValueError(f"must be one of {', '.join(choices)}")
+        return text
+    return parse
+
+
+def _abs_path(text):
+    if not text or not os.path.isabs(text) or "\0" in text:
+        raise ValueError("must be an absolute path")
+    return pathlib.Path(text)
+
+
+def _on_off(text):
+    if text.lower() not in ("1", "on", "yes", "0", "off", "no"):
+        raise ValueError("must be 1/on/yes or 0/off/no")
+    return text.lower() in ("1", "on", "yes")
+
+
+def _text(text):
+    return text
+
+
+def timeout_var(stage):
+    return "BOMA_IT_TIMEOUT_" + stage.upper().replace("-", "_")
+
+
+SETTINGS = (
+    ("LIBVIRT_DEFAULT_URI", _text, DEFAULT_URI, "libvirt URI; --connect wins"),
+    ("BOMA_IT_ACCEL", _choice(*ACCEL_CHOICES), "auto", "auto|kvm|tcg; --accel wins"),
+    ("BOMA_IT_CACHE", _abs_path, pathlib.Path("/var/lib/boma-integration"),
+     "VM disks, golden images, checkpoints"),
+    ("BOMA_IT_RUN_DIR", _abs_path, lambda: str(INTEG_DIR / ".run"),
+     "run metadata parent (default tests/integration/.run)"),
+    ("BOMA_IT_DIAG_DIR", _abs_path, lambda: str(pathlib.Path.home() / "integration-runs"),
+     "diagnostics parent (default ~/integration-runs)"),
+    ("BOMA_IT_IMAGE_SOURCE", _choice("build", "fetch"), "build",
+     "build (mmdebstrap) | fetch (cloud.debian.org)"),
+    ("BOMA_IT_MIRROR", _text, DEFAULT_MIRROR, "Debian mirror for image builds"),
+    ("BOMA_IT_IMAGE_URL", _text, IMAGE_URL, "image to fetch with BOMA_IT_IMAGE_SOURCE=fetch"),
+    ("BOMA_IT_SHA_URL", _text, SHA_URL, "its SHA512SUMS"),
+    ("BOMA_IT_MAX_VMS", _int_range(1, 64), 1, "harness VMs allowed at once"),
+    ("BOMA_IT_ANSIBLE_PLAYBOOK", _text, "", "ansible-playbook to use (default: PATH, then .venv)"),
+    ("BOMA_IT_ANSIBLE_STRATEGY", _choice(*STRATEGY_CHOICES), "mitogen",
+     "Ansible transport: mitogen (falls back to linear when it cannot load) | default; "
+     "--strategy wins (ADR-027)"),
+    ("BOMA_IT_POLL", _seconds(0.001, 60), DEFAULT_POLL, "poll interval of bounded waits (s)"),
+    ("BOMA_IT_SSH_PORT", _int_range(1, 65535), 22, "guest SSH port"),
+    ("BOMA_IT_RAM_FLOOR_MIB", _int_range(0, 1 << 24), RAM_FLOOR_MIB,
+     "MemAvailable that must remain after the VM's memory"),
+    ("BOMA_IT_MIN_DISK_MIB", _int_range(0, 1 << 30), None,
+     f"free disk required (default {MIN_DISK_MIB_RUN}, + {MIN_DISK_MIB_IMAGE} to build an image)"),
+    ("BOMA_IT_CHECKPOINTS", _on_off, True, "0/off/no: neither resume from nor write checkpoints"),
+    ("BOMA_IT_NETNS", _text, "", "set by scripts/it-run: the sandbox namespace (inspection hints)"),
+    ("BOMA_IT_MEMINFO", _abs_path, pathlib.Path("/proc/meminfo"), "meminfo the RAM guard reads (tests)"),
+    ("BOMA_IT_KVM_DEV", _abs_path, pathlib.Path("/dev/kvm"), "KVM device the accelerator check reads (tests)"),
+    ("BOMA_IT_BOOT_ID_PATH", _abs_path, pathlib.Path("/proc/sys/kernel/random/boot_id"),
+     "host boot id that keys the cached KVM probe (tests)"),
+    ("BOMA_IT_LIBVIRT_LOG_DIR", _abs_path, pathlib.Path("/var/log/libvirt/qemu"),
+     "libvirt's per-domain QEMU logs (diagnostics)"),
+) + tuple((timeout_var(stage), _seconds(), None, f"bound of {stage} in seconds")
+          for stage in DEFAULT_BOUNDS)
+
+
+@dataclasses.dataclass(frozen=True)
+class Settings:
+    """The parsed SETTINGS, by variable name (read once, never changed)."""
+    values: types.MappingProxyType
+
+    def __getitem__(self, name):
+        return self.values[name]
+
+    @property
+    def timeouts(self):
+        return {st: self.values[timeout_var(st)] for st in DEFAULT_BOUNDS
+                if self.values[timeout_var(st)] is not None}
+
+
+def read_settings(environ):
+    """Parse every SETTINGS variable; the first bad one is a UsageError naming it. An empty
+    value is the default, except for paths (an empty path would mean the current dir)."""
+    values = {}
+    for name, parse, default, _ in SETTINGS:
+        raw = environ.get(name)
+        if raw is None or (raw == "" and parse is not _abs_path):
+            values[name] = parse(default()) if callable(default) else default
+            continue
+        try:
+            values[name] = parse(raw)
+        except ValueError as e:
+            shown = raw if len(raw) <= 40 else raw[:40] + "..."
+            raise UsageError(f"{name}={shown!r}: {e}") from None
+    return Settings(types.MappingProxyType(values))
+
+
+def env_help():
+    """The environment part of --help, from SETTINGS."""
+    lines = ["environment:"]
+    for name, _, default, text in SETTINGS:
+        if name.startswith("BOMA_IT_TIMEOUT_"):
+            continue
+        shown = "" if callable(default) or isinstance(default, bool) or default in (None, "") \
+            or len(str(default)) > 32 else f" (default {default})"
+        lines.append(f"  {name:<25} {text}{shown}")
+    stages = ", ".join(f"{k}={v}" for k, v in DEFAULT_BOUNDS.items())
+    lines.append("  BOMA_IT_TIMEOUT_<STAGE>   bound in seconds, e.g. BOMA_IT_TIMEOUT_DHCP_LEASE=300;\n"
+                 f"                            defaults (KVM; TCG scales boot-ish ones x{TCG_SCALE}):")
+    lines += ["    " + ln for ln in textwrap.wrap(stages, 84)]
+    lines.append("  BOMA_VAULT_PASSWORD_FILE  production vault password file, only for --certs "
+                 "le-staging /\n                            le-prod-wildcard (else "
+                 "scripts/vault-password.sh asks rbw)")
+    return "\n".join(lines) + "\n"
+
+
 @dataclasses.dataclass
 class Ctx:
     repo: pathlib.Path
@@ -2131,37 +2351,29 @@ class Ctx:
     checkpoint_chain: list = None   # [(stage, key, detail)] when this cycle uses checkpoints
     bench_phase: str = None         # "cold" | "warm" inside cmd_bench
     last_result: dict = None
+    settings: Settings = None       # read_settings(environ) unless given
 
-    def path_env(self, name, default):
-        return pathlib.Path(self.environ.get(name, default))
+    def __post_init__(self):
+        if self.settings is None:
+            self.settings = read_settings(self.environ)
+
+    def path_env(self, name):
+        return pathlib.Path(self.settings[name])
 
 
 def ctx_from_env(environ, args):
-    e = environ
-    uri = getattr(args, "connect", None) or e.get("LIBVIRT_DEFAULT_URI") or DEFAULT_URI
-    accel = getattr(args, "accel", None) or e.get("BOMA_IT_ACCEL") or "auto"
-    if accel not in ACCEL_CHOICES:
-        raise UsageError(f"BOMA_IT_ACCEL must be one of {', '.join(ACCEL_CHOICES)}, got {accel!r}")
-    strategy = (getattr(args, "strategy", None) or e.get("BOMA_IT_ANSIBLE_STRATEGY")
-                or "mitogen")
-    if strategy not in STRATEGY_CHOICES:
-        raise UsageError("BOMA_IT_ANSIBLE_STRATEGY must be one of "
-                         f"{', '.join(STRATEGY_CHOICES)}, got {strategy!r}")
-    try:
-        ctx = Ctx(
-            repo=REPO_ROOT,
-            run_parent=pathlib.Path(e.get("BOMA_IT_RUN_DIR", str(INTEG_DIR / ".run"))),
-            cache=pathlib.Path(e.get("BOMA_IT_CACHE", "/var/lib/boma-integration")),
-            diag_root=pathlib.Path(e.get("BOMA_IT_DIAG_DIR",
-                                         str(pathlib.Path.home() / "integration-runs"))),
-            uri=uri, environ=dict(e), accel_request=accel, strategy_request=strategy,
-            poll=float(e.get("BOMA_IT_POLL", DEFAULT_POLL)),
-            max_vms=int(e.get("BOMA_IT_MAX_VMS", "1")),
-            ssh_port=int(e.get("BOMA_IT_SSH_PORT", "22")),
-        )
-        ctx.bounds = stage_bounds("kvm", e)
-    except ValueError as exc:
-        raise UsageError(f"bad BOMA_IT_* environment value: {exc}") from None
+    """The settings (every BOMA_IT_* parsed and checked) and the context built on them."""
+    st = read_settings(environ)
+    accel = getattr(args, "accel", None) or st["BOMA_IT_ACCEL"]
+    strategy = getattr(args, "strategy", None) or st["BOMA_IT_ANSIBLE_STRATEGY"]
+    ctx = Ctx(
+        repo=REPO_ROOT, run_parent=st["BOMA_IT_RUN_DIR"], cache=st["BOMA_IT_CACHE"],
+        diag_root=st["BOMA_IT_DIAG_DIR"],
+        uri=getattr(args, "connect", None) or st["LIBVIRT_DEFAULT_URI"],
+        environ=dict(environ), accel_request=accel, strategy_request=strategy,
+        poll=st["BOMA_IT_POLL"],
+        max_vms=st["BOMA_IT_MAX_VMS"], ssh_port=st["BOMA_IT_SSH_PORT"], settings=st)
+    ctx.bounds = stage_bounds("kvm", st)
     return ctx
 
 
@@ -2205,15 +2417,15 @@ class RunState:
 
     @property
     def dir(self):
-        return self.ctx.run_parent / self.name
+        return owned_path(self.ctx.run_parent, self.name)
 
     @property
     def disk_dir(self):
-        return self.ctx.cache / "runs" / self.name
+        return owned_path(self.ctx.cache, "runs", self.name)
 
     @property
     def diag_dir(self):
-        return self.ctx.diag_root / self.name
+        return owned_path(self.ctx.diag_root, self.name)
 
     @property
     def console_log(self):
@@ -2225,26 +2437,89 @@ class RunState:
 
     def save(self):
         self.dir.mkdir(parents=True, exist_ok=True)
-        tmp = self.dir / "run.json.tmp"
-        tmp.write_text(json.dumps(self.data, indent=2, sort_keys=True) + "\n")
-        tmp.replace(self.dir / "run.json")
+        write_owned(self.dir / "run.json", json.dumps(self.data, indent=2, sort_keys=True) + "\n")
 
     def ssh(self, command, timeout, stage="ssh", input=None):
         return run(ssh_argv(self.dir, self.domain, self.ip, command, port=self.ctx.ssh_port),
                    timeout=timeout, stage=stage, cmdlog=self.ctx.cmdlog, input=input)
 
 
+def owned_path(root, *parts):
+    """root/parts, each part one plain name and no symlink on the way below root: the
+    harness's own trees (runs, disks, diagnostics, images, checkpoints) are never reached
+    through a link or a name from a state file. Else InfraError('state')."""
+    p = pathlib.Path(root)
+    for part in map(str, parts):
+        if part in ("", ".", "..") or "/" in part or "\0" in part:
+            raise InfraError("state", f"refusing path component {part!r} under {root}")
+        p = p / part
+        if p.is_symlink():
+            raise InfraError("state", f"refusing {p}: a symlink inside the harness's own tree")
+    return p
+
+
+def write_owned(path, text, mode=0o644):
+    """Write a file the harness owns atomically, never through a symlink: a temp file
+    (O_EXCL|O_NOFOLLOW) renamed over `path` replaces a link instead of following it."""
+    path = pathlib.Path(path)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp.unlink(missing_ok=True)   # a crashed writer's (a link there is removed, not followed)
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, mode)
+    try:
+        with os.fdopen(fd, "w") as fh:
+            fh.write(text)
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+def run_data_problem(data, dirname):
+    """Why a run.json found in .run/<dirname> is not one the harness wrote, or None."""
+    if not isinstance(data, dict):
+        return "not a JSON object"
+    if data.get("name") != dirname or not RUN_NAME_RE.fullmatch(dirname):
+        return "its name is not its directory's harness run name"
+    if not isinstance(data.get("host"), str) or not re.fullmatch(HOST_RE, data["host"]):
+        return "bad host"
+    if "domain" in data and not (isinstance(data["domain"], str)
+                                 and RUN_NAME_RE.fullmatch(data["domain"])):
+        return "bad domain"
+    for key in ("created_at", "state", "ip", "accel", "certs"):
+        if data.get(key) is not None and not isinstance(data[key], str):
+            return f"bad {key}"
+    if not isinstance(data.get("checkpoints_read", []), list) or \
+            not all(isinstance(k, str) for k in data.get("checkpoints_read", [])):
+        return "bad checkpoints_read"
+    return None
+
+
+_SKIPPED_RUNS = set()
+
+
 def list_runs(ctx):
+    """The runs under the run root: only real dirs holding a run.json that names that dir;
+    anything else is skipped with one line (once)."""
     runs = []
-    if ctx.run_parent.is_dir():
-        for p in sorted(ctx.run_parent.iterdir()):
-            f = p / "run.json"
-            if p.is_dir() and f.is_file():
-                try:
-                    runs.append(RunState(ctx, json.loads(f.read_text())))
-                except (json.JSONDecodeError, OSError):
-                    continue
-    return sorted(runs, key=lambda r: r.data.get("created_at", ""))
+    if not ctx.run_parent.is_dir():
+        return runs
+    for p in sorted(ctx.run_parent.iterdir()):
+        f = p / "run.json"
+        if p.is_symlink() or not p.is_dir() or not f.is_file():
+            continue
+        try:
+            why = "run.json is a symlink" if f.is_symlink() else None
+            data = None if why else json.loads(f.read_bytes().decode("utf-8"))
+        except (OSError, ValueError, RecursionError) as e:
+            why = f"unreadable run.json ({type(e).__name__})"
+        why = why or run_data_problem(data, p.name)
+        if why:
+            if p not in _SKIPPED_RUNS:
+                _SKIPPED_RUNS.add(p)
+                print(f"integration-vm: skipping {p}: {why}", file=sys.stderr)
+            continue
+        runs.append(RunState(ctx, data))
+    return sorted(runs, key=lambda r: r.data.get("created_at") or "")
 
 
 def select_run(ctx, run_name=None, host=None, live=True):
@@ -2270,13 +2545,13 @@ def select_run(ctx, run_name=None, host=None, live=True):
 
 def write_current(ctx, run_state):
     ctx.run_parent.mkdir(parents=True, exist_ok=True)
-    (ctx.run_parent / "current").write_text(
-        render_current(run_state.name, run_state.ip, run_state.data["host"]))
+    write_owned(ctx.run_parent / "current",
+                render_current(run_state.name, run_state.ip, run_state.data["host"]))
 
 
 # ---- preflight ------------------------------------------------------------------------
 def find_ansible_playbook(ctx):
-    explicit = ctx.environ.get("BOMA_IT_ANSIBLE_PLAYBOOK")
+    explicit = ctx.settings["BOMA_IT_ANSIBLE_PLAYBOOK"]
     if explicit:
         return explicit
     found = shutil.which("ansible-playbook", path=ctx.environ.get("PATH"))
@@ -2332,7 +2607,7 @@ def check_libvirt(ctx):
 
 def read_meminfo(ctx):
     try:
-        return ctx.path_env("BOMA_IT_MEMINFO", "/proc/meminfo").read_text()
+        return ctx.path_env("BOMA_IT_MEMINFO").read_text()
     except OSError:
         return ""
 
@@ -2351,34 +2626,74 @@ def owned_domains(ctx):
     return owned
 
 
-def check_guards(ctx, profile, need_image, count_vms=True):
-    """RAM, the one-VM slot (count_vms; authoritative only under the lock), and disk.
-    Raises InfraError('guard', ...)."""
+def ram_guard(ctx, mem_mib):
+    """(ok, detail) of the RAM guard, for check_guards and doctor alike."""
     avail = free_mib(read_meminfo(ctx))
-    floor = int(ctx.environ.get("BOMA_IT_RAM_FLOOR_MIB", RAM_FLOOR_MIB))
-    if avail - profile["mem_mib"] < floor:
-        raise InfraError("guard", f"refusing to start: MemAvailable {avail} MiB minus the "
-                         f"VM's {profile['mem_mib']} MiB leaves less than {floor} MiB")
-    running = [n for n, m in owned_domains(ctx).items()
-               if m.get("state") != "shut off"] if count_vms else []
-    if len(running) >= ctx.max_vms:
-        raise InfraError("guard", f"refusing to start: {len(running)} harness VM(s) already "
-                         f"running ({', '.join(running)}); BOMA_IT_MAX_VMS={ctx.max_vms}. "
-                         "Tear it down with `integration-vm down --run NAME` or "
-                         "`make test-integration-clean`")
-    ctx.cache.mkdir(parents=True, exist_ok=True)
+    floor = ctx.settings["BOMA_IT_RAM_FLOOR_MIB"]
+    return avail - mem_mib >= floor, (f"MemAvailable {avail} MiB minus the VM's {mem_mib} MiB "
+                                      f"must leave {floor} MiB (BOMA_IT_RAM_FLOOR_MIB)")
+
+
+def disk_guard(ctx, need_image):
+    """(ok, detail) of the free-disk guard under the cache, for check_guards and doctor."""
     free = shutil.disk_usage(ctx.cache).free // (1024 * 1024)
-    need = MIN_DISK_MIB_RUN + (MIN_DISK_MIB_IMAGE if need_image else 0)
-    need = int(ctx.environ.get("BOMA_IT_MIN_DISK_MIB", need))
-    if free < need:
-        raise InfraError("guard", f"refusing to start: {free} MiB free under {ctx.cache}, "
-                         f"need {need} MiB")
+    need = ctx.settings["BOMA_IT_MIN_DISK_MIB"]
+    if need is None:
+        need = MIN_DISK_MIB_RUN + (MIN_DISK_MIB_IMAGE if need_image else 0)
+    return free >= need, f"{free} MiB free under {ctx.cache}, need {need} MiB"
+
+
+def check_guards(ctx, profile, need_image, count_vms=True):
+    """RAM, the one-VM slot (count_vms: every domain the harness owns, shut off or not;
+    authoritative only under the lock, with the run's slot held), and disk.
+    Raises InfraError('guard', ...)."""
+    ok, detail = ram_guard(ctx, profile["mem_mib"])
+    if not ok:
+        raise InfraError("guard", f"refusing to start: {detail}")
+    owned = sorted(owned_domains(ctx)) if count_vms else []
+    if len(owned) >= ctx.max_vms:
+        raise InfraError("guard", f"refusing to start: {len(owned)} harness VM(s) already "
+                         f"running or defined ({', '.join(owned)}); BOMA_IT_MAX_VMS="
+                         f"{ctx.max_vms}. Tear it down with `integration-vm down --run NAME` "
+                         "or `make test-integration-clean`")
+    ctx.cache.mkdir(parents=True, exist_ok=True)
+    ok, detail = disk_guard(ctx, need_image)
+    if not ok:
+        raise InfraError("guard", f"refusing to start: {detail}")
+
+
+def open_lock_file(path):
+    """A lock file the harness owns, opened without following a symlink."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    return os.fdopen(os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o600), "r+")
+
+
+def acquire_slot(ctx, holder):
+    """Hold one of BOMA_IT_MAX_VMS slot locks from before the domain is defined to the
+    end of the session (its teardown included): two sessions can never both be between
+    define and teardown beyond the limit. Busy slots -> InfraError('guard') at once."""
+    for i in range(ctx.max_vms):
+        fh = open_lock_file(owned_path(ctx.cache, f"vm-slot-{i}.lock"))
+        try:
+            fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            fh.close()
+            continue
+        holder["slot"] = fh
+        return
+    raise InfraError("guard", f"refusing to start: another run holds the VM slot "
+                     f"(BOMA_IT_MAX_VMS={ctx.max_vms}, all slots busy)")
+
+
+def release_slot(holder):
+    if holder.get("slot") is not None:
+        holder["slot"].close()
+        holder["slot"] = None
 
 
 @contextlib.contextmanager
 def file_lock(ctx, path, what):
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fh = open(path, "a+")
+    fh = open_lock_file(path)
     deadline = time.monotonic() + ctx.bounds["lock"]
     try:
         while True:
@@ -2407,16 +2722,13 @@ class Image:
 
 
 def image_source(ctx):
-    src = ctx.environ.get("BOMA_IT_IMAGE_SOURCE", "build")
-    if src not in ("build", "fetch"):
-        raise UsageError(f"BOMA_IT_IMAGE_SOURCE must be build or fetch, got {src!r}")
-    return src
+    return ctx.settings["BOMA_IT_IMAGE_SOURCE"]
 
 
 def current_image_key(ctx):
     if image_source(ctx) == "fetch":
-        return image_key(fetch_inputs(ctx.environ.get("BOMA_IT_IMAGE_URL", IMAGE_URL)))
-    return image_key(image_inputs(ctx.environ.get("BOMA_IT_MIRROR", DEFAULT_MIRROR)))
+        return image_key(fetch_inputs(ctx.settings["BOMA_IT_IMAGE_URL"]))
+    return image_key(image_inputs(ctx.settings["BOMA_IT_MIRROR"]))
 
 
 def image_from_dir(d, key):
@@ -2429,7 +2741,7 @@ def ensure_image(ctx, force=False):
     """The golden image for the current inputs, building/fetching it if missing."""
     src = image_source(ctx)
     key = current_image_key(ctx)
-    dest = ctx.cache / "images" / key
+    dest = owned_path(ctx.cache, "images", key)
     with file_lock(ctx, ctx.cache / "image.lock", "image"):
         if (dest / "manifest.json").is_file() and not force:
             return image_from_dir(dest, key)
@@ -2464,7 +2776,7 @@ def apply_seal(root, spec):
 def build_image(ctx, key, dest):
     """mmdebstrap a trixie root, seal it, copy out kernel+initrd, make an ext4 qcow2.
     Everything lands in a temp dir renamed atomically to images/<key>/."""
-    mirror = ctx.environ.get("BOMA_IT_MIRROR", DEFAULT_MIRROR)
+    mirror = ctx.settings["BOMA_IT_MIRROR"]
     inputs = image_inputs(mirror)
     tmp = ctx.cache / "images" / f".tmp-{key}-{os.getpid()}"
     t0 = time.monotonic()
@@ -2516,17 +2828,32 @@ def publish_image_dir(tmp, dest, manifest):
     tmp.rename(dest)
 
 
-def _download(url, dest, timeout):
+def _download(url, dest, deadline, bound):
+    """url -> dest, the whole transfer bounded by `deadline` (time.monotonic()); each
+    socket wait by what is left of it (at most 60 s)."""
     import urllib.request  # lazy: only the fetch source needs it
-    with urllib.request.urlopen(url, timeout=timeout) as resp, open(dest, "wb") as fh:
-        shutil.copyfileobj(resp, fh, 1 << 20)
+
+    def left():
+        rest = deadline - time.monotonic()
+        if rest <= 0:
+            raise InfraError("image", f"download of {url} exceeded BOMA_IT_TIMEOUT_DOWNLOAD "
+                             f"({bound:g}s)")
+        return rest
+    with urllib.request.urlopen(url, timeout=min(60.0, left())) as resp, \
+            open(dest, "wb") as fh:
+        while True:
+            chunk = resp.read(1 << 20)
+            left()
+            if not chunk:
+                return
+            fh.write(chunk)
 
 
 def fetch_image(ctx, key, dest):
     """Download Debian's genericcloud qcow2 + SHA512SUMS; .part + rename; a mismatch
     deletes the download and refuses."""
-    url = ctx.environ.get("BOMA_IT_IMAGE_URL", IMAGE_URL)
-    sha_url = ctx.environ.get("BOMA_IT_SHA_URL", SHA_URL)
+    url = ctx.settings["BOMA_IT_IMAGE_URL"]
+    sha_url = ctx.settings["BOMA_IT_SHA_URL"]
     name = url.rsplit("/", 1)[-1]
     tmp = ctx.cache / "images" / f".tmp-{key}-{os.getpid()}"
     tmp.mkdir(parents=True, exist_ok=True)
@@ -2534,8 +2861,9 @@ def fetch_image(ctx, key, dest):
     try:
         progress(ctx, "image", f"downloading {url}")
         try:
-            _download(url, part, 60)
-            _download(sha_url, tmp / "SHA512SUMS", 60)
+            deadline = time.monotonic() + ctx.bounds["download"]
+            _download(url, part, deadline, ctx.bounds["download"])
+            _download(sha_url, tmp / "SHA512SUMS", deadline, ctx.bounds["download"])
             sha_text = (tmp / "SHA512SUMS").read_text()
         except OSError as e:
             raise InfraError("image", f"download failed: {e}") from None
@@ -2560,7 +2888,7 @@ def fetch_image(ctx, key, dest):
 # ---- accelerator ----------------------------------------------------------------------
 def kvm_dev_status(ctx):
     """(exists, accessible_by_kvm_group, description)."""
-    dev = ctx.path_env("BOMA_IT_KVM_DEV", "/dev/kvm")
+    dev = ctx.path_env("BOMA_IT_KVM_DEV")
     try:
         st = dev.stat()
     except OSError:
@@ -2577,7 +2905,7 @@ def kvm_dev_status(ctx):
 
 def host_boot_id(ctx):
     try:
-        return ctx.path_env("BOMA_IT_BOOT_ID_PATH", "/proc/sys/kernel/random/boot_id").read_text().strip()
+        return ctx.path_env("BOMA_IT_BOOT_ID_PATH").read_text().strip()
     except OSError:
         return "unknown"
 
@@ -2633,7 +2961,7 @@ def ensure_network(ctx):
     r = virsh(ctx, "net-info", NET_NAME)
     if r.returncode != 0:
         xml = ctx.cache / "net.xml"
-        xml.write_text(NET_XML)
+        write_owned(xml, NET_XML)
         virsh(ctx, "net-define", xml, check=True, stage="network")
         virsh(ctx, "net-autostart", NET_NAME, stage="network")
         r = virsh(ctx, "net-info", NET_NAME, check=True, stage="network")
@@ -2652,14 +2980,15 @@ def osinfo_for(ctx):
     cache = ctx.cache / "osinfo.json"
     try:
         cached = json.loads(cache.read_text())
-        if cached.get("key") == key:
+        if isinstance(cached, dict) and cached.get("key") == key and \
+                isinstance(cached.get("osinfo"), str):
             return cached["osinfo"]
-    except (OSError, ValueError, KeyError):
+    except (OSError, ValueError, RecursionError):
         pass
     osinfo = choose_osinfo(run(["virt-install", "--osinfo", "list"], timeout=60,
                                cmdlog=ctx.cmdlog).stdout)
     try:
-        cache.write_text(json.dumps({"key": key, "osinfo": osinfo}) + "\n")
+        write_owned(cache, json.dumps({"key": key, "osinfo": osinfo}) + "\n")
     except OSError:
         pass
     return osinfo
@@ -3148,12 +3477,11 @@ def reboot_vm(ctx, rs, mode="graceful"):
 
 # ---- checkpoints (issue 5, ADR-026) ---------------------------------------------------
 def checkpoints_enabled(ctx, args):
-    return not getattr(args, "no_checkpoints", False) and \
-        ctx.environ.get("BOMA_IT_CHECKPOINTS", "1") not in ("0", "off", "no")
+    return not getattr(args, "no_checkpoints", False) and ctx.settings["BOMA_IT_CHECKPOINTS"]
 
 
 def checkpoint_dir(ctx, key):
-    return ctx.cache / "checkpoints" / key
+    return owned_path(ctx.cache, "checkpoints", key)
 
 
 def load_checkpoint(ctx, key):
@@ -3162,9 +3490,9 @@ def load_checkpoint(ctx, key):
     d = checkpoint_dir(ctx, key)
     try:
         manifest = json.loads((d / "manifest.json").read_text())
-    except (OSError, ValueError):
+    except (OSError, ValueError, RecursionError):
         return None
-    if manifest.get("key") != key or not all((d / f).is_file() for f in CHECKPOINT_FILES):
+    if not isinstance(manifest, dict) or manifest.get("key") != key or not all((d / f).is_file() for f in CHECKPOINT_FILES):
         return None
     return manifest
 
@@ -3204,29 +3532,25 @@ def checkpoints_in_use(ctx):
     return used
 
 
-def remove_checkpoint(ctx, key):
-    shutil.rmtree(checkpoint_dir(ctx, key), ignore_errors=True)
-
-
 def gc_checkpoints(ctx, host, keep):
     """Drop this profile's checkpoints that the current inputs can no longer resume
     (and half-written ones), except those a live run reads."""
     root = ctx.cache / "checkpoints"
-    if not root.is_dir():
+    if root.is_symlink() or not root.is_dir():
         return []
     removed = []
+    # take_checkpoint writes under this lock: holding it, a dir without a manifest (or a
+    # .tmp-* staging dir) is what an interrupted writer left, never one being written.
     with file_lock(ctx, ctx.cache / "checkpoints.lock", "checkpoint gc"):
         used = checkpoints_in_use(ctx) | set(keep)
         for d in root.iterdir():
-            if not d.is_dir() or d.name in used:
+            if d.is_symlink() or not d.is_dir() or d.name in used:
                 continue
             try:
                 m = json.loads((d / "manifest.json").read_text())
-            except (OSError, ValueError):
+            except (OSError, ValueError, RecursionError):
                 m = None
-            if m is None and time.time() - d.stat().st_mtime < 3600:
-                continue  # maybe being written right now by another run
-            if m is None or m.get("host") == host:
+            if not isinstance(m, dict) or m.get("host") == host:
                 shutil.rmtree(d, ignore_errors=True)
                 removed.append(d.name)
     return removed
@@ -3254,7 +3578,9 @@ def step_guest_clock(ctx, rs):
 def take_checkpoint(ctx, rs, stage, key, parent, result=None):
     """Save the running guest (memory + device state), freeze its overlay as the
     checkpoint's disk, give the run a fresh overlay on top and restore it. The guest sees
-    a pause of a few seconds; its boot_id is unchanged."""
+    a pause of a few seconds; its boot_id is unchanged. Staged in checkpoints/.tmp-<key>-
+    <pid>, renamed into place, the manifest written last: any failure or interrupt before
+    that removes both, so no half-written checkpoint (with the run's keys) stays behind."""
     if load_checkpoint(ctx, key):
         return None
     need = rs.data["mem_mib"] + 512
@@ -3264,68 +3590,85 @@ def take_checkpoint(ctx, rs, stage, key, parent, result=None):
                  f"about {need} MiB")
         return None
     d = checkpoint_dir(ctx, key)
-    overlay = rs.disk_dir / "overlay.qcow2"
+    tmp = owned_path(ctx.cache, "checkpoints", f".tmp-{key}-{os.getpid()}")
     with timed_phase(ctx, result, f"checkpoint:{stage}"), \
             file_lock(ctx, ctx.cache / "checkpoints.lock", "checkpoint"):
-        if d.exists():
-            shutil.rmtree(d)
-        d.mkdir(parents=True)
-        os.chmod(d, 0o700)  # until the seed copy and the memory image are root-only
-        r = virsh(ctx, "save", rs.domain, d / "memory.save", "--running",
-                  timeout=ctx.bounds["checkpoint"], stage="checkpoint")
-        if r.returncode != 0:  # libvirt aborts a failed save and the guest runs on
-            shutil.rmtree(d, ignore_errors=True)
-            progress(ctx, "checkpoint", f"skipping {stage}: virsh save failed: "
-                     f"{(r.stderr.strip().splitlines() or ['?'])[-1]}")
-            return None
-        moved = False
+        manifest = None
         try:
-            os.chmod(d / "memory.save", DISK_MODE)
-            xml = virsh(ctx, "save-image-dumpxml", d / "memory.save", check=True,
-                        stage="checkpoint").stdout
-            (d / "domain.xml").write_text(xml)
-            seed = re.search(r"<source file='([^']*seed\.img)'", xml)
-            shutil.copyfile(seed.group(1) if seed else rs.disk_dir / "seed.img", d / "seed.img")
-            copy_run_keys(rs.dir, d)
-            os.chmod(d / "seed.img", FROZEN_DISK_MODE)
-            os.replace(overlay, d / "disk.qcow2")
-            moved = True
-            # From here the run's disk reads this checkpoint: gc must leave it alone.
-            rs.data.setdefault("checkpoints_read", []).append(key)
-            rs.save()
-            os.chmod(d / "disk.qcow2", FROZEN_DISK_MODE)
-            os.chmod(d, 0o755)  # QEMU opens disk.qcow2 as the run's backing file
-            run(qemu_img_overlay_argv(d / "disk.qcow2", overlay), timeout=60, check=True,
-                stage="checkpoint", cmdlog=ctx.cmdlog)
-            os.chmod(overlay, DISK_MODE)
-        except (HarnessError, OSError) as e:
-            if moved:
-                raise InfraError("checkpoint", f"{stage}: {e}") from None
-            # Nothing of the run moved: give the guest back and go on without one.
-            virsh(ctx, "restore", d / "memory.save", timeout=ctx.bounds["checkpoint"],
-                  check=True, stage="checkpoint")
-            shutil.rmtree(d, ignore_errors=True)
-            progress(ctx, "checkpoint", f"skipping {stage}: {e}")
-            return None
-        virsh(ctx, "restore", d / "memory.save", timeout=ctx.bounds["checkpoint"],
-              check=True, stage="checkpoint")
-        manifest = {
-            "key": key, "parent": parent, "stage": stage, "host": rs.data["host"],
-            "domain": rs.domain, "mac": rs.data["mac"], "ip": rs.ip,
-            "boot_id": rs.data["boot_ids"][-1], "accel": rs.data["accel"],
-            "image_key": rs.data["image_key"], "mem_mib": rs.data["mem_mib"],
-            "vcpus": rs.data["vcpus"], "created_at": now_iso(), "created_by": rs.name,
-            "format": CHECKPOINT_FORMAT,
-        }
-        tmp = d / "manifest.json.tmp"
-        tmp.write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n")
-        tmp.replace(d / "manifest.json")  # last: only now is the checkpoint valid
+            for leftover in (d, tmp):
+                if leftover.exists():
+                    shutil.rmtree(leftover)
+            if not stage_checkpoint(ctx, rs, stage, key, tmp, d):
+                return None
+            manifest = {
+                "key": key, "parent": parent, "stage": stage, "host": rs.data["host"],
+                "domain": rs.domain, "mac": rs.data["mac"], "ip": rs.ip,
+                "boot_id": rs.data["boot_ids"][-1], "accel": rs.data["accel"],
+                "image_key": rs.data["image_key"], "mem_mib": rs.data["mem_mib"],
+                "vcpus": rs.data["vcpus"], "created_at": now_iso(), "created_by": rs.name,
+                "format": CHECKPOINT_FORMAT,
+            }
+            # last: only now is the checkpoint valid
+            write_owned(d / "manifest.json", json.dumps(manifest, indent=2, sort_keys=True) + "\n")
+        except BaseException:
+            manifest = None
+            raise
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+            if manifest is None:
+                shutil.rmtree(d, ignore_errors=True)
         rs.data.setdefault("checkpoints_taken", []).append(stage)
         rs.save()
         step_guest_clock(ctx, rs)
     size = sum(p.stat().st_size for p in d.iterdir()) // (1 << 20)
     progress(ctx, "checkpoint", f"{stage} saved ({key}, {size} MiB)")
     return manifest
+
+
+def stage_checkpoint(ctx, rs, stage, key, tmp, d):
+    """take_checkpoint's files: saved in `tmp`, renamed to `d` once the run's disk is in
+    it (the run's fresh overlay must name the final path), guest restored. False: skipped,
+    the guest runs on as it was."""
+    tmp.mkdir(parents=True)
+    os.chmod(tmp, 0o700)  # until the seed copy and the memory image are root-only
+    overlay = rs.disk_dir / "overlay.qcow2"
+    r = virsh(ctx, "save", rs.domain, tmp / "memory.save", "--running",
+              timeout=ctx.bounds["checkpoint"], stage="checkpoint")
+    if r.returncode != 0:  # libvirt aborts a failed save and the guest runs on
+        progress(ctx, "checkpoint", f"skipping {stage}: virsh save failed: "
+                 f"{(r.stderr.strip().splitlines() or ['?'])[-1]}")
+        return False
+    try:
+        os.chmod(tmp / "memory.save", DISK_MODE)
+        xml = virsh(ctx, "save-image-dumpxml", tmp / "memory.save", check=True,
+                    stage="checkpoint").stdout
+        (tmp / "domain.xml").write_text(xml)
+        seed = re.search(r"<source file='([^']*seed\.img)'", xml)
+        shutil.copyfile(seed.group(1) if seed else rs.disk_dir / "seed.img", tmp / "seed.img")
+        copy_run_keys(rs.dir, tmp)
+        os.chmod(tmp / "seed.img", FROZEN_DISK_MODE)
+    except (HarnessError, OSError) as e:
+        # Nothing of the run moved: give the guest back and go on without one.
+        virsh(ctx, "restore", tmp / "memory.save", timeout=ctx.bounds["checkpoint"],
+              check=True, stage="checkpoint")
+        progress(ctx, "checkpoint", f"skipping {stage}: {e}")
+        return False
+    try:
+        os.replace(overlay, tmp / "disk.qcow2")
+        os.chmod(tmp / "disk.qcow2", FROZEN_DISK_MODE)
+        os.chmod(tmp, 0o755)  # QEMU opens disk.qcow2 as the run's backing file
+        tmp.rename(d)
+        # From here the run's disk reads this checkpoint: gc must leave it alone.
+        rs.data.setdefault("checkpoints_read", []).append(key)
+        rs.save()
+        run(qemu_img_overlay_argv(d / "disk.qcow2", overlay), timeout=60, check=True,
+            stage="checkpoint", cmdlog=ctx.cmdlog)
+        os.chmod(overlay, DISK_MODE)
+    except OSError as e:
+        raise InfraError("checkpoint", f"{stage}: {e}") from None
+    virsh(ctx, "restore", d / "memory.save", timeout=ctx.bounds["checkpoint"],
+          check=True, stage="checkpoint")
+    return True
 
 
 def resume_run(ctx, profile, certs, manifest, chain_keys, holder):
@@ -3389,7 +3732,7 @@ def collect_diagnostics(ctx, rs, reason):
     try:
         d.mkdir(parents=True, exist_ok=True)
         for src, dst in ((rs.console_log, "console.log"),
-                         (ctx.path_env("BOMA_IT_LIBVIRT_LOG_DIR", "/var/log/libvirt/qemu")
+                         (ctx.path_env("BOMA_IT_LIBVIRT_LOG_DIR")
                           / f"{rs.domain}.log", "libvirt-qemu.log")):
             try:
                 shutil.copyfile(src, d / dst)
@@ -3526,7 +3869,7 @@ def timed_phase(ctx, result, name):
     except KeyboardInterrupt:
         entry["status"], entry["message"] = "interrupted", "interrupted"
         raise
-    except HarnessError as e:
+    except Exception as e:  # any error ends the phase as an error
         entry["status"], entry["message"] = "error", str(e)
         raise
     finally:
@@ -3540,7 +3883,7 @@ def _current_phase(result):
 
 def inspection_help(ctx, rs):
     # Under scripts/it-run's sandbox the VM is only reachable inside its namespace.
-    netns = ctx.environ.get("BOMA_IT_NETNS")
+    netns = ctx.settings["BOMA_IT_NETNS"]
     prefix = f"ip netns exec {netns} " if netns else ""
     ssh_cmd = shlex.join(ssh_argv(rs.dir, rs.domain, rs.ip or "<ip>", "", port=ctx.ssh_port)[:-1])
     return (f"integration-vm: VM {rs.domain} (run {rs.name}) kept for inspection:\n"
@@ -3564,13 +3907,16 @@ def finish_result(ctx, result, rs, junit=None, stream=None):
         text = json.dumps(result, indent=2, sort_keys=True) + "\n"
         try:
             rs.dir.mkdir(parents=True, exist_ok=True)
-            (rs.dir / "result.json").write_text(text)
+            write_owned(rs.dir / "result.json", text)
             rs.diag_dir.mkdir(parents=True, exist_ok=True)
-            (rs.diag_dir / "result.json").write_text(text)
-        except OSError as e:
+            write_owned(rs.diag_dir / "result.json", text)
+        except (OSError, HarnessError) as e:
             print(f"integration-vm: warning: could not write result.json: {e}", file=sys.stderr)
     if junit:
-        pathlib.Path(junit).write_text(render_junit(result))
+        try:
+            pathlib.Path(junit).write_text(render_junit(result))
+        except OSError as e:
+            print(f"integration-vm: warning: could not write {junit}: {e}", file=sys.stderr)
     print(format_summary(result), file=stream or sys.stdout, flush=True)
 
 
@@ -3586,113 +3932,30 @@ def _ignore_signals():
 
 def session(ctx, args, command):
     """Run a command's phases with uniform failure handling:
-    verify failure -> diagnostics, keep VM; infra error -> diagnostics, destroy what this
-    invocation created (unless --keep); interrupt -> destroy what it created (unless
-    --keep), exit 130; success of cycle/bench -> teardown (unless --keep)."""
+    verify failure -> diagnostics, keep VM; any other error (the harness's own, or an
+    unexpected OSError/ValueError/...: exit 3 naming the stage) -> diagnostics, destroy
+    what this invocation created (unless --keep); interrupt -> destroy what it created
+    (unless --keep), exit 130; success of cycle/bench -> teardown (unless --keep)."""
     result = new_result(command, getattr(args, "host", None))
     result["started_at"] = now_iso()
     result["certs"] = getattr(args, "certs", None)
-    result["expect_fail"] = bool(getattr(args, "expect_fail", False))
-    creates = command in ("up", "cycle", "bench")
+    result["expect_fail"] = getattr(args, "expect_fail", None) or False
     writes_result = command in ("cycle", "bench", "assert")
-    holder = {"rs": None}
+    holder = {"rs": None, "slot": None}
     exit_code = EXIT_PASS
     try:
-        profile, certs = prepare(ctx, args, command)
-        result["certs"] = certs
-        if creates:
-            holder["rs"] = provision(ctx, args, profile, certs, result, holder)
-        else:
-            holder["rs"] = select_run(ctx, args.run, args.host, live="required")
-            if holder["rs"].data.get("state") != "up":
-                raise UsageError(f"run {holder['rs'].name} is {holder['rs'].data.get('state')}, "
-                                 "not up")
-            ctx.cmdlog = holder["rs"].dir / "logs" / "commands.log"
-            ctx.bounds = stage_bounds(holder["rs"].data.get("accel"), ctx.environ)
-        rs = holder["rs"]
-        result["host"] = rs.data["host"]
-        if command == "apply":
-            apply(ctx, rs, profile, certs, result=result)
-        if command in ("cycle", "bench"):
-            apply(ctx, rs, profile, certs, result=result,
-                  start=rs.data.get("applied_steps", 0),
-                  after_step=checkpoint_after_apply(ctx, rs, result))
-        if command == "reboot" or (command in ("cycle", "bench") and not args.no_reboot):
-            modes = [args.reboot] if args.reboot else profile["reboot"]
-            if command == "reboot":
-                modes = modes[:1]
-            result["reboot_modes"] = modes
-            for mode in modes:
-                with timed_phase(ctx, result, f"reboot:{mode}"):
-                    before, after = reboot_vm(ctx, rs, mode)
-                result.setdefault("reboot_stages", []).append(
-                    {k: rs.data["reboots"][-1][k]
-                     for k in ("mode", "seconds_to_ssh", "seconds_to_running")})
-                with timed_phase(ctx, result, f"reboot-diff:{mode}") as entry:
-                    summary = reboot_diff(ctx, rs, profile, mode, before, after, result,
-                                          args.reboot_diff)
-                    if summary.get("warning"):
-                        entry["message"] = summary["warning"]
-        if command in ("assert", "cycle", "bench"):
-            run_assert(ctx, rs, profile, certs, result)
-        if command in ("cycle", "bench") and not args.no_idempotence and not args.no_reboot:
-            idempotence(ctx, rs, profile, certs, result)
-        result["verdict"] = "pass"
-        if command in ("cycle", "bench") and not args.keep:
-            with timed_phase(ctx, result, "teardown"):
-                down_run(ctx, rs)
-        elif command in ("cycle", "bench"):
-            result["kept"] = True
-            print(inspection_help(ctx, rs), file=sys.stderr, end="")
-        if command == "up":
-            print(f"{rs.name} {rs.ip}", flush=True)
-    except VerifyFailed as e:
-        _ignore_signals()
-        rs = holder["rs"]
-        exit_code = EXIT_VERIFY
-        result.update(verdict="fail", failed_stage=e.stage, message=e.msg, failures=e.failed_tasks)
-        print(f"integration-vm: verify failed: {e.msg}", file=sys.stderr)
-        if rs is not None:
-            result["diagnostics"] = str(collect_diagnostics(ctx, rs, f"{e.stage}: {e.msg}"))
-            if result["expect_fail"] and creates and not args.keep:
-                with timed_phase(ctx, result, "teardown"):
-                    down_run(ctx, rs)
-            else:
-                result["kept"] = True
-                print(inspection_help(ctx, rs), file=sys.stderr, end="")
-    except HarnessError as e:
-        _ignore_signals()
-        rs = holder["rs"]
-        exit_code = e.exit_code
-        result.update(verdict="error", failed_stage=e.stage, message=getattr(e, "msg", str(e)))
-        print(f"integration-vm: error: {e}", file=sys.stderr)
-        if rs is not None and e.exit_code == EXIT_INFRA:
-            result["diagnostics"] = str(collect_diagnostics(ctx, rs, str(e)))
-            if creates and not getattr(args, "keep", False):
-                with timed_phase(ctx, result, "teardown"):
-                    down_run(ctx, rs)
-            else:
-                result["kept"] = True
-                print(inspection_help(ctx, rs), file=sys.stderr, end="")
-    except KeyboardInterrupt:
-        _ignore_signals()
-        rs = holder["rs"]
-        exit_code = EXIT_INTERRUPTED
-        result.update(verdict="interrupted", failed_stage=_current_phase(result),
-                      message="interrupted")
-        print("\nintegration-vm: interrupted", file=sys.stderr)
-        if rs is not None:
-            if creates and not getattr(args, "keep", False):
-                progress(ctx, "teardown", f"tearing down {rs.name}")
-                with timed_phase(ctx, result, "teardown"):
-                    down_run(ctx, rs)
-            else:
-                result["kept"] = True
-                print(inspection_help(ctx, rs), file=sys.stderr, end="")
-    if result["expect_fail"] and exit_code in (EXIT_PASS, EXIT_VERIFY):
-        exit_code = EXIT_PASS if exit_code == EXIT_VERIFY else EXIT_VERIFY
-        if exit_code == EXIT_VERIFY:
-            print("integration-vm: verify PASSED but --expect-fail was given", file=sys.stderr)
+        try:
+            session_phases(ctx, args, command, result, holder)
+        except VerifyFailed as e:
+            exit_code = on_verify_failed(ctx, args, command, result, holder["rs"], e)
+        except KeyboardInterrupt:
+            exit_code = on_interrupt(ctx, args, command, result, holder["rs"])
+        except Exception as e:  # every error takes the same road
+            exit_code = on_error(ctx, args, command, result, holder["rs"],
+                                 as_harness_error(e, result))
+    finally:
+        release_slot(holder)
+    exit_code = apply_expect_fail(result, exit_code)
     result["exit_code"] = exit_code
     if exit_code == EXIT_USAGE and holder["rs"] is None:
         return exit_code  # bad input: the one error line says it all, nothing ran
@@ -3702,7 +3965,7 @@ def session(ctx, args, command):
                                   keep=[k for _, k, _ in ctx.checkpoint_chain])
             if gone:
                 progress(ctx, "checkpoint", f"removed {len(gone)} outdated checkpoint(s)")
-        except (HarnessError, OSError) as e:
+        except Exception as e:  # a cleanup must not change the verdict
             print(f"integration-vm: warning: checkpoint cleanup: {e}", file=sys.stderr)
     ctx.last_result = result
     finish_result(ctx, result, holder["rs"] if writes_result else None,
@@ -3712,8 +3975,155 @@ def session(ctx, args, command):
     return exit_code
 
 
+def session_phases(ctx, args, command, result, holder):
+    """The phases of one command, in order; raises on the first failure."""
+    creates = command in ("up", "cycle", "bench")
+    profile, certs = prepare(ctx, args, command)
+    result["certs"] = certs
+    if creates:
+        holder["rs"] = provision(ctx, args, profile, certs, result, holder)
+    else:
+        holder["rs"] = select_run(ctx, args.run, args.host, live="required")
+        if holder["rs"].data.get("state") != "up":
+            raise UsageError(f"run {holder['rs'].name} is {holder['rs'].data.get('state')}, "
+                             "not up")
+        ctx.cmdlog = holder["rs"].dir / "logs" / "commands.log"
+        ctx.bounds = stage_bounds(holder["rs"].data.get("accel"), ctx.settings)
+    rs = holder["rs"]
+    result["host"] = rs.data["host"]
+    if command == "apply":
+        apply(ctx, rs, profile, certs, result=result)
+    if command in ("cycle", "bench"):
+        apply(ctx, rs, profile, certs, result=result, start=rs.data.get("applied_steps", 0),
+              after_step=checkpoint_after_apply(ctx, rs, result))
+    if command == "reboot" or (command in ("cycle", "bench") and not args.no_reboot):
+        modes = [args.reboot] if args.reboot else profile["reboot"]
+        result["reboot_modes"] = modes[:1] if command == "reboot" else modes
+        for mode in result["reboot_modes"]:
+            with timed_phase(ctx, result, f"reboot:{mode}"):
+                before, after = reboot_vm(ctx, rs, mode)
+            result.setdefault("reboot_stages", []).append(
+                {k: rs.data["reboots"][-1][k]
+                 for k in ("mode", "seconds_to_ssh", "seconds_to_running")})
+            with timed_phase(ctx, result, f"reboot-diff:{mode}") as entry:
+                summary = reboot_diff(ctx, rs, profile, mode, before, after, result,
+                                      args.reboot_diff)
+                if summary.get("warning"):
+                    entry["message"] = summary["warning"]
+    if command in ("assert", "cycle", "bench"):
+        run_assert(ctx, rs, profile, certs, result)
+    if command in ("cycle", "bench") and not args.no_idempotence and not args.no_reboot:
+        idempotence(ctx, rs, profile, certs, result)
+    result["verdict"] = "pass"
+    if command in ("cycle", "bench") and not args.keep:
+        with timed_phase(ctx, result, "teardown"):
+            down_run(ctx, rs)
+    elif command in ("cycle", "bench"):
+        result["kept"] = True
+        print(inspection_help(ctx, rs), file=sys.stderr, end="")
+    if command == "up":
+        print(f"{rs.name} {rs.ip}", flush=True)
+
+
+def expected_failure(result, stage):
+    """Whether a VerifyFailed at `stage` is the one --expect-fail[=STAGE] names (verify by
+    default; a family name like `apply` covers `apply:site.yml`)."""
+    want = result.get("expect_fail")
+    return bool(want) and stage is not None and want in (stage, stage.split(":")[0])
+
+
+def apply_expect_fail(result, exit_code):
+    """--expect-fail: the named stage failing is a pass; a pass is a failure; a failure
+    at another stage stays one."""
+    want = result.get("expect_fail")
+    if not want or exit_code not in (EXIT_PASS, EXIT_VERIFY):
+        return exit_code
+    if exit_code == EXIT_PASS:
+        print(f"integration-vm: {want} PASSED but --expect-fail={want} was given",
+              file=sys.stderr)
+        return EXIT_VERIFY
+    if expected_failure(result, result.get("failed_stage")):
+        return EXIT_PASS
+    print(f"integration-vm: failed at {result.get('failed_stage')}, not at the expected "
+          f"stage {want} (--expect-fail)", file=sys.stderr)
+    return EXIT_VERIFY
+
+
+def teardown_or_keep(ctx, args, command, result, rs, teardown):
+    """Tear down what this invocation created (never raises), or keep it and say how to
+    inspect it."""
+    if rs is None:
+        return
+    if teardown and command in ("up", "cycle", "bench") and not getattr(args, "keep", False):
+        try:
+            with timed_phase(ctx, result, "teardown"):
+                down_run(ctx, rs)
+        except Exception as e:  # report, never mask the verdict
+            result["teardown_error"] = str(e)
+            print(f"integration-vm: warning: teardown of {rs.name} incomplete: {e}",
+                  file=sys.stderr)
+        return
+    result["kept"] = True
+    print(inspection_help(ctx, rs), file=sys.stderr, end="")
+
+
+def on_verify_failed(ctx, args, command, result, rs, e):
+    _ignore_signals()
+    result.update(verdict="fail", failed_stage=e.stage, message=e.msg, failures=e.failed_tasks)
+    print(f"integration-vm: verify failed: {e.msg}", file=sys.stderr)
+    if rs is not None:
+        result["diagnostics"] = str(collect_diagnostics(ctx, rs, f"{e.stage}: {e.msg}"))
+        teardown_or_keep(ctx, args, command, result, rs, expected_failure(result, e.stage))
+    return EXIT_VERIFY
+
+
+def on_error(ctx, args, command, result, rs, e):
+    _ignore_signals()
+    result.update(verdict="error", failed_stage=e.stage, message=getattr(e, "msg", str(e)))
+    print(f"integration-vm: error: {e}", file=sys.stderr)
+    if rs is not None and e.exit_code == EXIT_INFRA:
+        result["diagnostics"] = str(collect_diagnostics(ctx, rs, str(e)))
+        teardown_or_keep(ctx, args, command, result, rs, True)
+    return e.exit_code
+
+
+def on_interrupt(ctx, args, command, result, rs):
+    _ignore_signals()
+    result.update(verdict="interrupted", failed_stage=_current_phase(result),
+                  message="interrupted")
+    print("\nintegration-vm: interrupted", file=sys.stderr)
+    if rs is not None and command in ("up", "cycle", "bench") and not args.keep:
+        progress(ctx, "teardown", f"tearing down {rs.name}")
+    teardown_or_keep(ctx, args, command, result, rs, True)
+    return EXIT_INTERRUPTED
+
+
+def as_harness_error(e, result):
+    """An exception as the HarnessError the policy handles: an unexpected one (OSError,
+    ValueError, ...) is an infrastructure error of the stage that was running."""
+    if isinstance(e, HarnessError):
+        return e
+    failed = [p["name"] for p in result["phase_details"] if p["status"] == "error"]
+    stage = failed[-1] if failed else "session"
+    what = f"{e.strerror}: {e.filename}" if isinstance(e, OSError) and e.strerror and \
+        e.filename else (str(e).splitlines() or [""])[0]
+    return InfraError(stage, f"unexpected {type(e).__name__}: {what}")
+
+
+def check_junit(path):
+    """--junit FILE: its directory must exist and be writable now, not after a cycle."""
+    if not path:
+        return
+    f = pathlib.Path(path)
+    parent = f.parent if str(f.parent) else pathlib.Path(".")
+    if f.is_dir() or not parent.is_dir() or not os.access(parent, os.W_OK | os.X_OK):
+        raise UsageError(f"--junit {path}: not a writable file path (its directory must "
+                         "exist and be writable)")
+
+
 def prepare(ctx, args, command):
     """All validation that can fail before anything is created."""
+    check_junit(getattr(args, "junit", None))
     host = args.host
     if host is None and command in ("apply", "assert", "reboot"):
         rs = select_run(ctx, args.run, None, live="required")
@@ -3761,7 +4171,8 @@ def provision(ctx, args, profile, certs, result, holder):
             progress(ctx, "image", f"cached {image.dir}")
     accel = choose_accel(ctx, image)
     result["accel"] = accel
-    ctx.bounds = stage_bounds(accel, ctx.environ)
+    ctx.bounds = stage_bounds(accel, ctx.settings)
+    acquire_slot(ctx, holder)   # held until the session ends, after its teardown
     if certs in REAL_SECRET_TIERS and checkpoints_enabled(ctx, args):
         progress(ctx, "checkpoint", f"off: --certs {certs} puts the real Gandi token in the "
                  "guest's memory, which a checkpoint would keep on disk")
@@ -3848,8 +4259,8 @@ BENCH_DEFAULT_EDIT = "roles/docker_host/templates/etc/nftables.d/10-docker-forwa
 
 
 def warm_repo_copy(repo, edited, stamp):
-    """A copy of what the applies read, with one role file edited (a comment appended):
-    the working tree is never touched."""
+    """A copy of what the applies read, with one role file (`edited`, relative to roles/)
+    edited (a comment appended): the working tree is never touched."""
     tmp = pathlib.Path(tempfile.mkdtemp(prefix="boma-bench-"))
     ignore = shutil.ignore_patterns(".run", "__pycache__", ".venv", ".git", "*.pyc")
     for name in ("roles", "playbooks", "inventories", "scripts"):
@@ -3861,7 +4272,12 @@ def warm_repo_copy(repo, edited, stamp):
     for name in APPLY_SHARED_INPUTS:
         if (repo / name).is_file():
             shutil.copy2(repo / name, tmp / name)
-    with open(tmp / edited, "a") as fh:
+    target = tmp / "roles" / edited   # edited: relative to roles/, symlinks resolved
+    if resolved_under(target, tmp / "roles") != target.resolve() or target.is_symlink():
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise UsageError(f"--warm-edit: roles/{edited} is not a plain file in the copy")
+    fd = os.open(target, os.O_WRONLY | os.O_APPEND | os.O_NOFOLLOW)
+    with os.fdopen(fd, "a") as fh:
         fh.write(f"\n# bench-integration: the warm re-run's edit ({stamp})\n")
     return tmp
 
@@ -3872,18 +4288,19 @@ def cmd_bench(ctx, args):
     if args.no_warm or not checkpoints_enabled(ctx, args):
         return session(ctx, args, "bench")
     edited = args.warm_edit
-    f = ctx.repo / edited
-    if not edited.startswith("roles/") or not f.is_file() or \
-            not f.name.endswith(BENCH_EDIT_SUFFIXES) or "/molecule/" in edited:
+    f = resolved_under(ctx.repo / edited, ctx.repo / "roles")
+    rel = f.relative_to((ctx.repo / "roles").resolve()) if f else None
+    if f is None or not f.is_file() or not f.name.endswith(BENCH_EDIT_SUFFIXES) or \
+            "molecule" in rel.parts:
         raise UsageError(f"--warm-edit {edited}: must be an existing file under roles/ (not "
-                         f"molecule/) ending in {' '.join(BENCH_EDIT_SUFFIXES)}")
+                         f"molecule/, symlinks resolved) ending in {' '.join(BENCH_EDIT_SUFFIXES)}")
     ctx.bench_phase = "cold"
     progress(ctx, "bench", "cold cycle: image rebuilt, no checkpoint of this profile")
     rc = session(ctx, args, "bench")
     cold = ctx.last_result
     if rc != EXIT_PASS or cold is None:
         return rc
-    warm_ctx = dataclasses.replace(ctx, repo=warm_repo_copy(ctx.repo, edited, now_iso()),
+    warm_ctx = dataclasses.replace(ctx, repo=warm_repo_copy(ctx.repo, rel, now_iso()),
                                    t0=time.monotonic(), cmdlog=None, bench_phase="warm",
                                    checkpoint_chain=None, last_result=None)
     progress(warm_ctx, "bench", f"warm re-run after editing {edited} (in a copy: "
@@ -3943,29 +4360,40 @@ def cmd_prune(ctx, args):
     for name, target in harness_pools(ctx):
         remove_pool(ctx, name)
         print(f"integration-vm: pruned storage pool {name} ({target})")
-    runs_disk = ctx.cache / "runs"
-    if runs_disk.is_dir():
-        for d in runs_disk.iterdir():
-            if d.is_dir() and d.name.startswith(NAME_PREFIX):
-                shutil.rmtree(d, ignore_errors=True)
+    prune_tree(ctx.cache / "runs", None, match=RUN_NAME_RE.fullmatch)
     for rs in list_runs(ctx):
         shutil.rmtree(rs.dir, ignore_errors=True)
         print(f"integration-vm: removed run {rs.name}")
     (ctx.run_parent / "current").unlink(missing_ok=True)
-    ckpts = ctx.cache / "checkpoints"
-    if ckpts.is_dir():
-        for d in sorted(ckpts.iterdir()):
-            shutil.rmtree(d, ignore_errors=True)
-            print(f"integration-vm: removed checkpoint {d.name}")
-        shutil.rmtree(ckpts, ignore_errors=True)
+    if prune_tree(ctx.cache / "checkpoints", "checkpoint"):
+        shutil.rmtree(ctx.cache / "checkpoints", ignore_errors=True)
     if args.images:
-        keep = current_image_key(ctx)
-        for d in (ctx.cache / "images").glob("*"):
-            if d.is_dir() and d.name != keep:
-                shutil.rmtree(d, ignore_errors=True)
-                print(f"integration-vm: removed image {d.name}")
+        prune_tree(ctx.cache / "images", "image", keep=(current_image_key(ctx),))
     print("integration-vm: prune done")
     return EXIT_PASS
+
+
+def prune_tree(tree, what, keep=(), match=None):
+    """Remove the directories in one of the harness's cache trees (those `match`es, but
+    those in `keep`). A tree or entry that is a symlink is skipped with one line, never
+    followed. Returns whether the tree was the harness's own (a real dir)."""
+    if tree.is_symlink():
+        print(f"integration-vm: not pruning {tree}: a symlink, not the harness's own tree",
+              file=sys.stderr)
+        return False
+    if not tree.is_dir():
+        return False
+    for d in sorted(tree.iterdir()):
+        if d.name in keep or (match and not match(d.name)):
+            continue
+        if d.is_symlink() or not d.is_dir():
+            print(f"integration-vm: skipping {d}: not a directory the harness made",
+                  file=sys.stderr)
+            continue
+        shutil.rmtree(d, ignore_errors=True)
+        if what:
+            print(f"integration-vm: removed {what} {d.name}")
+    return True
 
 
 def _age(iso):
@@ -4073,20 +4501,16 @@ def cmd_doctor(ctx, args):
                                               " (guests run under TCG: slow but correct)"))
     except HarnessError as e:
         check("accelerator", False, str(e))
-    avail = free_mib(read_meminfo(ctx))
-    check("RAM", avail - DEFAULT_MEM_MIB >= RAM_FLOOR_MIB,
-          f"{avail} MiB available (a default VM needs {DEFAULT_MEM_MIB} + {RAM_FLOOR_MIB} floor)",
-          "stop other VMs/workloads")
+    ok, detail = ram_guard(ctx, DEFAULT_MEM_MIB)
+    check("RAM", ok, f"{detail} (a default VM)", "stop other VMs/workloads")
     try:
         ctx.cache.mkdir(parents=True, exist_ok=True)
         probe = ctx.cache / f".doctor-{os.getpid()}"
         probe.write_text("")
         probe.unlink()
         check("cache dir", True, f"{ctx.cache} writable")
-        free = shutil.disk_usage(ctx.cache).free // (1 << 20)
-        need = MIN_DISK_MIB_RUN + (0 if img else MIN_DISK_MIB_IMAGE)
-        check("disk", free >= need, f"{free} MiB free under {ctx.cache} (need {need})",
-              "free space or point BOMA_IT_CACHE elsewhere")
+        ok, detail = disk_guard(ctx, need_image=img is None)
+        check("disk", ok, detail, "free space or point BOMA_IT_CACHE elsewhere")
     except OSError as e:
         check("cache dir", False, f"{ctx.cache}: {e.strerror or e}",
               "apply the integration_test role (make substrate) or set BOMA_IT_CACHE")
@@ -4097,28 +4521,7 @@ def cmd_doctor(ctx, args):
 # --------------------------------------------------------------------------------------
 # CLI
 # --------------------------------------------------------------------------------------
-ENV_HELP = """environment:
-  LIBVIRT_DEFAULT_URI       libvirt URI (default qemu:///system); --connect wins
-  BOMA_IT_ACCEL             auto|kvm|tcg (default auto); --accel wins
-  BOMA_IT_CACHE             VM disks + golden images (default /var/lib/boma-integration)
-  BOMA_IT_RUN_DIR           run metadata parent (default tests/integration/.run)
-  BOMA_IT_DIAG_DIR          diagnostics parent (default ~/integration-runs)
-  BOMA_IT_IMAGE_SOURCE      build (mmdebstrap, default) | fetch (cloud.debian.org)
-  BOMA_IT_MIRROR            Debian mirror for image builds (default deb.debian.org)
-  BOMA_IT_MAX_VMS           harness VMs allowed at once (default 1)
-  BOMA_IT_ANSIBLE_PLAYBOOK  ansible-playbook to use (default: PATH, then .venv)
-  BOMA_IT_ANSIBLE_STRATEGY  mitogen (default) | default; --strategy wins
-  BOMA_IT_TIMEOUT_<STAGE>   bound in seconds, e.g. BOMA_IT_TIMEOUT_DHCP_LEASE=300
-  BOMA_IT_POLL              poll interval of bounded waits (default 2)
-  BOMA_IT_IMAGE_URL         image to fetch with BOMA_IT_IMAGE_SOURCE=fetch
-  BOMA_IT_SHA_URL           its SHA512SUMS
-  BOMA_IT_SSH_PORT          guest SSH port (default 22)
-  BOMA_IT_RAM_FLOOR_MIB     MemAvailable that must remain after the VM's memory (default 1024)
-  BOMA_IT_MIN_DISK_MIB      free disk required for a run's overlay / an image build
-  BOMA_IT_NETNS             set by scripts/it-run: the sandbox namespace (inspection hints)
-  BOMA_VAULT_PASSWORD_FILE  production vault password file, only for --certs le-staging /
-                            le-prod-wildcard (else scripts/vault-password.sh asks rbw)
-"""
+ENV_HELP = env_help()
 
 
 REBOOT_HELP = """reboots (cycle, bench, reboot):
@@ -4184,9 +4587,11 @@ def build_parser():
         sp.add_argument("--no-checkpoints", action="store_true",
                         help="neither resume from nor write checkpoints (env "
                              "BOMA_IT_CHECKPOINTS=0)")
-        sp.add_argument("--expect-fail", action="store_true",
-                        help="RED runs: a verify failure is the expected outcome (exit 0; "
-                             "the VM is torn down), a pass exits 1")
+        sp.add_argument("--expect-fail", nargs="?", const="verify", metavar="STAGE",
+                        help="RED runs: a failure of the verify stage (or of STAGE, e.g. "
+                             "--expect-fail=reboot-diff; apply covers apply:<playbook>) is "
+                             "the expected outcome (exit 0; the VM is torn down); a pass, "
+                             "or a failure at another stage, exits 1")
 
     p = argparse.ArgumentParser(
         prog="integration-vm", description=__doc__.split("\n\n")[0] + "\n\n" +
@@ -4247,7 +4652,7 @@ def build_parser():
 def _defaults(args):
     for k, v in (("host", None), ("run", None), ("certs", None), ("allow_prod_certs", False),
                  ("keep", False), ("no_reboot", False), ("reboot", None),
-                 ("no_idempotence", False), ("junit", None), ("expect_fail", False),
+                 ("no_idempotence", False), ("junit", None), ("expect_fail", None),
                  ("reboot_diff", "fail"), ("no_checkpoints", False), ("no_warm", True),
                  ("warm_edit", None)):
         if not hasattr(args, k):
@@ -4276,8 +4681,9 @@ def main(argv=None):
     except KeyboardInterrupt:
         print("\nintegration-vm: interrupted", file=sys.stderr)
         return EXIT_INTERRUPTED
-    except OSError as e:
-        print(f"integration-vm: error: {e}", file=sys.stderr)
+    except Exception as e:  # one line, never a traceback
+        print(f"integration-vm: error: {as_harness_error(e, new_result(args.cmd))}",
+              file=sys.stderr)
         return EXIT_INFRA
 
 

@@ -495,10 +495,13 @@ def test_lease_never_comes(h):
     elapsed = time.monotonic() - t0
     assert p.returncode == 3, p.stderr
     line = assert_one_line_error(p)
-    assert "dhcp-lease" in line and "1.5s" in line or "2s" in line, line
+    assert "dhcp-lease" in line and "timed out after 2s" in line, line  # the 1.5 s bound
     assert "console log:" in line
-    assert elapsed < 20
     (res,) = h.results()
+    # The wait ends at its bound, not 12 s later: the boot phase (define, start, the lease
+    # wait) and the whole run stay within the bound plus the fakes' start-up costs.
+    assert res["phases"]["boot"] < BOUNDS["DHCP_LEASE"] + 5, res["phases"]
+    assert elapsed < BOUNDS["DHCP_LEASE"] + 10
     assert res["verdict"] == "error" and res["failed_stage"] == "dhcp-lease"
     vm = res["vm"]
     # infra error: diagnostics (host side + NOTE), then teardown of what this run created
@@ -516,8 +519,8 @@ def test_ssh_never_answers(h, mode):
     p = h.run("up", "--host", "askari", FAKE_SSH=mode)
     assert p.returncode == 3, p.stderr
     line = assert_one_line_error(p)
-    assert "ssh-handshake" in line and "timed out" in line, line
-    assert time.monotonic() - t0 < 20
+    assert "ssh-handshake" in line and "timed out after 2s" in line, line
+    assert time.monotonic() - t0 < BOUNDS["SSH_HANDSHAKE"] + BOUNDS["SSH_ATTEMPT"] + 8
     assert h.domains() == {}
     notes = list(h.diag.glob("*/NOTE"))
     assert notes and "SSH" in notes[0].read_text()
@@ -626,10 +629,16 @@ def test_prune_touches_only_harness_domains(h):
     h.seed_foreign_domain("somebody-elses-vm")
     st = h.run("status")
     assert st.returncode == 0 and "boma-it-askari-" in st.stdout and "boma-it-foo" not in st.stdout
+    n = len(h.virsh_cmds())
     p = h.run("prune")
     assert p.returncode == 0, p.stderr
     assert set(h.domains()) == {"boma-it-foo", "somebody-elses-vm"}
     assert "skipping boma-it-foo" in p.stdout
+    # prune itself leaves a foreign domain alone: one ownership probe, never handed to
+    # destroy_domain (whose own metadata check must not be the only guard)
+    for foreign in ("boma-it-foo", "somebody-elses-vm"):
+        assert [a[0] for a in h.virsh_cmds()[n:] if a[1:2] == [foreign]] == ["metadata"], foreign
+    assert "not touching" not in p.stderr
     assert not h.run_root.exists() or not any(h.run_root.iterdir())
     assert not any((h.cache / "runs").iterdir())
     assert not any(a[0] in ("destroy", "undefine") and a[1] in ("boma-it-foo", "somebody-elses-vm")

@@ -120,9 +120,11 @@ def test_bad_strategy_request_is_a_usage_error():
     args = types.SimpleNamespace(strategy=None, connect=None, accel=None)
     with pytest.raises(ivm.UsageError, match="BOMA_IT_ANSIBLE_STRATEGY"):
         ivm.ctx_from_env({"BOMA_IT_ANSIBLE_STRATEGY": "fast"}, args)
-    args.strategy = "default"
-    assert ivm.ctx_from_env({"BOMA_IT_ANSIBLE_STRATEGY": "fast"}, args).strategy_request \
+    args.strategy = "default"   # the flag wins over a valid variable...
+    assert ivm.ctx_from_env({"BOMA_IT_ANSIBLE_STRATEGY": "mitogen"}, args).strategy_request \
         == "default"
+    with pytest.raises(ivm.UsageError):   # ...but a bad variable is an error either way
+        ivm.ctx_from_env({"BOMA_IT_ANSIBLE_STRATEGY": "fast"}, args)
 
 
 # ---- output parsing is the same under both strategies -------------------------------
