@@ -41,7 +41,7 @@ export PATH   := $(CURDIR)/$(VENV)/bin:$(PATH)
 export ANSIBLE_CONFIG := $(CURDIR)/ansible.cfg
 
 .PHONY: help venv lint test test-unit test-role test-all new-role deploy molecule-image \
-        substrate test-integration test-integration-red test-vm test-integration-clean \
+        substrate test-integration test-integration-loop test-integration-red test-vm test-integration-clean \
         bench-integration integration-status integration-doctor
 
 help: ## List every target
@@ -103,6 +103,10 @@ test-integration: venv ## Boot a VM as HOST, apply, reboot, verify: make test-in
 	@test -n "$(HOST)" || { echo "usage: make test-integration HOST=<profile> [CERTS=internal|le-staging|le-prod-wildcard] [KEEP=1]" >&2; exit 2; }
 	$(IT_RUN) cycle --host $(HOST) $(IT_FLAGS)
 
+test-integration-loop: venv ## Quick loop after an edit: resume, apply what changed, one reboot, verify; VM stays up (NOT the gate)
+	@test -n "$(HOST)" || { echo "usage: make test-integration-loop HOST=<profile> [CERTS=..]" >&2; exit 2; }
+	$(IT_RUN) loop --host $(HOST) $(if $(CERTS),--certs $(CERTS))
+
 test-integration-red: venv ## RED: HOST-regression (no docker forward drop-in) must FAIL verify for the right reason
 	@test -n "$(HOST)" || { echo "usage: make test-integration-red HOST=askari" >&2; exit 2; }
 	BOMA_IT_E2E_HOST=$(HOST) $(IT_RUN) exec -- $(CURDIR)/$(VENV)/bin/pytest -m vm -k regression -p no:cacheprovider tests/e2e
@@ -119,6 +123,6 @@ integration-status: venv ## List the harness's VMs, runs and golden images with 
 integration-doctor: venv ## Preflight: tools, libvirtd, accelerator, /dev/kvm, RAM, disk
 	$(IT_RUN) doctor
 
-bench-integration: venv ## Run a cycle and print per-phase durations: make bench-integration HOST=askari
+bench-integration: venv ## Cold cycle (+ transport per call, linear vs Mitogen), quick loop and warm cycle after one role edit, side by side: make bench-integration HOST=askari
 	@test -n "$(HOST)" || { echo "usage: make bench-integration HOST=<profile>" >&2; exit 2; }
 	$(IT_RUN) bench --host $(HOST) $(IT_FLAGS)

@@ -16,6 +16,7 @@ the CLI at the bottom.
 """
 import argparse
 import contextlib
+import copy
 import dataclasses
 import datetime
 import difflib
@@ -88,8 +89,19 @@ ACCEL_CHOICES = ("auto", "kvm", "tcg")
 ANSIBLE_USER = "ansible"
 DEFAULT_URI = "qemu:///system"
 METADATA_URI = "https://boma.invalid/integration-vm"
-SUBCOMMANDS = ("image", "up", "apply", "reboot", "assert", "cycle", "bench", "down",
+SUBCOMMANDS = ("image", "up", "apply", "reboot", "assert", "cycle", "bench", "loop", "down",
                "console", "prune", "status", "doctor")
+# Which commands do what. The gate (cycle, bench) runs every reboot of the profile and the
+# idempotence pass and tears the VM down; the quick loop (issue 13) resumes, applies what
+# the edit invalidated, reboots once (graceful), verifies and leaves the VM up.
+CREATING_COMMANDS = ("up", "cycle", "bench", "loop")
+CONVERGING_COMMANDS = ("cycle", "bench", "loop")
+GATE_COMMANDS = ("cycle", "bench")
+LOOP_NOT_THE_GATE = (
+    "integration-vm: quick loop: one graceful reboot, no power cut, no idempotence pass. "
+    "This is NOT the gate: `make test-integration HOST={host}` (cycle) must pass before the "
+    "change is done. The VM stays up at this state until the next loop, cycle or "
+    "`make test-integration-clean`.")
 
 EXIT_PASS, EXIT_VERIFY, EXIT_USAGE, EXIT_INFRA, EXIT_INTERRUPTED = 0, 1, 2, 3, 130
 EXIT_CODES_HELP = """exit codes:
@@ -928,25 +940,52 @@ def format_bench_table(result):
     return "\n".join(f"{a:<{w[0]}}  {b:>{w[1]}}  {c}" for a, b, c in rows) + "\n"
 
 
+# issue 13's targets on TCG: the ratios are of the same bench run's cold cycle.
+BENCH_TARGETS = {"loop": 0.25, "warm": 0.5, "transport": 4}
 BENCH_FAMILIES = ("image", "boot", "resume", "checkpoint", "apply", "reboot", "reboot-diff",
-                  "verify", "idempotence", "teardown")
+                  "verify", "idempotence", "transport", "teardown")
 
 
-def format_bench_comparison(cold, warm, edited):
-    """Cold cycle and warm re-run side by side, by phase family."""
-    tc, tw = phase_totals(cold.get("phase_details", [])), phase_totals(warm.get("phase_details", []))
-    rows = [("phase", "cold", "warm")]
+def format_bench_comparison(cold, warm, edited, loop=None):
+    """The cold cycle, the quick loop and the warm full cycle side by side, by phase
+    family, against the targets (issue 13), then the transport's per-call figure."""
+    runs = [("cold", cold), ("loop", loop), ("warm", warm)]
+    runs = [(n, r) for n, r in runs if r is not None]
+    totals = [phase_totals(r.get("phase_details", [])) for _, r in runs]
+    rows = [("phase", *[n for n, _ in runs])]
     for fam in BENCH_FAMILIES:
-        if fam in tc or fam in tw:
-            rows.append((fam, f"{tc.get(fam, 0.0):.1f}", f"{tw.get(fam, 0.0):.1f}"))
-    c, w = cold.get("total_seconds") or 0.0, warm.get("total_seconds") or 0.0
-    rows.append(("total", f"{c:.1f}", f"{w:.1f}"))
-    width = [max(len(r[i]) for r in rows) for i in range(3)]
-    resumed = (warm.get("resumed_from") or {}).get("stage", "nothing (cold boot)")
-    out = [f"bench: warm re-run after editing {edited}; it resumed from {resumed}"]
-    out += [f"{a:<{width[0]}}  {b:>{width[1]}}  {c_:>{width[2]}}" for a, b, c_ in rows]
-    out.append(f"warm/cold = {w / c:.2f} (target <= 0.33)" if c else "warm/cold = ?")
+        if any(fam in t for t in totals):
+            rows.append((fam, *[f"{t.get(fam, 0.0):.1f}" for t in totals]))
+    secs = [cycle_seconds(r) for _, r in runs]
+    rows.append(("total", *[f"{x:.1f}" for x in secs]))
+    width = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    out = [f"bench: after editing {edited} (in a copy): "
+           + "; ".join(f"{n} resumed from {(r.get('resumed_from') or {}).get('stage', 'nothing')}"
+                       for n, r in runs if n != "cold")]
+    out += ["  ".join(f"{c:<{width[0]}}" if i == 0 else f"{c:>{width[i]}}"
+                      for i, c in enumerate(row)) for row in rows]
+    c = secs[0]
+    for (n, _), x in zip(runs[1:], secs[1:]):
+        target = BENCH_TARGETS.get(n)
+        ratio = x / c if c else float("nan")
+        verdict = "" if target is None else (" (met)" if ratio <= target else " (NOT met)")
+        out.append(f"{n}/cold = {ratio:.2f} (target <= {target}){verdict}")
+    t = cold.get("transport") or {}
+    if t.get("speedup"):
+        out.append(f"transport: {t['calls']} module calls, linear {t['linear']['per_call']}s "
+                   f"vs mitogen {t[MITOGEN_STRATEGY]['per_call']}s per call = "
+                   f"{t['speedup']}x (target >= {BENCH_TARGETS['transport']})"
+                   + (" (met)" if t["speedup"] >= BENCH_TARGETS["transport"] else " (NOT met)"))
+    elif t.get("error"):
+        out.append(f"transport: not compared ({t['error']})")
     return "\n".join(out) + "\n"
+
+
+def cycle_seconds(result):
+    """A run's wall time without the bench's own transport comparison."""
+    extra = sum(p["seconds"] for p in result.get("phase_details", [])
+                if p["name"].startswith("transport:"))
+    return (result.get("total_seconds") or 0.0) - extra
 
 
 def render_junit(result):
@@ -2349,7 +2388,8 @@ class Ctx:
     bounds: dict = dataclasses.field(default_factory=dict)
     cmdlog: pathlib.Path = None
     checkpoint_chain: list = None   # [(stage, key, detail)] when this cycle uses checkpoints
-    bench_phase: str = None         # "cold" | "warm" inside cmd_bench
+    bench_phase: str = None         # "cold" | "warm" | "loop" inside cmd_bench
+    bench_transport: bool = False   # bench: time both strategies on the VM before teardown
     last_result: dict = None
     settings: Settings = None       # read_settings(environ) unless given
 
@@ -2572,9 +2612,9 @@ TOOL_PACKAGES = {
 
 def tools_for(command, image_source, need_build=True):
     tools = ["virsh"] if command != "image" else []
-    if command in ("up", "cycle", "bench"):
+    if command in CREATING_COMMANDS:
         tools += ["virt-install", "qemu-img", "cloud-localds", "ssh", "ssh-keygen"]
-    if command in ("up", "cycle", "bench", "image") and image_source == "build" and need_build:
+    if command in (*CREATING_COMMANDS, "image") and image_source == "build" and need_build:
         tools += ["mmdebstrap", "mkfs.ext4", "qemu-img"]
     if command in ("apply", "reboot", "assert"):
         tools += ["ssh"]
@@ -3234,13 +3274,14 @@ def resolve_strategy(ctx, ansible_playbook):
     return ctx.strategy
 
 
-def run_playbook(ctx, rs, profile, playbook, tags, certs, phase, timeout):
-    """One ansible-playbook call against the VM only; returns (rc, output)."""
+def run_playbook(ctx, rs, profile, playbook, tags, certs, phase, timeout, strategy=None):
+    """One ansible-playbook call against the VM only; returns (rc, output). `strategy`
+    (a strategy_choice()) overrides the run's (the bench compares both)."""
     real_secrets = certs in REAL_SECRET_TIERS
     inv = write_run_inventory(ctx, rs, profile["groups"], with_vault=real_secrets)
     assert_single_host_inventory(inv.read_text(), rs.domain)
     ansible_playbook = find_ansible_playbook(ctx)
-    strategy = resolve_strategy(ctx, ansible_playbook)
+    strategy = strategy or resolve_strategy(ctx, ansible_playbook)
     argv = ansible_playbook_argv(
         ansible_playbook, inv, playbook, rs.domain, tags,
         extra_vars_files(profile, certs, ctx.repo / "tests" / "integration",
@@ -3315,6 +3356,60 @@ def run_assert(ctx, rs, profile, certs, result=None):
             raise VerifyFailed("verify", "verify playbook failed"
                                + (f" at: {', '.join(failed)}" if failed else f" (exit {rc})"),
                                failed)
+
+
+# The bench's per-task figure: one playbook of TRANSPORT_PROBE_CALLS cheap module calls
+# (ping, command, stat, systemd_service: work the guest does in milliseconds), timed once
+# with each strategy on the same VM, so the difference is the transport's per-call cost.
+TRANSPORT_PROBE = "tests/integration/bench-transport.yml"
+TRANSPORT_PROBE_CALLS = 40
+
+
+def transport_figures(seconds, calls=TRANSPORT_PROBE_CALLS):
+    """{strategy: seconds} -> the bench's transport summary (per-call cost, speed-up)."""
+    out = {k: {"seconds": round(v, 1), "per_call": round(v / calls, 2)}
+           for k, v in seconds.items()}
+    lin, mit = seconds.get("linear"), seconds.get(MITOGEN_STRATEGY)
+    out["calls"] = calls
+    out["speedup"] = round(lin / mit, 1) if lin and mit else None
+    return out
+
+
+def compare_transports(ctx, rs, profile, certs, result):
+    """bench: the probe playbook with ansible-core's linear strategy, then with Mitogen,
+    on this VM. Needs Mitogen to load (else the figure would compare linear with itself)."""
+    mito = ctx.strategy
+    if not mito or mito["used"] != MITOGEN_STRATEGY:   # the run used linear: probe Mitogen
+        probe = dataclasses.replace(ctx, strategy=None, strategy_request="mitogen")
+        mito = resolve_strategy(probe, find_ansible_playbook(ctx))
+    if mito["used"] != MITOGEN_STRATEGY:
+        result["transport"] = {"error": f"Mitogen does not load: {mito['fallback']}"}
+        return
+    seconds = {}
+    for choice in (strategy_choice("default"), mito):
+        name = choice["used"]
+        with timed_phase(ctx, result, f"transport:{name}"):
+            t0 = time.monotonic()
+            rc, _ = run_playbook(ctx, rs, profile, ctx.repo / TRANSPORT_PROBE, (), certs,
+                                 f"transport-{name}", ctx.bounds["verify"], strategy=choice)
+            if rc != 0:
+                raise InfraError(f"transport:{name}", f"{TRANSPORT_PROBE} failed (exit {rc})")
+            seconds[name] = time.monotonic() - t0
+    result["transport"] = transport_figures(seconds)
+    t = result["transport"]
+    progress(ctx, "transport", f"{t['calls']} module calls: linear {t['linear']['per_call']}s "
+             f"per call, mitogen {t[MITOGEN_STRATEGY]['per_call']}s ({t['speedup']}x)")
+
+
+def retire_loop_vms(ctx, host):
+    """A quick loop leaves its VM up for inspection until the next run of the profile:
+    that run tears it down first (it holds the checkpoint's domain name and the VM slot).
+    Only runs a loop kept; a --keep/KEEP=1 VM is the operator's and stays."""
+    for rs in list_runs(ctx):
+        if rs.data.get("host") == host and rs.data.get("kept_by") == "loop" and \
+                rs.data.get("state") != "down":
+            progress(ctx, "loop", f"tearing down the previous quick loop's VM {rs.name}")
+            down_run(ctx, rs)
 
 
 def idempotence(ctx, rs, profile, certs, result=None):
@@ -3940,7 +4035,7 @@ def session(ctx, args, command):
     result["started_at"] = now_iso()
     result["certs"] = getattr(args, "certs", None)
     result["expect_fail"] = getattr(args, "expect_fail", None) or False
-    writes_result = command in ("cycle", "bench", "assert")
+    writes_result = command in (*CONVERGING_COMMANDS, "assert")
     holder = {"rs": None, "slot": None}
     exit_code = EXIT_PASS
     try:
@@ -3959,7 +4054,7 @@ def session(ctx, args, command):
     result["exit_code"] = exit_code
     if exit_code == EXIT_USAGE and holder["rs"] is None:
         return exit_code  # bad input: the one error line says it all, nothing ran
-    if ctx.checkpoint_chain and ctx.bench_phase != "warm":
+    if ctx.checkpoint_chain and ctx.bench_phase in (None, "cold"):
         try:  # one chain per profile: what these inputs can no longer resume goes
             gone = gc_checkpoints(ctx, result.get("host"),
                                   keep=[k for _, k, _ in ctx.checkpoint_chain])
@@ -3972,14 +4067,18 @@ def session(ctx, args, command):
                   getattr(args, "junit", None), stream=sys.stdout if writes_result else sys.stderr)
     if command == "bench":
         sys.stdout.write(format_bench_table(result))
+    if command == "loop":
+        print(LOOP_NOT_THE_GATE.format(host=result.get("host") or "<host>"), file=sys.stderr)
     return exit_code
 
 
 def session_phases(ctx, args, command, result, holder):
     """The phases of one command, in order; raises on the first failure."""
-    creates = command in ("up", "cycle", "bench")
+    creates = command in CREATING_COMMANDS
     profile, certs = prepare(ctx, args, command)
     result["certs"] = certs
+    if command in CONVERGING_COMMANDS:
+        retire_loop_vms(ctx, profile["name"])
     if creates:
         holder["rs"] = provision(ctx, args, profile, certs, result, holder)
     else:
@@ -3993,12 +4092,13 @@ def session_phases(ctx, args, command, result, holder):
     result["host"] = rs.data["host"]
     if command == "apply":
         apply(ctx, rs, profile, certs, result=result)
-    if command in ("cycle", "bench"):
+    if command in CONVERGING_COMMANDS:
         apply(ctx, rs, profile, certs, result=result, start=rs.data.get("applied_steps", 0),
               after_step=checkpoint_after_apply(ctx, rs, result))
-    if command == "reboot" or (command in ("cycle", "bench") and not args.no_reboot):
+    if command in ("reboot", "loop") or (command in GATE_COMMANDS and not args.no_reboot):
         modes = [args.reboot] if args.reboot else profile["reboot"]
-        result["reboot_modes"] = modes[:1] if command == "reboot" else modes
+        result["reboot_modes"] = (["graceful"] if command == "loop" else
+                                  modes[:1] if command == "reboot" else modes)
         for mode in result["reboot_modes"]:
             with timed_phase(ctx, result, f"reboot:{mode}"):
                 before, after = reboot_vm(ctx, rs, mode)
@@ -4010,16 +4110,21 @@ def session_phases(ctx, args, command, result, holder):
                                       args.reboot_diff)
                 if summary.get("warning"):
                     entry["message"] = summary["warning"]
-    if command in ("assert", "cycle", "bench"):
+    if command in ("assert", *CONVERGING_COMMANDS):
         run_assert(ctx, rs, profile, certs, result)
-    if command in ("cycle", "bench") and not args.no_idempotence and not args.no_reboot:
+    if command in GATE_COMMANDS and not args.no_idempotence and not args.no_reboot:
         idempotence(ctx, rs, profile, certs, result)
     result["verdict"] = "pass"
-    if command in ("cycle", "bench") and not args.keep:
+    if ctx.bench_transport:
+        compare_transports(ctx, rs, profile, certs, result)
+    if command in GATE_COMMANDS and not args.keep:
         with timed_phase(ctx, result, "teardown"):
             down_run(ctx, rs)
-    elif command in ("cycle", "bench"):
+    elif command in CONVERGING_COMMANDS:
         result["kept"] = True
+        if command == "loop":
+            rs.data["kept_by"] = "loop"
+            rs.save()
         print(inspection_help(ctx, rs), file=sys.stderr, end="")
     if command == "up":
         print(f"{rs.name} {rs.ip}", flush=True)
@@ -4054,7 +4159,7 @@ def teardown_or_keep(ctx, args, command, result, rs, teardown):
     inspect it."""
     if rs is None:
         return
-    if teardown and command in ("up", "cycle", "bench") and not getattr(args, "keep", False):
+    if teardown and command in CREATING_COMMANDS and not getattr(args, "keep", False):
         try:
             with timed_phase(ctx, result, "teardown"):
                 down_run(ctx, rs)
@@ -4092,7 +4197,7 @@ def on_interrupt(ctx, args, command, result, rs):
     result.update(verdict="interrupted", failed_stage=_current_phase(result),
                   message="interrupted")
     print("\nintegration-vm: interrupted", file=sys.stderr)
-    if rs is not None and command in ("up", "cycle", "bench") and not args.keep:
+    if rs is not None and command in CREATING_COMMANDS and not args.keep:
         progress(ctx, "teardown", f"tearing down {rs.name}")
     teardown_or_keep(ctx, args, command, result, rs, True)
     return EXIT_INTERRUPTED
@@ -4142,7 +4247,7 @@ def prepare(ctx, args, command):
                          "zone; pass --allow-prod-certs to confirm")
     if not (ctx.repo / "tests" / "integration" / "certs" / f"{certs}.yml").is_file():
         raise UsageError(f"cert tier file tests/integration/certs/{certs}.yml does not exist")
-    if certs in REAL_SECRET_TIERS and command in ("up", "apply", "cycle", "bench"):
+    if certs in REAL_SECRET_TIERS and command in ("apply", *CREATING_COMMANDS):
         # Before anything is created: these tiers need the real Gandi token.
         r = run([str(ctx.repo / "scripts" / "vault-password.sh")], timeout=30)
         if r.returncode != 0 or not r.stdout.strip():
@@ -4176,7 +4281,7 @@ def provision(ctx, args, profile, certs, result, holder):
     if certs in REAL_SECRET_TIERS and checkpoints_enabled(ctx, args):
         progress(ctx, "checkpoint", f"off: --certs {certs} puts the real Gandi token in the "
                  "guest's memory, which a checkpoint would keep on disk")
-    elif getattr(args, "cmd", None) in ("cycle", "bench") and checkpoints_enabled(ctx, args):
+    elif getattr(args, "cmd", None) in CONVERGING_COMMANDS and checkpoints_enabled(ctx, args):
         ctx.checkpoint_chain = checkpoint_chain(ctx, profile, certs, image.key, accel)
         result["checkpoints"] = {"chain": [{"stage": st, "key": k, **det}
                                            for st, k, det in ctx.checkpoint_chain]}
@@ -4283,35 +4388,52 @@ def warm_repo_copy(repo, edited, stamp):
 
 
 def cmd_bench(ctx, args):
-    """A cold cycle (image rebuilt, none of this profile's checkpoints), then a warm
-    re-run after editing one role file, each with its table, then both side by side."""
+    """A cold cycle (image rebuilt, none of this profile's checkpoints; the transport
+    compared on its VM before teardown), then the quick loop and a warm full cycle, each
+    after the same one-role edit made in a temporary copy, then all side by side."""
     if args.no_warm or not checkpoints_enabled(ctx, args):
+        ctx.bench_transport = True
         return session(ctx, args, "bench")
-    edited = args.warm_edit
+    rel = bench_edit_target(ctx, args.warm_edit)
+    ctx.bench_phase, ctx.bench_transport = "cold", True
+    progress(ctx, "bench", "cold cycle: image rebuilt, no checkpoint of this profile")
+    rc = session(ctx, args, "bench")
+    cold = ctx.last_result
+    if rc != EXIT_PASS or cold is None:
+        return rc
+    loop_args = copy.copy(args)
+    loop_args.cmd = "loop"
+    after = {}
+    for phase, command, a in (("loop", "loop", loop_args), ("warm", "bench", args)):
+        sub = dataclasses.replace(ctx, repo=warm_repo_copy(ctx.repo, rel, now_iso()),
+                                  t0=time.monotonic(), cmdlog=None, bench_phase=phase,
+                                  bench_transport=False, checkpoint_chain=None,
+                                  last_result=None)
+        progress(sub, "bench", f"{'quick loop' if phase == 'loop' else 'warm full cycle'} "
+                 f"after editing {args.warm_edit} (in a copy: {sub.repo})")
+        try:
+            rc = session(sub, a, command)
+        finally:
+            shutil.rmtree(sub.repo, ignore_errors=True)
+        after[phase] = sub.last_result
+        if rc != EXIT_PASS:
+            break
+    retire_loop_vms(ctx, cold.get("host"))   # the bench leaves nothing running
+    sys.stdout.write("\n" + format_bench_comparison(cold, after.get("warm"), args.warm_edit,
+                                                     loop=after.get("loop")))
+    return rc
+
+
+def bench_edit_target(ctx, edited):
+    """--warm-edit: a plain file under roles/ (symlinks resolved, not molecule/) with an
+    extension a comment can be appended to; returned relative to roles/."""
     f = resolved_under(ctx.repo / edited, ctx.repo / "roles")
     rel = f.relative_to((ctx.repo / "roles").resolve()) if f else None
     if f is None or not f.is_file() or not f.name.endswith(BENCH_EDIT_SUFFIXES) or \
             "molecule" in rel.parts:
         raise UsageError(f"--warm-edit {edited}: must be an existing file under roles/ (not "
                          f"molecule/, symlinks resolved) ending in {' '.join(BENCH_EDIT_SUFFIXES)}")
-    ctx.bench_phase = "cold"
-    progress(ctx, "bench", "cold cycle: image rebuilt, no checkpoint of this profile")
-    rc = session(ctx, args, "bench")
-    cold = ctx.last_result
-    if rc != EXIT_PASS or cold is None:
-        return rc
-    warm_ctx = dataclasses.replace(ctx, repo=warm_repo_copy(ctx.repo, rel, now_iso()),
-                                   t0=time.monotonic(), cmdlog=None, bench_phase="warm",
-                                   checkpoint_chain=None, last_result=None)
-    progress(warm_ctx, "bench", f"warm re-run after editing {edited} (in a copy: "
-             f"{warm_ctx.repo})")
-    try:
-        rc = session(warm_ctx, args, "bench")
-    finally:
-        shutil.rmtree(warm_ctx.repo, ignore_errors=True)
-    if warm_ctx.last_result is not None:
-        sys.stdout.write("\n" + format_bench_comparison(cold, warm_ctx.last_result, edited))
-    return rc
+    return rel
 
 
 def cmd_image(ctx, args):
@@ -4606,6 +4728,9 @@ def build_parser():
         "assert": "run the verify playbook against a run's VM (writes result.json)",
         "cycle": "up, apply, reboot, verify, idempotence, teardown (writes result.json)",
         "bench": "a cycle that prints a per-phase timing table at the end",
+        "loop": "quick loop for an edit: resume the newest valid checkpoint, apply what "
+                "the edit invalidated, one graceful reboot + state diff, verify; the VM "
+                "stays up (NOT the gate: cycle)",
         "down": "destroy a run's VM and disks (idempotent)",
         "console": "print a run's console log path and tail it",
         "prune": "remove every VM, disk and run the harness owns (only those)",
@@ -4615,13 +4740,19 @@ def build_parser():
     sps = {}
     for c in SUBCOMMANDS:
         sps[c] = sub.add_parser(c, parents=[common], help=helps[c], description=helps[c],
-                                epilog=(REBOOT_HELP + "\n" if c in ("cycle", "bench", "reboot")
+                                epilog=(REBOOT_HELP + "\n" if c in ("cycle", "bench", "loop", "reboot")
                                         else "") + EXIT_CODES_HELP,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     sps["image"].add_argument("--force", action="store_true", help="rebuild even if cached")
-    for c in ("up", "cycle", "bench"):
+    for c in CREATING_COMMANDS:
         run_opts(sps[c], host_required=True)
         cert_opts(sps[c])
+    sps["loop"].add_argument("--junit", metavar="FILE", help="write JUnit XML here")
+    sps["loop"].add_argument("--reboot-diff", choices=REBOOT_DIFF_POLICIES, default="fail",
+                             help="an unexpected state difference fails (default) or warns")
+    sps["loop"].add_argument("--no-checkpoints", action="store_true",
+                             help="boot cold and write no checkpoint (slow: the point of the "
+                                  "loop is the checkpoint)")
     for c in ("cycle", "bench"):
         cycle_opts(sps[c])
     sps["bench"].add_argument("--warm-edit", metavar="ROLE_FILE", default=BENCH_DEFAULT_EDIT,
@@ -4671,7 +4802,7 @@ def main(argv=None):
         ctx = ctx_from_env(os.environ, args)
         if args.cmd == "bench":
             return cmd_bench(ctx, args)
-        if args.cmd in ("up", "apply", "reboot", "assert", "cycle"):
+        if args.cmd in ("up", "apply", "reboot", "assert", "cycle", "loop"):
             return session(ctx, args, args.cmd)
         return {"image": cmd_image, "down": cmd_down, "console": cmd_console,
                 "prune": cmd_prune, "status": cmd_status, "doctor": cmd_doctor}[args.cmd](ctx, args)
