@@ -3,7 +3,9 @@
 
 Symlinked under the tool's name (virsh, virt-install, qemu-img, cloud-localds, ssh,
 ssh-keygen, ansible-playbook, mmdebstrap, mkfs.ext4, qemu-system-x86_64) into a temp dir
-that is put alone on PATH; dispatches on basename(argv[0]).
+that is put alone on PATH; dispatches on basename(argv[0]). The symlinks point at the
+launcher tests/fakes/fakebin, which imports this file (cached bytecode) and calls main().
+Every knob is read from the environment of the call; unset means the default behaviour.
 
   FAKE_LOG    JSONL file: one record per call {tool, argv, pid, ...}
   FAKE_STATE  JSON file: domains, networks, leases, per-playbook call counts
@@ -11,6 +13,10 @@ that is put alone on PATH; dispatches on basename(argv[0]).
 Behaviour knobs (env):
   FAKE_LIBVIRT_DOWN=1        every virsh call fails like an unreachable libvirtd
   FAKE_NO_LEASE=1            domains never get a DHCP lease
+  FAKE_LEASE_IP=A            the address a started/restored domain's lease hands out
+                             (default 127.0.0.1, where the tests' TCP 22 listens)
+  FAKE_SAVE_FAIL=1           virsh save (a checkpoint) fails; the domain keeps running
+  FAKE_RESTORE_FAIL=1        virsh restore (a resume from a checkpoint) fails
   FAKE_SSH=hang|refuse       ssh hangs forever / is refused (default: answers)
   FAKE_BOOT_ID_STICKY=1      reboot/start keep the old boot_id
   FAKE_SYSTEM_STATE=X        `systemctl is-system-running` prints X (default running)
@@ -38,21 +44,68 @@ normalise away.
   FAKE_DOCKER=absent         the guest has no docker
   FAKE_CAPTURE_FAIL=1        sudo refuses the capture script
 """
-import contextlib
 import fcntl
-import json
 import os
-import pathlib
-import re
 import sys
 import time
+
+# Every fake call is a fresh interpreter, and a cycle makes ~40 of them: start-up cost is
+# most of the unit tests' time. So nothing is imported that a common call (virsh domstate,
+# ssh true) does not need: re and pathlib load on first use, and the log/state JSON goes
+# through the C codec json itself uses, without json's import (which compiles regexes).
+
+
+class _Lazy:
+    """A module imported on its first attribute access."""
+
+    def __init__(self, name):
+        self._name = name
+
+    def __getattr__(self, attr):
+        mod = __import__(self._name)
+        globals()[self._name] = mod
+        return getattr(mod, attr)
+
+
+re, pathlib, json = _Lazy("re"), _Lazy("pathlib"), _Lazy("json")
+
+
+def _json_codec():
+    """(dumps, loads) for the log and the state file: json's own C encoder/scanner when
+    present (byte-for-byte what json.dumps/json.loads give for these values), else json."""
+    try:
+        import _json
+
+        def no_default(o):
+            raise TypeError(f"not JSON serialisable: {type(o).__name__}")
+
+        class Ctx:
+            strict, object_hook, object_pairs_hook = True, None, None
+            parse_float, parse_int, parse_constant = float, int, float
+        enc = _json.make_encoder(None, no_default, _json.encode_basestring_ascii, None,
+                                 ": ", ", ", False, False, True)
+        scan = _json.make_scanner(Ctx())
+        return (lambda obj: "".join(enc(obj, 0))), (lambda text: scan(text.strip(), 0)[0])
+    except (ImportError, AttributeError, TypeError):
+        import json as _j
+        return _j.dumps, _j.loads
+
+
+_dumps, _loads = _json_codec()
 
 
 def new_id():
     return os.urandom(16).hex()
 
 
-GUEST = pathlib.Path(__file__).resolve().parent / "guest"
+class _Guest:
+    """tests/fakes/guest/ (the capture fixtures), resolved only when a capture reads it."""
+
+    def __truediv__(self, name):
+        return pathlib.Path(__file__).resolve().parent / "guest" / name
+
+
+GUEST = _Guest()
 
 TOOL = os.path.basename(sys.argv[0])
 ARGS = sys.argv[1:]
@@ -63,19 +116,34 @@ def log(**extra):
     rec = {"tool": TOOL, "argv": ARGS, "pid": os.getpid(), "t": time.time(), **extra}
     with open(ENV["FAKE_LOG"], "a") as fh:
         fcntl.flock(fh, fcntl.LOCK_EX)
-        fh.write(json.dumps(rec) + "\n")
+        fh.write(_dumps(rec) + "\n")
 
 
-@contextlib.contextmanager
-def state():
-    path = pathlib.Path(ENV["FAKE_STATE"])
-    with open(str(path) + ".lock", "a") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
-        data = json.loads(path.read_text()) if path.exists() and path.read_text().strip() else {}
+class state:
+    """The shared fake world (FAKE_STATE), locked for the call; written back only when the
+    block ends normally (a die() inside leaves it as it was)."""
+
+    def __enter__(self):
+        self.path = ENV["FAKE_STATE"]
+        self.lock = open(self.path + ".lock", "a")
+        fcntl.flock(self.lock, fcntl.LOCK_EX)
+        try:
+            with open(self.path) as fh:
+                text = fh.read()
+        except FileNotFoundError:
+            text = ""
+        self.data = _loads(text) if text.strip() else {}
         for k in ("domains", "networks", "leases", "calls"):
-            data.setdefault(k, {})
-        yield data
-        path.write_text(json.dumps(data, indent=1))
+            self.data.setdefault(k, {})
+        return self.data
+
+    def __exit__(self, exc_type, exc, tb):
+        try:
+            if exc_type is None:
+                with open(self.path, "w") as fh:
+                    fh.write(_dumps(self.data))
+        finally:
+            self.lock.close()
 
 
 def die(msg, rc=1):
@@ -351,8 +419,8 @@ def ssh():
     if opts.get("StrictHostKeyChecking") != "yes":
         die("fake ssh: refusing a connection without StrictHostKeyChecking=yes", 255)
     alias = opts.get("HostKeyAlias")
-    kh = pathlib.Path(opts.get("UserKnownHostsFile", "/nonexistent"))
-    if not alias or not kh.is_file() or not kh.read_text().startswith(alias + " "):
+    kh = opts.get("UserKnownHostsFile", "/nonexistent")
+    if not alias or not os.path.isfile(kh) or not open(kh).read().startswith(alias + " "):
         die("Host key verification failed.", 255)
     if not os.path.isfile(opts.get("-i", "/nonexistent")):
         die("fake ssh: identity file missing", 255)
