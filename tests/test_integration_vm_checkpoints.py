@@ -5,7 +5,6 @@ driver module; the orchestration against the fake binaries of
 test_integration_vm_orchestration.Harness, whose virsh fakes save/restore with libvirt's
 rule that a restore keeps the saved domain's name.
 """
-import importlib.util
 import json
 import pathlib
 import sys
@@ -14,12 +13,10 @@ import pytest
 
 HERE = pathlib.Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
+from conftest import load_script  # noqa: E402
 from test_integration_vm_orchestration import Harness  # noqa: E402
 
-_spec = importlib.util.spec_from_file_location("integration_vm",
-                                               HERE.parent / "scripts" / "integration-vm.py")
-ivm = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(ivm)
+ivm = load_script("integration-vm.py", "integration_vm")
 
 SITE = """---
 - name: Baseline

@@ -20,10 +20,11 @@ import time
 import xml.etree.ElementTree as ET
 
 import pytest
+from conftest import run_driver
 
 HERE = pathlib.Path(__file__).resolve().parent
 DRIVER = HERE.parent / "scripts" / "integration-vm.py"
-FAKEBIN = HERE / "fakes" / "fakebin.py"
+FAKEBIN = HERE / "fakes" / "fakebin"  # the launcher of fakebin.py (cached bytecode)
 TOOLS = ("virsh", "virt-install", "qemu-img", "cloud-localds", "ssh", "ssh-keygen",
          "ansible-playbook", "mmdebstrap", "mkfs.ext4", "qemu-system-x86_64")
 
@@ -115,7 +116,11 @@ class Harness:
     def cmd(self, *args):
         return [sys.executable, str(self.script), *args]
 
-    def run(self, *args, timeout=60, **env):
+    def run(self, *args, timeout=60, in_process=True, **env):
+        """The driver on args: in-process (tests/conftest.py run_driver) unless the test
+        is about the driver's own process."""
+        if in_process:
+            return run_driver(self.script, args, {**self.env, **env}, self.tmp, timeout)
         return subprocess.run(self.cmd(*args), env={**self.env, **env}, text=True,
                               capture_output=True, timeout=timeout, cwd=self.tmp)
 
@@ -181,7 +186,9 @@ def assert_nothing_created(h):
 
 # ---- a passing cycle ------------------------------------------------------------------
 def test_passing_cycle(h):
-    p = h.run("cycle", "--host", "askari", "--junit", str(h.tmp / "junit.xml"))
+    # a real `python3 scripts/integration-vm.py` (its entry point, exit status and output
+    # streams); most other tests run the driver in-process
+    p = h.run("cycle", "--host", "askari", "--junit", str(h.tmp / "junit.xml"), in_process=False)
     assert p.returncode == 0, p.stderr
     summary = p.stdout.strip().splitlines()[-1]
     assert summary.startswith("integration-vm: PASS askari boma-it-askari-"), summary
@@ -318,7 +325,8 @@ def test_second_cycle_reuses_cached_image(h):
 
 # ---- verify failure -------------------------------------------------------------------
 def test_verify_failure_keeps_vm_and_writes_diagnostics(h):
-    p = h.run("cycle", "--host", "askari", "--junit", str(h.tmp / "j.xml"), FAKE_VERIFY_FAIL="1")
+    p = h.run("cycle", "--host", "askari", "--junit", str(h.tmp / "j.xml"), FAKE_VERIFY_FAIL="1",
+              in_process=False)  # exit status 1 from a real process
     assert p.returncode == 1, p.stderr
     assert "Traceback" not in p.stderr
     (res,) = h.results()
