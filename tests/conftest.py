@@ -30,8 +30,8 @@ def load_script(filename, module_name):
 
 
 @functools.lru_cache(maxsize=None)
-def _compiled(path, mtime_ns):
-    return compile(pathlib.Path(path).read_text(), str(path), "exec")
+def _compiled(source, filename):
+    return compile(source, filename, "exec")
 
 
 class _DriverTimeout(BaseException):
@@ -46,7 +46,9 @@ def run_driver(script, args, env, cwd, timeout):
     a traceback on stderr and exit 1, as the interpreter would report it. Bounded: a
     driver still running after `timeout` s is interrupted (SIGALRM) and reported as 124."""
     script = pathlib.Path(script)
-    code = _compiled(script, script.stat().st_mtime_ns)
+    # Keyed on the text: every test's temp repo holds a copy of the same driver.
+    repo_copy = SCRIPTS / script.name  # a real file, for the source lines of tracebacks
+    code = _compiled(script.read_text(), str(repo_copy if repo_copy.exists() else script))
     out, err = io.StringIO(), io.StringIO()
     saved_env, saved_cwd, saved_argv = dict(os.environ), os.getcwd(), sys.argv
     saved_sigs = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM, signal.SIGALRM)}

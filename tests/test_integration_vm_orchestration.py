@@ -64,10 +64,13 @@ class Harness:
             "PATH": str(self.bin), "HOME": str(tmp / "home"), "LANG": "C.UTF-8",
             "BOMA_IT_CACHE": str(self.cache), "BOMA_IT_DIAG_DIR": str(self.diag),
             "BOMA_IT_MEMINFO": str(tmp / "meminfo"), "BOMA_IT_ACCEL": "tcg",
-            "BOMA_IT_SSH_PORT": str(self.sock.getsockname()[1]), "BOMA_IT_POLL": "0.02",
+            "BOMA_IT_SSH_PORT": str(self.sock.getsockname()[1]), "BOMA_IT_POLL": "0.1",
             "BOMA_IT_MIN_DISK_MIB": "1", "BOMA_IT_LIBVIRT_LOG_DIR": str(tmp / "libvirt-log"),
             "BOMA_IT_KVM_DEV": str(tmp / "no-kvm"), "LIBVIRT_DEFAULT_URI": "test:///fake",
             "FAKE_LOG": str(self.log), "FAKE_STATE": str(self.state_file),
+            # BOMA_IT_POLL: the fakes answer at once, so only a wait that must time out
+            # polls more than once; each poll is a ~15 ms fake process, at 0.02 s the
+            # failure-path tests spent most of their bound spawning them.
             # Checkpoints have their own tests (test_integration_vm_checkpoints.py); here
             # every cycle boots cold so the call sequences stay what these tests assert.
             "BOMA_IT_CHECKPOINTS": "0",
