@@ -98,6 +98,16 @@ def new_id():
     return os.urandom(16).hex()
 
 
+def read_text(path):  # pathlib's import costs as much as a whole virsh call
+    with open(path) as fh:
+        return fh.read()
+
+
+def write_text(path, text):
+    with open(path, "w") as fh:
+        fh.write(text)
+
+
 class _Guest:
     """tests/fakes/guest/ (the capture fixtures), resolved only when a capture reads it."""
 
@@ -179,7 +189,7 @@ def virsh():
             print(f"Name:           {rest[0]}\nActive:         {'yes' if n['active'] else 'no'}\n"
                   f"Autostart:      {'yes' if n['autostart'] else 'no'}\nBridge:         virbr-boma")
         elif cmd == "net-define":
-            name = re.search(r"<name>([^<]+)</name>", pathlib.Path(rest[0]).read_text()).group(1)
+            name = re.search(r"<name>([^<]+)</name>", read_text(rest[0])).group(1)
             nets[name] = {"active": False, "autostart": False}
             print(f"Network {name} defined from {rest[0]}")
         elif cmd == "net-start":
@@ -190,7 +200,7 @@ def virsh():
             for mac, ip in leases.items():
                 print(f" 2026-11-25 18:00:00  {mac}  ipv4  {ip}/24  guest  -")
         elif cmd == "define":
-            xml = pathlib.Path(rest[0]).read_text()
+            xml = read_text(rest[0])
             name = re.search(r"<name>([^<]+)</name>", xml).group(1)
             if name in doms and doms[name].get("transient"):
                 doms[name]["transient"] = False  # a restored domain made persistent
@@ -240,16 +250,16 @@ def virsh():
                 die("error: Requested operation is not valid: domain is not running")
             if ENV.get("FAKE_SAVE_FAIL"):
                 die("error: operation failed: fake save failure")
-            pathlib.Path(rest[1]).write_text(json.dumps({"name": rest[0], **d}))
+            write_text(rest[1], _dumps({"name": rest[0], **d}))
             d["state"] = "shut off"
             if d.get("transient"):
                 del doms[rest[0]]
             print(f"Domain '{rest[0]}' saved to {rest[1]}")
         elif cmd == "save-image-dumpxml":
-            print(json.loads(pathlib.Path(rest[0]).read_text())["xml"])
+            print(_loads(read_text(rest[0]))["xml"])
         elif cmd == "restore":
-            saved = json.loads(pathlib.Path(rest[0]).read_text())
-            xml = pathlib.Path(rest[rest.index("--xml") + 1]).read_text() if "--xml" in rest \
+            saved = _loads(read_text(rest[0]))
+            xml = read_text(rest[rest.index("--xml") + 1]) if "--xml" in rest \
                 else saved["xml"]
             name = re.search(r"<name>([^<]+)</name>", xml).group(1)
             if ENV.get("FAKE_RESTORE_FAIL"):
@@ -350,29 +360,29 @@ def qemu_img():
         backing = ARGS[ARGS.index("-b") + 1]
         if not os.path.exists(backing):
             die(f"qemu-img: Could not open '{backing}': No such file or directory")
-        pathlib.Path(ARGS[-1]).write_text(f"fake overlay backed by {backing}\n")
+        write_text(ARGS[-1], f"fake overlay backed by {backing}\n")
     elif ARGS[0] == "convert":
         if not os.path.exists(ARGS[-2]):
             die(f"qemu-img: Could not open '{ARGS[-2]}'")
-        pathlib.Path(ARGS[-1]).write_text("fake qcow2\n")
+        write_text(ARGS[-1], "fake qcow2\n")
     else:
         die(f"fake qemu-img: unsupported {ARGS[0]}")
 
 
 def cloud_localds():
     seed, ud, md = ARGS[-3:]
-    ud_text = pathlib.Path(ud).read_text()
-    pathlib.Path(md).read_text()
-    pathlib.Path(seed).write_text(f"cidata\n{ud_text}")
+    ud_text = read_text(ud)
+    read_text(md)
+    write_text(seed, f"cidata\n{ud_text}")
 
 
 def ssh_keygen():
     path = ARGS[ARGS.index("-f") + 1]
     comment = ARGS[ARGS.index("-C") + 1] if "-C" in ARGS else "fake"
     tag = new_id()
-    pathlib.Path(path).write_text(
-        f"-----BEGIN OPENSSH PRIVATE KEY-----\nFAKE{tag}\n-----END OPENSSH PRIVATE KEY-----\n")
-    pathlib.Path(path + ".pub").write_text(f"ssh-ed25519 AAAAC3Fake{tag} {comment}\n")
+    write_text(
+        path, f"-----BEGIN OPENSSH PRIVATE KEY-----\nFAKE{tag}\n-----END OPENSSH PRIVATE KEY-----\n")
+    write_text(path + ".pub", f"ssh-ed25519 AAAAC3Fake{tag} {comment}\n")
 
 
 def mmdebstrap():
@@ -565,7 +575,7 @@ def ansible_playbook():
     limit = ARGS[ARGS.index("--limit") + 1] if "--limit" in ARGS else None
     playbook = next(a for a in ARGS if a.endswith(".yml") and not a.startswith("@")
                     and ARGS[ARGS.index(a) - 1] not in ("-i", "-e"))
-    inv_text = pathlib.Path(inv).read_text()
+    inv_text = read_text(inv)
     log(inventory=inv_text, limit=limit, playbook=playbook,
         env={k: v for k, v in ENV.items() if k.startswith("ANSIBLE_")})
     host = limit
