@@ -57,8 +57,8 @@ lint: venv ## yamllint + ansible-lint (production profile) + tag vocabulary chec
 	$(VENV)/bin/ansible-lint
 	$(VENV)/bin/python scripts/check-tags.py
 
-test-unit: venv ## pytest unit tests (no hypervisor, no Docker)
-	$(VENV)/bin/pytest -q tests
+test-unit: venv ## pytest unit tests (no hypervisor, no Docker), one worker per core
+	$(VENV)/bin/pytest -q -n auto tests
 
 test: test-unit lint ## Unit tests + lint: what CI and the README run first
 
