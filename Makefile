@@ -64,8 +64,8 @@ lint: venv ## yamllint, ansible-lint (production profile), tag vocabulary, ruff 
 	@command -v shellcheck >/dev/null || { echo "lint: shellcheck is missing: apt-get install shellcheck" >&2; exit 3; }
 	shellcheck $(SHELL_SCRIPTS)
 
-test-unit: venv ## pytest unit tests (no hypervisor, no Docker)
-	$(VENV)/bin/pytest -q tests
+test-unit: venv ## pytest unit tests (no hypervisor, no Docker), one worker per core
+	$(VENV)/bin/pytest -q -n auto tests
 
 test: test-unit lint ## Unit tests + lint: what CI and the README run first
 

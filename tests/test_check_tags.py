@@ -1,11 +1,8 @@
-import importlib.util
-import pathlib
 import textwrap
 
-_PATH = pathlib.Path(__file__).resolve().parent.parent / "scripts" / "check-tags.py"
-_spec = importlib.util.spec_from_file_location("check_tags", _PATH)
-check_tags = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(check_tags)
+from conftest import load_script
+
+check_tags = load_script("check-tags.py", "check_tags")
 
 VOCABULARY = "---\ntags:\n  - always\n  - packages\n  - firewall\n"
 

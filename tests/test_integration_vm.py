@@ -1,10 +1,8 @@
-import importlib.util
 import pathlib
 
-_PATH = pathlib.Path(__file__).resolve().parent.parent / "scripts" / "integration-vm.py"
-_spec = importlib.util.spec_from_file_location("integration_vm", _PATH)
-ivm = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(ivm)
+from conftest import load_script
+
+ivm = load_script("integration-vm.py", "integration_vm")
 
 
 # ---- spec Task 2 (verbatim) -------------------------------------------------------

@@ -5,7 +5,6 @@ driver module; the orchestration against the fake binaries of
 test_integration_vm_orchestration.Harness, whose virsh fakes save/restore with libvirt's
 rule that a restore keeps the saved domain's name.
 """
-import importlib.util
 import json
 import pathlib
 import sys
@@ -14,12 +13,10 @@ import pytest
 
 HERE = pathlib.Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
+from conftest import load_script  # noqa: E402
 from test_integration_vm_orchestration import Harness  # noqa: E402
 
-_spec = importlib.util.spec_from_file_location("integration_vm",
-                                               HERE.parent / "scripts" / "integration-vm.py")
-ivm = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(ivm)
+ivm = load_script("integration-vm.py", "integration_vm")
 
 SITE = """---
 - name: Baseline
@@ -209,6 +206,14 @@ def hc(tmp_path):
     harness.close()
 
 
+def result_of(h, proc):
+    """The result.json of the cycle whose summary line proc printed (not the newest
+    started_at: it has one-second resolution, and two quick runs tie)."""
+    vm = proc.stdout.strip().splitlines()[-1].split()[3]
+    (res,) = [r for r in h.results() if r["vm"] == vm]
+    return res
+
+
 def ckpt_manifests(h):
     out = {}
     for m in sorted((h.cache / "checkpoints").glob("*/manifest.json")):
@@ -245,7 +250,7 @@ def test_cold_cycle_writes_a_checkpoint_per_stage_then_a_rerun_resumes_the_newes
     verbs = virsh_verbs(hc, n_virsh)
     assert "start" not in verbs[:verbs.index("restore")] and "save" not in verbs
     assert not [c for c in hc.calls()[n_calls:] if c["tool"] == "virt-install"]
-    second = sorted(hc.results(), key=lambda r: r["started_at"])[-1]
+    second = result_of(hc, p)
     assert second["resumed_from"]["stage"] == "applied-2"
     assert second["domain"] == ck["booted"]["domain"] != second["vm"]
     applies = [p for p in second["phase_details"] if p["name"].startswith("apply:")]
@@ -279,7 +284,7 @@ def test_editing_a_role_file_resumes_before_the_first_apply_that_reads_it(hc):
     p = hc.run("cycle", "--host", "askari")
     assert p.returncode == 0, p.stderr
     assert "resumed from checkpoint applied-1" in p.stderr
-    r = sorted(hc.results(), key=lambda r: r["started_at"])[-1]
+    r = result_of(hc, p)
     applies = {p["name"]: p["status"] for p in r["phase_details"] if p["name"].startswith("apply:")}
     assert applies == {"apply:site.yml": "skipped", "apply:offsite.yml": "pass"}
     new = ckpt_manifests(hc)
@@ -321,7 +326,7 @@ def test_a_checkpoint_that_fails_to_restore_falls_back_to_a_cold_boot(hc):
     verbs = virsh_verbs(hc, n)
     assert "start" in verbs[verbs.index("restore"):] and "save" not in verbs  # keys exist
     # a fallback is not an error of a passing run: the resume phase is skipped, with why
-    r = sorted(hc.results(), key=lambda r: r["started_at"])[-1]
+    r = result_of(hc, p)
     resume = [p for p in r["phase_details"] if p["name"] == "resume"]
     assert [p["status"] for p in resume] == ["skipped"] and "did not resume" in resume[0]["message"]
     junit = hc.tmp / "fallback.xml"
@@ -352,7 +357,7 @@ def test_checkpoint_in_use_by_a_kept_run_is_not_resumed_twice(hc):
     p = hc.run("cycle", "--host", "askari", BOMA_IT_MAX_VMS="2")
     assert p.returncode == 0, p.stderr
     assert "is in use" in p.stderr and "cold boot" in p.stderr
-    r = sorted(hc.results(), key=lambda r: r["started_at"])[-1]
+    r = result_of(hc, p)
     assert [(p["status"], "is in use" in p["message"]) for p in r["phase_details"]
             if p["name"] == "resume"] == [("skipped", True)]
 

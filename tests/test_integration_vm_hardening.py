@@ -8,7 +8,6 @@ a few checks that need an interrupt or a clock at an exact point run on the modu
 """
 import dataclasses
 import fcntl
-import importlib.util
 import json
 import os
 import pathlib
@@ -21,13 +20,11 @@ import pytest
 
 HERE = pathlib.Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
+from conftest import load_script  # noqa: E402
 from test_integration_vm_orchestration import (  # noqa: E402
     ASKARI, Harness, _fetch_env, assert_nothing_created, assert_one_line_error)
 
-_spec = importlib.util.spec_from_file_location("integration_vm_hardening",
-                                               HERE.parent / "scripts" / "integration-vm.py")
-ivm = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(ivm)
+ivm = load_script("integration-vm.py", "integration_vm")
 
 
 @pytest.fixture

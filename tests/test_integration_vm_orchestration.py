@@ -20,10 +20,11 @@ import time
 import xml.etree.ElementTree as ET
 
 import pytest
+from conftest import run_driver
 
 HERE = pathlib.Path(__file__).resolve().parent
 DRIVER = HERE.parent / "scripts" / "integration-vm.py"
-FAKEBIN = HERE / "fakes" / "fakebin.py"
+FAKEBIN = HERE / "fakes" / "fakebin"  # the launcher of fakebin.py (cached bytecode)
 TOOLS = ("virsh", "virt-install", "qemu-img", "cloud-localds", "ssh", "ssh-keygen",
          "ansible-playbook", "mmdebstrap", "mkfs.ext4", "qemu-system-x86_64")
 
@@ -63,10 +64,13 @@ class Harness:
             "PATH": str(self.bin), "HOME": str(tmp / "home"), "LANG": "C.UTF-8",
             "BOMA_IT_CACHE": str(self.cache), "BOMA_IT_DIAG_DIR": str(self.diag),
             "BOMA_IT_MEMINFO": str(tmp / "meminfo"), "BOMA_IT_ACCEL": "tcg",
-            "BOMA_IT_SSH_PORT": str(self.sock.getsockname()[1]), "BOMA_IT_POLL": "0.02",
+            "BOMA_IT_SSH_PORT": str(self.sock.getsockname()[1]), "BOMA_IT_POLL": "0.1",
             "BOMA_IT_MIN_DISK_MIB": "1", "BOMA_IT_LIBVIRT_LOG_DIR": str(tmp / "libvirt-log"),
             "BOMA_IT_KVM_DEV": str(tmp / "no-kvm"), "LIBVIRT_DEFAULT_URI": "test:///fake",
             "FAKE_LOG": str(self.log), "FAKE_STATE": str(self.state_file),
+            # BOMA_IT_POLL: the fakes answer at once, so only a wait that must time out
+            # polls more than once; each poll is a ~15 ms fake process, at 0.02 s the
+            # failure-path tests spent most of their bound spawning them.
             # Checkpoints have their own tests (test_integration_vm_checkpoints.py); here
             # every cycle boots cold so the call sequences stay what these tests assert.
             "BOMA_IT_CHECKPOINTS": "0",
@@ -115,7 +119,11 @@ class Harness:
     def cmd(self, *args):
         return [sys.executable, str(self.script), *args]
 
-    def run(self, *args, timeout=60, **env):
+    def run(self, *args, timeout=60, in_process=True, **env):
+        """The driver on args: in-process (tests/conftest.py run_driver) unless the test
+        is about the driver's own process."""
+        if in_process:
+            return run_driver(self.script, args, {**self.env, **env}, self.tmp, timeout)
         return subprocess.run(self.cmd(*args), env={**self.env, **env}, text=True,
                               capture_output=True, timeout=timeout, cwd=self.tmp)
 
@@ -181,7 +189,9 @@ def assert_nothing_created(h):
 
 # ---- a passing cycle ------------------------------------------------------------------
 def test_passing_cycle(h):
-    p = h.run("cycle", "--host", "askari", "--junit", str(h.tmp / "junit.xml"))
+    # a real `python3 scripts/integration-vm.py` (its entry point, exit status and output
+    # streams); most other tests run the driver in-process
+    p = h.run("cycle", "--host", "askari", "--junit", str(h.tmp / "junit.xml"), in_process=False)
     assert p.returncode == 0, p.stderr
     summary = p.stdout.strip().splitlines()[-1]
     assert summary.startswith("integration-vm: PASS askari boma-it-askari-"), summary
@@ -323,7 +333,8 @@ def test_second_cycle_reuses_cached_image(h):
 
 # ---- verify failure -------------------------------------------------------------------
 def test_verify_failure_keeps_vm_and_writes_diagnostics(h):
-    p = h.run("cycle", "--host", "askari", "--junit", str(h.tmp / "j.xml"), FAKE_VERIFY_FAIL="1")
+    p = h.run("cycle", "--host", "askari", "--junit", str(h.tmp / "j.xml"), FAKE_VERIFY_FAIL="1",
+              in_process=False)  # exit status 1 from a real process
     assert p.returncode == 1, p.stderr
     assert "Traceback" not in p.stderr
     (res,) = h.results()

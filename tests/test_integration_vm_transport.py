@@ -1,18 +1,15 @@
 """The harness's Ansible transport (ADR-027): Mitogen by default, ansible-core's linear
 strategy on request or when Mitogen cannot load, and output parsing that does not care
 which one ran (saved outputs of both strategies, same VM, same playbooks)."""
-import importlib.util
 import os
 import pathlib
 import types
 
 import pytest
+from conftest import load_script
 
 HERE = pathlib.Path(__file__).resolve().parent
-_PATH = HERE.parent / "scripts" / "integration-vm.py"
-_spec = importlib.util.spec_from_file_location("integration_vm_transport", _PATH)
-ivm = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(ivm)
+ivm = load_script("integration-vm.py", "integration_vm")
 
 SAVED = HERE / "fakes" / "ansible-output"
 

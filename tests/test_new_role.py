@@ -1,16 +1,13 @@
 """scripts/new-role.py: `make new-role NAME=x` scaffolds a role in house style."""
 
-import importlib.util
 import pathlib
 
 import pytest
 import yaml
+from conftest import load_script
 
 REPO = pathlib.Path(__file__).resolve().parent.parent
-_PATH = REPO / "scripts" / "new-role.py"
-_spec = importlib.util.spec_from_file_location("new_role", _PATH)
-new_role = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(new_role)
+new_role = load_script("new-role.py", "new_role")
 
 EXPECTED_FILES = {
     "defaults/main.yml",

@@ -13,7 +13,6 @@ Each check returns the problems it finds, so one test lists all of them; the sca
 `make new-role` is held to the same checks.
 """
 
-import importlib.util
 import pathlib
 import re
 import subprocess
@@ -21,6 +20,7 @@ import sys
 
 import pytest
 import yaml
+from conftest import load_script
 
 REPO = pathlib.Path(__file__).resolve().parent.parent
 ROLES_DIR = REPO / "roles"
@@ -286,11 +286,7 @@ def test_the_checkpoint_scanner_follows_the_apt_index_import():
     """The driver keys each apply's checkpoint by the roles it runs: an import_role of
     apt_index must be followed (an edit there invalidates the apply) and must not make the
     scan give up (which would count every role as an input of every apply)."""
-    spec = importlib.util.spec_from_file_location(
-        "ivm_roles", REPO / "scripts" / "integration-vm.py"
-    )
-    ivm = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(ivm)
+    ivm = load_script("integration-vm.py", "integration_vm")
     for playbook, tags, role in (
         ("site.yml", ["base"], "base"),
         ("offsite.yml", ["docker_host", "reverse_proxy"], "docker_host"),

@@ -3,7 +3,9 @@
 
 Symlinked under the tool's name (virsh, virt-install, qemu-img, cloud-localds, ssh,
 ssh-keygen, ansible-playbook, mmdebstrap, mkfs.ext4, qemu-system-x86_64) into a temp dir
-that is put alone on PATH; dispatches on basename(argv[0]).
+that is put alone on PATH; dispatches on basename(argv[0]). The symlinks point at the
+launcher tests/fakes/fakebin, which imports this file (cached bytecode) and calls main().
+Every knob is read from the environment of the call; unset means the default behaviour.
 
   FAKE_LOG    JSONL file: one record per call {tool, argv, pid, ...}
   FAKE_STATE  JSON file: domains, networks, leases, per-playbook call counts
@@ -11,6 +13,10 @@ that is put alone on PATH; dispatches on basename(argv[0]).
 Behaviour knobs (env):
   FAKE_LIBVIRT_DOWN=1        every virsh call fails like an unreachable libvirtd
   FAKE_NO_LEASE=1            domains never get a DHCP lease
+  FAKE_LEASE_IP=A            the address a started/restored domain's lease hands out
+                             (default 127.0.0.1, where the tests' TCP 22 listens)
+  FAKE_SAVE_FAIL=1           virsh save (a checkpoint) fails; the domain keeps running
+  FAKE_RESTORE_FAIL=1        virsh restore (a resume from a checkpoint) fails
   FAKE_SSH=hang|refuse       ssh hangs forever / is refused (default: answers)
   FAKE_BOOT_ID_STICKY=1      reboot/start keep the old boot_id
   FAKE_NO_ANALYZE=1          the guest's `systemd-analyze time` fails (boot not finished)
@@ -42,21 +48,78 @@ normalise away.
   FAKE_DOCKER=absent         the guest has no docker
   FAKE_CAPTURE_FAIL=1        sudo refuses the capture script
 """
-import contextlib
 import fcntl
-import json
 import os
-import pathlib
-import re
 import sys
 import time
+
+# Every fake call is a fresh interpreter, and a cycle makes ~40 of them: start-up cost is
+# most of the unit tests' time. So nothing is imported that a common call (virsh domstate,
+# ssh true) does not need: re and pathlib load on first use, and the log/state JSON goes
+# through the C codec json itself uses, without json's import (which compiles regexes).
+
+
+class _Lazy:
+    """A module imported on its first attribute access."""
+
+    def __init__(self, name):
+        self._name = name
+
+    def __getattr__(self, attr):
+        mod = __import__(self._name)
+        globals()[self._name] = mod
+        return getattr(mod, attr)
+
+
+re, pathlib, json = _Lazy("re"), _Lazy("pathlib"), _Lazy("json")
+
+
+def _json_codec():
+    """(dumps, loads) for the log and the state file: json's own C encoder/scanner when
+    present (byte-for-byte what json.dumps/json.loads give for these values), else json."""
+    try:
+        import _json
+
+        def no_default(o):
+            raise TypeError(f"not JSON serialisable: {type(o).__name__}")
+
+        class Ctx:
+            strict, object_hook, object_pairs_hook = True, None, None
+            parse_float, parse_int, parse_constant = float, int, float
+        enc = _json.make_encoder(None, no_default, _json.encode_basestring_ascii, None,
+                                 ": ", ", ", False, False, True)
+        scan = _json.make_scanner(Ctx())
+        return (lambda obj: "".join(enc(obj, 0))), (lambda text: scan(text.strip(), 0)[0])
+    except (ImportError, AttributeError, TypeError):
+        import json as _j
+        return _j.dumps, _j.loads
+
+
+_dumps, _loads = _json_codec()
 
 
 def new_id():
     return os.urandom(16).hex()
 
 
-GUEST = pathlib.Path(__file__).resolve().parent / "guest"
+def read_text(path):  # pathlib's import costs as much as a whole virsh call
+    with open(path) as fh:
+        return fh.read()
+
+
+def write_text(path, text):
+    with open(path, "w") as fh:
+        fh.write(text)
+
+
+class _Guest:
+    """tests/fakes/guest/ (the capture fixtures), resolved only when a capture reads it."""
+
+    def __truediv__(self, name):
+        return pathlib.Path(__file__).resolve().parent / "guest" / name
+
+
+GUEST = _Guest()
 
 TOOL = os.path.basename(sys.argv[0])
 ARGS = sys.argv[1:]
@@ -67,19 +130,34 @@ def log(**extra):
     rec = {"tool": TOOL, "argv": ARGS, "pid": os.getpid(), "t": time.time(), **extra}
     with open(ENV["FAKE_LOG"], "a") as fh:
         fcntl.flock(fh, fcntl.LOCK_EX)
-        fh.write(json.dumps(rec) + "\n")
+        fh.write(_dumps(rec) + "\n")
 
 
-@contextlib.contextmanager
-def state():
-    path = pathlib.Path(ENV["FAKE_STATE"])
-    with open(str(path) + ".lock", "a") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
-        data = json.loads(path.read_text()) if path.exists() and path.read_text().strip() else {}
+class state:
+    """The shared fake world (FAKE_STATE), locked for the call; written back only when the
+    block ends normally (a die() inside leaves it as it was)."""
+
+    def __enter__(self):
+        self.path = ENV["FAKE_STATE"]
+        self.lock = open(self.path + ".lock", "a")
+        fcntl.flock(self.lock, fcntl.LOCK_EX)
+        try:
+            with open(self.path) as fh:
+                text = fh.read()
+        except FileNotFoundError:
+            text = ""
+        self.data = _loads(text) if text.strip() else {}
         for k in ("domains", "networks", "leases", "calls"):
-            data.setdefault(k, {})
-        yield data
-        path.write_text(json.dumps(data, indent=1))
+            self.data.setdefault(k, {})
+        return self.data
+
+    def __exit__(self, exc_type, exc, tb):
+        try:
+            if exc_type is None:
+                with open(self.path, "w") as fh:
+                    fh.write(_dumps(self.data))
+        finally:
+            self.lock.close()
 
 
 def die(msg, rc=1):
@@ -115,7 +193,7 @@ def virsh():
             print(f"Name:           {rest[0]}\nActive:         {'yes' if n['active'] else 'no'}\n"
                   f"Autostart:      {'yes' if n['autostart'] else 'no'}\nBridge:         virbr-boma")
         elif cmd == "net-define":
-            name = re.search(r"<name>([^<]+)</name>", pathlib.Path(rest[0]).read_text()).group(1)
+            name = re.search(r"<name>([^<]+)</name>", read_text(rest[0])).group(1)
             nets[name] = {"active": False, "autostart": False}
             print(f"Network {name} defined from {rest[0]}")
         elif cmd == "net-start":
@@ -126,7 +204,7 @@ def virsh():
             for mac, ip in leases.items():
                 print(f" 2026-11-25 18:00:00  {mac}  ipv4  {ip}/24  guest  -")
         elif cmd == "define":
-            xml = pathlib.Path(rest[0]).read_text()
+            xml = read_text(rest[0])
             name = re.search(r"<name>([^<]+)</name>", xml).group(1)
             if name in doms and doms[name].get("transient"):
                 doms[name]["transient"] = False  # a restored domain made persistent
@@ -176,16 +254,16 @@ def virsh():
                 die("error: Requested operation is not valid: domain is not running")
             if ENV.get("FAKE_SAVE_FAIL"):
                 die("error: operation failed: fake save failure")
-            pathlib.Path(rest[1]).write_text(json.dumps({"name": rest[0], **d}))
+            write_text(rest[1], _dumps({"name": rest[0], **d}))
             d["state"] = "shut off"
             if d.get("transient"):
                 del doms[rest[0]]
             print(f"Domain '{rest[0]}' saved to {rest[1]}")
         elif cmd == "save-image-dumpxml":
-            print(json.loads(pathlib.Path(rest[0]).read_text())["xml"])
+            print(_loads(read_text(rest[0]))["xml"])
         elif cmd == "restore":
-            saved = json.loads(pathlib.Path(rest[0]).read_text())
-            xml = pathlib.Path(rest[rest.index("--xml") + 1]).read_text() if "--xml" in rest \
+            saved = _loads(read_text(rest[0]))
+            xml = read_text(rest[rest.index("--xml") + 1]) if "--xml" in rest \
                 else saved["xml"]
             name = re.search(r"<name>([^<]+)</name>", xml).group(1)
             if ENV.get("FAKE_RESTORE_FAIL"):
@@ -374,29 +452,29 @@ def qemu_img():
         backing = ARGS[ARGS.index("-b") + 1]
         if not os.path.exists(backing):
             die(f"qemu-img: Could not open '{backing}': No such file or directory")
-        pathlib.Path(ARGS[-1]).write_text(f"fake overlay backed by {backing}\n")
+        write_text(ARGS[-1], f"fake overlay backed by {backing}\n")
     elif ARGS[0] == "convert":
         if not os.path.exists(ARGS[-2]):
             die(f"qemu-img: Could not open '{ARGS[-2]}'")
-        pathlib.Path(ARGS[-1]).write_text("fake qcow2\n")
+        write_text(ARGS[-1], "fake qcow2\n")
     else:
         die(f"fake qemu-img: unsupported {ARGS[0]}")
 
 
 def cloud_localds():
     seed, ud, md = ARGS[-3:]
-    ud_text = pathlib.Path(ud).read_text()
-    pathlib.Path(md).read_text()
-    pathlib.Path(seed).write_text(f"cidata\n{ud_text}")
+    ud_text = read_text(ud)
+    read_text(md)
+    write_text(seed, f"cidata\n{ud_text}")
 
 
 def ssh_keygen():
     path = ARGS[ARGS.index("-f") + 1]
     comment = ARGS[ARGS.index("-C") + 1] if "-C" in ARGS else "fake"
     tag = new_id()
-    pathlib.Path(path).write_text(
-        f"-----BEGIN OPENSSH PRIVATE KEY-----\nFAKE{tag}\n-----END OPENSSH PRIVATE KEY-----\n")
-    pathlib.Path(path + ".pub").write_text(f"ssh-ed25519 AAAAC3Fake{tag} {comment}\n")
+    write_text(
+        path, f"-----BEGIN OPENSSH PRIVATE KEY-----\nFAKE{tag}\n-----END OPENSSH PRIVATE KEY-----\n")
+    write_text(path + ".pub", f"ssh-ed25519 AAAAC3Fake{tag} {comment}\n")
 
 
 def mmdebstrap():
@@ -443,8 +521,8 @@ def ssh():
     if opts.get("StrictHostKeyChecking") != "yes":
         die("fake ssh: refusing a connection without StrictHostKeyChecking=yes", 255)
     alias = opts.get("HostKeyAlias")
-    kh = pathlib.Path(opts.get("UserKnownHostsFile", "/nonexistent"))
-    if not alias or not kh.is_file() or not kh.read_text().startswith(alias + " "):
+    kh = opts.get("UserKnownHostsFile", "/nonexistent")
+    if not alias or not os.path.isfile(kh) or not open(kh).read().startswith(alias + " "):
         die("Host key verification failed.", 255)
     if not os.path.isfile(opts.get("-i", "/nonexistent")):
         die("fake ssh: identity file missing", 255)
@@ -595,7 +673,7 @@ def ansible_playbook():
     limit = ARGS[ARGS.index("--limit") + 1] if "--limit" in ARGS else None
     playbook = next(a for a in ARGS if a.endswith(".yml") and not a.startswith("@")
                     and ARGS[ARGS.index(a) - 1] not in ("-i", "-e"))
-    inv_text = pathlib.Path(inv).read_text()
+    inv_text = read_text(inv)
     log(inventory=inv_text, limit=limit, playbook=playbook,
         env={k: v for k, v in ENV.items() if k.startswith("ANSIBLE_")})
     host = limit
