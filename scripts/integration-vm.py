@@ -1962,6 +1962,11 @@ def nft_expr_text(x):
     if len(x) != 1:
         return " ".join(f"{k} {nft_expr_text(v)}" for k, v in sorted(x.items()))
     (k, v), = x.items()
+    return _nft_keyed_text(k, v)
+
+
+def _nft_keyed_text(k, v):
+    """nft_expr_text() of a one-key expression or statement {k: v}."""
     if k == "match":
         op = v.get("op", "==")
         left, right = nft_expr_text(v.get("left")), nft_expr_text(v.get("right"))
@@ -2117,12 +2122,7 @@ def normalise_nft_json(text, container_ips=None, ruleset_text=None):
     data = json.loads(text)
     items = data.get("nftables", []) if isinstance(data, dict) else []
     text_rules = parse_nft_text_rules(ruleset_text) if ruleset_text else {}
-    json_counts = {}
-    for item in items:
-        r = item.get("rule") if isinstance(item, dict) else None
-        if isinstance(r, dict):
-            key = (r.get("family", "?"), r.get("table", "?"), r.get("chain", "?"))
-            json_counts[key] = json_counts.get(key, 0) + 1
+    json_counts = _nft_rule_counts(items)
     seen_rules = {}
     tables, objects, rules = {}, {}, {}
     for item in items:
@@ -2141,20 +2141,44 @@ def normalise_nft_json(text, container_ips=None, ruleset_text=None):
         if kind == "rule":
             ckey = (fam, tkey[1], obj.get("chain", "?"))
             pos = seen_rules[ckey] = seen_rules.get(ckey, -1) + 1
-            listed = text_rules.get(ckey)
-            if _has_xt(obj.get("expr")) and listed and len(listed) == json_counts[ckey]:
-                line = f"rule {fam} {tkey[1]} {ckey[2]}: {listed[pos]}"
-            else:
-                line = (f"rule {fam} {tkey[1]} {ckey[2]}: "
-                        + " ".join(t for t in (nft_expr_text(e) for e in obj.get("expr", [])) if t))
-                if obj.get("comment"):
-                    line += f" comment {json.dumps(obj['comment'])}"
+            line = _nft_rule_line(ckey, obj, pos, text_rules.get(ckey), json_counts[ckey])
             line = name_container_addresses(line, container_ips)
             rules.setdefault((tkey, obj.get("chain", "?")), []).append(line)
         else:
             order = 0 if kind == "chain" else 1
             objects.setdefault(tkey, []).append(
                 (order, str(obj.get("name", "")), kind, _nft_object_line(kind, obj)))
+    return _nft_ordered_lines(tables, objects, rules)
+
+
+def _nft_rule_counts(items):
+    """{(family, table, chain): number of rules} in `nft -j` items."""
+    json_counts = {}
+    for item in items:
+        r = item.get("rule") if isinstance(item, dict) else None
+        if isinstance(r, dict):
+            key = (r.get("family", "?"), r.get("table", "?"), r.get("chain", "?"))
+            json_counts[key] = json_counts.get(key, 0) + 1
+    return json_counts
+
+
+def _nft_rule_line(ckey, obj, pos, listed, json_count):
+    """The line of the pos-th rule `obj` of chain ckey=(family, table, chain): from the
+    text listing (`listed`) when the rule holds an xtables expression and the listing has
+    as many rules as the JSON, else from its expressions."""
+    fam, table, chain = ckey
+    if _has_xt(obj.get("expr")) and listed and len(listed) == json_count:
+        return f"rule {fam} {table} {chain}: {listed[pos]}"
+    line = (f"rule {fam} {table} {chain}: "
+            + " ".join(t for t in (nft_expr_text(e) for e in obj.get("expr", [])) if t))
+    if obj.get("comment"):
+        line += f" comment {json.dumps(obj['comment'])}"
+    return line
+
+
+def _nft_ordered_lines(tables, objects, rules):
+    """Tables sorted, each followed by its chains and sets by name, each chain by its rules
+    (sorted in iptables-nft tables)."""
     lines = []
     for tkey in sorted(tables):
         lines.append(tables[tkey])
@@ -3104,24 +3128,13 @@ def playbook_role_refs(text):
             if not m and line.lstrip().startswith("- "):
                 complete = False  # an item form this scanner does not read
             if m:
-                item_indent, role, tags = len(m.group(1)), m.group(2), None
-                j = i + 1
-                while j < len(lines) and (not lines[j].strip() or
-                                          len(lines[j]) - len(lines[j].lstrip()) > item_indent):
-                    t = _TAGS_LINE.match(lines[j])
-                    if t:
-                        tags = parse_tags_value(t.group(2))
-                    j += 1
-                refs.append((role, tags))
-                i = j
+                tags, i = _role_item_tags(lines, i + 1, len(m.group(1)))
+                refs.append((m.group(2), tags))
                 continue
         if _INCLUDE_ROLE.match(line):
-            j = i + 1
-            while j < len(lines) and not _INCLUDE_ROLE_NAME.match(lines[j]) and j < i + 6:
-                j += 1
-            n = _INCLUDE_ROLE_NAME.match(lines[j]) if j < len(lines) else None
-            if n and "{{" not in n.group(1):
-                refs.append((n.group(1), None))
+            role = _include_role_name(lines, i)
+            if role:
+                refs.append((role, None))
             else:
                 complete = False
         elif _UNFOLLOWED.match(line):
@@ -3133,6 +3146,29 @@ def playbook_role_refs(text):
     if play_tags:  # play-level tags reach every role of the play: do not filter by tags
         refs = [(r, None) for r, _ in refs]
     return refs, complete
+
+
+def _role_item_tags(lines, j, item_indent):
+    """The inline tags of a `- role: x` item whose body starts at lines[j] (None when it
+    has none), and the index of the first line after the item."""
+    tags = None
+    while j < len(lines) and (not lines[j].strip() or
+                              len(lines[j]) - len(lines[j].lstrip()) > item_indent):
+        t = _TAGS_LINE.match(lines[j])
+        if t:
+            tags = parse_tags_value(t.group(2))
+        j += 1
+    return tags, j
+
+
+def _include_role_name(lines, i):
+    """The role an include_role/import_role at lines[i] names (its `name:` within the next
+    5 lines), or None when there is none or it is templated."""
+    j = i + 1
+    while j < len(lines) and not _INCLUDE_ROLE_NAME.match(lines[j]) and j < i + 6:
+        j += 1
+    n = _INCLUDE_ROLE_NAME.match(lines[j]) if j < len(lines) else None
+    return n.group(1) if n and "{{" not in n.group(1) else None
 
 
 def role_selected(tags, apply_tags, role_has_always):
@@ -4737,7 +4773,44 @@ REBOOT_HELP = """reboots (cycle, bench, reboot):
 """
 
 
+COMMAND_HELP = {
+    "image": "build (or fetch) and verify the golden image for the current inputs",
+    "up": "boot a VM for --host and wait until it is ready (prints NAME IP)",
+    "apply": "apply the profile's playbooks to a run's VM",
+    "reboot": "reboot a run's VM and prove it (boot_id must change)",
+    "assert": "run the verify playbook against a run's VM (writes result.json)",
+    "cycle": "up, apply, reboot, verify, idempotence, teardown (writes result.json)",
+    "bench": "a cycle that prints a per-phase timing table at the end",
+    "loop": "quick loop for an edit: resume the newest valid checkpoint, apply what "
+            "the edit invalidated, one graceful reboot + state diff, verify; the VM "
+            "stays up (NOT the gate: cycle)",
+    "down": "destroy a run's VM and disks (idempotent)",
+    "console": "print a run's console log path and tail it",
+    "prune": "remove every VM, disk and run the harness owns (only those)",
+    "status": "list the harness's VMs, runs and images with their age",
+    "doctor": "preflight: tools, libvirtd, accelerator, /dev/kvm, network, RAM, disk",
+}
+
+
 def build_parser():
+    common = _common_options()
+    p = argparse.ArgumentParser(
+        prog="integration-vm", description=__doc__.split("\n\n")[0] + "\n\n" +
+        __doc__.split("\n\n")[1], epilog=EXIT_CODES_HELP + "\n" + ENV_HELP,
+        formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = p.add_subparsers(dest="cmd", required=True, metavar="COMMAND")
+    sps = {}
+    for c in SUBCOMMANDS:
+        sps[c] = sub.add_parser(c, parents=[common], help=COMMAND_HELP[c], description=COMMAND_HELP[c],
+                                epilog=(REBOOT_HELP + "\n" if c in ("cycle", "bench", "loop", "reboot")
+                                        else "") + EXIT_CODES_HELP,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    _add_command_options(sps)
+    return p
+
+
+def _common_options():
+    """The options every subcommand takes."""
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument("--connect", metavar="URI", help="libvirt URI (env LIBVIRT_DEFAULT_URI)")
     common.add_argument("--accel", choices=ACCEL_CHOICES,
@@ -4746,75 +4819,54 @@ def build_parser():
                         help="Ansible transport: mitogen (default; falls back to default "
                              "when it cannot load) or default (ansible-core's linear) "
                              "(env BOMA_IT_ANSIBLE_STRATEGY)")
+    return common
 
-    def run_opts(sp, host_required=False):
-        sp.add_argument("--host", required=host_required,
-                        help="profile name: tests/integration/profiles/<host>.json")
-        sp.add_argument("--run", metavar="NAME",
-                        help="address a specific run (default: newest run of --host)")
 
-    def cert_opts(sp):
-        sp.add_argument("--certs", choices=VALID_TIERS,
-                        help="cert tier (default internal; le-prod-wildcard needs "
-                             "--allow-prod-certs)")
-        sp.add_argument("--allow-prod-certs", action="store_true",
-                        help="confirm the le-prod-wildcard tier (real DNS token and zone)")
+def _run_opts(sp, host_required=False):
+    sp.add_argument("--host", required=host_required,
+                    help="profile name: tests/integration/profiles/<host>.json")
+    sp.add_argument("--run", metavar="NAME",
+                    help="address a specific run (default: newest run of --host)")
 
-    def cycle_opts(sp):
-        sp.add_argument("--keep", action="store_true",
-                        help="keep the VM afterwards, whatever the outcome")
-        sp.add_argument("--no-reboot", action="store_true", help="skip the reboot (and idempotence)")
-        sp.add_argument("--reboot", choices=REBOOT_MODES,
-                        help="one reboot of this mode instead of the profile's \"reboot\" "
-                             "list (default [\"graceful\"]; [\"graceful\", \"hard\"] does "
-                             "both in order); hard = virsh destroy + start")
-        sp.add_argument("--reboot-diff", choices=REBOOT_DIFF_POLICIES, default="fail",
-                        help="an unexpected difference in the guest's state across a reboot "
-                             "fails the run (fail, default) or is only reported (warn)")
-        sp.add_argument("--no-idempotence", action="store_true",
-                        help="skip the post-reboot re-apply that must change nothing")
-        sp.add_argument("--junit", metavar="FILE", help="write JUnit XML here")
-        sp.add_argument("--no-checkpoints", action="store_true",
-                        help="neither resume from nor write checkpoints (env "
-                             "BOMA_IT_CHECKPOINTS=0)")
-        sp.add_argument("--expect-fail", nargs="?", const="verify", metavar="STAGE",
-                        help="RED runs: a failure of the verify stage (or of STAGE, e.g. "
-                             "--expect-fail=reboot-diff; apply covers apply:<playbook>) is "
-                             "the expected outcome (exit 0; the VM is torn down); a pass, "
-                             "or a failure at another stage, exits 1")
 
-    p = argparse.ArgumentParser(
-        prog="integration-vm", description=__doc__.split("\n\n")[0] + "\n\n" +
-        __doc__.split("\n\n")[1], epilog=EXIT_CODES_HELP + "\n" + ENV_HELP,
-        formatter_class=argparse.RawDescriptionHelpFormatter)
-    sub = p.add_subparsers(dest="cmd", required=True, metavar="COMMAND")
-    helps = {
-        "image": "build (or fetch) and verify the golden image for the current inputs",
-        "up": "boot a VM for --host and wait until it is ready (prints NAME IP)",
-        "apply": "apply the profile's playbooks to a run's VM",
-        "reboot": "reboot a run's VM and prove it (boot_id must change)",
-        "assert": "run the verify playbook against a run's VM (writes result.json)",
-        "cycle": "up, apply, reboot, verify, idempotence, teardown (writes result.json)",
-        "bench": "a cycle that prints a per-phase timing table at the end",
-        "loop": "quick loop for an edit: resume the newest valid checkpoint, apply what "
-                "the edit invalidated, one graceful reboot + state diff, verify; the VM "
-                "stays up (NOT the gate: cycle)",
-        "down": "destroy a run's VM and disks (idempotent)",
-        "console": "print a run's console log path and tail it",
-        "prune": "remove every VM, disk and run the harness owns (only those)",
-        "status": "list the harness's VMs, runs and images with their age",
-        "doctor": "preflight: tools, libvirtd, accelerator, /dev/kvm, network, RAM, disk",
-    }
-    sps = {}
-    for c in SUBCOMMANDS:
-        sps[c] = sub.add_parser(c, parents=[common], help=helps[c], description=helps[c],
-                                epilog=(REBOOT_HELP + "\n" if c in ("cycle", "bench", "loop", "reboot")
-                                        else "") + EXIT_CODES_HELP,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+def _cert_opts(sp):
+    sp.add_argument("--certs", choices=VALID_TIERS,
+                    help="cert tier (default internal; le-prod-wildcard needs "
+                         "--allow-prod-certs)")
+    sp.add_argument("--allow-prod-certs", action="store_true",
+                    help="confirm the le-prod-wildcard tier (real DNS token and zone)")
+
+
+def _cycle_opts(sp):
+    sp.add_argument("--keep", action="store_true",
+                    help="keep the VM afterwards, whatever the outcome")
+    sp.add_argument("--no-reboot", action="store_true", help="skip the reboot (and idempotence)")
+    sp.add_argument("--reboot", choices=REBOOT_MODES,
+                    help="one reboot of this mode instead of the profile's \"reboot\" "
+                         "list (default [\"graceful\"]; [\"graceful\", \"hard\"] does "
+                         "both in order); hard = virsh destroy + start")
+    sp.add_argument("--reboot-diff", choices=REBOOT_DIFF_POLICIES, default="fail",
+                    help="an unexpected difference in the guest's state across a reboot "
+                         "fails the run (fail, default) or is only reported (warn)")
+    sp.add_argument("--no-idempotence", action="store_true",
+                    help="skip the post-reboot re-apply that must change nothing")
+    sp.add_argument("--junit", metavar="FILE", help="write JUnit XML here")
+    sp.add_argument("--no-checkpoints", action="store_true",
+                    help="neither resume from nor write checkpoints (env "
+                         "BOMA_IT_CHECKPOINTS=0)")
+    sp.add_argument("--expect-fail", nargs="?", const="verify", metavar="STAGE",
+                    help="RED runs: a failure of the verify stage (or of STAGE, e.g. "
+                         "--expect-fail=reboot-diff; apply covers apply:<playbook>) is "
+                         "the expected outcome (exit 0; the VM is torn down); a pass, "
+                         "or a failure at another stage, exits 1")
+
+
+def _add_command_options(sps):
+    """Each subcommand's own options, on its parser in sps."""
     sps["image"].add_argument("--force", action="store_true", help="rebuild even if cached")
     for c in CREATING_COMMANDS:
-        run_opts(sps[c], host_required=True)
-        cert_opts(sps[c])
+        _run_opts(sps[c], host_required=True)
+        _cert_opts(sps[c])
     sps["loop"].add_argument("--junit", metavar="FILE", help="write JUnit XML here")
     sps["loop"].add_argument("--reboot-diff", choices=REBOOT_DIFF_POLICIES, default="fail",
                              help="an unexpected state difference fails (default) or warns")
@@ -4822,7 +4874,7 @@ def build_parser():
                              help="boot cold and write no checkpoint (slow: the point of the "
                                   "loop is the checkpoint)")
     for c in ("cycle", "bench"):
-        cycle_opts(sps[c])
+        _cycle_opts(sps[c])
     sps["bench"].add_argument("--warm-edit", metavar="ROLE_FILE", default=BENCH_DEFAULT_EDIT,
                               help="the role file the warm re-run edits, in a copy of the "
                                    f"repo (default {BENCH_DEFAULT_EDIT})")
@@ -4831,8 +4883,8 @@ def build_parser():
     sps["up"].add_argument("--keep", action="store_true",
                            help="on a failed boot keep what was created")
     for c in ("apply", "reboot", "assert"):
-        run_opts(sps[c])
-        cert_opts(sps[c])
+        _run_opts(sps[c])
+        _cert_opts(sps[c])
         sps[c].add_argument("--junit", metavar="FILE", help="write JUnit XML here")
     sps["reboot"].add_argument("--reboot", choices=REBOOT_MODES,
                                help="graceful or hard (default: the first of the profile's "
@@ -4840,12 +4892,11 @@ def build_parser():
     sps["reboot"].add_argument("--reboot-diff", choices=REBOOT_DIFF_POLICIES, default="fail",
                                help="an unexpected state difference fails (default) or warns")
     for c in ("down", "console"):
-        run_opts(sps[c])
+        _run_opts(sps[c])
     sps["down"].add_argument("--keep", action="store_true", help="do nothing (spec compatibility)")
     sps["console"].add_argument("--lines", type=int, default=60, help="lines to tail (default 60)")
     sps["prune"].add_argument("--images", action="store_true",
                               help="also remove golden images other than the current one")
-    return p
 
 
 def _defaults(args):
