@@ -60,8 +60,8 @@ import time
 import types
 import uuid
 import xml.etree.ElementTree as ET
-from xml.sax.saxutils import escape as _xml_escape, quoteattr as _xml_quoteattr
-
+from xml.sax.saxutils import escape as _xml_escape
+from xml.sax.saxutils import quoteattr as _xml_quoteattr
 
 # --------------------------------------------------------------------------------------
 # Constants and errors
@@ -411,7 +411,8 @@ SETTINGS = (
     ("BOMA_IT_RAM_FLOOR_MIB", _int_range(0, 1 << 24), RAM_FLOOR_MIB,
      "MemAvailable that must remain after the VM's memory"),
     ("BOMA_IT_MIN_DISK_MIB", _int_range(0, 1 << 30), None,
-     f"free disk required (default {MIN_DISK_MIB_RUN}, + {MIN_DISK_MIB_IMAGE} to build an image)"),
+     f"free disk required (default {MIN_DISK_MIB_RUN}, + {MIN_DISK_MIB_IMAGE} "
+     "to build an image)"),
     ("BOMA_IT_CHECKPOINTS", _on_off, True, "0/off/no: neither resume from nor write checkpoints"),
     ("BOMA_IT_NETNS", _text, "", "set by scripts/it-run: the sandbox namespace (inspection hints)"),
     ("BOMA_IT_MEMINFO", _abs_path, pathlib.Path("/proc/meminfo"), "meminfo the RAM guard reads (tests)"),
@@ -538,7 +539,7 @@ def progress(ctx, phase, msg):
 
 
 def now_iso():
-    return datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
+    return datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds")
 
 
 def owner_name():
@@ -834,20 +835,16 @@ def seal_spec():
             "etc/ssh/sshd_config.d/05-boma-image.conf": SSHD_IMAGE_CONF,
         },
         "symlinks": {
-            "etc/systemd/system/multi-user.target.wants/systemd-networkd.service":
-                f"{unit_dir}/systemd-networkd.service",
-            "etc/systemd/system/sockets.target.wants/systemd-networkd.socket":
-                f"{unit_dir}/systemd-networkd.socket",
-            "etc/systemd/system/network-online.target.wants/systemd-networkd-wait-online.service":
-                f"{unit_dir}/systemd-networkd-wait-online.service",
-            "etc/systemd/system/dbus-org.freedesktop.network1.service":
-                f"{unit_dir}/systemd-networkd.service",
-            "etc/systemd/system/multi-user.target.wants/systemd-resolved.service":
-                f"{unit_dir}/systemd-resolved.service",
-            "etc/systemd/system/dbus-org.freedesktop.resolve1.service":
-                f"{unit_dir}/systemd-resolved.service",
-            "etc/resolv.conf": "../run/systemd/resolve/stub-resolv.conf",
-        },
+            f"etc/systemd/system/{link}": f"{unit_dir}/{unit}" for link, unit in (
+                ("multi-user.target.wants/systemd-networkd.service", "systemd-networkd.service"),
+                ("sockets.target.wants/systemd-networkd.socket", "systemd-networkd.socket"),
+                ("network-online.target.wants/systemd-networkd-wait-online.service",
+                 "systemd-networkd-wait-online.service"),
+                ("dbus-org.freedesktop.network1.service", "systemd-networkd.service"),
+                ("multi-user.target.wants/systemd-resolved.service", "systemd-resolved.service"),
+                ("dbus-org.freedesktop.resolve1.service", "systemd-resolved.service"),
+            )
+        } | {"etc/resolv.conf": "../run/systemd/resolve/stub-resolv.conf"},
         "remove_globs": ["etc/ssh/ssh_host_*", "var/lib/dbus/machine-id",
                          *IMAGE_DISABLED_UNITS],
     }
@@ -1526,10 +1523,8 @@ def osinfo_for(ctx):
         pass
     osinfo = choose_osinfo(run(["virt-install", "--osinfo", "list"], timeout=60,
                                cmdlog=ctx.cmdlog).stdout)
-    try:
+    with contextlib.suppress(OSError):
         write_owned(cache, json.dumps({"key": key, "osinfo": osinfo}) + "\n")
-    except OSError:
-        pass
     return osinfo
 
 
@@ -2187,7 +2182,7 @@ def _nft_ordered_lines(tables, objects, rules):
         seen = {o[1] for o in chains if o[2] == "chain"}
         chains += [(0, c, "chain", f"chain {tkey[0]} {tkey[1]} {c}")
                    for (t, c) in sorted(rules) if t == tkey and c not in seen]
-        for order, name, kind, line in sorted(chains):
+        for _order, name, kind, line in sorted(chains):
             lines.append(line)
             if kind == "chain":
                 chain_rules = rules.get((tkey, name), [])
@@ -2266,7 +2261,7 @@ def pair_enabled_active(units_text, states_text):
     states = [ln.strip() for ln in (states_text or "").splitlines() if ln.strip()]
     if len(units) != len(states):
         return [f"! services: {len(units)} enabled units but {len(states)} states"]
-    return sorted(f"{u} {s}" for u, s in zip(units, states))
+    return sorted(f"{u} {s}" for u, s in zip(units, states, strict=True))
 
 
 def normalise_capture(sections, own_ips=()):
@@ -2809,7 +2804,7 @@ def parse_recap(output):
     for m in _RECAP.finditer(output or ""):
         keys = ("ok", "changed", "unreachable", "failed", "skipped", "rescued", "ignored")
         counts = out.setdefault(m.group(1), dict.fromkeys(keys, 0))
-        for k, v in zip(keys, m.groups()[1:]):
+        for k, v in zip(keys, m.groups()[1:], strict=True):
             counts[k] += int(v or 0)
     return out
 
@@ -4423,7 +4418,7 @@ def format_bench_comparison(cold, warm, edited, loop=None):
     out += ["  ".join(f"{c:<{width[0]}}" if i == 0 else f"{c:>{width[i]}}"
                       for i, c in enumerate(row)) for row in rows]
     c = secs[0]
-    for (n, _), x in zip(runs[1:], secs[1:]):
+    for (n, _), x in zip(runs[1:], secs[1:], strict=True):
         target = BENCH_TARGETS.get(n)
         ratio = x / c if c else float("nan")
         verdict = "" if target is None else (" (met)" if ratio <= target else " (NOT met)")
@@ -4608,7 +4603,7 @@ def prune_tree(tree, what, keep=(), match=None):
 def _age(iso):
     try:
         t = datetime.datetime.fromisoformat(iso)
-        secs = (datetime.datetime.now(datetime.timezone.utc) - t).total_seconds()
+        secs = (datetime.datetime.now(datetime.UTC) - t).total_seconds()
     except (TypeError, ValueError):
         return "?"
     for unit, n in (("d", 86400), ("h", 3600), ("m", 60)):
