@@ -59,12 +59,11 @@ def test_cert_file_rejects_bad_tier():
 def test_render_run_hosts_single_host_in_groups():
     out = ivm.render_run_hosts("boma-it-askari-x", "192.168.150.42",
                                "ansible", ["offsite_hosts"])
-    assert "offsite_hosts:" in out
-    assert "boma-it-askari-x:" in out
-    assert "ansible_host: 192.168.150.42" in out
-    assert "ansible_user: ansible" in out
+    inv = json.loads(out)  # JSON: Ansible's yaml inventory plugin reads it
+    assert inv == {"all": {"children": {"offsite_hosts": {"hosts": {"boma-it-askari-x": {
+        "ansible_host": "192.168.150.42", "ansible_user": "ansible"}}}}}}
     # invariant: the real askari host must NOT appear
-    assert "askari:" not in out.replace("boma-it-askari-x:", "")
+    assert ivm.inventory_host_names(out) == {"boma-it-askari-x"}
 
 
 # =====================================================================================
@@ -123,12 +122,14 @@ def test_user_data_without_host_key_has_no_ssh_keys():
 
 
 # ---- inventory ------------------------------------------------------------------------
-def test_render_run_hosts_host_vars_are_quoted():
+def test_render_run_hosts_host_vars_are_strings():
     out = ivm.render_run_hosts("vm", "10.0.0.2", "ansible", ["g1", "g2"],
-                               host_vars={"ansible_ssh_common_args": "-o A='b'", "ansible_port": 2222})
-    assert "          ansible_ssh_common_args: '-o A=''b'''" in out
-    assert "          ansible_port: '2222'" in out
-    assert out.count("        vm:") == 2
+                               host_vars={"ansible_ssh_common_args": "-o A='b\"c'", "ansible_port": 2222})
+    groups = json.loads(out)["all"]["children"]
+    assert sorted(groups) == ["g1", "g2"]
+    for g in groups.values():
+        assert g["hosts"]["vm"]["ansible_ssh_common_args"] == "-o A='b\"c'"
+        assert g["hosts"]["vm"]["ansible_port"] == "2222"
 
 
 def test_inventory_host_names_of_rendered_inventory():
@@ -138,12 +139,18 @@ def test_inventory_host_names_of_rendered_inventory():
 
 
 def test_inventory_host_names_sees_a_smuggled_real_host():
-    inv = ("all:\n  children:\n    offsite_hosts:\n      hosts:\n        boma-it-x-1:\n"
-           "          ansible_host: 1.2.3.4\n        askari:\n          ansible_host: 77.42.120.136\n"
-           "  hosts:\n    other: {}\n")
-    assert ivm.inventory_host_names(inv) == {"boma-it-x-1", "askari", "other"}
+    inv = json.dumps({"all": {"children": {"offsite_hosts": {"hosts": {
+        "boma-it-x-1": {"ansible_host": "1.2.3.4"}, "askari": {"ansible_host": "77.42.120.136"}}},
+        "g": {"children": {"h": {"hosts": ["third"]}}}}, "hosts": {"other": {}}}})
+    assert ivm.inventory_host_names(inv) == {"boma-it-x-1", "askari", "other", "third"}
     with pytest.raises(ivm.InfraError) as e:
         ivm.assert_single_host_inventory(inv, "boma-it-x-1")
+    assert e.value.stage == "inventory"
+
+
+def test_single_host_guard_refuses_an_inventory_that_is_not_json():
+    with pytest.raises(ivm.InfraError) as e:
+        ivm.assert_single_host_inventory("all:\n  hosts:\n    boma-it-x-1:\n", "boma-it-x-1")
     assert e.value.stage == "inventory"
 
 

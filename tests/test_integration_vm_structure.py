@@ -1,0 +1,89 @@
+"""The driver's structural rules, read from its source (AST), not by running it: processes
+start only in the process section (`run` and its helpers), and no function runs over 60
+lines. See the module docstring of scripts/integration-vm.py."""
+import ast
+import pathlib
+
+DRIVER = pathlib.Path(__file__).resolve().parent.parent / "scripts" / "integration-vm.py"
+
+# The functions of the driver's "Processes" section: the only ones that may touch
+# subprocess (run() starts, _start() spawns, _kill_group() reaps).
+PROCESS_FUNCTIONS = {"run", "_start", "_kill_group"}
+MAX_FUNCTION_LINES = 60
+
+_OS_STARTERS = ("system", "popen", "exec", "spawn", "posix_spawn", "fork")
+
+
+def _starter(node):
+    """A description of a process-starting reference at `node`, or None."""
+    if isinstance(node, ast.Attribute) and isinstance(node.value, ast.Name):
+        mod, attr = node.value.id, node.attr
+        if mod == "subprocess":
+            return f"subprocess.{attr}"
+        if mod == "os" and attr.startswith(_OS_STARTERS):
+            return f"os.{attr}"
+        if mod == "pty" and attr == "spawn":
+            return "pty.spawn"
+    if isinstance(node, ast.ImportFrom) and node.module in ("subprocess", "pty"):
+        return f"from {node.module} import"
+    return None
+
+
+def process_starts_outside(source, allowed=PROCESS_FUNCTIONS):
+    """[(line, what, where)] for every process-starting reference outside the allowed
+    top-level functions (module level included)."""
+    found = []
+    for top in ast.parse(source).body:
+        where = getattr(top, "name", "<module>")
+        if isinstance(top, ast.FunctionDef) and top.name in allowed:
+            continue
+        for node in ast.walk(top):
+            what = _starter(node)
+            if what:
+                found.append((node.lineno, what, where))
+    return found
+
+
+def long_functions(source, limit=MAX_FUNCTION_LINES):
+    """{name: lines} of every function (nested and methods included) over `limit` lines,
+    counted from its `def` line (decorators excluded) to its last line."""
+    return {node.name: node.end_lineno - node.lineno + 1
+            for node in ast.walk(ast.parse(source))
+            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef))
+            and node.end_lineno - node.lineno + 1 > limit}
+
+
+def test_processes_start_only_in_the_process_section():
+    assert process_starts_outside(DRIVER.read_text()) == []
+
+
+def test_the_process_functions_exist_and_do_start_processes():
+    # Guards the rule against going vacuous when the process section is renamed.
+    source = DRIVER.read_text()
+    tops = {n.name for n in ast.parse(source).body if isinstance(n, ast.FunctionDef)}
+    assert PROCESS_FUNCTIONS <= tops
+    assert process_starts_outside(source, allowed=set())
+
+
+def test_the_scan_sees_each_way_to_start_a_process():
+    src = ("import os, subprocess, pty\n"
+           "def run():\n    subprocess.Popen(['x'])\n"
+           "def sneaky():\n    os.system('x'); os.execvp('x', ['x']); os.spawnl(0, 'x')\n"
+           "def other():\n    pty.spawn('x'); subprocess.run(['x'])\n"
+           "from subprocess import check_output\n"
+           "X = os.popen('x')\n")
+    assert [(w, where) for _, w, where in process_starts_outside(src)] == [
+        ("os.system", "sneaky"), ("os.execvp", "sneaky"), ("os.spawnl", "sneaky"),
+        ("pty.spawn", "other"), ("subprocess.run", "other"),
+        ("from subprocess import", "<module>"), ("os.popen", "<module>")]
+
+
+def test_no_function_is_over_60_lines():
+    too_long = long_functions(DRIVER.read_text())
+    assert too_long == {}
+
+
+def test_the_length_check_counts_from_def_to_last_line():
+    body = "".join(f"    x{i} = {i}\n" for i in range(60))
+    assert long_functions(f"def ok():\n{body[:-len('    x59 = 59') - 1]}") == {}
+    assert long_functions(f"@deco\ndef long():\n{body}") == {"long": 61}
