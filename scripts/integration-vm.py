@@ -359,6 +359,18 @@ def _seconds(lo=0.0, hi=7 * 86400.0):
     return parse
 
 
+def _factor(lo=1.0, hi=100.0):
+    def parse(text):
+        try:
+            value = float(text)
+        except ValueError:
+            raise ValueError("must be a number") from None
+        if not math.isfinite(value) or not lo <= value <= hi:
+            raise ValueError(f"must be a finite number from {lo:g} to {hi:g}")
+        return value
+    return parse
+
+
 def _choice(*choices):
     def parse(text):
         if text not in choices:
@@ -413,6 +425,10 @@ SETTINGS = (
     ("BOMA_IT_MIN_DISK_MIB", _int_range(0, 1 << 30), None,
      f"free disk required (default {MIN_DISK_MIB_RUN}, + {MIN_DISK_MIB_IMAGE} "
      "to build an image)"),
+    ("BOMA_IT_SLOW_BOOT_FACTOR", _factor(), 1.5,
+     "warn when a reboot takes this many times the last passing run's time to `running`"),
+    ("BOMA_IT_SLOW_BOOT_SLACK", _seconds(), 15.0,
+     "... and at least this many seconds more (both must hold)"),
     ("BOMA_IT_CHECKPOINTS", _on_off, True, "0/off/no: neither resume from nor write checkpoints"),
     ("BOMA_IT_NETNS", _text, "", "set by scripts/it-run: the sandbox namespace (inspection hints)"),
     ("BOMA_IT_MEMINFO", _abs_path, pathlib.Path("/proc/meminfo"), "meminfo the RAM guard reads (tests)"),
@@ -1776,12 +1792,53 @@ def boot(ctx, rs):
     progress(ctx, "boot", "cloud-init done")
 
 
-def reboot_vm(ctx, rs, mode="graceful"):
+# A boot much slower than the profile's last passing run (same accelerator) is worth a
+# line: the system under test may have grown a slow unit. Never a failure (TCG timings
+# move with the machine's load); the default thresholds (BOMA_IT_SLOW_BOOT_*) are loose.
+def slow_boot_warnings(last_pass, reboots, factor=1.5, slack=15.0):
+    """[message] for each reboot that took `factor` times (and `slack` seconds) longer
+    to `running` than the same reboot of the last passing run. Both are result.json's
+    `reboot_stages` lists."""
+    out = []
+    for prev, cur in zip(last_pass or [], reboots, strict=False):
+        p, c = prev.get("seconds_to_running"), cur.get("seconds_to_running")
+        if prev.get("mode") == cur.get("mode") and p and c and \
+                c > p * factor and c - p > slack:
+            out.append(f"the {cur['mode']} reboot took {c:.0f}s to `running`, {c / p:.1f}x "
+                       f"the last passing run's {p:.0f}s (see reboot_diffs[].boot)")
+    return out
+
+
+def note_boot_times(ctx, result, run_name):
+    """Compare this run's reboots with the profile's last passing run on this
+    accelerator (warnings into result.json), and remember them when this one passed."""
+    host, reboots = result.get("host"), result.get("reboot_stages")
+    if not host or not reboots or not re.fullmatch(HOST_RE, host):
+        return
+    try:
+        d = owned_path(ctx.cache, "boot-history")
+        f = owned_path(d, f"{host}-{result.get('accel') or 'unknown'}.json")
+        last = json.loads(f.read_text()) if f.is_file() else {}
+        for w in slow_boot_warnings(last.get("reboot_stages"), reboots,
+                                    ctx.settings["BOMA_IT_SLOW_BOOT_FACTOR"],
+                                    ctx.settings["BOMA_IT_SLOW_BOOT_SLACK"]):
+            result.setdefault("warnings", []).append(w)
+            print(f"integration-vm: warning: {w}", file=sys.stderr)
+        if result.get("verdict") == "pass":
+            d.mkdir(parents=True, exist_ok=True)
+            write_owned(f, json.dumps({"run": run_name, "at": now_iso(),
+                                       "reboot_stages": reboots}, indent=1) + "\n")
+    except (OSError, ValueError, HarnessError) as e:   # a note must not change the verdict
+        print(f"integration-vm: warning: boot history: {e}", file=sys.stderr)
+
+
+def reboot_vm(ctx, rs, mode="graceful", before=None):
     """Reboot and PROVE it: boot_id must change. graceful = virsh reboot; hard = power
-    cut (virsh destroy + start)."""
+    cut (virsh destroy + start). `before`: a capture taken moments ago with nothing run
+    since (the previous reboot's `after`), instead of capturing again."""
     if mode not in REBOOT_MODES:
         raise UsageError(f"--reboot must be one of {', '.join(REBOOT_MODES)}")
-    before = capture_state(ctx, rs)
+    before = before or capture_state(ctx, rs)
     if mode == "graceful":
         virsh(ctx, "reboot", rs.domain, check=True, stage="reboot")
     else:
@@ -3008,7 +3065,7 @@ def compare_transports(ctx, rs, profile, certs, result):
         probe = dataclasses.replace(ctx, strategy=None, strategy_request="mitogen")
         mito = resolve_strategy(probe, find_ansible_playbook(ctx))
     if mito["used"] != MITOGEN_STRATEGY:
-        result["transport"] = {"error": f"Mitogen does not load: {mito['fallback']}"}
+        result["transport"] = {"error": mito["fallback"]}
         return
     seconds = {}
     for choice in (strategy_choice("default"), mito):
@@ -4076,6 +4133,7 @@ def session(ctx, args, command):
         except Exception as e:  # a cleanup must not change the verdict
             print(f"integration-vm: warning: checkpoint cleanup: {e}", file=sys.stderr)
     ctx.last_result = result
+    note_boot_times(ctx, result, holder["rs"].name if holder["rs"] else None)
     finish_result(ctx, result, holder["rs"] if writes_result else None,
                   getattr(args, "junit", None), stream=sys.stdout if writes_result else sys.stderr)
     if command == "bench":
@@ -4112,9 +4170,10 @@ def session_phases(ctx, args, command, result, holder):
         modes = [args.reboot] if args.reboot else profile["reboot"]
         result["reboot_modes"] = (["graceful"] if command == "loop" else
                                   modes[:1] if command == "reboot" else modes)
+        last = None  # the previous reboot's final capture is the next one's `before`
         for mode in result["reboot_modes"]:
             with timed_phase(ctx, result, f"reboot:{mode}"):
-                before, after = reboot_vm(ctx, rs, mode)
+                before, after = reboot_vm(ctx, rs, mode, before=last)
             result.setdefault("reboot_stages", []).append(
                 {k: rs.data["reboots"][-1][k]
                  for k in ("mode", "seconds_to_ssh", "seconds_to_running")})
@@ -4123,6 +4182,7 @@ def session_phases(ctx, args, command, result, holder):
                                       args.reboot_diff)
                 if summary.get("warning"):
                     entry["message"] = summary["warning"]
+            last = None if summary.get("recaptured") else after
     if command in ("assert", *CONVERGING_COMMANDS):
         run_assert(ctx, rs, profile, certs, result)
     if command in GATE_COMMANDS and not args.no_idempotence and not args.no_reboot:
@@ -4499,7 +4559,10 @@ def cmd_bench(ctx, args):
     loop_args.cmd = "loop"
     after = {}
     for phase, command, a in (("loop", "loop", loop_args), ("warm", "bench", args)):
-        sub = dataclasses.replace(ctx, repo=warm_repo_copy(ctx.repo, rel, now_iso()),
+        # a stamp of its own per copy: the loop and the warm cycle must each find the
+        # edit new (same file, same invalidation), not resume the other's checkpoint
+        stamp = f"{phase} {now_iso()} {time.time_ns()}"
+        sub = dataclasses.replace(ctx, repo=warm_repo_copy(ctx.repo, rel, stamp),
                                   t0=time.monotonic(), cmdlog=None, bench_phase=phase,
                                   bench_transport=False, checkpoint_chain=None,
                                   last_result=None)

@@ -130,3 +130,52 @@ def test_transport_figures():
     assert t == {"linear": {"seconds": 88.0, "per_call": 2.2},
                  "mitogen_linear": {"seconds": 16.0, "per_call": 0.4},
                  "calls": 40, "speedup": 5.5}
+
+
+# ---- where the reboots' time goes (issue 13) ------------------------------------------
+def test_slow_boot_warnings_compare_each_reboot_with_the_last_pass():
+    last = [{"mode": "graceful", "seconds_to_running": 60.0},
+            {"mode": "hard", "seconds_to_running": 50.0}]
+    assert ivm.slow_boot_warnings(last, [{"mode": "graceful", "seconds_to_running": 80.0},
+                                         {"mode": "hard", "seconds_to_running": 60.0}]) == []
+    (w,) = ivm.slow_boot_warnings(last, [{"mode": "graceful", "seconds_to_running": 100.0},
+                                         {"mode": "hard", "seconds_to_running": 70.0}])
+    assert w.startswith("the graceful reboot took 100s to `running`, 1.7x the last passing")
+    # slower by the factor but not by the slack: no line (TCG noise on short boots)
+    assert ivm.slow_boot_warnings([{"mode": "hard", "seconds_to_running": 10.0}],
+                                  [{"mode": "hard", "seconds_to_running": 24.0}]) == []
+    assert ivm.slow_boot_warnings(None, [{"mode": "hard", "seconds_to_running": 99.0}]) == []
+    assert ivm.slow_boot_warnings([{"mode": "graceful", "seconds_to_running": 10.0}],
+                                  [{"mode": "hard", "seconds_to_running": 99.0}]) == []
+
+
+def test_a_boot_much_slower_than_the_last_pass_is_a_warning_line_not_a_failure(hc):
+    assert hc.run("cycle", "--host", "askari", "--no-checkpoints").returncode == 0
+    (hist,) = (hc.cache / "boot-history").iterdir()
+    assert hist.name == "askari-tcg.json"
+    data = json.loads(hist.read_text())
+    assert [r["mode"] for r in data["reboot_stages"]] == ["graceful"]
+    data["reboot_stages"][0]["seconds_to_running"] = 0.1   # the last pass, as recorded
+    hist.write_text(json.dumps(data))
+    p = hc.run("cycle", "--host", "askari", "--no-checkpoints", FAKE_RUNNING_SLEEP="0.5",
+               BOMA_IT_SLOW_BOOT_SLACK="0.2")
+    assert p.returncode == 0, p.stderr
+    r = newest(hc)
+    assert r["verdict"] == "pass"
+    (w,) = r["warnings"]
+    assert "graceful reboot took" in w and f"integration-vm: warning: {w}" in p.stderr
+    # a pass records its own figures: the next run compares with this one
+    assert json.loads(hist.read_text())["run"] == r["vm"]
+
+
+def test_a_cycle_with_two_reboots_captures_three_times_not_four(hc):
+    prof = hc.repo / "tests" / "integration" / "profiles" / "askari.json"
+    data = json.loads(prof.read_text())
+    data["reboot"] = ["graceful", "hard"]
+    prof.write_text(json.dumps(data))
+    assert hc.run("cycle", "--host", "askari", "--no-checkpoints").returncode == 0
+    captures = [c for c in hc.calls("ssh") if "sudo -n sh -s" in c["argv"]]
+    assert len(captures) == 3   # the graceful reboot's `after` is the hard one's `before`
+    r = newest(hc)
+    assert [d["mode"] for d in r["reboot_diffs"]] == ["graceful", "hard"]
+    assert all(d["unexpected"] == [] for d in r["reboot_diffs"])

@@ -21,6 +21,7 @@ Behaviour knobs (env):
   FAKE_BOOT_ID_STICKY=1      reboot/start keep the old boot_id
   FAKE_NO_ANALYZE=1          the guest's `systemd-analyze time` fails (boot not finished)
   FAKE_SYSTEM_STATE=X        `systemctl is-system-running` prints X (default running)
+  FAKE_RUNNING_SLEEP=N       `systemctl is-system-running --wait` takes N seconds (a slow boot)
   FAKE_VERIFY_FAIL=1         the verify playbook fails one task
   FAKE_APPLY_FAIL=1          apply playbooks fail
   FAKE_APPLY_SLEEP=N         apply playbooks sleep N seconds after their first task
@@ -548,6 +549,8 @@ def ssh():
     elif command == "cloud-init status --wait":
         print("status: done")
     elif command == "systemctl is-system-running --wait":
+        if ENV.get("FAKE_RUNNING_SLEEP"):
+            time.sleep(float(ENV["FAKE_RUNNING_SLEEP"]))
         print(sysstate)
     elif command.startswith("systemctl --failed"):
         if sysstate == "degraded":
