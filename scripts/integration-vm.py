@@ -33,6 +33,7 @@ renderers, parsers) and its orchestration together, in this order:
   Commands               cmd_* and the bench
   CLI                    help texts, build_parser, main
 """
+
 import argparse
 import contextlib
 import copy
@@ -81,7 +82,7 @@ NAME_PREFIX = "boma-it-"
 # (Debian: libvirt-qemu) while its domain runs; the cache dir is root:libvirt 2775, so a
 # group-readable file would be readable by every member of libvirt.
 DISK_MODE = 0o600
-FROZEN_DISK_MODE = 0o400        # a checkpoint's disk and seed: read-only backing files
+FROZEN_DISK_MODE = 0o400  # a checkpoint's disk and seed: read-only backing files
 INTEG_DIR = REPO_ROOT / "tests" / "integration"
 PROFILE_DIR = INTEG_DIR / "profiles"
 CERT_DIR = INTEG_DIR / "certs"
@@ -89,9 +90,9 @@ DEFAULT_VERIFY = "tests/integration/verify.yml"
 TEST_VAULT_VALUES = REPO_ROOT / "tests" / "vault" / "test-values.yml"
 DEFAULT_MEM_MIB = 3072
 DEFAULT_VCPUS = 2
-RAM_FLOOR_MIB = 1024            # MemAvailable minus the VM's memory must stay above this
-MIN_DISK_MIB_RUN = 4096         # free disk for one run's overlay to grow into
-MIN_DISK_MIB_IMAGE = 4096       # free disk to build/fetch a golden image
+RAM_FLOOR_MIB = 1024  # MemAvailable minus the VM's memory must stay above this
+MIN_DISK_MIB_RUN = 4096  # free disk for one run's overlay to grow into
+MIN_DISK_MIB_IMAGE = 4096  # free disk to build/fetch a golden image
 VALID_TIERS = ("internal", "le-staging", "le-prod-wildcard")
 PROD_TIER = "le-prod-wildcard"
 
@@ -106,8 +107,21 @@ STRATEGY_CHOICES = ("mitogen", "default")
 ANSIBLE_USER = "ansible"
 DEFAULT_URI = "qemu:///system"
 METADATA_URI = "https://boma.invalid/integration-vm"
-SUBCOMMANDS = ("image", "up", "apply", "reboot", "assert", "cycle", "bench", "loop", "down",
-               "console", "prune", "status", "doctor")
+SUBCOMMANDS = (
+    "image",
+    "up",
+    "apply",
+    "reboot",
+    "assert",
+    "cycle",
+    "bench",
+    "loop",
+    "down",
+    "console",
+    "prune",
+    "status",
+    "doctor",
+)
 
 # Which commands do what. The gate (cycle, bench) runs every reboot of the profile and the
 # idempotence pass and tears the VM down; the quick loop (issue 13) resumes, applies what
@@ -119,7 +133,8 @@ LOOP_NOT_THE_GATE = (
     "integration-vm: quick loop: one graceful reboot, no power cut, no idempotence pass. "
     "This is NOT the gate: `make test-integration HOST={host}` (cycle) must pass before the "
     "change is done. The VM stays up at this state until the next loop, cycle or "
-    "`make test-integration-clean`.")
+    "`make test-integration-clean`."
+)
 EXIT_PASS, EXIT_VERIFY, EXIT_USAGE, EXIT_INFRA, EXIT_INTERRUPTED = 0, 1, 2, 3, 130
 EXIT_CODES_HELP = """exit codes:
   0    pass (or, with --expect-fail[=STAGE], verify (or STAGE) failed as expected)
@@ -136,14 +151,39 @@ EXIT_CODES_HELP = """exit codes:
 # Readiness / command bounds in seconds (KVM). TCG multiplies the boot-ish ones by
 # TCG_SCALE. Each is overridable: BOMA_IT_TIMEOUT_<NAME> (upper-case, '-' -> '_').
 DEFAULT_BOUNDS = {
-    "domain-running": 60, "dhcp-lease": 120, "tcp-22": 90, "ssh-handshake": 90,
-    "cloud-init": 300, "reboot": 240, "system-running": 180, "ssh-attempt": 20,
-    "ssh-command": 60, "virsh": 60, "apply": 3600, "verify": 1800, "image-build": 1800,
-    "download": 1800, "accel-probe": 30, "lock": 600, "diag-command": 30,
-    "reboot-settle": 20, "checkpoint": 300, "resume": 60,
+    "domain-running": 60,
+    "dhcp-lease": 120,
+    "tcp-22": 90,
+    "ssh-handshake": 90,
+    "cloud-init": 300,
+    "reboot": 240,
+    "system-running": 180,
+    "ssh-attempt": 20,
+    "ssh-command": 60,
+    "virsh": 60,
+    "apply": 3600,
+    "verify": 1800,
+    "image-build": 1800,
+    "download": 1800,
+    "accel-probe": 30,
+    "lock": 600,
+    "diag-command": 30,
+    "reboot-settle": 20,
+    "checkpoint": 300,
+    "resume": 60,
 }
-TCG_SCALED = ("dhcp-lease", "tcp-22", "ssh-handshake", "cloud-init", "reboot", "resume",
-              "system-running", "apply", "verify", "reboot-settle")
+TCG_SCALED = (
+    "dhcp-lease",
+    "tcp-22",
+    "ssh-handshake",
+    "cloud-init",
+    "reboot",
+    "resume",
+    "system-running",
+    "apply",
+    "verify",
+    "reboot-settle",
+)
 TCG_SCALE = 3
 DEFAULT_POLL = 2.0
 HOST_RE = r"[a-z0-9][a-z0-9_-]{0,40}"
@@ -157,12 +197,14 @@ class HarnessError(Exception):
 
 class UsageError(HarnessError):
     """Bad invocation or configuration. Nothing has been created."""
+
     exit_code = EXIT_USAGE
     stage = "usage"
 
 
 class InfraError(HarnessError):
     """The machinery failed (image, boot, lease, SSH, libvirt, tools, guards)."""
+
     exit_code = EXIT_INFRA
 
     def __init__(self, stage, msg):
@@ -173,6 +215,7 @@ class InfraError(HarnessError):
 
 class VerifyFailed(HarnessError):
     """An assertion about the guest failed (verify playbook, idempotence)."""
+
     exit_code = EXIT_VERIFY
 
     def __init__(self, stage, msg, failed_tasks=(), detail=None):
@@ -180,7 +223,7 @@ class VerifyFailed(HarnessError):
         self.stage = stage
         self.msg = msg
         self.failed_tasks = list(failed_tasks)
-        self.detail = detail    # multi-line text for JUnit (msg stays one line)
+        self.detail = detail  # multi-line text for JUnit (msg stays one line)
 
 
 # --------------------------------------------------------------------------------------
@@ -188,6 +231,7 @@ class VerifyFailed(HarnessError):
 # --------------------------------------------------------------------------------------
 # run() starts every child process: bounded, in its own process group, logged to the run's
 # command log, killed as a group on timeout or signal. virsh() is its libvirt wrapper.
+
 
 @dataclasses.dataclass
 class Proc:
@@ -245,10 +289,16 @@ def _start(argv, env, cwd, input, stream_log):
     try:
         with _signals_deferred():
             proc = subprocess.Popen(
-                argv, env=env, cwd=cwd, text=True, errors="replace", start_new_session=True,
+                argv,
+                env=env,
+                cwd=cwd,
+                text=True,
+                errors="replace",
+                start_new_session=True,
                 stdin=subprocess.PIPE if input is not None else subprocess.DEVNULL,
                 stdout=subprocess.PIPE,
-                stderr=subprocess.STDOUT if stream_log else subprocess.PIPE)
+                stderr=subprocess.STDOUT if stream_log else subprocess.PIPE,
+            )
     except FileNotFoundError:
         raise InfraError("tools", f"{argv[0]} not found on PATH") from None
     except PermissionError as e:
@@ -260,34 +310,34 @@ def _start(argv, env, cwd, input, stream_log):
     return proc
 
 
-def run(argv, *, timeout, env=None, cwd=None, input=None, stream_log=None, check=False,
-        stage="command", cmdlog=None):
+def run(
+    argv,
+    *,
+    timeout,
+    env=None,
+    cwd=None,
+    input=None,
+    stream_log=None,
+    check=False,
+    stage="command",
+    cmdlog=None,
+):
     """Run argv with a hard wall-clock timeout, in its own process group (killed whole
     on timeout or interrupt). stream_log: merge stdout+stderr, tee to that file and to our
     stderr line by line. Missing executable -> InfraError('tools'). check=True: nonzero
     exit or timeout -> InfraError(stage)."""
     argv = [str(a) for a in argv]
     if cmdlog:
-        with open(cmdlog, "a") as fh:
-            fh.write(f"{datetime.datetime.now().isoformat(timespec='seconds')} "
-                     f"{shlex.join(argv)}\n")
+        _log_command(cmdlog, argv)
     t0 = time.monotonic()
     proc = _start(argv, env, cwd, input, stream_log)
     timed_out = False
     try:
         if stream_log:
             chunks = []
-
-            def pump():
-                with open(stream_log, "a") as log:
-                    for line in proc.stdout:
-                        chunks.append(line)
-                        log.write(line)
-                        log.flush()
-                        sys.stderr.write(line)
-                        sys.stderr.flush()
-
-            pumper = threading.Thread(target=pump, daemon=True)
+            pumper = threading.Thread(
+                target=_pump, args=(proc.stdout, stream_log, chunks), daemon=True
+            )
             pumper.start()
             try:
                 proc.wait(timeout=timeout)
@@ -306,16 +356,48 @@ def run(argv, *, timeout, env=None, cwd=None, input=None, stream_log=None, check
     except BaseException:
         _kill_group(proc)
         raise
-    res = Proc(argv, 124 if timed_out else proc.returncode, out or "", err or "", timed_out,
-               time.monotonic() - t0)
+    res = Proc(
+        argv,
+        124 if timed_out else proc.returncode,
+        out or "",
+        err or "",
+        timed_out,
+        time.monotonic() - t0,
+    )
     if check and (timed_out or res.returncode != 0):
-        what = os.path.basename(argv[0])
-        if timed_out:
-            raise InfraError(stage, f"{what} timed out after {timeout:.0f}s")
-        last = (res.stderr.strip() or res.stdout.strip()).splitlines()
-        raise InfraError(stage, f"{shlex.join(argv[:4])}... failed (exit {res.returncode})"
-                         + (f": {last[-1]}" if last else ""))
+        _raise_failed(res, timeout, stage)
     return res
+
+
+def _log_command(cmdlog, argv):
+    """Append one timestamped line for argv to the command log."""
+    with open(cmdlog, "a") as fh:
+        fh.write(f"{datetime.datetime.now().isoformat(timespec='seconds')} {shlex.join(argv)}\n")
+
+
+def _pump(stream, stream_log, chunks):
+    """Tee a merged stdout+stderr stream, line by line, into chunks, stream_log and our
+    stderr (run()'s stream_log mode, in a thread)."""
+    with open(stream_log, "a") as log:
+        for line in stream:
+            chunks.append(line)
+            log.write(line)
+            log.flush()
+            sys.stderr.write(line)
+            sys.stderr.flush()
+
+
+def _raise_failed(res, timeout, stage):
+    """run(check=True) on a failed or timed-out command: InfraError(stage), one line."""
+    what = os.path.basename(res.argv[0])
+    if res.timed_out:
+        raise InfraError(stage, f"{what} timed out after {timeout:.0f}s")
+    last = (res.stderr.strip() or res.stdout.strip()).splitlines()
+    raise InfraError(
+        stage,
+        f"{shlex.join(res.argv[:4])}... failed (exit {res.returncode})"
+        + (f": {last[-1]}" if last else ""),
+    )
 
 
 def virsh_argv(uri, *args):
@@ -323,8 +405,13 @@ def virsh_argv(uri, *args):
 
 
 def virsh(ctx, *args, check=False, stage="libvirt", timeout=None):
-    return run(virsh_argv(ctx.uri, *args), timeout=timeout or ctx.bounds["virsh"],
-               check=check, stage=stage, cmdlog=ctx.cmdlog)
+    return run(
+        virsh_argv(ctx.uri, *args),
+        timeout=timeout or ctx.bounds["virsh"],
+        check=check,
+        stage=stage,
+        cmdlog=ctx.cmdlog,
+    )
 
 
 # --------------------------------------------------------------------------------------
@@ -332,6 +419,7 @@ def virsh(ctx, *args, check=False, stage="libvirt", timeout=None):
 # --------------------------------------------------------------------------------------
 # The SETTINGS table (one row per BOMA_IT_* variable), read once into a frozen Settings;
 # Ctx carries them with the libvirt URI, the bounds and the command log.
+
 
 # One row per variable: (name, parser, default, help). read_settings() parses them all at
 # startup, before anything is created; a bad value is one line naming the variable, exit 2.
@@ -344,6 +432,7 @@ def _int_range(lo, hi):
         if not lo <= value <= hi:
             raise ValueError(f"must be from {lo} to {hi}")
         return value
+
     return parse
 
 
@@ -356,6 +445,7 @@ def _seconds(lo=0.0, hi=7 * 86400.0):
         if not math.isfinite(value) or not lo <= value <= hi:
             raise ValueError(f"must be a finite number of seconds from {lo:g} to {hi:g}")
         return value
+
     return parse
 
 
@@ -368,6 +458,7 @@ def _factor(lo=1.0, hi=100.0):
         if not math.isfinite(value) or not lo <= value <= hi:
             raise ValueError(f"must be a finite number from {lo:g} to {hi:g}")
         return value
+
     return parse
 
 
@@ -376,6 +467,7 @@ def _choice(*choices):
         if text not in choices:
             raise ValueError(f"must be one of {', '.join(choices)}")
         return text
+
     return parse
 
 
@@ -402,48 +494,105 @@ def timeout_var(stage):
 SETTINGS = (
     ("LIBVIRT_DEFAULT_URI", _text, DEFAULT_URI, "libvirt URI; --connect wins"),
     ("BOMA_IT_ACCEL", _choice(*ACCEL_CHOICES), "auto", "auto|kvm|tcg; --accel wins"),
-    ("BOMA_IT_CACHE", _abs_path, pathlib.Path("/var/lib/boma-integration"),
-     "VM disks, golden images, checkpoints"),
-    ("BOMA_IT_RUN_DIR", _abs_path, lambda: str(INTEG_DIR / ".run"),
-     "run metadata parent (default tests/integration/.run)"),
-    ("BOMA_IT_DIAG_DIR", _abs_path, lambda: str(pathlib.Path.home() / "integration-runs"),
-     "diagnostics parent (default ~/integration-runs)"),
-    ("BOMA_IT_IMAGE_SOURCE", _choice("build", "fetch"), "build",
-     "build (mmdebstrap) | fetch (cloud.debian.org)"),
+    (
+        "BOMA_IT_CACHE",
+        _abs_path,
+        pathlib.Path("/var/lib/boma-integration"),
+        "VM disks, golden images, checkpoints",
+    ),
+    (
+        "BOMA_IT_RUN_DIR",
+        _abs_path,
+        lambda: str(INTEG_DIR / ".run"),
+        "run metadata parent (default tests/integration/.run)",
+    ),
+    (
+        "BOMA_IT_DIAG_DIR",
+        _abs_path,
+        lambda: str(pathlib.Path.home() / "integration-runs"),
+        "diagnostics parent (default ~/integration-runs)",
+    ),
+    (
+        "BOMA_IT_IMAGE_SOURCE",
+        _choice("build", "fetch"),
+        "build",
+        "build (mmdebstrap) | fetch (cloud.debian.org)",
+    ),
     ("BOMA_IT_MIRROR", _text, DEFAULT_MIRROR, "Debian mirror for image builds"),
     ("BOMA_IT_IMAGE_URL", _text, IMAGE_URL, "image to fetch with BOMA_IT_IMAGE_SOURCE=fetch"),
     ("BOMA_IT_SHA_URL", _text, SHA_URL, "its SHA512SUMS"),
     ("BOMA_IT_MAX_VMS", _int_range(1, 64), 1, "harness VMs allowed at once"),
     ("BOMA_IT_ANSIBLE_PLAYBOOK", _text, "", "ansible-playbook to use (default: PATH, then .venv)"),
-    ("BOMA_IT_ANSIBLE_STRATEGY", _choice(*STRATEGY_CHOICES), "mitogen",
-     "Ansible transport: mitogen (falls back to linear when it cannot load) | default; "
-     "--strategy wins (ADR-027)"),
+    (
+        "BOMA_IT_ANSIBLE_STRATEGY",
+        _choice(*STRATEGY_CHOICES),
+        "mitogen",
+        "Ansible transport: mitogen (falls back to linear when it cannot load) | default; "
+        "--strategy wins (ADR-027)",
+    ),
     ("BOMA_IT_POLL", _seconds(0.001, 60), DEFAULT_POLL, "poll interval of bounded waits (s)"),
     ("BOMA_IT_SSH_PORT", _int_range(1, 65535), 22, "guest SSH port"),
-    ("BOMA_IT_RAM_FLOOR_MIB", _int_range(0, 1 << 24), RAM_FLOOR_MIB,
-     "MemAvailable that must remain after the VM's memory"),
-    ("BOMA_IT_MIN_DISK_MIB", _int_range(0, 1 << 30), None,
-     f"free disk required (default {MIN_DISK_MIB_RUN}, + {MIN_DISK_MIB_IMAGE} "
-     "to build an image)"),
-    ("BOMA_IT_SLOW_BOOT_FACTOR", _factor(), 1.5,
-     "warn when a reboot takes this many times the last passing run's time to `running`"),
-    ("BOMA_IT_SLOW_BOOT_SLACK", _seconds(), 15.0,
-     "... and at least this many seconds more (both must hold)"),
+    (
+        "BOMA_IT_RAM_FLOOR_MIB",
+        _int_range(0, 1 << 24),
+        RAM_FLOOR_MIB,
+        "MemAvailable that must remain after the VM's memory",
+    ),
+    (
+        "BOMA_IT_MIN_DISK_MIB",
+        _int_range(0, 1 << 30),
+        None,
+        f"free disk required (default {MIN_DISK_MIB_RUN}, + {MIN_DISK_MIB_IMAGE} "
+        "to build an image)",
+    ),
+    (
+        "BOMA_IT_SLOW_BOOT_FACTOR",
+        _factor(),
+        1.5,
+        "warn when a reboot takes this many times the last passing run's time to `running`",
+    ),
+    (
+        "BOMA_IT_SLOW_BOOT_SLACK",
+        _seconds(),
+        15.0,
+        "... and at least this many seconds more (both must hold)",
+    ),
     ("BOMA_IT_CHECKPOINTS", _on_off, True, "0/off/no: neither resume from nor write checkpoints"),
     ("BOMA_IT_NETNS", _text, "", "set by scripts/it-run: the sandbox namespace (inspection hints)"),
-    ("BOMA_IT_MEMINFO", _abs_path, pathlib.Path("/proc/meminfo"), "meminfo the RAM guard reads (tests)"),
-    ("BOMA_IT_KVM_DEV", _abs_path, pathlib.Path("/dev/kvm"), "KVM device the accelerator check reads (tests)"),
-    ("BOMA_IT_BOOT_ID_PATH", _abs_path, pathlib.Path("/proc/sys/kernel/random/boot_id"),
-     "host boot id that keys the cached KVM probe (tests)"),
-    ("BOMA_IT_LIBVIRT_LOG_DIR", _abs_path, pathlib.Path("/var/log/libvirt/qemu"),
-     "libvirt's per-domain QEMU logs (diagnostics)"),
-) + tuple((timeout_var(stage), _seconds(), None, f"bound of {stage} in seconds")
-          for stage in DEFAULT_BOUNDS)
+    (
+        "BOMA_IT_MEMINFO",
+        _abs_path,
+        pathlib.Path("/proc/meminfo"),
+        "meminfo the RAM guard reads (tests)",
+    ),
+    (
+        "BOMA_IT_KVM_DEV",
+        _abs_path,
+        pathlib.Path("/dev/kvm"),
+        "KVM device the accelerator check reads (tests)",
+    ),
+    (
+        "BOMA_IT_BOOT_ID_PATH",
+        _abs_path,
+        pathlib.Path("/proc/sys/kernel/random/boot_id"),
+        "host boot id that keys the cached KVM probe (tests)",
+    ),
+    (
+        "BOMA_IT_LIBVIRT_LOG_DIR",
+        _abs_path,
+        pathlib.Path("/var/log/libvirt/qemu"),
+        "libvirt's per-domain QEMU logs (diagnostics)",
+    ),
+) + tuple(
+    (timeout_var(stage), _seconds(), None, f"bound of {stage} in seconds")
+    for stage in DEFAULT_BOUNDS
+)
 
 
 @dataclasses.dataclass(frozen=True)
 class Settings:
     """The parsed SETTINGS, by variable name (read once, never changed)."""
+
     values: types.MappingProxyType
 
     def __getitem__(self, name):
@@ -451,8 +600,11 @@ class Settings:
 
     @property
     def timeouts(self):
-        return {st: self.values[timeout_var(st)] for st in DEFAULT_BOUNDS
-                if self.values[timeout_var(st)] is not None}
+        return {
+            st: self.values[timeout_var(st)]
+            for st in DEFAULT_BOUNDS
+            if self.values[timeout_var(st)] is not None
+        }
 
 
 def read_settings(environ):
@@ -478,16 +630,26 @@ def env_help():
     for name, _, default, text in SETTINGS:
         if name.startswith("BOMA_IT_TIMEOUT_"):
             continue
-        shown = "" if callable(default) or isinstance(default, bool) or default in (None, "") \
-            or len(str(default)) > 32 else f" (default {default})"
+        shown = (
+            ""
+            if callable(default)
+            or isinstance(default, bool)
+            or default in (None, "")
+            or len(str(default)) > 32
+            else f" (default {default})"
+        )
         lines.append(f"  {name:<25} {text}{shown}")
     stages = ", ".join(f"{k}={v}" for k, v in DEFAULT_BOUNDS.items())
-    lines.append("  BOMA_IT_TIMEOUT_<STAGE>   bound in seconds, e.g. BOMA_IT_TIMEOUT_DHCP_LEASE=300;\n"
-                 f"                            defaults (KVM; TCG scales boot-ish ones x{TCG_SCALE}):")
+    lines.append(
+        "  BOMA_IT_TIMEOUT_<STAGE>   bound in seconds, e.g. BOMA_IT_TIMEOUT_DHCP_LEASE=300;\n"
+        f"                            defaults (KVM; TCG scales boot-ish ones x{TCG_SCALE}):"
+    )
     lines += ["    " + ln for ln in textwrap.wrap(stages, 84)]
-    lines.append("  BOMA_VAULT_PASSWORD_FILE  production vault password file, only for --certs "
-                 "le-staging /\n                            le-prod-wildcard (else "
-                 "scripts/vault-password.sh asks rbw)")
+    lines.append(
+        "  BOMA_VAULT_PASSWORD_FILE  production vault password file, only for --certs "
+        "le-staging /\n                            le-prod-wildcard (else "
+        "scripts/vault-password.sh asks rbw)"
+    )
     return "\n".join(lines) + "\n"
 
 
@@ -499,7 +661,8 @@ def stage_bounds(accel, settings):
     bounds = {}
     for k, v in DEFAULT_BOUNDS.items():
         bounds[k] = settings.timeouts.get(
-            k, float(v * (TCG_SCALE if accel == "tcg" and k in TCG_SCALED else 1)))
+            k, float(v * (TCG_SCALE if accel == "tcg" and k in TCG_SCALED else 1))
+        )
     return bounds
 
 
@@ -516,15 +679,15 @@ class Ctx:
     max_vms: int = 1
     ssh_port: int = 22
     strategy_request: str = "mitogen"
-    strategy: dict = None           # strategy_choice(), resolved once per process
+    strategy: dict = None  # strategy_choice(), resolved once per process
     t0: float = dataclasses.field(default_factory=time.monotonic)
     bounds: dict = dataclasses.field(default_factory=dict)
     cmdlog: pathlib.Path = None
-    checkpoint_chain: list = None   # [(stage, key, detail)] when this cycle uses checkpoints
-    bench_phase: str = None         # "cold" | "warm" | "loop" inside cmd_bench
-    bench_transport: bool = False   # bench: time both strategies on the VM before teardown
+    checkpoint_chain: list = None  # [(stage, key, detail)] when this cycle uses checkpoints
+    bench_phase: str = None  # "cold" | "warm" | "loop" inside cmd_bench
+    bench_transport: bool = False  # bench: time both strategies on the VM before teardown
     last_result: dict = None
-    settings: Settings = None       # read_settings(environ) unless given
+    settings: Settings = None  # read_settings(environ) unless given
 
     def __post_init__(self):
         if self.settings is None:
@@ -540,12 +703,19 @@ def ctx_from_env(environ, args):
     accel = getattr(args, "accel", None) or st["BOMA_IT_ACCEL"]
     strategy = getattr(args, "strategy", None) or st["BOMA_IT_ANSIBLE_STRATEGY"]
     ctx = Ctx(
-        repo=REPO_ROOT, run_parent=st["BOMA_IT_RUN_DIR"], cache=st["BOMA_IT_CACHE"],
+        repo=REPO_ROOT,
+        run_parent=st["BOMA_IT_RUN_DIR"],
+        cache=st["BOMA_IT_CACHE"],
         diag_root=st["BOMA_IT_DIAG_DIR"],
         uri=getattr(args, "connect", None) or st["LIBVIRT_DEFAULT_URI"],
-        environ=dict(environ), accel_request=accel, strategy_request=strategy,
+        environ=dict(environ),
+        accel_request=accel,
+        strategy_request=strategy,
         poll=st["BOMA_IT_POLL"],
-        max_vms=st["BOMA_IT_MAX_VMS"], ssh_port=st["BOMA_IT_SSH_PORT"], settings=st)
+        max_vms=st["BOMA_IT_MAX_VMS"],
+        ssh_port=st["BOMA_IT_SSH_PORT"],
+        settings=st,
+    )
     ctx.bounds = stage_bounds("kvm", st)
     return ctx
 
@@ -561,6 +731,7 @@ def now_iso():
 def owner_name():
     try:
         import pwd
+
         return pwd.getpwuid(os.getuid()).pw_name
     except (KeyError, ImportError):
         return str(os.getuid())
@@ -573,9 +744,16 @@ def owner_name():
 # names the host's groups, stubs, cert tier, reboots and verify playbook.
 
 PROFILE_KEYS = {
-    "groups": list, "applies": list, "extra_vars_files": list, "mem_mib": int,
-    "vcpus": int, "extends": str, "reboot": list, "reboot_diff_tolerate": (dict, list),
-    "verify": str, "description": str,
+    "groups": list,
+    "applies": list,
+    "extra_vars_files": list,
+    "mem_mib": int,
+    "vcpus": int,
+    "extends": str,
+    "reboot": list,
+    "reboot_diff_tolerate": (dict, list),
+    "verify": str,
+    "description": str,
 }
 PROFILE_REQUIRED = ("groups", "applies")
 
@@ -592,11 +770,14 @@ def parse_profile_text(text, path, root=None):
     try:
         data = json.loads(text)
     except json.JSONDecodeError as e:
-        raise UsageError(f"profile {_rel(path, root)}: invalid JSON at line {e.lineno} "
-                         f"column {e.colno}: {e.msg}") from None
+        raise UsageError(
+            f"profile {_rel(path, root)}: invalid JSON at line {e.lineno} column {e.colno}: {e.msg}"
+        ) from None
     except (ValueError, RecursionError) as e:  # a 4,300-digit integer, 100k-deep nesting
-        raise UsageError(f"profile {_rel(path, root)}: invalid JSON: "
-                         f"{str(e).splitlines()[0][:120] or type(e).__name__}") from None
+        raise UsageError(
+            f"profile {_rel(path, root)}: invalid JSON: "
+            f"{str(e).splitlines()[0][:120] or type(e).__name__}"
+        ) from None
     if not isinstance(data, dict):
         raise UsageError(f"profile {_rel(path, root)}: top level must be a JSON object")
     return data
@@ -608,35 +789,45 @@ def check_profile_types(data, path, root=None):
         if key.startswith("_"):
             continue
         if key not in PROFILE_KEYS:
-            raise UsageError(f"profile {_rel(path, root)}: unknown key {key!r} "
-                             f"(known: {', '.join(sorted(PROFILE_KEYS))})")
+            raise UsageError(
+                f"profile {_rel(path, root)}: unknown key {key!r} "
+                f"(known: {', '.join(sorted(PROFILE_KEYS))})"
+            )
         want = PROFILE_KEYS[key]
         if isinstance(value, bool) or not isinstance(value, want):
             tname = want.__name__ if isinstance(want, type) else "/".join(t.__name__ for t in want)
-            raise UsageError(f"profile {_rel(path, root)}: key {key!r} must be {tname}, "
-                             f"got {type(value).__name__}")
+            raise UsageError(
+                f"profile {_rel(path, root)}: key {key!r} must be {tname}, "
+                f"got {type(value).__name__}"
+            )
     for key in ("groups", "extra_vars_files"):
         if key in data and not all(isinstance(x, str) and x for x in data[key]):
-            raise UsageError(f"profile {_rel(path, root)}: key {key!r} must be a list of "
-                             "non-empty strings")
+            raise UsageError(
+                f"profile {_rel(path, root)}: key {key!r} must be a list of non-empty strings"
+            )
     if "groups" in data and not all(re.fullmatch(r"[A-Za-z0-9_]+", g) for g in data["groups"]):
         raise UsageError(f"profile {_rel(path, root)}: key 'groups' holds an invalid group name")
     for i, step in enumerate(data.get("applies", [])):
         if not isinstance(step, dict) or not isinstance(step.get("playbook"), str):
-            raise UsageError(f"profile {_rel(path, root)}: key 'applies[{i}].playbook' missing "
-                             "or not a string")
+            raise UsageError(
+                f"profile {_rel(path, root)}: key 'applies[{i}].playbook' missing or not a string"
+            )
         tags = step.get("tags", [])
         if not isinstance(tags, list) or not all(isinstance(t, str) for t in tags):
-            raise UsageError(f"profile {_rel(path, root)}: key 'applies[{i}].tags' must be a "
-                             "list of strings")
+            raise UsageError(
+                f"profile {_rel(path, root)}: key 'applies[{i}].tags' must be a list of strings"
+            )
         extra = set(step) - {"playbook", "tags"}
         if extra:
-            raise UsageError(f"profile {_rel(path, root)}: key 'applies[{i}]' has unknown "
-                             f"keys {sorted(extra)}")
+            raise UsageError(
+                f"profile {_rel(path, root)}: key 'applies[{i}]' has unknown keys {sorted(extra)}"
+            )
     for mode in data.get("reboot", []):
         if mode not in REBOOT_MODES:
-            raise UsageError(f"profile {_rel(path, root)}: key 'reboot' entries must be one of "
-                             f"{', '.join(REBOOT_MODES)}, got {mode!r}")
+            raise UsageError(
+                f"profile {_rel(path, root)}: key 'reboot' entries must be one of "
+                f"{', '.join(REBOOT_MODES)}, got {mode!r}"
+            )
     if "reboot_diff_tolerate" in data:
         check_tolerance_spec(data["reboot_diff_tolerate"], f"profile {_rel(path, root)}")
     for key, lo, hi in (("mem_mib", 512, 1 << 20), ("vcpus", 1, 256)):
@@ -684,24 +875,35 @@ def check_profile_paths(merged, top, repo_root):
     for i, step in enumerate(merged["applies"]):
         pb = repo_root / "playbooks" / step["playbook"]
         if resolved_under(pb, repo_root) is None:
-            raise UsageError(f"profile {_rel(top, repo_root)}: key 'applies[{i}].playbook' "
-                             f"names {step['playbook']!r}, which resolves outside the repository")
+            raise UsageError(
+                f"profile {_rel(top, repo_root)}: key 'applies[{i}].playbook' "
+                f"names {step['playbook']!r}, which resolves outside the repository"
+            )
         if not pb.is_file():
-            raise UsageError(f"profile {_rel(top, repo_root)}: key 'applies[{i}].playbook' names "
-                             f"playbooks/{step['playbook']}, which does not exist")
+            raise UsageError(
+                f"profile {_rel(top, repo_root)}: key 'applies[{i}].playbook' names "
+                f"playbooks/{step['playbook']}, which does not exist"
+            )
     for f in merged["extra_vars_files"]:
         if resolved_under(repo_root / "tests" / "integration" / f, repo_root) is None:
-            raise UsageError(f"profile {_rel(top, repo_root)}: key 'extra_vars_files' names "
-                             f"{f!r}, which resolves outside the repository")
+            raise UsageError(
+                f"profile {_rel(top, repo_root)}: key 'extra_vars_files' names "
+                f"{f!r}, which resolves outside the repository"
+            )
         if not (repo_root / "tests" / "integration" / f).is_file():
-            raise UsageError(f"profile {_rel(top, repo_root)}: key 'extra_vars_files' names "
-                             f"tests/integration/{f}, which does not exist")
+            raise UsageError(
+                f"profile {_rel(top, repo_root)}: key 'extra_vars_files' names "
+                f"tests/integration/{f}, which does not exist"
+            )
     if resolved_under(repo_root / merged["verify"], repo_root) is None:
-        raise UsageError(f"profile {_rel(top, repo_root)}: key 'verify' names "
-                         f"{merged['verify']!r}, which resolves outside the repository")
+        raise UsageError(
+            f"profile {_rel(top, repo_root)}: key 'verify' names "
+            f"{merged['verify']!r}, which resolves outside the repository"
+        )
     if not (repo_root / merged["verify"]).is_file():
-        raise UsageError(f"profile {_rel(top, repo_root)}: verify playbook {merged['verify']} "
-                         "does not exist")
+        raise UsageError(
+            f"profile {_rel(top, repo_root)}: verify playbook {merged['verify']} does not exist"
+        )
 
 
 def load_profile(host, profile_dir=None, repo_root=None, read=None):
@@ -715,21 +917,33 @@ def load_profile(host, profile_dir=None, repo_root=None, read=None):
     chain, name = [], host
     while name is not None:
         if not re.fullmatch(HOST_RE, name):
-            raise UsageError(f"profile {_rel(chain[-1][1], repo_root)}: key 'extends' must name "
-                             "a profile (lower-case letters, digits, - and _)")
+            raise UsageError(
+                f"profile {_rel(chain[-1][1], repo_root)}: key 'extends' must name "
+                "a profile (lower-case letters, digits, - and _)"
+            )
         path = profile_dir / f"{name}.json"
         if name in [n for n, _, _ in chain]:
-            raise UsageError(f"profile {_rel(path, repo_root)}: 'extends' cycle "
-                             f"({' -> '.join([n for n, _, _ in chain] + [name])})")
+            raise UsageError(
+                f"profile {_rel(path, repo_root)}: 'extends' cycle "
+                f"({' -> '.join([n for n, _, _ in chain] + [name])})"
+            )
         if not path.is_file():
-            known = sorted(p.stem for p in profile_dir.glob("*.json")) if profile_dir.is_dir() else []
+            known = (
+                sorted(p.stem for p in profile_dir.glob("*.json")) if profile_dir.is_dir() else []
+            )
             if chain:
-                raise UsageError(f"profile {_rel(chain[-1][1], repo_root)}: key 'extends' names "
-                                 f"{name!r} but there is no {_rel(path, repo_root)}")
-            raise UsageError(f"no profile {_rel(path, repo_root)} (known: {', '.join(known) or 'none'})")
+                raise UsageError(
+                    f"profile {_rel(chain[-1][1], repo_root)}: key 'extends' names "
+                    f"{name!r} but there is no {_rel(path, repo_root)}"
+                )
+            raise UsageError(
+                f"no profile {_rel(path, repo_root)} (known: {', '.join(known) or 'none'})"
+            )
         if resolved_under(path, profile_dir) is None:
-            raise UsageError(f"profile {_rel(path, repo_root)}: resolves outside "
-                             f"{_rel(profile_dir, repo_root)} (via 'extends' or a symlink)")
+            raise UsageError(
+                f"profile {_rel(path, repo_root)}: resolves outside "
+                f"{_rel(profile_dir, repo_root)} (via 'extends' or a symlink)"
+            )
         data = parse_profile_text(read(path), path, repo_root)
         check_profile_types(data, path, repo_root)
         chain.append((name, path, data))
@@ -782,17 +996,38 @@ IMAGE_RECIPE_VERSION = 1
 IMAGE_SUITE = "trixie"
 IMAGE_DISK_SIZE = "8G"
 IMAGE_BASE_PACKAGES = (
-    "linux-image-cloud-amd64", "systemd-sysv", "systemd-resolved", "udev", "dbus",
-    "openssh-server", "openssh-sftp-server", "cloud-init", "python3", "python3-apt",
-    "sudo", "nftables", "ca-certificates", "iproute2", "curl", "less", "zstd",
+    "linux-image-cloud-amd64",
+    "systemd-sysv",
+    "systemd-resolved",
+    "udev",
+    "dbus",
+    "openssh-server",
+    "openssh-sftp-server",
+    "cloud-init",
+    "python3",
+    "python3-apt",
+    "sudo",
+    "nftables",
+    "ca-certificates",
+    "iproute2",
+    "curl",
+    "less",
+    "zstd",
 )
 
 # Profile-independent extras that the roles install anyway: carrying them in the golden
 # image saves minutes of apt under TCG (the roles' apt tasks then find them present).
 # docker-cli: trixie moved the docker command there (docker_host installs it);
 # python3-docker: reverse_proxy's community.docker modules need it on the target.
-IMAGE_EXTRA_PACKAGES = ("docker.io", "docker-cli", "python3-docker", "iptables", "gnupg",
-                        "procps", "kmod")
+IMAGE_EXTRA_PACKAGES = (
+    "docker.io",
+    "docker-cli",
+    "python3-docker",
+    "iptables",
+    "gnupg",
+    "procps",
+    "kmod",
+)
 KERNEL_ARGS = "root=LABEL=root rw console=ttyS0,115200n8"
 NETWORKD_UNIT = """[Match]
 Name=en* eth*
@@ -851,26 +1086,34 @@ def seal_spec():
             "etc/ssh/sshd_config.d/05-boma-image.conf": SSHD_IMAGE_CONF,
         },
         "symlinks": {
-            f"etc/systemd/system/{link}": f"{unit_dir}/{unit}" for link, unit in (
+            f"etc/systemd/system/{link}": f"{unit_dir}/{unit}"
+            for link, unit in (
                 ("multi-user.target.wants/systemd-networkd.service", "systemd-networkd.service"),
                 ("sockets.target.wants/systemd-networkd.socket", "systemd-networkd.socket"),
-                ("network-online.target.wants/systemd-networkd-wait-online.service",
-                 "systemd-networkd-wait-online.service"),
+                (
+                    "network-online.target.wants/systemd-networkd-wait-online.service",
+                    "systemd-networkd-wait-online.service",
+                ),
                 ("dbus-org.freedesktop.network1.service", "systemd-networkd.service"),
                 ("multi-user.target.wants/systemd-resolved.service", "systemd-resolved.service"),
                 ("dbus-org.freedesktop.resolve1.service", "systemd-resolved.service"),
             )
-        } | {"etc/resolv.conf": "../run/systemd/resolve/stub-resolv.conf"},
-        "remove_globs": ["etc/ssh/ssh_host_*", "var/lib/dbus/machine-id",
-                         *IMAGE_DISABLED_UNITS],
+        }
+        | {"etc/resolv.conf": "../run/systemd/resolve/stub-resolv.conf"},
+        "remove_globs": ["etc/ssh/ssh_host_*", "var/lib/dbus/machine-id", *IMAGE_DISABLED_UNITS],
     }
 
 
 def image_inputs(mirror=DEFAULT_MIRROR, suite=IMAGE_SUITE):
     return {
-        "recipe_version": IMAGE_RECIPE_VERSION, "source": "build", "suite": suite,
-        "mirror": mirror, "packages": image_packages(), "seal": seal_spec(),
-        "disk_size": IMAGE_DISK_SIZE, "kernel_args": KERNEL_ARGS,
+        "recipe_version": IMAGE_RECIPE_VERSION,
+        "source": "build",
+        "suite": suite,
+        "mirror": mirror,
+        "packages": image_packages(),
+        "seal": seal_spec(),
+        "disk_size": IMAGE_DISK_SIZE,
+        "kernel_args": KERNEL_ARGS,
     }
 
 
@@ -884,15 +1127,21 @@ def fetch_inputs(url=IMAGE_URL):
 
 
 def mmdebstrap_argv(suite, root, mirror, packages):
-    return ["mmdebstrap", "--variant=minbase", "--include=" + ",".join(packages),
-            "--dpkgopt=path-exclude=/usr/share/man/*",
-            "--dpkgopt=path-exclude=/usr/share/doc/*",
-            "--dpkgopt=path-include=/usr/share/doc/*/copyright",
-            # Keep the package lists: a role's apt task within the hour needs no
-            # `apt-get update` (~30 s under TCG); older lists are refreshed by
-            # cache_valid_time as on any host.
-            "--skip=cleanup/apt/lists",
-            suite, str(root), mirror]
+    return [
+        "mmdebstrap",
+        "--variant=minbase",
+        "--include=" + ",".join(packages),
+        "--dpkgopt=path-exclude=/usr/share/man/*",
+        "--dpkgopt=path-exclude=/usr/share/doc/*",
+        "--dpkgopt=path-include=/usr/share/doc/*/copyright",
+        # Keep the package lists: a role's apt task within the hour needs no
+        # `apt-get update` (~30 s under TCG); older lists are refreshed by
+        # cache_valid_time as on any host.
+        "--skip=cleanup/apt/lists",
+        suite,
+        str(root),
+        mirror,
+    ]
 
 
 def mkfs_argv(root, raw):
@@ -919,8 +1168,10 @@ def find_boot_file(root, link_name, prefix):
         cand = root / target.relative_to("/") if target.is_absolute() else root / target
         if cand.is_file():
             return cand
-    cands = sorted((root / "boot").glob(f"{prefix}-*"),
-                   key=lambda p: [int(x) if x.isdigit() else x for x in re.split(r"(\d+)", p.name)])
+    cands = sorted(
+        (root / "boot").glob(f"{prefix}-*"),
+        key=lambda p: [int(x) if x.isdigit() else x for x in re.split(r"(\d+)", p.name)],
+    )
     return cands[-1] if cands else None
 
 
@@ -954,8 +1205,13 @@ def current_image_key(ctx):
 
 def image_from_dir(d, key):
     kernel, initrd = d / "vmlinuz", d / "initrd.img"
-    return Image(d, d / "disk.qcow2", kernel if kernel.is_file() else None,
-                 initrd if initrd.is_file() else None, key)
+    return Image(
+        d,
+        d / "disk.qcow2",
+        kernel if kernel.is_file() else None,
+        initrd if initrd.is_file() else None,
+        key,
+    )
 
 
 def ensure_image(ctx, force=False):
@@ -1007,35 +1263,69 @@ def build_image(ctx, key, dest):
         tmp.mkdir(parents=True)
         root = tmp / "root"
         progress(ctx, "image", f"building golden image {key} from {mirror} (mmdebstrap)")
-        run(mmdebstrap_argv(IMAGE_SUITE, root, mirror, image_packages()),
-            timeout=ctx.bounds["image-build"], check=True, stage="image",
-            stream_log=tmp / "build.log", cmdlog=ctx.cmdlog)
+        run(
+            mmdebstrap_argv(IMAGE_SUITE, root, mirror, image_packages()),
+            timeout=ctx.bounds["image-build"],
+            check=True,
+            stage="image",
+            stream_log=tmp / "build.log",
+            cmdlog=ctx.cmdlog,
+        )
         apply_seal(root, inputs["seal"])
-        for link, prefix, out in (("vmlinuz", "vmlinuz", "vmlinuz"),
-                                  ("initrd.img", "initrd.img", "initrd.img")):
-            src = find_boot_file(root, link, prefix)
-            if src is None:
-                raise InfraError("image", f"no /boot/{prefix}-* in the built root")
-            shutil.copyfile(src, tmp / out)
-            os.chmod(tmp / out, 0o644)
-        raw = tmp / "disk.raw"
-        with open(raw, "wb") as fh:
-            fh.truncate(size_bytes(IMAGE_DISK_SIZE))
-        run(mkfs_argv(root, raw), timeout=ctx.bounds["image-build"], check=True,
-            stage="image", cmdlog=ctx.cmdlog)
-        run(qemu_img_convert_argv(raw, tmp / "disk.qcow2"), timeout=ctx.bounds["image-build"],
-            check=True, stage="image", cmdlog=ctx.cmdlog)
-        raw.unlink()
+        _copy_boot_files(root, tmp)
+        _make_disk(ctx, root, tmp)
         shutil.rmtree(root)
         sizes = {p.name: p.stat().st_size for p in tmp.iterdir() if p.is_file()}
-        publish_image_dir(tmp, dest, {
-            "key": key, "inputs": inputs, "built_at": now_iso(),
-            "build_seconds": round(time.monotonic() - t0, 1), "sizes": sizes,
-        })
+        publish_image_dir(
+            tmp,
+            dest,
+            {
+                "key": key,
+                "inputs": inputs,
+                "built_at": now_iso(),
+                "build_seconds": round(time.monotonic() - t0, 1),
+                "sizes": sizes,
+            },
+        )
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     progress(ctx, "image", f"built {dest} in {time.monotonic() - t0:.0f}s")
+
+
+def _copy_boot_files(root, tmp):
+    """Copy the built root's kernel and initrd out beside the disk (mode 644)."""
+    for link, prefix, out in (
+        ("vmlinuz", "vmlinuz", "vmlinuz"),
+        ("initrd.img", "initrd.img", "initrd.img"),
+    ):
+        src = find_boot_file(root, link, prefix)
+        if src is None:
+            raise InfraError("image", f"no /boot/{prefix}-* in the built root")
+        shutil.copyfile(src, tmp / out)
+        os.chmod(tmp / out, 0o644)
+
+
+def _make_disk(ctx, root, tmp):
+    """The built root as an ext4 filesystem (no partition table) in tmp/disk.qcow2."""
+    raw = tmp / "disk.raw"
+    with open(raw, "wb") as fh:
+        fh.truncate(size_bytes(IMAGE_DISK_SIZE))
+    run(
+        mkfs_argv(root, raw),
+        timeout=ctx.bounds["image-build"],
+        check=True,
+        stage="image",
+        cmdlog=ctx.cmdlog,
+    )
+    run(
+        qemu_img_convert_argv(raw, tmp / "disk.qcow2"),
+        timeout=ctx.bounds["image-build"],
+        check=True,
+        stage="image",
+        cmdlog=ctx.cmdlog,
+    )
+    raw.unlink()
 
 
 def publish_image_dir(tmp, dest, manifest):
@@ -1057,11 +1347,12 @@ def _download(url, dest, deadline, bound):
     def left():
         rest = deadline - time.monotonic()
         if rest <= 0:
-            raise InfraError("image", f"download of {url} exceeded BOMA_IT_TIMEOUT_DOWNLOAD "
-                             f"({bound:g}s)")
+            raise InfraError(
+                "image", f"download of {url} exceeded BOMA_IT_TIMEOUT_DOWNLOAD ({bound:g}s)"
+            )
         return rest
-    with urllib.request.urlopen(url, timeout=min(60.0, left())) as resp, \
-            open(dest, "wb") as fh:
+
+    with urllib.request.urlopen(url, timeout=min(60.0, left())) as resp, open(dest, "wb") as fh:
         while True:
             chunk = resp.read(1 << 20)
             left()
@@ -1098,9 +1389,16 @@ def fetch_image(ctx, key, dest):
         if h.hexdigest() != want:
             raise InfraError("image", "golden image SHA512 mismatch — deleted, refusing to use it")
         part.rename(tmp / "disk.qcow2")
-        publish_image_dir(tmp, dest, {
-            "key": key, "inputs": fetch_inputs(url), "built_at": now_iso(), "sha512": want,
-        })
+        publish_image_dir(
+            tmp,
+            dest,
+            {
+                "key": key,
+                "inputs": fetch_inputs(url),
+                "built_at": now_iso(),
+                "sha512": want,
+            },
+        )
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -1137,8 +1435,8 @@ def ensure_network(ctx):
 
 
 _LEASE_ROW = re.compile(
-    r"^\s*\S+\s+([0-9A-Fa-f]{2}(?::[0-9A-Fa-f]{2}){5})\s+ipv4\s+(\d+\.\d+\.\d+\.\d+)",
-    re.MULTILINE)
+    r"^\s*\S+\s+([0-9A-Fa-f]{2}(?::[0-9A-Fa-f]{2}){5})\s+ipv4\s+(\d+\.\d+\.\d+\.\d+)", re.MULTILINE
+)
 
 
 def parse_lease_ip(domifaddr_output, mac=None):
@@ -1166,15 +1464,37 @@ def parse_net_info(text):
     return info
 
 
-ACCEL_BAD_MARKERS = ("KVM internal error", "emulation failure", "Could not access KVM",
-                     "failed to initialize kvm", "failed to initialize KVM")
+ACCEL_BAD_MARKERS = (
+    "KVM internal error",
+    "emulation failure",
+    "Could not access KVM",
+    "failed to initialize kvm",
+    "failed to initialize KVM",
+)
 ACCEL_GOOD_MARKERS = ("VFS:", "Kernel panic", "Unable to mount root")
 
 
 def accel_probe_argv(kernel, qemu="qemu-system-x86_64"):
-    return [qemu, "-accel", "kvm", "-machine", "q35", "-cpu", "host", "-m", "256",
-            "-display", "none", "-serial", "stdio", "-no-reboot", "-kernel", str(kernel),
-            "-append", "console=ttyS0 panic=-1 root=/dev/nonexistent"]
+    return [
+        qemu,
+        "-accel",
+        "kvm",
+        "-machine",
+        "q35",
+        "-cpu",
+        "host",
+        "-m",
+        "256",
+        "-display",
+        "none",
+        "-serial",
+        "stdio",
+        "-no-reboot",
+        "-kernel",
+        str(kernel),
+        "-append",
+        "console=ttyS0 panic=-1 root=/dev/nonexistent",
+    ]
 
 
 def classify_accel_probe(output, timed_out=False, bound=None):
@@ -1207,6 +1527,7 @@ def kvm_dev_status(ctx):
         return False, False, f"{dev} absent"
     try:
         import grp
+
         kvm_gid = grp.getgrnam("kvm").gr_gid
         gname = grp.getgrgid(st.st_gid).gr_name
     except (KeyError, ImportError):
@@ -1240,8 +1561,12 @@ def probe_accel(ctx, kernel):
         host_kernels = sorted(pathlib.Path("/boot").glob("vmlinuz-*"))
         kernel = next((k for k in reversed(host_kernels) if os.access(k, os.R_OK)), None)
     cache_file = ctx.cache / "accel.json"
-    key = {"boot_id": host_boot_id(ctx), "kernel": str(kernel),
-           "size": kernel.stat().st_size if kernel else None, "dev": desc}
+    key = {
+        "boot_id": host_boot_id(ctx),
+        "kernel": str(kernel),
+        "size": kernel.stat().st_size if kernel else None,
+        "dev": desc,
+    }
     try:
         cached = json.loads(cache_file.read_text())
         if cached.get("key") == key:
@@ -1250,9 +1575,15 @@ def probe_accel(ctx, kernel):
         pass
     qemu = shutil.which("qemu-system-x86_64", path=ctx.environ.get("PATH"))
     if kernel is None or qemu is None:
-        verdict, reason = ("tcg", "not probed: no guest kernel yet (run `integration-vm "
-                                  "image`); a cycle probes KVM before it boots") \
-            if group_ok else ("tcg", f"{desc}: libvirt's qemu user cannot open it")
+        verdict, reason = (
+            (
+                "tcg",
+                "not probed: no guest kernel yet (run `integration-vm "
+                "image`); a cycle probes KVM before it boots",
+            )
+            if group_ok
+            else ("tcg", f"{desc}: libvirt's qemu user cannot open it")
+        )
     else:
         bound = ctx.bounds["accel-probe"]
         r = run(accel_probe_argv(kernel, qemu), timeout=bound, cmdlog=ctx.cmdlog)
@@ -1261,8 +1592,9 @@ def probe_accel(ctx, kernel):
             verdict, reason = "tcg", f"KVM works but {desc}: libvirt's qemu user cannot open it"
     try:
         ctx.cache.mkdir(parents=True, exist_ok=True)
-        cache_file.write_text(json.dumps({"key": key, "verdict": verdict, "reason": reason,
-                                          "at": now_iso()}) + "\n")
+        cache_file.write_text(
+            json.dumps({"key": key, "verdict": verdict, "reason": reason, "at": now_iso()}) + "\n"
+        )
     except OSError:
         pass
     return verdict, reason
@@ -1274,6 +1606,7 @@ def probe_accel(ctx, kernel):
 # A run is one VM: its state dir (run.json, owned paths), its NoCloud seed and overlay,
 # virt-install, the named waits (lease, TCP 22, SSH, cloud-init), and reboot_vm(), which
 # proves a reboot by a changed boot_id.
+
 
 def vm_name(host, suffix=None):
     suffix = suffix or uuid.uuid4().hex[:8]
@@ -1321,8 +1654,13 @@ class RunState:
         write_owned(self.dir / "run.json", json.dumps(self.data, indent=2, sort_keys=True) + "\n")
 
     def ssh(self, command, timeout, stage="ssh", input=None):
-        return run(ssh_argv(self.dir, self.domain, self.ip, command, port=self.ctx.ssh_port),
-                   timeout=timeout, stage=stage, cmdlog=self.ctx.cmdlog, input=input)
+        return run(
+            ssh_argv(self.dir, self.domain, self.ip, command, port=self.ctx.ssh_port),
+            timeout=timeout,
+            stage=stage,
+            cmdlog=self.ctx.cmdlog,
+            input=input,
+        )
 
 
 def owned_path(root, *parts):
@@ -1344,7 +1682,7 @@ def write_owned(path, text, mode=0o644):
     (O_EXCL|O_NOFOLLOW) renamed over `path` replaces a link instead of following it."""
     path = pathlib.Path(path)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.unlink(missing_ok=True)   # a crashed writer's (a link there is removed, not followed)
+    tmp.unlink(missing_ok=True)  # a crashed writer's (a link there is removed, not followed)
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, mode)
     try:
         with os.fdopen(fd, "w") as fh:
@@ -1363,14 +1701,16 @@ def run_data_problem(data, dirname):
         return "its name is not its directory's harness run name"
     if not isinstance(data.get("host"), str) or not re.fullmatch(HOST_RE, data["host"]):
         return "bad host"
-    if "domain" in data and not (isinstance(data["domain"], str)
-                                 and RUN_NAME_RE.fullmatch(data["domain"])):
+    if "domain" in data and not (
+        isinstance(data["domain"], str) and RUN_NAME_RE.fullmatch(data["domain"])
+    ):
         return "bad domain"
     for key in ("created_at", "state", "ip", "accel", "certs"):
         if data.get(key) is not None and not isinstance(data[key], str):
             return f"bad {key}"
-    if not isinstance(data.get("checkpoints_read", []), list) or \
-            not all(isinstance(k, str) for k in data.get("checkpoints_read", [])):
+    if not isinstance(data.get("checkpoints_read", []), list) or not all(
+        isinstance(k, str) for k in data.get("checkpoints_read", [])
+    ):
         return "bad checkpoints_read"
     return None
 
@@ -1409,18 +1749,24 @@ def select_run(ctx, run_name=None, host=None, live=True):
         for r in runs:
             if r.name == run_name:
                 return r
-        raise UsageError(f"no run {run_name!r} under {ctx.run_parent} "
-                         f"(runs: {', '.join(r.name for r in runs) or 'none'})")
+        raise UsageError(
+            f"no run {run_name!r} under {ctx.run_parent} "
+            f"(runs: {', '.join(r.name for r in runs) or 'none'})"
+        )
     cands = [r for r in runs if host is None or r.data.get("host") == host]
     if live:
         up_ = [r for r in cands if r.data.get("state") != "down"]
         cands = up_ or ([] if live == "required" else cands)
     if not cands:
-        raise UsageError("no run found" + (f" for host {host!r}" if host else "")
-                         + "; start one with `integration-vm up --host <name>`")
+        raise UsageError(
+            "no run found"
+            + (f" for host {host!r}" if host else "")
+            + "; start one with `integration-vm up --host <name>`"
+        )
     if host is None and len({r.data.get("host") for r in cands}) > 1:
-        raise UsageError("several runs exist; pass --host or --run "
-                         f"({', '.join(r.name for r in cands)})")
+        raise UsageError(
+            f"several runs exist; pass --host or --run ({', '.join(r.name for r in cands)})"
+        )
     return cands[-1]
 
 
@@ -1431,8 +1777,10 @@ def render_current(name, ip, host):
 
 def write_current(ctx, run_state):
     ctx.run_parent.mkdir(parents=True, exist_ok=True)
-    write_owned(ctx.run_parent / "current",
-                render_current(run_state.name, run_state.ip, run_state.data["host"]))
+    write_owned(
+        ctx.run_parent / "current",
+        render_current(run_state.name, run_state.ip, run_state.data["host"]),
+    )
 
 
 def render_meta_data(instance_id, hostname):
@@ -1462,8 +1810,12 @@ def render_user_data(ssh_pubkey, ansible_user, host_key_private=None, host_key_p
         "manage_etc_hosts: true",
     ]
     if host_key_private and host_key_public:
-        lines += ["ssh_deletekeys: true", "ssh_genkeytypes: [ed25519]", "ssh_keys:",
-                  "  ed25519_private: |"]
+        lines += [
+            "ssh_deletekeys: true",
+            "ssh_genkeytypes: [ed25519]",
+            "ssh_keys:",
+            "  ed25519_private: |",
+        ]
         lines += [f"    {ln}" for ln in host_key_private.strip().splitlines()]
         lines += [f"  ed25519_public: {host_key_public.strip()}"]
     return "\n".join(lines) + "\n"
@@ -1473,20 +1825,34 @@ def ssh_options(run_dir, alias, port=22):
     """Pinned-host-key SSH options (never StrictHostKeyChecking=no)."""
     run_dir = pathlib.Path(run_dir)
     return [
-        "-o", "BatchMode=yes",
-        "-o", "StrictHostKeyChecking=yes",
-        "-o", f"UserKnownHostsFile={run_dir / 'known_hosts'}",
-        "-o", "GlobalKnownHostsFile=/dev/null",
-        "-o", f"HostKeyAlias={alias}",
-        "-o", "CheckHostIP=no",
-        "-o", "IdentitiesOnly=yes",
-        "-o", "IdentityAgent=none",
-        "-i", str(run_dir / "id_ed25519"),
-        "-o", "ConnectTimeout=10",
-        "-o", "ServerAliveInterval=5",
-        "-o", "ServerAliveCountMax=3",
-        "-o", "LogLevel=ERROR",
-        "-p", str(port),
+        "-o",
+        "BatchMode=yes",
+        "-o",
+        "StrictHostKeyChecking=yes",
+        "-o",
+        f"UserKnownHostsFile={run_dir / 'known_hosts'}",
+        "-o",
+        "GlobalKnownHostsFile=/dev/null",
+        "-o",
+        f"HostKeyAlias={alias}",
+        "-o",
+        "CheckHostIP=no",
+        "-o",
+        "IdentitiesOnly=yes",
+        "-o",
+        "IdentityAgent=none",
+        "-i",
+        str(run_dir / "id_ed25519"),
+        "-o",
+        "ConnectTimeout=10",
+        "-o",
+        "ServerAliveInterval=5",
+        "-o",
+        "ServerAliveCountMax=3",
+        "-o",
+        "LogLevel=ERROR",
+        "-p",
+        str(port),
     ]
 
 
@@ -1504,8 +1870,18 @@ def ssh_keygen_argv(path, comment):
 
 
 def qemu_img_overlay_argv(golden, overlay):
-    return ["qemu-img", "create", "-q", "-f", "qcow2", "-F", "qcow2", "-b", str(golden),
-            str(overlay)]
+    return [
+        "qemu-img",
+        "create",
+        "-q",
+        "-f",
+        "qcow2",
+        "-F",
+        "qcow2",
+        "-b",
+        str(golden),
+        str(overlay),
+    ]
 
 
 def cloud_localds_argv(seed, user_data, meta_data):
@@ -1532,34 +1908,66 @@ def osinfo_for(ctx):
     cache = ctx.cache / "osinfo.json"
     try:
         cached = json.loads(cache.read_text())
-        if isinstance(cached, dict) and cached.get("key") == key and \
-                isinstance(cached.get("osinfo"), str):
+        if (
+            isinstance(cached, dict)
+            and cached.get("key") == key
+            and isinstance(cached.get("osinfo"), str)
+        ):
             return cached["osinfo"]
     except (OSError, ValueError, RecursionError):
         pass
-    osinfo = choose_osinfo(run(["virt-install", "--osinfo", "list"], timeout=60,
-                               cmdlog=ctx.cmdlog).stdout)
+    osinfo = choose_osinfo(
+        run(["virt-install", "--osinfo", "list"], timeout=60, cmdlog=ctx.cmdlog).stdout
+    )
     with contextlib.suppress(OSError):
         write_owned(cache, json.dumps({"key": key, "osinfo": osinfo}) + "\n")
     return osinfo
 
 
-def virt_install_argv(uri, name, mem_mib, vcpus, overlay, seed, mac, console_log,
-                      virt_type, osinfo, kernel=None, initrd=None, kernel_args=KERNEL_ARGS):
+def virt_install_argv(
+    uri,
+    name,
+    mem_mib,
+    vcpus,
+    overlay,
+    seed,
+    mac,
+    console_log,
+    virt_type,
+    osinfo,
+    kernel=None,
+    initrd=None,
+    kernel_args=KERNEL_ARGS,
+):
     """virt-install that PRINTS the domain XML (we add ownership metadata, then define):
     a domain never exists without the boma metadata that prune/status rely on."""
     argv = [
-        "virt-install", "--connect", uri, "--name", name,
-        "--memory", str(mem_mib), "--vcpus", str(vcpus), "--import",
-        "--disk", f"path={overlay},format=qcow2,bus=virtio",
-        "--disk", f"path={seed},format=raw,bus=virtio,readonly=on",
-        "--network", f"network={NET_NAME},model=virtio,mac={mac}",
-        "--osinfo", osinfo,
-        "--graphics", "none",
+        "virt-install",
+        "--connect",
+        uri,
+        "--name",
+        name,
+        "--memory",
+        str(mem_mib),
+        "--vcpus",
+        str(vcpus),
+        "--import",
+        "--disk",
+        f"path={overlay},format=qcow2,bus=virtio",
+        "--disk",
+        f"path={seed},format=raw,bus=virtio,readonly=on",
+        "--network",
+        f"network={NET_NAME},model=virtio,mac={mac}",
+        "--osinfo",
+        osinfo,
+        "--graphics",
+        "none",
         # A pty (so `virsh console` attaches) whose output virtlogd also writes to a file.
-        "--serial", f"pty,log.file={console_log}",
+        "--serial",
+        f"pty,log.file={console_log}",
         "--noautoconsole",
-        "--virt-type", virt_type,
+        "--virt-type",
+        virt_type,
     ]
     if kernel:
         # cmdline= is the canonical name (kernel_args= is an alias in virt-install 4/5).
@@ -1598,12 +2006,15 @@ def add_domain_metadata(domain_xml, metadata_xml):
     if "<metadata>" in domain_xml:
         return domain_xml.replace("<metadata>", f"<metadata>\n    {metadata_xml}", 1)
     if "<metadata/>" in domain_xml:
-        return domain_xml.replace("<metadata/>", f"<metadata>\n    {metadata_xml}\n  </metadata>", 1)
+        return domain_xml.replace(
+            "<metadata/>", f"<metadata>\n    {metadata_xml}\n  </metadata>", 1
+        )
     idx = domain_xml.rfind("</domain>")
     if idx < 0:
         raise InfraError("define", "virt-install --print-xml produced no <domain> XML")
-    return (domain_xml[:idx] + f"  <metadata>\n    {metadata_xml}\n  </metadata>\n"
-            + domain_xml[idx:])
+    return (
+        domain_xml[:idx] + f"  <metadata>\n    {metadata_xml}\n  </metadata>\n" + domain_xml[idx:]
+    )
 
 
 def domain_name_from_xml(domain_xml):
@@ -1633,49 +2044,123 @@ def create_run(ctx, profile, certs, accel, image, holder):
     host = profile["name"]
     name = vm_name(host)
     data = {
-        "name": name, "host": host, "profile": profile["path"], "certs": certs,
-        "accel": accel, "mac": make_mac(secrets.token_bytes(3)), "ip": None,
-        "created_at": now_iso(), "owner": owner_name(), "image": str(image.disk),
-        "image_key": image.key, "state": "creating", "boot_ids": [], "uri": ctx.uri,
-        "mem_mib": profile["mem_mib"], "vcpus": profile["vcpus"],
+        "name": name,
+        "host": host,
+        "profile": profile["path"],
+        "certs": certs,
+        "accel": accel,
+        "mac": make_mac(secrets.token_bytes(3)),
+        "ip": None,
+        "created_at": now_iso(),
+        "owner": owner_name(),
+        "image": str(image.disk),
+        "image_key": image.key,
+        "state": "creating",
+        "boot_ids": [],
+        "uri": ctx.uri,
+        "mem_mib": profile["mem_mib"],
+        "vcpus": profile["vcpus"],
     }
     rs = open_run(ctx, data, holder)
-    run(ssh_keygen_argv(rs.dir / "id_ed25519", f"boma-it client {name}"),
-        timeout=30, check=True, stage="keys", cmdlog=ctx.cmdlog)
-    run(ssh_keygen_argv(rs.dir / "ssh_host_ed25519_key", f"boma-it host {name}"),
-        timeout=30, check=True, stage="keys", cmdlog=ctx.cmdlog)
+    _write_keys_and_seed_data(ctx, rs, name)
+    overlay, seed = _create_disks(ctx, rs, image)
+    _define_domain(ctx, rs, profile, accel, image, overlay, seed)
+    return rs
+
+
+def _write_keys_and_seed_data(ctx, rs, name):
+    """The run's client key and the guest's host key (ssh-keygen), known_hosts pinning
+    that host key, and the NoCloud user-data/meta-data that carry both."""
+    run(
+        ssh_keygen_argv(rs.dir / "id_ed25519", f"boma-it client {name}"),
+        timeout=30,
+        check=True,
+        stage="keys",
+        cmdlog=ctx.cmdlog,
+    )
+    run(
+        ssh_keygen_argv(rs.dir / "ssh_host_ed25519_key", f"boma-it host {name}"),
+        timeout=30,
+        check=True,
+        stage="keys",
+        cmdlog=ctx.cmdlog,
+    )
     host_pub = (rs.dir / "ssh_host_ed25519_key.pub").read_text()
     (rs.dir / "known_hosts").write_text(known_hosts_line(name, host_pub))
-    (rs.dir / "user-data").write_text(render_user_data(
-        (rs.dir / "id_ed25519.pub").read_text(), ANSIBLE_USER,
-        host_key_private=(rs.dir / "ssh_host_ed25519_key").read_text(),
-        host_key_public=host_pub))
+    (rs.dir / "user-data").write_text(
+        render_user_data(
+            (rs.dir / "id_ed25519.pub").read_text(),
+            ANSIBLE_USER,
+            host_key_private=(rs.dir / "ssh_host_ed25519_key").read_text(),
+            host_key_public=host_pub,
+        )
+    )
     (rs.dir / "meta-data").write_text(render_meta_data(f"iid-{name}", name))
+
+
+def _create_disks(ctx, rs, image):
+    """The run's overlay on the golden image and its NoCloud seed, root-only (DISK_MODE);
+    -> (overlay, seed)."""
     overlay, seed = rs.disk_dir / "overlay.qcow2", rs.disk_dir / "seed.img"
     os.chmod(rs.disk_dir, 0o700)  # until the seed (a private key) is root-only
-    run(qemu_img_overlay_argv(image.disk, overlay), timeout=60, check=True, stage="boot",
-        cmdlog=ctx.cmdlog)
-    run(cloud_localds_argv(seed, rs.dir / "user-data", rs.dir / "meta-data"), timeout=60,
-        check=True, stage="boot", cmdlog=ctx.cmdlog)
+    run(
+        qemu_img_overlay_argv(image.disk, overlay),
+        timeout=60,
+        check=True,
+        stage="boot",
+        cmdlog=ctx.cmdlog,
+    )
+    run(
+        cloud_localds_argv(seed, rs.dir / "user-data", rs.dir / "meta-data"),
+        timeout=60,
+        check=True,
+        stage="boot",
+        cmdlog=ctx.cmdlog,
+    )
     for p in (overlay, seed):
         os.chmod(p, DISK_MODE)
     os.chmod(rs.disk_dir, 0o755)  # QEMU (not root) opens the disks by path
+    return overlay, seed
+
+
+def _define_domain(ctx, rs, profile, accel, image, overlay, seed):
+    """virt-install --print-xml for the run, checked and stamped with the ownership
+    metadata, saved as domain.xml and defined."""
+    data, name, host = rs.data, rs.name, profile["name"]
     osinfo = osinfo_for(ctx)
     with transient_pool(ctx, name, rs.disk_dir):
-        xml = run(virt_install_argv(
-            ctx.uri, name, profile["mem_mib"], profile["vcpus"], overlay, seed, data["mac"],
-            rs.console_log, "kvm" if accel == "kvm" else "qemu", osinfo,
-            kernel=image.kernel, initrd=image.initrd), timeout=120, check=True, stage="boot",
-            cmdlog=ctx.cmdlog).stdout
+        xml = run(
+            virt_install_argv(
+                ctx.uri,
+                name,
+                profile["mem_mib"],
+                profile["vcpus"],
+                overlay,
+                seed,
+                data["mac"],
+                rs.console_log,
+                "kvm" if accel == "kvm" else "qemu",
+                osinfo,
+                kernel=image.kernel,
+                initrd=image.initrd,
+            ),
+            timeout=120,
+            check=True,
+            stage="boot",
+            cmdlog=ctx.cmdlog,
+        ).stdout
     if domain_name_from_xml(xml) != name:
         raise InfraError("boot", "virt-install --print-xml returned XML for another domain")
-    xml = add_domain_metadata(xml, render_metadata_xml(
-        data["created_at"] + "/" + name, data["created_at"], host, data["owner"], host))
+    xml = add_domain_metadata(
+        xml,
+        render_metadata_xml(
+            data["created_at"] + "/" + name, data["created_at"], host, data["owner"], host
+        ),
+    )
     (rs.dir / "domain.xml").write_text(xml)
     data["state"] = "defined"
     rs.save()
     virsh(ctx, "define", rs.dir / "domain.xml", check=True, stage="boot")
-    return rs
 
 
 def wait_until(ctx, stage, bound, probe, what, rs=None):
@@ -1703,25 +2188,34 @@ def wait_domain_running(ctx, rs):
     def probe(_):
         r = virsh(ctx, "domstate", rs.domain)
         return r.returncode == 0 and r.stdout.strip() == "running"
-    wait_until(ctx, "domain-running", ctx.bounds["domain-running"], probe,
-               f"domain {rs.domain} to run", rs)
+
+    wait_until(
+        ctx, "domain-running", ctx.bounds["domain-running"], probe, f"domain {rs.domain} to run", rs
+    )
 
 
 def wait_lease(ctx, rs, stage="dhcp-lease"):
     def probe(_):
         r = virsh(ctx, "domifaddr", rs.domain, "--source", "lease")
         return parse_lease_ip(r.stdout, rs.data["mac"]) if r.returncode == 0 else None
-    ip = wait_until(ctx, stage, ctx.bounds["dhcp-lease"], probe,
-                    f"a DHCP lease for {rs.data['mac']}", rs)
+
+    ip = wait_until(
+        ctx, stage, ctx.bounds["dhcp-lease"], probe, f"a DHCP lease for {rs.data['mac']}", rs
+    )
     rs.data["ip"] = ip
     rs.save()
     return ip
 
 
 def wait_tcp22(ctx, rs, stage="tcp-22"):
-    wait_until(ctx, stage, ctx.bounds["tcp-22"],
-               lambda dl: tcp_open(rs.ip, ctx.ssh_port, min(5, dl - time.monotonic())),
-               f"TCP {rs.ip}:{ctx.ssh_port}", rs)
+    wait_until(
+        ctx,
+        stage,
+        ctx.bounds["tcp-22"],
+        lambda dl: tcp_open(rs.ip, ctx.ssh_port, min(5, dl - time.monotonic())),
+        f"TCP {rs.ip}:{ctx.ssh_port}",
+        rs,
+    )
 
 
 def wait_ssh(ctx, rs, stage="ssh-handshake", command="true", accept=None):
@@ -1733,12 +2227,22 @@ def wait_ssh(ctx, rs, stage="ssh-handshake", command="true", accept=None):
         r = rs.ssh(command, timeout=max(0.2, min(ctx.bounds["ssh-attempt"], left)))
         if r.returncode == 0 and (accept is None or accept(r.stdout)):
             return r.stdout or True
-        last["err"] = "attempt timed out" if r.timed_out else (
-            (r.stderr.strip().splitlines() or [f"exit {r.returncode}"])[-1])
+        last["err"] = (
+            "attempt timed out"
+            if r.timed_out
+            else ((r.stderr.strip().splitlines() or [f"exit {r.returncode}"])[-1])
+        )
         return None
+
     try:
-        return wait_until(ctx, stage, ctx.bounds[stage if stage in ctx.bounds else "ssh-handshake"],
-                          probe, f"SSH to {ANSIBLE_USER}@{rs.ip} ({command})", rs)
+        return wait_until(
+            ctx,
+            stage,
+            ctx.bounds[stage if stage in ctx.bounds else "ssh-handshake"],
+            probe,
+            f"SSH to {ANSIBLE_USER}@{rs.ip} ({command})",
+            rs,
+        )
     except InfraError as e:
         raise InfraError(e.stage, f"{e.msg}; last: {last['err']}") from None
 
@@ -1747,21 +2251,30 @@ def wait_cloud_init(ctx, rs):
     bound = ctx.bounds["cloud-init"]
     r = rs.ssh("cloud-init status --wait", timeout=bound, stage="cloud-init")
     if r.timed_out:
-        raise InfraError("cloud-init", f"`cloud-init status --wait` still running after "
-                         f"{bound:.0f}s; console log: {rs.console_log}")
+        raise InfraError(
+            "cloud-init",
+            f"`cloud-init status --wait` still running after "
+            f"{bound:.0f}s; console log: {rs.console_log}",
+        )
     if r.returncode == 2:
         progress(ctx, "boot", "cloud-init finished with recoverable errors")
     elif r.returncode != 0:
-        raise InfraError("cloud-init", f"cloud-init failed (exit {r.returncode}): "
-                         f"{(r.stdout + r.stderr).strip()[-300:]}")
+        raise InfraError(
+            "cloud-init",
+            f"cloud-init failed (exit {r.returncode}): {(r.stdout + r.stderr).strip()[-300:]}",
+        )
 
 
 def read_boot_id(ctx, rs, timeout=None):
-    r = rs.ssh("cat /proc/sys/kernel/random/boot_id",
-               timeout=timeout or ctx.bounds["ssh-command"], stage="ssh")
+    r = rs.ssh(
+        "cat /proc/sys/kernel/random/boot_id",
+        timeout=timeout or ctx.bounds["ssh-command"],
+        stage="ssh",
+    )
     if r.returncode != 0:
-        raise InfraError("ssh", f"could not read boot_id (exit {r.returncode}): "
-                         f"{r.stderr.strip()[-200:]}")
+        raise InfraError(
+            "ssh", f"could not read boot_id (exit {r.returncode}): {r.stderr.strip()[-200:]}"
+        )
     return r.stdout.strip()
 
 
@@ -1772,6 +2285,7 @@ def boot(ctx, rs):
     def reached(stage, msg):
         stages[stage] = round(time.monotonic() - t0, 1)
         progress(ctx, "boot", msg)
+
     virsh(ctx, "start", rs.domain, check=True, stage="domain-running")
     rs.data["state"] = "booting"
     rs.save()
@@ -1802,10 +2316,11 @@ def slow_boot_warnings(last_pass, reboots, factor=1.5, slack=15.0):
     out = []
     for prev, cur in zip(last_pass or [], reboots, strict=False):
         p, c = prev.get("seconds_to_running"), cur.get("seconds_to_running")
-        if prev.get("mode") == cur.get("mode") and p and c and \
-                c > p * factor and c - p > slack:
-            out.append(f"the {cur['mode']} reboot took {c:.0f}s to `running`, {c / p:.1f}x "
-                       f"the last passing run's {p:.0f}s (see reboot_diffs[].boot)")
+        if prev.get("mode") == cur.get("mode") and p and c and c > p * factor and c - p > slack:
+            out.append(
+                f"the {cur['mode']} reboot took {c:.0f}s to `running`, {c / p:.1f}x "
+                f"the last passing run's {p:.0f}s (see reboot_diffs[].boot)"
+            )
     return out
 
 
@@ -1819,16 +2334,22 @@ def note_boot_times(ctx, result, run_name):
         d = owned_path(ctx.cache, "boot-history")
         f = owned_path(d, f"{host}-{result.get('accel') or 'unknown'}.json")
         last = json.loads(f.read_text()) if f.is_file() else {}
-        for w in slow_boot_warnings(last.get("reboot_stages"), reboots,
-                                    ctx.settings["BOMA_IT_SLOW_BOOT_FACTOR"],
-                                    ctx.settings["BOMA_IT_SLOW_BOOT_SLACK"]):
+        for w in slow_boot_warnings(
+            last.get("reboot_stages"),
+            reboots,
+            ctx.settings["BOMA_IT_SLOW_BOOT_FACTOR"],
+            ctx.settings["BOMA_IT_SLOW_BOOT_SLACK"],
+        ):
             result.setdefault("warnings", []).append(w)
             print(f"integration-vm: warning: {w}", file=sys.stderr)
         if result.get("verdict") == "pass":
             d.mkdir(parents=True, exist_ok=True)
-            write_owned(f, json.dumps({"run": run_name, "at": now_iso(),
-                                       "reboot_stages": reboots}, indent=1) + "\n")
-    except (OSError, ValueError, HarnessError) as e:   # a note must not change the verdict
+            write_owned(
+                f,
+                json.dumps({"run": run_name, "at": now_iso(), "reboot_stages": reboots}, indent=1)
+                + "\n",
+            )
+    except (OSError, ValueError, HarnessError) as e:  # a note must not change the verdict
         print(f"integration-vm: warning: boot history: {e}", file=sys.stderr)
 
 
@@ -1846,39 +2367,71 @@ def reboot_vm(ctx, rs, mode="graceful", before=None):
         virsh(ctx, "start", rs.domain, check=True, stage="reboot")
     progress(ctx, f"reboot:{mode}", f"issued; old boot_id {before['boot_id'][:8]}")
     issued = time.monotonic()
-    deadline = issued + ctx.bounds["reboot"]
-
-    def new_boot(_):
-        left = deadline - time.monotonic()
-        r = rs.ssh("cat /proc/sys/kernel/random/boot_id",
-                   timeout=max(0.2, min(ctx.bounds["ssh-attempt"], left)))
-        bid = r.stdout.strip() if r.returncode == 0 else None
-        return bid if bid and bid != before["boot_id"] else None
-    try:
-        wait_lease(ctx, rs, stage="reboot")
-        new_id = wait_until(ctx, "reboot", max(0.0, deadline - time.monotonic()), new_boot,
-                            "a new boot_id over SSH", rs)
-    except InfraError as e:
-        raise InfraError("reboot", f"{e.msg} (boot_id before: {before['boot_id']}; the guest "
-                         "did not come back from a new boot)") from None
+    new_id = _wait_new_boot(ctx, rs, before, issued)
     to_ssh = round(time.monotonic() - issued, 1)
     bound = ctx.bounds["system-running"]
     r = rs.ssh("systemctl is-system-running --wait", timeout=bound)
     sysstate = r.stdout.strip() or ("timeout" if r.timed_out else "unknown")
     to_running = round(time.monotonic() - issued, 1)
     if sysstate not in ("running", "degraded"):
-        raise InfraError("reboot", f"system state {sysstate!r} after {bound:.0f}s "
-                         f"(`systemctl is-system-running --wait`); console log: {rs.console_log}")
+        raise InfraError(
+            "reboot",
+            f"system state {sysstate!r} after {bound:.0f}s "
+            f"(`systemctl is-system-running --wait`); console log: {rs.console_log}",
+        )
     after = capture_state(ctx, rs, boot_id=new_id)
     rs.data["boot_ids"].append(new_id)
     rs.data.setdefault("reboots", []).append(
-        {"mode": mode, "system_state": sysstate, "failed_units": after["failed_units"],
-         "seconds_to_ssh": to_ssh, "seconds_to_running": to_running})
+        {
+            "mode": mode,
+            "system_state": sysstate,
+            "failed_units": after["failed_units"],
+            "seconds_to_ssh": to_ssh,
+            "seconds_to_running": to_running,
+        }
+    )
     rs.save()
-    progress(ctx, f"reboot:{mode}", f"new boot_id {new_id[:8]} over SSH after {to_ssh}s, "
-             f"system {sysstate} after {to_running}s"
-             + (f", failed units: {', '.join(after['failed_units'])}" if after["failed_units"] else ""))
+    progress(
+        ctx,
+        f"reboot:{mode}",
+        f"new boot_id {new_id[:8]} over SSH after {to_ssh}s, "
+        f"system {sysstate} after {to_running}s"
+        + (f", failed units: {', '.join(after['failed_units'])}" if after["failed_units"] else ""),
+    )
     return before, after
+
+
+def _wait_new_boot(ctx, rs, before, issued):
+    """After a reboot issued at `issued`: the lease again, then a boot_id over SSH other
+    than `before`'s, within the reboot bound; -> the new boot_id."""
+    deadline = issued + ctx.bounds["reboot"]
+
+    def new_boot(_):
+        left = deadline - time.monotonic()
+        r = rs.ssh(
+            "cat /proc/sys/kernel/random/boot_id",
+            timeout=max(0.2, min(ctx.bounds["ssh-attempt"], left)),
+        )
+        bid = r.stdout.strip() if r.returncode == 0 else None
+        return bid if bid and bid != before["boot_id"] else None
+
+    try:
+        wait_lease(ctx, rs, stage="reboot")
+        new_id = wait_until(
+            ctx,
+            "reboot",
+            max(0.0, deadline - time.monotonic()),
+            new_boot,
+            "a new boot_id over SSH",
+            rs,
+        )
+    except InfraError as e:
+        raise InfraError(
+            "reboot",
+            f"{e.msg} (boot_id before: {before['boot_id']}; the guest "
+            "did not come back from a new boot)",
+        ) from None
+    return new_id
 
 
 # --------------------------------------------------------------------------------------
@@ -1930,7 +2483,7 @@ units=$(awk '$1 !~ /@\.service$/ {print $1}' "$o")
 if [ -n "$units" ]; then sec enabled_active systemctl is-active $units; fi
 exit 0
 """
-CAPTURE_COMMANDS = 14           # upper bound of `timeout`-bounded commands in the script
+CAPTURE_COMMANDS = 14  # upper bound of `timeout`-bounded commands in the script
 
 # iptables-nft's tables (Docker's): their rules are compared per chain as a multiset,
 # because Docker rebuilds them at start in an order that follows its network restore
@@ -1942,8 +2495,9 @@ _NFT_VERDICTS = ("accept", "drop", "continue", "return", "queue", "masquerade", 
 
 
 def render_capture_script(nonce, command_bound):
-    return (CAPTURE_SCRIPT.replace("@NONCE@", nonce)
-            .replace("@BOUND@", str(max(1, int(round(command_bound))))))
+    return CAPTURE_SCRIPT.replace("@NONCE@", nonce).replace(
+        "@BOUND@", str(max(1, int(round(command_bound))))
+    )
 
 
 def parse_capture_output(text, nonce):
@@ -1953,13 +2507,16 @@ def parse_capture_output(text, nonce):
     sections, name, body = {}, None, []
     for line in (text or "").splitlines():
         if line.startswith(marker):
-            parts = line[len(marker):].split(" ", 3)
+            parts = line[len(marker) :].split(" ", 3)
             if parts[0] == "begin" and len(parts) > 1:
                 name, body = parts[1], []
             elif parts[0] == "end" and len(parts) > 2 and parts[1] == name:
                 rc = int(parts[2]) if parts[2].lstrip("-").isdigit() else None
-                sections[name] = {"rc": rc, "out": "\n".join(body).strip("\n"),
-                                  "err": (parts[3] if len(parts) > 3 else "").strip()}
+                sections[name] = {
+                    "rc": rc,
+                    "out": "\n".join(body).strip("\n"),
+                    "err": (parts[3] if len(parts) > 3 else "").strip(),
+                }
                 name = None
             continue
         if name is not None:
@@ -2005,15 +2562,17 @@ def nft_expr_text(x):
     if isinstance(x, str):
         return x if x and re.fullmatch(r"[^\s{}\",]+", x) else json.dumps(x)
     if isinstance(x, list):
-        elems = sorted((nft_expr_text(v) for v in x),
-                       key=lambda t: (0, int(t), "") if t.isdigit() else (1, 0, t))
+        elems = sorted(
+            (nft_expr_text(v) for v in x),
+            key=lambda t: (0, int(t), "") if t.isdigit() else (1, 0, t),
+        )
         return "{ " + ", ".join(elems) + " }"
     if not isinstance(x, dict):
         return _canon_json(x)
     x = _strip_nft_volatile(x)
     if len(x) != 1:
         return " ".join(f"{k} {nft_expr_text(v)}" for k, v in sorted(x.items()))
-    (k, v), = x.items()
+    ((k, v),) = x.items()
     return _nft_keyed_text(k, v)
 
 
@@ -2060,7 +2619,8 @@ def _nft_keyed_text(k, v):
             to += f":{nft_expr_text(v['port'])}"
         extra = {a: b for a, b in v.items() if a not in ("addr", "port", "family")}
         return (f"{k} {v['family']} to {to}" if v.get("family") else f"{k} to {to}") + (
-            f" {_canon_json(extra)}" if extra else "")
+            f" {_canon_json(extra)}" if extra else ""
+        )
     if k == "xt" and isinstance(v, dict):
         return f"xt {v.get('type', '')} {v.get('name', '')}".strip()
     if isinstance(v, dict) and not v:
@@ -2143,10 +2703,15 @@ def parse_nft_text_rules(text):
         if line.endswith("{"):
             stack.append(("other",))
             continue
-        if len(stack) == 2 and stack[1][0] == "chain" and not line.endswith(";") \
-                and not line.startswith("comment "):
+        if (
+            len(stack) == 2
+            and stack[1][0] == "chain"
+            and not line.endswith(";")
+            and not line.startswith("comment ")
+        ):
             rules[(stack[0][1], stack[0][2], stack[1][1])].append(
-                re.sub(r"counter packets \d+ bytes \d+", "counter", line))
+                re.sub(r"counter packets \d+ bytes \d+", "counter", line)
+            )
             continue
         pending = max(0, line.count("{") - line.count("}"))
     return rules
@@ -2180,7 +2745,7 @@ def normalise_nft_json(text, container_ips=None, ruleset_text=None):
     for item in items:
         if not isinstance(item, dict) or len(item) != 1:
             continue
-        (kind, obj), = item.items()
+        ((kind, obj),) = item.items()
         if kind == "metainfo" or not isinstance(obj, dict):
             continue
         obj = _strip_nft_volatile(obj)
@@ -2199,7 +2764,8 @@ def normalise_nft_json(text, container_ips=None, ruleset_text=None):
         else:
             order = 0 if kind == "chain" else 1
             objects.setdefault(tkey, []).append(
-                (order, str(obj.get("name", "")), kind, _nft_object_line(kind, obj)))
+                (order, str(obj.get("name", "")), kind, _nft_object_line(kind, obj))
+            )
     return _nft_ordered_lines(tables, objects, rules)
 
 
@@ -2221,8 +2787,9 @@ def _nft_rule_line(ckey, obj, pos, listed, json_count):
     fam, table, chain = ckey
     if _has_xt(obj.get("expr")) and listed and len(listed) == json_count:
         return f"rule {fam} {table} {chain}: {listed[pos]}"
-    line = (f"rule {fam} {table} {chain}: "
-            + " ".join(t for t in (nft_expr_text(e) for e in obj.get("expr", [])) if t))
+    line = f"rule {fam} {table} {chain}: " + " ".join(
+        t for t in (nft_expr_text(e) for e in obj.get("expr", [])) if t
+    )
     if obj.get("comment"):
         line += f" comment {json.dumps(obj['comment'])}"
     return line
@@ -2237,8 +2804,11 @@ def _nft_ordered_lines(tables, objects, rules):
         xtables = tkey[0] in XTABLES_FAMILIES and tkey[1] in XTABLES_TABLES
         chains = sorted(objects.get(tkey, []))
         seen = {o[1] for o in chains if o[2] == "chain"}
-        chains += [(0, c, "chain", f"chain {tkey[0]} {tkey[1]} {c}")
-                   for (t, c) in sorted(rules) if t == tkey and c not in seen]
+        chains += [
+            (0, c, "chain", f"chain {tkey[0]} {tkey[1]} {c}")
+            for (t, c) in sorted(rules)
+            if t == tkey and c not in seen
+        ]
         for _order, name, kind, line in sorted(chains):
             lines.append(line)
             if kind == "chain":
@@ -2286,8 +2856,19 @@ def normalise_listeners(text, port_range=(32768, 60999), own_ips=()):
         if len(f) < 5:
             continue
         proto = "tcp"
-        if f[0] in ("tcp", "udp", "raw", "sctp", "u_str", "u_dgr", "u_seq", "p_raw",
-                    "p_dgr", "nl", "mptcp"):
+        if f[0] in (
+            "tcp",
+            "udp",
+            "raw",
+            "sctp",
+            "u_str",
+            "u_dgr",
+            "u_seq",
+            "p_raw",
+            "p_dgr",
+            "nl",
+            "mptcp",
+        ):
             proto, f = f[0], f[1:]
         if len(f) < 5:
             continue
@@ -2305,16 +2886,24 @@ def normalise_listeners(text, port_range=(32768, 60999), own_ips=()):
 
 def parse_failed_units(text):
     """`systemctl --failed --plain --no-legend` -> sorted unit names."""
-    return sorted({ln.split()[0] for ln in (text or "").splitlines()
-                   if ln.split() and not ln.startswith(("0 loaded", "UNIT"))})
+    return sorted(
+        {
+            ln.split()[0]
+            for ln in (text or "").splitlines()
+            if ln.split() and not ln.startswith(("0 loaded", "UNIT"))
+        }
+    )
 
 
 def pair_enabled_active(units_text, states_text):
     """`systemctl list-unit-files --state=enabled --type=service --no-legend` +
     `systemctl is-active <those units>` (one state per line, same order; template units
     `x@.service` are left out of both) -> sorted `<unit> <state>` lines."""
-    units = [ln.split()[0] for ln in (units_text or "").splitlines()
-             if ln.split() and not ln.split()[0].endswith("@.service")]
+    units = [
+        ln.split()[0]
+        for ln in (units_text or "").splitlines()
+        if ln.split() and not ln.split()[0].endswith("@.service")
+    ]
     states = [ln.strip() for ln in (states_text or "").splitlines() if ln.strip()]
     if len(units) != len(states):
         return [f"! services: {len(units)} enabled units but {len(states)} states"]
@@ -2325,51 +2914,70 @@ def normalise_capture(sections, own_ips=()):
     """Parsed capture sections -> {"categories": {category: [lines]}, "boot_id",
     "nft_text", "port_range"}. A command that failed becomes one `! ...` line in its
     category (so it shows in the diff instead of silently comparing empty lists)."""
+
     def ok(name):
         s = sections.get(name)
         return s if s is not None and s["rc"] == 0 else None
 
     cats = {}
-    s = ok("nft_json")
-    if s is None:
-        cats["nft"] = [_capture_error("nft -j list ruleset", sections.get("nft_json"))]
-    else:
-        try:
-            text = sections.get("nft_text") or {}
-            cats["nft"] = normalise_nft_json(
-                s["out"] or '{"nftables": []}',
-                parse_container_ips((sections.get("containers") or {}).get("out")),
-                text.get("out") if text.get("rc") == 0 else None)
-        except (ValueError, AttributeError, TypeError) as e:
-            cats["nft"] = [f"! nft -j list ruleset: unparsable output ({e})"]
+    cats["nft"] = _nft_lines(sections, ok("nft_json"))
     s = ok("docker")
-    cats["ports"] = (normalise_docker_ports(s["out"]) if s is not None
-                     else [_capture_error("docker ps", sections.get("docker"))])
+    cats["ports"] = (
+        normalise_docker_ports(s["out"])
+        if s is not None
+        else [_capture_error("docker ps", sections.get("docker"))]
+    )
     pr = parse_port_range((sections.get("port_range") or {}).get("out"))
     s = ok("sockets")
-    cats["sockets"] = (normalise_listeners(s["out"], pr, own_ips) if s is not None
-                       else [_capture_error("ss -tulnp", sections.get("sockets"))])
+    cats["sockets"] = (
+        normalise_listeners(s["out"], pr, own_ips)
+        if s is not None
+        else [_capture_error("ss -tulnp", sections.get("sockets"))]
+    )
     s = ok("failed_units")
     cats["failed_units"] = (
-        parse_failed_units(s["out"]) if s is not None
-        else [_capture_error("systemctl --failed", sections.get("failed_units"))])
-    s = ok("enabled_units")
-    if s is None:
-        cats["services"] = [_capture_error("systemctl list-unit-files",
-                                           sections.get("enabled_units"))]
-    else:
-        # is-active exits nonzero when any unit is inactive: its rc is not an error.
-        act = sections.get("enabled_active")
-        if act is not None and act["rc"] in (None, 124):
-            cats["services"] = [_capture_error("systemctl is-active", act)]
-        else:
-            cats["services"] = pair_enabled_active(s["out"], (act or {}).get("out", ""))
+        parse_failed_units(s["out"])
+        if s is not None
+        else [_capture_error("systemctl --failed", sections.get("failed_units"))]
+    )
+    cats["services"] = _services_lines(sections, ok("enabled_units"))
     nft_text = sections.get("nft_text") or {}
-    return {"categories": cats, "boot": boot_analysis(sections),
-            "boot_id": ((sections.get("boot_id") or {}).get("out") or "").strip() or None,
-            "nft_text": nft_text.get("out", "") if nft_text.get("rc") == 0
-            else _capture_error("nft list ruleset", sections.get("nft_text")),
-            "port_range": list(pr)}
+    return {
+        "categories": cats,
+        "boot": boot_analysis(sections),
+        "boot_id": ((sections.get("boot_id") or {}).get("out") or "").strip() or None,
+        "nft_text": nft_text.get("out", "")
+        if nft_text.get("rc") == 0
+        else _capture_error("nft list ruleset", sections.get("nft_text")),
+        "port_range": list(pr),
+    }
+
+
+def _nft_lines(sections, s):
+    """normalise_capture's nft category from the nft_json section `s` (None: it failed)."""
+    if s is None:
+        return [_capture_error("nft -j list ruleset", sections.get("nft_json"))]
+    try:
+        text = sections.get("nft_text") or {}
+        return normalise_nft_json(
+            s["out"] or '{"nftables": []}',
+            parse_container_ips((sections.get("containers") or {}).get("out")),
+            text.get("out") if text.get("rc") == 0 else None,
+        )
+    except (ValueError, AttributeError, TypeError) as e:
+        return [f"! nft -j list ruleset: unparsable output ({e})"]
+
+
+def _services_lines(sections, s):
+    """normalise_capture's services category from the enabled_units section `s` (None: it
+    failed) and the enabled_active one."""
+    if s is None:
+        return [_capture_error("systemctl list-unit-files", sections.get("enabled_units"))]
+    # is-active exits nonzero when any unit is inactive: its rc is not an error.
+    act = sections.get("enabled_active")
+    if act is not None and act["rc"] in (None, 124):
+        return [_capture_error("systemctl is-active", act)]
+    return pair_enabled_active(s["out"], (act or {}).get("out", ""))
 
 
 # Where a boot's time went (issue 13): systemd-analyze's own figures, kept beside each
@@ -2419,14 +3027,24 @@ def parse_blame(text, top=5):
 
 def boot_analysis(sections):
     """The capture's systemd-analyze sections -> {"startup", "blame_top", "text"}."""
+
     def out(name):
         s = sections.get(name) or {}
         return s.get("out", "") if s.get("rc") == 0 else ""
-    text = "\n\n".join(f"$ systemd-analyze {cmd}\n{out(name) or '(not available)'}"
-                        for name, cmd in (("boot_time", "time"), ("boot_blame", "blame"),
-                                          ("boot_chain", "critical-chain")))
-    return {"startup": parse_analyze_time(out("boot_time")),
-            "blame_top": parse_blame(out("boot_blame")), "text": text + "\n"}
+
+    text = "\n\n".join(
+        f"$ systemd-analyze {cmd}\n{out(name) or '(not available)'}"
+        for name, cmd in (
+            ("boot_time", "time"),
+            ("boot_blame", "blame"),
+            ("boot_chain", "critical-chain"),
+        )
+    )
+    return {
+        "startup": parse_analyze_time(out("boot_time")),
+        "blame_top": parse_blame(out("boot_blame")),
+        "text": text + "\n",
+    }
 
 
 def diff_lines(before, after):
@@ -2481,11 +3099,16 @@ def classify_diff(diff, spec, errors=None):
     tolerated, unexpected = [], []
     for cat in REBOOT_DIFF_CATEGORIES:
         d = diff.get(cat, {})
-        entries = [(f"{cat}: {sign} {line}", line) for sign, key in (("-", "removed"),
-                                                                      ("+", "added"))
-                   for line in d.get(key, [])]
-        entries += [(f"{cat}: {line}", line) for line in (errors or {}).get(cat, [])
-                    if line not in d.get("removed", []) and line not in d.get("added", [])]
+        entries = [
+            (f"{cat}: {sign} {line}", line)
+            for sign, key in (("-", "removed"), ("+", "added"))
+            for line in d.get(key, [])
+        ]
+        entries += [
+            (f"{cat}: {line}", line)
+            for line in (errors or {}).get(cat, [])
+            if line not in d.get("removed", []) and line not in d.get("added", [])
+        ]
         for entry, line in entries:
             (tolerated if any(p.search(line) for p in pats[cat]) else unexpected).append(entry)
     return tolerated, unexpected
@@ -2498,26 +3121,33 @@ def check_tolerance_spec(value, where):
     else:
         unknown = sorted(set(value) - set(REBOOT_DIFF_CATEGORIES))
         if unknown:
-            raise UsageError(f"{where}: key 'reboot_diff_tolerate' has unknown categories "
-                             f"{unknown} (known: {', '.join(REBOOT_DIFF_CATEGORIES)})")
+            raise UsageError(
+                f"{where}: key 'reboot_diff_tolerate' has unknown categories "
+                f"{unknown} (known: {', '.join(REBOOT_DIFF_CATEGORIES)})"
+            )
         groups = value
     for cat, pats in groups.items():
         if not isinstance(pats, list) or not all(isinstance(p, str) and p for p in pats):
-            raise UsageError(f"{where}: key 'reboot_diff_tolerate' entries must be lists of "
-                             f"non-empty regex strings (category {cat!r})")
+            raise UsageError(
+                f"{where}: key 'reboot_diff_tolerate' entries must be lists of "
+                f"non-empty regex strings (category {cat!r})"
+            )
         for p in pats:
             try:
                 re.compile(p)
             except re.error as e:
-                raise UsageError(f"{where}: key 'reboot_diff_tolerate' has an invalid regex "
-                                 f"{p!r}: {e}") from None
+                raise UsageError(
+                    f"{where}: key 'reboot_diff_tolerate' has an invalid regex {p!r}: {e}"
+                ) from None
 
 
 def render_state_diff(before, after, diff, tolerated, unexpected, mode, index, note=""):
     """diff.txt: a header, the verdict lines, then a unified diff per category."""
-    out = [f"reboot {index} ({mode}): boot_id {before.get('boot_id') or '?'} -> "
-           f"{after.get('boot_id') or '?'}",
-           f"before: {before.get('at', '?')}   after: {after.get('at', '?')}"]
+    out = [
+        f"reboot {index} ({mode}): boot_id {before.get('boot_id') or '?'} -> "
+        f"{after.get('boot_id') or '?'}",
+        f"before: {before.get('at', '?')}   after: {after.get('at', '?')}",
+    ]
     if note:
         out.append(note)
     out.append("")
@@ -2533,20 +3163,31 @@ def render_state_diff(before, after, diff, tolerated, unexpected, mode, index, n
         d = diff.get(cat, {"removed": [], "added": []})
         out += ["", f"== {cat}: {len(d['removed'])} removed, {len(d['added'])} added =="]
         if d["removed"] or d["added"]:
-            out += list(difflib.unified_diff(
-                before["categories"].get(cat, []), after["categories"].get(cat, []),
-                f"before/{cat}.json", f"after/{cat}.json", lineterm="", n=3))
+            out += list(
+                difflib.unified_diff(
+                    before["categories"].get(cat, []),
+                    after["categories"].get(cat, []),
+                    f"before/{cat}.json",
+                    f"after/{cat}.json",
+                    lineterm="",
+                    n=3,
+                )
+            )
     return "\n".join(out) + "\n"
 
 
 def reboot_diff_summary(mode, index, diff, tolerated, unexpected, directory):
     return {
-        "index": index, "mode": mode,
+        "index": index,
+        "mode": mode,
         "changed": any(d["removed"] or d["added"] for d in diff.values()),
-        "categories": {c: {"added": len(d["added"]), "removed": len(d["removed"])}
-                       for c, d in diff.items()},
-        "tolerated": tolerated, "unexpected": unexpected,
-        "dir": str(directory), "diff": str(pathlib.Path(directory) / "diff.txt"),
+        "categories": {
+            c: {"added": len(d["added"]), "removed": len(d["removed"])} for c, d in diff.items()
+        },
+        "tolerated": tolerated,
+        "unexpected": unexpected,
+        "dir": str(directory),
+        "diff": str(pathlib.Path(directory) / "diff.txt"),
     }
 
 
@@ -2558,18 +3199,26 @@ def capture_state(ctx, rs, boot_id=None):
     No usable answer -> InfraError('reboot')."""
     nonce = secrets.token_hex(6)
     per = ctx.bounds["diag-command"]
-    r = rs.ssh("sudo -n sh -s", timeout=ctx.bounds["ssh-command"] + per * CAPTURE_COMMANDS,
-               stage="reboot", input=render_capture_script(nonce, per))
+    r = rs.ssh(
+        "sudo -n sh -s",
+        timeout=ctx.bounds["ssh-command"] + per * CAPTURE_COMMANDS,
+        stage="reboot",
+        input=render_capture_script(nonce, per),
+    )
     sections = parse_capture_output(r.stdout, nonce)
     if r.returncode != 0 or "boot_id" not in sections:
-        why = "timed out" if r.timed_out else (
-            (r.stderr.strip().splitlines() or [f"exit {r.returncode}"])[-1])
+        why = (
+            "timed out"
+            if r.timed_out
+            else ((r.stderr.strip().splitlines() or [f"exit {r.returncode}"])[-1])
+        )
         raise InfraError("reboot", f"could not capture the guest's state over SSH ({why})")
     state = normalise_capture(sections, own_ips=[rs.ip] if rs.ip else [])
     state["boot_id"] = boot_id or state["boot_id"]
     state["at"] = now_iso()
-    state["failed_units"] = [u for u in state["categories"]["failed_units"]
-                             if not u.startswith("!")]
+    state["failed_units"] = [
+        u for u in state["categories"]["failed_units"] if not u.startswith("!")
+    ]
     state["raw"] = r.stdout
     state["seconds"] = round(r.seconds, 1)
     return state
@@ -2581,7 +3230,9 @@ def write_capture(d, state):
     d.mkdir(parents=True, exist_ok=True)
     (d / "nft-ruleset.txt").write_text(state.get("nft_text", "").rstrip("\n") + "\n")
     for cat in REBOOT_DIFF_CATEGORIES:
-        (d / f"{cat}.json").write_text(json.dumps(state["categories"].get(cat, []), indent=1) + "\n")
+        (d / f"{cat}.json").write_text(
+            json.dumps(state["categories"].get(cat, []), indent=1) + "\n"
+        )
     (d / "capture-raw.txt").write_text(state.get("raw", ""))
     if state.get("boot"):
         (d / "boot-analysis.txt").write_text(state["boot"]["text"])
@@ -2600,27 +3251,19 @@ def reboot_diff(ctx, rs, profile, mode, before, after, result=None, policy="fail
     d = rs.diag_dir / f"reboot-{index}-{mode}"
     diff = diff_state(before["categories"], after["categories"])
     tolerated, unexpected = classify_diff(
-        diff, spec, capture_errors(before["categories"], after["categories"]))
+        diff, spec, capture_errors(before["categories"], after["categories"])
+    )
     note = ""
     settle = ctx.bounds["reboot-settle"]
     if unexpected and settle > 0:
-        progress(ctx, f"reboot-diff:{mode}", f"{len(unexpected)} unexpected difference(s); "
-                 f"capturing again in {settle:g}s in case the guest is still settling")
-        time.sleep(settle)
-        write_capture(d / "after-first", after)
-        early = unexpected
-        after = capture_state(ctx, rs)
-        diff = diff_state(before["categories"], after["categories"])
-        tolerated, unexpected = classify_diff(
-            diff, spec, capture_errors(before["categories"], after["categories"]))
-        gone = [u for u in early if u not in unexpected]
-        note = (f"captured twice after the boot ({settle:g}s apart; the first is in "
-                f"after-first/); gone by the second capture: {len(gone)}"
-                + "".join(f"\n  {g}" for g in gone))
+        after, diff, tolerated, unexpected, note = _recapture(
+            ctx, rs, mode, spec, d, before, after, unexpected
+        )
     write_capture(d / "before", before)
     write_capture(d / "after", after)
-    (d / "diff.txt").write_text(render_state_diff(before, after, diff, tolerated, unexpected,
-                                                  mode, index, note))
+    (d / "diff.txt").write_text(
+        render_state_diff(before, after, diff, tolerated, unexpected, mode, index, note)
+    )
     summary = reboot_diff_summary(mode, index, diff, tolerated, unexpected, d)
     summary["recaptured"] = bool(note)
     summary["capture_seconds"] = {"before": before.get("seconds"), "after": after.get("seconds")}
@@ -2629,24 +3272,72 @@ def reboot_diff(ctx, rs, profile, mode, before, after, result=None, policy="fail
     if result is not None:
         result.setdefault("reboot_diffs", []).append(summary)
     if rs.data.get("reboots"):
-        rs.data["reboots"][-1]["diff"] = {"changed": summary["changed"],
-                                          "unexpected": len(unexpected), "dir": str(d)}
+        rs.data["reboots"][-1]["diff"] = {
+            "changed": summary["changed"],
+            "unexpected": len(unexpected),
+            "dir": str(d),
+        }
         rs.save()
     if not unexpected:
-        progress(ctx, f"reboot-diff:{mode}", ("no differences" if not summary["changed"] else
-                                              f"{len(tolerated)} tolerated difference(s)")
-                 + f"; {d}")
+        progress(
+            ctx,
+            f"reboot-diff:{mode}",
+            (
+                "no differences"
+                if not summary["changed"]
+                else f"{len(tolerated)} tolerated difference(s)"
+            )
+            + f"; {d}",
+        )
         return summary
+    _unexpected_found(ctx, mode, d, unexpected, summary, policy)
+    return summary
+
+
+def _recapture(ctx, rs, mode, spec, d, before, after, unexpected):
+    """reboot_diff's second look: after reboot-settle seconds, capture again (the first
+    after-capture kept in after-first/) and classify anew; -> (after, diff, tolerated,
+    unexpected, note)."""
+    settle = ctx.bounds["reboot-settle"]
+    progress(
+        ctx,
+        f"reboot-diff:{mode}",
+        f"{len(unexpected)} unexpected difference(s); "
+        f"capturing again in {settle:g}s in case the guest is still settling",
+    )
+    time.sleep(settle)
+    write_capture(d / "after-first", after)
+    early = unexpected
+    after = capture_state(ctx, rs)
+    diff = diff_state(before["categories"], after["categories"])
+    tolerated, unexpected = classify_diff(
+        diff, spec, capture_errors(before["categories"], after["categories"])
+    )
+    gone = [u for u in early if u not in unexpected]
+    note = (
+        f"captured twice after the boot ({settle:g}s apart; the first is in "
+        f"after-first/); gone by the second capture: {len(gone)}"
+        + "".join(f"\n  {g}" for g in gone)
+    )
+    return after, diff, tolerated, unexpected, note
+
+
+def _unexpected_found(ctx, mode, d, unexpected, summary, policy):
+    """Unexpected differences remain: VerifyFailed('reboot-diff') under policy fail, else
+    a warning line and summary['warning']."""
     shown = unexpected[:20]
-    msg = (f"{len(unexpected)} unexpected difference(s) across the {mode} reboot: "
-           + "; ".join(shown) + (f"; ... {len(unexpected) - 20} more" if len(unexpected) > 20
-                                 else "") + f" (diff: {d / 'diff.txt'})")
+    msg = (
+        f"{len(unexpected)} unexpected difference(s) across the {mode} reboot: "
+        + "; ".join(shown)
+        + (f"; ... {len(unexpected) - 20} more" if len(unexpected) > 20 else "")
+        + f" (diff: {d / 'diff.txt'})"
+    )
     if policy == "fail":
-        raise VerifyFailed("reboot-diff", msg, shown, detail="\n".join(unexpected)
-                           + f"\n\ndiff: {d / 'diff.txt'}")
+        raise VerifyFailed(
+            "reboot-diff", msg, shown, detail="\n".join(unexpected) + f"\n\ndiff: {d / 'diff.txt'}"
+        )
     progress(ctx, f"reboot-diff:{mode}", f"warning (--reboot-diff=warn): {msg}")
     summary["warning"] = msg
-    return summary
 
 
 # --------------------------------------------------------------------------------------
@@ -2662,8 +3353,10 @@ def reboot_diff(ctx, rs, profile, mode, before, after, result=None, policy="fail
 # (--strategy default / BOMA_IT_ANSIBLE_STRATEGY=default), or it cannot load, in which case
 # the run says why and falls back to ansible-core's own linear strategy.
 MITOGEN_STRATEGY = "mitogen_linear"
-MITOGEN_PROBE = ("import os, ansible_mitogen.plugins.strategy.mitogen_linear as s; "
-                 "print(os.path.dirname(s.__file__))")
+MITOGEN_PROBE = (
+    "import os, ansible_mitogen.plugins.strategy.mitogen_linear as s; "
+    "print(os.path.dirname(s.__file__))"
+)
 
 
 def script_interpreter(first_line):
@@ -2690,7 +3383,7 @@ def strategy_choice(requested, probe_rc=None, probe_out="", probe_err=""):
         choice["fallback"] = "cannot tell ansible-playbook's interpreter (no #! line)"
     else:
         err = (probe_err or "").strip().splitlines()
-        choice["fallback"] = ("Mitogen does not load: " + (err[-1] if err else f"rc {probe_rc}"))
+        choice["fallback"] = "Mitogen does not load: " + (err[-1] if err else f"rc {probe_rc}")
     return choice
 
 
@@ -2698,8 +3391,10 @@ def strategy_env(choice):
     """The environment that selects the strategy: explicit either way, so an operator's
     ANSIBLE_STRATEGY never decides what a harness run measures."""
     if choice and choice["used"] == MITOGEN_STRATEGY:
-        return {"ANSIBLE_STRATEGY_PLUGINS": choice["plugin_dir"],
-                "ANSIBLE_STRATEGY": MITOGEN_STRATEGY}
+        return {
+            "ANSIBLE_STRATEGY_PLUGINS": choice["plugin_dir"],
+            "ANSIBLE_STRATEGY": MITOGEN_STRATEGY,
+        }
     return {"ANSIBLE_STRATEGY": "linear"}
 
 
@@ -2711,8 +3406,10 @@ def resolve_strategy(ctx, ansible_playbook):
     rc = out = err = None
     if ctx.strategy_request == "mitogen":
         try:
-            with open(shutil.which(ansible_playbook, path=ctx.environ.get("PATH"))
-                      or ansible_playbook, "rb") as f:
+            with open(
+                shutil.which(ansible_playbook, path=ctx.environ.get("PATH")) or ansible_playbook,
+                "rb",
+            ) as f:
                 interp = script_interpreter(f.readline(256).decode("utf-8", "replace"))
         except OSError:
             interp = None
@@ -2720,7 +3417,7 @@ def resolve_strategy(ctx, ansible_playbook):
             try:
                 r = run([interp, "-c", MITOGEN_PROBE], timeout=60, cmdlog=ctx.cmdlog)
                 rc, out, err = r.returncode, r.stdout, r.stderr
-            except InfraError as e:     # the #! names an interpreter that is not there
+            except InfraError as e:  # the #! names an interpreter that is not there
                 rc, err = "missing", str(e)
     ctx.strategy = strategy_choice(ctx.strategy_request, rc, out or "", err or "")
     msg = f"strategy {ctx.strategy['used']}"
@@ -2767,8 +3464,11 @@ def assert_single_host_inventory(inventory_text, name):
     """Safety invariant: the transient inventory holds the test VM and nothing else."""
     found = inventory_host_names(inventory_text)
     if found != {name}:
-        raise InfraError("inventory", f"transient inventory must hold only {name}, "
-                         f"found {sorted(found)} — refusing to run ansible-playbook")
+        raise InfraError(
+            "inventory",
+            f"transient inventory must hold only {name}, "
+            f"found {sorted(found)} — refusing to run ansible-playbook",
+        )
 
 
 def write_run_inventory(ctx, rs, groups, with_vault=False):
@@ -2807,8 +3507,9 @@ def ansible_ssh_args(run_dir, alias):
     """ANSIBLE_SSH_ARGS: ansible.cfg's multiplexing plus the pinned options (no -p:
     the port goes to the inventory)."""
     opts = ssh_options(run_dir, alias)[:-2]
-    return " ".join(["-o ControlMaster=auto", "-o ControlPersist=60s"]
-                    + [shlex.quote(o) for o in opts])
+    return " ".join(
+        ["-o ControlMaster=auto", "-o ControlPersist=60s"] + [shlex.quote(o) for o in opts]
+    )
 
 
 def ansible_playbook_argv(ansible_playbook, inventory, playbook, limit, tags=(), extra_files=()):
@@ -2826,15 +3527,17 @@ def ansible_env(base_env, repo_root, run_dir, alias, strategy=None):
     env = dict(base_env)
     env.pop("ANSIBLE_STRATEGY_PLUGINS", None)
     env.update(strategy_env(strategy))
-    env.update({
-        "ANSIBLE_CONFIG": str(pathlib.Path(repo_root) / "ansible.cfg"),
-        "ANSIBLE_CACHE_PLUGIN_CONNECTION": str(pathlib.Path(run_dir) / "facts"),
-        "ANSIBLE_SSH_ARGS": ansible_ssh_args(run_dir, alias),
-        "ANSIBLE_HOST_KEY_CHECKING": "True",
-        "ANSIBLE_RETRY_FILES_ENABLED": "False",
-        "ANSIBLE_NOCOLOR": "1",
-        "PYTHONUNBUFFERED": "1",
-    })
+    env.update(
+        {
+            "ANSIBLE_CONFIG": str(pathlib.Path(repo_root) / "ansible.cfg"),
+            "ANSIBLE_CACHE_PLUGIN_CONNECTION": str(pathlib.Path(run_dir) / "facts"),
+            "ANSIBLE_SSH_ARGS": ansible_ssh_args(run_dir, alias),
+            "ANSIBLE_HOST_KEY_CHECKING": "True",
+            "ANSIBLE_RETRY_FILES_ENABLED": "False",
+            "ANSIBLE_NOCOLOR": "1",
+            "PYTHONUNBUFFERED": "1",
+        }
+    )
     return env
 
 
@@ -2849,9 +3552,11 @@ def find_ansible_playbook(ctx):
     return str(venv) if venv.exists() else "ansible-playbook"
 
 
-_RECAP = re.compile(r"^(\S+)\s*:\s*ok=(\d+)\s+changed=(\d+)\s+unreachable=(\d+)\s+failed=(\d+)"
-                    r"(?:\s+skipped=(\d+))?(?:\s+rescued=(\d+))?(?:\s+ignored=(\d+))?",
-                    re.MULTILINE)
+_RECAP = re.compile(
+    r"^(\S+)\s*:\s*ok=(\d+)\s+changed=(\d+)\s+unreachable=(\d+)\s+failed=(\d+)"
+    r"(?:\s+skipped=(\d+))?(?:\s+rescued=(\d+))?(?:\s+ignored=(\d+))?",
+    re.MULTILINE,
+)
 
 
 def parse_recap(output):
@@ -2867,8 +3572,10 @@ def parse_recap(output):
 
 
 _TASK = re.compile(r"^TASK \[(.+?)\]")
-_RESULT = re.compile(r"^(ok|changed|fatal|failed|skipping|included): \[([^\]]+)\]:?"
-                     r"(?: =>)?(?: \(item=(.*?)\)(?: =>|$))?")
+_RESULT = re.compile(
+    r"^(ok|changed|fatal|failed|skipping|included): \[([^\]]+)\]:?"
+    r"(?: =>)?(?: \(item=(.*?)\)(?: =>|$))?"
+)
 _MSG_JSON = re.compile(r'"msg":\s*"((?:[^"\\]|\\.)*)"')
 _MSG_YAML = re.compile(r"^\s*msg:\s*(.+?)\s*$")
 _RANK = {"skipped": 0, "ok": 1, "changed": 2, "failed": 3}
@@ -2881,7 +3588,7 @@ def _status(word):
 def _failure_message(lines, i):
     """The msg of a failure printed at lines[i] (JSON on the line, or YAML below it)."""
     block = [lines[i]]
-    for nxt in lines[i + 1:i + 40]:
+    for nxt in lines[i + 1 : i + 40]:
         if not nxt.startswith((" ", "\t")):
             break
         block.append(nxt)
@@ -2910,8 +3617,9 @@ def parse_task_results(output, host=None):
             continue
         if line.startswith("...ignoring") and current["status"] == "failed":
             current["status"], current["message"] = "ok", ""
-            current["items"] = [(lb, "ok" if st == "failed" else st, "")
-                                for lb, st, _ in current["items"]]
+            current["items"] = [
+                (lb, "ok" if st == "failed" else st, "") for lb, st, _ in current["items"]
+            ]
             continue
         r = _RESULT.match(line)
         if not r or (host and r.group(2).split(" ")[0] != host):
@@ -2955,9 +3663,18 @@ def run_playbook(ctx, rs, profile, playbook, tags, certs, phase, timeout, strate
     ansible_playbook = find_ansible_playbook(ctx)
     strategy = strategy or resolve_strategy(ctx, ansible_playbook)
     argv = ansible_playbook_argv(
-        ansible_playbook, inv, playbook, rs.domain, tags,
-        extra_vars_files(profile, certs, ctx.repo / "tests" / "integration",
-                         ctx.repo / "tests" / "vault" / "test-values.yml"))
+        ansible_playbook,
+        inv,
+        playbook,
+        rs.domain,
+        tags,
+        extra_vars_files(
+            profile,
+            certs,
+            ctx.repo / "tests" / "integration",
+            ctx.repo / "tests" / "vault" / "test-values.yml",
+        ),
+    )
     if real_secrets:
         argv[1:1] = ["--vault-id", VAULT_ID]
     if argv[argv.index("--limit") + 1] != rs.domain:
@@ -2965,16 +3682,24 @@ def run_playbook(ctx, rs, profile, playbook, tags, certs, phase, timeout, strate
     log = rs.dir / "logs" / f"{phase.replace(':', '-').replace('/', '_')}.log"
     log.parent.mkdir(parents=True, exist_ok=True)
     log.write_text(f"# {shlex.join(argv)}\n")
-    r = run(argv, timeout=timeout, cwd=ctx.repo, stream_log=log, cmdlog=ctx.cmdlog,
-            env=ansible_env(ctx.environ, ctx.repo, rs.dir, rs.domain, strategy))
+    r = run(
+        argv,
+        timeout=timeout,
+        cwd=ctx.repo,
+        stream_log=log,
+        cmdlog=ctx.cmdlog,
+        env=ansible_env(ctx.environ, ctx.repo, rs.dir, rs.domain, strategy),
+    )
     if r.timed_out:
-        raise InfraError(phase, f"ansible-playbook {pathlib.Path(playbook).name} timed out "
-                         f"after {timeout:.0f}s (log: {log})")
+        raise InfraError(
+            phase,
+            f"ansible-playbook {pathlib.Path(playbook).name} timed out "
+            f"after {timeout:.0f}s (log: {log})",
+        )
     return r.returncode, r.stdout
 
 
-def apply(ctx, rs, profile, certs, phase_prefix="apply", result=None, start=0,
-          after_step=None):
+def apply(ctx, rs, profile, certs, phase_prefix="apply", result=None, start=0, after_step=None):
     """Run every profile apply; returns total changed tasks. Nonzero rc -> InfraError
     (a broken converge is not a verify verdict). The first `start` applies are already in
     the guest (it was resumed from checkpoint applied-<start>); after_step(i) runs after
@@ -2985,21 +3710,40 @@ def apply(ctx, rs, profile, certs, phase_prefix="apply", result=None, start=0,
         if i <= start:
             if result is not None:
                 result["phase_details"].append(
-                    {"name": phase, "seconds": 0.0, "status": "skipped",
-                     "message": f"in the guest already: resumed from checkpoint applied-{start}"})
+                    {
+                        "name": phase,
+                        "seconds": 0.0,
+                        "status": "skipped",
+                        "message": f"in the guest already: resumed from checkpoint applied-{start}",
+                    }
+                )
             progress(ctx, phase, f"already applied (resumed from checkpoint applied-{start})")
             continue
         with timed_phase(ctx, result, phase):
-            progress(ctx, phase, f"ansible-playbook {step['playbook']}"
-                     + (f" --tags {','.join(step['tags'])}" if step.get("tags") else ""))
-            rc, out = run_playbook(ctx, rs, profile, ctx.repo / "playbooks" / step["playbook"],
-                                   step.get("tags", []), certs, phase, ctx.bounds["apply"])
+            progress(
+                ctx,
+                phase,
+                f"ansible-playbook {step['playbook']}"
+                + (f" --tags {','.join(step['tags'])}" if step.get("tags") else ""),
+            )
+            rc, out = run_playbook(
+                ctx,
+                rs,
+                profile,
+                ctx.repo / "playbooks" / step["playbook"],
+                step.get("tags", []),
+                certs,
+                phase,
+                ctx.bounds["apply"],
+            )
             recap = parse_recap(out).get(rs.domain, {})
             if rc != 0:
                 failed = failed_task_names(out, rs.domain)
-                what = (f"ansible-playbook {step['playbook']} failed (exit {rc})"
-                        + (f" at task {failed[-1]!r}" if failed else "")
-                        + f"; log: {rs.dir / 'logs'}")
+                what = (
+                    f"ansible-playbook {step['playbook']} failed (exit {rc})"
+                    + (f" at task {failed[-1]!r}" if failed else "")
+                    + f"; log: {rs.dir / 'logs'}"
+                )
                 if recap.get("unreachable") or not recap:
                     raise InfraError(phase, what + " — the VM was unreachable")
                 # The code under test broke: a verdict, not an infrastructure failure.
@@ -3015,8 +3759,16 @@ def run_assert(ctx, rs, profile, certs, result=None):
     """The verify playbook. Failing task names go to result['failed_tasks']."""
     with timed_phase(ctx, result, "verify"):
         progress(ctx, "verify", f"ansible-playbook {profile['verify']}")
-        rc, out = run_playbook(ctx, rs, profile, ctx.repo / profile["verify"], (), certs,
-                               "verify", ctx.bounds["verify"])
+        rc, out = run_playbook(
+            ctx,
+            rs,
+            profile,
+            ctx.repo / profile["verify"],
+            (),
+            certs,
+            "verify",
+            ctx.bounds["verify"],
+        )
         tasks = verify_checks(out, rs.domain)
         if result is not None:
             result["verify_tasks"] = [{"name": n, "status": s, "message": m} for n, s, m in tasks]
@@ -3025,9 +3777,12 @@ def run_assert(ctx, rs, profile, certs, result=None):
             raise InfraError("verify", f"{rs.domain} unreachable during verify")
         if rc != 0 or recap.get("failed"):
             failed = [n for n, s, _ in tasks if s == "failed"]
-            raise VerifyFailed("verify", "verify playbook failed"
-                               + (f" at: {', '.join(failed)}" if failed else f" (exit {rc})"),
-                               failed)
+            raise VerifyFailed(
+                "verify",
+                "verify playbook failed"
+                + (f" at: {', '.join(failed)}" if failed else f" (exit {rc})"),
+                failed,
+            )
 
 
 def idempotence(ctx, rs, profile, certs, result=None):
@@ -3036,8 +3791,12 @@ def idempotence(ctx, rs, profile, certs, result=None):
     if result is not None:
         result["idempotence"] = {"changed": changed, "changed_tasks": tasks}
     if changed:
-        raise VerifyFailed("idempotence", f"{changed} task(s) changed on the re-apply after "
-                           f"the reboot: {', '.join(tasks) or '?'}", tasks)
+        raise VerifyFailed(
+            "idempotence",
+            f"{changed} task(s) changed on the re-apply after "
+            f"the reboot: {', '.join(tasks) or '?'}",
+            tasks,
+        )
 
 
 # The bench's per-task figure: one playbook of TRANSPORT_PROBE_CALLS cheap module calls
@@ -3049,8 +3808,7 @@ TRANSPORT_PROBE_CALLS = 40
 
 def transport_figures(seconds, calls=TRANSPORT_PROBE_CALLS):
     """{strategy: seconds} -> the bench's transport summary (per-call cost, speed-up)."""
-    out = {k: {"seconds": round(v, 1), "per_call": round(v / calls, 2)}
-           for k, v in seconds.items()}
+    out = {k: {"seconds": round(v, 1), "per_call": round(v / calls, 2)} for k, v in seconds.items()}
     lin, mit = seconds.get("linear"), seconds.get(MITOGEN_STRATEGY)
     out["calls"] = calls
     out["speedup"] = round(lin / mit, 1) if lin and mit else None
@@ -3061,7 +3819,7 @@ def compare_transports(ctx, rs, profile, certs, result):
     """bench: the probe playbook with ansible-core's linear strategy, then with Mitogen,
     on this VM. Needs Mitogen to load (else the figure would compare linear with itself)."""
     mito = ctx.strategy
-    if not mito or mito["used"] != MITOGEN_STRATEGY:   # the run used linear: probe Mitogen
+    if not mito or mito["used"] != MITOGEN_STRATEGY:  # the run used linear: probe Mitogen
         probe = dataclasses.replace(ctx, strategy=None, strategy_request="mitogen")
         mito = resolve_strategy(probe, find_ansible_playbook(ctx))
     if mito["used"] != MITOGEN_STRATEGY:
@@ -3072,15 +3830,28 @@ def compare_transports(ctx, rs, profile, certs, result):
         name = choice["used"]
         with timed_phase(ctx, result, f"transport:{name}"):
             t0 = time.monotonic()
-            rc, _ = run_playbook(ctx, rs, profile, ctx.repo / TRANSPORT_PROBE, (), certs,
-                                 f"transport-{name}", ctx.bounds["verify"], strategy=choice)
+            rc, _ = run_playbook(
+                ctx,
+                rs,
+                profile,
+                ctx.repo / TRANSPORT_PROBE,
+                (),
+                certs,
+                f"transport-{name}",
+                ctx.bounds["verify"],
+                strategy=choice,
+            )
             if rc != 0:
                 raise InfraError(f"transport:{name}", f"{TRANSPORT_PROBE} failed (exit {rc})")
             seconds[name] = time.monotonic() - t0
     result["transport"] = transport_figures(seconds)
     t = result["transport"]
-    progress(ctx, "transport", f"{t['calls']} module calls: linear {t['linear']['per_call']}s "
-             f"per call, mitogen {t[MITOGEN_STRATEGY]['per_call']}s ({t['speedup']}x)")
+    progress(
+        ctx,
+        "transport",
+        f"{t['calls']} module calls: linear {t['linear']['per_call']}s "
+        f"per call, mitogen {t[MITOGEN_STRATEGY]['per_call']}s ({t['speedup']}x)",
+    )
 
 
 # --------------------------------------------------------------------------------------
@@ -3096,8 +3867,13 @@ def compare_transports(ctx, rs, profile, certs, result):
 # role invalidates the first apply that uses it and everything after, nothing before.
 CHECKPOINT_FORMAT = 1
 RUN_KEY_FILES = ("id_ed25519", "id_ed25519.pub", "ssh_host_ed25519_key.pub")
-CHECKPOINT_FILES = ("manifest.json", "memory.save", "disk.qcow2", "domain.xml",
-                    "seed.img") + RUN_KEY_FILES
+CHECKPOINT_FILES = (
+    "manifest.json",
+    "memory.save",
+    "disk.qcow2",
+    "domain.xml",
+    "seed.img",
+) + RUN_KEY_FILES
 
 # Files under a role that never reach a host: Molecule scenarios and docs.
 ROLE_IGNORED_PARTS = ("molecule",)
@@ -3110,9 +3886,11 @@ _ROLE_FLOW_ITEM = re.compile(r"^\s*-\s*\{.*?\b(?:role|name):\s*['\"]?([\w.\-]+)"
 _TAGS_LINE = re.compile(r"^(\s*)tags:\s*(.*?)\s*(?:#.*)?$")
 _INCLUDE_ROLE = re.compile(r"^\s*(?:-\s+)?(?:ansible\.builtin\.)?(?:include|import)_role:\s*$")
 _INCLUDE_ROLE_NAME = re.compile(r"^\s*name:\s*['\"]?([^'\"\s#]+)['\"]?\s*$")
-_UNFOLLOWED = re.compile(r"^\s*(?:-\s+)?(?:ansible\.builtin\.)?"
-                         r"(?:import_playbook|include_tasks|import_tasks|include_vars"
-                         r"|include_role|import_role)\s*:\s*\S")
+_UNFOLLOWED = re.compile(
+    r"^\s*(?:-\s+)?(?:ansible\.builtin\.)?"
+    r"(?:import_playbook|include_tasks|import_tasks|include_vars"
+    r"|include_role|import_role)\s*:\s*\S"
+)
 _ALWAYS_TAG = re.compile(r"tags:\s*\[[^\]]*\balways\b|tags:\s*['\"]?always\b")
 
 
@@ -3148,7 +3926,11 @@ def playbook_role_refs(text):
             roles_indent = len(m.group(1))
             i += 1
             continue
-        if roles_indent is not None and indent <= roles_indent and not line.lstrip().startswith("- "):
+        if (
+            roles_indent is not None
+            and indent <= roles_indent
+            and not line.lstrip().startswith("- ")
+        ):
             roles_indent = None
         if roles_indent is not None and indent < roles_indent:
             roles_indent = None
@@ -3188,8 +3970,9 @@ def _role_item_tags(lines, j, item_indent):
     """The inline tags of a `- role: x` item whose body starts at lines[j] (None when it
     has none), and the index of the first line after the item."""
     tags = None
-    while j < len(lines) and (not lines[j].strip() or
-                              len(lines[j]) - len(lines[j].lstrip()) > item_indent):
+    while j < len(lines) and (
+        not lines[j].strip() or len(lines[j]) - len(lines[j].lstrip()) > item_indent
+    ):
         t = _TAGS_LINE.match(lines[j])
         if t:
             tags = parse_tags_value(t.group(2))
@@ -3219,9 +4002,13 @@ def role_files(repo, role):
     root = pathlib.Path(repo) / "roles" / role
     if not root.is_dir():
         return []
-    return sorted(p for p in root.rglob("*") if p.is_file()
-                  and not any(part in ROLE_IGNORED_PARTS for part in p.relative_to(root).parts)
-                  and not p.name.endswith(ROLE_IGNORED_SUFFIXES))
+    return sorted(
+        p
+        for p in root.rglob("*")
+        if p.is_file()
+        and not any(part in ROLE_IGNORED_PARTS for part in p.relative_to(root).parts)
+        and not p.name.endswith(ROLE_IGNORED_SUFFIXES)
+    )
 
 
 def roles_used(repo, playbook_text, apply_tags):
@@ -3231,8 +4018,11 @@ def roles_used(repo, playbook_text, apply_tags):
     refs, complete = playbook_role_refs(playbook_text)
     chosen, queue = set(), []
     for role, tags in refs:
-        always = any(_ALWAYS_TAG.search(p.read_text(errors="replace"))
-                     for p in role_files(repo, role) if p.suffix in (".yml", ".yaml"))
+        always = any(
+            _ALWAYS_TAG.search(p.read_text(errors="replace"))
+            for p in role_files(repo, role)
+            if p.suffix in (".yml", ".yaml")
+        )
         if role_selected(tags, apply_tags, always):
             queue.append(role)
     while queue:
@@ -3283,8 +4073,11 @@ def apply_input_paths(repo, step, extra_files, group_vars_files):
     text = pb.read_text(errors="replace") if pb.is_file() else ""
     roles, complete = roles_used(repo, text, step.get("tags") or [])
     if not complete:  # could not tell exactly: every role and playbook is an input
-        roles = sorted(p.name for p in (repo / "roles").iterdir() if p.is_dir()) \
-            if (repo / "roles").is_dir() else []
+        roles = (
+            sorted(p.name for p in (repo / "roles").iterdir() if p.is_dir())
+            if (repo / "roles").is_dir()
+            else []
+        )
     paths = [pb] + [f for r in roles for f in role_files(repo, r)]
     if not complete:
         paths += sorted((repo / "playbooks").glob("*.yml"))
@@ -3294,8 +4087,10 @@ def apply_input_paths(repo, step, extra_files, group_vars_files):
 
 
 def checkpoint_key(parent, stage, inputs):
-    blob = json.dumps({"format": CHECKPOINT_FORMAT, "parent": parent, "stage": stage,
-                       "inputs": inputs}, sort_keys=True)
+    blob = json.dumps(
+        {"format": CHECKPOINT_FORMAT, "parent": parent, "stage": stage, "inputs": inputs},
+        sort_keys=True,
+    )
     return hashlib.sha256(blob.encode()).hexdigest()[:20]
 
 
@@ -3303,10 +4098,19 @@ def booted_checkpoint_inputs(image_key, host, mem_mib, vcpus, accel):
     """What a booted guest is made of: the golden image, the VM's shape (a saved memory
     image only restores into the same ABI) and the cloud-init documents' templates (the
     per-run keys are stored with the checkpoint, not hashed)."""
-    templates = render_user_data("PUB", "USER", "HOSTPRIV", "HOSTPUB") + \
-        render_meta_data("IID", "HOST") + NET_XML
-    return {"image": image_key, "host": host, "mem_mib": mem_mib, "vcpus": vcpus,
-            "accel": accel, "templates": hashlib.sha256(templates.encode()).hexdigest()}
+    templates = (
+        render_user_data("PUB", "USER", "HOSTPRIV", "HOSTPUB")
+        + render_meta_data("IID", "HOST")
+        + NET_XML
+    )
+    return {
+        "image": image_key,
+        "host": host,
+        "mem_mib": mem_mib,
+        "vcpus": vcpus,
+        "accel": accel,
+        "templates": hashlib.sha256(templates.encode()).hexdigest(),
+    }
 
 
 def newest_valid_checkpoint(chain, is_valid):
@@ -3329,6 +4133,7 @@ def rewrite_restore_xml(xml, overlay, seed, console_log, metadata_xml):
     """A checkpoint's saved domain XML, pointed at a new run's writable overlay, the
     checkpoint's seed copy and the run's console log, with the run's ownership metadata.
     Name, UUID, MAC and devices stay: libvirt refuses a restore that changes the ABI."""
+
     def disk(m):
         path = m.group(2)
         if path.endswith("overlay.qcow2"):
@@ -3336,6 +4141,7 @@ def rewrite_restore_xml(xml, overlay, seed, console_log, metadata_xml):
         if path.endswith("seed.img"):
             return m.group(1) + str(seed) + m.group(3)
         return m.group(0)
+
     out = _DISK_SOURCE.sub(disk, xml)
     out = _LOG_FILE.sub(lambda m: m.group(1) + str(console_log) + m.group(3), out)
     # A stale <backingStore> would describe the previous chain; libvirt probes the new one.
@@ -3362,7 +4168,11 @@ def load_checkpoint(ctx, key):
         manifest = json.loads((d / "manifest.json").read_text())
     except (OSError, ValueError, RecursionError):
         return None
-    if not isinstance(manifest, dict) or manifest.get("key") != key or not all((d / f).is_file() for f in CHECKPOINT_FILES):
+    if (
+        not isinstance(manifest, dict)
+        or manifest.get("key") != key
+        or not all((d / f).is_file() for f in CHECKPOINT_FILES)
+    ):
         return None
     return manifest
 
@@ -3372,22 +4182,37 @@ def group_vars_inputs(ctx, with_vault):
     src = ctx.repo / "inventories" / "production" / "group_vars"
     if not src.is_dir():
         return []
-    return sorted(p for p in src.rglob("*") if p.is_file() and (p.name != "vault.yml" or with_vault))
+    return sorted(
+        p for p in src.rglob("*") if p.is_file() and (p.name != "vault.yml" or with_vault)
+    )
 
 
 def checkpoint_chain(ctx, profile, certs, image_key, accel):
     """[(stage, key, detail)] for this run's inputs: booted, then one per apply."""
-    parent = checkpoint_key(None, "booted", booted_checkpoint_inputs(
-        image_key, profile["name"], profile["mem_mib"], profile["vcpus"], accel))
+    parent = checkpoint_key(
+        None,
+        "booted",
+        booted_checkpoint_inputs(
+            image_key, profile["name"], profile["mem_mib"], profile["vcpus"], accel
+        ),
+    )
     chain = [("booted", parent, {})]
-    extra = extra_vars_files(profile, certs, ctx.repo / "tests" / "integration",
-                             ctx.repo / "tests" / "vault" / "test-values.yml")
+    extra = extra_vars_files(
+        profile,
+        certs,
+        ctx.repo / "tests" / "integration",
+        ctx.repo / "tests" / "vault" / "test-values.yml",
+    )
     gv = group_vars_inputs(ctx, certs in REAL_SECRET_TIERS)
     for i, step in enumerate(profile["applies"], 1):
         paths, roles, complete = apply_input_paths(ctx.repo, step, extra, gv)
-        inputs = {"playbook": step["playbook"], "tags": step.get("tags", []),
-                  "groups": profile["groups"], "certs": certs,
-                  "files": files_digest(ctx.repo, paths)}
+        inputs = {
+            "playbook": step["playbook"],
+            "tags": step.get("tags", []),
+            "groups": profile["groups"],
+            "certs": certs,
+            "files": files_digest(ctx.repo, paths),
+        }
         parent = checkpoint_key(parent, f"applied-{i}", inputs)
         chain.append((f"applied-{i}", parent, {"roles": roles, "exact": complete}))
     return chain
@@ -3438,11 +4263,15 @@ def step_guest_clock(ctx, rs):
     its 'future'. Step it to the controller's (the sandbox has no NTP). First wait for SSH:
     for a few seconds after a restore the host has no neighbour entry for the guest."""
     wait_ssh(ctx, rs, stage="resume")
-    r = rs.ssh(f"sudo -n date -u -s @{int(time.time())}", timeout=ctx.bounds["ssh-command"],
-               stage="resume")
+    r = rs.ssh(
+        f"sudo -n date -u -s @{int(time.time())}", timeout=ctx.bounds["ssh-command"], stage="resume"
+    )
     if r.returncode != 0:
-        raise InfraError("resume", f"could not set the restored guest's clock: "
-                         f"{(r.stderr.strip().splitlines() or ['?'])[-1]}")
+        raise InfraError(
+            "resume",
+            f"could not set the restored guest's clock: "
+            f"{(r.stderr.strip().splitlines() or ['?'])[-1]}",
+        )
 
 
 def take_checkpoint(ctx, rs, stage, key, parent, result=None):
@@ -3456,13 +4285,18 @@ def take_checkpoint(ctx, rs, stage, key, parent, result=None):
     need = rs.data["mem_mib"] + 512
     free = shutil.disk_usage(ctx.cache).free // (1024 * 1024)
     if free < need:
-        progress(ctx, "checkpoint", f"skipping {stage}: {free} MiB free, a checkpoint needs "
-                 f"about {need} MiB")
+        progress(
+            ctx,
+            "checkpoint",
+            f"skipping {stage}: {free} MiB free, a checkpoint needs about {need} MiB",
+        )
         return None
     d = checkpoint_dir(ctx, key)
     tmp = owned_path(ctx.cache, "checkpoints", f".tmp-{key}-{os.getpid()}")
-    with timed_phase(ctx, result, f"checkpoint:{stage}"), \
-            file_lock(ctx, ctx.cache / "checkpoints.lock", "checkpoint"):
+    with (
+        timed_phase(ctx, result, f"checkpoint:{stage}"),
+        file_lock(ctx, ctx.cache / "checkpoints.lock", "checkpoint"),
+    ):
         manifest = None
         try:
             for leftover in (d, tmp):
@@ -3470,14 +4304,7 @@ def take_checkpoint(ctx, rs, stage, key, parent, result=None):
                     shutil.rmtree(leftover)
             if not stage_checkpoint(ctx, rs, stage, key, tmp, d):
                 return None
-            manifest = {
-                "key": key, "parent": parent, "stage": stage, "host": rs.data["host"],
-                "domain": rs.domain, "mac": rs.data["mac"], "ip": rs.ip,
-                "boot_id": rs.data["boot_ids"][-1], "accel": rs.data["accel"],
-                "image_key": rs.data["image_key"], "mem_mib": rs.data["mem_mib"],
-                "vcpus": rs.data["vcpus"], "created_at": now_iso(), "created_by": rs.name,
-                "format": CHECKPOINT_FORMAT,
-            }
+            manifest = _checkpoint_manifest(rs, stage, key, parent)
             # last: only now is the checkpoint valid
             write_owned(d / "manifest.json", json.dumps(manifest, indent=2, sort_keys=True) + "\n")
         except BaseException:
@@ -3495,23 +4322,54 @@ def take_checkpoint(ctx, rs, stage, key, parent, result=None):
     return manifest
 
 
+def _checkpoint_manifest(rs, stage, key, parent):
+    """The manifest of the checkpoint `key` of the running guest of `rs`."""
+    return {
+        "key": key,
+        "parent": parent,
+        "stage": stage,
+        "host": rs.data["host"],
+        "domain": rs.domain,
+        "mac": rs.data["mac"],
+        "ip": rs.ip,
+        "boot_id": rs.data["boot_ids"][-1],
+        "accel": rs.data["accel"],
+        "image_key": rs.data["image_key"],
+        "mem_mib": rs.data["mem_mib"],
+        "vcpus": rs.data["vcpus"],
+        "created_at": now_iso(),
+        "created_by": rs.name,
+        "format": CHECKPOINT_FORMAT,
+    }
+
+
 def stage_checkpoint(ctx, rs, stage, key, tmp, d):
     """take_checkpoint's files: saved in `tmp`, renamed to `d` once the run's disk is in
     it (the run's fresh overlay must name the final path), guest restored. False: skipped,
     the guest runs on as it was."""
     tmp.mkdir(parents=True)
     os.chmod(tmp, 0o700)  # until the seed copy and the memory image are root-only
-    overlay = rs.disk_dir / "overlay.qcow2"
-    r = virsh(ctx, "save", rs.domain, tmp / "memory.save", "--running",
-              timeout=ctx.bounds["checkpoint"], stage="checkpoint")
+    r = virsh(
+        ctx,
+        "save",
+        rs.domain,
+        tmp / "memory.save",
+        "--running",
+        timeout=ctx.bounds["checkpoint"],
+        stage="checkpoint",
+    )
     if r.returncode != 0:  # libvirt aborts a failed save and the guest runs on
-        progress(ctx, "checkpoint", f"skipping {stage}: virsh save failed: "
-                 f"{(r.stderr.strip().splitlines() or ['?'])[-1]}")
+        progress(
+            ctx,
+            "checkpoint",
+            f"skipping {stage}: virsh save failed: {(r.stderr.strip().splitlines() or ['?'])[-1]}",
+        )
         return False
     try:
         os.chmod(tmp / "memory.save", DISK_MODE)
-        xml = virsh(ctx, "save-image-dumpxml", tmp / "memory.save", check=True,
-                    stage="checkpoint").stdout
+        xml = virsh(
+            ctx, "save-image-dumpxml", tmp / "memory.save", check=True, stage="checkpoint"
+        ).stdout
         (tmp / "domain.xml").write_text(xml)
         seed = re.search(r"<source file='([^']*seed\.img)'", xml)
         shutil.copyfile(seed.group(1) if seed else rs.disk_dir / "seed.img", tmp / "seed.img")
@@ -3519,10 +4377,32 @@ def stage_checkpoint(ctx, rs, stage, key, tmp, d):
         os.chmod(tmp / "seed.img", FROZEN_DISK_MODE)
     except (HarnessError, OSError) as e:
         # Nothing of the run moved: give the guest back and go on without one.
-        virsh(ctx, "restore", tmp / "memory.save", timeout=ctx.bounds["checkpoint"],
-              check=True, stage="checkpoint")
+        virsh(
+            ctx,
+            "restore",
+            tmp / "memory.save",
+            timeout=ctx.bounds["checkpoint"],
+            check=True,
+            stage="checkpoint",
+        )
         progress(ctx, "checkpoint", f"skipping {stage}: {e}")
         return False
+    _freeze_overlay(ctx, rs, stage, key, tmp, d)
+    virsh(
+        ctx,
+        "restore",
+        d / "memory.save",
+        timeout=ctx.bounds["checkpoint"],
+        check=True,
+        stage="checkpoint",
+    )
+    return True
+
+
+def _freeze_overlay(ctx, rs, stage, key, tmp, d):
+    """Move the run's overlay into the staged checkpoint as its frozen disk.qcow2, rename
+    `tmp` to `d`, and give the run a fresh overlay on top of it."""
+    overlay = rs.disk_dir / "overlay.qcow2"
     try:
         os.replace(overlay, tmp / "disk.qcow2")
         os.chmod(tmp / "disk.qcow2", FROZEN_DISK_MODE)
@@ -3531,14 +4411,16 @@ def stage_checkpoint(ctx, rs, stage, key, tmp, d):
         # From here the run's disk reads this checkpoint: gc must leave it alone.
         rs.data.setdefault("checkpoints_read", []).append(key)
         rs.save()
-        run(qemu_img_overlay_argv(d / "disk.qcow2", overlay), timeout=60, check=True,
-            stage="checkpoint", cmdlog=ctx.cmdlog)
+        run(
+            qemu_img_overlay_argv(d / "disk.qcow2", overlay),
+            timeout=60,
+            check=True,
+            stage="checkpoint",
+            cmdlog=ctx.cmdlog,
+        )
         os.chmod(overlay, DISK_MODE)
     except OSError as e:
         raise InfraError("checkpoint", f"{stage}: {e}") from None
-    virsh(ctx, "restore", d / "memory.save", timeout=ctx.bounds["checkpoint"],
-          check=True, stage="checkpoint")
-    return True
 
 
 def resume_run(ctx, profile, certs, manifest, chain_keys, holder):
@@ -3548,33 +4430,24 @@ def resume_run(ctx, profile, certs, manifest, chain_keys, holder):
     host = profile["name"]
     name = vm_name(host)
     ck = checkpoint_dir(ctx, manifest["key"])
-    data = {
-        "name": name, "domain": manifest["domain"], "host": host, "profile": profile["path"],
-        "certs": certs, "accel": manifest["accel"], "mac": manifest["mac"],
-        "ip": manifest["ip"], "created_at": now_iso(), "owner": owner_name(),
-        "image": str(ck / "disk.qcow2"), "image_key": manifest["image_key"],
-        "state": "creating", "boot_ids": [manifest["boot_id"]], "uri": ctx.uri,
-        "mem_mib": manifest["mem_mib"], "vcpus": manifest["vcpus"],
-        "resumed_from": {"stage": manifest["stage"], "key": manifest["key"],
-                         "created_at": manifest["created_at"]},
-        "checkpoints_read": list(chain_keys),
-    }
+    data = _resume_data(ctx, profile, certs, manifest, chain_keys, name, ck)
     rs = open_run(ctx, data, holder)
     copy_run_keys(ck, rs.dir)
     (rs.dir / "known_hosts").write_text(
-        known_hosts_line(rs.domain, (ck / "ssh_host_ed25519_key.pub").read_text()))
-    overlay = rs.disk_dir / "overlay.qcow2"
-    run(qemu_img_overlay_argv(ck / "disk.qcow2", overlay), timeout=60, check=True,
-        stage="resume", cmdlog=ctx.cmdlog)
-    os.chmod(overlay, DISK_MODE)
-    xml = rewrite_restore_xml(
-        (ck / "domain.xml").read_text(), overlay, ck / "seed.img", rs.console_log,
-        render_metadata_xml(data["created_at"] + "/" + name, data["created_at"], host,
-                            data["owner"], host))
-    (rs.dir / "domain.xml").write_text(xml)
+        known_hosts_line(rs.domain, (ck / "ssh_host_ed25519_key.pub").read_text())
+    )
+    _write_restore_files(ctx, rs, ck)
     t0 = time.monotonic()
-    virsh(ctx, "restore", ck / "memory.save", "--xml", rs.dir / "domain.xml",
-          timeout=ctx.bounds["checkpoint"], check=True, stage="resume")
+    virsh(
+        ctx,
+        "restore",
+        ck / "memory.save",
+        "--xml",
+        rs.dir / "domain.xml",
+        timeout=ctx.bounds["checkpoint"],
+        check=True,
+        stage="resume",
+    )
     data["state"] = "restored"
     rs.save()
     # Persistent, so a hard reboot (destroy + start) finds it again.
@@ -3582,16 +4455,80 @@ def resume_run(ctx, profile, certs, manifest, chain_keys, holder):
     step_guest_clock(ctx, rs)
     boot_id = read_boot_id(ctx, rs)
     if boot_id != manifest["boot_id"]:
-        raise InfraError("resume", f"the restored guest has boot_id {boot_id}, the "
-                         f"checkpoint recorded {manifest['boot_id']}: it rebooted instead of "
-                         "resuming")
+        raise InfraError(
+            "resume",
+            f"the restored guest has boot_id {boot_id}, the "
+            f"checkpoint recorded {manifest['boot_id']}: it rebooted instead of "
+            "resuming",
+        )
     rs.data["boot_stages"] = {"restored-ssh": round(time.monotonic() - t0, 1)}
     rs.data["state"] = "up"
     rs.save()
     write_current(ctx, rs)
-    progress(ctx, "resume", f"{rs.domain} resumed from checkpoint {manifest['stage']} "
-             f"({manifest['key']}, saved {_age(manifest['created_at'])} ago) as run {name}")
+    progress(
+        ctx,
+        "resume",
+        f"{rs.domain} resumed from checkpoint {manifest['stage']} "
+        f"({manifest['key']}, saved {_age(manifest['created_at'])} ago) as run {name}",
+    )
     return rs
+
+
+def _resume_data(ctx, profile, certs, manifest, chain_keys, name, ck):
+    """The run.json data of a run `name` resumed from the checkpoint (manifest, dir ck):
+    the checkpoint's domain, MAC, IP, accelerator, sizes and boot_id; its own name."""
+    host = profile["name"]
+    return {
+        "name": name,
+        "domain": manifest["domain"],
+        "host": host,
+        "profile": profile["path"],
+        "certs": certs,
+        "accel": manifest["accel"],
+        "mac": manifest["mac"],
+        "ip": manifest["ip"],
+        "created_at": now_iso(),
+        "owner": owner_name(),
+        "image": str(ck / "disk.qcow2"),
+        "image_key": manifest["image_key"],
+        "state": "creating",
+        "boot_ids": [manifest["boot_id"]],
+        "uri": ctx.uri,
+        "mem_mib": manifest["mem_mib"],
+        "vcpus": manifest["vcpus"],
+        "resumed_from": {
+            "stage": manifest["stage"],
+            "key": manifest["key"],
+            "created_at": manifest["created_at"],
+        },
+        "checkpoints_read": list(chain_keys),
+    }
+
+
+def _write_restore_files(ctx, rs, ck):
+    """The resumed run's overlay on the checkpoint's disk and its domain.xml: the
+    checkpoint's, pointed at that overlay and the run's console log, with the run's
+    ownership metadata."""
+    data, name, host = rs.data, rs.name, rs.data["host"]
+    overlay = rs.disk_dir / "overlay.qcow2"
+    run(
+        qemu_img_overlay_argv(ck / "disk.qcow2", overlay),
+        timeout=60,
+        check=True,
+        stage="resume",
+        cmdlog=ctx.cmdlog,
+    )
+    os.chmod(overlay, DISK_MODE)
+    xml = rewrite_restore_xml(
+        (ck / "domain.xml").read_text(),
+        overlay,
+        ck / "seed.img",
+        rs.console_log,
+        render_metadata_xml(
+            data["created_at"] + "/" + name, data["created_at"], host, data["owner"], host
+        ),
+    )
+    (rs.dir / "domain.xml").write_text(xml)
 
 
 def checkpoint_after_apply(ctx, rs, result):
@@ -3603,6 +4540,7 @@ def checkpoint_after_apply(ctx, rs, result):
         _, parent, _ = ctx.checkpoint_chain[i - 1]
         stage, key, _ = ctx.checkpoint_chain[i]
         take_checkpoint(ctx, rs, stage, key, parent, result)
+
     return after
 
 
@@ -3632,54 +4570,80 @@ def collect_diagnostics(ctx, rs, reason):
     notes = []
     try:
         d.mkdir(parents=True, exist_ok=True)
-        for src, dst in ((rs.console_log, "console.log"),
-                         (ctx.path_env("BOMA_IT_LIBVIRT_LOG_DIR")
-                          / f"{rs.domain}.log", "libvirt-qemu.log")):
-            try:
-                shutil.copyfile(src, d / dst)
-            except OSError as e:
-                notes.append(f"{dst}: not collected ({e.strerror or e})")
-        for fname, args in (("domifaddr.txt", ("domifaddr", rs.domain, "--source", "lease")),
-                            ("net-dhcp-leases.txt", ("net-dhcp-leases", NET_NAME)),
-                            ("domain.xml", ("dumpxml", rs.domain)),
-                            ("domstate.txt", ("domstate", rs.domain, "--reason"))):
-            try:
-                r = virsh(ctx, *args, timeout=ctx.bounds["diag-command"])
-                (d / fname).write_text(r.stdout + r.stderr)
-            except HarnessError as e:
-                notes.append(f"{fname}: {e}")
+        _collect_host_files(ctx, rs, d, notes)
         guest_ok = False
         if rs.ip:
             r = rs.ssh("true", timeout=min(15, ctx.bounds["diag-command"]))
             guest_ok = r.returncode == 0
-            why = "attempt timed out" if r.timed_out else (r.stderr.strip() or f"exit {r.returncode}")
+            why = (
+                "attempt timed out" if r.timed_out else (r.stderr.strip() or f"exit {r.returncode}")
+            )
         else:
             why = "the VM never got an IP address"
         if guest_ok:
             for fname, cmd in GUEST_DIAG_COMMANDS:
                 r = rs.ssh(f"sudo -n {cmd}", timeout=ctx.bounds["diag-command"])
                 (d / fname).write_text(
-                    r.stdout + (f"\n# stderr:\n{r.stderr}" if r.stderr.strip() else "")
-                    + ("\n# TIMED OUT\n" if r.timed_out else ""))
+                    r.stdout
+                    + (f"\n# stderr:\n{r.stderr}" if r.stderr.strip() else "")
+                    + ("\n# TIMED OUT\n" if r.timed_out else "")
+                )
         else:
-            (d / "NOTE").write_text(f"Guest-side diagnostics could not be collected: SSH to "
-                                    f"{ANSIBLE_USER}@{rs.ip or '?'} failed ({why}).\n"
-                                    "Only host-side files are here; read console.log.\n")
+            (d / "NOTE").write_text(
+                f"Guest-side diagnostics could not be collected: SSH to "
+                f"{ANSIBLE_USER}@{rs.ip or '?'} failed ({why}).\n"
+                "Only host-side files are here; read console.log.\n"
+            )
         logs = rs.dir / "logs"
         if logs.is_dir():
             shutil.copytree(logs, d / "logs", dirs_exist_ok=True)
-        files = sorted(p for p in d.rglob("*") if p.is_file() and p.name != "SUMMARY.txt")
-        lines = [f"integration-vm diagnostics for {rs.name} ({rs.data.get('host')})",
-                 f"reason: {reason}", f"collected: {now_iso()}", f"ip: {rs.ip or '-'}",
-                 f"console log: {rs.console_log}", "", "files:"]
-        lines += [f"  {p.relative_to(d)}  ({p.stat().st_size} bytes)" for p in files]
-        if notes:
-            lines += ["", "not collected:"] + [f"  {n}" for n in notes]
-        (d / "SUMMARY.txt").write_text("\n".join(lines) + "\n")
+        _write_diag_summary(rs, d, reason, notes)
         progress(ctx, "diagnostics", f"written to {d}")
     except Exception as e:  # diagnostics must never mask the real failure
         print(f"integration-vm: warning: diagnostics incomplete: {e}", file=sys.stderr)
     return d
+
+
+def _collect_host_files(ctx, rs, d, notes):
+    """collect_diagnostics' host side: the console and QEMU logs, and virsh's view of the
+    domain and the network. What fails is one line in `notes`."""
+    for src, dst in (
+        (rs.console_log, "console.log"),
+        (ctx.path_env("BOMA_IT_LIBVIRT_LOG_DIR") / f"{rs.domain}.log", "libvirt-qemu.log"),
+    ):
+        try:
+            shutil.copyfile(src, d / dst)
+        except OSError as e:
+            notes.append(f"{dst}: not collected ({e.strerror or e})")
+    for fname, args in (
+        ("domifaddr.txt", ("domifaddr", rs.domain, "--source", "lease")),
+        ("net-dhcp-leases.txt", ("net-dhcp-leases", NET_NAME)),
+        ("domain.xml", ("dumpxml", rs.domain)),
+        ("domstate.txt", ("domstate", rs.domain, "--reason")),
+    ):
+        try:
+            r = virsh(ctx, *args, timeout=ctx.bounds["diag-command"])
+            (d / fname).write_text(r.stdout + r.stderr)
+        except HarnessError as e:
+            notes.append(f"{fname}: {e}")
+
+
+def _write_diag_summary(rs, d, reason, notes):
+    """SUMMARY.txt of a diagnostics dir: why, when, the files and what was not collected."""
+    files = sorted(p for p in d.rglob("*") if p.is_file() and p.name != "SUMMARY.txt")
+    lines = [
+        f"integration-vm diagnostics for {rs.name} ({rs.data.get('host')})",
+        f"reason: {reason}",
+        f"collected: {now_iso()}",
+        f"ip: {rs.ip or '-'}",
+        f"console log: {rs.console_log}",
+        "",
+        "files:",
+    ]
+    lines += [f"  {p.relative_to(d)}  ({p.stat().st_size} bytes)" for p in files]
+    if notes:
+        lines += ["", "not collected:"] + [f"  {n}" for n in notes]
+    (d / "SUMMARY.txt").write_text("\n".join(lines) + "\n")
 
 
 def parse_name_list(text):
@@ -3747,13 +4711,14 @@ def destroy_domain(ctx, name, expect_run_id=None):
     if m.returncode != 0:
         exists = virsh(ctx, "domstate", name).returncode == 0
         if exists:
-            print(f"integration-vm: not touching domain {name}: no boma metadata",
-                  file=sys.stderr)
+            print(f"integration-vm: not touching domain {name}: no boma metadata", file=sys.stderr)
         return False
     meta = parse_metadata_xml(m.stdout)
     if not meta or (expect_run_id and meta.get("id") != expect_run_id):
-        print(f"integration-vm: not touching domain {name}: metadata is not this run's",
-              file=sys.stderr)
+        print(
+            f"integration-vm: not touching domain {name}: metadata is not this run's",
+            file=sys.stderr,
+        )
         return False
     if virsh(ctx, "domstate", name).stdout.strip() not in ("shut off", ""):
         virsh(ctx, "destroy", name)
@@ -3783,10 +4748,15 @@ def down_run(ctx, rs):
 # list, and one policy for each way it can end (diagnostics? keep or destroy? exit code).
 
 TOOL_PACKAGES = {
-    "virsh": "libvirt-clients", "virt-install": "virt-install (bookworm: virtinst)",
-    "qemu-img": "qemu-utils", "cloud-localds": "cloud-image-utils",
-    "ssh": "openssh-client", "ssh-keygen": "openssh-client", "mmdebstrap": "mmdebstrap",
-    "mkfs.ext4": "e2fsprogs", "qemu-system-x86_64": "qemu-system-x86",
+    "virsh": "libvirt-clients",
+    "virt-install": "virt-install (bookworm: virtinst)",
+    "qemu-img": "qemu-utils",
+    "cloud-localds": "cloud-image-utils",
+    "ssh": "openssh-client",
+    "ssh-keygen": "openssh-client",
+    "mmdebstrap": "mmdebstrap",
+    "mkfs.ext4": "e2fsprogs",
+    "qemu-system-x86_64": "qemu-system-x86",
     "ansible-playbook": "make venv",
 }
 
@@ -3806,23 +4776,27 @@ def check_tools(ctx, tools):
     path = ctx.environ.get("PATH")
     for t in tools:
         if shutil.which(t, path=path) is None:
-            raise InfraError("tools", f"required tool {t!r} not found on PATH "
-                             f"(install {TOOL_PACKAGES.get(t, t)})")
+            raise InfraError(
+                "tools",
+                f"required tool {t!r} not found on PATH (install {TOOL_PACKAGES.get(t, t)})",
+            )
 
 
 def check_ansible(ctx):
     pb = find_ansible_playbook(ctx)
     if shutil.which(pb, path=ctx.environ.get("PATH")) is None and not os.access(pb, os.X_OK):
-        raise InfraError("tools", "ansible-playbook not found (set BOMA_IT_ANSIBLE_PLAYBOOK "
-                         "or run `make venv`)")
+        raise InfraError(
+            "tools", "ansible-playbook not found (set BOMA_IT_ANSIBLE_PLAYBOOK or run `make venv`)"
+        )
     return pb
 
 
 def check_libvirt(ctx):
     r = virsh(ctx, "uri", timeout=min(ctx.bounds["virsh"], 30))
     if r.returncode != 0:
-        lines = (r.stderr.strip() or r.stdout.strip() or
-                 ("timed out" if r.timed_out else "no output")).splitlines()
+        lines = (
+            r.stderr.strip() or r.stdout.strip() or ("timed out" if r.timed_out else "no output")
+        ).splitlines()
         raise InfraError("libvirt", f"libvirtd not reachable at {ctx.uri}: {lines[0]}")
 
 
@@ -3856,8 +4830,10 @@ def ram_guard(ctx, mem_mib):
     """(ok, detail) of the RAM guard, for check_guards and doctor alike."""
     avail = free_mib(read_meminfo(ctx))
     floor = ctx.settings["BOMA_IT_RAM_FLOOR_MIB"]
-    return avail - mem_mib >= floor, (f"MemAvailable {avail} MiB minus the VM's {mem_mib} MiB "
-                                      f"must leave {floor} MiB (BOMA_IT_RAM_FLOOR_MIB)")
+    return avail - mem_mib >= floor, (
+        f"MemAvailable {avail} MiB minus the VM's {mem_mib} MiB "
+        f"must leave {floor} MiB (BOMA_IT_RAM_FLOOR_MIB)"
+    )
 
 
 def disk_guard(ctx, need_image):
@@ -3878,10 +4854,13 @@ def check_guards(ctx, profile, need_image, count_vms=True):
         raise InfraError("guard", f"refusing to start: {detail}")
     owned = sorted(owned_domains(ctx)) if count_vms else []
     if len(owned) >= ctx.max_vms:
-        raise InfraError("guard", f"refusing to start: {len(owned)} harness VM(s) already "
-                         f"running or defined ({', '.join(owned)}); BOMA_IT_MAX_VMS="
-                         f"{ctx.max_vms}. Tear it down with `integration-vm down --run NAME` "
-                         "or `make test-integration-clean`")
+        raise InfraError(
+            "guard",
+            f"refusing to start: {len(owned)} harness VM(s) already "
+            f"running or defined ({', '.join(owned)}); BOMA_IT_MAX_VMS="
+            f"{ctx.max_vms}. Tear it down with `integration-vm down --run NAME` "
+            "or `make test-integration-clean`",
+        )
     ctx.cache.mkdir(parents=True, exist_ok=True)
     ok, detail = disk_guard(ctx, need_image)
     if not ok:
@@ -3907,8 +4886,11 @@ def acquire_slot(ctx, holder):
             continue
         holder["slot"] = fh
         return
-    raise InfraError("guard", f"refusing to start: another run holds the VM slot "
-                     f"(BOMA_IT_MAX_VMS={ctx.max_vms}, all slots busy)")
+    raise InfraError(
+        "guard",
+        f"refusing to start: another run holds the VM slot "
+        f"(BOMA_IT_MAX_VMS={ctx.max_vms}, all slots busy)",
+    )
 
 
 def release_slot(holder):
@@ -3928,8 +4910,11 @@ def file_lock(ctx, path, what):
                 break
             except BlockingIOError:
                 if time.monotonic() > deadline:
-                    raise InfraError("guard", f"{what}: lock {path} held by another run for "
-                                     f"more than {ctx.bounds['lock']:.0f}s") from None
+                    raise InfraError(
+                        "guard",
+                        f"{what}: lock {path} held by another run for "
+                        f"more than {ctx.bounds['lock']:.0f}s",
+                    ) from None
                 time.sleep(ctx.poll)
         yield
     finally:
@@ -3942,12 +4927,31 @@ def new_result(command, host=None):
     (apply:site.yml, reboot:hard ...) with its status; `failures` are the failing verify
     (or idempotence) task names; `failed_stage` names where a non-pass stopped."""
     return {
-        "schema": 1, "command": command, "verdict": None, "exit_code": None,
-        "failed_stage": None, "message": "", "host": host, "vm": None, "ip": None,
-        "accel": None, "certs": None, "reboot_modes": [], "reboot_diffs": [], "phases": {},
-        "phase_details": [], "failures": [], "verify_tasks": [], "idempotence": None,
-        "diagnostics": None, "run_dir": None, "started_at": None, "finished_at": None,
-        "total_seconds": None, "kept": False, "expect_fail": False,
+        "schema": 1,
+        "command": command,
+        "verdict": None,
+        "exit_code": None,
+        "failed_stage": None,
+        "message": "",
+        "host": host,
+        "vm": None,
+        "ip": None,
+        "accel": None,
+        "certs": None,
+        "reboot_modes": [],
+        "reboot_diffs": [],
+        "phases": {},
+        "phase_details": [],
+        "failures": [],
+        "verify_tasks": [],
+        "idempotence": None,
+        "diagnostics": None,
+        "run_dir": None,
+        "started_at": None,
+        "finished_at": None,
+        "total_seconds": None,
+        "kept": False,
+        "expect_fail": False,
     }
 
 
@@ -3963,14 +4967,21 @@ def phase_totals(phases):
 def format_summary(result):
     verdict = (result.get("verdict") or "error").upper()
     if result.get("expect_fail"):
-        verdict += " (expected fail)" if result.get("verdict") == "fail" and \
-            result.get("exit_code") == EXIT_PASS else f" (expected FAIL at {result['expect_fail']})"
+        verdict += (
+            " (expected fail)"
+            if result.get("verdict") == "fail" and result.get("exit_code") == EXIT_PASS
+            else f" (expected FAIL at {result['expect_fail']})"
+        )
     head = f"integration-vm: {verdict}"
     if result.get("verdict") in ("error", "fail", "interrupted") and result.get("failed_stage"):
         head += f"[{result['failed_stage']}]"
-    parts = [head, result.get("host") or "-", result.get("vm") or "-",
-             f"accel={result.get('accel') or '-'}",
-             f"total={round(result.get('total_seconds') or 0)}s"]
+    parts = [
+        head,
+        result.get("host") or "-",
+        result.get("vm") or "-",
+        f"accel={result.get('accel') or '-'}",
+        f"total={round(result.get('total_seconds') or 0)}s",
+    ]
     totals = phase_totals(result.get("phase_details", []))
     if totals:
         parts.append("(" + ", ".join(f"{k} {round(v)}s" for k, v in totals.items()) + ")")
@@ -3980,42 +4991,74 @@ def format_summary(result):
 def render_junit(result):
     """JUnit XML: one testcase per phase and per verify task."""
     suite = f"integration-vm.{result.get('host') or 'unknown'}"
-    cases = []
-    for p in result.get("phase_details", []):
-        cases.append((p["name"], p["seconds"], p["status"], p.get("message", ""),
-                      p.get("detail") or p.get("message", "")))
-    for t in result.get("verify_tasks", []):
-        st = "fail" if t["status"] == "failed" else ("skipped" if t["status"] == "skipped" else "pass")
-        cases.append((f"verify: {t['name']}", 0.0, st, t.get("message", ""), t.get("message", "")))
-    if result.get("verdict") in ("error", "interrupted") and not any(
-            c[2] in ("error", "fail") for c in cases):
-        cases.append((result.get("failed_stage") or "harness", 0.0, "error",
-                      result.get("message", ""), result.get("message", "")))
+    cases = _junit_cases(result)
     failures = sum(1 for c in cases if c[2] == "fail")
     errors = sum(1 for c in cases if c[2] in ("error", "interrupted"))
     skipped = sum(1 for c in cases if c[2] == "skipped")
-    out = ['<?xml version="1.0" encoding="UTF-8"?>',
-           f'<testsuites name="integration-vm" tests="{len(cases)}" failures="{failures}" '
-           f'errors="{errors}" time="{result.get("total_seconds") or 0:.3f}">',
-           f'  <testsuite name={_xml_quoteattr(suite)} tests="{len(cases)}" '
-           f'failures="{failures}" errors="{errors}" skipped="{skipped}" '
-           f'time="{result.get("total_seconds") or 0:.3f}">']
+    out = [
+        '<?xml version="1.0" encoding="UTF-8"?>',
+        f'<testsuites name="integration-vm" tests="{len(cases)}" failures="{failures}" '
+        f'errors="{errors}" time="{result.get("total_seconds") or 0:.3f}">',
+        f'  <testsuite name={_xml_quoteattr(suite)} tests="{len(cases)}" '
+        f'failures="{failures}" errors="{errors}" skipped="{skipped}" '
+        f'time="{result.get("total_seconds") or 0:.3f}">',
+    ]
     for name, secs, status, msg, body in cases:
-        head = (f'    <testcase classname={_xml_quoteattr(suite)} name={_xml_quoteattr(name)} '
-                f'time="{secs:.3f}"')
+        head = (
+            f"    <testcase classname={_xml_quoteattr(suite)} name={_xml_quoteattr(name)} "
+            f'time="{secs:.3f}"'
+        )
         if status == "pass" and not msg:
             out.append(head + "/>")
             continue
         out.append(head + ">")
-        if status == "pass":   # a passing case with a note (e.g. --reboot-diff=warn)
+        if status == "pass":  # a passing case with a note (e.g. --reboot-diff=warn)
             out.append(f"      <system-out>{_xml_escape(body)}</system-out>")
         else:
             tag = {"fail": "failure", "skipped": "skipped"}.get(status, "error")
-            out.append(f"      <{tag} message={_xml_quoteattr(msg[:300] or status)}>"
-                       f"{_xml_escape(body)}</{tag}>")
+            out.append(
+                f"      <{tag} message={_xml_quoteattr(msg[:300] or status)}>"
+                f"{_xml_escape(body)}</{tag}>"
+            )
         out.append("    </testcase>")
     out += ["  </testsuite>", "</testsuites>"]
     return "\n".join(out) + "\n"
+
+
+def _junit_cases(result):
+    """render_junit's cases [(name, seconds, status, message, body)]: the phases, the
+    verify tasks, and one error case when the run ended in error with none recorded."""
+    cases = []
+    for p in result.get("phase_details", []):
+        cases.append(
+            (
+                p["name"],
+                p["seconds"],
+                p["status"],
+                p.get("message", ""),
+                p.get("detail") or p.get("message", ""),
+            )
+        )
+    for t in result.get("verify_tasks", []):
+        st = (
+            "fail"
+            if t["status"] == "failed"
+            else ("skipped" if t["status"] == "skipped" else "pass")
+        )
+        cases.append((f"verify: {t['name']}", 0.0, st, t.get("message", ""), t.get("message", "")))
+    if result.get("verdict") in ("error", "interrupted") and not any(
+        c[2] in ("error", "fail") for c in cases
+    ):
+        cases.append(
+            (
+                result.get("failed_stage") or "harness",
+                0.0,
+                "error",
+                result.get("message", ""),
+                result.get("message", ""),
+            )
+        )
+    return cases
 
 
 @contextlib.contextmanager
@@ -4051,13 +5094,15 @@ def inspection_help(ctx, rs):
     netns = ctx.settings["BOMA_IT_NETNS"]
     prefix = f"ip netns exec {netns} " if netns else ""
     ssh_cmd = shlex.join(ssh_argv(rs.dir, rs.domain, rs.ip or "<ip>", "", port=ctx.ssh_port)[:-1])
-    return (f"integration-vm: VM {rs.domain} (run {rs.name}) kept for inspection:\n"
-            f"  console log:  {rs.console_log}\n"
-            f"  serial:       {prefix}virsh --connect {ctx.uri} console {rs.domain}\n"
-            f"  ssh:          {prefix}{ssh_cmd}\n"
-            f"  diagnostics:  {rs.diag_dir}\n"
-            f"  clean up:     scripts/integration-vm.py down --run {rs.name}   "
-            f"(or: make test-integration-clean)\n")
+    return (
+        f"integration-vm: VM {rs.domain} (run {rs.name}) kept for inspection:\n"
+        f"  console log:  {rs.console_log}\n"
+        f"  serial:       {prefix}virsh --connect {ctx.uri} console {rs.domain}\n"
+        f"  ssh:          {prefix}{ssh_cmd}\n"
+        f"  diagnostics:  {rs.diag_dir}\n"
+        f"  clean up:     scripts/integration-vm.py down --run {rs.name}   "
+        f"(or: make test-integration-clean)\n"
+    )
 
 
 def finish_result(ctx, result, rs, junit=None, stream=None):
@@ -4067,8 +5112,9 @@ def finish_result(ctx, result, rs, junit=None, stream=None):
     if ctx.strategy is not None:
         result["ansible_strategy"] = ctx.strategy
     if rs is not None:
-        result.update(vm=rs.name, domain=rs.domain, ip=rs.ip, accel=rs.data.get("accel"),
-                      run_dir=str(rs.dir))
+        result.update(
+            vm=rs.name, domain=rs.domain, ip=rs.ip, accel=rs.data.get("accel"), run_dir=str(rs.dir)
+        )
         text = json.dumps(result, indent=2, sort_keys=True) + "\n"
         try:
             rs.dir.mkdir(parents=True, exist_ok=True)
@@ -4089,8 +5135,10 @@ def _ignore_signals():
     """While diagnostics/teardown run, a second Ctrl-C must not abort them. A Python
     handler (not SIG_IGN, which children would inherit across exec) keeps the processes
     we start killable."""
+
     def note(signum, frame):
         print("integration-vm: cleaning up, please wait", file=sys.stderr, flush=True)
+
     for s in (signal.SIGINT, signal.SIGTERM):
         signal.signal(s, note)
 
@@ -4116,8 +5164,9 @@ def session(ctx, args, command):
         except KeyboardInterrupt:
             exit_code = on_interrupt(ctx, args, command, result, holder["rs"])
         except Exception as e:  # every error takes the same road
-            exit_code = on_error(ctx, args, command, result, holder["rs"],
-                                 as_harness_error(e, result))
+            exit_code = on_error(
+                ctx, args, command, result, holder["rs"], as_harness_error(e, result)
+            )
     finally:
         release_slot(holder)
     exit_code = apply_expect_fail(result, exit_code)
@@ -4126,16 +5175,22 @@ def session(ctx, args, command):
         return exit_code  # bad input: the one error line says it all, nothing ran
     if ctx.checkpoint_chain and ctx.bench_phase in (None, "cold"):
         try:  # one chain per profile: what these inputs can no longer resume goes
-            gone = gc_checkpoints(ctx, result.get("host"),
-                                  keep=[k for _, k, _ in ctx.checkpoint_chain])
+            gone = gc_checkpoints(
+                ctx, result.get("host"), keep=[k for _, k, _ in ctx.checkpoint_chain]
+            )
             if gone:
                 progress(ctx, "checkpoint", f"removed {len(gone)} outdated checkpoint(s)")
         except Exception as e:  # a cleanup must not change the verdict
             print(f"integration-vm: warning: checkpoint cleanup: {e}", file=sys.stderr)
     ctx.last_result = result
     note_boot_times(ctx, result, holder["rs"].name if holder["rs"] else None)
-    finish_result(ctx, result, holder["rs"] if writes_result else None,
-                  getattr(args, "junit", None), stream=sys.stdout if writes_result else sys.stderr)
+    finish_result(
+        ctx,
+        result,
+        holder["rs"] if writes_result else None,
+        getattr(args, "junit", None),
+        stream=sys.stdout if writes_result else sys.stderr,
+    )
     if command == "bench":
         sys.stdout.write(format_bench_table(result))
     if command == "loop":
@@ -4155,8 +5210,7 @@ def session_phases(ctx, args, command, result, holder):
     else:
         holder["rs"] = select_run(ctx, args.run, args.host, live="required")
         if holder["rs"].data.get("state") != "up":
-            raise UsageError(f"run {holder['rs'].name} is {holder['rs'].data.get('state')}, "
-                             "not up")
+            raise UsageError(f"run {holder['rs'].name} is {holder['rs'].data.get('state')}, not up")
         ctx.cmdlog = holder["rs"].dir / "logs" / "commands.log"
         ctx.bounds = stage_bounds(holder["rs"].data.get("accel"), ctx.settings)
     rs = holder["rs"]
@@ -4164,29 +5218,48 @@ def session_phases(ctx, args, command, result, holder):
     if command == "apply":
         apply(ctx, rs, profile, certs, result=result)
     if command in CONVERGING_COMMANDS:
-        apply(ctx, rs, profile, certs, result=result, start=rs.data.get("applied_steps", 0),
-              after_step=checkpoint_after_apply(ctx, rs, result))
+        apply(
+            ctx,
+            rs,
+            profile,
+            certs,
+            result=result,
+            start=rs.data.get("applied_steps", 0),
+            after_step=checkpoint_after_apply(ctx, rs, result),
+        )
     if command in ("reboot", "loop") or (command in GATE_COMMANDS and not args.no_reboot):
-        modes = [args.reboot] if args.reboot else profile["reboot"]
-        result["reboot_modes"] = (["graceful"] if command == "loop" else
-                                  modes[:1] if command == "reboot" else modes)
-        last = None  # the previous reboot's final capture is the next one's `before`
-        for mode in result["reboot_modes"]:
-            with timed_phase(ctx, result, f"reboot:{mode}"):
-                before, after = reboot_vm(ctx, rs, mode, before=last)
-            result.setdefault("reboot_stages", []).append(
-                {k: rs.data["reboots"][-1][k]
-                 for k in ("mode", "seconds_to_ssh", "seconds_to_running")})
-            with timed_phase(ctx, result, f"reboot-diff:{mode}") as entry:
-                summary = reboot_diff(ctx, rs, profile, mode, before, after, result,
-                                      args.reboot_diff)
-                if summary.get("warning"):
-                    entry["message"] = summary["warning"]
-            last = None if summary.get("recaptured") else after
+        _reboots(ctx, args, command, profile, rs, result)
     if command in ("assert", *CONVERGING_COMMANDS):
         run_assert(ctx, rs, profile, certs, result)
     if command in GATE_COMMANDS and not args.no_idempotence and not args.no_reboot:
         idempotence(ctx, rs, profile, certs, result)
+    _finish(ctx, args, command, profile, certs, rs, result)
+
+
+def _reboots(ctx, args, command, profile, rs, result):
+    """session_phases' reboots: each mode the command runs (loop: one graceful; reboot:
+    the first; the gate: all), each proved and diffed against the capture before it."""
+    modes = [args.reboot] if args.reboot else profile["reboot"]
+    result["reboot_modes"] = (
+        ["graceful"] if command == "loop" else modes[:1] if command == "reboot" else modes
+    )
+    last = None  # the previous reboot's final capture is the next one's `before`
+    for mode in result["reboot_modes"]:
+        with timed_phase(ctx, result, f"reboot:{mode}"):
+            before, after = reboot_vm(ctx, rs, mode, before=last)
+        result.setdefault("reboot_stages", []).append(
+            {k: rs.data["reboots"][-1][k] for k in ("mode", "seconds_to_ssh", "seconds_to_running")}
+        )
+        with timed_phase(ctx, result, f"reboot-diff:{mode}") as entry:
+            summary = reboot_diff(ctx, rs, profile, mode, before, after, result, args.reboot_diff)
+            if summary.get("warning"):
+                entry["message"] = summary["warning"]
+        last = None if summary.get("recaptured") else after
+
+
+def _finish(ctx, args, command, profile, certs, rs, result):
+    """session_phases' tail once everything passed: the verdict, the transport bench,
+    then teardown (the gate) or the kept VM's inspection help; `up` prints name and IP."""
     result["verdict"] = "pass"
     if ctx.bench_transport:
         compare_transports(ctx, rs, profile, certs, result)
@@ -4217,13 +5290,15 @@ def apply_expect_fail(result, exit_code):
     if not want or exit_code not in (EXIT_PASS, EXIT_VERIFY):
         return exit_code
     if exit_code == EXIT_PASS:
-        print(f"integration-vm: {want} PASSED but --expect-fail={want} was given",
-              file=sys.stderr)
+        print(f"integration-vm: {want} PASSED but --expect-fail={want} was given", file=sys.stderr)
         return EXIT_VERIFY
     if expected_failure(result, result.get("failed_stage")):
         return EXIT_PASS
-    print(f"integration-vm: failed at {result.get('failed_stage')}, not at the expected "
-          f"stage {want} (--expect-fail)", file=sys.stderr)
+    print(
+        f"integration-vm: failed at {result.get('failed_stage')}, not at the expected "
+        f"stage {want} (--expect-fail)",
+        file=sys.stderr,
+    )
     return EXIT_VERIFY
 
 
@@ -4238,8 +5313,9 @@ def teardown_or_keep(ctx, args, command, result, rs, teardown):
                 down_run(ctx, rs)
         except Exception as e:  # report, never mask the verdict
             result["teardown_error"] = str(e)
-            print(f"integration-vm: warning: teardown of {rs.name} incomplete: {e}",
-                  file=sys.stderr)
+            print(
+                f"integration-vm: warning: teardown of {rs.name} incomplete: {e}", file=sys.stderr
+            )
         return
     result["kept"] = True
     print(inspection_help(ctx, rs), file=sys.stderr, end="")
@@ -4267,8 +5343,7 @@ def on_error(ctx, args, command, result, rs, e):
 
 def on_interrupt(ctx, args, command, result, rs):
     _ignore_signals()
-    result.update(verdict="interrupted", failed_stage=_current_phase(result),
-                  message="interrupted")
+    result.update(verdict="interrupted", failed_stage=_current_phase(result), message="interrupted")
     print("\nintegration-vm: interrupted", file=sys.stderr)
     if rs is not None and command in CREATING_COMMANDS and not args.keep:
         progress(ctx, "teardown", f"tearing down {rs.name}")
@@ -4283,8 +5358,11 @@ def as_harness_error(e, result):
         return e
     failed = [p["name"] for p in result["phase_details"] if p["status"] == "error"]
     stage = failed[-1] if failed else "session"
-    what = f"{e.strerror}: {e.filename}" if isinstance(e, OSError) and e.strerror and \
-        e.filename else (str(e).splitlines() or [""])[0]
+    what = (
+        f"{e.strerror}: {e.filename}"
+        if isinstance(e, OSError) and e.strerror and e.filename
+        else (str(e).splitlines() or [""])[0]
+    )
     return InfraError(stage, f"unexpected {type(e).__name__}: {what}")
 
 
@@ -4295,8 +5373,9 @@ def check_junit(path):
     f = pathlib.Path(path)
     parent = f.parent if str(f.parent) else pathlib.Path(".")
     if f.is_dir() or not parent.is_dir() or not os.access(parent, os.W_OK | os.X_OK):
-        raise UsageError(f"--junit {path}: not a writable file path (its directory must "
-                         "exist and be writable)")
+        raise UsageError(
+            f"--junit {path}: not a writable file path (its directory must exist and be writable)"
+        )
 
 
 def prepare(ctx, args, command):
@@ -4316,8 +5395,10 @@ def prepare(ctx, args, command):
             certs = None
     certs = certs or "internal"
     if certs == PROD_TIER and not args.allow_prod_certs:
-        raise UsageError(f"--certs {PROD_TIER} uses the production DNS token and the real "
-                         "zone; pass --allow-prod-certs to confirm")
+        raise UsageError(
+            f"--certs {PROD_TIER} uses the production DNS token and the real "
+            "zone; pass --allow-prod-certs to confirm"
+        )
     if not (ctx.repo / "tests" / "integration" / "certs" / f"{certs}.yml").is_file():
         raise UsageError(f"cert tier file tests/integration/certs/{certs}.yml does not exist")
     if certs in REAL_SECRET_TIERS and command in ("apply", *CREATING_COMMANDS):
@@ -4325,8 +5406,10 @@ def prepare(ctx, args, command):
         r = run([str(ctx.repo / "scripts" / "vault-password.sh")], timeout=30)
         if r.returncode != 0 or not r.stdout.strip():
             why = (r.stderr.strip().splitlines() or ["no password printed"])[-1]
-            raise UsageError(f"--certs {certs} needs the production vault password "
-                             f"(scripts/vault-password.sh: {why})")
+            raise UsageError(
+                f"--certs {certs} needs the production vault password "
+                f"(scripts/vault-password.sh: {why})"
+            )
     if command != "reboot" and command != "up":
         check_ansible(ctx)
     cached = (ctx.cache / "images" / current_image_key(ctx) / "manifest.json").is_file()
@@ -4350,14 +5433,19 @@ def provision(ctx, args, profile, certs, result, holder):
     accel = choose_accel(ctx, image)
     result["accel"] = accel
     ctx.bounds = stage_bounds(accel, ctx.settings)
-    acquire_slot(ctx, holder)   # held until the session ends, after its teardown
+    acquire_slot(ctx, holder)  # held until the session ends, after its teardown
     if certs in REAL_SECRET_TIERS and checkpoints_enabled(ctx, args):
-        progress(ctx, "checkpoint", f"off: --certs {certs} puts the real Gandi token in the "
-                 "guest's memory, which a checkpoint would keep on disk")
+        progress(
+            ctx,
+            "checkpoint",
+            f"off: --certs {certs} puts the real Gandi token in the "
+            "guest's memory, which a checkpoint would keep on disk",
+        )
     elif getattr(args, "cmd", None) in CONVERGING_COMMANDS and checkpoints_enabled(ctx, args):
         ctx.checkpoint_chain = checkpoint_chain(ctx, profile, certs, image.key, accel)
-        result["checkpoints"] = {"chain": [{"stage": st, "key": k, **det}
-                                           for st, k, det in ctx.checkpoint_chain]}
+        result["checkpoints"] = {
+            "chain": [{"stage": st, "key": k, **det} for st, k, det in ctx.checkpoint_chain]
+        }
         if ctx.bench_phase == "cold":  # a cold benchmark starts with none of its own
             gc_checkpoints(ctx, profile["name"], keep=())
         ensure_network(ctx)  # a restore needs it active too (a fresh libvirtd has not started it)
@@ -4382,14 +5470,15 @@ def try_resume(ctx, profile, certs, result, holder):
     A checkpoint that fails to come back is reported and the run boots cold instead."""
     keys = [k for _, k, _ in ctx.checkpoint_chain]
     manifests = {k: load_checkpoint(ctx, k) for k in keys}
-    best = newest_valid_checkpoint([(st, k) for st, k, _ in ctx.checkpoint_chain],
-                                   lambda k: manifests[k] is not None)
+    best = newest_valid_checkpoint(
+        [(st, k) for st, k, _ in ctx.checkpoint_chain], lambda k: manifests[k] is not None
+    )
     if best is None:
         progress(ctx, "resume", "no valid checkpoint for these inputs: cold boot")
         return None
     stage, key = best
     manifest = manifests[key]
-    keys = keys[:keys.index(key) + 1]   # the disk chain this run will read
+    keys = keys[: keys.index(key) + 1]  # the disk chain this run will read
     with timed_phase(ctx, result, "resume") as entry:
         why = None
         try:
@@ -4424,8 +5513,11 @@ def retire_loop_vms(ctx, host):
     that run tears it down first (it holds the checkpoint's domain name and the VM slot).
     Only runs a loop kept; a --keep/KEEP=1 VM is the operator's and stays."""
     for rs in list_runs(ctx):
-        if rs.data.get("host") == host and rs.data.get("kept_by") == "loop" and \
-                rs.data.get("state") != "down":
+        if (
+            rs.data.get("host") == host
+            and rs.data.get("kept_by") == "loop"
+            and rs.data.get("state") != "down"
+        ):
             progress(ctx, "loop", f"tearing down the previous quick loop's VM {rs.name}")
             down_run(ctx, rs)
 
@@ -4438,8 +5530,19 @@ def retire_loop_vms(ctx, host):
 
 # issue 13's targets on TCG: the ratios are of the same bench run's cold cycle.
 BENCH_TARGETS = {"loop": 0.25, "warm": 0.5, "transport": 4}
-BENCH_FAMILIES = ("image", "boot", "resume", "checkpoint", "apply", "reboot", "reboot-diff",
-                  "verify", "idempotence", "transport", "teardown")
+BENCH_FAMILIES = (
+    "image",
+    "boot",
+    "resume",
+    "checkpoint",
+    "apply",
+    "reboot",
+    "reboot-diff",
+    "verify",
+    "idempotence",
+    "transport",
+    "teardown",
+)
 
 
 def format_bench_table(result):
@@ -4447,13 +5550,17 @@ def format_bench_table(result):
     for p in result.get("phase_details", []):
         rows.append((p["name"], f"{p['seconds']:.1f}", p["status"]))
         if p["name"] == "boot":  # readiness stages, as seconds after `virsh start`
-            rows += [(f"  boot to {stage}", f"{sec:.1f}", "")
-                     for stage, sec in result.get("boot_stages", {}).items()]
+            rows += [
+                (f"  boot to {stage}", f"{sec:.1f}", "")
+                for stage, sec in result.get("boot_stages", {}).items()
+            ]
         if p["name"].startswith("reboot:"):  # seconds after the reboot was issued
             for r in result.get("reboot_stages", []):
                 if p["name"] == f"reboot:{r['mode']}":
-                    rows += [("  reboot to ssh", f"{r['seconds_to_ssh']:.1f}", ""),
-                             ("  reboot to system-running", f"{r['seconds_to_running']:.1f}", "")]
+                    rows += [
+                        ("  reboot to ssh", f"{r['seconds_to_ssh']:.1f}", ""),
+                        ("  reboot to system-running", f"{r['seconds_to_running']:.1f}", ""),
+                    ]
     rows.append(("total", f"{result.get('total_seconds') or 0:.1f}", result.get("verdict") or ""))
     w = [max(len(r[i]) for r in rows) for i in range(3)]
     return "\n".join(f"{a:<{w[0]}}  {b:>{w[1]}}  {c}" for a, b, c in rows) + "\n"
@@ -4472,11 +5579,18 @@ def format_bench_comparison(cold, warm, edited, loop=None):
     secs = [cycle_seconds(r) for _, r in runs]
     rows.append(("total", *[f"{x:.1f}" for x in secs]))
     width = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
-    out = [f"bench: after editing {edited} (in a copy): "
-           + "; ".join(f"{n} resumed from {(r.get('resumed_from') or {}).get('stage', 'nothing')}"
-                       for n, r in runs if n != "cold")]
-    out += ["  ".join(f"{c:<{width[0]}}" if i == 0 else f"{c:>{width[i]}}"
-                      for i, c in enumerate(row)) for row in rows]
+    out = [
+        f"bench: after editing {edited} (in a copy): "
+        + "; ".join(
+            f"{n} resumed from {(r.get('resumed_from') or {}).get('stage', 'nothing')}"
+            for n, r in runs
+            if n != "cold"
+        )
+    ]
+    out += [
+        "  ".join(f"{c:<{width[0]}}" if i == 0 else f"{c:>{width[i]}}" for i, c in enumerate(row))
+        for row in rows
+    ]
     c = secs[0]
     for (n, _), x in zip(runs[1:], secs[1:], strict=True):
         target = BENCH_TARGETS.get(n)
@@ -4485,10 +5599,12 @@ def format_bench_comparison(cold, warm, edited, loop=None):
         out.append(f"{n}/cold = {ratio:.2f} (target <= {target}){verdict}")
     t = cold.get("transport") or {}
     if t.get("speedup"):
-        out.append(f"transport: {t['calls']} module calls, linear {t['linear']['per_call']}s "
-                   f"vs mitogen {t[MITOGEN_STRATEGY]['per_call']}s per call = "
-                   f"{t['speedup']}x (target >= {BENCH_TARGETS['transport']})"
-                   + (" (met)" if t["speedup"] >= BENCH_TARGETS["transport"] else " (NOT met)"))
+        out.append(
+            f"transport: {t['calls']} module calls, linear {t['linear']['per_call']}s "
+            f"vs mitogen {t[MITOGEN_STRATEGY]['per_call']}s per call = "
+            f"{t['speedup']}x (target >= {BENCH_TARGETS['transport']})"
+            + (" (met)" if t["speedup"] >= BENCH_TARGETS["transport"] else " (NOT met)")
+        )
     elif t.get("error"):
         out.append(f"transport: not compared ({t['error']})")
     return "\n".join(out) + "\n"
@@ -4496,8 +5612,9 @@ def format_bench_comparison(cold, warm, edited, loop=None):
 
 def cycle_seconds(result):
     """A run's wall time without the bench's own transport comparison."""
-    extra = sum(p["seconds"] for p in result.get("phase_details", [])
-                if p["name"].startswith("transport:"))
+    extra = sum(
+        p["seconds"] for p in result.get("phase_details", []) if p["name"].startswith("transport:")
+    )
     return (result.get("total_seconds") or 0.0) - extra
 
 
@@ -4519,7 +5636,7 @@ def warm_repo_copy(repo, edited, stamp):
     for name in APPLY_SHARED_INPUTS:
         if (repo / name).is_file():
             shutil.copy2(repo / name, tmp / name)
-    target = tmp / "roles" / edited   # edited: relative to roles/, symlinks resolved
+    target = tmp / "roles" / edited  # edited: relative to roles/, symlinks resolved
     if resolved_under(target, tmp / "roles") != target.resolve() or target.is_symlink():
         shutil.rmtree(tmp, ignore_errors=True)
         raise UsageError(f"--warm-edit: roles/{edited} is not a plain file in the copy")
@@ -4534,10 +5651,16 @@ def bench_edit_target(ctx, edited):
     extension a comment can be appended to; returned relative to roles/."""
     f = resolved_under(ctx.repo / edited, ctx.repo / "roles")
     rel = f.relative_to((ctx.repo / "roles").resolve()) if f else None
-    if f is None or not f.is_file() or not f.name.endswith(BENCH_EDIT_SUFFIXES) or \
-            "molecule" in rel.parts:
-        raise UsageError(f"--warm-edit {edited}: must be an existing file under roles/ (not "
-                         f"molecule/, symlinks resolved) ending in {' '.join(BENCH_EDIT_SUFFIXES)}")
+    if (
+        f is None
+        or not f.is_file()
+        or not f.name.endswith(BENCH_EDIT_SUFFIXES)
+        or "molecule" in rel.parts
+    ):
+        raise UsageError(
+            f"--warm-edit {edited}: must be an existing file under roles/ (not "
+            f"molecule/, symlinks resolved) ending in {' '.join(BENCH_EDIT_SUFFIXES)}"
+        )
     return rel
 
 
@@ -4562,12 +5685,22 @@ def cmd_bench(ctx, args):
         # a stamp of its own per copy: the loop and the warm cycle must each find the
         # edit new (same file, same invalidation), not resume the other's checkpoint
         stamp = f"{phase} {now_iso()} {time.time_ns()}"
-        sub = dataclasses.replace(ctx, repo=warm_repo_copy(ctx.repo, rel, stamp),
-                                  t0=time.monotonic(), cmdlog=None, bench_phase=phase,
-                                  bench_transport=False, checkpoint_chain=None,
-                                  last_result=None)
-        progress(sub, "bench", f"{'quick loop' if phase == 'loop' else 'warm full cycle'} "
-                 f"after editing {args.warm_edit} (in a copy: {sub.repo})")
+        sub = dataclasses.replace(
+            ctx,
+            repo=warm_repo_copy(ctx.repo, rel, stamp),
+            t0=time.monotonic(),
+            cmdlog=None,
+            bench_phase=phase,
+            bench_transport=False,
+            checkpoint_chain=None,
+            last_result=None,
+        )
+        progress(
+            sub,
+            "bench",
+            f"{'quick loop' if phase == 'loop' else 'warm full cycle'} "
+            f"after editing {args.warm_edit} (in a copy: {sub.repo})",
+        )
         try:
             rc = session(sub, a, command)
         finally:
@@ -4575,9 +5708,11 @@ def cmd_bench(ctx, args):
         after[phase] = sub.last_result
         if rc != EXIT_PASS:
             break
-    retire_loop_vms(ctx, cold.get("host"))   # the bench leaves nothing running
-    sys.stdout.write("\n" + format_bench_comparison(cold, after.get("warm"), args.warm_edit,
-                                                     loop=after.get("loop")))
+    retire_loop_vms(ctx, cold.get("host"))  # the bench leaves nothing running
+    sys.stdout.write(
+        "\n"
+        + format_bench_comparison(cold, after.get("warm"), args.warm_edit, loop=after.get("loop"))
+    )
     return rc
 
 
@@ -4586,8 +5721,10 @@ def cmd_image(ctx, args):
     ctx.cache.mkdir(parents=True, exist_ok=True)
     t0 = time.monotonic()
     img = ensure_image(ctx, force=args.force)
-    print(f"{img.dir} ({'built' if img.built else 'cached'}, key {img.key}, "
-          f"{time.monotonic() - t0:.1f}s)")
+    print(
+        f"{img.dir} ({'built' if img.built else 'cached'}, key {img.key}, "
+        f"{time.monotonic() - t0:.1f}s)"
+    )
     return EXIT_PASS
 
 
@@ -4600,7 +5737,7 @@ def cmd_down(ctx, args):
             raise
         if args.run and args.run.startswith(NAME_PREFIX):
             check_libvirt(ctx)
-            destroy_domain(ctx, args.run)   # only if it carries our metadata
+            destroy_domain(ctx, args.run)  # only if it carries our metadata
         print("integration-vm: nothing to tear down")
         return EXIT_PASS
     check_libvirt(ctx)
@@ -4645,8 +5782,10 @@ def prune_tree(tree, what, keep=(), match=None):
     those in `keep`). A tree or entry that is a symlink is skipped with one line, never
     followed. Returns whether the tree was the harness's own (a real dir)."""
     if tree.is_symlink():
-        print(f"integration-vm: not pruning {tree}: a symlink, not the harness's own tree",
-              file=sys.stderr)
+        print(
+            f"integration-vm: not pruning {tree}: a symlink, not the harness's own tree",
+            file=sys.stderr,
+        )
         return False
     if not tree.is_dir():
         return False
@@ -4654,8 +5793,9 @@ def prune_tree(tree, what, keep=(), match=None):
         if d.name in keep or (match and not match(d.name)):
             continue
         if d.is_symlink() or not d.is_dir():
-            print(f"integration-vm: skipping {d}: not a directory the harness made",
-                  file=sys.stderr)
+            print(
+                f"integration-vm: skipping {d}: not a directory the harness made", file=sys.stderr
+            )
             continue
         shutil.rmtree(d, ignore_errors=True)
         if what:
@@ -4688,11 +5828,12 @@ def cmd_status(ctx, args):
             state = "orphan-run"
         created = meta.get("created_at") or (rs.data.get("created_at") if rs else None)
         profile = meta.get("profile") or (rs.data.get("host") if rs else "?")
-        print(f"{name:<36} {state:<10} {profile:<20} {_age(created):>5}  "
-              f"{(rs.ip if rs else '') or '-'}")
+        print(
+            f"{name:<36} {state:<10} {profile:<20} {_age(created):>5}  "
+            f"{(rs.ip if rs else '') or '-'}"
+        )
     for name, target in harness_pools(ctx):
-        print(f"storage pool {name}: {target} (left over; make test-integration-clean "
-              "removes it)")
+        print(f"storage pool {name}: {target} (left over; make test-integration-clean removes it)")
     for d in sorted((ctx.cache / "images").glob("*/manifest.json")):
         try:
             m = json.loads(d.read_text())
@@ -4707,8 +5848,10 @@ def cmd_status(ctx, args):
         if m is None:
             print(f"checkpoint {d.name}: incomplete, {size} MiB")
         else:
-            print(f"checkpoint {d.name}: {m['host']} {m['stage']}, {size} MiB, saved "
-                  f"{_age(m.get('created_at'))} ago")
+            print(
+                f"checkpoint {d.name}: {m['host']} {m['stage']}, {size} MiB, saved "
+                f"{_age(m.get('created_at'))} ago"
+            )
     return EXIT_PASS
 
 
@@ -4718,7 +5861,7 @@ def cmd_console(ctx, args):
     print(f"interactive: virsh --connect {ctx.uri} console {rs.domain}")
     try:
         lines = rs.console_log.read_text(errors="replace").splitlines()
-        sys.stdout.write("\n".join(lines[-int(args.lines):]) + "\n")
+        sys.stdout.write("\n".join(lines[-int(args.lines) :]) + "\n")
     except OSError as e:
         print(f"(console log not readable: {e.strerror or e})")
     return EXIT_PASS
@@ -4729,23 +5872,49 @@ def cmd_doctor(ctx, args):
 
     def check(name, ok, detail, fix=""):
         checks.append(ok)
-        print(f"{'OK  ' if ok else 'FAIL'} {name}: {detail}" + ("" if ok or not fix else f" — fix: {fix}"))
+        print(
+            f"{'OK  ' if ok else 'FAIL'} {name}: {detail}"
+            + ("" if ok or not fix else f" — fix: {fix}")
+        )
 
+    _doctor_tools(ctx, check)
+    _doctor_libvirt(ctx, check)
+    img = _doctor_accel(ctx, check)
+    _doctor_resources(ctx, check, img)
+    check("golden image", True, str(img.dir) if img else "not built yet (up/image builds it)")
+    return EXIT_PASS if all(checks) else EXIT_INFRA
+
+
+def _doctor_tools(ctx, check):
+    """doctor: every tool a cycle needs on PATH, and ansible-playbook."""
     src = image_source(ctx)
     path = ctx.environ.get("PATH")
     for t in list(dict.fromkeys(tools_for("cycle", src) + ["qemu-system-x86_64"])):
         w = shutil.which(t, path=path)
-        check(f"tool {t}", w is not None, w or "not found", f"apt-get install {TOOL_PACKAGES.get(t, t)}")
+        check(
+            f"tool {t}",
+            w is not None,
+            w or "not found",
+            f"apt-get install {TOOL_PACKAGES.get(t, t)}",
+        )
     pb = find_ansible_playbook(ctx)
     ok = shutil.which(pb, path=path) is not None or os.access(pb, os.X_OK)
     check("tool ansible-playbook", ok, pb, "make venv (or set BOMA_IT_ANSIBLE_PLAYBOOK)")
+
+
+def _doctor_libvirt(ctx, check):
+    """doctor: libvirtd reachable, and the harness network's state."""
     try:
         check_libvirt(ctx)
         check("libvirtd", True, f"reachable at {ctx.uri}")
         libvirt_ok = True
     except HarnessError as e:
-        check("libvirtd", False, getattr(e, "msg", str(e)), "start libvirtd (virtlogd -d; libvirtd -d) or "
-              "set --connect/LIBVIRT_DEFAULT_URI")
+        check(
+            "libvirtd",
+            False,
+            getattr(e, "msg", str(e)),
+            "start libvirtd (virtlogd -d; libvirtd -d) or set --connect/LIBVIRT_DEFAULT_URI",
+        )
         libvirt_ok = False
     if libvirt_ok:
         r = virsh(ctx, "net-info", NET_NAME)
@@ -4753,21 +5922,48 @@ def cmd_doctor(ctx, args):
             check(f"network {NET_NAME}", True, "not defined yet (up defines and starts it)")
         else:
             active = parse_net_info(r.stdout).get("active") == "yes"
-            check(f"network {NET_NAME}", True, "active" if active else "defined, inactive "
-                  "(up starts it)")
+            check(
+                f"network {NET_NAME}",
+                True,
+                "active" if active else "defined, inactive (up starts it)",
+            )
+
+
+def _doctor_accel(ctx, check):
+    """doctor: /dev/kvm usable by QEMU and the accelerator choice; -> the current golden
+    image (None: not built yet)."""
     exists, group_ok, desc = kvm_dev_status(ctx)
-    check("/dev/kvm", group_ok or not exists, desc + (
-        "" if not exists else (": libvirt-qemu (group kvm) can open it" if group_ok
-                               else ": libvirt-qemu (group kvm) cannot open it")),
-        "udev rule: KERNEL==\"kvm\", GROUP=\"kvm\", MODE=\"0660\" (or chmod 0660 + chgrp kvm)")
+    check(
+        "/dev/kvm",
+        group_ok or not exists,
+        desc
+        + (
+            ""
+            if not exists
+            else (
+                ": libvirt-qemu (group kvm) can open it"
+                if group_ok
+                else ": libvirt-qemu (group kvm) cannot open it"
+            )
+        ),
+        'udev rule: KERNEL=="kvm", GROUP="kvm", MODE="0660" (or chmod 0660 + chgrp kvm)',
+    )
     img_dir = ctx.cache / "images" / current_image_key(ctx)
     img = image_from_dir(img_dir, img_dir.name) if (img_dir / "manifest.json").is_file() else None
     try:
         verdict = choose_accel(ctx, img)
-        check("accelerator", True, verdict + ("" if verdict == "kvm" else
-                                              " (guests run under TCG: slow but correct)"))
+        check(
+            "accelerator",
+            True,
+            verdict + ("" if verdict == "kvm" else " (guests run under TCG: slow but correct)"),
+        )
     except HarnessError as e:
         check("accelerator", False, str(e))
+    return img
+
+
+def _doctor_resources(ctx, check, img):
+    """doctor: RAM for a default VM, a writable cache dir and the disk space a run needs."""
     ok, detail = ram_guard(ctx, DEFAULT_MEM_MIB)
     check("RAM", ok, f"{detail} (a default VM)", "stop other VMs/workloads")
     try:
@@ -4779,10 +5975,12 @@ def cmd_doctor(ctx, args):
         ok, detail = disk_guard(ctx, need_image=img is None)
         check("disk", ok, detail, "free space or point BOMA_IT_CACHE elsewhere")
     except OSError as e:
-        check("cache dir", False, f"{ctx.cache}: {e.strerror or e}",
-              "apply the integration_test role (make substrate) or set BOMA_IT_CACHE")
-    check("golden image", True, str(img.dir) if img else "not built yet (up/image builds it)")
-    return EXIT_PASS if all(checks) else EXIT_INFRA
+        check(
+            "cache dir",
+            False,
+            f"{ctx.cache}: {e.strerror or e}",
+            "apply the integration_test role (make substrate) or set BOMA_IT_CACHE",
+        )
 
 
 # --------------------------------------------------------------------------------------
@@ -4824,8 +6022,8 @@ COMMAND_HELP = {
     "cycle": "up, apply, reboot, verify, idempotence, teardown (writes result.json)",
     "bench": "a cycle that prints a per-phase timing table at the end",
     "loop": "quick loop for an edit: resume the newest valid checkpoint, apply what "
-            "the edit invalidated, one graceful reboot + state diff, verify; the VM "
-            "stays up (NOT the gate: cycle)",
+    "the edit invalidated, one graceful reboot + state diff, verify; the VM "
+    "stays up (NOT the gate: cycle)",
     "down": "destroy a run's VM and disks (idempotent)",
     "console": "print a run's console log path and tail it",
     "prune": "remove every VM, disk and run the harness owns (only those)",
@@ -4837,16 +6035,23 @@ COMMAND_HELP = {
 def build_parser():
     common = _common_options()
     p = argparse.ArgumentParser(
-        prog="integration-vm", description=__doc__.split("\n\n")[0] + "\n\n" +
-        __doc__.split("\n\n")[1], epilog=EXIT_CODES_HELP + "\n" + ENV_HELP,
-        formatter_class=argparse.RawDescriptionHelpFormatter)
+        prog="integration-vm",
+        description=__doc__.split("\n\n")[0] + "\n\n" + __doc__.split("\n\n")[1],
+        epilog=EXIT_CODES_HELP + "\n" + ENV_HELP,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     sub = p.add_subparsers(dest="cmd", required=True, metavar="COMMAND")
     sps = {}
     for c in SUBCOMMANDS:
-        sps[c] = sub.add_parser(c, parents=[common], help=COMMAND_HELP[c], description=COMMAND_HELP[c],
-                                epilog=(REBOOT_HELP + "\n" if c in ("cycle", "bench", "loop", "reboot")
-                                        else "") + EXIT_CODES_HELP,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+        sps[c] = sub.add_parser(
+            c,
+            parents=[common],
+            help=COMMAND_HELP[c],
+            description=COMMAND_HELP[c],
+            epilog=(REBOOT_HELP + "\n" if c in ("cycle", "bench", "loop", "reboot") else "")
+            + EXIT_CODES_HELP,
+            formatter_class=argparse.RawDescriptionHelpFormatter,
+        )
     _add_command_options(sps)
     return p
 
@@ -4855,52 +6060,85 @@ def _common_options():
     """The options every subcommand takes."""
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument("--connect", metavar="URI", help="libvirt URI (env LIBVIRT_DEFAULT_URI)")
-    common.add_argument("--accel", choices=ACCEL_CHOICES,
-                        help="accelerator: auto probes KVM, falls back to TCG (env BOMA_IT_ACCEL)")
-    common.add_argument("--strategy", choices=STRATEGY_CHOICES,
-                        help="Ansible transport: mitogen (default; falls back to default "
-                             "when it cannot load) or default (ansible-core's linear) "
-                             "(env BOMA_IT_ANSIBLE_STRATEGY)")
+    common.add_argument(
+        "--accel",
+        choices=ACCEL_CHOICES,
+        help="accelerator: auto probes KVM, falls back to TCG (env BOMA_IT_ACCEL)",
+    )
+    common.add_argument(
+        "--strategy",
+        choices=STRATEGY_CHOICES,
+        help="Ansible transport: mitogen (default; falls back to default "
+        "when it cannot load) or default (ansible-core's linear) "
+        "(env BOMA_IT_ANSIBLE_STRATEGY)",
+    )
     return common
 
 
 def _run_opts(sp, host_required=False):
-    sp.add_argument("--host", required=host_required,
-                    help="profile name: tests/integration/profiles/<host>.json")
-    sp.add_argument("--run", metavar="NAME",
-                    help="address a specific run (default: newest run of --host)")
+    sp.add_argument(
+        "--host",
+        required=host_required,
+        help="profile name: tests/integration/profiles/<host>.json",
+    )
+    sp.add_argument(
+        "--run", metavar="NAME", help="address a specific run (default: newest run of --host)"
+    )
 
 
 def _cert_opts(sp):
-    sp.add_argument("--certs", choices=VALID_TIERS,
-                    help="cert tier (default internal; le-prod-wildcard needs "
-                         "--allow-prod-certs)")
-    sp.add_argument("--allow-prod-certs", action="store_true",
-                    help="confirm the le-prod-wildcard tier (real DNS token and zone)")
+    sp.add_argument(
+        "--certs",
+        choices=VALID_TIERS,
+        help="cert tier (default internal; le-prod-wildcard needs --allow-prod-certs)",
+    )
+    sp.add_argument(
+        "--allow-prod-certs",
+        action="store_true",
+        help="confirm the le-prod-wildcard tier (real DNS token and zone)",
+    )
 
 
 def _cycle_opts(sp):
-    sp.add_argument("--keep", action="store_true",
-                    help="keep the VM afterwards, whatever the outcome")
+    sp.add_argument(
+        "--keep", action="store_true", help="keep the VM afterwards, whatever the outcome"
+    )
     sp.add_argument("--no-reboot", action="store_true", help="skip the reboot (and idempotence)")
-    sp.add_argument("--reboot", choices=REBOOT_MODES,
-                    help="one reboot of this mode instead of the profile's \"reboot\" "
-                         "list (default [\"graceful\"]; [\"graceful\", \"hard\"] does "
-                         "both in order); hard = virsh destroy + start")
-    sp.add_argument("--reboot-diff", choices=REBOOT_DIFF_POLICIES, default="fail",
-                    help="an unexpected difference in the guest's state across a reboot "
-                         "fails the run (fail, default) or is only reported (warn)")
-    sp.add_argument("--no-idempotence", action="store_true",
-                    help="skip the post-reboot re-apply that must change nothing")
+    sp.add_argument(
+        "--reboot",
+        choices=REBOOT_MODES,
+        help='one reboot of this mode instead of the profile\'s "reboot" '
+        'list (default ["graceful"]; ["graceful", "hard"] does '
+        "both in order); hard = virsh destroy + start",
+    )
+    sp.add_argument(
+        "--reboot-diff",
+        choices=REBOOT_DIFF_POLICIES,
+        default="fail",
+        help="an unexpected difference in the guest's state across a reboot "
+        "fails the run (fail, default) or is only reported (warn)",
+    )
+    sp.add_argument(
+        "--no-idempotence",
+        action="store_true",
+        help="skip the post-reboot re-apply that must change nothing",
+    )
     sp.add_argument("--junit", metavar="FILE", help="write JUnit XML here")
-    sp.add_argument("--no-checkpoints", action="store_true",
-                    help="neither resume from nor write checkpoints (env "
-                         "BOMA_IT_CHECKPOINTS=0)")
-    sp.add_argument("--expect-fail", nargs="?", const="verify", metavar="STAGE",
-                    help="RED runs: a failure of the verify stage (or of STAGE, e.g. "
-                         "--expect-fail=reboot-diff; apply covers apply:<playbook>) is "
-                         "the expected outcome (exit 0; the VM is torn down); a pass, "
-                         "or a failure at another stage, exits 1")
+    sp.add_argument(
+        "--no-checkpoints",
+        action="store_true",
+        help="neither resume from nor write checkpoints (env BOMA_IT_CHECKPOINTS=0)",
+    )
+    sp.add_argument(
+        "--expect-fail",
+        nargs="?",
+        const="verify",
+        metavar="STAGE",
+        help="RED runs: a failure of the verify stage (or of STAGE, e.g. "
+        "--expect-fail=reboot-diff; apply covers apply:<playbook>) is "
+        "the expected outcome (exit 0; the VM is torn down); a pass, "
+        "or a failure at another stage, exits 1",
+    )
 
 
 def _add_command_options(sps):
@@ -4910,43 +6148,71 @@ def _add_command_options(sps):
         _run_opts(sps[c], host_required=True)
         _cert_opts(sps[c])
     sps["loop"].add_argument("--junit", metavar="FILE", help="write JUnit XML here")
-    sps["loop"].add_argument("--reboot-diff", choices=REBOOT_DIFF_POLICIES, default="fail",
-                             help="an unexpected state difference fails (default) or warns")
-    sps["loop"].add_argument("--no-checkpoints", action="store_true",
-                             help="boot cold and write no checkpoint (slow: the point of the "
-                                  "loop is the checkpoint)")
+    sps["loop"].add_argument(
+        "--reboot-diff",
+        choices=REBOOT_DIFF_POLICIES,
+        default="fail",
+        help="an unexpected state difference fails (default) or warns",
+    )
+    sps["loop"].add_argument(
+        "--no-checkpoints",
+        action="store_true",
+        help="boot cold and write no checkpoint (slow: the point of the loop is the checkpoint)",
+    )
     for c in ("cycle", "bench"):
         _cycle_opts(sps[c])
-    sps["bench"].add_argument("--warm-edit", metavar="ROLE_FILE", default=BENCH_DEFAULT_EDIT,
-                              help="the role file the warm re-run edits, in a copy of the "
-                                   f"repo (default {BENCH_DEFAULT_EDIT})")
-    sps["bench"].add_argument("--no-warm", action="store_true",
-                              help="only the cold cycle")
-    sps["up"].add_argument("--keep", action="store_true",
-                           help="on a failed boot keep what was created")
+    sps["bench"].add_argument(
+        "--warm-edit",
+        metavar="ROLE_FILE",
+        default=BENCH_DEFAULT_EDIT,
+        help="the role file the warm re-run edits, in a copy of the "
+        f"repo (default {BENCH_DEFAULT_EDIT})",
+    )
+    sps["bench"].add_argument("--no-warm", action="store_true", help="only the cold cycle")
+    sps["up"].add_argument(
+        "--keep", action="store_true", help="on a failed boot keep what was created"
+    )
     for c in ("apply", "reboot", "assert"):
         _run_opts(sps[c])
         _cert_opts(sps[c])
         sps[c].add_argument("--junit", metavar="FILE", help="write JUnit XML here")
-    sps["reboot"].add_argument("--reboot", choices=REBOOT_MODES,
-                               help="graceful or hard (default: the first of the profile's "
-                                    "\"reboot\" list, else graceful)")
-    sps["reboot"].add_argument("--reboot-diff", choices=REBOOT_DIFF_POLICIES, default="fail",
-                               help="an unexpected state difference fails (default) or warns")
+    sps["reboot"].add_argument(
+        "--reboot",
+        choices=REBOOT_MODES,
+        help='graceful or hard (default: the first of the profile\'s "reboot" list, else graceful)',
+    )
+    sps["reboot"].add_argument(
+        "--reboot-diff",
+        choices=REBOOT_DIFF_POLICIES,
+        default="fail",
+        help="an unexpected state difference fails (default) or warns",
+    )
     for c in ("down", "console"):
         _run_opts(sps[c])
     sps["down"].add_argument("--keep", action="store_true", help="do nothing (spec compatibility)")
     sps["console"].add_argument("--lines", type=int, default=60, help="lines to tail (default 60)")
-    sps["prune"].add_argument("--images", action="store_true",
-                              help="also remove golden images other than the current one")
+    sps["prune"].add_argument(
+        "--images", action="store_true", help="also remove golden images other than the current one"
+    )
 
 
 def _defaults(args):
-    for k, v in (("host", None), ("run", None), ("certs", None), ("allow_prod_certs", False),
-                 ("keep", False), ("no_reboot", False), ("reboot", None),
-                 ("no_idempotence", False), ("junit", None), ("expect_fail", None),
-                 ("reboot_diff", "fail"), ("no_checkpoints", False), ("no_warm", True),
-                 ("warm_edit", None)):
+    for k, v in (
+        ("host", None),
+        ("run", None),
+        ("certs", None),
+        ("allow_prod_certs", False),
+        ("keep", False),
+        ("no_reboot", False),
+        ("reboot", None),
+        ("no_idempotence", False),
+        ("junit", None),
+        ("expect_fail", None),
+        ("reboot_diff", "fail"),
+        ("no_checkpoints", False),
+        ("no_warm", True),
+        ("warm_edit", None),
+    ):
         if not hasattr(args, k):
             setattr(args, k, v)
     return args
@@ -4958,6 +6224,7 @@ def main(argv=None):
 
     def on_term(signum, frame):
         raise KeyboardInterrupt
+
     signal.signal(signal.SIGTERM, on_term)
     try:
         ctx = ctx_from_env(os.environ, args)
@@ -4965,8 +6232,14 @@ def main(argv=None):
             return cmd_bench(ctx, args)
         if args.cmd in ("up", "apply", "reboot", "assert", "cycle", "loop"):
             return session(ctx, args, args.cmd)
-        return {"image": cmd_image, "down": cmd_down, "console": cmd_console,
-                "prune": cmd_prune, "status": cmd_status, "doctor": cmd_doctor}[args.cmd](ctx, args)
+        return {
+            "image": cmd_image,
+            "down": cmd_down,
+            "console": cmd_console,
+            "prune": cmd_prune,
+            "status": cmd_status,
+            "doctor": cmd_doctor,
+        }[args.cmd](ctx, args)
     except HarnessError as e:
         print(f"integration-vm: error: {e}", file=sys.stderr)
         return e.exit_code
@@ -4974,8 +6247,9 @@ def main(argv=None):
         print("\nintegration-vm: interrupted", file=sys.stderr)
         return EXIT_INTERRUPTED
     except Exception as e:  # one line, never a traceback
-        print(f"integration-vm: error: {as_harness_error(e, new_result(args.cmd))}",
-              file=sys.stderr)
+        print(
+            f"integration-vm: error: {as_harness_error(e, new_result(args.cmd))}", file=sys.stderr
+        )
         return EXIT_INFRA
 
 
