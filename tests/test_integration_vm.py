@@ -14,19 +14,25 @@ def test_valid_tiers():
 def test_vm_name_prefix_and_suffix():
     assert ivm.vm_name("askari", "ab12cd34") == "boma-it-askari-ab12cd34"
 
+
 def test_vm_name_generates_suffix():
     n = ivm.vm_name("askari")
     assert n.startswith("boma-it-askari-") and len(n.split("-")[-1]) == 8
+
 
 def test_free_mib_parses_memavailable():
     sample = "MemTotal:       16331156 kB\nMemAvailable:    8388608 kB\n"
     assert ivm.free_mib(sample) == 8192
 
+
 def test_parse_lease_ip_extracts_ipv4():
-    out = (" Name       MAC address          Protocol     Address\n"
-           "-------------------------------------------------------------------\n"
-           " vnet0      52:54:00:aa:bb:cc    ipv4         192.168.150.42/24\n")
+    out = (
+        " Name       MAC address          Protocol     Address\n"
+        "-------------------------------------------------------------------\n"
+        " vnet0      52:54:00:aa:bb:cc    ipv4         192.168.150.42/24\n"
+    )
     assert ivm.parse_lease_ip(out) == "192.168.150.42"
+
 
 def test_parse_lease_ip_none_when_absent():
     assert ivm.parse_lease_ip("no leases\n") is None
@@ -37,6 +43,7 @@ def test_meta_data_has_instance_and_hostname():
     md = ivm.render_meta_data("iid-askari-x", "boma-it-askari-x")
     assert "instance-id: iid-askari-x" in md
     assert "local-hostname: boma-it-askari-x" in md
+
 
 def test_user_data_injects_key_and_ansible_user():
     ud = ivm.render_user_data("ssh-ed25519 AAAA... claude@ubongo", "ansible")
@@ -51,17 +58,31 @@ def test_cert_file_valid_tier():
     p = ivm.cert_file("le-staging")
     assert p.name == "le-staging.yml" and p.parent.name == "certs"
 
+
 def test_cert_file_rejects_bad_tier():
     import pytest
+
     with pytest.raises(ValueError):
         ivm.cert_file("bogus")
 
+
 def test_render_run_hosts_single_host_in_groups():
-    out = ivm.render_run_hosts("boma-it-askari-x", "192.168.150.42",
-                               "ansible", ["offsite_hosts"])
+    out = ivm.render_run_hosts("boma-it-askari-x", "192.168.150.42", "ansible", ["offsite_hosts"])
     inv = json.loads(out)  # JSON: Ansible's yaml inventory plugin reads it
-    assert inv == {"all": {"children": {"offsite_hosts": {"hosts": {"boma-it-askari-x": {
-        "ansible_host": "192.168.150.42", "ansible_user": "ansible"}}}}}}
+    assert inv == {
+        "all": {
+            "children": {
+                "offsite_hosts": {
+                    "hosts": {
+                        "boma-it-askari-x": {
+                            "ansible_host": "192.168.150.42",
+                            "ansible_user": "ansible",
+                        }
+                    }
+                }
+            }
+        }
+    }
     # invariant: the real askari host must NOT appear
     assert ivm.inventory_host_names(out) == {"boma-it-askari-x"}
 
@@ -75,10 +96,12 @@ import xml.etree.ElementTree as ET  # noqa: E402
 import pytest  # noqa: E402
 
 FIXTURES = pathlib.Path(__file__).resolve().parent / "fakes"
-LEASES = (" Name       MAC address          Protocol     Address\n"
-          "-------------------------------------------------------------------\n"
-          " vnet0      52:54:00:aa:bb:cc    ipv4         192.168.150.42/24\n"
-          " vnet1      52:54:00:11:22:33    ipv4         192.168.150.77/24\n")
+LEASES = (
+    " Name       MAC address          Protocol     Address\n"
+    "-------------------------------------------------------------------\n"
+    " vnet0      52:54:00:aa:bb:cc    ipv4         192.168.150.42/24\n"
+    " vnet1      52:54:00:11:22:33    ipv4         192.168.150.77/24\n"
+)
 
 
 # ---- names, leases, meminfo ---------------------------------------------------------
@@ -98,19 +121,26 @@ def test_free_mib_missing_field_is_zero():
 
 
 def test_make_mac_is_libvirt_prefixed():
-    assert ivm.make_mac(bytes([1, 0xab, 255])) == "52:54:00:01:ab:ff"
+    assert ivm.make_mac(bytes([1, 0xAB, 255])) == "52:54:00:01:ab:ff"
 
 
 def test_render_current_spec_format():
     assert ivm.render_current("boma-it-a-1", "10.0.0.2", "a").splitlines() == [
-        "boma-it-a-1", "10.0.0.2", "a"]
+        "boma-it-a-1",
+        "10.0.0.2",
+        "a",
+    ]
 
 
 # ---- cloud-init -------------------------------------------------------------------
 def test_user_data_with_host_key_block():
     priv = "-----BEGIN OPENSSH PRIVATE KEY-----\nAAA\nBBB\n-----END OPENSSH PRIVATE KEY-----\n"
-    ud = ivm.render_user_data("ssh-ed25519 CLIENT c", "ansible", host_key_private=priv,
-                              host_key_public="ssh-ed25519 HOSTPUB h\n")
+    ud = ivm.render_user_data(
+        "ssh-ed25519 CLIENT c",
+        "ansible",
+        host_key_private=priv,
+        host_key_public="ssh-ed25519 HOSTPUB h\n",
+    )
     assert "  ed25519_private: |\n    -----BEGIN OPENSSH PRIVATE KEY-----\n    AAA\n    BBB\n" in ud
     assert "  ed25519_public: ssh-ed25519 HOSTPUB h\n" in ud
     assert "ssh_genkeytypes: [ed25519]" in ud and "manage_etc_hosts: true" in ud
@@ -123,8 +153,13 @@ def test_user_data_without_host_key_has_no_ssh_keys():
 
 # ---- inventory ------------------------------------------------------------------------
 def test_render_run_hosts_host_vars_are_strings():
-    out = ivm.render_run_hosts("vm", "10.0.0.2", "ansible", ["g1", "g2"],
-                               host_vars={"ansible_ssh_common_args": "-o A='b\"c'", "ansible_port": 2222})
+    out = ivm.render_run_hosts(
+        "vm",
+        "10.0.0.2",
+        "ansible",
+        ["g1", "g2"],
+        host_vars={"ansible_ssh_common_args": "-o A='b\"c'", "ansible_port": 2222},
+    )
     groups = json.loads(out)["all"]["children"]
     assert sorted(groups) == ["g1", "g2"]
     for g in groups.values():
@@ -133,15 +168,29 @@ def test_render_run_hosts_host_vars_are_strings():
 
 
 def test_inventory_host_names_of_rendered_inventory():
-    out = ivm.render_run_hosts("boma-it-x-1", "1.2.3.4", "ansible", ["a", "b"],
-                               host_vars={"ansible_port": 22})
+    out = ivm.render_run_hosts(
+        "boma-it-x-1", "1.2.3.4", "ansible", ["a", "b"], host_vars={"ansible_port": 22}
+    )
     assert ivm.inventory_host_names(out) == {"boma-it-x-1"}
 
 
 def test_inventory_host_names_sees_a_smuggled_real_host():
-    inv = json.dumps({"all": {"children": {"offsite_hosts": {"hosts": {
-        "boma-it-x-1": {"ansible_host": "1.2.3.4"}, "askari": {"ansible_host": "77.42.120.136"}}},
-        "g": {"children": {"h": {"hosts": ["third"]}}}}, "hosts": {"other": {}}}})
+    inv = json.dumps(
+        {
+            "all": {
+                "children": {
+                    "offsite_hosts": {
+                        "hosts": {
+                            "boma-it-x-1": {"ansible_host": "1.2.3.4"},
+                            "askari": {"ansible_host": "77.42.120.136"},
+                        }
+                    },
+                    "g": {"children": {"h": {"hosts": ["third"]}}},
+                },
+                "hosts": {"other": {}},
+            }
+        }
+    )
     assert ivm.inventory_host_names(inv) == {"boma-it-x-1", "askari", "other", "third"}
     with pytest.raises(ivm.InfraError) as e:
         ivm.assert_single_host_inventory(inv, "boma-it-x-1")
@@ -160,7 +209,10 @@ def test_extra_vars_order(tmp_path):
     prof = {"extra_vars_files": ["overrides/a.yml", "overrides/b.yml"]}
     files = ivm.extra_vars_files(prof, "le-staging", tmp_path, vault)
     assert [f.relative_to(tmp_path).as_posix() for f in files] == [
-        "overrides/a.yml", "overrides/b.yml", "certs/le-staging.yml"]
+        "overrides/a.yml",
+        "overrides/b.yml",
+        "certs/le-staging.yml",
+    ]
     vault.write_text("x: 1\n")
     assert ivm.extra_vars_files(prof, "internal", tmp_path, vault)[-1] == vault
 
@@ -202,14 +254,39 @@ def test_known_hosts_line_uses_alias():
 
 def test_virsh_argv_always_connects():
     assert ivm.virsh_argv("qemu:///system", "domstate", "x") == [
-        "virsh", "--connect", "qemu:///system", "domstate", "x"]
+        "virsh",
+        "--connect",
+        "qemu:///system",
+        "domstate",
+        "x",
+    ]
 
 
 def test_ssh_keygen_and_disk_argv():
-    assert ivm.ssh_keygen_argv("/r/k", "c") == ["ssh-keygen", "-q", "-t", "ed25519", "-N", "",
-                                                "-C", "c", "-f", "/r/k"]
+    assert ivm.ssh_keygen_argv("/r/k", "c") == [
+        "ssh-keygen",
+        "-q",
+        "-t",
+        "ed25519",
+        "-N",
+        "",
+        "-C",
+        "c",
+        "-f",
+        "/r/k",
+    ]
     assert ivm.qemu_img_overlay_argv("/g.qcow2", "/o.qcow2") == [
-        "qemu-img", "create", "-q", "-f", "qcow2", "-F", "qcow2", "-b", "/g.qcow2", "/o.qcow2"]
+        "qemu-img",
+        "create",
+        "-q",
+        "-f",
+        "qcow2",
+        "-F",
+        "qcow2",
+        "-b",
+        "/g.qcow2",
+        "/o.qcow2",
+    ]
     assert ivm.cloud_localds_argv("/s", "/u", "/m") == ["cloud-localds", "/s", "/u", "/m"]
 
 
@@ -222,9 +299,18 @@ def test_choose_osinfo():
 
 
 def _vi(**kw):
-    base = dict(uri="qemu:///system", name="vm", mem_mib=2048, vcpus=2, overlay="/c/o.qcow2",
-                seed="/c/seed.img", mac="52:54:00:01:02:03", console_log="/c/console.log",
-                virt_type="qemu", osinfo="debian13")
+    base = dict(
+        uri="qemu:///system",
+        name="vm",
+        mem_mib=2048,
+        vcpus=2,
+        overlay="/c/o.qcow2",
+        seed="/c/seed.img",
+        mac="52:54:00:01:02:03",
+        console_log="/c/console.log",
+        virt_type="qemu",
+        osinfo="debian13",
+    )
     base.update(kw)
     return ivm.virt_install_argv(**base)
 
@@ -238,8 +324,9 @@ def test_virt_install_argv_direct_kernel_boot():
     assert "network=boma-it,model=virtio,mac=52:54:00:01:02:03" in a
     assert a[a.index("--serial") + 1] == "pty,log.file=/c/console.log"
     assert a[a.index("--virt-type") + 1] == "qemu" and a[a.index("--graphics") + 1] == "none"
-    assert a[a.index("--boot") + 1] == ('kernel=/i/vmlinuz,initrd=/i/initrd.img,'
-                                        'cmdline="root=LABEL=root rw console=ttyS0,115200n8"')
+    assert a[a.index("--boot") + 1] == (
+        'kernel=/i/vmlinuz,initrd=/i/initrd.img,cmdline="root=LABEL=root rw console=ttyS0,115200n8"'
+    )
 
 
 def test_virt_install_argv_firmware_boot_for_fetched_images():
@@ -247,17 +334,39 @@ def test_virt_install_argv_firmware_boot_for_fetched_images():
 
 
 def test_ansible_playbook_argv_requires_limit():
-    a = ivm.ansible_playbook_argv("/v/ansible-playbook", "/r/inventory/hosts.yml", "/p/site.yml",
-                                  "vm", ["base"], ["/x.yml", "/y.yml"])
-    assert a == ["/v/ansible-playbook", "-i", "/r/inventory/hosts.yml", "/p/site.yml",
-                 "--limit", "vm", "--tags", "base", "-e", "@/x.yml", "-e", "@/y.yml"]
+    a = ivm.ansible_playbook_argv(
+        "/v/ansible-playbook",
+        "/r/inventory/hosts.yml",
+        "/p/site.yml",
+        "vm",
+        ["base"],
+        ["/x.yml", "/y.yml"],
+    )
+    assert a == [
+        "/v/ansible-playbook",
+        "-i",
+        "/r/inventory/hosts.yml",
+        "/p/site.yml",
+        "--limit",
+        "vm",
+        "--tags",
+        "base",
+        "-e",
+        "@/x.yml",
+        "-e",
+        "@/y.yml",
+    ]
     with pytest.raises(ivm.InfraError):
         ivm.ansible_playbook_argv("ap", "inv", "pb", "", [], [])
 
 
 def test_ansible_env():
-    env = ivm.ansible_env({"PATH": "/bin", "ANSIBLE_SSH_ARGS": "-o StrictHostKeyChecking=no"},
-                          "/repo", "/repo/run/vm", "vm")
+    env = ivm.ansible_env(
+        {"PATH": "/bin", "ANSIBLE_SSH_ARGS": "-o StrictHostKeyChecking=no"},
+        "/repo",
+        "/repo/run/vm",
+        "vm",
+    )
     assert env["PATH"] == "/bin" and env["ANSIBLE_CONFIG"] == "/repo/ansible.cfg"
     assert env["ANSIBLE_CACHE_PLUGIN_CONNECTION"] == "/repo/run/vm/facts"
     assert env["ANSIBLE_HOST_KEY_CHECKING"] == "True"
@@ -277,25 +386,43 @@ def _profiles(tmp_path, **files):
     for name, content in files.items():
         text = content if isinstance(content, str) else json.dumps(content, indent=2)
         (tmp_path / "tests" / "integration" / "profiles" / f"{name}.json").write_text(text)
-    return lambda host: ivm.load_profile(host, tmp_path / "tests" / "integration" / "profiles",
-                                         tmp_path)
+    return lambda host: ivm.load_profile(
+        host, tmp_path / "tests" / "integration" / "profiles", tmp_path
+    )
 
 
-BASE = {"groups": ["offsite_hosts"], "applies": [{"playbook": "site.yml", "tags": ["base"]}],
-        "extra_vars_files": ["overrides/a.yml"], "mem_mib": 2048, "vcpus": 2}
+BASE = {
+    "groups": ["offsite_hosts"],
+    "applies": [{"playbook": "site.yml", "tags": ["base"]}],
+    "extra_vars_files": ["overrides/a.yml"],
+    "mem_mib": 2048,
+    "vcpus": 2,
+}
 
 
 def test_load_profile_defaults(tmp_path):
-    p = _profiles(tmp_path, askari={"groups": ["g"], "applies": [{"playbook": "site.yml"}]})("askari")
+    p = _profiles(tmp_path, askari={"groups": ["g"], "applies": [{"playbook": "site.yml"}]})(
+        "askari"
+    )
     assert p["mem_mib"] == ivm.DEFAULT_MEM_MIB and p["vcpus"] == ivm.DEFAULT_VCPUS
     assert p["reboot"] == ["graceful"] and p["verify"] == "tests/integration/verify.yml"
     assert p["extra_vars_files"] == [] and p["name"] == "askari"
 
 
 def test_load_profile_extends_appends_extra_vars_and_replaces_lists(tmp_path):
-    load = _profiles(tmp_path, askari=BASE, **{"askari-regression": {
-        "extends": "askari", "extra_vars_files": ["overrides/a-reg.yml"],
-        "groups": ["x", "y"], "reboot": ["graceful", "hard"], "_comment": "ignored"}})
+    load = _profiles(
+        tmp_path,
+        askari=BASE,
+        **{
+            "askari-regression": {
+                "extends": "askari",
+                "extra_vars_files": ["overrides/a-reg.yml"],
+                "groups": ["x", "y"],
+                "reboot": ["graceful", "hard"],
+                "_comment": "ignored",
+            }
+        },
+    )
     p = load("askari-regression")
     assert p["extra_vars_files"] == ["overrides/a.yml", "overrides/a-reg.yml"]
     assert p["groups"] == ["x", "y"] and p["applies"] == BASE["applies"]
@@ -303,29 +430,56 @@ def test_load_profile_extends_appends_extra_vars_and_replaces_lists(tmp_path):
     assert p["name"] == "askari-regression"
 
 
-@pytest.mark.parametrize("files,host,needle", [
-    ({}, "ghost", "no profile tests/integration/profiles/ghost.json (known: none)"),
-    ({"a": BASE}, "ghost", "(known: a)"),
-    ({"a": '{\n  "groups": ["x"],\n  "applies": [\n}'}, "a", "invalid JSON at line 4"),
-    ({"a": "[1, 2]"}, "a", "top level must be a JSON object"),
-    ({"a": {"groups": ["x"]}}, "a", "missing required key 'applies'"),
-    ({"a": {**BASE, "vcpus": "2"}}, "a", "key 'vcpus' must be int, got str"),
-    ({"a": {**BASE, "vcpus": True}}, "a", "key 'vcpus' must be int, got bool"),
-    ({"a": {**BASE, "groups": "offsite_hosts"}}, "a", "key 'groups' must be list"),
-    ({"a": {**BASE, "groups": ["bad-group"]}}, "a", "invalid group name"),
-    ({"a": {**BASE, "applies": [{"tags": ["x"]}]}}, "a", "'applies[0].playbook' missing"),
-    ({"a": {**BASE, "applies": [{"playbook": "site.yml", "tags": "base"}]}}, "a", "applies[0].tags"),
-    ({"a": {**BASE, "applies": [{"playbook": "site.yml", "tgas": []}]}}, "a", "unknown keys ['tgas']"),
-    ({"a": {**BASE, "applies": [{"playbook": "nope.yml"}]}}, "a", "playbooks/nope.yml, which does not exist"),
-    ({"a": {**BASE, "extra_vars_files": ["overrides/nope.yml"]}}, "a", "tests/integration/overrides/nope.yml"),
-    ({"a": {**BASE, "verify": "tests/nope.yml"}}, "a", "verify playbook tests/nope.yml does not exist"),
-    ({"a": {**BASE, "reboot": ["soft"]}}, "a", "key 'reboot' entries must be one of graceful, hard"),
-    ({"a": {**BASE, "mem_mib": 64}}, "a", "key 'mem_mib' must be >= 512"),
-    ({"a": {**BASE, "memory": 1}}, "a", "unknown key 'memory'"),
-    ({"a": {"extends": "b"}, "b": {"extends": "a"}}, "a", "'extends' cycle (a -> b -> a)"),
-    ({"a": {"extends": "ghost"}}, "a", "key 'extends' names 'ghost'"),
-    ({"a": BASE}, "../etc/passwd", "invalid host name"),
-])
+@pytest.mark.parametrize(
+    "files,host,needle",
+    [
+        ({}, "ghost", "no profile tests/integration/profiles/ghost.json (known: none)"),
+        ({"a": BASE}, "ghost", "(known: a)"),
+        ({"a": '{\n  "groups": ["x"],\n  "applies": [\n}'}, "a", "invalid JSON at line 4"),
+        ({"a": "[1, 2]"}, "a", "top level must be a JSON object"),
+        ({"a": {"groups": ["x"]}}, "a", "missing required key 'applies'"),
+        ({"a": {**BASE, "vcpus": "2"}}, "a", "key 'vcpus' must be int, got str"),
+        ({"a": {**BASE, "vcpus": True}}, "a", "key 'vcpus' must be int, got bool"),
+        ({"a": {**BASE, "groups": "offsite_hosts"}}, "a", "key 'groups' must be list"),
+        ({"a": {**BASE, "groups": ["bad-group"]}}, "a", "invalid group name"),
+        ({"a": {**BASE, "applies": [{"tags": ["x"]}]}}, "a", "'applies[0].playbook' missing"),
+        (
+            {"a": {**BASE, "applies": [{"playbook": "site.yml", "tags": "base"}]}},
+            "a",
+            "applies[0].tags",
+        ),
+        (
+            {"a": {**BASE, "applies": [{"playbook": "site.yml", "tgas": []}]}},
+            "a",
+            "unknown keys ['tgas']",
+        ),
+        (
+            {"a": {**BASE, "applies": [{"playbook": "nope.yml"}]}},
+            "a",
+            "playbooks/nope.yml, which does not exist",
+        ),
+        (
+            {"a": {**BASE, "extra_vars_files": ["overrides/nope.yml"]}},
+            "a",
+            "tests/integration/overrides/nope.yml",
+        ),
+        (
+            {"a": {**BASE, "verify": "tests/nope.yml"}},
+            "a",
+            "verify playbook tests/nope.yml does not exist",
+        ),
+        (
+            {"a": {**BASE, "reboot": ["soft"]}},
+            "a",
+            "key 'reboot' entries must be one of graceful, hard",
+        ),
+        ({"a": {**BASE, "mem_mib": 64}}, "a", "key 'mem_mib' must be >= 512"),
+        ({"a": {**BASE, "memory": 1}}, "a", "unknown key 'memory'"),
+        ({"a": {"extends": "b"}, "b": {"extends": "a"}}, "a", "'extends' cycle (a -> b -> a)"),
+        ({"a": {"extends": "ghost"}}, "a", "key 'extends' names 'ghost'"),
+        ({"a": BASE}, "../etc/passwd", "invalid host name"),
+    ],
+)
 def test_load_profile_errors_name_file_and_key(tmp_path, files, host, needle):
     load = _profiles(tmp_path, **files)
     with pytest.raises(ivm.UsageError) as e:
@@ -342,8 +496,10 @@ def test_bad_profile_type_error_names_the_file_that_set_it(tmp_path):
 
 
 def test_merge_profiles_is_shallow():
-    m = ivm.merge_profiles({"groups": ["a"], "extra_vars_files": ["x"], "mem_mib": 1},
-                           {"groups": ["b"], "extra_vars_files": ["y"], "extends": "p"})
+    m = ivm.merge_profiles(
+        {"groups": ["a"], "extra_vars_files": ["x"], "mem_mib": 1},
+        {"groups": ["b"], "extra_vars_files": ["y"], "extends": "p"},
+    )
     assert m == {"groups": ["b"], "extra_vars_files": ["x", "y"], "mem_mib": 1}
 
 
@@ -356,21 +512,35 @@ def test_repo_profiles_load():
 
 # ---- metadata -------------------------------------------------------------------------
 def test_metadata_roundtrip():
-    x = ivm.render_metadata_xml("2026-11-25T18:00:00+00:00/vm", "2026-11-25T18:00:00+00:00",
-                                "askari", "claude", host="askari")
+    x = ivm.render_metadata_xml(
+        "2026-11-25T18:00:00+00:00/vm",
+        "2026-11-25T18:00:00+00:00",
+        "askari",
+        "claude",
+        host="askari",
+    )
     m = ivm.parse_metadata_xml(x)
-    assert m == {"id": "2026-11-25T18:00:00+00:00/vm", "created_at": "2026-11-25T18:00:00+00:00",
-                 "profile": "askari", "owner": "claude", "host": "askari"}
+    assert m == {
+        "id": "2026-11-25T18:00:00+00:00/vm",
+        "created_at": "2026-11-25T18:00:00+00:00",
+        "profile": "askari",
+        "owner": "claude",
+        "host": "askari",
+    }
 
 
 def test_metadata_parse_as_virsh_prints_it():
-    out = ('<boma:run xmlns:boma="https://boma.invalid/integration-vm" id="r1" '
-           'created_at="t" profile="p" owner="o"/>\n')
+    out = (
+        '<boma:run xmlns:boma="https://boma.invalid/integration-vm" id="r1" '
+        'created_at="t" profile="p" owner="o"/>\n'
+    )
     assert ivm.parse_metadata_xml(out)["id"] == "r1"
 
 
-@pytest.mark.parametrize("text", ["", "error: metadata not found", "<run/>",
-                                  '<x:run xmlns:x="https://other.invalid" id="1"/>'])
+@pytest.mark.parametrize(
+    "text",
+    ["", "error: metadata not found", "<run/>", '<x:run xmlns:x="https://other.invalid" id="1"/>'],
+)
 def test_metadata_parse_rejects_foreign(text):
     assert ivm.parse_metadata_xml(text) is None
 
@@ -380,11 +550,15 @@ def test_metadata_escapes_attributes():
     assert ivm.parse_metadata_xml(x)["id"] == 'a"<b' and ET.fromstring(x) is not None
 
 
-@pytest.mark.parametrize("dom", [
-    "<domain type='kvm'>\n  <name>vm</name>\n</domain>\n",
-    "<domain type='kvm'>\n  <name>vm</name>\n  <metadata/>\n</domain>\n",
-    "<domain type='kvm'>\n  <name>vm</name>\n  <metadata>\n    <x:y xmlns:x='u'/>\n  </metadata>\n</domain>\n",
-])
+@pytest.mark.parametrize(
+    "dom",
+    [
+        "<domain type='kvm'>\n  <name>vm</name>\n</domain>\n",
+        "<domain type='kvm'>\n  <name>vm</name>\n  <metadata/>\n</domain>\n",
+        "<domain type='kvm'>\n  <name>vm</name>\n"
+        "  <metadata>\n    <x:y xmlns:x='u'/>\n  </metadata>\n</domain>\n",
+    ],
+)
 def test_add_domain_metadata(dom):
     meta = ivm.render_metadata_xml("id1", "t", "p", "o")
     out = ivm.add_domain_metadata(dom, meta)
@@ -411,14 +585,25 @@ VM = "boma-it-askari-1234abcd"
 
 
 def test_parse_recap_real_output():
-    assert ivm.parse_recap(REAL) == {VM: {"ok": 4, "changed": 2, "unreachable": 0, "failed": 1,
-                                          "skipped": 0, "rescued": 0, "ignored": 1}}
+    assert ivm.parse_recap(REAL) == {
+        VM: {
+            "ok": 4,
+            "changed": 2,
+            "unreachable": 0,
+            "failed": 1,
+            "skipped": 0,
+            "rescued": 0,
+            "ignored": 1,
+        }
+    }
 
 
 def test_parse_recap_sums_several_plays_and_hosts():
-    out = ("h1 : ok=1 changed=1 unreachable=0 failed=0\n"
-           "h2 : ok=1 changed=0 unreachable=0 failed=0 skipped=1 rescued=0 ignored=0\n"
-           "h1 : ok=2 changed=3 unreachable=0 failed=0 skipped=0 rescued=0 ignored=0\n")
+    out = (
+        "h1 : ok=1 changed=1 unreachable=0 failed=0\n"
+        "h2 : ok=1 changed=0 unreachable=0 failed=0 skipped=1 rescued=0 ignored=0\n"
+        "h1 : ok=2 changed=3 unreachable=0 failed=0 skipped=0 rescued=0 ignored=0\n"
+    )
     r = ivm.parse_recap(out)
     assert r["h1"]["changed"] == 4 and r["h1"]["ok"] == 3 and r["h2"]["skipped"] == 1
 
@@ -433,8 +618,12 @@ def test_parse_task_results_real_output():
     assert [(lb, st) for lb, st, _ in tasks[name][3]] == [
         ("nftables enabled and active", "ok"),
         ("forward chain admits container traffic", "failed"),
-        ("published :443 answers from the controller", "failed")]
-    assert tasks[name][3][1][2] == "FAILED forward chain admits container traffic: pure drop (no accept)"
+        ("published :443 answers from the controller", "failed"),
+    ]
+    assert (
+        tasks[name][3][1][2]
+        == "FAILED forward chain admits container traffic: pure drop (no accept)"
+    )
     assert ivm.failed_task_names(REAL, VM) == [name]
     assert ivm.parse_task_results(REAL, "some-other-host")[0][1] == "skipped"
 
@@ -442,15 +631,19 @@ def test_parse_task_results_real_output():
 def test_verify_checks_expand_loop_items():
     checks = ivm.verify_checks(REAL, VM)
     failed = [n for n, s, _ in checks if s == "failed"]
-    assert failed == ["forward chain admits container traffic",
-                      "published :443 answers from the controller"]
+    assert failed == [
+        "forward chain admits container traffic",
+        "published :443 answers from the controller",
+    ]
     assert ("a", "ok", "") in checks and ("Change one thing", "changed", "") in checks
 
 
 def test_parse_task_results_fatal_single_line_and_delegation():
-    out = ("TASK [Probe :443] ***\n"
-           "fatal: [vm -> localhost]: FAILED! => {\"changed\": false, \"msg\": \"Connection timed out\"}\n"
-           "TASK [next] ***\nskipping: [vm]\n")
+    out = (
+        "TASK [Probe :443] ***\n"
+        'fatal: [vm -> localhost]: FAILED! => {"changed": false, "msg": "Connection timed out"}\n'
+        "TASK [next] ***\nskipping: [vm]\n"
+    )
     (t1, t2) = ivm.parse_task_results(out, "vm")
     assert t1[:3] == ("Probe :443", "failed", "Connection timed out")
     assert t2[1] == "skipped"
@@ -467,7 +660,8 @@ def _result(**kw):
         {"name": "apply:offsite.yml", "seconds": 50.0, "status": "pass"},
         {"name": "reboot:graceful", "seconds": 28.0, "status": "pass"},
         {"name": "verify", "seconds": 12.0, "status": "pass"},
-        {"name": "teardown", "seconds": 2.0, "status": "pass"}]
+        {"name": "teardown", "seconds": 2.0, "status": "pass"},
+    ]
     r.update(kw)
     return r
 
@@ -475,22 +669,41 @@ def _result(**kw):
 def test_result_shape_is_json_and_has_the_agreed_keys():
     r = ivm.new_result("cycle", "askari")
     json.dumps(r)
-    for k in ("verdict", "failed_stage", "phases", "phase_details", "vm", "ip", "accel",
-              "diagnostics", "exit_code", "failures", "verify_tasks", "total_seconds"):
+    for k in (
+        "verdict",
+        "failed_stage",
+        "phases",
+        "phase_details",
+        "vm",
+        "ip",
+        "accel",
+        "diagnostics",
+        "exit_code",
+        "failures",
+        "verify_tasks",
+        "total_seconds",
+    ):
         assert k in r
 
 
 def test_phase_totals_group_families():
     t = ivm.phase_totals(_result()["phase_details"])
-    assert t == {"image": 0.2, "boot": 31.0, "apply": 250.0, "reboot": 28.0, "verify": 12.0,
-                 "teardown": 2.0}
+    assert t == {
+        "image": 0.2,
+        "boot": 31.0,
+        "apply": 250.0,
+        "reboot": 28.0,
+        "verify": 12.0,
+        "teardown": 2.0,
+    }
     assert list(t) == ["image", "boot", "apply", "reboot", "verify", "teardown"]
 
 
 def test_format_summary_pass():
     assert ivm.format_summary(_result()) == (
         "integration-vm: PASS askari boma-it-askari-1a2b3c4d accel=tcg total=412s "
-        "(image 0s, boot 31s, apply 250s, reboot 28s, verify 12s, teardown 2s)")
+        "(image 0s, boot 31s, apply 250s, reboot 28s, verify 12s, teardown 2s)"
+    )
 
 
 def test_format_summary_failure_names_stage():
@@ -509,8 +722,10 @@ def test_format_bench_table():
 def test_render_junit_well_formed_with_failures():
     r = _result(verdict="fail", failed_stage="verify")
     r["phase_details"][5].update(status="fail", message="verify playbook failed at: x")
-    r["verify_tasks"] = [{"name": "docker <active>", "status": "ok", "message": ""},
-                         {"name": "published :443", "status": "failed", "message": "timed out & dead"}]
+    r["verify_tasks"] = [
+        {"name": "docker <active>", "status": "ok", "message": ""},
+        {"name": "published :443", "status": "failed", "message": "timed out & dead"},
+    ]
     root = ET.fromstring(ivm.render_junit(r))
     suite = root.find("testsuite")
     assert suite.get("name") == "integration-vm.askari"
@@ -529,15 +744,18 @@ def test_render_junit_infra_error_without_phases():
 
 
 # ---- accelerator ------------------------------------------------------------------------
-@pytest.mark.parametrize("out,verdict", [
-    ("[0.9] VFS: Cannot open root device\n[0.9] Kernel panic - not syncing", "kvm"),
-    ("Kernel panic - not syncing: Unable to mount root fs", "kvm"),
-    ("KVM internal error. Suberror: 1\nemulation failure\n", "tcg"),
-    ("qemu: Could not access KVM kernel module: Permission denied", "tcg"),
-    ("qemu-system-x86_64: failed to initialize kvm: No such file", "tcg"),
-    ("[0.1] Linux version 6.1\n", "tcg"),
-    ("", "tcg"),
-])
+@pytest.mark.parametrize(
+    "out,verdict",
+    [
+        ("[0.9] VFS: Cannot open root device\n[0.9] Kernel panic - not syncing", "kvm"),
+        ("Kernel panic - not syncing: Unable to mount root fs", "kvm"),
+        ("KVM internal error. Suberror: 1\nemulation failure\n", "tcg"),
+        ("qemu: Could not access KVM kernel module: Permission denied", "tcg"),
+        ("qemu-system-x86_64: failed to initialize kvm: No such file", "tcg"),
+        ("[0.1] Linux version 6.1\n", "tcg"),
+        ("", "tcg"),
+    ],
+)
 def test_classify_accel_probe(out, verdict):
     assert ivm.classify_accel_probe(out)[0] == verdict
 
@@ -553,10 +771,16 @@ def test_accel_probe_argv():
     assert "root=/dev/nonexistent" in a[a.index("-append") + 1]
 
 
-@pytest.mark.parametrize("mode,gid,kvm_gid,ok", [
-    (0o020666, 0, 108, True), (0o020660, 108, 108, True), (0o020660, 0, 108, False),
-    (0o020600, 0, 108, False), (0o020660, 108, None, False),
-])
+@pytest.mark.parametrize(
+    "mode,gid,kvm_gid,ok",
+    [
+        (0o020666, 0, 108, True),
+        (0o020660, 108, 108, True),
+        (0o020660, 0, 108, False),
+        (0o020600, 0, 108, False),
+        (0o020660, 108, None, False),
+    ],
+)
 def test_kvm_group_accessible(mode, gid, kvm_gid, ok):
     assert ivm.kvm_group_accessible(mode, gid, kvm_gid) is ok
 
@@ -571,9 +795,22 @@ def test_stage_bounds_scale_for_tcg_and_env_wins():
 # ---- golden image recipe ------------------------------------------------------------------
 def test_image_packages_cover_the_recipe():
     pk = ivm.image_packages()
-    for p in ("linux-image-cloud-amd64", "systemd-sysv", "systemd-resolved", "udev",
-              "openssh-server", "cloud-init", "python3", "python3-apt", "sudo", "nftables",
-              "ca-certificates", "iproute2", "curl", "less"):
+    for p in (
+        "linux-image-cloud-amd64",
+        "systemd-sysv",
+        "systemd-resolved",
+        "udev",
+        "openssh-server",
+        "cloud-init",
+        "python3",
+        "python3-apt",
+        "sudo",
+        "nftables",
+        "ca-certificates",
+        "iproute2",
+        "curl",
+        "less",
+    ):
         assert p in pk
     assert pk == sorted(set(pk)) and "ifupdown" not in pk
 
@@ -591,7 +828,8 @@ def test_seal_spec_contents():
     assert "etc/ssh/ssh_host_*" in s["remove_globs"]
     links = s["symlinks"]
     assert links["etc/systemd/system/multi-user.target.wants/systemd-networkd.service"].endswith(
-        "/systemd-networkd.service")
+        "/systemd-networkd.service"
+    )
     assert "etc/systemd/system/multi-user.target.wants/systemd-resolved.service" in links
 
 
@@ -600,16 +838,19 @@ def test_image_key_is_stable():
     assert len(ivm.image_key(ivm.image_inputs())) == 16
 
 
-@pytest.mark.parametrize("mutate", [
-    lambda i: i.update(suite="forky"),
-    lambda i: i.update(mirror="http://mirror.example/debian"),
-    lambda i: i.update(packages=i["packages"] + ["vim"]),
-    lambda i: i["seal"]["files"].update({"etc/fstab": "x"}),
-    lambda i: i["seal"]["symlinks"].pop("etc/resolv.conf"),
-    lambda i: i.update(recipe_version=i["recipe_version"] + 1),
-    lambda i: i.update(disk_size="16G"),
-    lambda i: i.update(kernel_args="quiet"),
-])
+@pytest.mark.parametrize(
+    "mutate",
+    [
+        lambda i: i.update(suite="forky"),
+        lambda i: i.update(mirror="http://mirror.example/debian"),
+        lambda i: i.update(packages=i["packages"] + ["vim"]),
+        lambda i: i["seal"]["files"].update({"etc/fstab": "x"}),
+        lambda i: i["seal"]["symlinks"].pop("etc/resolv.conf"),
+        lambda i: i.update(recipe_version=i["recipe_version"] + 1),
+        lambda i: i.update(disk_size="16G"),
+        lambda i: i.update(kernel_args="quiet"),
+    ],
+)
 def test_image_key_changes_with_each_input(mutate):
     inputs = ivm.image_inputs()
     before = ivm.image_key(inputs)
@@ -626,13 +867,27 @@ def test_image_build_argv():
     assert a[0] == "mmdebstrap" and "--variant=minbase" in a and "--include=a,b" in a
     assert a[-3:] == ["trixie", "/t/root", "http://deb.debian.org/debian"]
     assert ivm.mkfs_argv("/t/root", "/t/disk.raw") == [
-        "mkfs.ext4", "-q", "-F", "-L", "root", "-d", "/t/root", "/t/disk.raw"]
-    assert ivm.qemu_img_convert_argv("/t/r", "/t/q") == ["qemu-img", "convert", "-O", "qcow2",
-                                                          "/t/r", "/t/q"]
+        "mkfs.ext4",
+        "-q",
+        "-F",
+        "-L",
+        "root",
+        "-d",
+        "/t/root",
+        "/t/disk.raw",
+    ]
+    assert ivm.qemu_img_convert_argv("/t/r", "/t/q") == [
+        "qemu-img",
+        "convert",
+        "-O",
+        "qcow2",
+        "/t/r",
+        "/t/q",
+    ]
 
 
 def test_size_bytes():
-    assert ivm.size_bytes("8G") == 8 * 1024 ** 3 and ivm.size_bytes("512") == 512
+    assert ivm.size_bytes("8G") == 8 * 1024**3 and ivm.size_bytes("512") == 512
     with pytest.raises(ValueError):
         ivm.size_bytes("8 GB")
 
@@ -643,7 +898,10 @@ def test_find_boot_file_resolves_symlink_inside_root(tmp_path):
     (tmp_path / "boot" / "vmlinuz-6.12.10-cloud-amd64").write_text("newer")
     assert ivm.find_boot_file(tmp_path, "vmlinuz", "vmlinuz").name == "vmlinuz-6.12.10-cloud-amd64"
     (tmp_path / "vmlinuz").symlink_to("/boot/vmlinuz-6.12.9-cloud-amd64")  # absolute: re-rooted
-    assert ivm.find_boot_file(tmp_path, "vmlinuz", "vmlinuz") == tmp_path / "boot" / "vmlinuz-6.12.9-cloud-amd64"
+    assert (
+        ivm.find_boot_file(tmp_path, "vmlinuz", "vmlinuz")
+        == tmp_path / "boot" / "vmlinuz-6.12.9-cloud-amd64"
+    )
     assert ivm.find_boot_file(tmp_path, "initrd.img", "initrd.img") is None
 
 
@@ -672,6 +930,7 @@ def test_expected_sha():
 # ---- the process runner (real /bin processes, no hypervisor) ------------------------------
 def test_run_times_out_and_kills_the_group():
     import time
+
     t0 = time.monotonic()
     r = ivm.run([sys_executable(), "-c", "import time; time.sleep(30)"], timeout=0.5)
     assert r.timed_out and r.returncode == 124 and time.monotonic() - t0 < 0.5 + 3.5
@@ -685,21 +944,29 @@ def test_run_missing_tool_is_infra_error():
 
 def test_run_check_names_stage():
     with pytest.raises(ivm.InfraError) as e:
-        ivm.run([sys_executable(), "-c", "import sys; sys.stderr.write('boom\\n'); sys.exit(4)"],
-                timeout=10, check=True, stage="boot")
+        ivm.run(
+            [sys_executable(), "-c", "import sys; sys.stderr.write('boom\\n'); sys.exit(4)"],
+            timeout=10,
+            check=True,
+            stage="boot",
+        )
     assert e.value.stage == "boot" and "exit 4" in e.value.msg and "boom" in e.value.msg
 
 
 def test_run_stream_log_tees(tmp_path, capsys):
     log = tmp_path / "p.log"
-    r = ivm.run([sys_executable(), "-c", "print('hello'); import sys; print('err', file=sys.stderr)"],
-                timeout=10, stream_log=log)
+    r = ivm.run(
+        [sys_executable(), "-c", "print('hello'); import sys; print('err', file=sys.stderr)"],
+        timeout=10,
+        stream_log=log,
+    )
     assert "hello" in r.stdout and "err" in r.stdout
     assert "hello" in log.read_text() and "hello" in capsys.readouterr().err
 
 
 def sys_executable():
     import sys
+
     return sys.executable
 
 
@@ -708,9 +975,15 @@ def sys_executable():
 def test_rendered_inventory_is_valid_yaml():
     yaml = pytest.importorskip("yaml")
     args = ivm.ansible_ssh_args("/r un/vm", "vm")
-    inv = yaml.safe_load(ivm.render_run_hosts("boma-it-a-1", "192.168.150.9", "ansible",
-                                              ["offsite_hosts", "docker_hosts"],
-                                              host_vars={"ansible_ssh_common_args": args}))
+    inv = yaml.safe_load(
+        ivm.render_run_hosts(
+            "boma-it-a-1",
+            "192.168.150.9",
+            "ansible",
+            ["offsite_hosts", "docker_hosts"],
+            host_vars={"ansible_ssh_common_args": args},
+        )
+    )
     for g in ("offsite_hosts", "docker_hosts"):
         hosts = inv["all"]["children"][g]["hosts"]
         assert list(hosts) == ["boma-it-a-1"]
@@ -764,14 +1037,28 @@ def test_capture_script_bounds_every_command_and_runs_as_one_script():
     s = ivm.render_capture_script(NONCE, 30.4)
     assert s.startswith(f"M='@@boma-{NONCE}'\nT=30\n") and s.rstrip().endswith("exit 0")
     assert 'timeout -k 2 "$T" "$@" </dev/null' in s  # bounded, and never eats the script
-    for sec in ("boot_id", "port_range", "nft_json", "nft_text", "docker", "containers",
-                "sockets", "failed_units", "enabled_units", "enabled_active"):
+    for sec in (
+        "boot_id",
+        "port_range",
+        "nft_json",
+        "nft_text",
+        "docker",
+        "containers",
+        "sockets",
+        "failed_units",
+        "enabled_units",
+        "enabled_active",
+    ):
         assert f"sec {sec} " in s
-    for cmd in ("nft -j list ruleset", "nft list ruleset", "ss -H -tulnp",
-                "docker ps --format '{{.Names}} {{.Ports}}'",
-                "systemctl --failed --plain --no-legend --no-pager",
-                "systemctl list-unit-files --state=enabled --type=service --no-legend --no-pager",
-                "systemctl is-active $units"):
+    for cmd in (
+        "nft -j list ruleset",
+        "nft list ruleset",
+        "ss -H -tulnp",
+        "docker ps --format '{{.Names}} {{.Ports}}'",
+        "systemctl --failed --plain --no-legend --no-pager",
+        "systemctl list-unit-files --state=enabled --type=service --no-legend --no-pager",
+        "systemctl is-active $units",
+    ):
         assert cmd in s
     assert "sudo" not in s  # the whole script runs under ONE `sudo -n sh -s`
     assert ivm.render_capture_script(NONCE, 0.2).splitlines()[1] == "T=1"
@@ -782,30 +1069,36 @@ def _stub_guest(tmp_path, docker="running"):
     """A PATH with stub guest commands and only the real tools the script needs."""
     import shutil
     import textwrap
+
     bin_ = tmp_path / "bin"
     bin_.mkdir()
     for tool in ("timeout", "mktemp", "awk", "head", "tr", "cat", "rm", "echo", "sh"):
         (bin_ / tool).symlink_to(shutil.which(tool))
     stubs = {
         "systemd-analyze": f"""case $1 in
-                   time) cat {GUEST / 'systemd-analyze-time.txt'} ;;
-                   blame) cat {GUEST / 'systemd-analyze-blame.txt'} ;;
+                   time) cat {GUEST / "systemd-analyze-time.txt"} ;;
+                   blame) cat {GUEST / "systemd-analyze-blame.txt"} ;;
                    critical-chain) echo 'multi-user.target @1min 2.1s' ;;
                    esac""",
         # nft reads stdin: if the script did not shield it, the rest of the script is eaten
         "nft": f"""cat >/dev/null
-                   if [ "$1" = -j ]; then cat {GUEST / 'nft-ruleset.json'}; else cat {GUEST / 'nft-ruleset.txt'}; fi""",
+                   if [ "$1" = -j ]; then cat {GUEST / "nft-ruleset.json"}
+                   else cat {GUEST / "nft-ruleset.txt"}; fi""",
         "ss": f"cat {GUEST / 'ss-tulnp.txt'}",
         "docker": f"""case $1 in
-                   ps) cat {GUEST / 'docker-ps.txt'} ;;
+                   ps) cat {GUEST / "docker-ps.txt"} ;;
                    inspect) [ "$4" = caddy ] && echo '/caddy 172.18.0.2 ' ;;
                    esac""",
         "systemctl": f"""case "$*" in
                    "is-active --quiet docker.service") [ "{docker}" = running ] ;;
                    --failed*) echo 'fstrim.service loaded failed failed Discard unused blocks' ;;
-                   list-unit-files*) cat {GUEST / 'list-unit-files.txt'} ;;
+                   list-unit-files*) cat {GUEST / "list-unit-files.txt"} ;;
                    is-active*) shift; for u in "$@"; do
-                                 case $u in *@*) echo "bad unit $u" >&2; exit 1 ;; sshd-keygen*) echo inactive ;; *) echo active ;; esac
+                                 case $u in
+                                   *@*) echo "bad unit $u" >&2; exit 1 ;;
+                                   sshd-keygen*) echo inactive ;;
+                                   *) echo active ;;
+                                 esac
                                done; exit 3 ;;
                    esac""",
     }
@@ -824,15 +1117,32 @@ def st_boot(secs):
 @pytest.mark.parametrize("docker", ["running", "stopped", "absent"])
 def test_capture_script_runs_under_sh_and_parses(tmp_path, docker):
     import subprocess
+
     bin_ = _stub_guest(tmp_path, docker)
-    p = subprocess.run(["/bin/sh", "-s"], input=ivm.render_capture_script(NONCE, 5),
-                       env={"PATH": str(bin_)}, capture_output=True, text=True, timeout=60)
+    p = subprocess.run(
+        ["/bin/sh", "-s"],
+        input=ivm.render_capture_script(NONCE, 5),
+        env={"PATH": str(bin_)},
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert p.returncode == 0, p.stderr
     secs = ivm.parse_capture_output(p.stdout, NONCE)
-    assert set(secs) == {"boot_id", "port_range", "nft_json", "nft_text", "docker", "sockets",
-                         "failed_units", "enabled_units", "enabled_active", "boot_time",
-                         "boot_blame", "boot_chain"} | (
-        {"containers"} if docker == "running" else set())
+    assert set(secs) == {
+        "boot_id",
+        "port_range",
+        "nft_json",
+        "nft_text",
+        "docker",
+        "sockets",
+        "failed_units",
+        "enabled_units",
+        "enabled_active",
+        "boot_time",
+        "boot_blame",
+        "boot_chain",
+    } | ({"containers"} if docker == "running" else set())
     assert st_boot(secs)["startup"]["total"] == 66.001
     assert st_boot(secs)["blame_top"][0] == [30.811, "docker.service"]
     assert secs["enabled_active"]["rc"] == 3  # is-active: some unit inactive
@@ -848,54 +1158,116 @@ def test_capture_script_runs_under_sh_and_parses(tmp_path, docker):
     assert "docker.service active" in cats["services"]
     assert not any(ln.startswith("getty@") for ln in cats["services"])  # template left out
     assert "udp VM_IP%enp1s0:68 systemd-network" in cats["sockets"]
-    assert cats["ports"] == {"running": ivm.normalise_docker_ports(
-        (GUEST / "docker-ps.txt").read_text()), "stopped": ["docker: not running"],
-        "absent": ["docker: absent"]}[docker]
+    assert (
+        cats["ports"]
+        == {
+            "running": ivm.normalise_docker_ports((GUEST / "docker-ps.txt").read_text()),
+            "stopped": ["docker: not running"],
+            "absent": ["docker: absent"],
+        }[docker]
+    )
 
 
 def test_parse_capture_output_rc_stderr_and_cut_off():
-    text = (f"noise before\n@@boma-{NONCE} begin a\nline 1\n\n@@boma-{NONCE} end a 0 \n"
-            f"@@boma-{NONCE} begin b\n@@boma-ffffffffffff end b 0\n\n"
-            f"@@boma-{NONCE} end b 1 nft: Operation not permitted \n"
-            f"@@boma-{NONCE} begin c\npartial")
+    text = (
+        f"noise before\n@@boma-{NONCE} begin a\nline 1\n\n@@boma-{NONCE} end a 0 \n"
+        f"@@boma-{NONCE} begin b\n@@boma-ffffffffffff end b 0\n\n"
+        f"@@boma-{NONCE} end b 1 nft: Operation not permitted \n"
+        f"@@boma-{NONCE} begin c\npartial"
+    )
     s = ivm.parse_capture_output(text, NONCE)
     assert s["a"] == {"rc": 0, "out": "line 1", "err": ""}
     # a marker with another nonce is content, not structure
-    assert s["b"] == {"rc": 1, "out": "@@boma-ffffffffffff end b 0",
-                      "err": "nft: Operation not permitted"}
+    assert s["b"] == {
+        "rc": 1,
+        "out": "@@boma-ffffffffffff end b 0",
+        "err": "nft: Operation not permitted",
+    }
     assert s["c"]["rc"] is None and s["c"]["out"] == "partial"
     assert ivm.parse_capture_output("", NONCE) == {}
 
 
-@pytest.mark.parametrize("expr,text", [
-    ({"match": {"op": "==", "left": {"meta": {"key": "iifname"}}, "right": "docker0"}},
-     "meta iifname docker0"),
-    ({"match": {"op": "!=", "left": {"meta": {"key": "oifname"}}, "right": "br-1"}},
-     "meta oifname != br-1"),
-    ({"match": {"op": "in", "left": {"ct": {"key": "state"}}, "right": ["related", "established"]}},
-     "ct state { established, related }"),
-    ({"match": {"op": "==", "left": {"payload": {"protocol": "tcp", "field": "dport"}},
-                "right": {"set": [8443, 443, 80]}}}, "tcp dport { 80, 443, 8443 }"),
-    ({"match": {"op": "==", "left": {"payload": {"protocol": "ip", "field": "saddr"}},
-                "right": {"prefix": {"addr": "172.17.0.0", "len": 16}}}}, "ip saddr 172.17.0.0/16"),
-    ({"match": {"op": ">=", "left": {"payload": {"base": "th", "offset": 16, "len": 16}},
-                "right": {"range": [1024, 2048]}}}, "@th,16,16 >= 1024-2048"),
-    ({"match": {"op": "==", "left": {"fib": {"result": "type", "flags": ["daddr"]}},
-                "right": "local"}}, "fib daddr type local"),
-    ({"counter": {"packets": 812, "bytes": 99211}}, "counter"),
-    ({"counter": "named"}, "counter name named"),
-    ({"jump": {"target": "DOCKER"}}, "jump DOCKER"),
-    ({"accept": None}, "accept"),
-    ({"masquerade": None}, "masquerade"),
-    ({"dnat": {"addr": "172.18.0.2", "port": 443}}, "dnat to 172.18.0.2:443"),
-    ({"dnat": {"family": "ip", "addr": "172.18.0.2", "port": 443}}, "dnat ip to 172.18.0.2:443"),
-    ({"xt": {"type": "match", "name": "addrtype"}}, "xt match addrtype"),
-    ({"log": {"prefix": "nft drop: "}}, 'log {"prefix":"nft drop: "}'),
-    ({"reject": None}, "reject"),
-    ({"last": {"used": 1234}}, "last"),
-    ({"set": [{"elem": {"val": "10.0.0.1", "timeout": 60, "expires": 17}}]},
-     '{ 10.0.0.1 {"timeout":60} }'),
-])
+@pytest.mark.parametrize(
+    "expr,text",
+    [
+        (
+            {"match": {"op": "==", "left": {"meta": {"key": "iifname"}}, "right": "docker0"}},
+            "meta iifname docker0",
+        ),
+        (
+            {"match": {"op": "!=", "left": {"meta": {"key": "oifname"}}, "right": "br-1"}},
+            "meta oifname != br-1",
+        ),
+        (
+            {
+                "match": {
+                    "op": "in",
+                    "left": {"ct": {"key": "state"}},
+                    "right": ["related", "established"],
+                }
+            },
+            "ct state { established, related }",
+        ),
+        (
+            {
+                "match": {
+                    "op": "==",
+                    "left": {"payload": {"protocol": "tcp", "field": "dport"}},
+                    "right": {"set": [8443, 443, 80]},
+                }
+            },
+            "tcp dport { 80, 443, 8443 }",
+        ),
+        (
+            {
+                "match": {
+                    "op": "==",
+                    "left": {"payload": {"protocol": "ip", "field": "saddr"}},
+                    "right": {"prefix": {"addr": "172.17.0.0", "len": 16}},
+                }
+            },
+            "ip saddr 172.17.0.0/16",
+        ),
+        (
+            {
+                "match": {
+                    "op": ">=",
+                    "left": {"payload": {"base": "th", "offset": 16, "len": 16}},
+                    "right": {"range": [1024, 2048]},
+                }
+            },
+            "@th,16,16 >= 1024-2048",
+        ),
+        (
+            {
+                "match": {
+                    "op": "==",
+                    "left": {"fib": {"result": "type", "flags": ["daddr"]}},
+                    "right": "local",
+                }
+            },
+            "fib daddr type local",
+        ),
+        ({"counter": {"packets": 812, "bytes": 99211}}, "counter"),
+        ({"counter": "named"}, "counter name named"),
+        ({"jump": {"target": "DOCKER"}}, "jump DOCKER"),
+        ({"accept": None}, "accept"),
+        ({"masquerade": None}, "masquerade"),
+        ({"dnat": {"addr": "172.18.0.2", "port": 443}}, "dnat to 172.18.0.2:443"),
+        (
+            {"dnat": {"family": "ip", "addr": "172.18.0.2", "port": 443}},
+            "dnat ip to 172.18.0.2:443",
+        ),
+        ({"xt": {"type": "match", "name": "addrtype"}}, "xt match addrtype"),
+        ({"log": {"prefix": "nft drop: "}}, 'log {"prefix":"nft drop: "}'),
+        ({"reject": None}, "reject"),
+        ({"last": {"used": 1234}}, "last"),
+        (
+            {"set": [{"elem": {"val": "10.0.0.1", "timeout": 60, "expires": 17}}]},
+            '{ 10.0.0.1 {"timeout":60} }',
+        ),
+    ],
+)
 def test_nft_expr_text(expr, text):
     assert ivm.nft_expr_text(expr) == text
 
@@ -908,27 +1280,35 @@ def test_normalise_nft_json_drops_volatile_fields():
         assert gone not in joined
     assert lines[0] == "table inet filter"  # tables sorted, not in creation order
     assert [ln for ln in lines if ln.startswith("table")] == [
-        "table inet filter", "table ip filter", "table ip nat"]
+        "table inet filter",
+        "table ip filter",
+        "table ip nat",
+    ]
     fwd = lines.index("chain inet filter forward {type filter hook forward prio 0 policy drop}")
-    assert lines[fwd + 1:fwd + 6] == [
+    assert lines[fwd + 1 : fwd + 6] == [
         "rule inet filter forward: ct state { established, related } accept",
         "rule inet filter forward: meta iifname docker0 accept",
         "rule inet filter forward: meta oifname docker0 accept",
         "rule inet filter forward: meta iifname br-* accept",
-        "rule inet filter forward: meta oifname br-* accept"]
+        "rule inet filter forward: meta oifname br-* accept",
+    ]
     assert 'rule inet filter input: tcp dport 22 accept comment "ssh"' in lines
     # iptables-nft's compat expressions are opaque in JSON (no DNAT destination) ...
-    assert ("rule ip nat DOCKER: meta iifname != br-d2b0beece4b3 tcp dport 443 counter "
-            "xt target DNAT") in lines
+    assert (
+        "rule ip nat DOCKER: meta iifname != br-d2b0beece4b3 tcp dport 443 counter xt target DNAT"
+    ) in lines
     assert "chain ip nat POSTROUTING {type nat hook postrouting prio 100 policy accept}" in lines
     assert "chain ip filter DOCKER-USER" in lines
     # ... the text listing translates them; with it, those rules say where they go
     full = ivm.normalise_nft_json(text, None, (GUEST / "nft-ruleset.txt").read_text())
     assert [ln for ln in full if "xt " in ln] == []
-    assert ('rule ip nat DOCKER: iifname != "br-d2b0beece4b3" tcp dport 443 counter '
-            "dnat to 172.18.0.2:443") in full
-    assert ('rule ip filter FORWARD: oifname "docker0" ct state related,established counter '
-            "accept") in full
+    assert (
+        'rule ip nat DOCKER: iifname != "br-d2b0beece4b3" tcp dport 443 counter '
+        "dnat to 172.18.0.2:443"
+    ) in full
+    assert (
+        'rule ip filter FORWARD: oifname "docker0" ct state related,established counter accept'
+    ) in full
     assert "rule ip nat PREROUTING: fib daddr type local counter jump DOCKER" in full
     # only the 12 xt rules (addrtype, conntrack, DNAT, MASQUERADE) are taken from the text
     assert len(full) == len(lines)
@@ -978,7 +1358,7 @@ table inet f {
 		type ipv4_addr
 		flags interval
 		elements = { 10.0.0.0/8, 192.168.1.1,
-			     192.168.1.2 }
+\t\t\t     192.168.1.2 }
 	}
 
 	chain input {
@@ -991,11 +1371,16 @@ table inet f {
 }
 """
     assert ivm.parse_nft_text_rules(text) == {
-        ("ip", "nat", "DOCKER"): ['iifname "docker0" counter return',
-                                  'iifname != "br-1" tcp dport 443 counter dnat to 172.18.0.2:443'],
-        ("ip", "nat", "POSTROUTING"): ['ip saddr 172.18.0.0/16 oifname != "br-1" counter masquerade'],
+        ("ip", "nat", "DOCKER"): [
+            'iifname "docker0" counter return',
+            'iifname != "br-1" tcp dport 443 counter dnat to 172.18.0.2:443',
+        ],
+        ("ip", "nat", "POSTROUTING"): [
+            'ip saddr 172.18.0.0/16 oifname != "br-1" counter masquerade'
+        ],
         ("inet", "f", "input"): ["ip saddr @allow tcp dport { 22, 443 } accept"],
-        ("inet", "f", "empty"): []}
+        ("inet", "f", "empty"): [],
+    }
     assert ivm.parse_nft_text_rules("") == {}
 
 
@@ -1003,32 +1388,44 @@ def test_xt_rules_fall_back_to_json_when_the_text_disagrees():
     js = (GUEST / "nft-ruleset.json").read_text()
     text = (GUEST / "nft-ruleset.txt").read_text()
     # the listing was taken while Docker added a rule: that chain's count differs
-    extra = text.replace('\t\tiifname "docker0" counter packets 0 bytes 0 return\n',
-                         '\t\tiifname "docker0" counter packets 0 bytes 0 return\n'
-                         '\t\tiifname "br-new" counter packets 0 bytes 0 return\n', 1)
+    extra = text.replace(
+        '\t\tiifname "docker0" counter packets 0 bytes 0 return\n',
+        '\t\tiifname "docker0" counter packets 0 bytes 0 return\n'
+        '\t\tiifname "br-new" counter packets 0 bytes 0 return\n',
+        1,
+    )
     assert extra != text
     lines = ivm.normalise_nft_json(js, None, extra)
-    assert "rule ip nat DOCKER: meta iifname != br-d2b0beece4b3 tcp dport 443 counter xt target DNAT" in lines
+    assert (
+        "rule ip nat DOCKER: meta iifname != br-d2b0beece4b3 tcp dport 443 counter xt target DNAT"
+        in lines
+    )
     assert not any("br-new" in ln for ln in lines)
 
 
 def test_container_addresses_become_names():
-    ips = ivm.parse_container_ips("/caddy 172.18.0.2 \n/db 172.18.0.25 fd00::19\n"
-                                  "/hostnet  \n/odd <no value>\n")
+    ips = ivm.parse_container_ips(
+        "/caddy 172.18.0.2 \n/db 172.18.0.25 fd00::19\n/hostnet  \n/odd <no value>\n"
+    )
     assert ips == {"172.18.0.2": "caddy", "172.18.0.25": "db", "fd00::19": "db"}
-    line = ("ip saddr 172.18.0.2 ip daddr 172.18.0.25 dnat to 172.18.0.2:443 "
-            "ip daddr 172.18.0.20 ip6 daddr fd00::19 ip6 daddr fd00::190 ip saddr 172.18.0.2/32")
+    line = (
+        "ip saddr 172.18.0.2 ip daddr 172.18.0.25 dnat to 172.18.0.2:443 "
+        "ip daddr 172.18.0.20 ip6 daddr fd00::19 ip6 daddr fd00::190 ip saddr 172.18.0.2/32"
+    )
     assert ivm.name_container_addresses(line, ips) == (
         "ip saddr <caddy> ip daddr <db> dnat to <caddy>:443 ip daddr 172.18.0.20 "
-        "ip6 daddr <db> ip6 daddr fd00::190 ip saddr <caddy>/32")
+        "ip6 daddr <db> ip6 daddr fd00::190 ip saddr <caddy>/32"
+    )
     # the container came back at another address: the same rules
     items, text = _nft_items(), (GUEST / "nft-ruleset.txt").read_text()
     moved = json.loads(json.dumps(items).replace('"172.18.0.2"', '"172.18.0.3"'))
     moved_text = text.replace("172.18.0.2", "172.18.0.3")
     before = ivm.normalise_nft_json(_nft(items), {"172.18.0.2": "caddy"}, text)
     assert before == ivm.normalise_nft_json(_nft(moved), {"172.18.0.3": "caddy"}, moved_text)
-    assert 'rule ip nat DOCKER: iifname != "br-d2b0beece4b3" udp dport 443 counter ' \
-           "dnat to <caddy>:443" in before
+    assert (
+        'rule ip nat DOCKER: iifname != "br-d2b0beece4b3" udp dport 443 counter '
+        "dnat to <caddy>:443" in before
+    )
     # ... but a DNAT to an address no container holds any more is a difference
     stale = ivm.normalise_nft_json(_nft(moved), {"172.18.0.4": "caddy"}, moved_text)
     removed, added = ivm.diff_lines(before, stale)
@@ -1038,8 +1435,11 @@ def test_container_addresses_become_names():
 
 def test_normalise_nft_json_keeps_rule_order_in_boma_tables():
     items = _nft_items()
-    idx = [i for i, it in enumerate(items)
-           if "rule" in it and it["rule"]["family"] == "inet" and it["rule"]["chain"] == "forward"]
+    idx = [
+        i
+        for i, it in enumerate(items)
+        if "rule" in it and it["rule"]["family"] == "inet" and it["rule"]["chain"] == "forward"
+    ]
     swapped = list(items)
     swapped[idx[0]], swapped[idx[1]] = swapped[idx[1]], swapped[idx[0]]
     before, after = ivm.normalise_nft_json(_nft(items)), ivm.normalise_nft_json(_nft(swapped))
@@ -1049,73 +1449,120 @@ def test_normalise_nft_json_keeps_rule_order_in_boma_tables():
 
 
 def test_normalise_nft_json_sets_objects_and_empty():
-    text = json.dumps({"nftables": [
-        {"metainfo": {"version": "1.1.3"}},
-        {"table": {"family": "inet", "name": "f", "handle": 9}},
-        {"set": {"family": "inet", "table": "f", "name": "allow", "type": "ipv4_addr",
-                 "handle": 3, "flags": ["interval"],
-                 "elem": [{"prefix": {"addr": "10.0.0.0", "len": 8}}, "192.168.1.1"]}},
-        {"chain": {"family": "inet", "table": "f", "name": "c", "handle": 1}},
-        {"counter": {"family": "inet", "table": "f", "name": "hits", "handle": 4,
-                     "packets": 5, "bytes": 6}},
-    ]})
+    text = json.dumps(
+        {
+            "nftables": [
+                {"metainfo": {"version": "1.1.3"}},
+                {"table": {"family": "inet", "name": "f", "handle": 9}},
+                {
+                    "set": {
+                        "family": "inet",
+                        "table": "f",
+                        "name": "allow",
+                        "type": "ipv4_addr",
+                        "handle": 3,
+                        "flags": ["interval"],
+                        "elem": [{"prefix": {"addr": "10.0.0.0", "len": 8}}, "192.168.1.1"],
+                    }
+                },
+                {"chain": {"family": "inet", "table": "f", "name": "c", "handle": 1}},
+                {
+                    "counter": {
+                        "family": "inet",
+                        "table": "f",
+                        "name": "hits",
+                        "handle": 4,
+                        "packets": 5,
+                        "bytes": 6,
+                    }
+                },
+            ]
+        }
+    )
     assert ivm.normalise_nft_json(text) == [
-        "table inet f", "chain inet f c",
+        "table inet f",
+        "chain inet f c",
         'set inet f allow {"flags":["interval"],"type":"ipv4_addr"} elements '
-        '{ 10.0.0.0/8, 192.168.1.1 }',
-        "counter inet f hits {}"]
+        "{ 10.0.0.0/8, 192.168.1.1 }",
+        "counter inet f hits {}",
+    ]
     assert ivm.normalise_nft_json('{"nftables": [{"metainfo": {}}]}') == []
     with pytest.raises(ValueError):
         ivm.normalise_nft_json("nft: not JSON")
 
 
 def test_normalise_docker_ports():
-    out = ivm.normalise_docker_ports((GUEST / "docker-ps.txt").read_text()
-                                     + "netbird-signal \nzz-worker\n")
-    assert out == ["caddy 0.0.0.0:443->443/tcp", "caddy 0.0.0.0:443->443/udp",
-                   "caddy 0.0.0.0:80->80/tcp", "caddy [::]:443->443/tcp",
-                   "caddy [::]:443->443/udp", "caddy [::]:80->80/tcp",
-                   "netbird-signal -", "zz-worker -"]
+    out = ivm.normalise_docker_ports(
+        (GUEST / "docker-ps.txt").read_text() + "netbird-signal \nzz-worker\n"
+    )
+    assert out == [
+        "caddy 0.0.0.0:443->443/tcp",
+        "caddy 0.0.0.0:443->443/udp",
+        "caddy 0.0.0.0:80->80/tcp",
+        "caddy [::]:443->443/tcp",
+        "caddy [::]:443->443/udp",
+        "caddy [::]:80->80/tcp",
+        "netbird-signal -",
+        "zz-worker -",
+    ]
     assert ivm.normalise_docker_ports("docker: absent\n") == ["docker: absent"]
     assert ivm.normalise_docker_ports("") == []
 
 
 def test_normalise_listeners_realistic():
-    out = ivm.normalise_listeners((GUEST / "ss-tulnp.txt").read_text(), (32768, 60999),
-                                  own_ips=["192.168.150.42"])
-    assert out == sorted([
-        "udp 127.0.0.54:53 systemd-resolve", "udp 127.0.0.53%lo:53 systemd-resolve",
-        "udp VM_IP%enp1s0:68 systemd-network", "udp 0.0.0.0:443 docker-proxy",
-        "udp [::]:443 docker-proxy", "udp 0.0.0.0:5355 systemd-resolve",
-        "udp [::]:5355 systemd-resolve", "tcp 127.0.0.54:53 systemd-resolve",
-        "tcp 127.0.0.53%lo:53 systemd-resolve", "tcp 127.0.0.1:ephemeral containerd",
-        "tcp 0.0.0.0:5355 systemd-resolve", "tcp 0.0.0.0:22 sshd",
-        "tcp 0.0.0.0:443 docker-proxy", "tcp 0.0.0.0:80 docker-proxy", "tcp [::]:22 sshd",
-        "tcp [::]:443 docker-proxy", "tcp [::]:80 docker-proxy",
-        "tcp [::]:5355 systemd-resolve"])
+    out = ivm.normalise_listeners(
+        (GUEST / "ss-tulnp.txt").read_text(), (32768, 60999), own_ips=["192.168.150.42"]
+    )
+    assert out == sorted(
+        [
+            "udp 127.0.0.54:53 systemd-resolve",
+            "udp 127.0.0.53%lo:53 systemd-resolve",
+            "udp VM_IP%enp1s0:68 systemd-network",
+            "udp 0.0.0.0:443 docker-proxy",
+            "udp [::]:443 docker-proxy",
+            "udp 0.0.0.0:5355 systemd-resolve",
+            "udp [::]:5355 systemd-resolve",
+            "tcp 127.0.0.54:53 systemd-resolve",
+            "tcp 127.0.0.53%lo:53 systemd-resolve",
+            "tcp 127.0.0.1:ephemeral containerd",
+            "tcp 0.0.0.0:5355 systemd-resolve",
+            "tcp 0.0.0.0:22 sshd",
+            "tcp 0.0.0.0:443 docker-proxy",
+            "tcp 0.0.0.0:80 docker-proxy",
+            "tcp [::]:22 sshd",
+            "tcp [::]:443 docker-proxy",
+            "tcp [::]:80 docker-proxy",
+            "tcp [::]:5355 systemd-resolve",
+        ]
+    )
 
 
 def test_normalise_listeners_tlnp_without_netid_and_odd_rows():
-    text = ('LISTEN 0 4096 0.0.0.0:443 0.0.0.0:* users:(("docker-proxy",pid=1234,fd=7))\n'
-            'LISTEN 0 4096 0.0.0.0:443 0.0.0.0:* users:(("docker-proxy",pid=9,fd=7))\n'
-            'LISTEN 0 128 *:8080 *:* users:(("nginx",pid=2,fd=6),("nginx",pid=1,fd=6),'
-            '("nginx",pid=3,fd=6))\n'
-            'LISTEN 0 64 0.0.0.0:2049 0.0.0.0:*\n'
-            'LISTEN 0 5 [fe80::5054:ff:fe12:3456]%enp1s0:546 [::]:* users:(("x y",pid=5,fd=1))\n'
-            'LISTEN 0 5 127.0.0.1:45000 0.0.0.0:* users:(("containerd",pid=7,fd=9))\n'
-            "garbage\n")
+    text = (
+        'LISTEN 0 4096 0.0.0.0:443 0.0.0.0:* users:(("docker-proxy",pid=1234,fd=7))\n'
+        'LISTEN 0 4096 0.0.0.0:443 0.0.0.0:* users:(("docker-proxy",pid=9,fd=7))\n'
+        'LISTEN 0 128 *:8080 *:* users:(("nginx",pid=2,fd=6),("nginx",pid=1,fd=6),'
+        '("nginx",pid=3,fd=6))\n'
+        "LISTEN 0 64 0.0.0.0:2049 0.0.0.0:*\n"
+        'LISTEN 0 5 [fe80::5054:ff:fe12:3456]%enp1s0:546 [::]:* users:(("x y",pid=5,fd=1))\n'
+        'LISTEN 0 5 127.0.0.1:45000 0.0.0.0:* users:(("containerd",pid=7,fd=9))\n'
+        "garbage\n"
+    )
     assert ivm.normalise_listeners(text, (40000, 50000), own_ips=["127.0.0.1"]) == [
-        "tcp *:8080 nginx", "tcp 0.0.0.0:2049 -", "tcp 0.0.0.0:443 docker-proxy",
-        "tcp 127.0.0.1:ephemeral containerd",   # loopback is never "the VM's address"
-        "tcp [fe80::5054:ff:fe12:3456]%enp1s0:546 x y"]
+        "tcp *:8080 nginx",
+        "tcp 0.0.0.0:2049 -",
+        "tcp 0.0.0.0:443 docker-proxy",
+        "tcp 127.0.0.1:ephemeral containerd",  # loopback is never "the VM's address"
+        "tcp [fe80::5054:ff:fe12:3456]%enp1s0:546 x y",
+    ]
 
 
 def test_parse_port_range_and_failed_units():
     assert ivm.parse_port_range("32768\t60999\n") == (32768, 60999)
     assert ivm.parse_port_range("") == (32768, 60999)
-    assert ivm.parse_failed_units("fstrim.service loaded failed failed Discard\n"
-                                  "a.mount loaded failed failed A\n\n") == ["a.mount",
-                                                                          "fstrim.service"]
+    assert ivm.parse_failed_units(
+        "fstrim.service loaded failed failed Discard\na.mount loaded failed failed A\n\n"
+    ) == ["a.mount", "fstrim.service"]
     assert ivm.parse_failed_units("") == []
 
 
@@ -1131,12 +1578,20 @@ def test_pair_enabled_active():
 
 
 def test_normalise_capture_records_failures_as_lines():
-    st = ivm.normalise_capture(ivm.parse_capture_output(_capture(
-        boot_id=(0, "b-1"), port_range=(0, "32768 60999"),
-        nft_json=(1, "Error: Could not process rule: Operation not permitted"),
-        docker=(124, ""), sockets=(0, "not ss output"),
-        enabled_units=(0, "ssh.service enabled enabled"), enabled_active=(0, "active"),
-    ), NONCE))
+    st = ivm.normalise_capture(
+        ivm.parse_capture_output(
+            _capture(
+                boot_id=(0, "b-1"),
+                port_range=(0, "32768 60999"),
+                nft_json=(1, "Error: Could not process rule: Operation not permitted"),
+                docker=(124, ""),
+                sockets=(0, "not ss output"),
+                enabled_units=(0, "ssh.service enabled enabled"),
+                enabled_active=(0, "active"),
+            ),
+            NONCE,
+        )
+    )
     c = st["categories"]
     assert st["boot_id"] == "b-1" and st["port_range"] == [32768, 60999]
     assert c["nft"] == ["! nft -j list ruleset: exit 1"]
@@ -1145,89 +1600,135 @@ def test_normalise_capture_records_failures_as_lines():
     assert c["failed_units"] == ["! systemctl --failed: not captured"]
     assert c["services"] == ["ssh.service active"]
     assert st["nft_text"] == "! nft list ruleset: not captured"
-    bad = ivm.normalise_capture(ivm.parse_capture_output(_capture(
-        nft_json=(0, "{not json"), enabled_units=(0, "a.service enabled enabled"),
-        enabled_active=(124, "")), NONCE))["categories"]
+    bad = ivm.normalise_capture(
+        ivm.parse_capture_output(
+            _capture(
+                nft_json=(0, "{not json"),
+                enabled_units=(0, "a.service enabled enabled"),
+                enabled_active=(124, ""),
+            ),
+            NONCE,
+        )
+    )["categories"]
     assert bad["nft"][0].startswith("! nft -j list ruleset: unparsable output")
     assert bad["services"] == ["! systemctl is-active: timed out"]
 
 
 def test_diff_state_finds_flushes_readds_and_losses():
-    before = {"nft": ["table inet filter", "rule inet filter forward: accept"],
-              "ports": ["caddy 0.0.0.0:443->443/tcp"], "sockets": ["tcp 0.0.0.0:443 docker-proxy"],
-              "failed_units": [], "services": ["docker.service active"]}
-    after = {"nft": ["table inet filter", "rule inet filter forward: accept",
-                     "rule inet filter forward: accept"],   # re-added: a duplicate
-             "ports": [], "sockets": ["tcp 0.0.0.0:443 docker-proxy"],
-             "failed_units": ["docker.service"], "services": ["docker.service failed"]}
+    before = {
+        "nft": ["table inet filter", "rule inet filter forward: accept"],
+        "ports": ["caddy 0.0.0.0:443->443/tcp"],
+        "sockets": ["tcp 0.0.0.0:443 docker-proxy"],
+        "failed_units": [],
+        "services": ["docker.service active"],
+    }
+    after = {
+        "nft": [
+            "table inet filter",
+            "rule inet filter forward: accept",
+            "rule inet filter forward: accept",
+        ],  # re-added: a duplicate
+        "ports": [],
+        "sockets": ["tcp 0.0.0.0:443 docker-proxy"],
+        "failed_units": ["docker.service"],
+        "services": ["docker.service failed"],
+    }
     d = ivm.diff_state(before, after)
     assert list(d) == list(ivm.REBOOT_DIFF_CATEGORIES)
     assert d["nft"] == {"removed": [], "added": ["rule inet filter forward: accept"]}
     assert d["ports"] == {"removed": ["caddy 0.0.0.0:443->443/tcp"], "added": []}
     assert d["sockets"] == {"removed": [], "added": []}
     assert d["failed_units"]["added"] == ["docker.service"]
-    assert d["services"] == {"removed": ["docker.service active"],
-                             "added": ["docker.service failed"]}
-    assert ivm.diff_state(before, before) == {c: {"removed": [], "added": []}
-                                              for c in ivm.REBOOT_DIFF_CATEGORIES}
+    assert d["services"] == {
+        "removed": ["docker.service active"],
+        "added": ["docker.service failed"],
+    }
+    assert ivm.diff_state(before, before) == {
+        c: {"removed": [], "added": []} for c in ivm.REBOOT_DIFF_CATEGORIES
+    }
 
 
 def test_classify_diff_with_dict_and_list_tolerance():
     d = {c: {"removed": [], "added": []} for c in ivm.REBOOT_DIFF_CATEGORIES}
     d["sockets"]["added"] = ["udp 0.0.0.0:68 dhclient"]
-    d["nft"]["removed"] = ["rule ip nat DOCKER: meta iifname docker0 counter return",
-                           "rule inet filter forward: meta iifname docker0 accept"]
-    tol, unexp = ivm.classify_diff(d, {"sockets": ["dhclient"],
-                                       "nft": ["^rule ip6? (nat|filter) DOCKER"]})
-    assert tol == ["nft: - rule ip nat DOCKER: meta iifname docker0 counter return",
-                   "sockets: + udp 0.0.0.0:68 dhclient"]
+    d["nft"]["removed"] = [
+        "rule ip nat DOCKER: meta iifname docker0 counter return",
+        "rule inet filter forward: meta iifname docker0 accept",
+    ]
+    tol, unexp = ivm.classify_diff(
+        d, {"sockets": ["dhclient"], "nft": ["^rule ip6? (nat|filter) DOCKER"]}
+    )
+    assert tol == [
+        "nft: - rule ip nat DOCKER: meta iifname docker0 counter return",
+        "sockets: + udp 0.0.0.0:68 dhclient",
+    ]
     assert unexp == ["nft: - rule inet filter forward: meta iifname docker0 accept"]
     # a pattern only applies to its own category; the sign is not part of the line
     tol, unexp = ivm.classify_diff(d, {"nft": ["dhclient"], "sockets": ["^[+-]"]})
     assert tol == [] and len(unexp) == 3
     tol, unexp = ivm.classify_diff(d, ["docker0"])  # a list applies everywhere
     assert unexp == ["sockets: + udp 0.0.0.0:68 dhclient"] and len(tol) == 2
-    assert ivm.classify_diff(d, {}) == ([], [
-        "nft: - rule ip nat DOCKER: meta iifname docker0 counter return",
-        "nft: - rule inet filter forward: meta iifname docker0 accept",
-        "sockets: + udp 0.0.0.0:68 dhclient"])
+    assert ivm.classify_diff(d, {}) == (
+        [],
+        [
+            "nft: - rule ip nat DOCKER: meta iifname docker0 counter return",
+            "nft: - rule inet filter forward: meta iifname docker0 accept",
+            "sockets: + udp 0.0.0.0:68 dhclient",
+        ],
+    )
 
 
 def test_capture_errors_are_unexpected_even_when_unchanged():
     err = "! ss -tulnp: exit 1: Cannot open netlink socket"
     before = {"sockets": [err], "nft": ["table inet filter"], "services": []}
-    after = {"sockets": [err], "nft": ["table inet filter"],
-             "services": ["! systemctl is-active: timed out"]}
+    after = {
+        "sockets": [err],
+        "nft": ["table inet filter"],
+        "services": ["! systemctl is-active: timed out"],
+    }
     errors = ivm.capture_errors(before, after)
     assert errors == {"sockets": [err], "services": ["! systemctl is-active: timed out"]}
     d = ivm.diff_state(before, after)
     assert d["sockets"] == {"removed": [], "added": []}  # the same both times: no diff...
-    tol, unexp = ivm.classify_diff(d, {}, errors)        # ...but not compared either
+    tol, unexp = ivm.classify_diff(d, {}, errors)  # ...but not compared either
     assert unexp == [f"sockets: {err}", "services: + ! systemctl is-active: timed out"]
     tol, unexp = ivm.classify_diff(d, {"sockets": ["^! ss .*netlink"]}, errors)
     assert tol == [f"sockets: {err}"] and len(unexp) == 1
 
 
-@pytest.mark.parametrize("value,needle", [
-    ({"socket": ["x"]}, "unknown categories ['socket']"),
-    ({"sockets": "dhclient"}, "lists of non-empty regex strings (category 'sockets')"),
-    ({"sockets": [""]}, "lists of non-empty regex strings"),
-    ({"nft": ["(unclosed"]}, "invalid regex '(unclosed'"),
-    (["ok", 3], "lists of non-empty regex strings (category '*')"),
-])
+@pytest.mark.parametrize(
+    "value,needle",
+    [
+        ({"socket": ["x"]}, "unknown categories ['socket']"),
+        ({"sockets": "dhclient"}, "lists of non-empty regex strings (category 'sockets')"),
+        ({"sockets": [""]}, "lists of non-empty regex strings"),
+        ({"nft": ["(unclosed"]}, "invalid regex '(unclosed'"),
+        (["ok", 3], "lists of non-empty regex strings (category '*')"),
+    ],
+)
 def test_check_tolerance_spec_rejects(value, needle):
     with pytest.raises(ivm.UsageError) as e:
         ivm.check_tolerance_spec(value, "profile x.json")
-    assert str(e.value).startswith("profile x.json: key 'reboot_diff_tolerate'") and needle in str(e.value)
+    assert str(e.value).startswith("profile x.json: key 'reboot_diff_tolerate'") and needle in str(
+        e.value
+    )
     ivm.check_tolerance_spec({"sockets": ["dhclient"], "nft": ["^rule ip"]}, "p")
     ivm.check_tolerance_spec(["dhclient"], "p")
 
 
 def test_load_profile_checks_tolerance_and_reboot_list(tmp_path):
-    _write_profile_repo(tmp_path, {"a": {"groups": ["g"], "applies": [{"playbook": "site.yml"}],
-                                         "reboot": ["graceful", "hard"],
-                                         "reboot_diff_tolerate": {"sockets": ["dhclient"]}},
-                                   "b": {"extends": "a", "reboot_diff_tolerate": {"x": []}}})
+    _write_profile_repo(
+        tmp_path,
+        {
+            "a": {
+                "groups": ["g"],
+                "applies": [{"playbook": "site.yml"}],
+                "reboot": ["graceful", "hard"],
+                "reboot_diff_tolerate": {"sockets": ["dhclient"]},
+            },
+            "b": {"extends": "a", "reboot_diff_tolerate": {"x": []}},
+        },
+    )
     prof = ivm.load_profile("a", tmp_path / "tests/integration/profiles", tmp_path)
     assert prof["reboot"] == ["graceful", "hard"]
     assert prof["reboot_diff_tolerate"] == {"sockets": ["dhclient"]}
@@ -1247,10 +1748,22 @@ def _write_profile_repo(root, profiles):
 
 
 def _states():
-    before = {"boot_id": "aaaa", "at": "t0", "categories": {
-        "nft": ["table inet filter", "chain inet filter forward", "rule inet filter forward: a",
-                "rule inet filter forward: b"], "ports": [], "sockets": ["tcp 0.0.0.0:22 sshd"],
-        "failed_units": [], "services": []}}
+    before = {
+        "boot_id": "aaaa",
+        "at": "t0",
+        "categories": {
+            "nft": [
+                "table inet filter",
+                "chain inet filter forward",
+                "rule inet filter forward: a",
+                "rule inet filter forward: b",
+            ],
+            "ports": [],
+            "sockets": ["tcp 0.0.0.0:22 sshd"],
+            "failed_units": [],
+            "services": [],
+        },
+    }
     after = {"boot_id": "bbbb", "at": "t1", "categories": dict(before["categories"])}
     after["categories"]["nft"] = before["categories"]["nft"][:3]
     after["categories"]["sockets"] = ["tcp 0.0.0.0:22 sshd", "udp 0.0.0.0:68 dhclient"]
@@ -1264,9 +1777,15 @@ def test_render_state_diff_and_summary(tmp_path):
     text = ivm.render_state_diff(before, after, d, tol, unexp, "hard", 2, note="a note")
     assert text.startswith("reboot 2 (hard): boot_id aaaa -> bbbb\n")
     assert "a note" in text
-    assert "UNEXPECTED (1; not in the profile's reboot_diff_tolerate):\n  nft: - rule inet filter forward: b" in text
+    assert (
+        "UNEXPECTED (1; not in the profile's reboot_diff_tolerate):\n"
+        "  nft: - rule inet filter forward: b" in text
+    )
     assert "tolerated (1; reboot_diff_tolerate):\n  sockets: + udp 0.0.0.0:68 dhclient" in text
-    assert "--- before/nft.json\n+++ after/nft.json\n" in text and "\n-rule inet filter forward: b\n" in text
+    assert (
+        "--- before/nft.json\n+++ after/nft.json\n" in text
+        and "\n-rule inet filter forward: b\n" in text
+    )
     assert "== ports: 0 removed, 0 added ==" in text
     s = ivm.reboot_diff_summary("hard", 2, d, tol, unexp, tmp_path / "reboot-2-hard")
     json.dumps(s)
@@ -1283,16 +1802,29 @@ def test_render_junit_reboot_diff_failure_detail_and_warning_note():
     r = _result(verdict="fail", failed_stage="reboot-diff")
     r["phase_details"][4:] = [
         {"name": "reboot:graceful", "seconds": 20.0, "status": "pass"},
-        {"name": "reboot-diff:graceful", "seconds": 0.1, "status": "pass",
-         "message": "1 unexpected difference(s) (warn)"},
+        {
+            "name": "reboot-diff:graceful",
+            "seconds": 0.1,
+            "status": "pass",
+            "message": "1 unexpected difference(s) (warn)",
+        },
         {"name": "reboot:hard", "seconds": 8.0, "status": "pass"},
-        {"name": "reboot-diff:hard", "seconds": 0.2, "status": "fail",
-         "message": "2 unexpected difference(s) across the hard reboot: a; b",
-         "detail": "nft: - rule a\nports: - caddy 0.0.0.0:443->443/tcp"}]
+        {
+            "name": "reboot-diff:hard",
+            "seconds": 0.2,
+            "status": "fail",
+            "message": "2 unexpected difference(s) across the hard reboot: a; b",
+            "detail": "nft: - rule a\nports: - caddy 0.0.0.0:443->443/tcp",
+        },
+    ]
     suite = ET.fromstring(ivm.render_junit(r)).find("testsuite")
     cases = {c.get("name"): c for c in suite.iter("testcase")}
-    assert list(cases)[4:] == ["reboot:graceful", "reboot-diff:graceful", "reboot:hard",
-                               "reboot-diff:hard"]
+    assert list(cases)[4:] == [
+        "reboot:graceful",
+        "reboot-diff:graceful",
+        "reboot:hard",
+        "reboot-diff:hard",
+    ]
     f = cases["reboot-diff:hard"].find("failure")
     assert f.get("message").startswith("2 unexpected difference(s) across the hard reboot")
     assert f.text == "nft: - rule a\nports: - caddy 0.0.0.0:443->443/tcp"
@@ -1311,9 +1843,17 @@ def test_result_has_reboot_diffs_and_settle_bound():
 # ---- where a boot's time went (systemd-analyze) --------------------------------------
 
 
-@pytest.mark.parametrize("text,secs", [
-    ("1min 3.402s", 63.402), ("987ms", 0.987), ("2.104s", 2.104), ("1h 2min", 3720.0),
-    ("", None), ("n/a", None)])
+@pytest.mark.parametrize(
+    "text,secs",
+    [
+        ("1min 3.402s", 63.402),
+        ("987ms", 0.987),
+        ("2.104s", 2.104),
+        ("1h 2min", 3720.0),
+        ("", None),
+        ("n/a", None),
+    ],
+)
 def test_parse_timespan(text, secs):
     assert ivm.parse_timespan(text) == secs
 
@@ -1321,11 +1861,11 @@ def test_parse_timespan(text, secs):
 def test_parse_analyze_time_with_and_without_initrd():
     assert ivm.parse_analyze_time(
         "Startup finished in 1.975s (kernel) + 2.123s (initrd) + 10.3s (userspace) = 14.398s\n"
-        "graphical.target reached after 10.2s in userspace.\n") == {
-        "kernel": 1.975, "initrd": 2.123, "userspace": 10.3, "total": 14.398}
+        "graphical.target reached after 10.2s in userspace.\n"
+    ) == {"kernel": 1.975, "initrd": 2.123, "userspace": 10.3, "total": 14.398}
     assert ivm.parse_analyze_time(
-        "Startup finished in 3.871s (kernel) + 1min 2.130s (userspace) = 1min 6.001s \n") == {
-        "kernel": 3.871, "userspace": 62.13, "total": 66.001}
+        "Startup finished in 3.871s (kernel) + 1min 2.130s (userspace) = 1min 6.001s \n"
+    ) == {"kernel": 3.871, "userspace": 62.13, "total": 66.001}
     assert ivm.parse_analyze_time("Bootup is not yet finished.\n") is None
 
 

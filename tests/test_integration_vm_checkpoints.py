@@ -5,6 +5,7 @@ driver module; the orchestration against the fake binaries of
 test_integration_vm_orchestration.Harness, whose virsh fakes save/restore with libvirt's
 rule that a restore keeps the saved domain's name.
 """
+
 import json
 import pathlib
 import sys
@@ -52,8 +53,10 @@ def make_roles(repo):
         (r / "molecule" / "default").mkdir(parents=True)
         (r / "tasks" / "main.yml").write_text(
             "---\n- name: Preflight\n  ansible.builtin.import_tasks: preflight.yml\n"
-            "  tags: [always]\n" if always else
-            "---\n- name: Install\n  ansible.builtin.debug:\n    msg: hi\n")
+            "  tags: [always]\n"
+            if always
+            else "---\n- name: Install\n  ansible.builtin.debug:\n    msg: hi\n"
+        )
         (r / "meta" / "main.yml").write_text("---\ndependencies: []\n")
         (r / "README.md").write_text(f"# {role}\n")
         (r / "molecule" / "default" / "converge.yml").write_text("---\n")
@@ -64,15 +67,28 @@ def make_roles(repo):
     (repo / "playbooks" / "offsite.yml").write_text(OFFSITE)
 
 
-PROFILE = {"name": "askari", "groups": ["offsite_hosts", "docker_hosts"],
-           "applies": [{"playbook": "site.yml", "tags": ["base"]},
-                       {"playbook": "offsite.yml", "tags": ["docker_host", "reverse_proxy"]}],
-           "extra_vars_files": [], "mem_mib": 2048, "vcpus": 2}
+PROFILE = {
+    "name": "askari",
+    "groups": ["offsite_hosts", "docker_hosts"],
+    "applies": [
+        {"playbook": "site.yml", "tags": ["base"]},
+        {"playbook": "offsite.yml", "tags": ["docker_host", "reverse_proxy"]},
+    ],
+    "extra_vars_files": [],
+    "mem_mib": 2048,
+    "vcpus": 2,
+}
 
 
 def chain(repo):
-    ctx = ivm.Ctx(repo=repo, run_parent=repo / ".run", cache=repo / "cache", diag_root=repo,
-                  uri="test:///", environ={})
+    ctx = ivm.Ctx(
+        repo=repo,
+        run_parent=repo / ".run",
+        cache=repo / "cache",
+        diag_root=repo,
+        uri="test:///",
+        environ={},
+    )
     return {st: k for st, k, _ in ivm.checkpoint_chain(ctx, PROFILE, "internal", "img1", "tcg")}
 
 
@@ -81,14 +97,15 @@ def test_role_refs_read_tags_and_flag_what_they_cannot_follow():
     refs, complete = ivm.playbook_role_refs(SITE)
     assert refs == [("base", ["base"]), ("docker_host", ["docker_host"])] and complete
     assert ivm.playbook_role_refs("- import_playbook: other.yml\n")[1] is False
-    assert ivm.playbook_role_refs(
-        "- hosts: all\n  roles:\n    - role: '{{ r }}'\n")[1] is False
+    assert ivm.playbook_role_refs("- hosts: all\n  roles:\n    - role: '{{ r }}'\n")[1] is False
     refs, complete = ivm.playbook_role_refs(
-        "- hosts: all\n  tasks:\n    - ansible.builtin.include_role:\n        name: foo\n")
+        "- hosts: all\n  tasks:\n    - ansible.builtin.include_role:\n        name: foo\n"
+    )
     assert refs == [("foo", None)] and complete
     # play-level tags reach every role: no role may then be filtered out by tags
-    refs, _ = ivm.playbook_role_refs("- hosts: all\n  tags: [x]\n  roles:\n    - role: a\n"
-                                     "      tags: [a]\n")
+    refs, _ = ivm.playbook_role_refs(
+        "- hosts: all\n  tags: [x]\n  roles:\n    - role: a\n      tags: [a]\n"
+    )
     assert refs == [("a", None)]
 
 
@@ -102,11 +119,15 @@ def test_role_selected_by_tags_unless_it_has_always_tasks():
 def test_roles_used_follows_tags_and_always(tmp_path):
     make_roles(tmp_path)
     assert ivm.roles_used(tmp_path, SITE, ["base"]) == (["base"], True)
-    assert ivm.roles_used(tmp_path, OFFSITE, ["docker_host", "reverse_proxy"]) == \
-        (["docker_host", "reverse_proxy"], True)
+    assert ivm.roles_used(tmp_path, OFFSITE, ["docker_host", "reverse_proxy"]) == (
+        ["docker_host", "reverse_proxy"],
+        True,
+    )
     # reverse_proxy's always-tagged preflight runs under any --tags
-    assert ivm.roles_used(tmp_path, OFFSITE, ["docker_host"]) == \
-        (["docker_host", "reverse_proxy"], True)
+    assert ivm.roles_used(tmp_path, OFFSITE, ["docker_host"]) == (
+        ["docker_host", "reverse_proxy"],
+        True,
+    )
 
 
 # ---- a change invalidates exactly what it must -------------------------------------------
@@ -164,7 +185,9 @@ def test_rewrite_restore_xml_keeps_identity_and_moves_paths():
     xml = """<domain type='qemu'>
   <name>boma-it-askari-1</name>
   <uuid>u-1</uuid>
-  <metadata><boma:run xmlns:boma="https://boma.invalid/integration-vm" id="old/boma-it-askari-1"/></metadata>
+  <metadata>
+    <boma:run xmlns:boma="https://boma.invalid/integration-vm" id="old/boma-it-askari-1"/>
+  </metadata>
   <devices>
     <disk><source file='/c/runs/boma-it-askari-1/overlay.qcow2'/><backingStore/></disk>
     <disk><source file='/c/runs/boma-it-askari-1/seed.img'/></disk>
@@ -173,9 +196,13 @@ def test_rewrite_restore_xml_keeps_identity_and_moves_paths():
   </devices>
 </domain>"""
     meta = '<boma:run xmlns:boma="https://boma.invalid/integration-vm" id="new/boma-it-askari-2"/>'
-    out = ivm.rewrite_restore_xml(xml, "/c/runs/boma-it-askari-2/overlay.qcow2",
-                                  "/c/checkpoints/k/seed.img",
-                                  "/c/runs/boma-it-askari-2/console.log", meta)
+    out = ivm.rewrite_restore_xml(
+        xml,
+        "/c/runs/boma-it-askari-2/overlay.qcow2",
+        "/c/checkpoints/k/seed.img",
+        "/c/runs/boma-it-askari-2/console.log",
+        meta,
+    )
     assert "<name>boma-it-askari-1</name>" in out and "<uuid>u-1</uuid>" in out
     assert "52:54:00:aa:bb:cc" in out and "backingStore" not in out
     assert "source file='/c/runs/boma-it-askari-2/overlay.qcow2'" in out
@@ -185,15 +212,31 @@ def test_rewrite_restore_xml_keeps_identity_and_moves_paths():
 
 
 def test_bench_comparison_table():
-    cold = {"total_seconds": 500.0, "phase_details": [
-        {"name": "boot", "seconds": 40.0}, {"name": "apply:site.yml", "seconds": 60.0},
-        {"name": "checkpoint:booted", "seconds": 8.0}]}
-    warm = {"total_seconds": 150.0, "resumed_from": {"stage": "applied-1"}, "phase_details": [
-        {"name": "resume", "seconds": 5.0}, {"name": "apply:site.yml", "seconds": 0.0}]}
+    cold = {
+        "total_seconds": 500.0,
+        "phase_details": [
+            {"name": "boot", "seconds": 40.0},
+            {"name": "apply:site.yml", "seconds": 60.0},
+            {"name": "checkpoint:booted", "seconds": 8.0},
+        ],
+    }
+    warm = {
+        "total_seconds": 150.0,
+        "resumed_from": {"stage": "applied-1"},
+        "phase_details": [
+            {"name": "resume", "seconds": 5.0},
+            {"name": "apply:site.yml", "seconds": 0.0},
+        ],
+    }
     text = ivm.format_bench_comparison(cold, warm, "roles/x/y.j2")
     assert "resumed from applied-1" in text and "warm/cold = 0.30" in text
-    assert [ln.split()[0] for ln in text.splitlines()[2:-1]] == \
-        ["boot", "resume", "checkpoint", "apply", "total"]
+    assert [ln.split()[0] for ln in text.splitlines()[2:-1]] == [
+        "boot",
+        "resume",
+        "checkpoint",
+        "apply",
+        "total",
+    ]
 
 
 # ---- orchestration against the fakes -----------------------------------------------------
@@ -238,8 +281,11 @@ def test_cold_cycle_writes_a_checkpoint_per_stage_then_a_rerun_resumes_the_newes
         assert oct((d / "id_ed25519").stat().st_mode & 0o777) == "0o600"
         assert oct((d / "disk.qcow2").stat().st_mode & 0o777) == "0o400"
     first = hc.results()[-1]
-    assert [p["name"] for p in first["phase_details"] if p["name"].startswith("checkpoint")] \
-        == ["checkpoint:booted", "checkpoint:applied-1", "checkpoint:applied-2"]
+    assert [p["name"] for p in first["phase_details"] if p["name"].startswith("checkpoint")] == [
+        "checkpoint:booted",
+        "checkpoint:applied-1",
+        "checkpoint:applied-2",
+    ]
     # the guest is saved and restored, never rebooted, by a checkpoint
     assert virsh_verbs(hc).count("save") == 3 and virsh_verbs(hc).count("restore") == 3
 
@@ -248,7 +294,7 @@ def test_cold_cycle_writes_a_checkpoint_per_stage_then_a_rerun_resumes_the_newes
     assert p.returncode == 0, p.stderr
     assert "resumed from checkpoint applied-2" in p.stderr
     verbs = virsh_verbs(hc, n_virsh)
-    assert "start" not in verbs[:verbs.index("restore")] and "save" not in verbs
+    assert "start" not in verbs[: verbs.index("restore")] and "save" not in verbs
     assert not [c for c in hc.calls()[n_calls:] if c["tool"] == "virt-install"]
     second = result_of(hc, p)
     assert second["resumed_from"]["stage"] == "applied-2"
@@ -258,8 +304,10 @@ def test_cold_cycle_writes_a_checkpoint_per_stage_then_a_rerun_resumes_the_newes
     # the reboot, verify and the post-reboot idempotence still run in full
     names = [p["name"] for p in second["phase_details"]]
     assert "reboot:graceful" in names and "verify" in names
-    assert [p for p in names if p.startswith("idempotence:")] == \
-        ["idempotence:site.yml", "idempotence:offsite.yml"]
+    assert [p for p in names if p.startswith("idempotence:")] == [
+        "idempotence:site.yml",
+        "idempotence:offsite.yml",
+    ]
     # the restored guest carries the new run's ownership metadata, and was torn down
     restore = [a for a in hc.virsh_cmds()[n_virsh:] if a[0] == "restore"][0]
     xml = pathlib.Path(restore[restore.index("--xml") + 1]).read_text()
@@ -324,14 +372,16 @@ def test_a_checkpoint_that_fails_to_restore_falls_back_to_a_cold_boot(hc):
     assert p.returncode == 0, p.stderr
     assert "did not resume" in p.stderr and "cold boot" in p.stderr, p.stderr
     verbs = virsh_verbs(hc, n)
-    assert "start" in verbs[verbs.index("restore"):] and "save" not in verbs  # keys exist
+    assert "start" in verbs[verbs.index("restore") :] and "save" not in verbs  # keys exist
     # a fallback is not an error of a passing run: the resume phase is skipped, with why
     r = result_of(hc, p)
     resume = [p for p in r["phase_details"] if p["name"] == "resume"]
     assert [p["status"] for p in resume] == ["skipped"] and "did not resume" in resume[0]["message"]
     junit = hc.tmp / "fallback.xml"
-    assert hc.run("cycle", "--host", "askari", "--junit", str(junit),
-                  FAKE_RESTORE_FAIL="1").returncode == 0
+    assert (
+        hc.run("cycle", "--host", "askari", "--junit", str(junit), FAKE_RESTORE_FAIL="1").returncode
+        == 0
+    )
     assert 'errors="0"' in junit.read_text()
 
 
@@ -358,8 +408,11 @@ def test_checkpoint_in_use_by_a_kept_run_is_not_resumed_twice(hc):
     assert p.returncode == 0, p.stderr
     assert "is in use" in p.stderr and "cold boot" in p.stderr
     r = result_of(hc, p)
-    assert [(p["status"], "is in use" in p["message"]) for p in r["phase_details"]
-            if p["name"] == "resume"] == [("skipped", True)]
+    assert [
+        (p["status"], "is in use" in p["message"])
+        for p in r["phase_details"]
+        if p["name"] == "resume"
+    ] == [("skipped", True)]
 
 
 def mode(p):
@@ -380,10 +433,14 @@ def test_secrets_at_rest_are_root_only(hc):
     assert sorted(ck) == ["applied-1", "applied-2", "booted"]
     for m in ck.values():
         d = hc.cache / "checkpoints" / m["key"]
-        assert {f.name: mode(f) for f in d.iterdir() if not f.name.endswith((".pub", ".json",
-                                                                            ".xml"))} == {
-            "disk.qcow2": "0o400", "seed.img": "0o400", "memory.save": "0o600",
-            "id_ed25519": "0o600"}
+        assert {
+            f.name: mode(f) for f in d.iterdir() if not f.name.endswith((".pub", ".json", ".xml"))
+        } == {
+            "disk.qcow2": "0o400",
+            "seed.img": "0o400",
+            "memory.save": "0o600",
+            "id_ed25519": "0o600",
+        }
     # a resumed run's overlay (on top of a checkpoint) too
     p = hc.run("cycle", "--host", "askari", "--keep")
     assert p.returncode == 0 and "resumed from checkpoint" in p.stderr, p.stderr
@@ -404,6 +461,7 @@ def test_prune_removes_checkpoints(hc):
 def test_real_secret_tiers_never_checkpoint(hc):
     """A le-* tier puts the real Gandi token in the guest's RAM: no memory image of it."""
     import shutil
+
     shutil.copy(HERE.parent / "scripts" / "vault-password.sh", hc.repo / "scripts")
     for tool in ("bash", "head"):
         (hc.bin / tool).symlink_to(shutil.which(tool))
@@ -411,8 +469,9 @@ def test_real_secret_tiers_never_checkpoint(hc):
     pw.write_text("not-the-real-password\n")
     assert hc.run("cycle", "--host", "askari").returncode == 0  # an internal chain exists
     n = len(hc.virsh_cmds())
-    p = hc.run("cycle", "--host", "askari", "--certs", "le-staging",
-               BOMA_VAULT_PASSWORD_FILE=str(pw))
+    p = hc.run(
+        "cycle", "--host", "askari", "--certs", "le-staging", BOMA_VAULT_PASSWORD_FILE=str(pw)
+    )
     assert p.returncode == 0, p.stderr
     assert "checkpoint: off: --certs le-staging" in p.stderr
     verbs = virsh_verbs(hc, n)

@@ -6,6 +6,7 @@ failing on the driver as it was before the fix.
 Orchestration runs against test_integration_vm_orchestration.Harness (fake virsh & co.);
 a few checks that need an interrupt or a clock at an exact point run on the module.
 """
+
 import dataclasses
 import fcntl
 import json
@@ -22,7 +23,12 @@ HERE = pathlib.Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 from conftest import load_script  # noqa: E402
 from test_integration_vm_orchestration import (  # noqa: E402
-    ASKARI, Harness, _fetch_env, assert_nothing_created, assert_one_line_error)
+    ASKARI,
+    Harness,
+    _fetch_env,
+    assert_nothing_created,
+    assert_one_line_error,
+)
 
 ivm = load_script("integration-vm.py", "integration_vm")
 
@@ -50,8 +56,9 @@ def victim(h, name="victim"):
 
 
 def intact(v):
-    return (v / "precious").read_text() == "keep me\n" and \
-        (v / "sub" / "precious").read_text() == "keep me too\n"
+    return (v / "precious").read_text() == "keep me\n" and (
+        v / "sub" / "precious"
+    ).read_text() == "keep me too\n"
 
 
 # ---- class 1: its own state files ----------------------------------------------------------
@@ -61,11 +68,23 @@ def test_prune_and_down_only_touch_the_dir_the_run_json_was_found_in(h):
     good = {"host": "askari", "state": "up", "created_at": "2026-01-01T00:00:00+00:00"}
     plant_run(h, "boma-it-askari-0000000a", {**good, "name": str(abs_victim)})
     plant_run(h, "boma-it-askari-0000000b", {**good, "name": rel})
-    for i, bad in enumerate(("[]", "null", '{"name": 5}', '{"name": "boma-it-askari-0000000f"',
-                             b"\xff\xfe".decode("latin-1"))):
+    for i, bad in enumerate(
+        (
+            "[]",
+            "null",
+            '{"name": 5}',
+            '{"name": "boma-it-askari-0000000f"',
+            b"\xff\xfe".decode("latin-1"),
+        )
+    ):
         plant_run(h, f"boma-it-askari-1000000{i}", bad)
-    for cmd in (["status"], ["down", "--run", str(abs_victim)], ["down", "--run", rel],
-                ["down"], ["prune"]):
+    for cmd in (
+        ["status"],
+        ["down", "--run", str(abs_victim)],
+        ["down", "--run", rel],
+        ["down"],
+        ["prune"],
+    ):
         p = h.run(*cmd)
         assert p.returncode in (0, 2), (cmd, p.stderr)
         assert "Traceback" not in p.stderr, (cmd, p.stderr)
@@ -114,8 +133,9 @@ def test_writes_of_its_own_files_replace_a_symlink_instead_of_following_it(h):
 
 def test_a_symlinked_run_dir_in_the_run_root_is_not_a_run(h):
     v = victim(h)
-    (v / "run.json").write_text(json.dumps({"name": "boma-it-askari-0000000c", "host": "askari",
-                                            "state": "up"}))
+    (v / "run.json").write_text(
+        json.dumps({"name": "boma-it-askari-0000000c", "host": "askari", "state": "up"})
+    )
     before = (v / "run.json").read_text()
     h.run_root.mkdir(parents=True)
     (h.run_root / "boma-it-askari-0000000c").symlink_to(v)
@@ -144,9 +164,8 @@ def test_an_oserror_mid_run_is_exit_3_with_its_stage_and_the_vm_torn_down(h):
 
 def test_an_unexpected_exception_becomes_an_infra_error_of_the_running_stage():
     result = ivm.new_result("cycle")
-    with pytest.raises(ValueError):
-        with ivm.timed_phase(None, result, "apply:site.yml"):
-            raise ValueError("bad value\nsecond line")
+    with pytest.raises(ValueError), ivm.timed_phase(None, result, "apply:site.yml"):
+        raise ValueError("bad value\nsecond line")
     e = ivm.as_harness_error(ValueError("x"), result)
     assert isinstance(e, ivm.InfraError) and e.exit_code == 3
     assert e.stage == "apply:site.yml" and str(e) == "apply:site.yml: unexpected ValueError: x"
@@ -154,16 +173,22 @@ def test_an_unexpected_exception_becomes_an_infra_error_of_the_running_stage():
 
 
 # ---- class 3: profile paths stay inside the repository -----------------------------------
-@pytest.mark.parametrize("setup,needle", [
-    ({"extra_vars_files": ["/etc/passwd"]}, "key 'extra_vars_files' names '/etc/passwd'"),
-    ({"extra_vars_files": ["../../../../../../../../etc/passwd"]}, "resolves outside"),
-    ({"extra_vars_files": ["overrides/link.yml"]}, "key 'extra_vars_files' names 'overrides/link.yml'"),
-    ({"applies": [{"playbook": "../../../../../../../../etc/passwd"}]}, "applies[0].playbook"),
-    ({"applies": [{"playbook": "link.yml"}]}, "applies[0].playbook"),
-    ({"verify": "/etc/passwd"}, "key 'verify' names '/etc/passwd'"),
-    ("extends-link", "resolves outside"),
-    ({"extends": "../../../x"}, "key 'extends' must name a profile"),
-])
+@pytest.mark.parametrize(
+    "setup,needle",
+    [
+        ({"extra_vars_files": ["/etc/passwd"]}, "key 'extra_vars_files' names '/etc/passwd'"),
+        ({"extra_vars_files": ["../../../../../../../../etc/passwd"]}, "resolves outside"),
+        (
+            {"extra_vars_files": ["overrides/link.yml"]},
+            "key 'extra_vars_files' names 'overrides/link.yml'",
+        ),
+        ({"applies": [{"playbook": "../../../../../../../../etc/passwd"}]}, "applies[0].playbook"),
+        ({"applies": [{"playbook": "link.yml"}]}, "applies[0].playbook"),
+        ({"verify": "/etc/passwd"}, "key 'verify' names '/etc/passwd'"),
+        ("extends-link", "resolves outside"),
+        ({"extends": "../../../x"}, "key 'extends' must name a profile"),
+    ],
+)
 def test_profile_paths_must_resolve_inside_the_repository(h, setup, needle):
     integ = h.repo / "tests" / "integration"
     outside = h.tmp / "outside.yml"
@@ -182,8 +207,10 @@ def test_profile_paths_must_resolve_inside_the_repository(h, setup, needle):
     assert not h.calls("ansible-playbook")
 
 
-@pytest.mark.parametrize("edit", ["roles/base/templates/link.j2", "roles/../scripts/x.sh",
-                                  "roles/base/../../scripts/x.sh"])
+@pytest.mark.parametrize(
+    "edit",
+    ["roles/base/templates/link.j2", "roles/../scripts/x.sh", "roles/base/../../scripts/x.sh"],
+)
 def test_bench_warm_edit_must_resolve_under_roles_and_never_edits_the_tree(h, edit):
     (h.repo / "roles" / "base" / "templates").mkdir(parents=True)
     target = h.repo / "scripts" / "x.sh"
@@ -197,16 +224,30 @@ def test_bench_warm_edit_must_resolve_under_roles_and_never_edits_the_tree(h, ed
 
 
 # ---- class 4: every input validated before anything is created ----------------------------
-@pytest.mark.parametrize("var,value", [
-    ("BOMA_IT_RAM_FLOOR_MIB", "abc"), ("BOMA_IT_RAM_FLOOR_MIB", "nan"),
-    ("BOMA_IT_RAM_FLOOR_MIB", "-1"), ("BOMA_IT_MIN_DISK_MIB", "inf"),
-    ("BOMA_IT_TIMEOUT_DHCP_LEASE", "nan"), ("BOMA_IT_TIMEOUT_DHCP_LEASE", "inf"),
-    ("BOMA_IT_TIMEOUT_APPLY", "-5"), ("BOMA_IT_TIMEOUT_LOCK", "abc"),
-    ("BOMA_IT_POLL", "0"), ("BOMA_IT_POLL", "nan"), ("BOMA_IT_SSH_PORT", "99999"),
-    ("BOMA_IT_SSH_PORT", "0"), ("BOMA_IT_MAX_VMS", "0"), ("BOMA_IT_MAX_VMS", "1.5"),
-    ("BOMA_IT_CACHE", ""), ("BOMA_IT_CACHE", "relative/cache"), ("BOMA_IT_DIAG_DIR", ""),
-    ("BOMA_IT_CHECKPOINTS", "maybe"), ("BOMA_IT_IMAGE_SOURCE", "ftp"),
-])
+@pytest.mark.parametrize(
+    "var,value",
+    [
+        ("BOMA_IT_RAM_FLOOR_MIB", "abc"),
+        ("BOMA_IT_RAM_FLOOR_MIB", "nan"),
+        ("BOMA_IT_RAM_FLOOR_MIB", "-1"),
+        ("BOMA_IT_MIN_DISK_MIB", "inf"),
+        ("BOMA_IT_TIMEOUT_DHCP_LEASE", "nan"),
+        ("BOMA_IT_TIMEOUT_DHCP_LEASE", "inf"),
+        ("BOMA_IT_TIMEOUT_APPLY", "-5"),
+        ("BOMA_IT_TIMEOUT_LOCK", "abc"),
+        ("BOMA_IT_POLL", "0"),
+        ("BOMA_IT_POLL", "nan"),
+        ("BOMA_IT_SSH_PORT", "99999"),
+        ("BOMA_IT_SSH_PORT", "0"),
+        ("BOMA_IT_MAX_VMS", "0"),
+        ("BOMA_IT_MAX_VMS", "1.5"),
+        ("BOMA_IT_CACHE", ""),
+        ("BOMA_IT_CACHE", "relative/cache"),
+        ("BOMA_IT_DIAG_DIR", ""),
+        ("BOMA_IT_CHECKPOINTS", "maybe"),
+        ("BOMA_IT_IMAGE_SOURCE", "ftp"),
+    ],
+)
 def test_bad_environment_values_are_exit_2_naming_the_variable(h, var, value):
     p = h.run("cycle", "--host", "askari", **{var: value})
     assert p.returncode == 2, (p.returncode, p.stderr)
@@ -223,12 +264,15 @@ def test_junit_into_a_missing_directory_is_refused_before_anything_runs(h):
     assert_nothing_created(h)
 
 
-@pytest.mark.parametrize("content,needle", [
-    (b'{"groups": ["a"], "applies": [], "mem_mib": ' + b"9" * 4300 + b"}", "'mem_mib' must be"),
-    (b'{"groups": ["a"], "applies": [], "vcpus": ' + b"9" * 5000 + b"}", "invalid JSON"),
-    (b"[" * 100000 + b"]" * 100000, "invalid JSON"),
-    ('{"groups": ["a"], "description": "café"}'.encode("latin-1"), "not UTF-8"),
-])
+@pytest.mark.parametrize(
+    "content,needle",
+    [
+        (b'{"groups": ["a"], "applies": [], "mem_mib": ' + b"9" * 4300 + b"}", "'mem_mib' must be"),
+        (b'{"groups": ["a"], "applies": [], "vcpus": ' + b"9" * 5000 + b"}", "invalid JSON"),
+        (b"[" * 100000 + b"]" * 100000, "invalid JSON"),
+        ('{"groups": ["a"], "description": "café"}'.encode("latin-1"), "not UTF-8"),
+    ],
+)
 def test_hostile_profile_json_is_exit_2_one_line(h, content, needle):
     (h.repo / "tests" / "integration" / "profiles" / "broken.json").write_bytes(content)
     p = h.run("cycle", "--host", "broken")
@@ -243,7 +287,7 @@ def test_every_setting_is_declared_once_read_once_and_documented():
     assert len(names) == len(set(names))
     used = set(re.findall(r'"(BOMA_IT_[A-Z_]+[A-Z])"', src))
     assert used <= set(names), used - set(names)
-    assert "environ.get(\"BOMA_IT" not in src and "environ[\"BOMA_IT" not in src
+    assert 'environ.get("BOMA_IT' not in src and 'environ["BOMA_IT' not in src
     for name in names:
         if not name.startswith("BOMA_IT_TIMEOUT_"):
             assert name in ivm.ENV_HELP, name
@@ -252,9 +296,18 @@ def test_every_setting_is_declared_once_read_once_and_documented():
     st = ivm.read_settings({})
     with pytest.raises(dataclasses.FrozenInstanceError):
         st.values = {}
-    for dead in ("CACHE_DIR", "RUN_DIR", "DIAG_ROOT", "IMAGE_NAME", "PLAYBOOK_DIR",
-                 "PROD_GROUP_VARS", "MIN_FREE_MIB", "METADATA_KEY", "profile_path",
-                 "remove_checkpoint"):
+    for dead in (
+        "CACHE_DIR",
+        "RUN_DIR",
+        "DIAG_ROOT",
+        "IMAGE_NAME",
+        "PLAYBOOK_DIR",
+        "PROD_GROUP_VARS",
+        "MIN_FREE_MIB",
+        "METADATA_KEY",
+        "profile_path",
+        "remove_checkpoint",
+    ):
         assert not hasattr(ivm, dead), dead
 
 
@@ -272,7 +325,7 @@ def test_doctor_uses_the_run_guards_and_their_settings(h):
 # ---- class 5: the one-VM slot ----------------------------------------------------------
 def test_a_second_session_is_refused_while_the_first_holds_the_slot(h):
     h.cache.mkdir()
-    with open(h.cache / "vm-slot-0.lock", "a+") as held:   # the first session, mid-boot
+    with open(h.cache / "vm-slot-0.lock", "a+") as held:  # the first session, mid-boot
         fcntl.flock(held, fcntl.LOCK_EX | fcntl.LOCK_NB)
         p = h.run("up", "--host", "askari")
     assert p.returncode == 3, p.stderr
@@ -297,7 +350,7 @@ def test_a_shut_off_harness_domain_still_takes_the_slot(h):
 # ---- class 7: bounds that bound ------------------------------------------------------------
 def test_the_download_bound_covers_the_whole_transfer(h, monkeypatch, tmp_path):
     src = tmp_path / "big"
-    src.write_bytes(b"x" * (3 << 20))   # three reads
+    src.write_bytes(b"x" * (3 << 20))  # three reads
     clock = iter(range(100))
     monkeypatch.setattr(ivm.time, "monotonic", lambda: float(next(clock)))
     with pytest.raises(ivm.InfraError) as e:
@@ -306,7 +359,10 @@ def test_the_download_bound_covers_the_whole_transfer(h, monkeypatch, tmp_path):
     monkeypatch.undo()
     # ... and the driver passes BOMA_IT_TIMEOUT_DOWNLOAD to it
     import hashlib
-    env = _fetch_env(h, b"q", hashlib.sha512(b"q").hexdigest() + "  debian-13-genericcloud-amd64.qcow2\n")
+
+    env = _fetch_env(
+        h, b"q", hashlib.sha512(b"q").hexdigest() + "  debian-13-genericcloud-amd64.qcow2\n"
+    )
     p = h.run("image", BOMA_IT_TIMEOUT_DOWNLOAD="0", **env)
     assert p.returncode == 3 and "BOMA_IT_TIMEOUT_DOWNLOAD" in assert_one_line_error(p)
     assert not [f for f in (h.cache / "images").rglob("*") if f.is_file()]
@@ -318,15 +374,16 @@ def test_an_interrupt_inside_popen_kills_the_child(monkeypatch):
     def popen(*a, **kw):
         proc = real(*a, **kw)
         started.append(proc)
-        os.kill(os.getpid(), signal.SIGINT)   # lands before Popen has returned
+        os.kill(os.getpid(), signal.SIGINT)  # lands before Popen has returned
         sum(range(1000))
         return proc
+
     monkeypatch.setattr(ivm.subprocess, "Popen", popen)
     try:
         with pytest.raises(KeyboardInterrupt):
             ivm.run([sys.executable, "-c", "import time; time.sleep(60)"], timeout=30)
         (proc,) = started
-        assert proc.wait(timeout=10) < 0   # killed, not orphaned
+        assert proc.wait(timeout=10) < 0  # killed, not orphaned
     finally:
         for proc in started:
             proc.kill()
@@ -338,21 +395,24 @@ def test_a_failed_checkpoint_leaves_nothing_half_written(h):
     assert p.returncode == 3, p.stderr
     assert h.results()[-1]["failed_stage"] == "checkpoint"
     left = list((h.cache / "checkpoints").iterdir())
-    assert left == [], left   # neither the key dir (with the run's keys) nor its staging dir
+    assert left == [], left  # neither the key dir (with the run's keys) nor its staging dir
 
 
-@pytest.mark.parametrize("flag,env,code", [
-    ("--expect-fail", {"FAKE_APPLY_FAIL": "1"}, 1),
-    ("--expect-fail", {"FAKE_IDEMPOTENCE_CHANGED": "2"}, 1),
-    ("--expect-fail", {"FAKE_REBOOT_CHANGE": "port-443-gone"}, 1),
-    ("--expect-fail", {"FAKE_VERIFY_FAIL": "1"}, 0),
-    ("--expect-fail=apply", {"FAKE_APPLY_FAIL": "1"}, 0),
-    ("--expect-fail=reboot-diff", {"FAKE_REBOOT_CHANGE": "port-443-gone"}, 0),
-    ("--expect-fail=apply", {"FAKE_VERIFY_FAIL": "1"}, 1),
-])
+@pytest.mark.parametrize(
+    "flag,env,code",
+    [
+        ("--expect-fail", {"FAKE_APPLY_FAIL": "1"}, 1),
+        ("--expect-fail", {"FAKE_IDEMPOTENCE_CHANGED": "2"}, 1),
+        ("--expect-fail", {"FAKE_REBOOT_CHANGE": "port-443-gone"}, 1),
+        ("--expect-fail", {"FAKE_VERIFY_FAIL": "1"}, 0),
+        ("--expect-fail=apply", {"FAKE_APPLY_FAIL": "1"}, 0),
+        ("--expect-fail=reboot-diff", {"FAKE_REBOOT_CHANGE": "port-443-gone"}, 0),
+        ("--expect-fail=apply", {"FAKE_VERIFY_FAIL": "1"}, 1),
+    ],
+)
 def test_expect_fail_passes_only_on_the_named_stage(h, flag, env, code):
     p = h.run("cycle", "--host", "askari", flag, **env)
     assert p.returncode == code, p.stderr
     (res,) = h.results()
     assert res["exit_code"] == code and res["verdict"] == "fail"
-    assert (h.domains() == {}) == (code == 0)   # an unexpected failure keeps the VM
+    assert (h.domains() == {}) == (code == 0)  # an unexpected failure keeps the VM

@@ -1,6 +1,7 @@
 """The quick loop (issue 13): resume the newest valid checkpoint, apply what the edit
 invalidated, one graceful reboot with its state diff, verify, leave the VM up; and the
 bench that compares it with the cold and warm full cycles. Against the fake binaries."""
+
 import json
 
 import pytest
@@ -53,9 +54,11 @@ def test_the_next_loop_retires_the_last_one_and_resumes_what_the_edit_left_valid
     assert "resumed from checkpoint applied-1" in p.stderr
     r = newest(hc)
     assert r["vm"] != first["vm"] and r["resumed_from"]["stage"] == "applied-1"
-    assert {n: s for n, s in phases(r).items() if n.startswith("apply:")} == \
-        {"apply:site.yml": "skipped", "apply:offsite.yml": "pass"}
-    assert len(hc.domains()) == 1   # the first loop's VM is gone, this one is up
+    assert {n: s for n, s in phases(r).items() if n.startswith("apply:")} == {
+        "apply:site.yml": "skipped",
+        "apply:offsite.yml": "pass",
+    }
+    assert len(hc.domains()) == 1  # the first loop's VM is gone, this one is up
     old = json.loads((hc.run_root / first["vm"] / "run.json").read_text())
     assert old["state"] == "down"
 
@@ -87,13 +90,13 @@ def test_a_loop_whose_verify_fails_is_exit_1_and_keeps_the_vm(hc):
 
 
 def test_bench_runs_cold_loop_and_warm_after_the_same_edit_and_leaves_nothing(hc):
-    before = (hc.repo / ivm.BENCH_DEFAULT_EDIT)
+    before = hc.repo / ivm.BENCH_DEFAULT_EDIT
     before.parent.mkdir(parents=True, exist_ok=True)
     before.write_text("table inet filter {}\n")
     text = before.read_text()
     p = hc.run("bench", "--host", "askari", timeout=180)
     assert p.returncode == 0, p.stderr
-    assert before.read_text() == text   # edits only ever in a copy
+    assert before.read_text() == text  # edits only ever in a copy
     out = p.stdout
     assert "loop resumed from applied-1" in out and "warm resumed from applied-1" in out
     assert "loop/cold = " in out and "warm/cold = " in out
@@ -105,21 +108,33 @@ def test_bench_runs_cold_loop_and_warm_after_the_same_edit_and_leaves_nothing(hc
 
 
 def test_bench_comparison_puts_cold_loop_and_warm_side_by_side_with_the_targets():
-    cold = {"total_seconds": 700.0, "transport": ivm.transport_figures(
-        {"linear": 100.0, "mitogen_linear": 20.0}), "phase_details": [
-        {"name": "boot", "seconds": 40.0}, {"name": "apply:site.yml", "seconds": 200.0},
-        {"name": "transport:linear", "seconds": 100.0},
-        {"name": "transport:mitogen_linear", "seconds": 20.0}]}
-    loop = {"total_seconds": 140.0, "resumed_from": {"stage": "applied-1"},
-            "phase_details": [{"name": "resume", "seconds": 9.0}]}
-    warm = {"total_seconds": 330.0, "resumed_from": {"stage": "applied-1"},
-            "phase_details": [{"name": "resume", "seconds": 9.0}]}
+    cold = {
+        "total_seconds": 700.0,
+        "transport": ivm.transport_figures({"linear": 100.0, "mitogen_linear": 20.0}),
+        "phase_details": [
+            {"name": "boot", "seconds": 40.0},
+            {"name": "apply:site.yml", "seconds": 200.0},
+            {"name": "transport:linear", "seconds": 100.0},
+            {"name": "transport:mitogen_linear", "seconds": 20.0},
+        ],
+    }
+    loop = {
+        "total_seconds": 140.0,
+        "resumed_from": {"stage": "applied-1"},
+        "phase_details": [{"name": "resume", "seconds": 9.0}],
+    }
+    warm = {
+        "total_seconds": 330.0,
+        "resumed_from": {"stage": "applied-1"},
+        "phase_details": [{"name": "resume", "seconds": 9.0}],
+    }
     text = ivm.format_bench_comparison(cold, warm, "roles/x/y.j2", loop=loop)
     lines = text.splitlines()
     assert lines[1].split() == ["phase", "cold", "loop", "warm"]
     # the cold total is the cycle's own: the transport comparison is taken out
-    assert [ln.split() for ln in lines if ln.startswith("total")] == \
-        [["total", "580.0", "140.0", "330.0"]]
+    assert [ln.split() for ln in lines if ln.startswith("total")] == [
+        ["total", "580.0", "140.0", "330.0"]
+    ]
     assert "loop/cold = 0.24 (target <= 0.25) (met)" in text
     assert "warm/cold = 0.57 (target <= 0.5) (NOT met)" in text
     assert "linear 2.5s vs mitogen 0.5s per call = 5.0x (target >= 4) (met)" in text
@@ -127,26 +142,54 @@ def test_bench_comparison_puts_cold_loop_and_warm_side_by_side_with_the_targets(
 
 def test_transport_figures():
     t = ivm.transport_figures({"linear": 88.0, "mitogen_linear": 16.0}, calls=40)
-    assert t == {"linear": {"seconds": 88.0, "per_call": 2.2},
-                 "mitogen_linear": {"seconds": 16.0, "per_call": 0.4},
-                 "calls": 40, "speedup": 5.5}
+    assert t == {
+        "linear": {"seconds": 88.0, "per_call": 2.2},
+        "mitogen_linear": {"seconds": 16.0, "per_call": 0.4},
+        "calls": 40,
+        "speedup": 5.5,
+    }
 
 
 # ---- where the reboots' time goes (issue 13) ------------------------------------------
 def test_slow_boot_warnings_compare_each_reboot_with_the_last_pass():
-    last = [{"mode": "graceful", "seconds_to_running": 60.0},
-            {"mode": "hard", "seconds_to_running": 50.0}]
-    assert ivm.slow_boot_warnings(last, [{"mode": "graceful", "seconds_to_running": 80.0},
-                                         {"mode": "hard", "seconds_to_running": 60.0}]) == []
-    (w,) = ivm.slow_boot_warnings(last, [{"mode": "graceful", "seconds_to_running": 100.0},
-                                         {"mode": "hard", "seconds_to_running": 70.0}])
+    last = [
+        {"mode": "graceful", "seconds_to_running": 60.0},
+        {"mode": "hard", "seconds_to_running": 50.0},
+    ]
+    assert (
+        ivm.slow_boot_warnings(
+            last,
+            [
+                {"mode": "graceful", "seconds_to_running": 80.0},
+                {"mode": "hard", "seconds_to_running": 60.0},
+            ],
+        )
+        == []
+    )
+    (w,) = ivm.slow_boot_warnings(
+        last,
+        [
+            {"mode": "graceful", "seconds_to_running": 100.0},
+            {"mode": "hard", "seconds_to_running": 70.0},
+        ],
+    )
     assert w.startswith("the graceful reboot took 100s to `running`, 1.7x the last passing")
     # slower by the factor but not by the slack: no line (TCG noise on short boots)
-    assert ivm.slow_boot_warnings([{"mode": "hard", "seconds_to_running": 10.0}],
-                                  [{"mode": "hard", "seconds_to_running": 24.0}]) == []
+    assert (
+        ivm.slow_boot_warnings(
+            [{"mode": "hard", "seconds_to_running": 10.0}],
+            [{"mode": "hard", "seconds_to_running": 24.0}],
+        )
+        == []
+    )
     assert ivm.slow_boot_warnings(None, [{"mode": "hard", "seconds_to_running": 99.0}]) == []
-    assert ivm.slow_boot_warnings([{"mode": "graceful", "seconds_to_running": 10.0}],
-                                  [{"mode": "hard", "seconds_to_running": 99.0}]) == []
+    assert (
+        ivm.slow_boot_warnings(
+            [{"mode": "graceful", "seconds_to_running": 10.0}],
+            [{"mode": "hard", "seconds_to_running": 99.0}],
+        )
+        == []
+    )
 
 
 def test_a_boot_much_slower_than_the_last_pass_is_a_warning_line_not_a_failure(hc):
@@ -155,10 +198,16 @@ def test_a_boot_much_slower_than_the_last_pass_is_a_warning_line_not_a_failure(h
     assert hist.name == "askari-tcg.json"
     data = json.loads(hist.read_text())
     assert [r["mode"] for r in data["reboot_stages"]] == ["graceful"]
-    data["reboot_stages"][0]["seconds_to_running"] = 0.1   # the last pass, as recorded
+    data["reboot_stages"][0]["seconds_to_running"] = 0.1  # the last pass, as recorded
     hist.write_text(json.dumps(data))
-    p = hc.run("cycle", "--host", "askari", "--no-checkpoints", FAKE_RUNNING_SLEEP="0.5",
-               BOMA_IT_SLOW_BOOT_SLACK="0.2")
+    p = hc.run(
+        "cycle",
+        "--host",
+        "askari",
+        "--no-checkpoints",
+        FAKE_RUNNING_SLEEP="0.5",
+        BOMA_IT_SLOW_BOOT_SLACK="0.2",
+    )
     assert p.returncode == 0, p.stderr
     r = newest(hc)
     assert r["verdict"] == "pass"
@@ -175,7 +224,7 @@ def test_a_cycle_with_two_reboots_captures_three_times_not_four(hc):
     prof.write_text(json.dumps(data))
     assert hc.run("cycle", "--host", "askari", "--no-checkpoints").returncode == 0
     captures = [c for c in hc.calls("ssh") if "sudo -n sh -s" in c["argv"]]
-    assert len(captures) == 3   # the graceful reboot's `after` is the hard one's `before`
+    assert len(captures) == 3  # the graceful reboot's `after` is the hard one's `before`
     r = newest(hc)
     assert [d["mode"] for d in r["reboot_diffs"]] == ["graceful", "hard"]
     assert all(d["unexpected"] == [] for d in r["reboot_diffs"])

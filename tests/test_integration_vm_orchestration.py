@@ -8,6 +8,7 @@ so its repo root (from __file__) holds test profiles/playbooks, and every other 
 pointed at temp dirs through BOMA_IT_* variables. TCP 22 is a listening socket on
 127.0.0.1 (BOMA_IT_SSH_PORT); the fake lease hands out 127.0.0.1.
 """
+
 import json
 import os
 import pathlib
@@ -25,21 +26,47 @@ from conftest import run_driver
 HERE = pathlib.Path(__file__).resolve().parent
 DRIVER = HERE.parent / "scripts" / "integration-vm.py"
 FAKEBIN = HERE / "fakes" / "fakebin"  # the launcher of fakebin.py (cached bytecode)
-TOOLS = ("virsh", "virt-install", "qemu-img", "cloud-localds", "ssh", "ssh-keygen",
-         "ansible-playbook", "mmdebstrap", "mkfs.ext4", "qemu-system-x86_64")
+TOOLS = (
+    "virsh",
+    "virt-install",
+    "qemu-img",
+    "cloud-localds",
+    "ssh",
+    "ssh-keygen",
+    "ansible-playbook",
+    "mmdebstrap",
+    "mkfs.ext4",
+    "qemu-system-x86_64",
+)
 
 ASKARI = {
     "groups": ["offsite_hosts", "docker_hosts"],
-    "applies": [{"playbook": "site.yml", "tags": ["base"]},
-                {"playbook": "offsite.yml", "tags": ["docker_host", "reverse_proxy"]}],
+    "applies": [
+        {"playbook": "site.yml", "tags": ["base"]},
+        {"playbook": "offsite.yml", "tags": ["docker_host", "reverse_proxy"]},
+    ],
     "extra_vars_files": ["overrides/askari.yml"],
-    "mem_mib": 2048, "vcpus": 2,
+    "mem_mib": 2048,
+    "vcpus": 2,
 }
 BOUNDS = {
-    "DOMAIN_RUNNING": 5, "DHCP_LEASE": 1.5, "TCP_22": 3, "SSH_HANDSHAKE": 1.5,
-    "CLOUD_INIT": 5, "REBOOT": 1.5, "SYSTEM_RUNNING": 5, "SSH_ATTEMPT": 0.5,
-    "SSH_COMMAND": 5, "VIRSH": 10, "APPLY": 30, "VERIFY": 30, "DIAG_COMMAND": 1,
-    "LOCK": 5, "ACCEL_PROBE": 5, "IMAGE_BUILD": 30, "REBOOT_SETTLE": 0.2,
+    "DOMAIN_RUNNING": 5,
+    "DHCP_LEASE": 1.5,
+    "TCP_22": 3,
+    "SSH_HANDSHAKE": 1.5,
+    "CLOUD_INIT": 5,
+    "REBOOT": 1.5,
+    "SYSTEM_RUNNING": 5,
+    "SSH_ATTEMPT": 0.5,
+    "SSH_COMMAND": 5,
+    "VIRSH": 10,
+    "APPLY": 30,
+    "VERIFY": 30,
+    "DIAG_COMMAND": 1,
+    "LOCK": 5,
+    "ACCEL_PROBE": 5,
+    "IMAGE_BUILD": 30,
+    "REBOOT_SETTLE": 0.2,
 }
 
 
@@ -61,13 +88,21 @@ class Harness:
         (tmp / "meminfo").write_text("MemTotal: 25165824 kB\nMemAvailable: 16777216 kB\n")
         (tmp / "home").mkdir()
         self.env = {
-            "PATH": str(self.bin), "HOME": str(tmp / "home"), "LANG": "C.UTF-8",
-            "BOMA_IT_CACHE": str(self.cache), "BOMA_IT_DIAG_DIR": str(self.diag),
-            "BOMA_IT_MEMINFO": str(tmp / "meminfo"), "BOMA_IT_ACCEL": "tcg",
-            "BOMA_IT_SSH_PORT": str(self.sock.getsockname()[1]), "BOMA_IT_POLL": "0.1",
-            "BOMA_IT_MIN_DISK_MIB": "1", "BOMA_IT_LIBVIRT_LOG_DIR": str(tmp / "libvirt-log"),
-            "BOMA_IT_KVM_DEV": str(tmp / "no-kvm"), "LIBVIRT_DEFAULT_URI": "test:///fake",
-            "FAKE_LOG": str(self.log), "FAKE_STATE": str(self.state_file),
+            "PATH": str(self.bin),
+            "HOME": str(tmp / "home"),
+            "LANG": "C.UTF-8",
+            "BOMA_IT_CACHE": str(self.cache),
+            "BOMA_IT_DIAG_DIR": str(self.diag),
+            "BOMA_IT_MEMINFO": str(tmp / "meminfo"),
+            "BOMA_IT_ACCEL": "tcg",
+            "BOMA_IT_SSH_PORT": str(self.sock.getsockname()[1]),
+            "BOMA_IT_POLL": "0.1",
+            "BOMA_IT_MIN_DISK_MIB": "1",
+            "BOMA_IT_LIBVIRT_LOG_DIR": str(tmp / "libvirt-log"),
+            "BOMA_IT_KVM_DEV": str(tmp / "no-kvm"),
+            "LIBVIRT_DEFAULT_URI": "test:///fake",
+            "FAKE_LOG": str(self.log),
+            "FAKE_STATE": str(self.state_file),
             # BOMA_IT_POLL: the fakes answer at once, so only a wait that must time out
             # polls more than once; each poll is a ~15 ms fake process, at 0.02 s the
             # failure-path tests spent most of their bound spawning them.
@@ -85,8 +120,11 @@ class Harness:
         for d in ("profiles", "overrides", "certs"):
             (integ / d).mkdir(parents=True)
         (integ / "profiles" / "askari.json").write_text(json.dumps(ASKARI, indent=1))
-        (integ / "profiles" / "askari-regression.json").write_text(json.dumps(
-            {"extends": "askari", "extra_vars_files": ["overrides/askari-regression.yml"]}))
+        (integ / "profiles" / "askari-regression.json").write_text(
+            json.dumps(
+                {"extends": "askari", "extra_vars_files": ["overrides/askari-regression.yml"]}
+            )
+        )
         for f in ("askari.yml", "askari-regression.yml"):
             (integ / "overrides" / f).write_text("---\nbase__firewall_apply: true\n")
         for t in ("internal", "le-staging", "le-prod-wildcard"):
@@ -103,7 +141,8 @@ class Harness:
             (gv / g / "vars.yml").write_text(f"---\n{g}_var: 1\n")
         (gv / "all" / "vault.yml").write_text("$ANSIBLE_VAULT;1.2;AES256;prod\n3132\n")
         (r / "inventories" / "production" / "offsite.yml").write_text(
-            "offsite_hosts:\n  hosts:\n    askari:\n      ansible_host: 77.42.120.136\n")
+            "offsite_hosts:\n  hosts:\n    askari:\n      ansible_host: 77.42.120.136\n"
+        )
         (r / "ansible.cfg").write_text("[defaults]\n")
 
     def _make_bin(self):
@@ -124,12 +163,24 @@ class Harness:
         is about the driver's own process."""
         if in_process:
             return run_driver(self.script, args, {**self.env, **env}, self.tmp, timeout)
-        return subprocess.run(self.cmd(*args), env={**self.env, **env}, text=True,
-                              capture_output=True, timeout=timeout, cwd=self.tmp)
+        return subprocess.run(
+            self.cmd(*args),
+            env={**self.env, **env},
+            text=True,
+            capture_output=True,
+            timeout=timeout,
+            cwd=self.tmp,
+        )
 
     def popen(self, *args, **env):
-        return subprocess.Popen(self.cmd(*args), env={**self.env, **env}, text=True,
-                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, cwd=self.tmp)
+        return subprocess.Popen(
+            self.cmd(*args),
+            env={**self.env, **env},
+            text=True,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            cwd=self.tmp,
+        )
 
     def calls(self, tool=None):
         if not self.log.exists():
@@ -157,8 +208,13 @@ class Harness:
     def seed_foreign_domain(self, name, state="running"):
         st = self.state() or {"domains": {}, "networks": {}, "leases": {}, "calls": {}}
         st.setdefault("domains", {})[name] = {
-            "xml": f"<domain><name>{name}</name></domain>", "state": state,
-            "metadata": None, "mac": None, "boot_id": "x", "console": None}
+            "xml": f"<domain><name>{name}</name></domain>",
+            "state": state,
+            "metadata": None,
+            "mac": None,
+            "boot_id": "x",
+            "console": None,
+        }
         self.state_file.write_text(json.dumps(st))
 
     def close(self):
@@ -197,13 +253,30 @@ def test_passing_cycle(h):
     assert summary.startswith("integration-vm: PASS askari boma-it-askari-"), summary
     assert "accel=tcg" in summary and "boot " in summary and "verify " in summary
     # order of the important calls
-    seq = [c["tool"] + ":" + (c["argv"][2] if c["tool"] == "virsh" else
-                              c.get("playbook", "").rsplit("/", 1)[-1] or c["argv"][0])
-           for c in h.calls()]
-    keys = ["mmdebstrap:--variant=minbase", "virsh:net-define", "qemu-img:create",
-            "cloud-localds", "virsh:define", "virsh:start", "virsh:domifaddr",
-            "ansible-playbook:site.yml", "ansible-playbook:offsite.yml", "virsh:reboot",
-            "ansible-playbook:verify.yml", "virsh:undefine"]
+    seq = [
+        c["tool"]
+        + ":"
+        + (
+            c["argv"][2]
+            if c["tool"] == "virsh"
+            else c.get("playbook", "").rsplit("/", 1)[-1] or c["argv"][0]
+        )
+        for c in h.calls()
+    ]
+    keys = [
+        "mmdebstrap:--variant=minbase",
+        "virsh:net-define",
+        "qemu-img:create",
+        "cloud-localds",
+        "virsh:define",
+        "virsh:start",
+        "virsh:domifaddr",
+        "ansible-playbook:site.yml",
+        "ansible-playbook:offsite.yml",
+        "virsh:reboot",
+        "ansible-playbook:verify.yml",
+        "virsh:undefine",
+    ]
     pos, idx = -1, []
     for k in keys:
         hits = [i for i, s in enumerate(seq) if s.startswith(k) and i > pos]
@@ -215,8 +288,15 @@ def test_passing_cycle(h):
     assert not any((h.cache / "runs").iterdir())
     (res,) = h.results()
     assert res["verdict"] == "pass" and res["exit_code"] == 0 and res["failed_stage"] is None
-    assert set(res["phases"]) >= {"image", "boot", "apply", "reboot", "verify",
-                                  "idempotence", "teardown"}
+    assert set(res["phases"]) >= {
+        "image",
+        "boot",
+        "apply",
+        "reboot",
+        "verify",
+        "idempotence",
+        "teardown",
+    }
     assert res["phases"]["reboot"] >= 0 and res["accel"] == "tcg" and res["ip"] == "127.0.0.1"
     assert res["idempotence"]["changed"] == 0
     diag_copy = json.loads((h.diag / res["vm"] / "result.json").read_text())
@@ -246,8 +326,15 @@ def test_passing_cycle(h):
     analysis = (rd / "after" / "boot-analysis.txt").read_text()
     assert "$ systemd-analyze critical-chain" in analysis and "docker.service @31.2s" in analysis
     for side in ("before", "after"):
-        for f in ("nft-ruleset.txt", "nft.json", "ports.json", "sockets.json",
-                  "failed_units.json", "services.json", "capture-raw.txt"):
+        for f in (
+            "nft-ruleset.txt",
+            "nft.json",
+            "ports.json",
+            "sockets.json",
+            "failed_units.json",
+            "services.json",
+            "capture-raw.txt",
+        ):
             assert (rd / side / f).is_file(), (side, f)
         assert "chain forward" in (rd / side / "nft-ruleset.txt").read_text()
         nft = json.loads((rd / side / "nft.json").read_text())
@@ -256,7 +343,8 @@ def test_passing_cycle(h):
             lines = json.loads((rd / side / f"{cat}.json").read_text())
             assert lines and not [ln for ln in lines if ln.startswith("!")], (side, cat, lines)
     assert json.loads((rd / "before" / "sockets.json").read_text()) == json.loads(
-        (rd / "after" / "sockets.json").read_text())
+        (rd / "after" / "sockets.json").read_text()
+    )
     assert "handle" in (rd / "after" / "capture-raw.txt").read_text()  # raw kept as it came
     # one SSH round trip per capture, all under one sudo
     captures = [c for c in h.calls("ssh") if c["argv"][-1] == "sudo -n sh -s"]
@@ -267,8 +355,10 @@ def test_passing_cycle(h):
     names = [tc.get("name") for tc in root.iter("testcase")]
     assert "boot" in names and "verify" in names and any(n.startswith("verify: ") for n in names)
     assert names.index("reboot:graceful") + 1 == names.index("reboot-diff:graceful")
-    assert {"verify: docker enabled and active",
-            "verify: published :443 answers from the controller"} <= set(names)
+    assert {
+        "verify: docker enabled and active",
+        "verify: published :443 answers from the controller",
+    } <= set(names)
     assert not [tc for tc in root.iter("testcase") if len(tc)]  # nothing failed
 
 
@@ -280,8 +370,9 @@ def test_cycle_safety_invariants(h):
     assert "UserKnownHostsFile=/dev/null" not in everything
     for c in h.calls("ssh"):
         assert "StrictHostKeyChecking=yes" in c["argv"]
-        assert any(a.startswith("UserKnownHostsFile=") and a.endswith("/known_hosts")
-                   for a in c["argv"])
+        assert any(
+            a.startswith("UserKnownHostsFile=") and a.endswith("/known_hosts") for a in c["argv"]
+        )
     pbs = h.calls("ansible-playbook")
     assert len(pbs) == 5  # site, offsite, verify, site + offsite again (idempotence)
     vm = pbs[0]["limit"]
@@ -298,8 +389,11 @@ def test_cycle_safety_invariants(h):
         assert c["env"]["ANSIBLE_CONFIG"].endswith("/ansible.cfg")
         assert c["env"]["ANSIBLE_CACHE_PLUGIN_CONNECTION"].endswith("/facts")
         extra = [a[i + 1] for i, x in enumerate(a) if x == "-e"]
-        assert [pathlib.Path(e).name for e in extra] == ["askari.yml", "internal.yml",
-                                                         "test-values.yml"]
+        assert [pathlib.Path(e).name for e in extra] == [
+            "askari.yml",
+            "internal.yml",
+            "test-values.yml",
+        ]
     # group_vars symlinked, production vault excluded; real inventory untouched
     gv = h.run_root / vm / "inventory" / "group_vars"
     assert (gv / "all" / "vars.yml").is_symlink()
@@ -334,8 +428,15 @@ def test_second_cycle_reuses_cached_image(h):
 
 # ---- verify failure -------------------------------------------------------------------
 def test_verify_failure_keeps_vm_and_writes_diagnostics(h):
-    p = h.run("cycle", "--host", "askari", "--junit", str(h.tmp / "j.xml"), FAKE_VERIFY_FAIL="1",
-              in_process=False)  # exit status 1 from a real process
+    p = h.run(
+        "cycle",
+        "--host",
+        "askari",
+        "--junit",
+        str(h.tmp / "j.xml"),
+        FAKE_VERIFY_FAIL="1",
+        in_process=False,
+    )  # exit status 1 from a real process
     assert p.returncode == 1, p.stderr
     assert "Traceback" not in p.stderr
     (res,) = h.results()
@@ -346,9 +447,20 @@ def test_verify_failure_keeps_vm_and_writes_diagnostics(h):
     assert h.domains()[vm]["state"] == "running"  # kept for inspection
     diag = pathlib.Path(res["diagnostics"])
     assert diag == h.diag / vm
-    for f in ("SUMMARY.txt", "nft-ruleset.txt", "nft-ruleset.json", "journal-this-boot.txt",
-              "journal-previous-boot.txt", "console.log", "domain.xml", "domifaddr.txt",
-              "net-dhcp-leases.txt", "failed-units.txt", "cloud-init.log", "result.json"):
+    for f in (
+        "SUMMARY.txt",
+        "nft-ruleset.txt",
+        "nft-ruleset.json",
+        "journal-this-boot.txt",
+        "journal-previous-boot.txt",
+        "console.log",
+        "domain.xml",
+        "domifaddr.txt",
+        "net-dhcp-leases.txt",
+        "failed-units.txt",
+        "cloud-init.log",
+        "result.json",
+    ):
         assert (diag / f).is_file(), f
     assert "policy drop" in (diag / "nft-ruleset.txt").read_text()
     assert "nft-ruleset.txt" in (diag / "SUMMARY.txt").read_text()
@@ -391,23 +503,35 @@ def test_no_idempotence_flag_skips_the_reapply(h):
 # ---- what the reboot changed (issue 5) -------------------------------------------------
 def _profile(h, name, **extra):
     (h.repo / "tests" / "integration" / "profiles" / f"{name}.json").write_text(
-        json.dumps({**ASKARI, **extra}))
+        json.dumps({**ASKARI, **extra})
+    )
 
 
 def test_reboot_diff_unexpected_change_fails_and_keeps_the_vm(h):
-    p = h.run("cycle", "--host", "askari", "--junit", str(h.tmp / "j.xml"),
-              FAKE_REBOOT_CHANGE="forward-accept-gone,port-443-gone")
+    p = h.run(
+        "cycle",
+        "--host",
+        "askari",
+        "--junit",
+        str(h.tmp / "j.xml"),
+        FAKE_REBOOT_CHANGE="forward-accept-gone,port-443-gone",
+    )
     assert p.returncode == 1, p.stderr
     assert "Traceback" not in p.stderr
     (res,) = h.results()
     assert res["verdict"] == "fail" and res["failed_stage"] == "reboot-diff" and res["kept"]
     assert h.domains()[res["vm"]]["state"] == "running"
     lost_accept = "nft: - rule inet filter forward: meta iifname docker0 accept"
-    assert lost_accept in res["message"] and "sockets: - tcp 0.0.0.0:443 docker-proxy" in res["message"]
+    assert (
+        lost_accept in res["message"]
+        and "sockets: - tcp 0.0.0.0:443 docker-proxy" in res["message"]
+    )
     assert lost_accept in res["failures"]
     assert p.stdout.strip().splitlines()[-1].startswith("integration-vm: FAIL[reboot-diff] askari")
     verdict = [ln for ln in p.stderr.splitlines() if ln.startswith("integration-vm: verify failed")]
-    assert len(verdict) == 1 and "12 unexpected difference(s) across the graceful reboot" in verdict[0]
+    assert (
+        len(verdict) == 1 and "12 unexpected difference(s) across the graceful reboot" in verdict[0]
+    )
     assert not [c for c in h.calls("ansible-playbook") if c["playbook"].endswith("verify.yml")]
     (diff,) = res["reboot_diffs"]
     assert diff["changed"] and diff["recaptured"] and len(diff["unexpected"]) == 12
@@ -419,11 +543,17 @@ def test_reboot_diff_unexpected_change_fails_and_keeps_the_vm(h):
     rd = diag / "reboot-1-graceful"
     assert 'iifname "docker0" accept' in (rd / "before" / "nft-ruleset.txt").read_text()
     text = (rd / "diff.txt").read_text()
-    assert "UNEXPECTED (12;" in text and "\n-rule inet filter forward: meta iifname docker0 accept\n" in text
+    assert (
+        "UNEXPECTED (12;" in text
+        and "\n-rule inet filter forward: meta iifname docker0 accept\n" in text
+    )
     assert (rd / "after-first" / "nft.json").is_file()  # captured twice before failing
     assert "reboot-1-graceful/diff.txt" in (diag / "SUMMARY.txt").read_text()
-    case = [tc for tc in ET.parse(h.tmp / "j.xml").getroot().iter("testcase")
-            if tc.get("name") == "reboot-diff:graceful"][0]
+    case = [
+        tc
+        for tc in ET.parse(h.tmp / "j.xml").getroot().iter("testcase")
+        if tc.get("name") == "reboot-diff:graceful"
+    ][0]
     failure = case.find("failure")
     assert failure.get("message").startswith("12 unexpected difference(s)")
     assert lost_accept in failure.text.splitlines()
@@ -441,17 +571,33 @@ def test_reboot_diff_tolerated_change_passes(h):
 
 
 def test_reboot_diff_warn_reports_without_failing(h):
-    p = h.run("cycle", "--host", "askari", "--reboot-diff", "warn", "--no-idempotence",
-              "--junit", str(h.tmp / "j.xml"), FAKE_REBOOT_CHANGE="service-inactive")
+    p = h.run(
+        "cycle",
+        "--host",
+        "askari",
+        "--reboot-diff",
+        "warn",
+        "--no-idempotence",
+        "--junit",
+        str(h.tmp / "j.xml"),
+        FAKE_REBOOT_CHANGE="service-inactive",
+    )
     assert p.returncode == 0, p.stderr
     (res,) = h.results()
     (diff,) = res["reboot_diffs"]
-    assert diff["unexpected"] == ["services: - docker.service active",
-                                  "services: + docker.service inactive"]
+    assert diff["unexpected"] == [
+        "services: - docker.service active",
+        "services: + docker.service inactive",
+    ]
     assert "warning (--reboot-diff=warn)" in p.stderr
-    case = [tc for tc in ET.parse(h.tmp / "j.xml").getroot().iter("testcase")
-            if tc.get("name") == "reboot-diff:graceful"][0]
-    assert case.find("failure") is None and "docker.service inactive" in case.find("system-out").text
+    case = [
+        tc
+        for tc in ET.parse(h.tmp / "j.xml").getroot().iter("testcase")
+        if tc.get("name") == "reboot-diff:graceful"
+    ][0]
+    assert (
+        case.find("failure") is None and "docker.service inactive" in case.find("system-out").text
+    )
 
 
 def test_reboot_diff_settles_a_late_port(h):
@@ -477,9 +623,13 @@ def test_profile_reboot_list_runs_graceful_then_hard_with_a_diff_each(h):
     (res,) = h.results()
     assert res["reboot_modes"] == ["graceful", "hard"]
     assert [(d["index"], d["mode"], d["changed"]) for d in res["reboot_diffs"]] == [
-        (1, "graceful", False), (2, "hard", False)]
+        (1, "graceful", False),
+        (2, "hard", False),
+    ]
     assert [pathlib.Path(d["dir"]).name for d in res["reboot_diffs"]] == [
-        "reboot-1-graceful", "reboot-2-hard"]
+        "reboot-1-graceful",
+        "reboot-2-hard",
+    ]
     for d in res["reboot_diffs"]:
         assert pathlib.Path(d["diff"]).is_file()
     run_json = json.loads((h.run_root / res["vm"] / "run.json").read_text())
@@ -551,7 +701,8 @@ def test_reboot_with_unchanged_boot_id_is_an_infra_error(h):
 def test_hard_reboot_is_destroy_plus_start(h):
     # --reboot MODE replaces the profile's list
     (h.repo / "tests" / "integration" / "profiles" / "askari.json").write_text(
-        json.dumps({**ASKARI, "reboot": ["graceful", "hard"]}))
+        json.dumps({**ASKARI, "reboot": ["graceful", "hard"]})
+    )
     p = h.run("cycle", "--host", "askari", "--reboot", "hard", "--no-idempotence")
     assert p.returncode == 0, p.stderr
     cmds = [a[0] for a in h.virsh_cmds()]
@@ -579,13 +730,16 @@ def _fetch_env(h, payload, sums):
     src.mkdir(exist_ok=True)
     (src / "debian-13-genericcloud-amd64.qcow2").write_bytes(payload)
     (src / "SHA512SUMS").write_text(sums)
-    return {"BOMA_IT_IMAGE_SOURCE": "fetch",
-            "BOMA_IT_IMAGE_URL": (src / "debian-13-genericcloud-amd64.qcow2").as_uri(),
-            "BOMA_IT_SHA_URL": (src / "SHA512SUMS").as_uri()}
+    return {
+        "BOMA_IT_IMAGE_SOURCE": "fetch",
+        "BOMA_IT_IMAGE_URL": (src / "debian-13-genericcloud-amd64.qcow2").as_uri(),
+        "BOMA_IT_SHA_URL": (src / "SHA512SUMS").as_uri(),
+    }
 
 
 def test_fetch_source_verifies_sha512(h):
     import hashlib
+
     payload = b"qcow2 bytes"
     good = hashlib.sha512(payload).hexdigest() + "  debian-13-genericcloud-amd64.qcow2\n"
     p = h.run("image", **_fetch_env(h, payload, good))
@@ -653,8 +807,10 @@ def test_prune_touches_only_harness_domains(h):
     assert "not touching" not in p.stderr
     assert not h.run_root.exists() or not any(h.run_root.iterdir())
     assert not any((h.cache / "runs").iterdir())
-    assert not any(a[0] in ("destroy", "undefine") and a[1] in ("boma-it-foo", "somebody-elses-vm")
-                   for a in h.virsh_cmds())
+    assert not any(
+        a[0] in ("destroy", "undefine") and a[1] in ("boma-it-foo", "somebody-elses-vm")
+        for a in h.virsh_cmds()
+    )
     assert h.run("prune").returncode == 0  # idempotent
 
 
@@ -673,31 +829,66 @@ def test_a_run_defines_no_storage_pool(h):
 def test_prune_removes_the_pools_earlier_versions_left(h):
     outside = h.tmp / "vm-images"
     outside.mkdir()
-    st = {"domains": {}, "networks": {}, "leases": {}, "calls": {}, "pools": {
-        # what every run of an earlier version left: persistent, autostarted, dir gone
-        "boma-it-askari-0a1b2c3d": {"target": str(h.cache / "runs" / "boma-it-askari-0a1b2c3d"),
-                                    "active": True, "persistent": True, "autostart": True},
-        "boma-it-askari-4e5f6a7b": {"target": "/var/lib/boma-old-cache/runs/boma-it-askari-4e5f",
-                                    "active": False, "persistent": True, "autostart": True},
-        "runs": {"target": str(h.cache / "runs"), "active": True, "persistent": True,
-                 "autostart": True},
-        # not ours: a live directory elsewhere, whatever its name
-        "boma-it-mine": {"target": str(outside), "active": True, "persistent": True,
-                         "autostart": True},
-        "default": {"target": "/var/lib/libvirt/images", "active": False,
-                    "persistent": True, "autostart": True}}}
+    st = {
+        "domains": {},
+        "networks": {},
+        "leases": {},
+        "calls": {},
+        "pools": {
+            # what every run of an earlier version left: persistent, autostarted, dir gone
+            "boma-it-askari-0a1b2c3d": {
+                "target": str(h.cache / "runs" / "boma-it-askari-0a1b2c3d"),
+                "active": True,
+                "persistent": True,
+                "autostart": True,
+            },
+            "boma-it-askari-4e5f6a7b": {
+                "target": "/var/lib/boma-old-cache/runs/boma-it-askari-4e5f",
+                "active": False,
+                "persistent": True,
+                "autostart": True,
+            },
+            "runs": {
+                "target": str(h.cache / "runs"),
+                "active": True,
+                "persistent": True,
+                "autostart": True,
+            },
+            # not ours: a live directory elsewhere, whatever its name
+            "boma-it-mine": {
+                "target": str(outside),
+                "active": True,
+                "persistent": True,
+                "autostart": True,
+            },
+            "default": {
+                "target": "/var/lib/libvirt/images",
+                "active": False,
+                "persistent": True,
+                "autostart": True,
+            },
+        },
+    }
     h.state_file.write_text(json.dumps(st))
     status = h.run("status")
     assert status.returncode == 0, status.stderr
-    listed = {ln.split()[2].rstrip(":") for ln in status.stdout.splitlines()
-              if ln.startswith("storage pool ")}
+    listed = {
+        ln.split()[2].rstrip(":")
+        for ln in status.stdout.splitlines()
+        if ln.startswith("storage pool ")
+    }
     assert listed == {"boma-it-askari-0a1b2c3d", "boma-it-askari-4e5f6a7b", "runs"}
     p = h.run("prune")
     assert p.returncode == 0, p.stderr
     assert set(h.state()["pools"]) == {"boma-it-mine", "default"}
     assert p.stdout.count("pruned storage pool") == 3
-    assert not any(a[0].startswith("pool-") and a[0] != "pool-list" and a[0] != "pool-dumpxml"
-                   and a[1] in ("boma-it-mine", "default") for a in h.virsh_cmds())
+    assert not any(
+        a[0].startswith("pool-")
+        and a[0] != "pool-list"
+        and a[0] != "pool-dumpxml"
+        and a[1] in ("boma-it-mine", "default")
+        for a in h.virsh_cmds()
+    )
     assert h.run("prune").returncode == 0  # idempotent
 
 
@@ -756,23 +947,45 @@ def test_max_vms_allows_two(h):
 
 
 # ---- bad input: exit 2/3, one line, nothing created -----------------------------------
-@pytest.mark.parametrize("setup,args,code,needle", [
-    (None, ["cycle", "--host", "nosuch"], 2, "no profile tests/integration/profiles/nosuch.json (known: askari, askari-regression)"),
-    ("badjson", ["cycle", "--host", "broken"], 2, "broken.json: invalid JSON at line 3"),
-    ("missingkey", ["cycle", "--host", "broken"], 2, "missing required key 'applies'"),
-    ("badtype", ["cycle", "--host", "broken"], 2, "key 'mem_mib' must be int"),
-    ("badplaybook", ["cycle", "--host", "broken"], 2, "playbooks/nope.yml, which does not exist"),
-    ("badextends", ["cycle", "--host", "broken"], 2, "key 'extends' names 'ghost'"),
-    (None, ["cycle", "--host", "askari", "--certs", "le-prod-wildcard"], 2, "--allow-prod-certs"),
-    (None, ["cycle", "--host", "Bad/Name"], 2, "invalid host name"),
-    ("notool", ["cycle", "--host", "askari"], 3, "required tool 'cloud-localds' not found"),
-    ("libvirtdown", ["cycle", "--host", "askari"], 3, "libvirtd not reachable at test:///fake"),
-    ("lowram", ["up", "--host", "askari"], 3, "MemAvailable"),
-    ("noansible", ["cycle", "--host", "askari"], 3, "ansible-playbook not found"),
-    ("novault", ["cycle", "--host", "askari", "--certs", "le-staging"], 2,
-     "--certs le-staging needs the production vault password (scripts/vault-password.sh: "
-     "vault-password: no vault password"),
-])
+@pytest.mark.parametrize(
+    "setup,args,code,needle",
+    [
+        (
+            None,
+            ["cycle", "--host", "nosuch"],
+            2,
+            "no profile tests/integration/profiles/nosuch.json (known: askari, askari-regression)",
+        ),
+        ("badjson", ["cycle", "--host", "broken"], 2, "broken.json: invalid JSON at line 3"),
+        ("missingkey", ["cycle", "--host", "broken"], 2, "missing required key 'applies'"),
+        ("badtype", ["cycle", "--host", "broken"], 2, "key 'mem_mib' must be int"),
+        (
+            "badplaybook",
+            ["cycle", "--host", "broken"],
+            2,
+            "playbooks/nope.yml, which does not exist",
+        ),
+        ("badextends", ["cycle", "--host", "broken"], 2, "key 'extends' names 'ghost'"),
+        (
+            None,
+            ["cycle", "--host", "askari", "--certs", "le-prod-wildcard"],
+            2,
+            "--allow-prod-certs",
+        ),
+        (None, ["cycle", "--host", "Bad/Name"], 2, "invalid host name"),
+        ("notool", ["cycle", "--host", "askari"], 3, "required tool 'cloud-localds' not found"),
+        ("libvirtdown", ["cycle", "--host", "askari"], 3, "libvirtd not reachable at test:///fake"),
+        ("lowram", ["up", "--host", "askari"], 3, "MemAvailable"),
+        ("noansible", ["cycle", "--host", "askari"], 3, "ansible-playbook not found"),
+        (
+            "novault",
+            ["cycle", "--host", "askari", "--certs", "le-staging"],
+            2,
+            "--certs le-staging needs the production vault password (scripts/vault-password.sh: "
+            "vault-password: no vault password",
+        ),
+    ],
+)
 def test_bad_input(h, setup, args, code, needle):
     prof = h.repo / "tests" / "integration" / "profiles" / "broken.json"
     env = {}
@@ -814,23 +1027,57 @@ def test_unknown_cert_tier_is_argparse_exit_2(h):
 def test_help_lists_exit_codes_and_subcommands(h):
     p = h.run("--help")
     assert p.returncode == 0
-    for needle in ("exit codes:", "130", "verify failed", "infrastructure failure",
-                   "usage or configuration error"):
+    for needle in (
+        "exit codes:",
+        "130",
+        "verify failed",
+        "infrastructure failure",
+        "usage or configuration error",
+    ):
         assert needle in p.stdout
-    for sub in ("image", "up", "apply", "reboot", "assert", "cycle", "bench", "down",
-                "console", "prune", "status", "doctor"):
+    for sub in (
+        "image",
+        "up",
+        "apply",
+        "reboot",
+        "assert",
+        "cycle",
+        "bench",
+        "down",
+        "console",
+        "prune",
+        "status",
+        "doctor",
+    ):
         assert sub in p.stdout
         sp = h.run(sub, "--help")
         assert sp.returncode == 0 and "exit codes:" in sp.stdout
     cyc = h.run("cycle", "--help").stdout
-    for flag in ("--host", "--run", "--certs", "--keep", "--no-reboot", "--reboot",
-                 "--no-idempotence", "--accel", "--connect", "--allow-prod-certs", "--junit",
-                 "--reboot-diff"):
+    for flag in (
+        "--host",
+        "--run",
+        "--certs",
+        "--keep",
+        "--no-reboot",
+        "--reboot",
+        "--no-idempotence",
+        "--accel",
+        "--connect",
+        "--allow-prod-certs",
+        "--junit",
+        "--reboot-diff",
+    ):
         assert flag in cyc
     flat = " ".join(cyc.split())
-    for needle in ('"reboot": ["graceful", "hard"]', "reboot_diff_tolerate", "reboot_diffs",
-                   "stage reboot-diff", "reboot-<n>-<mode>/{before,after}/ and diff.txt",
-                   "--reboot-diff=warn", "an unexpected state difference across a reboot"):
+    for needle in (
+        '"reboot": ["graceful", "hard"]',
+        "reboot_diff_tolerate",
+        "reboot_diffs",
+        "stage reboot-diff",
+        "reboot-<n>-<mode>/{before,after}/ and diff.txt",
+        "--reboot-diff=warn",
+        "an unexpected state difference across a reboot",
+    ):
         assert needle in flat, needle
     assert "reboot_diff_tolerate" in h.run("reboot", "--help").stdout
 
@@ -840,8 +1087,13 @@ def test_image_build_seals_and_is_keyed(h):
     p = h.run("image")
     assert p.returncode == 0, p.stderr
     (img,) = [d for d in (h.cache / "images").iterdir() if d.is_dir()]
-    assert {f.name for f in img.iterdir()} == {"disk.qcow2", "vmlinuz", "initrd.img",
-                                                "manifest.json", "build.log"}
+    assert {f.name for f in img.iterdir()} == {
+        "disk.qcow2",
+        "vmlinuz",
+        "initrd.img",
+        "manifest.json",
+        "build.log",
+    }
     m = json.loads((img / "manifest.json").read_text())
     assert m["key"] == img.name and "docker.io" in m["inputs"]["packages"]
     mk = h.calls("mmdebstrap")[0]["argv"]
@@ -857,8 +1109,11 @@ def test_accel_auto_probes_once_and_caches(h):
     kvm = h.tmp / "kvm"
     kvm.write_text("")
     os.chmod(kvm, 0o666)
-    env = {"BOMA_IT_ACCEL": "auto", "BOMA_IT_KVM_DEV": str(kvm),
-           "BOMA_IT_BOOT_ID_PATH": str(h.tmp / "host-boot-id")}
+    env = {
+        "BOMA_IT_ACCEL": "auto",
+        "BOMA_IT_KVM_DEV": str(kvm),
+        "BOMA_IT_BOOT_ID_PATH": str(h.tmp / "host-boot-id"),
+    }
     (h.tmp / "host-boot-id").write_text("b1\n")
     p = h.run("up", "--host", "askari", **env)
     assert p.returncode == 0, p.stderr

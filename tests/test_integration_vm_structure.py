@@ -1,6 +1,7 @@
 """The driver's structural rules, read from its source (AST), not by running it: processes
 start only in the process section (`run` and its helpers), and no function runs over 60
 lines. See the module docstring of scripts/integration-vm.py."""
+
 import ast
 import pathlib
 
@@ -47,10 +48,12 @@ def process_starts_outside(source, allowed=PROCESS_FUNCTIONS):
 def long_functions(source, limit=MAX_FUNCTION_LINES):
     """{name: lines} of every function (nested and methods included) over `limit` lines,
     counted from its `def` line (decorators excluded) to its last line."""
-    return {node.name: node.end_lineno - node.lineno + 1
-            for node in ast.walk(ast.parse(source))
-            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef))
-            and node.end_lineno - node.lineno + 1 > limit}
+    return {
+        node.name: node.end_lineno - node.lineno + 1
+        for node in ast.walk(ast.parse(source))
+        if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef))
+        and node.end_lineno - node.lineno + 1 > limit
+    }
 
 
 def test_processes_start_only_in_the_process_section():
@@ -61,21 +64,28 @@ def test_the_process_functions_exist_and_do_start_processes():
     # Guards the rule against going vacuous when the process section is renamed.
     source = DRIVER.read_text()
     tops = {n.name for n in ast.parse(source).body if isinstance(n, ast.FunctionDef)}
-    assert PROCESS_FUNCTIONS <= tops
+    assert tops >= PROCESS_FUNCTIONS
     assert process_starts_outside(source, allowed=set())
 
 
 def test_the_scan_sees_each_way_to_start_a_process():
-    src = ("import os, subprocess, pty\n"
-           "def run():\n    subprocess.Popen(['x'])\n"
-           "def sneaky():\n    os.system('x'); os.execvp('x', ['x']); os.spawnl(0, 'x')\n"
-           "def other():\n    pty.spawn('x'); subprocess.run(['x'])\n"
-           "from subprocess import check_output\n"
-           "X = os.popen('x')\n")
+    src = (
+        "import os, subprocess, pty\n"
+        "def run():\n    subprocess.Popen(['x'])\n"
+        "def sneaky():\n    os.system('x'); os.execvp('x', ['x']); os.spawnl(0, 'x')\n"
+        "def other():\n    pty.spawn('x'); subprocess.run(['x'])\n"
+        "from subprocess import check_output\n"
+        "X = os.popen('x')\n"
+    )
     assert [(w, where) for _, w, where in process_starts_outside(src)] == [
-        ("os.system", "sneaky"), ("os.execvp", "sneaky"), ("os.spawnl", "sneaky"),
-        ("pty.spawn", "other"), ("subprocess.run", "other"),
-        ("from subprocess import", "<module>"), ("os.popen", "<module>")]
+        ("os.system", "sneaky"),
+        ("os.execvp", "sneaky"),
+        ("os.spawnl", "sneaky"),
+        ("pty.spawn", "other"),
+        ("subprocess.run", "other"),
+        ("from subprocess import", "<module>"),
+        ("os.popen", "<module>"),
+    ]
 
 
 def test_no_function_is_over_60_lines():
@@ -85,5 +95,5 @@ def test_no_function_is_over_60_lines():
 
 def test_the_length_check_counts_from_def_to_last_line():
     body = "".join(f"    x{i} = {i}\n" for i in range(60))
-    assert long_functions(f"def ok():\n{body[:-len('    x59 = 59') - 1]}") == {}
+    assert long_functions(f"def ok():\n{body[: -len('    x59 = 59') - 1]}") == {}
     assert long_functions(f"@deco\ndef long():\n{body}") == {"long": 61}

@@ -1,6 +1,7 @@
 """The harness's Ansible transport (ADR-027): Mitogen by default, ansible-core's linear
 strategy on request or when Mitogen cannot load, and output parsing that does not care
 which one ran (saved outputs of both strategies, same VM, same playbooks)."""
+
 import os
 import pathlib
 import types
@@ -15,31 +16,50 @@ SAVED = HERE / "fakes" / "ansible-output"
 
 
 # ---- choosing the strategy ----------------------------------------------------------
-@pytest.mark.parametrize("line,interp", [
-    ("#!/work/main/.venv/bin/python3\n", "/work/main/.venv/bin/python3"),
-    ("#!/usr/bin/env python3\n", "python3"),
-    ("#!/usr/bin/env -S python3 -S\n", "python3"),
-    ("#!/usr/bin/python3 -E\n", "/usr/bin/python3"),
-    ("import sys\n", None),
-    ("#!\n", None),
-])
+@pytest.mark.parametrize(
+    "line,interp",
+    [
+        ("#!/work/main/.venv/bin/python3\n", "/work/main/.venv/bin/python3"),
+        ("#!/usr/bin/env python3\n", "python3"),
+        ("#!/usr/bin/env -S python3 -S\n", "python3"),
+        ("#!/usr/bin/python3 -E\n", "/usr/bin/python3"),
+        ("import sys\n", None),
+        ("#!\n", None),
+    ],
+)
 def test_script_interpreter(line, interp):
     assert ivm.script_interpreter(line) == interp
 
 
 def test_strategy_choice_uses_mitogen_when_the_probe_prints_its_plugin_dir():
     c = ivm.strategy_choice("mitogen", 0, "/v/lib/ansible_mitogen/plugins/strategy\n")
-    assert c == {"requested": "mitogen", "used": "mitogen_linear",
-                 "plugin_dir": "/v/lib/ansible_mitogen/plugins/strategy", "fallback": None}
+    assert c == {
+        "requested": "mitogen",
+        "used": "mitogen_linear",
+        "plugin_dir": "/v/lib/ansible_mitogen/plugins/strategy",
+        "fallback": None,
+    }
 
 
-@pytest.mark.parametrize("rc,out,err,reason", [
-    (1, "", "Traceback...\nModuleNotFoundError: No module named 'ansible_mitogen'\n",
-     "Mitogen does not load: ModuleNotFoundError: No module named 'ansible_mitogen'"),
-    (0, "not a path\n", "", "Mitogen does not load: rc 0"),
-    (None, "", "", "cannot tell ansible-playbook's interpreter (no #! line)"),
-    ("missing", "", "python3 not found on PATH", "Mitogen does not load: python3 not found on PATH"),
-])
+@pytest.mark.parametrize(
+    "rc,out,err,reason",
+    [
+        (
+            1,
+            "",
+            "Traceback...\nModuleNotFoundError: No module named 'ansible_mitogen'\n",
+            "Mitogen does not load: ModuleNotFoundError: No module named 'ansible_mitogen'",
+        ),
+        (0, "not a path\n", "", "Mitogen does not load: rc 0"),
+        (None, "", "", "cannot tell ansible-playbook's interpreter (no #! line)"),
+        (
+            "missing",
+            "",
+            "python3 not found on PATH",
+            "Mitogen does not load: python3 not found on PATH",
+        ),
+    ],
+)
 def test_strategy_choice_falls_back_to_linear_and_says_why(rc, out, err, reason):
     c = ivm.strategy_choice("mitogen", rc, out, err)
     assert c["used"] == "linear" and c["plugin_dir"] is None and c["fallback"] == reason
@@ -47,25 +67,33 @@ def test_strategy_choice_falls_back_to_linear_and_says_why(rc, out, err, reason)
 
 def test_strategy_choice_default_never_probes_nor_falls_back():
     assert ivm.strategy_choice("default") == {
-        "requested": "default", "used": "linear", "plugin_dir": None, "fallback": None}
+        "requested": "default",
+        "used": "linear",
+        "plugin_dir": None,
+        "fallback": None,
+    }
 
 
 def test_ansible_env_selects_the_strategy_explicitly_either_way():
-    hostile = {"PATH": "/bin", "ANSIBLE_STRATEGY": "free",
-               "ANSIBLE_STRATEGY_PLUGINS": "/tmp/evil"}
+    hostile = {"PATH": "/bin", "ANSIBLE_STRATEGY": "free", "ANSIBLE_STRATEGY_PLUGINS": "/tmp/evil"}
     mito = ivm.strategy_choice("mitogen", 0, "/v/strategy\n")
     env = ivm.ansible_env(hostile, "/repo", "/run", "vm", mito)
     assert env["ANSIBLE_STRATEGY"] == "mitogen_linear"
     assert env["ANSIBLE_STRATEGY_PLUGINS"] == "/v/strategy"
     env = ivm.ansible_env(hostile, "/repo", "/run", "vm", ivm.strategy_choice("default"))
     assert env["ANSIBLE_STRATEGY"] == "linear" and "ANSIBLE_STRATEGY_PLUGINS" not in env
-    env = ivm.ansible_env(hostile, "/repo", "/run", "vm")   # not resolved: linear
+    env = ivm.ansible_env(hostile, "/repo", "/run", "vm")  # not resolved: linear
     assert env["ANSIBLE_STRATEGY"] == "linear" and "ANSIBLE_STRATEGY_PLUGINS" not in env
 
 
 def _ctx(request="mitogen"):
-    return types.SimpleNamespace(strategy=None, strategy_request=request, cmdlog=None,
-                                 environ={"PATH": os.environ.get("PATH", "")}, t0=0.0)
+    return types.SimpleNamespace(
+        strategy=None,
+        strategy_request=request,
+        cmdlog=None,
+        environ={"PATH": os.environ.get("PATH", "")},
+        t0=0.0,
+    )
 
 
 def _playbook_with_interpreter(tmp_path, body):
@@ -80,21 +108,24 @@ def _playbook_with_interpreter(tmp_path, body):
 
 
 def test_resolve_strategy_probes_ansible_playbooks_own_interpreter_once(tmp_path, capsys):
-    pb = _playbook_with_interpreter(tmp_path, 'echo "$1 $2" >> "$(dirname "$0")/calls"\n'
-                                              "echo /venv/ansible_mitogen/plugins/strategy\n")
+    pb = _playbook_with_interpreter(
+        tmp_path,
+        'echo "$1 $2" >> "$(dirname "$0")/calls"\necho /venv/ansible_mitogen/plugins/strategy\n',
+    )
     ctx = _ctx()
     c = ivm.resolve_strategy(ctx, str(pb))
     assert c["used"] == "mitogen_linear"
     assert c["plugin_dir"] == "/venv/ansible_mitogen/plugins/strategy"
     assert ivm.resolve_strategy(ctx, str(pb)) is c
     calls = (tmp_path / "calls").read_text().splitlines()
-    assert calls == ["-c " + ivm.MITOGEN_PROBE]          # probed once, with the probe
+    assert calls == ["-c " + ivm.MITOGEN_PROBE]  # probed once, with the probe
     assert "strategy mitogen_linear" in capsys.readouterr().err
 
 
 def test_resolve_strategy_falls_back_when_mitogen_does_not_import(tmp_path, capsys):
     pb = _playbook_with_interpreter(
-        tmp_path, "echo \"ModuleNotFoundError: No module named 'ansible_mitogen'\" >&2\nexit 1\n")
+        tmp_path, "echo \"ModuleNotFoundError: No module named 'ansible_mitogen'\" >&2\nexit 1\n"
+    )
     c = ivm.resolve_strategy(_ctx(), str(pb))
     assert c["used"] == "linear" and "No module named 'ansible_mitogen'" in c["fallback"]
     assert "fallback from mitogen" in capsys.readouterr().err
@@ -117,10 +148,12 @@ def test_bad_strategy_request_is_a_usage_error():
     args = types.SimpleNamespace(strategy=None, connect=None, accel=None)
     with pytest.raises(ivm.UsageError, match="BOMA_IT_ANSIBLE_STRATEGY"):
         ivm.ctx_from_env({"BOMA_IT_ANSIBLE_STRATEGY": "fast"}, args)
-    args.strategy = "default"   # the flag wins over a valid variable...
-    assert ivm.ctx_from_env({"BOMA_IT_ANSIBLE_STRATEGY": "mitogen"}, args).strategy_request \
+    args.strategy = "default"  # the flag wins over a valid variable...
+    assert (
+        ivm.ctx_from_env({"BOMA_IT_ANSIBLE_STRATEGY": "mitogen"}, args).strategy_request
         == "default"
-    with pytest.raises(ivm.UsageError):   # ...but a bad variable is an error either way
+    )
+    with pytest.raises(ivm.UsageError):  # ...but a bad variable is an error either way
         ivm.ctx_from_env({"BOMA_IT_ANSIBLE_STRATEGY": "fast"}, args)
 
 
@@ -145,8 +178,13 @@ def test_task_results_and_recap_identical_under_both_strategies(name):
     linear, mitogen = _both(name)
     host = next(iter(ivm.parse_recap(linear)))
     assert ivm.parse_recap(linear) == ivm.parse_recap(mitogen)
-    strip = [[(n, st, items and [(lb, s) for lb, s, _ in items]) for n, st, _, items in
-              ivm.parse_task_results(out, host)] for out in (linear, mitogen)]
+    strip = [
+        [
+            (n, st, items and [(lb, s) for lb, s, _ in items])
+            for n, st, _, items in ivm.parse_task_results(out, host)
+        ]
+        for out in (linear, mitogen)
+    ]
     assert strip[0] == strip[1]
     assert ivm.failed_task_names(linear, host) == ivm.failed_task_names(mitogen, host)
 
@@ -160,15 +198,19 @@ def test_verify_checks_and_junit_identical_under_both_strategies(name):
     failed = [n for n, st in checks[0] if st == "failed"]
     assert bool(failed) == name.startswith("verify-fail")
     # the failure message (what JUnit and result.json show) names the same outcome
-    msgs = [{n: m for n, st, m in ivm.verify_checks(o, host) if st == "failed"}
-            for o in (linear, mitogen)]
+    msgs = [
+        {n: m for n, st, m in ivm.verify_checks(o, host) if st == "failed"}
+        for o in (linear, mitogen)
+    ]
     assert msgs[0].keys() == msgs[1].keys()
 
 
 def test_changed_tasks_for_idempotence_identical_under_both_strategies():
     linear, mitogen = _both("apply-changed.txt")
     host = next(iter(ivm.parse_recap(linear)))
-    changed = [[n for n, st, _, _ in ivm.parse_task_results(o, host) if st == "changed"]
-               for o in (linear, mitogen)]
+    changed = [
+        [n for n, st, _, _ in ivm.parse_task_results(o, host) if st == "changed"]
+        for o in (linear, mitogen)
+    ]
     assert changed[0] == changed[1] and changed[0]
     assert ivm.parse_recap(linear)[host]["changed"] == len(changed[0])

@@ -49,6 +49,7 @@ normalise away.
   FAKE_DOCKER=absent         the guest has no docker
   FAKE_CAPTURE_FAIL=1        sudo refuses the capture script
 """
+
 import fcntl
 import os
 import sys
@@ -87,12 +88,15 @@ def _json_codec():
         class Ctx:
             strict, object_hook, object_pairs_hook = True, None, None
             parse_float, parse_int, parse_constant = float, int, float
-        enc = _json.make_encoder(None, no_default, _json.encode_basestring_ascii, None,
-                                 ": ", ", ", False, False, True)
+
+        enc = _json.make_encoder(
+            None, no_default, _json.encode_basestring_ascii, None, ": ", ", ", False, False, True
+        )
         scan = _json.make_scanner(Ctx())
         return (lambda obj: "".join(enc(obj, 0))), (lambda text: scan(text.strip(), 0)[0])
     except (ImportError, AttributeError, TypeError):
         import json as _j
+
         return _j.dumps, _j.loads
 
 
@@ -172,8 +176,11 @@ def virsh():
     while args and args[0] in ("--connect", "-c", "-q"):
         args = args[2:] if args[0] in ("--connect", "-c") else args[1:]
     if ENV.get("FAKE_LIBVIRT_DOWN"):
-        die("error: failed to connect to the hypervisor\n"
-            "error: Failed to connect socket to '/run/libvirt/libvirt-sock': No such file or directory")
+        die(
+            "error: failed to connect to the hypervisor\n"
+            "error: Failed to connect socket to '/run/libvirt/libvirt-sock': "
+            "No such file or directory"
+        )
     cmd, rest = args[0], args[1:]
     with state() as st:
         doms, nets, leases = st["domains"], st["networks"], st["leases"]
@@ -191,8 +198,10 @@ def virsh():
             if rest[0] not in nets:
                 die(f"error: failed to get network '{rest[0]}'")
             n = nets[rest[0]]
-            print(f"Name:           {rest[0]}\nActive:         {'yes' if n['active'] else 'no'}\n"
-                  f"Autostart:      {'yes' if n['autostart'] else 'no'}\nBridge:         virbr-boma")
+            print(
+                f"Name:           {rest[0]}\nActive:         {'yes' if n['active'] else 'no'}\n"
+                f"Autostart:      {'yes' if n['autostart'] else 'no'}\nBridge:         virbr-boma"
+            )
         elif cmd == "net-define":
             name = re.search(r"<name>([^<]+)</name>", read_text(rest[0])).group(1)
             nets[name] = {"active": False, "autostart": False}
@@ -218,9 +227,14 @@ def virsh():
             meta = re.search(r"<boma:run\b[^>]*/>", xml)
             mac = re.search(r"<mac address='([^']+)'", xml)
             console = re.search(r"<log file='([^']+console[^']*)'", xml)
-            doms[name] = {"xml": xml, "state": "shut off", "metadata": meta.group(0) if meta else None,
-                          "mac": mac.group(1) if mac else None, "boot_id": None,
-                          "console": console.group(1) if console else None}
+            doms[name] = {
+                "xml": xml,
+                "state": "shut off",
+                "metadata": meta.group(0) if meta else None,
+                "mac": mac.group(1) if mac else None,
+                "boot_id": None,
+                "console": console.group(1) if console else None,
+            }
             print(f"Domain '{name}' defined from {rest[0]}")
         elif cmd == "start":
             d = dom(rest[0])
@@ -264,29 +278,37 @@ def virsh():
             print(_loads(read_text(rest[0]))["xml"])
         elif cmd == "restore":
             saved = _loads(read_text(rest[0]))
-            xml = read_text(rest[rest.index("--xml") + 1]) if "--xml" in rest \
-                else saved["xml"]
+            xml = read_text(rest[rest.index("--xml") + 1]) if "--xml" in rest else saved["xml"]
             name = re.search(r"<name>([^<]+)</name>", xml).group(1)
             if ENV.get("FAKE_RESTORE_FAIL"):
                 die("error: Failed to restore domain: fake restore failure")
             if name != saved["name"]:
-                die(f"error: unsupported configuration: Target domain name '{name}' does "
-                    f"not match source '{saved['name']}'")
+                die(
+                    f"error: unsupported configuration: Target domain name '{name}' does "
+                    f"not match source '{saved['name']}'"
+                )
             if name in doms and doms[name]["state"] == "running":
                 die(f"error: operation failed: domain '{name}' is already active")
             for net in re.findall(r"<source network='([^']+)'", xml):
                 if not nets.get(net, {}).get("active"):
-                    die(f"error: Failed to restore domain from {rest[0]}\n"
-                        f"error: Requested operation is not valid: network '{net}' is not active")
+                    die(
+                        f"error: Failed to restore domain from {rest[0]}\n"
+                        f"error: Requested operation is not valid: network '{net}' is not active"
+                    )
             for src in re.findall(r"<source file='([^']+)'", xml):
                 if not os.path.exists(src):
                     die(f"error: Cannot access storage file '{src}': No such file or directory")
             meta = re.search(r"<boma:run\b[^>]*/>", xml)
             console = re.search(r"<log file='([^']+console[^']*)'", xml)
             persistent = name in doms and not doms[name].get("transient")
-            doms[name] = {**saved, "xml": xml, "state": "running", "transient": not persistent,
-                          "metadata": meta.group(0) if meta else None,
-                          "console": console.group(1) if console else None}
+            doms[name] = {
+                **saved,
+                "xml": xml,
+                "state": "running",
+                "transient": not persistent,
+                "metadata": meta.group(0) if meta else None,
+                "console": console.group(1) if console else None,
+            }
             doms[name].pop("name", None)
             if doms[name]["mac"] and not ENV.get("FAKE_NO_LEASE"):
                 leases[doms[name]["mac"]] = ENV.get("FAKE_LEASE_IP", "127.0.0.1")
@@ -331,8 +353,10 @@ def virsh_storage(st, cmd, rest):
 
     def pool(name):
         if name not in pools:
-            die(f"error: failed to get pool '{name}'\n"
-                f"error: Storage pool not found: no storage pool with matching name '{name}'")
+            die(
+                f"error: failed to get pool '{name}'\n"
+                f"error: Storage pool not found: no storage pool with matching name '{name}'"
+            )
         return pools[name]
 
     if cmd == "pool-list":
@@ -342,21 +366,29 @@ def virsh_storage(st, cmd, rest):
         print()
     elif cmd == "pool-dumpxml":
         p = pool(rest[0])
-        print(f"<pool type='dir'>\n  <name>{rest[0]}</name>\n  <target>\n"
-              f"    <path>{p['target']}</path>\n  </target>\n</pool>")
+        print(
+            f"<pool type='dir'>\n  <name>{rest[0]}</name>\n  <target>\n"
+            f"    <path>{p['target']}</path>\n  </target>\n</pool>"
+        )
     elif cmd in ("pool-create-as", "pool-define-as"):
         name, target = rest[0], rest[rest.index("--target") + 1]
         if name in pools:
             die(f"error: operation failed: pool '{name}' already exists")
         create = cmd == "pool-create-as"
-        pools[name] = {"target": target, "active": create, "persistent": not create,
-                       "autostart": False}
+        pools[name] = {
+            "target": target,
+            "active": create,
+            "persistent": not create,
+            "autostart": False,
+        }
         print(f"Pool {name} {'created' if create else 'defined'}")
     elif cmd == "pool-destroy":
         p = pool(rest[0])
         if not p["active"]:
-            die(f"error: Failed to destroy pool {rest[0]}\n"
-                "error: Requested operation is not valid: storage pool is not active")
+            die(
+                f"error: Failed to destroy pool {rest[0]}\n"
+                "error: Requested operation is not valid: storage pool is not active"
+            )
         p["active"] = False
         if not p["persistent"]:
             del pools[rest[0]]
@@ -364,8 +396,10 @@ def virsh_storage(st, cmd, rest):
     elif cmd == "pool-undefine":
         p = pool(rest[0])
         if not p["persistent"]:
-            die(f"error: Failed to undefine pool {rest[0]}\n"
-                "error: internal error: pool is transient")
+            die(
+                f"error: Failed to undefine pool {rest[0]}\n"
+                "error: internal error: pool is transient"
+            )
         p["persistent"] = p["autostart"] = False
         if not p["active"]:
             del pools[rest[0]]
@@ -396,7 +430,7 @@ def virt_install_pools(disks):
     with state() as st:
         pools = st.setdefault("pools", {})
         for d in disks:
-            path = os.path.abspath(d.split(",")[0][len("path="):])
+            path = os.path.abspath(d.split(",")[0][len("path=") :])
             dirname = os.path.dirname(path)
             if any(os.path.abspath(p["target"]) == dirname for p in pools.values()):
                 continue
@@ -405,8 +439,7 @@ def virt_install_pools(disks):
             while name in pools:
                 n += 1
                 name = f"{base}-{n}"
-            pools[name] = {"target": dirname, "active": True, "persistent": True,
-                           "autostart": True}
+            pools[name] = {"target": dirname, "active": True, "persistent": True, "autostart": True}
 
 
 # ---- virt-install -----------------------------------------------------------------
@@ -431,12 +464,14 @@ def virt_install():
     mac = re.search(r"mac=([0-9a-f:]+)", opts["--network"]).group(1)
     console = opts["--serial"].split("log.file=", 1)[1]
     vtype = "kvm" if opts["--virt-type"] == "kvm" else "qemu"
-    disk_xml = "".join(f"    <disk type='file' device='disk'><source file='{d.split(',')[0][5:]}'/></disk>\n"
-                       for d in disks)
+    disk_xml = "".join(
+        f"    <disk type='file' device='disk'><source file='{d.split(',')[0][5:]}'/></disk>\n"
+        for d in disks
+    )
     print(f"""<domain type='{vtype}'>
-  <name>{opts['--name']}</name>
-  <memory unit='MiB'>{opts['--memory']}</memory>
-  <vcpu>{opts['--vcpus']}</vcpu>
+  <name>{opts["--name"]}</name>
+  <memory unit='MiB'>{opts["--memory"]}</memory>
+  <vcpu>{opts["--vcpus"]}</vcpu>
   <devices>
 {disk_xml}    <interface type='network'>
       <source network='boma-it'/>
@@ -474,7 +509,8 @@ def ssh_keygen():
     comment = ARGS[ARGS.index("-C") + 1] if "-C" in ARGS else "fake"
     tag = new_id()
     write_text(
-        path, f"-----BEGIN OPENSSH PRIVATE KEY-----\nFAKE{tag}\n-----END OPENSSH PRIVATE KEY-----\n")
+        path, f"-----BEGIN OPENSSH PRIVATE KEY-----\nFAKE{tag}\n-----END OPENSSH PRIVATE KEY-----\n"
+    )
     write_text(path + ".pub", f"ssh-ed25519 AAAAC3Fake{tag} {comment}\n")
 
 
@@ -498,8 +534,13 @@ def mkfs():
 
 
 def qemu_system():
-    print(ENV.get("FAKE_ACCEL_OUTPUT", "[    0.8] VFS: Cannot open root device \"nonexistent\"\n"
-                                       "[    0.8] Kernel panic - not syncing: VFS: Unable to mount root fs"))
+    print(
+        ENV.get(
+            "FAKE_ACCEL_OUTPUT",
+            '[    0.8] VFS: Cannot open root device "nonexistent"\n'
+            "[    0.8] Kernel panic - not syncing: VFS: Unable to mount root fs",
+        )
+    )
 
 
 # ---- ssh ----------------------------------------------------------------------------
@@ -513,7 +554,7 @@ def ssh():
         else:
             opts[flag] = ARGS[i + 1]
         i += 2
-    dest, command = ARGS[i], " ".join(ARGS[i + 1:])
+    dest, command = ARGS[i], " ".join(ARGS[i + 1 :])
     mode = ENV.get("FAKE_SSH", "")
     if mode == "hang":
         time.sleep(3600)
@@ -523,7 +564,7 @@ def ssh():
         die("fake ssh: refusing a connection without StrictHostKeyChecking=yes", 255)
     alias = opts.get("HostKeyAlias")
     kh = opts.get("UserKnownHostsFile", "/nonexistent")
-    if not alias or not os.path.isfile(kh) or not open(kh).read().startswith(alias + " "):
+    if not alias or not os.path.isfile(kh) or not read_text(kh).startswith(alias + " "):
         die("Host key verification failed.", 255)
     if not os.path.isfile(opts.get("-i", "/nonexistent")):
         die("fake ssh: identity file missing", 255)
@@ -556,14 +597,15 @@ def ssh():
         if sysstate == "degraded":
             print("fake-broken.service loaded failed failed Fake broken unit")
     elif command.startswith("sudo -n nft list ruleset"):
-        print("table inet filter {\n\tchain forward {\n\t\ttype filter hook forward priority "
-              "filter; policy drop;\n\t}\n}")
+        print(
+            "table inet filter {\n\tchain forward {\n\t\ttype filter hook forward priority "
+            "filter; policy drop;\n\t}\n}"
+        )
     else:
         print(f"fake output of: {command}")
 
 
-GUEST_CHANGES = ("forward-accept-gone", "port-443-gone", "late-443", "dhclient",
-                 "service-inactive")
+GUEST_CHANGES = ("forward-accept-gone", "port-443-gone", "late-443", "dhclient", "service-inactive")
 
 
 def caddy_ip(boots):
@@ -577,9 +619,16 @@ def guest_nft(boots, changes):
     items = json.loads((GUEST / "nft-ruleset.json").read_text())["nftables"]
     text = (GUEST / "nft-ruleset.txt").read_text()
     if "forward-accept-gone" in changes:
-        items = [i for i in items if not ("rule" in i and i["rule"]["family"] == "inet"
-                                          and i["rule"]["chain"] == "forward"
-                                          and re.search(r'"(docker0|br-\*)"', json.dumps(i)))]
+        items = [
+            i
+            for i in items
+            if not (
+                "rule" in i
+                and i["rule"]["family"] == "inet"
+                and i["rule"]["chain"] == "forward"
+                and re.search(r'"(docker0|br-\*)"', json.dumps(i))
+            )
+        ]
         text = re.sub(r'(?m)^\t\t[io]ifname "(docker0|br-\*)" accept\n', "", text)
     if boots == 1:
         return json.dumps({"nftables": items}), text
@@ -592,7 +641,9 @@ def guest_nft(boots, changes):
     docker = [i for i in docker if "rule" not in i] + [i for i in docker if "rule" in i][::-1]
     js = json.dumps({"nftables": meta + inet + docker})
     js = re.sub(r'"handle": (\d+)', lambda m: f'"handle": {int(m.group(1)) + 100 * boots}', js)
-    js = re.sub(r'"packets": \d+, "bytes": \d+', f'"packets": {17 * boots}, "bytes": {1234 * boots}', js)
+    js = re.sub(
+        r'"packets": \d+, "bytes": \d+', f'"packets": {17 * boots}, "bytes": {1234 * boots}', js
+    )
     blocks = [b for b in re.split(r"(?m)^(?=table )", text) if b.strip()]
     out = [b for b in blocks if b.startswith("table inet ")]
     for block in (b for b in blocks if not b.startswith("table inet ")):
@@ -610,7 +661,9 @@ def guest_nft(boots, changes):
             else:
                 chain.append(ln)
         out.append("".join(res))
-    text = re.sub(r"packets \d+ bytes \d+", f"packets {17 * boots} bytes {1234 * boots}", "".join(out))
+    text = re.sub(
+        r"packets \d+ bytes \d+", f"packets {17 * boots} bytes {1234 * boots}", "".join(out)
+    )
     ip = caddy_ip(boots)
     return js.replace('"172.18.0.2"', f'"{ip}"'), re.sub(r"172\.18\.0\.2\b", ip, text)
 
@@ -637,10 +690,15 @@ def guest_capture(script, boot_id, boots, nth, sysstate):
         ss = "".join(ln for ln in ss.splitlines(True) if ":443 " not in ln)
         ps = ", ".join(x for x in ps.strip().split(", ") if "443->" not in x) + "\n"
     if "dhclient" in changes:
-        ss += ('udp   UNCONN 0      0       0.0.0.0:68        0.0.0.0:*    '
-               'users:(("dhclient",pid=901,fd=7))\n')
-    units = [ln.split()[0] for ln in (GUEST / "list-unit-files.txt").read_text().splitlines()
-             if ln.split() and not ln.split()[0].endswith("@.service")]
+        ss += (
+            "udp   UNCONN 0      0       0.0.0.0:68        0.0.0.0:*    "
+            'users:(("dhclient",pid=901,fd=7))\n'
+        )
+    units = [
+        ln.split()[0]
+        for ln in (GUEST / "list-unit-files.txt").read_text().splitlines()
+        if ln.split() and not ln.split()[0].endswith("@.service")
+    ]
     inactive = {"cloud-init-main.service", "sshd-keygen.service", "systemd-pstore.service"}
     if "service-inactive" in changes:
         inactive.add("docker.service")
@@ -649,21 +707,36 @@ def guest_capture(script, boot_id, boots, nth, sysstate):
         "boot_id": (0, boot_id, ""),
         "port_range": (0, "32768\t60999", ""),
         "nft_json": (0, nft_json, ""),
-        "nft_text": (0, nft_text, "# Warning: table ip nat is managed by iptables-nft, do not touch!"),
+        "nft_text": (
+            0,
+            nft_text,
+            "# Warning: table ip nat is managed by iptables-nft, do not touch!",
+        ),
         "docker": (0, "docker: absent" if ENV.get("FAKE_DOCKER") == "absent" else ps, ""),
         "containers": (0, f"/caddy {caddy_ip(boots)} ", ""),
         "sockets": (0, ss, ""),
-        "failed_units": (0, "fake-broken.service loaded failed failed Fake broken unit"
-                         if sysstate == "degraded" else "", ""),
+        "failed_units": (
+            0,
+            "fake-broken.service loaded failed failed Fake broken unit"
+            if sysstate == "degraded"
+            else "",
+            "",
+        ),
         "enabled_units": (0, (GUEST / "list-unit-files.txt").read_text(), ""),
         # systemd-analyze: the shape of a real askari boot (guest/systemd-analyze-*.txt);
         # FAKE_NO_ANALYZE=1: a guest where it fails (the capture must not).
-        "boot_time": ((1, "", "Bootup is not yet finished") if ENV.get("FAKE_NO_ANALYZE")
-                      else (0, (GUEST / "systemd-analyze-time.txt").read_text(), "")),
+        "boot_time": (
+            (1, "", "Bootup is not yet finished")
+            if ENV.get("FAKE_NO_ANALYZE")
+            else (0, (GUEST / "systemd-analyze-time.txt").read_text(), "")
+        ),
         "boot_blame": (0, (GUEST / "systemd-analyze-blame.txt").read_text(), ""),
         "boot_chain": (0, "multi-user.target @1min 2.1s\n└─docker.service @31.2s +30.8s", ""),
-        "enabled_active": (3 if inactive else 0,
-                           "\n".join("inactive" if u in inactive else "active" for u in units), ""),
+        "enabled_active": (
+            3 if inactive else 0,
+            "\n".join("inactive" if u in inactive else "active" for u in units),
+            "",
+        ),
     }
     for name in names:
         rc, out, err = answers.get(name, (127, "", f"timeout: failed to run command '{name}'"))
@@ -674,11 +747,20 @@ def guest_capture(script, boot_id, boots, nth, sysstate):
 def ansible_playbook():
     inv = ARGS[ARGS.index("-i") + 1]
     limit = ARGS[ARGS.index("--limit") + 1] if "--limit" in ARGS else None
-    playbook = next(a for a in ARGS if a.endswith(".yml") and not a.startswith("@")
-                    and ARGS[ARGS.index(a) - 1] not in ("-i", "-e"))
+    playbook = next(
+        a
+        for a in ARGS
+        if a.endswith(".yml")
+        and not a.startswith("@")
+        and ARGS[ARGS.index(a) - 1] not in ("-i", "-e")
+    )
     inv_text = read_text(inv)
-    log(inventory=inv_text, limit=limit, playbook=playbook,
-        env={k: v for k, v in ENV.items() if k.startswith("ANSIBLE_")})
+    log(
+        inventory=inv_text,
+        limit=limit,
+        playbook=playbook,
+        env={k: v for k, v in ENV.items() if k.startswith("ANSIBLE_")},
+    )
     host = limit
     with state() as st:
         # by name: the bench applies the same playbook from a copy of the repo, and it is
@@ -686,46 +768,68 @@ def ansible_playbook():
         n = st["calls"].get(os.path.basename(playbook), 0) + 1
         st["calls"][os.path.basename(playbook)] = n
     out = sys.stdout
-    out.write(f"\nPLAY [{os.path.basename(playbook)}] ****\n\nTASK [Gathering Facts] ****\nok: [{host}]\n")
+    out.write(
+        f"\nPLAY [{os.path.basename(playbook)}] ****\n\nTASK [Gathering Facts] ****\nok: [{host}]\n"
+    )
     out.flush()
     if playbook.endswith("verify.yml"):
         # Shaped like the real verify.yml under ansible-core 2.19: one looped assert whose
         # items are the outcome checks (see tests/fakes/ansible-verify-loop.txt).
         fail = bool(ENV.get("FAKE_VERIFY_FAIL"))
         out.write("\nTASK [Assert the host's outcomes after the reboot] ****\n")
-        for label, ok in (("docker enabled and active", True),
-                          ("published :443 answers from the controller", not fail)):
+        for label, ok in (
+            ("docker enabled and active", True),
+            ("published :443 answers from the controller", not fail),
+        ):
             if ok:
                 out.write(f'ok: [{host}] => (item={label}) => {{\n    "msg": "ok {label}"\n}}\n')
             else:
-                out.write(f"[ERROR]: Task failed: Action failed: FAILED {label}: timed out\n"
-                          f'failed: [{host}] (item={label}) => {{\n    "changed": false,\n'
-                          f'    "msg": "FAILED {label}: timed out"\n}}\n')
-        out.write(f"\nPLAY RECAP ****\n{host}    : ok=3    changed=0    unreachable=0    "
-                  f"failed={1 if fail else 0}    skipped=0    rescued=0    ignored=0\n")
+                out.write(
+                    f"[ERROR]: Task failed: Action failed: FAILED {label}: timed out\n"
+                    f'failed: [{host}] (item={label}) => {{\n    "changed": false,\n'
+                    f'    "msg": "FAILED {label}: timed out"\n}}\n'
+                )
+        out.write(
+            f"\nPLAY RECAP ****\n{host}    : ok=3    changed=0    unreachable=0    "
+            f"failed={1 if fail else 0}    skipped=0    rescued=0    ignored=0\n"
+        )
         sys.exit(2 if fail else 0)
     changed = 2 if n == 1 else int(ENV.get("FAKE_IDEMPOTENCE_CHANGED", "0"))
-    out.write(f"\nTASK [base : Install packages] ****\n{'changed' if changed else 'ok'}: [{host}]\n")
+    out.write(
+        f"\nTASK [base : Install packages] ****\n{'changed' if changed else 'ok'}: [{host}]\n"
+    )
     out.flush()
     if ENV.get("FAKE_APPLY_SLEEP"):
         out.write("\nTASK [slow : Wait] ****\n")
         out.flush()
         time.sleep(float(ENV["FAKE_APPLY_SLEEP"]))
     if ENV.get("FAKE_APPLY_FAIL"):
-        out.write(f"\nTASK [base : Load nftables] ****\nfatal: [{host}]: FAILED! => rc=1\n"
-                  f"\nPLAY RECAP ****\n{host} : ok=1 changed=0 unreachable=0 failed=1\n")
+        out.write(
+            f"\nTASK [base : Load nftables] ****\nfatal: [{host}]: FAILED! => rc=1\n"
+            f"\nPLAY RECAP ****\n{host} : ok=1 changed=0 unreachable=0 failed=1\n"
+        )
         sys.exit(2)
-    out.write(f"\nPLAY RECAP ****\n{host} : ok=2 changed={changed} unreachable=0 failed=0 "
-              "skipped=0 rescued=0 ignored=0\n")
+    out.write(
+        f"\nPLAY RECAP ****\n{host} : ok=2 changed={changed} unreachable=0 failed=0 "
+        "skipped=0 rescued=0 ignored=0\n"
+    )
 
 
 def main():
     if TOOL != "ansible-playbook":
         log()
-    {"virsh": virsh, "virt-install": virt_install, "qemu-img": qemu_img,
-     "cloud-localds": cloud_localds, "ssh-keygen": ssh_keygen, "ssh": ssh,
-     "mmdebstrap": mmdebstrap, "mkfs.ext4": mkfs, "qemu-system-x86_64": qemu_system,
-     "ansible-playbook": ansible_playbook}[TOOL]()
+    {
+        "virsh": virsh,
+        "virt-install": virt_install,
+        "qemu-img": qemu_img,
+        "cloud-localds": cloud_localds,
+        "ssh-keygen": ssh_keygen,
+        "ssh": ssh,
+        "mmdebstrap": mmdebstrap,
+        "mkfs.ext4": mkfs,
+        "qemu-system-x86_64": qemu_system,
+        "ansible-playbook": ansible_playbook,
+    }[TOOL]()
 
 
 if __name__ == "__main__":
