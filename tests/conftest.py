@@ -6,6 +6,7 @@ the driver's own interpreter start and its 4,000-line compile (~0.1 s per call, 
 calls). Tests whose subject IS the driver's process (signals, process groups, two
 concurrent runs) start it as a subprocess (Harness.popen / Harness.run(subprocess=True)).
 """
+
 import contextlib
 import functools
 import importlib.util
@@ -20,7 +21,7 @@ import traceback
 SCRIPTS = pathlib.Path(__file__).resolve().parent.parent / "scripts"
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def load_script(filename, module_name):
     """scripts/<filename> as a module (imported once per session and shared)."""
     spec = importlib.util.spec_from_file_location(module_name, SCRIPTS / filename)
@@ -29,7 +30,7 @@ def load_script(filename, module_name):
     return mod
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _compiled(source, filename):
     return compile(source, filename, "exec")
 
@@ -92,5 +93,6 @@ def run_driver(script, args, env, cwd, timeout):
         os.chdir(saved_cwd)
         os.environ.clear()
         os.environ.update(saved_env)
-    return subprocess.CompletedProcess([sys.executable, str(script), *args], rc,
-                                       out.getvalue(), err.getvalue())
+    return subprocess.CompletedProcess(
+        [sys.executable, str(script), *args], rc, out.getvalue(), err.getvalue()
+    )

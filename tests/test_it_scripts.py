@@ -6,6 +6,7 @@ and the only other tools on PATH are the handful of real ones the scripts need. 
 /etc/libvirt are moved under a temp dir with BOMA_IT_SYSROOT. it-run is sourced (its
 functions only) to drive the sandbox's setup and teardown one step at a time.
 """
+
 import json
 import os
 import pathlib
@@ -21,10 +22,34 @@ REPO = HERE.parent
 IT_RUN = REPO / "scripts" / "it-run"
 LEFTOVERS = REPO / "scripts" / "it-leftovers"
 SYS_FAKES = ("ip", "iptables", "iptables-save", "sysctl", "virtlogd", "libvirtd", "pgrep", "id")
-REAL = ("bash", "sh", "cat", "awk", "grep", "sed", "sleep", "seq", "mkdir", "rm", "rmdir",
-        "chmod", "flock", "readlink", "env", "dirname", "basename", "head", "tail", "tr", "cut",
-        "find", "ls", "sort", "touch")
-NS = "boma-it-tsbx"   # never the real sandbox's name
+REAL = (
+    "bash",
+    "sh",
+    "cat",
+    "awk",
+    "grep",
+    "sed",
+    "sleep",
+    "seq",
+    "mkdir",
+    "rm",
+    "rmdir",
+    "chmod",
+    "flock",
+    "readlink",
+    "env",
+    "dirname",
+    "basename",
+    "head",
+    "tail",
+    "tr",
+    "cut",
+    "find",
+    "ls",
+    "sort",
+    "touch",
+)
+NS = "boma-it-tsbx"  # never the real sandbox's name
 
 
 class Sandbox:
@@ -45,11 +70,17 @@ class Sandbox:
         (self.root / "etc" / "libvirt").mkdir(parents=True)
         self.cache.mkdir()
         self.env = {
-            "PATH": str(self.bin), "LANG": "C.UTF-8", "HOME": str(tmp),
-            "BOMA_IT_SYSROOT": str(self.root), "BOMA_IT_NETNS": NS,
-            "BOMA_IT_CACHE": str(self.cache), "BOMA_IT_RUN_DIR": str(tmp / "runs"),
-            "FAKE_SYS_STATE": str(self.state_file), "FAKE_STATE": str(tmp / "virsh.json"),
-            "FAKE_LOG": str(tmp / "virsh.log"), "VENV": str(tmp / "no-venv"),
+            "PATH": str(self.bin),
+            "LANG": "C.UTF-8",
+            "HOME": str(tmp),
+            "BOMA_IT_SYSROOT": str(self.root),
+            "BOMA_IT_NETNS": NS,
+            "BOMA_IT_CACHE": str(self.cache),
+            "BOMA_IT_RUN_DIR": str(tmp / "runs"),
+            "FAKE_SYS_STATE": str(self.state_file),
+            "FAKE_STATE": str(tmp / "virsh.json"),
+            "FAKE_LOG": str(tmp / "virsh.log"),
+            "VENV": str(tmp / "no-venv"),
             "SANDBOX": "netns",
         }
         self.write({"sysctl": {"net.ipv4.ip_forward": "0"}})
@@ -67,13 +98,24 @@ class Sandbox:
 
     def sh(self, script, **env):
         """Source it-run (functions only) and run `script` after it."""
-        return subprocess.run(["bash", "-c", f'source "{IT_RUN}"; {script}'],
-                              env={**self.env, **env}, text=True, capture_output=True,
-                              timeout=60, cwd=self.tmp)
+        return subprocess.run(
+            ["bash", "-c", f'source "{IT_RUN}"; {script}'],
+            env={**self.env, **env},
+            text=True,
+            capture_output=True,
+            timeout=60,
+            cwd=self.tmp,
+        )
 
     def leftovers(self, **env):
-        return subprocess.run([str(LEFTOVERS)], env={**self.env, **env}, text=True,
-                              capture_output=True, timeout=60, cwd=self.tmp)
+        return subprocess.run(
+            [str(LEFTOVERS)],
+            env={**self.env, **env},
+            text=True,
+            capture_output=True,
+            timeout=60,
+            cwd=self.tmp,
+        )
 
     def spawn(self):
         p = subprocess.Popen(["sleep", "300"], start_new_session=True)
@@ -106,13 +148,31 @@ def sb(tmp_path):
 
 
 # ---- class 8: the sandbox name is checked before it is used anywhere ----------------------
-@pytest.mark.parametrize("bad", [".", "../x", "boma-it-", "boma-it-../../etc", "x",
-                                 "boma-it-a/b", "boma-it-sbx;id", "boma-it-" + "a" * 21,
-                                 "boma-it-sbx\nfoo", "boma-it-SBX"])
+@pytest.mark.parametrize(
+    "bad",
+    [
+        ".",
+        "../x",
+        "boma-it-",
+        "boma-it-../../etc",
+        "x",
+        "boma-it-a/b",
+        "boma-it-sbx;id",
+        "boma-it-" + "a" * 21,
+        "boma-it-sbx\nfoo",
+        "boma-it-SBX",
+    ],
+)
 @pytest.mark.parametrize("script", [IT_RUN, LEFTOVERS])
 def test_bad_netns_name_is_exit_2_before_anything(sb, script, bad):
-    p = subprocess.run([str(script), "status"], env={**sb.env, "BOMA_IT_NETNS": bad},
-                       text=True, capture_output=True, timeout=30, cwd=sb.tmp)
+    p = subprocess.run(
+        [str(script), "status"],
+        env={**sb.env, "BOMA_IT_NETNS": bad},
+        text=True,
+        capture_output=True,
+        timeout=30,
+        cwd=sb.tmp,
+    )
     assert p.returncode == 2, (p.stdout, p.stderr)
     assert len(p.stderr.strip().splitlines()) == 1 and "BOMA_IT_NETNS" in p.stderr
     assert list((sb.root / "run" / "lock").iterdir()) == []
@@ -122,17 +182,26 @@ def test_bad_netns_name_is_exit_2_before_anything(sb, script, bad):
 # ---- class 8: cleanup_rules: exact comment, never eval ------------------------------------
 def test_cleanup_rules_deletes_exactly_ours_and_never_runs_rule_text(sb):
     pwned = sb.tmp / "pwned"
-    ours_nat = f"-A POSTROUTING -s 10.250.0.2/32 ! -d 10.250.0.0/30 -m comment --comment {NS} -j MASQUERADE"
+    ours_nat = (
+        f"-A POSTROUTING -s 10.250.0.2/32 ! -d 10.250.0.0/30 -m comment --comment {NS} "
+        "-j MASQUERADE"
+    )
     ours_fwd = f"-A FORWARD -i bit-out0 -m comment --comment {NS} -j DROP"
     keep = [
-        f"-A FORWARD -i bit-out0 -m comment --comment {NS}2 -j DROP",     # another sandbox
-        f"-A FORWARD -m comment --comment \"{NS} $(touch {pwned})\" -j ACCEPT",
-        f"-A FORWARD -m comment --comment {NS} -m comment --comment \"`touch {pwned}`\" -j ACCEPT",
+        f"-A FORWARD -i bit-out0 -m comment --comment {NS}2 -j DROP",  # another sandbox
+        f'-A FORWARD -m comment --comment "{NS} $(touch {pwned})" -j ACCEPT',
+        f'-A FORWARD -m comment --comment {NS} -m comment --comment "`touch {pwned}`" -j ACCEPT',
         "-A FORWARD -i docker0 -m comment --comment boma -j ACCEPT",
         "-A FORWARD -o docker0 -j DOCKER",
     ]
-    sb.update(lambda st: st.update(rules={"nat": [ours_nat, f"-A POSTROUTING -m comment --comment {NS}x -j MASQUERADE"],
-                                          "filter": [ours_fwd] + keep}))
+    sb.update(
+        lambda st: st.update(
+            rules={
+                "nat": [ours_nat, f"-A POSTROUTING -m comment --comment {NS}x -j MASQUERADE"],
+                "filter": [ours_fwd] + keep,
+            }
+        )
+    )
     p = sb.sh("cleanup_rules")
     assert p.returncode == 0, p.stderr
     assert not pwned.exists()
@@ -149,10 +218,12 @@ def test_sandbox_restores_ip_forward_and_stops_only_its_own_daemons(sb):
     assert st["sysctl"]["net.ipv4.ip_forward"] == "1"
     assert NS in st["netns"] and "bit-out0" in st["links"]
     assert any(f"--comment {NS} " in r for r in st["rules"]["filter"])
-    daemons = [int((sb.root / "run" / f).read_text())
-               for f in ("libvirtd.pid", "virtlogd.pid", "libvirt/network/boma-it.pid")]
+    daemons = [
+        int((sb.root / "run" / f).read_text())
+        for f in ("libvirtd.pid", "virtlogd.pid", "libvirt/network/boma-it.pid")
+    ]
     assert all(alive(p) for p in daemons)
-    operator = sb.spawn()   # `ip netns exec boma-it-... ssh ...` from the runbook
+    operator = sb.spawn()  # `ip netns exec boma-it-... ssh ...` from the runbook
     sb.update(lambda s: s["netns"][NS]["pids"].append(operator))
     down = sb.sh("sandbox_down")
     assert down.returncode == 0, down.stderr
@@ -192,8 +263,13 @@ def test_a_libvirtd_outside_the_sandbox_is_refused_and_left_alone(sb):
 
 # ---- class 8/9: it-leftovers sees every kind of leak, and never says clean unchecked ------
 def virsh_state(sb, **extra):
-    st = {"domains": {}, "networks": {"boma-it": {"active": True, "autostart": True}},
-          "leases": {}, "calls": {}, "pools": {}}
+    st = {
+        "domains": {},
+        "networks": {"boma-it": {"active": True, "autostart": True}},
+        "leases": {},
+        "calls": {},
+        "pools": {},
+    }
     st.update(extra)
     (sb.tmp / "virsh.json").write_text(json.dumps(st))
 
@@ -209,17 +285,39 @@ def test_leftovers_reports_each_kind(sb):
     runs = sb.cache / "runs" / "boma-it-askari-1"
     runs.mkdir(parents=True)
     (runs / "overlay.qcow2").write_text("x")
-    virsh_state(sb, domains={"boma-it-askari-2": {"state": "shut off"}},
-                networks={"boma-it": {"active": True, "autostart": True},
-                          "boma-it-extra": {"active": False, "autostart": False}},
-                pools={"boma-it-askari-3": {"target": "/gone", "active": False,
-                                            "persistent": True, "autostart": True},
-                       "runs": {"target": str(sb.cache / "runs"), "active": True,
-                                "persistent": True, "autostart": False}})
-    sb.update(lambda st: st.update(
-        netns={NS: {"pids": []}}, links=["bit-out0", "bit-in0"],
-        rules={"nat": [f"-A POSTROUTING -m comment --comment {NS} -j MASQUERADE"], "filter": []},
-        sysctl={"net.ipv4.ip_forward": "1"}))
+    virsh_state(
+        sb,
+        domains={"boma-it-askari-2": {"state": "shut off"}},
+        networks={
+            "boma-it": {"active": True, "autostart": True},
+            "boma-it-extra": {"active": False, "autostart": False},
+        },
+        pools={
+            "boma-it-askari-3": {
+                "target": "/gone",
+                "active": False,
+                "persistent": True,
+                "autostart": True,
+            },
+            "runs": {
+                "target": str(sb.cache / "runs"),
+                "active": True,
+                "persistent": True,
+                "autostart": False,
+            },
+        },
+    )
+    sb.update(
+        lambda st: st.update(
+            netns={NS: {"pids": []}},
+            links=["bit-out0", "bit-in0"],
+            rules={
+                "nat": [f"-A POSTROUTING -m comment --comment {NS} -j MASQUERADE"],
+                "filter": [],
+            },
+            sysctl={"net.ipv4.ip_forward": "1"},
+        )
+    )
     state = sb.root / "run" / "boma-it" / NS
     state.mkdir(parents=True)
     (state / "ip_forward").write_text("0\n")
@@ -229,15 +327,27 @@ def test_leftovers_reports_each_kind(sb):
     (etc / "qemu" / "boma-it-askari-4.xml").write_text("<domain/>")
     (etc / "storage" / "boma-it-askari-5.xml").write_text("<pool/>")
     (etc / "storage" / "autostart" / "boma-it-askari-5.xml").symlink_to("../boma-it-askari-5.xml")
-    (etc / "storage" / "other.xml").write_text(f"<pool><target><path>{sb.cache}/runs/x</path></target></pool>")
+    (etc / "storage" / "other.xml").write_text(
+        f"<pool><target><path>{sb.cache}/runs/x</path></target></pool>"
+    )
     p = sb.leftovers()
     assert p.returncode == 1, (p.stdout, p.stderr)
-    for needle in (f"network namespace {NS}", "veth bit-out0", f"1 iptables rule(s) commented {NS}",
-                   "ip_forward is 1, was 0", "libvirt domains: boma-it-askari-2",
-                   "libvirt networks: boma-it-extra", "storage pool boma-it-askari-3 (/gone)",
-                   "storage pool runs", f"volume {runs}", "qemu/boma-it-askari-4.xml",
-                   "storage/boma-it-askari-5.xml", "storage/autostart/boma-it-askari-5.xml",
-                   "storage/other.xml", f"files under {sb.cache}/runs"):
+    for needle in (
+        f"network namespace {NS}",
+        "veth bit-out0",
+        f"1 iptables rule(s) commented {NS}",
+        "ip_forward is 1, was 0",
+        "libvirt domains: boma-it-askari-2",
+        "libvirt networks: boma-it-extra",
+        "storage pool boma-it-askari-3 (/gone)",
+        "storage pool runs",
+        f"volume {runs}",
+        "qemu/boma-it-askari-4.xml",
+        "storage/boma-it-askari-5.xml",
+        "storage/autostart/boma-it-askari-5.xml",
+        "storage/other.xml",
+        f"files under {sb.cache}/runs",
+    ):
         assert needle in p.stderr, (needle, p.stderr)
     assert "network boma-it " not in p.stderr and "networks: boma-it\n" not in p.stderr
 

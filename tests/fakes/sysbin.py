@@ -17,6 +17,7 @@ $BOMA_IT_SYSROOT/run/<daemon>.pid and record it in the namespace they were exec'
 and creates run/libvirt/libvirt-sock. Every pid a fake starts is listed in "spawned" so a
 test can kill what is left.
 """
+
 import contextlib
 import fcntl
 import json
@@ -36,8 +37,7 @@ def state():
     with open(str(path) + ".lock", "a") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
         data = json.loads(path.read_text()) if path.exists() and path.read_text().strip() else {}
-        for k, v in (("netns", {}), ("links", []), ("rules", {}), ("sysctl", {}),
-                     ("spawned", [])):
+        for k, v in (("netns", {}), ("links", []), ("rules", {}), ("sysctl", {}), ("spawned", [])):
             data.setdefault(k, v)
         for t in ("nat", "filter"):
             data["rules"].setdefault(t, [])
@@ -96,11 +96,11 @@ def ip():
                 if rest[0] not in links:
                     die(f'Cannot find device "{rest[0]}"')
                 i = links.index(rest[0])
-                del links[i - i % 2:i - i % 2 + 2]  # a veth goes with its peer
+                del links[i - i % 2 : i - i % 2 + 2]  # a veth goes with its peer
             elif cmd == "show":
                 if rest and rest[0] not in links:
                     die(f'Device "{rest[0]}" does not exist.')
-                for name in links if not rest else rest:
+                for name in rest or links:
                     print(f"1: {name}: <BROADCAST,MULTICAST> mtu 1500")
         # addr, route, link set: accepted
 
@@ -109,7 +109,7 @@ def rule_line(chain, words):
     """`iptables -S`'s form: the target last, words with spaces in double quotes."""
     if "-j" in words:
         i = words.index("-j")
-        words = words[:i] + words[i + 2:] + words[i:i + 2]
+        words = words[:i] + words[i + 2 :] + words[i : i + 2]
     return " ".join(["-A", chain] + [f'"{w}"' if (" " in w or not w) else w for w in words])
 
 
@@ -124,8 +124,11 @@ def iptables():
     with state() as st:
         rules = st["rules"][table]
         if op == "-S":
-            for chain in (("PREROUTING", "INPUT", "OUTPUT", "POSTROUTING") if table == "nat"
-                          else ("INPUT", "FORWARD", "OUTPUT")):
+            for chain in (
+                ("PREROUTING", "INPUT", "OUTPUT", "POSTROUTING")
+                if table == "nat"
+                else ("INPUT", "FORWARD", "OUTPUT")
+            ):
                 print(f"-P {chain} ACCEPT")
             for line in rules:
                 print(line)
@@ -159,12 +162,21 @@ def sysctl():
                 if "-q" not in ARGS and "-qw" not in ARGS:
                     print(f"{k} = {v}")
             elif not a.startswith("-"):
-                print(st["sysctl"].get(a, "0") if "-n" in ARGS else f"{a} = {st['sysctl'].get(a, '0')}")
+                print(
+                    st["sysctl"].get(a, "0")
+                    if "-n" in ARGS
+                    else f"{a} = {st['sysctl'].get(a, '0')}"
+                )
 
 
 def spawn(pidfile, st):
-    p = subprocess.Popen(["sleep", "300"], start_new_session=True, stdin=subprocess.DEVNULL,
-                         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    p = subprocess.Popen(
+        ["sleep", "300"],
+        start_new_session=True,
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     pathlib.Path(pidfile).parent.mkdir(parents=True, exist_ok=True)
     pathlib.Path(pidfile).write_text(f"{p.pid}\n")
     st["spawned"].append(p.pid)
@@ -192,8 +204,7 @@ def main():
     elif TOOL in ("virtlogd", "libvirtd"):
         daemon()
     else:
-        {"ip": ip, "iptables": iptables, "iptables-save": iptables_save,
-         "sysctl": sysctl}[TOOL]()
+        {"ip": ip, "iptables": iptables, "iptables-save": iptables_save, "sysctl": sysctl}[TOOL]()
 
 
 if __name__ == "__main__":
