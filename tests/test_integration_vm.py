@@ -1872,3 +1872,21 @@ def test_parse_analyze_time_with_and_without_initrd():
 def test_parse_blame_sorts_and_cuts():
     text = " 987ms a.service\n1min 2.5s b.service\n30.8s c.service\ngarbage\n"
     assert ivm.parse_blame(text, top=2) == [[62.5, "b.service"], [30.8, "c.service"]]
+
+
+def test_a_capture_before_a_reboot_leaves_out_the_boot_analysis(tmp_path):
+    import subprocess
+
+    bin_ = _stub_guest(tmp_path, "running")
+    p = subprocess.run(
+        ["/bin/sh", "-s"],
+        input=ivm.render_capture_script(NONCE, 5, analyze=False),
+        env={"PATH": str(bin_)},
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    secs = ivm.parse_capture_output(p.stdout, NONCE)
+    assert p.returncode == 0 and "nft_json" in secs and "enabled_active" in secs
+    assert not {"boot_time", "boot_blame", "boot_chain"} & set(secs)
+    assert ivm.normalise_capture(secs)["boot"] is None

@@ -225,6 +225,12 @@ def test_a_cycle_with_two_reboots_captures_three_times_not_four(hc):
     assert hc.run("cycle", "--host", "askari", "--no-checkpoints").returncode == 0
     captures = [c for c in hc.calls("ssh") if "sudo -n sh -s" in c["argv"]]
     assert len(captures) == 3  # the graceful reboot's `after` is the hard one's `before`
+    # only the captures after a boot run systemd-analyze (a before describes the old boot);
+    # the hard reboot's before IS the graceful one's after, analysis included
+    d = hc.diag / newest(hc)["vm"]
+    assert not (d / "reboot-1-graceful" / "before" / "boot-analysis.txt").exists()
+    for side in ("reboot-1-graceful/after", "reboot-2-hard/before", "reboot-2-hard/after"):
+        assert (d / side / "boot-analysis.txt").is_file(), side
     r = newest(hc)
     assert [d["mode"] for d in r["reboot_diffs"]] == ["graceful", "hard"]
     assert all(d["unexpected"] == [] for d in r["reboot_diffs"])

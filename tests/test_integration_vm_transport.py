@@ -82,6 +82,7 @@ def test_ansible_env_selects_the_strategy_explicitly_either_way():
     assert env["ANSIBLE_STRATEGY_PLUGINS"] == "/v/strategy"
     env = ivm.ansible_env(hostile, "/repo", "/run", "vm", ivm.strategy_choice("default"))
     assert env["ANSIBLE_STRATEGY"] == "linear" and "ANSIBLE_STRATEGY_PLUGINS" not in env
+    assert env["ANSIBLE_TIMEOUT"] == "30"  # an emulated guest answers slowly after a boot
     env = ivm.ansible_env(hostile, "/repo", "/run", "vm")  # not resolved: linear
     assert env["ANSIBLE_STRATEGY"] == "linear" and "ANSIBLE_STRATEGY_PLUGINS" not in env
 
