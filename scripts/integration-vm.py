@@ -436,30 +436,23 @@ def _int_range(lo, hi):
     return parse
 
 
+def _float_range(lo, hi, unit=""):
+    noun = f"number of {unit}" if unit else "number"
+
+    def parse(text):
+        try:
+            value = float(text)
+        except ValueError:
+            raise ValueError(f"must be a {noun}") from None
+        if not math.isfinite(value) or not lo <= value <= hi:
+            raise ValueError(f"must be a finite {noun} from {lo:g} to {hi:g}")
+        return value
+
+    return parse
+
+
 def _seconds(lo=0.0, hi=7 * 86400.0):
-    def parse(text):
-        try:
-            value = float(text)
-        except ValueError:
-            raise ValueError("must be a number of seconds") from None
-        if not math.isfinite(value) or not lo <= value <= hi:
-            raise ValueError(f"must be a finite number of seconds from {lo:g} to {hi:g}")
-        return value
-
-    return parse
-
-
-def _factor(lo=1.0, hi=100.0):
-    def parse(text):
-        try:
-            value = float(text)
-        except ValueError:
-            raise ValueError("must be a number") from None
-        if not math.isfinite(value) or not lo <= value <= hi:
-            raise ValueError(f"must be a finite number from {lo:g} to {hi:g}")
-        return value
-
-    return parse
+    return _float_range(lo, hi, "seconds")
 
 
 def _choice(*choices):
@@ -547,7 +540,7 @@ SETTINGS = (
     ),
     (
         "BOMA_IT_SLOW_BOOT_FACTOR",
-        _factor(),
+        _float_range(1.0, 100.0),
         1.5,
         "warn when a reboot takes this many times the last passing run's time to `running`",
     ),
