@@ -5,7 +5,7 @@ bench that compares it with the cold and warm full cycles. Against the fake bina
 import json
 
 import pytest
-from test_integration_vm_checkpoints import ckpt_manifests, edit, ivm, make_roles
+from test_integration_vm_checkpoints import ckpt_manifests, edit, ivm, make_roles, result_of
 from test_integration_vm_orchestration import Harness
 
 
@@ -18,8 +18,11 @@ def hc(tmp_path):
     harness.close()
 
 
-def newest(h):
-    return sorted(h.results(), key=lambda r: r["started_at"])[-1]
+def ran(h, *args, **env):
+    """Run the driver; (process, the result.json of the run its summary line names).
+    Never "the newest started_at": one-second resolution, and two quick runs tie."""
+    p = h.run(*args, **env)
+    return p, result_of(h, p)
 
 
 def phases(result):
@@ -27,9 +30,8 @@ def phases(result):
 
 
 def test_loop_without_a_checkpoint_boots_cold_reboots_once_and_keeps_the_vm(hc):
-    p = hc.run("loop", "--host", "askari")
+    p, r = ran(hc, "loop", "--host", "askari")
     assert p.returncode == 0, p.stderr
-    r = newest(hc)
     assert r["command"] == "loop" and r["verdict"] == "pass" and r["kept"] is True
     assert r["reboot_modes"] == ["graceful"] and r["idempotence"] is None
     names = phases(r)
@@ -45,14 +47,13 @@ def test_loop_without_a_checkpoint_boots_cold_reboots_once_and_keeps_the_vm(hc):
 
 
 def test_the_next_loop_retires_the_last_one_and_resumes_what_the_edit_left_valid(hc):
-    assert hc.run("loop", "--host", "askari").returncode == 0
-    first = newest(hc)
+    p, first = ran(hc, "loop", "--host", "askari")
+    assert p.returncode == 0, p.stderr
     edit(hc.repo / "roles" / "docker_host" / "templates" / "x.j2")
-    p = hc.run("loop", "--host", "askari")
+    p, r = ran(hc, "loop", "--host", "askari")
     assert p.returncode == 0, p.stderr
     assert f"tearing down the previous quick loop's VM {first['vm']}" in p.stderr
     assert "resumed from checkpoint applied-1" in p.stderr
-    r = newest(hc)
     assert r["vm"] != first["vm"] and r["resumed_from"]["stage"] == "applied-1"
     assert {n: s for n, s in phases(r).items() if n.startswith("apply:")} == {
         "apply:site.yml": "skipped",
@@ -64,11 +65,11 @@ def test_the_next_loop_retires_the_last_one_and_resumes_what_the_edit_left_valid
 
 
 def test_a_cycle_retires_a_loop_vm_but_never_a_kept_one(hc):
-    assert hc.run("cycle", "--host", "askari", "--keep").returncode == 0
-    kept = newest(hc)
+    p, kept = ran(hc, "cycle", "--host", "askari", "--keep")
+    assert p.returncode == 0, p.stderr
     assert hc.run("down", "--run", kept["vm"]).returncode == 0
-    assert hc.run("loop", "--host", "askari").returncode == 0
-    loop = newest(hc)
+    p, loop = ran(hc, "loop", "--host", "askari")
+    assert p.returncode == 0, p.stderr
     p = hc.run("cycle", "--host", "askari")
     assert p.returncode == 0, p.stderr
     assert f"previous quick loop's VM {loop['vm']}" in p.stderr
@@ -81,9 +82,8 @@ def test_a_cycle_retires_a_loop_vm_but_never_a_kept_one(hc):
 
 
 def test_a_loop_whose_verify_fails_is_exit_1_and_keeps_the_vm(hc):
-    p = hc.run("loop", "--host", "askari", FAKE_VERIFY_FAIL="1")
+    p, r = ran(hc, "loop", "--host", "askari", FAKE_VERIFY_FAIL="1")
     assert p.returncode == 1, p.stderr
-    r = newest(hc)
     assert r["verdict"] == "fail" and r["failed_stage"] == "verify" and r["kept"] is True
     assert r["failures"] == ["published :443 answers from the controller"]
     assert len(hc.domains()) == 1
@@ -102,8 +102,8 @@ def test_bench_runs_cold_loop_and_warm_after_the_same_edit_and_leaves_nothing(hc
     assert "loop/cold = " in out and "warm/cold = " in out
     # the fakes have no Mitogen: the bench says so instead of comparing linear with itself
     assert "transport: not compared (Mitogen does not load" in out
-    cmds = [r["command"] for r in sorted(hc.results(), key=lambda r: r["started_at"])]
-    assert cmds == ["bench", "loop", "bench"]
+    # (the order is the comparison's: cold, loop, warm; started_at may tie within a second)
+    assert sorted(r["command"] for r in hc.results()) == ["bench", "bench", "loop"]
     assert hc.domains() == {}
 
 
@@ -200,7 +200,8 @@ def test_a_boot_much_slower_than_the_last_pass_is_a_warning_line_not_a_failure(h
     assert [r["mode"] for r in data["reboot_stages"]] == ["graceful"]
     data["reboot_stages"][0]["seconds_to_running"] = 0.1  # the last pass, as recorded
     hist.write_text(json.dumps(data))
-    p = hc.run(
+    p, r = ran(
+        hc,
         "cycle",
         "--host",
         "askari",
@@ -209,7 +210,6 @@ def test_a_boot_much_slower_than_the_last_pass_is_a_warning_line_not_a_failure(h
         BOMA_IT_SLOW_BOOT_SLACK="0.2",
     )
     assert p.returncode == 0, p.stderr
-    r = newest(hc)
     assert r["verdict"] == "pass"
     (w,) = r["warnings"]
     assert "graceful reboot took" in w and f"integration-vm: warning: {w}" in p.stderr
@@ -222,15 +222,15 @@ def test_a_cycle_with_two_reboots_captures_three_times_not_four(hc):
     data = json.loads(prof.read_text())
     data["reboot"] = ["graceful", "hard"]
     prof.write_text(json.dumps(data))
-    assert hc.run("cycle", "--host", "askari", "--no-checkpoints").returncode == 0
+    p, r = ran(hc, "cycle", "--host", "askari", "--no-checkpoints")
+    assert p.returncode == 0, p.stderr
     captures = [c for c in hc.calls("ssh") if "sudo -n sh -s" in c["argv"]]
     assert len(captures) == 3  # the graceful reboot's `after` is the hard one's `before`
     # only the captures after a boot run systemd-analyze (a before describes the old boot);
     # the hard reboot's before IS the graceful one's after, analysis included
-    d = hc.diag / newest(hc)["vm"]
+    d = hc.diag / r["vm"]
     assert not (d / "reboot-1-graceful" / "before" / "boot-analysis.txt").exists()
     for side in ("reboot-1-graceful/after", "reboot-2-hard/before", "reboot-2-hard/after"):
         assert (d / side / "boot-analysis.txt").is_file(), side
-    r = newest(hc)
     assert [d["mode"] for d in r["reboot_diffs"]] == ["graceful", "hard"]
     assert all(d["unexpected"] == [] for d in r["reboot_diffs"])
