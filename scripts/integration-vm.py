@@ -2091,18 +2091,25 @@ def _write_keys_and_seed_data(ctx, rs, name):
     (rs.dir / "meta-data").write_text(render_meta_data(f"iid-{name}", name))
 
 
+def make_overlay(ctx, backing, overlay, stage):
+    """A fresh qcow2 overlay on `backing`, root-only (DISK_MODE: a run's disk may hold
+    what a role wrote, secrets included). The run's, a checkpoint's and a resume's."""
+    run(
+        qemu_img_overlay_argv(backing, overlay),
+        timeout=60,
+        check=True,
+        stage=stage,
+        cmdlog=ctx.cmdlog,
+    )
+    os.chmod(overlay, DISK_MODE)
+
+
 def _create_disks(ctx, rs, image):
     """The run's overlay on the golden image and its NoCloud seed, root-only (DISK_MODE);
     -> (overlay, seed)."""
     overlay, seed = rs.disk_dir / "overlay.qcow2", rs.disk_dir / "seed.img"
     os.chmod(rs.disk_dir, 0o700)  # until the seed (a private key) is root-only
-    run(
-        qemu_img_overlay_argv(image.disk, overlay),
-        timeout=60,
-        check=True,
-        stage="boot",
-        cmdlog=ctx.cmdlog,
-    )
+    make_overlay(ctx, image.disk, overlay, "boot")
     run(
         cloud_localds_argv(seed, rs.dir / "user-data", rs.dir / "meta-data"),
         timeout=60,
@@ -2110,8 +2117,7 @@ def _create_disks(ctx, rs, image):
         stage="boot",
         cmdlog=ctx.cmdlog,
     )
-    for p in (overlay, seed):
-        os.chmod(p, DISK_MODE)
+    os.chmod(seed, DISK_MODE)
     os.chmod(rs.disk_dir, 0o755)  # QEMU (not root) opens the disks by path
     return overlay, seed
 
@@ -4414,14 +4420,7 @@ def _freeze_overlay(ctx, rs, stage, key, tmp, d):
         # From here the run's disk reads this checkpoint: gc must leave it alone.
         rs.data.setdefault("checkpoints_read", []).append(key)
         rs.save()
-        run(
-            qemu_img_overlay_argv(d / "disk.qcow2", overlay),
-            timeout=60,
-            check=True,
-            stage="checkpoint",
-            cmdlog=ctx.cmdlog,
-        )
-        os.chmod(overlay, DISK_MODE)
+        make_overlay(ctx, d / "disk.qcow2", overlay, "checkpoint")
     except OSError as e:
         raise InfraError("checkpoint", f"{stage}: {e}") from None
 
@@ -4514,14 +4513,7 @@ def _write_restore_files(ctx, rs, ck):
     ownership metadata."""
     data, name, host = rs.data, rs.name, rs.data["host"]
     overlay = rs.disk_dir / "overlay.qcow2"
-    run(
-        qemu_img_overlay_argv(ck / "disk.qcow2", overlay),
-        timeout=60,
-        check=True,
-        stage="resume",
-        cmdlog=ctx.cmdlog,
-    )
-    os.chmod(overlay, DISK_MODE)
+    make_overlay(ctx, ck / "disk.qcow2", overlay, "resume")
     xml = rewrite_restore_xml(
         (ck / "domain.xml").read_text(),
         overlay,

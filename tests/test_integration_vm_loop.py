@@ -4,18 +4,8 @@ bench that compares it with the cold and warm full cycles. Against the fake bina
 
 import json
 
-import pytest
-from test_integration_vm_checkpoints import ckpt_manifests, edit, ivm, make_roles, result_of
-from test_integration_vm_orchestration import Harness
-
-
-@pytest.fixture
-def hc(tmp_path):
-    harness = Harness(tmp_path)
-    harness.env["BOMA_IT_CHECKPOINTS"] = "1"
-    make_roles(harness.repo)
-    yield harness
-    harness.close()
+# hc: the checkpoint suite's fake-harness fixture (checkpoints on), shared, not copied
+from test_integration_vm_checkpoints import ckpt_manifests, edit, hc, ivm, result_of  # noqa: F401
 
 
 def ran(h, *args, **env):
