@@ -2064,20 +2064,14 @@ def create_run(ctx, profile, certs, accel, image, holder):
 def _write_keys_and_seed_data(ctx, rs, name):
     """The run's client key and the guest's host key (ssh-keygen), known_hosts pinning
     that host key, and the NoCloud user-data/meta-data that carry both."""
-    run(
-        ssh_keygen_argv(rs.dir / "id_ed25519", f"boma-it client {name}"),
-        timeout=30,
-        check=True,
-        stage="keys",
-        cmdlog=ctx.cmdlog,
-    )
-    run(
-        ssh_keygen_argv(rs.dir / "ssh_host_ed25519_key", f"boma-it host {name}"),
-        timeout=30,
-        check=True,
-        stage="keys",
-        cmdlog=ctx.cmdlog,
-    )
+    for key, role in (("id_ed25519", "client"), ("ssh_host_ed25519_key", "host")):
+        run(
+            ssh_keygen_argv(rs.dir / key, f"boma-it {role} {name}"),
+            timeout=30,
+            check=True,
+            stage="keys",
+            cmdlog=ctx.cmdlog,
+        )
     host_pub = (rs.dir / "ssh_host_ed25519_key.pub").read_text()
     (rs.dir / "known_hosts").write_text(known_hosts_line(name, host_pub))
     (rs.dir / "user-data").write_text(

@@ -1043,6 +1043,7 @@ def test_help_lists_exit_codes_and_subcommands(h):
         "assert",
         "cycle",
         "bench",
+        "loop",
         "down",
         "console",
         "prune",
