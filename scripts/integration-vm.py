@@ -12,7 +12,7 @@ through `ssh`/`ansible-playbook`. Stubs and cert tiers reach Ansible as `-e @fil
 
 The one rule that stays true: processes start only in `run` (the "Processes" section);
 every other function reaches virsh, qemu-img, ssh and ansible-playbook through it
-(tests/test_integration_vm_structure.py enforces this, and that no function runs over
+(tests/driver/test_structure.py enforces this, and that no function runs over
 60 lines).
 
 Layout of this file: one section per concept, each with its pure helpers (argv builders,

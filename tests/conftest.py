@@ -1,22 +1,33 @@
-"""Shared test plumbing: load a script under scripts/ as a module once per session, and
-run the integration-vm driver in-process.
+"""Shared test plumbing: load a script under scripts/ as a module once per session, run
+the integration-vm driver in-process, and the fake harness the driver's tests run against
+(Harness, the `h` and `hc` fixtures, and the helpers the modules under tests/driver/ share).
+
+The driver's tests live in tests/driver/, one module per section of the driver
+(test_processes.py ... test_cli.py). They import what they share from here
+(`from conftest import ivm, Harness, ...`): this is the only conftest.py, so `conftest`
+names one module whichever directory pytest collects first.
 
 The driver runs the fake tools as real subprocesses either way; what run_driver saves is
 the driver's own interpreter start and its 4,000-line compile (~0.1 s per call, ~100
 calls). Tests whose subject IS the driver's process (signals, process groups, two
-concurrent runs) start it as a subprocess (Harness.popen / Harness.run(subprocess=True)).
+concurrent runs) start it as a subprocess (Harness.popen / Harness.run(in_process=False)).
 """
 
 import contextlib
 import functools
 import importlib.util
 import io
+import json
 import os
 import pathlib
+import shutil
 import signal
+import socket
 import subprocess
 import sys
 import traceback
+
+import pytest
 
 SCRIPTS = pathlib.Path(__file__).resolve().parent.parent / "scripts"
 
@@ -96,3 +107,366 @@ def run_driver(script, args, env, cwd, timeout):
     return subprocess.CompletedProcess(
         [sys.executable, str(script), *args], rc, out.getvalue(), err.getvalue()
     )
+
+
+# ---- the fake harness: the driver against fake virsh & co. ---------------------------------
+# No hypervisor: every tool the driver runs (virsh, virt-install, qemu-img, cloud-localds,
+# ssh, ssh-keygen, ansible-playbook, mmdebstrap, mkfs.ext4, qemu-system-x86_64) is
+# tests/fakes/fakebin.py, symlinked into a temp dir that is the ONLY entry on PATH (so a
+# real virsh on the machine can never be reached). The driver is copied into a temp repo
+# so its repo root (from __file__) holds test profiles/playbooks, and every other path is
+# pointed at temp dirs through BOMA_IT_* variables. TCP 22 is a listening socket on
+# 127.0.0.1 (BOMA_IT_SSH_PORT); the fake lease hands out 127.0.0.1.
+# Fixtures: `h` (the harness, checkpoints off) and `hc` (checkpoints on, role trees shaped
+# like the real ones); the helpers below are imported by the tests under tests/driver/.
+HERE = pathlib.Path(__file__).resolve().parent
+ivm = load_script("integration-vm.py", "integration_vm")
+
+
+DRIVER = HERE.parent / "scripts" / "integration-vm.py"
+
+
+FAKEBIN = HERE / "fakes" / "fakebin"  # the launcher of fakebin.py (cached bytecode)
+
+
+TOOLS = (
+    "virsh",
+    "virt-install",
+    "qemu-img",
+    "cloud-localds",
+    "ssh",
+    "ssh-keygen",
+    "ansible-playbook",
+    "mmdebstrap",
+    "mkfs.ext4",
+    "qemu-system-x86_64",
+)
+
+
+ASKARI = {
+    "groups": ["offsite_hosts", "docker_hosts"],
+    "applies": [
+        {"playbook": "site.yml", "tags": ["base"]},
+        {"playbook": "offsite.yml", "tags": ["docker_host", "reverse_proxy"]},
+    ],
+    "extra_vars_files": ["overrides/askari.yml"],
+    "mem_mib": 2048,
+    "vcpus": 2,
+}
+
+
+BOUNDS = {
+    "DOMAIN_RUNNING": 5,
+    "DHCP_LEASE": 1.5,
+    "TCP_22": 3,
+    "SSH_HANDSHAKE": 1.5,
+    "CLOUD_INIT": 5,
+    "REBOOT": 1.5,
+    "SYSTEM_RUNNING": 5,
+    "SSH_ATTEMPT": 0.5,
+    "SSH_COMMAND": 5,
+    "VIRSH": 10,
+    "APPLY": 30,
+    "VERIFY": 30,
+    "DIAG_COMMAND": 1,
+    "LOCK": 5,
+    "ACCEL_PROBE": 5,
+    "IMAGE_BUILD": 30,
+    "REBOOT_SETTLE": 0.2,
+}
+
+
+class Harness:
+    def __init__(self, tmp):
+        self.tmp = tmp
+        self.repo = tmp / "repo"
+        self.bin = tmp / "bin"
+        self.cache = tmp / "cache"
+        self.diag = tmp / "diag"
+        self.log = tmp / "fake-log.jsonl"
+        self.state_file = tmp / "fake-state.json"
+        self.run_root = self.repo / "tests" / "integration" / ".run"
+        self._make_repo()
+        self._make_bin()
+        self.sock = socket.socket()
+        self.sock.bind(("127.0.0.1", 0))
+        self.sock.listen(64)
+        (tmp / "meminfo").write_text("MemTotal: 25165824 kB\nMemAvailable: 16777216 kB\n")
+        (tmp / "home").mkdir()
+        self.env = {
+            "PATH": str(self.bin),
+            "HOME": str(tmp / "home"),
+            "LANG": "C.UTF-8",
+            "BOMA_IT_CACHE": str(self.cache),
+            "BOMA_IT_DIAG_DIR": str(self.diag),
+            "BOMA_IT_MEMINFO": str(tmp / "meminfo"),
+            "BOMA_IT_ACCEL": "tcg",
+            "BOMA_IT_SSH_PORT": str(self.sock.getsockname()[1]),
+            "BOMA_IT_POLL": "0.1",
+            "BOMA_IT_MIN_DISK_MIB": "1",
+            "BOMA_IT_LIBVIRT_LOG_DIR": str(tmp / "libvirt-log"),
+            "BOMA_IT_KVM_DEV": str(tmp / "no-kvm"),
+            "LIBVIRT_DEFAULT_URI": "test:///fake",
+            "FAKE_LOG": str(self.log),
+            "FAKE_STATE": str(self.state_file),
+            # BOMA_IT_POLL: the fakes answer at once, so only a wait that must time out
+            # polls more than once; each poll is a ~15 ms fake process, at 0.02 s the
+            # failure-path tests spent most of their bound spawning them.
+            # Checkpoints have their own tests (tests/driver/test_checkpoints.py); here
+            # every cycle boots cold so the call sequences stay what these tests assert.
+            "BOMA_IT_CHECKPOINTS": "0",
+        }
+        self.env.update({f"BOMA_IT_TIMEOUT_{k}": str(v) for k, v in BOUNDS.items()})
+
+    def _make_repo(self):
+        r = self.repo
+        (r / "scripts").mkdir(parents=True)
+        shutil.copy(DRIVER, r / "scripts" / "integration-vm.py")
+        integ = r / "tests" / "integration"
+        for d in ("profiles", "overrides", "certs"):
+            (integ / d).mkdir(parents=True)
+        (integ / "profiles" / "askari.json").write_text(json.dumps(ASKARI, indent=1))
+        (integ / "profiles" / "askari-regression.json").write_text(
+            json.dumps(
+                {"extends": "askari", "extra_vars_files": ["overrides/askari-regression.yml"]}
+            )
+        )
+        for f in ("askari.yml", "askari-regression.yml"):
+            (integ / "overrides" / f).write_text("---\nbase__firewall_apply: true\n")
+        for t in ("internal", "le-staging", "le-prod-wildcard"):
+            (integ / "certs" / f"{t}.yml").write_text("---\nreverse_proxy__tls_internal: true\n")
+        (integ / "verify.yml").write_text("---\n- hosts: all\n  tasks: []\n")
+        (r / "tests" / "vault").mkdir()
+        (r / "tests" / "vault" / "test-values.yml").write_text("---\nvault: {}\n")
+        (r / "playbooks").mkdir()
+        for pb in ("site.yml", "offsite.yml"):
+            (r / "playbooks" / pb).write_text("---\n- hosts: all\n  tasks: []\n")
+        gv = r / "inventories" / "production" / "group_vars"
+        for g in ("all", "offsite_hosts"):
+            (gv / g).mkdir(parents=True)
+            (gv / g / "vars.yml").write_text(f"---\n{g}_var: 1\n")
+        (gv / "all" / "vault.yml").write_text("$ANSIBLE_VAULT;1.2;AES256;prod\n3132\n")
+        (r / "inventories" / "production" / "offsite.yml").write_text(
+            "offsite_hosts:\n  hosts:\n    askari:\n      ansible_host: 77.42.120.136\n"
+        )
+        (r / "ansible.cfg").write_text("[defaults]\n")
+
+    def _make_bin(self):
+        self.bin.mkdir()
+        for t in TOOLS:
+            (self.bin / t).symlink_to(FAKEBIN)
+        (self.bin / "python3").symlink_to(sys.executable)
+
+    @property
+    def script(self):
+        return self.repo / "scripts" / "integration-vm.py"
+
+    def cmd(self, *args):
+        return [sys.executable, str(self.script), *args]
+
+    def run(self, *args, timeout=60, in_process=True, **env):
+        """The driver on args: in-process (tests/conftest.py run_driver) unless the test
+        is about the driver's own process."""
+        if in_process:
+            return run_driver(self.script, args, {**self.env, **env}, self.tmp, timeout)
+        return subprocess.run(
+            self.cmd(*args),
+            env={**self.env, **env},
+            text=True,
+            capture_output=True,
+            timeout=timeout,
+            cwd=self.tmp,
+        )
+
+    def popen(self, *args, **env):
+        return subprocess.Popen(
+            self.cmd(*args),
+            env={**self.env, **env},
+            text=True,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            cwd=self.tmp,
+        )
+
+    def calls(self, tool=None):
+        if not self.log.exists():
+            return []
+        recs = [json.loads(line) for line in self.log.read_text().splitlines() if line.strip()]
+        return [r for r in recs if tool is None or r["tool"] == tool]
+
+    def virsh_cmds(self):
+        out = []
+        for c in self.calls("virsh"):
+            a = c["argv"]
+            assert a[:2] == ["--connect", "test:///fake"], a
+            out.append(a[2:])
+        return out
+
+    def state(self):
+        return json.loads(self.state_file.read_text()) if self.state_file.exists() else {}
+
+    def domains(self):
+        return self.state().get("domains", {})
+
+    def results(self):
+        return [json.loads(p.read_text()) for p in sorted(self.run_root.glob("*/result.json"))]
+
+    def seed_foreign_domain(self, name, state="running"):
+        st = self.state() or {"domains": {}, "networks": {}, "leases": {}, "calls": {}}
+        st.setdefault("domains", {})[name] = {
+            "xml": f"<domain><name>{name}</name></domain>",
+            "state": state,
+            "metadata": None,
+            "mac": None,
+            "boot_id": "x",
+            "console": None,
+        }
+        self.state_file.write_text(json.dumps(st))
+
+    def close(self):
+        self.sock.close()
+
+
+@pytest.fixture
+def h(tmp_path):
+    harness = Harness(tmp_path)
+    yield harness
+    harness.close()
+
+
+def assert_one_line_error(proc):
+    assert "Traceback" not in proc.stderr, proc.stderr
+    errs = [ln for ln in proc.stderr.splitlines() if ln.startswith("integration-vm: error:")]
+    assert len(errs) == 1, proc.stderr
+    return errs[0]
+
+
+def assert_nothing_created(h):
+    virsh = h.virsh_cmds()
+    assert not any(a[0] in ("define", "start", "net-define") for a in virsh), virsh
+    assert not h.calls("qemu-img") and not h.calls("virt-install") and not h.calls("mmdebstrap")
+    assert not (h.cache / "runs").exists() or not any((h.cache / "runs").iterdir())
+    assert not h.run_root.exists() or not any(h.run_root.iterdir())
+
+
+FIXTURES = HERE / "fakes"
+
+
+def _result(**kw):
+    r = ivm.new_result("cycle", "askari")
+    r.update(vm="boma-it-askari-1a2b3c4d", accel="tcg", total_seconds=412.3, verdict="pass")
+    r["phase_details"] = [
+        {"name": "image", "seconds": 0.2, "status": "pass"},
+        {"name": "boot", "seconds": 31.0, "status": "pass"},
+        {"name": "apply:site.yml", "seconds": 200.0, "status": "pass"},
+        {"name": "apply:offsite.yml", "seconds": 50.0, "status": "pass"},
+        {"name": "reboot:graceful", "seconds": 28.0, "status": "pass"},
+        {"name": "verify", "seconds": 12.0, "status": "pass"},
+        {"name": "teardown", "seconds": 2.0, "status": "pass"},
+    ]
+    r.update(kw)
+    return r
+
+
+SITE = """---
+- name: Baseline
+  hosts: all
+  roles:
+    - role: base
+      tags: [base]
+
+- name: Docker
+  hosts: docker_hosts
+  roles:
+    - role: docker_host
+      tags: [docker_host]
+"""
+
+
+OFFSITE = """---
+- name: Offsite services
+  hosts: offsite_hosts
+  roles:
+    - role: docker_host
+      tags: [docker_host]
+    - role: reverse_proxy
+      tags: [reverse_proxy]
+"""
+
+
+def make_roles(repo):
+    """Role trees shaped like the real ones: base and reverse_proxy have an `always`
+    preflight, docker_host has none."""
+    for role, always in (("base", True), ("docker_host", False), ("reverse_proxy", True)):
+        r = repo / "roles" / role
+        (r / "tasks").mkdir(parents=True)
+        (r / "meta").mkdir()
+        (r / "molecule" / "default").mkdir(parents=True)
+        (r / "tasks" / "main.yml").write_text(
+            "---\n- name: Preflight\n  ansible.builtin.import_tasks: preflight.yml\n"
+            "  tags: [always]\n"
+            if always
+            else "---\n- name: Install\n  ansible.builtin.debug:\n    msg: hi\n"
+        )
+        (r / "meta" / "main.yml").write_text("---\ndependencies: []\n")
+        (r / "README.md").write_text(f"# {role}\n")
+        (r / "molecule" / "default" / "converge.yml").write_text("---\n")
+        (r / "templates").mkdir()
+        (r / "templates" / "x.j2").write_text("x\n")
+    (repo / "playbooks").mkdir(exist_ok=True)
+    (repo / "playbooks" / "site.yml").write_text(SITE)
+    (repo / "playbooks" / "offsite.yml").write_text(OFFSITE)
+
+
+def edit(path):
+    path.write_text(path.read_text() + "# edited\n")
+
+
+@pytest.fixture
+def hc(tmp_path):
+    harness = Harness(tmp_path)
+    harness.env["BOMA_IT_CHECKPOINTS"] = "1"
+    make_roles(harness.repo)
+    yield harness
+    harness.close()
+
+
+def result_of(h, proc):
+    """The result.json of the cycle whose summary line proc printed (not the newest
+    started_at: it has one-second resolution, and two quick runs tie)."""
+    vm = proc.stdout.strip().splitlines()[-1].split()[3]
+    (res,) = [r for r in h.results() if r["vm"] == vm]
+    return res
+
+
+def ckpt_manifests(h):
+    out = {}
+    for m in sorted((h.cache / "checkpoints").glob("*/manifest.json")):
+        d = json.loads(m.read_text())
+        out[d["stage"]] = d
+    return out
+
+
+def mode(p):
+    return oct(p.stat().st_mode & 0o777)
+
+
+def victim(h, name="victim"):
+    v = h.tmp / name
+    (v / "sub").mkdir(parents=True)
+    (v / "precious").write_text("keep me\n")
+    (v / "sub" / "precious").write_text("keep me too\n")
+    return v
+
+
+def intact(v):
+    return (v / "precious").read_text() == "keep me\n" and (
+        v / "sub" / "precious"
+    ).read_text() == "keep me too\n"
+
+
+def ran(h, *args, **env):
+    """Run the driver; (process, the result.json of the run its summary line names).
+    Never "the newest started_at": one-second resolution, and two quick runs tie."""
+    p = h.run(*args, **env)
+    return p, result_of(h, p)

@@ -1,21 +1,263 @@
-"""The harness's Ansible transport (ADR-027): Mitogen by default, ansible-core's linear
-strategy on request or when Mitogen cannot load, and output parsing that does not care
-which one ran (saved outputs of both strategies, same VM, same playbooks)."""
+"""Ansible: the transient inventory, argv, output parsing, idempotence, transport and
+strategy (Mitogen or linear), identical parsing under both.
+"""
 
+import json
 import os
-import pathlib
 import types
 
 import pytest
-from conftest import load_script
+from conftest import FIXTURES, HERE, ivm
 
-HERE = pathlib.Path(__file__).resolve().parent
-ivm = load_script("integration-vm.py", "integration_vm")
+REAL = (FIXTURES / "ansible-verify-loop.txt").read_text()
+
+VM = "boma-it-askari-1234abcd"
 
 SAVED = HERE / "fakes" / "ansible-output"
 
+# Saved from one live askari VM, same playbooks, run once with each strategy
+# (tests/fakes/ansible-output/README.md says how).
+PAIRS = sorted({p.name.split(".", 1)[1] for p in SAVED.glob("*.txt")})
 
-# ---- choosing the strategy ----------------------------------------------------------
+
+def test_idempotence_failure_after_reboot(h):
+    p = h.run("cycle", "--host", "askari", FAKE_IDEMPOTENCE_CHANGED="1")
+    assert p.returncode == 1, p.stderr
+    (res,) = h.results()
+    assert res["failed_stage"] == "idempotence"
+    assert res["idempotence"]["changed"] == 2  # one per playbook
+    assert "base : Install packages" in res["failures"]
+
+
+def test_no_idempotence_flag_skips_the_reapply(h):
+    p = h.run("cycle", "--host", "askari", "--no-idempotence", FAKE_IDEMPOTENCE_CHANGED="3")
+    assert p.returncode == 0, p.stderr
+    assert len(h.calls("ansible-playbook")) == 3
+
+
+def test_apply_failure_is_a_verdict_and_keeps_the_vm(h):
+    p = h.run("cycle", "--host", "askari", FAKE_APPLY_FAIL="1")
+    assert p.returncode == 1, p.stderr
+    assert "Traceback" not in p.stderr
+    (res,) = h.results()
+    assert res["verdict"] == "fail" and res["failed_stage"] == "apply:site.yml"
+    assert res["failures"] == ["base : Load nftables"] and res["kept"]
+    assert len(h.domains()) == 1 and (h.diag / res["vm"] / "logs" / "apply-site.yml.log").is_file()
+
+
+def test_render_run_hosts_single_host_in_groups():
+    out = ivm.render_run_hosts("boma-it-askari-x", "192.168.150.42", "ansible", ["offsite_hosts"])
+    inv = json.loads(out)  # JSON: Ansible's yaml inventory plugin reads it
+    assert inv == {
+        "all": {
+            "children": {
+                "offsite_hosts": {
+                    "hosts": {
+                        "boma-it-askari-x": {
+                            "ansible_host": "192.168.150.42",
+                            "ansible_user": "ansible",
+                        }
+                    }
+                }
+            }
+        }
+    }
+    # invariant: the real askari host must NOT appear
+    assert ivm.inventory_host_names(out) == {"boma-it-askari-x"}
+
+
+def test_render_run_hosts_host_vars_are_strings():
+    out = ivm.render_run_hosts(
+        "vm",
+        "10.0.0.2",
+        "ansible",
+        ["g1", "g2"],
+        host_vars={"ansible_ssh_common_args": "-o A='b\"c'", "ansible_port": 2222},
+    )
+    groups = json.loads(out)["all"]["children"]
+    assert sorted(groups) == ["g1", "g2"]
+    for g in groups.values():
+        assert g["hosts"]["vm"]["ansible_ssh_common_args"] == "-o A='b\"c'"
+        assert g["hosts"]["vm"]["ansible_port"] == "2222"
+
+
+def test_inventory_host_names_of_rendered_inventory():
+    out = ivm.render_run_hosts(
+        "boma-it-x-1", "1.2.3.4", "ansible", ["a", "b"], host_vars={"ansible_port": 22}
+    )
+    assert ivm.inventory_host_names(out) == {"boma-it-x-1"}
+
+
+def test_inventory_host_names_sees_a_smuggled_real_host():
+    inv = json.dumps(
+        {
+            "all": {
+                "children": {
+                    "offsite_hosts": {
+                        "hosts": {
+                            "boma-it-x-1": {"ansible_host": "1.2.3.4"},
+                            "askari": {"ansible_host": "77.42.120.136"},
+                        }
+                    },
+                    "g": {"children": {"h": {"hosts": ["third"]}}},
+                },
+                "hosts": {"other": {}},
+            }
+        }
+    )
+    assert ivm.inventory_host_names(inv) == {"boma-it-x-1", "askari", "other", "third"}
+    with pytest.raises(ivm.InfraError) as e:
+        ivm.assert_single_host_inventory(inv, "boma-it-x-1")
+    assert e.value.stage == "inventory"
+
+
+def test_single_host_guard_refuses_an_inventory_that_is_not_json():
+    with pytest.raises(ivm.InfraError) as e:
+        ivm.assert_single_host_inventory("all:\n  hosts:\n    boma-it-x-1:\n", "boma-it-x-1")
+    assert e.value.stage == "inventory"
+
+
+def test_ansible_ssh_args_keeps_multiplexing_and_pinning():
+    s = ivm.ansible_ssh_args("/r", "vm")
+    assert s.startswith("-o ControlMaster=auto -o ControlPersist=60s")
+    assert "StrictHostKeyChecking=yes" in s and "-p" not in s.split()
+
+
+def test_ansible_playbook_argv_requires_limit():
+    a = ivm.ansible_playbook_argv(
+        "/v/ansible-playbook",
+        "/r/inventory/hosts.yml",
+        "/p/site.yml",
+        "vm",
+        ["base"],
+        ["/x.yml", "/y.yml"],
+    )
+    assert a == [
+        "/v/ansible-playbook",
+        "-i",
+        "/r/inventory/hosts.yml",
+        "/p/site.yml",
+        "--limit",
+        "vm",
+        "--tags",
+        "base",
+        "-e",
+        "@/x.yml",
+        "-e",
+        "@/y.yml",
+    ]
+    with pytest.raises(ivm.InfraError):
+        ivm.ansible_playbook_argv("ap", "inv", "pb", "", [], [])
+
+
+def test_ansible_env():
+    env = ivm.ansible_env(
+        {"PATH": "/bin", "ANSIBLE_SSH_ARGS": "-o StrictHostKeyChecking=no"},
+        "/repo",
+        "/repo/run/vm",
+        "vm",
+    )
+    assert env["PATH"] == "/bin" and env["ANSIBLE_CONFIG"] == "/repo/ansible.cfg"
+    assert env["ANSIBLE_CACHE_PLUGIN_CONNECTION"] == "/repo/run/vm/facts"
+    assert env["ANSIBLE_HOST_KEY_CHECKING"] == "True"
+    assert "StrictHostKeyChecking=no" not in env["ANSIBLE_SSH_ARGS"]
+
+
+def test_parse_recap_real_output():
+    assert ivm.parse_recap(REAL) == {
+        VM: {
+            "ok": 4,
+            "changed": 2,
+            "unreachable": 0,
+            "failed": 1,
+            "skipped": 0,
+            "rescued": 0,
+            "ignored": 1,
+        }
+    }
+
+
+def test_parse_recap_sums_several_plays_and_hosts():
+    out = (
+        "h1 : ok=1 changed=1 unreachable=0 failed=0\n"
+        "h2 : ok=1 changed=0 unreachable=0 failed=0 skipped=1 rescued=0 ignored=0\n"
+        "h1 : ok=2 changed=3 unreachable=0 failed=0 skipped=0 rescued=0 ignored=0\n"
+    )
+    r = ivm.parse_recap(out)
+    assert r["h1"]["changed"] == 4 and r["h1"]["ok"] == 3 and r["h2"]["skipped"] == 1
+
+
+def test_parse_task_results_real_output():
+    tasks = {t[0]: t for t in ivm.parse_task_results(REAL, VM)}
+    assert tasks["Probe something"][1] == "ok"
+    assert tasks["Change one thing"][1] == "changed"
+    assert tasks["Ignored failure"][1] == "ok"  # ...ignoring
+    name = "Assert the host's outcomes after the reboot"
+    assert tasks[name][1] == "failed"
+    assert [(lb, st) for lb, st, _ in tasks[name][3]] == [
+        ("nftables enabled and active", "ok"),
+        ("forward chain admits container traffic", "failed"),
+        ("published :443 answers from the controller", "failed"),
+    ]
+    assert (
+        tasks[name][3][1][2]
+        == "FAILED forward chain admits container traffic: pure drop (no accept)"
+    )
+    assert ivm.failed_task_names(REAL, VM) == [name]
+    assert ivm.parse_task_results(REAL, "some-other-host")[0][1] == "skipped"
+
+
+def test_verify_checks_expand_loop_items():
+    checks = ivm.verify_checks(REAL, VM)
+    failed = [n for n, s, _ in checks if s == "failed"]
+    assert failed == [
+        "forward chain admits container traffic",
+        "published :443 answers from the controller",
+    ]
+    assert ("a", "ok", "") in checks and ("Change one thing", "changed", "") in checks
+
+
+def test_parse_task_results_fatal_single_line_and_delegation():
+    out = (
+        "TASK [Probe :443] ***\n"
+        'fatal: [vm -> localhost]: FAILED! => {"changed": false, "msg": "Connection timed out"}\n'
+        "TASK [next] ***\nskipping: [vm]\n"
+    )
+    (t1, t2) = ivm.parse_task_results(out, "vm")
+    assert t1[:3] == ("Probe :443", "failed", "Connection timed out")
+    assert t2[1] == "skipped"
+
+
+# venv; the DRIVER never imports it) -----------------------------------------------------
+def test_rendered_inventory_is_valid_yaml():
+    yaml = pytest.importorskip("yaml")
+    args = ivm.ansible_ssh_args("/r un/vm", "vm")
+    inv = yaml.safe_load(
+        ivm.render_run_hosts(
+            "boma-it-a-1",
+            "192.168.150.9",
+            "ansible",
+            ["offsite_hosts", "docker_hosts"],
+            host_vars={"ansible_ssh_common_args": args},
+        )
+    )
+    for g in ("offsite_hosts", "docker_hosts"):
+        hosts = inv["all"]["children"][g]["hosts"]
+        assert list(hosts) == ["boma-it-a-1"]
+        assert hosts["boma-it-a-1"]["ansible_ssh_common_args"] == args
+        assert hosts["boma-it-a-1"]["ansible_host"] == "192.168.150.9"
+
+
+def test_transport_figures():
+    t = ivm.transport_figures({"linear": 88.0, "mitogen_linear": 16.0}, calls=40)
+    assert t == {
+        "linear": {"seconds": 88.0, "per_call": 2.2},
+        "mitogen_linear": {"seconds": 16.0, "per_call": 0.4},
+        "calls": 40,
+        "speedup": 5.5,
+    }
+
+
 @pytest.mark.parametrize(
     "line,interp",
     [
@@ -156,12 +398,6 @@ def test_bad_strategy_request_is_a_usage_error():
     )
     with pytest.raises(ivm.UsageError):  # ...but a bad variable is an error either way
         ivm.ctx_from_env({"BOMA_IT_ANSIBLE_STRATEGY": "fast"}, args)
-
-
-# ---- output parsing is the same under both strategies -------------------------------
-# Saved from one live askari VM, same playbooks, run once with each strategy
-# (tests/fakes/ansible-output/README.md says how).
-PAIRS = sorted({p.name.split(".", 1)[1] for p in SAVED.glob("*.txt")})
 
 
 def _both(name):

@@ -1,71 +1,25 @@
 """Checkpoints (issue 5, ADR-026): keys, resume, invalidation, fallbacks, prune.
 
 Pure parts (which roles an apply reads, key chains, the restore XML) are tested on the
-driver module; the orchestration against the fake binaries of
-test_integration_vm_orchestration.Harness, whose virsh fakes save/restore with libvirt's
-rule that a restore keeps the saved domain's name.
+driver module; the orchestration against the fake binaries (tests/conftest.py Harness,
+the `hc` fixture), whose virsh fakes save/restore with libvirt's rule that a restore keeps
+the saved domain's name.
 """
 
 import json
 import pathlib
-import sys
 
-import pytest
-
-HERE = pathlib.Path(__file__).resolve().parent
-sys.path.insert(0, str(HERE))
-from conftest import load_script  # noqa: E402
-from test_integration_vm_orchestration import Harness  # noqa: E402
-
-ivm = load_script("integration-vm.py", "integration_vm")
-
-SITE = """---
-- name: Baseline
-  hosts: all
-  roles:
-    - role: base
-      tags: [base]
-
-- name: Docker
-  hosts: docker_hosts
-  roles:
-    - role: docker_host
-      tags: [docker_host]
-"""
-OFFSITE = """---
-- name: Offsite services
-  hosts: offsite_hosts
-  roles:
-    - role: docker_host
-      tags: [docker_host]
-    - role: reverse_proxy
-      tags: [reverse_proxy]
-"""
-
-
-def make_roles(repo):
-    """Role trees shaped like the real ones: base and reverse_proxy have an `always`
-    preflight, docker_host has none."""
-    for role, always in (("base", True), ("docker_host", False), ("reverse_proxy", True)):
-        r = repo / "roles" / role
-        (r / "tasks").mkdir(parents=True)
-        (r / "meta").mkdir()
-        (r / "molecule" / "default").mkdir(parents=True)
-        (r / "tasks" / "main.yml").write_text(
-            "---\n- name: Preflight\n  ansible.builtin.import_tasks: preflight.yml\n"
-            "  tags: [always]\n"
-            if always
-            else "---\n- name: Install\n  ansible.builtin.debug:\n    msg: hi\n"
-        )
-        (r / "meta" / "main.yml").write_text("---\ndependencies: []\n")
-        (r / "README.md").write_text(f"# {role}\n")
-        (r / "molecule" / "default" / "converge.yml").write_text("---\n")
-        (r / "templates").mkdir()
-        (r / "templates" / "x.j2").write_text("x\n")
-    (repo / "playbooks").mkdir(exist_ok=True)
-    (repo / "playbooks" / "site.yml").write_text(SITE)
-    (repo / "playbooks" / "offsite.yml").write_text(OFFSITE)
-
+from conftest import (
+    HERE,
+    OFFSITE,
+    SITE,
+    ckpt_manifests,
+    edit,
+    ivm,
+    make_roles,
+    mode,
+    result_of,
+)
 
 PROFILE = {
     "name": "askari",
@@ -92,7 +46,6 @@ def chain(repo):
     return {st: k for st, k, _ in ivm.checkpoint_chain(ctx, PROFILE, "internal", "img1", "tcg")}
 
 
-# ---- which files an apply reads ---------------------------------------------------------
 def test_role_refs_read_tags_and_flag_what_they_cannot_follow():
     refs, complete = ivm.playbook_role_refs(SITE)
     assert refs == [("base", ["base"]), ("docker_host", ["docker_host"])] and complete
@@ -128,11 +81,6 @@ def test_roles_used_follows_tags_and_always(tmp_path):
         ["docker_host", "reverse_proxy"],
         True,
     )
-
-
-# ---- a change invalidates exactly what it must -------------------------------------------
-def edit(path):
-    path.write_text(path.read_text() + "# edited\n")
 
 
 def test_key_chain_invalidation(tmp_path):
@@ -209,60 +157,6 @@ def test_rewrite_restore_xml_keeps_identity_and_moves_paths():
     assert "source file='/c/checkpoints/k/seed.img'" in out
     assert "log file='/c/runs/boma-it-askari-2/console.log'" in out
     assert 'id="new/boma-it-askari-2"' in out and "old/" not in out
-
-
-def test_bench_comparison_table():
-    cold = {
-        "total_seconds": 500.0,
-        "phase_details": [
-            {"name": "boot", "seconds": 40.0},
-            {"name": "apply:site.yml", "seconds": 60.0},
-            {"name": "checkpoint:booted", "seconds": 8.0},
-        ],
-    }
-    warm = {
-        "total_seconds": 150.0,
-        "resumed_from": {"stage": "applied-1"},
-        "phase_details": [
-            {"name": "resume", "seconds": 5.0},
-            {"name": "apply:site.yml", "seconds": 0.0},
-        ],
-    }
-    text = ivm.format_bench_comparison(cold, warm, "roles/x/y.j2")
-    assert "resumed from applied-1" in text and "warm/cold = 0.30" in text
-    assert [ln.split()[0] for ln in text.splitlines()[2:-1]] == [
-        "boot",
-        "resume",
-        "checkpoint",
-        "apply",
-        "total",
-    ]
-
-
-# ---- orchestration against the fakes -----------------------------------------------------
-@pytest.fixture
-def hc(tmp_path):
-    harness = Harness(tmp_path)
-    harness.env["BOMA_IT_CHECKPOINTS"] = "1"
-    make_roles(harness.repo)
-    yield harness
-    harness.close()
-
-
-def result_of(h, proc):
-    """The result.json of the cycle whose summary line proc printed (not the newest
-    started_at: it has one-second resolution, and two quick runs tie)."""
-    vm = proc.stdout.strip().splitlines()[-1].split()[3]
-    (res,) = [r for r in h.results() if r["vm"] == vm]
-    return res
-
-
-def ckpt_manifests(h):
-    out = {}
-    for m in sorted((h.cache / "checkpoints").glob("*/manifest.json")):
-        d = json.loads(m.read_text())
-        out[d["stage"]] = d
-    return out
 
 
 def virsh_verbs(h, since=0):
@@ -415,10 +309,6 @@ def test_checkpoint_in_use_by_a_kept_run_is_not_resumed_twice(hc):
     ] == [("skipped", True)]
 
 
-def mode(p):
-    return oct(p.stat().st_mode & 0o777)
-
-
 def test_secrets_at_rest_are_root_only(hc):
     """Issue 12, class 6: the seed carries the guest's private host key, the overlay the
     applied secrets, memory.save the guest's RAM; the cache is root:libvirt 2775."""
@@ -476,3 +366,11 @@ def test_real_secret_tiers_never_checkpoint(hc):
     assert "checkpoint: off: --certs le-staging" in p.stderr
     verbs = virsh_verbs(hc, n)
     assert "save" not in verbs and "restore" not in verbs
+
+
+def test_a_failed_checkpoint_leaves_nothing_half_written(h):
+    p = h.run("cycle", "--host", "askari", BOMA_IT_CHECKPOINTS="1", FAKE_RESTORE_FAIL="1")
+    assert p.returncode == 3, p.stderr
+    assert h.results()[-1]["failed_stage"] == "checkpoint"
+    left = list((h.cache / "checkpoints").iterdir())
+    assert left == [], left  # neither the key dir (with the run's keys) nor its staging dir

@@ -1,1020 +1,166 @@
+"""Reboot diff: what a reboot changed (firewall, ports, listeners, units) and where a boot's
+time went.
+"""
+
+import json
 import pathlib
+import xml.etree.ElementTree as ET
 
-from conftest import load_script
+import pytest
+from conftest import ASKARI, FIXTURES, assert_one_line_error, ivm, ran
 
-ivm = load_script("integration-vm.py", "integration_vm")
-
-
-# ---- spec Task 2 (verbatim) -------------------------------------------------------
-def test_valid_tiers():
-    assert ivm.VALID_TIERS == ("internal", "le-staging", "le-prod-wildcard")
-
-
-# ---- spec Task 3 (verbatim) -------------------------------------------------------
-def test_vm_name_prefix_and_suffix():
-    assert ivm.vm_name("askari", "ab12cd34") == "boma-it-askari-ab12cd34"
-
-
-def test_vm_name_generates_suffix():
-    n = ivm.vm_name("askari")
-    assert n.startswith("boma-it-askari-") and len(n.split("-")[-1]) == 8
-
-
-def test_free_mib_parses_memavailable():
-    sample = "MemTotal:       16331156 kB\nMemAvailable:    8388608 kB\n"
-    assert ivm.free_mib(sample) == 8192
-
-
-def test_parse_lease_ip_extracts_ipv4():
-    out = (
-        " Name       MAC address          Protocol     Address\n"
-        "-------------------------------------------------------------------\n"
-        " vnet0      52:54:00:aa:bb:cc    ipv4         192.168.150.42/24\n"
-    )
-    assert ivm.parse_lease_ip(out) == "192.168.150.42"
-
-
-def test_parse_lease_ip_none_when_absent():
-    assert ivm.parse_lease_ip("no leases\n") is None
-
-
-# ---- spec Task 4 (verbatim) -------------------------------------------------------
-def test_meta_data_has_instance_and_hostname():
-    md = ivm.render_meta_data("iid-askari-x", "boma-it-askari-x")
-    assert "instance-id: iid-askari-x" in md
-    assert "local-hostname: boma-it-askari-x" in md
-
-
-def test_user_data_injects_key_and_ansible_user():
-    ud = ivm.render_user_data("ssh-ed25519 AAAA... claude@ubongo", "ansible")
-    assert ud.startswith("#cloud-config")
-    assert "name: ansible" in ud
-    assert "ssh-ed25519 AAAA... claude@ubongo" in ud
-    assert "NOPASSWD:ALL" in ud
-
-
-# ---- spec Task 5 (verbatim) -------------------------------------------------------
-def test_cert_file_valid_tier():
-    p = ivm.cert_file("le-staging")
-    assert p.name == "le-staging.yml" and p.parent.name == "certs"
-
-
-def test_cert_file_rejects_bad_tier():
-    import pytest
-
-    with pytest.raises(ValueError):
-        ivm.cert_file("bogus")
-
-
-def test_render_run_hosts_single_host_in_groups():
-    out = ivm.render_run_hosts("boma-it-askari-x", "192.168.150.42", "ansible", ["offsite_hosts"])
-    inv = json.loads(out)  # JSON: Ansible's yaml inventory plugin reads it
-    assert inv == {
-        "all": {
-            "children": {
-                "offsite_hosts": {
-                    "hosts": {
-                        "boma-it-askari-x": {
-                            "ansible_host": "192.168.150.42",
-                            "ansible_user": "ansible",
-                        }
-                    }
-                }
-            }
-        }
-    }
-    # invariant: the real askari host must NOT appear
-    assert ivm.inventory_host_names(out) == {"boma-it-askari-x"}
-
-
-# =====================================================================================
-# Beyond the spec: every pure helper
-# =====================================================================================
-import json  # noqa: E402
-import xml.etree.ElementTree as ET  # noqa: E402
-
-import pytest  # noqa: E402
-
-FIXTURES = pathlib.Path(__file__).resolve().parent / "fakes"
-LEASES = (
-    " Name       MAC address          Protocol     Address\n"
-    "-------------------------------------------------------------------\n"
-    " vnet0      52:54:00:aa:bb:cc    ipv4         192.168.150.42/24\n"
-    " vnet1      52:54:00:11:22:33    ipv4         192.168.150.77/24\n"
-)
-
-
-# ---- names, leases, meminfo ---------------------------------------------------------
-def test_parse_lease_ip_matches_mac_case_insensitively():
-    assert ivm.parse_lease_ip(LEASES, "52:54:00:11:22:33") == "192.168.150.77"
-    assert ivm.parse_lease_ip(LEASES, "52:54:00:AA:BB:CC") == "192.168.150.42"
-    assert ivm.parse_lease_ip(LEASES, "52:54:00:de:ad:00") is None
-
-
-def test_parse_lease_ip_ignores_ipv6_rows():
-    out = " vnet0  52:54:00:aa:bb:cc  ipv6  fe80::1/64\n"
-    assert ivm.parse_lease_ip(out, "52:54:00:aa:bb:cc") is None
-
-
-def test_free_mib_missing_field_is_zero():
-    assert ivm.free_mib("MemTotal: 1 kB\n") == 0
-
-
-def test_make_mac_is_libvirt_prefixed():
-    assert ivm.make_mac(bytes([1, 0xAB, 255])) == "52:54:00:01:ab:ff"
-
-
-def test_render_current_spec_format():
-    assert ivm.render_current("boma-it-a-1", "10.0.0.2", "a").splitlines() == [
-        "boma-it-a-1",
-        "10.0.0.2",
-        "a",
-    ]
-
-
-# ---- cloud-init -------------------------------------------------------------------
-def test_user_data_with_host_key_block():
-    priv = "-----BEGIN OPENSSH PRIVATE KEY-----\nAAA\nBBB\n-----END OPENSSH PRIVATE KEY-----\n"
-    ud = ivm.render_user_data(
-        "ssh-ed25519 CLIENT c",
-        "ansible",
-        host_key_private=priv,
-        host_key_public="ssh-ed25519 HOSTPUB h\n",
-    )
-    assert "  ed25519_private: |\n    -----BEGIN OPENSSH PRIVATE KEY-----\n    AAA\n    BBB\n" in ud
-    assert "  ed25519_public: ssh-ed25519 HOSTPUB h\n" in ud
-    assert "ssh_genkeytypes: [ed25519]" in ud and "manage_etc_hosts: true" in ud
-    assert "package_update: false" in ud and "ssh_pwauth" not in ud
-
-
-def test_user_data_without_host_key_has_no_ssh_keys():
-    assert "ssh_keys" not in ivm.render_user_data("ssh-ed25519 K c", "ansible")
-
-
-# ---- inventory ------------------------------------------------------------------------
-def test_render_run_hosts_host_vars_are_strings():
-    out = ivm.render_run_hosts(
-        "vm",
-        "10.0.0.2",
-        "ansible",
-        ["g1", "g2"],
-        host_vars={"ansible_ssh_common_args": "-o A='b\"c'", "ansible_port": 2222},
-    )
-    groups = json.loads(out)["all"]["children"]
-    assert sorted(groups) == ["g1", "g2"]
-    for g in groups.values():
-        assert g["hosts"]["vm"]["ansible_ssh_common_args"] == "-o A='b\"c'"
-        assert g["hosts"]["vm"]["ansible_port"] == "2222"
-
-
-def test_inventory_host_names_of_rendered_inventory():
-    out = ivm.render_run_hosts(
-        "boma-it-x-1", "1.2.3.4", "ansible", ["a", "b"], host_vars={"ansible_port": 22}
-    )
-    assert ivm.inventory_host_names(out) == {"boma-it-x-1"}
-
-
-def test_inventory_host_names_sees_a_smuggled_real_host():
-    inv = json.dumps(
-        {
-            "all": {
-                "children": {
-                    "offsite_hosts": {
-                        "hosts": {
-                            "boma-it-x-1": {"ansible_host": "1.2.3.4"},
-                            "askari": {"ansible_host": "77.42.120.136"},
-                        }
-                    },
-                    "g": {"children": {"h": {"hosts": ["third"]}}},
-                },
-                "hosts": {"other": {}},
-            }
-        }
-    )
-    assert ivm.inventory_host_names(inv) == {"boma-it-x-1", "askari", "other", "third"}
-    with pytest.raises(ivm.InfraError) as e:
-        ivm.assert_single_host_inventory(inv, "boma-it-x-1")
-    assert e.value.stage == "inventory"
-
-
-def test_single_host_guard_refuses_an_inventory_that_is_not_json():
-    with pytest.raises(ivm.InfraError) as e:
-        ivm.assert_single_host_inventory("all:\n  hosts:\n    boma-it-x-1:\n", "boma-it-x-1")
-    assert e.value.stage == "inventory"
-
-
-def test_extra_vars_order(tmp_path):
-    (tmp_path / "certs").mkdir()
-    vault = tmp_path / "vault.yml"
-    prof = {"extra_vars_files": ["overrides/a.yml", "overrides/b.yml"]}
-    files = ivm.extra_vars_files(prof, "le-staging", tmp_path, vault)
-    assert [f.relative_to(tmp_path).as_posix() for f in files] == [
-        "overrides/a.yml",
-        "overrides/b.yml",
-        "certs/le-staging.yml",
-    ]
-    vault.write_text("x: 1\n")
-    assert ivm.extra_vars_files(prof, "internal", tmp_path, vault)[-1] == vault
-
-
-@pytest.mark.parametrize("tier", ["le-staging", "le-prod-wildcard"])
-def test_real_secret_tiers_never_get_the_fake_vault_values(tmp_path, tier):
-    # Their Caddy needs the real Gandi token: the production vault is loaded instead.
-    vault = tmp_path / "vault.yml"
-    vault.write_text("x: 1\n")
-    files = ivm.extra_vars_files({"extra_vars_files": []}, tier, tmp_path, vault)
-    assert vault not in files and files[-1].name == f"{tier}.yml"
-    assert tier in ivm.REAL_SECRET_TIERS and "internal" not in ivm.REAL_SECRET_TIERS
-
-
-# ---- argv builders ------------------------------------------------------------------
-def test_ssh_options_pin_the_host_key():
-    opts = ivm.ssh_options("/r", "boma-it-x-1", 2222)
-    joined = " ".join(opts)
-    assert "StrictHostKeyChecking=yes" in joined and "StrictHostKeyChecking=no" not in joined
-    assert "UserKnownHostsFile=/r/known_hosts" in joined and "HostKeyAlias=boma-it-x-1" in joined
-    assert "IdentitiesOnly=yes" in joined and "BatchMode=yes" in joined
-    assert opts[opts.index("-i") + 1] == "/r/id_ed25519" and opts[-2:] == ["-p", "2222"]
-
-
-def test_ssh_argv_ends_with_destination_and_command():
-    a = ivm.ssh_argv("/r", "vm", "10.0.0.2", "cloud-init status --wait")
-    assert a[0] == "ssh" and a[-2:] == ["ansible@10.0.0.2", "cloud-init status --wait"]
-
-
-def test_ansible_ssh_args_keeps_multiplexing_and_pinning():
-    s = ivm.ansible_ssh_args("/r", "vm")
-    assert s.startswith("-o ControlMaster=auto -o ControlPersist=60s")
-    assert "StrictHostKeyChecking=yes" in s and "-p" not in s.split()
-
-
-def test_known_hosts_line_uses_alias():
-    assert ivm.known_hosts_line("vm", "ssh-ed25519 AAAA comment\n") == "vm ssh-ed25519 AAAA\n"
-
-
-def test_virsh_argv_always_connects():
-    assert ivm.virsh_argv("qemu:///system", "domstate", "x") == [
-        "virsh",
-        "--connect",
-        "qemu:///system",
-        "domstate",
-        "x",
-    ]
-
-
-def test_ssh_keygen_and_disk_argv():
-    assert ivm.ssh_keygen_argv("/r/k", "c") == [
-        "ssh-keygen",
-        "-q",
-        "-t",
-        "ed25519",
-        "-N",
-        "",
-        "-C",
-        "c",
-        "-f",
-        "/r/k",
-    ]
-    assert ivm.qemu_img_overlay_argv("/g.qcow2", "/o.qcow2") == [
-        "qemu-img",
-        "create",
-        "-q",
-        "-f",
-        "qcow2",
-        "-F",
-        "qcow2",
-        "-b",
-        "/g.qcow2",
-        "/o.qcow2",
-    ]
-    assert ivm.cloud_localds_argv("/s", "/u", "/m") == ["cloud-localds", "/s", "/u", "/m"]
-
-
-def test_choose_osinfo():
-    assert ivm.choose_osinfo("debian12\ndebian13, debiantesting\n") == "debian13"
-    assert ivm.choose_osinfo("debian11\ndebian12\n") == "debian12"
-    assert ivm.choose_osinfo("debian11, debianbullseye\ndebian10, debianbuster\n") == "debian11"
-    assert ivm.choose_osinfo("fedora40\n") == "detect=on,require=off"
-    assert ivm.choose_osinfo("") == "detect=on,require=off"
-
-
-def _vi(**kw):
-    base = dict(
-        uri="qemu:///system",
-        name="vm",
-        mem_mib=2048,
-        vcpus=2,
-        overlay="/c/o.qcow2",
-        seed="/c/seed.img",
-        mac="52:54:00:01:02:03",
-        console_log="/c/console.log",
-        virt_type="qemu",
-        osinfo="debian13",
-    )
-    base.update(kw)
-    return ivm.virt_install_argv(**base)
-
-
-def test_virt_install_argv_direct_kernel_boot():
-    a = _vi(kernel="/i/vmlinuz", initrd="/i/initrd.img")
-    assert a[:3] == ["virt-install", "--connect", "qemu:///system"]
-    assert "--import" in a and a[-1] == "--print-xml"
-    assert "path=/c/o.qcow2,format=qcow2,bus=virtio" in a
-    assert "path=/c/seed.img,format=raw,bus=virtio,readonly=on" in a
-    assert "network=boma-it,model=virtio,mac=52:54:00:01:02:03" in a
-    assert a[a.index("--serial") + 1] == "pty,log.file=/c/console.log"
-    assert a[a.index("--virt-type") + 1] == "qemu" and a[a.index("--graphics") + 1] == "none"
-    assert a[a.index("--boot") + 1] == (
-        'kernel=/i/vmlinuz,initrd=/i/initrd.img,cmdline="root=LABEL=root rw console=ttyS0,115200n8"'
-    )
-
-
-def test_virt_install_argv_firmware_boot_for_fetched_images():
-    assert "--boot" not in _vi()
-
-
-def test_ansible_playbook_argv_requires_limit():
-    a = ivm.ansible_playbook_argv(
-        "/v/ansible-playbook",
-        "/r/inventory/hosts.yml",
-        "/p/site.yml",
-        "vm",
-        ["base"],
-        ["/x.yml", "/y.yml"],
-    )
-    assert a == [
-        "/v/ansible-playbook",
-        "-i",
-        "/r/inventory/hosts.yml",
-        "/p/site.yml",
-        "--limit",
-        "vm",
-        "--tags",
-        "base",
-        "-e",
-        "@/x.yml",
-        "-e",
-        "@/y.yml",
-    ]
-    with pytest.raises(ivm.InfraError):
-        ivm.ansible_playbook_argv("ap", "inv", "pb", "", [], [])
-
-
-def test_ansible_env():
-    env = ivm.ansible_env(
-        {"PATH": "/bin", "ANSIBLE_SSH_ARGS": "-o StrictHostKeyChecking=no"},
-        "/repo",
-        "/repo/run/vm",
-        "vm",
-    )
-    assert env["PATH"] == "/bin" and env["ANSIBLE_CONFIG"] == "/repo/ansible.cfg"
-    assert env["ANSIBLE_CACHE_PLUGIN_CONNECTION"] == "/repo/run/vm/facts"
-    assert env["ANSIBLE_HOST_KEY_CHECKING"] == "True"
-    assert "StrictHostKeyChecking=no" not in env["ANSIBLE_SSH_ARGS"]
-
-
-# ---- profiles ---------------------------------------------------------------------
-def _profiles(tmp_path, **files):
-    (tmp_path / "tests" / "integration" / "profiles").mkdir(parents=True, exist_ok=True)
-    (tmp_path / "tests" / "integration" / "overrides").mkdir(exist_ok=True)
-    (tmp_path / "playbooks").mkdir(exist_ok=True)
-    for pb in ("site.yml", "offsite.yml"):
-        (tmp_path / "playbooks" / pb).write_text("---\n")
-    for f in ("a.yml", "a-reg.yml"):
-        (tmp_path / "tests" / "integration" / "overrides" / f).write_text("---\n")
-    (tmp_path / "tests" / "integration" / "verify.yml").write_text("---\n")
-    for name, content in files.items():
-        text = content if isinstance(content, str) else json.dumps(content, indent=2)
-        (tmp_path / "tests" / "integration" / "profiles" / f"{name}.json").write_text(text)
-    return lambda host: ivm.load_profile(
-        host, tmp_path / "tests" / "integration" / "profiles", tmp_path
-    )
-
-
-BASE = {
-    "groups": ["offsite_hosts"],
-    "applies": [{"playbook": "site.yml", "tags": ["base"]}],
-    "extra_vars_files": ["overrides/a.yml"],
-    "mem_mib": 2048,
-    "vcpus": 2,
-}
-
-
-def test_load_profile_defaults(tmp_path):
-    p = _profiles(tmp_path, askari={"groups": ["g"], "applies": [{"playbook": "site.yml"}]})(
-        "askari"
-    )
-    assert p["mem_mib"] == ivm.DEFAULT_MEM_MIB and p["vcpus"] == ivm.DEFAULT_VCPUS
-    assert p["reboot"] == ["graceful"] and p["verify"] == "tests/integration/verify.yml"
-    assert p["extra_vars_files"] == [] and p["name"] == "askari"
-
-
-def test_load_profile_extends_appends_extra_vars_and_replaces_lists(tmp_path):
-    load = _profiles(
-        tmp_path,
-        askari=BASE,
-        **{
-            "askari-regression": {
-                "extends": "askari",
-                "extra_vars_files": ["overrides/a-reg.yml"],
-                "groups": ["x", "y"],
-                "reboot": ["graceful", "hard"],
-                "_comment": "ignored",
-            }
-        },
-    )
-    p = load("askari-regression")
-    assert p["extra_vars_files"] == ["overrides/a.yml", "overrides/a-reg.yml"]
-    assert p["groups"] == ["x", "y"] and p["applies"] == BASE["applies"]
-    assert p["reboot"] == ["graceful", "hard"] and "extends" not in p
-    assert p["name"] == "askari-regression"
-
-
-@pytest.mark.parametrize(
-    "files,host,needle",
-    [
-        ({}, "ghost", "no profile tests/integration/profiles/ghost.json (known: none)"),
-        ({"a": BASE}, "ghost", "(known: a)"),
-        ({"a": '{\n  "groups": ["x"],\n  "applies": [\n}'}, "a", "invalid JSON at line 4"),
-        ({"a": "[1, 2]"}, "a", "top level must be a JSON object"),
-        ({"a": {"groups": ["x"]}}, "a", "missing required key 'applies'"),
-        ({"a": {**BASE, "vcpus": "2"}}, "a", "key 'vcpus' must be int, got str"),
-        ({"a": {**BASE, "vcpus": True}}, "a", "key 'vcpus' must be int, got bool"),
-        ({"a": {**BASE, "groups": "offsite_hosts"}}, "a", "key 'groups' must be list"),
-        ({"a": {**BASE, "groups": ["bad-group"]}}, "a", "invalid group name"),
-        ({"a": {**BASE, "applies": [{"tags": ["x"]}]}}, "a", "'applies[0].playbook' missing"),
-        (
-            {"a": {**BASE, "applies": [{"playbook": "site.yml", "tags": "base"}]}},
-            "a",
-            "applies[0].tags",
-        ),
-        (
-            {"a": {**BASE, "applies": [{"playbook": "site.yml", "tgas": []}]}},
-            "a",
-            "unknown keys ['tgas']",
-        ),
-        (
-            {"a": {**BASE, "applies": [{"playbook": "nope.yml"}]}},
-            "a",
-            "playbooks/nope.yml, which does not exist",
-        ),
-        (
-            {"a": {**BASE, "extra_vars_files": ["overrides/nope.yml"]}},
-            "a",
-            "tests/integration/overrides/nope.yml",
-        ),
-        (
-            {"a": {**BASE, "verify": "tests/nope.yml"}},
-            "a",
-            "verify playbook tests/nope.yml does not exist",
-        ),
-        (
-            {"a": {**BASE, "reboot": ["soft"]}},
-            "a",
-            "key 'reboot' entries must be one of graceful, hard",
-        ),
-        ({"a": {**BASE, "mem_mib": 64}}, "a", "key 'mem_mib' must be >= 512"),
-        ({"a": {**BASE, "memory": 1}}, "a", "unknown key 'memory'"),
-        ({"a": {"extends": "b"}, "b": {"extends": "a"}}, "a", "'extends' cycle (a -> b -> a)"),
-        ({"a": {"extends": "ghost"}}, "a", "key 'extends' names 'ghost'"),
-        ({"a": BASE}, "../etc/passwd", "invalid host name"),
-    ],
-)
-def test_load_profile_errors_name_file_and_key(tmp_path, files, host, needle):
-    load = _profiles(tmp_path, **files)
-    with pytest.raises(ivm.UsageError) as e:
-        load(host)
-    assert needle in str(e.value)
-    assert e.value.exit_code == 2
-
-
-def test_bad_profile_type_error_names_the_file_that_set_it(tmp_path):
-    load = _profiles(tmp_path, a=BASE, b={"extends": "a", "vcpus": "many"})
-    with pytest.raises(ivm.UsageError) as e:
-        load("b")
-    assert "profiles/b.json" in str(e.value)
-
-
-def test_merge_profiles_is_shallow():
-    m = ivm.merge_profiles(
-        {"groups": ["a"], "extra_vars_files": ["x"], "mem_mib": 1},
-        {"groups": ["b"], "extra_vars_files": ["y"], "extends": "p"},
-    )
-    assert m == {"groups": ["b"], "extra_vars_files": ["x", "y"], "mem_mib": 1}
-
-
-def test_repo_profiles_load():
-    """The profiles other engineers commit must pass the driver's validation."""
-    for p in sorted(ivm.PROFILE_DIR.glob("*.json")):
-        prof = ivm.load_profile(p.stem)
-        assert prof["groups"] and prof["applies"]
-
-
-# ---- metadata -------------------------------------------------------------------------
-def test_metadata_roundtrip():
-    x = ivm.render_metadata_xml(
-        "2026-11-25T18:00:00+00:00/vm",
-        "2026-11-25T18:00:00+00:00",
-        "askari",
-        "claude",
-        host="askari",
-    )
-    m = ivm.parse_metadata_xml(x)
-    assert m == {
-        "id": "2026-11-25T18:00:00+00:00/vm",
-        "created_at": "2026-11-25T18:00:00+00:00",
-        "profile": "askari",
-        "owner": "claude",
-        "host": "askari",
-    }
-
-
-def test_metadata_parse_as_virsh_prints_it():
-    out = (
-        '<boma:run xmlns:boma="https://boma.invalid/integration-vm" id="r1" '
-        'created_at="t" profile="p" owner="o"/>\n'
-    )
-    assert ivm.parse_metadata_xml(out)["id"] == "r1"
-
-
-@pytest.mark.parametrize(
-    "text",
-    ["", "error: metadata not found", "<run/>", '<x:run xmlns:x="https://other.invalid" id="1"/>'],
-)
-def test_metadata_parse_rejects_foreign(text):
-    assert ivm.parse_metadata_xml(text) is None
-
-
-def test_metadata_escapes_attributes():
-    x = ivm.render_metadata_xml('a"<b', "t", "p&q", "o")
-    assert ivm.parse_metadata_xml(x)["id"] == 'a"<b' and ET.fromstring(x) is not None
-
-
-@pytest.mark.parametrize(
-    "dom",
-    [
-        "<domain type='kvm'>\n  <name>vm</name>\n</domain>\n",
-        "<domain type='kvm'>\n  <name>vm</name>\n  <metadata/>\n</domain>\n",
-        "<domain type='kvm'>\n  <name>vm</name>\n"
-        "  <metadata>\n    <x:y xmlns:x='u'/>\n  </metadata>\n</domain>\n",
-    ],
-)
-def test_add_domain_metadata(dom):
-    meta = ivm.render_metadata_xml("id1", "t", "p", "o")
-    out = ivm.add_domain_metadata(dom, meta)
-    root = ET.fromstring(out)
-    found = root.find(f"metadata/{{{ivm.METADATA_URI}}}run")
-    assert found is not None and found.get("id") == "id1"
-    assert ivm.domain_name_from_xml(out) == "vm"
-
-
-def test_add_domain_metadata_rejects_non_domain():
-    with pytest.raises(ivm.InfraError):
-        ivm.add_domain_metadata("garbage", "<m/>")
-
-
-def test_parse_net_info_and_name_list():
-    info = ivm.parse_net_info("Name:           boma-it\nActive:         yes\nBridge: virbr-boma\n")
-    assert info["active"] == "yes" and info["name"] == "boma-it"
-    assert ivm.parse_name_list("a\n\n b \n") == ["a", "b"]
-
-
-# ---- ansible output ---------------------------------------------------------------------
-REAL = (FIXTURES / "ansible-verify-loop.txt").read_text()
-VM = "boma-it-askari-1234abcd"
-
-
-def test_parse_recap_real_output():
-    assert ivm.parse_recap(REAL) == {
-        VM: {
-            "ok": 4,
-            "changed": 2,
-            "unreachable": 0,
-            "failed": 1,
-            "skipped": 0,
-            "rescued": 0,
-            "ignored": 1,
-        }
-    }
-
-
-def test_parse_recap_sums_several_plays_and_hosts():
-    out = (
-        "h1 : ok=1 changed=1 unreachable=0 failed=0\n"
-        "h2 : ok=1 changed=0 unreachable=0 failed=0 skipped=1 rescued=0 ignored=0\n"
-        "h1 : ok=2 changed=3 unreachable=0 failed=0 skipped=0 rescued=0 ignored=0\n"
-    )
-    r = ivm.parse_recap(out)
-    assert r["h1"]["changed"] == 4 and r["h1"]["ok"] == 3 and r["h2"]["skipped"] == 1
-
-
-def test_parse_task_results_real_output():
-    tasks = {t[0]: t for t in ivm.parse_task_results(REAL, VM)}
-    assert tasks["Probe something"][1] == "ok"
-    assert tasks["Change one thing"][1] == "changed"
-    assert tasks["Ignored failure"][1] == "ok"  # ...ignoring
-    name = "Assert the host's outcomes after the reboot"
-    assert tasks[name][1] == "failed"
-    assert [(lb, st) for lb, st, _ in tasks[name][3]] == [
-        ("nftables enabled and active", "ok"),
-        ("forward chain admits container traffic", "failed"),
-        ("published :443 answers from the controller", "failed"),
-    ]
-    assert (
-        tasks[name][3][1][2]
-        == "FAILED forward chain admits container traffic: pure drop (no accept)"
-    )
-    assert ivm.failed_task_names(REAL, VM) == [name]
-    assert ivm.parse_task_results(REAL, "some-other-host")[0][1] == "skipped"
-
-
-def test_verify_checks_expand_loop_items():
-    checks = ivm.verify_checks(REAL, VM)
-    failed = [n for n, s, _ in checks if s == "failed"]
-    assert failed == [
-        "forward chain admits container traffic",
-        "published :443 answers from the controller",
-    ]
-    assert ("a", "ok", "") in checks and ("Change one thing", "changed", "") in checks
-
-
-def test_parse_task_results_fatal_single_line_and_delegation():
-    out = (
-        "TASK [Probe :443] ***\n"
-        'fatal: [vm -> localhost]: FAILED! => {"changed": false, "msg": "Connection timed out"}\n'
-        "TASK [next] ***\nskipping: [vm]\n"
-    )
-    (t1, t2) = ivm.parse_task_results(out, "vm")
-    assert t1[:3] == ("Probe :443", "failed", "Connection timed out")
-    assert t2[1] == "skipped"
-
-
-# ---- results / summary / junit -------------------------------------------------------
-def _result(**kw):
-    r = ivm.new_result("cycle", "askari")
-    r.update(vm="boma-it-askari-1a2b3c4d", accel="tcg", total_seconds=412.3, verdict="pass")
-    r["phase_details"] = [
-        {"name": "image", "seconds": 0.2, "status": "pass"},
-        {"name": "boot", "seconds": 31.0, "status": "pass"},
-        {"name": "apply:site.yml", "seconds": 200.0, "status": "pass"},
-        {"name": "apply:offsite.yml", "seconds": 50.0, "status": "pass"},
-        {"name": "reboot:graceful", "seconds": 28.0, "status": "pass"},
-        {"name": "verify", "seconds": 12.0, "status": "pass"},
-        {"name": "teardown", "seconds": 2.0, "status": "pass"},
-    ]
-    r.update(kw)
-    return r
-
-
-def test_result_shape_is_json_and_has_the_agreed_keys():
-    r = ivm.new_result("cycle", "askari")
-    json.dumps(r)
-    for k in (
-        "verdict",
-        "failed_stage",
-        "phases",
-        "phase_details",
-        "vm",
-        "ip",
-        "accel",
-        "diagnostics",
-        "exit_code",
-        "failures",
-        "verify_tasks",
-        "total_seconds",
-    ):
-        assert k in r
-
-
-def test_phase_totals_group_families():
-    t = ivm.phase_totals(_result()["phase_details"])
-    assert t == {
-        "image": 0.2,
-        "boot": 31.0,
-        "apply": 250.0,
-        "reboot": 28.0,
-        "verify": 12.0,
-        "teardown": 2.0,
-    }
-    assert list(t) == ["image", "boot", "apply", "reboot", "verify", "teardown"]
-
-
-def test_format_summary_pass():
-    assert ivm.format_summary(_result()) == (
-        "integration-vm: PASS askari boma-it-askari-1a2b3c4d accel=tcg total=412s "
-        "(image 0s, boot 31s, apply 250s, reboot 28s, verify 12s, teardown 2s)"
-    )
-
-
-def test_format_summary_failure_names_stage():
-    s = ivm.format_summary(_result(verdict="error", failed_stage="dhcp-lease", vm=None))
-    assert s.startswith("integration-vm: ERROR[dhcp-lease] askari - accel=tcg")
-
-
-def test_format_bench_table():
-    t = ivm.format_bench_table(_result())
-    lines = t.splitlines()
-    assert lines[0].split() == ["phase", "seconds", "status"]
-    assert lines[3].split() == ["apply:site.yml", "200.0", "pass"]
-    assert lines[-1].split() == ["total", "412.3", "pass"]
-
-
-def test_render_junit_well_formed_with_failures():
-    r = _result(verdict="fail", failed_stage="verify")
-    r["phase_details"][5].update(status="fail", message="verify playbook failed at: x")
-    r["verify_tasks"] = [
-        {"name": "docker <active>", "status": "ok", "message": ""},
-        {"name": "published :443", "status": "failed", "message": "timed out & dead"},
-    ]
-    root = ET.fromstring(ivm.render_junit(r))
-    suite = root.find("testsuite")
-    assert suite.get("name") == "integration-vm.askari"
-    assert suite.get("tests") == "9" and suite.get("failures") == "2" and suite.get("errors") == "0"
-    cases = {c.get("name"): c for c in suite.iter("testcase")}
-    assert cases["verify: published :443"].find("failure").get("message") == "timed out & dead"
-    assert cases["boot"].find("failure") is None and cases["boot"].get("time") == "31.000"
-
-
-def test_render_junit_infra_error_without_phases():
-    r = ivm.new_result("cycle", "askari")
-    r.update(verdict="error", failed_stage="libvirt", message="libvirtd not reachable")
-    suite = ET.fromstring(ivm.render_junit(r)).find("testsuite")
-    assert suite.get("errors") == "1"
-    assert suite.find("testcase").get("name") == "libvirt"
-
-
-# ---- accelerator ------------------------------------------------------------------------
-@pytest.mark.parametrize(
-    "out,verdict",
-    [
-        ("[0.9] VFS: Cannot open root device\n[0.9] Kernel panic - not syncing", "kvm"),
-        ("Kernel panic - not syncing: Unable to mount root fs", "kvm"),
-        ("KVM internal error. Suberror: 1\nemulation failure\n", "tcg"),
-        ("qemu: Could not access KVM kernel module: Permission denied", "tcg"),
-        ("qemu-system-x86_64: failed to initialize kvm: No such file", "tcg"),
-        ("[0.1] Linux version 6.1\n", "tcg"),
-        ("", "tcg"),
-    ],
-)
-def test_classify_accel_probe(out, verdict):
-    assert ivm.classify_accel_probe(out)[0] == verdict
-
-
-def test_classify_accel_probe_timeout_reason():
-    assert "within 30s" in ivm.classify_accel_probe("", timed_out=True, bound=30)[1]
-
-
-def test_accel_probe_argv():
-    a = ivm.accel_probe_argv("/img/vmlinuz")
-    assert a[:3] == ["qemu-system-x86_64", "-accel", "kvm"]
-    assert a[a.index("-kernel") + 1] == "/img/vmlinuz" and "-no-reboot" in a
-    assert "root=/dev/nonexistent" in a[a.index("-append") + 1]
-
-
-@pytest.mark.parametrize(
-    "mode,gid,kvm_gid,ok",
-    [
-        (0o020666, 0, 108, True),
-        (0o020660, 108, 108, True),
-        (0o020660, 0, 108, False),
-        (0o020600, 0, 108, False),
-        (0o020660, 108, None, False),
-    ],
-)
-def test_kvm_group_accessible(mode, gid, kvm_gid, ok):
-    assert ivm.kvm_group_accessible(mode, gid, kvm_gid) is ok
-
-
-def test_stage_bounds_scale_for_tcg_and_env_wins():
-    kvm = ivm.stage_bounds("kvm", {})
-    tcg = ivm.stage_bounds("tcg", {"BOMA_IT_TIMEOUT_DHCP_LEASE": "7"})
-    assert tcg["cloud-init"] == kvm["cloud-init"] * ivm.TCG_SCALE
-    assert tcg["virsh"] == kvm["virsh"] and tcg["dhcp-lease"] == 7.0
-
-
-# ---- golden image recipe ------------------------------------------------------------------
-def test_image_packages_cover_the_recipe():
-    pk = ivm.image_packages()
-    for p in (
-        "linux-image-cloud-amd64",
-        "systemd-sysv",
-        "systemd-resolved",
-        "udev",
-        "openssh-server",
-        "cloud-init",
-        "python3",
-        "python3-apt",
-        "sudo",
-        "nftables",
-        "ca-certificates",
-        "iproute2",
-        "curl",
-        "less",
-    ):
-        assert p in pk
-    assert pk == sorted(set(pk)) and "ifupdown" not in pk
-
-
-def test_seal_spec_contents():
-    s = ivm.seal_spec()
-    f = s["files"]
-    assert "[Match]\nName=en* eth*" in f["etc/systemd/network/10-dhcp.network"]
-    assert "ClientIdentifier=mac" in f["etc/systemd/network/10-dhcp.network"]
-    assert f["etc/machine-id"] == ""
-    assert f["etc/fstab"] == "LABEL=root / ext4 defaults 0 1\n"
-    cfg = f["etc/cloud/cloud.cfg.d/90-boma.cfg"]
-    assert "datasource_list: [NoCloud, None]" in cfg and "resize_rootfs: false" in cfg
-    assert "growpart" in cfg
-    assert "etc/ssh/ssh_host_*" in s["remove_globs"]
-    links = s["symlinks"]
-    assert links["etc/systemd/system/multi-user.target.wants/systemd-networkd.service"].endswith(
-        "/systemd-networkd.service"
-    )
-    assert "etc/systemd/system/multi-user.target.wants/systemd-resolved.service" in links
-
-
-def test_image_key_is_stable():
-    assert ivm.image_key(ivm.image_inputs()) == ivm.image_key(ivm.image_inputs())
-    assert len(ivm.image_key(ivm.image_inputs())) == 16
-
-
-@pytest.mark.parametrize(
-    "mutate",
-    [
-        lambda i: i.update(suite="forky"),
-        lambda i: i.update(mirror="http://mirror.example/debian"),
-        lambda i: i.update(packages=i["packages"] + ["vim"]),
-        lambda i: i["seal"]["files"].update({"etc/fstab": "x"}),
-        lambda i: i["seal"]["symlinks"].pop("etc/resolv.conf"),
-        lambda i: i.update(recipe_version=i["recipe_version"] + 1),
-        lambda i: i.update(disk_size="16G"),
-        lambda i: i.update(kernel_args="quiet"),
-    ],
-)
-def test_image_key_changes_with_each_input(mutate):
-    inputs = ivm.image_inputs()
-    before = ivm.image_key(inputs)
-    mutate(inputs)
-    assert ivm.image_key(inputs) != before
-
-
-def test_fetch_key_differs_from_build_key():
-    assert ivm.image_key(ivm.fetch_inputs()) != ivm.image_key(ivm.image_inputs())
-
-
-def test_image_build_argv():
-    a = ivm.mmdebstrap_argv("trixie", "/t/root", "http://deb.debian.org/debian", ["a", "b"])
-    assert a[0] == "mmdebstrap" and "--variant=minbase" in a and "--include=a,b" in a
-    assert a[-3:] == ["trixie", "/t/root", "http://deb.debian.org/debian"]
-    assert ivm.mkfs_argv("/t/root", "/t/disk.raw") == [
-        "mkfs.ext4",
-        "-q",
-        "-F",
-        "-L",
-        "root",
-        "-d",
-        "/t/root",
-        "/t/disk.raw",
-    ]
-    assert ivm.qemu_img_convert_argv("/t/r", "/t/q") == [
-        "qemu-img",
-        "convert",
-        "-O",
-        "qcow2",
-        "/t/r",
-        "/t/q",
-    ]
-
-
-def test_size_bytes():
-    assert ivm.size_bytes("8G") == 8 * 1024**3 and ivm.size_bytes("512") == 512
-    with pytest.raises(ValueError):
-        ivm.size_bytes("8 GB")
-
-
-def test_find_boot_file_resolves_symlink_inside_root(tmp_path):
-    (tmp_path / "boot").mkdir()
-    (tmp_path / "boot" / "vmlinuz-6.12.9-cloud-amd64").write_text("new")
-    (tmp_path / "boot" / "vmlinuz-6.12.10-cloud-amd64").write_text("newer")
-    assert ivm.find_boot_file(tmp_path, "vmlinuz", "vmlinuz").name == "vmlinuz-6.12.10-cloud-amd64"
-    (tmp_path / "vmlinuz").symlink_to("/boot/vmlinuz-6.12.9-cloud-amd64")  # absolute: re-rooted
-    assert (
-        ivm.find_boot_file(tmp_path, "vmlinuz", "vmlinuz")
-        == tmp_path / "boot" / "vmlinuz-6.12.9-cloud-amd64"
-    )
-    assert ivm.find_boot_file(tmp_path, "initrd.img", "initrd.img") is None
-
-
-def test_apply_seal(tmp_path):
-    (tmp_path / "etc" / "ssh").mkdir(parents=True)
-    (tmp_path / "etc" / "ssh" / "ssh_host_rsa_key").write_text("k")
-    (tmp_path / "etc" / "ssh" / "sshd_config").write_text("c")
-    (tmp_path / "etc" / "machine-id").write_text("abc\n")
-    (tmp_path / "etc" / "resolv.conf").write_text("nameserver 1.1.1.1\n")
-    ivm.apply_seal(tmp_path, ivm.seal_spec())
-    assert not (tmp_path / "etc" / "ssh" / "ssh_host_rsa_key").exists()
-    assert (tmp_path / "etc" / "ssh" / "sshd_config").exists()
-    assert (tmp_path / "etc" / "machine-id").read_text() == ""
-    assert (tmp_path / "etc" / "resolv.conf").is_symlink()
-    assert (tmp_path / "etc" / "systemd" / "network" / "10-dhcp.network").is_file()
-    ivm.apply_seal(tmp_path, ivm.seal_spec())  # idempotent
-
-
-def test_expected_sha():
-    text = "abc123  debian-13-genericcloud-amd64.qcow2\ndef456 *other.raw\nbad line here x\n"
-    assert ivm._expected_sha(text, "debian-13-genericcloud-amd64.qcow2") == "abc123"
-    assert ivm._expected_sha(text, "other.raw") == "def456"
-    assert ivm._expected_sha(text, "missing.qcow2") is None
-
-
-# ---- the process runner (real /bin processes, no hypervisor) ------------------------------
-def test_run_times_out_and_kills_the_group():
-    import time
-
-    t0 = time.monotonic()
-    r = ivm.run([sys_executable(), "-c", "import time; time.sleep(30)"], timeout=0.5)
-    assert r.timed_out and r.returncode == 124 and time.monotonic() - t0 < 0.5 + 3.5
-
-
-def test_run_missing_tool_is_infra_error():
-    with pytest.raises(ivm.InfraError) as e:
-        ivm.run(["definitely-not-a-tool-xyz"], timeout=5)
-    assert e.value.stage == "tools" and e.value.exit_code == 3
-
-
-def test_run_check_names_stage():
-    with pytest.raises(ivm.InfraError) as e:
-        ivm.run(
-            [sys_executable(), "-c", "import sys; sys.stderr.write('boom\\n'); sys.exit(4)"],
-            timeout=10,
-            check=True,
-            stage="boot",
-        )
-    assert e.value.stage == "boot" and "exit 4" in e.value.msg and "boom" in e.value.msg
-
-
-def test_run_stream_log_tees(tmp_path, capsys):
-    log = tmp_path / "p.log"
-    r = ivm.run(
-        [sys_executable(), "-c", "print('hello'); import sys; print('err', file=sys.stderr)"],
-        timeout=10,
-        stream_log=log,
-    )
-    assert "hello" in r.stdout and "err" in r.stdout
-    assert "hello" in log.read_text() and "hello" in capsys.readouterr().err
-
-
-def sys_executable():
-    import sys
-
-    return sys.executable
-
-
-# ---- rendered YAML parses to the intended structure (PyYAML comes with ansible in the
-# venv; the DRIVER never imports it) -----------------------------------------------------
-def test_rendered_inventory_is_valid_yaml():
-    yaml = pytest.importorskip("yaml")
-    args = ivm.ansible_ssh_args("/r un/vm", "vm")
-    inv = yaml.safe_load(
-        ivm.render_run_hosts(
-            "boma-it-a-1",
-            "192.168.150.9",
-            "ansible",
-            ["offsite_hosts", "docker_hosts"],
-            host_vars={"ansible_ssh_common_args": args},
-        )
-    )
-    for g in ("offsite_hosts", "docker_hosts"):
-        hosts = inv["all"]["children"][g]["hosts"]
-        assert list(hosts) == ["boma-it-a-1"]
-        assert hosts["boma-it-a-1"]["ansible_ssh_common_args"] == args
-        assert hosts["boma-it-a-1"]["ansible_host"] == "192.168.150.9"
-
-
-def test_rendered_user_data_is_valid_cloud_config():
-    yaml = pytest.importorskip("yaml")
-    priv = "-----BEGIN OPENSSH PRIVATE KEY-----\nAAAA\n-----END OPENSSH PRIVATE KEY-----\n"
-    ud = yaml.safe_load(ivm.render_user_data("ssh-ed25519 C c", "ansible", priv, "ssh-ed25519 H h"))
-    assert ud["users"][0]["name"] == "ansible"
-    assert ud["users"][0]["ssh_authorized_keys"] == ["ssh-ed25519 C c"]
-    assert ud["ssh_keys"]["ed25519_private"] == priv
-    assert ud["ssh_keys"]["ed25519_public"] == "ssh-ed25519 H h"
-    assert ud["ssh_genkeytypes"] == ["ed25519"] and ud["manage_etc_hosts"] is True
-    md = yaml.safe_load(ivm.render_meta_data("iid-x", "boma-it-x"))
-    assert md == {"instance-id": "iid-x", "local-hostname": "boma-it-x"}
-
-
-def test_cloud_cfg_is_valid_yaml():
-    yaml = pytest.importorskip("yaml")
-    cfg = yaml.safe_load(ivm.CLOUD_CFG)
-    assert cfg["datasource_list"] == ["NoCloud", "None"]
-    assert cfg["growpart"]["mode"] == "off" and cfg["resize_rootfs"] is False
-    assert cfg["network"]["config"] == "disabled"
-
-
-# ---- what a reboot changed (issue 5) -------------------------------------------------
 GUEST = FIXTURES / "guest"
+
 NONCE = "0123456789ab"
+
+
+def _profile(h, name, **extra):
+    (h.repo / "tests" / "integration" / "profiles" / f"{name}.json").write_text(
+        json.dumps({**ASKARI, **extra})
+    )
+
+
+def test_reboot_diff_unexpected_change_fails_and_keeps_the_vm(h):
+    p = h.run(
+        "cycle",
+        "--host",
+        "askari",
+        "--junit",
+        str(h.tmp / "j.xml"),
+        FAKE_REBOOT_CHANGE="forward-accept-gone,port-443-gone",
+    )
+    assert p.returncode == 1, p.stderr
+    assert "Traceback" not in p.stderr
+    (res,) = h.results()
+    assert res["verdict"] == "fail" and res["failed_stage"] == "reboot-diff" and res["kept"]
+    assert h.domains()[res["vm"]]["state"] == "running"
+    lost_accept = "nft: - rule inet filter forward: meta iifname docker0 accept"
+    assert (
+        lost_accept in res["message"]
+        and "sockets: - tcp 0.0.0.0:443 docker-proxy" in res["message"]
+    )
+    assert lost_accept in res["failures"]
+    assert p.stdout.strip().splitlines()[-1].startswith("integration-vm: FAIL[reboot-diff] askari")
+    verdict = [ln for ln in p.stderr.splitlines() if ln.startswith("integration-vm: verify failed")]
+    assert (
+        len(verdict) == 1 and "12 unexpected difference(s) across the graceful reboot" in verdict[0]
+    )
+    assert not [c for c in h.calls("ansible-playbook") if c["playbook"].endswith("verify.yml")]
+    (diff,) = res["reboot_diffs"]
+    assert diff["changed"] and diff["recaptured"] and len(diff["unexpected"]) == 12
+    assert diff["categories"]["nft"] == {"added": 0, "removed": 4}
+    assert diff["categories"]["ports"] == {"added": 0, "removed": 4}
+    assert diff["categories"]["sockets"] == {"added": 0, "removed": 4}
+    # diagnostics: the forward chain as it stood before and after, and the diff
+    diag = pathlib.Path(res["diagnostics"])
+    rd = diag / "reboot-1-graceful"
+    assert 'iifname "docker0" accept' in (rd / "before" / "nft-ruleset.txt").read_text()
+    text = (rd / "diff.txt").read_text()
+    assert (
+        "UNEXPECTED (12;" in text
+        and "\n-rule inet filter forward: meta iifname docker0 accept\n" in text
+    )
+    assert (rd / "after-first" / "nft.json").is_file()  # captured twice before failing
+    assert "reboot-1-graceful/diff.txt" in (diag / "SUMMARY.txt").read_text()
+    case = [
+        tc
+        for tc in ET.parse(h.tmp / "j.xml").getroot().iter("testcase")
+        if tc.get("name") == "reboot-diff:graceful"
+    ][0]
+    failure = case.find("failure")
+    assert failure.get("message").startswith("12 unexpected difference(s)")
+    assert lost_accept in failure.text.splitlines()
+
+
+def test_reboot_diff_tolerated_change_passes(h):
+    _profile(h, "askari", reboot_diff_tolerate={"sockets": ["dhclient"]})
+    p = h.run("cycle", "--host", "askari", FAKE_REBOOT_CHANGE="dhclient")
+    assert p.returncode == 0, p.stderr
+    (res,) = h.results()
+    (diff,) = res["reboot_diffs"]
+    assert diff["changed"] is True and diff["unexpected"] == [] and not diff["recaptured"]
+    assert diff["tolerated"] == ["sockets: + udp 0.0.0.0:68 dhclient"]
+    assert "1 tolerated difference(s)" in p.stderr
+
+
+def test_reboot_diff_warn_reports_without_failing(h):
+    p = h.run(
+        "cycle",
+        "--host",
+        "askari",
+        "--reboot-diff",
+        "warn",
+        "--no-idempotence",
+        "--junit",
+        str(h.tmp / "j.xml"),
+        FAKE_REBOOT_CHANGE="service-inactive",
+    )
+    assert p.returncode == 0, p.stderr
+    (res,) = h.results()
+    (diff,) = res["reboot_diffs"]
+    assert diff["unexpected"] == [
+        "services: - docker.service active",
+        "services: + docker.service inactive",
+    ]
+    assert "warning (--reboot-diff=warn)" in p.stderr
+    case = [
+        tc
+        for tc in ET.parse(h.tmp / "j.xml").getroot().iter("testcase")
+        if tc.get("name") == "reboot-diff:graceful"
+    ][0]
+    assert (
+        case.find("failure") is None and "docker.service inactive" in case.find("system-out").text
+    )
+
+
+def test_reboot_diff_settles_a_late_port(h):
+    p = h.run("cycle", "--host", "askari", "--no-idempotence", FAKE_REBOOT_CHANGE="late-443")
+    assert p.returncode == 0, p.stderr
+    (res,) = h.results()
+    (diff,) = res["reboot_diffs"]
+    assert diff["recaptured"] and diff["changed"] is False and diff["unexpected"] == []
+    rd = pathlib.Path(diff["dir"])
+    assert "gone by the second capture: 8" in (rd / "diff.txt").read_text()
+    assert "tcp 0.0.0.0:443 docker-proxy" not in (rd / "after-first" / "sockets.json").read_text()
+    assert "tcp 0.0.0.0:443 docker-proxy" in (rd / "after" / "sockets.json").read_text()
+
+
+def test_profile_reboot_list_runs_graceful_then_hard_with_a_diff_each(h):
+    _profile(h, "askari", reboot=["graceful", "hard"])
+    p = h.run("cycle", "--host", "askari", "--no-idempotence", "--junit", str(h.tmp / "j.xml"))
+    assert p.returncode == 0, p.stderr
+    cmds = [a[0] for a in h.virsh_cmds()]
+    i = cmds.index("reboot")
+    j = cmds.index("destroy", i)
+    assert cmds.index("start", j) > j > i  # graceful first, then the power cut
+    (res,) = h.results()
+    assert res["reboot_modes"] == ["graceful", "hard"]
+    assert [(d["index"], d["mode"], d["changed"]) for d in res["reboot_diffs"]] == [
+        (1, "graceful", False),
+        (2, "hard", False),
+    ]
+    assert [pathlib.Path(d["dir"]).name for d in res["reboot_diffs"]] == [
+        "reboot-1-graceful",
+        "reboot-2-hard",
+    ]
+    for d in res["reboot_diffs"]:
+        assert pathlib.Path(d["diff"]).is_file()
+    run_json = json.loads((h.run_root / res["vm"] / "run.json").read_text())
+    assert len(run_json["boot_ids"]) == 3 and len(set(run_json["boot_ids"])) == 3
+    assert [r["mode"] for r in run_json["reboots"]] == ["graceful", "hard"]
+    names = [tc.get("name") for tc in ET.parse(h.tmp / "j.xml").getroot().iter("testcase")]
+    reboots = [n for n in names if n.startswith("reboot")]
+    assert reboots == ["reboot:graceful", "reboot-diff:graceful", "reboot:hard", "reboot-diff:hard"]
+    assert names.index("reboot-diff:hard") < names.index("verify")
+
+
+def test_state_capture_failure_is_an_infra_error(h):
+    p = h.run("cycle", "--host", "askari", FAKE_CAPTURE_FAIL="1")
+    assert p.returncode == 3, p.stderr
+    line = assert_one_line_error(p)
+    assert line.startswith("integration-vm: error: reboot: could not capture the guest's state")
+    assert "a password is required" in line
+    assert h.domains() == {}
 
 
 def _nft_items():
@@ -1716,37 +862,6 @@ def test_check_tolerance_spec_rejects(value, needle):
     ivm.check_tolerance_spec(["dhclient"], "p")
 
 
-def test_load_profile_checks_tolerance_and_reboot_list(tmp_path):
-    _write_profile_repo(
-        tmp_path,
-        {
-            "a": {
-                "groups": ["g"],
-                "applies": [{"playbook": "site.yml"}],
-                "reboot": ["graceful", "hard"],
-                "reboot_diff_tolerate": {"sockets": ["dhclient"]},
-            },
-            "b": {"extends": "a", "reboot_diff_tolerate": {"x": []}},
-        },
-    )
-    prof = ivm.load_profile("a", tmp_path / "tests/integration/profiles", tmp_path)
-    assert prof["reboot"] == ["graceful", "hard"]
-    assert prof["reboot_diff_tolerate"] == {"sockets": ["dhclient"]}
-    with pytest.raises(ivm.UsageError) as e:
-        ivm.load_profile("b", tmp_path / "tests/integration/profiles", tmp_path)
-    assert "b.json: key 'reboot_diff_tolerate' has unknown categories" in str(e.value)
-
-
-def _write_profile_repo(root, profiles):
-    pdir = root / "tests" / "integration" / "profiles"
-    pdir.mkdir(parents=True)
-    (root / "tests" / "integration" / "verify.yml").write_text("---\n")
-    (root / "playbooks").mkdir()
-    (root / "playbooks" / "site.yml").write_text("---\n")
-    for name, data in profiles.items():
-        (pdir / f"{name}.json").write_text(json.dumps(data))
-
-
 def _states():
     before = {
         "boot_id": "aaaa",
@@ -1798,51 +913,6 @@ def test_render_state_diff_and_summary(tmp_path):
     assert ivm.reboot_diff_summary("graceful", 1, same, [], [], tmp_path)["changed"] is False
 
 
-def test_render_junit_reboot_diff_failure_detail_and_warning_note():
-    r = _result(verdict="fail", failed_stage="reboot-diff")
-    r["phase_details"][4:] = [
-        {"name": "reboot:graceful", "seconds": 20.0, "status": "pass"},
-        {
-            "name": "reboot-diff:graceful",
-            "seconds": 0.1,
-            "status": "pass",
-            "message": "1 unexpected difference(s) (warn)",
-        },
-        {"name": "reboot:hard", "seconds": 8.0, "status": "pass"},
-        {
-            "name": "reboot-diff:hard",
-            "seconds": 0.2,
-            "status": "fail",
-            "message": "2 unexpected difference(s) across the hard reboot: a; b",
-            "detail": "nft: - rule a\nports: - caddy 0.0.0.0:443->443/tcp",
-        },
-    ]
-    suite = ET.fromstring(ivm.render_junit(r)).find("testsuite")
-    cases = {c.get("name"): c for c in suite.iter("testcase")}
-    assert list(cases)[4:] == [
-        "reboot:graceful",
-        "reboot-diff:graceful",
-        "reboot:hard",
-        "reboot-diff:hard",
-    ]
-    f = cases["reboot-diff:hard"].find("failure")
-    assert f.get("message").startswith("2 unexpected difference(s) across the hard reboot")
-    assert f.text == "nft: - rule a\nports: - caddy 0.0.0.0:443->443/tcp"
-    note = cases["reboot-diff:graceful"]
-    assert note.find("failure") is None and "(warn)" in note.find("system-out").text
-    assert suite.get("failures") == "1"
-
-
-def test_result_has_reboot_diffs_and_settle_bound():
-    assert ivm.new_result("cycle")["reboot_diffs"] == []
-    b = ivm.stage_bounds("tcg", {})
-    assert b["reboot-settle"] == ivm.DEFAULT_BOUNDS["reboot-settle"] * ivm.TCG_SCALE
-    assert ivm.stage_bounds("kvm", {"BOMA_IT_TIMEOUT_REBOOT_SETTLE": "0"})["reboot-settle"] == 0
-
-
-# ---- where a boot's time went (systemd-analyze) --------------------------------------
-
-
 @pytest.mark.parametrize(
     "text,secs",
     [
@@ -1890,3 +960,22 @@ def test_a_capture_before_a_reboot_leaves_out_the_boot_analysis(tmp_path):
     assert p.returncode == 0 and "nft_json" in secs and "enabled_active" in secs
     assert not {"boot_time", "boot_blame", "boot_chain"} & set(secs)
     assert ivm.normalise_capture(secs)["boot"] is None
+
+
+def test_a_cycle_with_two_reboots_captures_three_times_not_four(hc):
+    prof = hc.repo / "tests" / "integration" / "profiles" / "askari.json"
+    data = json.loads(prof.read_text())
+    data["reboot"] = ["graceful", "hard"]
+    prof.write_text(json.dumps(data))
+    p, r = ran(hc, "cycle", "--host", "askari", "--no-checkpoints")
+    assert p.returncode == 0, p.stderr
+    captures = [c for c in hc.calls("ssh") if "sudo -n sh -s" in c["argv"]]
+    assert len(captures) == 3  # the graceful reboot's `after` is the hard one's `before`
+    # only the captures after a boot run systemd-analyze (a before describes the old boot);
+    # the hard reboot's before IS the graceful one's after, analysis included
+    d = hc.diag / r["vm"]
+    assert not (d / "reboot-1-graceful" / "before" / "boot-analysis.txt").exists()
+    for side in ("reboot-1-graceful/after", "reboot-2-hard/before", "reboot-2-hard/after"):
+        assert (d / side / "boot-analysis.txt").is_file(), side
+    assert [d["mode"] for d in r["reboot_diffs"]] == ["graceful", "hard"]
+    assert all(d["unexpected"] == [] for d in r["reboot_diffs"])

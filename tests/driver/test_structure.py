@@ -1,15 +1,15 @@
-"""The driver's structural rules, read from its source (AST), not by running it: processes
-start only in the process section (`run` and its helpers), and no function runs over 60
-lines. See the module docstring of scripts/integration-vm.py."""
+"""The driver's structure: processes start only in the process section (an AST scan), and
+no function is over 60 lines.
+"""
 
 import ast
-import pathlib
 
-DRIVER = pathlib.Path(__file__).resolve().parent.parent / "scripts" / "integration-vm.py"
+from conftest import DRIVER
 
 # The functions of the driver's "Processes" section: the only ones that may touch
 # subprocess (run() starts, _start() spawns, _kill_group() reaps).
 PROCESS_FUNCTIONS = {"run", "_start", "_kill_group"}
+
 MAX_FUNCTION_LINES = 60
 
 _OS_STARTERS = ("system", "popen", "exec", "spawn", "posix_spawn", "fork")

@@ -1,0 +1,143 @@
+"""CLI: the parser, its usage errors and help text."""
+
+import json
+import shutil
+
+import pytest
+from conftest import ASKARI, DRIVER, assert_nothing_created, assert_one_line_error
+
+
+@pytest.mark.parametrize(
+    "setup,args,code,needle",
+    [
+        (
+            None,
+            ["cycle", "--host", "nosuch"],
+            2,
+            "no profile tests/integration/profiles/nosuch.json (known: askari, askari-regression)",
+        ),
+        ("badjson", ["cycle", "--host", "broken"], 2, "broken.json: invalid JSON at line 3"),
+        ("missingkey", ["cycle", "--host", "broken"], 2, "missing required key 'applies'"),
+        ("badtype", ["cycle", "--host", "broken"], 2, "key 'mem_mib' must be int"),
+        (
+            "badplaybook",
+            ["cycle", "--host", "broken"],
+            2,
+            "playbooks/nope.yml, which does not exist",
+        ),
+        ("badextends", ["cycle", "--host", "broken"], 2, "key 'extends' names 'ghost'"),
+        (
+            None,
+            ["cycle", "--host", "askari", "--certs", "le-prod-wildcard"],
+            2,
+            "--allow-prod-certs",
+        ),
+        (None, ["cycle", "--host", "Bad/Name"], 2, "invalid host name"),
+        ("notool", ["cycle", "--host", "askari"], 3, "required tool 'cloud-localds' not found"),
+        ("libvirtdown", ["cycle", "--host", "askari"], 3, "libvirtd not reachable at test:///fake"),
+        ("lowram", ["up", "--host", "askari"], 3, "MemAvailable"),
+        ("noansible", ["cycle", "--host", "askari"], 3, "ansible-playbook not found"),
+        (
+            "novault",
+            ["cycle", "--host", "askari", "--certs", "le-staging"],
+            2,
+            "--certs le-staging needs the production vault password (scripts/vault-password.sh: "
+            "vault-password: no vault password",
+        ),
+    ],
+)
+def test_bad_input(h, setup, args, code, needle):
+    prof = h.repo / "tests" / "integration" / "profiles" / "broken.json"
+    env = {}
+    if setup == "badjson":
+        prof.write_text('{\n  "groups": ["a"],\n  "applies": [}\n')
+    elif setup == "missingkey":
+        prof.write_text(json.dumps({"groups": ["a"]}))
+    elif setup == "badtype":
+        prof.write_text(json.dumps({**ASKARI, "mem_mib": "2048"}))
+    elif setup == "badplaybook":
+        prof.write_text(json.dumps({**ASKARI, "applies": [{"playbook": "nope.yml"}]}))
+    elif setup == "badextends":
+        prof.write_text(json.dumps({"extends": "ghost"}))
+    elif setup == "notool":
+        (h.bin / "cloud-localds").unlink()
+    elif setup == "libvirtdown":
+        env["FAKE_LIBVIRT_DOWN"] = "1"
+    elif setup == "lowram":
+        (h.tmp / "meminfo").write_text("MemAvailable: 2097152 kB\n")
+    elif setup == "noansible":
+        (h.bin / "ansible-playbook").unlink()
+    elif setup == "novault":  # the real client script, with no password file and no rbw
+        shutil.copy(DRIVER.parent / "vault-password.sh", h.repo / "scripts")
+        for tool in ("bash", "head"):
+            (h.bin / tool).symlink_to(shutil.which(tool))
+    p = h.run(*args, **env)
+    assert p.returncode == code, (p.returncode, p.stderr)
+    line = assert_one_line_error(p)
+    assert needle in line, line
+    assert_nothing_created(h)
+
+
+def test_unknown_cert_tier_is_argparse_exit_2(h):
+    p = h.run("cycle", "--host", "askari", "--certs", "bogus")
+    assert p.returncode == 2 and "invalid choice" in p.stderr and "Traceback" not in p.stderr
+    assert_nothing_created(h)
+
+
+def test_help_lists_exit_codes_and_subcommands(h):
+    p = h.run("--help")
+    assert p.returncode == 0
+    for needle in (
+        "exit codes:",
+        "130",
+        "verify failed",
+        "infrastructure failure",
+        "usage or configuration error",
+    ):
+        assert needle in p.stdout
+    for sub in (
+        "image",
+        "up",
+        "apply",
+        "reboot",
+        "assert",
+        "cycle",
+        "bench",
+        "loop",
+        "down",
+        "console",
+        "prune",
+        "status",
+        "doctor",
+    ):
+        assert sub in p.stdout
+        sp = h.run(sub, "--help")
+        assert sp.returncode == 0 and "exit codes:" in sp.stdout
+    cyc = h.run("cycle", "--help").stdout
+    for flag in (
+        "--host",
+        "--run",
+        "--certs",
+        "--keep",
+        "--no-reboot",
+        "--reboot",
+        "--no-idempotence",
+        "--accel",
+        "--connect",
+        "--allow-prod-certs",
+        "--junit",
+        "--reboot-diff",
+    ):
+        assert flag in cyc
+    flat = " ".join(cyc.split())
+    for needle in (
+        '"reboot": ["graceful", "hard"]',
+        "reboot_diff_tolerate",
+        "reboot_diffs",
+        "stage reboot-diff",
+        "reboot-<n>-<mode>/{before,after}/ and diff.txt",
+        "--reboot-diff=warn",
+        "an unexpected state difference across a reboot",
+    ):
+        assert needle in flat, needle
+    assert "reboot_diff_tolerate" in h.run("reboot", "--help").stdout

@@ -1,0 +1,124 @@
+"""Diagnostics and teardown: what a failed run leaves behind, how a run goes away, and the
+guards that keep teardown to the harness's own files.
+"""
+
+import json
+import os
+import pathlib
+import signal
+import time
+import xml.etree.ElementTree as ET
+
+import pytest
+from conftest import intact, victim
+
+
+def test_verify_failure_keeps_vm_and_writes_diagnostics(h):
+    p = h.run(
+        "cycle",
+        "--host",
+        "askari",
+        "--junit",
+        str(h.tmp / "j.xml"),
+        FAKE_VERIFY_FAIL="1",
+        in_process=False,
+    )  # exit status 1 from a real process
+    assert p.returncode == 1, p.stderr
+    assert "Traceback" not in p.stderr
+    (res,) = h.results()
+    assert res["verdict"] == "fail" and res["failed_stage"] == "verify"
+    assert res["failures"] == ["published :443 answers from the controller"]
+    assert res["kept"] is True
+    vm = res["vm"]
+    assert h.domains()[vm]["state"] == "running"  # kept for inspection
+    diag = pathlib.Path(res["diagnostics"])
+    assert diag == h.diag / vm
+    for f in (
+        "SUMMARY.txt",
+        "nft-ruleset.txt",
+        "nft-ruleset.json",
+        "journal-this-boot.txt",
+        "journal-previous-boot.txt",
+        "console.log",
+        "domain.xml",
+        "domifaddr.txt",
+        "net-dhcp-leases.txt",
+        "failed-units.txt",
+        "cloud-init.log",
+        "result.json",
+    ):
+        assert (diag / f).is_file(), f
+    assert "policy drop" in (diag / "nft-ruleset.txt").read_text()
+    assert "nft-ruleset.txt" in (diag / "SUMMARY.txt").read_text()
+    assert "virsh --connect test:///fake console " + vm in p.stderr
+    assert "StrictHostKeyChecking=yes" in p.stderr and "down --run " + vm in p.stderr
+    assert p.stdout.strip().splitlines()[-1].startswith("integration-vm: FAIL[verify] askari")
+    root = ET.parse(h.tmp / "j.xml").getroot()
+    failed = [tc.get("name") for tc in root.iter("testcase") if tc.find("failure") is not None]
+    assert "verify: published :443 answers from the controller" in failed
+    # the kept VM can be torn down; twice is fine
+    assert h.run("down", "--run", vm).returncode == 0
+    assert vm not in h.domains()
+    d2 = h.run("down", "--run", vm)
+    assert d2.returncode == 0 and "already down" in d2.stdout
+
+
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
+def test_interrupt_mid_apply_tears_down(h, sig):
+    proc = h.popen("cycle", "--host", "askari", FAKE_APPLY_SLEEP="60")
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline and not h.calls("ansible-playbook"):
+        time.sleep(0.05)
+    assert h.calls("ansible-playbook"), "apply never started"
+    time.sleep(0.3)
+    proc.send_signal(sig)
+    out, err = proc.communicate(timeout=30)
+    assert proc.returncode == 130, err
+    assert "Traceback" not in err
+    assert h.domains() == {}
+    assert not any((h.cache / "runs").iterdir())
+    (res,) = h.results()
+    assert res["verdict"] == "interrupted" and res["failed_stage"] == "apply:site.yml"
+    pb_pid = h.calls("ansible-playbook")[0]["pid"]
+    time.sleep(0.2)
+    with pytest.raises(ProcessLookupError):
+        os.kill(pb_pid, 0)
+
+
+def plant_run(h, dirname, data):
+    d = h.run_root / dirname
+    d.mkdir(parents=True, exist_ok=True)
+    (d / "run.json").write_text(data if isinstance(data, str) else json.dumps(data))
+    return d
+
+
+def test_prune_and_down_only_touch_the_dir_the_run_json_was_found_in(h):
+    abs_victim, rel_victim = victim(h, "abs"), victim(h, "rel")
+    rel = os.path.relpath(rel_victim, h.run_root)
+    good = {"host": "askari", "state": "up", "created_at": "2026-01-01T00:00:00+00:00"}
+    plant_run(h, "boma-it-askari-0000000a", {**good, "name": str(abs_victim)})
+    plant_run(h, "boma-it-askari-0000000b", {**good, "name": rel})
+    for i, bad in enumerate(
+        (
+            "[]",
+            "null",
+            '{"name": 5}',
+            '{"name": "boma-it-askari-0000000f"',
+            b"\xff\xfe".decode("latin-1"),
+        )
+    ):
+        plant_run(h, f"boma-it-askari-1000000{i}", bad)
+    for cmd in (
+        ["status"],
+        ["down", "--run", str(abs_victim)],
+        ["down", "--run", rel],
+        ["down"],
+        ["prune"],
+    ):
+        p = h.run(*cmd)
+        assert p.returncode in (0, 2), (cmd, p.stderr)
+        assert "Traceback" not in p.stderr, (cmd, p.stderr)
+        assert intact(abs_victim) and intact(rel_victim), cmd
+        assert not (abs_victim / "run.json").exists() and not (rel_victim / "run.json").exists()
+    assert "skipping" in p.stderr and "its name is not its directory" in p.stderr
+    assert "not a JSON object" in p.stderr

@@ -1,0 +1,83 @@
+"""The process section: `run` (bounded, its own process group, logged) and its thin wrappers."""
+
+import os
+import signal
+import subprocess
+import sys
+
+import pytest
+from conftest import ivm
+
+
+def test_virsh_argv_always_connects():
+    assert ivm.virsh_argv("qemu:///system", "domstate", "x") == [
+        "virsh",
+        "--connect",
+        "qemu:///system",
+        "domstate",
+        "x",
+    ]
+
+
+def test_run_times_out_and_kills_the_group():
+    import time
+
+    t0 = time.monotonic()
+    r = ivm.run([sys_executable(), "-c", "import time; time.sleep(30)"], timeout=0.5)
+    assert r.timed_out and r.returncode == 124 and time.monotonic() - t0 < 0.5 + 3.5
+
+
+def test_run_missing_tool_is_infra_error():
+    with pytest.raises(ivm.InfraError) as e:
+        ivm.run(["definitely-not-a-tool-xyz"], timeout=5)
+    assert e.value.stage == "tools" and e.value.exit_code == 3
+
+
+def test_run_check_names_stage():
+    with pytest.raises(ivm.InfraError) as e:
+        ivm.run(
+            [sys_executable(), "-c", "import sys; sys.stderr.write('boom\\n'); sys.exit(4)"],
+            timeout=10,
+            check=True,
+            stage="boot",
+        )
+    assert e.value.stage == "boot" and "exit 4" in e.value.msg and "boom" in e.value.msg
+
+
+def test_run_stream_log_tees(tmp_path, capsys):
+    log = tmp_path / "p.log"
+    r = ivm.run(
+        [sys_executable(), "-c", "print('hello'); import sys; print('err', file=sys.stderr)"],
+        timeout=10,
+        stream_log=log,
+    )
+    assert "hello" in r.stdout and "err" in r.stdout
+    assert "hello" in log.read_text() and "hello" in capsys.readouterr().err
+
+
+def sys_executable():
+    import sys
+
+    return sys.executable
+
+
+def test_an_interrupt_inside_popen_kills_the_child(monkeypatch):
+    started, real = [], subprocess.Popen
+
+    def popen(*a, **kw):
+        proc = real(*a, **kw)
+        started.append(proc)
+        os.kill(os.getpid(), signal.SIGINT)  # lands before Popen has returned
+        sum(range(1000))
+        return proc
+
+    monkeypatch.setattr(ivm.subprocess, "Popen", popen)
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            ivm.run([sys.executable, "-c", "import time; time.sleep(60)"], timeout=30)
+        (proc,) = started
+        assert proc.wait(timeout=10) < 0  # killed, not orphaned
+    finally:
+        for proc in started:
+            proc.kill()
+            proc.wait()
