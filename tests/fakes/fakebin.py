@@ -46,6 +46,7 @@ normalise away.
                              late-443 (port-443-gone on the first capture of a boot
                              only), dhclient (a dhclient socket appears),
                              service-inactive (docker.service inactive)
+  FAKE_REBOOT_CHANGE_FROM=N  the boot FAKE_REBOOT_CHANGE's changes start at (default 2)
   FAKE_DOCKER=absent         the guest has no docker
   FAKE_CAPTURE_FAIL=1        sudo refuses the capture script
 """

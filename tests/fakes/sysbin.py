@@ -16,6 +16,11 @@ $BOMA_IT_SYSROOT/run/<daemon>.pid and record it in the namespace they were exec'
 (FAKE_NETNS); libvirtd also starts a "dnsmasq" the same way (run/libvirt/network/boma-it.pid)
 and creates run/libvirt/libvirt-sock. Every pid a fake starts is listed in "spawned" so a
 test can kill what is left.
+
+Knobs (env):
+  FAKE_SYS_STATE=PATH  the JSON state file above (required)
+  FAKE_NETNS=NAME      the namespace a call runs in: set by `ip netns exec NAME` for the
+                       command it execs (a daemon started there is recorded under NAME)
 """
 
 import contextlib
