@@ -40,7 +40,7 @@ VENV_STAMP    := $(VENV)/.installed-$(shell sha256sum requirements.txt | cut -c1
 export PATH   := $(CURDIR)/$(VENV)/bin:$(PATH)
 export ANSIBLE_CONFIG := $(CURDIR)/ansible.cfg
 
-.PHONY: help venv lint test test-unit test-role test-all new-role deploy molecule-image \
+.PHONY: help venv lint test test-unit coverage test-role test-all new-role deploy molecule-image \
         substrate test-integration test-integration-loop test-integration-red test-vm test-integration-clean \
         bench-integration integration-status integration-doctor
 
@@ -68,6 +68,12 @@ test-unit: venv ## pytest unit tests (no hypervisor, no Docker), one worker per 
 	$(VENV)/bin/pytest -q -n auto tests
 
 test: test-unit lint ## Unit tests + lint: what CI and the README run first
+
+coverage: venv ## Unit tests under coverage.py (the driver's subprocesses too): total and per-file figures
+	rm -f .coverage .coverage.*
+	COVERAGE_FILE=$(CURDIR)/.coverage $(VENV)/bin/coverage run -m pytest -q -n auto tests
+	$(VENV)/bin/coverage combine -q
+	$(VENV)/bin/coverage report
 
 molecule-image: ## Build the local systemd Debian 13 image Molecule runs roles in (no registry)
 	scripts/build-molecule-image.sh

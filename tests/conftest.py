@@ -217,6 +217,8 @@ class Harness:
             "BOMA_IT_CHECKPOINTS": "0",
         }
         self.env.update({f"BOMA_IT_TIMEOUT_{k}": str(v) for k, v in BOUNDS.items()})
+        # `make coverage`: the driver's subprocesses measure themselves (.coveragerc)
+        self.env.update({k: v for k, v in os.environ.items() if k.startswith("COVERAGE_")})
 
     def _make_repo(self):
         r = self.repo
