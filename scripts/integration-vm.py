@@ -1615,6 +1615,85 @@ def vm_name(host, suffix=None):
     return f"{NAME_PREFIX}{host}-{suffix}"
 
 
+class JsonRecord:
+    """A JSON file's schema as a dataclass: a subclass declares every field once (name,
+    type, default). Fields in ABSENT_WHEN_NONE are left out of the JSON while None (they
+    appear once they apply). Keys a file holds that the schema does not name (an older or
+    newer harness's) are kept in `extra` and written back unchanged, unless `strict`
+    (data this harness just built), where they are an error (ValueError)."""
+
+    ABSENT_WHEN_NONE = frozenset()
+
+    @classmethod
+    def field_names(cls):
+        return [f.name for f in dataclasses.fields(cls) if f.name != "extra"]
+
+    @classmethod
+    def from_json(cls, data, strict=False):
+        known = set(cls.field_names())
+        unknown = {k: v for k, v in data.items() if k not in known}
+        if strict and unknown:
+            raise ValueError(f"{cls.__name__}: undeclared field(s) {', '.join(sorted(unknown))}")
+        record = cls(**{k: v for k, v in data.items() if k in known})
+        record.extra = unknown
+        return record
+
+    def to_json(self):
+        out = dict(self.extra)
+        for name in self.field_names():
+            value = getattr(self, name)
+            if value is not None or name not in self.ABSENT_WHEN_NONE:
+                out[name] = value
+        return out
+
+
+@dataclasses.dataclass
+class RunRecord(JsonRecord):
+    """run.json: one run's state (RunState.data holds its to_json()). .ci/run, `status`,
+    `down` and the runbook read name, host, state, ip, accel, domain and resumed_from."""
+
+    name: str
+    host: str
+    profile: str = None
+    certs: str = None
+    accel: str = None
+    mac: str = None
+    ip: str = None
+    created_at: str = None
+    owner: str = None
+    image: str = None  # the disk its overlay sits on (the golden image or a checkpoint's)
+    image_key: str = None
+    state: str = "creating"  # creating, defined|restored, booting, up, down
+    boot_ids: list = dataclasses.field(default_factory=list)
+    uri: str = None
+    mem_mib: int = None
+    vcpus: int = None
+    domain: str = None  # a resumed run's: its checkpoint's domain (else its name)
+    resumed_from: dict = None  # {stage, key, created_at} of the checkpoint it resumed
+    checkpoints_read: list = None  # the checkpoint keys its disk chain reads
+    checkpoints_taken: list = None
+    applied_steps: int = None  # playbooks already applied (a resumed checkpoint's)
+    boot_stages: dict = None  # seconds from start to each boot stage
+    reboots: list = None  # each reboot's mode, boot ids and seconds
+    kept_by: str = None  # "loop": the next run of the profile tears it down
+    down_at: str = None
+    extra: dict = dataclasses.field(default_factory=dict, repr=False)
+
+    ABSENT_WHEN_NONE = frozenset(
+        {
+            "domain",
+            "resumed_from",
+            "checkpoints_read",
+            "checkpoints_taken",
+            "applied_steps",
+            "boot_stages",
+            "reboots",
+            "kept_by",
+            "down_at",
+        }
+    )
+
+
 @dataclasses.dataclass
 class RunState:
     ctx: Ctx
@@ -1653,7 +1732,8 @@ class RunState:
 
     def save(self):
         self.dir.mkdir(parents=True, exist_ok=True)
-        write_owned(self.dir / "run.json", json.dumps(self.data, indent=2, sort_keys=True) + "\n")
+        record = RunRecord.from_json(self.data).to_json()
+        write_owned(self.dir / "run.json", json.dumps(record, indent=2, sort_keys=True) + "\n")
 
     def ssh(self, command, timeout, stage="ssh", input=None):
         return run(
@@ -1741,7 +1821,7 @@ def list_runs(ctx):
                 _SKIPPED_RUNS.add(p)
                 print(f"integration-vm: skipping {p}: {why}", file=sys.stderr)
             continue
-        runs.append(RunState(ctx, data))
+        runs.append(RunState(ctx, RunRecord.from_json(data).to_json()))
     return sorted(runs, key=lambda r: r.data.get("created_at") or "")
 
 
@@ -2026,8 +2106,9 @@ def domain_name_from_xml(domain_xml):
 
 def open_run(ctx, data, run):
     """A run's private dir (0700) and disk dir, attached to the session's `run` at once so
-    a failure anywhere after is cleaned up by down_run."""
-    rs = RunState(ctx, data)
+    a failure anywhere after is cleaned up by down_run. `data` is checked against run.json's
+    schema (RunRecord): a field it does not declare is an error."""
+    rs = RunState(ctx, RunRecord.from_json(data, strict=True).to_json())
     run.attach(rs)
     rs.dir.mkdir(parents=True, exist_ok=True)
     os.chmod(rs.dir, 0o700)
@@ -4964,38 +5045,71 @@ def file_lock(ctx, path, what):
         fh.close()
 
 
+@dataclasses.dataclass
+class ResultRecord(JsonRecord):
+    """result.json (schema 1), what .ci/run, the bench tables and the runbook read.
+    `phases` maps a phase family (image, boot, apply, reboot, verify, idempotence,
+    teardown) to seconds; `phase_details` keeps each step (apply:site.yml, reboot:hard
+    ...) with its status; `failures` are the failing verify (or idempotence) task names;
+    `failed_stage` names where a non-pass stopped."""
+
+    command: str
+    schema: int = 1
+    verdict: str = None  # pass | fail | error | interrupted
+    exit_code: int = None
+    failed_stage: str = None
+    message: str = ""
+    host: str = None
+    vm: str = None  # the run's name
+    ip: str = None
+    accel: str = None
+    certs: str = None
+    reboot_modes: list = dataclasses.field(default_factory=list)
+    reboot_diffs: list = dataclasses.field(default_factory=list)
+    phases: dict = dataclasses.field(default_factory=dict)
+    phase_details: list = dataclasses.field(default_factory=list)
+    failures: list = dataclasses.field(default_factory=list)
+    verify_tasks: list = dataclasses.field(default_factory=list)
+    idempotence: dict = None
+    diagnostics: str = None
+    run_dir: str = None
+    started_at: str = None
+    finished_at: str = None
+    total_seconds: float = None
+    kept: bool = False
+    expect_fail: object = False  # False, or the stage --expect-fail names
+    domain: str = None  # the libvirt domain (a resumed run's is its checkpoint's)
+    ansible_strategy: dict = None  # the strategy_choice() its applies used
+    boot_stages: dict = None
+    reboot_stages: list = None  # each reboot's seconds to ssh and to running
+    warnings: list = None  # slow-boot warnings
+    checkpoints: dict = None  # {"chain": [{stage, key, ...}]}
+    resumed_from: dict = None
+    resume_error: str = None
+    transport: dict = None  # bench: linear vs Mitogen figures
+    teardown_error: str = None
+    extra: dict = dataclasses.field(default_factory=dict, repr=False)
+
+    ABSENT_WHEN_NONE = frozenset(
+        {
+            "domain",
+            "ansible_strategy",
+            "boot_stages",
+            "reboot_stages",
+            "warnings",
+            "checkpoints",
+            "resumed_from",
+            "resume_error",
+            "transport",
+            "teardown_error",
+        }
+    )
+
+
 def new_result(command, host=None):
-    """result.json shape. `phases` maps a phase family (image, boot, apply, reboot,
-    verify, idempotence, teardown) to seconds; `phase_details` keeps each step
-    (apply:site.yml, reboot:hard ...) with its status; `failures` are the failing verify
-    (or idempotence) task names; `failed_stage` names where a non-pass stopped."""
-    return {
-        "schema": 1,
-        "command": command,
-        "verdict": None,
-        "exit_code": None,
-        "failed_stage": None,
-        "message": "",
-        "host": host,
-        "vm": None,
-        "ip": None,
-        "accel": None,
-        "certs": None,
-        "reboot_modes": [],
-        "reboot_diffs": [],
-        "phases": {},
-        "phase_details": [],
-        "failures": [],
-        "verify_tasks": [],
-        "idempotence": None,
-        "diagnostics": None,
-        "run_dir": None,
-        "started_at": None,
-        "finished_at": None,
-        "total_seconds": None,
-        "kept": False,
-        "expect_fail": False,
-    }
+    """A fresh result.json as the dict a session's phases fill in (ResultRecord's
+    fields; finish_result writes it back through ResultRecord)."""
+    return ResultRecord(command=command, host=host).to_json()
 
 
 def phase_totals(phases):
@@ -5158,13 +5272,14 @@ def finish_result(ctx, result, rs, junit=None, stream=None, strategy=None):
         result.update(
             vm=rs.name, domain=rs.domain, ip=rs.ip, accel=rs.data.get("accel"), run_dir=str(rs.dir)
         )
-        text = json.dumps(result, indent=2, sort_keys=True) + "\n"
         try:
+            record = ResultRecord.from_json(result, strict=True).to_json()
+            text = json.dumps(record, indent=2, sort_keys=True) + "\n"
             rs.dir.mkdir(parents=True, exist_ok=True)
             write_owned(rs.dir / "result.json", text)
             rs.diag_dir.mkdir(parents=True, exist_ok=True)
             write_owned(rs.diag_dir / "result.json", text)
-        except (OSError, HarnessError) as e:
+        except (OSError, ValueError, HarnessError) as e:
             print(f"integration-vm: warning: could not write result.json: {e}", file=sys.stderr)
     if junit:
         try:

@@ -208,3 +208,44 @@ def test_bench_legs_are_session_options_not_ctx_flags():
     assert ivm.SessionOptions() == ivm.SessionOptions(gc_outdated=True)
     with pytest.raises(dataclasses.FrozenInstanceError):
         cold.cold_image = False
+
+
+# ---- run.json and result.json: one schema each -----------------------------------------
+def test_new_result_is_the_result_records_defaults():
+    r = ivm.new_result("cycle", "askari")
+    assert r == ivm.ResultRecord(command="cycle", host="askari").to_json()
+    assert r["schema"] == 1 and r["verdict"] is None and r["phase_details"] == []
+    assert "resumed_from" not in r and "ansible_strategy" not in r  # absent until they apply
+
+
+def test_the_fields_ci_and_the_runbook_read_are_declared():
+    result = set(ivm.ResultRecord.field_names())
+    assert {"command", "verdict", "exit_code", "total_seconds", "vm", "phases"} <= result
+    assert {"phase_details", "checkpoints", "resumed_from", "ansible_strategy"} <= result
+    assert {"reboot_modes", "reboot_diffs", "reboot_stages", "transport"} <= result
+    run = set(ivm.RunRecord.field_names())
+    assert {"name", "host", "state", "ip", "accel", "domain", "resumed_from"} <= run
+    assert {"boot_ids", "reboots", "checkpoints_read", "applied_steps", "kept_by"} <= run
+
+
+def test_a_record_round_trips_an_older_harness_fields_but_refuses_its_own_typos():
+    on_disk = {"name": "boma-it-askari-0123abcd", "host": "askari", "legacy": 1, "ip": None}
+    back = ivm.RunRecord.from_json(on_disk).to_json()
+    assert back["legacy"] == 1 and back["ip"] is None and back["state"] == "creating"
+    assert "domain" not in back and "reboots" not in back
+    with pytest.raises(ValueError, match="undeclared field.*legacy"):
+        ivm.RunRecord.from_json(on_disk, strict=True)
+
+
+def test_result_json_is_written_through_its_schema(tmp_path, capsys):
+    ctx = _ctx(tmp_path)
+    rs = ivm.RunState(ctx, {"name": "boma-it-askari-0123abcd", "host": "askari"})
+    result = ivm.new_result("cycle", "askari")
+    ivm.finish_result(ctx, result, rs, strategy={"used": "linear"})
+    written = (rs.dir / "result.json").read_text()
+    assert '"ansible_strategy"' in written and '"vm": "boma-it-askari-0123abcd"' in written
+    (rs.dir / "result.json").unlink()
+    result["typo_field"] = 1  # a field nobody declared is not written silently
+    ivm.finish_result(ctx, result, rs)
+    assert not (rs.dir / "result.json").exists()
+    assert "undeclared field(s) typo_field" in capsys.readouterr().err
