@@ -24,12 +24,15 @@ renderers, parsers) and its orchestration together, in this order:
   Profile                profile files: loading, merging, validation, confined paths
   Image                  the golden image: recipe, key, build, fetch, publish
   Network and accel.     the harness network, DHCP leases, KVM or TCG
-  Guest                  a run's state, cloud-init, create/boot, waits, reboot proof
+  Guest                  a run's state (RunState, run.json's RunRecord), cloud-init,
+                         create/boot, waits, reboot proof
   Reboot diff            state capture, normalisation, diff, tolerances, boot analysis
   Ansible                transport, transient inventory, argv, output, apply, verify
   Checkpoints            keys, role scan, take/stage/resume
   Diagnostics, teardown  what a failed run leaves; storage pools; destroy; down
-  Session                preflight guards, phases, failure policy, result.json, JUnit
+  Session                the Run and SessionOptions, preflight guards, the phase list
+                         per command, the failure-policy table, result.json
+                         (ResultRecord), JUnit
   Commands               cmd_* and the bench
   CLI                    help texts, build_parser, main
 """
@@ -4870,6 +4873,30 @@ class Run:
     def creates(self):
         return self.command in CREATING_COMMANDS
 
+    def acquire_slot(self, ctx):
+        """Hold one of BOMA_IT_MAX_VMS slot locks from before the domain is defined to the
+        end of the session (its teardown included): two sessions can never both be
+        between define and teardown beyond the limit. Busy -> InfraError('guard') at once."""
+        for i in range(ctx.max_vms):
+            fh = open_lock_file(owned_path(ctx.cache, f"vm-slot-{i}.lock"))
+            try:
+                fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                fh.close()
+                continue
+            self.slot = fh
+            return
+        raise InfraError(
+            "guard",
+            f"refusing to start: another run holds the VM slot "
+            f"(BOMA_IT_MAX_VMS={ctx.max_vms}, all slots busy)",
+        )
+
+    def release_slot(self):
+        if self.slot is not None:
+            self.slot.close()
+            self.slot = None
+
 
 TOOL_PACKAGES = {
     "virsh": "libvirt-clients",
@@ -4995,32 +5022,6 @@ def open_lock_file(path):
     """A lock file the harness owns, opened without following a symlink."""
     path.parent.mkdir(parents=True, exist_ok=True)
     return os.fdopen(os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o600), "r+")
-
-
-def acquire_slot(ctx, run):
-    """Hold one of BOMA_IT_MAX_VMS slot locks from before the domain is defined to the
-    end of the session (its teardown included): two sessions can never both be between
-    define and teardown beyond the limit. Busy slots -> InfraError('guard') at once."""
-    for i in range(ctx.max_vms):
-        fh = open_lock_file(owned_path(ctx.cache, f"vm-slot-{i}.lock"))
-        try:
-            fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            fh.close()
-            continue
-        run.slot = fh
-        return
-    raise InfraError(
-        "guard",
-        f"refusing to start: another run holds the VM slot "
-        f"(BOMA_IT_MAX_VMS={ctx.max_vms}, all slots busy)",
-    )
-
-
-def release_slot(run):
-    if run.slot is not None:
-        run.slot.close()
-        run.slot = None
 
 
 @contextlib.contextmanager
@@ -5351,7 +5352,7 @@ def run_phases(ctx, args, run):
             return on_failure(ctx, args, run, ERROR_KINDS.get(e.exit_code, "infra"), e)
         return EXIT_PASS
     finally:
-        release_slot(run)
+        run.release_slot()
 
 
 def end_session(ctx, args, run):
@@ -5566,25 +5567,28 @@ def teardown_or_keep(ctx, args, command, result, rs, teardown):
 @dataclasses.dataclass(frozen=True)
 class FailurePolicy:
     verdict: str  # result.json's verdict
-    says: str  # the one stderr line ({msg}: the error's message, {err}: the error)
     diagnostics: bool  # collect them (when a run exists)
     end: str  # the run's VM: "destroy" what this invocation created (unless --keep),
     #           "keep" it for inspection, or "leave" it as it is without a word
     exit_code: int
+    says: str  # the one stderr line after "integration-vm: " ({msg}, {err}: the error)
 
 
 # How a session ends, by failure kind. A VerifyFailed at the stage --expect-fail names
 # is destroyed like a pass; an interrupt announces its teardown (the operator waits).
+# fmt: off
 FAILURE_POLICY = {
-    "verify": FailurePolicy(
-        "fail", "integration-vm: verify failed: {msg}", True, "keep", EXIT_VERIFY
-    ),
-    "infra": FailurePolicy("error", "integration-vm: error: {err}", True, "destroy", EXIT_INFRA),
-    "usage": FailurePolicy("error", "integration-vm: error: {err}", False, "leave", EXIT_USAGE),
-    "interrupt": FailurePolicy(
-        "interrupted", "\nintegration-vm: interrupted", False, "destroy", EXIT_INTERRUPTED
-    ),
+    #                          verdict        diagnostics  the VM     exit code
+    "verify":    FailurePolicy("fail",        True,        "keep",    EXIT_VERIFY,
+                               "verify failed: {msg}"),
+    "infra":     FailurePolicy("error",       True,        "destroy", EXIT_INFRA,
+                               "error: {err}"),
+    "usage":     FailurePolicy("error",       False,       "leave",   EXIT_USAGE,
+                               "error: {err}"),
+    "interrupt": FailurePolicy("interrupted", False,       "destroy", EXIT_INTERRUPTED,
+                               "interrupted"),
 }
+# fmt: on
 ERROR_KINDS = {EXIT_INFRA: "infra", EXIT_USAGE: "usage"}  # a HarnessError's, by exit code
 
 
@@ -5598,7 +5602,8 @@ def on_failure(ctx, args, run, kind, e):
     result.update(verdict=policy.verdict, failed_stage=stage, message=msg)
     if kind == "verify":
         result["failures"] = e.failed_tasks
-    print(policy.says.format(msg=msg, err=e), file=sys.stderr)
+    lead = "\n" if kind == "interrupt" else ""  # after ^C the terminal's line is not empty
+    print(f"{lead}integration-vm: " + policy.says.format(msg=msg, err=e), file=sys.stderr)
     if rs is None or policy.end == "leave":
         return policy.exit_code
     if policy.diagnostics:
@@ -5694,7 +5699,7 @@ def provision(ctx, args, run):
     accel = choose_accel(ctx, image)
     result["accel"] = accel
     run.bounds = stage_bounds(accel, ctx.settings)
-    acquire_slot(ctx, run)  # held until the session ends, after its teardown
+    run.acquire_slot(ctx)  # held until the session ends, after its teardown
     if certs in REAL_SECRET_TIERS and checkpoints_enabled(ctx, args):
         progress(
             ctx,
