@@ -679,9 +679,10 @@ class Ctx:
     t0: float = dataclasses.field(default_factory=time.monotonic)
     default_bounds: dict = dataclasses.field(default_factory=dict)  # before a run's accel
     settings: Settings = None  # read_settings(environ) unless given
-    # The session's Run while one is active (set and reset by run_session only): the
-    # low-level helpers (virsh, the waits, run_playbook) read its bounds, command log and
-    # resolved strategy through ctx.bounds / ctx.cmdlog; everything else takes the run.
+    # The Run this context is bound to: run_session binds a copy of the process's Ctx to
+    # its Run (None outside a session). The low-level helpers (virsh, the waits,
+    # run_playbook) read the run's bounds, command log and resolved strategy through it
+    # (ctx.bounds, ctx.cmdlog); everything else takes the run explicitly.
     run: object = None  # a Run
 
     def __post_init__(self):
@@ -707,7 +708,7 @@ def ctx_from_env(environ, args):
     st = read_settings(environ)
     accel = getattr(args, "accel", None) or st["BOMA_IT_ACCEL"]
     strategy = getattr(args, "strategy", None) or st["BOMA_IT_ANSIBLE_STRATEGY"]
-    ctx = Ctx(
+    return Ctx(
         repo=REPO_ROOT,
         run_parent=st["BOMA_IT_RUN_DIR"],
         cache=st["BOMA_IT_CACHE"],
@@ -720,9 +721,8 @@ def ctx_from_env(environ, args):
         max_vms=st["BOMA_IT_MAX_VMS"],
         ssh_port=st["BOMA_IT_SSH_PORT"],
         settings=st,
+        default_bounds=stage_bounds("kvm", st),
     )
-    ctx.default_bounds = stage_bounds("kvm", st)
-    return ctx
 
 
 def progress(ctx, phase, msg):
@@ -5323,16 +5323,13 @@ def run_session(ctx, args, command, options=None):
         bounds=dict(ctx.default_bounds),
         strategy=options.strategy,
     )
-    outer, ctx.run = ctx.run, run
-    try:
-        run.exit_code = apply_expect_fail(result, run_phases(ctx, args, run))
-        result["exit_code"] = run.exit_code
-        if run.exit_code == EXIT_USAGE and run.rs is None:
-            return run  # bad input: the one error line says it all, nothing ran
-        end_session(ctx, args, run)
-        run.reported = True
-    finally:
-        ctx.run = outer
+    ctx = dataclasses.replace(ctx, run=run)  # the process's context, bound to this run
+    run.exit_code = apply_expect_fail(result, run_phases(ctx, args, run))
+    result["exit_code"] = run.exit_code
+    if run.exit_code == EXIT_USAGE and run.rs is None:
+        return run  # bad input: the one error line says it all, nothing ran
+    end_session(ctx, args, run)
+    run.reported = True
     return run
 
 

@@ -163,7 +163,7 @@ def test_a_session_runs_its_phases_on_one_run_and_ends_by_the_policy(tmp_path, c
     assert seen == ["first", ("down", False)] and slot.closed
     assert run.exit_code == ivm.EXIT_INFRA and run.reported
     assert run.result["failed_stage"] == "apply:site.yml" and run.result["exit_code"] == 3
-    assert ctx.run is None  # the session's run does not outlive it
+    assert ctx.run is None  # the session bound a copy of the caller's context, not it
 
 
 def test_a_usage_error_before_anything_exists_writes_no_summary(tmp_path, monkeypatch, capsys):
