@@ -663,8 +663,11 @@ def stage_bounds(accel, settings):
     return bounds
 
 
-@dataclasses.dataclass
+@dataclasses.dataclass(frozen=True)
 class Ctx:
+    """Process-wide configuration (frozen): the settings, paths, libvirt URI, environment,
+    poll interval; a session binds a copy to its Run (run_session)."""
+
     repo: pathlib.Path
     run_parent: pathlib.Path
     cache: pathlib.Path
@@ -687,7 +690,7 @@ class Ctx:
 
     def __post_init__(self):
         if self.settings is None:
-            self.settings = read_settings(self.environ)
+            object.__setattr__(self, "settings", read_settings(self.environ))
 
     @property
     def bounds(self):

@@ -179,7 +179,9 @@ def test_a_usage_error_before_anything_exists_writes_no_summary(tmp_path, monkey
 
 
 # ---- the run owns its state, Ctx only configuration ---------------------------------------
-def test_ctx_carries_no_run_state():
+def test_ctx_carries_no_run_state(tmp_path):
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        _ctx(tmp_path).poll = 1.0  # configuration, fixed for the process
     fields = {f.name for f in dataclasses.fields(ivm.Ctx)}
     gone = {"bounds", "cmdlog", "checkpoint_chain", "bench_phase", "bench_transport"}
     assert not fields & (gone | {"last_result", "strategy"})
@@ -193,7 +195,7 @@ def test_attaching_a_run_state_moves_the_command_log(tmp_path):
     ctx = _ctx(tmp_path)
     assert ctx.cmdlog is None and ctx.bounds == {}
     run = ivm.Run(bounds={"virsh": 5.0})
-    ctx.run = run
+    ctx = dataclasses.replace(ctx, run=run)
     run.attach(ivm.RunState(ctx, {"name": "boma-it-askari-0123abcd"}))
     assert ctx.cmdlog == tmp_path / ".run" / "boma-it-askari-0123abcd" / "logs" / "commands.log"
     assert ctx.bounds == {"virsh": 5.0}
