@@ -24,12 +24,15 @@ renderers, parsers) and its orchestration together, in this order:
   Profile                profile files: loading, merging, validation, confined paths
   Image                  the golden image: recipe, key, build, fetch, publish
   Network and accel.     the harness network, DHCP leases, KVM or TCG
-  Guest                  a run's state, cloud-init, create/boot, waits, reboot proof
+  Guest                  a run's state (RunState, run.json's RunRecord), cloud-init,
+                         create/boot, waits, reboot proof
   Reboot diff            state capture, normalisation, diff, tolerances, boot analysis
   Ansible                transport, transient inventory, argv, output, apply, verify
   Checkpoints            keys, role scan, take/stage/resume
   Diagnostics, teardown  what a failed run leaves; storage pools; destroy; down
-  Session                preflight guards, phases, failure policy, result.json, JUnit
+  Session                the Run and SessionOptions, preflight guards, the phase list
+                         per command, the failure-policy table, result.json
+                         (ResultRecord), JUnit
   Commands               cmd_* and the bench
   CLI                    help texts, build_parser, main
 """
@@ -418,7 +421,8 @@ def virsh(ctx, *args, check=False, stage="libvirt", timeout=None):
 # Settings: every environment variable, declared once, and the context built on them
 # --------------------------------------------------------------------------------------
 # The SETTINGS table (one row per BOMA_IT_* variable), read once into a frozen Settings;
-# Ctx carries them with the libvirt URI, the bounds and the command log.
+# Ctx carries them with the libvirt URI and the paths: process-wide configuration only
+# (a session's own state is its Run, in the Session section).
 
 
 # One row per variable: (name, parser, default, help). read_settings() parses them all at
@@ -659,8 +663,11 @@ def stage_bounds(accel, settings):
     return bounds
 
 
-@dataclasses.dataclass
+@dataclasses.dataclass(frozen=True)
 class Ctx:
+    """Process-wide configuration (frozen): the settings, paths, libvirt URI, environment,
+    poll interval; a session binds a copy to its Run (run_session)."""
+
     repo: pathlib.Path
     run_parent: pathlib.Path
     cache: pathlib.Path
@@ -672,19 +679,28 @@ class Ctx:
     max_vms: int = 1
     ssh_port: int = 22
     strategy_request: str = "mitogen"
-    strategy: dict = None  # strategy_choice(), resolved once per process
     t0: float = dataclasses.field(default_factory=time.monotonic)
-    bounds: dict = dataclasses.field(default_factory=dict)
-    cmdlog: pathlib.Path = None
-    checkpoint_chain: list = None  # [(stage, key, detail)] when this cycle uses checkpoints
-    bench_phase: str = None  # "cold" | "warm" | "loop" inside cmd_bench
-    bench_transport: bool = False  # bench: time both strategies on the VM before teardown
-    last_result: dict = None
+    default_bounds: dict = dataclasses.field(default_factory=dict)  # before a run's accel
     settings: Settings = None  # read_settings(environ) unless given
+    # The Run this context is bound to: run_session binds a copy of the process's Ctx to
+    # its Run (None outside a session). The low-level helpers (virsh, the waits,
+    # run_playbook) read the run's bounds, command log and resolved strategy through it
+    # (ctx.bounds, ctx.cmdlog); everything else takes the run explicitly.
+    run: object = None  # a Run
 
     def __post_init__(self):
         if self.settings is None:
-            self.settings = read_settings(self.environ)
+            object.__setattr__(self, "settings", read_settings(self.environ))
+
+    @property
+    def bounds(self):
+        """The active run's per-stage bounds (its accelerator's), else the defaults."""
+        return self.run.bounds if self.run is not None else self.default_bounds
+
+    @property
+    def cmdlog(self):
+        """The active run's command log (logs/commands.log in its dir), else None."""
+        return self.run.cmdlog if self.run is not None else None
 
     def path_env(self, name):
         return pathlib.Path(self.settings[name])
@@ -695,7 +711,7 @@ def ctx_from_env(environ, args):
     st = read_settings(environ)
     accel = getattr(args, "accel", None) or st["BOMA_IT_ACCEL"]
     strategy = getattr(args, "strategy", None) or st["BOMA_IT_ANSIBLE_STRATEGY"]
-    ctx = Ctx(
+    return Ctx(
         repo=REPO_ROOT,
         run_parent=st["BOMA_IT_RUN_DIR"],
         cache=st["BOMA_IT_CACHE"],
@@ -708,9 +724,8 @@ def ctx_from_env(environ, args):
         max_vms=st["BOMA_IT_MAX_VMS"],
         ssh_port=st["BOMA_IT_SSH_PORT"],
         settings=st,
+        default_bounds=stage_bounds("kvm", st),
     )
-    ctx.bounds = stage_bounds("kvm", st)
-    return ctx
 
 
 def progress(ctx, phase, msg):
@@ -1606,6 +1621,85 @@ def vm_name(host, suffix=None):
     return f"{NAME_PREFIX}{host}-{suffix}"
 
 
+class JsonRecord:
+    """A JSON file's schema as a dataclass: a subclass declares every field once (name,
+    type, default). Fields in ABSENT_WHEN_NONE are left out of the JSON while None (they
+    appear once they apply). Keys a file holds that the schema does not name (an older or
+    newer harness's) are kept in `extra` and written back unchanged, unless `strict`
+    (data this harness just built), where they are an error (ValueError)."""
+
+    ABSENT_WHEN_NONE = frozenset()
+
+    @classmethod
+    def field_names(cls):
+        return [f.name for f in dataclasses.fields(cls) if f.name != "extra"]
+
+    @classmethod
+    def from_json(cls, data, strict=False):
+        known = set(cls.field_names())
+        unknown = {k: v for k, v in data.items() if k not in known}
+        if strict and unknown:
+            raise ValueError(f"{cls.__name__}: undeclared field(s) {', '.join(sorted(unknown))}")
+        record = cls(**{k: v for k, v in data.items() if k in known})
+        record.extra = unknown
+        return record
+
+    def to_json(self):
+        out = dict(self.extra)
+        for name in self.field_names():
+            value = getattr(self, name)
+            if value is not None or name not in self.ABSENT_WHEN_NONE:
+                out[name] = value
+        return out
+
+
+@dataclasses.dataclass
+class RunRecord(JsonRecord):
+    """run.json: one run's state (RunState.data holds its to_json()). .ci/run, `status`,
+    `down` and the runbook read name, host, state, ip, accel, domain and resumed_from."""
+
+    name: str
+    host: str
+    profile: str = None
+    certs: str = None
+    accel: str = None
+    mac: str = None
+    ip: str = None
+    created_at: str = None
+    owner: str = None
+    image: str = None  # the disk its overlay sits on (the golden image or a checkpoint's)
+    image_key: str = None
+    state: str = "creating"  # creating, defined|restored, booting, up, down
+    boot_ids: list = dataclasses.field(default_factory=list)
+    uri: str = None
+    mem_mib: int = None
+    vcpus: int = None
+    domain: str = None  # a resumed run's: its checkpoint's domain (else its name)
+    resumed_from: dict = None  # {stage, key, created_at} of the checkpoint it resumed
+    checkpoints_read: list = None  # the checkpoint keys its disk chain reads
+    checkpoints_taken: list = None
+    applied_steps: int = None  # playbooks already applied (a resumed checkpoint's)
+    boot_stages: dict = None  # seconds from start to each boot stage
+    reboots: list = None  # each reboot's mode, boot ids and seconds
+    kept_by: str = None  # "loop": the next run of the profile tears it down
+    down_at: str = None
+    extra: dict = dataclasses.field(default_factory=dict, repr=False)
+
+    ABSENT_WHEN_NONE = frozenset(
+        {
+            "domain",
+            "resumed_from",
+            "checkpoints_read",
+            "checkpoints_taken",
+            "applied_steps",
+            "boot_stages",
+            "reboots",
+            "kept_by",
+            "down_at",
+        }
+    )
+
+
 @dataclasses.dataclass
 class RunState:
     ctx: Ctx
@@ -1644,7 +1738,8 @@ class RunState:
 
     def save(self):
         self.dir.mkdir(parents=True, exist_ok=True)
-        write_owned(self.dir / "run.json", json.dumps(self.data, indent=2, sort_keys=True) + "\n")
+        record = RunRecord.from_json(self.data).to_json()
+        write_owned(self.dir / "run.json", json.dumps(record, indent=2, sort_keys=True) + "\n")
 
     def ssh(self, command, timeout, stage="ssh", input=None):
         return run(
@@ -1732,7 +1827,7 @@ def list_runs(ctx):
                 _SKIPPED_RUNS.add(p)
                 print(f"integration-vm: skipping {p}: {why}", file=sys.stderr)
             continue
-        runs.append(RunState(ctx, data))
+        runs.append(RunState(ctx, RunRecord.from_json(data).to_json()))
     return sorted(runs, key=lambda r: r.data.get("created_at") or "")
 
 
@@ -2015,25 +2110,25 @@ def domain_name_from_xml(domain_xml):
     return m.group(1) if m else None
 
 
-def open_run(ctx, data, holder):
-    """A run's private dir (0700) and disk dir, published in holder['rs'] at once so a
-    failure anywhere after is cleaned up by down_run."""
-    rs = RunState(ctx, data)
-    holder["rs"] = rs
+def open_run(ctx, data, run):
+    """A run's private dir (0700) and disk dir, attached to the session's `run` at once so
+    a failure anywhere after is cleaned up by down_run. `data` is checked against run.json's
+    schema (RunRecord): a field it does not declare is an error."""
+    rs = RunState(ctx, RunRecord.from_json(data, strict=True).to_json())
+    run.attach(rs)
     rs.dir.mkdir(parents=True, exist_ok=True)
     os.chmod(rs.dir, 0o700)
     (rs.dir / "logs").mkdir(exist_ok=True)
-    ctx.cmdlog = rs.dir / "logs" / "commands.log"
     rs.save()
     rs.disk_dir.mkdir(parents=True, exist_ok=True)
     os.chmod(rs.disk_dir, 0o755)
     return rs
 
 
-def create_run(ctx, profile, certs, accel, image, holder):
-    """Everything a run needs on disk, then define (with ownership metadata). The run is
-    published in holder['rs'] as soon as it exists, so a failure anywhere after that is
-    cleaned up by down_run."""
+def create_run(ctx, profile, certs, accel, image, run):
+    """Everything a run needs on disk, then define (with ownership metadata). The run
+    state is attached to the session's `run` as soon as it exists, so a failure anywhere
+    after that is cleaned up by down_run."""
     host = profile["name"]
     name = vm_name(host)
     data = {
@@ -2054,7 +2149,7 @@ def create_run(ctx, profile, certs, accel, image, holder):
         "mem_mib": profile["mem_mib"],
         "vcpus": profile["vcpus"],
     }
-    rs = open_run(ctx, data, holder)
+    rs = open_run(ctx, data, run)
     _write_keys_and_seed_data(ctx, rs, name)
     overlay, seed = _create_disks(ctx, rs, image)
     _define_domain(ctx, rs, profile, accel, image, overlay, seed)
@@ -3398,10 +3493,11 @@ def strategy_env(choice):
 
 
 def resolve_strategy(ctx, ansible_playbook):
-    """strategy_choice() for this process, probed once (a fraction of a second on the
-    controller) and announced once, fallback included."""
-    if ctx.strategy is not None:
-        return ctx.strategy
+    """strategy_choice() for the active run (ctx.run), probed once (a fraction of a second
+    on the controller) and announced once, fallback included."""
+    active = ctx.run
+    if active.strategy is not None:
+        return active.strategy
     rc = out = err = None
     if ctx.strategy_request == "mitogen":
         try:
@@ -3418,12 +3514,12 @@ def resolve_strategy(ctx, ansible_playbook):
                 rc, out, err = r.returncode, r.stdout, r.stderr
             except InfraError as e:  # the #! names an interpreter that is not there
                 rc, err = "missing", str(e)
-    ctx.strategy = strategy_choice(ctx.strategy_request, rc, out or "", err or "")
-    msg = f"strategy {ctx.strategy['used']}"
-    if ctx.strategy["fallback"]:
-        msg += f" (fallback from mitogen: {ctx.strategy['fallback']})"
+    active.strategy = strategy_choice(ctx.strategy_request, rc, out or "", err or "")
+    msg = f"strategy {active.strategy['used']}"
+    if active.strategy["fallback"]:
+        msg += f" (fallback from mitogen: {active.strategy['fallback']})"
     progress(ctx, "ansible", msg)
-    return ctx.strategy
+    return active.strategy
 
 
 def render_run_hosts(name, ip, ansible_user, groups, host_vars=None):
@@ -3821,9 +3917,10 @@ def transport_figures(seconds, calls=TRANSPORT_PROBE_CALLS):
 def compare_transports(ctx, rs, profile, certs, result):
     """bench: the probe playbook with ansible-core's linear strategy, then with Mitogen,
     on this VM. Needs Mitogen to load (else the figure would compare linear with itself)."""
-    mito = ctx.strategy
+    mito = ctx.run.strategy
     if not mito or mito["used"] != MITOGEN_STRATEGY:  # the run used linear: probe Mitogen
-        probe = dataclasses.replace(ctx, strategy=None, strategy_request="mitogen")
+        probe_run = dataclasses.replace(ctx.run, strategy=None)  # the same bounds, log
+        probe = dataclasses.replace(ctx, strategy_request="mitogen", run=probe_run)
         mito = resolve_strategy(probe, find_ansible_playbook(ctx))
     if mito["used"] != MITOGEN_STRATEGY:
         result["transport"] = {"error": mito["fallback"]}
@@ -4419,7 +4516,7 @@ def _freeze_overlay(ctx, rs, stage, key, tmp, d):
         raise InfraError("checkpoint", f"{stage}: {e}") from None
 
 
-def resume_run(ctx, profile, certs, manifest, chain_keys, holder):
+def resume_run(ctx, profile, certs, manifest, chain_keys, run):
     """A new run whose VM is a checkpoint's guest, restored mid-flight: same domain
     name, UUID, MAC, keys and boot_id; its own run dir, overlay, console log and
     ownership metadata."""
@@ -4427,7 +4524,7 @@ def resume_run(ctx, profile, certs, manifest, chain_keys, holder):
     name = vm_name(host)
     ck = checkpoint_dir(ctx, manifest["key"])
     data = _resume_data(ctx, profile, certs, manifest, chain_keys, name, ck)
-    rs = open_run(ctx, data, holder)
+    rs = open_run(ctx, data, run)
     copy_run_keys(ck, rs.dir)
     (rs.dir / "known_hosts").write_text(
         known_hosts_line(rs.domain, (ck / "ssh_host_ed25519_key.pub").read_text())
@@ -4520,15 +4617,15 @@ def _write_restore_files(ctx, rs, ck):
     (rs.dir / "domain.xml").write_text(xml)
 
 
-def checkpoint_after_apply(ctx, rs, result):
-    """after_step for apply(): checkpoint applied-i when this cycle keeps checkpoints."""
-    if not ctx.checkpoint_chain:
+def checkpoint_after_apply(ctx, run):
+    """after_step for apply(): checkpoint applied-i when this run keeps checkpoints."""
+    if not run.checkpoint_chain:
         return None
 
     def after(i):
-        _, parent, _ = ctx.checkpoint_chain[i - 1]
-        stage, key, _ = ctx.checkpoint_chain[i]
-        take_checkpoint(ctx, rs, stage, key, parent, result)
+        _, parent, _ = run.checkpoint_chain[i - 1]
+        stage, key, _ = run.checkpoint_chain[i]
+        take_checkpoint(ctx, run.rs, stage, key, parent, run.result)
 
     return after
 
@@ -4736,6 +4833,74 @@ def down_run(ctx, rs):
 # A session is one command's life: preflight guards (tools, RAM, disk, VM slot), its phase
 # list, and one policy for each way it can end (diagnostics? keep or destroy? exit code).
 
+
+@dataclasses.dataclass(frozen=True)
+class SessionOptions:
+    """What a caller composing sessions (cmd_bench) changes about one, decided before it
+    starts; a plain command runs with the defaults."""
+
+    cold_image: bool = False  # rebuild the golden image first, timed as image:cold
+    fresh_checkpoints: bool = False  # remove this profile's checkpoints before resuming
+    gc_outdated: bool = True  # after the run, remove checkpoints these inputs cannot resume
+    time_transports: bool = False  # time linear vs Mitogen on the VM before teardown
+    strategy: dict = None  # a strategy_choice() already resolved in this process
+
+
+@dataclasses.dataclass(eq=False)
+class Run:
+    """One session's run (cockpit's and the NixOS driver's `Machine` are the models): the
+    command and its options, the profile and cert tier it runs, its RunState once created
+    or selected (run.json), its VM slot lock, its result (result.json), its stage bounds,
+    command log, checkpoint chain and resolved Ansible strategy."""
+
+    command: str = "session"
+    options: SessionOptions = SessionOptions()
+    result: dict = dataclasses.field(default_factory=dict)
+    profile: dict = None
+    certs: str = None
+    rs: object = None  # a RunState
+    slot: object = None  # the open vm-slot-N.lock, held from define to teardown
+    bounds: dict = dataclasses.field(default_factory=dict)
+    cmdlog: pathlib.Path = None
+    checkpoint_chain: list = None  # [(stage, key, detail)] when this run uses checkpoints
+    strategy: dict = None  # strategy_choice(), resolved once (resolve_strategy)
+    exit_code: int = None
+    reported: bool = False  # result.json and the summary line written (end_session)
+
+    def attach(self, rs):
+        """This run's state from now on: its command log, and what a failure tears down."""
+        self.rs = rs
+        self.cmdlog = rs.dir / "logs" / "commands.log" if rs is not None else None
+
+    @property
+    def creates(self):
+        return self.command in CREATING_COMMANDS
+
+    def acquire_slot(self, ctx):
+        """Hold one of BOMA_IT_MAX_VMS slot locks from before the domain is defined to the
+        end of the session (its teardown included): two sessions can never both be
+        between define and teardown beyond the limit. Busy -> InfraError('guard') at once."""
+        for i in range(ctx.max_vms):
+            fh = open_lock_file(owned_path(ctx.cache, f"vm-slot-{i}.lock"))
+            try:
+                fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                fh.close()
+                continue
+            self.slot = fh
+            return
+        raise InfraError(
+            "guard",
+            f"refusing to start: another run holds the VM slot "
+            f"(BOMA_IT_MAX_VMS={ctx.max_vms}, all slots busy)",
+        )
+
+    def release_slot(self):
+        if self.slot is not None:
+            self.slot.close()
+            self.slot = None
+
+
 TOOL_PACKAGES = {
     "virsh": "libvirt-clients",
     "virt-install": "virt-install (bookworm: virtinst)",
@@ -4862,32 +5027,6 @@ def open_lock_file(path):
     return os.fdopen(os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o600), "r+")
 
 
-def acquire_slot(ctx, holder):
-    """Hold one of BOMA_IT_MAX_VMS slot locks from before the domain is defined to the
-    end of the session (its teardown included): two sessions can never both be between
-    define and teardown beyond the limit. Busy slots -> InfraError('guard') at once."""
-    for i in range(ctx.max_vms):
-        fh = open_lock_file(owned_path(ctx.cache, f"vm-slot-{i}.lock"))
-        try:
-            fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            fh.close()
-            continue
-        holder["slot"] = fh
-        return
-    raise InfraError(
-        "guard",
-        f"refusing to start: another run holds the VM slot "
-        f"(BOMA_IT_MAX_VMS={ctx.max_vms}, all slots busy)",
-    )
-
-
-def release_slot(holder):
-    if holder.get("slot") is not None:
-        holder["slot"].close()
-        holder["slot"] = None
-
-
 @contextlib.contextmanager
 def file_lock(ctx, path, what):
     fh = open_lock_file(path)
@@ -4910,38 +5049,71 @@ def file_lock(ctx, path, what):
         fh.close()
 
 
+@dataclasses.dataclass
+class ResultRecord(JsonRecord):
+    """result.json (schema 1), what .ci/run, the bench tables and the runbook read.
+    `phases` maps a phase family (image, boot, apply, reboot, verify, idempotence,
+    teardown) to seconds; `phase_details` keeps each step (apply:site.yml, reboot:hard
+    ...) with its status; `failures` are the failing verify (or idempotence) task names;
+    `failed_stage` names where a non-pass stopped."""
+
+    command: str
+    schema: int = 1
+    verdict: str = None  # pass | fail | error | interrupted
+    exit_code: int = None
+    failed_stage: str = None
+    message: str = ""
+    host: str = None
+    vm: str = None  # the run's name
+    ip: str = None
+    accel: str = None
+    certs: str = None
+    reboot_modes: list = dataclasses.field(default_factory=list)
+    reboot_diffs: list = dataclasses.field(default_factory=list)
+    phases: dict = dataclasses.field(default_factory=dict)
+    phase_details: list = dataclasses.field(default_factory=list)
+    failures: list = dataclasses.field(default_factory=list)
+    verify_tasks: list = dataclasses.field(default_factory=list)
+    idempotence: dict = None
+    diagnostics: str = None
+    run_dir: str = None
+    started_at: str = None
+    finished_at: str = None
+    total_seconds: float = None
+    kept: bool = False
+    expect_fail: object = False  # False, or the stage --expect-fail names
+    domain: str = None  # the libvirt domain (a resumed run's is its checkpoint's)
+    ansible_strategy: dict = None  # the strategy_choice() its applies used
+    boot_stages: dict = None
+    reboot_stages: list = None  # each reboot's seconds to ssh and to running
+    warnings: list = None  # slow-boot warnings
+    checkpoints: dict = None  # {"chain": [{stage, key, ...}]}
+    resumed_from: dict = None
+    resume_error: str = None
+    transport: dict = None  # bench: linear vs Mitogen figures
+    teardown_error: str = None
+    extra: dict = dataclasses.field(default_factory=dict, repr=False)
+
+    ABSENT_WHEN_NONE = frozenset(
+        {
+            "domain",
+            "ansible_strategy",
+            "boot_stages",
+            "reboot_stages",
+            "warnings",
+            "checkpoints",
+            "resumed_from",
+            "resume_error",
+            "transport",
+            "teardown_error",
+        }
+    )
+
+
 def new_result(command, host=None):
-    """result.json shape. `phases` maps a phase family (image, boot, apply, reboot,
-    verify, idempotence, teardown) to seconds; `phase_details` keeps each step
-    (apply:site.yml, reboot:hard ...) with its status; `failures` are the failing verify
-    (or idempotence) task names; `failed_stage` names where a non-pass stopped."""
-    return {
-        "schema": 1,
-        "command": command,
-        "verdict": None,
-        "exit_code": None,
-        "failed_stage": None,
-        "message": "",
-        "host": host,
-        "vm": None,
-        "ip": None,
-        "accel": None,
-        "certs": None,
-        "reboot_modes": [],
-        "reboot_diffs": [],
-        "phases": {},
-        "phase_details": [],
-        "failures": [],
-        "verify_tasks": [],
-        "idempotence": None,
-        "diagnostics": None,
-        "run_dir": None,
-        "started_at": None,
-        "finished_at": None,
-        "total_seconds": None,
-        "kept": False,
-        "expect_fail": False,
-    }
+    """A fresh result.json as the dict a session's phases fill in (ResultRecord's
+    fields; finish_result writes it back through ResultRecord)."""
+    return ResultRecord(command=command, host=host).to_json()
 
 
 def phase_totals(phases):
@@ -5094,23 +5266,24 @@ def inspection_help(ctx, rs):
     )
 
 
-def finish_result(ctx, result, rs, junit=None, stream=None):
+def finish_result(ctx, result, rs, junit=None, stream=None, strategy=None):
     result["finished_at"] = now_iso()
     result["total_seconds"] = round(time.monotonic() - ctx.t0, 1)
     result["phases"] = {k: round(v, 1) for k, v in phase_totals(result["phase_details"]).items()}
-    if ctx.strategy is not None:
-        result["ansible_strategy"] = ctx.strategy
+    if strategy is not None:
+        result["ansible_strategy"] = strategy
     if rs is not None:
         result.update(
             vm=rs.name, domain=rs.domain, ip=rs.ip, accel=rs.data.get("accel"), run_dir=str(rs.dir)
         )
-        text = json.dumps(result, indent=2, sort_keys=True) + "\n"
         try:
+            record = ResultRecord.from_json(result, strict=True).to_json()
+            text = json.dumps(record, indent=2, sort_keys=True) + "\n"
             rs.dir.mkdir(parents=True, exist_ok=True)
             write_owned(rs.dir / "result.json", text)
             rs.diag_dir.mkdir(parents=True, exist_ok=True)
             write_owned(rs.diag_dir / "result.json", text)
-        except (OSError, HarnessError) as e:
+        except (OSError, ValueError, HarnessError) as e:
             print(f"integration-vm: warning: could not write result.json: {e}", file=sys.stderr)
     if junit:
         try:
@@ -5132,103 +5305,140 @@ def _ignore_signals():
         signal.signal(s, note)
 
 
-def session(ctx, args, command):
-    """Run a command's phases with uniform failure handling:
-    verify failure -> diagnostics, keep VM; any other error (the harness's own, or an
-    unexpected OSError/ValueError/...: exit 3 naming the stage) -> diagnostics, destroy
-    what this invocation created (unless --keep); interrupt -> destroy what it created
-    (unless --keep), exit 130; success of cycle/bench -> teardown (unless --keep)."""
+def session(ctx, args, command, options=None):
+    """Run a command's phases (SESSION_PHASES) and end it by FAILURE_POLICY; the exit
+    code. A success of cycle/bench tears down (unless --keep)."""
+    return run_session(ctx, args, command, options).exit_code
+
+
+def run_session(ctx, args, command, options=None):
+    """One session as a Run (what cmd_bench composes): its phases, the policy for how they
+    ended, then result.json, JUnit and the summary line. Returns the Run."""
+    options = options or SessionOptions()
     result = new_result(command, getattr(args, "host", None))
     result["started_at"] = now_iso()
     result["certs"] = getattr(args, "certs", None)
     result["expect_fail"] = getattr(args, "expect_fail", None) or False
-    writes_result = command in (*CONVERGING_COMMANDS, "assert")
-    holder = {"rs": None, "slot": None}
-    exit_code = EXIT_PASS
+    run = Run(
+        command=command,
+        options=options,
+        result=result,
+        bounds=dict(ctx.default_bounds),
+        strategy=options.strategy,
+    )
+    ctx = dataclasses.replace(ctx, run=run)  # the process's context, bound to this run
+    run.exit_code = apply_expect_fail(result, run_phases(ctx, args, run))
+    result["exit_code"] = run.exit_code
+    if run.exit_code == EXIT_USAGE and run.rs is None:
+        return run  # bad input: the one error line says it all, nothing ran
+    end_session(ctx, args, run)
+    run.reported = True
+    return run
+
+
+def run_phases(ctx, args, run):
+    """The command's phases in order; the first failure is classified and handled by
+    on_failure. The VM slot is released last, after any teardown."""
     try:
         try:
-            session_phases(ctx, args, command, result, holder)
+            for phase in SESSION_PHASES[run.command]:
+                phase(ctx, args, run)
         except VerifyFailed as e:
-            exit_code = on_verify_failed(ctx, args, command, result, holder["rs"], e)
+            return on_failure(ctx, args, run, "verify", e)
         except KeyboardInterrupt:
-            exit_code = on_interrupt(ctx, args, command, result, holder["rs"])
+            return on_failure(ctx, args, run, "interrupt", None)
         except Exception as e:  # every error takes the same road
-            exit_code = on_error(
-                ctx, args, command, result, holder["rs"], as_harness_error(e, result)
-            )
+            e = as_harness_error(e, run.result)
+            return on_failure(ctx, args, run, ERROR_KINDS.get(e.exit_code, "infra"), e)
+        return EXIT_PASS
     finally:
-        release_slot(holder)
-    exit_code = apply_expect_fail(result, exit_code)
-    result["exit_code"] = exit_code
-    if exit_code == EXIT_USAGE and holder["rs"] is None:
-        return exit_code  # bad input: the one error line says it all, nothing ran
-    if ctx.checkpoint_chain and ctx.bench_phase in (None, "cold"):
+        run.release_slot()
+
+
+def end_session(ctx, args, run):
+    """After the verdict: the checkpoint gc, the boot-time history, result.json (the
+    converging commands and assert), JUnit, the summary line and the command's footer."""
+    result, command = run.result, run.command
+    if run.checkpoint_chain and run.options.gc_outdated:
         try:  # one chain per profile: what these inputs can no longer resume goes
             gone = gc_checkpoints(
-                ctx, result.get("host"), keep=[k for _, k, _ in ctx.checkpoint_chain]
+                ctx, result.get("host"), keep=[k for _, k, _ in run.checkpoint_chain]
             )
             if gone:
                 progress(ctx, "checkpoint", f"removed {len(gone)} outdated checkpoint(s)")
         except Exception as e:  # a cleanup must not change the verdict
             print(f"integration-vm: warning: checkpoint cleanup: {e}", file=sys.stderr)
-    ctx.last_result = result
-    note_boot_times(ctx, result, holder["rs"].name if holder["rs"] else None)
+    note_boot_times(ctx, result, run.rs.name if run.rs else None)
+    writes_result = command in (*CONVERGING_COMMANDS, "assert")
     finish_result(
         ctx,
         result,
-        holder["rs"] if writes_result else None,
+        run.rs if writes_result else None,
         getattr(args, "junit", None),
         stream=sys.stdout if writes_result else sys.stderr,
+        strategy=run.strategy,
     )
     if command == "bench":
         sys.stdout.write(format_bench_table(result))
     if command == "loop":
         print(LOOP_NOT_THE_GATE.format(host=result.get("host") or "<host>"), file=sys.stderr)
-    return exit_code
 
 
-def session_phases(ctx, args, command, result, holder):
-    """The phases of one command, in order; raises on the first failure."""
-    creates = command in CREATING_COMMANDS
-    profile, certs = prepare(ctx, args, command)
-    result["certs"] = certs
-    if command in CONVERGING_COMMANDS:
-        retire_loop_vms(ctx, profile["name"])
-    if creates:
-        holder["rs"] = provision(ctx, args, profile, certs, result, holder)
-    else:
-        holder["rs"] = select_run(ctx, args.run, args.host, live="required")
-        if holder["rs"].data.get("state") != "up":
-            raise UsageError(f"run {holder['rs'].name} is {holder['rs'].data.get('state')}, not up")
-        ctx.cmdlog = holder["rs"].dir / "logs" / "commands.log"
-        ctx.bounds = stage_bounds(holder["rs"].data.get("accel"), ctx.settings)
-    rs = holder["rs"]
-    result["host"] = rs.data["host"]
-    if command == "apply":
-        apply(ctx, rs, profile, certs, result=result)
-    if command in CONVERGING_COMMANDS:
-        apply(
-            ctx,
-            rs,
-            profile,
-            certs,
-            result=result,
-            start=rs.data.get("applied_steps", 0),
-            after_step=checkpoint_after_apply(ctx, rs, result),
-        )
-    if command in ("reboot", "loop") or (command in GATE_COMMANDS and not args.no_reboot):
-        _reboots(ctx, args, command, profile, rs, result)
-    if command in ("assert", *CONVERGING_COMMANDS):
-        run_assert(ctx, rs, profile, certs, result)
-    if command in GATE_COMMANDS and not args.no_idempotence and not args.no_reboot:
-        idempotence(ctx, rs, profile, certs, result)
-    _finish(ctx, args, command, profile, certs, rs, result)
+# ---- the phases: each takes (ctx, args, run) and raises on failure -------------------
 
 
-def _reboots(ctx, args, command, profile, rs, result):
-    """session_phases' reboots: each mode the command runs (loop: one graceful; reboot:
-    the first; the gate: all), each proved and diffed against the capture before it."""
-    modes = [args.reboot] if args.reboot else profile["reboot"]
+def phase_prepare(ctx, args, run):
+    """Every check that can fail before anything is created (prepare)."""
+    run.profile, run.certs = prepare(ctx, args, run.command)
+    run.result["certs"] = run.certs
+
+
+def phase_retire_loop_vms(ctx, args, run):
+    retire_loop_vms(ctx, run.profile["name"])
+
+
+def phase_provision(ctx, args, run):
+    """A new VM: image, accel, network, slot, then a resumed checkpoint or a cold boot."""
+    provision(ctx, args, run)
+    run.result["host"] = run.rs.data["host"]
+
+
+def phase_attach(ctx, args, run):
+    """The live run this command acts on (--run, or the host's only one): its state,
+    command log and its accelerator's bounds."""
+    rs = select_run(ctx, args.run, args.host, live="required")
+    if rs.data.get("state") != "up":
+        raise UsageError(f"run {rs.name} is {rs.data.get('state')}, not up")
+    run.attach(rs)
+    run.bounds = stage_bounds(rs.data.get("accel"), ctx.settings)
+    run.result["host"] = rs.data["host"]
+
+
+def phase_apply(ctx, args, run):
+    apply(ctx, run.rs, run.profile, run.certs, result=run.result)
+
+
+def phase_converge(ctx, args, run):
+    """The playbooks from the first step this VM has not applied (a resumed checkpoint's),
+    each followed by its checkpoint when the run keeps them."""
+    apply(
+        ctx,
+        run.rs,
+        run.profile,
+        run.certs,
+        result=run.result,
+        start=run.rs.data.get("applied_steps", 0),
+        after_step=checkpoint_after_apply(ctx, run),
+    )
+
+
+def phase_reboots(ctx, args, run):
+    """Each reboot mode the command runs (loop: one graceful; reboot: the first; the gate:
+    all, unless --no-reboot), each proved and diffed against the capture before it."""
+    command, result, rs = run.command, run.result, run.rs
+    if command in GATE_COMMANDS and args.no_reboot:
+        return
+    modes = [args.reboot] if args.reboot else run.profile["reboot"]
     result["reboot_modes"] = (
         ["graceful"] if command == "loop" else modes[:1] if command == "reboot" else modes
     )
@@ -5240,29 +5450,73 @@ def _reboots(ctx, args, command, profile, rs, result):
             {k: rs.data["reboots"][-1][k] for k in ("mode", "seconds_to_ssh", "seconds_to_running")}
         )
         with timed_phase(ctx, result, f"reboot-diff:{mode}") as entry:
-            summary = reboot_diff(ctx, rs, profile, mode, before, after, result, args.reboot_diff)
+            summary = reboot_diff(
+                ctx, rs, run.profile, mode, before, after, result, args.reboot_diff
+            )
             if summary.get("warning"):
                 entry["message"] = summary["warning"]
         last = None if summary.get("recaptured") else after
 
 
-def _finish(ctx, args, command, profile, certs, rs, result):
-    """session_phases' tail once everything passed: the verdict, the transport bench,
-    then teardown (the gate) or the kept VM's inspection help; `up` prints name and IP."""
-    result["verdict"] = "pass"
-    if ctx.bench_transport:
-        compare_transports(ctx, rs, profile, certs, result)
+def phase_assert(ctx, args, run):
+    run_assert(ctx, run.rs, run.profile, run.certs, run.result)
+
+
+def phase_idempotence(ctx, args, run):
+    if not args.no_idempotence and not args.no_reboot:
+        idempotence(ctx, run.rs, run.profile, run.certs, run.result)
+
+
+def phase_finish(ctx, args, run):
+    """Everything passed: the verdict, the transport timing (bench), then teardown (the
+    gate) or the kept VM's inspection help; `up` prints name and IP."""
+    command, rs = run.command, run.rs
+    run.result["verdict"] = "pass"
+    if run.options.time_transports:
+        compare_transports(ctx, rs, run.profile, run.certs, run.result)
     if command in GATE_COMMANDS and not args.keep:
-        with timed_phase(ctx, result, "teardown"):
+        with timed_phase(ctx, run.result, "teardown"):
             down_run(ctx, rs)
     elif command in CONVERGING_COMMANDS:
-        result["kept"] = True
+        run.result["kept"] = True
         if command == "loop":
             rs.data["kept_by"] = "loop"
             rs.save()
         print(inspection_help(ctx, rs), file=sys.stderr, end="")
     if command == "up":
         print(f"{rs.name} {rs.ip}", flush=True)
+
+
+# Each command's phases, in order (a new phase is one line here: e.g. a live verify
+# after the converge and before the reboots). The gate's --no-reboot/--no-idempotence
+# are read by the phases they skip.
+_GATE_PHASES = (
+    phase_prepare,
+    phase_retire_loop_vms,
+    phase_provision,
+    phase_converge,
+    phase_reboots,
+    phase_assert,
+    phase_idempotence,
+    phase_finish,
+)
+SESSION_PHASES = {
+    "up": (phase_prepare, phase_provision, phase_finish),
+    "apply": (phase_prepare, phase_attach, phase_apply, phase_finish),
+    "reboot": (phase_prepare, phase_attach, phase_reboots, phase_finish),
+    "assert": (phase_prepare, phase_attach, phase_assert, phase_finish),
+    "loop": (
+        phase_prepare,
+        phase_retire_loop_vms,
+        phase_provision,
+        phase_converge,
+        phase_reboots,
+        phase_assert,
+        phase_finish,
+    ),
+    "cycle": _GATE_PHASES,
+    "bench": _GATE_PHASES,
+}
 
 
 def expected_failure(result, stage):
@@ -5310,34 +5564,56 @@ def teardown_or_keep(ctx, args, command, result, rs, teardown):
     print(inspection_help(ctx, rs), file=sys.stderr, end="")
 
 
-def on_verify_failed(ctx, args, command, result, rs, e):
+@dataclasses.dataclass(frozen=True)
+class FailurePolicy:
+    verdict: str  # result.json's verdict
+    diagnostics: bool  # collect them (when a run exists)
+    end: str  # the run's VM: "destroy" what this invocation created (unless --keep),
+    #           "keep" it for inspection, or "leave" it as it is without a word
+    exit_code: int
+    says: str  # the one stderr line after "integration-vm: " ({msg}, {err}: the error)
+
+
+# How a session ends, by failure kind. A VerifyFailed at the stage --expect-fail names
+# is destroyed like a pass; an interrupt announces its teardown (the operator waits).
+# fmt: off
+FAILURE_POLICY = {
+    #                          verdict        diagnostics  the VM     exit code
+    "verify":    FailurePolicy("fail",        True,        "keep",    EXIT_VERIFY,
+                               "verify failed: {msg}"),
+    "infra":     FailurePolicy("error",       True,        "destroy", EXIT_INFRA,
+                               "error: {err}"),
+    "usage":     FailurePolicy("error",       False,       "leave",   EXIT_USAGE,
+                               "error: {err}"),
+    "interrupt": FailurePolicy("interrupted", False,       "destroy", EXIT_INTERRUPTED,
+                               "interrupted"),
+}
+# fmt: on
+ERROR_KINDS = {EXIT_INFRA: "infra", EXIT_USAGE: "usage"}  # a HarnessError's, by exit code
+
+
+def on_failure(ctx, args, run, kind, e):
+    """FAILURE_POLICY[kind] applied to the run: result.json's verdict and failed stage,
+    one line, then diagnostics and teardown-or-keep as the table says. Its exit code."""
     _ignore_signals()
-    result.update(verdict="fail", failed_stage=e.stage, message=e.msg, failures=e.failed_tasks)
-    print(f"integration-vm: verify failed: {e.msg}", file=sys.stderr)
-    if rs is not None:
-        result["diagnostics"] = str(collect_diagnostics(ctx, rs, f"{e.stage}: {e.msg}"))
-        teardown_or_keep(ctx, args, command, result, rs, expected_failure(result, e.stage))
-    return EXIT_VERIFY
-
-
-def on_error(ctx, args, command, result, rs, e):
-    _ignore_signals()
-    result.update(verdict="error", failed_stage=e.stage, message=getattr(e, "msg", str(e)))
-    print(f"integration-vm: error: {e}", file=sys.stderr)
-    if rs is not None and e.exit_code == EXIT_INFRA:
-        result["diagnostics"] = str(collect_diagnostics(ctx, rs, str(e)))
-        teardown_or_keep(ctx, args, command, result, rs, True)
-    return e.exit_code
-
-
-def on_interrupt(ctx, args, command, result, rs):
-    _ignore_signals()
-    result.update(verdict="interrupted", failed_stage=_current_phase(result), message="interrupted")
-    print("\nintegration-vm: interrupted", file=sys.stderr)
-    if rs is not None and command in CREATING_COMMANDS and not args.keep:
+    policy, result, rs = FAILURE_POLICY[kind], run.result, run.rs
+    stage = e.stage if e is not None else _current_phase(result)
+    msg = getattr(e, "msg", str(e)) if e is not None else "interrupted"
+    result.update(verdict=policy.verdict, failed_stage=stage, message=msg)
+    if kind == "verify":
+        result["failures"] = e.failed_tasks
+    lead = "\n" if kind == "interrupt" else ""  # after ^C the terminal's line is not empty
+    print(f"{lead}integration-vm: " + policy.says.format(msg=msg, err=e), file=sys.stderr)
+    if rs is None or policy.end == "leave":
+        return policy.exit_code
+    if policy.diagnostics:
+        reason = f"{stage}: {msg}" if kind == "verify" else str(e)
+        result["diagnostics"] = str(collect_diagnostics(ctx, rs, reason))
+    destroy = policy.end == "destroy" or expected_failure(result, stage)
+    if kind == "interrupt" and run.creates and not args.keep:
         progress(ctx, "teardown", f"tearing down {rs.name}")
-    teardown_or_keep(ctx, args, command, result, rs, True)
-    return EXIT_INTERRUPTED
+    teardown_or_keep(ctx, args, run.command, result, rs, destroy)
+    return policy.exit_code
 
 
 def as_harness_error(e, result):
@@ -5407,11 +5683,12 @@ def prepare(ctx, args, command):
     return profile, certs
 
 
-def provision(ctx, args, profile, certs, result, holder):
-    """image -> accel -> network -> guarded create -> boot."""
+def provision(ctx, args, run):
+    """image -> accel -> network -> guarded create -> boot (or a resumed checkpoint)."""
+    profile, certs, result = run.profile, run.certs, run.result
     cached = (ctx.cache / "images" / current_image_key(ctx) / "manifest.json").is_file()
     check_guards(ctx, profile, need_image=not cached, count_vms=not cached)  # before a build
-    if getattr(args, "cmd", None) == "bench" and ctx.bench_phase != "warm":
+    if run.options.cold_image:
         # The benchmark measures both: a forced rebuild (cold) and the cache hit (warm).
         with timed_phase(ctx, result, "image:cold"):
             ensure_image(ctx, force=True)
@@ -5421,8 +5698,8 @@ def provision(ctx, args, profile, certs, result, holder):
             progress(ctx, "image", f"cached {image.dir}")
     accel = choose_accel(ctx, image)
     result["accel"] = accel
-    ctx.bounds = stage_bounds(accel, ctx.settings)
-    acquire_slot(ctx, holder)  # held until the session ends, after its teardown
+    run.bounds = stage_bounds(accel, ctx.settings)
+    run.acquire_slot(ctx)  # held until the session ends, after its teardown
     if certs in REAL_SECRET_TIERS and checkpoints_enabled(ctx, args):
         progress(
             ctx,
@@ -5430,37 +5707,37 @@ def provision(ctx, args, profile, certs, result, holder):
             f"off: --certs {certs} puts the real Gandi token in the "
             "guest's memory, which a checkpoint would keep on disk",
         )
-    elif getattr(args, "cmd", None) in CONVERGING_COMMANDS and checkpoints_enabled(ctx, args):
-        ctx.checkpoint_chain = checkpoint_chain(ctx, profile, certs, image.key, accel)
+    elif run.command in CONVERGING_COMMANDS and checkpoints_enabled(ctx, args):
+        run.checkpoint_chain = checkpoint_chain(ctx, profile, certs, image.key, accel)
         result["checkpoints"] = {
-            "chain": [{"stage": st, "key": k, **det} for st, k, det in ctx.checkpoint_chain]
+            "chain": [{"stage": st, "key": k, **det} for st, k, det in run.checkpoint_chain]
         }
-        if ctx.bench_phase == "cold":  # a cold benchmark starts with none of its own
+        if run.options.fresh_checkpoints:  # a cold benchmark starts with none of its own
             gc_checkpoints(ctx, profile["name"], keep=())
         ensure_network(ctx)  # a restore needs it active too (a fresh libvirtd has not started it)
-        rs = try_resume(ctx, profile, certs, result, holder)
-        if rs is not None:
-            return rs
+        if try_resume(ctx, run) is not None:
+            return run.rs
     with timed_phase(ctx, result, "boot"):
         ensure_network(ctx)
         with file_lock(ctx, ctx.cache / "lock", "up"):
             check_guards(ctx, profile, need_image=False)  # authoritative, under the lock
-            create_run(ctx, profile, certs, accel, image, holder)
-        boot(ctx, holder["rs"])
-    result["boot_stages"] = holder["rs"].data.get("boot_stages", {})
-    if ctx.checkpoint_chain:
-        _, key, _ = ctx.checkpoint_chain[0]
-        take_checkpoint(ctx, holder["rs"], "booted", key, None, result)
-    return holder["rs"]
+            create_run(ctx, profile, certs, accel, image, run)
+        boot(ctx, run.rs)
+    result["boot_stages"] = run.rs.data.get("boot_stages", {})
+    if run.checkpoint_chain:
+        _, key, _ = run.checkpoint_chain[0]
+        take_checkpoint(ctx, run.rs, "booted", key, None, result)
+    return run.rs
 
 
-def try_resume(ctx, profile, certs, result, holder):
-    """Resume the newest valid checkpoint of ctx.checkpoint_chain; None -> boot cold.
+def try_resume(ctx, run):
+    """Resume the newest valid checkpoint of run.checkpoint_chain; None -> boot cold.
     A checkpoint that fails to come back is reported and the run boots cold instead."""
-    keys = [k for _, k, _ in ctx.checkpoint_chain]
+    chain, result = run.checkpoint_chain, run.result
+    keys = [k for _, k, _ in chain]
     manifests = {k: load_checkpoint(ctx, k) for k in keys}
     best = newest_valid_checkpoint(
-        [(st, k) for st, k, _ in ctx.checkpoint_chain], lambda k: manifests[k] is not None
+        [(st, k) for st, k, _ in chain], lambda k: manifests[k] is not None
     )
     if best is None:
         progress(ctx, "resume", "no valid checkpoint for these inputs: cold boot")
@@ -5472,18 +5749,18 @@ def try_resume(ctx, profile, certs, result, holder):
         why = None
         try:
             with file_lock(ctx, ctx.cache / "lock", "up"):
-                check_guards(ctx, profile, need_image=False)
+                check_guards(ctx, run.profile, need_image=False)
                 if virsh(ctx, "domstate", manifest["domain"]).returncode == 0:
                     why = f"checkpoint {stage} is in use (domain {manifest['domain']} exists)"
                 else:
-                    rs = resume_run(ctx, profile, certs, manifest, keys, holder)
+                    rs = resume_run(ctx, run.profile, run.certs, manifest, keys, run)
         except InfraError as e:
             if e.stage == "guard":
                 raise
             why = f"checkpoint {stage} did not resume ({e})"
-            if holder.get("rs") is not None:
-                down_run(ctx, holder["rs"])
-                holder["rs"] = None
+            if run.rs is not None:
+                down_run(ctx, run.rs)
+                run.rs = None  # its command log stays the log until the cold boot's
             result["resume_error"] = str(e)
         if why:
             # Not an error of this run: it boots cold. JUnit shows the phase as skipped.
@@ -5653,36 +5930,35 @@ def bench_edit_target(ctx, edited):
     return rel
 
 
+# The bench's sessions: what each leg changes about a plain session (SessionOptions).
+BENCH_COLD = SessionOptions(cold_image=True, fresh_checkpoints=True, time_transports=True)
+BENCH_ONLY = SessionOptions(cold_image=True, time_transports=True)  # --no-warm: one cycle
+BENCH_AFTER_EDIT = {
+    "loop": SessionOptions(gc_outdated=False),
+    "warm": SessionOptions(gc_outdated=False),
+}
+
+
 def cmd_bench(ctx, args):
     """A cold cycle (image rebuilt, none of this profile's checkpoints; the transport
     compared on its VM before teardown), then the quick loop and a warm full cycle, each
     after the same one-role edit made in a temporary copy, then all side by side."""
     if args.no_warm or not checkpoints_enabled(ctx, args):
-        ctx.bench_transport = True
-        return session(ctx, args, "bench")
+        return session(ctx, args, "bench", BENCH_ONLY)
     rel = bench_edit_target(ctx, args.warm_edit)
-    ctx.bench_phase, ctx.bench_transport = "cold", True
     progress(ctx, "bench", "cold cycle: image rebuilt, no checkpoint of this profile")
-    rc = session(ctx, args, "bench")
-    cold = ctx.last_result
-    if rc != EXIT_PASS or cold is None:
-        return rc
+    cold = run_session(ctx, args, "bench", BENCH_COLD)
+    if cold.exit_code != EXIT_PASS:
+        return cold.exit_code
     loop_args = copy.copy(args)
     loop_args.cmd = "loop"
-    after = {}
+    after, rc = {}, cold.exit_code
     for phase, command, a in (("loop", "loop", loop_args), ("warm", "bench", args)):
         # a stamp of its own per copy: the loop and the warm cycle must each find the
         # edit new (same file, same invalidation), not resume the other's checkpoint
         stamp = f"{phase} {now_iso()} {time.time_ns()}"
         sub = dataclasses.replace(
-            ctx,
-            repo=warm_repo_copy(ctx.repo, rel, stamp),
-            t0=time.monotonic(),
-            cmdlog=None,
-            bench_phase=phase,
-            bench_transport=False,
-            checkpoint_chain=None,
-            last_result=None,
+            ctx, repo=warm_repo_copy(ctx.repo, rel, stamp), t0=time.monotonic()
         )
         progress(
             sub,
@@ -5690,17 +5966,20 @@ def cmd_bench(ctx, args):
             f"{'quick loop' if phase == 'loop' else 'warm full cycle'} "
             f"after editing {args.warm_edit} (in a copy: {sub.repo})",
         )
+        options = dataclasses.replace(BENCH_AFTER_EDIT[phase], strategy=cold.strategy)
         try:
-            rc = session(sub, a, command)
+            leg = run_session(sub, a, command, options)
         finally:
             shutil.rmtree(sub.repo, ignore_errors=True)
-        after[phase] = sub.last_result
+        after[phase], rc = leg.result if leg.reported else None, leg.exit_code
         if rc != EXIT_PASS:
             break
-    retire_loop_vms(ctx, cold.get("host"))  # the bench leaves nothing running
+    retire_loop_vms(ctx, cold.result.get("host"))  # the bench leaves nothing running
     sys.stdout.write(
         "\n"
-        + format_bench_comparison(cold, after.get("warm"), args.warm_edit, loop=after.get("loop"))
+        + format_bench_comparison(
+            cold.result, after.get("warm"), args.warm_edit, loop=after.get("loop")
+        )
     )
     return rc
 

@@ -331,7 +331,7 @@ def test_ansible_env_selects_the_strategy_explicitly_either_way():
 
 def _ctx(request="mitogen"):
     return types.SimpleNamespace(
-        strategy=None,
+        run=types.SimpleNamespace(strategy=None),  # the session's Run holds the choice
         strategy_request=request,
         cmdlog=None,
         environ={"PATH": os.environ.get("PATH", "")},
