@@ -374,7 +374,15 @@ def test_cycle_safety_invariants(h):
             a.startswith("UserKnownHostsFile=") and a.endswith("/known_hosts") for a in c["argv"]
         )
     pbs = h.calls("ansible-playbook")
-    assert len(pbs) == 5  # site, offsite, verify, site + offsite again (idempotence)
+    # site, offsite, verify live, verify after the reboots, site + offsite (idempotence)
+    assert [pathlib.Path(c["playbook"]).name for c in pbs] == [
+        "site.yml",
+        "offsite.yml",
+        "verify.yml",
+        "verify.yml",
+        "site.yml",
+        "offsite.yml",
+    ]
     vm = pbs[0]["limit"]
     assert vm.startswith("boma-it-askari-")
     for c in pbs:
@@ -497,7 +505,7 @@ def test_idempotence_failure_after_reboot(h):
 def test_no_idempotence_flag_skips_the_reapply(h):
     p = h.run("cycle", "--host", "askari", "--no-idempotence", FAKE_IDEMPOTENCE_CHANGED="3")
     assert p.returncode == 0, p.stderr
-    assert len(h.calls("ansible-playbook")) == 3
+    assert len(h.calls("ansible-playbook")) == 4  # two applies, verify live and after
 
 
 # ---- what the reboot changed (issue 5) -------------------------------------------------
@@ -532,7 +540,9 @@ def test_reboot_diff_unexpected_change_fails_and_keeps_the_vm(h):
     assert (
         len(verdict) == 1 and "12 unexpected difference(s) across the graceful reboot" in verdict[0]
     )
-    assert not [c for c in h.calls("ansible-playbook") if c["playbook"].endswith("verify.yml")]
+    # verify ran live, before the reboot, and passed; the reboot diff stopped the run
+    verifies = [c for c in h.calls("ansible-playbook") if c["playbook"].endswith("verify.yml")]
+    assert len(verifies) == 1 and res["verify_live_tasks"] and not res["verify_tasks"]
     (diff,) = res["reboot_diffs"]
     assert diff["changed"] and diff["recaptured"] and len(diff["unexpected"]) == 12
     assert diff["categories"]["nft"] == {"added": 0, "removed": 4}
