@@ -4667,6 +4667,15 @@ def run_lineage(holder):
     return day2.frm.lineage if day2 else FRESH_LINEAGE
 
 
+def prune_worktrees(ctx):
+    """`prune`: the --from worktrees a killed run left (a run removes its own)."""
+    root = worktrees_root(ctx)
+    if root.is_dir() and not root.is_symlink():
+        for wt in sorted(root.iterdir()):
+            remove_from_worktree(ctx, wt)
+            print(f"integration-vm: removed worktree {wt.name}")
+
+
 def from_ctx(ctx, worktree):
     """The context REF's applies run in: the same settings, the worktree as the repo."""
     return dataclasses.replace(ctx, repo=pathlib.Path(worktree))
@@ -5985,6 +5994,7 @@ def cmd_prune(ctx, args):
     (ctx.run_parent / "current").unlink(missing_ok=True)
     if prune_tree(ctx.cache / "checkpoints", "checkpoint"):
         shutil.rmtree(ctx.cache / "checkpoints", ignore_errors=True)
+    prune_worktrees(ctx)
     if args.images:
         prune_tree(ctx.cache / "images", "image", keep=(current_image_key(ctx),))
     print("integration-vm: prune done")

@@ -274,3 +274,12 @@ def test_the_worktree_is_removed_on_ctrl_c(hg):
     out, err = proc.communicate(timeout=60)
     assert proc.returncode == 130, err
     assert worktrees(hg) == ([], 0)
+
+
+def test_prune_removes_a_worktree_a_killed_run_left(hg):
+    # a run killed with SIGKILL cannot clean up: its worktree stays until prune
+    git(hg, "worktree", "add", "--detach", "-q", str(hg.cache / "worktrees" / "askari-1"), "prod")
+    assert worktrees(hg) == (["askari-1"], 1)
+    p = hg.run("prune")
+    assert p.returncode == 0, p.stderr
+    assert worktrees(hg) == ([], 0)
