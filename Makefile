@@ -11,6 +11,7 @@
 #   HOST          profile for test-integration (tests/integration/profiles/<HOST>.json)
 #   CERTS         cert tier for test-integration: internal | le-staging | le-prod-wildcard
 #   KEEP=1        keep the integration VM after the run
+#   FROM=REF      day 2 (test-integration, -loop): apply git REF first, then the working tree on top
 #   ALLOW_PROD_CERTS=1  required with CERTS=le-prod-wildcard (an accepted risk)
 #   SANDBOX       auto | netns | none — how test-integration reaches libvirt (see below)
 
@@ -107,15 +108,18 @@ substrate: venv ## Install/start the libvirt substrate on this machine (integrat
 
 test-integration: venv ## Boot a VM as HOST, apply, reboot, verify: make test-integration HOST=askari [CERTS=..] [KEEP=1]
 	@test -n "$(HOST)" || { echo "usage: make test-integration HOST=<profile> [CERTS=internal|le-staging|le-prod-wildcard] [KEEP=1]" >&2; exit 2; }
-	$(IT_RUN) cycle --host $(HOST) $(IT_FLAGS)
+	$(IT_RUN) cycle --host $(HOST) $(IT_FLAGS) $(if $(FROM),--from $(FROM))
 
 test-integration-loop: venv ## Quick loop after an edit: resume, apply what changed, one reboot, verify; VM stays up (NOT the gate)
 	@test -n "$(HOST)" || { echo "usage: make test-integration-loop HOST=<profile> [CERTS=..]" >&2; exit 2; }
-	$(IT_RUN) loop --host $(HOST) $(if $(CERTS),--certs $(CERTS))
+	$(IT_RUN) loop --host $(HOST) $(if $(CERTS),--certs $(CERTS)) $(if $(FROM),--from $(FROM))
 
 test-integration-red: venv ## RED: HOST-regression (no docker forward drop-in) must FAIL verify for the right reason
 	@test -n "$(HOST)" || { echo "usage: make test-integration-red HOST=askari" >&2; exit 2; }
 	BOMA_IT_E2E_HOST=$(HOST) $(IT_RUN) exec -- $(CURDIR)/$(VENV)/bin/pytest -m vm -k regression -p no:cacheprovider tests/e2e
+
+test-integration-day2: venv ## Day 2 RED→GREEN: a change applied with --from HEAD to a running host (a clone; never the working tree)
+	BOMA_IT_E2E_HOST=$(or $(HOST),askari) $(IT_RUN) exec -- $(CURDIR)/$(VENV)/bin/pytest -m vm -p no:cacheprovider tests/e2e/test_day2_red_green.py
 
 test-vm: venv ## RED and GREEN on real VMs in one pytest run (tests/e2e, marker vm; HOST=askari)
 	BOMA_IT_E2E_HOST=$(or $(HOST),askari) $(IT_RUN) exec -- $(CURDIR)/$(VENV)/bin/pytest -m vm -p no:cacheprovider tests/e2e

@@ -1683,10 +1683,12 @@ class RunRecord(JsonRecord):
     reboots: list = None  # each reboot's mode, boot ids and seconds
     kept_by: str = None  # "loop": the next run of the profile tears it down
     down_at: str = None
+    lineage: str = None  # its checkpoints': "fresh", or "from:<ref>" (--from)
     extra: dict = dataclasses.field(default_factory=dict, repr=False)
 
     ABSENT_WHEN_NONE = frozenset(
         {
+            "lineage",
             "domain",
             "resumed_from",
             "checkpoints_read",
@@ -3854,10 +3856,28 @@ def apply(ctx, rs, profile, certs, phase_prefix="apply", result=None, start=0, a
     return changed, changed_tasks
 
 
-def run_assert(ctx, rs, profile, certs, result=None):
-    """The verify playbook. Failing task names go to result['failed_tasks']."""
-    with timed_phase(ctx, result, "verify"):
-        progress(ctx, "verify", f"ansible-playbook {profile['verify']}")
+# The profile's verify runs twice in a cycle: live, right after the applies (before any
+# reboot), then after the reboots. Which one fails tells the story of a red run.
+LIVE_VERIFY = "verify:live"
+VERIFY_TASK_KEYS = {"verify": "verify_tasks", LIVE_VERIFY: "verify_live_tasks"}
+STORIES = {LIVE_VERIFY: "dead live", "verify": "dies on reboot", "upgrade": "upgrade fails"}
+
+
+def story_of(result):
+    """A failed run's story: "dead live" (broken right after the apply), "dies on reboot"
+    (the live verify passed, the one after the reboots failed), "upgrade fails" (the
+    working tree's apply on top of --from REF broke); else None."""
+    stage = result.get("failed_stage") or ""
+    if stage == "verify" and not any(p["name"] == LIVE_VERIFY for p in result["phase_details"]):
+        return None  # no live verify ran (assert, --no-reboot): the story is unknown
+    return STORIES.get(stage.split(":")[0] if stage.startswith("upgrade:") else stage)
+
+
+def run_assert(ctx, rs, profile, certs, result=None, stage="verify"):
+    """The verify playbook, as `stage` (verify, or verify:live before the reboots).
+    Its checks go to result[VERIFY_TASK_KEYS[stage]]."""
+    with timed_phase(ctx, result, stage):
+        progress(ctx, stage, f"ansible-playbook {profile['verify']}")
         rc, out = run_playbook(
             ctx,
             rs,
@@ -3865,20 +3885,23 @@ def run_assert(ctx, rs, profile, certs, result=None):
             ctx.repo / profile["verify"],
             (),
             certs,
-            "verify",
+            stage,
             ctx.bounds["verify"],
         )
         tasks = verify_checks(out, rs.domain)
         if result is not None:
-            result["verify_tasks"] = [{"name": n, "status": s, "message": m} for n, s, m in tasks]
+            result[VERIFY_TASK_KEYS[stage]] = [
+                {"name": n, "status": s, "message": m} for n, s, m in tasks
+            ]
         recap = parse_recap(out).get(rs.domain, {})
         if recap.get("unreachable"):
-            raise InfraError("verify", f"{rs.domain} unreachable during verify")
+            raise InfraError(stage, f"{rs.domain} unreachable during {stage}")
         if rc != 0 or recap.get("failed"):
             failed = [n for n, s, _ in tasks if s == "failed"]
             raise VerifyFailed(
-                "verify",
-                "verify playbook failed"
+                stage,
+                ("live " if stage == LIVE_VERIFY else "")
+                + "verify playbook failed"
                 + (f" at: {', '.join(failed)}" if failed else f" (exit {rc})"),
                 failed,
             )
@@ -4327,9 +4350,11 @@ def checkpoints_in_use(ctx):
     return used
 
 
-def gc_checkpoints(ctx, host, keep):
+def gc_checkpoints(ctx, host, keep, lineage=None):
     """Drop this profile's checkpoints that the current inputs can no longer resume
-    (and half-written ones), except those a live run reads."""
+    (and half-written ones), except those a live run reads. With a `lineage`, only that
+    lineage's: a plain cycle does not drop what `--from main` runs resume, nor the
+    reverse (a checkpoint both chains share is in `keep`)."""
     root = ctx.cache / "checkpoints"
     if root.is_symlink() or not root.is_dir():
         return []
@@ -4345,7 +4370,10 @@ def gc_checkpoints(ctx, host, keep):
                 m = json.loads((d / "manifest.json").read_text())
             except (OSError, ValueError, RecursionError):
                 m = None
-            if not isinstance(m, dict) or m.get("host") == host:
+            if not isinstance(m, dict) or (
+                m.get("host") == host
+                and (lineage is None or m.get("lineage", FRESH_LINEAGE) == lineage)
+            ):
                 shutil.rmtree(d, ignore_errors=True)
                 removed.append(d.name)
     return removed
@@ -4440,6 +4468,7 @@ def _checkpoint_manifest(rs, stage, key, parent):
         "created_at": now_iso(),
         "created_by": rs.name,
         "format": CHECKPOINT_FORMAT,
+        "lineage": rs.data.get("lineage", FRESH_LINEAGE),
     }
 
 
@@ -4628,6 +4657,178 @@ def checkpoint_after_apply(ctx, run):
         take_checkpoint(ctx, run.rs, stage, key, parent, run.result)
 
     return after
+
+
+# --------------------------------------------------------------------------------------
+# Day 2: --from REF, the host as production runs it, then the change on top
+# --------------------------------------------------------------------------------------
+# A day-2 run converges the VM with the repository at REF (a clean, detached git worktree
+# of REF: its own profile, overlays and roles, never the working tree), checkpoints that
+# state (the chain's keys hash REF's files, so the next run with the same REF resumes it),
+# then applies the working tree on top ("upgrade"), verifies live, reboots, verifies. The
+# worktree lives under the cache's worktrees/ only while REF's applies run.
+
+FROM_PROFILE_DIR = "tests/integration/profiles"
+FRESH_LINEAGE = "fresh"  # checkpoints of plain runs; a day-2 run's are "from:<ref>"
+
+
+@dataclasses.dataclass(frozen=True)
+class FromRef:
+    """--from REF resolved: the name given, its commit and tree (git object ids)."""
+
+    ref: str
+    commit: str
+    tree: str
+
+    @property
+    def lineage(self):
+        """The checkpoint lineage of runs from this ref (gc_checkpoints keeps lineages apart)."""
+        return f"from:{self.ref}"
+
+    def as_json(self):
+        return {"ref": self.ref, "commit": self.commit, "tree": self.tree}
+
+
+def git_argv(repo, *args):
+    return ["git", "-C", str(repo), *args]
+
+
+def _git(ctx, *args, timeout=60):
+    return run(git_argv(ctx.repo, *args), timeout=timeout, stage="from-ref", cmdlog=ctx.cmdlog)
+
+
+def resolve_from_ref(ctx, ref, host):
+    """--from REF -> FromRef, before anything is created. A REF that is not a commit of
+    this repository, or whose tree has no profile for `host`, is a UsageError (exit 2)."""
+    if not ref or ref.startswith("-") or any(c in ref for c in "\0\n\r"):
+        raise UsageError(f"--from {ref!r}: not a git revision")
+    if shutil.which("git", path=ctx.environ.get("PATH")) is None:
+        raise UsageError("--from needs git on PATH")
+    r = _git(ctx, "rev-parse", "--verify", "--quiet", "--end-of-options", f"{ref}^{{commit}}")
+    commit = r.stdout.strip()
+    if r.returncode != 0 or not re.fullmatch(r"[0-9a-f]{40,64}", commit):
+        raise UsageError(f"--from {ref}: not a commit of the repository at {ctx.repo}")
+    tree = _git(ctx, "rev-parse", "--verify", f"{commit}^{{tree}}").stdout.strip()
+    profile = f"{FROM_PROFILE_DIR}/{host}.json"
+    if _git(ctx, "cat-file", "-e", f"{commit}:{profile}").returncode != 0:
+        raise UsageError(f"--from {ref} ({commit[:12]}): its tree has no profile {profile}")
+    return FromRef(ref, commit, tree)
+
+
+def working_tree_commit(ctx):
+    """What the upgrade applies: HEAD's commit and whether the working tree differs from
+    it ({"commit": None} outside a git checkout)."""
+    head = _git(ctx, "rev-parse", "--verify", "--quiet", "HEAD")
+    if head.returncode != 0:
+        return {"commit": None, "dirty": None}
+    dirty = _git(ctx, "status", "--porcelain", "--untracked-files=no").stdout.strip()
+    return {"commit": head.stdout.strip(), "dirty": bool(dirty)}
+
+
+def worktrees_root(ctx):
+    return owned_path(ctx.cache, "worktrees")
+
+
+def add_from_worktree(ctx, frm, name):
+    """A clean detached worktree of frm.commit at <cache>/worktrees/<name>."""
+    root = worktrees_root(ctx)
+    root.mkdir(mode=0o700, parents=True, exist_ok=True)
+    path = owned_path(root, name)
+    if path.exists():
+        remove_from_worktree(ctx, path)
+    r = _git(ctx, "worktree", "add", "--detach", "--quiet", str(path), frm.commit, timeout=300)
+    if r.returncode != 0:
+        remove_from_worktree(ctx, path)
+        why = (r.stderr.strip().splitlines() or [f"exit {r.returncode}"])[-1]
+        raise InfraError("from-ref", f"git worktree add of {frm.ref} failed: {why}")
+    return path
+
+
+def remove_from_worktree(ctx, path):
+    """Remove a --from worktree and git's record of it; never raises (teardown path).
+    Only a path directly under the cache's worktrees/ is ever removed."""
+    try:
+        root = worktrees_root(ctx)
+        path = pathlib.Path(path)
+        if path.parent != root or path.is_symlink():
+            return
+        _git(ctx, "worktree", "remove", "--force", str(path))
+        if path.exists():
+            shutil.rmtree(path, ignore_errors=True)
+        _git(ctx, "worktree", "prune")
+    except Exception as e:  # a cleanup must not mask the verdict
+        print(f"integration-vm: warning: removing worktree {path}: {e}", file=sys.stderr)
+
+
+def run_lineage(run):
+    """The lineage of the checkpoints this session takes (see gc_checkpoints)."""
+    return run.day2.frm.lineage if run.day2 else FRESH_LINEAGE
+
+
+def prune_worktrees(ctx):
+    """`prune`: the --from worktrees a killed run left (a run removes its own)."""
+    root = worktrees_root(ctx)
+    if root.is_dir() and not root.is_symlink():
+        for wt in sorted(root.iterdir()):
+            remove_from_worktree(ctx, wt)
+            print(f"integration-vm: removed worktree {wt.name}")
+
+
+def from_ctx(ctx, worktree):
+    """The context REF's applies run in: the same settings, the worktree as the repo."""
+    return dataclasses.replace(ctx, repo=pathlib.Path(worktree))
+
+
+@dataclasses.dataclass
+class DayTwo:
+    """A day-2 run's REF side: the resolved ref, its worktree while it exists (REF's
+    applies only), and REF's own profile for the host."""
+
+    frm: FromRef
+    host: str
+    worktree: pathlib.Path = None
+    profile: dict = None
+
+    def open(self, ctx, name):
+        """Check out REF and load its profile; returns the context REF's applies run in."""
+        self.worktree = add_from_worktree(ctx, self.frm, name)
+        wt = self.worktree
+        self.profile = load_profile(self.host, wt / FROM_PROFILE_DIR, wt)
+        return from_ctx(ctx, wt)
+
+    def close(self, ctx):
+        """Remove the worktree (idempotent, never raises)."""
+        if self.worktree is not None:
+            remove_from_worktree(ctx, self.worktree)
+            self.worktree = None
+
+
+def apply_from_ref(ctx, rs, day2, certs, result, after_step):
+    """REF's applies (resuming where the checkpoint left off), then the worktree goes."""
+    ref_ctx = from_ctx(ctx, day2.worktree)
+    progress(ctx, "from", f"applying {day2.frm.ref} ({day2.frm.commit[:12]}) from {day2.worktree}")
+    try:
+        apply(
+            ref_ctx,
+            rs,
+            day2.profile,
+            certs,
+            phase_prefix="from",
+            result=result,
+            start=rs.data.get("applied_steps", 0),
+            after_step=after_step,
+        )
+    finally:
+        day2.close(ctx)
+
+
+def upgrade(ctx, rs, profile, certs, result, day2):
+    """The working tree applied on top of REF: what the change does to a running host."""
+    result["upgrade"] = {"from": day2.frm.as_json(), "to": working_tree_commit(ctx)}
+    changed, tasks = apply(ctx, rs, profile, certs, "upgrade", result)
+    result["upgrade"].update(changed=changed, changed_tasks=tasks)
+    write_owned(rs.dir / "logs" / "upgrade.json", json.dumps(result["upgrade"], indent=2) + "\n")
+    progress(ctx, "upgrade", f"{changed} task(s) changed on top of {day2.frm.ref}")
 
 
 # --------------------------------------------------------------------------------------
@@ -4864,6 +5065,7 @@ class Run:
     cmdlog: pathlib.Path = None
     checkpoint_chain: list = None  # [(stage, key, detail)] when this run uses checkpoints
     strategy: dict = None  # strategy_choice(), resolved once (resolve_strategy)
+    day2: object = None  # a DayTwo: --from REF's ref, worktree and profile
     exit_code: int = None
     reported: bool = False  # result.json and the summary line written (end_session)
 
@@ -5073,7 +5275,11 @@ class ResultRecord(JsonRecord):
     phases: dict = dataclasses.field(default_factory=dict)
     phase_details: list = dataclasses.field(default_factory=list)
     failures: list = dataclasses.field(default_factory=list)
-    verify_tasks: list = dataclasses.field(default_factory=list)
+    verify_tasks: list = dataclasses.field(default_factory=list)  # after the reboots
+    verify_live_tasks: list = dataclasses.field(default_factory=list)  # before them
+    story: str = None  # a red run's: "dead live" | "dies on reboot" | "upgrade fails"
+    from_ref: dict = None  # --from: {ref, commit, tree}
+    upgrade: dict = None  # --from: {from, to, changed, changed_tasks}
     idempotence: dict = None
     diagnostics: str = None
     run_dir: str = None
@@ -5106,6 +5312,8 @@ class ResultRecord(JsonRecord):
             "resume_error",
             "transport",
             "teardown_error",
+            "from_ref",
+            "upgrade",
         }
     )
 
@@ -5146,6 +5354,8 @@ def format_summary(result):
     totals = phase_totals(result.get("phase_details", []))
     if totals:
         parts.append("(" + ", ".join(f"{k} {round(v)}s" for k, v in totals.items()) + ")")
+    if result.get("story"):  # last: the fields before it keep their positions
+        parts.append(f"— {result['story']}")
     return " ".join(parts)
 
 
@@ -5200,13 +5410,15 @@ def _junit_cases(result):
                 p.get("detail") or p.get("message", ""),
             )
         )
-    for t in result.get("verify_tasks", []):
-        st = (
-            "fail"
-            if t["status"] == "failed"
-            else ("skipped" if t["status"] == "skipped" else "pass")
-        )
-        cases.append((f"verify: {t['name']}", 0.0, st, t.get("message", ""), t.get("message", "")))
+    for stage, key in VERIFY_TASK_KEYS.items():
+        for t in result.get(key, []):
+            st = (
+                "fail"
+                if t["status"] == "failed"
+                else ("skipped" if t["status"] == "skipped" else "pass")
+            )
+            msg = t.get("message", "")
+            cases.append((f"{stage}: {t['name']}", 0.0, st, msg, msg))
     if result.get("verdict") in ("error", "interrupted") and not any(
         c[2] in ("error", "fail") for c in cases
     ):
@@ -5352,6 +5564,8 @@ def run_phases(ctx, args, run):
             return on_failure(ctx, args, run, ERROR_KINDS.get(e.exit_code, "infra"), e)
         return EXIT_PASS
     finally:
+        if run.day2 is not None:  # REF's worktree goes, whatever happened
+            run.day2.close(ctx)
         run.release_slot()
 
 
@@ -5362,7 +5576,10 @@ def end_session(ctx, args, run):
     if run.checkpoint_chain and run.options.gc_outdated:
         try:  # one chain per profile: what these inputs can no longer resume goes
             gone = gc_checkpoints(
-                ctx, result.get("host"), keep=[k for _, k, _ in run.checkpoint_chain]
+                ctx,
+                result.get("host"),
+                keep=[k for _, k, _ in run.checkpoint_chain],
+                lineage=run_lineage(run),
             )
             if gone:
                 progress(ctx, "checkpoint", f"removed {len(gone)} outdated checkpoint(s)")
@@ -5418,18 +5635,45 @@ def phase_apply(ctx, args, run):
     apply(ctx, run.rs, run.profile, run.certs, result=run.result)
 
 
+def phase_from_ref(ctx, args, run):
+    """--from REF (day 2): resolve REF (exit 2 when it is not a commit or lacks the
+    profile), then check it out in a worktree and load REF's own profile."""
+    if not getattr(args, "from_ref", None):
+        return
+    run.day2 = DayTwo(
+        resolve_from_ref(ctx, args.from_ref, run.profile["name"]), run.profile["name"]
+    )
+    run.result["from_ref"] = run.day2.frm.as_json()
+    run.day2.open(ctx, f"{run.profile['name']}-{os.getpid()}")
+
+
 def phase_converge(ctx, args, run):
     """The playbooks from the first step this VM has not applied (a resumed checkpoint's),
-    each followed by its checkpoint when the run keeps them."""
-    apply(
-        ctx,
-        run.rs,
-        run.profile,
-        run.certs,
-        result=run.result,
-        start=run.rs.data.get("applied_steps", 0),
-        after_step=checkpoint_after_apply(ctx, run),
-    )
+    each followed by its checkpoint when the run keeps them. Day 2: REF's playbooks that
+    way (REF's chain), then the working tree's on top."""
+    after_step = checkpoint_after_apply(ctx, run)
+    start = run.rs.data.get("applied_steps", 0)
+    if run.day2 is None:
+        apply(
+            ctx,
+            run.rs,
+            run.profile,
+            run.certs,
+            result=run.result,
+            start=start,
+            after_step=after_step,
+        )
+        return
+    apply_from_ref(ctx, run.rs, run.day2, run.certs, run.result, after_step)
+    upgrade(ctx, run.rs, run.profile, run.certs, run.result, run.day2)
+
+
+def phase_verify_live(ctx, args, run):
+    """The verify right after the applies, before any reboot: a host broken live fails
+    here ("dead live"), one the reboot breaks fails the verify after it ("dies on reboot")."""
+    if run.command in GATE_COMMANDS and args.no_reboot:
+        return  # no reboot: the one verify is the live one
+    run_assert(ctx, run.rs, run.profile, run.certs, run.result, stage=LIVE_VERIFY)
 
 
 def phase_reboots(ctx, args, run):
@@ -5492,9 +5736,11 @@ def phase_finish(ctx, args, run):
 # are read by the phases they skip.
 _GATE_PHASES = (
     phase_prepare,
+    phase_from_ref,
     phase_retire_loop_vms,
     phase_provision,
     phase_converge,
+    phase_verify_live,
     phase_reboots,
     phase_assert,
     phase_idempotence,
@@ -5507,9 +5753,11 @@ SESSION_PHASES = {
     "assert": (phase_prepare, phase_attach, phase_assert, phase_finish),
     "loop": (
         phase_prepare,
+        phase_from_ref,
         phase_retire_loop_vms,
         phase_provision,
         phase_converge,
+        phase_verify_live,
         phase_reboots,
         phase_assert,
         phase_finish,
@@ -5580,7 +5828,7 @@ class FailurePolicy:
 FAILURE_POLICY = {
     #                          verdict        diagnostics  the VM     exit code
     "verify":    FailurePolicy("fail",        True,        "keep",    EXIT_VERIFY,
-                               "verify failed: {msg}"),
+                               "verify failed{story}: {msg}"),
     "infra":     FailurePolicy("error",       True,        "destroy", EXIT_INFRA,
                                "error: {err}"),
     "usage":     FailurePolicy("error",       False,       "leave",   EXIT_USAGE,
@@ -5602,8 +5850,11 @@ def on_failure(ctx, args, run, kind, e):
     result.update(verdict=policy.verdict, failed_stage=stage, message=msg)
     if kind == "verify":
         result["failures"] = e.failed_tasks
+        result["story"] = story_of(result)
     lead = "\n" if kind == "interrupt" else ""  # after ^C the terminal's line is not empty
-    print(f"{lead}integration-vm: " + policy.says.format(msg=msg, err=e), file=sys.stderr)
+    story = f" ({result['story']})" if result.get("story") else ""
+    says = policy.says.format(msg=msg, err=e, story=story)
+    print(f"{lead}integration-vm: {says}", file=sys.stderr)
     if rs is None or policy.end == "leave":
         return policy.exit_code
     if policy.diagnostics:
@@ -5708,7 +5959,12 @@ def provision(ctx, args, run):
             "guest's memory, which a checkpoint would keep on disk",
         )
     elif run.command in CONVERGING_COMMANDS and checkpoints_enabled(ctx, args):
-        run.checkpoint_chain = checkpoint_chain(ctx, profile, certs, image.key, accel)
+        day2 = run.day2  # a day-2 run resumes REF's chain (its keys hash REF's files)
+        run.checkpoint_chain = (
+            checkpoint_chain(from_ctx(ctx, day2.worktree), day2.profile, certs, image.key, accel)
+            if day2
+            else checkpoint_chain(ctx, profile, certs, image.key, accel)
+        )
         result["checkpoints"] = {
             "chain": [{"stage": st, "key": k, **det} for st, k, det in run.checkpoint_chain]
         }
@@ -5722,6 +5978,7 @@ def provision(ctx, args, run):
         with file_lock(ctx, ctx.cache / "lock", "up"):
             check_guards(ctx, profile, need_image=False)  # authoritative, under the lock
             create_run(ctx, profile, certs, accel, image, run)
+        run.rs.data["lineage"] = run_lineage(run)
         boot(ctx, run.rs)
     result["boot_stages"] = run.rs.data.get("boot_stages", {})
     if run.checkpoint_chain:
@@ -5768,6 +6025,7 @@ def try_resume(ctx, run):
             progress(ctx, "resume", f"{why}: cold boot")
             return None
     rs.data["applied_steps"] = 0 if stage == "booted" else int(stage.split("-")[1])
+    rs.data["lineage"] = run_lineage(run)
     rs.save()
     result["resumed_from"] = rs.data["resumed_from"]
     result["boot_stages"] = rs.data.get("boot_stages", {})
@@ -6039,6 +6297,7 @@ def cmd_prune(ctx, args):
     (ctx.run_parent / "current").unlink(missing_ok=True)
     if prune_tree(ctx.cache / "checkpoints", "checkpoint"):
         shutil.rmtree(ctx.cache / "checkpoints", ignore_errors=True)
+    prune_worktrees(ctx)
     if args.images:
         prune_tree(ctx.cache / "images", "image", keep=(current_image_key(ctx),))
     print("integration-vm: prune done")
@@ -6409,6 +6668,17 @@ def _cycle_opts(sp):
     )
 
 
+def _from_opts(sp):
+    sp.add_argument(
+        "--from",
+        dest="from_ref",
+        metavar="REF",
+        help="day 2: converge the VM with the repository at git REF first (a clean "
+        "worktree of REF; its state is checkpointed per REF), then apply the working "
+        "tree on top, verify live, reboot, verify (REF: what production runs, e.g. main)",
+    )
+
+
 def _add_command_options(sps):
     """Each subcommand's own options, on its parser in sps."""
     sps["image"].add_argument("--force", action="store_true", help="rebuild even if cached")
@@ -6429,6 +6699,8 @@ def _add_command_options(sps):
     )
     for c in ("cycle", "bench"):
         _cycle_opts(sps[c])
+    for c in ("cycle", "loop"):
+        _from_opts(sps[c])
     sps["bench"].add_argument(
         "--warm-edit",
         metavar="ROLE_FILE",
@@ -6480,6 +6752,7 @@ def _defaults(args):
         ("no_checkpoints", False),
         ("no_warm", True),
         ("warm_edit", None),
+        ("from_ref", None),
     ):
         if not hasattr(args, k):
             setattr(args, k, v)

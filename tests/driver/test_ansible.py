@@ -32,7 +32,7 @@ def test_idempotence_failure_after_reboot(h):
 def test_no_idempotence_flag_skips_the_reapply(h):
     p = h.run("cycle", "--host", "askari", "--no-idempotence", FAKE_IDEMPOTENCE_CHANGED="3")
     assert p.returncode == 0, p.stderr
-    assert len(h.calls("ansible-playbook")) == 3
+    assert len(h.calls("ansible-playbook")) == 4  # two applies, verify live and after
 
 
 def test_apply_failure_is_a_verdict_and_keeps_the_vm(h):

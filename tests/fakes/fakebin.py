@@ -22,7 +22,12 @@ Behaviour knobs (env):
   FAKE_NO_ANALYZE=1          the guest's `systemd-analyze time` fails (boot not finished)
   FAKE_SYSTEM_STATE=X        `systemctl is-system-running` prints X (default running)
   FAKE_RUNNING_SLEEP=N       `systemctl is-system-running --wait` takes N seconds (a slow boot)
-  FAKE_VERIFY_FAIL=1         the verify playbook fails one task
+  FAKE_VERIFY_FAIL=1         the verify playbook fails one task once the guest has rebooted
+                             (its second boot on: the 2026-06-17 story, "dies on reboot")
+  FAKE_VERIFY_FAIL=live      ... on every boot, also right after the applies ("dead live")
+  FAKE_UPGRADE_BREAKS=1      a playbook applied again to a guest it converged before
+                             leaves verify failing until the next boot (a day-2 bug: the
+                             upgrade breaks the running host, the reboot heals it)
   FAKE_APPLY_FAIL=1          apply playbooks fail
   FAKE_APPLY_SLEEP=N         apply playbooks sleep N seconds after their first task
   FAKE_IDEMPOTENCE_CHANGED=N a playbook's second and later runs report N changed tasks
@@ -770,6 +775,14 @@ def ansible_playbook():
         # the guest's state, not the playbook's path, that decides what changes
         n = st["calls"].get(os.path.basename(playbook), 0) + 1
         st["calls"][os.path.basename(playbook)] = n
+        guest = st["domains"].get(host) or {}
+        boots = guest.get("boots", 1)
+        if not playbook.endswith("verify.yml"):
+            applied = guest.setdefault("applied", {})
+            name = os.path.basename(playbook)
+            if applied.get(name) and ENV.get("FAKE_UPGRADE_BREAKS"):
+                guest["broken_on_boot"] = boots
+            applied[name] = applied.get(name, 0) + 1
     out = sys.stdout
     out.write(
         f"\nPLAY [{os.path.basename(playbook)}] ****\n\nTASK [Gathering Facts] ****\nok: [{host}]\n"
@@ -778,7 +791,8 @@ def ansible_playbook():
     if playbook.endswith("verify.yml"):
         # Shaped like the real verify.yml under ansible-core 2.19: one looped assert whose
         # items are the outcome checks (see tests/fakes/ansible-verify-loop.txt).
-        fail = bool(ENV.get("FAKE_VERIFY_FAIL"))
+        mode = ENV.get("FAKE_VERIFY_FAIL", "")
+        fail = mode == "live" or (bool(mode) and boots >= 2) or guest.get("broken_on_boot") == boots
         out.write("\nTASK [Assert the host's outcomes after the reboot] ****\n")
         for label, ok in (
             ("docker enabled and active", True),
