@@ -4693,8 +4693,11 @@ def git_argv(repo, *args):
     return ["git", "-C", str(repo), *args]
 
 
-def _git(ctx, *args, timeout=60):
-    return run(git_argv(ctx.repo, *args), timeout=timeout, stage="from-ref", cmdlog=ctx.cmdlog)
+def _git(ctx, *args, timeout=60, repo=None):
+    """git in the repository under test (or `repo`: where a bench's worktrees come from)."""
+    return run(
+        git_argv(repo or ctx.repo, *args), timeout=timeout, stage="from-ref", cmdlog=ctx.cmdlog
+    )
 
 
 def resolve_from_ref(ctx, ref, host):
@@ -4729,22 +4732,24 @@ def worktrees_root(ctx):
     return owned_path(ctx.cache, "worktrees")
 
 
-def add_from_worktree(ctx, frm, name):
-    """A clean detached worktree of frm.commit at <cache>/worktrees/<name>."""
+def add_from_worktree(ctx, frm, name, git_repo=None):
+    """A clean detached worktree of frm.commit at <cache>/worktrees/<name>, added from
+    `git_repo` (default: the repository under test)."""
     root = worktrees_root(ctx)
     root.mkdir(mode=0o700, parents=True, exist_ok=True)
     path = owned_path(root, name)
     if path.exists():
-        remove_from_worktree(ctx, path)
-    r = _git(ctx, "worktree", "add", "--detach", "--quiet", str(path), frm.commit, timeout=300)
+        remove_from_worktree(ctx, path, git_repo)
+    argv = ("worktree", "add", "--detach", "--quiet", str(path), frm.commit)
+    r = _git(ctx, *argv, timeout=300, repo=git_repo)
     if r.returncode != 0:
-        remove_from_worktree(ctx, path)
+        remove_from_worktree(ctx, path, git_repo)
         why = (r.stderr.strip().splitlines() or [f"exit {r.returncode}"])[-1]
         raise InfraError("from-ref", f"git worktree add of {frm.ref} failed: {why}")
     return path
 
 
-def remove_from_worktree(ctx, path):
+def remove_from_worktree(ctx, path, git_repo=None):
     """Remove a --from worktree and git's record of it; never raises (teardown path).
     Only a path directly under the cache's worktrees/ is ever removed."""
     try:
@@ -4752,10 +4757,10 @@ def remove_from_worktree(ctx, path):
         path = pathlib.Path(path)
         if path.parent != root or path.is_symlink():
             return
-        _git(ctx, "worktree", "remove", "--force", str(path))
+        _git(ctx, "worktree", "remove", "--force", str(path), repo=git_repo)
         if path.exists():
             shutil.rmtree(path, ignore_errors=True)
-        _git(ctx, "worktree", "prune")
+        _git(ctx, "worktree", "prune", repo=git_repo)
     except Exception as e:  # a cleanup must not mask the verdict
         print(f"integration-vm: warning: removing worktree {path}: {e}", file=sys.stderr)
 
@@ -4786,12 +4791,13 @@ class DayTwo:
 
     frm: FromRef
     host: str
+    git_repo: pathlib.Path = None  # where the worktree comes from (default: ctx.repo)
     worktree: pathlib.Path = None
     profile: dict = None
 
     def open(self, ctx, name):
         """Check out REF and load its profile; returns the context REF's applies run in."""
-        self.worktree = add_from_worktree(ctx, self.frm, name)
+        self.worktree = add_from_worktree(ctx, self.frm, name, self.git_repo)
         wt = self.worktree
         self.profile = load_profile(self.host, wt / FROM_PROFILE_DIR, wt)
         return from_ctx(ctx, wt)
@@ -4799,7 +4805,7 @@ class DayTwo:
     def close(self, ctx):
         """Remove the worktree (idempotent, never raises)."""
         if self.worktree is not None:
-            remove_from_worktree(ctx, self.worktree)
+            remove_from_worktree(ctx, self.worktree, self.git_repo)
             self.worktree = None
 
 
@@ -5045,6 +5051,8 @@ class SessionOptions:
     gc_outdated: bool = True  # after the run, remove checkpoints these inputs cannot resume
     time_transports: bool = False  # time linear vs Mitogen on the VM before teardown
     strategy: dict = None  # a strategy_choice() already resolved in this process
+    from_ref: object = None  # a FromRef resolved by the caller (bench), instead of --from
+    git_repo: pathlib.Path = None  # ... and the repository its worktree comes from
 
 
 @dataclasses.dataclass(eq=False)
@@ -5638,11 +5646,12 @@ def phase_apply(ctx, args, run):
 def phase_from_ref(ctx, args, run):
     """--from REF (day 2): resolve REF (exit 2 when it is not a commit or lacks the
     profile), then check it out in a worktree and load REF's own profile."""
-    if not getattr(args, "from_ref", None):
+    host, frm = run.profile["name"], run.options.from_ref
+    if frm is None and getattr(args, "from_ref", None):
+        frm = resolve_from_ref(ctx, args.from_ref, host)
+    if frm is None:
         return
-    run.day2 = DayTwo(
-        resolve_from_ref(ctx, args.from_ref, run.profile["name"]), run.profile["name"]
-    )
+    run.day2 = DayTwo(frm, host, git_repo=run.options.git_repo)
     run.result["from_ref"] = run.day2.frm.as_json()
     run.day2.open(ctx, f"{run.profile['name']}-{os.getpid()}")
 
@@ -6059,7 +6068,9 @@ BENCH_FAMILIES = (
     "boot",
     "resume",
     "checkpoint",
+    "from",
     "apply",
+    "upgrade",
     "reboot",
     "reboot-diff",
     "verify",
@@ -6090,10 +6101,11 @@ def format_bench_table(result):
     return "\n".join(f"{a:<{w[0]}}  {b:>{w[1]}}  {c}" for a, b, c in rows) + "\n"
 
 
-def format_bench_comparison(cold, warm, edited, loop=None):
-    """The cold cycle, the quick loop and the warm full cycle side by side, by phase
-    family, against the targets (issue 13), then the transport's per-call figure."""
-    runs = [("cold", cold), ("loop", loop), ("warm", warm)]
+def format_bench_comparison(cold, warm, edited, loop=None, upgrade=None):
+    """The cold cycle, the quick loop, the warm full cycle (and with --from the day-2
+    cycle) side by side, by phase family, against the targets (issue 13), then the
+    transport's per-call figure."""
+    runs = [("cold", cold), ("loop", loop), ("warm", warm), ("upgrade", upgrade)]
     runs = [(n, r) for n, r in runs if r is not None]
     totals = [phase_totals(r.get("phase_details", [])) for _, r in runs]
     rows = [("phase", *[n for n, _ in runs])]
@@ -6194,6 +6206,12 @@ BENCH_ONLY = SessionOptions(cold_image=True, time_transports=True)  # --no-warm:
 BENCH_AFTER_EDIT = {
     "loop": SessionOptions(gc_outdated=False),
     "warm": SessionOptions(gc_outdated=False),
+    "upgrade": SessionOptions(gc_outdated=False),  # + from_ref, git_repo (bench --from)
+}
+BENCH_LEGS = {
+    "loop": "quick loop",
+    "warm": "warm full cycle",
+    "upgrade": "day-2 cycle from REF's checkpoint (--from)",
 }
 
 
@@ -6204,27 +6222,30 @@ def cmd_bench(ctx, args):
     if args.no_warm or not checkpoints_enabled(ctx, args):
         return session(ctx, args, "bench", BENCH_ONLY)
     rel = bench_edit_target(ctx, args.warm_edit)
+    legs, upgrade_from = [("loop", "loop"), ("warm", "bench")], None
+    if args.from_ref:  # resolved now: a bad REF is exit 2 before the cold cycle
+        upgrade_from = resolve_from_ref(ctx, args.from_ref, args.host)
+        legs.append(("upgrade", "bench"))
     progress(ctx, "bench", "cold cycle: image rebuilt, no checkpoint of this profile")
-    cold = run_session(ctx, args, "bench", BENCH_COLD)
+    plain = copy.copy(args)
+    plain.from_ref = None  # the cold leg is a plain cycle; REF is the upgrade leg's
+    cold = run_session(ctx, plain, "bench", BENCH_COLD)
     if cold.exit_code != EXIT_PASS:
         return cold.exit_code
-    loop_args = copy.copy(args)
-    loop_args.cmd = "loop"
     after, rc = {}, cold.exit_code
-    for phase, command, a in (("loop", "loop", loop_args), ("warm", "bench", args)):
+    for phase, command in legs:
+        a = copy.copy(args)
+        a.cmd, a.from_ref = command, None
         # a stamp of its own per copy: the loop and the warm cycle must each find the
         # edit new (same file, same invalidation), not resume the other's checkpoint
         stamp = f"{phase} {now_iso()} {time.time_ns()}"
         sub = dataclasses.replace(
             ctx, repo=warm_repo_copy(ctx.repo, rel, stamp), t0=time.monotonic()
         )
-        progress(
-            sub,
-            "bench",
-            f"{'quick loop' if phase == 'loop' else 'warm full cycle'} "
-            f"after editing {args.warm_edit} (in a copy: {sub.repo})",
-        )
+        progress(sub, "bench", f"{BENCH_LEGS[phase]} after editing {args.warm_edit} in {sub.repo}")
         options = dataclasses.replace(BENCH_AFTER_EDIT[phase], strategy=cold.strategy)
+        if phase == "upgrade":
+            options = dataclasses.replace(options, from_ref=upgrade_from, git_repo=ctx.repo)
         try:
             leg = run_session(sub, a, command, options)
         finally:
@@ -6236,7 +6257,11 @@ def cmd_bench(ctx, args):
     sys.stdout.write(
         "\n"
         + format_bench_comparison(
-            cold.result, after.get("warm"), args.warm_edit, loop=after.get("loop")
+            cold.result,
+            after.get("warm"),
+            args.warm_edit,
+            loop=after.get("loop"),
+            upgrade=after.get("upgrade"),
         )
     )
     return rc
@@ -6699,7 +6724,7 @@ def _add_command_options(sps):
     )
     for c in ("cycle", "bench"):
         _cycle_opts(sps[c])
-    for c in ("cycle", "loop"):
+    for c in ("cycle", "loop", "bench"):
         _from_opts(sps[c])
     sps["bench"].add_argument(
         "--warm-edit",

@@ -16,7 +16,7 @@ import subprocess
 import time
 
 import pytest
-from conftest import Harness, result_of
+from conftest import Harness, ivm, result_of
 
 GIT_ENV = {
     "GIT_AUTHOR_NAME": "t",
@@ -277,3 +277,31 @@ def test_prune_removes_a_worktree_a_killed_run_left(hg):
     p = hg.run("prune")
     assert p.returncode == 0, p.stderr
     assert worktrees(hg) == ([], 0)
+
+
+# ---- bench --from: a day-2 leg beside the loop and the warm cycle ----------------------------
+def test_bench_from_adds_a_day2_leg_that_resumes_refs_checkpoint(hg):
+    target = hg.repo / ivm.BENCH_DEFAULT_EDIT
+    target.parent.mkdir(parents=True, exist_ok=True)
+    target.write_text("table inet filter {}\n")
+    git(hg, "add", "-A")
+    git(hg, "commit", "-q", "-m", "the bench's edit target")  # REF = HEAD = the cold tree
+    p = hg.run("bench", "--host", "askari", "--from", "HEAD", timeout=240)
+    assert p.returncode == 0, p.stderr
+    out = p.stdout
+    assert "upgrade resumed from applied-2" in out  # REF's state: the cold cycle's checkpoint
+    assert ["phase", "cold", "loop", "warm", "upgrade"] in [ln.split() for ln in out.splitlines()]
+    assert "upgrade/cold = " in out
+    (up,) = [r for r in hg.results() if r.get("from_ref")]
+    assert up["from_ref"]["ref"] == "HEAD" and up["upgrade"]["to"]["commit"] is None  # a copy
+    assert sorted(r["command"] for r in hg.results()) == ["bench", "bench", "bench", "loop"]
+    assert worktrees(hg) == ([], 0) and hg.domains() == {}
+
+
+def test_bench_from_a_bad_ref_is_exit_2_before_the_cold_cycle(hg):
+    target = hg.repo / ivm.BENCH_DEFAULT_EDIT
+    target.parent.mkdir(parents=True, exist_ok=True)
+    target.write_text("table inet filter {}\n")
+    p = hg.run("bench", "--host", "askari", "--from", "nope")
+    assert p.returncode == 2 and "--from nope: not a commit" in p.stderr
+    assert not hg.calls("virt-install") and not hg.calls("mmdebstrap")
