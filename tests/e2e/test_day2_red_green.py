@@ -80,7 +80,8 @@ def run_clone(repo, *args):
 
 def result_of(repo, proc):
     """The result.json of the run named on proc's summary line."""
-    vm = proc.stdout.strip().splitlines()[-1].split()[3]
+    line = proc.stdout.strip().splitlines()[-1]
+    vm = next(tok for tok in line.split() if tok.startswith("boma-it-"))
     return json.loads((repo / "tests" / "integration" / ".run" / vm / "result.json").read_text())
 
 
