@@ -3672,7 +3672,9 @@ def parse_recap(output):
     return out
 
 
-_TASK = re.compile(r"^TASK \[(.+?)\]")
+# A handler's results follow its own header: without it, a handler that changes would be
+# counted against the task printed before it.
+_TASK = re.compile(r"^(?:TASK|RUNNING (HANDLER)) \[(.+?)\]")
 _RESULT = re.compile(
     r"^(ok|changed|fatal|failed|skipping|included): \[([^\]]+)\]:?"
     r"(?: =>)?(?: \(item=(.*?)\)(?: =>|$))?"
@@ -3711,7 +3713,8 @@ def parse_task_results(output, host=None):
     for i, line in enumerate(lines):
         m = _TASK.match(line)
         if m:
-            current = {"name": m.group(1), "status": None, "message": "", "items": []}
+            name = f"handler: {m.group(2)}" if m.group(1) else m.group(2)
+            current = {"name": name, "status": None, "message": "", "items": []}
             tasks.append(current)
             continue
         if current is None:

@@ -451,3 +451,16 @@ def test_changed_tasks_for_idempotence_identical_under_both_strategies():
     ]
     assert changed[0] == changed[1] and changed[0]
     assert ivm.parse_recap(linear)[host]["changed"] == len(changed[0])
+
+
+def test_a_handlers_result_is_the_handlers_not_the_task_printed_before_it():
+    # a changed handler used to be counted against the last task (here Caddy's container,
+    # which did not change): an idempotence or upgrade report then named the wrong task
+    linear, mitogen = _both("apply-changed.txt")
+    host = next(iter(ivm.parse_recap(linear)))
+    for out in (linear, mitogen):
+        changed = [n for n, st, _, _ in ivm.parse_task_results(out, host) if st == "changed"]
+        assert changed == [
+            "docker_host : firewall | Install the container-forward drop-in",
+            "handler: docker_host : Reload nftables with the container-forward drop-in",
+        ]
