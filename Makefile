@@ -114,7 +114,7 @@ test-integration-loop: venv ## Quick loop after an edit: resume, apply what chan
 	@test -n "$(HOST)" || { echo "usage: make test-integration-loop HOST=<profile> [CERTS=..]" >&2; exit 2; }
 	$(IT_RUN) loop --host $(HOST) $(if $(CERTS),--certs $(CERTS)) $(if $(FROM),--from $(FROM))
 
-test-integration-red: venv ## RED: HOST-regression (no docker forward drop-in) must FAIL verify for the right reason
+test-integration-red: venv ## RED: HOST-regression (no docker forward drop-in) must FAIL verify (live, right after the applies) for the right reason
 	@test -n "$(HOST)" || { echo "usage: make test-integration-red HOST=askari" >&2; exit 2; }
 	BOMA_IT_E2E_HOST=$(HOST) $(IT_RUN) exec -- $(CURDIR)/$(VENV)/bin/pytest -m vm -k regression -p no:cacheprovider tests/e2e
 

@@ -8,8 +8,9 @@ GREEN: the askari profile (base firewall live + docker_host + reverse_proxy) sur
 real reboot: verify passes, the VM is destroyed, result.json says pass.
 RED: the same cycle without docker_host's container-forward drop-in must FAIL verify, for
 the right reason: the published :443 is dead from the controller and the forward chain is
-pure policy drop, which the diagnostics bundle shows. If RED passes, the harness is not
-faithful: fix the harness, not this test.
+pure policy drop, which the diagnostics bundle shows. It fails the LIVE verify, right
+after the applies ("dead live"): today's base role loads the ruleset it applies. If RED
+passes, the harness is not faithful: fix the harness, not this test.
 """
 
 import json
@@ -88,7 +89,11 @@ def test_red_regression_fails_for_the_right_reason():
     )
     result = newest_result(f"{HOST}-regression")
     assert result["verdict"] == "fail"
-    assert result["failed_stage"] == "verify"
+    # Measured on real VMs (2026-11-30): with today's base role, which LOADS its ruleset
+    # when it applies it, the missing drop-in kills :443 right after the applies, so the
+    # live verify fails before any reboot. (On askari in June the ruleset was enabled for
+    # boot without being loaded, hence "after the reboot"; see docs/FRICTION.md #1.)
+    assert result["failed_stage"] == "verify:live" and result["story"] == "dead live"
     failures = " ".join(result.get("failures", []))
     assert "published :443 answers from the controller" in failures
     assert "forward chain admits container traffic" in failures
@@ -104,10 +109,7 @@ def test_red_regression_fails_for_the_right_reason():
     chain = forward_chain((diag / "nft-ruleset.txt").read_text())
     assert "policy drop" in chain
     assert "accept" not in chain, f"forward chain should be pure drop:\n{chain}"
-    # ...and it stood that way on both sides of the reboot (the reboot diff's captures).
-    reboot_dir = pathlib.Path(result["reboot_diffs"][0]["dir"])
-    for side in ("before", "after"):
-        chain = forward_chain((reboot_dir / side / "nft-ruleset.txt").read_text())
-        assert "policy drop" in chain and "accept" not in chain, (side, chain)
+    # ...and the run stopped there: no reboot was needed to see it.
+    assert not [p for p in result["phase_details"] if p["name"].startswith("reboot:")]
     # The VM is kept for inspection on a verify failure; this test cleans up after itself.
     assert run_driver("prune").returncode == 0
