@@ -1706,6 +1706,25 @@ class RunRecord(JsonRecord):
 class RunState:
     ctx: Ctx
     data: dict
+    console_mark: int = 0  # console.log's size when the current boot was issued
+
+    def mark_console(self):
+        """Remember where the console log stands: what follows is this boot's."""
+        try:
+            self.console_mark = self.console_log.stat().st_size
+        except OSError:
+            self.console_mark = 0
+
+    def console_panic(self):
+        """The `Kernel panic` line this boot printed on the console, or None."""
+        try:
+            with open(self.console_log, "rb") as fh:
+                fh.seek(self.console_mark)
+                text = fh.read().decode(errors="replace")
+        except OSError:
+            return None
+        m = KERNEL_PANIC.search(text)
+        return m.group(0).strip() if m else None
 
     @property
     def name(self):
@@ -2253,13 +2272,25 @@ def _define_domain(ctx, rs, profile, accel, image, overlay, seed):
     virsh(ctx, "define", rs.dir / "domain.xml", check=True, stage="boot")
 
 
+# A guest kernel that panicked will not answer, however long we wait: say so at once.
+KERNEL_PANIC = re.compile(r"Kernel panic - not syncing[^\r\n]*")
+
+
 def wait_until(ctx, stage, bound, probe, what, rs=None):
-    """Poll probe() -> value|None until truthy or `bound` seconds pass."""
+    """Poll probe() -> value|None until truthy or `bound` seconds pass. With a run, a
+    kernel panic on its console since the boot was issued ends the wait at once."""
     deadline = time.monotonic() + bound
     while True:
         value = probe(deadline)
         if value:
             return value
+        panic = rs.console_panic() if rs is not None else None
+        if panic:
+            raise InfraError(
+                stage,
+                f"the guest's kernel panicked while waiting for {what} ({panic}); "
+                f"console log: {rs.console_log}",
+            )
         if time.monotonic() >= deadline:
             where = f"; console log: {rs.console_log}" if rs is not None else ""
             raise InfraError(stage, f"timed out after {bound:.0f}s waiting for {what}{where}")
@@ -2376,6 +2407,7 @@ def boot(ctx, rs):
         stages[stage] = round(time.monotonic() - t0, 1)
         progress(ctx, "boot", msg)
 
+    rs.mark_console()
     virsh(ctx, "start", rs.domain, check=True, stage="domain-running")
     rs.data["state"] = "booting"
     rs.save()
@@ -2450,6 +2482,7 @@ def reboot_vm(ctx, rs, mode="graceful", before=None):
     if mode not in REBOOT_MODES:
         raise UsageError(f"--reboot must be one of {', '.join(REBOOT_MODES)}")
     before = before or capture_state(ctx, rs, analyze=False)
+    rs.mark_console()
     if mode == "graceful":
         virsh(ctx, "reboot", rs.domain, check=True, stage="reboot")
     else:

@@ -4,6 +4,7 @@ reboot proof and boot-time warnings.
 
 import json
 import time
+import types
 import xml.etree.ElementTree as ET
 
 import pytest
@@ -31,6 +32,33 @@ def test_reboot_with_unchanged_boot_id_is_an_infra_error(h):
     (res,) = h.results()
     assert res["failed_stage"] == "reboot"
     assert h.domains() == {}
+
+
+def test_a_guest_kernel_panic_ends_the_wait_at_once_and_names_it(h):
+    # seen under TCG: a guest kernel that panics on the way back never answers; waiting
+    # out the reboot bound (12 minutes here) would only hide why
+    h.env["BOMA_IT_TIMEOUT_REBOOT"] = "120"
+    t0 = time.monotonic()
+    p = h.run("cycle", "--host", "askari", FAKE_PANIC_ON_REBOOT="1", timeout=100)
+    assert time.monotonic() - t0 < 60
+    assert p.returncode == 3, p.stderr
+    line = assert_one_line_error(p)
+    assert line.startswith("integration-vm: error: reboot: the guest's kernel panicked"), line
+    assert "Kernel panic - not syncing: Fatal exception in interrupt" in line
+    (res,) = h.results()
+    assert res["failed_stage"] == "reboot" and "console.log" in res["message"]
+
+
+def test_a_panic_of_an_earlier_boot_is_not_this_boots(h):
+    p = h.run("up", "--host", "askari")
+    assert p.returncode == 0, p.stderr
+    (data,) = [json.loads(f.read_text()) for f in h.run_root.glob("*/run.json")]
+    rs = ivm.RunState(types.SimpleNamespace(cache=h.cache), data)
+    with open(rs.console_log, "a") as fh:
+        fh.write("Kernel panic - not syncing: an old boot's\n")
+    assert rs.console_panic() is not None
+    rs.mark_console()  # a new boot issued: only what follows is its own
+    assert rs.console_panic() is None
 
 
 def test_hard_reboot_is_destroy_plus_start(h):

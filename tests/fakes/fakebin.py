@@ -19,6 +19,8 @@ Behaviour knobs (env):
   FAKE_RESTORE_FAIL=1        virsh restore (a resume from a checkpoint) fails
   FAKE_SSH=hang|refuse       ssh hangs forever / is refused (default: answers)
   FAKE_BOOT_ID_STICKY=1      reboot/start keep the old boot_id
+  FAKE_PANIC_ON_REBOOT=1     virsh reboot: the guest's kernel panics (a panic line on its
+                             console; it never comes back: the old boot_id stays)
   FAKE_NO_ANALYZE=1          the guest's `systemd-analyze time` fails (boot not finished)
   FAKE_SYSTEM_STATE=X        `systemctl is-system-running` prints X (default running)
   FAKE_RUNNING_SLEEP=N       `systemctl is-system-running --wait` takes N seconds (a slow boot)
@@ -259,6 +261,12 @@ def virsh():
             d = dom(rest[0])
             if d["state"] != "running":
                 die("error: Requested operation is not valid: domain is not running")
+            if ENV.get("FAKE_PANIC_ON_REBOOT") and d.get("console"):
+                with open(d["console"], "a") as fh:
+                    fh.write(
+                        "[   17.454120] Kernel panic - not syncing: Fatal exception in interrupt\n"
+                    )
+                return
             d["boots"] = d.get("boots", 0) + 1
             if not ENV.get("FAKE_BOOT_ID_STICKY"):
                 d["boot_id"] = new_id()
