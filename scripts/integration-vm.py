@@ -1069,6 +1069,34 @@ def image_packages():
     return sorted(set(reference_packages()) | set(extra_packages()))
 
 
+IMAGE_QUERY = (
+    r"dpkg-query -W -f '${Package}\t${Priority}\t${Essential}\t${Pre-Depends}, ${Depends}\n'"
+)
+
+
+def image_package_check(query_text, manual, reference, extras):
+    """Compare a booted guest's packages with the reference list. query_text:
+    IMAGE_QUERY's output; manual: `apt-mark showmanual`. Returns (missing, unlisted):
+    reference packages not installed, and manually installed packages that are neither in
+    the reference or the extras nor part of minbase (Priority required or Essential, and
+    what those depend on: mmdebstrap leaves minbase's packages marked manual)."""
+    rows = {}
+    for line in query_text.splitlines():
+        name, prio, essential, deps = (line.split("\t") + ["", "", ""])[:4]
+        alts = [re.split(r"[\s:(]", a.strip(), maxsplit=1)[0] for a in re.split(r"[,|]", deps)]
+        rows[name] = (prio == "required" or essential == "yes", {a for a in alts if a})
+    base = [n for n, (core, _) in rows.items() if core]
+    seen = set(base)
+    while base:
+        for dep in rows[base.pop()][1]:
+            if dep in rows and dep not in seen:
+                seen.add(dep)
+                base.append(dep)
+    listed = set(reference) | set(extras)
+    missing = sorted(set(reference) - set(rows))
+    return missing, sorted(set(manual) - listed - seen)
+
+
 def seal_spec():
     """Everything the sealing step does to the root, as data (part of the image key).
     The network is cloud-init's (its fallback config, rendered through netplan to
