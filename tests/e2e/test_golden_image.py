@@ -11,6 +11,7 @@ import os
 import pathlib
 import subprocess
 import sys
+import time
 
 import pytest
 
@@ -83,3 +84,45 @@ def test_timers_are_on_and_the_disk_booted_its_own_kernel(guest):
     cmdline = guest_run(guest, "cat /proc/cmdline")
     assert cmdline.startswith("BOOT_IMAGE=/vmlinuz"), cmdline  # GRUB put it there
     assert guest_run(guest, "uname -r").strip() in guest_run(guest, "readlink /vmlinuz")
+
+
+# A kernel package from trixie-backports: newer than the image's, so the guest's own
+# update-grub makes it the default entry. Installing it under TCG takes ~6 minutes.
+NEW_KERNEL = (
+    "echo 'deb http://deb.debian.org/debian trixie-backports main'"
+    " | sudo tee /etc/apt/sources.list.d/backports.list >/dev/null"
+    " && sudo apt-get update -q >/dev/null"
+    " && sudo DEBIAN_FRONTEND=noninteractive apt-get install -y -q -t trixie-backports"
+    " linux-image-cloud-amd64 >/dev/null"
+)
+REBOOT_WAIT_S = 600
+
+
+def wait_for_new_boot(guest, old_boot_id):
+    deadline = time.monotonic() + REBOOT_WAIT_S
+    run_dir, name, ip = guest
+    while time.monotonic() < deadline:
+        r = subprocess.run(
+            ivm.ssh_argv(run_dir, name, ip, "cat /proc/sys/kernel/random/boot_id"),
+            text=True,
+            capture_output=True,
+            timeout=60,
+        )
+        if r.returncode == 0 and r.stdout.strip() not in ("", old_boot_id):
+            return
+        time.sleep(5)
+    pytest.fail(f"no new boot within {REBOOT_WAIT_S}s")
+
+
+@pytest.mark.skipif(os.environ.get("BOMA_IT_E2E_KERNEL", "1") == "0", reason="BOMA_IT_E2E_KERNEL=0")
+def test_a_kernel_installed_in_the_guest_is_the_kernel_it_reboots_into(guest):
+    before = guest_run(guest, "uname -r").strip()
+    boot_id = guest_run(guest, "cat /proc/sys/kernel/random/boot_id").strip()
+    run_dir, name, ip = guest
+    subprocess.run(ivm.ssh_argv(run_dir, name, ip, NEW_KERNEL), check=True, timeout=1500)
+    newest = guest_run(guest, "readlink /vmlinuz").strip()
+    assert before not in newest, newest  # the postinst moved /vmlinuz to the new kernel
+    subprocess.run(ivm.ssh_argv(run_dir, name, ip, "sudo systemctl reboot"), timeout=60)
+    wait_for_new_boot(guest, boot_id)
+    after = guest_run(guest, "uname -r").strip()
+    assert after != before and after in newest, (before, after, newest)
