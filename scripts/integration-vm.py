@@ -55,6 +55,7 @@ import shlex
 import shutil
 import signal
 import socket
+import struct
 import subprocess
 import sys
 import tempfile
@@ -1000,95 +1001,128 @@ def cert_file(tier):
 
 # Golden image recipe (source "build"). Bump IMAGE_RECIPE_VERSION whenever the build
 # procedure changes in a way the inputs below do not capture.
-IMAGE_RECIPE_VERSION = 1
+IMAGE_RECIPE_VERSION = 2
 IMAGE_SUITE = "trixie"
 IMAGE_DISK_SIZE = "8G"
-IMAGE_BASE_PACKAGES = (
-    "linux-image-cloud-amd64",
-    "systemd-sysv",
-    "systemd-resolved",
-    "udev",
-    "dbus",
-    "openssh-server",
-    "openssh-sftp-server",
-    "cloud-init",
-    "python3",
-    "python3-apt",
-    "sudo",
-    "nftables",
-    "ca-certificates",
-    "iproute2",
-    "curl",
-    "less",
-    "zstd",
-)
-
-# Profile-independent extras that the roles install anyway: carrying them in the golden
-# image saves minutes of apt under TCG (the roles' apt tasks then find them present).
-# docker-cli: trixie moved the docker command there (docker_host installs it);
-# python3-docker: reverse_proxy's community.docker modules need it on the target.
-IMAGE_EXTRA_PACKAGES = (
-    "docker.io",
-    "docker-cli",
-    "python3-docker",
-    "iptables",
-    "gnupg",
-    "procps",
-    "kmod",
-)
-KERNEL_ARGS = "root=LABEL=root rw console=ttyS0,115200n8"
-NETWORKD_UNIT = """[Match]
-Name=en* eth*
-
-[Network]
-DHCP=yes
-
-[DHCPv4]
-ClientIdentifier=mac
-"""
+# The package classes of Debian's genericcloud trixie image (ADR-028), and the few
+# packages the harness adds to them, each with its reason. Nothing a role installs.
+IMAGE_REFERENCE_LIST = "tests/integration/image/debian-cloud-13-packages.txt"
+IMAGE_EXTRAS_LIST = "tests/integration/image/image-extras.txt"
+_PACKAGE_NAME = re.compile(r"[a-z0-9][a-z0-9+.-]+")
+KERNEL_ARGS = "root=LABEL=root ro console=ttyS0,115200n8"
+# The root filesystem's partition starts at 1 MiB; the MBR gap before it holds GRUB's
+# core.img (sector 1 on), as grub-install would embed it.
+PARTITION_OFFSET = 1 << 20
 CLOUD_CFG = """# boma integration golden image (scripts/integration-vm.py)
 datasource_list: [NoCloud, None]
-# The disk is sized at build time and has no partition table.
-growpart:
-  mode: "off"
-resize_rootfs: false
-# systemd-networkd's 10-dhcp.network is the network config.
-network:
-  config: disabled
 """
 FSTAB = "LABEL=root / ext4 defaults 0 1\n"
 SSHD_IMAGE_CONF = """# boma golden image: keys only (the base role hardens the rest).
 PasswordAuthentication no
 KbdInteractiveAuthentication no
 """
-
-# Units the golden image ships disabled. Docker is baked in for speed (its apt install
-# costs ~2.5 min under TCG) but must not run until a role enables it, as on a fresh host;
-# the timers only cost boot time on a VM that lives for minutes.
-IMAGE_DISABLED_UNITS = (
-    "etc/systemd/system/multi-user.target.wants/docker.service",
-    "etc/systemd/system/sockets.target.wants/docker.socket",
-    "etc/systemd/system/multi-user.target.wants/containerd.service",
-    "etc/systemd/system/timers.target.wants/apt-daily.timer",
-    "etc/systemd/system/timers.target.wants/apt-daily-upgrade.timer",
-    "etc/systemd/system/timers.target.wants/man-db.timer",
-    "etc/systemd/system/timers.target.wants/e2scrub_all.timer",
-    "etc/systemd/system/timers.target.wants/fstrim.timer",
-    "etc/systemd/system/timers.target.wants/dpkg-db-backup.timer",
+# As Debian's cloud image: apt's daily timers run unattended-upgrades.
+AUTO_UPGRADES = """APT::Periodic::Update-Package-Lists "1";
+APT::Periodic::Unattended-Upgrade "1";
+"""
+# The first boot's GRUB menu: the /vmlinuz and /initrd.img symlinks, which a kernel
+# package's postinst moves to the newest kernel. The guest's own update-grub (run by
+# /etc/kernel/postinst.d/zz-update-grub once this file exists) replaces it on the first
+# kernel install, as on a provider's image.
+GRUB_CFG = f"""# boma golden image: first-boot menu (the guest's update-grub replaces it)
+set timeout=0
+serial --speed=115200
+terminal_input console serial
+terminal_output console serial
+menuentry 'Debian GNU/Linux' {{
+  search --no-floppy --label root --set=root
+  linux /vmlinuz {KERNEL_ARGS}
+  initrd /initrd.img
+}}
+"""
+# GRUB's i386-pc modules where grub.cfg's insmod finds them, and core.img built by the
+# image's own grub-mkimage; both run inside the built root (mmdebstrap customize hooks).
+GRUB_HOOKS = (
+    'mkdir -p "$1/boot/grub/i386-pc" && cp "$1"/usr/lib/grub/i386-pc/*.mod '
+    '"$1"/usr/lib/grub/i386-pc/*.lst "$1"/usr/lib/grub/i386-pc/boot.img "$1/boot/grub/i386-pc/"',
+    'chroot "$1" grub-mkimage -O i386-pc -o /boot/grub/i386-pc/core.img '
+    "-p '(hd0,msdos1)/boot/grub' biosdisk part_msdos ext2 search search_label",
 )
 
 
+def read_package_list(path, need_reason=False):
+    """Package names from a list file: one per line, `#` comments and blank lines
+    skipped. With need_reason, every package line must carry a `# reason`."""
+    path = REPO_ROOT / path
+    try:
+        lines = path.read_text().splitlines()
+    except OSError as e:
+        raise UsageError(f"image: cannot read {path}: {e.strerror}") from None
+    names = []
+    for n, line in enumerate(lines, 1):
+        name, _, reason = line.partition("#")
+        name = name.strip()
+        if not name:
+            continue
+        if not _PACKAGE_NAME.fullmatch(name) or (need_reason and not reason.strip()):
+            want = "`package  # reason`" if need_reason else "one package name"
+            raise UsageError(f"image: {path.name}:{n}: want {want}, got {line.strip()!r}")
+        names.append(name)
+    return names
+
+
+def reference_packages():
+    return read_package_list(IMAGE_REFERENCE_LIST)
+
+
+def extra_packages():
+    return read_package_list(IMAGE_EXTRAS_LIST, need_reason=True)
+
+
 def image_packages():
-    return sorted(set(IMAGE_BASE_PACKAGES) | set(IMAGE_EXTRA_PACKAGES))
+    """The reference list and the extras, exactly: what mmdebstrap --include installs."""
+    return sorted(set(reference_packages()) | set(extra_packages()))
+
+
+IMAGE_QUERY = (
+    r"dpkg-query -W -f '${Package}\t${Priority}\t${Essential}\t${Pre-Depends}, ${Depends}\n'"
+)
+
+
+def image_package_check(query_text, manual, reference, extras):
+    """Compare a booted guest's packages with the reference list. query_text:
+    IMAGE_QUERY's output; manual: `apt-mark showmanual`. Returns (missing, unlisted):
+    reference packages not installed, and manually installed packages that are neither in
+    the reference or the extras nor part of minbase (Priority required or Essential, and
+    what those depend on: mmdebstrap leaves minbase's packages marked manual)."""
+    rows = {}
+    for line in query_text.splitlines():
+        name, prio, essential, deps = (line.split("\t") + ["", "", ""])[:4]
+        alts = [re.split(r"[\s:(]", a.strip(), maxsplit=1)[0] for a in re.split(r"[,|]", deps)]
+        rows[name] = (prio == "required" or essential == "yes", {a for a in alts if a})
+    base = [n for n, (core, _) in rows.items() if core]
+    seen = set(base)
+    while base:
+        for dep in rows[base.pop()][1]:
+            if dep in rows and dep not in seen:
+                seen.add(dep)
+                base.append(dep)
+    listed = set(reference) | set(extras)
+    missing = sorted(set(reference) - set(rows))
+    return missing, sorted(set(manual) - listed - seen)
 
 
 def seal_spec():
-    """Everything the sealing step does to the root, as data (part of the image key)."""
+    """Everything the sealing step does to the root, as data (part of the image key).
+    The network is cloud-init's (its fallback config, rendered through netplan to
+    systemd-networkd, as on Debian's cloud image); the empty machine-id gives every clone
+    its own DHCP client id. Every timer the packages enable stays enabled."""
     unit_dir = "/usr/lib/systemd/system"
     return {
         "files": {
-            "etc/systemd/network/10-dhcp.network": NETWORKD_UNIT,
             "etc/cloud/cloud.cfg.d/90-boma.cfg": CLOUD_CFG,
+            "etc/apt/apt.conf.d/20auto-upgrades": AUTO_UPGRADES,
+            "boot/grub/grub.cfg": GRUB_CFG,
             "etc/fstab": FSTAB,
             "etc/machine-id": "",
             "etc/ssh/sshd_config.d/05-boma-image.conf": SSHD_IMAGE_CONF,
@@ -1108,7 +1142,7 @@ def seal_spec():
             )
         }
         | {"etc/resolv.conf": "../run/systemd/resolve/stub-resolv.conf"},
-        "remove_globs": ["etc/ssh/ssh_host_*", "var/lib/dbus/machine-id", *IMAGE_DISABLED_UNITS],
+        "remove_globs": ["etc/ssh/ssh_host_*", "var/lib/dbus/machine-id"],
     }
 
 
@@ -1122,6 +1156,7 @@ def image_inputs(mirror=DEFAULT_MIRROR, suite=IMAGE_SUITE):
         "seal": seal_spec(),
         "disk_size": IMAGE_DISK_SIZE,
         "kernel_args": KERNEL_ARGS,
+        "boot_hooks": list(GRUB_HOOKS),
     }
 
 
@@ -1134,11 +1169,14 @@ def fetch_inputs(url=IMAGE_URL):
     return {"recipe_version": IMAGE_RECIPE_VERSION, "source": "fetch", "url": url}
 
 
-def mmdebstrap_argv(suite, root, mirror, packages):
+def mmdebstrap_argv(suite, root, mirror, packages, hooks=GRUB_HOOKS):
+    """minbase plus `packages`, without Recommends (mmdebstrap's default, as the
+    reference's install-norec), then the boot-loader hooks inside the root."""
     return [
         "mmdebstrap",
         "--variant=minbase",
         "--include=" + ",".join(packages),
+        *(f"--customize-hook={h}" for h in hooks),
         "--dpkgopt=path-exclude=/usr/share/man/*",
         "--dpkgopt=path-exclude=/usr/share/doc/*",
         "--dpkgopt=path-include=/usr/share/doc/*/copyright",
@@ -1152,8 +1190,34 @@ def mmdebstrap_argv(suite, root, mirror, packages):
     ]
 
 
-def mkfs_argv(root, raw):
-    return ["mkfs.ext4", "-q", "-F", "-L", "root", "-d", str(root), str(raw)]
+def mkfs_argv(root, raw, disk_bytes, offset=PARTITION_OFFSET):
+    """ext4 from `root` into the disk's one partition: it starts at `offset` and ends
+    with the disk (a filesystem larger than its partition fails at boot: bad geometry)."""
+    size_k = (disk_bytes - offset) // 1024
+    return [
+        "mkfs.ext4",
+        "-q",
+        "-F",
+        "-L",
+        "root",
+        "-E",
+        f"offset={offset}",
+        "-d",
+        str(root),
+        str(raw),
+        f"{size_k}k",
+    ]
+
+
+def mbr_bytes(boot_img, disk_bytes, offset=PARTITION_OFFSET):
+    """The first sector: GRUB's boot.img code (first 440 bytes; its defaults load core.img
+    from sector 1), a disk signature, one bootable Linux partition from `offset` to the
+    end of the disk, and the 0x55AA mark."""
+    if len(boot_img) < 440:
+        raise InfraError("image", f"GRUB boot.img is {len(boot_img)} bytes, want 512")
+    start, count = offset // 512, (disk_bytes - offset) // 512
+    entry = struct.pack("<B3sB3sII", 0x80, b"\x20\x21\x00", 0x83, b"\xfe\xff\xff", start, count)
+    return boot_img[:440] + b"boma" + b"\0\0" + entry + bytes(48) + b"\x55\xaa"
 
 
 def qemu_img_convert_argv(raw, qcow2):
@@ -1302,7 +1366,8 @@ def build_image(ctx, key, dest):
 
 
 def _copy_boot_files(root, tmp):
-    """Copy the built root's kernel and initrd out beside the disk (mode 644)."""
+    """Copy the built root's kernel and initrd out beside the disk (mode 644): only the
+    accelerator probe boots them; the guest boots its own disk (GRUB)."""
     for link, prefix, out in (
         ("vmlinuz", "vmlinuz", "vmlinuz"),
         ("initrd.img", "initrd.img", "initrd.img"),
@@ -1314,18 +1379,36 @@ def _copy_boot_files(root, tmp):
         os.chmod(tmp / out, 0o644)
 
 
+def _boot_code(root):
+    """(boot.img, core.img) the image's grub-mkimage hook left in the built root."""
+    d = pathlib.Path(root) / "boot" / "grub" / "i386-pc"
+    try:
+        boot, core = (d / "boot.img").read_bytes(), (d / "core.img").read_bytes()
+    except OSError as e:
+        raise InfraError("image", f"no GRUB boot code in the built root: {e}") from None
+    if len(core) > PARTITION_OFFSET - 512:
+        raise InfraError("image", f"GRUB core.img ({len(core)} bytes) does not fit before 1 MiB")
+    return boot, core
+
+
 def _make_disk(ctx, root, tmp):
-    """The built root as an ext4 filesystem (no partition table) in tmp/disk.qcow2."""
+    """The built root as the ext4 partition of an MBR disk that GRUB boots (BIOS), in
+    tmp/disk.qcow2: boot.img in the MBR, core.img in the gap before the partition."""
     raw = tmp / "disk.raw"
+    disk_bytes = size_bytes(IMAGE_DISK_SIZE)
+    boot, core = _boot_code(root)
     with open(raw, "wb") as fh:
-        fh.truncate(size_bytes(IMAGE_DISK_SIZE))
+        fh.truncate(disk_bytes)
     run(
-        mkfs_argv(root, raw),
+        mkfs_argv(root, raw, disk_bytes),
         timeout=ctx.bounds["image-build"],
         check=True,
         stage="image",
         cmdlog=ctx.cmdlog,
     )
+    with open(raw, "r+b") as fh:
+        fh.write(mbr_bytes(boot, disk_bytes))
+        fh.write(core)
     run(
         qemu_img_convert_argv(raw, tmp / "disk.qcow2"),
         timeout=ctx.bounds["image-build"],
@@ -2044,13 +2127,11 @@ def virt_install_argv(
     console_log,
     virt_type,
     osinfo,
-    kernel=None,
-    initrd=None,
-    kernel_args=KERNEL_ARGS,
 ):
     """virt-install that PRINTS the domain XML (we add ownership metadata, then define):
-    a domain never exists without the boma metadata that prune/status rely on."""
-    argv = [
+    a domain never exists without the boma metadata that prune/status rely on. The guest
+    boots its own disk (its boot loader and kernel, ADR-028): no direct kernel boot."""
+    return [
         "virt-install",
         "--connect",
         uri,
@@ -2077,12 +2158,8 @@ def virt_install_argv(
         "--noautoconsole",
         "--virt-type",
         virt_type,
+        "--print-xml",
     ]
-    if kernel:
-        # cmdline= is the canonical name (kernel_args= is an alias in virt-install 4/5).
-        argv += ["--boot", f'kernel={kernel},initrd={initrd},cmdline="{kernel_args}"']
-    argv += ["--print-xml"]
-    return argv
 
 
 def render_metadata_xml(run_id, created_at, profile, owner, host=None):
@@ -2250,8 +2327,6 @@ def _define_domain(ctx, rs, profile, accel, image, overlay, seed):
                 rs.console_log,
                 "kvm" if accel == "kvm" else "qemu",
                 osinfo,
-                kernel=image.kernel,
-                initrd=image.initrd,
             ),
             timeout=120,
             check=True,

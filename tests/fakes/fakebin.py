@@ -535,6 +535,10 @@ def mmdebstrap():
     (r / "boot" / "vmlinuz-6.12.0-fake-cloud-amd64").write_text("kernel\n")
     (r / "boot" / "initrd.img-6.12.0-fake-cloud-amd64").write_text("initrd\n")
     (r / "vmlinuz").symlink_to("boot/vmlinuz-6.12.0-fake-cloud-amd64")
+    grub = r / "boot" / "grub" / "i386-pc"  # what the grub-mkimage hook leaves
+    grub.mkdir(parents=True)
+    (grub / "boot.img").write_bytes(b"\xeb\x63" + bytes(510))
+    (grub / "core.img").write_bytes(b"core" * 128)
     (r / "etc" / "ssh").mkdir(parents=True)
     (r / "etc" / "ssh" / "ssh_host_rsa_key").write_text("image key\n")
     (r / "etc" / "machine-id").write_text("0123456789abcdef\n")
@@ -542,7 +546,7 @@ def mmdebstrap():
 
 
 def mkfs():
-    root, raw = ARGS[ARGS.index("-d") + 1], ARGS[-1]
+    root, raw = ARGS[ARGS.index("-d") + 1], ARGS[ARGS.index("-d") + 2]
     if not os.path.isdir(root) or not os.path.exists(raw):
         die("mkfs.ext4: bad arguments")
 
