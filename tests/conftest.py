@@ -238,6 +238,8 @@ class Harness:
         for t in ("internal", "le-staging", "le-prod-wildcard"):
             (integ / "certs" / f"{t}.yml").write_text("---\nreverse_proxy__tls_internal: true\n")
         (integ / "verify.yml").write_text("---\n- hosts: all\n  tasks: []\n")
+        # the golden image's package lists (ADR-028)
+        shutil.copytree(DRIVER.parent.parent / "tests" / "integration" / "image", integ / "image")
         (r / "tests" / "vault").mkdir()
         (r / "tests" / "vault" / "test-values.yml").write_text("---\nvault: {}\n")
         (r / "playbooks").mkdir()

@@ -9,10 +9,9 @@ import struct
 import types
 
 import pytest
-from conftest import load_script
+from conftest import ivm
 
-ivm = load_script("integration-vm.py", "integration_vm")
-REPO = pathlib.Path(__file__).resolve().parent.parent
+REPO = pathlib.Path(__file__).resolve().parents[2]
 ROLES = REPO / "roles"
 # What the roles under test install and a provider's image does not have: the image must
 # not carry them, or the roles' own installs (and Docker's first start) are never tested.

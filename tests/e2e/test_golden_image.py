@@ -16,10 +16,8 @@ import time
 import pytest
 
 REPO = pathlib.Path(__file__).resolve().parents[2]
-sys.path.insert(0, str(REPO / "tests"))
-from conftest import load_script  # noqa: E402
+from conftest import ivm  # noqa: E402 (tests/conftest.py: pytest puts tests/ on the path)
 
-ivm = load_script("integration-vm.py", "integration_vm")
 DRIVER = REPO / "scripts" / "integration-vm.py"
 RUN_ROOT = pathlib.Path(os.environ.get("BOMA_IT_RUN_DIR", REPO / "tests" / "integration" / ".run"))
 HOST = os.environ.get("BOMA_IT_E2E_HOST", "askari")
