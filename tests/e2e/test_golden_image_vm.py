@@ -1,7 +1,7 @@
 """The golden image, booted, is the reference it was built from (issue 10, ADR-028).
 
 Boots one real VM (marker `vm`, not part of `make test`): `make test-vm`, or alone:
-`scripts/it-run exec -- .venv/bin/pytest -m vm -p no:cacheprovider tests/e2e/test_golden_image.py`.
+`scripts/it-run exec -- .venv/bin/pytest -m vm tests/e2e/test_golden_image_vm.py`.
 Every package of Debian's cloud image's list is installed, and every package installed
 by hand is in that list, in the harness's extras, or part of minbase; none of what the
 roles install is there; the guest runs the kernel its own disk's GRUB booted.
