@@ -122,7 +122,7 @@ test-integration-day2: venv ## Day 2 RED→GREEN: a change applied with --from H
 	BOMA_IT_E2E_HOST=$(or $(HOST),askari) $(IT_RUN) exec -- $(CURDIR)/$(VENV)/bin/pytest -m vm -p no:cacheprovider tests/e2e/test_day2_red_green.py
 
 test-integration-image: venv ## The golden image on a real VM: the provider's package list, its timers, its own GRUB, a kernel change that the next boot runs; and a RED only that image shows
-	BOMA_IT_E2E_HOST=$(or $(HOST),askari) $(IT_RUN) exec -- $(CURDIR)/$(VENV)/bin/pytest -m vm -p no:cacheprovider tests/e2e/test_golden_image.py tests/e2e/test_faithful_image_red_green.py
+	BOMA_IT_E2E_HOST=$(or $(HOST),askari) $(IT_RUN) exec -- $(CURDIR)/$(VENV)/bin/pytest -m vm -p no:cacheprovider tests/e2e/test_golden_image_vm.py tests/e2e/test_faithful_image_red_green.py
 
 test-vm: venv ## RED and GREEN on real VMs in one pytest run (tests/e2e, marker vm; HOST=askari)
 	BOMA_IT_E2E_HOST=$(or $(HOST),askari) $(IT_RUN) exec -- $(CURDIR)/$(VENV)/bin/pytest -m vm -p no:cacheprovider tests/e2e
