@@ -122,6 +122,13 @@ def run_driver(script, args, env, cwd, timeout):
 HERE = pathlib.Path(__file__).resolve().parent
 ivm = load_script("integration-vm.py", "integration_vm")
 
+# A shell that starts a job in the background without job control (`cmd &` in a script,
+# nohup) leaves SIGINT ignored, and every process started from it inherits that: the
+# interrupt tests would never see their Ctrl-C. Python's own handler here (so a plain
+# default in every process the tests start) is what a terminal gives.
+if signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+
 
 DRIVER = HERE.parent / "scripts" / "integration-vm.py"
 
