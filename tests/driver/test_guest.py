@@ -228,7 +228,9 @@ def test_virt_install_argv_boots_the_disk():
     assert "network=boma-it,model=virtio,mac=52:54:00:01:02:03" in a
     assert a[a.index("--serial") + 1] == "pty,log.file=/c/console.log"
     assert a[a.index("--virt-type") + 1] == "qemu" and a[a.index("--graphics") + 1] == "none"
-    assert "--boot" not in a  # the disk's own GRUB and kernel (ADR-028)
+    assert "--boot" not in a and not any("kernel=" in x for x in a)  # its own GRUB (ADR-028)
+    with pytest.raises(TypeError):  # no direct kernel boot to ask for any more
+        _vi(kernel="/i/vmlinuz")
 
 
 def test_metadata_roundtrip():

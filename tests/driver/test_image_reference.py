@@ -122,25 +122,6 @@ def test_grub_menu_boots_the_kernel_symlinks():
     assert "--label root" in cfg
 
 
-def test_virt_install_has_no_direct_kernel_boot():
-    args = dict(
-        uri="qemu:///system",
-        name="vm",
-        mem_mib=2048,
-        vcpus=2,
-        overlay="/c/o.qcow2",
-        seed="/c/seed.img",
-        mac="52:54:00:01:02:03",
-        console_log="/c/console.log",
-        virt_type="qemu",
-        osinfo="debian13",
-    )
-    a = ivm.virt_install_argv(**args)
-    assert "--boot" not in a and not any("kernel=" in x for x in a)
-    with pytest.raises(TypeError):
-        ivm.virt_install_argv(**args, kernel="/i/vmlinuz")
-
-
 def test_mbr_has_grub_code_and_one_bootable_partition_to_the_end():
     boot = bytes(range(256)) * 2
     disk = 8 << 30
