@@ -4100,6 +4100,7 @@ def compare_transports(ctx, rs, profile, certs, result):
 # and each key hashes its parent's key plus what the stage was built from, so editing a
 # role invalidates the first apply that uses it and everything after, nothing before.
 CHECKPOINT_FORMAT = 1
+FRESH_LINEAGE = "fresh"  # checkpoints of plain runs; a day-2 run's are "from:<ref>"
 RUN_KEY_FILES = ("id_ed25519", "id_ed25519.pub", "ssh_host_ed25519_key.pub")
 CHECKPOINT_FILES = (
     "manifest.json",
@@ -4780,7 +4781,6 @@ def checkpoint_after_apply(ctx, run):
 # worktree lives under the cache's worktrees/ only while REF's applies run.
 
 FROM_PROFILE_DIR = "tests/integration/profiles"
-FRESH_LINEAGE = "fresh"  # checkpoints of plain runs; a day-2 run's are "from:<ref>"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -4890,11 +4890,6 @@ def prune_worktrees(ctx):
             print(f"integration-vm: removed worktree {wt.name}")
 
 
-def from_ctx(ctx, worktree):
-    """The context REF's applies run in: the same settings, the worktree as the repo."""
-    return dataclasses.replace(ctx, repo=pathlib.Path(worktree))
-
-
 @dataclasses.dataclass
 class DayTwo:
     """A day-2 run's REF side: the resolved ref, its worktree while it exists (REF's
@@ -4907,11 +4902,13 @@ class DayTwo:
     profile: dict = None
 
     def open(self, ctx, name):
-        """Check out REF and load its profile; returns the context REF's applies run in."""
+        """Check out REF and load its profile (REF's own, as it was at REF)."""
         self.worktree = add_from_worktree(ctx, self.frm, name, self.git_repo)
-        wt = self.worktree
-        self.profile = load_profile(self.host, wt / FROM_PROFILE_DIR, wt)
-        return from_ctx(ctx, wt)
+        self.profile = load_profile(self.host, self.worktree / FROM_PROFILE_DIR, self.worktree)
+
+    def ref_ctx(self, ctx):
+        """The context REF's chain is keyed and its applies run in: the worktree as repo."""
+        return dataclasses.replace(ctx, repo=pathlib.Path(self.worktree))
 
     def close(self, ctx):
         """Remove the worktree (idempotent, never raises)."""
@@ -4922,7 +4919,7 @@ class DayTwo:
 
 def apply_from_ref(ctx, rs, day2, certs, result, after_step):
     """REF's applies (resuming where the checkpoint left off), then the worktree goes."""
-    ref_ctx = from_ctx(ctx, day2.worktree)
+    ref_ctx = day2.ref_ctx(ctx)
     progress(ctx, "from", f"applying {day2.frm.ref} ({day2.frm.commit[:12]}) from {day2.worktree}")
     try:
         apply(
@@ -6081,7 +6078,7 @@ def provision(ctx, args, run):
     elif run.command in CONVERGING_COMMANDS and checkpoints_enabled(ctx, args):
         day2 = run.day2  # a day-2 run resumes REF's chain (its keys hash REF's files)
         run.checkpoint_chain = (
-            checkpoint_chain(from_ctx(ctx, day2.worktree), day2.profile, certs, image.key, accel)
+            checkpoint_chain(day2.ref_ctx(ctx), day2.profile, certs, image.key, accel)
             if day2
             else checkpoint_chain(ctx, profile, certs, image.key, accel)
         )
