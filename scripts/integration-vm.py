@@ -1762,6 +1762,9 @@ class RunRecord(JsonRecord):
     checkpoints_read: list = None  # the checkpoint keys its disk chain reads
     checkpoints_taken: list = None
     applied_steps: int = None  # playbooks already applied (a resumed checkpoint's)
+    # the checkpoint-chain keys of what it has applied (booted, applied-1, ...): the
+    # inputs its state came from, which the next quick loop compares with its own
+    applied_keys: list = None
     boot_stages: dict = None  # seconds from start to each boot stage
     reboots: list = None  # each reboot's mode, boot ids and seconds
     kept_by: str = None  # "loop": the next run of the profile tears it down
@@ -1777,6 +1780,7 @@ class RunRecord(JsonRecord):
             "checkpoints_read",
             "checkpoints_taken",
             "applied_steps",
+            "applied_keys",
             "boot_stages",
             "reboots",
             "kept_by",
@@ -3911,25 +3915,27 @@ def run_playbook(ctx, rs, profile, playbook, tags, certs, phase, timeout, strate
     return r.returncode, r.stdout
 
 
-def apply(ctx, rs, profile, certs, phase_prefix="apply", result=None, start=0, after_step=None):
+def apply(
+    ctx,
+    rs,
+    profile,
+    certs,
+    phase_prefix="apply",
+    result=None,
+    start=0,
+    after_step=None,
+    start_why=None,
+):
     """Run every profile apply; returns total changed tasks. Nonzero rc -> InfraError
     (a broken converge is not a verify verdict). The first `start` applies are already in
-    the guest (it was resumed from checkpoint applied-<start>); after_step(i) runs after
-    apply i succeeds (to checkpoint it)."""
+    the guest (start_why: it was resumed from checkpoint applied-<start>, by default);
+    after_step(i) runs after apply i succeeds (to record and checkpoint it)."""
+    start_why = start_why or f"resumed from checkpoint applied-{start}"
     changed, changed_tasks = 0, []
     for i, step in enumerate(profile["applies"], 1):
         phase = f"{phase_prefix}:{step['playbook']}"
         if i <= start:
-            if result is not None:
-                result["phase_details"].append(
-                    {
-                        "name": phase,
-                        "seconds": 0.0,
-                        "status": "skipped",
-                        "message": f"in the guest already: resumed from checkpoint applied-{start}",
-                    }
-                )
-            progress(ctx, phase, f"already applied (resumed from checkpoint applied-{start})")
+            _skipped_apply(ctx, result, phase, start_why)
             continue
         with timed_phase(ctx, result, phase):
             progress(
@@ -3965,6 +3971,19 @@ def apply(ctx, rs, profile, certs, phase_prefix="apply", result=None, start=0, a
         if after_step is not None:
             after_step(i)
     return changed, changed_tasks
+
+
+def _skipped_apply(ctx, result, phase, why):
+    if result is not None:
+        result["phase_details"].append(
+            {
+                "name": phase,
+                "seconds": 0.0,
+                "status": "skipped",
+                "message": f"in the guest already: {why}",
+            }
+        )
+    progress(ctx, phase, f"already applied ({why})")
 
 
 # The profile's verify runs twice in a cycle: live, right after the applies (before any
@@ -4758,15 +4777,26 @@ def _write_restore_files(ctx, rs, ck):
     (rs.dir / "domain.xml").write_text(xml)
 
 
+def record_applied(rs, chain, steps):
+    """run.json: the VM has applied the profile's first `steps` playbooks, from the inputs
+    `chain`'s keys hash (None: no chain, or a day-2 run, whose working tree went on top of
+    REF's chain). The next quick loop re-applies from the first key that differs."""
+    rs.data["applied_steps"] = steps
+    rs.data["applied_keys"] = [k for _, k, _ in chain[: steps + 1]] if chain else None
+    rs.save()
+
+
 def checkpoint_after_apply(ctx, run):
-    """after_step for apply(): checkpoint applied-i when this run keeps checkpoints."""
-    if not run.checkpoint_chain:
-        return None
+    """after_step for apply(): record what the VM has applied, then checkpoint applied-i
+    when this run keeps checkpoints. Never on a reused loop VM: its state is this edit
+    applied on top of the last loop's, not these inputs applied to a fresh VM."""
 
     def after(i):
-        _, parent, _ = run.checkpoint_chain[i - 1]
-        stage, key, _ = run.checkpoint_chain[i]
-        take_checkpoint(ctx, run.rs, stage, key, parent, run.result)
+        record_applied(run.rs, None if run.day2 else run.checkpoint_chain, i)
+        if run.checkpoint_chain and not run.reused:
+            _, parent, _ = run.checkpoint_chain[i - 1]
+            stage, key, _ = run.checkpoint_chain[i]
+            take_checkpoint(ctx, run.rs, stage, key, parent, run.result)
 
     return after
 
@@ -5182,6 +5212,7 @@ class Run:
     checkpoint_chain: list = None  # [(stage, key, detail)] when this run uses checkpoints
     strategy: dict = None  # strategy_choice(), resolved once (resolve_strategy)
     day2: object = None  # a DayTwo: --from REF's ref, worktree and profile
+    reused: bool = False  # loop: its VM is the one the last loop left (reuse_loop_vm)
     exit_code: int = None
     reported: bool = False  # result.json and the summary line written (end_session)
 
@@ -5411,6 +5442,7 @@ class ResultRecord(JsonRecord):
     warnings: list = None  # slow-boot warnings
     checkpoints: dict = None  # {"chain": [{stage, key, ...}]}
     resumed_from: dict = None
+    reused_vm: dict = None  # loop: {run, kept, reapplied} when it reused the last loop's VM
     resume_error: str = None
     transport: dict = None  # bench: linear vs Mitogen figures
     teardown_error: str = None
@@ -5425,6 +5457,7 @@ class ResultRecord(JsonRecord):
             "warnings",
             "checkpoints",
             "resumed_from",
+            "reused_vm",
             "resume_error",
             "transport",
             "teardown_error",
@@ -5730,8 +5763,17 @@ def phase_retire_loop_vms(ctx, args, run):
     retire_loop_vms(ctx, run.profile["name"])
 
 
+def phase_reuse_loop_vm(ctx, args, run):
+    """loop: the edit goes onto the VM the last loop left when it can (reuse_loop_vm);
+    any other loop VM of the profile is torn down, as the gate does."""
+    reuse_loop_vm(ctx, args, run)
+
+
 def phase_provision(ctx, args, run):
-    """A new VM: image, accel, network, slot, then a resumed checkpoint or a cold boot."""
+    """A new VM: image, accel, network, slot, then a resumed checkpoint or a cold boot
+    (nothing to do for a loop that reuses the last loop's VM)."""
+    if run.reused:
+        return
     provision(ctx, args, run)
     run.result["host"] = run.rs.data["host"]
 
@@ -5779,6 +5821,7 @@ def phase_converge(ctx, args, run):
             result=run.result,
             start=start,
             after_step=after_step,
+            start_why="on the last loop's VM, its inputs unchanged" if run.reused else None,
         )
         return
     apply_from_ref(ctx, run.rs, run.day2, run.certs, run.result, after_step)
@@ -5871,7 +5914,7 @@ SESSION_PHASES = {
     "loop": (
         phase_prepare,
         phase_from_ref,
-        phase_retire_loop_vms,
+        phase_reuse_loop_vm,
         phase_provision,
         phase_converge,
         phase_verify_live,
@@ -5926,6 +5969,9 @@ def teardown_or_keep(ctx, args, command, result, rs, teardown):
             )
         return
     result["kept"] = True
+    if command == "loop":  # a red loop's VM is where the next loop's fix goes
+        rs.data["kept_by"] = "loop"
+        rs.save()
     print(inspection_help(ctx, rs), file=sys.stderr, end="")
 
 
@@ -6097,6 +6143,7 @@ def provision(ctx, args, run):
             create_run(ctx, profile, certs, accel, image, run)
         run.rs.data["lineage"] = run_lineage(run)
         boot(ctx, run.rs)
+        record_applied(run.rs, None if run.day2 else run.checkpoint_chain, 0)
     result["boot_stages"] = run.rs.data.get("boot_stages", {})
     if run.checkpoint_chain:
         _, key, _ = run.checkpoint_chain[0]
@@ -6141,26 +6188,111 @@ def try_resume(ctx, run):
             entry.update(status="skipped", message=f"{why}: cold boot")
             progress(ctx, "resume", f"{why}: cold boot")
             return None
-    rs.data["applied_steps"] = 0 if stage == "booted" else int(stage.split("-")[1])
     rs.data["lineage"] = run_lineage(run)
-    rs.save()
+    steps = 0 if stage == "booted" else int(stage.split("-")[1])
+    record_applied(rs, None if run.day2 else chain, steps)
     result["resumed_from"] = rs.data["resumed_from"]
     result["boot_stages"] = rs.data.get("boot_stages", {})
     return rs
+
+
+def loop_vms(ctx, host):
+    """The VMs quick loops of `host` left up, oldest first."""
+    kept = [
+        rs
+        for rs in list_runs(ctx)
+        if rs.data.get("host") == host
+        and rs.data.get("kept_by") == "loop"
+        and rs.data.get("state") != "down"
+    ]
+    return sorted(kept, key=lambda rs: rs.data.get("created_at") or "")
+
+
+def reuse_refusal(ctx, run, rs, chain):
+    """Why the last loop's VM cannot take this loop's edit, or None. It can when it
+    started where this run would (same golden image, profile shape, cert tier, a fresh
+    lineage: the same booted key) and records what it applied."""
+    keys = rs.data.get("applied_keys")
+    if run.day2 is not None:
+        return "a --from loop starts from REF's checkpoint"
+    if rs.data.get("lineage", FRESH_LINEAGE) != FRESH_LINEAGE:
+        return f"it converged a {rs.data['lineage']} run"
+    if rs.data.get("certs") != run.certs:
+        return f"it runs --certs {rs.data.get('certs')}, this loop --certs {run.certs}"
+    if not keys or chain is None:
+        return "what it applied is not recorded (--no-checkpoints, or a real-secret tier)"
+    if rs.data.get("image_key") != current_image_key(ctx):
+        return "the golden image's inputs changed since it booted"
+    if keys[0] != chain[0][1]:
+        return "the profile's VM (memory, vCPUs) or the accelerator changed since it booted"
+    return None
+
+
+def reuse_loop_vm(ctx, args, run):
+    """A quick loop applies its edit to the VM the last loop left, re-applying only the
+    playbooks from the first one whose inputs changed since that VM applied them (the
+    checkpoint chain's keys, compared with run.json's applied_keys), as one iterates on
+    a dev box: no restore, no apt install already done. What it applies onto is the last
+    loop's state, not a fresh one: the gate (cycle) still starts fresh. --fresh, a VM
+    that cannot take the edit (reuse_refusal) or does not answer: torn down, and this
+    run resumes a checkpoint. Sets run.reused."""
+    host = run.profile["name"]
+    kept = loop_vms(ctx, host)
+    last = kept.pop() if kept and not getattr(args, "fresh", False) else None
+    for rs in kept:  # every other one (all of them with --fresh)
+        progress(ctx, "loop", f"tearing down the previous quick loop's VM {rs.name}")
+        down_run(ctx, rs)
+    if last is None:
+        return
+    chain = None
+    if run.certs not in REAL_SECRET_TIERS and checkpoints_enabled(ctx, args):
+        chain = checkpoint_chain(
+            ctx, run.profile, run.certs, last.data.get("image_key"), last.data.get("accel")
+        )
+    why = reuse_refusal(ctx, run, last, chain)
+    if why is None:
+        run.bounds = stage_bounds(last.data.get("accel"), ctx.settings)
+        r = last.ssh("true", timeout=run.bounds["ssh-attempt"])
+        if r.returncode != 0:
+            why = "it does not answer over SSH"
+    if why is not None:
+        progress(ctx, "loop", f"not reusing the previous quick loop's VM {last.name}: {why}")
+        progress(ctx, "loop", f"tearing down the previous quick loop's VM {last.name}")
+        down_run(ctx, last)
+        return
+    keys = last.data["applied_keys"]
+    same = 0
+    while same + 1 < len(keys) and same + 1 < len(chain) and keys[same + 1] == chain[same + 1][1]:
+        same += 1
+    run.acquire_slot(ctx)
+    run.attach(last)
+    run.reused = True
+    run.checkpoint_chain = chain
+    last.data["kept_by"] = None  # this session's now; phase_finish keeps it again
+    record_applied(last, chain, same)
+    steps = [s["playbook"] for s in run.profile["applies"]]
+    run.result.update(
+        host=host,
+        accel=last.data.get("accel"),
+        reused_vm={"run": last.name, "kept": steps[:same], "reapplied": steps[same:]},
+        checkpoints={"chain": [{"stage": st, "key": k, **det} for st, k, det in chain]},
+    )
+    progress(
+        ctx,
+        "loop",
+        f"applying the edit onto the previous quick loop's VM {last.name}: "
+        + (f"re-applying {', '.join(steps[same:])}" if steps[same:] else "nothing to re-apply")
+        + (f" ({', '.join(steps[:same])} unchanged)" if same else ""),
+    )
 
 
 def retire_loop_vms(ctx, host):
     """A quick loop leaves its VM up for inspection until the next run of the profile:
     that run tears it down first (it holds the checkpoint's domain name and the VM slot).
     Only runs a loop kept; a --keep/KEEP=1 VM is the operator's and stays."""
-    for rs in list_runs(ctx):
-        if (
-            rs.data.get("host") == host
-            and rs.data.get("kept_by") == "loop"
-            and rs.data.get("state") != "down"
-        ):
-            progress(ctx, "loop", f"tearing down the previous quick loop's VM {rs.name}")
-            down_run(ctx, rs)
+    for rs in loop_vms(ctx, host):
+        progress(ctx, "loop", f"tearing down the previous quick loop's VM {rs.name}")
+        down_run(ctx, rs)
 
 
 # --------------------------------------------------------------------------------------
@@ -6209,11 +6341,26 @@ def format_bench_table(result):
     return "\n".join(f"{a:<{w[0]}}  {b:>{w[1]}}  {c}" for a, b, c in rows) + "\n"
 
 
-def format_bench_comparison(cold, warm, edited, loop=None, upgrade=None):
-    """The cold cycle, the quick loop, the warm full cycle (and with --from the day-2
-    cycle) side by side, by phase family, against the targets (issue 13), then the
-    transport's per-call figure."""
-    runs = [("cold", cold), ("loop", loop), ("warm", warm), ("upgrade", upgrade)]
+def bench_start_of(result):
+    """Where a bench leg started: the last loop's VM, a checkpoint, or nothing."""
+    reused = result.get("reused_vm")
+    if reused:
+        again = ", ".join(reused["reapplied"]) or "nothing"
+        return f"onto the last loop's VM (re-applied {again})"
+    return f"resumed from {(result.get('resumed_from') or {}).get('stage', 'nothing')}"
+
+
+def format_bench_comparison(cold, warm, edited, loop=None, upgrade=None, first_loop=None):
+    """The cold cycle, the first quick loop (nothing edited), the quick loop after the
+    edit, the warm full cycle (and with --from the day-2 cycle) side by side, by phase
+    family, against the targets (issue 13), then the transport's per-call figure."""
+    runs = [
+        ("cold", cold),
+        ("loop-first", first_loop),
+        ("loop", loop),
+        ("warm", warm),
+        ("upgrade", upgrade),
+    ]
     runs = [(n, r) for n, r in runs if r is not None]
     totals = [phase_totals(r.get("phase_details", [])) for _, r in runs]
     rows = [("phase", *[n for n, _ in runs])]
@@ -6224,12 +6371,8 @@ def format_bench_comparison(cold, warm, edited, loop=None, upgrade=None):
     rows.append(("total", *[f"{x:.1f}" for x in secs]))
     width = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
     out = [
-        f"bench: after editing {edited} (in a copy): "
-        + "; ".join(
-            f"{n} resumed from {(r.get('resumed_from') or {}).get('stage', 'nothing')}"
-            for n, r in runs
-            if n != "cold"
-        )
+        f"bench: after editing {edited} (in a copy; loop-first: before it): "
+        + "; ".join(f"{n} {bench_start_of(r)}" for n, r in runs if n != "cold")
     ]
     out += [
         "  ".join(f"{c:<{width[0]}}" if i == 0 else f"{c:>{width[i]}}" for i, c in enumerate(row))
@@ -6266,9 +6409,9 @@ BENCH_EDIT_SUFFIXES = (".yml", ".yaml", ".j2", ".sh", ".py", ".cfg", ".conf", ".
 BENCH_DEFAULT_EDIT = "roles/docker_host/templates/etc/nftables.d/10-docker-forward.nft.j2"
 
 
-def warm_repo_copy(repo, edited, stamp):
-    """A copy of what the applies read, with one role file (`edited`, relative to roles/)
-    edited (a comment appended): the working tree is never touched."""
+def bench_repo_copy(repo):
+    """A copy of what the applies read, for a bench leg: the working tree is never
+    touched (bench_edit appends the edit to the copy)."""
     tmp = pathlib.Path(tempfile.mkdtemp(prefix="boma-bench-"))
     ignore = shutil.ignore_patterns(".run", "__pycache__", ".venv", ".git", "*.pyc")
     for name in ("roles", "playbooks", "inventories", "scripts"):
@@ -6280,14 +6423,17 @@ def warm_repo_copy(repo, edited, stamp):
     for name in APPLY_SHARED_INPUTS:
         if (repo / name).is_file():
             shutil.copy2(repo / name, tmp / name)
+    return tmp
+
+
+def bench_edit(tmp, edited, stamp):
+    """The bench's one-role edit in a copy: a comment appended to roles/`edited`."""
     target = tmp / "roles" / edited  # edited: relative to roles/, symlinks resolved
     if resolved_under(target, tmp / "roles") != target.resolve() or target.is_symlink():
-        shutil.rmtree(tmp, ignore_errors=True)
         raise UsageError(f"--warm-edit: roles/{edited} is not a plain file in the copy")
     fd = os.open(target, os.O_WRONLY | os.O_APPEND | os.O_NOFOLLOW)
     with os.fdopen(fd, "a") as fh:
         fh.write(f"\n# bench-integration: the warm re-run's edit ({stamp})\n")
-    return tmp
 
 
 def bench_edit_target(ctx, edited):
@@ -6312,12 +6458,14 @@ def bench_edit_target(ctx, edited):
 BENCH_COLD = SessionOptions(cold_image=True, fresh_checkpoints=True, time_transports=True)
 BENCH_ONLY = SessionOptions(cold_image=True, time_transports=True)  # --no-warm: one cycle
 BENCH_AFTER_EDIT = {
+    "loop-first": SessionOptions(gc_outdated=False),
     "loop": SessionOptions(gc_outdated=False),
     "warm": SessionOptions(gc_outdated=False),
     "upgrade": SessionOptions(gc_outdated=False),  # + from_ref, git_repo (bench --from)
 }
 BENCH_LEGS = {
-    "loop": "quick loop",
+    "loop-first": "first quick loop (no loop VM yet), nothing edited",
+    "loop": "quick loop onto the first one's VM",
     "warm": "warm full cycle",
     "upgrade": "day-2 cycle from REF's checkpoint (--from)",
 }
@@ -6325,12 +6473,15 @@ BENCH_LEGS = {
 
 def cmd_bench(ctx, args):
     """A cold cycle (image rebuilt, none of this profile's checkpoints; the transport
-    compared on its VM before teardown), then the quick loop and a warm full cycle, each
-    after the same one-role edit made in a temporary copy, then all side by side."""
+    compared on its VM before teardown); a first quick loop with nothing edited (it
+    resumes the cold cycle's newest checkpoint), then the one-role edit in that loop's
+    copy and the quick loop onto its VM (an agent's edit -> verdict); then a warm full
+    cycle after the same edit in a copy of its own; all side by side."""
     if args.no_warm or not checkpoints_enabled(ctx, args):
         return session(ctx, args, "bench", BENCH_ONLY)
     rel = bench_edit_target(ctx, args.warm_edit)
-    legs, upgrade_from = [("loop", "loop"), ("warm", "bench")], None
+    legs = [("loop-first", "loop"), ("loop", "loop"), ("warm", "bench")]
+    upgrade_from = None
     if args.from_ref:  # resolved now: a bad REF is exit 2 before the cold cycle
         upgrade_from = resolve_from_ref(ctx, args.from_ref, args.host)
         legs.append(("upgrade", "bench"))
@@ -6340,27 +6491,32 @@ def cmd_bench(ctx, args):
     cold = run_session(ctx, plain, "bench", BENCH_COLD)
     if cold.exit_code != EXIT_PASS:
         return cold.exit_code
-    after, rc = {}, cold.exit_code
-    for phase, command in legs:
-        a = copy.copy(args)
-        a.cmd, a.from_ref = command, None
-        # a stamp of its own per copy: the loop and the warm cycle must each find the
-        # edit new (same file, same invalidation), not resume the other's checkpoint
-        stamp = f"{phase} {now_iso()} {time.time_ns()}"
-        sub = dataclasses.replace(
-            ctx, repo=warm_repo_copy(ctx.repo, rel, stamp), t0=time.monotonic()
-        )
-        progress(sub, "bench", f"{BENCH_LEGS[phase]} after editing {args.warm_edit} in {sub.repo}")
-        options = dataclasses.replace(BENCH_AFTER_EDIT[phase], strategy=cold.strategy)
-        if phase == "upgrade":
-            options = dataclasses.replace(options, from_ref=upgrade_from, git_repo=ctx.repo)
-        try:
+    after, rc, copies = {}, cold.exit_code, []
+    try:
+        for phase, command in legs:
+            a = copy.copy(args)
+            a.cmd, a.from_ref = command, None
+            # The loop edits the first loop's copy (its VM is the one it goes onto); the
+            # other legs get a copy and a stamp of their own: each must find the edit
+            # new (same file, same invalidation), not resume another leg's checkpoint.
+            if phase != "loop":
+                copies.append(bench_repo_copy(ctx.repo))
+            sub = dataclasses.replace(ctx, repo=copies[-1], t0=time.monotonic())
+            what = BENCH_LEGS[phase]
+            if phase != "loop-first":
+                bench_edit(sub.repo, rel, f"{phase} {now_iso()} {time.time_ns()}")
+                what += f" after editing {args.warm_edit}"
+            progress(sub, "bench", f"{what} in {sub.repo}")
+            options = dataclasses.replace(BENCH_AFTER_EDIT[phase], strategy=cold.strategy)
+            if phase == "upgrade":
+                options = dataclasses.replace(options, from_ref=upgrade_from, git_repo=ctx.repo)
             leg = run_session(sub, a, command, options)
-        finally:
-            shutil.rmtree(sub.repo, ignore_errors=True)
-        after[phase], rc = leg.result if leg.reported else None, leg.exit_code
-        if rc != EXIT_PASS:
-            break
+            after[phase], rc = leg.result if leg.reported else None, leg.exit_code
+            if rc != EXIT_PASS:
+                break
+    finally:
+        for tmp in copies:
+            shutil.rmtree(tmp, ignore_errors=True)
     retire_loop_vms(ctx, cold.result.get("host"))  # the bench leaves nothing running
     sys.stdout.write(
         "\n"
@@ -6370,6 +6526,7 @@ def cmd_bench(ctx, args):
             args.warm_edit,
             loop=after.get("loop"),
             upgrade=after.get("upgrade"),
+            first_loop=after.get("loop-first"),
         )
     )
     return rc
@@ -6681,9 +6838,9 @@ COMMAND_HELP = {
     "assert": "run the verify playbook against a run's VM (writes result.json)",
     "cycle": "up, apply, reboot, verify, idempotence, teardown (writes result.json)",
     "bench": "a cycle that prints a per-phase timing table at the end",
-    "loop": "quick loop for an edit: resume the newest valid checkpoint, apply what "
-    "the edit invalidated, one graceful reboot + state diff, verify; the VM "
-    "stays up (NOT the gate: cycle)",
+    "loop": "quick loop for an edit: onto the VM the last loop left (else the newest "
+    "valid checkpoint), apply what the edit invalidated, verify live, one graceful "
+    "reboot + state diff, verify; the VM stays up for the next edit (NOT the gate: cycle)",
     "down": "destroy a run's VM and disks (idempotent)",
     "console": "print a run's console log path and tail it",
     "prune": "remove every VM, disk and run the harness owns (only those)",
@@ -6812,24 +6969,34 @@ def _from_opts(sp):
     )
 
 
+def _loop_opts(sp):
+    sp.add_argument("--junit", metavar="FILE", help="write JUnit XML here")
+    sp.add_argument(
+        "--reboot-diff",
+        choices=REBOOT_DIFF_POLICIES,
+        default="fail",
+        help="an unexpected state difference fails (default) or warns",
+    )
+    sp.add_argument(
+        "--no-checkpoints",
+        action="store_true",
+        help="boot cold and write no checkpoint (slow: the point of the loop is the checkpoint)",
+    )
+    sp.add_argument(
+        "--fresh",
+        action="store_true",
+        help="do not apply onto the VM the last loop left: tear it down and start from "
+        "the newest valid checkpoint (the edit's playbooks applied as on a fresh VM)",
+    )
+
+
 def _add_command_options(sps):
     """Each subcommand's own options, on its parser in sps."""
     sps["image"].add_argument("--force", action="store_true", help="rebuild even if cached")
     for c in CREATING_COMMANDS:
         _run_opts(sps[c], host_required=True)
         _cert_opts(sps[c])
-    sps["loop"].add_argument("--junit", metavar="FILE", help="write JUnit XML here")
-    sps["loop"].add_argument(
-        "--reboot-diff",
-        choices=REBOOT_DIFF_POLICIES,
-        default="fail",
-        help="an unexpected state difference fails (default) or warns",
-    )
-    sps["loop"].add_argument(
-        "--no-checkpoints",
-        action="store_true",
-        help="boot cold and write no checkpoint (slow: the point of the loop is the checkpoint)",
-    )
+    _loop_opts(sps["loop"])
     for c in ("cycle", "bench"):
         _cycle_opts(sps[c])
     for c in ("cycle", "loop", "bench"):

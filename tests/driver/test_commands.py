@@ -2,6 +2,8 @@
 
 import json
 import os
+import pathlib
+import re
 
 import pytest
 from conftest import (
@@ -259,12 +261,26 @@ def test_bench_runs_cold_loop_and_warm_after_the_same_edit_and_leaves_nothing(hc
     assert p.returncode == 0, p.stderr
     assert before.read_text() == text  # edits only ever in a copy
     out = p.stdout
-    assert "loop resumed from applied-1" in out and "warm resumed from applied-1" in out
+    # the first loop (nothing edited) resumes the cold cycle's newest checkpoint; the
+    # loop after the edit goes onto its VM and re-applies only the edited role's playbook;
+    # the warm cycle resumes the checkpoint before it
+    assert "loop-first resumed from applied-2" in out
+    assert "loop onto the last loop's VM (re-applied offsite.yml)" in out
+    assert "warm resumed from applied-1" in out
+    assert ["phase", "cold", "loop-first", "loop", "warm"] in [
+        ln.split() for ln in out.splitlines()
+    ]
     assert "loop/cold = " in out and "warm/cold = " in out
     # the fakes have no Mitogen: the bench says so instead of comparing linear with itself
     assert "transport: not compared (Mitogen does not load" in out
-    # (the order is the comparison's: cold, loop, warm; started_at may tie within a second)
-    assert sorted(r["command"] for r in hc.results()) == ["bench", "bench", "loop"]
+    # one run dir for both loops (the second reused the first's VM): its result.json is
+    # the newest loop's
+    results = hc.results()
+    assert sorted(r["command"] for r in results) == ["bench", "bench", "loop"]
+    (loop,) = [r for r in results if r["command"] == "loop"]
+    assert loop["reused_vm"]["run"] == loop["vm"]
+    copies = set(re.findall(r" in (/\S+/boma-bench-\w+)", p.stderr))
+    assert len(copies) == 2 and not [c for c in copies if pathlib.Path(c).exists()]
     assert hc.domains() == {}
 
 

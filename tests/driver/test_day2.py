@@ -290,7 +290,9 @@ def test_bench_from_adds_a_day2_leg_that_resumes_refs_checkpoint(hg):
     assert p.returncode == 0, p.stderr
     out = p.stdout
     assert "upgrade resumed from applied-2" in out  # REF's state: the cold cycle's checkpoint
-    assert ["phase", "cold", "loop", "warm", "upgrade"] in [ln.split() for ln in out.splitlines()]
+    assert ["phase", "cold", "loop-first", "loop", "warm", "upgrade"] in [
+        ln.split() for ln in out.splitlines()
+    ]
     assert "upgrade/cold = " in out
     (up,) = [r for r in hg.results() if r.get("from_ref")]
     assert up["from_ref"]["ref"] == "HEAD" and up["upgrade"]["to"]["commit"] is None  # a copy

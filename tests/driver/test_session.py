@@ -458,11 +458,89 @@ def test_loop_without_a_checkpoint_boots_cold_reboots_once_and_keeps_the_vm(hc):
     assert run["kept_by"] == "loop" and run["state"] == "up"
 
 
-def test_the_next_loop_retires_the_last_one_and_resumes_what_the_edit_left_valid(hc):
+def applies(r):
+    return {n: s for n, s in phases(r).items() if n.startswith("apply:")}
+
+
+def run_json(h, name):
+    return json.loads((h.run_root / name / "run.json").read_text())
+
+
+def test_the_next_loop_applies_the_edit_onto_the_vm_the_last_one_left(hc):
+    p, first = ran(hc, "loop", "--host", "askari")
+    assert p.returncode == 0, p.stderr
+    chain = [c["key"] for c in first["checkpoints"]["chain"]]
+    assert run_json(hc, first["vm"])["applied_keys"] == chain
+    saved = sorted(ckpt_manifests(hc))
+    edit(hc.repo / "roles" / "docker_host" / "templates" / "x.j2")
+    p, r = ran(hc, "loop", "--host", "askari")
+    assert p.returncode == 0, p.stderr
+    assert (
+        f"applying the edit onto the previous quick loop's VM {first['vm']}: "
+        "re-applying offsite.yml (site.yml unchanged)" in p.stderr
+    )
+    assert r["vm"] == first["vm"] and "resumed_from" not in r
+    assert r["reused_vm"] == {
+        "run": first["vm"],
+        "kept": ["site.yml"],
+        "reapplied": ["offsite.yml"],
+    }
+    assert applies(r) == {"apply:site.yml": "skipped", "apply:offsite.yml": "pass"}
+    assert not [n for n in phases(r) if n.startswith(("boot", "resume", "checkpoint"))]
+    # the edit applied on top of the last loop's state is no fresh apply: no checkpoint
+    assert sorted(ckpt_manifests(hc)) == saved and len(hc.domains()) == 1
+    run = run_json(hc, first["vm"])
+    new_chain = [c["key"] for c in r["checkpoints"]["chain"]]
+    assert run["applied_keys"] == new_chain != chain and run["kept_by"] == "loop"
+    assert "This is NOT the gate" in p.stderr
+    # nothing edited since: nothing re-applied, the reboot and verify still run
+    p, again = ran(hc, "loop", "--host", "askari")
+    assert p.returncode == 0, p.stderr
+    assert again["reused_vm"]["reapplied"] == [] and set(applies(again).values()) == {"skipped"}
+    assert "reboot:graceful" in phases(again) and "verify" in phases(again)
+
+
+def test_a_red_loops_vm_takes_the_next_loops_fix(hc):
+    p, red = ran(hc, "loop", "--host", "askari", FAKE_VERIFY_FAIL="1")
+    assert p.returncode == 1, p.stderr
+    assert run_json(hc, red["vm"])["kept_by"] == "loop"
+    edit(hc.repo / "roles" / "base" / "tasks" / "main.yml")
+    p, green = ran(hc, "loop", "--host", "askari")
+    assert p.returncode == 0, p.stderr
+    assert green["vm"] == red["vm"]
+    assert green["reused_vm"]["reapplied"] == ["site.yml", "offsite.yml"]
+
+
+def test_a_loop_does_not_reuse_a_vm_that_cannot_take_the_edit(hc):
+    p, first = ran(hc, "loop", "--host", "askari")
+    assert p.returncode == 0, p.stderr
+    prof = hc.repo / "tests" / "integration" / "profiles" / "askari.json"
+    data = json.loads(prof.read_text())
+    data["mem_mib"] += 512
+    prof.write_text(json.dumps(data))
+    p, r = ran(hc, "loop", "--host", "askari")
+    assert p.returncode == 0, p.stderr
+    assert (
+        f"not reusing the previous quick loop's VM {first['vm']}: the profile's VM "
+        "(memory, vCPUs) or the accelerator changed" in p.stderr
+    )
+    assert r["vm"] != first["vm"] and "reused_vm" not in r
+    assert run_json(hc, first["vm"])["state"] == "down" and len(hc.domains()) == 1
+    # one that does not answer over SSH (its guest powered off behind our back) too
+    state = json.loads(hc.state_file.read_text())
+    state["domains"][r["domain"]]["state"] = "shut off"
+    hc.state_file.write_text(json.dumps(state))
+    p, r2 = ran(hc, "loop", "--host", "askari")
+    assert p.returncode == 0, p.stderr
+    assert f"not reusing the previous quick loop's VM {r['vm']}: it does not answer" in p.stderr
+    assert run_json(hc, r["vm"])["state"] == "down" and r2["vm"] != r["vm"]
+
+
+def test_loop_fresh_retires_the_last_one_and_resumes_what_the_edit_left_valid(hc):
     p, first = ran(hc, "loop", "--host", "askari")
     assert p.returncode == 0, p.stderr
     edit(hc.repo / "roles" / "docker_host" / "templates" / "x.j2")
-    p, r = ran(hc, "loop", "--host", "askari")
+    p, r = ran(hc, "loop", "--host", "askari", "--fresh")
     assert p.returncode == 0, p.stderr
     assert f"tearing down the previous quick loop's VM {first['vm']}" in p.stderr
     assert "resumed from checkpoint applied-1" in p.stderr
