@@ -1794,24 +1794,55 @@ class RunState:
     ctx: Ctx
     data: dict
     console_mark: int = 0  # console.log's size when the current boot was issued
+    # time.monotonic() when a poll first saw this boot's kernel banner on the console:
+    # what went before it is firmware and boot loader, which systemd-analyze cannot see
+    kernel_seen: float = None
 
     def mark_console(self):
         """Remember where the console log stands: what follows is this boot's."""
+        self.kernel_seen = None
         try:
             self.console_mark = self.console_log.stat().st_size
         except OSError:
             self.console_mark = 0
 
     def console_panic(self):
-        """The `Kernel panic` line this boot printed on the console, or None."""
+        """The `Kernel panic` line this boot printed on the console, or None (and the
+        kernel banner's first sighting, in kernel_seen)."""
         try:
             with open(self.console_log, "rb") as fh:
                 fh.seek(self.console_mark)
                 text = fh.read().decode(errors="replace")
         except OSError:
             return None
+        if self.kernel_seen is None and KERNEL_BANNER in text:
+            self.kernel_seen = time.monotonic()
         m = KERNEL_PANIC.search(text)
         return m.group(0).strip() if m else None
+
+    @contextlib.contextmanager
+    def watching_for_the_kernel(self, every=0.25):
+        """While the body waits for a boot: a thread that notes when the kernel banner
+        reaches the console (the waits' own polls are seconds apart while SSH attempts
+        time out against a guest still in its firmware)."""
+        stop = threading.Event()
+
+        def watch():
+            while self.kernel_seen is None and not stop.wait(every):
+                self.console_panic()
+
+        t = threading.Thread(target=watch, name="kernel-banner", daemon=True)
+        t.start()
+        try:
+            yield
+        finally:
+            stop.set()
+            t.join(timeout=2)
+            self.console_panic()  # a banner printed since the thread's last look
+
+    def seconds_to_kernel(self, since):
+        """Seconds from `since` to this boot's kernel banner, when a wait saw it."""
+        return None if self.kernel_seen is None else round(self.kernel_seen - since, 1)
 
     @property
     def name(self):
@@ -2353,6 +2384,7 @@ def _define_domain(ctx, rs, profile, accel, image, overlay, seed):
 
 # A guest kernel that panicked will not answer, however long we wait: say so at once.
 KERNEL_PANIC = re.compile(r"Kernel panic - not syncing[^\r\n]*")
+KERNEL_BANNER = "] Linux version "  # the kernel's first console line (printk time first)
 
 
 def wait_until(ctx, stage, bound, probe, what, rs=None):
@@ -2487,12 +2519,13 @@ def boot(ctx, rs):
         progress(ctx, "boot", msg)
 
     rs.mark_console()
-    virsh(ctx, "start", rs.domain, check=True, stage="domain-running")
-    rs.data["state"] = "booting"
-    rs.save()
-    wait_domain_running(ctx, rs)
-    reached("domain-running", f"domain-running {rs.name}")
-    ip = wait_lease(ctx, rs)
+    with rs.watching_for_the_kernel():
+        virsh(ctx, "start", rs.domain, check=True, stage="domain-running")
+        rs.data["state"] = "booting"
+        rs.save()
+        wait_domain_running(ctx, rs)
+        reached("domain-running", f"domain-running {rs.name}")
+        ip = wait_lease(ctx, rs)
     reached("dhcp-lease", f"dhcp-lease {ip}")
     wait_tcp22(ctx, rs)
     reached("tcp-22", "tcp-22 open")
@@ -2500,6 +2533,8 @@ def boot(ctx, rs):
     reached("ssh-handshake", "ssh-handshake ok (pinned host key)")
     wait_cloud_init(ctx, rs)
     stages["cloud-init"] = round(time.monotonic() - t0, 1)
+    if rs.seconds_to_kernel(t0) is not None:  # firmware + boot loader before it
+        stages["kernel"] = rs.seconds_to_kernel(t0)
     rs.data["boot_ids"].append(read_boot_id(ctx, rs))
     rs.data["state"] = "up"
     rs.save()
@@ -2562,15 +2597,17 @@ def reboot_vm(ctx, rs, mode="graceful", before=None):
         raise UsageError(f"--reboot must be one of {', '.join(REBOOT_MODES)}")
     before = before or capture_state(ctx, rs, analyze=False)
     rs.mark_console()
-    if mode == "graceful":
-        virsh(ctx, "reboot", rs.domain, check=True, stage="reboot")
-    else:
-        virsh(ctx, "destroy", rs.domain, check=True, stage="reboot")
-        virsh(ctx, "start", rs.domain, check=True, stage="reboot")
-    progress(ctx, f"reboot:{mode}", f"issued; old boot_id {before['boot_id'][:8]}")
-    issued = time.monotonic()
-    new_id = _wait_new_boot(ctx, rs, before, issued)
+    with rs.watching_for_the_kernel():
+        if mode == "graceful":
+            virsh(ctx, "reboot", rs.domain, check=True, stage="reboot")
+        else:
+            virsh(ctx, "destroy", rs.domain, check=True, stage="reboot")
+            virsh(ctx, "start", rs.domain, check=True, stage="reboot")
+        progress(ctx, f"reboot:{mode}", f"issued; old boot_id {before['boot_id'][:8]}")
+        issued = time.monotonic()
+        new_id = _wait_new_boot(ctx, rs, before, issued)
     to_ssh = round(time.monotonic() - issued, 1)
+    to_kernel = rs.seconds_to_kernel(issued)
     bound = ctx.bounds["system-running"]
     r = rs.ssh("systemctl is-system-running --wait", timeout=bound)
     sysstate = r.stdout.strip() or ("timeout" if r.timed_out else "unknown")
@@ -2588,6 +2625,7 @@ def reboot_vm(ctx, rs, mode="graceful", before=None):
             "mode": mode,
             "system_state": sysstate,
             "failed_units": after["failed_units"],
+            "seconds_to_kernel": to_kernel,
             "seconds_to_ssh": to_ssh,
             "seconds_to_running": to_running,
         }
@@ -2596,7 +2634,9 @@ def reboot_vm(ctx, rs, mode="graceful", before=None):
     progress(
         ctx,
         f"reboot:{mode}",
-        f"new boot_id {new_id[:8]} over SSH after {to_ssh}s, "
+        f"new boot_id {new_id[:8]}"
+        + (f": kernel after {to_kernel}s," if to_kernel is not None else "")
+        + f" over SSH after {to_ssh}s, "
         f"system {sysstate} after {to_running}s"
         + (f", failed units: {', '.join(after['failed_units'])}" if after["failed_units"] else ""),
     )
@@ -5851,7 +5891,10 @@ def phase_reboots(ctx, args, run):
         with timed_phase(ctx, result, f"reboot:{mode}"):
             before, after = reboot_vm(ctx, rs, mode, before=last)
         result.setdefault("reboot_stages", []).append(
-            {k: rs.data["reboots"][-1][k] for k in ("mode", "seconds_to_ssh", "seconds_to_running")}
+            {
+                k: rs.data["reboots"][-1].get(k)
+                for k in ("mode", "seconds_to_kernel", "seconds_to_ssh", "seconds_to_running")
+            }
         )
         with timed_phase(ctx, result, f"reboot-diff:{mode}") as entry:
             summary = reboot_diff(
@@ -6320,21 +6363,30 @@ BENCH_FAMILIES = (
 )
 
 
+REBOOT_STAGE_ROWS = (
+    ("kernel", "seconds_to_kernel"),
+    ("ssh", "seconds_to_ssh"),
+    ("system-running", "seconds_to_running"),
+)
+
+
 def format_bench_table(result):
     rows = [("phase", "seconds", "status")]
     for p in result.get("phase_details", []):
         rows.append((p["name"], f"{p['seconds']:.1f}", p["status"]))
         if p["name"] == "boot":  # readiness stages, as seconds after `virsh start`
+            stages = result.get("boot_stages", {})
             rows += [
                 (f"  boot to {stage}", f"{sec:.1f}", "")
-                for stage, sec in result.get("boot_stages", {}).items()
+                for stage, sec in sorted(stages.items(), key=lambda kv: kv[1])
             ]
         if p["name"].startswith("reboot:"):  # seconds after the reboot was issued
             for r in result.get("reboot_stages", []):
                 if p["name"] == f"reboot:{r['mode']}":
                     rows += [
-                        ("  reboot to ssh", f"{r['seconds_to_ssh']:.1f}", ""),
-                        ("  reboot to system-running", f"{r['seconds_to_running']:.1f}", ""),
+                        (f"  reboot to {what}", f"{r[key]:.1f}", "")
+                        for what, key in REBOOT_STAGE_ROWS
+                        if r.get(key) is not None
                     ]
     rows.append(("total", f"{result.get('total_seconds') or 0:.1f}", result.get("verdict") or ""))
     w = [max(len(r[i]) for r in rows) for i in range(3)]

@@ -3,6 +3,7 @@ reboot proof and boot-time warnings.
 """
 
 import json
+import re
 import time
 import types
 import xml.etree.ElementTree as ET
@@ -403,3 +404,23 @@ def test_a_boot_much_slower_than_the_last_pass_is_a_warning_line_not_a_failure(h
     assert "graceful reboot took" in w and f"integration-vm: warning: {w}" in p.stderr
     # a pass records its own figures: the next run compares with this one
     assert json.loads(hist.read_text())["run"] == r["vm"]
+
+
+def test_boot_and_reboot_time_the_kernel_banner_on_the_console(hc):
+    """What went before the kernel (firmware, boot loader) is the console's to tell:
+    systemd-analyze starts counting at the kernel."""
+    p, r = ran(hc, "cycle", "--host", "askari", "--no-checkpoints")
+    assert p.returncode == 0, p.stderr
+    stages = r["boot_stages"]
+    assert 0 <= stages["kernel"] <= stages["dhcp-lease"]
+    (reboot,) = r["reboot_stages"]
+    assert 0 <= reboot["seconds_to_kernel"] <= reboot["seconds_to_ssh"]
+    assert re.search(r"reboot:graceful: new boot_id \w+: kernel after [\d.]+s, over SSH", p.stderr)
+
+
+def test_a_boot_without_a_kernel_banner_records_no_kernel_time(hc):
+    console_free = dict(FAKE_NO_CONSOLE_BANNER="1")
+    p, r = ran(hc, "cycle", "--host", "askari", "--no-checkpoints", **console_free)
+    assert p.returncode == 0, p.stderr
+    assert "kernel" not in r["boot_stages"]
+    assert r["reboot_stages"][0]["seconds_to_kernel"] is None and "kernel after" not in p.stderr

@@ -19,6 +19,7 @@ Behaviour knobs (env):
   FAKE_RESTORE_FAIL=1        virsh restore (a resume from a checkpoint) fails
   FAKE_SSH=hang|refuse       ssh hangs forever / is refused (default: answers)
   FAKE_BOOT_ID_STICKY=1      reboot/start keep the old boot_id
+  FAKE_NO_CONSOLE_BANNER=1   start/reboot: no kernel banner on the console
   FAKE_PANIC_ON_REBOOT=1     virsh reboot: the guest's kernel panics (a panic line on its
                              console; it never comes back: the old boot_id stays)
   FAKE_NO_ANALYZE=1          the guest's `systemd-analyze time` fails (boot not finished)
@@ -254,7 +255,7 @@ def virsh():
                 d["boot_id"] = new_id()
             if d["mac"] and not ENV.get("FAKE_NO_LEASE"):
                 leases[d["mac"]] = ENV.get("FAKE_LEASE_IP", "127.0.0.1")
-            if d.get("console"):
+            if d.get("console") and not ENV.get("FAKE_NO_CONSOLE_BANNER"):
                 with open(d["console"], "a") as fh:
                     fh.write(f"[    0.000000] Linux version 6.12.0-fake (boot {d['boot_id']})\n")
         elif cmd == "reboot":
@@ -270,6 +271,9 @@ def virsh():
             d["boots"] = d.get("boots", 0) + 1
             if not ENV.get("FAKE_BOOT_ID_STICKY"):
                 d["boot_id"] = new_id()
+            if d.get("console") and not ENV.get("FAKE_NO_CONSOLE_BANNER"):
+                with open(d["console"], "a") as fh:
+                    fh.write(f"[    0.000000] Linux version 6.12.0-fake (boot {d['boot_id']})\n")
         elif cmd == "destroy":
             d = dom(rest[0])
             if d["state"] != "running":
