@@ -110,9 +110,9 @@ test-integration: venv ## Boot a VM as HOST, apply, reboot, verify: make test-in
 	@test -n "$(HOST)" || { echo "usage: make test-integration HOST=<profile> [CERTS=internal|le-staging|le-prod-wildcard] [KEEP=1]" >&2; exit 2; }
 	$(IT_RUN) cycle --host $(HOST) $(IT_FLAGS) $(if $(FROM),--from $(FROM))
 
-test-integration-loop: venv ## Quick loop after an edit: resume, apply what changed, one reboot, verify; VM stays up (NOT the gate)
-	@test -n "$(HOST)" || { echo "usage: make test-integration-loop HOST=<profile> [CERTS=..]" >&2; exit 2; }
-	$(IT_RUN) loop --host $(HOST) $(if $(CERTS),--certs $(CERTS)) $(if $(FROM),--from $(FROM))
+test-integration-loop: venv ## Quick loop after an edit: onto the last loop's VM (else a checkpoint), apply what changed, one reboot, verify; VM stays up (NOT the gate). FRESH=1: from a checkpoint
+	@test -n "$(HOST)" || { echo "usage: make test-integration-loop HOST=<profile> [CERTS=..] [FRESH=1] [FROM=ref]" >&2; exit 2; }
+	$(IT_RUN) loop --host $(HOST) $(if $(CERTS),--certs $(CERTS)) $(if $(FROM),--from $(FROM)) $(if $(FRESH),--fresh)
 
 test-integration-red: venv ## RED: HOST-regression (no docker forward drop-in) must FAIL verify (live, right after the applies) for the right reason
 	@test -n "$(HOST)" || { echo "usage: make test-integration-red HOST=askari" >&2; exit 2; }

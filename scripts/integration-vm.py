@@ -1794,29 +1794,38 @@ class RunState:
     ctx: Ctx
     data: dict
     console_mark: int = 0  # console.log's size when the current boot was issued
-    # time.monotonic() when a poll first saw this boot's kernel banner on the console:
-    # what went before it is firmware and boot loader, which systemd-analyze cannot see
-    kernel_seen: float = None
+    # time.monotonic() when a poll first saw each CONSOLE_MILESTONES line of this boot:
+    # firmware and boot loader, which systemd-analyze cannot see, come before the kernel
+    console_seen: dict = dataclasses.field(default_factory=dict)
+
+    console_head: bytes = b""  # its first bytes then: another head means a new file
 
     def mark_console(self):
         """Remember where the console log stands: what follows is this boot's."""
-        self.kernel_seen = None
+        self.console_seen = {}
         try:
-            self.console_mark = self.console_log.stat().st_size
+            with open(self.console_log, "rb") as fh:
+                self.console_head = fh.read(CONSOLE_HEAD_BYTES)
+                self.console_mark = os.fstat(fh.fileno()).st_size
         except OSError:
-            self.console_mark = 0
+            self.console_mark, self.console_head = 0, b""
 
     def console_panic(self):
         """The `Kernel panic` line this boot printed on the console, or None (and the
-        kernel banner's first sighting, in kernel_seen)."""
+        first sightings of the CONSOLE_MILESTONES, in console_seen)."""
         try:
             with open(self.console_log, "rb") as fh:
+                # A new QEMU process (destroy + start) has virtlogd start the file afresh.
+                head = fh.read(len(self.console_head))
+                if os.fstat(fh.fileno()).st_size < self.console_mark or head != self.console_head:
+                    self.console_mark, self.console_head = 0, b""
                 fh.seek(self.console_mark)
                 text = fh.read().decode(errors="replace")
         except OSError:
             return None
-        if self.kernel_seen is None and KERNEL_BANNER in text:
-            self.kernel_seen = time.monotonic()
+        for name, line in CONSOLE_MILESTONES:
+            if name not in self.console_seen and line in text:
+                self.console_seen[name] = time.monotonic()
         m = KERNEL_PANIC.search(text)
         return m.group(0).strip() if m else None
 
@@ -1828,7 +1837,7 @@ class RunState:
         stop = threading.Event()
 
         def watch():
-            while self.kernel_seen is None and not stop.wait(every):
+            while "kernel" not in self.console_seen and not stop.wait(every):
                 self.console_panic()
 
         t = threading.Thread(target=watch, name="kernel-banner", daemon=True)
@@ -1840,9 +1849,10 @@ class RunState:
             t.join(timeout=2)
             self.console_panic()  # a banner printed since the thread's last look
 
-    def seconds_to_kernel(self, since):
-        """Seconds from `since` to this boot's kernel banner, when a wait saw it."""
-        return None if self.kernel_seen is None else round(self.kernel_seen - since, 1)
+    def seconds_to(self, milestone, since):
+        """Seconds from `since` to this boot's console `milestone`, when a watch saw it."""
+        seen = self.console_seen.get(milestone)
+        return None if seen is None else round(seen - since, 1)
 
     @property
     def name(self):
@@ -2384,7 +2394,10 @@ def _define_domain(ctx, rs, profile, accel, image, overlay, seed):
 
 # A guest kernel that panicked will not answer, however long we wait: say so at once.
 KERNEL_PANIC = re.compile(r"Kernel panic - not syncing[^\r\n]*")
-KERNEL_BANNER = "] Linux version "  # the kernel's first console line (printk time first)
+CONSOLE_HEAD_BYTES = 256
+# The console lines that split a boot before systemd: the boot loader's first (GRUB's
+# menu entry), then the kernel's first (its printk time comes before it).
+CONSOLE_MILESTONES = (("loader", "Booting `"), ("kernel", "] Linux version "))
 
 
 def wait_until(ctx, stage, bound, probe, what, rs=None):
@@ -2533,8 +2546,9 @@ def boot(ctx, rs):
     reached("ssh-handshake", "ssh-handshake ok (pinned host key)")
     wait_cloud_init(ctx, rs)
     stages["cloud-init"] = round(time.monotonic() - t0, 1)
-    if rs.seconds_to_kernel(t0) is not None:  # firmware + boot loader before it
-        stages["kernel"] = rs.seconds_to_kernel(t0)
+    for name, _ in CONSOLE_MILESTONES:  # firmware, then the boot loader's loading
+        if rs.seconds_to(name, t0) is not None:
+            stages[name] = rs.seconds_to(name, t0)
     rs.data["boot_ids"].append(read_boot_id(ctx, rs))
     rs.data["state"] = "up"
     rs.save()
@@ -2607,7 +2621,7 @@ def reboot_vm(ctx, rs, mode="graceful", before=None):
         issued = time.monotonic()
         new_id = _wait_new_boot(ctx, rs, before, issued)
     to_ssh = round(time.monotonic() - issued, 1)
-    to_kernel = rs.seconds_to_kernel(issued)
+    to_loader, to_kernel = rs.seconds_to("loader", issued), rs.seconds_to("kernel", issued)
     bound = ctx.bounds["system-running"]
     r = rs.ssh("systemctl is-system-running --wait", timeout=bound)
     sysstate = r.stdout.strip() or ("timeout" if r.timed_out else "unknown")
@@ -2625,19 +2639,20 @@ def reboot_vm(ctx, rs, mode="graceful", before=None):
             "mode": mode,
             "system_state": sysstate,
             "failed_units": after["failed_units"],
+            "seconds_to_loader": to_loader,
             "seconds_to_kernel": to_kernel,
             "seconds_to_ssh": to_ssh,
             "seconds_to_running": to_running,
         }
     )
     rs.save()
+    reached = (("boot loader", to_loader), ("kernel", to_kernel), ("SSH", to_ssh))
     progress(
         ctx,
         f"reboot:{mode}",
-        f"new boot_id {new_id[:8]}"
-        + (f": kernel after {to_kernel}s," if to_kernel is not None else "")
-        + f" over SSH after {to_ssh}s, "
-        f"system {sysstate} after {to_running}s"
+        f"new boot_id {new_id[:8]}: "
+        + ", ".join(f"{what} after {sec}s" for what, sec in reached if sec is not None)
+        + f", system {sysstate} after {to_running}s"
         + (f", failed units: {', '.join(after['failed_units'])}" if after["failed_units"] else ""),
     )
     return before, after
@@ -5893,7 +5908,7 @@ def phase_reboots(ctx, args, run):
         result.setdefault("reboot_stages", []).append(
             {
                 k: rs.data["reboots"][-1].get(k)
-                for k in ("mode", "seconds_to_kernel", "seconds_to_ssh", "seconds_to_running")
+                for k in ("mode", *(key for _, key in REBOOT_STAGE_ROWS))
             }
         )
         with timed_phase(ctx, result, f"reboot-diff:{mode}") as entry:
@@ -6364,6 +6379,7 @@ BENCH_FAMILIES = (
 
 
 REBOOT_STAGE_ROWS = (
+    ("loader", "seconds_to_loader"),
     ("kernel", "seconds_to_kernel"),
     ("ssh", "seconds_to_ssh"),
     ("system-running", "seconds_to_running"),

@@ -412,10 +412,20 @@ def test_boot_and_reboot_time_the_kernel_banner_on_the_console(hc):
     p, r = ran(hc, "cycle", "--host", "askari", "--no-checkpoints")
     assert p.returncode == 0, p.stderr
     stages = r["boot_stages"]
-    assert 0 <= stages["kernel"] <= stages["dhcp-lease"]
+    assert 0 <= stages["loader"] <= stages["kernel"] <= stages["dhcp-lease"]
     (reboot,) = r["reboot_stages"]
     assert 0 <= reboot["seconds_to_kernel"] <= reboot["seconds_to_ssh"]
-    assert re.search(r"reboot:graceful: new boot_id \w+: kernel after [\d.]+s, over SSH", p.stderr)
+    assert reboot["seconds_to_loader"] <= reboot["seconds_to_kernel"]
+    assert re.search(
+        r"reboot:graceful: new boot_id \w+: boot loader after [\d.]+s, kernel after [\d.]+s, "
+        r"SSH after [\d.]+s, system running after",
+        p.stderr,
+    )
+    # a power cut starts a new QEMU process, which starts the console log afresh
+    p, r = ran(hc, "cycle", "--host", "askari", "--no-checkpoints", "--reboot", "hard")
+    assert p.returncode == 0, p.stderr
+    (reboot,) = r["reboot_stages"]
+    assert reboot["mode"] == "hard" and 0 <= reboot["seconds_to_kernel"] <= reboot["seconds_to_ssh"]
 
 
 def test_a_boot_without_a_kernel_banner_records_no_kernel_time(hc):
@@ -424,3 +434,4 @@ def test_a_boot_without_a_kernel_banner_records_no_kernel_time(hc):
     assert p.returncode == 0, p.stderr
     assert "kernel" not in r["boot_stages"]
     assert r["reboot_stages"][0]["seconds_to_kernel"] is None and "kernel after" not in p.stderr
+    assert r["reboot_stages"][0]["seconds_to_loader"] is None

@@ -19,7 +19,8 @@ Behaviour knobs (env):
   FAKE_RESTORE_FAIL=1        virsh restore (a resume from a checkpoint) fails
   FAKE_SSH=hang|refuse       ssh hangs forever / is refused (default: answers)
   FAKE_BOOT_ID_STICKY=1      reboot/start keep the old boot_id
-  FAKE_NO_CONSOLE_BANNER=1   start/reboot: no kernel banner on the console
+  FAKE_NO_CONSOLE_BANNER=1   start/reboot: no kernel banner on the console (start
+                             truncates the console log first, as a new QEMU process does)
   FAKE_PANIC_ON_REBOOT=1     virsh reboot: the guest's kernel panics (a panic line on its
                              console; it never comes back: the old boot_id stays)
   FAKE_NO_ANALYZE=1          the guest's `systemd-analyze time` fails (boot not finished)
@@ -255,9 +256,10 @@ def virsh():
                 d["boot_id"] = new_id()
             if d["mac"] and not ENV.get("FAKE_NO_LEASE"):
                 leases[d["mac"]] = ENV.get("FAKE_LEASE_IP", "127.0.0.1")
-            if d.get("console") and not ENV.get("FAKE_NO_CONSOLE_BANNER"):
-                with open(d["console"], "a") as fh:
-                    fh.write(f"[    0.000000] Linux version 6.12.0-fake (boot {d['boot_id']})\n")
+            if d.get("console"):  # a new QEMU process: virtlogd starts the file afresh
+                with open(d["console"], "w") as fh:
+                    if not ENV.get("FAKE_NO_CONSOLE_BANNER"):
+                        fh.write(console_banners(d))
         elif cmd == "reboot":
             d = dom(rest[0])
             if d["state"] != "running":
@@ -273,7 +275,7 @@ def virsh():
                 d["boot_id"] = new_id()
             if d.get("console") and not ENV.get("FAKE_NO_CONSOLE_BANNER"):
                 with open(d["console"], "a") as fh:
-                    fh.write(f"[    0.000000] Linux version 6.12.0-fake (boot {d['boot_id']})\n")
+                    fh.write(console_banners(d))
         elif cmd == "destroy":
             d = dom(rest[0])
             if d["state"] != "running":
@@ -562,6 +564,14 @@ def qemu_system():
             '[    0.8] VFS: Cannot open root device "nonexistent"\n'
             "[    0.8] Kernel panic - not syncing: VFS: Unable to mount root fs",
         )
+    )
+
+
+def console_banners(d):
+    """What a boot prints on the serial console first: GRUB's menu entry, the kernel's."""
+    return (
+        "  Booting `Debian GNU/Linux'\n"
+        f"[    0.000000] Linux version 6.12.0-fake (boot {d['boot_id']})\n"
     )
 
 
