@@ -6451,7 +6451,9 @@ def format_bench_comparison(cold, warm, edited, loop=None, upgrade=None, first_l
         target = BENCH_TARGETS.get(n)
         ratio = x / c if c else float("nan")
         verdict = "" if target is None else (" (met)" if ratio <= target else " (NOT met)")
-        out.append(f"{n}/cold = {ratio:.2f} (target <= {target}){verdict}")
+        out.append(
+            f"{n}/cold = {ratio:.2f}" + (f" (target <= {target}){verdict}" if target else "")
+        )
     t = cold.get("transport") or {}
     if t.get("speedup"):
         out.append(

@@ -271,6 +271,7 @@ def test_bench_runs_cold_loop_and_warm_after_the_same_edit_and_leaves_nothing(hc
         ln.split() for ln in out.splitlines()
     ]
     assert "loop/cold = " in out and "warm/cold = " in out
+    assert re.search(r"^loop-first/cold = [\d.]+$", out, re.M)  # no target of its own
     # the fakes have no Mitogen: the bench says so instead of comparing linear with itself
     assert "transport: not compared (Mitogen does not load" in out
     # one run dir for both loops (the second reused the first's VM): its result.json is
