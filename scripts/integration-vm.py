@@ -4847,7 +4847,7 @@ def checkpoint_after_apply(ctx, run):
     applied on top of the last loop's, not these inputs applied to a fresh VM."""
 
     def after(i):
-        record_applied(run.rs, None if run.day2 else run.checkpoint_chain, i)
+        record_applied(run.rs, run.applied_chain, i)
         if run.checkpoint_chain and not run.reused:
             _, parent, _ = run.checkpoint_chain[i - 1]
             stage, key, _ = run.checkpoint_chain[i]
@@ -5275,6 +5275,12 @@ class Run:
         """This run's state from now on: its command log, and what a failure tears down."""
         self.rs = rs
         self.cmdlog = rs.dir / "logs" / "commands.log" if rs is not None else None
+
+    @property
+    def applied_chain(self):
+        """The chain whose keys say what this run's VM has applied (record_applied), or
+        None: a day-2 run applies the working tree on top of REF's chain."""
+        return None if self.day2 else self.checkpoint_chain
 
     @property
     def creates(self):
@@ -6201,7 +6207,7 @@ def provision(ctx, args, run):
             create_run(ctx, profile, certs, accel, image, run)
         run.rs.data["lineage"] = run_lineage(run)
         boot(ctx, run.rs)
-        record_applied(run.rs, None if run.day2 else run.checkpoint_chain, 0)
+        record_applied(run.rs, run.applied_chain, 0)
     result["boot_stages"] = run.rs.data.get("boot_stages", {})
     if run.checkpoint_chain:
         _, key, _ = run.checkpoint_chain[0]
@@ -6248,7 +6254,7 @@ def try_resume(ctx, run):
             return None
     rs.data["lineage"] = run_lineage(run)
     steps = 0 if stage == "booted" else int(stage.split("-")[1])
-    record_applied(rs, None if run.day2 else chain, steps)
+    record_applied(rs, run.applied_chain, steps)
     result["resumed_from"] = rs.data["resumed_from"]
     result["boot_stages"] = rs.data.get("boot_stages", {})
     return rs
@@ -6298,8 +6304,7 @@ def reuse_loop_vm(ctx, args, run):
     kept = loop_vms(ctx, host)
     last = kept.pop() if kept and not getattr(args, "fresh", False) else None
     for rs in kept:  # every other one (all of them with --fresh)
-        progress(ctx, "loop", f"tearing down the previous quick loop's VM {rs.name}")
-        down_run(ctx, rs)
+        retire_loop_vm(ctx, rs)
     if last is None:
         return
     chain = None
@@ -6315,8 +6320,7 @@ def reuse_loop_vm(ctx, args, run):
             why = "it does not answer over SSH"
     if why is not None:
         progress(ctx, "loop", f"not reusing the previous quick loop's VM {last.name}: {why}")
-        progress(ctx, "loop", f"tearing down the previous quick loop's VM {last.name}")
-        down_run(ctx, last)
+        retire_loop_vm(ctx, last)
         return
     keys = last.data["applied_keys"]
     same = 0
@@ -6349,8 +6353,12 @@ def retire_loop_vms(ctx, host):
     that run tears it down first (it holds the checkpoint's domain name and the VM slot).
     Only runs a loop kept; a --keep/KEEP=1 VM is the operator's and stays."""
     for rs in loop_vms(ctx, host):
-        progress(ctx, "loop", f"tearing down the previous quick loop's VM {rs.name}")
-        down_run(ctx, rs)
+        retire_loop_vm(ctx, rs)
+
+
+def retire_loop_vm(ctx, rs):
+    progress(ctx, "loop", f"tearing down the previous quick loop's VM {rs.name}")
+    down_run(ctx, rs)
 
 
 # --------------------------------------------------------------------------------------
