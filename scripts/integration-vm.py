@@ -4527,6 +4527,11 @@ def checkpoint_chain(ctx, profile, certs, image_key, accel):
     return chain
 
 
+def chain_record(chain):
+    """result.json's `checkpoints`: a run's chain, one {stage, key, roles, exact} per step."""
+    return {"chain": [{"stage": st, "key": k, **det} for st, k, det in chain]}
+
+
 def checkpoints_in_use(ctx):
     """Checkpoint keys a live run's disk chain still reads."""
     used = set()
@@ -6192,9 +6197,7 @@ def provision(ctx, args, run):
             if day2
             else checkpoint_chain(ctx, profile, certs, image.key, accel)
         )
-        result["checkpoints"] = {
-            "chain": [{"stage": st, "key": k, **det} for st, k, det in run.checkpoint_chain]
-        }
+        result["checkpoints"] = chain_record(run.checkpoint_chain)
         if run.options.fresh_checkpoints:  # a cold benchmark starts with none of its own
             gc_checkpoints(ctx, profile["name"], keep=())
         ensure_network(ctx)  # a restore needs it active too (a fresh libvirtd has not started it)
@@ -6337,7 +6340,7 @@ def reuse_loop_vm(ctx, args, run):
         host=host,
         accel=last.data.get("accel"),
         reused_vm={"run": last.name, "kept": steps[:same], "reapplied": steps[same:]},
-        checkpoints={"chain": [{"stage": st, "key": k, **det} for st, k, det in chain]},
+        checkpoints=chain_record(chain),
     )
     progress(
         ctx,
