@@ -7,15 +7,20 @@ The driver's tests live in tests/driver/, one module per section of the driver
 (`from conftest import ivm, Harness, ...`): this is the only conftest.py, so `conftest`
 names one module whichever directory pytest collects first.
 
-The driver runs the fake tools as real subprocesses either way; what run_driver saves is
-the driver's own interpreter start and its 4,000-line compile (~0.1 s per call, ~100
-calls). Tests whose subject IS the driver's process (signals, process groups, two
-concurrent runs) start it as a subprocess (Harness.popen / Harness.run(in_process=False)).
+What run_driver saves is the driver's own interpreter start and its 7,000-line compile
+(~0.1 s per call, ~230 calls). The fake tools stay real child processes either way; in an
+in-process run they are forked from this process instead of exec'd (_ForkedFakesPopen:
+~5,000 calls, half the suite's time; test_fakes.py shows the driver cannot tell the
+difference; BOMA_TEST_EXEC_FAKES=1 execs them). Tests whose subject IS the driver's
+process (signals, process groups, two concurrent runs) start it as a subprocess
+(Harness.popen / Harness.run(in_process=False)), and its fakes are exec'd.
 """
 
 import contextlib
 import functools
+import gc
 import importlib.util
+import inspect
 import io
 import json
 import os
@@ -46,8 +51,101 @@ def _compiled(source, filename):
     return compile(source, filename, "exec")
 
 
+# ---- the fake tools, forked instead of exec'd ----------------------------------------------
+# A driver run in this process starts its tools through subprocess.Popen; each fake is a
+# Python start (~7 ms) plus its work, and the suite makes ~5,000 such calls: most of its
+# time. So while run_driver runs, a Popen whose executable is the fake launcher forks this
+# process (fakebin.py already imported) and runs fakebin.main() in the child instead of
+# exec'ing an interpreter. Everything the driver's process code sees stays real: a child
+# in its own session, pipes, exit codes, timeouts that kill the group, signals to the pid.
+# What is skipped is the exec and the interpreter's start. Every other executable (and
+# every fake when BOMA_TEST_EXEC_FAKES=1) is exec'd as before.
+EXEC_FAKES = os.environ.get("BOMA_TEST_EXEC_FAKES") == "1"
+
+
+def _fake_child(argv, cwd, env, stdin_fd, stdout_fd, stderr_fd, new_session):
+    """In the forked child: become the fake tool argv[0] would have exec'd, then _exit."""
+    gc.disable()  # a collection would walk (and copy, page by page) the whole parent heap
+    code = 1
+    try:
+        if new_session:
+            os.setsid()
+        for fd, std in ((stdin_fd, 0), (stdout_fd, 1), (stderr_fd, 2)):
+            if fd != -1 and fd != std:
+                os.dup2(fd, std)
+        for name in os.listdir("/proc/self/fd"):  # what close_fds=True does on exec
+            if int(name) > 2:
+                with contextlib.suppress(OSError):
+                    os.close(int(name))
+        for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGALRM, signal.SIGPIPE):
+            signal.signal(sig, signal.SIG_DFL)
+        if cwd is not None:
+            os.chdir(cwd)
+        os.environ.clear()
+        os.environ.update(env)
+        sys.argv = argv
+        # the child's own stdio on fds 0-2 (the parent's are redirected StringIOs);
+        # flushed in the finally, never closed: the child ends in os._exit
+        sys.stdin = open(0, closefd=False)  # noqa: SIM115
+        sys.stdout = open(1, "w", closefd=False)  # noqa: SIM115
+        sys.stderr = open(2, "w", closefd=False)  # noqa: SIM115
+        fakebin.TOOL, fakebin.ARGS = os.path.basename(argv[0]), argv[1:]
+        try:
+            fakebin.main()
+            code = 0
+        except SystemExit as e:
+            if isinstance(e.code, int) or e.code is None:
+                code = e.code or 0
+            else:
+                print(e.code, file=sys.stderr)
+        except BaseException:
+            traceback.print_exc()
+    finally:
+        with contextlib.suppress(BaseException):
+            sys.stdout.flush()
+            sys.stderr.flush()
+        os._exit(code)
+
+
+class _ForkedFakesPopen(subprocess.Popen):
+    """subprocess.Popen that forks the fake tools (see above) and execs everything else."""
+
+    _PARAMS = list(inspect.signature(subprocess.Popen._execute_child).parameters)[1:]
+
+    def _execute_child(self, *args):
+        a = dict(zip(self._PARAMS, args, strict=True))
+        argv = a["args"]
+        argv = [os.fsdecode(x) for x in argv] if isinstance(argv, (list, tuple)) else None
+        env = os.environ if a["env"] is None else a["env"]
+        where = None
+        if argv and not a["shell"] and a["executable"] is None and a["preexec_fn"] is None:
+            where = shutil.which(argv[0], path=env.get("PATH"))
+        if EXEC_FAKES or where is None or os.path.realpath(where) != str(FAKEBIN):
+            return super()._execute_child(*args)
+        child_env = {os.fsdecode(k): os.fsdecode(v) for k, v in env.items()}
+        pid = os.fork()
+        if pid == 0:
+            _fake_child(
+                argv,
+                a["cwd"],
+                child_env,
+                a["p2cread"],
+                a["c2pwrite"],
+                a["errwrite"],
+                a["start_new_session"],
+            )
+        self.pid = pid
+        self._child_created = True
+        self._close_pipe_fds(
+            a["p2cread"], a["p2cwrite"], a["c2pread"], a["c2pwrite"], a["errread"], a["errwrite"]
+        )
+
+
 class _DriverTimeout(BaseException):
     pass
+
+
+_POPEN = subprocess.Popen
 
 
 def run_driver(script, args, env, cwd, timeout):
@@ -77,6 +175,7 @@ def run_driver(script, args, env, cwd, timeout):
         sys.argv = [str(script), *args]
         signal.signal(signal.SIGALRM, on_alarm)
         signal.setitimer(signal.ITIMER_REAL, timeout)
+        subprocess.Popen = _ForkedFakesPopen
         with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
             mod = type(sys)(name)
             mod.__file__ = str(script)
@@ -96,6 +195,7 @@ def run_driver(script, args, env, cwd, timeout):
                 traceback.print_exc()
                 rc = 1
     finally:
+        subprocess.Popen = _POPEN
         signal.setitimer(signal.ITIMER_REAL, 0)
         for s, h in saved_sigs.items():
             signal.signal(s, h)
@@ -134,6 +234,9 @@ DRIVER = HERE.parent / "scripts" / "integration-vm.py"
 
 
 FAKEBIN = HERE / "fakes" / "fakebin"  # the launcher of fakebin.py (cached bytecode)
+_spec = importlib.util.spec_from_file_location("fakebin", HERE / "fakes" / "fakebin.py")
+fakebin = importlib.util.module_from_spec(_spec)  # what a forked fake runs (_fake_child)
+_spec.loader.exec_module(fakebin)
 
 
 TOOLS = (

@@ -2,6 +2,7 @@
 behaviour finds it in the fake's docstring, one line per knob, and no line is stale."""
 
 import ast
+import os
 import pathlib
 import re
 
@@ -34,3 +35,42 @@ def test_every_fake_knob_has_a_line_in_its_fakes_docstring():
         problems += [f"{p.name}: {k} is documented but never read" for k in documented - read]
     assert seen >= 20, seen  # the scan found the knobs (fakebin alone reads 22)
     assert not problems, "\n".join(problems)
+
+
+# ---- the forked fakes (tests/conftest.py _ForkedFakesPopen) ---------------------------------
+def _cycle_as_seen(tmp, **env):
+    """One in-process cycle against the fakes: its exit status, the tools it ran in order
+    (virsh by subcommand), result.json's verdict and failed stage, and the fakes' pids."""
+    import conftest
+
+    h = conftest.Harness(tmp)
+    try:
+        p = h.run("cycle", "--host", "askari", **env)
+        calls = h.calls()
+        steps = [c["tool"] + (":" + c["argv"][2] if c["tool"] == "virsh" else "") for c in calls]
+        (res,) = h.results()
+        return (
+            p.returncode,
+            steps,
+            (res["verdict"], res.get("failed_stage")),
+            [c["pid"] for c in calls],
+        )
+    finally:
+        h.close()
+
+
+def test_a_forked_fake_is_what_an_execd_one_is(tmp_path, monkeypatch):
+    # The unit tests fork the fakes instead of exec'ing an interpreter per call. The driver
+    # must not be able to tell: the same run, green and red, gives the same calls, exit
+    # status and verdict either way, and each forked fake is a process of its own.
+    import conftest
+
+    for name, env in (("green", {}), ("red", {"FAKE_VERIFY_FAIL": "1"})):
+        forked = _cycle_as_seen(tmp_path / f"{name}-forked", **env)
+        monkeypatch.setattr(conftest, "EXEC_FAKES", True)
+        execd = _cycle_as_seen(tmp_path / f"{name}-execd", **env)
+        monkeypatch.setattr(conftest, "EXEC_FAKES", False)
+        assert forked[:3] == execd[:3], name
+        assert forked[0] == (0 if name == "green" else 1)
+        pids = forked[3]
+        assert len(set(pids)) == len(pids) and os.getpid() not in pids
