@@ -1890,14 +1890,33 @@ class RunState:
         record = RunRecord.from_json(self.data).to_json()
         write_owned(self.dir / "run.json", json.dumps(record, indent=2, sort_keys=True) + "\n")
 
-    def ssh(self, command, timeout, stage="ssh", input=None):
+    def ssh(self, command, timeout, stage="ssh", input=None, shared=True):
+        """`command` on the guest over pinned SSH. shared: through this boot's shared
+        connection (ssh_mux_path; the first call opens it); False: a connection of its
+        own, for attempts that may reach a boot on its way down."""
+        mux = ssh_mux_path(self.disk_dir) if shared else None
         return run(
-            ssh_argv(self.dir, self.domain, self.ip, command, port=self.ctx.ssh_port),
+            ssh_argv(self.dir, self.domain, self.ip, command, port=self.ctx.ssh_port, mux=mux),
             timeout=timeout,
             stage=stage,
             cmdlog=self.ctx.cmdlog,
             input=input,
         )
+
+    def close_ssh(self):
+        """End the shared SSH connection to this boot, if one is open (before a reboot or a
+        checkpoint, at teardown, when the command ends). Never fails: a master that does
+        not answer loses its socket, so the next call connects afresh."""
+        try:
+            mux = ssh_mux_path(self.disk_dir)
+        except InfraError:  # the run dir is not the harness's: nothing of ours to end
+            return
+        if mux is None or not os.path.lexists(mux):
+            return
+        with contextlib.suppress(InfraError):
+            run(ssh_mux_exit_argv(mux), timeout=5, cmdlog=self.ctx.cmdlog)
+        with contextlib.suppress(OSError):
+            mux.unlink()
 
 
 def owned_path(root, *parts):
@@ -2093,8 +2112,38 @@ def ssh_options(run_dir, alias, port=22):
     ]
 
 
-def ssh_argv(run_dir, alias, ip, command, user=ANSIBLE_USER, port=22):
-    return ["ssh", *ssh_options(run_dir, alias, port), f"{user}@{ip}", command]
+# The driver's own SSH calls to one boot of a guest share one connection (OpenSSH
+# multiplexing). Under TCG a handshake costs the guest's sshd 1-3 s of emulated crypto; a
+# command over the open connection costs ~0.1 s. The shared connection is an
+# optimisation, never a dependency: a call that finds none connects on its own and,
+# through ControlMaster=auto, becomes the next one. RunState.close_ssh ends it before each
+# reboot and checkpoint (a master on a connection whose guest has gone hangs the next call
+# until ServerAlive gives up) and when the command ends; ControlPersist bounds the life of
+# one a killed driver leaves behind.
+SSH_MUX_NAME = "ssh-mux"
+SSH_MUX_PERSIST_S = 30
+SSH_MUX_MAX_PATH = 90  # a socket address holds 108 bytes; ssh binds path + a 17-byte suffix
+
+
+def ssh_mux_path(disk_dir):
+    """The control socket of the driver's shared SSH connection to this run's guest, or
+    None when the path would not fit a socket address. It lives beside the run's disks
+    (a short path under the cache, and removed with them); ssh makes it owner-only."""
+    p = pathlib.Path(disk_dir) / SSH_MUX_NAME
+    return p if len(os.fsencode(str(p))) <= SSH_MUX_MAX_PATH else None
+
+
+def ssh_argv(run_dir, alias, ip, command, user=ANSIBLE_USER, port=22, mux=None):
+    """ssh to the guest with the pinned options; `mux`: through that shared connection."""
+    shared = ["-o", f"ControlPath={mux}", "-o", "ControlMaster=auto"] if mux else []
+    if mux:
+        shared += ["-o", f"ControlPersist={SSH_MUX_PERSIST_S}"]
+    return ["ssh", *ssh_options(run_dir, alias, port), *shared, f"{user}@{ip}", command]
+
+
+def ssh_mux_exit_argv(mux):
+    """End the shared connection behind control socket `mux` (the host name is unused)."""
+    return ["ssh", "-o", f"ControlPath={mux}", "-O", "exit", "boma-it-guest"]
 
 
 def known_hosts_line(alias, host_pubkey):
@@ -2610,6 +2659,7 @@ def reboot_vm(ctx, rs, mode="graceful", before=None):
     if mode not in REBOOT_MODES:
         raise UsageError(f"--reboot must be one of {', '.join(REBOOT_MODES)}")
     before = before or capture_state(ctx, rs, analyze=False)
+    rs.close_ssh()  # its connection dies with this boot
     rs.mark_console()
     with rs.watching_for_the_kernel():
         if mode == "graceful":
@@ -2668,6 +2718,7 @@ def _wait_new_boot(ctx, rs, before, issued):
         r = rs.ssh(
             "cat /proc/sys/kernel/random/boot_id",
             timeout=max(0.2, min(ctx.bounds["ssh-attempt"], left)),
+            shared=False,  # it may reach the old boot's sshd on its way down
         )
         bid = r.stdout.strip() if r.returncode == 0 else None
         return bid if bid and bid != before["boot_id"] else None
@@ -4669,6 +4720,7 @@ def stage_checkpoint(ctx, rs, stage, key, tmp, d):
     the guest runs on as it was."""
     tmp.mkdir(parents=True)
     os.chmod(tmp, 0o700)  # until the seed copy and the memory image are root-only
+    rs.close_ssh()  # a saved guest's TCP peers see it stop
     r = virsh(
         ctx,
         "save",
@@ -5224,6 +5276,7 @@ def destroy_domain(ctx, name, expect_run_id=None):
 def down_run(ctx, rs):
     """Destroy the VM and its disks; keep run.json/logs/result (state=down)."""
     run_id = rs.data.get("created_at", "") + "/" + rs.name
+    rs.close_ssh()
     destroy_domain(ctx, rs.domain, run_id)
     shutil.rmtree(rs.disk_dir, ignore_errors=True)
     if rs.dir.is_dir():
@@ -5779,6 +5832,8 @@ def run_phases(ctx, args, run):
             return on_failure(ctx, args, run, ERROR_KINDS.get(e.exit_code, "infra"), e)
         return EXIT_PASS
     finally:
+        if run.rs is not None:  # a kept VM keeps no SSH process of ours either
+            run.rs.close_ssh()
         if run.day2 is not None:  # REF's worktree goes, whatever happened
             run.day2.close(ctx)
         run.release_slot()

@@ -3,6 +3,7 @@ reboot proof and boot-time warnings.
 """
 
 import json
+import pathlib
 import re
 import time
 import types
@@ -435,3 +436,77 @@ def test_a_boot_without_a_kernel_banner_records_no_kernel_time(hc):
     assert "kernel" not in r["boot_stages"]
     assert r["reboot_stages"][0]["seconds_to_kernel"] is None and "kernel after" not in p.stderr
     assert r["reboot_stages"][0]["seconds_to_loader"] is None
+
+
+# ---- the driver's shared SSH connection (ssh_mux_path, RunState.close_ssh) -------------
+def _ssh_kind(call):
+    """'exit' (ssh -O exit), 'shared' (through ControlPath) or 'own' (a connection of its own)."""
+    argv = call["argv"]
+    if "-O" in argv:
+        return "exit"
+    return "shared" if any(a.startswith("ControlPath=") for a in argv) else "own"
+
+
+@pytest.fixture
+def short_cache(h, tmp_path_factory):
+    # The control socket lives beside the run's disks, under the cache; pytest's temp
+    # paths are too long for a socket address, so these tests give the cache a short one.
+    import shutil
+    import tempfile
+
+    d = tempfile.mkdtemp(prefix="bit-")
+    h.env["BOMA_IT_CACHE"] = d
+    yield pathlib.Path(d)
+    shutil.rmtree(d, ignore_errors=True)
+
+
+def test_the_drivers_ssh_calls_share_one_connection_per_boot(h, short_cache):
+    p = h.run("cycle", "--host", "askari")
+    assert p.returncode == 0, p.stderr
+    seq = []  # ssh kinds and the reboots between them, in call order
+    for c in h.calls():
+        if c["tool"] == "ssh":
+            seq.append(_ssh_kind(c))
+        elif c["tool"] == "virsh" and c["argv"][2] in ("reboot", "destroy", "save"):
+            seq.append(c["argv"][2])
+    assert seq.count("shared") >= 6, seq
+    # every reboot (graceful, then the power cut) ends the shared connection first ...
+    for i, what in enumerate(seq):
+        if what in ("reboot", "save") or (what == "destroy" and "shared" in seq[i + 1 :]):
+            assert seq[i - 1] == "exit", (i, seq)
+    # ... the new boot is found over connections of their own, then shared again
+    assert seq[seq.index("reboot") + 1] == "own", seq
+    # and the run leaves no shared connection behind
+    assert seq[-1] == "exit" or "destroy" in seq[-1:], seq
+    assert not list(short_cache.rglob("ssh-mux"))
+
+
+def test_a_shared_connection_to_a_boot_that_is_gone_hangs_until_the_bound(h, short_cache):
+    # What close_ssh is for, as the fake models it: a master opened to the old boot
+    # (here: left by hand) hangs the next call until the command's bound ends it.
+    assert h.run("up", "--host", "askari").returncode == 0
+    (rid,) = [d.name for d in h.run_root.iterdir() if d.is_dir()]
+    (dom,) = h.domains()
+    mux = short_cache / "runs" / rid / "ssh-mux"
+    mux.write_text(f"{dom} 0")  # boot 0: the one before this
+    bound = {"BOMA_IT_TIMEOUT_SSH_COMMAND": "1", "BOMA_IT_TIMEOUT_DIAG_COMMAND": "0.05"}
+    t0 = time.monotonic()
+    p = h.run("reboot", "--run", rid, **bound)
+    assert p.returncode == 3 and time.monotonic() - t0 >= 1, p.stderr
+    assert "could not capture the guest's state over SSH (timed out)" in p.stderr
+
+
+def test_a_kept_vm_keeps_no_shared_connection(h, short_cache):
+    p = h.run("cycle", "--host", "askari", FAKE_VERIFY_FAIL="1")
+    assert p.returncode == 1 and len(h.domains()) == 1  # kept for inspection
+    assert not list(short_cache.rglob("ssh-mux"))
+    assert _ssh_kind(h.calls("ssh")[-1]) == "exit"
+
+
+def test_a_socket_path_too_long_for_an_address_means_connections_of_their_own():
+    assert ivm.ssh_mux_path("/r" * 30) == pathlib.Path("/r" * 30) / "ssh-mux"
+    assert ivm.ssh_mux_path("/r" * 60) is None
+    argv = ivm.ssh_argv("/r", "a", "10.0.0.2", "true", mux=pathlib.Path("/c/ssh-mux"))
+    assert argv[-2:] == ["ansible@10.0.0.2", "true"]
+    assert "ControlPath=/c/ssh-mux" in argv and "ControlMaster=auto" in argv
+    assert not [a for a in ivm.ssh_argv("/r", "a", "ip", "true") if a.startswith("Control")]

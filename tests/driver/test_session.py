@@ -717,7 +717,10 @@ def test_a_session_runs_its_phases_on_one_run_and_ends_by_the_policy(tmp_path, c
 
     def first(ctx, args, run):
         assert ctx.run is run and ctx.bounds is run.bounds  # the active run's bounds
-        run.rs, run.slot = types.SimpleNamespace(name="boma-it-askari-0123abcd"), slot
+        run.rs, run.slot = (
+            types.SimpleNamespace(name="boma-it-askari-0123abcd", close_ssh=lambda: None),
+            slot,
+        )
         seen.append("first")
 
     def second(ctx, args, run):

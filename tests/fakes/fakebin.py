@@ -587,6 +587,14 @@ def ssh():
             opts[flag] = ARGS[i + 1]
         i += 2
     dest, command = ARGS[i], " ".join(ARGS[i + 1 :])
+    mux = opts.get("ControlPath") if opts.get("ControlMaster") == "auto" else None
+    if "-O" in opts:  # `ssh -O exit`: the master behind ControlPath ends
+        path = opts.get("ControlPath", "")
+        if opts["-O"] != "exit" or not os.path.lexists(path):
+            die(f"Control socket connect({path}): No such file or directory", 255)
+        os.unlink(path)
+        sys.stderr.write("Exit request sent.\n")
+        return
     mode = ENV.get("FAKE_SSH", "")
     if mode == "hang":
         time.sleep(3600)
@@ -610,6 +618,13 @@ def ssh():
         if command == "sudo -n sh -s":
             caps = d.setdefault("captures", {})
             nth = caps[str(boots)] = caps.get(str(boots), 0) + 1
+    if mux and os.path.lexists(mux) and read_text(mux) != f"{alias} {boots}":
+        # a shared connection opened to a boot that is gone (or to another guest): real ssh
+        # sends the command down a dead TCP connection and hangs until ServerAlive gives
+        # up; the caller's timeout ends it first
+        time.sleep(3600)
+    if mux and not os.path.lexists(mux):
+        write_text(mux, f"{alias} {boots}")  # this call opens the shared connection
     sysstate = ENV.get("FAKE_SYSTEM_STATE", "running")
     if command == "sudo -n sh -s":
         return guest_capture(sys.stdin.read(), boot_id, boots, nth, sysstate)
