@@ -51,6 +51,33 @@ def test_a_guest_kernel_panic_ends_the_wait_at_once_and_names_it(h):
     assert res["failed_stage"] == "reboot" and "console.log" in res["message"]
 
 
+def test_a_first_boot_that_panics_is_started_once_more_on_a_fresh_overlay(h):
+    # seen under TCG: `Oops: int3` in the kernel's own code patching, before systemd
+    p = h.run("cycle", "--host", "askari", FAKE_PANIC_ON_START="1")
+    assert p.returncode == 0, p.stderr
+    assert "nothing has been applied: starting once more on a fresh overlay" in p.stderr
+    (res,) = h.results()
+    assert res["first_boot_panic"] == "Kernel panic - not syncing: Fatal exception"
+    seq = [c["argv"][2] if c["tool"] == "virsh" else c["tool"] for c in h.calls()]
+    first = seq.index("start")
+    again = seq.index("start", first + 1)
+    # the panicked guest is stopped and its disk made afresh before the second start
+    assert seq[first:again].count("destroy") == 1 and "qemu-img" in seq[first:again], seq
+    assert "ansible-playbook" not in seq[:again]
+
+
+@pytest.mark.parametrize(
+    "starts, stage",
+    [("1,2", "dhcp-lease"), ("2", "reboot")],  # twice on the first boot; on the power cut
+)
+def test_a_panic_twice_or_after_the_applies_is_the_error_it_was(h, starts, stage):
+    p = h.run("cycle", "--host", "askari", "--reboot", "hard", FAKE_PANIC_ON_START=starts)
+    assert p.returncode == 3, p.stderr
+    line = assert_one_line_error(p)
+    assert line.startswith(f"integration-vm: error: {stage}: the guest's kernel panicked"), line
+    assert p.stderr.count("starting once more") == (1 if starts == "1,2" else 0)
+
+
 def test_a_panic_of_an_earlier_boot_is_not_this_boots(h):
     p = h.run("up", "--host", "askari")
     assert p.returncode == 0, p.stderr

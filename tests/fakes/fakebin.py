@@ -23,6 +23,9 @@ Behaviour knobs (env):
                              truncates the console log first, as a new QEMU process does)
   FAKE_PANIC_ON_REBOOT=1     virsh reboot: the guest's kernel panics (a panic line on its
                              console; it never comes back: the old boot_id stays)
+  FAKE_PANIC_ON_START=1,3     virsh start: on those starts of a domain (1 = its first boot; a
+                             power cut is a start too) the guest's kernel panics (a panic
+                             line on its console, no lease)
   FAKE_NO_ANALYZE=1          the guest's `systemd-analyze time` fails (boot not finished)
   FAKE_SYSTEM_STATE=X        `systemctl is-system-running` prints X (default running)
   FAKE_RUNNING_SLEEP=N       `systemctl is-system-running --wait` takes N seconds (a slow boot)
@@ -252,14 +255,20 @@ def virsh():
                 die("error: Requested operation is not valid: domain is already active")
             d["state"] = "running"
             d["boots"] = d.get("boots", 0) + 1
+            d["starts"] = d.get("starts", 0) + 1
+            panics = str(d["starts"]) in ENV.get("FAKE_PANIC_ON_START", "").split(",")
             if not ENV.get("FAKE_BOOT_ID_STICKY") or not d["boot_id"]:
                 d["boot_id"] = new_id()
-            if d["mac"] and not ENV.get("FAKE_NO_LEASE"):
+            if d["mac"] and not ENV.get("FAKE_NO_LEASE") and not panics:
                 leases[d["mac"]] = ENV.get("FAKE_LEASE_IP", "127.0.0.1")
+            elif d["mac"]:
+                leases.pop(d["mac"], None)
             if d.get("console"):  # a new QEMU process: virtlogd starts the file afresh
                 with open(d["console"], "w") as fh:
                     if not ENV.get("FAKE_NO_CONSOLE_BANNER"):
                         fh.write(console_banners(d))
+                    if panics:
+                        fh.write("[   11.120851] Kernel panic - not syncing: Fatal exception\n")
         elif cmd == "reboot":
             d = dom(rest[0])
             if d["state"] != "running":
