@@ -17,9 +17,6 @@ import pathlib
 import subprocess
 import sys
 
-from ansible.parsing.dataloader import DataLoader
-from ansible.template import Templar, trust_as_template
-
 REPO = pathlib.Path(__file__).resolve().parent.parent
 ROLE = REPO / "roles" / "reverse_proxy"
 TEMPLATES = ROLE / "templates" / "etc" / "boma" / "caddy"
@@ -31,8 +28,13 @@ LE_STAGING = "https://acme-staging-v02.api.letsencrypt.org/directory"
 HEADER = "#\n# Ansible managed\n#\n"
 
 
+# Ansible is imported where it is used, not at collection: every xdist worker collects
+# every module, and a worker that holds ansible's ~20 MB forks each of the driver tests'
+# fake tools (tests/conftest.py) from a bigger process.
 def load_vars(production=True, **overrides):
     """Role defaults (+ production group_vars) + fake vault values + overrides."""
+    from ansible.parsing.dataloader import DataLoader
+
     loader = DataLoader()
     variables = dict(
         loader.load_from_file(str(ROLE / "defaults" / "main.yml"), trusted_as_template=True)
@@ -47,6 +49,8 @@ def load_vars(production=True, **overrides):
 
 def render(name, production=True, **overrides):
     """Render roles/reverse_proxy/templates/etc/boma/caddy/<name>.j2 as the template module does."""
+    from ansible.template import Templar, trust_as_template
+
     loader, variables = load_vars(production, **overrides)
     source = trust_as_template((TEMPLATES / f"{name}.j2").read_text())
     templar = Templar(loader=loader, variables=variables)
