@@ -352,6 +352,15 @@ def test_leftovers_reports_each_kind(sb):
     assert "network boma-it " not in p.stderr and "networks: boma-it\n" not in p.stderr
 
 
+def test_leftovers_reports_a_shared_ssh_connection_left_running(sb):
+    virsh_state(sb)
+    master = "ssh: /var/lib/boma-integration/runs/boma-it-askari-0a1b2c3d/ssh-mux [mux]"
+    p = sb.leftovers(FAKE_PROCS=f"sshd: operator@pts/0;{master}")
+    assert p.returncode == 1, (p.stdout, p.stderr)
+    assert f"ssh masters: 4201 {master}" in p.stderr
+    assert sb.leftovers(FAKE_PROCS="ssh: /home/op/.ssh/cm-foo [mux]").returncode == 0
+
+
 def test_leftovers_cannot_say_clean_when_libvirtd_does_not_answer(sb):
     daemon = sb.spawn()
     (sb.root / "run" / "libvirtd.pid").write_text(f"{daemon}\n")

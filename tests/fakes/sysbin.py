@@ -21,6 +21,7 @@ Knobs (env):
   FAKE_SYS_STATE=PATH  the JSON state file above (required)
   FAKE_NETNS=NAME      the namespace a call runs in: set by `ip netns exec NAME` for the
                        command it execs (a daemon started there is recorded under NAME)
+  FAKE_PROCS=A;B       the command lines `pgrep -f PATTERN` searches (default: none)
 """
 
 import contextlib
@@ -204,8 +205,17 @@ def daemon():
 def main():
     if TOOL == "id":
         print(0)
-    elif TOOL == "pgrep":
-        sys.exit(1)
+    elif TOOL == "pgrep":  # pgrep [-f] [-a] PATTERN over FAKE_PROCS
+        import re
+
+        found = [
+            (4200 + i, c)
+            for i, c in enumerate(os.environ.get("FAKE_PROCS", "").split(";"))
+            if c and re.search(sys.argv[-1], c)
+        ]
+        for pid, cmdline in found:
+            print(f"{pid} {cmdline}" if "-fa" in sys.argv or "-a" in sys.argv else pid)
+        sys.exit(0 if found else 1)
     elif TOOL in ("virtlogd", "libvirtd"):
         daemon()
     else:
