@@ -218,7 +218,12 @@ class InfraError(HarnessError):
 
 
 class GuestPanicked(InfraError):
-    """A wait ended by a `Kernel panic` line on the guest's console (wait_until)."""
+    """A wait ended by a `Kernel panic` line on the guest's console (wait_until); `panic`
+    is that line."""
+
+    def __init__(self, stage, msg, panic):
+        super().__init__(stage, msg)
+        self.panic = panic
 
 
 class VerifyFailed(HarnessError):
@@ -2143,9 +2148,12 @@ def ssh_mux_path(disk_dir):
 
 def ssh_argv(run_dir, alias, ip, command, user=ANSIBLE_USER, port=22, mux=None):
     """ssh to the guest with the pinned options; `mux`: through that shared connection."""
-    shared = ["-o", f"ControlPath={mux}", "-o", "ControlMaster=auto"] if mux else []
-    if mux:
-        shared += ["-o", f"ControlPersist={SSH_MUX_PERSIST_S}"]
+    shared = (
+        ["-o", f"ControlPath={mux}", "-o", "ControlMaster=auto"]
+        + ["-o", f"ControlPersist={SSH_MUX_PERSIST_S}"]
+        if mux
+        else []
+    )
     return ["ssh", *ssh_options(run_dir, alias, port), *shared, f"{user}@{ip}", command]
 
 
@@ -2471,6 +2479,7 @@ def wait_until(ctx, stage, bound, probe, what, rs=None):
                 stage,
                 f"the guest's kernel panicked while waiting for {what} ({panic}); "
                 f"console log: {rs.console_log}",
+                panic,
             )
         if time.monotonic() >= deadline:
             where = f"; console log: {rs.console_log}" if rs is not None else ""
@@ -2545,6 +2554,8 @@ def wait_ssh(ctx, rs, stage="ssh-handshake", command="true", accept=None):
             f"SSH to {ANSIBLE_USER}@{rs.ip} ({command})",
             rs,
         )
+    except GuestPanicked:
+        raise  # the panic line says it all
     except InfraError as e:
         raise InfraError(e.stage, f"{e.msg}; last: {last['err']}") from None
 
@@ -2601,7 +2612,7 @@ def boot(ctx, rs, image):
         rs.overlay.unlink()
         make_overlay(ctx, image.disk, rs.overlay, "boot")
         _boot_once(ctx, rs)
-        return e.msg.split(" (", 1)[-1].split("); console log:", 1)[0]
+        return e.panic
 
 
 def _boot_once(ctx, rs):
