@@ -23,7 +23,7 @@ Behaviour knobs (env):
                              truncates the console log first, as a new QEMU process does)
   FAKE_PANIC_ON_REBOOT=1     virsh reboot: the guest's kernel panics (a panic line on its
                              console; it never comes back: the old boot_id stays)
-  FAKE_PANIC_ON_START=1,3     virsh start: on those starts of a domain (1 = its first boot; a
+  FAKE_PANIC_ON_START=1,3    virsh start: on those starts of a domain (1 = its first boot; a
                              power cut is a start too) the guest's kernel panics (a panic
                              line on its console, no lease)
   FAKE_NO_ANALYZE=1          the guest's `systemd-analyze time` fails (boot not finished)
