@@ -38,6 +38,32 @@ def test_reboot_with_unchanged_boot_id_is_an_infra_error(h):
     assert h.domains() == {}
 
 
+def test_a_graceful_reboot_is_the_guests_own_shutdown_then_a_fresh_start(h):
+    # ADR-030: a fresh QEMU process, not libvirt's reset in place (slow under TCG)
+    p = h.run("cycle", "--host", "askari", "--no-idempotence")
+    assert p.returncode == 0, p.stderr
+    cmds = [a for a in h.virsh_cmds() if a[0] in ("shutdown", "domstate", "start", "destroy")]
+    i = [a[0] for a in cmds].index("shutdown")
+    (res,) = h.results()
+    assert cmds[i][1:] == [res["vm"], "--mode", "acpi"], cmds[i]
+    assert [a[0] for a in cmds[i + 1 : i + 3]] == ["domstate", "start"], cmds
+    (stage,) = res["reboot_stages"]
+    assert stage["mode"] == "graceful" and stage["seconds_to_off"] >= 0
+
+
+def test_a_guest_that_ignores_the_power_button_is_a_reboot_timeout(h):
+    h.env["BOMA_IT_TIMEOUT_REBOOT"] = "2"
+    p = h.run("cycle", "--host", "askari", FAKE_SHUTDOWN_IGNORED="1")
+    assert p.returncode == 3, p.stderr
+    line = assert_one_line_error(p)
+    assert line.startswith(
+        "integration-vm: error: reboot: timed out after 2s waiting for the guest to power off"
+    ), line
+    assert h.domains() == {}
+    (res,) = h.results()
+    assert res["failed_stage"] == "reboot"
+
+
 def test_a_guest_kernel_panic_ends_the_wait_at_once_and_names_it(h):
     # seen under TCG: a guest kernel that panics on the way back never answers; waiting
     # out the reboot bound (12 minutes here) would only hide why
@@ -445,9 +471,11 @@ def test_boot_and_reboot_time_the_kernel_banner_on_the_console(hc):
     assert 0 <= stages["loader"] <= stages["kernel"] <= stages["dhcp-lease"]
     (reboot,) = r["reboot_stages"]
     assert 0 <= reboot["seconds_to_kernel"] <= reboot["seconds_to_ssh"]
+    assert 0 <= reboot["seconds_to_off"] <= reboot["seconds_to_loader"]
     assert reboot["seconds_to_loader"] <= reboot["seconds_to_kernel"]
     assert re.search(
-        r"reboot:graceful: new boot_id \w+: boot loader after [\d.]+s, kernel after [\d.]+s, "
+        r"reboot:graceful: new boot_id \w+: powered off after [\d.]+s, boot loader after "
+        r"[\d.]+s, kernel after [\d.]+s, "
         r"SSH after [\d.]+s, system running after",
         p.stderr,
     )
@@ -493,15 +521,15 @@ def test_the_drivers_ssh_calls_share_one_connection_per_boot(h, short_cache):
     for c in h.calls():
         if c["tool"] == "ssh":
             seq.append(_ssh_kind(c))
-        elif c["tool"] == "virsh" and c["argv"][2] in ("reboot", "destroy", "save"):
+        elif c["tool"] == "virsh" and c["argv"][2] in ("shutdown", "destroy", "save"):
             seq.append(c["argv"][2])
     assert seq.count("shared") >= 6, seq
     # every reboot (graceful, then the power cut) ends the shared connection first ...
     for i, what in enumerate(seq):
-        if what in ("reboot", "save") or (what == "destroy" and "shared" in seq[i + 1 :]):
+        if what in ("shutdown", "save") or (what == "destroy" and "shared" in seq[i + 1 :]):
             assert seq[i - 1] == "exit", (i, seq)
     # ... the new boot is found over connections of their own, then shared again
-    assert seq[seq.index("reboot") + 1] == "own", seq
+    assert seq[seq.index("shutdown") + 1] == "own", seq
     # and the teardown ends it before the domain goes: no shared connection is left
     assert seq[-2:] == ["exit", "destroy"], seq
     assert not list(short_cache.rglob("ssh-mux"))

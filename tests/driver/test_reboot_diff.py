@@ -132,9 +132,9 @@ def test_profile_reboot_list_runs_graceful_then_hard_with_a_diff_each(h):
     p = h.run("cycle", "--host", "askari", "--no-idempotence", "--junit", str(h.tmp / "j.xml"))
     assert p.returncode == 0, p.stderr
     cmds = [a[0] for a in h.virsh_cmds()]
-    i = cmds.index("reboot")
-    j = cmds.index("destroy", i)
-    assert cmds.index("start", j) > j > i  # graceful first, then the power cut
+    i = cmds.index("shutdown")  # graceful first: the guest's own shutdown, then start
+    j = cmds.index("destroy", i)  # then the power cut
+    assert i < cmds.index("start", i) < j < cmds.index("start", j)
     (res,) = h.results()
     assert res["reboot_modes"] == ["graceful", "hard"]
     assert [(d["index"], d["mode"], d["changed"]) for d in res["reboot_diffs"]] == [

@@ -50,7 +50,8 @@ def test_passing_cycle(h):
         "virsh:domifaddr",
         "ansible-playbook:site.yml",
         "ansible-playbook:offsite.yml",
-        "virsh:reboot",
+        "virsh:shutdown",
+        "virsh:start",
         "ansible-playbook:verify.yml",
         "virsh:undefine",
     ]

@@ -18,11 +18,13 @@ Behaviour knobs (env):
   FAKE_SAVE_FAIL=1           virsh save (a checkpoint) fails; the domain keeps running
   FAKE_RESTORE_FAIL=1        virsh restore (a resume from a checkpoint) fails
   FAKE_SSH=hang|refuse       ssh hangs forever / is refused (default: answers)
-  FAKE_BOOT_ID_STICKY=1      reboot/start keep the old boot_id
-  FAKE_NO_CONSOLE_BANNER=1   start/reboot: no kernel banner on the console (start
-                             truncates the console log first, as a new QEMU process does)
-  FAKE_PANIC_ON_REBOOT=1     virsh reboot: the guest's kernel panics (a panic line on its
-                             console; it never comes back: the old boot_id stays)
+  FAKE_BOOT_ID_STICKY=1      start keeps the old boot_id
+  FAKE_NO_CONSOLE_BANNER=1   start: no kernel banner on the console (start truncates the
+                             console log first, as a new QEMU process does)
+  FAKE_SHUTDOWN_IGNORED=1    virsh shutdown: the guest ignores the power button (stays up)
+  FAKE_PANIC_ON_REBOOT=1     virsh start after a clean shutdown (a graceful reboot's second
+                             half): the guest's kernel panics (a panic line on its console,
+                             no lease: it never comes back)
   FAKE_PANIC_ON_START=1,3    virsh start: on those starts of a domain (1 = its first boot; a
                              power cut is a start too) the guest's kernel panics (a panic
                              line on its console, no lease)
@@ -87,6 +89,9 @@ class _Lazy:
 
 
 re, pathlib, json = _Lazy("re"), _Lazy("pathlib"), _Lazy("json")
+
+# The oops TCG gave a rebooting guest once (issue 13)
+PANIC_IN_INTERRUPT = "Kernel panic - not syncing: Fatal exception in interrupt"
 
 
 def _json_codec():
@@ -257,6 +262,10 @@ def virsh():
             d["boots"] = d.get("boots", 0) + 1
             d["starts"] = d.get("starts", 0) + 1
             panics = str(d["starts"]) in ENV.get("FAKE_PANIC_ON_START", "").split(",")
+            panic_line = "[   11.120851] Kernel panic - not syncing: Fatal exception"
+            if ENV.get("FAKE_PANIC_ON_REBOOT") and d.pop("shut_down_cleanly", None):
+                panics = True
+                panic_line = "[   17.454120] " + PANIC_IN_INTERRUPT
             if not ENV.get("FAKE_BOOT_ID_STICKY") or not d["boot_id"]:
                 d["boot_id"] = new_id()
             if d["mac"] and not ENV.get("FAKE_NO_LEASE") and not panics:
@@ -268,23 +277,17 @@ def virsh():
                     if not ENV.get("FAKE_NO_CONSOLE_BANNER"):
                         fh.write(console_banners(d))
                     if panics:
-                        fh.write("[   11.120851] Kernel panic - not syncing: Fatal exception\n")
-        elif cmd == "reboot":
+                        fh.write(panic_line + "\n")
+        elif cmd == "shutdown":  # the ACPI power button: the guest shuts itself down
             d = dom(rest[0])
             if d["state"] != "running":
                 die("error: Requested operation is not valid: domain is not running")
-            if ENV.get("FAKE_PANIC_ON_REBOOT") and d.get("console"):
-                with open(d["console"], "a") as fh:
-                    fh.write(
-                        "[   17.454120] Kernel panic - not syncing: Fatal exception in interrupt\n"
-                    )
-                return
-            d["boots"] = d.get("boots", 0) + 1
-            if not ENV.get("FAKE_BOOT_ID_STICKY"):
-                d["boot_id"] = new_id()
-            if d.get("console") and not ENV.get("FAKE_NO_CONSOLE_BANNER"):
-                with open(d["console"], "a") as fh:
-                    fh.write(console_banners(d))
+            if not ENV.get("FAKE_SHUTDOWN_IGNORED"):
+                d["state"] = "shut off"
+                d["shut_down_cleanly"] = True
+                if d.get("transient"):
+                    del doms[rest[0]]
+            print(f"Domain '{rest[0]}' is being shutdown")
         elif cmd == "destroy":
             d = dom(rest[0])
             if d["state"] != "running":
