@@ -1819,9 +1819,8 @@ class RunState:
         except OSError:
             self.console_mark, self.console_head = 0, b""
 
-    def console_panic(self):
-        """The `Kernel panic` line this boot printed on the console, or None (and the
-        first sightings of the CONSOLE_MILESTONES, in console_seen)."""
+    def console_since_mark(self):
+        """What the console printed since mark_console(), or None when unreadable."""
         try:
             with open(self.console_log, "rb") as fh:
                 # A new QEMU process (destroy + start) has virtlogd start the file afresh.
@@ -1829,8 +1828,15 @@ class RunState:
                 if os.fstat(fh.fileno()).st_size < self.console_mark or head != self.console_head:
                     self.console_mark, self.console_head = 0, b""
                 fh.seek(self.console_mark)
-                text = fh.read().decode(errors="replace")
+                return fh.read().decode(errors="replace")
         except OSError:
+            return None
+
+    def console_panic(self):
+        """The `Kernel panic` line this boot printed on the console, or None (and the
+        first sightings of the CONSOLE_MILESTONES, in console_seen)."""
+        text = self.console_since_mark()
+        if text is None:
             return None
         for name, line in CONSOLE_MILESTONES:
             if name not in self.console_seen and line in text:
@@ -2666,6 +2672,22 @@ def slow_boot_warnings(last_pass, reboots, factor=1.5, slack=15.0):
     return out
 
 
+def warn_stop_jobs(result, reboots, rs):
+    """A warning line (into result.json) when the last reboot's shutdown waited on a
+    unit that would not stop: every reboot of the real host waits as long. -> it or None."""
+    last = reboots[-1]
+    if not last.get("stop_jobs"):
+        return None
+    where = reboot_dir(rs, len(reboots), last["mode"]) / "shutdown-console.txt"
+    w = (
+        f"the {last['mode']} reboot's shutdown waited for {'; '.join(last['stop_jobs'])} "
+        f"(the guest was off after {last['seconds_to_off']:.0f}s; console: {where})"
+    )
+    result.setdefault("warnings", []).append(w)
+    print(f"integration-vm: warning: {w}", file=sys.stderr)
+    return w
+
+
 def note_boot_times(ctx, result, run_name):
     """Compare this run's reboots with the profile's last passing run on this
     accelerator (warnings into result.json), and remember them when this one passed."""
@@ -2708,9 +2730,9 @@ def reboot_vm(ctx, rs, mode="graceful", before=None):
     rs.mark_console()
     with rs.watching_for_the_kernel():
         issued = time.monotonic()
-        to_off = None
+        to_off, shutdown_console = None, None
         if mode == "graceful":
-            to_off = shut_down_cleanly(ctx, rs, before)
+            to_off, shutdown_console = shut_down_cleanly(ctx, rs, before)
         else:
             virsh(ctx, "destroy", rs.domain, check=True, stage="reboot")
             progress(ctx, "reboot:hard", f"power cut; old boot_id {before['boot_id'][:8]}")
@@ -2738,6 +2760,11 @@ def reboot_vm(ctx, rs, mode="graceful", before=None):
         "seconds_to_running": to_running,
     }
     record = {"mode": mode, "system_state": sysstate, "failed_units": after["failed_units"]}
+    if shutdown_console is not None:
+        record["stop_jobs"] = shutdown_stop_jobs(shutdown_console)
+        d = reboot_dir(rs, len(rs.data.get("reboots", [])) + 1, mode)
+        d.mkdir(parents=True, exist_ok=True)
+        (d / "shutdown-console.txt").write_text(shutdown_console)
     rs.data.setdefault("reboots", []).append({**record, **stages})
     rs.save()
     progress(ctx, f"reboot:{mode}", f"new boot_id {new_id[:8]}: " + _reboot_story(record, stages))
@@ -2756,12 +2783,28 @@ def _reboot_story(record, stages):
         )
         if stages[key] is not None
     ]
-    failed = record["failed_units"]
+    failed, waited = record["failed_units"], record.get("stop_jobs")
     return (
-        ", ".join(reached)
+        (f"its shutdown waited for {'; '.join(waited)}; " if waited else "")
+        + ", ".join(reached)
         + f", system {record['system_state']} after {stages['seconds_to_running']}s"
         + (f", failed units: {', '.join(failed)}" if failed else "")
     )
+
+
+# systemd's status line while a unit's stop outlasts a few seconds at shutdown (with the
+# default 90 s stop timeout, the wait a hung unit adds to every reboot of the host).
+STOP_JOB = re.compile(r"A stop job is running for (.+?) \(\d")
+ANSI_ESCAPE = re.compile(r"\x1b\[[0-9;?]*[A-Za-z]")
+
+
+def shutdown_stop_jobs(console_text):
+    """The units systemd said it was waiting for while the guest shut down, in order."""
+    seen = []
+    for m in STOP_JOB.finditer(ANSI_ESCAPE.sub("", console_text or "")):
+        if m.group(1) not in seen:
+            seen.append(m.group(1))
+    return seen
 
 
 def shut_down_cleanly(ctx, rs, before):
@@ -2770,7 +2813,7 @@ def shut_down_cleanly(ctx, rs, before):
     The caller then starts the domain in a fresh QEMU process rather than have libvirt
     reset the guest in place: under TCG a guest reset inside a QEMU that had run for
     minutes took 9-31 s from GRUB to the kernel banner, a fresh one 3.7 s (ADR-030).
-    -> seconds until the domain was off."""
+    -> (seconds until the domain was off, what its console printed meanwhile)."""
     t0 = time.monotonic()
     virsh(ctx, "shutdown", rs.domain, "--mode", "acpi", check=True, stage="reboot")
     progress(ctx, "reboot:graceful", f"power button pressed; old boot_id {before['boot_id'][:8]}")
@@ -2781,7 +2824,8 @@ def shut_down_cleanly(ctx, rs, before):
 
     what = f"the guest to power off after the ACPI power button (domain {rs.domain})"
     wait_until(ctx, "reboot", ctx.bounds["reboot"], off, what, rs)
-    return round(time.monotonic() - t0, 1)
+    # Read before `virsh start`: the new QEMU process starts the console log afresh.
+    return round(time.monotonic() - t0, 1), ANSI_ESCAPE.sub("", rs.console_since_mark() or "")
 
 
 def _wait_new_boot(ctx, rs, before, issued):
@@ -3640,6 +3684,11 @@ def write_capture(d, state):
         (d / "boot-analysis.txt").write_text(state["boot"]["text"])
 
 
+def reboot_dir(rs, index, mode):
+    """The diagnostics of a run's index-th reboot (1-based)."""
+    return rs.diag_dir / f"reboot-{index}-{mode}"
+
+
 def reboot_diff(ctx, rs, profile, mode, before, after, result=None, policy="fail"):
     """Compare the captures around one reboot. Files go to the run's diagnostics dir
     (reboot-<n>-<mode>/before/, after/, diff.txt) on every outcome; the summary to
@@ -3650,7 +3699,7 @@ def reboot_diff(ctx, rs, profile, mode, before, after, result=None, policy="fail
     summary."""
     index = len(rs.data.get("reboots", [])) or 1
     spec = profile.get("reboot_diff_tolerate") or {}
-    d = rs.diag_dir / f"reboot-{index}-{mode}"
+    d = reboot_dir(rs, index, mode)
     diff = diff_state(before["categories"], after["categories"])
     tolerated, unexpected = classify_diff(
         diff, spec, capture_errors(before["categories"], after["categories"])
@@ -6059,12 +6108,13 @@ def phase_reboots(ctx, args, run):
     )
     last = None  # the previous reboot's final capture is the next one's `before`
     for mode in result["reboot_modes"]:
-        with timed_phase(ctx, result, f"reboot:{mode}"):
+        with timed_phase(ctx, result, f"reboot:{mode}") as entry:
             before, after = reboot_vm(ctx, rs, mode, before=last)
+            entry["message"] = warn_stop_jobs(result, rs.data["reboots"], rs)
         result.setdefault("reboot_stages", []).append(
             {
                 k: rs.data["reboots"][-1].get(k)
-                for k in ("mode", *(key for _, key in REBOOT_STAGE_ROWS))
+                for k in ("mode", *(key for _, key in REBOOT_STAGE_ROWS), "stop_jobs")
             }
         )
         with timed_phase(ctx, result, f"reboot-diff:{mode}") as entry:

@@ -51,6 +51,29 @@ def test_a_graceful_reboot_is_the_guests_own_shutdown_then_a_fresh_start(h):
     assert stage["mode"] == "graceful" and stage["seconds_to_off"] >= 0
 
 
+def test_a_shutdown_that_waits_on_a_stop_job_is_a_warning_naming_the_unit(h):
+    unit = "docker.service - Docker Application Container Engine"
+    p = h.run("cycle", "--host", "askari", "--no-idempotence", FAKE_SHUTDOWN_STOP_JOB=unit)
+    assert p.returncode == 0, p.stderr
+    (res,) = h.results()
+    (stage,) = res["reboot_stages"]
+    assert stage["stop_jobs"] == [unit]
+    (w,) = res["warnings"]
+    assert w.startswith(f"the graceful reboot's shutdown waited for {unit} (the guest was off")
+    assert f"integration-vm: warning: {w}" in p.stderr
+    console = h.diag / res["vm"] / "reboot-1-graceful" / "shutdown-console.txt"
+    assert "A stop job is running for docker.service" in console.read_text()
+    assert "\x1b" not in console.read_text()
+
+
+def test_a_clean_shutdown_is_no_warning(h):
+    p = h.run("cycle", "--host", "askari", "--no-idempotence")
+    assert p.returncode == 0, p.stderr
+    (res,) = h.results()
+    assert res["reboot_stages"][0]["stop_jobs"] == [] and not res.get("warnings")
+    assert (h.diag / res["vm"] / "reboot-1-graceful" / "shutdown-console.txt").is_file()
+
+
 def test_a_guest_that_ignores_the_power_button_is_a_reboot_timeout(h):
     h.env["BOMA_IT_TIMEOUT_REBOOT"] = "2"
     p = h.run("cycle", "--host", "askari", FAKE_SHUTDOWN_IGNORED="1")
@@ -564,3 +587,21 @@ def test_a_socket_path_too_long_for_an_address_means_connections_of_their_own():
     assert argv[-2:] == ["ansible@10.0.0.2", "true"]
     assert "ControlPath=/c/ssh-mux" in argv and "ControlMaster=auto" in argv
     assert not [a for a in ivm.ssh_argv("/r", "a", "ip", "true") if a.startswith("Control")]
+
+
+def test_stop_jobs_are_read_from_systemds_status_lines():
+    console = (
+        "\x1b[0;32m  OK  \x1b[0m] Stopped \x1b[0;1;39mssh.service\x1b[0m - OpenBSD Secure Shell.\n"
+        "[\x1b[0;1;31m*\x1b[0m     ] (1 of 2) A stop job is running for \x1b[0;1;39mdocker."
+        "service\x1b[0m - Docker Application Container Engine (5s / 1min 30s)\r"
+        "[ \x1b[0;1;31m*\x1b[0m    ] (2 of 2) A stop job is running for \x1b[0;1;39mSession 3 "
+        "of User ansi…\x1b[0m (6s / 1min 30s)\r"
+        "[  \x1b[0;1;31m*\x1b[0m   ] (1 of 2) A stop job is running for \x1b[0;1;39mdocker."
+        "service\x1b[0m - Docker Application Container Engine (7s / 1min 30s)\r\n"
+    )
+    assert ivm.shutdown_stop_jobs(console) == [
+        "docker.service - Docker Application Container Engine",
+        "Session 3 of User ansi…",
+    ]
+    assert ivm.shutdown_stop_jobs("[  OK  ] Stopped docker.service.\n") == []
+    assert ivm.shutdown_stop_jobs(None) == []

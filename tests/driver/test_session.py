@@ -364,15 +364,16 @@ def test_result_has_reboot_diffs_and_settle_bound():
 def test_an_oserror_mid_run_is_exit_3_with_its_stage_and_the_vm_torn_down(h):
     blocker = h.tmp / "not-a-dir"
     blocker.write_text("")
-    # The diagnostics root under a regular file: the first write there (the reboot's state
-    # capture) raises NotADirectoryError, an OSError no harness code raises on purpose.
+    # The diagnostics root under a regular file: the first write there (the graceful
+    # reboot's shutdown console) raises NotADirectoryError, an OSError no harness code
+    # raises on purpose.
     p = h.run("cycle", "--host", "askari", BOMA_IT_DIAG_DIR=str(blocker / "diag"))
     assert p.returncode == 3, p.stderr
     line = assert_one_line_error(p)
-    assert "reboot-diff:graceful: unexpected NotADirectoryError" in line, line
+    assert "reboot:graceful: unexpected NotADirectoryError" in line, line
     (res,) = h.results()
     assert res["exit_code"] == 3 and res["verdict"] == "error"
-    assert res["failed_stage"] == "reboot-diff:graceful"
+    assert res["failed_stage"] == "reboot:graceful"
     assert h.domains() == {}
     assert not any((h.cache / "runs").iterdir())
 

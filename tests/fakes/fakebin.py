@@ -22,6 +22,8 @@ Behaviour knobs (env):
   FAKE_NO_CONSOLE_BANNER=1   start: no kernel banner on the console (start truncates the
                              console log first, as a new QEMU process does)
   FAKE_SHUTDOWN_IGNORED=1    virsh shutdown: the guest ignores the power button (stays up)
+  FAKE_SHUTDOWN_STOP_JOB=U   virsh shutdown: systemd waits on unit U's stop (its status
+                             lines on the console) before the guest is off
   FAKE_PANIC_ON_REBOOT=1     virsh start after a clean shutdown (a graceful reboot's second
                              half): the guest's kernel panics (a panic line on its console,
                              no lease: it never comes back)
@@ -282,6 +284,15 @@ def virsh():
             d = dom(rest[0])
             if d["state"] != "running":
                 die("error: Requested operation is not valid: domain is not running")
+            stuck = ENV.get("FAKE_SHUTDOWN_STOP_JOB")
+            if stuck and d.get("console"):  # systemd's status line, redrawn in place
+                with open(d["console"], "a") as fh:
+                    for t in ("5s", "1min 29s"):
+                        fh.write(
+                            f"\x1b[0;1;31m*\x1b[0m] (1 of 2) A stop job is running for "
+                            f"\x1b[0;1;39m{stuck}\x1b[0m ({t} / 1min 30s)\r"
+                        )
+                    fh.write(f"\n[  OK  ] Stopped {stuck}.\n")
             if not ENV.get("FAKE_SHUTDOWN_IGNORED"):
                 d["state"] = "shut off"
                 d["shut_down_cleanly"] = True
