@@ -2764,7 +2764,7 @@ def reboot_vm(ctx, rs, mode="graceful", before=None):
         record["stop_jobs"] = shutdown_stop_jobs(shutdown_console)
         d = reboot_dir(rs, len(rs.data.get("reboots", [])) + 1, mode)
         d.mkdir(parents=True, exist_ok=True)
-        (d / "shutdown-console.txt").write_text(shutdown_console)
+        write_owned(owned_path(d, "shutdown-console.txt"), shutdown_console)
     rs.data.setdefault("reboots", []).append({**record, **stages})
     rs.save()
     progress(ctx, f"reboot:{mode}", f"new boot_id {new_id[:8]}: " + _reboot_story(record, stages))
@@ -3685,8 +3685,8 @@ def write_capture(d, state):
 
 
 def reboot_dir(rs, index, mode):
-    """The diagnostics of a run's index-th reboot (1-based)."""
-    return rs.diag_dir / f"reboot-{index}-{mode}"
+    """The diagnostics of a run's index-th reboot (1-based), no symlink on the way."""
+    return owned_path(rs.diag_dir, f"reboot-{index}-{mode}")
 
 
 def reboot_diff(ctx, rs, profile, mode, before, after, result=None, policy="fail"):

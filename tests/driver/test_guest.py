@@ -605,3 +605,13 @@ def test_stop_jobs_are_read_from_systemds_status_lines():
     ]
     assert ivm.shutdown_stop_jobs("[  OK  ] Stopped docker.service.\n") == []
     assert ivm.shutdown_stop_jobs(None) == []
+
+
+def test_a_reboots_diagnostics_are_never_reached_through_a_symlink(tmp_path):
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    rs = types.SimpleNamespace(diag_dir=tmp_path)
+    assert ivm.reboot_dir(rs, 1, "graceful") == tmp_path / "reboot-1-graceful"
+    (tmp_path / "reboot-1-graceful").symlink_to(elsewhere)
+    with pytest.raises(ivm.InfraError, match="symlink"):
+        ivm.reboot_dir(rs, 1, "graceful")
