@@ -175,6 +175,7 @@ DEFAULT_BOUNDS = {
     "reboot-settle": 20,
     "checkpoint": 300,
     "resume": 60,
+    "reuse-ssh": 30,
 }
 TCG_SCALED = (
     "dhcp-lease",
@@ -187,6 +188,7 @@ TCG_SCALED = (
     "apply",
     "verify",
     "reboot-settle",
+    "reuse-ssh",
 )
 TCG_SCALE = 3
 DEFAULT_POLL = 2.0
@@ -5699,6 +5701,7 @@ class ResultRecord(JsonRecord):
     checkpoints: dict = None  # {"chain": [{stage, key, ...}]}
     resumed_from: dict = None
     reused_vm: dict = None  # loop: {run, kept, reapplied} when it reused the last loop's VM
+    reuse_refused: dict = None  # loop: {run, why} when the last loop's VM could not take it
     first_boot_panic: str = None  # the panic line of a first boot that was started again
     resume_error: str = None
     transport: dict = None  # bench: linear vs Mitogen figures
@@ -5715,6 +5718,7 @@ class ResultRecord(JsonRecord):
             "checkpoints",
             "resumed_from",
             "reused_vm",
+            "reuse_refused",
             "first_boot_panic",
             "resume_error",
             "transport",
@@ -6492,6 +6496,18 @@ def reuse_refusal(ctx, run, rs, chain):
     return None
 
 
+def loop_vm_silence(ctx, rs):
+    """Why the last loop's VM does not answer over SSH within the reuse-ssh bound, or
+    None. Retried, not one attempt: an idle guest may be busy (under TCG a timer's apt
+    run can hold sshd's handshake past one attempt), and a refusal costs a restore and
+    every re-apply."""
+    try:
+        wait_ssh(ctx, rs, stage="reuse-ssh")
+    except InfraError as e:
+        return f"it does not answer over SSH ({e.msg})"
+    return None
+
+
 def reuse_loop_vm(ctx, args, run):
     """A quick loop applies its edit to the VM the last loop left, re-applying only the
     playbooks from the first one whose inputs changed since that VM applied them (the
@@ -6515,11 +6531,10 @@ def reuse_loop_vm(ctx, args, run):
     why = reuse_refusal(ctx, run, last, chain)
     if why is None:
         run.bounds = stage_bounds(last.data.get("accel"), ctx.settings)
-        r = last.ssh("true", timeout=run.bounds["ssh-attempt"])
-        if r.returncode != 0:
-            why = "it does not answer over SSH"
+        why = loop_vm_silence(ctx, last)
     if why is not None:
         progress(ctx, "loop", f"not reusing the previous quick loop's VM {last.name}: {why}")
+        run.result["reuse_refused"] = {"run": last.name, "why": why}
         retire_loop_vm(ctx, last)
         return
     keys = last.data["applied_keys"]

@@ -283,6 +283,7 @@ BOUNDS = {
     "ACCEL_PROBE": 5,
     "IMAGE_BUILD": 30,
     "REBOOT_SETTLE": 0.2,
+    "REUSE_SSH": 1.5,
 }
 
 

@@ -527,6 +527,7 @@ def test_a_loop_does_not_reuse_a_vm_that_cannot_take_the_edit(hc):
         "(memory, vCPUs) or the accelerator changed" in p.stderr
     )
     assert r["vm"] != first["vm"] and "reused_vm" not in r
+    assert r["reuse_refused"]["why"].startswith("the profile's VM (memory, vCPUs)")
     assert run_json(hc, first["vm"])["state"] == "down" and len(hc.domains()) == 1
     # one that does not answer over SSH (its guest powered off behind our back) too
     state = json.loads(hc.state_file.read_text())
@@ -534,8 +535,24 @@ def test_a_loop_does_not_reuse_a_vm_that_cannot_take_the_edit(hc):
     hc.state_file.write_text(json.dumps(state))
     p, r2 = ran(hc, "loop", "--host", "askari")
     assert p.returncode == 0, p.stderr
-    assert f"not reusing the previous quick loop's VM {r['vm']}: it does not answer" in p.stderr
+    assert (
+        f"not reusing the previous quick loop's VM {r['vm']}: it does not answer over SSH "
+        "(timed out after 2s waiting for SSH" in p.stderr
+    )
+    assert r2["reuse_refused"]["run"] == r["vm"]
+    assert r2["reuse_refused"]["why"].startswith("it does not answer over SSH")
     assert run_json(hc, r["vm"])["state"] == "down" and r2["vm"] != r["vm"]
+
+
+def test_a_loop_reuses_a_busy_vm_that_answers_within_the_bound(hc):
+    # 2026-11-30 CI: one SSH attempt, and a guest busy past it, was a refused reuse
+    p, first = ran(hc, "loop", "--host", "askari")
+    assert p.returncode == 0, p.stderr
+    edit(hc.repo / "roles" / "docker_host" / "templates" / "x.j2")
+    p, r = ran(hc, "loop", "--host", "askari", FAKE_SSH_STALLS="2")
+    assert p.returncode == 0, p.stderr
+    assert r["vm"] == first["vm"] and r["reused_vm"]["reapplied"] == ["offsite.yml"]
+    assert "reuse_refused" not in r
 
 
 def test_loop_fresh_retires_the_last_one_and_resumes_what_the_edit_left_valid(hc):

@@ -18,6 +18,8 @@ Behaviour knobs (env):
   FAKE_SAVE_FAIL=1           virsh save (a checkpoint) fails; the domain keeps running
   FAKE_RESTORE_FAIL=1        virsh restore (a resume from a checkpoint) fails
   FAKE_SSH=hang|refuse       ssh hangs forever / is refused (default: answers)
+  FAKE_SSH_STALLS=N          the first N ssh connections hang (a guest too busy to finish
+                             the handshake; the caller's attempt timeout ends each)
   FAKE_BOOT_ID_STICKY=1      start keeps the old boot_id
   FAKE_NO_CONSOLE_BANNER=1   start: no kernel banner on the console (start truncates the
                              console log first, as a new QEMU process does)
@@ -621,6 +623,12 @@ def ssh():
     mode = ENV.get("FAKE_SSH", "")
     if mode == "hang":
         time.sleep(3600)
+    if ENV.get("FAKE_SSH_STALLS"):
+        with state() as st:
+            stalled = st.get("ssh_stalls", 0)
+            st["ssh_stalls"] = stalled + 1
+        if stalled < int(ENV["FAKE_SSH_STALLS"]):
+            time.sleep(3600)
     if mode == "refuse":
         die(f"ssh: connect to host {dest} port 22: Connection refused", 255)
     if opts.get("StrictHostKeyChecking") != "yes":
