@@ -192,6 +192,7 @@ TCG_SCALED = (
 )
 TCG_SCALE = 3
 DEFAULT_POLL = 2.0
+OFF_POLL = 0.25  # the graceful reboot's wait for `shut off` (shut_down_cleanly)
 HOST_RE = r"[a-z0-9][a-z0-9_-]{0,40}"
 RUN_NAME_RE = re.compile(re.escape(NAME_PREFIX) + HOST_RE + r"-[0-9a-f]{8}")
 
@@ -2473,9 +2474,10 @@ CONSOLE_HEAD_BYTES = 256
 CONSOLE_MILESTONES = (("loader", "Booting `"), ("kernel", "] Linux version "))
 
 
-def wait_until(ctx, stage, bound, probe, what, rs=None):
-    """Poll probe() -> value|None until truthy or `bound` seconds pass. With a run, a
-    kernel panic on its console since the boot was issued ends the wait at once."""
+def wait_until(ctx, stage, bound, probe, what, rs=None, poll=None):
+    """Poll probe() -> value|None until truthy or `bound` seconds pass, every `poll`
+    seconds (ctx.poll unless given). With a run, a kernel panic on its console since the
+    boot was issued ends the wait at once."""
     deadline = time.monotonic() + bound
     while True:
         value = probe(deadline)
@@ -2492,7 +2494,7 @@ def wait_until(ctx, stage, bound, probe, what, rs=None):
         if time.monotonic() >= deadline:
             where = f"; console log: {rs.console_log}" if rs is not None else ""
             raise InfraError(stage, f"timed out after {bound:.0f}s waiting for {what}{where}")
-        time.sleep(min(ctx.poll, max(0.0, deadline - time.monotonic())))
+        time.sleep(min(poll or ctx.poll, max(0.0, deadline - time.monotonic())))
 
 
 def tcp_open(ip, port, timeout):
@@ -2825,7 +2827,9 @@ def shut_down_cleanly(ctx, rs, before):
         return r.returncode == 0 and r.stdout.strip() == "shut off"
 
     what = f"the guest to power off after the ACPI power button (domain {rs.domain})"
-    wait_until(ctx, "reboot", ctx.bounds["reboot"], off, what, rs)
+    # A local `virsh domstate` is cheap and the start waits on it: look more often than
+    # the harness's poll (2 s would start the guest ~1 s late on average).
+    wait_until(ctx, "reboot", ctx.bounds["reboot"], off, what, rs, poll=min(ctx.poll, OFF_POLL))
     # Read before `virsh start`: the new QEMU process starts the console log afresh.
     return round(time.monotonic() - t0, 1), ANSI_ESCAPE.sub("", rs.console_since_mark() or "")
 

@@ -24,6 +24,7 @@ Behaviour knobs (env):
   FAKE_NO_CONSOLE_BANNER=1   start: no kernel banner on the console (start truncates the
                              console log first, as a new QEMU process does)
   FAKE_SHUTDOWN_IGNORED=1    virsh shutdown: the guest ignores the power button (stays up)
+  FAKE_SHUTDOWN_SECONDS=N    virsh shutdown: the guest is off N seconds later (domstate)
   FAKE_SHUTDOWN_STOP_JOB=U   virsh shutdown: systemd waits on unit U's stop (its status
                              lines on the console) before the guest is off
   FAKE_PANIC_ON_REBOOT=1     virsh start after a clean shutdown (a graceful reboot's second
@@ -295,11 +296,10 @@ def virsh():
                             f"\x1b[0;1;39m{stuck}\x1b[0m ({t} / 1min 30s)\r"
                         )
                     fh.write(f"\n[  OK  ] Stopped {stuck}.\n")
-            if not ENV.get("FAKE_SHUTDOWN_IGNORED"):
-                d["state"] = "shut off"
-                d["shut_down_cleanly"] = True
-                if d.get("transient"):
-                    del doms[rest[0]]
+            if ENV.get("FAKE_SHUTDOWN_SECONDS"):  # off once domstate looks that late
+                d["off_at"] = time.time() + float(ENV["FAKE_SHUTDOWN_SECONDS"])
+            elif not ENV.get("FAKE_SHUTDOWN_IGNORED"):
+                power_off_cleanly(doms, rest[0])
             print(f"Domain '{rest[0]}' is being shutdown")
         elif cmd == "destroy":
             d = dom(rest[0])
@@ -362,6 +362,8 @@ def virsh():
             dom(rest[0])
             del doms[rest[0]]
         elif cmd == "domstate":
+            if dom(rest[0]).get("off_at", float("inf")) <= time.time():
+                power_off_cleanly(doms, rest[0])
             print(dom(rest[0])["state"] + (" (booted)" if "--reason" in rest else ""))
         elif cmd == "list":
             for name, d in sorted(doms.items()):
@@ -598,6 +600,16 @@ def console_banners(d):
         "  Booting `Debian GNU/Linux'\n"
         f"[    0.000000] Linux version 6.12.0-fake (boot {d['boot_id']})\n"
     )
+
+
+def power_off_cleanly(doms, name):
+    """The guest's own shutdown has finished: the domain is off (a transient one gone)."""
+    d = doms[name]
+    d.pop("off_at", None)
+    d["state"] = "shut off"
+    d["shut_down_cleanly"] = True
+    if d.get("transient"):
+        del doms[name]
 
 
 # ---- ssh ----------------------------------------------------------------------------
