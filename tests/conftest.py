@@ -30,6 +30,7 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import traceback
 
 import pytest
@@ -292,7 +293,11 @@ class Harness:
         self.tmp = tmp
         self.repo = tmp / "repo"
         self.bin = tmp / "bin"
-        self.cache = tmp / "cache"
+        # A short cache, as the real one (/var/lib/boma-integration): the shared SSH
+        # connection's socket beside a run's disks must fit a socket address, and pytest's
+        # temp paths do not. So every test runs the driver's SSH as a real run does.
+        self.short = pathlib.Path(tempfile.mkdtemp(prefix="bit-"))
+        self.cache = self.short / "cache"
         self.diag = tmp / "diag"
         self.log = tmp / "fake-log.jsonl"
         self.state_file = tmp / "fake-state.json"
@@ -440,6 +445,7 @@ class Harness:
 
     def close(self):
         self.sock.close()
+        shutil.rmtree(self.short, ignore_errors=True)
 
 
 @pytest.fixture
