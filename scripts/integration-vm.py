@@ -6502,9 +6502,9 @@ def reuse_refusal(ctx, run, rs, chain):
 
 def loop_vm_silence(ctx, rs):
     """Why the last loop's VM does not answer over SSH within the reuse-ssh bound, or
-    None. Retried, not one attempt: an idle guest may be busy (under TCG a timer's apt
-    run can hold sshd's handshake past one attempt), and a refusal costs a restore and
-    every re-apply."""
+    None. Retried, not one attempt: a refusal costs a restore and every re-apply, and
+    one attempt was once not enough (a 2026-11-30 CI run refused a VM that had just
+    passed; its reason was not kept, hence result.json's reuse_refused)."""
     try:
         wait_ssh(ctx, rs, stage="reuse-ssh")
     except InfraError as e:
