@@ -548,7 +548,7 @@ def test_a_loop_does_not_reuse_a_vm_that_cannot_take_the_edit(hc):
 
 
 def test_a_loop_reuses_a_busy_vm_that_answers_within_the_bound(hc):
-    # 2026-11-30 CI: one SSH attempt, and a guest busy past it, was a refused reuse
+    # 2026-11-30 CI: a single failed SSH attempt refused a VM that had just passed
     p, first = ran(hc, "loop", "--host", "askari")
     assert p.returncode == 0, p.stderr
     edit(hc.repo / "roles" / "docker_host" / "templates" / "x.j2")
