@@ -65,14 +65,19 @@ lint: venv ## yamllint, ansible-lint (production profile), tag vocabulary, ruff 
 	@command -v shellcheck >/dev/null || { echo "lint: shellcheck is missing: apt-get install shellcheck" >&2; exit 3; }
 	shellcheck $(SHELL_SCRIPTS)
 
-test-unit: venv ## pytest unit tests (no hypervisor, no Docker), one worker per core
-	$(VENV)/bin/pytest -q -n auto tests
+# Two workers per core: many tests spend their time waiting out a bound (a fake that
+# never answers), and meanwhile a core runs another worker's test. worksteal: the last
+# long tests do not wait behind one worker's queue.
+TEST_WORKERS ?= $(shell echo $$(( $$(nproc) * 2 )))
+
+test-unit: venv ## pytest unit tests (no hypervisor, no Docker), two workers per core
+	$(VENV)/bin/pytest -q -n $(TEST_WORKERS) --dist worksteal tests
 
 test: test-unit lint ## Unit tests + lint: what CI and the README run first
 
 coverage: venv ## Unit tests under coverage.py (the driver's subprocesses too): total and per-file figures
 	rm -f .coverage .coverage.*
-	COVERAGE_FILE=$(CURDIR)/.coverage $(VENV)/bin/coverage run -m pytest -q -n auto tests
+	COVERAGE_FILE=$(CURDIR)/.coverage $(VENV)/bin/coverage run -m pytest -q -n $(TEST_WORKERS) --dist worksteal tests
 	$(VENV)/bin/coverage combine -q
 	$(VENV)/bin/coverage report
 

@@ -9,16 +9,17 @@ names one module whichever directory pytest collects first.
 
 What run_driver saves is the driver's own interpreter start and its 7,000-line compile
 (~0.1 s per call, ~230 calls). The fake tools stay real child processes either way; in an
-in-process run they are forked from this process instead of exec'd (_ForkedFakesPopen:
-~5,000 calls, half the suite's time; test_fakes.py shows the driver cannot tell the
-difference; BOMA_TEST_EXEC_FAKES=1 execs them). Tests whose subject IS the driver's
+in-process run they are forked by a small fork server and handed to this process as its
+children instead of exec'd (_ForkedFakesPopen, _ForkServer: ~6,000 calls, most of the
+suite's time; test_fakes.py shows the driver cannot tell the difference;
+BOMA_TEST_EXEC_FAKES=1 execs them). Tests whose subject IS the driver's
 process (signals, process groups, two concurrent runs) start it as a subprocess
 (Harness.popen / Harness.run(in_process=False)), and its fakes are exec'd.
 """
 
 import contextlib
+import ctypes
 import functools
-import gc
 import importlib.util
 import inspect
 import io
@@ -54,58 +55,82 @@ def _compiled(source, filename):
 
 # ---- the fake tools, forked instead of exec'd ----------------------------------------------
 # A driver run in this process starts its tools through subprocess.Popen; each fake is a
-# Python start (~7 ms) plus its work, and the suite makes ~5,000 such calls: most of its
-# time. So while run_driver runs, a Popen whose executable is the fake launcher forks this
-# process (fakebin.py already imported) and runs fakebin.main() in the child instead of
-# exec'ing an interpreter. Everything the driver's process code sees stays real: a child
-# in its own session, pipes, exit codes, timeouts that kill the group, signals to the pid.
-# What is skipped is the exec and the interpreter's start. Every other executable (and
-# every fake when BOMA_TEST_EXEC_FAKES=1) is exec'd as before.
+# Python start (~7 ms) plus its work, and the suite makes ~6,000 such calls: most of its
+# time. So while run_driver runs, a Popen whose executable is the fake launcher asks a
+# small fork server (tests/fakes/forkserver.py: fakebin.py already imported) for a forked
+# fake instead of exec'ing an interpreter; the fake is re-parented to this process, so it
+# is the driver's own child. Forking from here instead would copy this ~80 MB worker's
+# page tables per call (what the suite's system time went to). Everything the driver's
+# process code sees stays real: a child in its own session, pipes, exit codes, timeouts
+# that kill the group, signals to the pid. What is skipped is the exec and the
+# interpreter's start. Every other executable (and every fake when BOMA_TEST_EXEC_FAKES=1)
+# is exec'd as before.
 EXEC_FAKES = os.environ.get("BOMA_TEST_EXEC_FAKES") == "1"
+PR_SET_CHILD_SUBREAPER = 36
 
 
-def _fake_child(argv, cwd, env, stdin_fd, stdout_fd, stderr_fd, new_session):
-    """In the forked child: become the fake tool argv[0] would have exec'd, then _exit."""
-    gc.disable()  # a collection would walk (and copy, page by page) the whole parent heap
-    code = 1
-    try:
-        if new_session:
-            os.setsid()
-        for fd, std in ((stdin_fd, 0), (stdout_fd, 1), (stderr_fd, 2)):
-            if fd != -1 and fd != std:
-                os.dup2(fd, std)
-        for name in os.listdir("/proc/self/fd"):  # what close_fds=True does on exec
-            if int(name) > 2:
-                with contextlib.suppress(OSError):
-                    os.close(int(name))
-        for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGALRM, signal.SIGPIPE):
-            signal.signal(sig, signal.SIG_DFL)
-        if cwd is not None:
-            os.chdir(cwd)
-        os.environ.clear()
-        os.environ.update(env)
-        sys.argv = argv
-        # the child's own stdio on fds 0-2 (the parent's are redirected StringIOs);
-        # flushed in the finally, never closed: the child ends in os._exit
-        sys.stdin = open(0, closefd=False)  # noqa: SIM115
-        sys.stdout = open(1, "w", closefd=False)  # noqa: SIM115
-        sys.stderr = open(2, "w", closefd=False)  # noqa: SIM115
-        fakebin.TOOL, fakebin.ARGS = os.path.basename(argv[0]), argv[1:]
+class _ForkServer:
+    """This worker's fork server (started on first use, one per process; it ends when the
+    worker closes the socket, i.e. when the worker exits)."""
+
+    _current = None
+
+    def __init__(self):
+        self.sock, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        self.proc = _POPEN(
+            [sys.executable, "-S", str(HERE / "fakes" / "forkserver.py"), str(theirs.fileno())],
+            pass_fds=[theirs.fileno()],
+            stdin=subprocess.DEVNULL,
+            start_new_session=True,
+        )
+        theirs.close()
+        self.libc = ctypes.CDLL(None, use_errno=True)
+
+    @classmethod
+    def get(cls):
+        if cls._current is None or cls._current.proc.poll() is not None:
+            cls._current = cls()
+        return cls._current
+
+    def close(self):
+        """End this server (it exits at EOF) and forget it: the next fake starts another."""
+        self.sock.close()
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            self.proc.wait(timeout=5)
+        if _ForkServer._current is self:
+            _ForkServer._current = None
+
+    def _subreaper(self, on):
+        if self.libc.prctl(PR_SET_CHILD_SUBREAPER, int(on), 0, 0, 0) != 0:
+            raise OSError(ctypes.get_errno(), "prctl(PR_SET_CHILD_SUBREAPER)")
+
+    def spawn(self, argv, cwd, env, std_fds, new_session):
+        """A forked fake as this process's child: its pid. Subreaper only for the request,
+        so no other orphan (a test's own subprocess tree) is ever re-parented here."""
+        passed = [fd for fd in dict.fromkeys(std_fds) if fd != -1]
+        req = {
+            "argv": argv,
+            "cwd": os.getcwd() if cwd is None else os.fsdecode(cwd),
+            "env": env,
+            "fds": [None if fd == -1 else passed.index(fd) for fd in std_fds],
+            "new_session": bool(new_session),
+        }
+        self._subreaper(True)
         try:
-            fakebin.main()
-            code = 0
-        except SystemExit as e:
-            if isinstance(e.code, int) or e.code is None:
-                code = e.code or 0
-            else:
-                print(e.code, file=sys.stderr)
-        except BaseException:
-            traceback.print_exc()
-    finally:
-        with contextlib.suppress(BaseException):
-            sys.stdout.flush()
-            sys.stderr.flush()
-        os._exit(code)
+            socket.send_fds(self.sock, [json.dumps(req).encode()], passed)
+            pid = int(self.sock.recv(64) or b"-1")
+        except BaseException:  # e.g. run_driver's alarm mid-request: the reply would be
+            self.close()  # read as the next request's, so this server is done
+            raise
+        finally:
+            self._subreaper(False)
+        if pid <= 0:
+            raise OSError("the fake tools' fork server could not fork")
+        with open(f"/proc/{pid}/stat") as fh:  # a zombie still has it: only we reap it
+            ppid = int(fh.read().rpartition(")")[2].split()[1])
+        if ppid != os.getpid():  # else Popen.wait would see ECHILD and call it exit 0
+            raise OSError(f"forked fake {pid} is the child of {ppid}, not of this process")
+        return pid
 
 
 class _ForkedFakesPopen(subprocess.Popen):
@@ -123,23 +148,24 @@ class _ForkedFakesPopen(subprocess.Popen):
             where = shutil.which(argv[0], path=env.get("PATH"))
         if EXEC_FAKES or where is None or os.path.realpath(where) != str(FAKEBIN):
             return super()._execute_child(*args)
-        child_env = {os.fsdecode(k): os.fsdecode(v) for k, v in env.items()}
-        pid = os.fork()
-        if pid == 0:
-            _fake_child(
+        try:
+            self.pid = _ForkServer.get().spawn(
                 argv,
                 a["cwd"],
-                child_env,
-                a["p2cread"],
-                a["c2pwrite"],
-                a["errwrite"],
+                {os.fsdecode(k): os.fsdecode(v) for k, v in env.items()},
+                (a["p2cread"], a["c2pwrite"], a["errwrite"]),
                 a["start_new_session"],
             )
-        self.pid = pid
-        self._child_created = True
-        self._close_pipe_fds(
-            a["p2cread"], a["p2cwrite"], a["c2pread"], a["c2pwrite"], a["errread"], a["errwrite"]
-        )
+            self._child_created = True
+        finally:
+            self._close_pipe_fds(
+                a["p2cread"],
+                a["p2cwrite"],
+                a["c2pread"],
+                a["c2pwrite"],
+                a["errread"],
+                a["errwrite"],
+            )
 
 
 class _DriverTimeout(BaseException):

@@ -2,9 +2,11 @@
 behaviour finds it in the fake's docstring, one line per knob, and no line is stale."""
 
 import ast
+import contextlib
 import os
 import pathlib
 import re
+import time
 
 FAKES = pathlib.Path(__file__).resolve().parent / "fakes"
 KNOB = re.compile(r"\bFAKE_[A-Z][A-Z_]*[A-Z]\b")
@@ -74,3 +76,47 @@ def test_a_forked_fake_is_what_an_execd_one_is(tmp_path, monkeypatch):
         assert forked[0] == (0 if name == "green" else 1)
         pids = forked[3]
         assert len(set(pids)) == len(pids) and os.getpid() not in pids
+
+
+class _CutShort:
+    """The fork server's socket, but the first reply is never read: an interrupt lands
+    while the request is in flight (as run_driver's alarm can)."""
+
+    def __init__(self, sock):
+        self.sock, self.cut = sock, False
+
+    def __getattr__(self, name):
+        return getattr(self.sock, name)
+
+    def recv(self, n):
+        if not self.cut:
+            self.cut = True
+            raise KeyboardInterrupt
+        return self.sock.recv(n)
+
+
+def test_a_fake_cut_short_does_not_hand_its_pid_to_the_next_request(tmp_path):
+    # The server answers every request with the fake's pid. An answer left unread must not
+    # become the next request's: the driver would wait on a fake that is not the one
+    # writing to its pipe. The interrupted server is retired and the next fake is the
+    # one the next request asked for.
+    import conftest
+
+    h = conftest.Harness(tmp_path)
+    try:
+        server = conftest._ForkServer.get()
+        server.sock = _CutShort(server.sock)
+        argv = [str(h.bin / "virsh"), "--connect", "test:///fake", "uri"]
+        null = os.open(os.devnull, os.O_RDWR)
+        try:
+            with contextlib.suppress(KeyboardInterrupt):
+                server.spawn(argv, None, h.env, (null, null, null), True)
+            time.sleep(0.5)  # the first fake has run and logged
+            pid = conftest._ForkServer.get().spawn(argv, None, h.env, (null, null, null), True)
+        finally:
+            os.close(null)
+        os.waitpid(pid, 0)
+        assert conftest._ForkServer.get() is not server
+        assert [c["pid"] for c in h.calls("virsh")][-1] == pid
+    finally:
+        h.close()
