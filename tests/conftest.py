@@ -17,6 +17,7 @@ process (signals, process groups, two concurrent runs) start it as a subprocess
 (Harness.popen / Harness.run(in_process=False)), and its fakes are exec'd.
 """
 
+import atexit
 import contextlib
 import ctypes
 import functools
@@ -85,6 +86,7 @@ class _ForkServer:
         )
         theirs.close()
         self.libc = ctypes.CDLL(None, use_errno=True)
+        atexit.register(self.close)  # ended and reaped with this process, not left behind
 
     @classmethod
     def get(cls):
@@ -94,6 +96,8 @@ class _ForkServer:
 
     def close(self):
         """End this server (it exits at EOF) and forget it: the next fake starts another."""
+        if self.sock.fileno() == -1:
+            return
         self.sock.close()
         with contextlib.suppress(subprocess.TimeoutExpired):
             self.proc.wait(timeout=5)
