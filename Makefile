@@ -74,18 +74,16 @@ TEST_WORKERS ?= $(shell echo $$(( $$(nproc) * 2 )))
 # only a failed test's are kept.
 TEST_TMPDIR ?= $(shell [ -w /dev/shm ] && [ "$$(df -Pk /dev/shm | awk 'NR==2 {print $$4}')" -gt 1048576 ] \
 	&& echo /dev/shm || echo $${TMPDIR:-/tmp})
-UNIT_PYTEST = TMPDIR=$(TEST_TMPDIR) $(VENV)/bin/pytest -q -n $(TEST_WORKERS) --dist worksteal \
-	-o tmp_path_retention_policy=failed
+UNIT_PYTEST_ARGS = -q -n $(TEST_WORKERS) --dist worksteal -o tmp_path_retention_policy=failed tests
 
 test-unit: venv ## pytest unit tests (no hypervisor, no Docker), two workers per core
-	$(UNIT_PYTEST) tests
+	TMPDIR=$(TEST_TMPDIR) $(VENV)/bin/pytest $(UNIT_PYTEST_ARGS)
 
 test: test-unit lint ## Unit tests + lint: what CI and the README run first
 
 coverage: venv ## Unit tests under coverage.py (the driver's subprocesses too): total and per-file figures
 	rm -f .coverage .coverage.*
-	TMPDIR=$(TEST_TMPDIR) COVERAGE_FILE=$(CURDIR)/.coverage $(VENV)/bin/coverage run -m pytest -q -n $(TEST_WORKERS) \
-		--dist worksteal -o tmp_path_retention_policy=failed tests
+	TMPDIR=$(TEST_TMPDIR) COVERAGE_FILE=$(CURDIR)/.coverage $(VENV)/bin/coverage run -m pytest $(UNIT_PYTEST_ARGS)
 	$(VENV)/bin/coverage combine -q
 	$(VENV)/bin/coverage report
 
