@@ -6,7 +6,6 @@ import contextlib
 import os
 import pathlib
 import re
-import time
 
 FAKES = pathlib.Path(__file__).resolve().parent / "fakes"
 KNOB = re.compile(r"\bFAKE_[A-Z][A-Z_]*[A-Z]\b")
@@ -106,17 +105,18 @@ def test_a_fake_cut_short_does_not_hand_its_pid_to_the_next_request(tmp_path):
     try:
         server = conftest._ForkServer.get()
         server.sock = _CutShort(server.sock)
-        argv = [str(h.bin / "virsh"), "--connect", "test:///fake", "uri"]
+        virsh = [str(h.bin / "virsh"), "--connect", "test:///fake"]
         null = os.open(os.devnull, os.O_RDWR)
         try:
             with contextlib.suppress(KeyboardInterrupt):
-                server.spawn(argv, None, h.env, (null, null, null), True)
-            time.sleep(0.5)  # the first fake has run and logged
-            pid = conftest._ForkServer.get().spawn(argv, None, h.env, (null, null, null), True)
+                server.spawn([*virsh, "uri"], None, h.env, (null, null, null), True)
+            nxt = conftest._ForkServer.get().spawn(
+                [*virsh, "version"], None, h.env, (null, null, null), True
+            )
         finally:
             os.close(null)
-        os.waitpid(pid, 0)
+        os.waitpid(nxt, 0)  # the fake it names has exited, so it has logged
         assert conftest._ForkServer.get() is not server
-        assert [c["pid"] for c in h.calls("virsh")][-1] == pid
+        assert [c["pid"] for c in h.calls("virsh") if c["argv"][-1] == "version"] == [nxt]
     finally:
         h.close()
