@@ -14,6 +14,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import time
 
 import pytest
 
@@ -236,6 +237,24 @@ def test_sandbox_restores_ip_forward_and_stops_only_its_own_daemons(sb):
     assert str(operator) in down.stderr  # named, not killed
     assert not (sb.root / "run" / "libvirt" / "libvirt-sock").exists()
     assert not (sb.root / "run" / "boma-it" / NS).exists()
+
+
+def test_a_daemon_that_exited_but_is_not_reaped_counts_as_stopped(sb):
+    # sandbox_down waits for its daemons to exit. A zombie has exited (its sockets are
+    # closed); only its reaping is late, which this machine kind's init takes ~1 s for.
+    live = sb.spawn()
+    zombie = subprocess.Popen(["true"])  # our child, never waited on until the end
+    try:
+        deadline = time.monotonic() + 10
+        stat = pathlib.Path(f"/proc/{zombie.pid}/stat")
+        while stat.read_text().rsplit(") ", 1)[1][0] != "Z":
+            assert time.monotonic() < deadline, "`true` did not exit within 10 s"
+            time.sleep(0.01)
+        checks = {pid: sb.sh(f"pid_running {pid}").returncode for pid in (live, zombie.pid)}
+        checks["gone"] = sb.sh("pid_running 999999999").returncode
+    finally:
+        zombie.wait()
+    assert checks == {live: 0, zombie.pid: 1, "gone": 1}
 
 
 def test_ip_forward_already_on_stays_on(sb):
