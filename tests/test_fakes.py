@@ -7,6 +7,8 @@ import os
 import pathlib
 import re
 
+import pytest
+
 FAKES = pathlib.Path(__file__).resolve().parent / "fakes"
 KNOB = re.compile(r"\bFAKE_[A-Z][A-Z_]*[A-Z]\b")
 
@@ -60,21 +62,21 @@ def _cycle_as_seen(tmp, **env):
         h.close()
 
 
-def test_a_forked_fake_is_what_an_execd_one_is(tmp_path, monkeypatch):
+@pytest.mark.parametrize("name, env", [("green", {}), ("red", {"FAKE_VERIFY_FAIL": "1"})])
+def test_a_forked_fake_is_what_an_execd_one_is(tmp_path, monkeypatch, name, env):
     # The unit tests fork the fakes instead of exec'ing an interpreter per call. The driver
     # must not be able to tell: the same run, green and red, gives the same calls, exit
     # status and verdict either way, and each forked fake is a process of its own.
     import conftest
 
-    for name, env in (("green", {}), ("red", {"FAKE_VERIFY_FAIL": "1"})):
-        forked = _cycle_as_seen(tmp_path / f"{name}-forked", **env)
-        monkeypatch.setattr(conftest, "EXEC_FAKES", True)
-        execd = _cycle_as_seen(tmp_path / f"{name}-execd", **env)
-        monkeypatch.setattr(conftest, "EXEC_FAKES", False)
-        assert forked[:3] == execd[:3], name
-        assert forked[0] == (0 if name == "green" else 1)
-        pids = forked[3]
-        assert len(set(pids)) == len(pids) and os.getpid() not in pids
+    forked = _cycle_as_seen(tmp_path / f"{name}-forked", **env)
+    monkeypatch.setattr(conftest, "EXEC_FAKES", True)
+    execd = _cycle_as_seen(tmp_path / f"{name}-execd", **env)
+    monkeypatch.setattr(conftest, "EXEC_FAKES", False)
+    assert forked[:3] == execd[:3], name
+    assert forked[0] == (0 if name == "green" else 1)
+    pids = forked[3]
+    assert len(set(pids)) == len(pids) and os.getpid() not in pids
 
 
 class _CutShort:
