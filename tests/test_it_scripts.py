@@ -257,6 +257,37 @@ def test_a_daemon_that_exited_but_is_not_reaped_counts_as_stopped(sb):
     assert checks == {live: 0, zombie.pid: 1, "gone": 1}
 
 
+def _main_of_it_run(sb, domains, stub=""):
+    """it-run's main around a command that does nothing (`exec -- sh -c :`), the substrate
+    check stubbed: what it leaves of the sandbox after the command, given `domains`."""
+    virsh_state(sb, domains=domains)
+    return sb.sh(f"ensure_substrate() {{ :; }}; {stub} main exec -- sh -c :")
+
+
+def test_a_sandbox_with_vms_left_stays_up_however_long_their_list(sb):
+    # `virsh list | grep -q .` under pipefail failed whenever grep quit before virsh had
+    # written its last line, and it-run then tore down the sandbox under the kept VMs
+    # (2 of 4 real `up`s). A list longer than a pipe's buffer makes that certain.
+    many = {f"boma-it-askari-{i:08x}": {"state": "running"} for i in range(4000)}
+    p = _main_of_it_run(sb, many)
+    assert p.returncode == 0, p.stderr
+    assert "VMs remain in sandbox" in p.stderr, p.stderr
+    assert NS in sb.state()["netns"], "the sandbox was torn down under its VMs"
+
+
+def test_a_sandbox_whose_libvirt_does_not_answer_stays_up(sb):
+    p = _main_of_it_run(sb, {}, stub="sandbox_domains() { return 1; };")
+    assert p.returncode == 0, p.stderr
+    assert "did not answer: leaving it up" in p.stderr, p.stderr
+    assert NS in sb.state()["netns"]
+
+
+def test_a_sandbox_without_vms_is_torn_down_after_the_command(sb):
+    p = _main_of_it_run(sb, {})
+    assert p.returncode == 0, p.stderr
+    assert NS not in sb.state().get("netns", {}) and sb.state()["links"] == []
+
+
 def test_ip_forward_already_on_stays_on(sb):
     sb.update(lambda st: st["sysctl"].update({"net.ipv4.ip_forward": "1"}))
     assert sb.sh("sandbox_up").returncode == 0
