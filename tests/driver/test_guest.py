@@ -5,6 +5,7 @@ reboot proof and boot-time warnings.
 import json
 import pathlib
 import re
+import socket
 import time
 import types
 import xml.etree.ElementTree as ET
@@ -24,6 +25,55 @@ def test_ssh_never_answers(h, mode):
     assert h.domains() == {}
     notes = list(h.diag.glob("*/NOTE"))
     assert notes and "SSH" in notes[0].read_text()
+
+
+@pytest.mark.parametrize(
+    "mode, why",
+    [
+        ("errors", "cloud-init failed: ('users_groups', KeyError('ansible'))"),
+        ("never", "cloud-init had not finished after 1s (no /run/cloud-init/result.json)"),
+        ("text:<html>", "unreadable /run/cloud-init/result.json: '<html>'"),
+    ],
+)
+def test_a_cloud_init_that_fails_or_never_finishes_fails_the_boot(h, mode, why):
+    # The guest waits for cloud-init's result file and prints it (one SSH call): a stage
+    # that failed, a result that never comes, or one the driver cannot read is the boot's
+    # error, never a pass.
+    p = h.run("up", "--host", "askari", FAKE_CLOUD_INIT=mode, BOMA_IT_TIMEOUT_CLOUD_INIT="1")
+    assert p.returncode == 3, p.stderr
+    line = assert_one_line_error(p)
+    assert line.startswith("integration-vm: error: cloud-init:") and why in line, line
+    assert h.domains() == {}
+
+
+def test_cloud_init_with_recoverable_errors_is_a_line_not_a_failure(h):
+    p = h.run("up", "--host", "askari", FAKE_CLOUD_INIT="recoverable")
+    assert p.returncode == 0, p.stderr
+    assert "cloud-init finished with recoverable errors: DEPRECATED: Key 'foo' is deprecated" in (
+        p.stdout + p.stderr
+    )
+
+
+def test_the_wait_for_a_new_boot_handshakes_only_once_tcp_22_answers():
+    # A handshake costs a TCG guest 1-2.6 s of emulated crypto, a TCP connect nothing: the
+    # wait for a rebooted guest looks at TCP 22 often, and tries SSH only once it answers,
+    # then no more often than the harness's poll.
+    attempts = []
+    closed, listening = socket.socket(), socket.create_server(("127.0.0.1", 0))
+    closed.bind(("127.0.0.1", 0))  # bound, never listening: connection refused
+    ctx = types.SimpleNamespace(ssh_port=closed.getsockname()[1], poll=60)
+    rs = types.SimpleNamespace(ip="127.0.0.1")
+    probe = ivm.gated_by_tcp22(ctx, rs, lambda deadline: attempts.append(deadline))
+    try:
+        deadline = time.monotonic() + 5
+        assert probe(deadline) is None and attempts == []
+        ctx.ssh_port = listening.getsockname()[1]
+        probe(deadline)
+        probe(deadline)  # within the poll of the last attempt
+        assert attempts == [deadline]
+    finally:
+        closed.close()
+        listening.close()
 
 
 def test_reboot_with_unchanged_boot_id_is_an_infra_error(h):

@@ -34,6 +34,10 @@ Behaviour knobs (env):
                              power cut is a start too) the guest's kernel panics (a panic
                              line on its console, no lease)
   FAKE_NO_ANALYZE=1          the guest's `systemd-analyze time` fails (boot not finished)
+  FAKE_CLOUD_INIT=M          the wait for cloud-init's /run/cloud-init/result.json: errors
+                             (a stage failed), recoverable (a deprecation), never (the file
+                             never appears: the guest's `timeout N` ends the wait, exit
+                             124), text:T (the file holds T); default: finished, no errors
   FAKE_SYSTEM_STATE=X        `systemctl is-system-running` prints X (default running)
   FAKE_RUNNING_SLEEP=N       `systemctl is-system-running --wait` takes N seconds (a slow boot)
   FAKE_VERIFY_FAIL=1         the verify playbook fails one task once the guest has rebooted
@@ -677,8 +681,8 @@ def ssh():
         print(boot_id)
     elif command.startswith("sudo -n date -u -s @"):
         print(time.strftime("%a %b %d %H:%M:%S UTC %Y", time.gmtime()))
-    elif command == "cloud-init status --wait":
-        print("status: done")
+    elif CLOUD_INIT_RESULT in command:
+        cloud_init_result(command)
     elif command == "systemctl is-system-running --wait":
         if ENV.get("FAKE_RUNNING_SLEEP"):
             time.sleep(float(ENV["FAKE_RUNNING_SLEEP"]))
@@ -693,6 +697,26 @@ def ssh():
         )
     else:
         print(f"fake output of: {command}")
+
+
+CLOUD_INIT_RESULT = "/run/cloud-init/result.json"
+
+
+def cloud_init_result(command):
+    """The guest's wait for cloud-init's result file (`timeout N sh -c 'until ...; cat'`)."""
+    mode = ENV.get("FAKE_CLOUD_INIT", "")
+    v1 = {"datasource": "DataSourceNoCloud [seed=/dev/vdb]", "errors": [], "recoverable_errors": {}}
+    if mode == "never":
+        time.sleep(float(command.split()[1]))  # the guest's coreutils timeout N
+        sys.exit(124)
+    if mode.startswith("text:"):
+        print(mode[5:])
+        return
+    if mode == "errors":
+        v1["errors"] = ["('users_groups', KeyError('ansible'))"]
+    elif mode == "recoverable":
+        v1["recoverable_errors"] = {"DEPRECATED": ["Key 'foo' is deprecated"]}
+    print(_dumps({"v1": v1}))
 
 
 GUEST_CHANGES = ("forward-accept-gone", "port-443-gone", "late-443", "dhclient", "service-inactive")
