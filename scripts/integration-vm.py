@@ -389,10 +389,25 @@ def run(
     return res
 
 
+# cmdlog -> [line, repeats since, last time]: a wait's poll (the same command back to back,
+# up to four times a second) is one line, then one line that says how often it ran.
+_LAST_LOGGED = {}
+
+
 def _log_command(cmdlog, argv):
-    """Append one timestamped line for argv to the command log."""
+    """Append one timestamped line for argv to the command log. A command repeated back
+    to back is written once; the next different command first writes how many more times
+    it ran, and until when."""
+    now, line = datetime.datetime.now().isoformat(timespec="seconds"), shlex.join(argv)
+    last = _LAST_LOGGED.get(str(cmdlog))
+    if last and last[0] == line:
+        last[1], last[2] = last[1] + 1, now
+        return
     with open(cmdlog, "a") as fh:
-        fh.write(f"{datetime.datetime.now().isoformat(timespec='seconds')} {shlex.join(argv)}\n")
+        if last and last[1]:
+            fh.write(f"{last[2]} (the command above ran {last[1]} more times until here)\n")
+        fh.write(f"{now} {line}\n")
+    _LAST_LOGGED[str(cmdlog)] = [line, 0, now]
 
 
 def _pump(stream, stream_log, chunks):

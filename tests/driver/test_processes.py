@@ -81,3 +81,19 @@ def test_an_interrupt_inside_popen_kills_the_child(monkeypatch):
         for proc in started:
             proc.kill()
             proc.wait()
+
+
+def test_a_poll_is_one_line_of_the_command_log_and_a_count(tmp_path):
+    # A wait polls up to four times a second: the log keeps every command, but a run of
+    # the same one is a line and a count, written when the next command comes.
+    log = tmp_path / "commands.log"
+    poll = ["virsh", "domifaddr", "vm", "--source", "lease"]
+    for argv in (poll, poll, poll, ["ssh", "vm", "true"], poll):
+        ivm._log_command(log, argv)
+    lines = [ln.split(" ", 1)[1] for ln in log.read_text().splitlines()]
+    assert lines == [
+        "virsh domifaddr vm --source lease",
+        "(the command above ran 2 more times until here)",
+        "ssh vm true",
+        "virsh domifaddr vm --source lease",
+    ]
