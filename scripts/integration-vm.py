@@ -410,6 +410,15 @@ def _log_command(cmdlog, argv):
     _LAST_LOGGED[str(cmdlog)] = [line, 0, now]
 
 
+def flush_command_log(cmdlog):
+    """Write the pending repeat count of cmdlog's last command (the run ends, and no
+    different command will come to write it)."""
+    last = _LAST_LOGGED.pop(str(cmdlog), None)
+    if cmdlog is not None and last and last[1]:
+        with contextlib.suppress(OSError), open(cmdlog, "a") as fh:
+            fh.write(f"{last[2]} (the command above ran {last[1]} more times until here)\n")
+
+
 def _pump(stream, stream_log, chunks):
     """Tee a merged stdout+stderr stream, line by line, into chunks, stream_log and our
     stderr (run()'s stream_log mode, in a thread)."""
@@ -6075,6 +6084,7 @@ def run_phases(ctx, args, run):
     finally:
         if run.rs is not None:  # a kept VM keeps no SSH process of ours either
             run.rs.close_ssh()
+        flush_command_log(run.cmdlog)
         if run.day2 is not None:  # REF's worktree goes, whatever happened
             run.day2.close(ctx)
         run.release_slot()

@@ -97,3 +97,22 @@ def test_a_poll_is_one_line_of_the_command_log_and_a_count(tmp_path):
         "ssh vm true",
         "virsh domifaddr vm --source lease",
     ]
+
+
+def test_a_count_still_pending_when_the_run_ends_is_written(tmp_path, monkeypatch):
+    # The last command of a run may be a poll (a wait that timed out, a kept VM): its
+    # count has no next command to write it, so the session's end does.
+    log = tmp_path / "commands.log"
+    poll = ["virsh", "domstate", "vm"]
+
+    def polls(ctx, args, run):
+        for _ in range(3):
+            ivm._log_command(run.cmdlog, poll)
+
+    monkeypatch.setitem(ivm.SESSION_PHASES, "up", (polls,))
+    run = ivm.Run(command="up", cmdlog=log)
+    assert ivm.run_phases(None, None, run) == ivm.EXIT_PASS
+    lines = [ln.split(" ", 1)[1] for ln in log.read_text().splitlines()]
+    assert lines == ["virsh domstate vm", "(the command above ran 2 more times until here)"]
+    ivm._log_command(log, poll)  # a new run's first command is a line of its own
+    assert log.read_text().splitlines()[-1].endswith(" virsh domstate vm")
