@@ -1557,8 +1557,65 @@ NET_XML = """<network>
 """
 
 
+def net_shape(xml):
+    """What the harness relies on in a network definition (NAT, the bridge and its STP,
+    the subnet and its DHCP range), libvirt's defaults filled in; {} when the XML does
+    not parse. Libvirt adds a uuid and a MAC to what it was given: those are not compared."""
+    try:
+        el = ET.fromstring(xml)
+    except ET.ParseError:
+        return {}
+
+    def attr(path, name, default=None):
+        node = el.find(path)
+        return None if node is None else node.get(name, default)
+
+    return {
+        "forward": attr("forward", "mode", "nat") or "isolated",
+        "bridge": attr("bridge", "name"),
+        "stp": attr("bridge", "stp", "on"),
+        "delay": attr("bridge", "delay", "0"),
+        "address": attr("ip", "address"),
+        "netmask": attr("ip", "netmask"),
+        "dhcp": f"{attr('ip/dhcp/range', 'start')}-{attr('ip/dhcp/range', 'end')}",
+    }
+
+
+_UUID = re.compile(r"\b[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}\b", re.I)
+
+
+def net_drift(defined_xml):
+    """The fields where a defined network differs from NET_XML, as `name=defined` texts."""
+    want, have = net_shape(NET_XML), net_shape(defined_xml)
+    return [f"{k}={have.get(k)}" for k in want if have.get(k) != want[k]]
+
+
+def redo_drifted_network(ctx, active):
+    """A network an older harness defined (STP on, before 2026-12-05) is undefined, to be
+    defined again from NET_XML; True if it was. Never under a VM: an active network with
+    one attached stays (a line says so). An inactive one has none (a fresh libvirtd's)."""
+    r = virsh(ctx, "net-dumpxml", "--inactive", NET_NAME, check=True, stage="network")
+    drift = ", ".join(net_drift(r.stdout))
+    if not drift:
+        return False
+    if active:
+        ports = virsh(ctx, "net-port-list", NET_NAME, check=True, stage="network")  # one a NIC
+        if _UUID.search(ports.stdout):
+            progress(ctx, "network", f"{NET_NAME} differs ({drift}); kept while a VM uses it")
+            return False
+        virsh(ctx, "net-destroy", NET_NAME, check=True, stage="network")
+    virsh(ctx, "net-undefine", NET_NAME, check=True, stage="network")
+    progress(ctx, "network", f"{NET_NAME} redefined: it differed ({drift})")
+    return True
+
+
 def ensure_network(ctx):
+    """The harness's network, defined as NET_XML says and active."""
     r = virsh(ctx, "net-info", NET_NAME)
+    if r.returncode == 0 and redo_drifted_network(
+        ctx, active=parse_net_info(r.stdout).get("active") == "yes"
+    ):
+        r = virsh(ctx, "net-info", NET_NAME)  # undefined: defined again below
     if r.returncode != 0:
         xml = ctx.cache / "net.xml"
         write_owned(xml, NET_XML)

@@ -673,3 +673,57 @@ def test_a_reboots_diagnostics_are_never_reached_through_a_symlink(tmp_path):
     (tmp_path / "reboot-1-graceful").symlink_to(elsewhere)
     with pytest.raises(ivm.InfraError, match="symlink"):
         ivm.reboot_dir(rs, 1, "graceful")
+
+
+# ---- the harness's network: as NET_XML defines it ------------------------------------------
+OLD_NET_XML = ivm.NET_XML.replace("stp='off'", "stp='on'")  # before 2026-12-05 (ADR-030)
+
+
+def test_a_network_definition_is_compared_on_what_the_harness_relies_on():
+    libvirt_made = ivm.NET_XML.replace(
+        "<forward", "<uuid>0f0e</uuid>\n  <mac address='52:54:00:aa:bb:cc'/>\n  <forward"
+    )
+    assert ivm.net_drift(ivm.NET_XML) == [] and ivm.net_drift(libvirt_made) == []
+    assert ivm.net_drift(OLD_NET_XML) == ["stp=on"]
+    assert ivm.net_drift(ivm.NET_XML.replace(" stp='off'", "")) == ["stp=on"]  # its default
+    assert ivm.net_drift(ivm.NET_XML.replace("150", "151")) == [
+        "address=192.168.151.1",
+        "dhcp=192.168.151.10-192.168.151.254",
+    ]
+    assert len(ivm.net_drift("<network")) == len(ivm.net_shape(ivm.NET_XML))
+
+
+def _seed_network(h, monkeypatch, xml, domains=None, active=True):
+    """The fake libvirt holding boma-it as `xml`, and a context whose virsh is the fake."""
+    for k, v in h.env.items():  # the driver's commands take this process's environment
+        monkeypatch.setenv(k, v)
+    net = {"active": active, "autostart": True, "xml": xml}
+    st = {"domains": domains or {}, "networks": {"boma-it": net}, "leases": {}, "calls": {}}
+    h.state_file.write_text(json.dumps(st))
+    h.cache.mkdir(parents=True)
+    return ivm.ctx_from_env(h.env, types.SimpleNamespace())
+
+
+@pytest.mark.parametrize("active", [True, False], ids=["active", "inactive"])
+def test_a_network_an_older_harness_defined_is_redefined(h, monkeypatch, capsys, active):
+    # ensure_network used to define boma-it only when it was missing, so a machine kept
+    # the bridge with STP (each resume waited ~3 s for the port) until someone removed it.
+    # Inactive: what a sandbox's fresh libvirtd holds (and libvirt lists no ports there).
+    ctx = _seed_network(h, monkeypatch, OLD_NET_XML, active=active)
+    ivm.ensure_network(ctx)
+    net = h.state()["networks"]["boma-it"]
+    assert "stp='off'" in net["xml"] and net["active"] and net["autostart"]
+    assert "network: boma-it redefined: it differed (stp=on)" in capsys.readouterr().err
+    n = len(h.virsh_cmds())
+    ivm.ensure_network(ctx)  # as defined now: looked at, nothing redone
+    assert [a[0] for a in h.virsh_cmds()[n:]] == ["net-info", "net-dumpxml"]
+
+
+def test_a_drifted_network_is_kept_while_a_vm_uses_it(h, monkeypatch, capsys):
+    vm = "boma-it-askari-0123abcd"
+    xml = f"<domain><name>{vm}</name><interface><source network='boma-it'/></interface></domain>"
+    dom = {"xml": xml, "state": "running", "metadata": None, "mac": None, "boot_id": "x"}
+    ivm.ensure_network(_seed_network(h, monkeypatch, OLD_NET_XML, {vm: dom}))
+    assert h.state()["networks"]["boma-it"]["xml"] == OLD_NET_XML
+    assert "boma-it differs (stp=on); kept while a VM uses it" in capsys.readouterr().err
+    assert not [a for a in h.virsh_cmds() if a[0] in ("net-destroy", "net-undefine")]

@@ -230,9 +230,33 @@ def virsh():
                 f"Autostart:      {'yes' if n['autostart'] else 'no'}\nBridge:         virbr-boma"
             )
         elif cmd == "net-define":
-            name = re.search(r"<name>([^<]+)</name>", read_text(rest[0])).group(1)
-            nets[name] = {"active": False, "autostart": False}
+            xml = read_text(rest[0])
+            name = re.search(r"<name>([^<]+)</name>", xml).group(1)
+            if name in nets:
+                die(f"error: operation failed: network '{name}' already exists")
+            nets[name] = {"active": False, "autostart": False, "xml": xml}
             print(f"Network {name} defined from {rest[0]}")
+        elif cmd == "net-dumpxml":  # libvirt adds what it was not given (uuid, mac)
+            name = [a for a in rest if not a.startswith("--")][0]
+            if name not in nets:
+                die(f"error: failed to get network '{name}'")
+            print(nets[name]["xml"].replace("<name>", "<uuid>0f0e</uuid>\n  <name>", 1))
+        elif cmd == "net-port-list":  # a port per running domain on the network
+            name = rest[0]
+            if not nets.get(name, {}).get("active"):
+                die(f"error: Requested operation is not valid: network '{name}' is not active")
+            print(" UUID\n" + "-" * 39)
+            for d in doms.values():
+                if d["state"] == "running" and f"<source network='{name}'" in d["xml"]:
+                    print(" 9e3b6a1c-0000-4000-8000-000000000001")
+        elif cmd == "net-destroy":
+            if not nets.get(rest[0], {}).get("active"):
+                die(f"error: Requested operation is not valid: network '{rest[0]}' is not active")
+            nets[rest[0]]["active"] = False
+        elif cmd == "net-undefine":
+            if rest[0] not in nets or nets[rest[0]]["active"]:
+                die(f"error: Failed to undefine network {rest[0]}")
+            del nets[rest[0]]
         elif cmd == "net-start":
             nets[rest[0]]["active"] = True
         elif cmd == "net-autostart":
