@@ -20,6 +20,7 @@ process (signals, process groups, two concurrent runs) start it as a subprocess
 import atexit
 import contextlib
 import ctypes
+import dataclasses
 import functools
 import importlib.util
 import inspect
@@ -52,6 +53,23 @@ def load_script(filename, module_name):
 @functools.cache
 def _compiled(source, filename):
     return compile(source, filename, "exec")
+
+
+# Each run_driver re-executes the driver's module, and @dataclass builds every method of
+# its dozen dataclasses by compiling generated source (~85 % of the ~10 ms a module run
+# takes). The generated text is the same on every run, so its code is compiled once: the
+# exec that follows still makes fresh functions in the new module's namespace, as before.
+@functools.cache
+def _compiled_dataclass_source(text):
+    return compile(text, "<string>", "exec")
+
+
+def _exec_dataclass_source(source, globals=None, locals=None):
+    code = _compiled_dataclass_source(source) if isinstance(source, str) else source
+    exec(code, globals, locals)
+
+
+dataclasses.exec = _exec_dataclass_source  # shadows the builtin for dataclasses' module only
 
 
 # ---- the fake tools, forked instead of exec'd ----------------------------------------------
