@@ -1592,19 +1592,24 @@ def net_drift(defined_xml):
 
 def redo_drifted_network(ctx, active):
     """A network an older harness defined (STP on, before 2026-12-05) is undefined, to be
-    defined again from NET_XML; True if it was. Never under a VM: an active network with
-    one attached stays (a line says so). An inactive one has none (a fresh libvirtd's)."""
+    defined again from NET_XML; True if it was. Never under a VM: not while a harness VM
+    exists (running, or defined and about to start) nor while any VM's NIC is on it; it
+    then stays, and a line says so. Under the lock a run holds to define its VM."""
     r = virsh(ctx, "net-dumpxml", "--inactive", NET_NAME, check=True, stage="network")
     drift = ", ".join(net_drift(r.stdout))
     if not drift:
         return False
-    if active:
-        ports = virsh(ctx, "net-port-list", NET_NAME, check=True, stage="network")  # one a NIC
-        if _UUID.search(ports.stdout):
-            progress(ctx, "network", f"{NET_NAME} differs ({drift}); kept while a VM uses it")
+    with file_lock(ctx, ctx.cache / "lock", "network"):
+        users = ", ".join(sorted(owned_domains(ctx)))
+        if not users and active:  # an inactive network has no ports (a fresh libvirtd's)
+            ports = virsh(ctx, "net-port-list", NET_NAME, check=True, stage="network")
+            users = "a VM's NIC" if _UUID.search(ports.stdout) else ""
+        if users:
+            progress(ctx, "network", f"{NET_NAME} differs ({drift}); kept while in use: {users}")
             return False
-        virsh(ctx, "net-destroy", NET_NAME, check=True, stage="network")
-    virsh(ctx, "net-undefine", NET_NAME, check=True, stage="network")
+        if active:
+            virsh(ctx, "net-destroy", NET_NAME, check=True, stage="network")
+        virsh(ctx, "net-undefine", NET_NAME, check=True, stage="network")
     progress(ctx, "network", f"{NET_NAME} redefined: it differed ({drift})")
     return True
 

@@ -719,11 +719,19 @@ def test_a_network_an_older_harness_defined_is_redefined(h, monkeypatch, capsys,
     assert [a[0] for a in h.virsh_cmds()[n:]] == ["net-info", "net-dumpxml"]
 
 
-def test_a_drifted_network_is_kept_while_a_vm_uses_it(h, monkeypatch, capsys):
+@pytest.mark.parametrize(
+    "state, metadata, user",
+    [
+        ("running", False, "a VM's NIC"),  # any VM on it, the harness's or not
+        ("shut off", True, "boma-it-askari-0123abcd"),  # a harness VM defined, not started
+    ],
+)
+def test_a_drifted_network_is_kept_while_in_use(h, monkeypatch, capsys, state, metadata, user):
     vm = "boma-it-askari-0123abcd"
     xml = f"<domain><name>{vm}</name><interface><source network='boma-it'/></interface></domain>"
-    dom = {"xml": xml, "state": "running", "metadata": None, "mac": None, "boot_id": "x"}
+    meta = ivm.render_metadata_xml("x", "2026-12-05T06:00:00+00:00", "askari", "root")
+    dom = {"xml": xml, "state": state, "metadata": meta if metadata else None, "boot_id": "x"}
     ivm.ensure_network(_seed_network(h, monkeypatch, OLD_NET_XML, {vm: dom}))
     assert h.state()["networks"]["boma-it"]["xml"] == OLD_NET_XML
-    assert "boma-it differs (stp=on); kept while a VM uses it" in capsys.readouterr().err
+    assert f"boma-it differs (stp=on); kept while in use: {user}" in capsys.readouterr().err
     assert not [a for a in h.virsh_cmds() if a[0] in ("net-destroy", "net-undefine")]
