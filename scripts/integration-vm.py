@@ -1590,16 +1590,31 @@ def net_drift(defined_xml):
     return [f"{k}={have.get(k)}" for k in want if have.get(k) != want[k]]
 
 
-def redo_drifted_network(ctx, active):
-    """A network an older harness defined (STP on, before 2026-12-05) is undefined, to be
-    defined again from NET_XML; True if it was. Never under a VM: not while a harness VM
-    exists (running, or defined and about to start) nor while any VM's NIC is on it; it
-    then stays, and a line says so. Under the lock a run holds to define its VM."""
+def define_network(ctx):
+    xml = ctx.cache / "net.xml"
+    write_owned(xml, NET_XML)
+    virsh(ctx, "net-define", xml, check=True, stage="network")
+    virsh(ctx, "net-autostart", NET_NAME, stage="network")
+
+
+def network_drift(ctx):
     r = virsh(ctx, "net-dumpxml", "--inactive", NET_NAME, check=True, stage="network")
-    drift = ", ".join(net_drift(r.stdout))
-    if not drift:
+    return ", ".join(net_drift(r.stdout))
+
+
+def redo_drifted_network(ctx):
+    """A network an older harness defined (STP on, before 2026-12-05) is defined again
+    from NET_XML; True if it was. Never under a VM: not while a harness VM exists
+    (running, or defined and about to start) nor while any VM's NIC is on it; it then
+    stays, and a line says so. Decided and done under the lock a run holds to define its
+    VM, so two runs never redo it at once."""
+    if not network_drift(ctx):
         return False
     with file_lock(ctx, ctx.cache / "lock", "network"):
+        drift = network_drift(ctx)  # again, under the lock: another run may have redone it
+        if not drift:
+            return False
+        active = parse_net_info(virsh(ctx, "net-info", NET_NAME).stdout).get("active") == "yes"
         users = ", ".join(sorted(owned_domains(ctx)))
         if not users and active:  # an inactive network has no ports (a fresh libvirtd's)
             ports = virsh(ctx, "net-port-list", NET_NAME, check=True, stage="network")
@@ -1610,6 +1625,7 @@ def redo_drifted_network(ctx, active):
         if active:
             virsh(ctx, "net-destroy", NET_NAME, check=True, stage="network")
         virsh(ctx, "net-undefine", NET_NAME, check=True, stage="network")
+        define_network(ctx)
     progress(ctx, "network", f"{NET_NAME} redefined: it differed ({drift})")
     return True
 
@@ -1617,15 +1633,9 @@ def redo_drifted_network(ctx, active):
 def ensure_network(ctx):
     """The harness's network, defined as NET_XML says and active."""
     r = virsh(ctx, "net-info", NET_NAME)
-    if r.returncode == 0 and redo_drifted_network(
-        ctx, active=parse_net_info(r.stdout).get("active") == "yes"
-    ):
-        r = virsh(ctx, "net-info", NET_NAME)  # undefined: defined again below
     if r.returncode != 0:
-        xml = ctx.cache / "net.xml"
-        write_owned(xml, NET_XML)
-        virsh(ctx, "net-define", xml, check=True, stage="network")
-        virsh(ctx, "net-autostart", NET_NAME, stage="network")
+        define_network(ctx)
+    if r.returncode != 0 or redo_drifted_network(ctx):
         r = virsh(ctx, "net-info", NET_NAME, check=True, stage="network")
     if parse_net_info(r.stdout).get("active") != "yes":
         virsh(ctx, "net-start", NET_NAME, check=True, stage="network")

@@ -2,10 +2,12 @@
 reboot proof and boot-time warnings.
 """
 
+import fcntl
 import json
 import pathlib
 import re
 import socket
+import threading
 import time
 import types
 import xml.etree.ElementTree as ET
@@ -735,3 +737,25 @@ def test_a_drifted_network_is_kept_while_in_use(h, monkeypatch, capsys, state, m
     assert h.state()["networks"]["boma-it"]["xml"] == OLD_NET_XML
     assert f"boma-it differs (stp=on); kept while in use: {user}" in capsys.readouterr().err
     assert not [a for a in h.virsh_cmds() if a[0] in ("net-destroy", "net-undefine")]
+
+
+def test_a_network_another_run_redid_while_this_one_waited_is_left_alone(h, monkeypatch, capsys):
+    # Two runs can both see the old definition; the second decides again once it holds
+    # the lock, or it would undefine the network the first has just defined.
+    ctx = _seed_network(h, monkeypatch, OLD_NET_XML)
+    lock = open(h.cache / "lock", "a")  # noqa: SIM115 - held across the thread below
+    fcntl.flock(lock, fcntl.LOCK_EX)  # the other run, mid-redefinition
+    worker = threading.Thread(target=ivm.ensure_network, args=(ctx,))
+    worker.start()
+    deadline = time.monotonic() + 10
+    while not any(a[0] == "net-dumpxml" for a in h.virsh_cmds()):
+        assert time.monotonic() < deadline, "ensure_network never looked at the network"
+        time.sleep(0.02)
+    st = h.state()
+    st["networks"]["boma-it"]["xml"] = ivm.NET_XML  # what the other run defined
+    h.state_file.write_text(json.dumps(st))
+    lock.close()
+    worker.join(timeout=10)
+    assert not worker.is_alive()
+    assert not [a for a in h.virsh_cmds() if a[0] in ("net-destroy", "net-undefine")]
+    assert "redefined" not in capsys.readouterr().err
