@@ -745,12 +745,16 @@ def test_a_network_another_run_redid_while_this_one_waited_is_left_alone(h, monk
     ctx = _seed_network(h, monkeypatch, OLD_NET_XML)
     lock = open(h.cache / "lock", "a")  # noqa: SIM115 - held across the thread below
     fcntl.flock(lock, fcntl.LOCK_EX)  # the other run, mid-redefinition
+    at_lock, real_file_lock = threading.Event(), ivm.file_lock
+
+    def file_lock(*args):  # its first look is done (no fake runs): it waits for the lock
+        at_lock.set()
+        return real_file_lock(*args)
+
+    monkeypatch.setattr(ivm, "file_lock", file_lock)
     worker = threading.Thread(target=ivm.ensure_network, args=(ctx,))
     worker.start()
-    deadline = time.monotonic() + 10
-    while not any(a[0] == "net-dumpxml" for a in h.virsh_cmds()):
-        assert time.monotonic() < deadline, "ensure_network never looked at the network"
-        time.sleep(0.02)
+    assert at_lock.wait(timeout=10), "ensure_network never asked for the lock"
     st = h.state()
     st["networks"]["boma-it"]["xml"] = ivm.NET_XML  # what the other run defined
     h.state_file.write_text(json.dumps(st))
