@@ -372,7 +372,7 @@ def run(
             except subprocess.TimeoutExpired:
                 timed_out = True
                 _kill_group(proc)
-                out, err = proc.communicate()
+                out, err = _drain_killed(proc)
     except BaseException:
         _kill_group(proc)
         raise
@@ -387,6 +387,23 @@ def run(
     if check and (timed_out or res.returncode != 0):
         _raise_failed(res, timeout, stage)
     return res
+
+
+DRAIN_GRACE = 5  # seconds a killed command's pipes are still read (_drain_killed)
+
+
+def _drain_killed(proc):
+    """What a command killed at its bound had written, read for DRAIN_GRACE s more. A
+    process outside its group can hold its pipes open, so EOF may never come: OpenSSH's
+    ControlPersist master serves a session's stdio itself, and keeps it while the remote
+    command runs on (a guest whose `systemctl is-system-running --wait` never returns)."""
+    try:
+        return proc.communicate(timeout=DRAIN_GRACE)
+    except subprocess.TimeoutExpired:
+        for pipe in (proc.stdout, proc.stderr):
+            if pipe is not None:
+                pipe.close()
+        return "", ""
 
 
 # cmdlog -> [line, repeats since, last time]: a wait's poll (the same command back to back,

@@ -1,9 +1,11 @@
 """The process section: `run` (bounded, its own process group, logged) and its thin wrappers."""
 
+import contextlib
 import os
 import signal
 import subprocess
 import sys
+import time
 
 import pytest
 from conftest import ivm
@@ -116,3 +118,20 @@ def test_a_count_still_pending_when_the_run_ends_is_written(tmp_path, monkeypatc
     assert lines == ["virsh domstate vm", "(the command above ran 2 more times until here)"]
     ivm._log_command(log, poll)  # a new run's first command is a line of its own
     assert log.read_text().splitlines()[-1].endswith(" virsh domstate vm")
+
+
+def test_a_timeout_ends_even_when_another_session_holds_the_pipes(tmp_path, monkeypatch):
+    # A shared SSH connection's master (its own session, so outside the killed group)
+    # holds the session's stdout while the remote command runs on: the read after the
+    # kill waited for an EOF that never came, and a CI run hung for good at a reboot.
+    monkeypatch.setattr(ivm, "DRAIN_GRACE", 0.5)
+    holder = tmp_path / "holder.pid"
+    argv = ["sh", "-c", f"setsid sh -c 'echo $$ > {holder}; exec sleep 60' & sleep 60"]
+    t0 = time.monotonic()
+    try:
+        res = ivm.run(argv, timeout=1)
+        assert res.timed_out and res.returncode == 124
+        assert time.monotonic() - t0 < 1 + 0.5 + 3  # its bound, the drain's grace, slack
+    finally:
+        with contextlib.suppress(OSError, ValueError):
+            os.kill(int(holder.read_text()), signal.SIGKILL)

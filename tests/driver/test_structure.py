@@ -8,7 +8,7 @@ from conftest import DRIVER
 
 # The functions of the driver's "Processes" section: the only ones that may touch
 # subprocess (run() starts, _start() spawns, _kill_group() reaps).
-PROCESS_FUNCTIONS = {"run", "_start", "_kill_group"}
+PROCESS_FUNCTIONS = {"run", "_start", "_kill_group", "_drain_killed"}
 
 MAX_FUNCTION_LINES = 60
 
