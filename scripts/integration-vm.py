@@ -2912,6 +2912,15 @@ def note_boot_times(ctx, result, run_name):
         print(f"integration-vm: warning: boot history: {e}", file=sys.stderr)
 
 
+def queued_jobs(ctx, rs):
+    """`; jobs still queued: <unit> (<type>), ...` from the guest's `systemctl list-jobs`,
+    or "": what held a boot in `starting` (a timer's long job at hh:00 has). Never fails."""
+    r = rs.ssh("systemctl list-jobs --no-legend --no-pager", timeout=ctx.bounds["ssh-command"])
+    rows = [ln.split() for ln in r.stdout.splitlines() if len(ln.split()) >= 3]
+    jobs = [f"{row[1]} ({row[2]})" for row in rows if not r.timed_out and row[0].isdigit()]
+    return f"; jobs still queued: {', '.join(jobs)}" if jobs else ""
+
+
 def reboot_vm(ctx, rs, mode="graceful", before=None):
     """Reboot and PROVE it: boot_id must change. graceful = the guest's own clean
     shutdown on the ACPI power button, then power on; hard = power cut (virsh destroy).
@@ -2943,7 +2952,8 @@ def reboot_vm(ctx, rs, mode="graceful", before=None):
         raise InfraError(
             "reboot",
             f"system state {sysstate!r} after {bound:.0f}s "
-            f"(`systemctl is-system-running --wait`); console log: {rs.console_log}",
+            f"(`systemctl is-system-running --wait`{queued_jobs(ctx, rs)}); "
+            f"console log: {rs.console_log}",
         )
     after = capture_state(ctx, rs, boot_id=new_id)
     rs.data["boot_ids"].append(new_id)

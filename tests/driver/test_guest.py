@@ -763,3 +763,14 @@ def test_a_network_another_run_redid_while_this_one_waited_is_left_alone(h, monk
     assert not worker.is_alive()
     assert not [a for a in h.virsh_cmds() if a[0] in ("net-destroy", "net-undefine")]
     assert "redefined" not in capsys.readouterr().err
+
+
+def test_a_reboot_that_never_reaches_running_names_the_jobs_that_held_it(h):
+    # 2026-12-05: a reboot at 08:00:00 started trixie's hourly apt-listchanges job, which
+    # kept the guest `starting` for 16 min; the error says which job, not only the state.
+    p = h.run("cycle", "--host", "askari", FAKE_SYSTEM_STATE="starting")
+    assert p.returncode == 3, p.stderr
+    line = assert_one_line_error(p)
+    assert "reboot: system state 'starting' after" in line, line
+    assert "jobs still queued: apt-listchanges.service (start)" in line, line
+    assert h.domains() == {}

@@ -711,6 +711,9 @@ def ssh():
         if ENV.get("FAKE_RUNNING_SLEEP"):
             time.sleep(float(ENV["FAKE_RUNNING_SLEEP"]))
         print(sysstate)
+    elif command == "systemctl list-jobs --no-legend --no-pager":
+        if sysstate == "starting":  # trixie's hourly apt-listchanges, started at hh:00
+            print("513 apt-listchanges.service start running")
     elif command.startswith("systemctl --failed"):
         if sysstate == "degraded":
             print("fake-broken.service loaded failed failed Fake broken unit")
