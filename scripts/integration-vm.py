@@ -2916,8 +2916,10 @@ def queued_jobs(ctx, rs):
     """`; jobs still queued: <unit> (<type>), ...` from the guest's `systemctl list-jobs`,
     or "": what held a boot in `starting` (a timer's long job at hh:00 has). Never fails."""
     r = rs.ssh("systemctl list-jobs --no-legend --no-pager", timeout=ctx.bounds["ssh-command"])
-    rows = [ln.split() for ln in r.stdout.splitlines() if len(ln.split()) >= 3]
-    jobs = [f"{row[1]} ({row[2]})" for row in rows if not r.timed_out and row[0].isdigit()]
+    if r.timed_out:
+        return ""
+    rows = [ln.split() for ln in r.stdout.splitlines()]
+    jobs = [f"{row[1]} ({row[2]})" for row in rows if len(row) >= 3 and row[0].isdigit()]
     return f"; jobs still queued: {', '.join(jobs)}" if jobs else ""
 
 
