@@ -4,9 +4,11 @@ reboot proof and boot-time warnings.
 
 import fcntl
 import json
+import os
 import pathlib
 import re
 import socket
+import subprocess
 import threading
 import time
 import types
@@ -766,11 +768,92 @@ def test_a_network_another_run_redid_while_this_one_waited_is_left_alone(h, monk
 
 
 def test_a_reboot_that_never_reaches_running_names_the_jobs_that_held_it(h):
-    # 2026-12-05: a reboot at 08:00:00 started trixie's hourly apt-listchanges job, which
-    # kept the guest `starting` for 16 min; the error says which job, not only the state.
+    # the guest's own `timeout` ended its wait (exit 124): the error says which job held
+    # the boot, not only the state
     p = h.run("cycle", "--host", "askari", FAKE_SYSTEM_STATE="starting")
     assert p.returncode == 3, p.stderr
     line = assert_one_line_error(p)
-    assert "reboot: system state 'starting' after" in line, line
-    assert "jobs still queued: apt-listchanges.service (start)" in line, line
+    assert "reboot: system state 'timeout' after" in line, line
+    assert "jobs still queued: boma-hung.service (start)" in line, line
     assert h.domains() == {}
+
+
+def test_a_boot_held_only_by_timer_started_jobs_is_over_with_a_warning(h):
+    # 2026-12-05: a reboot at 08:00:00 started trixie's hourly apt-listchanges job, which
+    # kept the guest `starting` for 16 min, and the reboot failed after its 180 s bound
+    p = h.run("cycle", "--host", "askari", FAKE_TIMER_JOBS="apt-listchanges.service")
+    assert p.returncode == 0, p.stderr
+    (res,) = h.results()
+    (stage,) = res["reboot_stages"]
+    assert stage["timer_jobs"] == ["apt-listchanges.service"]
+    w = res["warnings"][0]
+    assert w.startswith("the graceful reboot's boot was over at "), w
+    assert "still running: apt-listchanges.service (not waited for" in w, w
+    assert f"integration-vm: warning: {w}" in p.stderr
+    assert "with only timer-started jobs left (apt-listchanges.service)" in p.stderr
+
+
+def _boot_wait(tmp_path, **scenario):
+    """The real guest-side boot wait, run by sh against a stub systemctl."""
+    stub = tmp_path / "systemctl"
+    stub.write_text(
+        "#!/bin/sh\n"
+        'case "$1 $2" in\n'
+        '"is-system-running --wait")\n'
+        '  [ -n "$STATE" ] && { echo "$STATE"; exit 0; }; exec sleep 9;;\n'
+        '"is-active --quiet") [ -n "$TARGET_ACTIVE" ];;\n'
+        '"list-jobs --no-legend") printf "%s" "$JOBS";;\n'
+        '"show -P") eval "echo \\$TRIGGER_$(echo "$4" | tr .- __)";;\n'
+        "esac\n"
+    )
+    stub.chmod(0o755)
+    env = {"PATH": f"{tmp_path}:{os.environ['PATH']}", **scenario}
+    script = ivm.boot_wait_script(poll=0.2)
+    return subprocess.run(
+        ["timeout", "1", "sh", "-c", script], env=env, capture_output=True, text=True, timeout=10
+    )
+
+
+def test_the_guest_side_boot_wait_prints_the_state_once_the_boot_is_over(tmp_path):
+    p = _boot_wait(tmp_path, STATE="degraded")
+    assert (p.returncode, p.stdout) == (0, "degraded\n"), p.stderr
+
+
+def test_the_guest_side_boot_wait_stops_early_when_only_timer_jobs_are_left(tmp_path):
+    jobs = "513 apt-listchanges.service start running\n601 man-db.service start running\n"
+    p = _boot_wait(
+        tmp_path,
+        TARGET_ACTIVE="1",
+        JOBS=jobs,
+        TRIGGER_apt_listchanges_service="apt-listchanges.timer",
+        TRIGGER_man_db_service="man-db.timer",
+    )
+    assert (p.returncode, p.stdout) == (
+        0,
+        "starting\ntimer-jobs: apt-listchanges.service man-db.service\n",
+    ), p.stderr
+
+
+@pytest.mark.parametrize(
+    "scenario",
+    [
+        # one job no timer started (a unit still starting): the boot is not over
+        {
+            "TARGET_ACTIVE": "1",
+            "JOBS": "513 apt-listchanges.service start running\n"
+            "530 boma-hung.service start running\n",
+            "TRIGGER_apt_listchanges_service": "apt-listchanges.timer",
+        },
+        # only timer jobs, but the boot target is not reached yet
+        {
+            "JOBS": "513 apt-listchanges.service start running\n",
+            "TRIGGER_apt_listchanges_service": "apt-listchanges.timer",
+        },
+        # the target reached and no job queued: systemd is about to say `running`
+        {"TARGET_ACTIVE": "1", "JOBS": ""},
+    ],
+    ids=["a-job-no-timer-started", "target-not-reached", "no-jobs-yet"],
+)
+def test_the_guest_side_boot_wait_keeps_waiting_while_the_boot_is_not_over(tmp_path, scenario):
+    p = _boot_wait(tmp_path, **scenario)
+    assert (p.returncode, p.stdout) == (124, ""), p.stderr

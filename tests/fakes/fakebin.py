@@ -40,6 +40,7 @@ Behaviour knobs (env):
                              124), text:T (the file holds T); default: finished, no errors
   FAKE_SYSTEM_STATE=X        `systemctl is-system-running` prints X (default running)
   FAKE_RUNNING_SLEEP=N       `systemctl is-system-running --wait` takes N seconds (a slow boot)
+  FAKE_TIMER_JOBS="u ..."    the boot wait: the boot is over but for these timer-started jobs
   FAKE_VERIFY_FAIL=1         the verify playbook fails one task once the guest has rebooted
                              (its second boot on: the 2026-06-17 story, "dies on reboot")
   FAKE_VERIFY_FAIL=live      ... on every boot, also right after the applies ("dead live")
@@ -707,13 +708,18 @@ def ssh():
         print(time.strftime("%a %b %d %H:%M:%S UTC %Y", time.gmtime()))
     elif CLOUD_INIT_RESULT in command:
         cloud_init_result(command)
-    elif command == "systemctl is-system-running --wait":
+    elif "systemctl is-system-running --wait" in command:  # the guest-side boot wait
         if ENV.get("FAKE_RUNNING_SLEEP"):
             time.sleep(float(ENV["FAKE_RUNNING_SLEEP"]))
-        print(sysstate)
+        if ENV.get("FAKE_TIMER_JOBS"):
+            print(f"starting\ntimer-jobs: {ENV['FAKE_TIMER_JOBS']}")
+        elif sysstate == "starting":  # held by a job no timer started: the guest's timeout
+            sys.exit(124)
+        else:
+            print(sysstate)
     elif command == "systemctl list-jobs --no-legend --no-pager":
-        if sysstate == "starting":  # trixie's hourly apt-listchanges, started at hh:00
-            print("513 apt-listchanges.service start running")
+        if sysstate == "starting":
+            print("513 boma-hung.service start running")
     elif command.startswith("systemctl --failed"):
         if sysstate == "degraded":
             print("fake-broken.service loaded failed failed Fake broken unit")
