@@ -19,7 +19,6 @@ process (signals, process groups, two concurrent runs) start it as a subprocess
 
 import atexit
 import contextlib
-import ctypes
 import dataclasses
 import functools
 import importlib.util
@@ -28,6 +27,7 @@ import io
 import json
 import os
 import pathlib
+import shlex
 import shutil
 import signal
 import socket
@@ -77,15 +77,37 @@ dataclasses.exec = _exec_dataclass_source  # shadows the builtin for dataclasses
 # Python start (~7 ms) plus its work, and the suite makes ~6,000 such calls: most of its
 # time. So while run_driver runs, a Popen whose executable is the fake launcher asks a
 # small fork server (tests/fakes/forkserver.py: fakebin.py already imported) for a forked
-# fake instead of exec'ing an interpreter; the fake is re-parented to this process, so it
-# is the driver's own child. Forking from here instead would copy this ~80 MB worker's
-# page tables per call (what the suite's system time went to). Everything the driver's
-# process code sees stays real: a child in its own session, pipes, exit codes, timeouts
-# that kill the group, signals to the pid. What is skipped is the exec and the
-# interpreter's start. Every other executable (and every fake when BOMA_TEST_EXEC_FAKES=1)
-# is exec'd as before.
+# fake instead of exec'ing an interpreter; the server clones it as this process's child
+# (CLONE_PARENT), so it is the driver's own child. Forking from here instead would copy
+# this ~80 MB worker's page tables per call (what the suite's system time went to).
+# Everything the driver's process code sees stays real: a child in its own session, pipes,
+# exit codes, timeouts that kill the group, signals to the pid. What is skipped is the
+# exec and the interpreter's start. Every other executable (and every fake when
+# BOMA_TEST_EXEC_FAKES=1) is exec'd as before.
 EXEC_FAKES = os.environ.get("BOMA_TEST_EXEC_FAKES") == "1"
-PR_SET_CHILD_SUBREAPER = 36
+
+
+@functools.cache
+def _python3_answering_the_mitogen_probe():
+    """The fake bin's `python3` (the interpreter of the fake ansible-playbook's #! line):
+    sh that answers the driver's Mitogen probe with what the real probe printed once in
+    this worker, and execs this venv's Python for anything else. The real probe imports
+    ansible-core and Mitogen: ~0.5 CPU-s, in each of ~110 driver runs a suite, the largest
+    single cost of the unit tests. test_ansible.py runs it for real. FAKE_NO_MITOGEN=1:
+    the probe fails as it does where Mitogen is not installed."""
+    real = subprocess.run(
+        [sys.executable, "-c", ivm.MITOGEN_PROBE], capture_output=True, text=True, timeout=60
+    )
+    q = shlex.quote
+    return (
+        "#!/bin/sh\n"
+        f'if [ "$#" = 2 ] && [ "$1" = -c ] && [ "$2" = {q(ivm.MITOGEN_PROBE)} ]; then\n'
+        '  [ "$FAKE_NO_MITOGEN" = 1 ] && {\n'
+        "    echo \"ModuleNotFoundError: No module named 'ansible_mitogen'\" >&2; exit 1; }\n"
+        f"  printf %s {q(real.stdout)}; printf %s {q(real.stderr)} >&2; exit {real.returncode}\n"
+        "fi\n"
+        f'exec {q(sys.executable)} "$@"\n'
+    )
 
 
 class _ForkServer:
@@ -103,7 +125,6 @@ class _ForkServer:
             start_new_session=True,
         )
         theirs.close()
-        self.libc = ctypes.CDLL(None, use_errno=True)
         atexit.register(self.close)  # ended and reaped with this process, not left behind
 
     @classmethod
@@ -122,13 +143,8 @@ class _ForkServer:
         if _ForkServer._current is self:
             _ForkServer._current = None
 
-    def _subreaper(self, on):
-        if self.libc.prctl(PR_SET_CHILD_SUBREAPER, int(on), 0, 0, 0) != 0:
-            raise OSError(ctypes.get_errno(), "prctl(PR_SET_CHILD_SUBREAPER)")
-
     def spawn(self, argv, cwd, env, std_fds, new_session):
-        """A forked fake as this process's child: its pid. Subreaper only for the request,
-        so no other orphan (a test's own subprocess tree) is ever re-parented here."""
+        """A forked fake as this process's child: its pid."""
         passed = [fd for fd in dict.fromkeys(std_fds) if fd != -1]
         req = {
             "argv": argv,
@@ -137,15 +153,12 @@ class _ForkServer:
             "fds": [None if fd == -1 else passed.index(fd) for fd in std_fds],
             "new_session": bool(new_session),
         }
-        self._subreaper(True)
         try:
             socket.send_fds(self.sock, [json.dumps(req).encode()], passed)
             pid = int(self.sock.recv(64) or b"-1")
         except BaseException:  # e.g. run_driver's alarm mid-request: the reply would be
             self.close()  # read as the next request's, so this server is done
             raise
-        finally:
-            self._subreaper(False)
         if pid <= 0:
             raise OSError("the fake tools' fork server could not fork")
         with open(f"/proc/{pid}/stat") as fh:  # a zombie still has it: only we reap it
@@ -423,7 +436,9 @@ class Harness:
         self.bin.mkdir()
         for t in TOOLS:
             (self.bin / t).symlink_to(FAKEBIN)
-        (self.bin / "python3").symlink_to(sys.executable)
+        python3 = self.bin / "python3"
+        python3.write_text(_python3_answering_the_mitogen_probe())
+        python3.chmod(0o755)
 
     @property
     def script(self):

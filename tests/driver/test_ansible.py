@@ -4,6 +4,8 @@ strategy (Mitogen or linear), identical parsing under both.
 
 import json
 import os
+import pathlib
+import sys
 import types
 
 import pytest
@@ -363,6 +365,15 @@ def test_resolve_strategy_probes_ansible_playbooks_own_interpreter_once(tmp_path
     calls = (tmp_path / "calls").read_text().splitlines()
     assert calls == ["-c " + ivm.MITOGEN_PROBE]  # probed once, with the probe
     assert "strategy mitogen_linear" in capsys.readouterr().err
+
+
+def test_the_pinned_mitogen_loads_under_the_venvs_own_ansible_playbook(capsys):
+    # the real probe, with the interpreter of this venv's ansible-playbook: what a harness
+    # run does first (the driver-level tests answer it from one such probe per worker)
+    pb = pathlib.Path(sys.executable).parent / "ansible-playbook"
+    c = ivm.resolve_strategy(_ctx(), str(pb))
+    assert c["used"] == "mitogen_linear", c
+    assert (pathlib.Path(c["plugin_dir"]) / "mitogen_linear.py").is_file()
 
 
 def test_resolve_strategy_falls_back_when_mitogen_does_not_import(tmp_path, capsys):

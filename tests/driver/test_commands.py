@@ -257,7 +257,7 @@ def test_bench_runs_cold_loop_and_warm_after_the_same_edit_and_leaves_nothing(hc
     before.parent.mkdir(parents=True, exist_ok=True)
     before.write_text("table inet filter {}\n")
     text = before.read_text()
-    p = hc.run("bench", "--host", "askari", timeout=180)
+    p = hc.run("bench", "--host", "askari", timeout=180, FAKE_NO_MITOGEN="1")
     assert p.returncode == 0, p.stderr
     assert before.read_text() == text  # edits only ever in a copy
     out = p.stdout
@@ -272,7 +272,7 @@ def test_bench_runs_cold_loop_and_warm_after_the_same_edit_and_leaves_nothing(hc
     ]
     assert "loop/cold = " in out and "warm/cold = " in out
     assert re.search(r"^loop-first/cold = [\d.]+$", out, re.M)  # no target of its own
-    # the fakes have no Mitogen: the bench says so instead of comparing linear with itself
+    # Mitogen does not load: the bench says so instead of comparing linear with itself
     assert "transport: not compared (Mitogen does not load" in out
     # one run dir for both loops (the second reused the first's VM): its result.json is
     # the newest loop's
