@@ -6376,13 +6376,14 @@ def phase_reboots(ctx, args, run):
         with timed_phase(ctx, result, f"reboot:{mode}") as entry:
             before, after = reboot_vm(ctx, rs, mode, before=last)
             entry["message"] = warn_reboot(result, rs.data["reboots"], rs)
-        result.setdefault("reboot_stages", []).append(
-            {
-                k: rs.data["reboots"][-1].get(k)
-                for k in ("mode", *(key for _, key in REBOOT_STAGE_ROWS), "stop_jobs")
-            }
-            | {k: v for k, v in rs.data["reboots"][-1].items() if k == "timer_jobs"}
-        )
+        last_reboot = rs.data["reboots"][-1]
+        stage = {
+            k: last_reboot.get(k)
+            for k in ("mode", *(key for _, key in REBOOT_STAGE_ROWS), "stop_jobs")
+        }
+        if last_reboot.get("timer_jobs"):
+            stage["timer_jobs"] = last_reboot["timer_jobs"]
+        result.setdefault("reboot_stages", []).append(stage)
         with timed_phase(ctx, result, f"reboot-diff:{mode}") as entry:
             summary = reboot_diff(
                 ctx, rs, run.profile, mode, before, after, result, args.reboot_diff

@@ -91,10 +91,10 @@ EXEC_FAKES = os.environ.get("BOMA_TEST_EXEC_FAKES") == "1"
 def _python3_answering_the_mitogen_probe():
     """The fake bin's `python3` (the interpreter of the fake ansible-playbook's #! line):
     sh that answers the driver's Mitogen probe with what the real probe printed once in
-    this worker, and execs this venv's Python for anything else. The real probe imports
-    ansible-core and Mitogen: ~0.5 CPU-s, in each of ~110 driver runs a suite, the largest
-    single cost of the unit tests. test_ansible.py runs it for real. FAKE_NO_MITOGEN=1:
-    the probe fails as it does where Mitogen is not installed."""
+    this worker, and execs this venv's Python for anything else. Each of ~110 driver runs a
+    suite exec'd an interpreter for the probe (~35 ms of CPU; it failed there, since a
+    symlinked venv interpreter is not the venv). test_ansible.py runs the real probe.
+    FAKE_NO_MITOGEN=1: the probe fails as it does where Mitogen is not installed."""
     real = subprocess.run(
         [sys.executable, "-c", ivm.MITOGEN_PROBE], capture_output=True, text=True, timeout=60
     )
