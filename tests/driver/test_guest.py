@@ -193,6 +193,39 @@ def test_a_panic_twice_or_after_the_applies_is_the_error_it_was(h, starts, stage
     assert p.stderr.count("starting once more") == (1 if starts == "1,2" else 0)
 
 
+def test_a_reboot_that_dies_of_the_emulators_int3_oops_is_powered_on_once_more(h):
+    # 2026-12-05, .ci/run: the power cut's boot hit `Oops: int3` in
+    # devcgroup_check_permission 11.6 s in (TCG's code-patching race) and the gate failed
+    env = {"FAKE_PANIC_ON_START": "2", "FAKE_PANIC_OOPS_INT3": "1"}
+    p = h.run("cycle", "--host", "askari", "--reboot", "hard", **env)
+    assert p.returncode == 0, p.stderr
+    assert "(Oops: int3 under TCG), not the host's: powering it on once more" in p.stderr
+    (res,) = h.results()
+    (stage,) = res["reboot_stages"]
+    assert stage["emulator_oops"] == "Kernel panic - not syncing: Fatal exception"
+    (w,) = res["warnings"]
+    assert w.startswith("the hard reboot's first boot died of the emulator's code-patching"), w
+    seq = [c["argv"][2] for c in h.calls("virsh") if c["argv"][2] in ("start", "destroy")]
+    # first boot, the power cut, its boot that died, then once more
+    assert seq[:5] == ["start", "destroy", "start", "destroy", "start"], seq
+
+
+@pytest.mark.parametrize(
+    "env",
+    [
+        {"FAKE_PANIC_ON_START": "2,3", "FAKE_PANIC_OOPS_INT3": "1"},  # the oops twice
+        {"FAKE_PANIC_ON_START": "2", "FAKE_PANIC_OOPS_INT3": "1", "BOMA_IT_ACCEL": "kvm"},
+    ],
+    ids=["twice", "under-kvm"],
+)
+def test_an_int3_oops_twice_or_under_kvm_is_the_error_it_was(h, env):
+    p = h.run("cycle", "--host", "askari", "--reboot", "hard", **env)
+    assert p.returncode == 3, p.stderr
+    line = assert_one_line_error(p)
+    assert line.startswith("integration-vm: error: reboot: the guest's kernel panicked"), line
+    assert p.stderr.count("powering it on once more") == (1 if "BOMA_IT_ACCEL" not in env else 0)
+
+
 def test_a_panic_of_an_earlier_boot_is_not_this_boots(h):
     p = h.run("up", "--host", "askari")
     assert p.returncode == 0, p.stderr

@@ -33,6 +33,7 @@ Behaviour knobs (env):
   FAKE_PANIC_ON_START=1,3    virsh start: on those starts of a domain (1 = its first boot; a
                              power cut is a start too) the guest's kernel panics (a panic
                              line on its console, no lease)
+  FAKE_PANIC_OOPS_INT3=1     ... after an `Oops: int3` line (TCG's code-patching race)
   FAKE_NO_ANALYZE=1          the guest's `systemd-analyze time` fails (boot not finished)
   FAKE_CLOUD_INIT=M          the wait for cloud-init's /run/cloud-init/result.json: errors
                              (a stage failed), recoverable (a deprecation), never (the file
@@ -297,6 +298,8 @@ def virsh():
             d["starts"] = d.get("starts", 0) + 1
             panics = str(d["starts"]) in ENV.get("FAKE_PANIC_ON_START", "").split(",")
             panic_line = "[   11.120851] Kernel panic - not syncing: Fatal exception"
+            if ENV.get("FAKE_PANIC_OOPS_INT3"):  # the emulator's code-patching race
+                panic_line = "[   11.110001] Oops: int3: 0000 [#1] PREEMPT SMP NOPTI\n" + panic_line
             if ENV.get("FAKE_PANIC_ON_REBOOT") and d.pop("shut_down_cleanly", None):
                 panics = True
                 panic_line = "[   17.454120] " + PANIC_IN_INTERRUPT
