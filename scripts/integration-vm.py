@@ -2797,8 +2797,8 @@ def read_boot_id(ctx, rs, timeout=None):
 # text_poke's breakpoint dance racing the emulator). That is the emulator's, not the
 # image's: a first boot that panics, before anything of the system under test has run in
 # the guest, is started once more on a fresh overlay (same image, same seed) and says so.
-# A second panic is the error it always was; a panic on any later boot (the reboots after
-# the applies) is never retried.
+# A second panic is the error it always was; on a later boot (the reboots after the
+# applies) only the emulator's own `Oops: int3` is retried (_wait_new_boot_past_emulator_oops).
 def boot(ctx, rs, image):
     """The run's first boot (_boot_once), once more after a kernel panic. -> the panic
     line of the first attempt, or None."""

@@ -39,7 +39,8 @@ Behaviour knobs (env):
                              (a stage failed), recoverable (a deprecation), never (the file
                              never appears: the guest's `timeout N` ends the wait, exit
                              124), text:T (the file holds T); default: finished, no errors
-  FAKE_SYSTEM_STATE=X        `systemctl is-system-running` prints X (default running)
+  FAKE_SYSTEM_STATE=X        `systemctl is-system-running` prints X (default running);
+                             starting: the boot wait ends by the guest's timeout (exit 124)
   FAKE_RUNNING_SLEEP=N       `systemctl is-system-running --wait` takes N seconds (a slow boot)
   FAKE_TIMER_JOBS="u ..."    the boot wait: the boot is over but for these timer-started jobs
   FAKE_VERIFY_FAIL=1         the verify playbook fails one task once the guest has rebooted
