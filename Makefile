@@ -56,14 +56,13 @@ $(VENV_STAMP): requirements.txt
 
 venv: $(VENV_STAMP) ## Create .venv with the pinned tools (re-runs when requirements.txt changes)
 
-lint: venv ## yamllint, ansible-lint (production profile), tag vocabulary, ruff (lint + format), shellcheck
+lint: venv ## yamllint, ansible-lint (production profile), tag vocabulary, ruff (lint + format), shellcheck (all from the venv)
 	$(VENV)/bin/yamllint -s .
 	$(VENV)/bin/ansible-lint
 	$(VENV)/bin/python scripts/check-tags.py
 	$(VENV)/bin/ruff check
 	$(VENV)/bin/ruff format --check
-	@command -v shellcheck >/dev/null || { echo "lint: shellcheck is missing: apt-get install shellcheck" >&2; exit 3; }
-	shellcheck $(SHELL_SCRIPTS)
+	$(VENV)/bin/shellcheck $(SHELL_SCRIPTS)
 
 # Two workers per core: many tests spend their time waiting out a bound (a fake that
 # never answers), and meanwhile a core runs another worker's test. worksteal: the last
