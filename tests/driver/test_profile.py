@@ -263,3 +263,38 @@ def test_hostile_profile_json_is_exit_2_one_line(h, content, needle):
     assert p.returncode == 2, p.stderr
     assert needle in assert_one_line_error(p)
     assert_nothing_created(h)
+
+
+def test_a_profile_names_its_verify_and_its_red_inherits_it():
+    # askari keeps the default verify; the control node has its own (ADR-031).
+    assert ivm.load_profile("askari")["verify"] == "tests/integration/verify.yml"
+    for host in ("ubongo", "ubongo-regression"):
+        prof = ivm.load_profile(host)
+        assert prof["verify"] == "tests/integration/verify-ubongo.yml", host
+        assert prof["groups"] == ["control"] and prof["reboot"] == ["graceful", "hard"]
+        assert [a["playbook"] for a in prof["applies"]] == ["site.yml", "workstation.yml"]
+    red = ivm.load_profile("ubongo-regression")["extra_vars_files"]
+    assert red == ["overrides/ubongo.yml", "overrides/ubongo-regression.yml"]
+
+
+def test_every_host_of_the_production_inventory_has_a_profile():
+    """Issue 25: the harness proves every host it runs for, the control node included."""
+    import yaml
+
+    inventory = yaml.safe_load((ivm.REPO_ROOT / "inventories/production/hosts.yml").read_text())
+
+    def hosts(group):
+        found = set((group or {}).get("hosts") or {})
+        for child in ((group or {}).get("children") or {}).values():
+            found |= hosts(child)
+        return found
+
+    names = hosts(inventory["all"])
+    assert {"askari", "ubongo"} <= names
+    missing = sorted(h for h in names if not (ivm.PROFILE_DIR / f"{h}.json").is_file())
+    assert missing == [], f"hosts without tests/integration/profiles/<host>.json: {missing}"
+    for host in names:
+        groups = {
+            g for g, v in inventory["all"]["children"].items() if host in (v.get("hosts") or {})
+        }
+        assert set(ivm.load_profile(host)["groups"]) == groups, host
