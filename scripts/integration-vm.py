@@ -891,7 +891,15 @@ def check_profile_types(data, path, root=None):
             raise UsageError(
                 f"profile {_rel(path, root)}: key 'applies[{i}].tags' must be a list of strings"
             )
-        extra = set(step) - {"playbook", "tags"}
+        step_files = step.get("extra_vars_files", [])
+        if not isinstance(step_files, list) or not all(
+            isinstance(f, str) and f for f in step_files
+        ):
+            raise UsageError(
+                f"profile {_rel(path, root)}: key 'applies[{i}].extra_vars_files' must be a "
+                "list of non-empty strings"
+            )
+        extra = set(step) - {"playbook", "tags", "extra_vars_files"}
         if extra:
             raise UsageError(
                 f"profile {_rel(path, root)}: key 'applies[{i}]' has unknown keys {sorted(extra)}"
@@ -958,7 +966,8 @@ def check_profile_paths(merged, top, repo_root):
                 f"profile {_rel(top, repo_root)}: key 'applies[{i}].playbook' names "
                 f"playbooks/{step['playbook']}, which does not exist"
             )
-    for f in merged["extra_vars_files"]:
+    step_files = [f for step in merged["applies"] for f in step.get("extra_vars_files", [])]
+    for f in merged["extra_vars_files"] + step_files:
         if resolved_under(repo_root / "tests" / "integration" / f, repo_root) is None:
             raise UsageError(
                 f"profile {_rel(top, repo_root)}: key 'extra_vars_files' names "
@@ -1036,15 +1045,19 @@ def load_profile(host, profile_dir=None, repo_root=None, read=None):
     merged.setdefault("verify", DEFAULT_VERIFY)
     check_profile_paths(merged, top, repo_root)
     merged["name"] = host
+    # The profile at the end of `extends`: the host whose booted checkpoint this one shares
+    # (a RED and its GREEN boot the same guest, ADR-031).
+    merged["root"] = chain[-1][0]
     merged["path"] = str(top)
     return merged
 
 
-def extra_vars_files(profile, tier, integ_dir=None, vault_values=None):
-    """Ordered -e @files: profile files, then the cert tier, then test vault values
-    (except for REAL_SECRET_TIERS, which use the production vault)."""
+def extra_vars_files(profile, tier, integ_dir=None, vault_values=None, step=None):
+    """Ordered -e @files: profile files, then the apply `step`'s own, then the cert tier,
+    then test vault values (except for REAL_SECRET_TIERS, which use the production vault)."""
     integ_dir = pathlib.Path(integ_dir or INTEG_DIR)
     files = [integ_dir / f for f in profile["extra_vars_files"]]
+    files += [integ_dir / f for f in (step or {}).get("extra_vars_files", [])]
     files.append(integ_dir / "certs" / f"{tier}.yml")
     vault_values = pathlib.Path(vault_values or TEST_VAULT_VALUES)
     if tier not in REAL_SECRET_TIERS and vault_values.is_file():
@@ -4445,9 +4458,10 @@ def verify_checks(output, host=None):
     return checks
 
 
-def run_playbook(ctx, rs, profile, playbook, tags, certs, phase, timeout, strategy=None):
+def run_playbook(ctx, rs, profile, playbook, tags, certs, phase, timeout, strategy=None, step=None):
     """One ansible-playbook call against the VM only; returns (rc, output). `strategy`
-    (a strategy_choice()) overrides the run's (the bench compares both)."""
+    (a strategy_choice()) overrides the run's (the bench compares both); `step`: the
+    profile's apply entry, whose own extra_vars_files this call also gets."""
     real_secrets = certs in REAL_SECRET_TIERS
     inv = write_run_inventory(ctx, rs, profile["groups"], with_vault=real_secrets)
     assert_single_host_inventory(inv.read_text(), rs.domain)
@@ -4464,6 +4478,7 @@ def run_playbook(ctx, rs, profile, playbook, tags, certs, phase, timeout, strate
             certs,
             ctx.repo / "tests" / "integration",
             ctx.repo / "tests" / "vault" / "test-values.yml",
+            step,
         ),
     )
     if real_secrets:
@@ -4528,6 +4543,7 @@ def apply(
                 certs,
                 phase,
                 ctx.bounds["apply"],
+                step=step,
             )
             recap = parse_recap(out).get(rs.domain, {})
             if rc != 0:
@@ -5023,7 +5039,7 @@ def checkpoint_chain(ctx, profile, certs, image_key, accel):
         "booted",
         booted_checkpoint_inputs(
             image_key,
-            profile["name"],
+            profile.get("root", profile["name"]),
             profile["mem_mib"],
             profile["vcpus"],
             accel,
@@ -5031,14 +5047,15 @@ def checkpoint_chain(ctx, profile, certs, image_key, accel):
         ),
     )
     chain = [("booted", parent, {})]
-    extra = extra_vars_files(
-        profile,
-        certs,
-        ctx.repo / "tests" / "integration",
-        ctx.repo / "tests" / "vault" / "test-values.yml",
-    )
     gv = group_vars_inputs(ctx, certs in REAL_SECRET_TIERS)
     for i, step in enumerate(profile["applies"], 1):
+        extra = extra_vars_files(
+            profile,
+            certs,
+            ctx.repo / "tests" / "integration",
+            ctx.repo / "tests" / "vault" / "test-values.yml",
+            step,
+        )
         paths, roles, complete = apply_input_paths(ctx.repo, step, extra, gv)
         inputs = {
             "playbook": step["playbook"],

@@ -137,6 +137,23 @@ def test_load_profile_extends_appends_extra_vars_and_replaces_lists(tmp_path):
             "tests/integration/overrides/nope.yml",
         ),
         (
+            {"a": {**BASE, "applies": [{"playbook": "site.yml", "extra_vars_files": "x.yml"}]}},
+            "a",
+            "'applies[0].extra_vars_files' must be a list of non-empty strings",
+        ),
+        (
+            {
+                "a": {
+                    **BASE,
+                    "applies": [
+                        {"playbook": "site.yml", "extra_vars_files": ["overrides/nope.yml"]}
+                    ],
+                }
+            },
+            "a",
+            "tests/integration/overrides/nope.yml, which does not exist",
+        ),
+        (
             {"a": {**BASE, "verify": "tests/nope.yml"}},
             "a",
             "verify playbook tests/nope.yml does not exist",
@@ -273,8 +290,13 @@ def test_a_profile_names_its_verify_and_its_red_inherits_it():
         assert prof["verify"] == "tests/integration/verify-ubongo.yml", host
         assert prof["groups"] == ["control"] and prof["reboot"] == ["graceful", "hard"]
         assert [a["playbook"] for a in prof["applies"]] == ["site.yml", "workstation.yml"]
-    red = ivm.load_profile("ubongo-regression")["extra_vars_files"]
-    assert red == ["overrides/ubongo.yml", "overrides/ubongo-regression.yml"]
+    red = ivm.load_profile("ubongo-regression")
+    assert red["extra_vars_files"] == ["overrides/ubongo.yml"] and red["root"] == "ubongo"
+    # The drop-in's switch goes to workstation.yml's apply only (ADR-031).
+    assert [a.get("extra_vars_files", []) for a in red["applies"]] == [
+        [],
+        ["overrides/ubongo-regression.yml"],
+    ]
 
 
 def test_every_host_of_the_production_inventory_has_a_profile():
