@@ -1045,9 +1045,7 @@ def load_profile(host, profile_dir=None, repo_root=None, read=None):
     merged.setdefault("verify", DEFAULT_VERIFY)
     check_profile_paths(merged, top, repo_root)
     merged["name"] = host
-    # The profile at the end of `extends`: the host whose booted checkpoint this one shares
-    # (a RED and its GREEN boot the same guest, ADR-031).
-    merged["root"] = chain[-1][0]
+    merged["root"] = chain[-1][0]  # whose booted checkpoint it shares (ADR-031)
     merged["path"] = str(top)
     return merged
 
