@@ -205,6 +205,13 @@ def tcp_probe(addr, port, timeout):
 # ---- inside the namespace -----------------------------------------------------------
 def inside(args):
     """The guest's side: DHCP, then address + route, then DNS, then the controller."""
+    # A real DHCP client reads its replies from a raw socket; this one uses UDP, so the
+    # kernel's reverse-path filter (a new namespace inherits the host's, Debian's is 2)
+    # would drop an offer from an address the namespace has no route to yet. Off here,
+    # in the guest's namespace only.
+    for conf in ("all", VETH_GUEST):
+        with open(f"/proc/sys/net/ipv4/conf/{conf}/rp_filter", "w") as f:
+            f.write("0\n")
     with open(f"/sys/class/net/{VETH_GUEST}/address") as f:
         mac = bytes.fromhex(f.read().strip().replace(":", ""))
     out = {"lease": dhcp_lease(VETH_GUEST, mac, args.timeout)}
