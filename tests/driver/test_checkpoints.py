@@ -431,3 +431,12 @@ def test_a_red_resumes_its_greens_checkpoint_and_gets_its_switch_on_one_apply_on
             late = any(a.endswith("overrides/askari-regression.yml") for a in argv)
             assert late == (name == "offsite.yml"), (name, argv)
     assert result_of(hc, p)["host"] == "askari-late"
+
+
+def test_the_control_nodes_red_resumes_its_greens_last_checkpoint():
+    ctx = ivm.ctx_from_env({}, types.SimpleNamespace())
+    green, red = (
+        [k for _, k, _ in ivm.checkpoint_chain(ctx, ivm.load_profile(h), "internal", "i", "tcg")]
+        for h in ("ubongo", "ubongo-regression")
+    )
+    assert red[:3] == green and len(red) == 4  # booted, applied-1, applied-2 shared

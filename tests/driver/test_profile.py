@@ -289,14 +289,16 @@ def test_a_profile_names_its_verify_and_its_red_inherits_it():
         prof = ivm.load_profile(host)
         assert prof["verify"] == "tests/integration/verify-ubongo.yml", host
         assert prof["groups"] == ["control"] and prof["reboot"] == ["graceful", "hard"]
-        assert [a["playbook"] for a in prof["applies"]] == ["site.yml", "workstation.yml"]
+        assert [a["playbook"] for a in prof["applies"][:2]] == ["site.yml", "workstation.yml"]
     red = ivm.load_profile("ubongo-regression")
     assert red["extra_vars_files"] == ["overrides/ubongo.yml"] and red["root"] == "ubongo"
-    # The drop-in's switch goes to workstation.yml's apply only (ADR-031).
-    assert [a.get("extra_vars_files", []) for a in red["applies"]] == [
-        [],
-        ["overrides/ubongo-regression.yml"],
-    ]
+    # The GREEN's applies, then the drop-in's switch on a third apply only (ADR-031).
+    assert red["applies"][:2] == ivm.load_profile("ubongo")["applies"]
+    assert red["applies"][2] == {
+        "playbook": "workstation.yml",
+        "tags": ["firewall"],
+        "extra_vars_files": ["overrides/ubongo-regression.yml"],
+    }
 
 
 def test_every_host_of_the_production_inventory_has_a_profile():
