@@ -133,18 +133,12 @@ SUBCOMMANDS = (
 CREATING_COMMANDS = ("up", "cycle", "bench", "loop")
 CONVERGING_COMMANDS = ("cycle", "bench", "loop")
 GATE_COMMANDS = ("cycle", "bench")
-LOOP_NOT_THE_GATE = (
-    "integration-vm: quick loop: one graceful reboot, no power cut, no idempotence pass. "
-    "This is NOT the gate: `make test-integration HOST={host}` (cycle) must pass before the "
-    "change is done. The VM stays up at this state until the next loop, cycle or "
-    "`make test-integration-clean`."
-)
 EXIT_PASS, EXIT_VERIFY, EXIT_USAGE, EXIT_INFRA, EXIT_INTERRUPTED = 0, 1, 2, 3, 130
 EXIT_CODES_HELP = """exit codes:
   0    pass (or, with --expect-fail[=STAGE], verify (or STAGE) failed as expected)
-  1    verify failed: the code under test failed (verify playbook, a failing apply,
-       an unexpected state difference across a reboot, changes on the post-reboot
-       re-apply); the VM is kept for inspection
+  1    the code under test failed: an apply, the reboot diff (an unexpected state
+       difference across a reboot), idempotence (changes on the post-reboot re-apply)
+       or verify; the last lines name which, and the VM is kept for inspection
   2    usage or configuration error (bad flag, unknown host/profile, bad profile JSON,
        missing playbook, prod certs without --allow-prod-certs); nothing was created
   3    infrastructure failure (image, boot, lease, SSH, cloud-init, reboot, libvirt,
@@ -6172,13 +6166,133 @@ def _current_phase(result):
     return running[-1] if running else "interrupted"
 
 
-def inspection_help(ctx, rs):
+# ---- the closing lines: the words a run ends with -----------------------------------------
+# Decided here only (issue 30), from result.json's fields: the command, the verdict, the
+# stage that failed and why the VM stays up. docs/runbooks/integration-testing.md ("The
+# closing lines") quotes each; tests/driver/test_session.py ends a session every way.
+# fmt: off
+FAILED_STAGE_WORDS = {
+    # the failed stage's family  its line ({story}: " (dead live)" ...; {msg}: the error's)
+    "apply":             "apply failed{story}: {msg}",
+    "from":              "apply of {ref} (--from) failed: {msg}",
+    "upgrade":           "apply failed{story}: {msg}",  # the working tree on top of REF
+    "reboot-diff":       "reboot diff found differences: {msg}",
+    "verify":            "verify failed{story}: {msg}",  # verify:live too
+    "idempotence":       "idempotence changed {changed} on the re-apply after the reboot: "
+                         "{tasks}",
+    "idempotence-apply": "idempotence re-apply failed: {msg}",
+}
+KEPT_WORDS = {
+    # why the VM stays up  the head of its inspection help
+    "failure":   "kept for inspection",
+    "loop-red":  "kept for inspection; the next loop applies your fix onto it",
+    "next-loop": "kept for the next loop",
+    "keep":      "kept (--keep)",
+    "not-ours":  "left up (this command did not create it)",
+}
+LOOP_VM_WORDS = {
+    # the loop's VM          how the loop's last line ends
+    "kept":                " The VM stays up at this state until the next loop, cycle or "
+                           "`make test-integration-clean`.",
+    "torn down":           " Its VM was torn down.",
+    "teardown incomplete": " Its VM's teardown was incomplete: `make test-integration-clean`.",
+    None:                  "",  # no VM (a guard refused the loop), or one left as it was
+}
+# fmt: on
+LOOP_NOT_THE_GATE = (
+    "a quick loop has one graceful reboot, no power cut and no idempotence pass. This is "
+    "NOT the gate: `make test-integration HOST={host}` (cycle) must pass before the change "
+    "is done.{vm}"
+)
+
+
+def stage_family(stage):
+    """A failed stage's FAILED_STAGE_WORDS key: apply:site.yml -> apply, verify:live ->
+    verify; idempotence:site.yml (the idempotence pass's apply itself failed) ->
+    idempotence-apply."""
+    family, _, step = (stage or "").partition(":")
+    return "idempotence-apply" if family == "idempotence" and step else family
+
+
+def kept_reason(command, verdict, keep):
+    """Why a run's VM stays up: its KEPT_WORDS key."""
+    if verdict == "pass":  # only a loop, or --keep, keeps a passing run's VM
+        return "next-loop" if command == "loop" else "keep"
+    if verdict == "interrupted":  # a creating command tears down unless --keep
+        return "keep" if keep and command in CREATING_COMMANDS else "not-ours"
+    return "loop-red" if command == "loop" else "failure"
+
+
+def verdict_words(result):
+    """The line a run that did not pass says first: the stage that failed, in words."""
+    verdict, stage, msg = result.get("verdict"), result.get("failed_stage"), result.get("message")
+    if verdict == "interrupted":
+        return (
+            f"interrupted during {stage}" if stage not in (None, "interrupted") else "interrupted"
+        )
+    if verdict == "error":  # an error's stage leads its message, as the InfraError reads
+        return f"error: {msg}" if stage in (None, "usage") else f"error: {stage}: {msg}"
+    if verdict != "fail":
+        return None
+    idem = result.get("idempotence") or {}
+    changed = idem.get("changed", 0)
+    return FAILED_STAGE_WORDS.get(stage_family(stage), "{stage} failed: {msg}").format(
+        stage=stage,
+        msg=msg,
+        story=f" ({result['story']})" if result.get("story") else "",
+        ref=(result.get("from_ref") or {}).get("ref") or "REF",
+        changed=f"{changed} task{'' if changed == 1 else 's'}",
+        tasks=", ".join(idem.get("changed_tasks") or result.get("failures") or ["?"]),
+    )
+
+
+def expect_words(result):
+    """--expect-fail's line, when the run did not fail where it names."""
+    want, stage = result.get("expect_fail"), result.get("failed_stage")
+    if want and result.get("verdict") == "pass":
+        return f"{want} PASSED but --expect-fail={want} was given"
+    if want and result.get("verdict") == "fail" and not expected_failure(result, stage):
+        return f"failed at {stage}, not at the expected stage {want} (--expect-fail)"
+    return None
+
+
+def loop_vm_fate(result):
+    """What became of a loop's VM: a LOOP_VM_WORDS key."""
+    if result.get("kept"):
+        return "kept"
+    teardown = [p for p in result.get("phase_details", []) if p["name"] == "teardown"]
+    if teardown:
+        return "torn down" if teardown[-1]["status"] == "pass" else "teardown incomplete"
+    return None
+
+
+def closing_lines(result, keep=False):
+    """The words of a run's closing lines, each after "integration-vm: ", from its
+    result.json fields and --keep (None: the run has no such line), in the order they
+    come: `verdict` (a run that did not pass), `kept` (the head of the kept VM's
+    inspection help), `expect` (--expect-fail's), `loop` (the quick loop's last line,
+    after the summary line format_summary writes)."""
+    command, verdict = result.get("command"), result.get("verdict")
+    loop = None
+    if command == "loop":
+        vm = LOOP_VM_WORDS[loop_vm_fate(result)]
+        loop = LOOP_NOT_THE_GATE.format(host=result.get("host") or "<host>", vm=vm)
+    return {
+        "verdict": verdict_words(result),
+        "kept": KEPT_WORDS[kept_reason(command, verdict, keep)] if result.get("kept") else None,
+        "expect": expect_words(result),
+        "loop": loop,
+    }
+
+
+def inspection_help(ctx, rs, kept):
+    """The kept VM's inspection help; `kept` says why it stays up (closing_lines)."""
     # Under scripts/it-run's sandbox the VM is only reachable inside its namespace.
     netns = ctx.settings["BOMA_IT_NETNS"]
     prefix = f"ip netns exec {netns} " if netns else ""
     ssh_cmd = shlex.join(ssh_argv(rs.dir, rs.domain, rs.ip or "<ip>", "", port=ctx.ssh_port)[:-1])
     return (
-        f"integration-vm: VM {rs.domain} (run {rs.name}) kept for inspection:\n"
+        f"integration-vm: VM {rs.domain} (run {rs.name}) {kept}:\n"
         f"  console log:  {rs.console_log}\n"
         f"  serial:       {prefix}virsh --connect {ctx.uri} console {rs.domain}\n"
         f"  ssh:          {prefix}{ssh_cmd}\n"
@@ -6311,7 +6425,7 @@ def end_session(ctx, args, run):
     if command == "bench":
         sys.stdout.write(format_bench_table(result))
     if command == "loop":
-        print(LOOP_NOT_THE_GATE.format(host=result.get("host") or "<host>"), file=sys.stderr)
+        print(f"integration-vm: {closing_lines(result)['loop']}", file=sys.stderr)
 
 
 # ---- the phases: each takes (ctx, args, run) and raises on failure -------------------
@@ -6457,7 +6571,8 @@ def phase_finish(ctx, args, run):
         if command == "loop":
             rs.data["kept_by"] = "loop"
             rs.save()
-        print(inspection_help(ctx, rs), file=sys.stderr, end="")
+        kept = closing_lines(run.result, args.keep)["kept"]
+        print(inspection_help(ctx, rs, kept), file=sys.stderr, end="")
     if command == "up":
         print(f"{rs.name} {rs.ip}", flush=True)
 
@@ -6511,16 +6626,9 @@ def apply_expect_fail(result, exit_code):
     want = result.get("expect_fail")
     if not want or exit_code not in (EXIT_PASS, EXIT_VERIFY):
         return exit_code
-    if exit_code == EXIT_PASS:
-        print(f"integration-vm: {want} PASSED but --expect-fail={want} was given", file=sys.stderr)
-        return EXIT_VERIFY
-    if expected_failure(result, result.get("failed_stage")):
+    if exit_code == EXIT_VERIFY and expected_failure(result, result.get("failed_stage")):
         return EXIT_PASS
-    print(
-        f"integration-vm: failed at {result.get('failed_stage')}, not at the expected "
-        f"stage {want} (--expect-fail)",
-        file=sys.stderr,
-    )
+    print(f"integration-vm: {closing_lines(result)['expect']}", file=sys.stderr)
     return EXIT_VERIFY
 
 
@@ -6543,7 +6651,8 @@ def teardown_or_keep(ctx, args, command, result, rs, teardown):
     if command == "loop":  # a red loop's VM is where the next loop's fix goes
         rs.data["kept_by"] = "loop"
         rs.save()
-    print(inspection_help(ctx, rs), file=sys.stderr, end="")
+    kept = closing_lines(result, getattr(args, "keep", False))["kept"]
+    print(inspection_help(ctx, rs, kept), file=sys.stderr, end="")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -6552,8 +6661,7 @@ class FailurePolicy:
     diagnostics: bool  # collect them (when a run exists)
     end: str  # the run's VM: "destroy" what this invocation created (unless --keep),
     #           "keep" it for inspection, or "leave" it as it is without a word
-    exit_code: int
-    says: str  # the one stderr line after "integration-vm: " ({msg}, {err}: the error)
+    exit_code: int  # (its words: closing_lines)
 
 
 # How a session ends, by failure kind. A VerifyFailed at the stage --expect-fail names
@@ -6561,14 +6669,10 @@ class FailurePolicy:
 # fmt: off
 FAILURE_POLICY = {
     #                          verdict        diagnostics  the VM     exit code
-    "verify":    FailurePolicy("fail",        True,        "keep",    EXIT_VERIFY,
-                               "verify failed{story}: {msg}"),
-    "infra":     FailurePolicy("error",       True,        "destroy", EXIT_INFRA,
-                               "error: {err}"),
-    "usage":     FailurePolicy("error",       False,       "leave",   EXIT_USAGE,
-                               "error: {err}"),
-    "interrupt": FailurePolicy("interrupted", False,       "destroy", EXIT_INTERRUPTED,
-                               "interrupted"),
+    "verify":    FailurePolicy("fail",        True,        "keep",    EXIT_VERIFY),
+    "infra":     FailurePolicy("error",       True,        "destroy", EXIT_INFRA),
+    "usage":     FailurePolicy("error",       False,       "leave",   EXIT_USAGE),
+    "interrupt": FailurePolicy("interrupted", False,       "destroy", EXIT_INTERRUPTED),
 }
 # fmt: on
 ERROR_KINDS = {EXIT_INFRA: "infra", EXIT_USAGE: "usage"}  # a HarnessError's, by exit code
@@ -6586,9 +6690,7 @@ def on_failure(ctx, args, run, kind, e):
         result["failures"] = e.failed_tasks
         result["story"] = story_of(result)
     lead = "\n" if kind == "interrupt" else ""  # after ^C the terminal's line is not empty
-    story = f" ({result['story']})" if result.get("story") else ""
-    says = policy.says.format(msg=msg, err=e, story=story)
-    print(f"{lead}integration-vm: {says}", file=sys.stderr)
+    print(f"{lead}integration-vm: {closing_lines(result)['verdict']}", file=sys.stderr)
     if rs is None or policy.end == "leave":
         return policy.exit_code
     if policy.diagnostics:
@@ -7679,17 +7781,16 @@ def main(argv=None):
             "status": cmd_status,
             "doctor": cmd_doctor,
         }[args.cmd](ctx, args)
-    except HarnessError as e:
-        print(f"integration-vm: error: {e}", file=sys.stderr)
-        return e.exit_code
     except KeyboardInterrupt:
-        print("\nintegration-vm: interrupted", file=sys.stderr)
+        ended = dict(new_result(args.cmd), verdict="interrupted")
+        print(f"\nintegration-vm: {closing_lines(ended)['verdict']}", file=sys.stderr)
         return EXIT_INTERRUPTED
     except Exception as e:  # one line, never a traceback
-        print(
-            f"integration-vm: error: {as_harness_error(e, new_result(args.cmd))}", file=sys.stderr
-        )
-        return EXIT_INFRA
+        e = as_harness_error(e, new_result(args.cmd))
+        msg = getattr(e, "msg", str(e))
+        ended = dict(new_result(args.cmd), verdict="error", failed_stage=e.stage, message=msg)
+        print(f"integration-vm: {closing_lines(ended)['verdict']}", file=sys.stderr)
+        return e.exit_code
 
 
 if __name__ == "__main__":  # pragma: no cover

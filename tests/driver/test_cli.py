@@ -90,7 +90,7 @@ def test_help_lists_exit_codes_and_subcommands(h):
     for needle in (
         "exit codes:",
         "130",
-        "verify failed",
+        "the code under test failed",
         "infrastructure failure",
         "usage or configuration error",
     ):

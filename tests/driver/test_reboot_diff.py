@@ -41,7 +41,11 @@ def test_reboot_diff_unexpected_change_fails_and_keeps_the_vm(h):
     )
     assert lost_accept in res["failures"]
     assert p.stdout.strip().splitlines()[-1].startswith("integration-vm: FAIL[reboot-diff] askari")
-    verdict = [ln for ln in p.stderr.splitlines() if ln.startswith("integration-vm: verify failed")]
+    verdict = [
+        ln
+        for ln in p.stderr.splitlines()
+        if ln.startswith("integration-vm: reboot diff found differences: ")
+    ]
     assert (
         len(verdict) == 1 and "12 unexpected difference(s) across the graceful reboot" in verdict[0]
     )

@@ -631,7 +631,9 @@ def calls(monkeypatch):
         ivm, "collect_diagnostics", lambda ctx, rs, why: seen.append(("diag", why)) or "/d"
     )
     monkeypatch.setattr(ivm, "down_run", lambda ctx, rs: seen.append(("down", rs.name)))
-    monkeypatch.setattr(ivm, "inspection_help", lambda ctx, rs: seen.append(("help", rs.name)))
+    monkeypatch.setattr(
+        ivm, "inspection_help", lambda ctx, rs, kept: seen.append(("help", rs.name))
+    )
     return seen
 
 
@@ -849,3 +851,209 @@ def test_result_json_is_written_through_its_schema(tmp_path, capsys):
     ivm.finish_result(ctx, result, rs)
     assert not (rs.dir / "result.json").exists()
     assert "undeclared field(s) typo_field" in capsys.readouterr().err
+
+
+# ---- the closing lines: every way a session ends, and what its last lines say (issue 30) ----
+VM = "boma-it-askari-0123abcd"
+APPLY_MSG = (
+    "ansible-playbook site.yml failed (exit 2) at task 'base : preflight | Refuse mesh-only "
+    "SSH'; log: /r/logs"
+)
+LIVE_MSG = "live verify playbook failed at: published :443 answers from the controller"
+VERIFY_MSG = "verify playbook failed at: published :443 answers from the controller"
+DIFF_MSG = (
+    "1 unexpected difference(s) across the hard reboot: nft: - rule inet filter forward: "
+    "meta iifname docker0 accept (diff: /d/diff.txt)"
+)
+IDEM_MSG = "2 task(s) changed on the re-apply after the reboot: base : a, base : b"
+GUARD_MSG = "refusing to start: MemAvailable 1024 MiB minus the VM's 2048 MiB must leave 1024 MiB"
+INSPECT = f"VM {VM} (run {VM}) kept for inspection:"
+LOOP_RED = f"VM {VM} (run {VM}) kept for inspection; the next loop applies your fix onto it:"
+NOT_THE_GATE = (
+    "a quick loop has one graceful reboot, no power cut and no idempotence pass. This is NOT "
+    "the gate: `make test-integration HOST=askari` (cycle) must pass before the change is done."
+)
+LOOP_KEPT = (
+    NOT_THE_GATE + " The VM stays up at this state until the next loop, cycle or "
+    "`make test-integration-clean`."
+)
+LOOP_GONE = NOT_THE_GATE + " Its VM was torn down."
+SUMMARY_HEADS = {"PASS", "FAIL", "ERROR", "INTERRUPTED"}  # format_summary's first word
+
+
+def _vf(stage, msg, failed=("x",)):
+    return ivm.VerifyFailed(stage, msg, list(failed))
+
+
+def _ci(stage="apply:site.yml"):
+    return stage, KeyboardInterrupt()
+
+
+# (command, the stage it stops at and what stops it, options) -> the lines after
+# "integration-vm: " it ends with (its summary line apart), and the summary's head.
+# fmt: off
+ENDINGS = {
+    "cycle passes":            ("cycle", None, {}, [], "PASS"),
+    "cycle --keep passes":     ("cycle", None, {"keep": True},
+                                [f"VM {VM} (run {VM}) kept (--keep):"], "PASS"),
+    "bench passes":            ("bench", None, {}, [], "PASS"),
+    "loop passes":             ("loop", None, {},
+                                [f"VM {VM} (run {VM}) kept for the next loop:", LOOP_KEPT], "PASS"),
+    "up passes":               ("up", None, {}, [], "PASS"),
+    "apply passes":            ("apply", None, {}, [], "PASS"),
+    "reboot passes":           ("reboot", None, {}, [], "PASS"),
+    "assert passes":           ("assert", None, {}, [], "PASS"),
+    "cycle: apply fails":      ("cycle", ("apply:site.yml", _vf("apply:site.yml", APPLY_MSG)), {},
+                                [f"apply failed: {APPLY_MSG}", INSPECT], "FAIL[apply:site.yml]"),
+    "cycle: REF's apply fails": ("cycle", ("from:site.yml", _vf("from:site.yml", APPLY_MSG)),
+                                {"from_ref": {"ref": "main"}},
+                                [f"apply of main (--from) failed: {APPLY_MSG}", INSPECT],
+                                "FAIL[from:site.yml]"),
+    "cycle: upgrade fails":    ("cycle", ("upgrade:site.yml", _vf("upgrade:site.yml", APPLY_MSG)),
+                                {}, [f"apply failed (upgrade fails): {APPLY_MSG}", INSPECT],
+                                "FAIL[upgrade:site.yml]"),
+    "cycle: dead live":        ("cycle", ("verify:live", _vf("verify:live", LIVE_MSG)), {},
+                                [f"verify failed (dead live): {LIVE_MSG}", INSPECT],
+                                "FAIL[verify:live]"),
+    "cycle: dies on reboot":   ("cycle", ("verify", _vf("verify", VERIFY_MSG)),
+                                {"passed": ["verify:live"]},
+                                [f"verify failed (dies on reboot): {VERIFY_MSG}", INSPECT],
+                                "FAIL[verify]"),
+    "cycle: reboot diff":      ("cycle", ("reboot-diff:hard", _vf("reboot-diff", DIFF_MSG)), {},
+                                [f"reboot diff found differences: {DIFF_MSG}", INSPECT],
+                                "FAIL[reboot-diff]"),
+    "cycle: idempotence":      ("cycle", ("idempotence", _vf("idempotence", IDEM_MSG)),
+                                {"idempotence": [2, "base : a", "base : b"]},
+                                ["idempotence changed 2 tasks on the re-apply after the reboot: "
+                                 "base : a, base : b", INSPECT], "FAIL[idempotence]"),
+    "bench: idempotence, 1":   ("bench", ("idempotence", _vf("idempotence", "1 task(s) ...")),
+                                {"idempotence": [1, "base : a"]},
+                                ["idempotence changed 1 task on the re-apply after the reboot: "
+                                 "base : a", INSPECT], "FAIL[idempotence]"),
+    "cycle: idempotence's apply fails": (
+                                "cycle", ("idempotence:site.yml",
+                                          _vf("idempotence:site.yml", APPLY_MSG)), {},
+                                [f"idempotence re-apply failed: {APPLY_MSG}", INSPECT],
+                                "FAIL[idempotence:site.yml]"),
+    "cycle: boot error":       ("cycle", ("boot", ivm.InfraError("dhcp-lease", "no lease")), {},
+                                ["error: dhcp-lease: no lease"], "ERROR[dhcp-lease]"),
+    "cycle --keep: boot error": ("cycle", ("boot", ivm.InfraError("dhcp-lease", "no lease")),
+                                {"keep": True}, ["error: dhcp-lease: no lease", INSPECT],
+                                "ERROR[dhcp-lease]"),
+    "cycle: Ctrl-C":           ("cycle", _ci(), {}, ["interrupted during apply:site.yml"],
+                                "INTERRUPTED[apply:site.yml]"),
+    "cycle --keep: Ctrl-C":    ("cycle", _ci(), {"keep": True},
+                                ["interrupted during apply:site.yml",
+                                 f"VM {VM} (run {VM}) kept (--keep):"],
+                                "INTERRUPTED[apply:site.yml]"),
+    "cycle: refused (usage)":  ("cycle", ("prepare", ivm.UsageError("bad --run")), {"vm": False},
+                                ["error: bad --run"], None),
+    "loop: dead live":         ("loop", ("verify:live", _vf("verify:live", LIVE_MSG)), {},
+                                [f"verify failed (dead live): {LIVE_MSG}", LOOP_RED, LOOP_KEPT],
+                                "FAIL[verify:live]"),
+    "loop: apply fails":       ("loop", ("apply:site.yml", _vf("apply:site.yml", APPLY_MSG)), {},
+                                [f"apply failed: {APPLY_MSG}", LOOP_RED, LOOP_KEPT],
+                                "FAIL[apply:site.yml]"),
+    "loop: reboot diff":       ("loop", ("reboot-diff:graceful", _vf("reboot-diff", DIFF_MSG)), {},
+                                [f"reboot diff found differences: {DIFF_MSG}", LOOP_RED,
+                                 LOOP_KEPT], "FAIL[reboot-diff]"),
+    "loop: dies on reboot":    ("loop", ("verify", _vf("verify", VERIFY_MSG)),
+                                {"passed": ["verify:live"]},
+                                [f"verify failed (dies on reboot): {VERIFY_MSG}", LOOP_RED,
+                                 LOOP_KEPT], "FAIL[verify]"),
+    "loop: refused by a guard": ("loop", ("boot", ivm.InfraError("guard", GUARD_MSG)),
+                                {"vm": False}, [f"error: guard: {GUARD_MSG}", NOT_THE_GATE],
+                                "ERROR[guard]"),
+    "loop: boot error":        ("loop", ("boot", ivm.InfraError("tcp-22", "no answer")), {},
+                                ["error: tcp-22: no answer", LOOP_GONE], "ERROR[tcp-22]"),
+    "loop: Ctrl-C":            ("loop", _ci(), {}, ["interrupted during apply:site.yml", LOOP_GONE],
+                                "INTERRUPTED[apply:site.yml]"),
+    "up: boot error":          ("up", ("boot", ivm.InfraError("tcp-22", "no answer")), {},
+                                ["error: tcp-22: no answer"], "ERROR[tcp-22]"),
+    "apply: apply fails":      ("apply", ("apply:site.yml", _vf("apply:site.yml", APPLY_MSG)), {},
+                                [f"apply failed: {APPLY_MSG}", INSPECT], "FAIL[apply:site.yml]"),
+    "apply: Ctrl-C":           ("apply", _ci(), {},
+                                ["interrupted during apply:site.yml",
+                                 f"VM {VM} (run {VM}) left up (this command did not create it):"],
+                                "INTERRUPTED[apply:site.yml]"),
+    "assert: verify fails":    ("assert", ("verify", _vf("verify", VERIFY_MSG)), {},
+                                [f"verify failed: {VERIFY_MSG}", INSPECT], "FAIL[verify]"),
+    "reboot: reboot diff":     ("reboot", ("reboot-diff:hard", _vf("reboot-diff", DIFF_MSG)), {},
+                                [f"reboot diff found differences: {DIFF_MSG}", INSPECT],
+                                "FAIL[reboot-diff]"),
+    "reboot: reboot error":    ("reboot", ("reboot:graceful",
+                                           ivm.InfraError("reboot:graceful", "boot_id unchanged")),
+                                {}, ["error: reboot:graceful: boot_id unchanged", INSPECT],
+                                "ERROR[reboot:graceful]"),
+    "cycle --expect-fail=verify:live, dead live": (
+                                "cycle", ("verify:live", _vf("verify:live", LIVE_MSG)),
+                                {"expect_fail": "verify:live"},
+                                [f"verify failed (dead live): {LIVE_MSG}"],
+                                "FAIL (expected fail)[verify:live]"),
+    "cycle --expect-fail=apply, apply fails": (
+                                "cycle", ("apply:site.yml", _vf("apply:site.yml", APPLY_MSG)),
+                                {"expect_fail": "apply"}, [f"apply failed: {APPLY_MSG}"],
+                                "FAIL (expected fail)[apply:site.yml]"),
+    "cycle --expect-fail, passes": (
+                                "cycle", None, {"expect_fail": "verify"},
+                                ["verify PASSED but --expect-fail=verify was given"],
+                                "PASS (expected FAIL at verify)"),
+    "cycle --expect-fail, apply fails": (
+                                "cycle", ("apply:site.yml", _vf("apply:site.yml", APPLY_MSG)),
+                                {"expect_fail": "verify"},
+                                [f"apply failed: {APPLY_MSG}", INSPECT,
+                                 "failed at apply:site.yml, not at the expected stage verify "
+                                 "(--expect-fail)"],
+                                "FAIL (expected FAIL at verify)[apply:site.yml]"),
+}
+# fmt: on
+
+
+def _end_session(tmp_path, monkeypatch, command, stop, opts):
+    """A session of `command` whose phases stop as `stop` says ((stage, exception): the
+    exception raised inside that stage's timed phase; None: it passes), with diagnostics
+    and teardown stubbed. Its stdout and stderr."""
+    monkeypatch.setattr(ivm, "_ignore_signals", lambda: None)
+    monkeypatch.setattr(ivm, "collect_diagnostics", lambda ctx, rs, why: "/diag")
+    monkeypatch.setattr(ivm, "down_run", lambda ctx, rs: None)
+    ctx = _ctx(tmp_path)
+    rs = ivm.RunState(ctx, {"name": VM, "host": "askari", "ip": "192.0.2.7", "state": "up"})
+
+    def phase(ctx, args, run):
+        if opts.get("vm", True):
+            run.attach(rs)
+        if "from_ref" in opts:
+            run.result["from_ref"] = opts["from_ref"]
+        for name in opts.get("passed", ()):
+            with ivm.timed_phase(ctx, run.result, name):
+                pass
+        if "idempotence" in opts:
+            n, *tasks = opts["idempotence"]
+            run.result["idempotence"] = {"changed": n, "changed_tasks": tasks}
+        if stop is not None:
+            with ivm.timed_phase(ctx, run.result, stop[0]):
+                raise stop[1]
+
+    monkeypatch.setitem(ivm.SESSION_PHASES, command, (phase, ivm.phase_finish))
+    args = types.SimpleNamespace(
+        host="askari",
+        keep=opts.get("keep", False),
+        expect_fail=opts.get("expect_fail"),
+        junit=None,
+    )
+    ivm.run_session(ctx, args, command)
+
+
+@pytest.mark.parametrize("ending", ENDINGS)
+def test_each_ending_says_what_happened(ending, tmp_path, monkeypatch, capsys):
+    command, stop, opts, lines, summary = ENDINGS[ending]
+    _end_session(tmp_path, monkeypatch, command, stop, opts)
+    out = capsys.readouterr()
+    said = [
+        ln.removeprefix("integration-vm: ")
+        for ln in (out.err + out.out).splitlines()
+        if ln.startswith("integration-vm: ")
+    ]
+    heads = [s for s in said if s.split(" ", 1)[0].split("[")[0] in SUMMARY_HEADS]
+    assert [s for s in said if s not in heads] == lines
+    assert [h.split(" askari ")[0] for h in heads] == ([summary] if summary else [])
