@@ -21,6 +21,7 @@ import subprocess
 import sys
 
 import pytest
+from conftest import ivm
 
 REPO = pathlib.Path(__file__).resolve().parents[2]
 DRIVER = REPO / "scripts" / "integration-vm.py"
@@ -94,6 +95,13 @@ def test_red_regression_fails_for_the_right_reason():
     # live verify fails before any reboot. (On askari in June the ruleset was enabled for
     # boot without being loaded, hence "after the reboot"; see docs/FRICTION.md #1.)
     assert result["failed_stage"] == "verify:live" and result["story"] == "dead live"
+    # ...and its closing lines say so (docs/runbooks/integration-testing.md, "The closing
+    # lines"): the stage that failed, its story, and why the VM is still up
+    verdict = "integration-vm: " + ivm.closing_lines(result)["verdict"]
+    assert verdict.startswith("integration-vm: verify failed (dead live): live verify playbook")
+    assert proc.stderr.splitlines().count(verdict) == 1, verdict
+    kept = f"integration-vm: VM {result['domain']} (run {result['vm']}) kept for inspection:"
+    assert kept in proc.stderr.splitlines(), kept
     failures = " ".join(result.get("failures", []))
     assert "published :443 answers from the controller" in failures
     assert "forward chain admits container traffic" in failures
