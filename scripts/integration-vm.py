@@ -7071,8 +7071,10 @@ def _h(tag, body, cls=None):
 
 def _table(head, rows, cls="grid"):
     """An HTML table; head and cells are already escaped."""
-    out = [f'<table class="{cls}"><thead><tr>']
-    out += [f"<th>{h}</th>" for h in head] + ["</tr></thead><tbody>"]
+    out = [f'<table class="{cls}">']
+    if head:
+        out += ["<thead><tr>", *[f"<th>{h}</th>" for h in head], "</tr></thead>"]
+    out.append("<tbody>")
     for row in rows:
         out.append("<tr>" + "".join(f"<td>{c}</td>" for c in row) + "</tr>")
     return "".join(out + ["</tbody></table>"])
@@ -7501,8 +7503,8 @@ def _report_facts(result):
         ("command", result.get("command")),
         (
             "commit",
-            (commit.get("commit") or "-")
-            + (" (working tree changed)" if commit.get("dirty") else ""),
+            commit.get("commit")
+            and commit["commit"] + (" (working tree changed)" if commit.get("dirty") else ""),
         ),
         ("from", f"{frm.get('ref')} ({frm.get('commit')})" if frm else None),
         ("accelerator", result.get("accel")),
@@ -7520,7 +7522,7 @@ def _report_facts(result):
         ("diagnostics", result.get("diagnostics")),
     ]
     rows = [(clean_text(k), clean_text(v, 400)) for k, v in facts if v not in (None, "")]
-    return '<section id="facts"><h2>The run</h2>' + _table(("", ""), rows, "facts") + "</section>"
+    return '<section id="facts"><h2>The run</h2>' + _table(None, rows, "facts") + "</section>"
 
 
 def _report_harness(result):
