@@ -7720,26 +7720,59 @@ REBOOT_STAGE_ROWS = (
 
 
 def format_bench_table(result):
-    rows = [("phase", "seconds", "status")]
+    """Each phase's seconds and status, the boot and reboot stages under them, and the
+    harness's own seconds in it (what the guest did not need: harness_seconds(), the
+    split the report's timeline draws), with the parts; the total's share of the cycle."""
+    per = harness_seconds(result)
+    rows = [("phase", "seconds", "status", "harness", "")]
     for p in result.get("phase_details", []):
-        rows.append((p["name"], f"{p['seconds']:.1f}", p["status"]))
-        if p["name"] == "boot":  # readiness stages, as seconds after `virsh start`
-            stages = result.get("boot_stages", {})
-            rows += [
-                (f"  boot to {stage}", f"{sec:.1f}", "")
-                for stage, sec in sorted(stages.items(), key=lambda kv: kv[1])
-            ]
-        if p["name"].startswith("reboot:"):  # seconds after the reboot was issued
-            for r in result.get("reboot_stages", []):
-                if p["name"] == f"reboot:{r['mode']}":
-                    rows += [
-                        (f"  reboot to {what}", f"{r[key]:.1f}", "")
-                        for what, key in REBOOT_STAGE_ROWS
-                        if r.get(key) is not None
-                    ]
-    rows.append(("total", f"{result.get('total_seconds') or 0:.1f}", result.get("verdict") or ""))
-    w = [max(len(r[i]) for r in rows) for i in range(3)]
-    return "\n".join(f"{a:<{w[0]}}  {b:>{w[1]}}  {c}" for a, b, c in rows) + "\n"
+        parts = per.get(p["name"], {})
+        rows.append(
+            (
+                p["name"],
+                f"{p['seconds']:.1f}",
+                p["status"],
+                f"{sum(parts.values()):.1f}" if parts else "",
+                ", ".join(f"{k} {v:.1f}" for k, v in parts.items() if k not in HARNESS_PHASES),
+            )
+        )
+        rows += [(f"  {what}", f"{sec:.1f}", "", "", "") for what, sec in _bench_stages(result, p)]
+    spent, _, pct = harness_share(result)
+    rows.append(
+        (
+            "total",
+            f"{result.get('total_seconds') or 0:.1f}",
+            result.get("verdict") or "",
+            f"{spent:.1f}",
+            f"({pct}% of the cycle)",
+        )
+    )
+    w = [max(len(r[i]) for r in rows) for i in range(4)]
+    return (
+        "\n".join(
+            f"{a:<{w[0]}}  {b:>{w[1]}}  {c:<{w[2]}}  {d:>{w[3]}}  {e}".rstrip()
+            for a, b, c, d, e in rows
+        )
+        + "\n"
+    )
+
+
+def _bench_stages(result, p):
+    """[(what, seconds)] under a phase row: a boot's readiness stages (after `virsh
+    start`), a reboot's (after it was issued)."""
+    if p["name"] == "boot":
+        stages = result.get("boot_stages", {})
+        return [(f"boot to {st}", sec) for st, sec in sorted(stages.items(), key=lambda kv: kv[1])]
+    out = []
+    if p["name"].startswith("reboot:"):
+        for r in result.get("reboot_stages", []):
+            if p["name"] == f"reboot:{r['mode']}":
+                out += [
+                    (f"reboot to {what}", r[key])
+                    for what, key in REBOOT_STAGE_ROWS
+                    if r.get(key) is not None
+                ]
+    return out
 
 
 def bench_start_of(result):
@@ -7770,6 +7803,8 @@ def format_bench_comparison(cold, warm, edited, loop=None, upgrade=None, first_l
             rows.append((fam, *[f"{t.get(fam, 0.0):.1f}" for t in totals]))
     secs = [cycle_seconds(r) for _, r in runs]
     rows.append(("total", *[f"{x:.1f}" for x in secs]))
+    shares = [harness_share(r) for _, r in runs]  # the seconds the guest did not need
+    rows.append(("harness", *[f"{h:.1f} ({pct}%)" for h, _, pct in shares]))
     width = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
     out = [
         f"bench: after editing {edited} (in a copy; loop-first: before it): "
