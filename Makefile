@@ -46,7 +46,7 @@ export ANSIBLE_CONFIG := $(CURDIR)/ansible.cfg
         bench-integration integration-status integration-doctor
 
 help: ## List every target
-	@awk 'BEGIN {FS = ":.*## "} /^[a-zA-Z_-]+:.*## / {printf "  \033[1m%-24s\033[0m %s\n", $$1, $$2}' $(MAKEFILE_LIST)
+	@awk 'BEGIN {FS = ":.*## "} /^[a-zA-Z0-9_-]+:.*## / {printf "  \033[1m%-24s\033[0m %s\n", $$1, $$2}' $(MAKEFILE_LIST)
 
 $(VENV_STAMP): requirements.txt
 	$(PYTHON) -m venv $(VENV)
