@@ -35,18 +35,18 @@ IT_FLAGS       = $(if $(CERTS),--certs $(CERTS)) $(if $(KEEP),--keep) $(if $(ALL
 SANDBOX       ?= auto
 ROLES         := $(notdir $(wildcard roles/*))
 # Every shell script: shellcheck reads them in `make lint` (ruff.toml says which Python).
-SHELL_SCRIPTS := .ci/run scripts/it-run scripts/it-leftovers $(wildcard scripts/*.sh) \
+SHELL_SCRIPTS := .ci/run scripts/it-run scripts/it-leftovers scripts/docker-engine $(wildcard scripts/*.sh) \
                  $(wildcard roles/*/files/*.sh)
 VENV_STAMP    := $(VENV)/.installed-$(shell sha256sum requirements.txt | cut -c1-12)
 export PATH   := $(CURDIR)/$(VENV)/bin:$(PATH)
 export ANSIBLE_CONFIG := $(CURDIR)/ansible.cfg
 
-.PHONY: help venv lint test test-unit coverage test-role test-all new-role deploy molecule-image \
+.PHONY: help venv lint test test-unit coverage test-role test-all new-role deploy docker-engine molecule-image \
         substrate test-integration test-integration-loop test-integration-red test-vm test-integration-clean \
         bench-integration integration-status integration-doctor test-report
 
 help: ## List every target
-	@awk 'BEGIN {FS = ":.*## "} /^[a-zA-Z_-]+:.*## / {printf "  \033[1m%-24s\033[0m %s\n", $$1, $$2}' $(MAKEFILE_LIST)
+	@awk 'BEGIN {FS = ":.*## "} /^[a-zA-Z0-9_-]+:.*## / {printf "  \033[1m%-24s\033[0m %s\n", $$1, $$2}' $(MAKEFILE_LIST)
 
 $(VENV_STAMP): requirements.txt
 	$(PYTHON) -m venv $(VENV)
@@ -96,7 +96,10 @@ coverage: venv ## Unit tests under coverage.py (the driver's subprocesses too): 
 	$(VENV)/bin/coverage combine -q
 	$(VENV)/bin/coverage report
 
-molecule-image: ## Build the local systemd Debian 13 image Molecule runs roles in (no registry)
+docker-engine: ## Make sure a Docker engine answers (installs docker.io as root, starts dockerd where there is no systemd)
+	scripts/docker-engine
+
+molecule-image: docker-engine ## Build the local systemd Debian 13 image Molecule runs roles in (no registry)
 	scripts/build-molecule-image.sh
 
 test-role: venv molecule-image ## Molecule default scenario for one role: make test-role ROLE=base
