@@ -45,6 +45,7 @@ import datetime
 import difflib
 import fcntl
 import hashlib
+import ipaddress
 import json
 import math
 import os
@@ -2092,25 +2093,96 @@ def write_owned(path, text, mode=0o644):
         raise
 
 
+def is_ipv4(value):
+    """`value` is an IPv4 address written the one canonical way (no leading zeros, no
+    padding, nothing around it)."""
+    try:
+        return isinstance(value, str) and str(ipaddress.IPv4Address(value)) == value
+    except ValueError:
+        return False
+
+
+def _count(lo):
+    return lambda v: isinstance(v, int) and not isinstance(v, bool) and v >= lo
+
+
+def _text(pattern):
+    return lambda v: isinstance(v, str) and re.fullmatch(pattern, v) is not None
+
+
+# What each field a state file (run.json, a checkpoint's manifest.json) carries must be
+# when it is read back: the driver runs as root, the files sit in a user's checkout or
+# cache, and their values reach virsh, ssh and the transient inventory.
+STATE_FIELD_CHECKS = {
+    "ip": is_ipv4,
+    "mac": _text(r"[0-9a-f]{2}(:[0-9a-f]{2}){5}"),
+    "host": _text(HOST_RE),
+    "domain": _text(RUN_NAME_RE.pattern),
+    "created_by": _text(RUN_NAME_RE.pattern),
+    "accel": lambda v: v in ACCEL_CHOICES,
+    "boot_id": _text(r"[0-9a-f-]{1,64}"),
+    "mem_mib": _count(1),
+    "vcpus": _count(1),
+    "applied_steps": _count(0),
+    "checkpoints_read": lambda v: isinstance(v, list) and all(isinstance(k, str) for k in v),
+}
+# Text that would be code to Ansible's templating (Jinja's three openers) or to a
+# terminal (control characters) is no state the harness ever wrote.
+_HOSTILE_TEXT = re.compile(r"\{\{|\{%|\{#|[\x00-\x08\x0b-\x1f\x7f]")
+
+
+def hostile_text(value, depth=0):
+    """The first string in `value` (any depth) that holds a template opener or a control
+    character, or None."""
+    if isinstance(value, str):
+        return value if _HOSTILE_TEXT.search(value) else None
+    items = value.items() if isinstance(value, dict) else value if isinstance(value, list) else ()
+    for item in items:
+        for part in item if isinstance(value, dict) else (item,):
+            found = None if depth > 20 else hostile_text(part, depth + 1)
+            if found is not None:
+                return found
+    return None
+
+
+def state_fields_problem(data, nullable=()):
+    """Why a state file's fields are not what the harness writes (one field named), or
+    None. Fields in `nullable` may also be null."""
+    for key, ok in STATE_FIELD_CHECKS.items():
+        if key in data and not (data[key] is None and key in nullable) and not ok(data[key]):
+            return f"bad {key}"
+    for key, value in data.items():
+        if hostile_text({key: value}) is not None:
+            return f"bad {key}: template or control characters"
+    return None
+
+
 def run_data_problem(data, dirname):
     """Why a run.json found in .run/<dirname> is not one the harness wrote, or None."""
     if not isinstance(data, dict):
         return "not a JSON object"
     if data.get("name") != dirname or not RUN_NAME_RE.fullmatch(dirname):
         return "its name is not its directory's harness run name"
-    if not isinstance(data.get("host"), str) or not re.fullmatch(HOST_RE, data["host"]):
-        return "bad host"
-    if "domain" in data and not (
-        isinstance(data["domain"], str) and RUN_NAME_RE.fullmatch(data["domain"])
-    ):
-        return "bad domain"
-    for key in ("created_at", "state", "ip", "accel", "certs"):
+    for key in ("created_at", "state", "certs", "image", "profile", "owner", "kept_by"):
         if data.get(key) is not None and not isinstance(data[key], str):
             return f"bad {key}"
-    if not isinstance(data.get("checkpoints_read", []), list) or not all(
-        isinstance(k, str) for k in data.get("checkpoints_read", [])
-    ):
-        return "bad checkpoints_read"
+    return state_fields_problem(
+        {"host": data.get("host"), **data}, nullable=("ip", "mac", "accel", "mem_mib", "vcpus")
+    )
+
+
+def run_paths_problem(ctx, data):
+    """Why a run.json's paths are not inside the trees the harness owns, or None."""
+    image = data.get("image")
+    if image is None:
+        return None
+    try:
+        resolved = pathlib.Path(image).resolve()
+        cache = ctx.cache.resolve()
+    except (OSError, RuntimeError, ValueError):
+        return "bad image"
+    if not pathlib.Path(image).is_absolute() or not resolved.is_relative_to(cache):
+        return f"bad image: not under {ctx.cache}"
     return None
 
 
@@ -2132,7 +2204,7 @@ def list_runs(ctx):
             data = None if why else json.loads(f.read_bytes().decode("utf-8"))
         except (OSError, ValueError, RecursionError) as e:
             why = f"unreadable run.json ({type(e).__name__})"
-        why = why or run_data_problem(data, p.name)
+        why = why or run_data_problem(data, p.name) or run_paths_problem(ctx, data)
         if why:
             if p not in _SKIPPED_RUNS:
                 _SKIPPED_RUNS.add(p)
@@ -4179,12 +4251,20 @@ def resolve_strategy(ctx, ansible_playbook):
     return active.strategy
 
 
+def ansible_unsafe(value):
+    """`value` as Ansible reads a string it must never template (JSON's form of YAML's
+    `!unsafe`, which its inventory and vars loaders decode)."""
+    return {"__ansible_unsafe": str(value)}
+
+
 def render_run_hosts(name, ip, ansible_user, groups, host_vars=None):
     """Transient single-host inventory, as JSON (which Ansible's YAML inventory plugin reads:
     JSON is YAML). `host_vars` is an optional {var: value}; each value is written as a
-    string. Single test host ONLY (safety invariant: no real host is ever in scope)."""
-    host = {"ansible_host": ip, "ansible_user": ansible_user}
-    host.update({k: str(v) for k, v in (host_vars or {}).items()})
+    string. Every value is marked unsafe: an address or a path read back from a state
+    file is data, never a Jinja template. Single test host ONLY (safety invariant: no
+    real host is ever in scope)."""
+    host = {"ansible_host": ip, "ansible_user": ansible_user, **(host_vars or {})}
+    host = {k: ansible_unsafe(v) for k, v in host.items()}
     children = {g: {"hosts": {name: dict(host)}} for g in groups}
     return json.dumps({"all": {"children": children}}, indent=2) + "\n"
 
@@ -4968,6 +5048,7 @@ def load_checkpoint(ctx, key):
     if (
         not isinstance(manifest, dict)
         or manifest.get("key") != key
+        or state_fields_problem(manifest) is not None
         or not all((d / f).is_file() for f in CHECKPOINT_FILES)
     ):
         return None
