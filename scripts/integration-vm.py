@@ -52,6 +52,7 @@ import os
 import pathlib
 import re
 import secrets
+import selectors
 import shlex
 import shutil
 import signal
@@ -342,16 +343,17 @@ def run(
     check=False,
     stage="command",
     cmdlog=None,
+    max_output=None,
 ):
     """Run argv with a hard wall-clock timeout, in its own process group (killed whole
     on timeout or interrupt). stream_log: merge stdout+stderr, tee to that file and to our
-    stderr line by line. Missing executable -> InfraError('tools'). check=True: nonzero
-    exit or timeout -> InfraError(stage)."""
+    stderr line by line. max_output: keep the last that many bytes of stdout and of stderr
+    (a guest's output has no end). Missing executable -> InfraError('tools').
+    check=True: nonzero exit or timeout -> InfraError(stage)."""
     argv = [str(a) for a in argv]
     if cmdlog:
         _log_command(cmdlog, argv)
-    t0 = time.monotonic()
-    proc = _start(argv, env, cwd, input, stream_log)
+    t0, proc = time.monotonic(), _start(argv, env, cwd, input, stream_log)
     timed_out = False
     try:
         if stream_log:
@@ -367,6 +369,8 @@ def run(
                 _kill_group(proc)
             pumper.join(timeout=5)
             out, err = "".join(chunks), ""
+        elif max_output:
+            out, err, timed_out = _communicate_capped(proc, input, timeout, max_output)
         else:
             try:
                 out, err = proc.communicate(input=input, timeout=timeout)
@@ -391,6 +395,61 @@ def run(
 
 
 DRAIN_GRACE = 5  # seconds a killed command's pipes are still read (_drain_killed)
+
+
+def _feed(pipe, data):
+    """Write `data` to a child's stdin and close it (a child that exits first is fine)."""
+    with contextlib.suppress(OSError, ValueError):
+        pipe.write(data)
+    with contextlib.suppress(OSError, ValueError):
+        pipe.close()
+
+
+def _communicate_capped(proc, input, timeout, cap):
+    """proc.communicate(input, timeout) keeping only the last `cap` bytes of stdout and
+    of stderr, each: memory stays bounded whatever the command prints. A command at its
+    bound is killed and read DRAIN_GRACE s more (as _drain_killed). -> (out, err, timed_out)"""
+    if input is not None:
+        threading.Thread(target=_feed, args=(proc.stdin, input), daemon=True).start()
+    pipes = [p for p in (proc.stdout, proc.stderr) if p is not None]
+    tails = {p.fileno(): [bytearray(), 0] for p in pipes}  # fd -> [tail, bytes cut]
+    timed_out, deadline = False, time.monotonic() + timeout
+    with selectors.DefaultSelector() as sel:
+        for fd in tails:
+            sel.register(fd, selectors.EVENT_READ)
+        while sel.get_map():
+            left = deadline - time.monotonic()
+            if left <= 0:
+                if timed_out:
+                    break  # another session holds the pipes open (ControlPersist)
+                timed_out = True
+                _kill_group(proc)
+                deadline = time.monotonic() + DRAIN_GRACE
+                continue
+            for key, _ in sel.select(timeout=min(left, 1.0)):
+                chunk = os.read(key.fd, 1 << 16)
+                if not chunk:
+                    sel.unregister(key.fd)
+                    continue
+                tail = tails[key.fd]
+                tail[0] += chunk
+                if len(tail[0]) > cap:
+                    tail[1] += len(tail[0]) - cap
+                    del tail[0][: len(tail[0]) - cap]
+    if not timed_out:
+        try:
+            proc.wait(timeout=max(0.1, deadline - time.monotonic()))
+        except subprocess.TimeoutExpired:  # its pipes are closed but it runs on
+            timed_out = True
+            _kill_group(proc)
+    texts = {}
+    for p in pipes:
+        tail, n_cut = tails[p.fileno()]
+        texts[p] = (f"[... first {n_cut} bytes cut]\n" if n_cut else "") + tail.decode(
+            "utf-8", "replace"
+        )
+        p.close()
+    return texts.get(proc.stdout, ""), texts.get(proc.stderr, ""), timed_out
 
 
 def _drain_killed(proc):
@@ -1923,6 +1982,11 @@ class RunRecord(JsonRecord):
     )
 
 
+# What one SSH command's output may hold (each of stdout and stderr, its tail kept): a
+# guest printing 128 MiB into a diagnostics command once took 410 MiB of the driver.
+GUEST_OUTPUT_MAX = 8 << 20
+
+
 @dataclasses.dataclass
 class RunState:
     ctx: Ctx
@@ -1967,7 +2031,7 @@ class RunState:
             if name not in self.console_seen and line in text:
                 self.console_seen[name] = time.monotonic()
         m = KERNEL_PANIC.search(text)
-        return m.group(0).strip() if m else None
+        return m.group(1).strip() if m else None
 
     @contextlib.contextmanager
     def watching_for_the_kernel(self, every=0.25):
@@ -2045,6 +2109,7 @@ class RunState:
             stage=stage,
             cmdlog=self.ctx.cmdlog,
             input=input,
+            max_output=GUEST_OUTPUT_MAX,
         )
 
     def close_ssh(self):
@@ -2660,7 +2725,13 @@ def _define_domain(ctx, rs, profile, accel, image, overlay, seed):
 
 
 # A guest kernel that panicked will not answer, however long we wait: say so at once.
-KERNEL_PANIC = re.compile(r"Kernel panic - not syncing[^\r\n]*")
+# Only the kernel's own line: at a line's start, after its printk time when it has one
+# (`[   11.120851] Kernel panic - not syncing: ...`). A unit's stop-job or status line
+# that quotes it (`[FAILED] Stopping ... Kernel panic - not syncing`) is not a panic.
+KERNEL_PANIC = re.compile(
+    r"^\r*(?:\[\s*\d+\.\d+\]\s?)?(?:---\[ end )?(Kernel panic - not syncing[^\r\n]*)",
+    re.MULTILINE,
+)
 CONSOLE_HEAD_BYTES = 256
 # The console lines that split a boot before systemd: the boot loader's first (GRUB's
 # menu entry), then the kernel's first (its printk time comes before it).
@@ -3210,7 +3281,8 @@ def _wait_new_boot(ctx, rs, before, issued):
 # ~11 s into a boot. It has ended reboots after the applies too (2026-12-05, in
 # devcgroup_check_permission). Such a boot is powered on once more, with a warning; a
 # panic without that oops, a second panic, or any panic under KVM is the error it was.
-TCG_INT3_OOPS = re.compile(r"Oops: int3\b")
+# (the kernel's own line only, as KERNEL_PANIC)
+TCG_INT3_OOPS = re.compile(r"^\r*(?:\[\s*\d+\.\d+\]\s?)?Oops: int3\b", re.MULTILINE)
 
 
 def _wait_new_boot_past_emulator_oops(ctx, rs, before, issued):
@@ -5612,6 +5684,9 @@ def upgrade(ctx, rs, profile, certs, result, day2):
 # Diagnostics are collected before anything is destroyed; teardown removes the domain,
 # its transient storage pools and its disks, and only what the harness owns.
 
+# The guest's share of a diagnostics bundle, in bytes (each command's output is also
+# capped on its own: GUEST_OUTPUT_MAX).
+DIAG_GUEST_MAX = 32 << 20
 GUEST_DIAG_COMMANDS = (
     ("nft-ruleset.txt", "nft list ruleset"),
     ("nft-ruleset.json", "nft -j list ruleset"),
@@ -5643,13 +5718,7 @@ def collect_diagnostics(ctx, rs, reason):
         else:
             why = "the VM never got an IP address"
         if guest_ok:
-            for fname, cmd in GUEST_DIAG_COMMANDS:
-                r = rs.ssh(f"sudo -n {cmd}", timeout=ctx.bounds["diag-command"])
-                (d / fname).write_text(
-                    r.stdout
-                    + (f"\n# stderr:\n{r.stderr}" if r.stderr.strip() else "")
-                    + ("\n# TIMED OUT\n" if r.timed_out else "")
-                )
+            _collect_guest_files(ctx, rs, d, notes)
         else:
             (d / "NOTE").write_text(
                 f"Guest-side diagnostics could not be collected: SSH to "
@@ -5666,6 +5735,37 @@ def collect_diagnostics(ctx, rs, reason):
     return d
 
 
+def copy_tail(src, dst, cap):
+    """Copy at most the last `cap` bytes of `src` to `dst` (a note first when cut)."""
+    with open(src, "rb") as fi, open(dst, "wb") as fo:
+        size = os.fstat(fi.fileno()).st_size
+        if size > cap:
+            fi.seek(size - cap)
+            fo.write(f"[... first {size - cap} bytes cut]\n".encode())
+        fo.write(fi.read(cap))  # never more, though the guest writes on meanwhile
+
+
+def _collect_guest_files(ctx, rs, d, notes):
+    """collect_diagnostics' guest side: GUEST_DIAG_COMMANDS' output, each command's tail
+    (rs.ssh's cap), all of them together at most DIAG_GUEST_MAX bytes."""
+    room = DIAG_GUEST_MAX
+    for fname, cmd in GUEST_DIAG_COMMANDS:
+        if room <= 0:
+            notes.append(f"{fname}: not collected (the bundle's {DIAG_GUEST_MAX} bytes are full)")
+            continue
+        r = rs.ssh(f"sudo -n {cmd}", timeout=ctx.bounds["diag-command"])
+        text = (
+            r.stdout
+            + (f"\n# stderr:\n{r.stderr}" if r.stderr.strip() else "")
+            + ("\n# TIMED OUT\n" if r.timed_out else "")
+        ).encode("utf-8", "replace")
+        if len(text) > room:
+            note = b"[... its head cut: the bundle is full]\n"
+            text = note + text[len(text) - room + len(note) :]
+        (d / fname).write_bytes(text)
+        room -= len(text)
+
+
 def _collect_host_files(ctx, rs, d, notes):
     """collect_diagnostics' host side: the console and QEMU logs, and virsh's view of the
     domain and the network. What fails is one line in `notes`."""
@@ -5674,7 +5774,7 @@ def _collect_host_files(ctx, rs, d, notes):
         (ctx.path_env("BOMA_IT_LIBVIRT_LOG_DIR") / f"{rs.domain}.log", "libvirt-qemu.log"),
     ):
         try:
-            shutil.copyfile(src, d / dst)
+            copy_tail(src, d / dst, GUEST_OUTPUT_MAX)  # the guest writes the console
         except OSError as e:
             notes.append(f"{dst}: not collected ({e.strerror or e})")
     for fname, args in (
@@ -6150,10 +6250,29 @@ def format_summary(result):
     return " ".join(parts)
 
 
+# What XML 1.0 cannot carry at all, escaped or not (C0 controls but tab/LF/CR, lone
+# surrogates, U+FFFE/U+FFFF): one such character from a guest's console and CI cannot
+# parse the whole report.
+_XML_FORBIDDEN = re.compile("[\x00-\x08\x0b\x0c\x0e-\x1f\ud800-\udfff\ufffe\uffff]")
+JUNIT_TEXT_MAX = 64 * 1024  # characters of one message or body (guest output is unbounded)
+
+
+def xml_text(value, limit=JUNIT_TEXT_MAX):
+    """`value` as text XML can carry: forbidden characters dropped, at most `limit`
+    characters (the head, then a note of what was cut). Escaping is the caller's."""
+    text = _XML_FORBIDDEN.sub("", str(value if value is not None else ""))
+    if len(text) > limit:
+        text = text[:limit] + f"\n[... {len(text) - limit} more characters cut]"
+    return text
+
+
 def render_junit(result):
-    """JUnit XML: one testcase per phase and per verify task."""
-    suite = f"integration-vm.{result.get('host') or 'unknown'}"
-    cases = _junit_cases(result)
+    """JUnit XML: one testcase per phase and per verify task. Every text is xml_text()."""
+    suite = xml_text(f"integration-vm.{result.get('host') or 'unknown'}", 200)
+    cases = [
+        (xml_text(name, 500), secs, status, xml_text(msg, 300), xml_text(body))
+        for name, secs, status, msg, body in _junit_cases(result)
+    ]
     failures = sum(1 for c in cases if c[2] == "fail")
     errors = sum(1 for c in cases if c[2] in ("error", "interrupted"))
     skipped = sum(1 for c in cases if c[2] == "skipped")

@@ -945,3 +945,39 @@ def test_state_fields_problem_covers_a_checkpoint_manifest():
     assert ivm.state_fields_problem({"ip": "{{ 1 }}", "key": "k"}) == "bad ip"
     assert ivm.state_fields_problem({"domain": "boma-it-a-0000000a", "boot_id": "ab-12"}) is None
     assert ivm.state_fields_problem({"stage": "{% x %}"}).startswith("bad stage")
+
+
+# ---- guest output is hostile input (issue 27, class 2a) --------------------------------
+def test_a_status_line_quoting_a_panic_is_not_a_panic(h):
+    # a unit's status lines on the console quote the panic text: every boot is clean
+    unit = "panicwatch.service - Alert on Kernel panic - not syncing lines"
+    console = (
+        f"[FAILED] Failed to start {unit}.\r\n"
+        f"\x1b[0;1;31m*\x1b[0m] A start job is running for {unit} (5s / 1min 30s)\r\n"
+    )
+    # the first SSH attempt stalls: the boot wait polls, and looks at the console
+    p = h.run("cycle", "--host", "askari", FAKE_CONSOLE_ON_START=console, FAKE_SSH_STALLS="1")
+    assert p.returncode == 0, p.stderr
+    (res,) = h.results()
+    assert res["verdict"] == "pass" and "first_boot_panic" not in res
+
+
+def test_only_the_kernels_own_lines_are_a_panic_or_an_int3_oops():
+    def panic(text):
+        m = ivm.KERNEL_PANIC.search(text)
+        return m.group(1) if m else None
+
+    assert panic("[   11.120851] Kernel panic - not syncing: Fatal exception\r\n") == (
+        "Kernel panic - not syncing: Fatal exception"
+    )
+    assert panic("x\nKernel panic - not syncing: VFS: Unable to mount root fs\n")
+    assert panic("[ 1.5] ---[ end Kernel panic - not syncing: Fatal exception ]---")
+    for quoted in (
+        "[FAILED] Stopping foo.service - Kernel panic - not syncing watcher\n",
+        "\x1b[0;1;31m*\x1b[0m] A stop job is running for Kernel panic - not syncing\r",
+        "[  OK  ] Stopped Kernel panic - not syncing.\n",
+        "Dec 05 08:00:00 host logger[1]: Kernel panic - not syncing\n",
+    ):
+        assert panic(quoted) is None, quoted
+    assert ivm.TCG_INT3_OOPS.search("[   11.110001] Oops: int3: 0000 [#1] PREEMPT SMP")
+    assert not ivm.TCG_INT3_OOPS.search("[  OK  ] Started Oops: int3 reporter.\n")

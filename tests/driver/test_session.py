@@ -849,3 +849,39 @@ def test_result_json_is_written_through_its_schema(tmp_path, capsys):
     ivm.finish_result(ctx, result, rs)
     assert not (rs.dir / "result.json").exists()
     assert "undeclared field(s) typo_field" in capsys.readouterr().err
+
+
+# ---- every text in junit.xml is one XML can carry (issue 27, class 2b) -----------------
+def test_junit_parses_whatever_the_guest_printed(h):
+    # stop-job descriptions and timer-job names come from the guest's console/SSH output
+    hostile = "evil\x01\x02\x0b\x0c\x1b[31m\x7f\ufffe unit"
+    j = h.tmp / "j.xml"
+    p = h.run(
+        "cycle",
+        "--host",
+        "askari",
+        "--no-idempotence",
+        "--junit",
+        str(j),
+        FAKE_SHUTDOWN_STOP_JOB=hostile,
+        FAKE_TIMER_JOBS="tick\x05.service",
+    )
+    assert p.returncode == 0, p.stderr
+    root = ET.parse(j).getroot()  # CI loses the whole report when this raises
+    text = ET.tostring(root, encoding="unicode")
+    assert "evil" in text and "tick.service" in text
+
+
+def test_render_junit_drops_what_xml_forbids_and_bounds_every_text():
+    r = _result(verdict="fail", failed_stage="verify")
+    r["phase_details"][5].update(
+        status="fail", message="m\x00\x08" + "x" * 1000, detail="d\x1f" + "y" * 10**6
+    )
+    r["verify_tasks"] = [{"name": "t\x03" * 2000, "status": "failed", "message": "\x0e"}]
+    xml = ivm.render_junit(r)
+    root = ET.fromstring(xml)
+    assert len(xml) < 200_000
+    case = [c for c in root.iter("testcase") if c.get("name") == "verify"][0]
+    assert case.find("failure").get("message") == "m" + "x" * 299
+    assert case.find("failure").text.startswith("d" + "y" * 100)
+    assert "more characters cut" in case.find("failure").text

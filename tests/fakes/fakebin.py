@@ -23,6 +23,8 @@ Behaviour knobs (env):
   FAKE_BOOT_ID_STICKY=1      start keeps the old boot_id
   FAKE_NO_CONSOLE_BANNER=1   start: no kernel banner on the console (start truncates the
                              console log first, as a new QEMU process does)
+  FAKE_CONSOLE_ON_START=T    virsh start: the console prints T after the banners (what
+                             units print while the guest boots)
   FAKE_SHUTDOWN_IGNORED=1    virsh shutdown: the guest ignores the power button (stays up)
   FAKE_SHUTDOWN_SECONDS=N    virsh shutdown: the guest is off N seconds later (domstate)
   FAKE_SHUTDOWN_STOP_JOB=U   virsh shutdown: systemd waits on unit U's stop (its status
@@ -314,6 +316,7 @@ def virsh():
                 with open(d["console"], "w") as fh:
                     if not ENV.get("FAKE_NO_CONSOLE_BANNER"):
                         fh.write(console_banners(d))
+                    fh.write(ENV.get("FAKE_CONSOLE_ON_START", ""))
                     if panics:
                         fh.write(panic_line + "\n")
         elif cmd == "shutdown":  # the ACPI power button: the guest shuts itself down
