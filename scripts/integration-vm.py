@@ -577,6 +577,23 @@ def _seconds(lo=0.0, hi=7 * 86400.0):
     return _float_range(lo, hi, "seconds")
 
 
+def _bound(stage):
+    """A stage's bound: seconds, more than none (a 0 s apply or lock bound cannot work),
+    except the waits whose 0 means "do not wait" (ZERO_BOUNDS)."""
+    parse = _seconds()
+
+    def positive(text):
+        value = parse(text)
+        if value <= 0 and stage not in ZERO_BOUNDS:
+            raise ValueError("must be more than 0 seconds")
+        return value
+
+    return positive
+
+
+ZERO_BOUNDS = ("reboot-settle",)
+
+
 def _choice(*choices):
     def parse(text):
         if text not in choices:
@@ -590,6 +607,32 @@ def _abs_path(text):
     if not text or not os.path.isabs(text) or "\0" in text:
         raise ValueError("must be an absolute path")
     return pathlib.Path(text)
+
+
+def _dir_path(text):
+    """An absolute path that is a directory or can become one: neither it nor the first
+    of its parents that exists is anything but a directory."""
+    path = _abs_path(text)
+    probe = path
+    while not os.path.lexists(probe) and probe != probe.parent:
+        probe = probe.parent
+    if not os.path.isdir(probe):
+        raise ValueError(f"{probe} is not a directory")
+    return path
+
+
+def _cache_path(text):
+    path = _dir_path(text)
+    if path.resolve() == pathlib.Path("/"):
+        raise ValueError("must not be / (the harness prunes what it owns below it)")
+    return path
+
+
+def _url(text):
+    """A URL a tool takes as one (never an option: mmdebstrap once read `-...` as one)."""
+    if not re.fullmatch(r"(https?|ftp|file)://[^\s]+", text):
+        raise ValueError("must be an http://, https://, ftp:// or file:// URL")
+    return text
 
 
 def _on_off(text):
@@ -611,19 +654,19 @@ SETTINGS = (
     ("BOMA_IT_ACCEL", _choice(*ACCEL_CHOICES), "auto", "auto|kvm|tcg; --accel wins"),
     (
         "BOMA_IT_CACHE",
-        _abs_path,
+        _cache_path,
         pathlib.Path("/var/lib/boma-integration"),
         "VM disks, golden images, checkpoints",
     ),
     (
         "BOMA_IT_RUN_DIR",
-        _abs_path,
+        _dir_path,
         lambda: str(INTEG_DIR / ".run"),
         "run metadata parent (default tests/integration/.run)",
     ),
     (
         "BOMA_IT_DIAG_DIR",
-        _abs_path,
+        _dir_path,
         lambda: str(pathlib.Path.home() / "integration-runs"),
         "diagnostics parent (default ~/integration-runs)",
     ),
@@ -633,9 +676,9 @@ SETTINGS = (
         "build",
         "build (mmdebstrap) | fetch (cloud.debian.org)",
     ),
-    ("BOMA_IT_MIRROR", _text, DEFAULT_MIRROR, "Debian mirror for image builds"),
-    ("BOMA_IT_IMAGE_URL", _text, IMAGE_URL, "image to fetch with BOMA_IT_IMAGE_SOURCE=fetch"),
-    ("BOMA_IT_SHA_URL", _text, SHA_URL, "its SHA512SUMS"),
+    ("BOMA_IT_MIRROR", _url, DEFAULT_MIRROR, "Debian mirror for image builds"),
+    ("BOMA_IT_IMAGE_URL", _url, IMAGE_URL, "image to fetch with BOMA_IT_IMAGE_SOURCE=fetch"),
+    ("BOMA_IT_SHA_URL", _url, SHA_URL, "its SHA512SUMS"),
     ("BOMA_IT_MAX_VMS", _int_range(1, 64), 1, "harness VMs allowed at once"),
     ("BOMA_IT_ANSIBLE_PLAYBOOK", _text, "", "ansible-playbook to use (default: PATH, then .venv)"),
     (
@@ -699,7 +742,7 @@ SETTINGS = (
         "libvirt's per-domain QEMU logs (diagnostics)",
     ),
 ) + tuple(
-    (timeout_var(stage), _seconds(), None, f"bound of {stage} in seconds")
+    (timeout_var(stage), _bound(stage), None, f"bound of {stage} in seconds")
     for stage in DEFAULT_BOUNDS
 )
 
@@ -728,7 +771,7 @@ def read_settings(environ):
     values = {}
     for name, parse, default, _ in SETTINGS:
         raw = environ.get(name)
-        if raw is None or (raw == "" and parse is not _abs_path):
+        if raw is None or (raw == "" and parse not in (_abs_path, _dir_path, _cache_path)):
             values[name] = parse(default()) if callable(default) else default
             continue
         try:

@@ -366,11 +366,11 @@ def test_result_has_reboot_diffs_and_settle_bound():
 
 def test_an_oserror_mid_run_is_exit_3_with_its_stage_and_the_vm_torn_down(h):
     blocker = h.tmp / "not-a-dir"
-    blocker.write_text("")
-    # The diagnostics root under a regular file: the first write there (the graceful
-    # reboot's shutdown console) raises NotADirectoryError, an OSError no harness code
-    # raises on purpose.
-    p = h.run("cycle", "--host", "askari", BOMA_IT_DIAG_DIR=str(blocker / "diag"))
+    # The diagnostics root becomes a regular file mid-run: the first write below it (the
+    # graceful reboot's shutdown console) raises NotADirectoryError, an OSError no
+    # harness code raises on purpose. (At the start it is a usage error: test_settings.)
+    env = {"BOMA_IT_DIAG_DIR": str(blocker / "diag"), "FAKE_SHUTDOWN_BREAKS_DIR": str(blocker)}
+    p = h.run("cycle", "--host", "askari", **env)
     assert p.returncode == 3, p.stderr
     line = assert_one_line_error(p)
     assert "reboot:graceful: unexpected NotADirectoryError" in line, line

@@ -25,6 +25,8 @@ Behaviour knobs (env):
                              console log first, as a new QEMU process does)
   FAKE_CONSOLE_ON_START=T    virsh start: the console prints T after the banners (what
                              units print while the guest boots)
+  FAKE_SHUTDOWN_BREAKS_DIR=P virsh shutdown: directory P is replaced by a regular file (the
+                             driver's next write below it is an OSError)
   FAKE_SHUTDOWN_IGNORED=1    virsh shutdown: the guest ignores the power button (stays up)
   FAKE_SHUTDOWN_SECONDS=N    virsh shutdown: the guest is off N seconds later (domstate)
   FAKE_SHUTDOWN_STOP_JOB=U   virsh shutdown: systemd waits on unit U's stop (its status
@@ -323,6 +325,11 @@ def virsh():
             d = dom(rest[0])
             if d["state"] != "running":
                 die("error: Requested operation is not valid: domain is not running")
+            if ENV.get("FAKE_SHUTDOWN_BREAKS_DIR"):  # the dir becomes a file under the driver
+                import shutil
+
+                shutil.rmtree(ENV["FAKE_SHUTDOWN_BREAKS_DIR"], ignore_errors=True)
+                pathlib.Path(ENV["FAKE_SHUTDOWN_BREAKS_DIR"]).write_text("")
             stuck = ENV.get("FAKE_SHUTDOWN_STOP_JOB")
             if stuck and d.get("console"):  # systemd's status line, redrawn in place
                 with open(d["console"], "a") as fh:
