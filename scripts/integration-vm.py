@@ -5628,28 +5628,35 @@ def add_from_worktree(ctx, frm, name, git_repo=None):
     if path.exists():
         remove_from_worktree(ctx, path, git_repo)
     argv = ("worktree", "add", "--detach", "--quiet", str(path), frm.commit)
-    r = _git(ctx, *argv, timeout=300, repo=git_repo)
-    if r.returncode != 0:
-        remove_from_worktree(ctx, path, git_repo)
-        why = (r.stderr.strip().splitlines() or [f"exit {r.returncode}"])[-1]
-        raise InfraError("from-ref", f"git worktree add of {frm.ref} failed: {why}")
+    added = False
+    try:  # an interrupt while git checks out (a hook may run long) leaves nothing either
+        r = _git(ctx, *argv, timeout=300, repo=git_repo)
+        if r.returncode != 0:
+            why = (r.stderr.strip().splitlines() or [f"exit {r.returncode}"])[-1]
+            raise InfraError("from-ref", f"git worktree add of {frm.ref} failed: {why}")
+        added = True
+    finally:
+        if not added:
+            remove_from_worktree(ctx, path, git_repo)
     return path
 
 
 def remove_from_worktree(ctx, path, git_repo=None):
     """Remove a --from worktree and git's record of it; never raises (teardown path).
-    Only a path directly under the cache's worktrees/ is ever removed."""
+    Only a path directly under the cache's worktrees/ is ever removed. True when its
+    directory is gone (git's record may stay, with a warning, when git cannot run)."""
+    path = pathlib.Path(path)
     try:
-        root = worktrees_root(ctx)
-        path = pathlib.Path(path)
-        if path.parent != root or path.is_symlink():
-            return
-        _git(ctx, "worktree", "remove", "--force", str(path), repo=git_repo)
+        if path.parent != worktrees_root(ctx) or path.is_symlink():
+            return False
+        with contextlib.suppress(HarnessError):  # no git: the directory still goes
+            _git(ctx, "worktree", "remove", "--force", str(path), repo=git_repo)
         if path.exists():
             shutil.rmtree(path, ignore_errors=True)
         _git(ctx, "worktree", "prune", repo=git_repo)
     except Exception as e:  # a cleanup must not mask the verdict
         print(f"integration-vm: warning: removing worktree {path}: {e}", file=sys.stderr)
+    return not os.path.lexists(path)
 
 
 def run_lineage(run):
@@ -5662,8 +5669,10 @@ def prune_worktrees(ctx):
     root = worktrees_root(ctx)
     if root.is_dir() and not root.is_symlink():
         for wt in sorted(root.iterdir()):
-            remove_from_worktree(ctx, wt)
-            print(f"integration-vm: removed worktree {wt.name}")
+            if remove_from_worktree(ctx, wt):
+                print(f"integration-vm: removed worktree {wt.name}")
+            else:
+                print(f"integration-vm: could not remove worktree {wt}", file=sys.stderr)
 
 
 @dataclasses.dataclass

@@ -10,13 +10,14 @@ reboot heals (a fresh cycle's live verify runs before any re-apply, so it passes
 import json
 import os
 import pathlib
+import re
 import shutil
 import signal
 import subprocess
 import time
 
 import pytest
-from conftest import Harness, ivm, result_of
+from conftest import Harness, intact, ivm, result_of, victim
 
 GIT_ENV = {
     "GIT_AUTHOR_NAME": "t",
@@ -276,6 +277,49 @@ def test_prune_removes_a_worktree_a_killed_run_left(hg):
     assert worktrees(hg) == (["askari-1"], 1)
     p = hg.run("prune")
     assert p.returncode == 0, p.stderr
+    assert worktrees(hg) == ([], 0)
+
+
+def test_prune_says_removed_only_for_what_it_removed(hg):
+    # issue 27, class 5: without git on PATH it printed "removed worktree" for both,
+    # still there; a link planted there is never followed, nor reported removed
+    for name in ("askari-1", "askari-2"):
+        git(hg, "worktree", "add", "--detach", "-q", str(hg.cache / "worktrees" / name), "prod")
+    v = victim(hg)
+    (hg.cache / "worktrees" / "askari-3").symlink_to(v)
+    (hg.bin / "git").unlink()
+    p = hg.run("prune")
+    assert p.returncode == 0, p.stderr
+    said = re.findall(r"integration-vm: removed worktree (\S+)", p.stdout)
+    assert said == ["askari-1", "askari-2"], p.stdout
+    for name in said:
+        assert not (hg.cache / "worktrees" / name).exists(), name
+    assert intact(v) and "could not remove worktree" in p.stderr
+
+
+def test_ctrl_c_while_git_worktree_add_runs_leaves_no_worktree(hg):
+    # a post-checkout hook still running when the user presses Ctrl-C
+    hook = hg.repo / ".git" / "hooks" / "post-checkout"
+    touch, sleep = shutil.which("touch"), shutil.which("sleep")  # PATH: the fakes only
+    hook.write_text(f"#!/bin/sh\n{touch} {hg.tmp / 'hook-ran'}\nexec {sleep} 30\n")
+    hook.chmod(0o755)
+    proc = subprocess.Popen(
+        hg.cmd("cycle", "--host", "askari", "--from", "prod"),
+        env=hg.env,
+        cwd=hg.repo,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    deadline = time.monotonic() + 30
+    while not (hg.tmp / "hook-ran").exists() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert (hg.tmp / "hook-ran").exists(), "the hook never ran"
+    assert worktrees(hg)[1] == 1  # git has recorded it, its checkout is not done
+    proc.send_signal(signal.SIGINT)
+    out, err = proc.communicate(timeout=60)
+    assert proc.returncode == 130, err
+    hook.unlink()
     assert worktrees(hg) == ([], 0)
 
 
