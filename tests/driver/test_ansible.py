@@ -508,3 +508,25 @@ def test_no_inventory_value_is_ever_templated_by_the_real_ansible(tmp_path):
     )
     assert p.returncode == 0, p.stdout + p.stderr
     assert '"msg": "[{{ 6 * 7 }}][/r{# c #}/{% raw %}x]"' in p.stdout, p.stdout
+
+
+# ---- tests that kill the mutations issue 27 found (class 8) ----------------------------
+def test_a_verify_that_exits_nonzero_fails_even_with_a_clean_recap(h):
+    # mutant: verify counting only the recap's failed= (ansible-playbook's rc ignored)
+    up = h.run("up", "--host", "askari")
+    assert up.returncode == 0, up.stderr
+    p = h.run("assert", "--host", "askari", FAKE_VERIFY_RC="4")
+    assert p.returncode == 1, p.stderr
+    (r,) = h.results()
+    assert r["verdict"] == "fail" and r["failed_stage"] == "verify", r
+    assert "verify playbook failed (exit 4)" in p.stderr
+
+
+def test_one_changed_task_on_the_reapply_fails_idempotence(h):
+    # mutant: idempotence tolerating one changed task
+    env = {"FAKE_IDEMPOTENCE_CHANGED": "1", "FAKE_IDEMPOTENCE_ONLY": "site.yml"}
+    p = h.run("cycle", "--host", "askari", **env)
+    assert p.returncode == 1, p.stderr
+    (res,) = h.results()
+    assert res["failed_stage"] == "idempotence"
+    assert res["idempotence"] == {"changed": 1, "changed_tasks": ["base : Install packages"]}

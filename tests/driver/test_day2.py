@@ -15,6 +15,7 @@ import shutil
 import signal
 import subprocess
 import time
+import types
 
 import pytest
 from conftest import Harness, intact, ivm, result_of, victim
@@ -351,3 +352,14 @@ def test_bench_from_a_bad_ref_is_exit_2_before_the_cold_cycle(hg):
     p = hg.run("bench", "--host", "askari", "--from", "nope")
     assert p.returncode == 2 and "--from nope: not a commit" in p.stderr
     assert not hg.calls("virt-install") and not hg.calls("mmdebstrap")
+
+
+def test_remove_from_worktree_touches_nothing_outside_the_worktrees_dir(tmp_path):
+    # mutant: remove_from_worktree without its parent check
+    cache = tmp_path / "cache"
+    (cache / "worktrees" / "deeper" / "wt").mkdir(parents=True)
+    ctx = types.SimpleNamespace(cache=cache, repo=tmp_path, cmdlog=None)
+    outside = victim(types.SimpleNamespace(tmp=tmp_path), "outside")
+    for path in (outside, cache / "worktrees" / "deeper" / "wt", cache, cache / "worktrees"):
+        assert ivm.remove_from_worktree(ctx, path) is False
+    assert intact(outside) and (cache / "worktrees" / "deeper" / "wt").is_dir()

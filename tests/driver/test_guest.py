@@ -981,3 +981,17 @@ def test_only_the_kernels_own_lines_are_a_panic_or_an_int3_oops():
         assert panic(quoted) is None, quoted
     assert ivm.TCG_INT3_OOPS.search("[   11.110001] Oops: int3: 0000 [#1] PREEMPT SMP")
     assert not ivm.TCG_INT3_OOPS.search("[  OK  ] Started Oops: int3 reporter.\n")
+
+
+def test_a_run_json_whose_name_is_not_a_harness_run_name_is_skipped(h):
+    # mutant: run_data_problem without its RUN_NAME_RE check on the directory's name
+    for name in ("askari", "boma-it-askari-XYZ", "boma-it-askari-0000000g"):
+        d = h.run_root / name
+        d.mkdir(parents=True, exist_ok=True)
+        (d / "run.json").write_text(json.dumps({"name": name, "host": "askari", "state": "up"}))
+    assert ivm.run_data_problem({"name": "askari", "host": "askari"}, "askari") == (
+        "its name is not its directory's harness run name"
+    )
+    p = h.run("status")
+    assert p.returncode == 0, p.stderr
+    assert p.stderr.count("its name is not its directory's harness run name") == 3, p.stderr

@@ -885,3 +885,13 @@ def test_render_junit_drops_what_xml_forbids_and_bounds_every_text():
     assert case.find("failure").get("message") == "m" + "x" * 299
     assert case.find("failure").text.startswith("d" + "y" * 100)
     assert "more characters cut" in case.find("failure").text
+
+
+def test_a_loop_does_not_reuse_a_vm_booted_from_another_golden_image(hc):
+    # mutant: reuse_refusal without its image_key check (issue 27, class 8)
+    p, first = ran(hc, "loop", "--host", "askari")
+    assert p.returncode == 0, p.stderr
+    p, r = ran(hc, "loop", "--host", "askari", BOMA_IT_MIRROR="http://mirror.invalid/debian")
+    assert p.returncode == 0, p.stderr
+    assert r["vm"] != first["vm"] and "reused_vm" not in r
+    assert r["reuse_refused"]["why"] == "the golden image's inputs changed since it booted"

@@ -53,6 +53,8 @@ Behaviour knobs (env):
   FAKE_UPGRADE_BREAKS=1      a playbook applied again to a guest it converged before
                              leaves verify failing until the next boot (a day-2 bug: the
                              upgrade breaks the running host, the reboot heals it)
+  FAKE_VERIFY_RC=N           the verify playbook exits N though its recap shows no failure
+  FAKE_IDEMPOTENCE_ONLY=P    ... FAKE_IDEMPOTENCE_CHANGED applies to playbook P only
   FAKE_APPLY_FAIL=1          apply playbooks fail
   FAKE_APPLY_SLEEP=N         apply playbooks sleep N seconds after their first task
   FAKE_IDEMPOTENCE_CHANGED=N a playbook's second and later runs report N changed tasks
@@ -965,8 +967,10 @@ def ansible_playbook():
             f"\nPLAY RECAP ****\n{host}    : ok=3    changed=0    unreachable=0    "
             f"failed={1 if fail else 0}    skipped=0    rescued=0    ignored=0\n"
         )
-        sys.exit(2 if fail else 0)
+        sys.exit(2 if fail else int(ENV.get("FAKE_VERIFY_RC", "0")))
     changed = 2 if n == 1 else int(ENV.get("FAKE_IDEMPOTENCE_CHANGED", "0"))
+    if ENV.get("FAKE_IDEMPOTENCE_ONLY", os.path.basename(playbook)) != os.path.basename(playbook):
+        changed = 2 if n == 1 else 0
     out.write(
         f"\nTASK [base : Install packages] ****\n{'changed' if changed else 'ok'}: [{host}]\n"
     )
