@@ -98,11 +98,15 @@ def test_passing_cycle(h):
     rd = h.diag / res["vm"] / "reboot-1-graceful"
     assert diff["dir"] == str(rd) and diff["diff"] == str(rd / "diff.txt")
     assert "no differences" in (rd / "diff.txt").read_text()
-    # where the boot's time went: systemd-analyze's figures beside the capture, summary here
+    # where the boot's time went: `systemd-analyze time` beside the capture, summary here;
+    # blame and critical-chain (~3 s of a TCG guest each) only after a reboot that failed
     assert diff["boot"]["startup"] == {"kernel": 3.871, "userspace": 62.13, "total": 66.001}
-    assert diff["boot"]["blame_top"][0] == [30.811, "docker.service"]
+    assert diff["boot"]["blame_top"] == []
     analysis = (rd / "after" / "boot-analysis.txt").read_text()
-    assert "$ systemd-analyze critical-chain" in analysis and "docker.service @31.2s" in analysis
+    assert (
+        "$ systemd-analyze critical-chain\n(not captured: a reboot diff's second capture"
+        in analysis
+    )
     for side in ("before", "after"):
         for f in (
             "nft-ruleset.txt",

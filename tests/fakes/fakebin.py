@@ -81,6 +81,8 @@ normalise away.
   FAKE_REBOOT_CHANGE_FROM=N  the boot FAKE_REBOOT_CHANGE's changes start at (default 2)
   FAKE_DOCKER=absent         the guest has no docker
   FAKE_CAPTURE_FAIL=1        sudo refuses the capture script
+  FAKE_ANALYZE_SECONDS=N     a capture sleeps N seconds for each of `systemd-analyze blame`
+                             and `critical-chain` it runs (their cost, as structure only)
 """
 
 import fcntl
@@ -834,9 +836,19 @@ def guest_nft(boots, changes):
 def guest_capture(script, boot_id, boots, nth, sysstate):
     """Answer the driver's capture script the way the guest's shell would."""
     mark = re.search(r"^M='(@@boma-[0-9a-f]+)'", script, re.M).group(1)
+
     # the shell would skip an `if [ "0" = 1 ]` block (a capture without systemd-analyze)
-    script = re.sub(r'^if \[ "0" = 1 \]; then\n.*?^fi\n', "", script, flags=re.M | re.S)
+    def shell_if(m):
+        a, op, b, body = m.groups()
+        return body if (a == b) == (op == "=") else ""
+
+    script = re.sub(
+        r'^if \[ "(\w*)" (!?=) (\w+) \]; then\n(.*?)^fi\n', shell_if, script, flags=re.M | re.S
+    )
     names = list(dict.fromkeys(re.findall(r"(?:^|\s)sec (\w+) ", script)))
+    slow = {"boot_blame", "boot_chain"} & set(names)
+    if slow and ENV.get("FAKE_ANALYZE_SECONDS"):
+        time.sleep(float(ENV["FAKE_ANALYZE_SECONDS"]) * len(slow))
     if ENV.get("FAKE_CAPTURE_FAIL"):
         die("sudo: a password is required", 1)
     changes = {c for c in ENV.get("FAKE_REBOOT_CHANGE", "").split(",") if c}
@@ -988,6 +1000,10 @@ def ansible_playbook():
     out.write(
         f"\nPLAY RECAP ****\n{host} : ok=2 changed={changed} unreachable=0 failed=0 "
         "skipped=0 rescued=0 ignored=0\n"
+        # profile_tasks (ansible.cfg) ends each run with its slowest tasks
+        "\n\nTASKS RECAP ****\n=======\n"
+        "base : Install packages ----------------------------------------- 4.08s\n"
+        "Gathering Facts ------------------------------------------------- 1.20s\n"
     )
 
 
