@@ -48,12 +48,14 @@ import difflib
 import fcntl
 import hashlib
 import html
+import ipaddress
 import json
 import math
 import os
 import pathlib
 import re
 import secrets
+import selectors
 import shlex
 import shutil
 import signal
@@ -346,16 +348,17 @@ def run(
     check=False,
     stage="command",
     cmdlog=None,
+    max_output=None,
 ):
     """Run argv with a hard wall-clock timeout, in its own process group (killed whole
     on timeout or interrupt). stream_log: merge stdout+stderr, tee to that file and to our
-    stderr line by line. Missing executable -> InfraError('tools'). check=True: nonzero
-    exit or timeout -> InfraError(stage)."""
+    stderr line by line. max_output: keep the last that many bytes of stdout and of stderr
+    (a guest's output has no end). Missing executable -> InfraError('tools').
+    check=True: nonzero exit or timeout -> InfraError(stage)."""
     argv = [str(a) for a in argv]
     if cmdlog:
         _log_command(cmdlog, argv)
-    t0 = time.monotonic()
-    proc = _start(argv, env, cwd, input, stream_log)
+    t0, proc = time.monotonic(), _start(argv, env, cwd, input, stream_log)
     timed_out = False
     try:
         if stream_log:
@@ -371,6 +374,8 @@ def run(
                 _kill_group(proc)
             pumper.join(timeout=5)
             out, err = "".join(chunks), ""
+        elif max_output:
+            out, err, timed_out = _communicate_capped(proc, input, timeout, max_output)
         else:
             try:
                 out, err = proc.communicate(input=input, timeout=timeout)
@@ -395,6 +400,61 @@ def run(
 
 
 DRAIN_GRACE = 5  # seconds a killed command's pipes are still read (_drain_killed)
+
+
+def _feed(pipe, data):
+    """Write `data` to a child's stdin and close it (a child that exits first is fine)."""
+    with contextlib.suppress(OSError, ValueError):
+        pipe.write(data)
+    with contextlib.suppress(OSError, ValueError):
+        pipe.close()
+
+
+def _communicate_capped(proc, input, timeout, cap):
+    """proc.communicate(input, timeout) keeping only the last `cap` bytes of stdout and
+    of stderr, each: memory stays bounded whatever the command prints. A command at its
+    bound is killed and read DRAIN_GRACE s more (as _drain_killed). -> (out, err, timed_out)"""
+    if input is not None:
+        threading.Thread(target=_feed, args=(proc.stdin, input), daemon=True).start()
+    pipes = [p for p in (proc.stdout, proc.stderr) if p is not None]
+    tails = {p.fileno(): [bytearray(), 0] for p in pipes}  # fd -> [tail, bytes cut]
+    timed_out, deadline = False, time.monotonic() + timeout
+    with selectors.DefaultSelector() as sel:
+        for fd in tails:
+            sel.register(fd, selectors.EVENT_READ)
+        while sel.get_map():
+            left = deadline - time.monotonic()
+            if left <= 0:
+                if timed_out:
+                    break  # another session holds the pipes open (ControlPersist)
+                timed_out = True
+                _kill_group(proc)
+                deadline = time.monotonic() + DRAIN_GRACE
+                continue
+            for key, _ in sel.select(timeout=min(left, 1.0)):
+                chunk = os.read(key.fd, 1 << 16)
+                if not chunk:
+                    sel.unregister(key.fd)
+                    continue
+                tail = tails[key.fd]
+                tail[0] += chunk
+                if len(tail[0]) > cap:
+                    tail[1] += len(tail[0]) - cap
+                    del tail[0][: len(tail[0]) - cap]
+    if not timed_out:
+        try:
+            proc.wait(timeout=max(0.1, deadline - time.monotonic()))
+        except subprocess.TimeoutExpired:  # its pipes are closed but it runs on
+            timed_out = True
+            _kill_group(proc)
+    texts = {}
+    for p in pipes:
+        tail, n_cut = tails[p.fileno()]
+        texts[p] = (f"[... first {n_cut} bytes cut]\n" if n_cut else "") + tail.decode(
+            "utf-8", "replace"
+        )
+        p.close()
+    return texts.get(proc.stdout, ""), texts.get(proc.stderr, ""), timed_out
 
 
 def _drain_killed(proc):
@@ -522,6 +582,23 @@ def _seconds(lo=0.0, hi=7 * 86400.0):
     return _float_range(lo, hi, "seconds")
 
 
+def _bound(stage):
+    """A stage's bound: seconds, more than none (a 0 s apply or lock bound cannot work),
+    except the waits whose 0 means "do not wait" (ZERO_BOUNDS)."""
+    parse = _seconds()
+
+    def positive(text):
+        value = parse(text)
+        if value <= 0 and stage not in ZERO_BOUNDS:
+            raise ValueError("must be more than 0 seconds")
+        return value
+
+    return positive
+
+
+ZERO_BOUNDS = ("reboot-settle",)
+
+
 def _choice(*choices):
     def parse(text):
         if text not in choices:
@@ -535,6 +612,32 @@ def _abs_path(text):
     if not text or not os.path.isabs(text) or "\0" in text:
         raise ValueError("must be an absolute path")
     return pathlib.Path(text)
+
+
+def _dir_path(text):
+    """An absolute path that is a directory or can become one: neither it nor the first
+    of its parents that exists is anything but a directory."""
+    path = _abs_path(text)
+    probe = path
+    while not os.path.lexists(probe) and probe != probe.parent:
+        probe = probe.parent
+    if not os.path.isdir(probe):
+        raise ValueError(f"{probe} is not a directory")
+    return path
+
+
+def _cache_path(text):
+    path = _dir_path(text)
+    if path.resolve() == pathlib.Path("/"):
+        raise ValueError("must not be / (the harness prunes what it owns below it)")
+    return path
+
+
+def _url(text):
+    """A URL a tool takes as one (never an option: mmdebstrap once read `-...` as one)."""
+    if not re.fullmatch(r"(https?|ftp|file)://[^\s]+", text):
+        raise ValueError("must be an http://, https://, ftp:// or file:// URL")
+    return text
 
 
 def _on_off(text):
@@ -556,19 +659,19 @@ SETTINGS = (
     ("BOMA_IT_ACCEL", _choice(*ACCEL_CHOICES), "auto", "auto|kvm|tcg; --accel wins"),
     (
         "BOMA_IT_CACHE",
-        _abs_path,
+        _cache_path,
         pathlib.Path("/var/lib/boma-integration"),
         "VM disks, golden images, checkpoints",
     ),
     (
         "BOMA_IT_RUN_DIR",
-        _abs_path,
+        _dir_path,
         lambda: str(INTEG_DIR / ".run"),
         "run metadata parent (default tests/integration/.run)",
     ),
     (
         "BOMA_IT_DIAG_DIR",
-        _abs_path,
+        _dir_path,
         lambda: str(pathlib.Path.home() / "integration-runs"),
         "diagnostics parent (default ~/integration-runs)",
     ),
@@ -578,9 +681,9 @@ SETTINGS = (
         "build",
         "build (mmdebstrap) | fetch (cloud.debian.org)",
     ),
-    ("BOMA_IT_MIRROR", _text, DEFAULT_MIRROR, "Debian mirror for image builds"),
-    ("BOMA_IT_IMAGE_URL", _text, IMAGE_URL, "image to fetch with BOMA_IT_IMAGE_SOURCE=fetch"),
-    ("BOMA_IT_SHA_URL", _text, SHA_URL, "its SHA512SUMS"),
+    ("BOMA_IT_MIRROR", _url, DEFAULT_MIRROR, "Debian mirror for image builds"),
+    ("BOMA_IT_IMAGE_URL", _url, IMAGE_URL, "image to fetch with BOMA_IT_IMAGE_SOURCE=fetch"),
+    ("BOMA_IT_SHA_URL", _url, SHA_URL, "its SHA512SUMS"),
     ("BOMA_IT_MAX_VMS", _int_range(1, 64), 1, "harness VMs allowed at once"),
     ("BOMA_IT_ANSIBLE_PLAYBOOK", _text, "", "ansible-playbook to use (default: PATH, then .venv)"),
     (
@@ -644,7 +747,7 @@ SETTINGS = (
         "libvirt's per-domain QEMU logs (diagnostics)",
     ),
 ) + tuple(
-    (timeout_var(stage), _seconds(), None, f"bound of {stage} in seconds")
+    (timeout_var(stage), _bound(stage), None, f"bound of {stage} in seconds")
     for stage in DEFAULT_BOUNDS
 )
 
@@ -673,7 +776,7 @@ def read_settings(environ):
     values = {}
     for name, parse, default, _ in SETTINGS:
         raw = environ.get(name)
-        if raw is None or (raw == "" and parse is not _abs_path):
+        if raw is None or (raw == "" and parse not in (_abs_path, _dir_path, _cache_path)):
             values[name] = parse(default()) if callable(default) else default
             continue
         try:
@@ -1927,6 +2030,11 @@ class RunRecord(JsonRecord):
     )
 
 
+# What one SSH command's output may hold (each of stdout and stderr, its tail kept): a
+# guest printing 128 MiB into a diagnostics command once took 410 MiB of the driver.
+GUEST_OUTPUT_MAX = 8 << 20
+
+
 @dataclasses.dataclass
 class RunState:
     ctx: Ctx
@@ -1971,7 +2079,7 @@ class RunState:
             if name not in self.console_seen and line in text:
                 self.console_seen[name] = time.monotonic()
         m = KERNEL_PANIC.search(text)
-        return m.group(0).strip() if m else None
+        return m.group(1).strip() if m else None
 
     @contextlib.contextmanager
     def watching_for_the_kernel(self, every=0.25):
@@ -2049,6 +2157,7 @@ class RunState:
             stage=stage,
             cmdlog=self.ctx.cmdlog,
             input=input,
+            max_output=GUEST_OUTPUT_MAX,
         )
 
     def close_ssh(self):
@@ -2097,25 +2206,96 @@ def write_owned(path, text, mode=0o644):
         raise
 
 
+def is_ipv4(value):
+    """`value` is an IPv4 address written the one canonical way (no leading zeros, no
+    padding, nothing around it)."""
+    try:
+        return isinstance(value, str) and str(ipaddress.IPv4Address(value)) == value
+    except ValueError:
+        return False
+
+
+def _count(lo):
+    return lambda v: isinstance(v, int) and not isinstance(v, bool) and v >= lo
+
+
+def _text(pattern):
+    return lambda v: isinstance(v, str) and re.fullmatch(pattern, v) is not None
+
+
+# What each field a state file (run.json, a checkpoint's manifest.json) carries must be
+# when it is read back: the driver runs as root, the files sit in a user's checkout or
+# cache, and their values reach virsh, ssh and the transient inventory.
+STATE_FIELD_CHECKS = {
+    "ip": is_ipv4,
+    "mac": _text(r"[0-9a-f]{2}(:[0-9a-f]{2}){5}"),
+    "host": _text(HOST_RE),
+    "domain": _text(RUN_NAME_RE.pattern),
+    "created_by": _text(RUN_NAME_RE.pattern),
+    "accel": lambda v: v in ACCEL_CHOICES,
+    "boot_id": _text(r"[0-9a-f-]{1,64}"),
+    "mem_mib": _count(1),
+    "vcpus": _count(1),
+    "applied_steps": _count(0),
+    "checkpoints_read": lambda v: isinstance(v, list) and all(isinstance(k, str) for k in v),
+}
+# Text that would be code to Ansible's templating (Jinja's three openers) or to a
+# terminal (control characters) is no state the harness ever wrote.
+_HOSTILE_TEXT = re.compile(r"\{\{|\{%|\{#|[\x00-\x08\x0b-\x1f\x7f]")
+
+
+def hostile_text(value, depth=0):
+    """The first string in `value` (any depth) that holds a template opener or a control
+    character, or None."""
+    if isinstance(value, str):
+        return value if _HOSTILE_TEXT.search(value) else None
+    items = value.items() if isinstance(value, dict) else value if isinstance(value, list) else ()
+    for item in items:
+        for part in item if isinstance(value, dict) else (item,):
+            found = None if depth > 20 else hostile_text(part, depth + 1)
+            if found is not None:
+                return found
+    return None
+
+
+def state_fields_problem(data, nullable=()):
+    """Why a state file's fields are not what the harness writes (one field named), or
+    None. Fields in `nullable` may also be null."""
+    for key, ok in STATE_FIELD_CHECKS.items():
+        if key in data and not (data[key] is None and key in nullable) and not ok(data[key]):
+            return f"bad {key}"
+    for key, value in data.items():
+        if hostile_text({key: value}) is not None:
+            return f"bad {key}: template or control characters"
+    return None
+
+
 def run_data_problem(data, dirname):
     """Why a run.json found in .run/<dirname> is not one the harness wrote, or None."""
     if not isinstance(data, dict):
         return "not a JSON object"
     if data.get("name") != dirname or not RUN_NAME_RE.fullmatch(dirname):
         return "its name is not its directory's harness run name"
-    if not isinstance(data.get("host"), str) or not re.fullmatch(HOST_RE, data["host"]):
-        return "bad host"
-    if "domain" in data and not (
-        isinstance(data["domain"], str) and RUN_NAME_RE.fullmatch(data["domain"])
-    ):
-        return "bad domain"
-    for key in ("created_at", "state", "ip", "accel", "certs"):
+    for key in ("created_at", "state", "certs", "image", "profile", "owner", "kept_by"):
         if data.get(key) is not None and not isinstance(data[key], str):
             return f"bad {key}"
-    if not isinstance(data.get("checkpoints_read", []), list) or not all(
-        isinstance(k, str) for k in data.get("checkpoints_read", [])
-    ):
-        return "bad checkpoints_read"
+    return state_fields_problem(
+        {"host": data.get("host"), **data}, nullable=("ip", "mac", "accel", "mem_mib", "vcpus")
+    )
+
+
+def run_paths_problem(ctx, data):
+    """Why a run.json's paths are not inside the trees the harness owns, or None."""
+    image = data.get("image")
+    if image is None:
+        return None
+    try:
+        resolved = pathlib.Path(image).resolve()
+        cache = ctx.cache.resolve()
+    except (OSError, RuntimeError, ValueError):
+        return "bad image"
+    if not pathlib.Path(image).is_absolute() or not resolved.is_relative_to(cache):
+        return f"bad image: not under {ctx.cache}"
     return None
 
 
@@ -2137,7 +2317,7 @@ def list_runs(ctx):
             data = None if why else json.loads(f.read_bytes().decode("utf-8"))
         except (OSError, ValueError, RecursionError) as e:
             why = f"unreadable run.json ({type(e).__name__})"
-        why = why or run_data_problem(data, p.name)
+        why = why or run_data_problem(data, p.name) or run_paths_problem(ctx, data)
         if why:
             if p not in _SKIPPED_RUNS:
                 _SKIPPED_RUNS.add(p)
@@ -2593,7 +2773,13 @@ def _define_domain(ctx, rs, profile, accel, image, overlay, seed):
 
 
 # A guest kernel that panicked will not answer, however long we wait: say so at once.
-KERNEL_PANIC = re.compile(r"Kernel panic - not syncing[^\r\n]*")
+# Only the kernel's own line: at a line's start, after its printk time when it has one
+# (`[   11.120851] Kernel panic - not syncing: ...`). A unit's stop-job or status line
+# that quotes it (`[FAILED] Stopping ... Kernel panic - not syncing`) is not a panic.
+KERNEL_PANIC = re.compile(
+    r"^\r*(?:\[\s*\d+\.\d+\]\s?)?(?:---\[ end )?(Kernel panic - not syncing[^\r\n]*)",
+    re.MULTILINE,
+)
 CONSOLE_HEAD_BYTES = 256
 # The console lines that split a boot before systemd: the boot loader's first (GRUB's
 # menu entry), then the kernel's first (its printk time comes before it).
@@ -3173,7 +3359,8 @@ def _wait_new_boot(ctx, rs, before, issued):
 # ~11 s into a boot. It has ended reboots after the applies too (2026-12-05, in
 # devcgroup_check_permission). Such a boot is powered on once more, with a warning; a
 # panic without that oops, a second panic, or any panic under KVM is the error it was.
-TCG_INT3_OOPS = re.compile(r"Oops: int3\b")
+# (the kernel's own line only, as KERNEL_PANIC)
+TCG_INT3_OOPS = re.compile(r"^\r*(?:\[\s*\d+\.\d+\]\s?)?Oops: int3\b", re.MULTILINE)
 
 
 def _wait_new_boot_past_emulator_oops(ctx, rs, before, issued):
@@ -4229,12 +4416,20 @@ def resolve_strategy(ctx, ansible_playbook):
     return active.strategy
 
 
+def ansible_unsafe(value):
+    """`value` as Ansible reads a string it must never template (JSON's form of YAML's
+    `!unsafe`, which its inventory and vars loaders decode)."""
+    return {"__ansible_unsafe": str(value)}
+
+
 def render_run_hosts(name, ip, ansible_user, groups, host_vars=None):
     """Transient single-host inventory, as JSON (which Ansible's YAML inventory plugin reads:
     JSON is YAML). `host_vars` is an optional {var: value}; each value is written as a
-    string. Single test host ONLY (safety invariant: no real host is ever in scope)."""
-    host = {"ansible_host": ip, "ansible_user": ansible_user}
-    host.update({k: str(v) for k, v in (host_vars or {}).items()})
+    string. Every value is marked unsafe: an address or a path read back from a state
+    file is data, never a Jinja template. Single test host ONLY (safety invariant: no
+    real host is ever in scope)."""
+    host = {"ansible_host": ip, "ansible_user": ansible_user, **(host_vars or {})}
+    host = {k: ansible_unsafe(v) for k, v in host.items()}
     children = {g: {"hosts": {name: dict(host)}} for g in groups}
     return json.dumps({"all": {"children": children}}, indent=2) + "\n"
 
@@ -5018,6 +5213,7 @@ def load_checkpoint(ctx, key):
     if (
         not isinstance(manifest, dict)
         or manifest.get("key") != key
+        or state_fields_problem(manifest) is not None
         or not all((d / f).is_file() for f in CHECKPOINT_FILES)
     ):
         return None
@@ -5482,28 +5678,35 @@ def add_from_worktree(ctx, frm, name, git_repo=None):
     if path.exists():
         remove_from_worktree(ctx, path, git_repo)
     argv = ("worktree", "add", "--detach", "--quiet", str(path), frm.commit)
-    r = _git(ctx, *argv, timeout=300, repo=git_repo)
-    if r.returncode != 0:
-        remove_from_worktree(ctx, path, git_repo)
-        why = (r.stderr.strip().splitlines() or [f"exit {r.returncode}"])[-1]
-        raise InfraError("from-ref", f"git worktree add of {frm.ref} failed: {why}")
+    added = False
+    try:  # an interrupt while git checks out (a hook may run long) leaves nothing either
+        r = _git(ctx, *argv, timeout=300, repo=git_repo)
+        if r.returncode != 0:
+            why = (r.stderr.strip().splitlines() or [f"exit {r.returncode}"])[-1]
+            raise InfraError("from-ref", f"git worktree add of {frm.ref} failed: {why}")
+        added = True
+    finally:
+        if not added:
+            remove_from_worktree(ctx, path, git_repo)
     return path
 
 
 def remove_from_worktree(ctx, path, git_repo=None):
     """Remove a --from worktree and git's record of it; never raises (teardown path).
-    Only a path directly under the cache's worktrees/ is ever removed."""
+    Only a path directly under the cache's worktrees/ is ever removed. True when its
+    directory is gone (git's record may stay, with a warning, when git cannot run)."""
+    path = pathlib.Path(path)
     try:
-        root = worktrees_root(ctx)
-        path = pathlib.Path(path)
-        if path.parent != root or path.is_symlink():
-            return
-        _git(ctx, "worktree", "remove", "--force", str(path), repo=git_repo)
+        if path.parent != worktrees_root(ctx) or path.is_symlink():
+            return False
+        with contextlib.suppress(HarnessError):  # no git: the directory still goes
+            _git(ctx, "worktree", "remove", "--force", str(path), repo=git_repo)
         if path.exists():
             shutil.rmtree(path, ignore_errors=True)
         _git(ctx, "worktree", "prune", repo=git_repo)
     except Exception as e:  # a cleanup must not mask the verdict
         print(f"integration-vm: warning: removing worktree {path}: {e}", file=sys.stderr)
+    return not os.path.lexists(path)
 
 
 def run_lineage(run):
@@ -5516,8 +5719,10 @@ def prune_worktrees(ctx):
     root = worktrees_root(ctx)
     if root.is_dir() and not root.is_symlink():
         for wt in sorted(root.iterdir()):
-            remove_from_worktree(ctx, wt)
-            print(f"integration-vm: removed worktree {wt.name}")
+            if remove_from_worktree(ctx, wt):
+                print(f"integration-vm: removed worktree {wt.name}")
+            else:
+                print(f"integration-vm: could not remove worktree {wt}", file=sys.stderr)
 
 
 @dataclasses.dataclass
@@ -5581,6 +5786,9 @@ def upgrade(ctx, rs, profile, certs, result, day2):
 # Diagnostics are collected before anything is destroyed; teardown removes the domain,
 # its transient storage pools and its disks, and only what the harness owns.
 
+# The guest's share of a diagnostics bundle, in bytes (each command's output is also
+# capped on its own: GUEST_OUTPUT_MAX).
+DIAG_GUEST_MAX = 32 << 20
 GUEST_DIAG_COMMANDS = (
     ("nft-ruleset.txt", "nft list ruleset"),
     ("nft-ruleset.json", "nft -j list ruleset"),
@@ -5613,13 +5821,7 @@ def collect_diagnostics(ctx, rs, reason):
         else:
             why = "the VM never got an IP address"
         if guest_ok:
-            for fname, cmd in GUEST_DIAG_COMMANDS:
-                r = rs.ssh(f"sudo -n {cmd}", timeout=ctx.bounds["diag-command"])
-                (d / fname).write_text(
-                    r.stdout
-                    + (f"\n# stderr:\n{r.stderr}" if r.stderr.strip() else "")
-                    + ("\n# TIMED OUT\n" if r.timed_out else "")
-                )
+            _collect_guest_files(ctx, rs, d, notes)
         else:
             (d / "NOTE").write_text(
                 f"Guest-side diagnostics could not be collected: SSH to "
@@ -5636,6 +5838,37 @@ def collect_diagnostics(ctx, rs, reason):
     return d
 
 
+def copy_tail(src, dst, cap):
+    """Copy at most the last `cap` bytes of `src` to `dst` (a note first when cut)."""
+    with open(src, "rb") as fi, open(dst, "wb") as fo:
+        size = os.fstat(fi.fileno()).st_size
+        if size > cap:
+            fi.seek(size - cap)
+            fo.write(f"[... first {size - cap} bytes cut]\n".encode())
+        fo.write(fi.read(cap))  # never more, though the guest writes on meanwhile
+
+
+def _collect_guest_files(ctx, rs, d, notes):
+    """collect_diagnostics' guest side: GUEST_DIAG_COMMANDS' output, each command's tail
+    (rs.ssh's cap), all of them together at most DIAG_GUEST_MAX bytes."""
+    room = DIAG_GUEST_MAX
+    for fname, cmd in GUEST_DIAG_COMMANDS:
+        if room <= 0:
+            notes.append(f"{fname}: not collected (the bundle's {DIAG_GUEST_MAX} bytes are full)")
+            continue
+        r = rs.ssh(f"sudo -n {cmd}", timeout=ctx.bounds["diag-command"])
+        text = (
+            r.stdout
+            + (f"\n# stderr:\n{r.stderr}" if r.stderr.strip() else "")
+            + ("\n# TIMED OUT\n" if r.timed_out else "")
+        ).encode("utf-8", "replace")
+        if len(text) > room:
+            note = b"[... its head cut: the bundle is full]\n"
+            text = note + text[len(text) - room + len(note) :]
+        (d / fname).write_bytes(text)
+        room -= len(text)
+
+
 def _collect_host_files(ctx, rs, d, notes):
     """collect_diagnostics' host side: the console and QEMU logs, and virsh's view of the
     domain and the network. What fails is one line in `notes`."""
@@ -5644,7 +5877,7 @@ def _collect_host_files(ctx, rs, d, notes):
         (ctx.path_env("BOMA_IT_LIBVIRT_LOG_DIR") / f"{rs.domain}.log", "libvirt-qemu.log"),
     ):
         try:
-            shutil.copyfile(src, d / dst)
+            copy_tail(src, d / dst, GUEST_OUTPUT_MAX)  # the guest writes the console
         except OSError as e:
             notes.append(f"{dst}: not collected ({e.strerror or e})")
     for fname, args in (
@@ -6125,10 +6358,29 @@ def format_summary(result):
     return " ".join(parts)
 
 
+# What XML 1.0 cannot carry at all, escaped or not (C0 controls but tab/LF/CR, lone
+# surrogates, U+FFFE/U+FFFF): one such character from a guest's console and CI cannot
+# parse the whole report.
+_XML_FORBIDDEN = re.compile("[\x00-\x08\x0b\x0c\x0e-\x1f\ud800-\udfff\ufffe\uffff]")
+JUNIT_TEXT_MAX = 64 * 1024  # characters of one message or body (guest output is unbounded)
+
+
+def xml_text(value, limit=JUNIT_TEXT_MAX):
+    """`value` as text XML can carry: forbidden characters dropped, at most `limit`
+    characters (the head, then a note of what was cut). Escaping is the caller's."""
+    text = _XML_FORBIDDEN.sub("", str(value if value is not None else ""))
+    if len(text) > limit:
+        text = text[:limit] + f"\n[... {len(text) - limit} more characters cut]"
+    return text
+
+
 def render_junit(result):
-    """JUnit XML: one testcase per phase and per verify task."""
-    suite = f"integration-vm.{result.get('host') or 'unknown'}"
-    cases = _junit_cases(result)
+    """JUnit XML: one testcase per phase and per verify task. Every text is xml_text()."""
+    suite = xml_text(f"integration-vm.{result.get('host') or 'unknown'}", 200)
+    cases = [
+        (xml_text(name, 500), secs, status, xml_text(msg, 300), xml_text(body))
+        for name, secs, status, msg, body in _junit_cases(result)
+    ]
     failures = sum(1 for c in cases if c[2] == "fail")
     errors = sum(1 for c in cases if c[2] in ("error", "interrupted"))
     skipped = sum(1 for c in cases if c[2] == "skipped")
