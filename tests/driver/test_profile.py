@@ -20,18 +20,6 @@ def test_valid_tiers():
     assert ivm.VALID_TIERS == ("internal", "le-staging", "le-prod-wildcard")
 
 
-def test_cert_file_valid_tier():
-    p = ivm.cert_file("le-staging")
-    assert p.name == "le-staging.yml" and p.parent.name == "certs"
-
-
-def test_cert_file_rejects_bad_tier():
-    import pytest
-
-    with pytest.raises(ValueError):
-        ivm.cert_file("bogus")
-
-
 def test_extra_vars_order(tmp_path):
     (tmp_path / "certs").mkdir()
     vault = tmp_path / "vault.yml"
