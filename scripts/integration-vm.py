@@ -29,6 +29,7 @@ renderers, parsers) and its orchestration together, in this order:
   Reboot diff            state capture, normalisation, diff, tolerances, boot analysis
   Ansible                transport, transient inventory, argv, output, apply, verify
   Checkpoints            keys, role scan, take/stage/resume
+  Day 2                  --from REF: REF's worktree and applies, then the upgrade
   Diagnostics, teardown  what a failed run leaves; storage pools; destroy; down
   Session                the Run and SessionOptions, preflight guards, the phase list
                          per command, the failure-policy table, result.json
