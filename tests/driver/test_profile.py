@@ -16,8 +16,9 @@ BASE = {
 }
 
 
-def test_valid_tiers():
-    assert ivm.VALID_TIERS == ("internal", "le-staging", "le-prod-wildcard")
+def test_each_cert_tier_has_its_vars_file_and_each_file_is_a_tier():
+    certs = ivm.INTEG_DIR / "certs"
+    assert {p.name for p in certs.glob("*.yml")} == {f"{t}.yml" for t in ivm.VALID_TIERS}
 
 
 def test_extra_vars_order(tmp_path):
