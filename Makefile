@@ -43,7 +43,7 @@ export ANSIBLE_CONFIG := $(CURDIR)/ansible.cfg
 
 .PHONY: help venv lint test test-unit coverage test-role test-all new-role deploy docker-engine molecule-image \
         substrate test-integration test-integration-loop test-integration-red test-vm test-integration-clean \
-        bench-integration integration-status integration-doctor
+        bench-integration integration-status integration-doctor test-report
 
 help: ## List every target
 	@awk 'BEGIN {FS = ":.*## "} /^[a-zA-Z0-9_-]+:.*## / {printf "  \033[1m%-24s\033[0m %s\n", $$1, $$2}' $(MAKEFILE_LIST)
@@ -83,6 +83,12 @@ test-unit: venv ## pytest unit tests (no hypervisor, no Docker), two workers per
 	$(UNIT_TEST_ENV) $(VENV)/bin/pytest $(UNIT_PYTEST_ARGS)
 
 test: test-unit lint ## Unit tests + lint: what CI and the README run first
+
+test-report: venv ## report.html in headless Chromium (a fake pass and a fake red); screenshots in tests/integration/.run/report-screens/
+	@command -v chromium >/dev/null || { \
+	  if [ "$$(id -u)" = 0 ]; then apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium; \
+	  else echo "test-report: needs Debian's chromium: sudo apt-get install chromium" >&2; exit 2; fi; }
+	$(UNIT_TEST_ENV) $(VENV)/bin/pytest -q -s -m browser -p no:cacheprovider tests/test_report_browser.py
 
 coverage: venv ## Unit tests under coverage.py (the driver's subprocesses too): total and per-file figures
 	rm -f .coverage .coverage.*

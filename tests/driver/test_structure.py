@@ -8,8 +8,8 @@ import re
 from conftest import DRIVER
 
 # The functions of the driver's "Processes" section: the only ones that may touch
-# subprocess (run() starts, _start() spawns, _kill_group() reaps).
-PROCESS_FUNCTIONS = {"run", "_start", "_kill_group", "_drain_killed"}
+# subprocess (run() starts, _start() spawns, _kill_group() reaps, _communicate_capped reads).
+PROCESS_FUNCTIONS = {"run", "_start", "_kill_group", "_drain_killed", "_communicate_capped"}
 
 MAX_FUNCTION_LINES = 60
 

@@ -21,6 +21,7 @@ import subprocess
 import sys
 
 import pytest
+from report_page import check_report
 
 REPO = pathlib.Path(__file__).resolve().parents[2]
 DRIVER = REPO / "scripts" / "integration-vm.py"
@@ -78,6 +79,7 @@ def test_green_host_survives_reboot():
         ["virsh", "list", "--all", "--name"], text=True, capture_output=True, timeout=30
     ).stdout.split()
     assert result["vm"] not in listed, "a passing cycle must destroy its VM"
+    check_report(result, f"{HOST}-green", ["reboot:graceful", "reboot:hard"])
 
 
 def test_red_regression_fails_for_the_right_reason():
@@ -111,5 +113,6 @@ def test_red_regression_fails_for_the_right_reason():
     assert "accept" not in chain, f"forward chain should be pure drop:\n{chain}"
     # ...and the run stopped there: no reboot was needed to see it.
     assert not [p for p in result["phase_details"] if p["name"].startswith("reboot:")]
+    check_report(result, f"{HOST}-red", ["published :443 answers from the controller", "dead live"])
     # The VM is kept for inspection on a verify failure; this test cleans up after itself.
     assert run_driver("prune").returncode == 0
