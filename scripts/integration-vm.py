@@ -5277,7 +5277,8 @@ def checkpoints_in_use(ctx):
 
 def gc_checkpoints(ctx, host, keep, lineage=None):
     """Drop this profile's checkpoints that the current inputs can no longer resume
-    (and half-written ones), except those a live run reads. With a `lineage`, only that
+    (and half-written ones), except those a live run reads or a starting run has
+    claimed (claim_dir). With a `lineage`, only that
     lineage's: a plain cycle does not drop what `--from main` runs resume, nor the
     reverse (a checkpoint both chains share is in `keep`)."""
     root = ctx.cache / "checkpoints"
@@ -5299,7 +5300,11 @@ def gc_checkpoints(ctx, host, keep, lineage=None):
                 m.get("host") == host
                 and (lineage is None or m.get("lineage", FRESH_LINEAGE) == lineage)
             ):
-                shutil.rmtree(d, ignore_errors=True)
+                claim = claim_dir(d)
+                if claim is None:  # a run has chosen it to resume (try_resume's claim)
+                    continue
+                with claim:
+                    shutil.rmtree(d, ignore_errors=True)
                 removed.append(d.name)
     return removed
 
@@ -6042,6 +6047,7 @@ class Run:
     certs: str = None
     rs: object = None  # a RunState
     slot: object = None  # the open vm-slot-N.lock, held from define to teardown
+    claims: list = dataclasses.field(default_factory=list)  # Claims held to the end
     bounds: dict = dataclasses.field(default_factory=dict)
     cmdlog: pathlib.Path = None
     checkpoint_chain: list = None  # [(stage, key, detail)] when this run uses checkpoints
@@ -6090,6 +6096,11 @@ class Run:
         if self.slot is not None:
             self.slot.close()
             self.slot = None
+
+    def release_claims(self):
+        """The checkpoints and the loop VM this session claimed (claim_dir) are free."""
+        while self.claims:
+            self.claims.pop().close()
 
 
 TOOL_PACKAGES = {
@@ -6238,6 +6249,49 @@ def file_lock(ctx, path, what):
         yield
     finally:
         fh.close()
+
+
+@dataclasses.dataclass
+class Claim:
+    """A flock held on a directory of the harness (claim_dir) until closed."""
+
+    path: pathlib.Path
+    fd: int
+
+    def close(self):
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+
+def claim_dir(path, shared=False):
+    """Claim the directory `path` (a checkpoint, a run's dir) with a flock, never waiting:
+    a Claim, or None when another process holds a conflicting one, or `path` is gone, a
+    symlink or no longer the directory that was locked. Runs that resume a checkpoint
+    share it (shared=True); the gc, and a session that takes or retires a loop's VM,
+    need it alone. A killed holder's claim goes with its process."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW)
+    except OSError:
+        return None
+    claim = None
+    try:
+        fcntl.flock(fd, (fcntl.LOCK_SH if shared else fcntl.LOCK_EX) | fcntl.LOCK_NB)
+        now, held = os.stat(path, follow_symlinks=False), os.fstat(fd)
+        if (now.st_dev, now.st_ino) == (held.st_dev, held.st_ino):
+            claim = Claim(pathlib.Path(path), fd)
+    except OSError:  # BlockingIOError: another holds it; else removed while we locked
+        pass
+    finally:
+        if claim is None:
+            os.close(fd)
+    return claim
 
 
 @dataclasses.dataclass
@@ -6597,6 +6651,7 @@ def run_phases(ctx, args, run):
         if run.day2 is not None:  # REF's worktree goes, whatever happened
             run.day2.close(ctx)
         run.release_slot()
+        run.release_claims()
 
 
 def end_session(ctx, args, run):
@@ -7046,19 +7101,29 @@ def provision(ctx, args, run):
 
 def try_resume(ctx, run):
     """Resume the newest valid checkpoint of run.checkpoint_chain; None -> boot cold.
-    A checkpoint that fails to come back is reported and the run boots cold instead."""
+    The chain it reads is claimed first (claim_dir: no gc removes it) until the session
+    ends. A checkpoint that fails to come back (an InfraError, or an OSError: a file gone
+    mid-resume) is a warning and the run boots cold instead."""
     chain, result = run.checkpoint_chain, run.result
     keys = [k for _, k, _ in chain]
-    manifests = {k: load_checkpoint(ctx, k) for k in keys}
+    # Claimed before they are judged: from here no other run's gc removes them (one the
+    # gc holds is being removed, so not valid here). Held until the session ends.
+    claims = {k: claim_dir(checkpoint_dir(ctx, k), shared=True) for k in keys}
+    manifests = {k: load_checkpoint(ctx, k) if claims[k] else None for k in keys}
     best = newest_valid_checkpoint(
         [(st, k) for st, k, _ in chain], lambda k: manifests[k] is not None
     )
+    used = keys[: keys.index(best[1]) + 1] if best else []  # the disk chain this run reads
+    for k, claim in claims.items():
+        if claim is not None and k in used:
+            run.claims.append(claim)
+        elif claim is not None:
+            claim.close()
     if best is None:
         progress(ctx, "resume", "no valid checkpoint for these inputs: cold boot")
         return None
     stage, key = best
-    manifest = manifests[key]
-    keys = keys[: keys.index(key) + 1]  # the disk chain this run will read
+    manifest, keys = manifests[key], used
     with timed_phase(ctx, result, "resume") as entry:
         why = None
         try:
@@ -7068,8 +7133,8 @@ def try_resume(ctx, run):
                     why = f"checkpoint {stage} is in use (domain {manifest['domain']} exists)"
                 else:
                     rs = resume_run(ctx, run.profile, run.certs, manifest, keys, run)
-        except InfraError as e:
-            if e.stage == "guard":
+        except (InfraError, OSError) as e:  # an OSError too: a file gone mid-resume
+            if isinstance(e, InfraError) and e.stage == "guard":
                 raise
             why = f"checkpoint {stage} did not resume ({e})"
             if run.rs is not None:
@@ -7079,7 +7144,10 @@ def try_resume(ctx, run):
         if why:
             # Not an error of this run: it boots cold. JUnit shows the phase as skipped.
             entry.update(status="skipped", message=f"{why}: cold boot")
-            progress(ctx, "resume", f"{why}: cold boot")
+            if "resume_error" in result:  # it failed: a warning, not only progress
+                print(f"integration-vm: warning: {why}: cold boot", file=sys.stderr)
+            else:
+                progress(ctx, "resume", f"{why}: cold boot")
             return None
     rs.data["lineage"] = run_lineage(run)
     steps = 0 if stage == "booted" else int(stage.split("-")[1])
@@ -7099,6 +7167,24 @@ def loop_vms(ctx, host):
         and rs.data.get("state") != "down"
     ]
     return sorted(kept, key=lambda rs: rs.data.get("created_at") or "")
+
+
+def claimed_loop_vms(ctx, host):
+    """loop_vms that no other session is using, as [(rs, Claim)], oldest first: each
+    claimed (its run dir, claim_dir) before it is looked at, then read again, so two
+    sessions started together never take, nor tear down, the same VM (issue 27). A VM
+    another session holds (a loop applying onto it) is left alone, with one line."""
+    claims = {}
+    for rs in loop_vms(ctx, host):
+        claim = claim_dir(rs.dir)
+        if claim is None:
+            progress(ctx, "loop", f"leaving {rs.name} alone: another session is using it")
+        else:
+            claims[rs.name] = claim
+    mine = [(rs, claims.pop(rs.name)) for rs in loop_vms(ctx, host) if rs.name in claims]
+    for claim in claims.values():  # taken or torn down between the two looks
+        claim.close()
+    return mine
 
 
 def reuse_refusal(ctx, run, rs, chain):
@@ -7142,12 +7228,15 @@ def reuse_loop_vm(ctx, args, run):
     that cannot take the edit (reuse_refusal) or does not answer: torn down, and this
     run resumes a checkpoint. Sets run.reused."""
     host = run.profile["name"]
-    kept = loop_vms(ctx, host)
+    kept = claimed_loop_vms(ctx, host)
     last = kept.pop() if kept and not getattr(args, "fresh", False) else None
-    for rs in kept:  # every other one (all of them with --fresh)
-        retire_loop_vm(ctx, rs)
+    for rs, claim in kept:  # every other one (all of them with --fresh)
+        with claim:
+            retire_loop_vm(ctx, rs)
     if last is None:
         return
+    last, claim = last
+    run.claims.append(claim)  # this session's until it ends, kept or torn down
     chain = None
     if run.certs not in REAL_SECRET_TIERS and checkpoints_enabled(ctx, args):
         chain = checkpoint_chain(
@@ -7191,9 +7280,11 @@ def reuse_loop_vm(ctx, args, run):
 def retire_loop_vms(ctx, host):
     """A quick loop leaves its VM up for inspection until the next run of the profile:
     that run tears it down first (it holds the checkpoint's domain name and the VM slot).
-    Only runs a loop kept; a --keep/KEEP=1 VM is the operator's and stays."""
-    for rs in loop_vms(ctx, host):
-        retire_loop_vm(ctx, rs)
+    Only runs a loop kept; a --keep/KEEP=1 VM is the operator's and stays, and so does
+    one another session is using (claimed_loop_vms)."""
+    for rs, claim in claimed_loop_vms(ctx, host):
+        with claim:
+            retire_loop_vm(ctx, rs)
 
 
 def retire_loop_vm(ctx, rs):

@@ -18,6 +18,7 @@ from conftest import (
     edit,
     ivm,
     ran,
+    result_of,
 )
 
 
@@ -603,6 +604,42 @@ def test_a_loop_whose_verify_fails_is_exit_1_and_keeps_the_vm(hc):
     assert r["verdict"] == "fail" and r["failed_stage"] == "verify" and r["kept"] is True
     assert r["failures"] == ["published :443 answers from the controller"]
     assert len(hc.domains()) == 1
+
+
+@pytest.mark.parametrize("other", ["loop", "cycle"])
+def test_a_loop_vm_one_session_took_is_neither_taken_nor_torn_down_by_another(hc, other):
+    """Issue 27, class 3 (BOMA_IT_MAX_VMS=2): a second loop started beside the first one
+    took the same kept VM, and a session's teardown then destroyed the VM the other had
+    just kept; a cycle's retirement of loop VMs tore it down under the loop using it.
+    The loop claims the VM before it looks at it; the other session leaves it alone."""
+    p, first = ran(hc, "loop", "--host", "askari")
+    assert p.returncode == 0, p.stderr
+    edit(hc.repo / "roles" / "docker_host" / "templates" / "x.j2")
+    beside = []
+
+    def another_session_starts_now(mod):
+        silence = mod.loop_vm_silence
+
+        def racing(ctx, rs):  # this loop has chosen the last loop's VM: the other starts
+            if not beside:
+                beside.append(hc.run(other, "--host", "askari", in_process=False, **two))
+            return silence(ctx, rs)
+
+        mod.loop_vm_silence = racing
+
+    two = {"BOMA_IT_MAX_VMS": "2"}
+    p, mine = ran(hc, "loop", "--host", "askari", patch=another_session_starts_now, **two)
+    assert p.returncode == 0, p.stderr
+    (q,) = beside
+    assert q.returncode == 0, q.stderr
+    assert mine["reused_vm"]["run"] == first["vm"] == mine["vm"]
+    theirs = result_of(hc, q)
+    assert theirs["vm"] != first["vm"] and "reused_vm" not in theirs, q.stderr
+    assert f"previous quick loop's VM {first['vm']}" not in q.stderr
+    assert f"leaving {first['vm']} alone: another session is using it" in q.stderr
+    kept = run_json(hc, first["vm"])
+    assert kept["state"] == "up" and kept["kept_by"] == "loop"
+    assert mine["domain"] in hc.domains()
 
 
 # ---- the session as data: the Run, the phase lists, the failure policy, SessionOptions ----
