@@ -5275,7 +5275,7 @@ def checkpoints_in_use(ctx):
     return used
 
 
-def gc_checkpoints(ctx, host, keep, lineage=None):
+def gc_checkpoints(ctx, host, keep, lineage=None, wait=None):
     """Drop this profile's checkpoints that the current inputs can no longer resume
     (and half-written ones), except those a live run reads or a starting run has
     claimed (claim_dir). With a `lineage`, only that
@@ -5287,7 +5287,7 @@ def gc_checkpoints(ctx, host, keep, lineage=None):
     removed = []
     # take_checkpoint writes under this lock: holding it, a dir without a manifest (or a
     # .tmp-* staging dir) is what an interrupted writer left, never one being written.
-    with file_lock(ctx, ctx.cache / "checkpoints.lock", "checkpoint gc"):
+    with file_lock(ctx, ctx.cache / "checkpoints.lock", "checkpoint gc", wait):
         used = checkpoints_in_use(ctx) | set(keep)
         for d in root.iterdir():
             if d.is_symlink() or not d.is_dir() or d.name in used:
@@ -6018,6 +6018,10 @@ def down_run(ctx, rs):
 # A session is one command's life: preflight guards (tools, RAM, disk, VM slot), its phase
 # list, and one policy for each way it can end (diagnostics? keep or destroy? exit code).
 
+# The end-of-run checkpoint gc waits this long for checkpoints.lock, then skips (another
+# run writing a checkpoint holds it for minutes; the next run's gc does the work).
+END_GC_LOCK_WAIT = 5.0
+
 
 @dataclasses.dataclass(frozen=True)
 class SessionOptions:
@@ -6229,10 +6233,23 @@ def open_lock_file(path):
     return os.fdopen(os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o600), "r+")
 
 
+class LockBusy(InfraError):
+    """file_lock: another run held the lock for longer than the wait."""
+
+    def __init__(self, what, path, wait):
+        super().__init__(
+            "guard", f"{what}: lock {path} held by another run for more than {wait:.0f}s"
+        )
+        self.path = path
+
+
 @contextlib.contextmanager
-def file_lock(ctx, path, what):
+def file_lock(ctx, path, what, wait=None):
+    """Hold the lock file `path`, waiting for it `wait` s at most (the lock bound by
+    default); longer: LockBusy (InfraError 'guard')."""
     fh = open_lock_file(path)
-    deadline = time.monotonic() + ctx.bounds["lock"]
+    wait = ctx.bounds["lock"] if wait is None else wait
+    deadline = time.monotonic() + wait
     try:
         while True:
             try:
@@ -6240,11 +6257,7 @@ def file_lock(ctx, path, what):
                 break
             except BlockingIOError:
                 if time.monotonic() > deadline:
-                    raise InfraError(
-                        "guard",
-                        f"{what}: lock {path} held by another run for "
-                        f"more than {ctx.bounds['lock']:.0f}s",
-                    ) from None
+                    raise LockBusy(what, path, wait) from None
                 time.sleep(ctx.poll)
         yield
     finally:
@@ -6620,13 +6633,17 @@ def run_session(ctx, args, command, options=None):
     ctx = dataclasses.replace(ctx, run=run)  # the process's context, bound to this run
     if shutil.which("git", path=ctx.environ.get("PATH")) and (ctx.repo / ".git").exists():
         result["commit"] = working_tree_commit(ctx)  # what the report names
-    run.exit_code = apply_expect_fail(result, run_phases(ctx, args, run))
-    result["exit_code"] = run.exit_code
-    if run.exit_code == EXIT_USAGE and run.rs is None:
-        return run  # bad input: the one error line says it all, nothing ran
-    end_session(ctx, args, run)
-    run.reported = True
-    return run
+    try:
+        run.exit_code = apply_expect_fail(result, run_phases(ctx, args, run))
+        result["exit_code"] = run.exit_code
+        if run.exit_code == EXIT_USAGE and run.rs is None:
+            return run  # bad input: the one error line says it all, nothing ran
+        end_session(ctx, args, run)
+        run.reported = True
+        return run
+    finally:  # REF's worktree goes, whatever happened (end_session: after the verdict)
+        if run.day2 is not None:
+            run.day2.close(ctx)
 
 
 def run_phases(ctx, args, run):
@@ -6648,28 +6665,62 @@ def run_phases(ctx, args, run):
         if run.rs is not None:  # a kept VM keeps no SSH process of ours either
             run.rs.close_ssh()
         flush_command_log(run.cmdlog)
-        if run.day2 is not None:  # REF's worktree goes, whatever happened
-            run.day2.close(ctx)
         run.release_slot()
         run.release_claims()
 
 
 def end_session(ctx, args, run):
-    """After the verdict: the checkpoint gc, the boot-time history, result.json (the
-    converging commands and assert), JUnit, the summary line and the command's footer."""
+    """After the verdict: the verdict written (write_verdict) with interrupts held back,
+    then the end-of-run work (REF's worktree removed, the checkpoint gc), bounded; an
+    interrupt there cuts it short and leaves the verdict, and its exit code, as written
+    (issue 27). run_session removes the worktree if this did not."""
+    try:
+        with _signals_deferred():
+            write_verdict(ctx, args, run)
+        if run.day2 is not None:  # REF's worktree (and git's record of it) goes
+            run.day2.close(ctx)
+        gc_after_run(ctx, run)
+    except KeyboardInterrupt:
+        print(
+            "\nintegration-vm: interrupted after the verdict: checkpoint cleanup skipped "
+            "(the next run's does it)",
+            file=sys.stderr,
+        )
+    if run.report is not None:  # the run's last line (stdout's last stays the summary)
+        sys.stdout.flush()
+        print(f"report: {run.report}", file=sys.stderr, flush=True)
+
+
+def gc_after_run(ctx, run):
+    """One chain per profile: what these inputs can no longer resume goes. Optional
+    work: its lock is waited for END_GC_LOCK_WAIT at most (another run writing a
+    checkpoint holds it for minutes), then skipped with one line."""
+    if not (run.checkpoint_chain and run.options.gc_outdated):
+        return
+    try:
+        gone = gc_checkpoints(
+            ctx,
+            run.result.get("host"),
+            keep=[k for _, k, _ in run.checkpoint_chain],
+            lineage=run_lineage(run),
+            wait=END_GC_LOCK_WAIT,
+        )
+        if gone:
+            progress(ctx, "checkpoint", f"removed {len(gone)} outdated checkpoint(s)")
+    except LockBusy as e:
+        print(
+            f"integration-vm: checkpoint cleanup skipped: another run holds {e.path} "
+            "(the next run's cleanup does it)",
+            file=sys.stderr,
+        )
+    except Exception as e:  # a cleanup must not change the verdict
+        print(f"integration-vm: warning: checkpoint cleanup: {e}", file=sys.stderr)
+
+
+def write_verdict(ctx, args, run):
+    """The boot-time history, result.json (the converging commands and assert), JUnit,
+    the summary line and the command's footer."""
     result, command = run.result, run.command
-    if run.checkpoint_chain and run.options.gc_outdated:
-        try:  # one chain per profile: what these inputs can no longer resume goes
-            gone = gc_checkpoints(
-                ctx,
-                result.get("host"),
-                keep=[k for _, k, _ in run.checkpoint_chain],
-                lineage=run_lineage(run),
-            )
-            if gone:
-                progress(ctx, "checkpoint", f"removed {len(gone)} outdated checkpoint(s)")
-        except Exception as e:  # a cleanup must not change the verdict
-            print(f"integration-vm: warning: checkpoint cleanup: {e}", file=sys.stderr)
     note_boot_times(ctx, result, run.rs.name if run.rs else None)
     writes_result = command in (*CONVERGING_COMMANDS, "assert")
     run.report = finish_result(
@@ -6684,9 +6735,6 @@ def end_session(ctx, args, run):
         sys.stdout.write(format_bench_table(result))
     if command == "loop":
         print(LOOP_NOT_THE_GATE.format(host=result.get("host") or "<host>"), file=sys.stderr)
-    if run.report is not None:  # the run's last line (stdout's last stays the summary)
-        sys.stdout.flush()
-        print(f"report: {run.report}", file=sys.stderr, flush=True)
 
 
 # ---- the phases: each takes (ctx, args, run) and raises on failure -------------------
