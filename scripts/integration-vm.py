@@ -29,6 +29,7 @@ renderers, parsers) and its orchestration together, in this order:
   Reboot diff            state capture, normalisation, diff, tolerances, boot analysis
   Ansible                transport, transient inventory, argv, output, apply, verify
   Checkpoints            keys, role scan, take/stage/resume
+  Day 2                  --from REF: REF's worktree and applies, then the upgrade
   Diagnostics, teardown  what a failed run leaves; storage pools; destroy; down
   Session                the Run and SessionOptions, preflight guards, the phase list
                          per command, the failure-policy table, result.json
@@ -95,7 +96,6 @@ DISK_MODE = 0o600
 FROZEN_DISK_MODE = 0o400  # a checkpoint's disk and seed: read-only backing files
 INTEG_DIR = REPO_ROOT / "tests" / "integration"
 PROFILE_DIR = INTEG_DIR / "profiles"
-CERT_DIR = INTEG_DIR / "certs"
 DEFAULT_VERIFY = "tests/integration/verify.yml"
 TEST_VAULT_VALUES = REPO_ROOT / "tests" / "vault" / "test-values.yml"
 DEFAULT_MEM_MIB = 3072
@@ -914,8 +914,9 @@ def owner_name():
 # --------------------------------------------------------------------------------------
 # Profile: a host's profile files, merged, type-checked, and their paths confined
 # --------------------------------------------------------------------------------------
-# A profile (tests/integration/profiles/<host>.yml, a flat stdlib-parsed subset of YAML)
-# names the host's groups, stubs, cert tier, reboots and verify playbook.
+# A profile (tests/integration/profiles/<host>.json, read by the stdlib's json module)
+# names the host's groups, applies, stub files, reboots, tolerances and verify playbook;
+# the cert tier (--certs) adds its vars file and the vault values (extra_vars_files).
 
 PROFILE_KEYS = {
     "groups": list,
@@ -1152,12 +1153,6 @@ def extra_vars_files(profile, tier, integ_dir=None, vault_values=None):
     return files
 
 
-def cert_file(tier):
-    if tier not in VALID_TIERS:
-        raise ValueError(f"unknown cert tier: {tier}")
-    return CERT_DIR / f"{tier}.yml"
-
-
 # --------------------------------------------------------------------------------------
 # Image: the golden image, built (mmdebstrap recipe) or fetched, keyed and published
 # --------------------------------------------------------------------------------------
@@ -1247,34 +1242,6 @@ def extra_packages():
 def image_packages():
     """The reference list and the extras, exactly: what mmdebstrap --include installs."""
     return sorted(set(reference_packages()) | set(extra_packages()))
-
-
-IMAGE_QUERY = (
-    r"dpkg-query -W -f '${Package}\t${Priority}\t${Essential}\t${Pre-Depends}, ${Depends}\n'"
-)
-
-
-def image_package_check(query_text, manual, reference, extras):
-    """Compare a booted guest's packages with the reference list. query_text:
-    IMAGE_QUERY's output; manual: `apt-mark showmanual`. Returns (missing, unlisted):
-    reference packages not installed, and manually installed packages that are neither in
-    the reference or the extras nor part of minbase (Priority required or Essential, and
-    what those depend on: mmdebstrap leaves minbase's packages marked manual)."""
-    rows = {}
-    for line in query_text.splitlines():
-        name, prio, essential, deps = (line.split("\t") + ["", "", ""])[:4]
-        alts = [re.split(r"[\s:(]", a.strip(), maxsplit=1)[0] for a in re.split(r"[,|]", deps)]
-        rows[name] = (prio == "required" or essential == "yes", {a for a in alts if a})
-    base = [n for n, (core, _) in rows.items() if core]
-    seen = set(base)
-    while base:
-        for dep in rows[base.pop()][1]:
-            if dep in rows and dep not in seen:
-                seen.add(dep)
-                base.append(dep)
-    listed = set(reference) | set(extras)
-    missing = sorted(set(reference) - set(rows))
-    return missing, sorted(set(manual) - listed - seen)
 
 
 def seal_spec():

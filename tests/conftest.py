@@ -8,18 +8,23 @@ The driver's tests live in tests/driver/, one module per section of the driver
 names one module whichever directory pytest collects first.
 
 What run_driver saves is the driver's own interpreter start and its 7,000-line compile
-(~0.1 s per call, ~230 calls). The fake tools stay real child processes either way; in an
+(~0.1 s per call, 261 calls). The fake tools stay real child processes either way; in an
 in-process run they are forked by a small fork server and handed to this process as its
-children instead of exec'd (_ForkedFakesPopen, _ForkServer: ~6,000 calls, most of the
+children instead of exec'd (_ForkedFakesPopen, _ForkServer: 6,632 calls, most of the
 suite's time; test_fakes.py shows the driver cannot tell the difference;
-BOMA_TEST_EXEC_FAKES=1 execs them). Tests whose subject IS the driver's
-process (signals, process groups, two concurrent runs) start it as a subprocess
-(Harness.popen / Harness.run(in_process=False)), and its fakes are exec'd.
+BOMA_TEST_EXEC_FAKES=1 execs them). Tests whose subject IS the driver's process (signals,
+process groups, two concurrent runs) start it as a subprocess (Harness.popen /
+Harness.run(in_process=False)), and its fakes are exec'd.
+
+Measured for issue 26 (the whole unit suite, -n 4 on 2 cores shared with other jobs, CPU
+seconds user+sys, 2-3 runs each): fakes forked 76-97, exec'd 166-183. A patch of
+dataclasses that compiled @dataclass's generated source once per worker saved ~10 ms of
+each driver run's module exec (16 -> 5 ms), ~2.6 CPU-s a suite, inside the runs' spread
+(76-97 with it, 81-90 without): it was removed.
 """
 
 import atexit
 import contextlib
-import dataclasses
 import functools
 import importlib.util
 import inspect
@@ -53,23 +58,6 @@ def load_script(filename, module_name):
 @functools.cache
 def _compiled(source, filename):
     return compile(source, filename, "exec")
-
-
-# Each run_driver re-executes the driver's module, and @dataclass builds every method of
-# its dozen dataclasses by compiling generated source (~85 % of the ~10 ms a module run
-# takes). The generated text is the same on every run, so its code is compiled once: the
-# exec that follows still makes fresh functions in the new module's namespace, as before.
-@functools.cache
-def _compiled_dataclass_source(text):
-    return compile(text, "<string>", "exec")
-
-
-def _exec_dataclass_source(source, globals=None, locals=None):
-    code = _compiled_dataclass_source(source) if isinstance(source, str) else source
-    exec(code, globals, locals)
-
-
-dataclasses.exec = _exec_dataclass_source  # shadows the builtin for dataclasses' module only
 
 
 # ---- the fake tools, forked instead of exec'd ----------------------------------------------

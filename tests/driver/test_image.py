@@ -87,9 +87,12 @@ def test_seal_spec_contents():
     assert "etc/systemd/system/multi-user.target.wants/systemd-resolved.service" in links
 
 
-def test_image_key_is_stable():
-    assert ivm.image_key(ivm.image_inputs()) == ivm.image_key(ivm.image_inputs())
-    assert len(ivm.image_key(ivm.image_inputs())) == 16
+def test_image_key_does_not_depend_on_the_order_inputs_were_written_in():
+    inputs = ivm.image_inputs()
+    backwards = dict(reversed(inputs.items()))
+    backwards["seal"] = dict(reversed(inputs["seal"].items()))
+    assert ivm.image_key(backwards) == ivm.image_key(inputs)
+    assert len(ivm.image_key(inputs)) == 16
 
 
 @pytest.mark.parametrize(

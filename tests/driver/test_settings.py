@@ -64,11 +64,13 @@ def test_every_setting_is_declared_once_read_once_and_documented():
     used = set(re.findall(r'"(BOMA_IT_[A-Z_]+[A-Z])"', src))
     assert used <= set(names), used - set(names)
     assert 'environ.get("BOMA_IT' not in src and 'environ["BOMA_IT' not in src
+    help_text = ivm.build_parser().format_help()  # what --help prints, epilog included
     for name in names:
         if not name.startswith("BOMA_IT_TIMEOUT_"):
-            assert name in ivm.ENV_HELP, name
+            assert re.search(rf"^  {name} ", help_text, re.M), name  # a line of its own
     for stage in ivm.DEFAULT_BOUNDS:
-        assert stage in ivm.ENV_HELP and ivm.timeout_var(stage) in names
+        assert re.search(rf"[ ,]{stage}=", help_text), stage  # not split at its hyphen
+        assert ivm.stage_bounds("tcg", {ivm.timeout_var(stage): "7"})[stage] == 7.0, stage
     st = ivm.read_settings({})
     with pytest.raises(dataclasses.FrozenInstanceError):
         st.values = {}
