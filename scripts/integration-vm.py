@@ -5258,9 +5258,10 @@ def checkpoints_in_use(ctx):
     return used
 
 
-def gc_checkpoints(ctx, host, keep, lineage=None):
+def gc_checkpoints(ctx, host, keep, lineage=None, wait=None):
     """Drop this profile's checkpoints that the current inputs can no longer resume
-    (and half-written ones), except those a live run reads. With a `lineage`, only that
+    (and half-written ones), except those a live run reads or a starting run has
+    claimed (claim_dir). With a `lineage`, only that
     lineage's: a plain cycle does not drop what `--from main` runs resume, nor the
     reverse (a checkpoint both chains share is in `keep`)."""
     root = ctx.cache / "checkpoints"
@@ -5269,7 +5270,7 @@ def gc_checkpoints(ctx, host, keep, lineage=None):
     removed = []
     # take_checkpoint writes under this lock: holding it, a dir without a manifest (or a
     # .tmp-* staging dir) is what an interrupted writer left, never one being written.
-    with file_lock(ctx, ctx.cache / "checkpoints.lock", "checkpoint gc"):
+    with file_lock(ctx, ctx.cache / "checkpoints.lock", "checkpoint gc", wait):
         used = checkpoints_in_use(ctx) | set(keep)
         for d in root.iterdir():
             if d.is_symlink() or not d.is_dir() or d.name in used:
@@ -5282,7 +5283,11 @@ def gc_checkpoints(ctx, host, keep, lineage=None):
                 m.get("host") == host
                 and (lineage is None or m.get("lineage", FRESH_LINEAGE) == lineage)
             ):
-                shutil.rmtree(d, ignore_errors=True)
+                claim = claim_dir(d)
+                if claim is None:  # a run has chosen it to resume (try_resume's claim)
+                    continue
+                with claim:
+                    shutil.rmtree(d, ignore_errors=True)
                 removed.append(d.name)
     return removed
 
@@ -5996,6 +6001,10 @@ def down_run(ctx, rs):
 # A session is one command's life: preflight guards (tools, RAM, disk, VM slot), its phase
 # list, and one policy for each way it can end (diagnostics? keep or destroy? exit code).
 
+# The end-of-run checkpoint gc waits this long for checkpoints.lock, then skips (another
+# run writing a checkpoint holds it for minutes; the next run's gc does the work).
+END_GC_LOCK_WAIT = 5.0
+
 
 @dataclasses.dataclass(frozen=True)
 class SessionOptions:
@@ -6025,6 +6034,7 @@ class Run:
     certs: str = None
     rs: object = None  # a RunState
     slot: object = None  # the open vm-slot-N.lock, held from define to teardown
+    claims: list = dataclasses.field(default_factory=list)  # Claims held to the end
     bounds: dict = dataclasses.field(default_factory=dict)
     cmdlog: pathlib.Path = None
     checkpoint_chain: list = None  # [(stage, key, detail)] when this run uses checkpoints
@@ -6073,6 +6083,11 @@ class Run:
         if self.slot is not None:
             self.slot.close()
             self.slot = None
+
+    def release_claims(self):
+        """The checkpoints and the loop VM this session claimed (claim_dir) are free."""
+        while self.claims:
+            self.claims.pop().close()
 
 
 TOOL_PACKAGES = {
@@ -6201,10 +6216,23 @@ def open_lock_file(path):
     return os.fdopen(os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o600), "r+")
 
 
+class LockBusy(InfraError):
+    """file_lock: another run held the lock for longer than the wait."""
+
+    def __init__(self, what, path, wait):
+        super().__init__(
+            "guard", f"{what}: lock {path} held by another run for more than {wait:.0f}s"
+        )
+        self.path = path
+
+
 @contextlib.contextmanager
-def file_lock(ctx, path, what):
+def file_lock(ctx, path, what, wait=None):
+    """Hold the lock file `path`, waiting for it `wait` s at most (the lock bound by
+    default); longer: LockBusy (InfraError 'guard')."""
     fh = open_lock_file(path)
-    deadline = time.monotonic() + ctx.bounds["lock"]
+    wait = ctx.bounds["lock"] if wait is None else wait
+    deadline = time.monotonic() + wait
     try:
         while True:
             try:
@@ -6212,15 +6240,54 @@ def file_lock(ctx, path, what):
                 break
             except BlockingIOError:
                 if time.monotonic() > deadline:
-                    raise InfraError(
-                        "guard",
-                        f"{what}: lock {path} held by another run for "
-                        f"more than {ctx.bounds['lock']:.0f}s",
-                    ) from None
+                    raise LockBusy(what, path, wait) from None
                 time.sleep(ctx.poll)
         yield
     finally:
         fh.close()
+
+
+@dataclasses.dataclass
+class Claim:
+    """A flock held on a directory of the harness (claim_dir) until closed."""
+
+    path: pathlib.Path
+    fd: int
+
+    def close(self):
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+
+def claim_dir(path, shared=False):
+    """Claim the directory `path` (a checkpoint, a run's dir) with a flock, never waiting:
+    a Claim, or None when another process holds a conflicting one, or `path` is gone, a
+    symlink or no longer the directory that was locked. Runs that resume a checkpoint
+    share it (shared=True); the gc, and a session that takes or retires a loop's VM,
+    need it alone. A killed holder's claim goes with its process."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW)
+    except OSError:
+        return None
+    claim = None
+    try:
+        fcntl.flock(fd, (fcntl.LOCK_SH if shared else fcntl.LOCK_EX) | fcntl.LOCK_NB)
+        now, held = os.stat(path, follow_symlinks=False), os.fstat(fd)
+        if (now.st_dev, now.st_ino) == (held.st_dev, held.st_ino):
+            claim = Claim(pathlib.Path(path), fd)
+    except OSError:  # BlockingIOError: another holds it; else removed while we locked
+        pass
+    finally:
+        if claim is None:
+            os.close(fd)
+    return claim
 
 
 @dataclasses.dataclass
@@ -6669,13 +6736,17 @@ def run_session(ctx, args, command, options=None):
     ctx = dataclasses.replace(ctx, run=run)  # the process's context, bound to this run
     if shutil.which("git", path=ctx.environ.get("PATH")) and (ctx.repo / ".git").exists():
         result["commit"] = working_tree_commit(ctx)  # what the report names
-    run.exit_code = apply_expect_fail(result, run_phases(ctx, args, run))
-    result["exit_code"] = run.exit_code
-    if run.exit_code == EXIT_USAGE and run.rs is None:
-        return run  # bad input: the one error line says it all, nothing ran
-    end_session(ctx, args, run)
-    run.reported = True
-    return run
+    try:
+        run.exit_code = apply_expect_fail(result, run_phases(ctx, args, run))
+        result["exit_code"] = run.exit_code
+        if run.exit_code == EXIT_USAGE and run.rs is None:
+            return run  # bad input: the one error line says it all, nothing ran
+        end_session(ctx, args, run)
+        run.reported = True
+        return run
+    finally:  # REF's worktree goes, whatever happened (end_session: after the verdict)
+        if run.day2 is not None:
+            run.day2.close(ctx)
 
 
 def run_phases(ctx, args, run):
@@ -6697,27 +6768,62 @@ def run_phases(ctx, args, run):
         if run.rs is not None:  # a kept VM keeps no SSH process of ours either
             run.rs.close_ssh()
         flush_command_log(run.cmdlog)
-        if run.day2 is not None:  # REF's worktree goes, whatever happened
-            run.day2.close(ctx)
         run.release_slot()
+        run.release_claims()
 
 
 def end_session(ctx, args, run):
-    """After the verdict: the checkpoint gc, the boot-time history, result.json (the
-    converging commands and assert), JUnit, the summary line and the command's footer."""
+    """After the verdict: the verdict written (write_verdict) with interrupts held back,
+    then the end-of-run work (REF's worktree removed, the checkpoint gc), bounded; an
+    interrupt there cuts it short and leaves the verdict, and its exit code, as written
+    (issue 27). run_session removes the worktree if this did not."""
+    try:
+        with _signals_deferred():
+            write_verdict(ctx, args, run)
+        if run.day2 is not None:  # REF's worktree (and git's record of it) goes
+            run.day2.close(ctx)
+        gc_after_run(ctx, run)
+    except KeyboardInterrupt:
+        print(
+            "\nintegration-vm: interrupted after the verdict: checkpoint cleanup skipped "
+            "(the next run's does it)",
+            file=sys.stderr,
+        )
+    if run.report is not None:  # the run's last line (stdout's last stays the summary)
+        sys.stdout.flush()
+        print(f"report: {run.report}", file=sys.stderr, flush=True)
+
+
+def gc_after_run(ctx, run):
+    """One chain per profile: what these inputs can no longer resume goes. Optional
+    work: its lock is waited for END_GC_LOCK_WAIT at most (another run writing a
+    checkpoint holds it for minutes), then skipped with one line."""
+    if not (run.checkpoint_chain and run.options.gc_outdated):
+        return
+    try:
+        gone = gc_checkpoints(
+            ctx,
+            run.result.get("host"),
+            keep=[k for _, k, _ in run.checkpoint_chain],
+            lineage=run_lineage(run),
+            wait=END_GC_LOCK_WAIT,
+        )
+        if gone:
+            progress(ctx, "checkpoint", f"removed {len(gone)} outdated checkpoint(s)")
+    except LockBusy as e:
+        print(
+            f"integration-vm: checkpoint cleanup skipped: another run holds {e.path} "
+            "(the next run's cleanup does it)",
+            file=sys.stderr,
+        )
+    except Exception as e:  # a cleanup must not change the verdict
+        print(f"integration-vm: warning: checkpoint cleanup: {e}", file=sys.stderr)
+
+
+def write_verdict(ctx, args, run):
+    """The boot-time history, result.json (the converging commands and assert), JUnit,
+    the summary line and the command's footer."""
     result, command = run.result, run.command
-    if run.checkpoint_chain and run.options.gc_outdated:
-        try:  # one chain per profile: what these inputs can no longer resume goes
-            gone = gc_checkpoints(
-                ctx,
-                result.get("host"),
-                keep=[k for _, k, _ in run.checkpoint_chain],
-                lineage=run_lineage(run),
-            )
-            if gone:
-                progress(ctx, "checkpoint", f"removed {len(gone)} outdated checkpoint(s)")
-        except Exception as e:  # a cleanup must not change the verdict
-            print(f"integration-vm: warning: checkpoint cleanup: {e}", file=sys.stderr)
     note_boot_times(ctx, result, run.rs.name if run.rs else None)
     writes_result = command in (*CONVERGING_COMMANDS, "assert")
     run.report = finish_result(
@@ -6732,9 +6838,6 @@ def end_session(ctx, args, run):
         sys.stdout.write(format_bench_table(result))
     if command == "loop":
         print(f"integration-vm: {closing_lines(result)['loop']}", file=sys.stderr)
-    if run.report is not None:  # the run's last line (stdout's last stays the summary)
-        sys.stdout.flush()
-        print(f"report: {run.report}", file=sys.stderr, flush=True)
 
 
 # ---- the phases: each takes (ctx, args, run) and raises on failure -------------------
@@ -7137,19 +7240,29 @@ def provision(ctx, args, run):
 
 def try_resume(ctx, run):
     """Resume the newest valid checkpoint of run.checkpoint_chain; None -> boot cold.
-    A checkpoint that fails to come back is reported and the run boots cold instead."""
+    The chain it reads is claimed first (claim_dir: no gc removes it) until the session
+    ends. A checkpoint that fails to come back (an InfraError, or an OSError: a file gone
+    mid-resume) is a warning and the run boots cold instead."""
     chain, result = run.checkpoint_chain, run.result
     keys = [k for _, k, _ in chain]
-    manifests = {k: load_checkpoint(ctx, k) for k in keys}
+    # Claimed before they are judged: from here no other run's gc removes them (one the
+    # gc holds is being removed, so not valid here). Held until the session ends.
+    claims = {k: claim_dir(checkpoint_dir(ctx, k), shared=True) for k in keys}
+    manifests = {k: load_checkpoint(ctx, k) if claims[k] else None for k in keys}
     best = newest_valid_checkpoint(
         [(st, k) for st, k, _ in chain], lambda k: manifests[k] is not None
     )
+    used = keys[: keys.index(best[1]) + 1] if best else []  # the disk chain this run reads
+    for k, claim in claims.items():
+        if claim is not None and k in used:
+            run.claims.append(claim)
+        elif claim is not None:
+            claim.close()
     if best is None:
         progress(ctx, "resume", "no valid checkpoint for these inputs: cold boot")
         return None
     stage, key = best
-    manifest = manifests[key]
-    keys = keys[: keys.index(key) + 1]  # the disk chain this run will read
+    manifest, keys = manifests[key], used
     with timed_phase(ctx, result, "resume") as entry:
         why = None
         try:
@@ -7159,8 +7272,8 @@ def try_resume(ctx, run):
                     why = f"checkpoint {stage} is in use (domain {manifest['domain']} exists)"
                 else:
                     rs = resume_run(ctx, run.profile, run.certs, manifest, keys, run)
-        except InfraError as e:
-            if e.stage == "guard":
+        except (InfraError, OSError) as e:  # an OSError too: a file gone mid-resume
+            if isinstance(e, InfraError) and e.stage == "guard":
                 raise
             why = f"checkpoint {stage} did not resume ({e})"
             if run.rs is not None:
@@ -7170,7 +7283,10 @@ def try_resume(ctx, run):
         if why:
             # Not an error of this run: it boots cold. JUnit shows the phase as skipped.
             entry.update(status="skipped", message=f"{why}: cold boot")
-            progress(ctx, "resume", f"{why}: cold boot")
+            if "resume_error" in result:  # it failed: a warning, not only progress
+                print(f"integration-vm: warning: {why}: cold boot", file=sys.stderr)
+            else:
+                progress(ctx, "resume", f"{why}: cold boot")
             return None
     rs.data["lineage"] = run_lineage(run)
     steps = 0 if stage == "booted" else int(stage.split("-")[1])
@@ -7190,6 +7306,24 @@ def loop_vms(ctx, host):
         and rs.data.get("state") != "down"
     ]
     return sorted(kept, key=lambda rs: rs.data.get("created_at") or "")
+
+
+def claimed_loop_vms(ctx, host):
+    """loop_vms that no other session is using, as [(rs, Claim)], oldest first: each
+    claimed (its run dir, claim_dir) before it is looked at, then read again, so two
+    sessions started together never take, nor tear down, the same VM (issue 27). A VM
+    another session holds (a loop applying onto it) is left alone, with one line."""
+    claims = {}
+    for rs in loop_vms(ctx, host):
+        claim = claim_dir(rs.dir)
+        if claim is None:
+            progress(ctx, "loop", f"leaving {rs.name} alone: another session is using it")
+        else:
+            claims[rs.name] = claim
+    mine = [(rs, claims.pop(rs.name)) for rs in loop_vms(ctx, host) if rs.name in claims]
+    for claim in claims.values():  # taken or torn down between the two looks
+        claim.close()
+    return mine
 
 
 def reuse_refusal(ctx, run, rs, chain):
@@ -7233,12 +7367,15 @@ def reuse_loop_vm(ctx, args, run):
     that cannot take the edit (reuse_refusal) or does not answer: torn down, and this
     run resumes a checkpoint. Sets run.reused."""
     host = run.profile["name"]
-    kept = loop_vms(ctx, host)
+    kept = claimed_loop_vms(ctx, host)
     last = kept.pop() if kept and not getattr(args, "fresh", False) else None
-    for rs in kept:  # every other one (all of them with --fresh)
-        retire_loop_vm(ctx, rs)
+    for rs, claim in kept:  # every other one (all of them with --fresh)
+        with claim:
+            retire_loop_vm(ctx, rs)
     if last is None:
         return
+    last, claim = last
+    run.claims.append(claim)  # this session's until it ends, kept or torn down
     chain = None
     if run.certs not in REAL_SECRET_TIERS and checkpoints_enabled(ctx, args):
         chain = checkpoint_chain(
@@ -7282,9 +7419,11 @@ def reuse_loop_vm(ctx, args, run):
 def retire_loop_vms(ctx, host):
     """A quick loop leaves its VM up for inspection until the next run of the profile:
     that run tears it down first (it holds the checkpoint's domain name and the VM slot).
-    Only runs a loop kept; a --keep/KEEP=1 VM is the operator's and stays."""
-    for rs in loop_vms(ctx, host):
-        retire_loop_vm(ctx, rs)
+    Only runs a loop kept; a --keep/KEEP=1 VM is the operator's and stays, and so does
+    one another session is using (claimed_loop_vms)."""
+    for rs, claim in claimed_loop_vms(ctx, host):
+        with claim:
+            retire_loop_vm(ctx, rs)
 
 
 def retire_loop_vm(ctx, rs):

@@ -198,13 +198,15 @@ class _DriverTimeout(BaseException):
 _POPEN = subprocess.Popen
 
 
-def run_driver(script, args, env, cwd, timeout):
+def run_driver(script, args, env, cwd, timeout, patch=None):
     """`python3 script *args` with exactly env, in cwd, as a fresh module in this process:
     a CompletedProcess like subprocess.run(capture_output=True, text=True) gives. The
     module is re-executed per call (its globals read __file__ and the environment at
-    import), from a code object compiled once. An exception the driver lets escape becomes
-    a traceback on stderr and exit 1, as the interpreter would report it. Bounded: a
-    driver still running after `timeout` s is interrupted (SIGALRM) and reported as 124."""
+    import), from a code object compiled once; `patch(module)`, when given, runs before
+    its main (a test's hook into the run, e.g. another run acting at a chosen moment).
+    An exception the driver lets escape becomes a traceback on stderr and exit 1, as the
+    interpreter would report it. Bounded: a driver still running after `timeout` s is
+    interrupted (SIGALRM) and reported as 124."""
     script = pathlib.Path(script)
     # Keyed on the text: every test's temp repo holds a copy of the same driver.
     repo_copy = SCRIPTS / script.name  # a real file, for the source lines of tracebacks
@@ -232,6 +234,8 @@ def run_driver(script, args, env, cwd, timeout):
             sys.modules[name] = mod
             try:
                 exec(code, mod.__dict__)
+                if patch is not None:
+                    patch(mod)
                 ret = mod.main(list(args))
                 rc = 0 if ret is None else ret
             except SystemExit as e:
@@ -435,11 +439,11 @@ class Harness:
     def cmd(self, *args):
         return [sys.executable, str(self.script), *args]
 
-    def run(self, *args, timeout=60, in_process=True, **env):
-        """The driver on args: in-process (tests/conftest.py run_driver) unless the test
-        is about the driver's own process."""
+    def run(self, *args, timeout=60, in_process=True, patch=None, **env):
+        """The driver on args: in-process (tests/conftest.py run_driver, `patch` its
+        hook) unless the test is about the driver's own process."""
         if in_process:
-            return run_driver(self.script, args, {**self.env, **env}, self.tmp, timeout)
+            return run_driver(self.script, args, {**self.env, **env}, self.tmp, timeout, patch)
         return subprocess.run(
             self.cmd(*args),
             env={**self.env, **env},

@@ -2,10 +2,13 @@
 and the quick loop (issue 13).
 """
 
+import contextlib
 import dataclasses
 import fcntl
 import json
 import pathlib
+import signal
+import time
 import types
 import xml.etree.ElementTree as ET
 
@@ -18,6 +21,7 @@ from conftest import (
     edit,
     ivm,
     ran,
+    result_of,
 )
 
 
@@ -603,6 +607,89 @@ def test_a_loop_whose_verify_fails_is_exit_1_and_keeps_the_vm(hc):
     assert r["verdict"] == "fail" and r["failed_stage"] == "verify" and r["kept"] is True
     assert r["failures"] == ["published :443 answers from the controller"]
     assert len(hc.domains()) == 1
+
+
+@pytest.mark.parametrize("other", ["loop", "cycle"])
+def test_a_loop_vm_one_session_took_is_neither_taken_nor_torn_down_by_another(hc, other):
+    """Issue 27, class 3 (BOMA_IT_MAX_VMS=2): a second loop started beside the first one
+    took the same kept VM, and a session's teardown then destroyed the VM the other had
+    just kept; a cycle's retirement of loop VMs tore it down under the loop using it.
+    The loop claims the VM before it looks at it; the other session leaves it alone."""
+    p, first = ran(hc, "loop", "--host", "askari")
+    assert p.returncode == 0, p.stderr
+    edit(hc.repo / "roles" / "docker_host" / "templates" / "x.j2")
+    beside = []
+
+    def another_session_starts_now(mod):
+        silence = mod.loop_vm_silence
+
+        def racing(ctx, rs):  # this loop has chosen the last loop's VM: the other starts
+            if not beside:
+                beside.append(hc.run(other, "--host", "askari", in_process=False, **two))
+            return silence(ctx, rs)
+
+        mod.loop_vm_silence = racing
+
+    two = {"BOMA_IT_MAX_VMS": "2"}
+    p, mine = ran(hc, "loop", "--host", "askari", patch=another_session_starts_now, **two)
+    assert p.returncode == 0, p.stderr
+    (q,) = beside
+    assert q.returncode == 0, q.stderr
+    assert mine["reused_vm"]["run"] == first["vm"] == mine["vm"]
+    theirs = result_of(hc, q)
+    assert theirs["vm"] != first["vm"] and "reused_vm" not in theirs, q.stderr
+    assert f"previous quick loop's VM {first['vm']}" not in q.stderr
+    assert f"leaving {first['vm']} alone: another session is using it" in q.stderr
+    kept = run_json(hc, first["vm"])
+    assert kept["state"] == "up" and kept["kept_by"] == "loop"
+    assert mine["domain"] in hc.domains()
+
+
+# ---- issue 27, class 4: the verdict survives the end of a run ----------------------------
+def _new_run_dir(h, before, what):
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        for d in set(h.run_root.iterdir()) - before:
+            with contextlib.suppress(OSError, ValueError):
+                if what(json.loads((d / "run.json").read_text())):
+                    return d
+        time.sleep(0.05)
+    raise AssertionError("the run never got there")
+
+
+def test_ctrl_c_while_the_checkpoint_cleanup_waits_keeps_the_written_verdict(hc):
+    """A passed, torn-down cycle waited for the gc's lock (up to BOMA_IT_TIMEOUT_LOCK,
+    600 s) before it wrote anything: a Ctrl-C there exited 130 with no result.json and
+    no summary line. The verdict is written first; an interrupt after it skips the
+    cleanup and the exit code stays the verdict's."""
+    assert hc.run("cycle", "--host", "askari").returncode == 0
+    before = set(hc.run_root.iterdir())
+    with open(hc.cache / "checkpoints.lock", "a") as other:  # another run's checkpoint
+        fcntl.flock(other, fcntl.LOCK_EX)
+        p = hc.popen("cycle", "--host", "askari", BOMA_IT_TIMEOUT_LOCK="60")
+        d = _new_run_dir(hc, before, lambda data: data.get("state") == "down")
+        time.sleep(1.5)  # torn down: now at the end-of-run work
+        p.send_signal(signal.SIGINT)
+        out, err = p.communicate(timeout=30)
+    assert p.returncode == 0, err
+    assert out.splitlines()[-1].startswith("integration-vm: PASS askari"), (out, err)
+    r = json.loads((d / "result.json").read_text())
+    assert r["verdict"] == "pass" and r["exit_code"] == 0
+    assert "interrupted after the verdict: checkpoint cleanup skipped" in err, err
+
+
+def test_the_checkpoint_cleanup_waits_for_its_lock_briefly_then_skips_with_a_note(hc):
+    assert hc.run("cycle", "--host", "askari").returncode == 0
+    with open(hc.cache / "checkpoints.lock", "a") as other:
+        fcntl.flock(other, fcntl.LOCK_EX)
+        t0 = time.monotonic()
+        p = hc.run("cycle", "--host", "askari", BOMA_IT_TIMEOUT_LOCK="60", timeout=120)
+        took = time.monotonic() - t0
+    assert p.returncode == 0, p.stderr
+    notes = [ln for ln in p.stderr.splitlines() if "checkpoint cleanup skipped" in ln]
+    assert len(notes) == 1 and "another run holds" in notes[0], p.stderr
+    assert took < ivm.END_GC_LOCK_WAIT + 15, took
+    assert p.stdout.splitlines()[-1].startswith("integration-vm: PASS askari")
 
 
 # ---- the session as data: the Run, the phase lists, the failure policy, SessionOptions ----
