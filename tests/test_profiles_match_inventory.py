@@ -1,8 +1,9 @@
 """The integration profiles and the production inventory cannot drift apart (issue 29, 25).
 
 - a host profile's `groups` are exactly that host's groups in the production inventory;
-- an overlay of a host profile sets no variable that production also sets, except the closed
-  list in tests/integration/overrides/allowed-stubs.yml (what a VM cannot have). RED profiles
+- an overlay of a host profile sets only the closed list in
+  tests/integration/overrides/allowed-stubs.yml (what a VM cannot have, each with why); one
+  that sets a variable production also sets is named with the production file. RED profiles
   (`<host>-regression`, extending the host's profile) are the declared exception.
 """
 
@@ -73,17 +74,23 @@ def host_profiles():
 
 
 def overlay_violations(profile_name, allowed):
-    """Lines naming each overlay variable that production sets and the allow-list lacks."""
+    """A line for each overlay variable outside the allow-list, naming the production file
+    that sets it when production does (the drift that matters most)."""
     settings = production_settings(profile_name)
     found = []
     for rel in profile(profile_name).get("extra_vars_files", []):
         for name in load_yaml(INTEGRATION / rel):
-            if name in settings and name not in allowed:
-                prod = settings[name].relative_to(REPO)
-                found.append(
-                    f"{rel} sets {name}, which production sets in {prod}: an overlay stubs only"
-                    f" what a VM cannot have ({ALLOWED.relative_to(REPO)})"
-                )
+            if name in allowed:
+                continue
+            where = (
+                f"which production sets in {settings[name].relative_to(REPO)}"
+                if name in settings
+                else "which is not on the list"
+            )
+            found.append(
+                f"{rel} sets {name}, {where}: an overlay stubs only what a VM cannot have"
+                f" ({ALLOWED.relative_to(REPO)})"
+            )
     return found
 
 
@@ -125,6 +132,16 @@ def test_an_overlay_flipping_a_production_setting_is_named(tmp_path, monkeypatch
         "overrides/askari.yml sets base__firewall_apply, which production sets in"
         " inventories/production/group_vars/offsite_hosts/vars.yml: an overlay stubs only what"
         " a VM cannot have (tests/integration/overrides/allowed-stubs.yml)"
+    ]
+
+
+def test_an_overlay_variable_off_the_list_is_named(tmp_path, monkeypatch):
+    (tmp_path / "overrides").mkdir()
+    (tmp_path / "overrides" / "askari.yml").write_text("docker_host__forward_dropin: false\n")
+    monkeypatch.setattr(__import__(__name__), "INTEGRATION", tmp_path)
+    assert overlay_violations("askari", set(load_yaml(ALLOWED))) == [
+        "overrides/askari.yml sets docker_host__forward_dropin, which is not on the list: an"
+        " overlay stubs only what a VM cannot have (tests/integration/overrides/allowed-stubs.yml)"
     ]
 
 
