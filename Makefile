@@ -42,7 +42,7 @@ export PATH   := $(CURDIR)/$(VENV)/bin:$(PATH)
 export ANSIBLE_CONFIG := $(CURDIR)/ansible.cfg
 
 .PHONY: help venv lint test test-unit coverage test-role test-all new-role deploy docker-engine molecule-image \
-        substrate test-integration test-integration-loop test-integration-red test-vm test-integration-clean \
+        substrate test-integration test-integration-loop test-integration-red test-integration-control test-vm test-integration-clean \
         bench-integration integration-status integration-doctor test-report
 
 help: ## List every target
@@ -137,9 +137,13 @@ test-integration-loop: venv ## Quick loop after an edit: onto the last loop's VM
 	@test -n "$(HOST)" || { echo "usage: make test-integration-loop HOST=<profile> [CERTS=..] [FRESH=1] [FROM=ref]" >&2; exit 2; }
 	$(IT_RUN) loop --host $(HOST) $(if $(CERTS),--certs $(CERTS)) $(if $(FROM),--from $(FROM)) $(if $(FRESH),--fresh)
 
-test-integration-red: venv ## RED: HOST-regression (no docker forward drop-in) must FAIL verify (live, right after the applies) for the right reason
-	@test -n "$(HOST)" || { echo "usage: make test-integration-red HOST=askari" >&2; exit 2; }
-	BOMA_IT_E2E_HOST=$(HOST) $(IT_RUN) exec -- $(CURDIR)/$(VENV)/bin/pytest -m vm -k regression -p no:cacheprovider tests/e2e
+test-integration-red: venv ## RED: HOST-regression (askari: no docker forward drop-in; ubongo: no harness-network drop-in) must FAIL verify (live, right after the applies) for the right reason
+	@test -n "$(HOST)" || { echo "usage: make test-integration-red HOST=askari|ubongo" >&2; exit 2; }
+	BOMA_IT_E2E_HOST=$(HOST) $(IT_RUN) exec -- $(CURDIR)/$(VENV)/bin/pytest -m vm -p no:cacheprovider \
+	  $(if $(filter ubongo,$(HOST)),-k red tests/e2e/test_control_node_red_green.py,-k regression tests/e2e)
+
+test-integration-control: venv ## The control node RED→GREEN in one pytest call: ubongo (base's firewall live, the harness network, a namespace guest) through both reboots, and ubongo-regression must fail at the guest
+	$(IT_RUN) exec -- $(CURDIR)/$(VENV)/bin/pytest -m vm -p no:cacheprovider tests/e2e/test_control_node_red_green.py
 
 test-integration-day2: venv ## Day 2 RED→GREEN: a change applied with --from HEAD to a running host (a clone; never the working tree)
 	BOMA_IT_E2E_HOST=$(or $(HOST),askari) $(IT_RUN) exec -- $(CURDIR)/$(VENV)/bin/pytest -m vm -p no:cacheprovider tests/e2e/test_day2_red_green.py

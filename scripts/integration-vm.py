@@ -122,6 +122,7 @@ DEFAULT_VERIFY = "tests/integration/verify.yml"
 TEST_VAULT_VALUES = REPO_ROOT / "tests" / "vault" / "test-values.yml"
 DEFAULT_MEM_MIB = 3072
 DEFAULT_VCPUS = 2
+DEFAULT_NET_SUBNET = "192.168.150.0/24"  # the harness network (BOMA_IT_NET_SUBNET)
 RAM_FLOOR_MIB = 1024  # MemAvailable minus the VM's memory must stay above this
 MIN_DISK_MIB_RUN = 4096  # free disk for one run's overlay to grow into
 MIN_DISK_MIB_IMAGE = 4096  # free disk to build/fetch a golden image
@@ -739,6 +740,13 @@ SETTINGS = (
     ("BOMA_IT_CHECKPOINTS", _on_off, True, "0/off/no: neither resume from nor write checkpoints"),
     ("BOMA_IT_NETNS", _text, "", "set by scripts/it-run: the sandbox namespace (inspection hints)"),
     (
+        "BOMA_IT_NET_SUBNET",
+        lambda text: net_subnet(text),
+        DEFAULT_NET_SUBNET,
+        "the harness network's IPv4 /24 (must not overlap the host's networks; "
+        "= the integration_test role's integration_test__network_subnet)",
+    ),
+    (
         "BOMA_IT_MEMINFO",
         _abs_path,
         pathlib.Path("/proc/meminfo"),
@@ -1008,7 +1016,15 @@ def check_profile_types(data, path, root=None):
             raise UsageError(
                 f"profile {_rel(path, root)}: key 'applies[{i}].tags' must be a list of strings"
             )
-        extra = set(step) - {"playbook", "tags"}
+        step_files = step.get("extra_vars_files", [])
+        if not isinstance(step_files, list) or not all(
+            isinstance(f, str) and f for f in step_files
+        ):
+            raise UsageError(
+                f"profile {_rel(path, root)}: key 'applies[{i}].extra_vars_files' must be a "
+                "list of non-empty strings"
+            )
+        extra = set(step) - {"playbook", "tags", "extra_vars_files"}
         if extra:
             raise UsageError(
                 f"profile {_rel(path, root)}: key 'applies[{i}]' has unknown keys {sorted(extra)}"
@@ -1075,7 +1091,8 @@ def check_profile_paths(merged, top, repo_root):
                 f"profile {_rel(top, repo_root)}: key 'applies[{i}].playbook' names "
                 f"playbooks/{step['playbook']}, which does not exist"
             )
-    for f in merged["extra_vars_files"]:
+    step_files = [f for step in merged["applies"] for f in step.get("extra_vars_files", [])]
+    for f in merged["extra_vars_files"] + step_files:
         if resolved_under(repo_root / "tests" / "integration" / f, repo_root) is None:
             raise UsageError(
                 f"profile {_rel(top, repo_root)}: key 'extra_vars_files' names "
@@ -1153,15 +1170,17 @@ def load_profile(host, profile_dir=None, repo_root=None, read=None):
     merged.setdefault("verify", DEFAULT_VERIFY)
     check_profile_paths(merged, top, repo_root)
     merged["name"] = host
+    merged["root"] = chain[-1][0]  # whose booted checkpoint it shares (ADR-031)
     merged["path"] = str(top)
     return merged
 
 
-def extra_vars_files(profile, tier, integ_dir=None, vault_values=None):
-    """Ordered -e @files: profile files, then the cert tier, then test vault values
-    (except for REAL_SECRET_TIERS, which use the production vault)."""
+def extra_vars_files(profile, tier, integ_dir=None, vault_values=None, step=None):
+    """Ordered -e @files: profile files, then the apply `step`'s own, then the cert tier,
+    then test vault values (except for REAL_SECRET_TIERS, which use the production vault)."""
     integ_dir = pathlib.Path(integ_dir or INTEG_DIR)
     files = [integ_dir / f for f in profile["extra_vars_files"]]
+    files += [integ_dir / f for f in (step or {}).get("extra_vars_files", [])]
     files.append(integ_dir / "certs" / f"{tier}.yml")
     vault_values = pathlib.Path(vault_values or TEST_VAULT_VALUES)
     if tier not in REAL_SECRET_TIERS and vault_values.is_file():
@@ -1650,19 +1669,43 @@ def fetch_image(ctx, key, dest):
 # probe keyed by the host's boot id).
 
 NET_NAME = "boma-it"
+
+
 # stp='off': the bridge holds only the harness's own VMs' taps, so there is no loop to
 # break, and with STP on Linux holds every new port (each `virsh start` or `restore` makes
 # one) in listening and learning for its minimum 2 s forward delay each. A restored guest
 # answered TCP 22 3.2 s after `virsh restore` returned with STP on, 0.01 s with it off.
-NET_XML = """<network>
+def net_subnet(text):
+    """BOMA_IT_NET_SUBNET: an IPv4 /24 written as its network (`a.b.c.0/24`); the three
+    octets that name it. A /24, as the integration_test role takes (its network must be
+    this one, or the driver redefines it, ADR-031)."""
+    m = re.fullmatch(r"(\d{1,3})\.(\d{1,3})\.(\d{1,3})\.0/24", text.strip())
+    if not m or any(int(o) > 255 for o in m.groups()):
+        raise ValueError("must be an IPv4 /24 written as its network, e.g. 192.168.150.0/24")
+    return ".".join(str(int(o)) for o in m.groups()) + ".0/24"
+
+
+def net_xml(subnet=DEFAULT_NET_SUBNET):
+    """The harness network's definition for `subnet` (a /24): the bridge takes .1 and
+    libvirt's dnsmasq leases .10-.254. roles/integration_test defines the same shape."""
+    p = net_subnet(subnet).rsplit(".", 1)[0]
+    return f"""<network>
   <name>boma-it</name>
   <forward mode='nat'/>
   <bridge name='virbr-boma' stp='off' delay='0'/>
-  <ip address='192.168.150.1' netmask='255.255.255.0'>
-    <dhcp><range start='192.168.150.10' end='192.168.150.254'/></dhcp>
+  <ip address='{p}.1' netmask='255.255.255.0'>
+    <dhcp><range start='{p}.10' end='{p}.254'/></dhcp>
   </ip>
 </network>
 """
+
+
+NET_XML = net_xml()
+
+
+def ctx_net_xml(ctx):
+    """The network this process's settings ask for (BOMA_IT_NET_SUBNET)."""
+    return net_xml(ctx.settings["BOMA_IT_NET_SUBNET"])
 
 
 def net_shape(xml):
@@ -1692,22 +1735,22 @@ def net_shape(xml):
 _UUID = re.compile(r"\b[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}\b", re.I)
 
 
-def net_drift(defined_xml):
-    """The fields where a defined network differs from NET_XML, as `name=defined` texts."""
-    want, have = net_shape(NET_XML), net_shape(defined_xml)
+def net_drift(defined_xml, want_xml=NET_XML):
+    """The fields where a defined network differs from `want_xml`, as `name=defined` texts."""
+    want, have = net_shape(want_xml), net_shape(defined_xml)
     return [f"{k}={have.get(k)}" for k in want if have.get(k) != want[k]]
 
 
 def define_network(ctx):
     xml = ctx.cache / "net.xml"
-    write_owned(xml, NET_XML)
+    write_owned(xml, ctx_net_xml(ctx))
     virsh(ctx, "net-define", xml, check=True, stage="network")
     virsh(ctx, "net-autostart", NET_NAME, stage="network")
 
 
 def network_drift(ctx):
     r = virsh(ctx, "net-dumpxml", "--inactive", NET_NAME, check=True, stage="network")
-    return ", ".join(net_drift(r.stdout))
+    return ", ".join(net_drift(r.stdout, ctx_net_xml(ctx)))
 
 
 def redo_drifted_network(ctx):
@@ -4641,9 +4684,10 @@ def verify_checks(output, host=None):
     return checks
 
 
-def run_playbook(ctx, rs, profile, playbook, tags, certs, phase, timeout, strategy=None):
+def run_playbook(ctx, rs, profile, playbook, tags, certs, phase, timeout, strategy=None, step=None):
     """One ansible-playbook call against the VM only; returns (rc, output). `strategy`
-    (a strategy_choice()) overrides the run's (the bench compares both)."""
+    (a strategy_choice()) overrides the run's (the bench compares both); `step`: the
+    profile's apply entry, whose own extra_vars_files this call also gets."""
     real_secrets = certs in REAL_SECRET_TIERS
     inv = write_run_inventory(ctx, rs, profile["groups"], with_vault=real_secrets)
     assert_single_host_inventory(inv.read_text(), rs.domain)
@@ -4660,6 +4704,7 @@ def run_playbook(ctx, rs, profile, playbook, tags, certs, phase, timeout, strate
             certs,
             ctx.repo / "tests" / "integration",
             ctx.repo / "tests" / "vault" / "test-values.yml",
+            step,
         ),
     )
     if real_secrets:
@@ -4724,6 +4769,7 @@ def apply(
                 certs,
                 phase,
                 ctx.bounds["apply"],
+                step=step,
             )
             recap = parse_recap(out).get(rs.domain, {})
             if rc != 0:
@@ -5119,14 +5165,14 @@ def checkpoint_key(parent, stage, inputs):
     return hashlib.sha256(blob.encode()).hexdigest()[:20]
 
 
-def booted_checkpoint_inputs(image_key, host, mem_mib, vcpus, accel):
+def booted_checkpoint_inputs(image_key, host, mem_mib, vcpus, accel, network_xml=NET_XML):
     """What a booted guest is made of: the golden image, the VM's shape (a saved memory
     image only restores into the same ABI) and the cloud-init documents' templates (the
     per-run keys are stored with the checkpoint, not hashed)."""
     templates = (
         render_user_data("PUB", "USER", "HOSTPRIV", "HOSTPUB")
         + render_meta_data("IID", "HOST")
-        + NET_XML
+        + network_xml
     )
     return {
         "image": image_key,
@@ -5219,18 +5265,24 @@ def checkpoint_chain(ctx, profile, certs, image_key, accel):
         None,
         "booted",
         booted_checkpoint_inputs(
-            image_key, profile["name"], profile["mem_mib"], profile["vcpus"], accel
+            image_key,
+            profile.get("root", profile["name"]),
+            profile["mem_mib"],
+            profile["vcpus"],
+            accel,
+            ctx_net_xml(ctx),
         ),
     )
     chain = [("booted", parent, {})]
-    extra = extra_vars_files(
-        profile,
-        certs,
-        ctx.repo / "tests" / "integration",
-        ctx.repo / "tests" / "vault" / "test-values.yml",
-    )
     gv = group_vars_inputs(ctx, certs in REAL_SECRET_TIERS)
     for i, step in enumerate(profile["applies"], 1):
+        extra = extra_vars_files(
+            profile,
+            certs,
+            ctx.repo / "tests" / "integration",
+            ctx.repo / "tests" / "vault" / "test-values.yml",
+            step,
+        )
         paths, roles, complete = apply_input_paths(ctx.repo, step, extra, gv)
         inputs = {
             "playbook": step["playbook"],
@@ -5781,6 +5833,8 @@ GUEST_DIAG_COMMANDS = (
     ("nft-ruleset.txt", "nft list ruleset"),
     ("nft-ruleset.json", "nft -j list ruleset"),
     ("docker-ps.txt", "docker ps -a"),
+    # libvirt's dnsmasq logs through syslog (the control node's harness network, ADR-031).
+    ("dnsmasq.log", "journalctl -b --no-pager -t dnsmasq -t dnsmasq-dhcp"),
     ("ss-tlnp.txt", "ss -tlnp"),
     ("journal-this-boot.txt", "journalctl -b --no-pager"),
     ("journal-previous-boot.txt", "journalctl -b -1 --no-pager"),

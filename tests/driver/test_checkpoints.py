@@ -8,6 +8,7 @@ the saved domain's name.
 
 import json
 import pathlib
+import types
 
 from conftest import (
     HERE,
@@ -425,3 +426,68 @@ def test_a_checkpoint_removed_mid_resume_is_a_cold_boot_with_a_warning(hc):
     assert "resumed_from" not in r and r["verdict"] == "pass"
     assert [p["status"] for p in r["phase_details"] if p["name"] == "resume"] == ["skipped"]
     assert hc.domains() == {}  # the half-resumed VM and the cold one: both torn down
+
+
+# ---- a RED that shares its GREEN's checkpoints (ADR-031) ---------------------------------
+def _late_switch_profile(h):
+    """askari's RED with its switch on offsite.yml's apply only, as ubongo-regression has."""
+    (h.repo / "tests" / "integration" / "profiles" / "askari-late.json").write_text(
+        json.dumps(
+            {
+                "extends": "askari",
+                "applies": [
+                    {"playbook": "site.yml", "tags": ["base"]},
+                    {
+                        "playbook": "offsite.yml",
+                        "tags": ["docker_host", "reverse_proxy"],
+                        "extra_vars_files": ["overrides/askari-regression.yml"],
+                    },
+                ],
+            }
+        )
+    )
+
+
+def test_a_red_shares_its_greens_booted_checkpoint_and_applies_before_its_switch(hc):
+    _late_switch_profile(hc)
+    ctx = ivm.ctx_from_env(hc.env, types.SimpleNamespace())
+    prof = {
+        h: ivm.load_profile(h, hc.repo / "tests/integration/profiles", hc.repo)
+        for h in ("askari", "askari-late", "askari-regression")
+    }
+    keys = {
+        h: [k for _, k, _ in ivm.checkpoint_chain(ctx, p, "internal", "img", "tcg")]
+        for h, p in prof.items()
+    }
+    assert keys["askari-late"][:2] == keys["askari"][:2]  # booted, applied-1 (site.yml)
+    assert keys["askari-late"][2] != keys["askari"][2]  # the apply the switch goes to
+    # A profile-wide overlay is an input of every apply: only the guest is shared.
+    assert keys["askari-regression"][0] == keys["askari"][0]
+    assert keys["askari-regression"][1] != keys["askari"][1]
+
+
+def test_a_red_resumes_its_greens_checkpoint_and_gets_its_switch_on_one_apply_only(hc):
+    _late_switch_profile(hc)
+    assert hc.run("cycle", "--host", "askari").returncode == 0
+    n = len(hc.calls())
+    p = hc.run("cycle", "--host", "askari-late")
+    assert "resumed from checkpoint applied-1" in p.stderr, p.stderr
+    calls = [c["argv"] for c in hc.calls()[n:] if c["tool"] == "ansible-playbook"]
+    by_playbook = {}
+    for argv in calls:
+        by_playbook.setdefault(pathlib.Path(argv[argv.index("--limit") - 1]).name, []).append(argv)
+    assert "site.yml" in by_playbook  # the idempotence pass re-applies it
+    for name, argvs in by_playbook.items():
+        for argv in argvs:
+            late = any(a.endswith("overrides/askari-regression.yml") for a in argv)
+            assert late == (name == "offsite.yml"), (name, argv)
+    assert result_of(hc, p)["host"] == "askari-late"
+
+
+def test_the_control_nodes_red_resumes_its_greens_last_checkpoint():
+    ctx = ivm.ctx_from_env({}, types.SimpleNamespace())
+    green, red = (
+        [k for _, k, _ in ivm.checkpoint_chain(ctx, ivm.load_profile(h), "internal", "i", "tcg")]
+        for h in ("ubongo", "ubongo-regression")
+    )
+    assert red[:3] == green and len(red) == 4  # booted, applied-1, applied-2 shared

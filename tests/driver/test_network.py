@@ -1,7 +1,9 @@
 """Network and accelerator: the libvirt network, DHCP leases, KVM or TCG."""
 
 import os
+import re
 import time
+import types
 
 import pytest
 from conftest import BOUNDS, assert_one_line_error, ivm
@@ -142,3 +144,90 @@ def test_accel_probe_argv():
 )
 def test_kvm_group_accessible(mode, gid, kvm_gid, ok):
     assert ivm.kvm_group_accessible(mode, gid, kvm_gid) is ok
+
+
+# ---- the harness network's subnet (BOMA_IT_NET_SUBNET, ADR-031) --------------------------
+def test_the_default_network_is_the_one_before_the_subnet_was_configurable():
+    # Same text, so every booted checkpoint key made before stays valid.
+    assert ivm.net_xml() == ivm.NET_XML
+    assert "<ip address='192.168.150.1' netmask='255.255.255.0'>" in ivm.NET_XML
+    assert "<range start='192.168.150.10' end='192.168.150.254'/>" in ivm.NET_XML
+
+
+def test_a_configured_subnet_renders_the_same_shape_on_other_addresses():
+    shape = ivm.net_shape(ivm.net_xml("10.77.5.0/24"))
+    assert shape == {
+        **ivm.net_shape(ivm.NET_XML),
+        "address": "10.77.5.1",
+        "dhcp": "10.77.5.10-10.77.5.254",
+    }
+    assert ivm.net_drift(ivm.NET_XML, ivm.net_xml("10.77.5.0/24")) == [
+        "address=192.168.150.1",
+        "dhcp=192.168.150.10-192.168.150.254",
+    ]
+
+
+@pytest.mark.parametrize(
+    "text", ["192.168.150.0/23", "192.168.150.1/24", "192.168.256.0/24", "fd00::/64", "", "x"]
+)
+def test_a_subnet_that_is_not_a_24_network_is_refused(text):
+    with pytest.raises(ValueError, match="IPv4 /24"):
+        ivm.net_subnet(text)
+
+
+def test_a_bad_subnet_setting_is_exit_2_before_anything_is_created(h):
+    p = h.run("up", "--host", "askari", BOMA_IT_NET_SUBNET="10.0.0.0/8")
+    assert p.returncode == 2, p.stderr
+    line = assert_one_line_error(p)
+    assert "BOMA_IT_NET_SUBNET" in line and "IPv4 /24" in line, line
+    assert h.domains() == {} and not h.virsh_cmds()
+
+
+def test_the_driver_defines_the_network_on_the_configured_subnet(h):
+    p = h.run("up", "--host", "askari", BOMA_IT_NET_SUBNET="10.77.5.0/24")
+    assert p.returncode == 0, p.stderr
+    xml = h.state()["networks"]["boma-it"]["xml"]
+    assert ivm.net_shape(xml) == ivm.net_shape(ivm.net_xml("10.77.5.0/24"))
+    assert h.run("down").returncode == 0
+
+
+def test_the_subnet_is_an_input_of_the_booted_checkpoint(h):
+    ctx = ivm.ctx_from_env(h.env, types.SimpleNamespace())
+    other = ivm.ctx_from_env(
+        {**h.env, "BOMA_IT_NET_SUBNET": "10.77.5.0/24"}, types.SimpleNamespace()
+    )
+    profile = ivm.load_profile("askari")
+    keys = [ivm.checkpoint_chain(c, profile, "internal", "img", "tcg")[0][1] for c in (ctx, other)]
+    assert keys[0] != keys[1]
+
+
+def test_the_role_defines_the_network_the_driver_would(tmp_path):
+    # roles/integration_test defines boma-it on the real control node (ADR-031) and the
+    # driver only finds it: a different shape would make every run redefine it.
+    import jinja2
+    import yaml
+
+    role = ivm.REPO_ROOT / "roles" / "integration_test"
+    rvars = yaml.safe_load((role / "vars" / "main.yml").read_text())
+    # The role's vars refer to each other: resolved in passes, then rendered strictly.
+    lazy, strict = jinja2.Environment(), jinja2.Environment(undefined=jinja2.StrictUndefined)
+    for env in (lazy, strict):
+        env.filters["comment"] = lambda text, *a, **k: "<!-- " + text + " -->"
+        env.filters["regex_replace"] = lambda v, pat, rep: re.sub(pat, rep, v)
+    for subnet in ("192.168.150.0/24", "10.77.5.0/24"):
+        ctx = {"integration_test__network_subnet": subnet, "ansible_managed": "managed"}
+        for _ in range(4):
+            ctx.update(
+                {k: lazy.from_string(v).render(ctx) for k, v in rvars.items() if isinstance(v, str)}
+            )
+        ctx["__integration_test_network_shape"] = [
+            strict.from_string(v).render(ctx) for v in rvars["__integration_test_network_shape"]
+        ]
+        tpl = role / "templates" / "etc" / "boma-integration" / "network-boma-it.xml.j2"
+        xml = strict.from_string(tpl.read_text()).render(ctx)
+        assert ivm.net_shape(xml) == ivm.net_shape(ivm.net_xml(subnet)), subnet
+        assert ivm.net_drift(xml, ivm.net_xml(subnet)) == []
+        # What the role looks for in libvirt's copy is in the driver's definition too.
+        assert all(
+            piece in ivm.net_xml(subnet) for piece in ctx["__integration_test_network_shape"]
+        )

@@ -126,6 +126,23 @@ def test_load_profile_extends_appends_extra_vars_and_replaces_lists(tmp_path):
             "tests/integration/overrides/nope.yml",
         ),
         (
+            {"a": {**BASE, "applies": [{"playbook": "site.yml", "extra_vars_files": "x.yml"}]}},
+            "a",
+            "'applies[0].extra_vars_files' must be a list of non-empty strings",
+        ),
+        (
+            {
+                "a": {
+                    **BASE,
+                    "applies": [
+                        {"playbook": "site.yml", "extra_vars_files": ["overrides/nope.yml"]}
+                    ],
+                }
+            },
+            "a",
+            "tests/integration/overrides/nope.yml, which does not exist",
+        ),
+        (
             {"a": {**BASE, "verify": "tests/nope.yml"}},
             "a",
             "verify playbook tests/nope.yml does not exist",
@@ -252,3 +269,45 @@ def test_hostile_profile_json_is_exit_2_one_line(h, content, needle):
     assert p.returncode == 2, p.stderr
     assert needle in assert_one_line_error(p)
     assert_nothing_created(h)
+
+
+def test_a_profile_names_its_verify_and_its_red_inherits_it():
+    # askari keeps the default verify; the control node has its own (ADR-031).
+    assert ivm.load_profile("askari")["verify"] == "tests/integration/verify.yml"
+    for host in ("ubongo", "ubongo-regression"):
+        prof = ivm.load_profile(host)
+        assert prof["verify"] == "tests/integration/verify-ubongo.yml", host
+        assert prof["groups"] == ["control"] and prof["reboot"] == ["graceful", "hard"]
+        assert [a["playbook"] for a in prof["applies"][:2]] == ["site.yml", "workstation.yml"]
+    red = ivm.load_profile("ubongo-regression")
+    assert red["extra_vars_files"] == ["overrides/ubongo.yml"] and red["root"] == "ubongo"
+    # The GREEN's applies, then the drop-in's switch on a third apply only (ADR-031).
+    assert red["applies"][:2] == ivm.load_profile("ubongo")["applies"]
+    assert red["applies"][2] == {
+        "playbook": "workstation.yml",
+        "tags": ["firewall"],
+        "extra_vars_files": ["overrides/ubongo-regression.yml"],
+    }
+
+
+def test_every_host_of_the_production_inventory_has_a_profile():
+    """Issue 25: the harness proves every host it runs for, the control node included."""
+    import yaml
+
+    inventory = yaml.safe_load((ivm.REPO_ROOT / "inventories/production/hosts.yml").read_text())
+
+    def hosts(group):
+        found = set((group or {}).get("hosts") or {})
+        for child in ((group or {}).get("children") or {}).values():
+            found |= hosts(child)
+        return found
+
+    names = hosts(inventory["all"])
+    assert {"askari", "ubongo"} <= names
+    missing = sorted(h for h in names if not (ivm.PROFILE_DIR / f"{h}.json").is_file())
+    assert missing == [], f"hosts without tests/integration/profiles/<host>.json: {missing}"
+    for host in names:
+        groups = {
+            g for g, v in inventory["all"]["children"].items() if host in (v.get("hosts") or {})
+        }
+        assert set(ivm.load_profile(host)["groups"]) == groups, host
