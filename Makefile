@@ -35,18 +35,18 @@ IT_FLAGS       = $(if $(CERTS),--certs $(CERTS)) $(if $(KEEP),--keep) $(if $(ALL
 SANDBOX       ?= auto
 ROLES         := $(notdir $(wildcard roles/*))
 # Every shell script: shellcheck reads them in `make lint` (ruff.toml says which Python).
-SHELL_SCRIPTS := .ci/run scripts/it-run scripts/it-leftovers $(wildcard scripts/*.sh) \
+SHELL_SCRIPTS := .ci/run scripts/it-run scripts/it-leftovers scripts/docker-engine $(wildcard scripts/*.sh) \
                  $(wildcard roles/*/files/*.sh)
 VENV_STAMP    := $(VENV)/.installed-$(shell sha256sum requirements.txt | cut -c1-12)
 export PATH   := $(CURDIR)/$(VENV)/bin:$(PATH)
 export ANSIBLE_CONFIG := $(CURDIR)/ansible.cfg
 
-.PHONY: help venv lint test test-unit coverage test-role test-all new-role deploy molecule-image \
+.PHONY: help venv lint test test-unit coverage test-role test-all new-role deploy docker-engine molecule-image \
         substrate test-integration test-integration-loop test-integration-red test-integration-control test-vm test-integration-clean \
-        bench-integration integration-status integration-doctor
+        bench-integration integration-status integration-doctor test-report
 
 help: ## List every target
-	@awk 'BEGIN {FS = ":.*## "} /^[a-zA-Z_-]+:.*## / {printf "  \033[1m%-24s\033[0m %s\n", $$1, $$2}' $(MAKEFILE_LIST)
+	@awk 'BEGIN {FS = ":.*## "} /^[a-zA-Z0-9_-]+:.*## / {printf "  \033[1m%-24s\033[0m %s\n", $$1, $$2}' $(MAKEFILE_LIST)
 
 $(VENV_STAMP): requirements.txt
 	$(PYTHON) -m venv $(VENV)
@@ -84,13 +84,22 @@ test-unit: venv ## pytest unit tests (no hypervisor, no Docker), two workers per
 
 test: test-unit lint ## Unit tests + lint: what CI and the README run first
 
+test-report: venv ## report.html in headless Chromium (a fake pass and a fake red); screenshots in tests/integration/.run/report-screens/
+	@command -v chromium >/dev/null || { \
+	  if [ "$$(id -u)" = 0 ]; then apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium; \
+	  else echo "test-report: needs Debian's chromium: sudo apt-get install chromium" >&2; exit 2; fi; }
+	$(UNIT_TEST_ENV) $(VENV)/bin/pytest -q -s -m browser -p no:cacheprovider tests/test_report_browser.py
+
 coverage: venv ## Unit tests under coverage.py (the driver's subprocesses too): total and per-file figures
 	rm -f .coverage .coverage.*
 	$(UNIT_TEST_ENV) COVERAGE_FILE=$(CURDIR)/.coverage $(VENV)/bin/coverage run -m pytest $(UNIT_PYTEST_ARGS)
 	$(VENV)/bin/coverage combine -q
 	$(VENV)/bin/coverage report
 
-molecule-image: ## Build the local systemd Debian 13 image Molecule runs roles in (no registry)
+docker-engine: ## Make sure a Docker engine answers (installs docker.io as root, starts dockerd where there is no systemd)
+	scripts/docker-engine
+
+molecule-image: docker-engine ## Build the local systemd Debian 13 image Molecule runs roles in (no registry)
 	scripts/build-molecule-image.sh
 
 test-role: venv molecule-image ## Molecule default scenario for one role: make test-role ROLE=base

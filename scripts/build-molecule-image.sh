@@ -19,8 +19,13 @@ mirror="${DEBIAN_MIRROR:-http://deb.debian.org/debian}"
 # modules, sudo/become, and the apt tooling package_facts uses.
 packages="systemd,systemd-sysv,dbus,python3,python3-apt,sudo,ca-certificates,iproute2,procps,gnupg"
 
-command -v mmdebstrap >/dev/null || { echo "build-molecule-image: mmdebstrap missing (apt-get install mmdebstrap)" >&2; exit 3; }
-docker info >/dev/null 2>&1 || { echo "build-molecule-image: no Docker engine answers (start dockerd)" >&2; exit 3; }
+if ! command -v mmdebstrap >/dev/null; then
+  [ "$(id -u)" -eq 0 ] || { echo "build-molecule-image: mmdebstrap is missing — run: sudo apt-get install mmdebstrap" >&2; exit 3; }
+  echo "build-molecule-image: installing Debian's mmdebstrap (it builds the image)" >&2
+  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends mmdebstrap >/dev/null \
+    || { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends mmdebstrap >/dev/null; }
+fi
+docker info >/dev/null 2>&1 || { echo "build-molecule-image: no Docker engine answers — run: make docker-engine" >&2; exit 3; }
 
 key=$(sha256sum <"$0" | cut -c1-12)
 tag="${image}:${suite}-${key}"

@@ -29,13 +29,41 @@ renderers, parsers) and its orchestration together, in this order:
   Reboot diff            state capture, normalisation, diff, tolerances, boot analysis
   Ansible                transport, transient inventory, argv, output, apply, verify
   Checkpoints            keys, role scan, take/stage/resume
+  Day 2                  --from REF: REF's worktree and applies, then the upgrade
   Diagnostics, teardown  what a failed run leaves; storage pools; destroy; down
   Session                the Run and SessionOptions, preflight guards, the phase list
                          per command, the failure-policy table, result.json
                          (ResultRecord), JUnit
+  Report                 report.html: one self-contained page per run, the harness's
+                         own time
   Commands               cmd_* and the bench
   CLI                    help texts, build_parser, main
 """
+
+# ruff: noqa: E402
+# (E402 is off here: the interrupt handler below comes before the other imports, on purpose)
+import os
+import signal
+import sys
+
+
+def _interrupted_before_main(signum, frame):
+    """A Ctrl-C (or SIGTERM) before main() takes over: the imports, the module's own set-up,
+    the parser. Nothing exists yet: one line (the closing line of an interrupt, see
+    closing_lines) and exit 130, never a traceback."""
+    os.write(2, b"\nintegration-vm: interrupted\n")
+    os._exit(130)
+
+
+# Installed before anything heavy: the imports below take 0.1-0.3 s of a start. Only the
+# interpreter's own start and the compile of this file come before it. A SIGINT the
+# launcher ignores (nohup, `cmd &` in a script) stays ignored, as it did; one it blocked is
+# unblocked: a pending Ctrl-C is taken here, not never.
+if __name__ == "__main__":
+    if signal.getsignal(signal.SIGINT) is not signal.SIG_IGN:
+        signal.signal(signal.SIGINT, _interrupted_before_main)
+    signal.signal(signal.SIGTERM, _interrupted_before_main)
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT, signal.SIGTERM})
 
 import argparse
 import contextlib
@@ -45,24 +73,25 @@ import datetime
 import difflib
 import fcntl
 import hashlib
+import html
+import ipaddress
 import json
 import math
-import os
 import pathlib
 import re
 import secrets
+import selectors
 import shlex
 import shutil
-import signal
 import socket
 import struct
 import subprocess
-import sys
 import tempfile
 import textwrap
 import threading
 import time
 import types
+import urllib.parse
 import uuid
 import xml.etree.ElementTree as ET
 from xml.sax.saxutils import escape as _xml_escape
@@ -89,7 +118,6 @@ DISK_MODE = 0o600
 FROZEN_DISK_MODE = 0o400  # a checkpoint's disk and seed: read-only backing files
 INTEG_DIR = REPO_ROOT / "tests" / "integration"
 PROFILE_DIR = INTEG_DIR / "profiles"
-CERT_DIR = INTEG_DIR / "certs"
 DEFAULT_VERIFY = "tests/integration/verify.yml"
 TEST_VAULT_VALUES = REPO_ROOT / "tests" / "vault" / "test-values.yml"
 DEFAULT_MEM_MIB = 3072
@@ -126,6 +154,7 @@ SUBCOMMANDS = (
     "prune",
     "status",
     "doctor",
+    "report",
 )
 
 # Which commands do what. The gate (cycle, bench) runs every reboot of the profile and the
@@ -134,18 +163,12 @@ SUBCOMMANDS = (
 CREATING_COMMANDS = ("up", "cycle", "bench", "loop")
 CONVERGING_COMMANDS = ("cycle", "bench", "loop")
 GATE_COMMANDS = ("cycle", "bench")
-LOOP_NOT_THE_GATE = (
-    "integration-vm: quick loop: one graceful reboot, no power cut, no idempotence pass. "
-    "This is NOT the gate: `make test-integration HOST={host}` (cycle) must pass before the "
-    "change is done. The VM stays up at this state until the next loop, cycle or "
-    "`make test-integration-clean`."
-)
 EXIT_PASS, EXIT_VERIFY, EXIT_USAGE, EXIT_INFRA, EXIT_INTERRUPTED = 0, 1, 2, 3, 130
 EXIT_CODES_HELP = """exit codes:
   0    pass (or, with --expect-fail[=STAGE], verify (or STAGE) failed as expected)
-  1    verify failed: the code under test failed (verify playbook, a failing apply,
-       an unexpected state difference across a reboot, changes on the post-reboot
-       re-apply); the VM is kept for inspection
+  1    the code under test failed: an apply, the reboot diff (an unexpected state
+       difference across a reboot), idempotence (changes on the post-reboot re-apply)
+       or verify; the last lines name which, and the VM is kept for inspection
   2    usage or configuration error (bad flag, unknown host/profile, bad profile JSON,
        missing playbook, prod certs without --allow-prod-certs); nothing was created
   3    infrastructure failure (image, boot, lease, SSH, cloud-init, reboot, libvirt,
@@ -342,16 +365,17 @@ def run(
     check=False,
     stage="command",
     cmdlog=None,
+    max_output=None,
 ):
     """Run argv with a hard wall-clock timeout, in its own process group (killed whole
     on timeout or interrupt). stream_log: merge stdout+stderr, tee to that file and to our
-    stderr line by line. Missing executable -> InfraError('tools'). check=True: nonzero
-    exit or timeout -> InfraError(stage)."""
+    stderr line by line. max_output: keep the last that many bytes of stdout and of stderr
+    (a guest's output has no end). Missing executable -> InfraError('tools').
+    check=True: nonzero exit or timeout -> InfraError(stage)."""
     argv = [str(a) for a in argv]
     if cmdlog:
         _log_command(cmdlog, argv)
-    t0 = time.monotonic()
-    proc = _start(argv, env, cwd, input, stream_log)
+    t0, proc = time.monotonic(), _start(argv, env, cwd, input, stream_log)
     timed_out = False
     try:
         if stream_log:
@@ -367,6 +391,8 @@ def run(
                 _kill_group(proc)
             pumper.join(timeout=5)
             out, err = "".join(chunks), ""
+        elif max_output:
+            out, err, timed_out = _communicate_capped(proc, input, timeout, max_output)
         else:
             try:
                 out, err = proc.communicate(input=input, timeout=timeout)
@@ -391,6 +417,61 @@ def run(
 
 
 DRAIN_GRACE = 5  # seconds a killed command's pipes are still read (_drain_killed)
+
+
+def _feed(pipe, data):
+    """Write `data` to a child's stdin and close it (a child that exits first is fine)."""
+    with contextlib.suppress(OSError, ValueError):
+        pipe.write(data)
+    with contextlib.suppress(OSError, ValueError):
+        pipe.close()
+
+
+def _communicate_capped(proc, input, timeout, cap):
+    """proc.communicate(input, timeout) keeping only the last `cap` bytes of stdout and
+    of stderr, each: memory stays bounded whatever the command prints. A command at its
+    bound is killed and read DRAIN_GRACE s more (as _drain_killed). -> (out, err, timed_out)"""
+    if input is not None:
+        threading.Thread(target=_feed, args=(proc.stdin, input), daemon=True).start()
+    pipes = [p for p in (proc.stdout, proc.stderr) if p is not None]
+    tails = {p.fileno(): [bytearray(), 0] for p in pipes}  # fd -> [tail, bytes cut]
+    timed_out, deadline = False, time.monotonic() + timeout
+    with selectors.DefaultSelector() as sel:
+        for fd in tails:
+            sel.register(fd, selectors.EVENT_READ)
+        while sel.get_map():
+            left = deadline - time.monotonic()
+            if left <= 0:
+                if timed_out:
+                    break  # another session holds the pipes open (ControlPersist)
+                timed_out = True
+                _kill_group(proc)
+                deadline = time.monotonic() + DRAIN_GRACE
+                continue
+            for key, _ in sel.select(timeout=min(left, 1.0)):
+                chunk = os.read(key.fd, 1 << 16)
+                if not chunk:
+                    sel.unregister(key.fd)
+                    continue
+                tail = tails[key.fd]
+                tail[0] += chunk
+                if len(tail[0]) > cap:
+                    tail[1] += len(tail[0]) - cap
+                    del tail[0][: len(tail[0]) - cap]
+    if not timed_out:
+        try:
+            proc.wait(timeout=max(0.1, deadline - time.monotonic()))
+        except subprocess.TimeoutExpired:  # its pipes are closed but it runs on
+            timed_out = True
+            _kill_group(proc)
+    texts = {}
+    for p in pipes:
+        tail, n_cut = tails[p.fileno()]
+        texts[p] = (f"[... first {n_cut} bytes cut]\n" if n_cut else "") + tail.decode(
+            "utf-8", "replace"
+        )
+        p.close()
+    return texts.get(proc.stdout, ""), texts.get(proc.stderr, ""), timed_out
 
 
 def _drain_killed(proc):
@@ -518,6 +599,23 @@ def _seconds(lo=0.0, hi=7 * 86400.0):
     return _float_range(lo, hi, "seconds")
 
 
+def _bound(stage):
+    """A stage's bound: seconds, more than none (a 0 s apply or lock bound cannot work),
+    except the waits whose 0 means "do not wait" (ZERO_BOUNDS)."""
+    parse = _seconds()
+
+    def positive(text):
+        value = parse(text)
+        if value <= 0 and stage not in ZERO_BOUNDS:
+            raise ValueError("must be more than 0 seconds")
+        return value
+
+    return positive
+
+
+ZERO_BOUNDS = ("reboot-settle",)
+
+
 def _choice(*choices):
     def parse(text):
         if text not in choices:
@@ -531,6 +629,32 @@ def _abs_path(text):
     if not text or not os.path.isabs(text) or "\0" in text:
         raise ValueError("must be an absolute path")
     return pathlib.Path(text)
+
+
+def _dir_path(text):
+    """An absolute path that is a directory or can become one: neither it nor the first
+    of its parents that exists is anything but a directory."""
+    path = _abs_path(text)
+    probe = path
+    while not os.path.lexists(probe) and probe != probe.parent:
+        probe = probe.parent
+    if not os.path.isdir(probe):
+        raise ValueError(f"{probe} is not a directory")
+    return path
+
+
+def _cache_path(text):
+    path = _dir_path(text)
+    if path.resolve() == pathlib.Path("/"):
+        raise ValueError("must not be / (the harness prunes what it owns below it)")
+    return path
+
+
+def _url(text):
+    """A URL a tool takes as one (never an option: mmdebstrap once read `-...` as one)."""
+    if not re.fullmatch(r"(https?|ftp|file)://[^\s]+", text):
+        raise ValueError("must be an http://, https://, ftp:// or file:// URL")
+    return text
 
 
 def _on_off(text):
@@ -552,19 +676,19 @@ SETTINGS = (
     ("BOMA_IT_ACCEL", _choice(*ACCEL_CHOICES), "auto", "auto|kvm|tcg; --accel wins"),
     (
         "BOMA_IT_CACHE",
-        _abs_path,
+        _cache_path,
         pathlib.Path("/var/lib/boma-integration"),
         "VM disks, golden images, checkpoints",
     ),
     (
         "BOMA_IT_RUN_DIR",
-        _abs_path,
+        _dir_path,
         lambda: str(INTEG_DIR / ".run"),
         "run metadata parent (default tests/integration/.run)",
     ),
     (
         "BOMA_IT_DIAG_DIR",
-        _abs_path,
+        _dir_path,
         lambda: str(pathlib.Path.home() / "integration-runs"),
         "diagnostics parent (default ~/integration-runs)",
     ),
@@ -574,9 +698,9 @@ SETTINGS = (
         "build",
         "build (mmdebstrap) | fetch (cloud.debian.org)",
     ),
-    ("BOMA_IT_MIRROR", _text, DEFAULT_MIRROR, "Debian mirror for image builds"),
-    ("BOMA_IT_IMAGE_URL", _text, IMAGE_URL, "image to fetch with BOMA_IT_IMAGE_SOURCE=fetch"),
-    ("BOMA_IT_SHA_URL", _text, SHA_URL, "its SHA512SUMS"),
+    ("BOMA_IT_MIRROR", _url, DEFAULT_MIRROR, "Debian mirror for image builds"),
+    ("BOMA_IT_IMAGE_URL", _url, IMAGE_URL, "image to fetch with BOMA_IT_IMAGE_SOURCE=fetch"),
+    ("BOMA_IT_SHA_URL", _url, SHA_URL, "its SHA512SUMS"),
     ("BOMA_IT_MAX_VMS", _int_range(1, 64), 1, "harness VMs allowed at once"),
     ("BOMA_IT_ANSIBLE_PLAYBOOK", _text, "", "ansible-playbook to use (default: PATH, then .venv)"),
     (
@@ -647,7 +771,7 @@ SETTINGS = (
         "libvirt's per-domain QEMU logs (diagnostics)",
     ),
 ) + tuple(
-    (timeout_var(stage), _seconds(), None, f"bound of {stage} in seconds")
+    (timeout_var(stage), _bound(stage), None, f"bound of {stage} in seconds")
     for stage in DEFAULT_BOUNDS
 )
 
@@ -676,7 +800,7 @@ def read_settings(environ):
     values = {}
     for name, parse, default, _ in SETTINGS:
         raw = environ.get(name)
-        if raw is None or (raw == "" and parse is not _abs_path):
+        if raw is None or (raw == "" and parse not in (_abs_path, _dir_path, _cache_path)):
             values[name] = parse(default()) if callable(default) else default
             continue
         try:
@@ -814,8 +938,9 @@ def owner_name():
 # --------------------------------------------------------------------------------------
 # Profile: a host's profile files, merged, type-checked, and their paths confined
 # --------------------------------------------------------------------------------------
-# A profile (tests/integration/profiles/<host>.yml, a flat stdlib-parsed subset of YAML)
-# names the host's groups, stubs, cert tier, reboots and verify playbook.
+# A profile (tests/integration/profiles/<host>.json, read by the stdlib's json module)
+# names the host's groups, applies, stub files, reboots, tolerances and verify playbook;
+# the cert tier (--certs) adds its vars file and the vault values (extra_vars_files).
 
 PROFILE_KEYS = {
     "groups": list,
@@ -1063,12 +1188,6 @@ def extra_vars_files(profile, tier, integ_dir=None, vault_values=None, step=None
     return files
 
 
-def cert_file(tier):
-    if tier not in VALID_TIERS:
-        raise ValueError(f"unknown cert tier: {tier}")
-    return CERT_DIR / f"{tier}.yml"
-
-
 # --------------------------------------------------------------------------------------
 # Image: the golden image, built (mmdebstrap recipe) or fetched, keyed and published
 # --------------------------------------------------------------------------------------
@@ -1158,34 +1277,6 @@ def extra_packages():
 def image_packages():
     """The reference list and the extras, exactly: what mmdebstrap --include installs."""
     return sorted(set(reference_packages()) | set(extra_packages()))
-
-
-IMAGE_QUERY = (
-    r"dpkg-query -W -f '${Package}\t${Priority}\t${Essential}\t${Pre-Depends}, ${Depends}\n'"
-)
-
-
-def image_package_check(query_text, manual, reference, extras):
-    """Compare a booted guest's packages with the reference list. query_text:
-    IMAGE_QUERY's output; manual: `apt-mark showmanual`. Returns (missing, unlisted):
-    reference packages not installed, and manually installed packages that are neither in
-    the reference or the extras nor part of minbase (Priority required or Essential, and
-    what those depend on: mmdebstrap leaves minbase's packages marked manual)."""
-    rows = {}
-    for line in query_text.splitlines():
-        name, prio, essential, deps = (line.split("\t") + ["", "", ""])[:4]
-        alts = [re.split(r"[\s:(]", a.strip(), maxsplit=1)[0] for a in re.split(r"[,|]", deps)]
-        rows[name] = (prio == "required" or essential == "yes", {a for a in alts if a})
-    base = [n for n, (core, _) in rows.items() if core]
-    seen = set(base)
-    while base:
-        for dep in rows[base.pop()][1]:
-            if dep in rows and dep not in seen:
-                seen.add(dep)
-                base.append(dep)
-    listed = set(reference) | set(extras)
-    missing = sorted(set(reference) - set(rows))
-    return missing, sorted(set(manual) - listed - seen)
 
 
 def seal_spec():
@@ -1965,6 +2056,11 @@ class RunRecord(JsonRecord):
     )
 
 
+# What one SSH command's output may hold (each of stdout and stderr, its tail kept): a
+# guest printing 128 MiB into a diagnostics command once took 410 MiB of the driver.
+GUEST_OUTPUT_MAX = 8 << 20
+
+
 @dataclasses.dataclass
 class RunState:
     ctx: Ctx
@@ -2009,7 +2105,7 @@ class RunState:
             if name not in self.console_seen and line in text:
                 self.console_seen[name] = time.monotonic()
         m = KERNEL_PANIC.search(text)
-        return m.group(0).strip() if m else None
+        return m.group(1).strip() if m else None
 
     @contextlib.contextmanager
     def watching_for_the_kernel(self, every=0.25):
@@ -2087,6 +2183,7 @@ class RunState:
             stage=stage,
             cmdlog=self.ctx.cmdlog,
             input=input,
+            max_output=GUEST_OUTPUT_MAX,
         )
 
     def close_ssh(self):
@@ -2135,25 +2232,96 @@ def write_owned(path, text, mode=0o644):
         raise
 
 
+def is_ipv4(value):
+    """`value` is an IPv4 address written the one canonical way (no leading zeros, no
+    padding, nothing around it)."""
+    try:
+        return isinstance(value, str) and str(ipaddress.IPv4Address(value)) == value
+    except ValueError:
+        return False
+
+
+def _count(lo):
+    return lambda v: isinstance(v, int) and not isinstance(v, bool) and v >= lo
+
+
+def _text(pattern):
+    return lambda v: isinstance(v, str) and re.fullmatch(pattern, v) is not None
+
+
+# What each field a state file (run.json, a checkpoint's manifest.json) carries must be
+# when it is read back: the driver runs as root, the files sit in a user's checkout or
+# cache, and their values reach virsh, ssh and the transient inventory.
+STATE_FIELD_CHECKS = {
+    "ip": is_ipv4,
+    "mac": _text(r"[0-9a-f]{2}(:[0-9a-f]{2}){5}"),
+    "host": _text(HOST_RE),
+    "domain": _text(RUN_NAME_RE.pattern),
+    "created_by": _text(RUN_NAME_RE.pattern),
+    "accel": lambda v: v in ACCEL_CHOICES,
+    "boot_id": _text(r"[0-9a-f-]{1,64}"),
+    "mem_mib": _count(1),
+    "vcpus": _count(1),
+    "applied_steps": _count(0),
+    "checkpoints_read": lambda v: isinstance(v, list) and all(isinstance(k, str) for k in v),
+}
+# Text that would be code to Ansible's templating (Jinja's three openers) or to a
+# terminal (control characters) is no state the harness ever wrote.
+_HOSTILE_TEXT = re.compile(r"\{\{|\{%|\{#|[\x00-\x08\x0b-\x1f\x7f]")
+
+
+def hostile_text(value, depth=0):
+    """The first string in `value` (any depth) that holds a template opener or a control
+    character, or None."""
+    if isinstance(value, str):
+        return value if _HOSTILE_TEXT.search(value) else None
+    items = value.items() if isinstance(value, dict) else value if isinstance(value, list) else ()
+    for item in items:
+        for part in item if isinstance(value, dict) else (item,):
+            found = None if depth > 20 else hostile_text(part, depth + 1)
+            if found is not None:
+                return found
+    return None
+
+
+def state_fields_problem(data, nullable=()):
+    """Why a state file's fields are not what the harness writes (one field named), or
+    None. Fields in `nullable` may also be null."""
+    for key, ok in STATE_FIELD_CHECKS.items():
+        if key in data and not (data[key] is None and key in nullable) and not ok(data[key]):
+            return f"bad {key}"
+    for key, value in data.items():
+        if hostile_text({key: value}) is not None:
+            return f"bad {key}: template or control characters"
+    return None
+
+
 def run_data_problem(data, dirname):
     """Why a run.json found in .run/<dirname> is not one the harness wrote, or None."""
     if not isinstance(data, dict):
         return "not a JSON object"
     if data.get("name") != dirname or not RUN_NAME_RE.fullmatch(dirname):
         return "its name is not its directory's harness run name"
-    if not isinstance(data.get("host"), str) or not re.fullmatch(HOST_RE, data["host"]):
-        return "bad host"
-    if "domain" in data and not (
-        isinstance(data["domain"], str) and RUN_NAME_RE.fullmatch(data["domain"])
-    ):
-        return "bad domain"
-    for key in ("created_at", "state", "ip", "accel", "certs"):
+    for key in ("created_at", "state", "certs", "image", "profile", "owner", "kept_by"):
         if data.get(key) is not None and not isinstance(data[key], str):
             return f"bad {key}"
-    if not isinstance(data.get("checkpoints_read", []), list) or not all(
-        isinstance(k, str) for k in data.get("checkpoints_read", [])
-    ):
-        return "bad checkpoints_read"
+    return state_fields_problem(
+        {"host": data.get("host"), **data}, nullable=("ip", "mac", "accel", "mem_mib", "vcpus")
+    )
+
+
+def run_paths_problem(ctx, data):
+    """Why a run.json's paths are not inside the trees the harness owns, or None."""
+    image = data.get("image")
+    if image is None:
+        return None
+    try:
+        resolved = pathlib.Path(image).resolve()
+        cache = ctx.cache.resolve()
+    except (OSError, RuntimeError, ValueError):
+        return "bad image"
+    if not pathlib.Path(image).is_absolute() or not resolved.is_relative_to(cache):
+        return f"bad image: not under {ctx.cache}"
     return None
 
 
@@ -2175,7 +2343,7 @@ def list_runs(ctx):
             data = None if why else json.loads(f.read_bytes().decode("utf-8"))
         except (OSError, ValueError, RecursionError) as e:
             why = f"unreadable run.json ({type(e).__name__})"
-        why = why or run_data_problem(data, p.name)
+        why = why or run_data_problem(data, p.name) or run_paths_problem(ctx, data)
         if why:
             if p not in _SKIPPED_RUNS:
                 _SKIPPED_RUNS.add(p)
@@ -2631,21 +2799,52 @@ def _define_domain(ctx, rs, profile, accel, image, overlay, seed):
 
 
 # A guest kernel that panicked will not answer, however long we wait: say so at once.
-KERNEL_PANIC = re.compile(r"Kernel panic - not syncing[^\r\n]*")
+# Only the kernel's own line: at a line's start, after its printk time when it has one
+# (`[   11.120851] Kernel panic - not syncing: ...`). A unit's stop-job or status line
+# that quotes it (`[FAILED] Stopping ... Kernel panic - not syncing`) is not a panic.
+KERNEL_PANIC = re.compile(
+    r"^\r*(?:\[\s*\d+\.\d+\]\s?)?(?:---\[ end )?(Kernel panic - not syncing[^\r\n]*)",
+    re.MULTILINE,
+)
 CONSOLE_HEAD_BYTES = 256
 # The console lines that split a boot before systemd: the boot loader's first (GRUB's
 # menu entry), then the kernel's first (its printk time comes before it).
 CONSOLE_MILESTONES = (("loader", "Booting `"), ("kernel", "] Linux version "))
 
 
+def note_span(ctx, what, t0, who="harness", seconds=None):
+    """One span of the run's time into result.json's `timeline` (the report draws it, the
+    bench sums the harness's): `who` is harness (time the guest did not need: a state
+    capture, the VM's creation, a wait between polls) or guest (a boot, from `virsh start`
+    to the stage the harness waits for). t0: time.monotonic() at its start."""
+    result = ctx.run.result if ctx.run is not None else None
+    if result is None:
+        return
+    if result.get("timeline") is None:
+        result["timeline"] = []
+    phases = result.get("phase_details") or []
+    result["timeline"].append(
+        {
+            "phase": phases[-1]["name"] if phases else None,
+            "what": what,
+            "who": who,
+            "at": round(t0 - ctx.t0, 1),
+            "seconds": round(time.monotonic() - t0 if seconds is None else seconds, 2),
+        }
+    )
+
+
 def wait_until(ctx, stage, bound, probe, what, rs=None, poll=None):
     """Poll probe() -> value|None until truthy or `bound` seconds pass, every `poll`
     seconds (ctx.poll unless given). With a run, a kernel panic on its console since the
-    boot was issued ends the wait at once."""
-    deadline = time.monotonic() + bound
+    boot was issued ends the wait at once. The last pause before the probe that saw it
+    ready is a `poll-wait` span: the guest was ready at some point within it."""
+    deadline, pause = time.monotonic() + bound, None
     while True:
         value = probe(deadline)
         if value:
+            if pause is not None:
+                note_span(ctx, "poll-wait", pause[0], seconds=pause[1])
             return value
         panic = rs.console_panic() if rs is not None else None
         if panic:
@@ -2658,7 +2857,8 @@ def wait_until(ctx, stage, bound, probe, what, rs=None, poll=None):
         if time.monotonic() >= deadline:
             where = f"; console log: {rs.console_log}" if rs is not None else ""
             raise InfraError(stage, f"timed out after {bound:.0f}s waiting for {what}{where}")
-        time.sleep(min(poll or ctx.poll, max(0.0, deadline - time.monotonic())))
+        pause = (time.monotonic(), min(poll or ctx.poll, max(0.0, deadline - time.monotonic())))
+        time.sleep(pause[1])
 
 
 def local_poll(ctx):
@@ -2882,6 +3082,7 @@ def _boot_once(ctx, rs):
     reached("ssh-handshake", "ssh-handshake ok (pinned host key)")
     wait_cloud_init(ctx, rs)
     stages["cloud-init"] = round(time.monotonic() - t0, 1)
+    note_span(ctx, "boot", t0, who="guest")
     for name, _ in CONSOLE_MILESTONES:  # firmware, then the boot loader's loading
         if rs.seconds_to(name, t0) is not None:
             stages[name] = rs.seconds_to(name, t0)
@@ -3054,7 +3255,10 @@ def reboot_vm(ctx, rs, mode="graceful", before=None):
     to_loader, to_kernel = rs.seconds_to("loader", issued), rs.seconds_to("kernel", issued)
     sysstate, timer_jobs = wait_boot_finished(ctx, rs)
     to_running = round(time.monotonic() - issued, 1)
-    after = capture_state(ctx, rs, boot_id=new_id)
+    note_span(ctx, f"reboot:{mode}", issued, who="guest", seconds=to_running)
+    # systemd-analyze's blame and critical-chain (~3 s of a TCG guest each) only where a
+    # reboot failed: the reboot diff's second capture and the diagnostics bundle
+    after = capture_state(ctx, rs, boot_id=new_id, analyze="time")
     rs.data["boot_ids"].append(new_id)
     stages = {
         "seconds_to_off": to_off,
@@ -3181,7 +3385,8 @@ def _wait_new_boot(ctx, rs, before, issued):
 # ~11 s into a boot. It has ended reboots after the applies too (2026-12-05, in
 # devcgroup_check_permission). Such a boot is powered on once more, with a warning; a
 # panic without that oops, a second panic, or any panic under KVM is the error it was.
-TCG_INT3_OOPS = re.compile(r"Oops: int3\b")
+# (the kernel's own line only, as KERNEL_PANIC)
+TCG_INT3_OOPS = re.compile(r"^\r*(?:\[\s*\d+\.\d+\]\s?)?Oops: int3\b", re.MULTILINE)
 
 
 def _wait_new_boot_past_emulator_oops(ctx, rs, before, issued):
@@ -3258,8 +3463,10 @@ sec nft_text nft list ruleset &
 docker_sections &
 sec sockets ss -H -tulnp &
 sec failed_units systemctl --failed --plain --no-legend --no-pager &
-if [ "@ANALYZE@" = 1 ]; then
+if [ "@ANALYZE@" != 0 ]; then
   sec boot_time systemd-analyze time &
+fi
+if [ "@ANALYZE@" = 1 ]; then
   sec boot_blame sh -c 'systemd-analyze blame --no-pager | head -n 15' &
   sec boot_chain systemd-analyze critical-chain --no-pager &
 fi
@@ -3281,11 +3488,14 @@ _NFT_VERDICTS = ("accept", "drop", "continue", "return", "queue", "masquerade", 
 
 def render_capture_script(nonce, command_bound, analyze=True):
     """The capture script for one call. analyze=False leaves out systemd-analyze (~5 s
-    of the guest's time under TCG): a capture BEFORE a reboot describes the old boot."""
+    of the guest's time under TCG): a capture BEFORE a reboot describes the old boot.
+    analyze="time": only `systemd-analyze time` (the boot's startup figures), not blame
+    and critical-chain (~3 s each)."""
+    level = "time" if analyze == "time" else "1" if analyze else "0"
     return (
         CAPTURE_SCRIPT.replace("@NONCE@", nonce)
         .replace("@BOUND@", str(max(1, int(round(command_bound)))))
-        .replace("@ANALYZE@", "1" if analyze else "0")
+        .replace("@ANALYZE@", level)
     )
 
 
@@ -3821,8 +4031,16 @@ def boot_analysis(sections):
         s = sections.get(name) or {}
         return s.get("out", "") if s.get("rc") == 0 else ""
 
+    def shown(name):
+        if name not in sections and name != "boot_time":
+            return (
+                "(not captured: a reboot diff's second capture and a failed run's "
+                "diagnostics run it)"
+            )
+        return out(name) or "(not available)"
+
     text = "\n\n".join(
-        f"$ systemd-analyze {cmd}\n{out(name) or '(not available)'}"
+        f"$ systemd-analyze {cmd}\n{shown(name)}"
         for name, cmd in (
             ("boot_time", "time"),
             ("boot_blame", "blame"),
@@ -3988,6 +4206,7 @@ def capture_state(ctx, rs, boot_id=None, analyze=True):
     No usable answer -> InfraError('reboot')."""
     nonce = secrets.token_hex(6)
     per = ctx.bounds["diag-command"]
+    t0 = time.monotonic()
     r = rs.ssh(
         "sudo -n sh -s",
         timeout=ctx.bounds["ssh-command"] + per * CAPTURE_COMMANDS,
@@ -4002,6 +4221,7 @@ def capture_state(ctx, rs, boot_id=None, analyze=True):
             else ((r.stderr.strip().splitlines() or [f"exit {r.returncode}"])[-1])
         )
         raise InfraError("reboot", f"could not capture the guest's state over SSH ({why})")
+    note_span(ctx, "capture", t0)
     state = normalise_capture(sections, own_ips=[rs.ip] if rs.ip else [])
     state["boot_id"] = boot_id or state["boot_id"]
     state["at"] = now_iso()
@@ -4222,12 +4442,20 @@ def resolve_strategy(ctx, ansible_playbook):
     return active.strategy
 
 
+def ansible_unsafe(value):
+    """`value` as Ansible reads a string it must never template (JSON's form of YAML's
+    `!unsafe`, which its inventory and vars loaders decode)."""
+    return {"__ansible_unsafe": str(value)}
+
+
 def render_run_hosts(name, ip, ansible_user, groups, host_vars=None):
     """Transient single-host inventory, as JSON (which Ansible's YAML inventory plugin reads:
     JSON is YAML). `host_vars` is an optional {var: value}; each value is written as a
-    string. Single test host ONLY (safety invariant: no real host is ever in scope)."""
-    host = {"ansible_host": ip, "ansible_user": ansible_user}
-    host.update({k: str(v) for k, v in (host_vars or {}).items()})
+    string. Every value is marked unsafe: an address or a path read back from a state
+    file is data, never a Jinja template. Single test host ONLY (safety invariant: no
+    real host is ever in scope)."""
+    host = {"ansible_host": ip, "ansible_user": ansible_user, **(host_vars or {})}
+    host = {k: ansible_unsafe(v) for k, v in host.items()}
     children = {g: {"hosts": {name: dict(host)}} for g in groups}
     return json.dumps({"all": {"children": children}}, indent=2) + "\n"
 
@@ -5014,6 +5242,7 @@ def load_checkpoint(ctx, key):
     if (
         not isinstance(manifest, dict)
         or manifest.get("key") != key
+        or state_fields_problem(manifest) is not None
         or not all((d / f).is_file() for f in CHECKPOINT_FILES)
     ):
         return None
@@ -5081,9 +5310,10 @@ def checkpoints_in_use(ctx):
     return used
 
 
-def gc_checkpoints(ctx, host, keep, lineage=None):
+def gc_checkpoints(ctx, host, keep, lineage=None, wait=None):
     """Drop this profile's checkpoints that the current inputs can no longer resume
-    (and half-written ones), except those a live run reads. With a `lineage`, only that
+    (and half-written ones), except those a live run reads or a starting run has
+    claimed (claim_dir). With a `lineage`, only that
     lineage's: a plain cycle does not drop what `--from main` runs resume, nor the
     reverse (a checkpoint both chains share is in `keep`)."""
     root = ctx.cache / "checkpoints"
@@ -5092,7 +5322,7 @@ def gc_checkpoints(ctx, host, keep, lineage=None):
     removed = []
     # take_checkpoint writes under this lock: holding it, a dir without a manifest (or a
     # .tmp-* staging dir) is what an interrupted writer left, never one being written.
-    with file_lock(ctx, ctx.cache / "checkpoints.lock", "checkpoint gc"):
+    with file_lock(ctx, ctx.cache / "checkpoints.lock", "checkpoint gc", wait):
         used = checkpoints_in_use(ctx) | set(keep)
         for d in root.iterdir():
             if d.is_symlink() or not d.is_dir() or d.name in used:
@@ -5105,7 +5335,11 @@ def gc_checkpoints(ctx, host, keep, lineage=None):
                 m.get("host") == host
                 and (lineage is None or m.get("lineage", FRESH_LINEAGE) == lineage)
             ):
-                shutil.rmtree(d, ignore_errors=True)
+                claim = claim_dir(d)
+                if claim is None:  # a run has chosen it to resume (try_resume's claim)
+                    continue
+                with claim:
+                    shutil.rmtree(d, ignore_errors=True)
                 removed.append(d.name)
     return removed
 
@@ -5484,28 +5718,35 @@ def add_from_worktree(ctx, frm, name, git_repo=None):
     if path.exists():
         remove_from_worktree(ctx, path, git_repo)
     argv = ("worktree", "add", "--detach", "--quiet", str(path), frm.commit)
-    r = _git(ctx, *argv, timeout=300, repo=git_repo)
-    if r.returncode != 0:
-        remove_from_worktree(ctx, path, git_repo)
-        why = (r.stderr.strip().splitlines() or [f"exit {r.returncode}"])[-1]
-        raise InfraError("from-ref", f"git worktree add of {frm.ref} failed: {why}")
+    added = False
+    try:  # an interrupt while git checks out (a hook may run long) leaves nothing either
+        r = _git(ctx, *argv, timeout=300, repo=git_repo)
+        if r.returncode != 0:
+            why = (r.stderr.strip().splitlines() or [f"exit {r.returncode}"])[-1]
+            raise InfraError("from-ref", f"git worktree add of {frm.ref} failed: {why}")
+        added = True
+    finally:
+        if not added:
+            remove_from_worktree(ctx, path, git_repo)
     return path
 
 
 def remove_from_worktree(ctx, path, git_repo=None):
     """Remove a --from worktree and git's record of it; never raises (teardown path).
-    Only a path directly under the cache's worktrees/ is ever removed."""
+    Only a path directly under the cache's worktrees/ is ever removed. True when its
+    directory is gone (git's record may stay, with a warning, when git cannot run)."""
+    path = pathlib.Path(path)
     try:
-        root = worktrees_root(ctx)
-        path = pathlib.Path(path)
-        if path.parent != root or path.is_symlink():
-            return
-        _git(ctx, "worktree", "remove", "--force", str(path), repo=git_repo)
+        if path.parent != worktrees_root(ctx) or path.is_symlink():
+            return False
+        with contextlib.suppress(HarnessError):  # no git: the directory still goes
+            _git(ctx, "worktree", "remove", "--force", str(path), repo=git_repo)
         if path.exists():
             shutil.rmtree(path, ignore_errors=True)
         _git(ctx, "worktree", "prune", repo=git_repo)
     except Exception as e:  # a cleanup must not mask the verdict
         print(f"integration-vm: warning: removing worktree {path}: {e}", file=sys.stderr)
+    return not os.path.lexists(path)
 
 
 def run_lineage(run):
@@ -5518,8 +5759,10 @@ def prune_worktrees(ctx):
     root = worktrees_root(ctx)
     if root.is_dir() and not root.is_symlink():
         for wt in sorted(root.iterdir()):
-            remove_from_worktree(ctx, wt)
-            print(f"integration-vm: removed worktree {wt.name}")
+            if remove_from_worktree(ctx, wt):
+                print(f"integration-vm: removed worktree {wt.name}")
+            else:
+                print(f"integration-vm: could not remove worktree {wt}", file=sys.stderr)
 
 
 @dataclasses.dataclass
@@ -5583,6 +5826,9 @@ def upgrade(ctx, rs, profile, certs, result, day2):
 # Diagnostics are collected before anything is destroyed; teardown removes the domain,
 # its transient storage pools and its disks, and only what the harness owns.
 
+# The guest's share of a diagnostics bundle, in bytes (each command's output is also
+# capped on its own: GUEST_OUTPUT_MAX).
+DIAG_GUEST_MAX = 32 << 20
 GUEST_DIAG_COMMANDS = (
     ("nft-ruleset.txt", "nft list ruleset"),
     ("nft-ruleset.json", "nft -j list ruleset"),
@@ -5593,6 +5839,7 @@ GUEST_DIAG_COMMANDS = (
     ("journal-this-boot.txt", "journalctl -b --no-pager"),
     ("journal-previous-boot.txt", "journalctl -b -1 --no-pager"),
     ("critical-chain.txt", "systemd-analyze critical-chain"),
+    ("blame.txt", "systemd-analyze blame --no-pager"),
     ("failed-units.txt", "systemctl --failed --no-pager"),
     ("cloud-init.log", "cat /var/log/cloud-init.log"),
     ("cloud-init-output.log", "cat /var/log/cloud-init-output.log"),
@@ -5616,13 +5863,7 @@ def collect_diagnostics(ctx, rs, reason):
         else:
             why = "the VM never got an IP address"
         if guest_ok:
-            for fname, cmd in GUEST_DIAG_COMMANDS:
-                r = rs.ssh(f"sudo -n {cmd}", timeout=ctx.bounds["diag-command"])
-                (d / fname).write_text(
-                    r.stdout
-                    + (f"\n# stderr:\n{r.stderr}" if r.stderr.strip() else "")
-                    + ("\n# TIMED OUT\n" if r.timed_out else "")
-                )
+            _collect_guest_files(ctx, rs, d, notes)
         else:
             (d / "NOTE").write_text(
                 f"Guest-side diagnostics could not be collected: SSH to "
@@ -5639,6 +5880,37 @@ def collect_diagnostics(ctx, rs, reason):
     return d
 
 
+def copy_tail(src, dst, cap):
+    """Copy at most the last `cap` bytes of `src` to `dst` (a note first when cut)."""
+    with open(src, "rb") as fi, open(dst, "wb") as fo:
+        size = os.fstat(fi.fileno()).st_size
+        if size > cap:
+            fi.seek(size - cap)
+            fo.write(f"[... first {size - cap} bytes cut]\n".encode())
+        fo.write(fi.read(cap))  # never more, though the guest writes on meanwhile
+
+
+def _collect_guest_files(ctx, rs, d, notes):
+    """collect_diagnostics' guest side: GUEST_DIAG_COMMANDS' output, each command's tail
+    (rs.ssh's cap), all of them together at most DIAG_GUEST_MAX bytes."""
+    room = DIAG_GUEST_MAX
+    for fname, cmd in GUEST_DIAG_COMMANDS:
+        if room <= 0:
+            notes.append(f"{fname}: not collected (the bundle's {DIAG_GUEST_MAX} bytes are full)")
+            continue
+        r = rs.ssh(f"sudo -n {cmd}", timeout=ctx.bounds["diag-command"])
+        text = (
+            r.stdout
+            + (f"\n# stderr:\n{r.stderr}" if r.stderr.strip() else "")
+            + ("\n# TIMED OUT\n" if r.timed_out else "")
+        ).encode("utf-8", "replace")
+        if len(text) > room:
+            note = b"[... its head cut: the bundle is full]\n"
+            text = note + text[len(text) - room + len(note) :]
+        (d / fname).write_bytes(text)
+        room -= len(text)
+
+
 def _collect_host_files(ctx, rs, d, notes):
     """collect_diagnostics' host side: the console and QEMU logs, and virsh's view of the
     domain and the network. What fails is one line in `notes`."""
@@ -5647,7 +5919,7 @@ def _collect_host_files(ctx, rs, d, notes):
         (ctx.path_env("BOMA_IT_LIBVIRT_LOG_DIR") / f"{rs.domain}.log", "libvirt-qemu.log"),
     ):
         try:
-            shutil.copyfile(src, d / dst)
+            copy_tail(src, d / dst, GUEST_OUTPUT_MAX)  # the guest writes the console
         except OSError as e:
             notes.append(f"{dst}: not collected ({e.strerror or e})")
     for fname, args in (
@@ -5783,6 +6055,10 @@ def down_run(ctx, rs):
 # A session is one command's life: preflight guards (tools, RAM, disk, VM slot), its phase
 # list, and one policy for each way it can end (diagnostics? keep or destroy? exit code).
 
+# The end-of-run checkpoint gc waits this long for checkpoints.lock, then skips (another
+# run writing a checkpoint holds it for minutes; the next run's gc does the work).
+END_GC_LOCK_WAIT = 5.0
+
 
 @dataclasses.dataclass(frozen=True)
 class SessionOptions:
@@ -5812,6 +6088,7 @@ class Run:
     certs: str = None
     rs: object = None  # a RunState
     slot: object = None  # the open vm-slot-N.lock, held from define to teardown
+    claims: list = dataclasses.field(default_factory=list)  # Claims held to the end
     bounds: dict = dataclasses.field(default_factory=dict)
     cmdlog: pathlib.Path = None
     checkpoint_chain: list = None  # [(stage, key, detail)] when this run uses checkpoints
@@ -5820,6 +6097,7 @@ class Run:
     reused: bool = False  # loop: its VM is the one the last loop left (reuse_loop_vm)
     exit_code: int = None
     reported: bool = False  # result.json and the summary line written (end_session)
+    report: pathlib.Path = None  # its report.html (end_session)
 
     def attach(self, rs):
         """This run's state from now on: its command log, and what a failure tears down."""
@@ -5859,6 +6137,11 @@ class Run:
         if self.slot is not None:
             self.slot.close()
             self.slot = None
+
+    def release_claims(self):
+        """The checkpoints and the loop VM this session claimed (claim_dir) are free."""
+        while self.claims:
+            self.claims.pop().close()
 
 
 TOOL_PACKAGES = {
@@ -5987,10 +6270,23 @@ def open_lock_file(path):
     return os.fdopen(os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o600), "r+")
 
 
+class LockBusy(InfraError):
+    """file_lock: another run held the lock for longer than the wait."""
+
+    def __init__(self, what, path, wait):
+        super().__init__(
+            "guard", f"{what}: lock {path} held by another run for more than {wait:.0f}s"
+        )
+        self.path = path
+
+
 @contextlib.contextmanager
-def file_lock(ctx, path, what):
+def file_lock(ctx, path, what, wait=None):
+    """Hold the lock file `path`, waiting for it `wait` s at most (the lock bound by
+    default); longer: LockBusy (InfraError 'guard')."""
     fh = open_lock_file(path)
-    deadline = time.monotonic() + ctx.bounds["lock"]
+    wait = ctx.bounds["lock"] if wait is None else wait
+    deadline = time.monotonic() + wait
     try:
         while True:
             try:
@@ -5998,15 +6294,54 @@ def file_lock(ctx, path, what):
                 break
             except BlockingIOError:
                 if time.monotonic() > deadline:
-                    raise InfraError(
-                        "guard",
-                        f"{what}: lock {path} held by another run for "
-                        f"more than {ctx.bounds['lock']:.0f}s",
-                    ) from None
+                    raise LockBusy(what, path, wait) from None
                 time.sleep(ctx.poll)
         yield
     finally:
         fh.close()
+
+
+@dataclasses.dataclass
+class Claim:
+    """A flock held on a directory of the harness (claim_dir) until closed."""
+
+    path: pathlib.Path
+    fd: int
+
+    def close(self):
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+
+def claim_dir(path, shared=False):
+    """Claim the directory `path` (a checkpoint, a run's dir) with a flock, never waiting:
+    a Claim, or None when another process holds a conflicting one, or `path` is gone, a
+    symlink or no longer the directory that was locked. Runs that resume a checkpoint
+    share it (shared=True); the gc, and a session that takes or retires a loop's VM,
+    need it alone. A killed holder's claim goes with its process."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW)
+    except OSError:
+        return None
+    claim = None
+    try:
+        fcntl.flock(fd, (fcntl.LOCK_SH if shared else fcntl.LOCK_EX) | fcntl.LOCK_NB)
+        now, held = os.stat(path, follow_symlinks=False), os.fstat(fd)
+        if (now.st_dev, now.st_ino) == (held.st_dev, held.st_ino):
+            claim = Claim(pathlib.Path(path), fd)
+    except OSError:  # BlockingIOError: another holds it; else removed while we locked
+        pass
+    finally:
+        if claim is None:
+            os.close(fd)
+    return claim
 
 
 @dataclasses.dataclass
@@ -6059,6 +6394,8 @@ class ResultRecord(JsonRecord):
     resume_error: str = None
     transport: dict = None  # bench: linear vs Mitogen figures
     teardown_error: str = None
+    commit: dict = None  # the working tree's {commit, dirty} (None: not a git checkout)
+    timeline: list = None  # spans [{phase, what, who: harness|guest, at, seconds}]
     extra: dict = dataclasses.field(default_factory=dict, repr=False)
 
     ABSENT_WHEN_NONE = frozenset(
@@ -6076,6 +6413,8 @@ class ResultRecord(JsonRecord):
             "resume_error",
             "transport",
             "teardown_error",
+            "commit",
+            "timeline",
             "from_ref",
             "upgrade",
         }
@@ -6123,10 +6462,29 @@ def format_summary(result):
     return " ".join(parts)
 
 
+# What XML 1.0 cannot carry at all, escaped or not (C0 controls but tab/LF/CR, lone
+# surrogates, U+FFFE/U+FFFF): one such character from a guest's console and CI cannot
+# parse the whole report.
+_XML_FORBIDDEN = re.compile("[\x00-\x08\x0b\x0c\x0e-\x1f\ud800-\udfff\ufffe\uffff]")
+JUNIT_TEXT_MAX = 64 * 1024  # characters of one message or body (guest output is unbounded)
+
+
+def xml_text(value, limit=JUNIT_TEXT_MAX):
+    """`value` as text XML can carry: forbidden characters dropped, at most `limit`
+    characters (the head, then a note of what was cut). Escaping is the caller's."""
+    text = _XML_FORBIDDEN.sub("", str(value if value is not None else ""))
+    if len(text) > limit:
+        text = text[:limit] + f"\n[... {len(text) - limit} more characters cut]"
+    return text
+
+
 def render_junit(result):
-    """JUnit XML: one testcase per phase and per verify task."""
-    suite = f"integration-vm.{result.get('host') or 'unknown'}"
-    cases = _junit_cases(result)
+    """JUnit XML: one testcase per phase and per verify task. Every text is xml_text()."""
+    suite = xml_text(f"integration-vm.{result.get('host') or 'unknown'}", 200)
+    cases = [
+        (xml_text(name, 500), secs, status, xml_text(msg, 300), xml_text(body))
+        for name, secs, status, msg, body in _junit_cases(result)
+    ]
     failures = sum(1 for c in cases if c[2] == "fail")
     errors = sum(1 for c in cases if c[2] in ("error", "interrupted"))
     skipped = sum(1 for c in cases if c[2] == "skipped")
@@ -6202,6 +6560,8 @@ def _junit_cases(result):
 def timed_phase(ctx, result, name):
     t0 = time.monotonic()
     entry = {"name": name, "seconds": 0.0, "status": "pass"}
+    if ctx is not None:  # where it starts in the run (the report's timeline)
+        entry["at"] = round(t0 - ctx.t0, 1)
     if result is not None:
         result["phase_details"].append(entry)
     try:
@@ -6226,13 +6586,133 @@ def _current_phase(result):
     return running[-1] if running else "interrupted"
 
 
-def inspection_help(ctx, rs):
+# ---- the closing lines: the words a run ends with -----------------------------------------
+# Decided here only (issue 30), from result.json's fields: the command, the verdict, the
+# stage that failed and why the VM stays up. docs/runbooks/integration-testing.md ("The
+# closing lines") quotes each; tests/driver/test_session.py ends a session every way.
+# fmt: off
+FAILED_STAGE_WORDS = {
+    # the failed stage's family  its line ({story}: " (dead live)" ...; {msg}: the error's)
+    "apply":             "apply failed{story}: {msg}",
+    "from":              "apply of {ref} (--from) failed: {msg}",
+    "upgrade":           "apply failed{story}: {msg}",  # the working tree on top of REF
+    "reboot-diff":       "reboot diff found differences: {msg}",
+    "verify":            "verify failed{story}: {msg}",  # verify:live too
+    "idempotence":       "idempotence changed {changed} on the re-apply after the reboot: "
+                         "{tasks}",
+    "idempotence-apply": "idempotence re-apply failed: {msg}",
+}
+KEPT_WORDS = {
+    # why the VM stays up  the head of its inspection help
+    "failure":   "kept for inspection",
+    "loop-red":  "kept for inspection; the next loop applies your fix onto it",
+    "next-loop": "kept for the next loop",
+    "keep":      "kept (--keep)",
+    "not-ours":  "left up (this command did not create it)",
+}
+LOOP_VM_WORDS = {
+    # the loop's VM          how the loop's last line ends
+    "kept":                " The VM stays up at this state until the next loop, cycle or "
+                           "`make test-integration-clean`.",
+    "torn down":           " Its VM was torn down.",
+    "teardown incomplete": " Its VM's teardown was incomplete: `make test-integration-clean`.",
+    None:                  "",  # no VM (a guard refused the loop), or one left as it was
+}
+# fmt: on
+LOOP_NOT_THE_GATE = (
+    "a quick loop has one graceful reboot, no power cut and no idempotence pass. This is "
+    "NOT the gate: `make test-integration HOST={host}` (cycle) must pass before the change "
+    "is done.{vm}"
+)
+
+
+def stage_family(stage):
+    """A failed stage's FAILED_STAGE_WORDS key: apply:site.yml -> apply, verify:live ->
+    verify; idempotence:site.yml (the idempotence pass's apply itself failed) ->
+    idempotence-apply."""
+    family, _, step = (stage or "").partition(":")
+    return "idempotence-apply" if family == "idempotence" and step else family
+
+
+def kept_reason(command, verdict, keep):
+    """Why a run's VM stays up: its KEPT_WORDS key."""
+    if verdict == "pass":  # only a loop, or --keep, keeps a passing run's VM
+        return "next-loop" if command == "loop" else "keep"
+    if verdict == "interrupted":  # a creating command tears down unless --keep
+        return "keep" if keep and command in CREATING_COMMANDS else "not-ours"
+    return "loop-red" if command == "loop" else "failure"
+
+
+def verdict_words(result):
+    """The line a run that did not pass says first: the stage that failed, in words."""
+    verdict, stage, msg = result.get("verdict"), result.get("failed_stage"), result.get("message")
+    if verdict == "interrupted":
+        return (
+            f"interrupted during {stage}" if stage not in (None, "interrupted") else "interrupted"
+        )
+    if verdict == "error":  # an error's stage leads its message, as the InfraError reads
+        return f"error: {msg}" if stage in (None, "usage") else f"error: {stage}: {msg}"
+    if verdict != "fail":
+        return None
+    idem = result.get("idempotence") or {}
+    changed = idem.get("changed", 0)
+    return FAILED_STAGE_WORDS.get(stage_family(stage), "{stage} failed: {msg}").format(
+        stage=stage,
+        msg=msg,
+        story=f" ({result['story']})" if result.get("story") else "",
+        ref=(result.get("from_ref") or {}).get("ref") or "REF",
+        changed=f"{changed} task{'' if changed == 1 else 's'}",
+        tasks=", ".join(idem.get("changed_tasks") or result.get("failures") or ["?"]),
+    )
+
+
+def expect_words(result):
+    """--expect-fail's line, when the run did not fail where it names."""
+    want, stage = result.get("expect_fail"), result.get("failed_stage")
+    if want and result.get("verdict") == "pass":
+        return f"{want} PASSED but --expect-fail={want} was given"
+    if want and result.get("verdict") == "fail" and not expected_failure(result, stage):
+        return f"failed at {stage}, not at the expected stage {want} (--expect-fail)"
+    return None
+
+
+def loop_vm_fate(result):
+    """What became of a loop's VM: a LOOP_VM_WORDS key."""
+    if result.get("kept"):
+        return "kept"
+    teardown = [p for p in result.get("phase_details", []) if p["name"] == "teardown"]
+    if teardown:
+        return "torn down" if teardown[-1]["status"] == "pass" else "teardown incomplete"
+    return None
+
+
+def closing_lines(result, keep=False):
+    """The words of a run's closing lines, each after "integration-vm: ", from its
+    result.json fields and --keep (None: the run has no such line), in the order they
+    come: `verdict` (a run that did not pass), `kept` (the head of the kept VM's
+    inspection help), `expect` (--expect-fail's), `loop` (the quick loop's last line,
+    after the summary line format_summary writes)."""
+    command, verdict = result.get("command"), result.get("verdict")
+    loop = None
+    if command == "loop":
+        vm = LOOP_VM_WORDS[loop_vm_fate(result)]
+        loop = LOOP_NOT_THE_GATE.format(host=result.get("host") or "<host>", vm=vm)
+    return {
+        "verdict": verdict_words(result),
+        "kept": KEPT_WORDS[kept_reason(command, verdict, keep)] if result.get("kept") else None,
+        "expect": expect_words(result),
+        "loop": loop,
+    }
+
+
+def inspection_help(ctx, rs, kept):
+    """The kept VM's inspection help; `kept` says why it stays up (closing_lines)."""
     # Under scripts/it-run's sandbox the VM is only reachable inside its namespace.
     netns = ctx.settings["BOMA_IT_NETNS"]
     prefix = f"ip netns exec {netns} " if netns else ""
     ssh_cmd = shlex.join(ssh_argv(rs.dir, rs.domain, rs.ip or "<ip>", "", port=ctx.ssh_port)[:-1])
     return (
-        f"integration-vm: VM {rs.domain} (run {rs.name}) kept for inspection:\n"
+        f"integration-vm: VM {rs.domain} (run {rs.name}) {kept}:\n"
         f"  console log:  {rs.console_log}\n"
         f"  serial:       {prefix}virsh --connect {ctx.uri} console {rs.domain}\n"
         f"  ssh:          {prefix}{ssh_cmd}\n"
@@ -6243,6 +6723,9 @@ def inspection_help(ctx, rs):
 
 
 def finish_result(ctx, result, rs, junit=None, stream=None, strategy=None):
+    """result.json and report.html (with a run), JUnit, the summary line -> the report's
+    path or None."""
+    report = None
     result["finished_at"] = now_iso()
     result["total_seconds"] = round(time.monotonic() - ctx.t0, 1)
     result["phases"] = {k: round(v, 1) for k, v in phase_totals(result["phase_details"]).items()}
@@ -6261,12 +6744,14 @@ def finish_result(ctx, result, rs, junit=None, stream=None, strategy=None):
             write_owned(rs.diag_dir / "result.json", text)
         except (OSError, ValueError, HarnessError) as e:
             print(f"integration-vm: warning: could not write result.json: {e}", file=sys.stderr)
+        report = write_run_reports(rs)
     if junit:
         try:
             pathlib.Path(junit).write_text(render_junit(result))
         except OSError as e:
             print(f"integration-vm: warning: could not write {junit}: {e}", file=sys.stderr)
     print(format_summary(result), file=stream or sys.stdout, flush=True)
+    return report
 
 
 def _ignore_signals():
@@ -6303,13 +6788,19 @@ def run_session(ctx, args, command, options=None):
         strategy=options.strategy,
     )
     ctx = dataclasses.replace(ctx, run=run)  # the process's context, bound to this run
-    run.exit_code = apply_expect_fail(result, run_phases(ctx, args, run))
-    result["exit_code"] = run.exit_code
-    if run.exit_code == EXIT_USAGE and run.rs is None:
-        return run  # bad input: the one error line says it all, nothing ran
-    end_session(ctx, args, run)
-    run.reported = True
-    return run
+    if shutil.which("git", path=ctx.environ.get("PATH")) and (ctx.repo / ".git").exists():
+        result["commit"] = working_tree_commit(ctx)  # what the report names
+    try:
+        run.exit_code = apply_expect_fail(result, run_phases(ctx, args, run))
+        result["exit_code"] = run.exit_code
+        if run.exit_code == EXIT_USAGE and run.rs is None:
+            return run  # bad input: the one error line says it all, nothing ran
+        end_session(ctx, args, run)
+        run.reported = True
+        return run
+    finally:  # REF's worktree goes, whatever happened (end_session: after the verdict)
+        if run.day2 is not None:
+            run.day2.close(ctx)
 
 
 def run_phases(ctx, args, run):
@@ -6331,30 +6822,65 @@ def run_phases(ctx, args, run):
         if run.rs is not None:  # a kept VM keeps no SSH process of ours either
             run.rs.close_ssh()
         flush_command_log(run.cmdlog)
-        if run.day2 is not None:  # REF's worktree goes, whatever happened
-            run.day2.close(ctx)
         run.release_slot()
+        run.release_claims()
 
 
 def end_session(ctx, args, run):
-    """After the verdict: the checkpoint gc, the boot-time history, result.json (the
-    converging commands and assert), JUnit, the summary line and the command's footer."""
+    """After the verdict: the verdict written (write_verdict) with interrupts held back,
+    then the end-of-run work (REF's worktree removed, the checkpoint gc), bounded; an
+    interrupt there cuts it short and leaves the verdict, and its exit code, as written
+    (issue 27). run_session removes the worktree if this did not."""
+    try:
+        with _signals_deferred():
+            write_verdict(ctx, args, run)
+        if run.day2 is not None:  # REF's worktree (and git's record of it) goes
+            run.day2.close(ctx)
+        gc_after_run(ctx, run)
+    except KeyboardInterrupt:
+        print(
+            "\nintegration-vm: interrupted after the verdict: checkpoint cleanup skipped "
+            "(the next run's does it)",
+            file=sys.stderr,
+        )
+    if run.report is not None:  # the run's last line (stdout's last stays the summary)
+        sys.stdout.flush()
+        print(f"report: {run.report}", file=sys.stderr, flush=True)
+
+
+def gc_after_run(ctx, run):
+    """One chain per profile: what these inputs can no longer resume goes. Optional
+    work: its lock is waited for END_GC_LOCK_WAIT at most (another run writing a
+    checkpoint holds it for minutes), then skipped with one line."""
+    if not (run.checkpoint_chain and run.options.gc_outdated):
+        return
+    try:
+        gone = gc_checkpoints(
+            ctx,
+            run.result.get("host"),
+            keep=[k for _, k, _ in run.checkpoint_chain],
+            lineage=run_lineage(run),
+            wait=END_GC_LOCK_WAIT,
+        )
+        if gone:
+            progress(ctx, "checkpoint", f"removed {len(gone)} outdated checkpoint(s)")
+    except LockBusy as e:
+        print(
+            f"integration-vm: checkpoint cleanup skipped: another run holds {e.path} "
+            "(the next run's cleanup does it)",
+            file=sys.stderr,
+        )
+    except Exception as e:  # a cleanup must not change the verdict
+        print(f"integration-vm: warning: checkpoint cleanup: {e}", file=sys.stderr)
+
+
+def write_verdict(ctx, args, run):
+    """The boot-time history, result.json (the converging commands and assert), JUnit,
+    the summary line and the command's footer."""
     result, command = run.result, run.command
-    if run.checkpoint_chain and run.options.gc_outdated:
-        try:  # one chain per profile: what these inputs can no longer resume goes
-            gone = gc_checkpoints(
-                ctx,
-                result.get("host"),
-                keep=[k for _, k, _ in run.checkpoint_chain],
-                lineage=run_lineage(run),
-            )
-            if gone:
-                progress(ctx, "checkpoint", f"removed {len(gone)} outdated checkpoint(s)")
-        except Exception as e:  # a cleanup must not change the verdict
-            print(f"integration-vm: warning: checkpoint cleanup: {e}", file=sys.stderr)
     note_boot_times(ctx, result, run.rs.name if run.rs else None)
     writes_result = command in (*CONVERGING_COMMANDS, "assert")
-    finish_result(
+    run.report = finish_result(
         ctx,
         result,
         run.rs if writes_result else None,
@@ -6365,7 +6891,7 @@ def end_session(ctx, args, run):
     if command == "bench":
         sys.stdout.write(format_bench_table(result))
     if command == "loop":
-        print(LOOP_NOT_THE_GATE.format(host=result.get("host") or "<host>"), file=sys.stderr)
+        print(f"integration-vm: {closing_lines(result)['loop']}", file=sys.stderr)
 
 
 # ---- the phases: each takes (ctx, args, run) and raises on failure -------------------
@@ -6511,7 +7037,8 @@ def phase_finish(ctx, args, run):
         if command == "loop":
             rs.data["kept_by"] = "loop"
             rs.save()
-        print(inspection_help(ctx, rs), file=sys.stderr, end="")
+        kept = closing_lines(run.result, args.keep)["kept"]
+        print(inspection_help(ctx, rs, kept), file=sys.stderr, end="")
     if command == "up":
         print(f"{rs.name} {rs.ip}", flush=True)
 
@@ -6565,16 +7092,9 @@ def apply_expect_fail(result, exit_code):
     want = result.get("expect_fail")
     if not want or exit_code not in (EXIT_PASS, EXIT_VERIFY):
         return exit_code
-    if exit_code == EXIT_PASS:
-        print(f"integration-vm: {want} PASSED but --expect-fail={want} was given", file=sys.stderr)
-        return EXIT_VERIFY
-    if expected_failure(result, result.get("failed_stage")):
+    if exit_code == EXIT_VERIFY and expected_failure(result, result.get("failed_stage")):
         return EXIT_PASS
-    print(
-        f"integration-vm: failed at {result.get('failed_stage')}, not at the expected "
-        f"stage {want} (--expect-fail)",
-        file=sys.stderr,
-    )
+    print(f"integration-vm: {closing_lines(result)['expect']}", file=sys.stderr)
     return EXIT_VERIFY
 
 
@@ -6597,7 +7117,8 @@ def teardown_or_keep(ctx, args, command, result, rs, teardown):
     if command == "loop":  # a red loop's VM is where the next loop's fix goes
         rs.data["kept_by"] = "loop"
         rs.save()
-    print(inspection_help(ctx, rs), file=sys.stderr, end="")
+    kept = closing_lines(result, getattr(args, "keep", False))["kept"]
+    print(inspection_help(ctx, rs, kept), file=sys.stderr, end="")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -6606,8 +7127,7 @@ class FailurePolicy:
     diagnostics: bool  # collect them (when a run exists)
     end: str  # the run's VM: "destroy" what this invocation created (unless --keep),
     #           "keep" it for inspection, or "leave" it as it is without a word
-    exit_code: int
-    says: str  # the one stderr line after "integration-vm: " ({msg}, {err}: the error)
+    exit_code: int  # (its words: closing_lines)
 
 
 # How a session ends, by failure kind. A VerifyFailed at the stage --expect-fail names
@@ -6615,14 +7135,10 @@ class FailurePolicy:
 # fmt: off
 FAILURE_POLICY = {
     #                          verdict        diagnostics  the VM     exit code
-    "verify":    FailurePolicy("fail",        True,        "keep",    EXIT_VERIFY,
-                               "verify failed{story}: {msg}"),
-    "infra":     FailurePolicy("error",       True,        "destroy", EXIT_INFRA,
-                               "error: {err}"),
-    "usage":     FailurePolicy("error",       False,       "leave",   EXIT_USAGE,
-                               "error: {err}"),
-    "interrupt": FailurePolicy("interrupted", False,       "destroy", EXIT_INTERRUPTED,
-                               "interrupted"),
+    "verify":    FailurePolicy("fail",        True,        "keep",    EXIT_VERIFY),
+    "infra":     FailurePolicy("error",       True,        "destroy", EXIT_INFRA),
+    "usage":     FailurePolicy("error",       False,       "leave",   EXIT_USAGE),
+    "interrupt": FailurePolicy("interrupted", False,       "destroy", EXIT_INTERRUPTED),
 }
 # fmt: on
 ERROR_KINDS = {EXIT_INFRA: "infra", EXIT_USAGE: "usage"}  # a HarnessError's, by exit code
@@ -6640,9 +7156,7 @@ def on_failure(ctx, args, run, kind, e):
         result["failures"] = e.failed_tasks
         result["story"] = story_of(result)
     lead = "\n" if kind == "interrupt" else ""  # after ^C the terminal's line is not empty
-    story = f" ({result['story']})" if result.get("story") else ""
-    says = policy.says.format(msg=msg, err=e, story=story)
-    print(f"{lead}integration-vm: {says}", file=sys.stderr)
+    print(f"{lead}integration-vm: {closing_lines(result)['verdict']}", file=sys.stderr)
     if rs is None or policy.end == "leave":
         return policy.exit_code
     if policy.diagnostics:
@@ -6763,7 +7277,9 @@ def provision(ctx, args, run):
         ensure_network(ctx)
         with file_lock(ctx, ctx.cache / "lock", "up"):
             check_guards(ctx, profile, need_image=False)  # authoritative, under the lock
+            t0 = time.monotonic()
             create_run(ctx, profile, certs, accel, image, run)
+            note_span(ctx, "create-vm", t0)
         run.rs.data["lineage"] = run_lineage(run)
         panic = boot(ctx, run.rs, image)
         if panic:
@@ -6778,19 +7294,29 @@ def provision(ctx, args, run):
 
 def try_resume(ctx, run):
     """Resume the newest valid checkpoint of run.checkpoint_chain; None -> boot cold.
-    A checkpoint that fails to come back is reported and the run boots cold instead."""
+    The chain it reads is claimed first (claim_dir: no gc removes it) until the session
+    ends. A checkpoint that fails to come back (an InfraError, or an OSError: a file gone
+    mid-resume) is a warning and the run boots cold instead."""
     chain, result = run.checkpoint_chain, run.result
     keys = [k for _, k, _ in chain]
-    manifests = {k: load_checkpoint(ctx, k) for k in keys}
+    # Claimed before they are judged: from here no other run's gc removes them (one the
+    # gc holds is being removed, so not valid here). Held until the session ends.
+    claims = {k: claim_dir(checkpoint_dir(ctx, k), shared=True) for k in keys}
+    manifests = {k: load_checkpoint(ctx, k) if claims[k] else None for k in keys}
     best = newest_valid_checkpoint(
         [(st, k) for st, k, _ in chain], lambda k: manifests[k] is not None
     )
+    used = keys[: keys.index(best[1]) + 1] if best else []  # the disk chain this run reads
+    for k, claim in claims.items():
+        if claim is not None and k in used:
+            run.claims.append(claim)
+        elif claim is not None:
+            claim.close()
     if best is None:
         progress(ctx, "resume", "no valid checkpoint for these inputs: cold boot")
         return None
     stage, key = best
-    manifest = manifests[key]
-    keys = keys[: keys.index(key) + 1]  # the disk chain this run will read
+    manifest, keys = manifests[key], used
     with timed_phase(ctx, result, "resume") as entry:
         why = None
         try:
@@ -6800,8 +7326,8 @@ def try_resume(ctx, run):
                     why = f"checkpoint {stage} is in use (domain {manifest['domain']} exists)"
                 else:
                     rs = resume_run(ctx, run.profile, run.certs, manifest, keys, run)
-        except InfraError as e:
-            if e.stage == "guard":
+        except (InfraError, OSError) as e:  # an OSError too: a file gone mid-resume
+            if isinstance(e, InfraError) and e.stage == "guard":
                 raise
             why = f"checkpoint {stage} did not resume ({e})"
             if run.rs is not None:
@@ -6811,7 +7337,10 @@ def try_resume(ctx, run):
         if why:
             # Not an error of this run: it boots cold. JUnit shows the phase as skipped.
             entry.update(status="skipped", message=f"{why}: cold boot")
-            progress(ctx, "resume", f"{why}: cold boot")
+            if "resume_error" in result:  # it failed: a warning, not only progress
+                print(f"integration-vm: warning: {why}: cold boot", file=sys.stderr)
+            else:
+                progress(ctx, "resume", f"{why}: cold boot")
             return None
     rs.data["lineage"] = run_lineage(run)
     steps = 0 if stage == "booted" else int(stage.split("-")[1])
@@ -6831,6 +7360,24 @@ def loop_vms(ctx, host):
         and rs.data.get("state") != "down"
     ]
     return sorted(kept, key=lambda rs: rs.data.get("created_at") or "")
+
+
+def claimed_loop_vms(ctx, host):
+    """loop_vms that no other session is using, as [(rs, Claim)], oldest first: each
+    claimed (its run dir, claim_dir) before it is looked at, then read again, so two
+    sessions started together never take, nor tear down, the same VM (issue 27). A VM
+    another session holds (a loop applying onto it) is left alone, with one line."""
+    claims = {}
+    for rs in loop_vms(ctx, host):
+        claim = claim_dir(rs.dir)
+        if claim is None:
+            progress(ctx, "loop", f"leaving {rs.name} alone: another session is using it")
+        else:
+            claims[rs.name] = claim
+    mine = [(rs, claims.pop(rs.name)) for rs in loop_vms(ctx, host) if rs.name in claims]
+    for claim in claims.values():  # taken or torn down between the two looks
+        claim.close()
+    return mine
 
 
 def reuse_refusal(ctx, run, rs, chain):
@@ -6874,12 +7421,15 @@ def reuse_loop_vm(ctx, args, run):
     that cannot take the edit (reuse_refusal) or does not answer: torn down, and this
     run resumes a checkpoint. Sets run.reused."""
     host = run.profile["name"]
-    kept = loop_vms(ctx, host)
+    kept = claimed_loop_vms(ctx, host)
     last = kept.pop() if kept and not getattr(args, "fresh", False) else None
-    for rs in kept:  # every other one (all of them with --fresh)
-        retire_loop_vm(ctx, rs)
+    for rs, claim in kept:  # every other one (all of them with --fresh)
+        with claim:
+            retire_loop_vm(ctx, rs)
     if last is None:
         return
+    last, claim = last
+    run.claims.append(claim)  # this session's until it ends, kept or torn down
     chain = None
     if run.certs not in REAL_SECRET_TIERS and checkpoints_enabled(ctx, args):
         chain = checkpoint_chain(
@@ -6923,14 +7473,752 @@ def reuse_loop_vm(ctx, args, run):
 def retire_loop_vms(ctx, host):
     """A quick loop leaves its VM up for inspection until the next run of the profile:
     that run tears it down first (it holds the checkpoint's domain name and the VM slot).
-    Only runs a loop kept; a --keep/KEEP=1 VM is the operator's and stays."""
-    for rs in loop_vms(ctx, host):
-        retire_loop_vm(ctx, rs)
+    Only runs a loop kept; a --keep/KEEP=1 VM is the operator's and stays, and so does
+    one another session is using (claimed_loop_vms)."""
+    for rs, claim in claimed_loop_vms(ctx, host):
+        with claim:
+            retire_loop_vm(ctx, rs)
 
 
 def retire_loop_vm(ctx, rs):
     progress(ctx, "loop", f"tearing down the previous quick loop's VM {rs.name}")
     down_run(ctx, rs)
+
+
+# --------------------------------------------------------------------------------------
+# Report: report.html, one self-contained page per run (issue 28)
+# --------------------------------------------------------------------------------------
+# Built only from the run's own records (result.json, the reboot captures, the logs, the
+# console), so `report RUN_DIR` rebuilds it from a run dir or a diagnostics bundle. Every
+# text that comes from the guest or the playbooks is stripped of control characters,
+# bounded (its tail kept) and escaped; the page has no script and loads nothing.
+
+REPORT_NAME = "report.html"
+REPORT_TEXT_MAX = 2000  # characters of one message, line or cell kept (its tail)
+REPORT_LIST_MAX = 40  # rows of one list (diff lines, files per dir: 400)
+REPORT_CONSOLE_LINES = 60
+REPORT_CONSOLE_BYTES = 64 * 1024
+# Phases the guest never needs, counted whole as the harness's own time; in the others,
+# the harness's spans of result.json's `timeline` (captures, VM creation, poll waits).
+HARNESS_PHASES = ("checkpoint", "reboot-diff", "teardown")
+HARNESS_PARTS = {
+    "capture": "state captures",
+    "create-vm": "VM creation (keys, seed, overlay, virt-install, define)",
+    "poll-wait": "waits between polls (at most)",
+    "checkpoint": "checkpoints",
+    "reboot-diff": "reboot diffs",
+    "teardown": "teardown",
+}
+# Control characters but tab and newline, and the bidi overrides that reorder text.
+_REPORT_CONTROL = re.compile("[\x00-\x08\x0b-\x1f\x7f-\x9f\u202a-\u202e\u2066-\u2069]")
+_PRIVATE_FILES = ("id_ed25519", "ssh_host_ed25519_key", REPORT_NAME)
+STORY_TEXT = {
+    "dead live": "broken right after the applies, before any reboot: the change breaks "
+    "the running host",
+    "dies on reboot": "fine right after the applies, broken once rebooted: the host does "
+    "not survive a reboot",
+    "upgrade fails": "applied on top of what production runs (--from), the running host broke",
+}
+DIFF_CATEGORY_TEXT = {
+    "nft": "firewall rules",
+    "ports": "published ports",
+    "sockets": "listeners",
+    "failed_units": "failed units",
+    "services": "enabled services",
+}
+REBOOT_STAGE_LABELS = (
+    ("power-off", "seconds_to_off"),
+    ("loader", "seconds_to_loader"),
+    ("kernel", "seconds_to_kernel"),
+    ("SSH", "seconds_to_ssh"),
+    ("running", "seconds_to_running"),
+)
+
+
+def clean_text(text, limit=REPORT_TEXT_MAX):
+    """Guest or playbook text made safe to show: ANSI escapes, control characters (but
+    tab and newline) and bidi overrides removed, the tail kept past `limit`, escaped."""
+    text = _REPORT_CONTROL.sub("", ANSI_ESCAPE.sub("", str(text if text is not None else "")))
+    if len(text) > limit:
+        text = f"[... {len(text) - limit} characters cut] " + text[-limit:]
+    return html.escape(text, quote=True)
+
+
+def harness_seconds(result):
+    """{phase name: {part: seconds}}: what the harness spent in each phase that the guest
+    did not need. A checkpoint, reboot-diff or teardown phase is the harness's whole;
+    in another phase, its `timeline` spans who=harness (captures, create-vm, poll waits)."""
+    out = {}
+    for p in result.get("phase_details") or []:
+        fam = p["name"].split(":", 1)[0]
+        if fam in HARNESS_PHASES:
+            parts = out.setdefault(p["name"], {})
+            parts[fam] = round(parts.get(fam, 0.0) + p["seconds"], 2)
+    for s in result.get("timeline") or []:
+        phase = s.get("phase") or "(between phases)"
+        if s.get("who") != "harness" or phase.split(":", 1)[0] in HARNESS_PHASES:
+            continue
+        parts = out.setdefault(phase, {})
+        parts[s["what"]] = round(parts.get(s["what"], 0.0) + s["seconds"], 2)
+    return out
+
+
+def harness_share(result):
+    """(harness seconds, cycle seconds, percent) of a run (cycle_seconds: without the
+    bench's transport comparison)."""
+    spent = sum(sum(parts.values()) for parts in harness_seconds(result).values())
+    total = cycle_seconds(result)
+    return round(spent, 1), round(total, 1), (round(100 * spent / total) if total else 0)
+
+
+def report_dirs(run_dir, result):
+    """Where a run's files are: RUN_DIR first, then the run dir and the diagnostics
+    bundle result.json names, when they exist here (a copied bundle has only itself)."""
+    dirs = [pathlib.Path(run_dir)]
+    named = [result.get("run_dir"), result.get("diagnostics")]
+    named += [os.path.dirname(d.get("dir") or "") for d in result.get("reboot_diffs") or []]
+    for p in named:
+        if p and os.path.isdir(p) and all(not os.path.samefile(p, d) for d in dirs):
+            dirs.append(pathlib.Path(p))
+    return dirs
+
+
+def report_file(dirs, rel):
+    """The first of dirs that holds `rel` (a relative path), or None."""
+    for d in dirs:
+        f = d / rel
+        if f.is_file():
+            return f
+    return None
+
+
+def read_tail(path, max_bytes=REPORT_CONSOLE_BYTES):
+    """The last max_bytes of a file as text (a huge console is never read whole)."""
+    with open(path, "rb") as fh:
+        fh.seek(0, os.SEEK_END)
+        size = fh.tell()
+        fh.seek(max(0, size - max_bytes))
+        return fh.read().decode("utf-8", "replace")
+
+
+def _h(tag, body, cls=None):
+    return f"<{tag}{f' class={cls!r}' if cls else ''}>{body}</{tag}>"
+
+
+def _table(head, rows, cls="grid"):
+    """An HTML table; head and cells are already escaped."""
+    out = [f'<table class="{cls}">']
+    if head:
+        out += ["<thead><tr>", *[f"<th>{h}</th>" for h in head], "</tr></thead>"]
+    out.append("<tbody>")
+    for row in rows:
+        out.append("<tr>" + "".join(f"<td>{c}</td>" for c in row) + "</tr>")
+    return "".join(out + ["</tbody></table>"])
+
+
+def _report_verdict(result):
+    """The head of the page: verdict, story, failed stage and the run's one message."""
+    verdict = result.get("verdict") or "error"
+    head = f"{verdict.upper()}"
+    if result.get("expect_fail"):
+        head += f" (expected fail at {clean_text(result['expect_fail'], 80)})"
+    lines = [
+        f'<div class="verdict v-{clean_text(verdict, 20)}">',
+        f'<span class="badge" id="verdict">{clean_text(head, 200)}</span>',
+        f'<span class="who">{clean_text(result.get("host") or "-", 80)} &middot; '
+        f"{clean_text(result.get('command') or '-', 20)} &middot; "
+        f"{clean_text(result.get('vm') or '-', 120)}</span>",
+    ]
+    if result.get("story"):
+        story = result["story"]
+        lines.append(
+            f'<p class="story" id="story"><b>{clean_text(story, 80)}</b>: '
+            f"{clean_text(STORY_TEXT.get(story, ''), 300)}</p>"
+        )
+    if verdict != "pass" and result.get("failed_stage"):
+        lines.append(
+            f'<p>failed stage: <code id="failed-stage">{clean_text(result["failed_stage"], 200)}'
+            "</code></p>"
+        )
+    if verdict != "pass" and result.get("message"):
+        lines.append(f'<pre class="msg">{clean_text(result["message"])}</pre>')
+    seconds, total, pct = harness_share(result)
+    lines.append(
+        f'<p class="sub">{total:.1f} s in all; the harness\'s own time {seconds:.1f} s '
+        f"({pct} %); exit code {clean_text(result.get('exit_code'), 10)}</p></div>"
+    )
+    return "".join(lines)
+
+
+def _failed_checks(result):
+    """[(where, name, message)] of everything that failed, the checks first."""
+    out = []
+    for stage, key in VERIFY_TASK_KEYS.items():
+        for t in result.get(key) or []:
+            if t.get("status") == "failed":
+                out.append((stage, t.get("name"), t.get("message")))
+    named = {n for _, n, _ in out}
+    out += [("verify", n, "") for n in result.get("failures") or [] if n not in named]
+    for p in result.get("phase_details") or []:
+        if p.get("status") in ("fail", "error", "interrupted") and not p["name"].startswith(
+            "verify"
+        ):
+            out.append((p["name"], p["status"], p.get("detail") or p.get("message") or ""))
+    idem = result.get("idempotence") or {}
+    if result.get("failed_stage") == "idempotence":
+        out += [("idempotence", "changed", t) for t in idem.get("changed_tasks") or []]
+    return out
+
+
+def _report_failures(result):
+    rows = _failed_checks(result)
+    if not rows:
+        return ""
+    body = "".join(
+        f'<li class="fail-item"><span class="where">{clean_text(w, 80)}</span> '
+        f'<b class="check">{clean_text(n, 300)}</b>'
+        + (f"<pre>{clean_text(m)}</pre>" if m else "")
+        + "</li>"
+        for w, n, m in rows[:REPORT_LIST_MAX]
+    )
+    more = f"<p>... {len(rows) - REPORT_LIST_MAX} more</p>" if len(rows) > REPORT_LIST_MAX else ""
+    return (
+        f'<section id="failures"><h2>What failed</h2><ul class="fails">{body}</ul>{more}</section>'
+    )
+
+
+def _report_verify(result):
+    """Each check live (right after the applies) and after the reboots, side by side."""
+    live = {t.get("name"): t for t in result.get("verify_live_tasks") or []}
+    after = {t.get("name"): t for t in result.get("verify_tasks") or []}
+    names = list(dict.fromkeys([*live, *after]))
+    if not names:
+        return ""
+
+    def cell(t):
+        if t is None:
+            return '<span class="st-none">not run</span>'
+        st = t.get("status") or "?"
+        msg = (
+            f'<div class="cellmsg">{clean_text(t["message"], 400)}</div>'
+            if t.get("message")
+            else ""
+        )
+        return f'<span class="st st-{clean_text(st, 20)}">{clean_text(st, 20)}</span>{msg}'
+
+    rows = [(clean_text(n, 300), cell(live.get(n)), cell(after.get(n))) for n in names]
+    return (
+        '<section id="verify"><h2>Checks: live vs after the reboots</h2>'
+        + _table(("check", "live (after the applies)", "after the reboots"), rows)
+        + "</section>"
+    )
+
+
+# The timeline: one row per phase at its place in the run (seconds since the run
+# started); inside a boot or reboot, the guest's stages from `virsh start` (or the
+# reboot's issue) to each stage, in blues; the harness's own spans as an orange strip
+# under the bar (a harness-only phase is orange whole); a failed phase outlined in red.
+TL_WIDTH, TL_LABEL, TL_ROW, TL_TOP = 1160, 250, 30, 34
+
+
+def _timeline_phases(result):
+    """[(name, at, seconds, status)]: each phase where it ran (a result.json without
+    `at` places them one after another)."""
+    out, t = [], 0.0
+    for p in result.get("phase_details") or []:
+        at = p.get("at")
+        at = t if not isinstance(at, (int, float)) else at
+        out.append((p["name"], float(at), float(p.get("seconds") or 0.0), p.get("status")))
+        t = at + float(p.get("seconds") or 0.0)
+    return out
+
+
+def _guest_stages(result, phases):
+    """[(phase name, anchor seconds, [(label, start, end)])]: the first boot's and each
+    reboot's stages, placed from the guest span's start (else the phase's)."""
+    spans = [s for s in result.get("timeline") or [] if s.get("who") == "guest"]
+    starts = {n: at for n, at, _, _ in phases}
+    out = []
+    boots = [s for s in spans if s.get("what") == "boot"]
+    stages = result.get("boot_stages") or {}
+    if "boot" in starts and stages:
+        anchor = boots[-1]["at"] if boots else starts["boot"]
+        marks = sorted((v, k) for k, v in stages.items() if isinstance(v, (int, float)))
+        out.append(("boot", anchor, _segments([(k, v) for v, k in marks])))
+    reboots = [s for s in spans if str(s.get("what", "")).startswith("reboot:")]
+    for i, r in enumerate(result.get("reboot_stages") or []):
+        name = f"reboot:{r.get('mode')}"
+        anchor = reboots[i]["at"] if i < len(reboots) else starts.get(name)
+        marks = [(label, r.get(key)) for label, key in REBOOT_STAGE_LABELS]
+        marks = [(lbl, v) for lbl, v in marks if isinstance(v, (int, float))]
+        if anchor is not None:
+            out.append((name, anchor, _segments(marks)))
+    return out
+
+
+def _segments(marks):
+    """[(label, seconds)] in order -> [(label, start, end)]: each segment ends at its stage."""
+    out, prev = [], 0.0
+    for label, secs in marks:
+        if secs >= prev:
+            out.append((label, prev, secs))
+            prev = secs
+    return out
+
+
+def _tl_rect(x, y, w, h, cls, title, label=None):
+    text = ""
+    if label and w > 7 * len(label) + 6:
+        text = (
+            f'<text class="seg" x="{x + w / 2:.1f}" y="{y + h / 2 + 4:.1f}" '
+            f'text-anchor="middle">{clean_text(label, 40)}</text>'
+        )
+    return (
+        f'<g><rect class="{cls}" x="{x:.1f}" y="{y:.1f}" width="{max(w, 1.5):.1f}" '
+        f'height="{h}" rx="2"><title>{clean_text(title, 300)}</title></rect>{text}</g>'
+    )
+
+
+def _tl_axis(total, scale, height):
+    steps = (0.1, 0.2, 0.5, 1, 2, 5, 10, 15, 30, 60, 120, 300, 600)
+    step = next((s for s in steps if total / s <= 12), 1200)
+    out = []
+    for i in range(int(total / step + 1e-9) + 1):
+        x = TL_LABEL + i * step * scale
+        out.append(
+            f'<line class="tick" x1="{x:.1f}" y1="{TL_TOP - 8}" x2="{x:.1f}" y2="{height}"/>'
+            f'<text class="axis" x="{x:.1f}" y="{TL_TOP - 12}" text-anchor="middle">'
+            f"{round(i * step, 1):g}s</text>"
+        )
+    return "".join(out)
+
+
+def report_timeline_svg(result):
+    """The run's timeline as an inline SVG (see above), or "" without phases."""
+    phases = _timeline_phases(result)
+    if not phases:
+        return ""
+    total = max([result.get("total_seconds") or 0.0] + [at + s for _, at, s, _ in phases]) or 1
+    scale = (TL_WIDTH - TL_LABEL - 12) / total
+    guest = {name: (anchor, segs) for name, anchor, segs in _guest_stages(result, phases)}
+    rows = []
+    for i, (name, at, secs, status) in enumerate(phases):
+        rows.append(_tl_row(result, TL_TOP + i * TL_ROW, name, at, secs, status, scale, guest))
+    height = TL_TOP + len(phases) * TL_ROW + 6
+    return (
+        f'<svg id="timeline" xmlns="http://www.w3.org/2000/svg" width="{TL_WIDTH}" '
+        f'height="{height}" viewBox="0 0 {TL_WIDTH} {height}" role="img" '
+        f'aria-label="timeline of the run">{_tl_axis(total, scale, height)}{"".join(rows)}</svg>'
+    )
+
+
+def _tl_row(result, y, name, at, secs, status, scale, guest):
+    """One phase's row: label, seconds, its bar, its guest stages and harness spans."""
+    fam = name.split(":", 1)[0]
+    kind = (
+        "harness"
+        if fam in HARNESS_PHASES
+        else "ansible"
+        if fam in ("apply", "verify", "idempotence", "upgrade", "transport", "from")
+        else "guest"
+        if fam in ("boot", "reboot", "resume")
+        else "other"
+    )
+    x = TL_LABEL + at * scale
+    cls = f"bar k-{kind}" + (" failed" if status in ("fail", "error", "interrupted") else "")
+    failed = status in ("fail", "error", "interrupted")
+    out = [
+        f'<text class="label{" bad" if failed else ""}" x="8" y="{y + 15}">'
+        f"{clean_text(name, 60)}{' ✗' if failed else ''}</text>",
+        f'<text class="secs" x="{TL_LABEL - 8}" y="{y + 15}" text-anchor="end">{secs:.1f}s</text>',
+        _tl_rect(x, y + 2, secs * scale, 18, cls, f"{name}: {secs:.1f}s ({status})"),
+    ]
+    if name in guest:
+        anchor, segs = guest[name]
+        for j, (label, a, b) in enumerate(segs):
+            out.append(
+                _tl_rect(
+                    TL_LABEL + (anchor + a) * scale,
+                    y + 2,
+                    (b - a) * scale,
+                    18,
+                    f"stage s{j % 5}",
+                    f"{name}: {label} after {b:.1f}s (+{b - a:.1f}s)",
+                    label,
+                )
+            )
+    for s in result.get("timeline") or []:
+        if s.get("phase") == name and s.get("who") == "harness":
+            out.append(
+                _tl_rect(
+                    TL_LABEL + s["at"] * scale,
+                    y + 21,
+                    s["seconds"] * scale,
+                    6,
+                    "hspan",
+                    f"harness: {HARNESS_PARTS.get(s['what'], s['what'])} {s['seconds']:.1f}s",
+                )
+            )
+    return "".join(out)
+
+
+def _load_capture(d):
+    """A capture dir's categories {category: [lines]} (write_capture's JSON), or None."""
+    cats = {}
+    for cat in REBOOT_DIFF_CATEGORIES:
+        try:
+            cats[cat] = json.loads((d / f"{cat}.json").read_text())
+        except (OSError, ValueError):
+            return None
+    return cats
+
+
+def _lines_cell(lines):
+    if not lines:
+        return '<span class="st-none">-</span>'
+    shown = "".join(f"<div>{clean_text(ln, 400)}</div>" for ln in lines[:REPORT_LIST_MAX])
+    more = len(lines) - REPORT_LIST_MAX
+    return shown + (f"<div><i>... {more} more</i></div>" if more > 0 else "")
+
+
+def _report_reboot_diff(summary, stages, dirs):
+    """One reboot: how its boot went, what was unexpected, and per category what is gone
+    and what was added (from the before/after captures when the bundle is here)."""
+    mode, index = summary.get("mode"), summary.get("index")
+    rel = f"reboot-{index}-{mode}"
+    head = f"reboot {clean_text(index, 10)} ({clean_text(mode, 20)})"
+    reached = ", ".join(
+        f"{label} {stages[key]:.1f}s"
+        for label, key in REBOOT_STAGE_LABELS
+        if stages and isinstance(stages.get(key), (int, float))
+    )
+    out = [f"<h3>{head}</h3>"]
+    if reached:
+        out.append(f'<p class="sub">after the reboot was issued: {clean_text(reached, 400)}</p>')
+    for what in ("unexpected", "tolerated"):
+        if summary.get(what):
+            out.append(
+                f'<p class="{what}">{len(summary[what])} {what}:</p>'
+                + _lines_cell([str(u) for u in summary[what]])
+            )
+    before = after = None
+    for d in dirs:
+        if (d / rel / "before").is_dir():
+            before, after = _load_capture(d / rel / "before"), _load_capture(d / rel / "after")
+            break
+    if not summary.get("changed"):
+        out.append('<p class="ok">nothing changed across this reboot</p>')
+    elif before is not None and after is not None:
+        diff = diff_state(before, after)
+        rows = [
+            (
+                clean_text(DIFF_CATEGORY_TEXT.get(c, c)),
+                _lines_cell(v["removed"]),
+                _lines_cell(v["added"]),
+            )
+            for c, v in diff.items()
+        ]
+        out.append(_table(("", "gone after the reboot", "added by the reboot"), rows))
+    elif summary.get("categories"):
+        rows = [
+            (
+                clean_text(DIFF_CATEGORY_TEXT.get(c, c)),
+                clean_text(v.get("removed")),
+                clean_text(v.get("added")),
+            )
+            for c, v in summary["categories"].items()
+        ]
+        out.append(_table(("", "gone (count)", "added (count)"), rows))
+    return "".join(out)
+
+
+def _report_reboot_diffs(result, dirs):
+    diffs = result.get("reboot_diffs") or []
+    if not diffs:
+        return ""
+    stages = result.get("reboot_stages") or []
+    body = "".join(
+        _report_reboot_diff(s, stages[i] if i < len(stages) else {}, dirs)
+        for i, s in enumerate(diffs)
+    )
+    return f'<section id="reboot-diffs"><h2>What each reboot changed</h2>{body}</section>'
+
+
+def _report_idempotence(result):
+    idem = result.get("idempotence")
+    if not idem:
+        return ""
+    tasks = idem.get("changed_tasks") or []
+    body = (
+        f"<p>{clean_text(idem.get('changed'), 10)} task(s) changed on the re-apply after "
+        "the reboots (must be 0)</p>" + _lines_cell(tasks)
+        if idem.get("changed") or tasks
+        else '<p class="ok">the re-apply after the reboots changed nothing</p>'
+    )
+    return f'<section id="idempotence"><h2>Idempotence</h2>{body}</section>'
+
+
+_TASK_RECAP_LINE = re.compile(r"^(.+?) -{3,} (\d+(?:\.\d+)?)s\s*$")
+
+
+def slowest_tasks(dirs, top=12):
+    """[(seconds, task, log)]: profile_tasks' TASKS RECAP of each Ansible log, slowest
+    first (the logs of RUN_DIR's logs/, else of the other dirs)."""
+    logs = next((sorted((d / "logs").glob("*.log")) for d in dirs if (d / "logs").is_dir()), [])
+    rows = []
+    for log in logs:
+        text = read_tail(log, 256 * 1024)
+        recap = text.rpartition("TASKS RECAP")[2] if "TASKS RECAP" in text else ""
+        for line in recap.splitlines():
+            m = _TASK_RECAP_LINE.match(line.strip())
+            if m:
+                rows.append((float(m.group(2)), m.group(1), log.name))
+    return sorted(rows, key=lambda r: -r[0])[:top]
+
+
+def _report_tasks(dirs):
+    rows = slowest_tasks(dirs)
+    if not rows:
+        return ""
+    cells = [(f"{s:.2f}s", clean_text(t, 300), clean_text(log, 100)) for s, t, log in rows]
+    return (
+        '<section id="tasks"><h2>Slowest Ansible tasks</h2>'
+        + _table(("seconds", "task", "log"), cells)
+        + "</section>"
+    )
+
+
+def _report_warnings(result):
+    lines = list(result.get("warnings") or [])
+    lines += [
+        f"{p['name']}: {p['message']}"
+        for p in result.get("phase_details") or []
+        if p.get("status") in ("pass", "skipped") and p.get("message")
+    ]
+    for key in ("teardown_error", "resume_error", "first_boot_panic"):
+        if result.get(key):
+            lines.append(f"{key.replace('_', ' ')}: {result[key]}")
+    if result.get("reuse_refused"):
+        lines.append(f"the last loop's VM was not reused: {result['reuse_refused'].get('why')}")
+    lines = list(dict.fromkeys(str(x) for x in lines))
+    if not lines:
+        return ""
+    body = "".join(f"<li>{clean_text(w)}</li>" for w in lines[:REPORT_LIST_MAX])
+    return f'<section id="warnings"><h2>Warnings</h2><ul class="warns">{body}</ul></section>'
+
+
+BOOT_FAIL_STAGES = ("boot", "reboot", "resume", "domain-running", "dhcp-lease", "tcp-22")
+BOOT_FAIL_STAGES += ("ssh-handshake", "cloud-init")
+
+
+def _report_console(result, dirs):
+    """The console's tail when a boot or reboot failed (the guest's last words)."""
+    stage = (result.get("failed_stage") or "").split(":", 1)[0]
+    if result.get("verdict") == "pass" or stage not in BOOT_FAIL_STAGES:
+        return ""
+    f = report_file(dirs, "console.log")
+    if f is None:
+        return ""
+    lines = read_tail(f).splitlines()[-REPORT_CONSOLE_LINES:]
+    text = "\n".join(clean_text(ln, 300) for ln in lines)
+    return (
+        f'<section id="console"><h2>Console: the last {len(lines)} lines</h2>'
+        f'<pre class="console">{text}</pre></section>'
+    )
+
+
+def _report_facts(result):
+    """The run's facts: what ran, on what, from which commit."""
+    commit = result.get("commit") or (result.get("upgrade") or {}).get("to") or {}
+    strategy = result.get("ansible_strategy") or {}
+    frm = result.get("from_ref") or {}
+    resumed = result.get("resumed_from") or {}
+    facts = [
+        ("profile", result.get("host")),
+        ("certs", result.get("certs")),
+        ("command", result.get("command")),
+        (
+            "commit",
+            commit.get("commit")
+            and commit["commit"] + (" (working tree changed)" if commit.get("dirty") else ""),
+        ),
+        ("from", f"{frm.get('ref')} ({frm.get('commit')})" if frm else None),
+        ("accelerator", result.get("accel")),
+        ("Ansible strategy", strategy.get("used")),
+        ("reboots", ", ".join(result.get("reboot_modes") or []) or None),
+        ("resumed from", resumed.get("stage")),
+        ("onto the last loop's VM", (result.get("reused_vm") or {}).get("run")),
+        ("run", result.get("vm")),
+        ("domain", result.get("domain")),
+        ("ip", result.get("ip")),
+        ("started", result.get("started_at")),
+        ("finished", result.get("finished_at")),
+        ("kept", "yes" if result.get("kept") else "no"),
+        ("run dir", result.get("run_dir")),
+        ("diagnostics", result.get("diagnostics")),
+    ]
+    rows = [(clean_text(k), clean_text(v, 400)) for k, v in facts if v not in (None, "")]
+    return '<section id="facts"><h2>The run</h2>' + _table(None, rows, "facts") + "</section>"
+
+
+def _report_harness(result):
+    """The harness's own time per phase (the bench prints the same)."""
+    per = harness_seconds(result)
+    if not per:
+        return ""
+    rows = [
+        (
+            clean_text(phase, 80),
+            f"{sum(parts.values()):.1f}s",
+            clean_text(", ".join(f"{HARNESS_PARTS.get(k, k)} {v:.1f}s" for k, v in parts.items())),
+        )
+        for phase, parts in per.items()
+    ]
+    seconds, total, pct = harness_share(result)
+    return (
+        '<section id="harness"><h2>The harness\'s own time</h2>'
+        f"<p>{seconds:.1f}s of {total:.1f}s ({pct} %) the guest did not need.</p>"
+        + _table(("phase", "seconds", "spent on"), rows)
+        + "</section>"
+    )
+
+
+def _report_files(dirs, out_dir):
+    """Relative links to every file of the run dir and the bundle (not the private keys)."""
+    out = []
+    for d in dirs:
+        files = sorted(f for f in d.rglob("*") if f.is_file() and f.name not in _PRIVATE_FILES)
+        links = "".join(
+            f'<li><a href="{html.escape(urllib.parse.quote(os.path.relpath(f, out_dir)))}">'
+            f'{clean_text(f.relative_to(d), 300)}</a> <span class="size">'
+            f"{f.stat().st_size} B</span></li>"
+            for f in files[: REPORT_LIST_MAX * 10]
+        )
+        out.append(f'<h3>{clean_text(d, 400)}</h3><ul class="files">{links}</ul>')
+    return '<section id="files"><h2>Files</h2>' + "".join(out) + "</section>"
+
+
+REPORT_CSS = """
+body{font:15px/1.45 system-ui,-apple-system,"Segoe UI",Roboto,sans-serif;color:#1f2933;
+background:#f7f8fa;margin:0}
+main{max-width:1200px;margin:0 auto;padding:20px 24px 60px}
+h1{font-size:20px;margin:0 0 12px;font-weight:600}h2{font-size:17px;margin:28px 0 8px;
+border-bottom:1px solid #d9dee4;padding-bottom:4px}h3{font-size:15px;margin:16px 0 4px}
+.verdict{border-radius:8px;padding:14px 18px;background:#fff;border-left:8px solid #8a949e}
+.v-pass{border-color:#3c8d5a}.v-fail{border-color:#c0392b}.v-error{border-color:#c77c11}
+.badge{font-size:22px;font-weight:700;margin-right:14px}.v-pass .badge{color:#2f7a4a}
+.v-fail .badge{color:#b03a2e}.v-error .badge{color:#a4660c}.who{color:#52606d}
+.story{font-size:16px;margin:8px 0}.sub{color:#52606d;font-size:13px;margin:6px 0}
+pre{white-space:pre-wrap;word-break:break-word;background:#fff;border:1px solid #e1e5ea;
+border-radius:4px;padding:8px;font-size:12.5px;margin:4px 0;max-height:320px;overflow:auto}
+pre.console{background:#1f2933;color:#e4e7eb;max-height:520px}
+.fails{list-style:none;padding:0}.fail-item{background:#fff;border:1px solid #f0c4bf;
+border-left:5px solid #c0392b;border-radius:4px;padding:8px 12px;margin:6px 0}
+.where{font:12px ui-monospace,monospace;color:#7b8794;margin-right:6px}
+table{border-collapse:collapse;background:#fff;margin:6px 0;font-size:13.5px}
+td,th{border:1px solid #e1e5ea;padding:4px 8px;vertical-align:top;text-align:left}
+th{background:#eef1f4;font-weight:600}table.facts td:first-child{color:#52606d}
+.st{font-weight:600}.st-ok,.ok{color:#2f7a4a}.st-failed{color:#b03a2e}.st-skipped,
+.st-none{color:#9aa5b1}.cellmsg{font-size:12px;color:#52606d}.unexpected{color:#b03a2e;
+font-weight:600}.tolerated{color:#7b8794}.warns li{margin:3px 0}.size{color:#9aa5b1;
+font-size:12px}.files{columns:2;font-size:13px}code{font-size:13px}
+svg{background:#fff;border:1px solid #e1e5ea;border-radius:6px;max-width:100%;height:auto}
+svg text{font:12px system-ui,sans-serif;fill:#1f2933}svg .secs,svg .axis{fill:#7b8794}
+svg .seg{font-size:10.5px;fill:#fff}svg .bad{fill:#b03a2e;font-weight:600}.tick{stroke:#eef1f4}
+.bar{fill:#cfd6dd}.k-ansible{fill:#8fc1b5}.k-guest{fill:#c9dcf0}.k-harness{fill:#f2b880}
+.k-other{fill:#cfd6dd}.failed{stroke:#c0392b;stroke-width:2.5}
+.s0{fill:#9cc3e6}.s1{fill:#6fa8dc}.s2{fill:#4a8bc9}.s3{fill:#2f6fae}.s4{fill:#1d5690}
+.hspan{fill:#e8892f}.legend span{display:inline-block;width:12px;height:12px;
+border-radius:2px;margin:0 4px 0 14px;vertical-align:-1px}
+"""
+
+
+def _report_legend():
+    keys = (
+        ("#8fc1b5", "Ansible"),
+        ("#4a8bc9", "the guest's boot stages (each ends when its stage is reached)"),
+        ("#e8892f", "the harness's own time"),
+        ("#fff;border:2px solid #c0392b", "failed phase"),
+    )
+    return (
+        '<p class="legend sub">'
+        + "".join(f'<span style="background:{c}"></span>{t}' for c, t in keys)
+        + "</p>"
+    )
+
+
+def render_report(result, dirs, out_dir):
+    """The page: failures first, then the timeline, the checks, the reboots, the rest."""
+    verdict = (result.get("verdict") or "error").upper()
+    title = f"{verdict} {result.get('host') or '-'} {result.get('vm') or ''}"
+    timeline = report_timeline_svg(result)
+    body = [
+        _report_verdict(result),
+        _report_failures(result),
+        _report_console(result, dirs),
+        '<section id="timeline-section"><h2>Timeline</h2>'
+        + timeline
+        + _report_legend()
+        + "</section>"
+        if timeline
+        else "",
+        _report_verify(result),
+        _report_reboot_diffs(result, dirs),
+        _report_idempotence(result),
+        _report_warnings(result),
+        _report_tasks(dirs),
+        _report_harness(result),
+        _report_facts(result),
+        _report_files(dirs, out_dir),
+    ]
+    return (
+        '<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8">'
+        '<meta http-equiv="Content-Security-Policy" content="default-src \'none\'; '
+        "style-src 'unsafe-inline'\">"
+        '<meta name="viewport" content="width=device-width, initial-scale=1">'
+        f"<title>{clean_text(title, 200)}</title><style>{REPORT_CSS}</style></head>"
+        f"<body><main><h1>boma integration run</h1>{''.join(body)}</main></body></html>\n"
+    )
+
+
+def write_report(run_dir):
+    """RUN_DIR/report.html from RUN_DIR/result.json and the files the run left (here
+    and where result.json says); -> its path. OSError/ValueError when it cannot."""
+    run_dir = pathlib.Path(run_dir)
+    result = json.loads((run_dir / "result.json").read_text())
+    if not isinstance(result, dict):
+        raise ValueError(f"{run_dir / 'result.json'}: not a result")
+    dirs = report_dirs(run_dir, result)
+    out = run_dir / REPORT_NAME
+    write_owned(out, render_report(result, dirs, run_dir))
+    return out
+
+
+def write_run_reports(rs):
+    """A finished run's report.html in its run dir and its diagnostics dir -> the run
+    dir's path, or None. Never raises: a report must not change the verdict."""
+    first = None
+    for d in (rs.dir, rs.diag_dir):
+        try:
+            if (d / "result.json").is_file():
+                path = write_report(d)
+                first = first or path
+        except (OSError, ValueError, HarnessError) as e:
+            print(f"integration-vm: warning: could not write {REPORT_NAME}: {e}", file=sys.stderr)
+    return first
+
+
+def cmd_report(ctx, args):
+    """report RUN_DIR: rebuild report.html from a run dir or a diagnostics bundle."""
+    d = pathlib.Path(args.run_dir)
+    if not (d / "result.json").is_file():
+        raise UsageError(f"report: {d} has no result.json (a run dir or a diagnostics bundle)")
+    try:
+        path = write_report(d)
+    except (OSError, ValueError) as e:
+        raise UsageError(f"report: {d}: {e}") from None
+    print(f"report: {path}")
+    return EXIT_PASS
 
 
 # --------------------------------------------------------------------------------------
@@ -6968,26 +8256,59 @@ REBOOT_STAGE_ROWS = (
 
 
 def format_bench_table(result):
-    rows = [("phase", "seconds", "status")]
+    """Each phase's seconds and status, the boot and reboot stages under them, and the
+    harness's own seconds in it (what the guest did not need: harness_seconds(), the
+    split the report's timeline draws), with the parts; the total's share of the cycle."""
+    per = harness_seconds(result)
+    rows = [("phase", "seconds", "status", "harness", "")]
     for p in result.get("phase_details", []):
-        rows.append((p["name"], f"{p['seconds']:.1f}", p["status"]))
-        if p["name"] == "boot":  # readiness stages, as seconds after `virsh start`
-            stages = result.get("boot_stages", {})
-            rows += [
-                (f"  boot to {stage}", f"{sec:.1f}", "")
-                for stage, sec in sorted(stages.items(), key=lambda kv: kv[1])
-            ]
-        if p["name"].startswith("reboot:"):  # seconds after the reboot was issued
-            for r in result.get("reboot_stages", []):
-                if p["name"] == f"reboot:{r['mode']}":
-                    rows += [
-                        (f"  reboot to {what}", f"{r[key]:.1f}", "")
-                        for what, key in REBOOT_STAGE_ROWS
-                        if r.get(key) is not None
-                    ]
-    rows.append(("total", f"{result.get('total_seconds') or 0:.1f}", result.get("verdict") or ""))
-    w = [max(len(r[i]) for r in rows) for i in range(3)]
-    return "\n".join(f"{a:<{w[0]}}  {b:>{w[1]}}  {c}" for a, b, c in rows) + "\n"
+        parts = per.get(p["name"], {})
+        rows.append(
+            (
+                p["name"],
+                f"{p['seconds']:.1f}",
+                p["status"],
+                f"{sum(parts.values()):.1f}" if parts else "",
+                ", ".join(f"{k} {v:.1f}" for k, v in parts.items() if k not in HARNESS_PHASES),
+            )
+        )
+        rows += [(f"  {what}", f"{sec:.1f}", "", "", "") for what, sec in _bench_stages(result, p)]
+    spent, _, pct = harness_share(result)
+    rows.append(
+        (
+            "total",
+            f"{result.get('total_seconds') or 0:.1f}",
+            result.get("verdict") or "",
+            f"{spent:.1f}",
+            f"({pct}% of the cycle)",
+        )
+    )
+    w = [max(len(r[i]) for r in rows) for i in range(4)]
+    return (
+        "\n".join(
+            f"{a:<{w[0]}}  {b:>{w[1]}}  {c:<{w[2]}}  {d:>{w[3]}}  {e}".rstrip()
+            for a, b, c, d, e in rows
+        )
+        + "\n"
+    )
+
+
+def _bench_stages(result, p):
+    """[(what, seconds)] under a phase row: a boot's readiness stages (after `virsh
+    start`), a reboot's (after it was issued)."""
+    if p["name"] == "boot":
+        stages = result.get("boot_stages", {})
+        return [(f"boot to {st}", sec) for st, sec in sorted(stages.items(), key=lambda kv: kv[1])]
+    out = []
+    if p["name"].startswith("reboot:"):
+        for r in result.get("reboot_stages", []):
+            if p["name"] == f"reboot:{r['mode']}":
+                out += [
+                    (f"reboot to {what}", r[key])
+                    for what, key in REBOOT_STAGE_ROWS
+                    if r.get(key) is not None
+                ]
+    return out
 
 
 def bench_start_of(result):
@@ -7018,6 +8339,8 @@ def format_bench_comparison(cold, warm, edited, loop=None, upgrade=None, first_l
             rows.append((fam, *[f"{t.get(fam, 0.0):.1f}" for t in totals]))
     secs = [cycle_seconds(r) for _, r in runs]
     rows.append(("total", *[f"{x:.1f}" for x in secs]))
+    shares = [harness_share(r) for _, r in runs]  # the seconds the guest did not need
+    rows.append(("harness", *[f"{h:.1f} ({pct}%)" for h, _, pct in shares]))
     width = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
     out = [
         f"bench: after editing {edited} (in a copy; loop-first: before it): "
@@ -7498,6 +8821,8 @@ COMMAND_HELP = {
     "prune": "remove every VM, disk and run the harness owns (only those)",
     "status": "list the harness's VMs, runs and images with their age",
     "doctor": "preflight: tools, libvirtd, accelerator, /dev/kvm, network, RAM, disk",
+    "report": "rebuild RUN_DIR/report.html (one self-contained page) from a run dir "
+    "(tests/integration/.run/<vm>) or its diagnostics bundle",
 }
 
 
@@ -7683,6 +9008,7 @@ def _add_command_options(sps):
         _run_opts(sps[c])
     sps["down"].add_argument("--keep", action="store_true", help="do nothing (spec compatibility)")
     sps["console"].add_argument("--lines", type=int, default=60, help="lines to tail (default 60)")
+    sps["report"].add_argument("run_dir", metavar="RUN_DIR", help="holds the run's result.json")
     sps["prune"].add_argument(
         "--images", action="store_true", help="also remove golden images other than the current one"
     )
@@ -7718,8 +9044,10 @@ def main(argv=None):
     def on_term(signum, frame):
         raise KeyboardInterrupt
 
-    signal.signal(signal.SIGTERM, on_term)
-    try:
+    try:  # from here an interrupt unwinds: what the command created is torn down
+        if signal.getsignal(signal.SIGINT) is _interrupted_before_main:
+            signal.signal(signal.SIGINT, signal.default_int_handler)
+        signal.signal(signal.SIGTERM, on_term)
         ctx = ctx_from_env(os.environ, args)
         if args.cmd == "bench":
             return cmd_bench(ctx, args)
@@ -7732,18 +9060,18 @@ def main(argv=None):
             "prune": cmd_prune,
             "status": cmd_status,
             "doctor": cmd_doctor,
+            "report": cmd_report,
         }[args.cmd](ctx, args)
-    except HarnessError as e:
-        print(f"integration-vm: error: {e}", file=sys.stderr)
-        return e.exit_code
     except KeyboardInterrupt:
-        print("\nintegration-vm: interrupted", file=sys.stderr)
+        ended = dict(new_result(args.cmd), verdict="interrupted")
+        print(f"\nintegration-vm: {closing_lines(ended)['verdict']}", file=sys.stderr)
         return EXIT_INTERRUPTED
     except Exception as e:  # one line, never a traceback
-        print(
-            f"integration-vm: error: {as_harness_error(e, new_result(args.cmd))}", file=sys.stderr
-        )
-        return EXIT_INFRA
+        e = as_harness_error(e, new_result(args.cmd))
+        msg = getattr(e, "msg", str(e))
+        ended = dict(new_result(args.cmd), verdict="error", failed_stage=e.stage, message=msg)
+        print(f"integration-vm: {closing_lines(ended)['verdict']}", file=sys.stderr)
+        return e.exit_code
 
 
 if __name__ == "__main__":  # pragma: no cover

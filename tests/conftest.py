@@ -8,18 +8,23 @@ The driver's tests live in tests/driver/, one module per section of the driver
 names one module whichever directory pytest collects first.
 
 What run_driver saves is the driver's own interpreter start and its 7,000-line compile
-(~0.1 s per call, ~230 calls). The fake tools stay real child processes either way; in an
+(~0.1 s per call, 261 calls). The fake tools stay real child processes either way; in an
 in-process run they are forked by a small fork server and handed to this process as its
-children instead of exec'd (_ForkedFakesPopen, _ForkServer: ~6,000 calls, most of the
+children instead of exec'd (_ForkedFakesPopen, _ForkServer: 6,632 calls, most of the
 suite's time; test_fakes.py shows the driver cannot tell the difference;
-BOMA_TEST_EXEC_FAKES=1 execs them). Tests whose subject IS the driver's
-process (signals, process groups, two concurrent runs) start it as a subprocess
-(Harness.popen / Harness.run(in_process=False)), and its fakes are exec'd.
+BOMA_TEST_EXEC_FAKES=1 execs them). Tests whose subject IS the driver's process (signals,
+process groups, two concurrent runs) start it as a subprocess (Harness.popen /
+Harness.run(in_process=False)), and its fakes are exec'd.
+
+Measured for issue 26 (the whole unit suite, -n 4 on 2 cores shared with other jobs, CPU
+seconds user+sys, 2-3 runs each): fakes forked 76-97, exec'd 166-183. A patch of
+dataclasses that compiled @dataclass's generated source once per worker saved ~10 ms of
+each driver run's module exec (16 -> 5 ms), ~2.6 CPU-s a suite, inside the runs' spread
+(76-97 with it, 81-90 without): it was removed.
 """
 
 import atexit
 import contextlib
-import dataclasses
 import functools
 import importlib.util
 import inspect
@@ -53,23 +58,6 @@ def load_script(filename, module_name):
 @functools.cache
 def _compiled(source, filename):
     return compile(source, filename, "exec")
-
-
-# Each run_driver re-executes the driver's module, and @dataclass builds every method of
-# its dozen dataclasses by compiling generated source (~85 % of the ~10 ms a module run
-# takes). The generated text is the same on every run, so its code is compiled once: the
-# exec that follows still makes fresh functions in the new module's namespace, as before.
-@functools.cache
-def _compiled_dataclass_source(text):
-    return compile(text, "<string>", "exec")
-
-
-def _exec_dataclass_source(source, globals=None, locals=None):
-    code = _compiled_dataclass_source(source) if isinstance(source, str) else source
-    exec(code, globals, locals)
-
-
-dataclasses.exec = _exec_dataclass_source  # shadows the builtin for dataclasses' module only
 
 
 # ---- the fake tools, forked instead of exec'd ----------------------------------------------
@@ -210,13 +198,15 @@ class _DriverTimeout(BaseException):
 _POPEN = subprocess.Popen
 
 
-def run_driver(script, args, env, cwd, timeout):
+def run_driver(script, args, env, cwd, timeout, patch=None):
     """`python3 script *args` with exactly env, in cwd, as a fresh module in this process:
     a CompletedProcess like subprocess.run(capture_output=True, text=True) gives. The
     module is re-executed per call (its globals read __file__ and the environment at
-    import), from a code object compiled once. An exception the driver lets escape becomes
-    a traceback on stderr and exit 1, as the interpreter would report it. Bounded: a
-    driver still running after `timeout` s is interrupted (SIGALRM) and reported as 124."""
+    import), from a code object compiled once; `patch(module)`, when given, runs before
+    its main (a test's hook into the run, e.g. another run acting at a chosen moment).
+    An exception the driver lets escape becomes a traceback on stderr and exit 1, as the
+    interpreter would report it. Bounded: a driver still running after `timeout` s is
+    interrupted (SIGALRM) and reported as 124."""
     script = pathlib.Path(script)
     # Keyed on the text: every test's temp repo holds a copy of the same driver.
     repo_copy = SCRIPTS / script.name  # a real file, for the source lines of tracebacks
@@ -244,6 +234,8 @@ def run_driver(script, args, env, cwd, timeout):
             sys.modules[name] = mod
             try:
                 exec(code, mod.__dict__)
+                if patch is not None:
+                    patch(mod)
                 ret = mod.main(list(args))
                 rc = 0 if ret is None else ret
             except SystemExit as e:
@@ -447,11 +439,11 @@ class Harness:
     def cmd(self, *args):
         return [sys.executable, str(self.script), *args]
 
-    def run(self, *args, timeout=60, in_process=True, **env):
-        """The driver on args: in-process (tests/conftest.py run_driver) unless the test
-        is about the driver's own process."""
+    def run(self, *args, timeout=60, in_process=True, patch=None, **env):
+        """The driver on args: in-process (tests/conftest.py run_driver, `patch` its
+        hook) unless the test is about the driver's own process."""
         if in_process:
-            return run_driver(self.script, args, {**self.env, **env}, self.tmp, timeout)
+            return run_driver(self.script, args, {**self.env, **env}, self.tmp, timeout, patch)
         return subprocess.run(
             self.cmd(*args),
             env={**self.env, **env},

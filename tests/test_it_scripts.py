@@ -7,6 +7,7 @@ and the only other tools on PATH are the handful of real ones the scripts need. 
 functions only) to drive the sandbox's setup and teardown one step at a time.
 """
 
+import ipaddress
 import json
 import os
 import pathlib
@@ -49,6 +50,8 @@ REAL = (
     "ls",
     "sort",
     "touch",
+    "stat",
+    "git",
 )
 NS = "boma-it-tsbx"  # never the real sandbox's name
 
@@ -429,3 +432,231 @@ def test_leftovers_without_libvirtd_reads_libvirts_files(sb):
     (sb.root / "etc" / "libvirt" / "storage" / "boma-it-askari-1.xml").write_text("<pool/>")
     p = sb.leftovers(FAKE_LIBVIRT_DOWN="1")
     assert p.returncode == 1 and "storage/boma-it-askari-1.xml" in p.stderr, p.stderr
+
+
+# ---- issue 27, class 7: the sandbox's promise ----------------------------------------------
+RESOLVER = "192.168.1.53"  # a home router's resolver: DNS to it, nothing else
+PUBLIC = "151.101.2.132"  # deb.debian.org's CDN
+PRIVATE = ("10.1.2.3", "172.16.5.5", "192.168.1.10", "169.254.169.254", "127.0.0.1", "100.64.0.1")
+
+# The filter table as dockerd (20.10 .. 26) leaves it with one bridge: FORWARD's policy
+# DROP, its jumps and docker0's rules at FORWARD's head.
+DOCKER_CHAINS = ["DOCKER", "DOCKER-ISOLATION-STAGE-1", "DOCKER-ISOLATION-STAGE-2", "DOCKER-USER"]
+DOCKER_FORWARD = [
+    "-A FORWARD -j DOCKER-USER",
+    "-A FORWARD -j DOCKER-ISOLATION-STAGE-1",
+    "-A FORWARD -o docker0 -m conntrack --ctstate RELATED,ESTABLISHED -j ACCEPT",
+    "-A FORWARD -o docker0 -j DOCKER",
+    "-A FORWARD -i docker0 ! -o docker0 -j ACCEPT",
+    "-A FORWARD -i docker0 -o docker0 -j ACCEPT",
+]
+DOCKER_OWN = [
+    "-A DOCKER-ISOLATION-STAGE-1 -i docker0 ! -o docker0 -j DOCKER-ISOLATION-STAGE-2",
+    "-A DOCKER-ISOLATION-STAGE-1 -j RETURN",
+    "-A DOCKER-ISOLATION-STAGE-2 -o docker0 -j DROP",
+    "-A DOCKER-ISOLATION-STAGE-2 -j RETURN",
+    "-A DOCKER-USER -j RETURN",
+]
+
+
+def dockerd_starts(st):
+    """What dockerd does to the filter table when it starts (its rules at FORWARD's head)."""
+    st.setdefault("policy", {}).setdefault("filter", {})["FORWARD"] = "DROP"
+    st.setdefault("chains", {})["filter"] = DOCKER_CHAINS
+    rules = st.setdefault("rules", {}).setdefault("filter", [])
+    rules[:0] = DOCKER_FORWARD
+    rules.extend(DOCKER_OWN)
+
+
+def _hit(opt, val, pkt):
+    """Whether `pkt` matches one option of a rule (an option not known here fails)."""
+    if opt in ("-i", "-o"):
+        return pkt.get({"-i": "in", "-o": "out"}[opt]) == val
+    if opt in ("-s", "-d"):
+        addr = pkt[{"-s": "src", "-d": "dst"}[opt]]
+        return ipaddress.ip_address(addr) in ipaddress.ip_network(val)
+    if opt == "-p":
+        return pkt.get("proto") == val
+    if opt in ("--dport", "--dports"):
+        return str(pkt.get("dport")) in val.split(",")
+    if opt == "--ctstate":
+        return pkt.get("state", "NEW") in val.split(",")
+    raise AssertionError(f"the rule evaluator does not know {opt}: never a guess")
+
+
+def _match(words, pkt):
+    """The target of one `iptables -S` rule (its words after `-A CHAIN`) for `pkt`, or None."""
+    i, negate, hit_all, target = 0, False, True, None
+    while i < len(words):
+        w = words[i]
+        if w == "!":
+            negate, i = True, i + 1
+            continue
+        val = words[i + 1]
+        i += 2
+        if w == "-j":
+            target = val
+            continue
+        if w in ("-m", "--comment"):
+            continue
+        hit = _hit(w, val, pkt)
+        hit_all, negate = hit_all and hit != negate, False
+    return target if hit_all else None
+
+
+def fate(st, chain, **pkt):
+    """ACCEPT or DROP: what the recorded filter rules do with `pkt` in `chain`: the first
+    rule that matches decides, a jump is followed and RETURN comes back, else the policy."""
+
+    def walk(chain):
+        for line in st["rules"]["filter"]:
+            words = line.split()
+            if words[:2] != ["-A", chain]:
+                continue
+            target = _match(words[2:], pkt)
+            if target == "RETURN":
+                return None
+            if target in ("ACCEPT", "DROP"):
+                return target
+            if target is not None and (got := walk(target)):
+                return got
+        return None
+
+    return walk(chain) or st.get("policy", {}).get("filter", {}).get(chain, "ACCEPT")
+
+
+def out(**pkt):  # from the namespace (the guests' NAT) towards the world
+    return {"in": "bit-out0", "src": "10.250.0.2", "proto": "tcp", **pkt}
+
+
+@pytest.mark.parametrize("docker", ["none", "dockerd-first", "sandbox-first"])
+def test_the_sandbox_lets_out_only_dns_and_web_to_public_addresses(sb, docker):
+    """Its promise, "egress only DNS + HTTP/S": the rules lived in FORWARD only, so the
+    namespace reached every service of the host itself (INPUT), and 80/443 went to
+    private ranges too. And it must hold with dockerd started before or after it."""
+    if docker == "dockerd-first":
+        sb.update(dockerd_starts)
+    up = sb.sh(f"resolver() {{ echo {RESOLVER}; }}; sandbox_up")
+    assert up.returncode == 0, up.stderr
+    if docker == "sandbox-first":
+        sb.update(dockerd_starts)
+    st = sb.state()
+    allowed = [
+        ("FORWARD", out(dst=PUBLIC, dport=443)),
+        ("FORWARD", out(dst=PUBLIC, dport=80)),
+        ("FORWARD", out(dst=RESOLVER, proto="udp", dport=53)),
+        ("FORWARD", out(dst=RESOLVER, dport=53)),
+        (
+            "FORWARD",
+            {"out": "bit-out0", "src": PUBLIC, "dst": "10.250.0.2", "state": "ESTABLISHED"},
+        ),
+        (
+            "INPUT",
+            {"in": "bit-out0", "src": "10.250.0.2", "dst": "10.250.0.1", "state": "ESTABLISHED"},
+        ),
+        ("INPUT", out(dst=RESOLVER, proto="udp", dport=53)),  # the resolver is the host
+    ]
+    denied = [
+        ("FORWARD", out(dst=PUBLIC, dport=22)),
+        ("FORWARD", out(dst="8.8.8.8", proto="udp", dport=53)),  # DNS: the resolver only
+        ("FORWARD", out(dst=RESOLVER, dport=443)),
+        *[("FORWARD", out(dst=ip, dport=port)) for ip in PRIVATE for port in (80, 443)],
+        *[
+            ("INPUT", out(dst=ip, dport=p))
+            for ip in ("10.250.0.1", "203.0.113.7")
+            for p in (22, 80, 443, 8080)
+        ],
+        ("INPUT", out(dst="10.250.0.1", proto="udp", dport=53)),
+    ]
+    want = [(c, p, "ACCEPT") for c, p in allowed] + [(c, p, "DROP") for c, p in denied]
+    wrong = [
+        f"{c} {p.get('dst')}:{p.get('dport', '-')}/{p.get('proto', '-')} -> {got}"
+        for c, p, w in want
+        if (got := fate(st, c, **p)) != w
+    ]
+    assert wrong == []
+    # what is not the sandbox's is as it was: the host's own INPUT, docker's bridge
+    assert (
+        fate(st, "INPUT", **{"in": "eth0", "dst": "203.0.113.7", "proto": "tcp", "dport": 22})
+        == "ACCEPT"
+    )
+    if docker != "none":
+        assert fate(st, "FORWARD", **{"in": "docker0", "out": "eth0", "dst": PUBLIC}) == "ACCEPT"
+    down = sb.sh("sandbox_down")
+    assert down.returncode == 0, down.stderr
+    left = sb.state()["rules"]
+    assert left == {"nat": [], "filter": (DOCKER_FORWARD + DOCKER_OWN) if docker != "none" else []}
+
+
+def _lock_main(sb):
+    """it-run's main with its setup and teardown stubbed: does it get past the lock?"""
+    virsh_state(sb)
+    sb.update(lambda st: st.update(netns={NS: {"pids": []}}))
+    return sb.sh(
+        "ensure_substrate() { :; }; sandbox_up() { :; }; sandbox_down() { :; }; "
+        f"main exec -- touch {sb.tmp / 'ran'}"
+    )
+
+
+def test_the_sandbox_lock_is_never_truncated_nor_followed_through_a_symlink(sb):
+    """/run/lock is writable by anyone: `exec 9>LOCK` as root truncated whatever a user's
+    symlink there pointed at (and any file already there)."""
+    lock = sb.root / "run" / "lock" / f"{NS}.lock"
+    victim = sb.tmp / "victim"
+    victim.write_text("precious\n")
+    lock.symlink_to(victim)
+    p = _lock_main(sb)
+    assert victim.read_text() == "precious\n", "the lock's symlink was followed and truncated"
+    assert p.returncode == 3 and "refusing lock" in p.stderr and "a symlink" in p.stderr, p.stderr
+    assert not (sb.tmp / "ran").exists()
+    lock.unlink()
+    lock.write_text("held by pid 42\n")  # a lock file that exists: opened, not emptied
+    p = _lock_main(sb)
+    assert p.returncode == 0 and (sb.tmp / "ran").exists(), p.stderr
+    assert lock.read_text() == "held by pid 42\n"
+
+
+def test_leftovers_as_a_user_says_it_cannot_see_the_rules(sb):
+    """iptables-save fails for a user: "no rule" was a false clean (exit 0)."""
+    virsh_state(sb)
+    ours = f"-A POSTROUTING -m comment --comment {NS} -j MASQUERADE"
+    sb.update(lambda st: st.update(rules={"nat": [ours], "filter": []}))
+    p = sb.leftovers(FAKE_UID="1000")
+    assert p.returncode == 3, (p.stdout, p.stderr)
+    assert "clean" not in p.stdout
+    assert (
+        "could not check the firewall rules: only root can read them (running as uid 1000)"
+        in p.stderr
+    )
+    p = sb.leftovers()  # as root: the rule is seen
+    assert p.returncode == 1 and f"1 iptables rule(s) commented {NS}" in p.stderr, p.stderr
+
+
+def test_leftovers_reports_a_killed_image_build_and_a_stale_worktree_record(sb):
+    """A killed image build leaves images/.tmp-<key>-<pid>; a --from worktree whose
+    directory went without `git worktree remove` leaves git's record (prunable)."""
+    repo = sb.tmp / "repo"
+    (repo / "scripts").mkdir(parents=True)
+    shutil.copy(LEFTOVERS, repo / "scripts" / "it-leftovers")
+    git = ["git", "-C", str(repo), "-c", "user.name=t", "-c", "user.email=t@example.invalid"]
+    wt = sb.cache / "worktrees" / "askari-4242"
+    for args in (["init", "-q"], ["add", "scripts"], ["commit", "-qm", "x"]):
+        subprocess.run([*git, *args], check=True, capture_output=True)
+    subprocess.run(
+        [*git, "worktree", "add", "--detach", "-q", str(wt)], check=True, capture_output=True
+    )
+    shutil.rmtree(wt)  # the run was killed, then its directory removed by hand
+    build = sb.cache / "images" / ".tmp-e63478f2ba52edfa-4243"
+    build.mkdir(parents=True)
+    virsh_state(sb)
+    p = subprocess.run(
+        [str(repo / "scripts" / "it-leftovers")],
+        env=sb.env,
+        text=True,
+        capture_output=True,
+        timeout=60,
+    )
+    assert p.returncode == 1, (p.stdout, p.stderr)
+    assert f"a killed image build's {build}" in p.stderr, p.stderr
+    assert f"stale git worktree record {wt} (" in p.stderr, p.stderr
+    assert "images/e63" not in p.stderr  # the golden image itself is kept on purpose

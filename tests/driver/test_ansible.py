@@ -5,6 +5,7 @@ strategy (Mitogen or linear), identical parsing under both.
 import json
 import os
 import pathlib
+import subprocess
 import sys
 import types
 
@@ -56,8 +57,8 @@ def test_render_run_hosts_single_host_in_groups():
                 "offsite_hosts": {
                     "hosts": {
                         "boma-it-askari-x": {
-                            "ansible_host": "192.168.150.42",
-                            "ansible_user": "ansible",
+                            "ansible_host": {"__ansible_unsafe": "192.168.150.42"},
+                            "ansible_user": {"__ansible_unsafe": "ansible"},
                         }
                     }
                 }
@@ -79,8 +80,9 @@ def test_render_run_hosts_host_vars_are_strings():
     groups = json.loads(out)["all"]["children"]
     assert sorted(groups) == ["g1", "g2"]
     for g in groups.values():
-        assert g["hosts"]["vm"]["ansible_ssh_common_args"] == "-o A='b\"c'"
-        assert g["hosts"]["vm"]["ansible_port"] == "2222"
+        host = {k: v["__ansible_unsafe"] for k, v in g["hosts"]["vm"].items()}
+        assert host["ansible_ssh_common_args"] == "-o A='b\"c'"
+        assert host["ansible_port"] == "2222"
 
 
 def test_inventory_host_names_of_rendered_inventory():
@@ -246,8 +248,9 @@ def test_rendered_inventory_is_valid_yaml():
     for g in ("offsite_hosts", "docker_hosts"):
         hosts = inv["all"]["children"][g]["hosts"]
         assert list(hosts) == ["boma-it-a-1"]
-        assert hosts["boma-it-a-1"]["ansible_ssh_common_args"] == args
-        assert hosts["boma-it-a-1"]["ansible_host"] == "192.168.150.9"
+        host = {k: v["__ansible_unsafe"] for k, v in hosts["boma-it-a-1"].items()}
+        assert host["ansible_ssh_common_args"] == args
+        assert host["ansible_host"] == "192.168.150.9"
 
 
 def test_transport_figures():
@@ -475,3 +478,55 @@ def test_a_handlers_result_is_the_handlers_not_the_task_printed_before_it():
             "docker_host : firewall | Install the container-forward drop-in",
             "handler: docker_host : Reload nftables with the container-forward drop-in",
         ]
+
+
+def test_no_inventory_value_is_ever_templated_by_the_real_ansible(tmp_path):
+    # an address/path read back from a state file reaches the transient inventory: the
+    # venv's own ansible must read it as data (issue 27: run.json's ip ran a command)
+    ansible = pathlib.Path(sys.executable).parent / "ansible"
+    if not ansible.is_file():
+        pytest.skip("no ansible in this venv")
+    (tmp_path / "ansible.cfg").write_text("[defaults]\n")
+    inv = tmp_path / "hosts.json"
+    inv.write_text(
+        ivm.render_run_hosts(
+            "boma-it-a-0000000a",
+            "{{ 6 * 7 }}",
+            "ansible",
+            ["g"],
+            host_vars={"ansible_connection": "local", "p": "/r{# c #}/{% raw %}x"},
+        )
+    )
+    p = subprocess.run(
+        [ansible, "-i", inv, "boma-it-a-0000000a", "-m", "debug"]
+        + ["-a", "msg=[{{ ansible_host }}][{{ p }}]"],
+        capture_output=True,
+        text=True,
+        env={**os.environ, "ANSIBLE_CONFIG": str(tmp_path / "ansible.cfg")},
+        cwd=tmp_path,
+        timeout=120,
+    )
+    assert p.returncode == 0, p.stdout + p.stderr
+    assert '"msg": "[{{ 6 * 7 }}][/r{# c #}/{% raw %}x]"' in p.stdout, p.stdout
+
+
+# ---- tests that kill the mutations issue 27 found (class 8) ----------------------------
+def test_a_verify_that_exits_nonzero_fails_even_with_a_clean_recap(h):
+    # mutant: verify counting only the recap's failed= (ansible-playbook's rc ignored)
+    up = h.run("up", "--host", "askari")
+    assert up.returncode == 0, up.stderr
+    p = h.run("assert", "--host", "askari", FAKE_VERIFY_RC="4")
+    assert p.returncode == 1, p.stderr
+    (r,) = h.results()
+    assert r["verdict"] == "fail" and r["failed_stage"] == "verify", r
+    assert "verify playbook failed (exit 4)" in p.stderr
+
+
+def test_one_changed_task_on_the_reapply_fails_idempotence(h):
+    # mutant: idempotence tolerating one changed task
+    env = {"FAKE_IDEMPOTENCE_CHANGED": "1", "FAKE_IDEMPOTENCE_ONLY": "site.yml"}
+    p = h.run("cycle", "--host", "askari", **env)
+    assert p.returncode == 1, p.stderr
+    (res,) = h.results()
+    assert res["failed_stage"] == "idempotence"
+    assert res["idempotence"] == {"changed": 1, "changed_tasks": ["base : Install packages"]}

@@ -377,6 +377,57 @@ def test_a_failed_checkpoint_leaves_nothing_half_written(h):
     assert left == [], left  # neither the key dir (with the run's keys) nor its staging dir
 
 
+# ---- issue 27, class 3: a checkpoint a run chose is claimed before it is used ------------
+def test_a_checkpoint_another_runs_gc_removes_after_this_run_chose_it_is_still_resumed(hc):
+    """Another checkout's run (other role files: another chain for the host) ends with its
+    gc while this one has chosen applied-2 and not yet written run.json: the gc used to
+    remove the whole chain, and this run failed with `unexpected FileNotFoundError`."""
+    assert hc.run("cycle", "--host", "askari").returncode == 0
+    gone = []
+
+    def other_runs_gc_in_between(mod):
+        resume_run = mod.resume_run
+
+        def racing(ctx, *args):
+            gone.append(mod.gc_checkpoints(ctx, "askari", keep=()))
+            return resume_run(ctx, *args)
+
+        mod.resume_run = racing
+
+    p = hc.run("cycle", "--host", "askari", patch=other_runs_gc_in_between)
+    assert p.returncode == 0, p.stderr
+    assert "resumed from checkpoint applied-2" in p.stderr
+    assert gone == [[]], "the gc removed checkpoints this run had claimed"
+
+
+def test_a_checkpoint_removed_mid_resume_is_a_cold_boot_with_a_warning(hc):
+    """An OSError while resuming (an operator's `prune` removed the checkpoint from
+    another terminal) means "did not resume": try_resume's promise is a cold boot."""
+    assert hc.run("cycle", "--host", "askari").returncode == 0
+
+    def pruned_mid_resume(mod):
+        copy_run_keys, calls = mod.copy_run_keys, []
+
+        def pruned(src, dst):
+            if not calls:
+                calls.append(src)
+                mod.shutil.rmtree(src.parent)  # every checkpoint, as `prune` does
+            return copy_run_keys(src, dst)
+
+        mod.copy_run_keys = pruned
+
+    p = hc.run("cycle", "--host", "askari", patch=pruned_mid_resume)
+    assert p.returncode == 0, p.stderr
+    assert "unexpected" not in p.stderr
+    warning = [ln for ln in p.stderr.splitlines() if "did not resume" in ln]
+    assert warning and warning[0].startswith("integration-vm: warning: checkpoint applied-2")
+    assert "No such file or directory" in warning[0] and warning[0].endswith(": cold boot")
+    r = result_of(hc, p)
+    assert "resumed_from" not in r and r["verdict"] == "pass"
+    assert [p["status"] for p in r["phase_details"] if p["name"] == "resume"] == ["skipped"]
+    assert hc.domains() == {}  # the half-resumed VM and the cold one: both torn down
+
+
 # ---- a RED that shares its GREEN's checkpoints (ADR-031) ---------------------------------
 def _late_switch_profile(h):
     """askari's RED with its switch on offsite.yml's apply only, as ubongo-regression has."""

@@ -172,9 +172,40 @@ def test_bench_prints_table(h):
 def test_format_bench_table():
     t = ivm.format_bench_table(_result())
     lines = t.splitlines()
-    assert lines[0].split() == ["phase", "seconds", "status"]
+    assert lines[0].split() == ["phase", "seconds", "status", "harness"]
     assert lines[3].split() == ["apply:site.yml", "200.0", "pass"]
-    assert lines[-1].split() == ["total", "412.3", "pass"]
+    assert lines[-2].split() == ["teardown", "2.0", "pass", "2.0"]
+    assert lines[-1].split() == ["total", "412.3", "pass", "2.0", "(0%", "of", "the", "cycle)"]
+
+
+def test_the_bench_table_shows_the_harness_own_seconds_per_phase_and_their_share():
+    """The seconds the guest did not need, per phase (result.json's timeline spans), the
+    split the report's timeline draws; the total as a share of the cycle."""
+    res = _result(total_seconds=100.0)
+    res["timeline"] = [
+        {"phase": "reboot:graceful", "what": "capture", "who": "harness", "at": 1, "seconds": 9.0},
+        {"phase": "reboot:graceful", "what": "poll-wait", "who": "harness", "at": 2, "seconds": 1},
+        {
+            "phase": "reboot:graceful",
+            "what": "reboot:graceful",
+            "who": "guest",
+            "at": 3,
+            "seconds": 9,
+        },
+    ]
+    lines = ivm.format_bench_table(res).splitlines()
+    (reboot,) = [ln for ln in lines if ln.startswith("reboot:graceful")]
+    assert reboot.split() == [
+        "reboot:graceful",
+        "28.0",
+        "pass",
+        "10.0",
+        "capture",
+        "9.0,",
+        "poll-wait",
+        "1.0",
+    ]
+    assert lines[-1].split()[3:] == ["12.0", "(12%", "of", "the", "cycle)"]
 
 
 def test_bench_comparison_table():
@@ -202,7 +233,10 @@ def test_bench_comparison_table():
         "checkpoint",
         "apply",
         "total",
+        "harness",
     ]
+    (harness,) = [ln.split() for ln in text.splitlines() if ln.startswith("harness")]
+    assert harness == ["harness", "8.0", "(2%)", "0.0", "(0%)"]  # cold's checkpoint
 
 
 def test_prune_never_follows_a_symlinked_cache_tree(h):

@@ -10,13 +10,15 @@ reboot heals (a fresh cycle's live verify runs before any re-apply, so it passes
 import json
 import os
 import pathlib
+import re
 import shutil
 import signal
 import subprocess
 import time
+import types
 
 import pytest
-from conftest import Harness, ivm, result_of
+from conftest import Harness, intact, ivm, result_of, victim
 
 GIT_ENV = {
     "GIT_AUTHOR_NAME": "t",
@@ -279,6 +281,49 @@ def test_prune_removes_a_worktree_a_killed_run_left(hg):
     assert worktrees(hg) == ([], 0)
 
 
+def test_prune_says_removed_only_for_what_it_removed(hg):
+    # issue 27, class 5: without git on PATH it printed "removed worktree" for both,
+    # still there; a link planted there is never followed, nor reported removed
+    for name in ("askari-1", "askari-2"):
+        git(hg, "worktree", "add", "--detach", "-q", str(hg.cache / "worktrees" / name), "prod")
+    v = victim(hg)
+    (hg.cache / "worktrees" / "askari-3").symlink_to(v)
+    (hg.bin / "git").unlink()
+    p = hg.run("prune")
+    assert p.returncode == 0, p.stderr
+    said = re.findall(r"integration-vm: removed worktree (\S+)", p.stdout)
+    assert said == ["askari-1", "askari-2"], p.stdout
+    for name in said:
+        assert not (hg.cache / "worktrees" / name).exists(), name
+    assert intact(v) and "could not remove worktree" in p.stderr
+
+
+def test_ctrl_c_while_git_worktree_add_runs_leaves_no_worktree(hg):
+    # a post-checkout hook still running when the user presses Ctrl-C
+    hook = hg.repo / ".git" / "hooks" / "post-checkout"
+    touch, sleep = shutil.which("touch"), shutil.which("sleep")  # PATH: the fakes only
+    hook.write_text(f"#!/bin/sh\n{touch} {hg.tmp / 'hook-ran'}\nexec {sleep} 30\n")
+    hook.chmod(0o755)
+    proc = subprocess.Popen(
+        hg.cmd("cycle", "--host", "askari", "--from", "prod"),
+        env=hg.env,
+        cwd=hg.repo,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    deadline = time.monotonic() + 30
+    while not (hg.tmp / "hook-ran").exists() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert (hg.tmp / "hook-ran").exists(), "the hook never ran"
+    assert worktrees(hg)[1] == 1  # git has recorded it, its checkout is not done
+    proc.send_signal(signal.SIGINT)
+    out, err = proc.communicate(timeout=60)
+    assert proc.returncode == 130, err
+    hook.unlink()
+    assert worktrees(hg) == ([], 0)
+
+
 # ---- bench --from: a day-2 leg beside the loop and the warm cycle ----------------------------
 def test_bench_from_adds_a_day2_leg_that_resumes_refs_checkpoint(hg):
     target = hg.repo / ivm.BENCH_DEFAULT_EDIT
@@ -307,3 +352,14 @@ def test_bench_from_a_bad_ref_is_exit_2_before_the_cold_cycle(hg):
     p = hg.run("bench", "--host", "askari", "--from", "nope")
     assert p.returncode == 2 and "--from nope: not a commit" in p.stderr
     assert not hg.calls("virt-install") and not hg.calls("mmdebstrap")
+
+
+def test_remove_from_worktree_touches_nothing_outside_the_worktrees_dir(tmp_path):
+    # mutant: remove_from_worktree without its parent check
+    cache = tmp_path / "cache"
+    (cache / "worktrees" / "deeper" / "wt").mkdir(parents=True)
+    ctx = types.SimpleNamespace(cache=cache, repo=tmp_path, cmdlog=None)
+    outside = victim(types.SimpleNamespace(tmp=tmp_path), "outside")
+    for path in (outside, cache / "worktrees" / "deeper" / "wt", cache, cache / "worktrees"):
+        assert ivm.remove_from_worktree(ctx, path) is False
+    assert intact(outside) and (cache / "worktrees" / "deeper" / "wt").is_dir()

@@ -7,6 +7,7 @@ import os
 import pathlib
 import signal
 import time
+import types
 import xml.etree.ElementTree as ET
 
 import pytest
@@ -122,3 +123,39 @@ def test_prune_and_down_only_touch_the_dir_the_run_json_was_found_in(h):
         assert not (abs_victim / "run.json").exists() and not (rel_victim / "run.json").exists()
     assert "skipping" in p.stderr and "its name is not its directory" in p.stderr
     assert "not a JSON object" in p.stderr
+
+
+def test_a_guest_that_floods_its_diagnostics_commands_leaves_a_bounded_bundle(
+    tmp_path, monkeypatch
+):
+    # 2c: a guest printing without end into every diagnostics command
+    from conftest import ivm
+
+    monkeypatch.setattr(ivm, "DIAG_GUEST_MAX", 5 << 20)
+    calls = []
+
+    def ssh(cmd, timeout):
+        calls.append(cmd)
+        return ivm.Proc([], 0, "g" * (2 << 20), "", False)
+
+    rs = types.SimpleNamespace(ssh=ssh)
+    ctx = types.SimpleNamespace(bounds={"diag-command": 5})
+    notes = []
+    ivm._collect_guest_files(ctx, rs, tmp_path, notes)
+    total = sum(p.stat().st_size for p in tmp_path.iterdir())
+    assert total <= 5 << 20
+    assert len(calls) == 3 and len(notes) == len(ivm.GUEST_DIAG_COMMANDS) - 3
+    assert "bytes are full" in notes[0]
+
+
+def test_the_console_log_in_the_bundle_is_its_tail(tmp_path):
+    src = tmp_path / "console.log"
+    src.write_bytes(b"a" * 5000 + b"the end")
+    ivm_copy = tmp_path / "copy"
+    from conftest import ivm
+
+    ivm.copy_tail(src, ivm_copy, 100)
+    data = ivm_copy.read_bytes()
+    assert data.startswith(b"[... first 4907 bytes cut]\n") and data.endswith(
+        b"a" * 93 + b"the end"
+    )

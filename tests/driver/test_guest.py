@@ -720,7 +720,7 @@ def test_a_network_definition_is_compared_on_what_the_harness_relies_on():
     libvirt_made = ivm.NET_XML.replace(
         "<forward", "<uuid>0f0e</uuid>\n  <mac address='52:54:00:aa:bb:cc'/>\n  <forward"
     )
-    assert ivm.net_drift(ivm.NET_XML) == [] and ivm.net_drift(libvirt_made) == []
+    assert ivm.net_drift(libvirt_made) == []
     assert ivm.net_drift(OLD_NET_XML) == ["stp=on"]
     assert ivm.net_drift(ivm.NET_XML.replace(" stp='off'", "")) == ["stp=on"]  # its default
     assert ivm.net_drift(ivm.NET_XML.replace("150", "151")) == [
@@ -890,3 +890,108 @@ def test_the_guest_side_boot_wait_stops_early_when_only_timer_jobs_are_left(tmp_
 def test_the_guest_side_boot_wait_keeps_waiting_while_the_boot_is_not_over(tmp_path, scenario):
     p = _boot_wait(tmp_path, **scenario)
     assert (p.returncode, p.stdout) == (124, ""), p.stderr
+
+
+# ---- state files are data, never code (issue 27, class 1) ------------------------------
+def _tampered_run(h, **fields):
+    """A real run (up), then its run.json edited as a user of the checkout could."""
+    p = h.run("up", "--host", "askari")
+    assert p.returncode == 0, p.stderr
+    (f,) = h.run_root.glob("*/run.json")
+    data = json.loads(f.read_text())
+    data.update(fields)
+    f.write_text(json.dumps(data))
+    return data["name"]
+
+
+@pytest.mark.parametrize(
+    "fields, why",
+    [
+        ({"ip": "{{ lookup('ansible.builtin.pipe', 'id') }}127.0.0.1"}, "bad ip"),
+        ({"ip": "127.0.0.1 -oProxyCommand=x"}, "bad ip"),
+        ({"ip": "010.0.0.1"}, "bad ip"),
+        ({"mac": "52:54:00:aa:bb:cc'/><x"}, "bad mac"),
+        ({"mem_mib": "2048"}, "bad mem_mib"),
+        ({"vcpus": True}, "bad vcpus"),
+        ({"applied_steps": -1}, "bad applied_steps"),
+        ({"accel": "kvm,x"}, "bad accel"),
+        ({"domain": "askari"}, "bad domain"),
+        ({"certs": "{% raw %}"}, "bad certs"),
+        ({"image": "/etc/shadow"}, "bad image"),
+    ],
+)
+def test_a_run_json_field_that_is_not_what_the_harness_writes_is_refused(h, fields, why):
+    name = _tampered_run(h, **fields)
+    p = h.run("assert", "--run", name)
+    assert p.returncode == 2, p.stderr
+    assert f"skipping {h.run_root / name}: {why}" in p.stderr
+    assert not h.calls("ansible-playbook")
+
+
+def test_run_data_problem_checks_every_field_it_reads_back():
+    good = {"name": "boma-it-a-0000000a", "host": "a", "ip": "192.168.150.9"}
+    assert ivm.run_data_problem(good, good["name"]) is None
+    assert ivm.run_data_problem({**good, "ip": None, "mac": None}, good["name"]) is None
+    assert ivm.run_data_problem({**good, "ip": "1.2.3.4\n"}, good["name"]) == "bad ip"
+    assert ivm.run_data_problem({**good, "boot_ids": ["{#x#}"]}, good["name"]).startswith(
+        "bad boot_ids"
+    )
+    assert ivm.run_data_problem({**good, "extra": {"k": "\x1b[2J"}}, good["name"]).startswith(
+        "bad extra"
+    )
+
+
+def test_state_fields_problem_covers_a_checkpoint_manifest():
+    assert ivm.state_fields_problem({"ip": "{{ 1 }}", "key": "k"}) == "bad ip"
+    assert ivm.state_fields_problem({"domain": "boma-it-a-0000000a", "boot_id": "ab-12"}) is None
+    assert ivm.state_fields_problem({"stage": "{% x %}"}).startswith("bad stage")
+
+
+# ---- guest output is hostile input (issue 27, class 2a) --------------------------------
+def test_a_status_line_quoting_a_panic_is_not_a_panic(h):
+    # a unit's status lines on the console quote the panic text: every boot is clean
+    unit = "panicwatch.service - Alert on Kernel panic - not syncing lines"
+    console = (
+        f"[FAILED] Failed to start {unit}.\r\n"
+        f"\x1b[0;1;31m*\x1b[0m] A start job is running for {unit} (5s / 1min 30s)\r\n"
+    )
+    # the first SSH attempt stalls: the boot wait polls, and looks at the console
+    p = h.run("cycle", "--host", "askari", FAKE_CONSOLE_ON_START=console, FAKE_SSH_STALLS="1")
+    assert p.returncode == 0, p.stderr
+    (res,) = h.results()
+    assert res["verdict"] == "pass" and "first_boot_panic" not in res
+
+
+def test_only_the_kernels_own_lines_are_a_panic_or_an_int3_oops():
+    def panic(text):
+        m = ivm.KERNEL_PANIC.search(text)
+        return m.group(1) if m else None
+
+    assert panic("[   11.120851] Kernel panic - not syncing: Fatal exception\r\n") == (
+        "Kernel panic - not syncing: Fatal exception"
+    )
+    assert panic("x\nKernel panic - not syncing: VFS: Unable to mount root fs\n")
+    assert panic("[ 1.5] ---[ end Kernel panic - not syncing: Fatal exception ]---")
+    for quoted in (
+        "[FAILED] Stopping foo.service - Kernel panic - not syncing watcher\n",
+        "\x1b[0;1;31m*\x1b[0m] A stop job is running for Kernel panic - not syncing\r",
+        "[  OK  ] Stopped Kernel panic - not syncing.\n",
+        "Dec 05 08:00:00 host logger[1]: Kernel panic - not syncing\n",
+    ):
+        assert panic(quoted) is None, quoted
+    assert ivm.TCG_INT3_OOPS.search("[   11.110001] Oops: int3: 0000 [#1] PREEMPT SMP")
+    assert not ivm.TCG_INT3_OOPS.search("[  OK  ] Started Oops: int3 reporter.\n")
+
+
+def test_a_run_json_whose_name_is_not_a_harness_run_name_is_skipped(h):
+    # mutant: run_data_problem without its RUN_NAME_RE check on the directory's name
+    for name in ("askari", "boma-it-askari-XYZ", "boma-it-askari-0000000g"):
+        d = h.run_root / name
+        d.mkdir(parents=True, exist_ok=True)
+        (d / "run.json").write_text(json.dumps({"name": name, "host": "askari", "state": "up"}))
+    assert ivm.run_data_problem({"name": "askari", "host": "askari"}, "askari") == (
+        "its name is not its directory's harness run name"
+    )
+    p = h.run("status")
+    assert p.returncode == 0, p.stderr
+    assert p.stderr.count("its name is not its directory's harness run name") == 3, p.stderr

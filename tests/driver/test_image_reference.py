@@ -171,34 +171,3 @@ def test_make_disk_refuses_without_grub_boot_code(tmp_path, monkeypatch):
     root = _fake_root(tmp_path, core=bytes(ivm.PARTITION_OFFSET))
     with pytest.raises(ivm.InfraError, match="does not fit"):
         ivm._make_disk(ctx, root, tmp_path)
-
-
-QUERY = "\n".join(
-    [
-        "bash\trequired\tyes\t, base-files (>= 2.1.12), debianutils (>= 5.6-0.1)",
-        "base-files\trequired\tyes\t, ",
-        "debianutils\trequired\tyes\t, libc6 (>= 2.34)",
-        "libc6\toptional\tno\t, libgcc-s1",
-        "libgcc-s1\toptional\tno\t, gcc-14-base (= 14.2.0-19), libc6 (>= 2.35)",
-        "gcc-14-base\toptional\tno\t, ",
-        "sudo\toptional\tno\t, libc6 (>= 2.38), libpam0g:any | libpam-x",
-        "curl\toptional\tno\t, libcurl4t64 (= 8.14.1-2)",
-        "nftables\toptional\tno\t, libnftables1 (= 1.1.3-1)",
-        "libnftables1\toptional\tno\t, libc6",
-        "",
-    ]
-)
-
-
-def test_package_check_finds_missing_and_hand_installed_packages():
-    minbase = ["bash", "base-files", "debianutils", "libc6", "libgcc-s1", "gcc-14-base"]
-    ok = ivm.image_package_check(QUERY, [*minbase, "sudo", "curl"], ["sudo", "curl"], [])
-    assert ok == ([], [])
-    # a package the image should not carry, installed by hand: flagged (its library,
-    # marked auto, is not); a reference package absent: flagged
-    missing, unlisted = ivm.image_package_check(
-        QUERY, [*minbase, "sudo", "nftables"], ["sudo", "curl", "vim"], []
-    )
-    assert missing == ["vim"] and unlisted == ["nftables"]
-    # unless the extras list carries it
-    assert ivm.image_package_check(QUERY, ["nftables"], [], ["nftables"]) == ([], [])

@@ -135,3 +135,29 @@ def test_a_timeout_ends_even_when_another_session_holds_the_pipes(tmp_path, monk
     finally:
         with contextlib.suppress(OSError, ValueError):
             os.kill(int(holder.read_text()), signal.SIGKILL)
+
+
+# ---- guest output is read with a cap (issue 27, class 2c) -------------------------------
+def test_run_max_output_keeps_only_the_tail_of_each_stream():
+    # 24 MiB on stdout, 3 MiB on stderr, stdin echoed: the driver keeps 1 MiB of each
+    script = (
+        "import sys; d = sys.stdin.read(); w = sys.stdout.write\n"
+        "for i in range(24): w(('%02d' % i) * (1 << 19))\n"
+        "sys.stderr.write('e' * (3 << 20) + 'END'); w('tail:' + d)\n"
+    )
+    r = ivm.run([sys_executable(), "-c", script], timeout=60, input="fed", max_output=1 << 20)
+    assert r.returncode == 0 and not r.timed_out
+    assert r.stdout.startswith("[... first ") and r.stdout.endswith("2323tail:fed")
+    assert len(r.stdout) < (1 << 20) + 100 and len(r.stderr) < (1 << 20) + 100
+    assert r.stderr.endswith("eeeEND")
+
+
+def test_run_max_output_still_ends_at_its_bound():
+    t0 = time.monotonic()
+    r = ivm.run(
+        [sys_executable(), "-c", "import time; print('x', flush=True); time.sleep(30)"],
+        timeout=0.5,
+        max_output=1 << 10,
+    )
+    assert r.timed_out and r.returncode == 124 and r.stdout == "x\n"
+    assert time.monotonic() - t0 < 0.5 + 3.5

@@ -16,20 +16,9 @@ BASE = {
 }
 
 
-def test_valid_tiers():
-    assert ivm.VALID_TIERS == ("internal", "le-staging", "le-prod-wildcard")
-
-
-def test_cert_file_valid_tier():
-    p = ivm.cert_file("le-staging")
-    assert p.name == "le-staging.yml" and p.parent.name == "certs"
-
-
-def test_cert_file_rejects_bad_tier():
-    import pytest
-
-    with pytest.raises(ValueError):
-        ivm.cert_file("bogus")
+def test_each_cert_tier_has_its_vars_file_and_each_file_is_a_tier():
+    certs = ivm.INTEG_DIR / "certs"
+    assert {p.name for p in certs.glob("*.yml")} == {f"{t}.yml" for t in ivm.VALID_TIERS}
 
 
 def test_extra_vars_order(tmp_path):

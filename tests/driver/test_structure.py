@@ -1,14 +1,15 @@
-"""The driver's structure: processes start only in the process section (an AST scan), and
-no function is over 60 lines.
+"""The driver's structure: processes start only in the process section (an AST scan), no
+function is over 60 lines, and the docstring's table of contents lists the sections.
 """
 
 import ast
+import re
 
 from conftest import DRIVER
 
 # The functions of the driver's "Processes" section: the only ones that may touch
-# subprocess (run() starts, _start() spawns, _kill_group() reaps).
-PROCESS_FUNCTIONS = {"run", "_start", "_kill_group", "_drain_killed"}
+# subprocess (run() starts, _start() spawns, _kill_group() reaps, _communicate_capped reads).
+PROCESS_FUNCTIONS = {"run", "_start", "_kill_group", "_drain_killed", "_communicate_capped"}
 
 MAX_FUNCTION_LINES = 60
 
@@ -97,3 +98,22 @@ def test_the_length_check_counts_from_def_to_last_line():
     body = "".join(f"    x{i} = {i}\n" for i in range(60))
     assert long_functions(f"def ok():\n{body[: -len('    x59 = 59') - 1]}") == {}
     assert long_functions(f"@deco\ndef long():\n{body}") == {"long": 61}
+
+
+def banner_sections(source):
+    """The first word of each section banner's title (`# Name: what it holds` between two
+    dashed lines), in file order."""
+    return re.findall(r"^# -{40,}\n# (\w+)[^\n]*\n# -{40,}$", source, re.M)
+
+
+def contents_sections(source):
+    """The first word of each entry of the module docstring's table of contents (a line
+    indented two spaces; its continuation lines are indented further), in order."""
+    toc = ast.get_docstring(ast.parse(source)).split("in this order:\n", 1)[1]
+    return re.findall(r"^  (\w+)", toc, re.M)
+
+
+def test_the_table_of_contents_lists_every_section_in_order():
+    source = DRIVER.read_text()
+    assert len(banner_sections(source)) >= 15  # the scan still sees the banners
+    assert contents_sections(source) == banner_sections(source)

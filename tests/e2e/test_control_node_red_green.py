@@ -24,6 +24,7 @@ import subprocess
 import sys
 
 import pytest
+from report_page import check_report
 
 REPO = pathlib.Path(__file__).resolve().parents[2]
 DRIVER = REPO / "scripts" / "integration-vm.py"
@@ -104,6 +105,7 @@ def test_green_control_node_keeps_its_harness_through_both_reboots():
         ["virsh", "list", "--all", "--name"], text=True, capture_output=True, timeout=30
     ).stdout.split()
     assert result["vm"] not in listed, "a passing cycle must destroy its VM"
+    check_report(result, f"{HOST}-green", [GUEST_LEASE, "reboot:hard"])
 
 
 def test_red_control_node_without_the_dropin_fails_at_the_guest():
@@ -132,5 +134,6 @@ def test_red_control_node_without_the_dropin_fails_at_the_guest():
     dnsmasq = (diag / "dnsmasq.log").read_text()
     assert "DHCPDISCOVER(virbr-boma)" not in dnsmasq, dnsmasq[-2000:]
     assert not [p for p in result["phase_details"] if p["name"].startswith("reboot:")]
+    check_report(result, f"{HOST}-red", [GUEST_LEASE, "dead live"])
     # The VM is kept for inspection on a verify failure; this test cleans up after itself.
     assert run_driver("prune").returncode == 0

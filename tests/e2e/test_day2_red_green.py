@@ -27,6 +27,7 @@ import subprocess
 import sys
 
 import pytest
+from conftest import ivm
 
 REPO = pathlib.Path(__file__).resolve().parents[2]
 CYCLE_TIMEOUT_S = int(os.environ.get("BOMA_IT_E2E_TIMEOUT", "1800"))
@@ -95,6 +96,13 @@ def test_day2_red_a_restarting_firewall_handler_kills_docker_live(tmp_path):
     result = result_of(repo, proc)
     assert result["verdict"] == "fail" and result["failed_stage"] == "verify:live"
     assert result["story"] == "dead live"
+    # its closing lines name the stage and the story; the expected failure is torn down
+    verdict = "integration-vm: " + ivm.closing_lines(result)["verdict"]
+    assert verdict.startswith("integration-vm: verify failed (dead live): live verify playbook")
+    assert proc.stderr.splitlines().count(verdict) == 1, verdict
+    assert "kept for inspection" not in proc.stderr
+    summary = proc.stdout.strip().splitlines()[-1]
+    assert summary.startswith("integration-vm: FAIL (expected fail)[verify:live] "), summary
     assert "published :443 answers from the controller" in result["failures"]
     for healthy in ("nftables enabled and active", "docker enabled and active"):
         assert healthy not in result["failures"], f"unexpected failure: {healthy}"

@@ -21,6 +21,8 @@ import subprocess
 import sys
 
 import pytest
+from conftest import ivm
+from report_page import check_report
 
 REPO = pathlib.Path(__file__).resolve().parents[2]
 DRIVER = REPO / "scripts" / "integration-vm.py"
@@ -78,6 +80,7 @@ def test_green_host_survives_reboot():
         ["virsh", "list", "--all", "--name"], text=True, capture_output=True, timeout=30
     ).stdout.split()
     assert result["vm"] not in listed, "a passing cycle must destroy its VM"
+    check_report(result, f"{HOST}-green", ["reboot:graceful", "reboot:hard"])
 
 
 def test_red_regression_fails_for_the_right_reason():
@@ -94,6 +97,13 @@ def test_red_regression_fails_for_the_right_reason():
     # live verify fails before any reboot. (On askari in June the ruleset was enabled for
     # boot without being loaded, hence "after the reboot"; see docs/FRICTION.md #1.)
     assert result["failed_stage"] == "verify:live" and result["story"] == "dead live"
+    # ...and its closing lines say so (docs/runbooks/integration-testing.md, "The closing
+    # lines"): the stage that failed, its story, and why the VM is still up
+    verdict = "integration-vm: " + ivm.closing_lines(result)["verdict"]
+    assert verdict.startswith("integration-vm: verify failed (dead live): live verify playbook")
+    assert proc.stderr.splitlines().count(verdict) == 1, verdict
+    kept = f"integration-vm: VM {result['domain']} (run {result['vm']}) kept for inspection:"
+    assert kept in proc.stderr.splitlines(), kept
     failures = " ".join(result.get("failures", []))
     assert "published :443 answers from the controller" in failures
     assert "forward chain admits container traffic" in failures
@@ -111,5 +121,6 @@ def test_red_regression_fails_for_the_right_reason():
     assert "accept" not in chain, f"forward chain should be pure drop:\n{chain}"
     # ...and the run stopped there: no reboot was needed to see it.
     assert not [p for p in result["phase_details"] if p["name"].startswith("reboot:")]
+    check_report(result, f"{HOST}-red", ["published :443 answers from the controller", "dead live"])
     # The VM is kept for inspection on a verify failure; this test cleans up after itself.
     assert run_driver("prune").returncode == 0

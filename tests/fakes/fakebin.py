@@ -23,6 +23,10 @@ Behaviour knobs (env):
   FAKE_BOOT_ID_STICKY=1      start keeps the old boot_id
   FAKE_NO_CONSOLE_BANNER=1   start: no kernel banner on the console (start truncates the
                              console log first, as a new QEMU process does)
+  FAKE_CONSOLE_ON_START=T    virsh start: the console prints T after the banners (what
+                             units print while the guest boots)
+  FAKE_SHUTDOWN_BREAKS_DIR=P virsh shutdown: directory P is replaced by a regular file (the
+                             driver's next write below it is an OSError)
   FAKE_SHUTDOWN_IGNORED=1    virsh shutdown: the guest ignores the power button (stays up)
   FAKE_SHUTDOWN_SECONDS=N    virsh shutdown: the guest is off N seconds later (domstate)
   FAKE_SHUTDOWN_STOP_JOB=U   virsh shutdown: systemd waits on unit U's stop (its status
@@ -49,6 +53,8 @@ Behaviour knobs (env):
   FAKE_UPGRADE_BREAKS=1      a playbook applied again to a guest it converged before
                              leaves verify failing until the next boot (a day-2 bug: the
                              upgrade breaks the running host, the reboot heals it)
+  FAKE_VERIFY_RC=N           the verify playbook exits N though its recap shows no failure
+  FAKE_IDEMPOTENCE_ONLY=P    ... FAKE_IDEMPOTENCE_CHANGED applies to playbook P only
   FAKE_APPLY_FAIL=1          apply playbooks fail
   FAKE_APPLY_SLEEP=N         apply playbooks sleep N seconds after their first task
   FAKE_IDEMPOTENCE_CHANGED=N a playbook's second and later runs report N changed tasks
@@ -75,6 +81,8 @@ normalise away.
   FAKE_REBOOT_CHANGE_FROM=N  the boot FAKE_REBOOT_CHANGE's changes start at (default 2)
   FAKE_DOCKER=absent         the guest has no docker
   FAKE_CAPTURE_FAIL=1        sudo refuses the capture script
+  FAKE_ANALYZE_SECONDS=N     a capture sleeps N seconds for each of `systemd-analyze blame`
+                             and `critical-chain` it runs (their cost, as structure only)
 """
 
 import fcntl
@@ -314,12 +322,18 @@ def virsh():
                 with open(d["console"], "w") as fh:
                     if not ENV.get("FAKE_NO_CONSOLE_BANNER"):
                         fh.write(console_banners(d))
+                    fh.write(ENV.get("FAKE_CONSOLE_ON_START", ""))
                     if panics:
                         fh.write(panic_line + "\n")
         elif cmd == "shutdown":  # the ACPI power button: the guest shuts itself down
             d = dom(rest[0])
             if d["state"] != "running":
                 die("error: Requested operation is not valid: domain is not running")
+            if ENV.get("FAKE_SHUTDOWN_BREAKS_DIR"):  # the dir becomes a file under the driver
+                import shutil
+
+                shutil.rmtree(ENV["FAKE_SHUTDOWN_BREAKS_DIR"], ignore_errors=True)
+                pathlib.Path(ENV["FAKE_SHUTDOWN_BREAKS_DIR"]).write_text("")
             stuck = ENV.get("FAKE_SHUTDOWN_STOP_JOB")
             if stuck and d.get("console"):  # systemd's status line, redrawn in place
                 with open(d["console"], "a") as fh:
@@ -822,9 +836,19 @@ def guest_nft(boots, changes):
 def guest_capture(script, boot_id, boots, nth, sysstate):
     """Answer the driver's capture script the way the guest's shell would."""
     mark = re.search(r"^M='(@@boma-[0-9a-f]+)'", script, re.M).group(1)
+
     # the shell would skip an `if [ "0" = 1 ]` block (a capture without systemd-analyze)
-    script = re.sub(r'^if \[ "0" = 1 \]; then\n.*?^fi\n', "", script, flags=re.M | re.S)
+    def shell_if(m):
+        a, op, b, body = m.groups()
+        return body if (a == b) == (op == "=") else ""
+
+    script = re.sub(
+        r'^if \[ "(\w*)" (!?=) (\w+) \]; then\n(.*?)^fi\n', shell_if, script, flags=re.M | re.S
+    )
     names = list(dict.fromkeys(re.findall(r"(?:^|\s)sec (\w+) ", script)))
+    slow = {"boot_blame", "boot_chain"} & set(names)
+    if slow and ENV.get("FAKE_ANALYZE_SECONDS"):
+        time.sleep(float(ENV["FAKE_ANALYZE_SECONDS"]) * len(slow))
     if ENV.get("FAKE_CAPTURE_FAIL"):
         die("sudo: a password is required", 1)
     changes = {c for c in ENV.get("FAKE_REBOOT_CHANGE", "").split(",") if c}
@@ -955,8 +979,10 @@ def ansible_playbook():
             f"\nPLAY RECAP ****\n{host}    : ok=3    changed=0    unreachable=0    "
             f"failed={1 if fail else 0}    skipped=0    rescued=0    ignored=0\n"
         )
-        sys.exit(2 if fail else 0)
+        sys.exit(2 if fail else int(ENV.get("FAKE_VERIFY_RC", "0")))
     changed = 2 if n == 1 else int(ENV.get("FAKE_IDEMPOTENCE_CHANGED", "0"))
+    if ENV.get("FAKE_IDEMPOTENCE_ONLY", os.path.basename(playbook)) != os.path.basename(playbook):
+        changed = 2 if n == 1 else 0
     out.write(
         f"\nTASK [base : Install packages] ****\n{'changed' if changed else 'ok'}: [{host}]\n"
     )
@@ -974,6 +1000,10 @@ def ansible_playbook():
     out.write(
         f"\nPLAY RECAP ****\n{host} : ok=2 changed={changed} unreachable=0 failed=0 "
         "skipped=0 rescued=0 ignored=0\n"
+        # profile_tasks (ansible.cfg) ends each run with its slowest tasks
+        "\n\nTASKS RECAP ****\n=======\n"
+        "base : Install packages ----------------------------------------- 4.08s\n"
+        "Gathering Facts ------------------------------------------------- 1.20s\n"
     )
 
 

@@ -4,7 +4,9 @@ Why: forking the fakes from the pytest worker itself costs what the worker weigh
 ~80 MB of page tables are copied at every fork, and every page either side writes after
 it (Python writes reference counts everywhere) is copied again. That was most of the
 suite's system time. This process is small (an interpreter with -S and fakebin.py
-imported), so a fork from it is cheap.
+imported), so a fork from it is cheap. What it pays for (issue 26, the whole unit suite on
+2 shared cores, CPU seconds user+sys): 76-97 with it, 166-183 with every fake exec'd
+(BOMA_TEST_EXEC_FAKES=1), for 6,632 fakes: ~13 ms of CPU each, about half the suite.
 
 How the fake still is the driver's own child: this server (the worker's child) starts it
 with clone(2)'s CLONE_PARENT, which makes it the child of the server's parent, the

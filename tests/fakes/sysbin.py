@@ -8,7 +8,12 @@ JSON file (FAKE_SYS_STATE):
 
   netns     {name: {"pids": [pid, ...]}}   `ip netns exec NAME` adds its own pid
   links     [name, ...]                    `ip link add A type veth peer name B` adds both
-  rules     {"nat": [line], "filter": [line]}   each as `iptables -S` prints it
+  rules     {"nat": [line], "filter": [line]}   each as `iptables -S` prints it (`-I`
+            inserts at the list's head, `-A` appends; a chain's rules are its lines in order)
+  policy    {"filter": {"FORWARD": "DROP"}}      a built-in chain's policy (default ACCEPT;
+            `iptables -P CHAIN TARGET` sets it), printed as `-P CHAIN TARGET` by `-S`
+  chains    {"filter": ["DOCKER-USER", ...]}     user chains (`iptables -N NAME`), printed
+            as `-N NAME` by `-S` and iptables-save
   sysctl    {"net.ipv4.ip_forward": "0"}
 
 virtlogd/libvirtd `-d` start a detached `sleep` as the daemon, write its pid to
@@ -22,6 +27,8 @@ Knobs (env):
   FAKE_NETNS=NAME      the namespace a call runs in: set by `ip netns exec NAME` for the
                        command it execs (a daemon started there is recorded under NAME)
   FAKE_PROCS=A;B       the command lines `pgrep -f PATTERN` searches (default: none)
+  FAKE_UID=N           `id -u` prints N (default 0); not 0: iptables and iptables-save
+                       fail as they do for a user ("Permission denied (you must be root)")
 """
 
 import contextlib
@@ -43,10 +50,20 @@ def state():
     with open(str(path) + ".lock", "a") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
         data = json.loads(path.read_text()) if path.exists() and path.read_text().strip() else {}
-        for k, v in (("netns", {}), ("links", []), ("rules", {}), ("sysctl", {}), ("spawned", [])):
+        for k, v in (
+            ("netns", {}),
+            ("links", []),
+            ("rules", {}),
+            ("policy", {}),
+            ("chains", {}),
+            ("sysctl", {}),
+            ("spawned", []),
+        ):
             data.setdefault(k, v)
         for t in ("nat", "filter"):
             data["rules"].setdefault(t, [])
+            data["policy"].setdefault(t, {})
+            data["chains"].setdefault(t, [])
         yield data
         path.write_text(json.dumps(data, indent=1))
 
@@ -119,7 +136,17 @@ def rule_line(chain, words):
     return " ".join(["-A", chain] + [f'"{w}"' if (" " in w or not w) else w for w in words])
 
 
+def not_root():
+    if ENV.get("FAKE_UID", "0") != "0":
+        die(
+            f"{TOOL} v1.8.9 (nf_tables): Could not fetch rule set generation id: "
+            "Permission denied (you must be root)",
+            4,
+        )
+
+
 def iptables():
+    not_root()
     args = list(ARGS)
     table = "filter"
     if "-w" in args:
@@ -135,9 +162,15 @@ def iptables():
                 if table == "nat"
                 else ("INPUT", "FORWARD", "OUTPUT")
             ):
-                print(f"-P {chain} ACCEPT")
+                print(f"-P {chain} {st['policy'][table].get(chain, 'ACCEPT')}")
+            for chain in st["chains"][table]:
+                print(f"-N {chain}")
             for line in rules:
                 print(line)
+        elif op == "-P":
+            st["policy"][table][args[1]] = args[2]
+        elif op == "-N":
+            st["chains"][table].append(args[1])
         elif op in ("-I", "-A"):
             line = rule_line(args[1], args[2:])
             rules.insert(0, line) if op == "-I" else rules.append(line)
@@ -151,9 +184,12 @@ def iptables():
 
 
 def iptables_save():
+    not_root()
     with state() as st:
         for table in ("nat", "filter"):
             print(f"*{table}")
+            for chain in st["chains"][table]:
+                print(f":{chain} - [0:0]")
             for line in st["rules"][table]:
                 print(line)
             print("COMMIT")
@@ -204,7 +240,7 @@ def daemon():
 
 def main():
     if TOOL == "id":
-        print(0)
+        print(ENV.get("FAKE_UID", "0"))
     elif TOOL == "pgrep":  # pgrep [-f] [-a] PATTERN over FAKE_PROCS
         import re
 
