@@ -12,6 +12,7 @@ import shutil
 import subprocess
 
 import pytest
+import report_page
 from conftest import Harness, result_of
 
 pytestmark = pytest.mark.browser
@@ -36,18 +37,7 @@ if CHROMIUM is None:
 
 
 def _chromium(tmp_path, *args):
-    argv = [
-        CHROMIUM,
-        "--headless",
-        "--no-sandbox",
-        "--disable-gpu",
-        "--disable-background-networking",
-        "--disable-component-update",
-        "--disable-sync",
-        "--no-first-run",
-        f"--user-data-dir={tmp_path / 'chromium-profile'}",
-        *args,
-    ]
+    argv = [CHROMIUM, *report_page.FLAGS, f"--user-data-dir={tmp_path / 'chromium-profile'}", *args]
     return subprocess.run(argv, capture_output=True, text=True, timeout=120, check=True)
 
 

@@ -16,19 +16,16 @@ ruleset and dnsmasq's log. If RED passes, the harness is not faithful: fix the h
 not this test.
 """
 
-import json
 import os
 import pathlib
-import re
 import subprocess
 import sys
 
 import pytest
+import vm_runs
 from report_page import check_report
+from vm_runs import filter_chain, newest_result
 
-REPO = pathlib.Path(__file__).resolve().parents[2]
-DRIVER = REPO / "scripts" / "integration-vm.py"
-RUN_ROOT = pathlib.Path(os.environ.get("BOMA_IT_RUN_DIR", REPO / "tests" / "integration" / ".run"))
 # One ubongo cycle under TCG is ~15-20 minutes (libvirt and QEMU install in the guest);
 # the driver bounds every stage itself, this is a last resort for a wedged run.
 CYCLE_TIMEOUT_S = int(os.environ.get("BOMA_IT_E2E_TIMEOUT", "2700"))
@@ -50,30 +47,7 @@ pytestmark = pytest.mark.vm
 
 
 def run_driver(*args):
-    return subprocess.run(
-        [sys.executable, str(DRIVER), *args],
-        cwd=REPO,
-        timeout=CYCLE_TIMEOUT_S,
-        text=True,
-        capture_output=True,
-    )
-
-
-def newest_result(host):
-    """result.json of the newest run of `host` (the driver writes one per run dir)."""
-    results = sorted(RUN_ROOT.glob("*/result.json"), key=lambda p: p.stat().st_mtime)
-    results = [p for p in results if json.loads(p.read_text()).get("host") == host]
-    assert results, f"no result.json for {host} under {RUN_ROOT}"
-    return json.loads(results[-1].read_text())
-
-
-def filter_chain(ruleset_text, name):
-    """The text of `chain <name> { ... }` inside `table inet filter`."""
-    table = re.search(r"table inet filter \{(.*?)\n\}", ruleset_text, re.S)
-    assert table, "no `table inet filter` in the ruleset"
-    chain = re.search(rf"chain {name} \{{(.*?)\n\t\}}", table.group(1), re.S)
-    assert chain, f"no {name} chain in `table inet filter`"
-    return chain.group(1)
+    return vm_runs.run_driver(*args, timeout=CYCLE_TIMEOUT_S)
 
 
 def checks(result, key):

@@ -13,20 +13,17 @@ after the applies ("dead live"): today's base role loads the ruleset it applies.
 passes, the harness is not faithful: fix the harness, not this test.
 """
 
-import json
 import os
 import pathlib
-import re
 import subprocess
 import sys
 
 import pytest
+import vm_runs
 from conftest import ivm
 from report_page import check_report
+from vm_runs import filter_chain, newest_result
 
-REPO = pathlib.Path(__file__).resolve().parents[2]
-DRIVER = REPO / "scripts" / "integration-vm.py"
-RUN_ROOT = pathlib.Path(os.environ.get("BOMA_IT_RUN_DIR", REPO / "tests" / "integration" / ".run"))
 # One cycle under TCG is ~10 minutes; the driver bounds every stage itself, this is a
 # last-resort bound so a wedged run cannot eat the CI budget.
 CYCLE_TIMEOUT_S = int(os.environ.get("BOMA_IT_E2E_TIMEOUT", "1800"))
@@ -37,30 +34,11 @@ pytestmark = pytest.mark.vm
 
 
 def run_driver(*args):
-    return subprocess.run(
-        [sys.executable, str(DRIVER), *args],
-        cwd=REPO,
-        timeout=CYCLE_TIMEOUT_S,
-        text=True,
-        capture_output=True,
-    )
-
-
-def newest_result(host):
-    """result.json of the newest run of `host` (the driver writes one per run dir)."""
-    results = sorted(RUN_ROOT.glob("*/result.json"), key=lambda p: p.stat().st_mtime)
-    results = [p for p in results if json.loads(p.read_text()).get("host") == host]
-    assert results, f"no result.json for {host} under {RUN_ROOT}"
-    return json.loads(results[-1].read_text())
+    return vm_runs.run_driver(*args, timeout=CYCLE_TIMEOUT_S)
 
 
 def forward_chain(ruleset_text):
-    """The text of `chain forward { ... }` inside `table inet filter`."""
-    table = re.search(r"table inet filter \{(.*?)\n\}", ruleset_text, re.S)
-    assert table, "no `table inet filter` in the ruleset"
-    chain = re.search(r"chain forward \{(.*?)\n\t\}", table.group(1), re.S)
-    assert chain, "no forward chain in `table inet filter`"
-    return chain.group(1)
+    return filter_chain(ruleset_text, "forward")
 
 
 def test_green_host_survives_reboot():

@@ -18,7 +18,7 @@ import shutil
 import subprocess
 import tempfile
 
-REPO = pathlib.Path(__file__).resolve().parents[2]
+REPO = pathlib.Path(__file__).resolve().parents[1]
 SCREENS = pathlib.Path(
     os.environ.get("BOMA_REPORT_SCREENS")
     or REPO / "tests" / "integration" / ".run" / "report-screens"
