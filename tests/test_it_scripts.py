@@ -301,6 +301,17 @@ def test_ip_forward_already_on_stays_on(sb):
     assert sb.state()["sysctl"]["net.ipv4.ip_forward"] == "1"
 
 
+def test_ip_forward_stays_on_for_a_docker_engine_started_while_the_sandbox_ran(sb):
+    """2026-12-07: the sandbox put ip_forward back to 0 under a dockerd started meanwhile
+    (it found forwarding on, so it never set it itself); Molecule's apt then failed."""
+    assert sb.sh("sandbox_up").returncode == 0
+    sb.update(lambda st: st["links"].append("docker0"))
+    down = sb.sh("sandbox_down")
+    assert down.returncode == 0, down.stderr
+    assert sb.state()["sysctl"]["net.ipv4.ip_forward"] == "1"
+    assert "left ip_forward on: a Docker engine (docker0)" in down.stderr
+
+
 def test_a_libvirtd_outside_the_sandbox_is_refused_and_left_alone(sb):
     host = sb.spawn()
     run = sb.root / "run"
