@@ -18,13 +18,12 @@ not this test.
 
 import os
 import pathlib
-import subprocess
 import sys
 
 import pytest
 import vm_runs
 from report_page import check_report
-from vm_runs import filter_chain, newest_result
+from vm_runs import filter_chain, libvirt_domains, newest_result
 
 # One ubongo cycle under TCG is ~15-20 minutes (libvirt and QEMU install in the guest);
 # the driver bounds every stage itself, this is a last resort for a wedged run.
@@ -75,10 +74,7 @@ def test_green_control_node_keeps_its_harness_through_both_reboots():
         seen = checks(result, key)
         for name in (GUEST_LEASE, GUEST_DNS, GUEST_NAT) + HEALTH:
             assert seen.get(name) == "ok", (key, name, seen)
-    listed = subprocess.run(
-        ["virsh", "list", "--all", "--name"], text=True, capture_output=True, timeout=30
-    ).stdout.split()
-    assert result["vm"] not in listed, "a passing cycle must destroy its VM"
+    assert result["vm"] not in libvirt_domains(), "a passing cycle must destroy its VM"
     check_report(result, f"{HOST}-green", [GUEST_LEASE, "reboot:hard"])
 
 

@@ -15,14 +15,13 @@ passes, the harness is not faithful: fix the harness, not this test.
 
 import os
 import pathlib
-import subprocess
 import sys
 
 import pytest
 import vm_runs
 from conftest import ivm
 from report_page import check_report
-from vm_runs import filter_chain, newest_result
+from vm_runs import filter_chain, libvirt_domains, newest_result
 
 # One cycle under TCG is ~10 minutes; the driver bounds every stage itself, this is a
 # last-resort bound so a wedged run cannot eat the CI budget.
@@ -54,10 +53,7 @@ def test_green_host_survives_reboot():
     assert diff["unexpected"] == [], diff
     after = forward_chain((pathlib.Path(diff["dir"]) / "after" / "nft-ruleset.txt").read_text())
     assert "policy drop" in after and 'iifname "docker0" accept' in after, after
-    listed = subprocess.run(
-        ["virsh", "list", "--all", "--name"], text=True, capture_output=True, timeout=30
-    ).stdout.split()
-    assert result["vm"] not in listed, "a passing cycle must destroy its VM"
+    assert result["vm"] not in libvirt_domains(), "a passing cycle must destroy its VM"
     check_report(result, f"{HOST}-green", ["reboot:graceful", "reboot:hard"])
 
 

@@ -39,3 +39,10 @@ def filter_chain(ruleset_text, name):
     chain = re.search(rf"chain {name} \{{(.*?)\n\t\}}", table.group(1), re.S)
     assert chain, f"no {name} chain in `table inet filter`"
     return chain.group(1)
+
+
+def libvirt_domains():
+    """Every domain libvirt knows, running or not (a passing cycle must leave none of its own)."""
+    return subprocess.run(
+        ["virsh", "list", "--all", "--name"], text=True, capture_output=True, timeout=30
+    ).stdout.split()
