@@ -76,7 +76,7 @@ def test_green_control_node_keeps_its_harness_through_both_reboots():
         seen = checks(result, key)
         for name in (GUEST_LEASE, GUEST_DNS, GUEST_NAT) + HEALTH:
             assert seen.get(name) == "ok", (key, name, seen)
-    assert result["vm"] not in libvirt_domains(), "a passing cycle must destroy its VM"
+    assert result["domain"] not in libvirt_domains(), "a passing cycle must destroy its VM"
     check_report(result, f"{HOST}-green", [GUEST_LEASE, "reboot:hard"])
 
 
@@ -107,5 +107,7 @@ def test_red_control_node_without_the_dropin_fails_at_the_guest():
     assert "DHCPDISCOVER(virbr-boma)" not in dnsmasq, dnsmasq[-2000:]
     assert not [p for p in result["phase_details"] if p["name"].startswith("reboot:")]
     check_report(result, f"{HOST}-red", [GUEST_LEASE, "dead live"])
-    # The VM is kept for inspection on a verify failure; this test cleans up after itself.
-    assert run_driver("prune").returncode == 0
+    # The VM is kept for inspection on a verify failure; this test takes down its own VM
+    # (not `prune`: another host's run may be using the harness beside it).
+    assert run_driver("down", "--run", result["vm"]).returncode == 0
+    assert result["domain"] not in libvirt_domains()

@@ -55,7 +55,7 @@ def test_green_host_survives_reboot():
     assert diff["unexpected"] == [], diff
     after = forward_chain((pathlib.Path(diff["dir"]) / "after" / "nft-ruleset.txt").read_text())
     assert "policy drop" in after and 'iifname "docker0" accept' in after, after
-    assert result["vm"] not in libvirt_domains(), "a passing cycle must destroy its VM"
+    assert result["domain"] not in libvirt_domains(), "a passing cycle must destroy its VM"
     check_report(result, f"{HOST}-green", ["reboot:graceful", "reboot:hard"])
 
 
@@ -98,5 +98,7 @@ def test_red_regression_fails_for_the_right_reason():
     # ...and the run stopped there: no reboot was needed to see it.
     assert not [p for p in result["phase_details"] if p["name"].startswith("reboot:")]
     check_report(result, f"{HOST}-red", ["published :443 answers from the controller", "dead live"])
-    # The VM is kept for inspection on a verify failure; this test cleans up after itself.
-    assert run_driver("prune").returncode == 0
+    # The VM is kept for inspection on a verify failure; this test takes down its own VM
+    # (not `prune`: another host's run may be using the harness beside it).
+    assert run_driver("down", "--run", result["vm"]).returncode == 0
+    assert result["domain"] not in libvirt_domains()
