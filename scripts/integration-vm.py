@@ -20,6 +20,8 @@ renderers, parsers) and its orchestration together, in this order:
 
   Constants and errors   shared names and defaults; the error hierarchy (exit codes)
   Processes              run() and its thin wrappers (virsh)
+  Utilities              owned paths and writes, locks and claims, timed phases, the
+                         harness's domains and transient pools
   Settings               every BOMA_IT_* variable declared once; Settings; Ctx
   Profile                profile files: loading, merging, validation, confined paths
   Image                  the golden image: recipe, key, build, fetch, publish
@@ -558,6 +560,216 @@ def virsh(ctx, *args, check=False, stage="libvirt", timeout=None):
 
 
 # --------------------------------------------------------------------------------------
+# Utilities: owned paths and files, locks and claims, timed phases, the harness's domains
+# --------------------------------------------------------------------------------------
+# What every later section leans on, defined before its first user: paths and writes that
+# never follow a symlink, the lock files and directory claims, the phase timer of
+# result.json, and the domains (and transient pools) the harness owns.
+
+
+def owned_path(root, *parts):
+    """root/parts, each part one plain name and no symlink on the way below root: the
+    harness's own trees (runs, disks, diagnostics, images, checkpoints) are never reached
+    through a link or a name from a state file. Else InfraError('state')."""
+    p = pathlib.Path(root)
+    for part in map(str, parts):
+        if part in ("", ".", "..") or "/" in part or "\0" in part:
+            raise InfraError("state", f"refusing path component {part!r} under {root}")
+        p = p / part
+        if p.is_symlink():
+            raise InfraError("state", f"refusing {p}: a symlink inside the harness's own tree")
+    return p
+
+
+def write_owned(path, text, mode=0o644):
+    """Write a file the harness owns atomically, never through a symlink: a temp file
+    (O_EXCL|O_NOFOLLOW) renamed over `path` replaces a link instead of following it."""
+    path = pathlib.Path(path)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp.unlink(missing_ok=True)  # a crashed writer's (a link there is removed, not followed)
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, mode)
+    try:
+        with os.fdopen(fd, "w") as fh:
+            fh.write(text)
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+def open_lock_file(path):
+    """A lock file the harness owns, opened without following a symlink."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    return os.fdopen(os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o600), "r+")
+
+
+class LockBusy(InfraError):
+    """file_lock: another run held the lock for longer than the wait."""
+
+    def __init__(self, what, path, wait):
+        super().__init__(
+            "guard", f"{what}: lock {path} held by another run for more than {wait:.0f}s"
+        )
+        self.path = path
+
+
+@contextlib.contextmanager
+def file_lock(ctx, path, what, wait=None):
+    """Hold the lock file `path`, waiting for it `wait` s at most (the lock bound by
+    default); longer: LockBusy (InfraError 'guard')."""
+    fh = open_lock_file(path)
+    wait = ctx.bounds["lock"] if wait is None else wait
+    deadline = time.monotonic() + wait
+    try:
+        while True:
+            try:
+                fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                if time.monotonic() > deadline:
+                    raise LockBusy(what, path, wait) from None
+                time.sleep(ctx.poll)
+        yield
+    finally:
+        fh.close()
+
+
+@dataclasses.dataclass
+class Claim:
+    """A flock held on a directory of the harness (claim_dir) until closed."""
+
+    path: pathlib.Path
+    fd: int
+
+    def close(self):
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+
+def claim_dir(path, shared=False):
+    """Claim the directory `path` (a checkpoint, a run's dir) with a flock, never waiting:
+    a Claim, or None when another process holds a conflicting one, or `path` is gone, a
+    symlink or no longer the directory that was locked. Runs that resume a checkpoint
+    share it (shared=True); the gc, and a session that takes or retires a loop's VM,
+    need it alone. A killed holder's claim goes with its process."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW)
+    except OSError:
+        return None
+    claim = None
+    try:
+        fcntl.flock(fd, (fcntl.LOCK_SH if shared else fcntl.LOCK_EX) | fcntl.LOCK_NB)
+        now, held = os.stat(path, follow_symlinks=False), os.fstat(fd)
+        if (now.st_dev, now.st_ino) == (held.st_dev, held.st_ino):
+            claim = Claim(pathlib.Path(path), fd)
+    except OSError:  # BlockingIOError: another holds it; else removed while we locked
+        pass
+    finally:
+        if claim is None:
+            os.close(fd)
+    return claim
+
+
+@contextlib.contextmanager
+def timed_phase(ctx, result, name):
+    t0 = time.monotonic()
+    entry = {"name": name, "seconds": 0.0, "status": "pass"}
+    if ctx is not None:  # where it starts in the run (the report's timeline)
+        entry["at"] = round(t0 - ctx.t0, 1)
+    if result is not None:
+        result["phase_details"].append(entry)
+    try:
+        yield entry
+    except VerifyFailed as e:
+        entry["status"], entry["message"] = "fail", e.msg
+        if e.detail:
+            entry["detail"] = e.detail
+        raise
+    except KeyboardInterrupt:
+        entry["status"], entry["message"] = "interrupted", "interrupted"
+        raise
+    except Exception as e:  # any error ends the phase as an error
+        entry["status"], entry["message"] = "error", str(e)
+        raise
+    finally:
+        entry["seconds"] = round(time.monotonic() - t0, 1)
+
+
+def _age(iso):
+    try:
+        t = datetime.datetime.fromisoformat(iso)
+        secs = (datetime.datetime.now(datetime.UTC) - t).total_seconds()
+    except (TypeError, ValueError):
+        return "?"
+    for unit, n in (("d", 86400), ("h", 3600), ("m", 60)):
+        if secs >= n:
+            return f"{int(secs // n)}{unit}"
+    return f"{int(secs)}s"
+
+
+def parse_name_list(text):
+    return [ln.strip() for ln in (text or "").splitlines() if ln.strip()]
+
+
+def render_metadata_xml(run_id, created_at, profile, owner, host=None):
+    attrs = {"id": run_id, "created_at": created_at, "profile": profile, "owner": owner}
+    if host:
+        attrs["host"] = host
+    body = " ".join(f"{k}={_xml_quoteattr(str(v))}" for k, v in attrs.items())
+    return f'<boma:run xmlns:boma="{METADATA_URI}" {body}/>'
+
+
+def parse_metadata_xml(text):
+    """The boma run attributes from `virsh metadata --uri` output, or None."""
+    if not text or not text.strip():
+        return None
+    try:
+        el = ET.fromstring(text.strip())
+    except ET.ParseError:
+        return None
+    if el.tag not in (f"{{{METADATA_URI}}}run", "run"):
+        found = el.find(f".//{{{METADATA_URI}}}run")
+        if found is None:
+            return None
+        el = found
+    return dict(el.attrib) if el.get("id") else None
+
+
+def owned_domains(ctx):
+    """{name: metadata dict + state} for every domain carrying our metadata."""
+    r = virsh(ctx, "list", "--all", "--name", check=True)
+    owned = {}
+    for name in parse_name_list(r.stdout):
+        m = virsh(ctx, "metadata", name, "--uri", METADATA_URI)
+        meta = parse_metadata_xml(m.stdout) if m.returncode == 0 else None
+        if meta:
+            st = virsh(ctx, "domstate", name)
+            meta["state"] = st.stdout.strip() if st.returncode == 0 else "unknown"
+            owned[name] = meta
+    return owned
+
+
+@contextlib.contextmanager
+def transient_pool(ctx, name, directory):
+    """virt-install defines a persistent, autostarted storage pool for a disk's directory
+    unless a pool already holds it (virtinst's diskbackend.manage_path, even with
+    --print-xml): lend it a transient one, destroyed (and so gone) once the XML is out. The
+    domain names its disks by path, not by pool. A transient pool also dies with libvirtd."""
+    virsh(ctx, "pool-create-as", name, "dir", "--target", directory, check=True, stage="boot")
+    try:
+        yield
+    finally:
+        virsh(ctx, "pool-destroy", name)
+
+
+# --------------------------------------------------------------------------------------
 # Settings: every environment variable, declared once, and the context built on them
 # --------------------------------------------------------------------------------------
 # The SETTINGS table (one row per BOMA_IT_* variable), read once into a frozen Settings;
@@ -671,6 +883,16 @@ def timeout_var(stage):
     return "BOMA_IT_TIMEOUT_" + stage.upper().replace("-", "_")
 
 
+def net_subnet(text):
+    """BOMA_IT_NET_SUBNET: an IPv4 /24 written as its network (`a.b.c.0/24`); the three
+    octets that name it. A /24, as the integration_test role takes (its network must be
+    this one, or the driver redefines it, ADR-031)."""
+    m = re.fullmatch(r"(\d{1,3})\.(\d{1,3})\.(\d{1,3})\.0/24", text.strip())
+    if not m or any(int(o) > 255 for o in m.groups()):
+        raise ValueError("must be an IPv4 /24 written as its network, e.g. 192.168.150.0/24")
+    return ".".join(str(int(o)) for o in m.groups()) + ".0/24"
+
+
 SETTINGS = (
     ("LIBVIRT_DEFAULT_URI", _text, DEFAULT_URI, "libvirt URI; --connect wins"),
     ("BOMA_IT_ACCEL", _choice(*ACCEL_CHOICES), "auto", "auto|kvm|tcg; --accel wins"),
@@ -741,7 +963,7 @@ SETTINGS = (
     ("BOMA_IT_NETNS", _text, "", "set by scripts/it-run: the sandbox namespace (inspection hints)"),
     (
         "BOMA_IT_NET_SUBNET",
-        lambda text: net_subnet(text),
+        net_subnet,
         DEFAULT_NET_SUBNET,
         "the harness network's IPv4 /24 (must not overlap the host's networks; "
         "= the integration_test role's integration_test__network_subnet)",
@@ -980,6 +1202,33 @@ def parse_profile_text(text, path, root=None):
     if not isinstance(data, dict):
         raise UsageError(f"profile {_rel(path, root)}: top level must be a JSON object")
     return data
+
+
+def check_tolerance_spec(value, where):
+    """Validate a `reboot_diff_tolerate` value; UsageError naming `where`."""
+    if isinstance(value, list):
+        groups = {"*": value}
+    else:
+        unknown = sorted(set(value) - set(REBOOT_DIFF_CATEGORIES))
+        if unknown:
+            raise UsageError(
+                f"{where}: key 'reboot_diff_tolerate' has unknown categories "
+                f"{unknown} (known: {', '.join(REBOOT_DIFF_CATEGORIES)})"
+            )
+        groups = value
+    for cat, pats in groups.items():
+        if not isinstance(pats, list) or not all(isinstance(p, str) and p for p in pats):
+            raise UsageError(
+                f"{where}: key 'reboot_diff_tolerate' entries must be lists of "
+                f"non-empty regex strings (category {cat!r})"
+            )
+        for p in pats:
+            try:
+                re.compile(p)
+            except re.error as e:
+                raise UsageError(
+                    f"{where}: key 'reboot_diff_tolerate' has an invalid regex {p!r}: {e}"
+                ) from None
 
 
 def check_profile_types(data, path, root=None):
@@ -1675,16 +1924,6 @@ NET_NAME = "boma-it"
 # break, and with STP on Linux holds every new port (each `virsh start` or `restore` makes
 # one) in listening and learning for its minimum 2 s forward delay each. A restored guest
 # answered TCP 22 3.2 s after `virsh restore` returned with STP on, 0.01 s with it off.
-def net_subnet(text):
-    """BOMA_IT_NET_SUBNET: an IPv4 /24 written as its network (`a.b.c.0/24`); the three
-    octets that name it. A /24, as the integration_test role takes (its network must be
-    this one, or the driver redefines it, ADR-031)."""
-    m = re.fullmatch(r"(\d{1,3})\.(\d{1,3})\.(\d{1,3})\.0/24", text.strip())
-    if not m or any(int(o) > 255 for o in m.groups()):
-        raise ValueError("must be an IPv4 /24 written as its network, e.g. 192.168.150.0/24")
-    return ".".join(str(int(o)) for o in m.groups()) + ".0/24"
-
-
 def net_xml(subnet=DEFAULT_NET_SUBNET):
     """The harness network's definition for `subnet` (a /24): the bridge takes .1 and
     libvirt's dnsmasq leases .10-.254. roles/integration_test defines the same shape."""
@@ -2202,36 +2441,6 @@ class RunState:
             mux.unlink()
 
 
-def owned_path(root, *parts):
-    """root/parts, each part one plain name and no symlink on the way below root: the
-    harness's own trees (runs, disks, diagnostics, images, checkpoints) are never reached
-    through a link or a name from a state file. Else InfraError('state')."""
-    p = pathlib.Path(root)
-    for part in map(str, parts):
-        if part in ("", ".", "..") or "/" in part or "\0" in part:
-            raise InfraError("state", f"refusing path component {part!r} under {root}")
-        p = p / part
-        if p.is_symlink():
-            raise InfraError("state", f"refusing {p}: a symlink inside the harness's own tree")
-    return p
-
-
-def write_owned(path, text, mode=0o644):
-    """Write a file the harness owns atomically, never through a symlink: a temp file
-    (O_EXCL|O_NOFOLLOW) renamed over `path` replaces a link instead of following it."""
-    path = pathlib.Path(path)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.unlink(missing_ok=True)  # a crashed writer's (a link there is removed, not followed)
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, mode)
-    try:
-        with os.fdopen(fd, "w") as fh:
-            fh.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-
-
 def is_ipv4(value):
     """`value` is an IPv4 address written the one canonical way (no leading zeros, no
     padding, nothing around it)."""
@@ -2611,30 +2820,6 @@ def virt_install_argv(
         virt_type,
         "--print-xml",
     ]
-
-
-def render_metadata_xml(run_id, created_at, profile, owner, host=None):
-    attrs = {"id": run_id, "created_at": created_at, "profile": profile, "owner": owner}
-    if host:
-        attrs["host"] = host
-    body = " ".join(f"{k}={_xml_quoteattr(str(v))}" for k, v in attrs.items())
-    return f'<boma:run xmlns:boma="{METADATA_URI}" {body}/>'
-
-
-def parse_metadata_xml(text):
-    """The boma run attributes from `virsh metadata --uri` output, or None."""
-    if not text or not text.strip():
-        return None
-    try:
-        el = ET.fromstring(text.strip())
-    except ET.ParseError:
-        return None
-    if el.tag not in (f"{{{METADATA_URI}}}run", "run"):
-        found = el.find(f".//{{{METADATA_URI}}}run")
-        if found is None:
-            return None
-        el = found
-    return dict(el.attrib) if el.get("id") else None
 
 
 def add_domain_metadata(domain_xml, metadata_xml):
@@ -3109,6 +3294,11 @@ def slow_boot_warnings(last_pass, reboots, factor=1.5, slack=15.0):
                 f"the last passing run's {p:.0f}s (see reboot_diffs[].boot)"
             )
     return out
+
+
+def reboot_dir(rs, index, mode):
+    """The diagnostics of a run's index-th reboot (1-based), no symlink on the way."""
+    return owned_path(rs.diag_dir, f"reboot-{index}-{mode}")
 
 
 def warn_reboot(result, reboots, rs):
@@ -4121,33 +4311,6 @@ def classify_diff(diff, spec, errors=None):
     return tolerated, unexpected
 
 
-def check_tolerance_spec(value, where):
-    """Validate a `reboot_diff_tolerate` value; UsageError naming `where`."""
-    if isinstance(value, list):
-        groups = {"*": value}
-    else:
-        unknown = sorted(set(value) - set(REBOOT_DIFF_CATEGORIES))
-        if unknown:
-            raise UsageError(
-                f"{where}: key 'reboot_diff_tolerate' has unknown categories "
-                f"{unknown} (known: {', '.join(REBOOT_DIFF_CATEGORIES)})"
-            )
-        groups = value
-    for cat, pats in groups.items():
-        if not isinstance(pats, list) or not all(isinstance(p, str) and p for p in pats):
-            raise UsageError(
-                f"{where}: key 'reboot_diff_tolerate' entries must be lists of "
-                f"non-empty regex strings (category {cat!r})"
-            )
-        for p in pats:
-            try:
-                re.compile(p)
-            except re.error as e:
-                raise UsageError(
-                    f"{where}: key 'reboot_diff_tolerate' has an invalid regex {p!r}: {e}"
-                ) from None
-
-
 def render_state_diff(before, after, diff, tolerated, unexpected, mode, index, note=""):
     """diff.txt: a header, the verdict lines, then a unified diff per category."""
     out = [
@@ -4245,11 +4408,6 @@ def write_capture(d, state):
     (d / "capture-raw.txt").write_text(state.get("raw", ""))
     if state.get("boot"):
         (d / "boot-analysis.txt").write_text(state["boot"]["text"])
-
-
-def reboot_dir(rs, index, mode):
-    """The diagnostics of a run's index-th reboot (1-based), no symlink on the way."""
-    return owned_path(rs.diag_dir, f"reboot-{index}-{mode}")
 
 
 def reboot_diff(ctx, rs, profile, mode, before, after, result=None, policy="fail"):
@@ -5953,10 +6111,6 @@ def _write_diag_summary(rs, d, reason, notes):
     (d / "SUMMARY.txt").write_text("\n".join(lines) + "\n")
 
 
-def parse_name_list(text):
-    return [ln.strip() for ln in (text or "").splitlines() if ln.strip()]
-
-
 def parse_pool_target(pool_xml):
     """A storage pool's target directory from `virsh pool-dumpxml`, or None."""
     m = re.search(r"<target>\s*<path>([^<]+)</path>", pool_xml or "")
@@ -5976,19 +6130,6 @@ def is_harness_pool(name, target, cache_roots, target_exists):
     if target and any(path_under(target, r) for r in cache_roots):
         return True
     return name.startswith(NAME_PREFIX) and (not target or not target_exists)
-
-
-@contextlib.contextmanager
-def transient_pool(ctx, name, directory):
-    """virt-install defines a persistent, autostarted storage pool for a disk's directory
-    unless a pool already holds it (virtinst's diskbackend.manage_path, even with
-    --print-xml): lend it a transient one, destroyed (and so gone) once the XML is out. The
-    domain names its disks by path, not by pool. A transient pool also dies with libvirtd."""
-    virsh(ctx, "pool-create-as", name, "dir", "--target", directory, check=True, stage="boot")
-    try:
-        yield
-    finally:
-        virsh(ctx, "pool-destroy", name)
 
 
 def harness_pools(ctx):
@@ -6209,20 +6350,6 @@ def free_mib(meminfo_text):
     return int(m.group(1)) // 1024 if m else 0
 
 
-def owned_domains(ctx):
-    """{name: metadata dict + state} for every domain carrying our metadata."""
-    r = virsh(ctx, "list", "--all", "--name", check=True)
-    owned = {}
-    for name in parse_name_list(r.stdout):
-        m = virsh(ctx, "metadata", name, "--uri", METADATA_URI)
-        meta = parse_metadata_xml(m.stdout) if m.returncode == 0 else None
-        if meta:
-            st = virsh(ctx, "domstate", name)
-            meta["state"] = st.stdout.strip() if st.returncode == 0 else "unknown"
-            owned[name] = meta
-    return owned
-
-
 def ram_guard(ctx, mem_mib):
     """(ok, detail) of the RAM guard, for check_guards and doctor alike."""
     avail = free_mib(read_meminfo(ctx))
@@ -6262,86 +6389,6 @@ def check_guards(ctx, profile, need_image, count_vms=True):
     ok, detail = disk_guard(ctx, need_image)
     if not ok:
         raise InfraError("guard", f"refusing to start: {detail}")
-
-
-def open_lock_file(path):
-    """A lock file the harness owns, opened without following a symlink."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    return os.fdopen(os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o600), "r+")
-
-
-class LockBusy(InfraError):
-    """file_lock: another run held the lock for longer than the wait."""
-
-    def __init__(self, what, path, wait):
-        super().__init__(
-            "guard", f"{what}: lock {path} held by another run for more than {wait:.0f}s"
-        )
-        self.path = path
-
-
-@contextlib.contextmanager
-def file_lock(ctx, path, what, wait=None):
-    """Hold the lock file `path`, waiting for it `wait` s at most (the lock bound by
-    default); longer: LockBusy (InfraError 'guard')."""
-    fh = open_lock_file(path)
-    wait = ctx.bounds["lock"] if wait is None else wait
-    deadline = time.monotonic() + wait
-    try:
-        while True:
-            try:
-                fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                break
-            except BlockingIOError:
-                if time.monotonic() > deadline:
-                    raise LockBusy(what, path, wait) from None
-                time.sleep(ctx.poll)
-        yield
-    finally:
-        fh.close()
-
-
-@dataclasses.dataclass
-class Claim:
-    """A flock held on a directory of the harness (claim_dir) until closed."""
-
-    path: pathlib.Path
-    fd: int
-
-    def close(self):
-        if self.fd >= 0:
-            os.close(self.fd)
-            self.fd = -1
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        self.close()
-
-
-def claim_dir(path, shared=False):
-    """Claim the directory `path` (a checkpoint, a run's dir) with a flock, never waiting:
-    a Claim, or None when another process holds a conflicting one, or `path` is gone, a
-    symlink or no longer the directory that was locked. Runs that resume a checkpoint
-    share it (shared=True); the gc, and a session that takes or retires a loop's VM,
-    need it alone. A killed holder's claim goes with its process."""
-    try:
-        fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW)
-    except OSError:
-        return None
-    claim = None
-    try:
-        fcntl.flock(fd, (fcntl.LOCK_SH if shared else fcntl.LOCK_EX) | fcntl.LOCK_NB)
-        now, held = os.stat(path, follow_symlinks=False), os.fstat(fd)
-        if (now.st_dev, now.st_ino) == (held.st_dev, held.st_ino):
-            claim = Claim(pathlib.Path(path), fd)
-    except OSError:  # BlockingIOError: another holds it; else removed while we locked
-        pass
-    finally:
-        if claim is None:
-            os.close(fd)
-    return claim
 
 
 @dataclasses.dataclass
@@ -6554,31 +6601,6 @@ def _junit_cases(result):
             )
         )
     return cases
-
-
-@contextlib.contextmanager
-def timed_phase(ctx, result, name):
-    t0 = time.monotonic()
-    entry = {"name": name, "seconds": 0.0, "status": "pass"}
-    if ctx is not None:  # where it starts in the run (the report's timeline)
-        entry["at"] = round(t0 - ctx.t0, 1)
-    if result is not None:
-        result["phase_details"].append(entry)
-    try:
-        yield entry
-    except VerifyFailed as e:
-        entry["status"], entry["message"] = "fail", e.msg
-        if e.detail:
-            entry["detail"] = e.detail
-        raise
-    except KeyboardInterrupt:
-        entry["status"], entry["message"] = "interrupted", "interrupted"
-        raise
-    except Exception as e:  # any error ends the phase as an error
-        entry["status"], entry["message"] = "error", str(e)
-        raise
-    finally:
-        entry["seconds"] = round(time.monotonic() - t0, 1)
 
 
 def _current_phase(result):
@@ -8592,18 +8614,6 @@ def prune_tree(tree, what, keep=(), match=None):
         if what:
             print(f"integration-vm: removed {what} {d.name}")
     return True
-
-
-def _age(iso):
-    try:
-        t = datetime.datetime.fromisoformat(iso)
-        secs = (datetime.datetime.now(datetime.UTC) - t).total_seconds()
-    except (TypeError, ValueError):
-        return "?"
-    for unit, n in (("d", 86400), ("h", 3600), ("m", 60)):
-        if secs >= n:
-            return f"{int(secs // n)}{unit}"
-    return f"{int(secs)}s"
 
 
 def cmd_status(ctx, args):
