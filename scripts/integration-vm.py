@@ -27,8 +27,10 @@ renderers, parsers) and its orchestration together, in this order:
   Image                  the golden image: recipe, key, build, fetch, publish
   Network and accel.     the harness network, DHCP leases, KVM or TCG
   Guest                  a run's state (RunState, run.json's RunRecord), cloud-init,
-                         create/boot, waits, reboot proof
+                         virt-install and ssh argv, the wait helper, boot notes
   Reboot diff            state capture, normalisation, diff, tolerances, boot analysis
+  Machine                the VM's verbs: create, start, the bounded waits, ssh, reboot
+                         with its proof (a new boot id)
   Ansible                transport, transient inventory, argv, output, apply, verify
   Checkpoints            keys, role scan, take/stage/resume
   Day 2                  --from REF: REF's worktree and applies, then the upgrade
@@ -2198,11 +2200,11 @@ def probe_accel(ctx, kernel):
 
 
 # --------------------------------------------------------------------------------------
-# Guest: a run's state, cloud-init, create and boot, bounded waits, the reboot proof
+# Guest: a run's state, cloud-init, the argv to create and reach it, the wait helper
 # --------------------------------------------------------------------------------------
 # A run is one VM: its state dir (run.json, owned paths), its NoCloud seed and overlay,
-# virt-install, the named waits (lease, TCP 22, SSH, cloud-init), and reboot_vm(), which
-# proves a reboot by a changed boot_id.
+# virt-install's and ssh's argv, wait_until (the one bounded poll), and what a reboot leaves
+# (its warnings, the boot history). The VM's verbs are the Machine's (its own section).
 
 
 def vm_name(host, suffix=None):
@@ -2859,61 +2861,6 @@ def open_run(ctx, data, run):
     return rs
 
 
-def create_run(ctx, profile, certs, accel, image, run):
-    """Everything a run needs on disk, then define (with ownership metadata). The run
-    state is attached to the session's `run` as soon as it exists, so a failure anywhere
-    after that is cleaned up by down_run."""
-    host = profile["name"]
-    name = vm_name(host)
-    data = {
-        "name": name,
-        "host": host,
-        "profile": profile["path"],
-        "certs": certs,
-        "accel": accel,
-        "mac": make_mac(secrets.token_bytes(3)),
-        "ip": None,
-        "created_at": now_iso(),
-        "owner": owner_name(),
-        "image": str(image.disk),
-        "image_key": image.key,
-        "state": "creating",
-        "boot_ids": [],
-        "uri": ctx.uri,
-        "mem_mib": profile["mem_mib"],
-        "vcpus": profile["vcpus"],
-    }
-    rs = open_run(ctx, data, run)
-    _write_keys_and_seed_data(ctx, rs, name)
-    overlay, seed = _create_disks(ctx, rs, image)
-    _define_domain(ctx, rs, profile, accel, image, overlay, seed)
-    return rs
-
-
-def _write_keys_and_seed_data(ctx, rs, name):
-    """The run's client key and the guest's host key (ssh-keygen), known_hosts pinning
-    that host key, and the NoCloud user-data/meta-data that carry both."""
-    for key, role in (("id_ed25519", "client"), ("ssh_host_ed25519_key", "host")):
-        run(
-            ssh_keygen_argv(rs.dir / key, f"boma-it {role} {name}"),
-            timeout=30,
-            check=True,
-            stage="keys",
-            cmdlog=ctx.cmdlog,
-        )
-    host_pub = (rs.dir / "ssh_host_ed25519_key.pub").read_text()
-    (rs.dir / "known_hosts").write_text(known_hosts_line(name, host_pub))
-    (rs.dir / "user-data").write_text(
-        render_user_data(
-            (rs.dir / "id_ed25519.pub").read_text(),
-            ANSIBLE_USER,
-            host_key_private=(rs.dir / "ssh_host_ed25519_key").read_text(),
-            host_key_public=host_pub,
-        )
-    )
-    (rs.dir / "meta-data").write_text(render_meta_data(f"iid-{name}", name))
-
-
 def make_overlay(ctx, backing, overlay, stage):
     """A fresh qcow2 overlay on `backing`, root-only (DISK_MODE: a run's disk may hold
     what a role wrote, secrets included). The run's, a checkpoint's and a resume's."""
@@ -2925,62 +2872,6 @@ def make_overlay(ctx, backing, overlay, stage):
         cmdlog=ctx.cmdlog,
     )
     os.chmod(overlay, DISK_MODE)
-
-
-def _create_disks(ctx, rs, image):
-    """The run's overlay on the golden image and its NoCloud seed, root-only (DISK_MODE);
-    -> (overlay, seed)."""
-    overlay, seed = rs.overlay, rs.disk_dir / "seed.img"
-    os.chmod(rs.disk_dir, 0o700)  # until the seed (a private key) is root-only
-    make_overlay(ctx, image.disk, overlay, "boot")
-    run(
-        cloud_localds_argv(seed, rs.dir / "user-data", rs.dir / "meta-data"),
-        timeout=60,
-        check=True,
-        stage="boot",
-        cmdlog=ctx.cmdlog,
-    )
-    os.chmod(seed, DISK_MODE)
-    os.chmod(rs.disk_dir, 0o755)  # QEMU (not root) opens the disks by path
-    return overlay, seed
-
-
-def _define_domain(ctx, rs, profile, accel, image, overlay, seed):
-    """virt-install --print-xml for the run, checked and stamped with the ownership
-    metadata, saved as domain.xml and defined."""
-    data, name, host = rs.data, rs.name, profile["name"]
-    osinfo = osinfo_for(ctx)
-    with transient_pool(ctx, name, rs.disk_dir):
-        xml = run(
-            virt_install_argv(
-                ctx.uri,
-                name,
-                profile["mem_mib"],
-                profile["vcpus"],
-                overlay,
-                seed,
-                data["mac"],
-                rs.console_log,
-                "kvm" if accel == "kvm" else "qemu",
-                osinfo,
-            ),
-            timeout=120,
-            check=True,
-            stage="boot",
-            cmdlog=ctx.cmdlog,
-        ).stdout
-    if domain_name_from_xml(xml) != name:
-        raise InfraError("boot", "virt-install --print-xml returned XML for another domain")
-    xml = add_domain_metadata(
-        xml,
-        render_metadata_xml(
-            data["created_at"] + "/" + name, data["created_at"], host, data["owner"], host
-        ),
-    )
-    (rs.dir / "domain.xml").write_text(xml)
-    data["state"] = "defined"
-    rs.save()
-    virsh(ctx, "define", rs.dir / "domain.xml", check=True, stage="boot")
 
 
 # A guest kernel that panicked will not answer, however long we wait: say so at once.
@@ -3059,102 +2950,6 @@ def tcp_open(ip, port, timeout):
         return False
 
 
-def wait_domain_running(ctx, rs):
-    def probe(_):
-        r = virsh(ctx, "domstate", rs.domain)
-        return r.returncode == 0 and r.stdout.strip() == "running"
-
-    wait_until(
-        ctx,
-        "domain-running",
-        ctx.bounds["domain-running"],
-        probe,
-        f"domain {rs.domain} to run",
-        rs,
-        poll=local_poll(ctx),
-    )
-
-
-def wait_lease(ctx, rs, stage="dhcp-lease"):
-    def probe(_):
-        r = virsh(ctx, "domifaddr", rs.domain, "--source", "lease")
-        return parse_lease_ip(r.stdout, rs.data["mac"]) if r.returncode == 0 else None
-
-    ip = wait_until(
-        ctx,
-        stage,
-        ctx.bounds["dhcp-lease"],
-        probe,
-        f"a DHCP lease for {rs.data['mac']}",
-        rs,
-        poll=local_poll(ctx),
-    )
-    rs.data["ip"] = ip
-    rs.save()
-    return ip
-
-
-def wait_tcp22(ctx, rs, stage="tcp-22"):
-    wait_until(
-        ctx,
-        stage,
-        ctx.bounds["tcp-22"],
-        lambda dl: tcp_open(rs.ip, ctx.ssh_port, min(5, dl - time.monotonic())),
-        f"TCP {rs.ip}:{ctx.ssh_port}",
-        rs,
-        poll=local_poll(ctx),
-    )
-
-
-def gated_by_tcp22(ctx, rs, attempt):
-    """A probe for a wait at local_poll(): attempt(deadline) only once TCP 22 answers, and
-    at most every ctx.poll. A connect costs the guest nothing; an SSH handshake costs a
-    TCG guest 1-2.6 s of emulated crypto, so attempts stay at the harness's poll while the
-    port is looked at often (a 2 s poll found a new boot's sshd ~1 s late on average)."""
-    last = [None]
-
-    def probe(deadline):
-        if not tcp_open(rs.ip, ctx.ssh_port, min(1.0, deadline - time.monotonic())):
-            return None
-        if last[0] is not None and time.monotonic() - last[0] < ctx.poll:
-            return None
-        last[0] = time.monotonic()
-        return attempt(deadline)
-
-    return probe
-
-
-def wait_ssh(ctx, rs, stage="ssh-handshake", command="true", accept=None):
-    """Pinned-key SSH until `command` succeeds (and accept(stdout) holds)."""
-    last = {"err": ""}
-
-    def probe(deadline):
-        left = deadline - time.monotonic()
-        r = rs.ssh(command, timeout=max(0.2, min(ctx.bounds["ssh-attempt"], left)))
-        if r.returncode == 0 and (accept is None or accept(r.stdout)):
-            return r.stdout or True
-        last["err"] = (
-            "attempt timed out"
-            if r.timed_out
-            else ((r.stderr.strip().splitlines() or [f"exit {r.returncode}"])[-1])
-        )
-        return None
-
-    try:
-        return wait_until(
-            ctx,
-            stage,
-            ctx.bounds[stage if stage in ctx.bounds else "ssh-handshake"],
-            probe,
-            f"SSH to {ANSIBLE_USER}@{rs.ip} ({command})",
-            rs,
-        )
-    except GuestPanicked:
-        raise  # the panic line says it all
-    except InfraError as e:
-        raise InfraError(e.stage, f"{e.msg}; last: {last['err']}") from None
-
-
 # cloud-init writes this when its last stage of THIS boot has finished (/run is the boot's),
 # with every stage's errors: the file `cloud-init status` itself reads. The guest waits for
 # it (a shell loop, one SSH call) and prints it. `cloud-init status --wait` did the same,
@@ -3178,104 +2973,6 @@ def parse_cloud_init_result(text):
     except (ValueError, KeyError, TypeError, AttributeError):
         return [f"unreadable {CLOUD_INIT_RESULT}: {text.strip()[:200]!r}"], []
     return errors, recoverable
-
-
-def wait_cloud_init(ctx, rs):
-    bound = ctx.bounds["cloud-init"]
-    r = rs.ssh(
-        f"timeout {bound:.0f} sh -c '{CLOUD_INIT_WAIT}'", timeout=bound + 5, stage="cloud-init"
-    )
-    if r.timed_out or r.returncode == 124:
-        raise InfraError(
-            "cloud-init",
-            f"cloud-init had not finished after {bound:.0f}s (no {CLOUD_INIT_RESULT}); "
-            f"console log: {rs.console_log}",
-        )
-    if r.returncode != 0:
-        raise InfraError(
-            "cloud-init",
-            f"could not read {CLOUD_INIT_RESULT} (exit {r.returncode}): {r.stderr.strip()[-300:]}",
-        )
-    errors, recoverable = parse_cloud_init_result(r.stdout)
-    if errors:
-        raise InfraError("cloud-init", f"cloud-init failed: {'; '.join(errors)[-300:]}")
-    if recoverable:
-        progress(
-            ctx,
-            "boot",
-            f"cloud-init finished with recoverable errors: {'; '.join(recoverable)[:300]}",
-        )
-
-
-def read_boot_id(ctx, rs, timeout=None):
-    r = rs.ssh(
-        "cat /proc/sys/kernel/random/boot_id",
-        timeout=timeout or ctx.bounds["ssh-command"],
-        stage="ssh",
-    )
-    if r.returncode != 0:
-        raise InfraError(
-            "ssh", f"could not read boot_id (exit {r.returncode}): {r.stderr.strip()[-200:]}"
-        )
-    return r.stdout.strip()
-
-
-# Under TCG the guest's kernel has been seen to oops in its own code patching before
-# systemd was up (`Oops: int3` in free_unref_page, two vCPUs emulated on host threads:
-# text_poke's breakpoint dance racing the emulator). That is the emulator's, not the
-# image's: a first boot that panics, before anything of the system under test has run in
-# the guest, is started once more on a fresh overlay (same image, same seed) and says so.
-# A second panic is the error it always was; on a later boot (the reboots after the
-# applies) only the emulator's own `Oops: int3` is retried (_wait_new_boot_past_emulator_oops).
-def boot(ctx, rs, image):
-    """The run's first boot (_boot_once), once more after a kernel panic. -> the panic
-    line of the first attempt, or None."""
-    try:
-        _boot_once(ctx, rs)
-        return None
-    except GuestPanicked as e:
-        progress(
-            ctx, "boot", f"{e.msg}; nothing has been applied: starting once more on a fresh overlay"
-        )
-        virsh(ctx, "destroy", rs.domain, check=True, stage="boot")
-        rs.overlay.unlink()
-        make_overlay(ctx, image.disk, rs.overlay, "boot")
-        _boot_once(ctx, rs)
-        return e.panic
-
-
-def _boot_once(ctx, rs):
-    t0 = time.monotonic()
-    stages = rs.data["boot_stages"] = {}  # seconds from `virsh start` to each stage
-
-    def reached(stage, msg):
-        stages[stage] = round(time.monotonic() - t0, 1)
-        progress(ctx, "boot", msg)
-
-    rs.mark_console()
-    with rs.watching_for_the_kernel():
-        virsh(ctx, "start", rs.domain, check=True, stage="domain-running")
-        rs.data["state"] = "booting"
-        rs.save()
-        wait_domain_running(ctx, rs)
-        reached("domain-running", f"domain-running {rs.name}")
-        ip = wait_lease(ctx, rs)
-    reached("dhcp-lease", f"dhcp-lease {ip}")
-    wait_tcp22(ctx, rs)
-    reached("tcp-22", "tcp-22 open")
-    wait_ssh(ctx, rs)
-    reached("ssh-handshake", "ssh-handshake ok (pinned host key)")
-    wait_cloud_init(ctx, rs)
-    stages["cloud-init"] = round(time.monotonic() - t0, 1)
-    note_span(ctx, "boot", t0, who="guest")
-    for name, _ in CONSOLE_MILESTONES:  # firmware, then the boot loader's loading
-        if rs.seconds_to(name, t0) is not None:
-            stages[name] = rs.seconds_to(name, t0)
-    rs.data["boot_ids"].append(read_boot_id(ctx, rs))
-    rs.data["state"] = "up"
-    rs.save()
-    write_current(ctx, rs)
-    progress(ctx, "boot", "cloud-init done")
 
 
 # A boot much slower than the profile's last passing run (same accelerator) is worth a
@@ -3362,17 +3059,6 @@ def note_boot_times(ctx, result, run_name):
         print(f"integration-vm: warning: boot history: {e}", file=sys.stderr)
 
 
-def queued_jobs(ctx, rs):
-    """`; jobs still queued: <unit> (<type>), ...` from the guest's `systemctl list-jobs`,
-    or "": what held a boot in `starting` (a timer's long job at hh:00 has). Never fails."""
-    r = rs.ssh("systemctl list-jobs --no-legend --no-pager", timeout=ctx.bounds["ssh-command"])
-    if r.timed_out:
-        return ""
-    rows = [ln.split() for ln in r.stdout.splitlines()]
-    jobs = [f"{row[1]} ({row[2]})" for row in rows if len(row) >= 3 and row[0].isdigit()]
-    return f"; jobs still queued: {', '.join(jobs)}" if jobs else ""
-
-
 # The guest waits for its boot to finish (`is-system-running --wait`, re-armed every
 # BOOT_WAIT_POLL seconds) and prints the state. It stops early, printing `starting` and
 # `timer-jobs: <units>`, when the boot target is reached and every job still queued is a
@@ -3397,80 +3083,6 @@ def boot_wait_script(poll=BOOT_WAIT_POLL):
         'echo starting; echo "timer-jobs:" $j; exit 0; '
         "done"
     )
-
-
-def wait_boot_finished(ctx, rs):
-    """-> (state, timer_jobs): the guest's `is-system-running` once its boot is over, or
-    ("starting", [units]) when only timer-started jobs are left. InfraError('reboot') when
-    the boot had not finished within the bound, naming the jobs that held it."""
-    bound = ctx.bounds["system-running"]
-    r = rs.ssh(f"timeout {bound:.0f} sh -c '{boot_wait_script()}'", timeout=bound + 5)
-    lines = r.stdout.split("\n")
-    state = lines[0].strip() or ("timeout" if r.timed_out or r.returncode == 124 else "unknown")
-    timer_jobs = []
-    if state == "starting" and len(lines) > 1 and lines[1].startswith("timer-jobs:"):
-        timer_jobs = lines[1].split()[1:]
-    if state not in ("running", "degraded") and not timer_jobs:
-        raise InfraError(
-            "reboot",
-            f"system state {state!r} after {bound:.0f}s "
-            f"(`systemctl is-system-running --wait`{queued_jobs(ctx, rs)}); "
-            f"console log: {rs.console_log}",
-        )
-    return state, timer_jobs
-
-
-def reboot_vm(ctx, rs, mode="graceful", before=None):
-    """Reboot and PROVE it: boot_id must change. graceful = the guest's own clean
-    shutdown on the ACPI power button, then power on; hard = power cut (virsh destroy).
-    Either way the next boot is a fresh QEMU process (virsh start). `before`: a capture
-    taken moments ago with nothing run since (the previous reboot's `after`), instead of
-    capturing again."""
-    if mode not in REBOOT_MODES:
-        raise UsageError(f"--reboot must be one of {', '.join(REBOOT_MODES)}")
-    before = before or capture_state(ctx, rs, analyze=False)
-    rs.close_ssh()  # its connection dies with this boot
-    rs.mark_console()
-    with rs.watching_for_the_kernel():
-        issued = time.monotonic()
-        to_off, shutdown_console = None, None
-        if mode == "graceful":
-            to_off, shutdown_console = shut_down_cleanly(ctx, rs, before)
-        else:
-            virsh(ctx, "destroy", rs.domain, check=True, stage="reboot")
-            progress(ctx, "reboot:hard", f"power cut; old boot_id {before['boot_id'][:8]}")
-        virsh(ctx, "start", rs.domain, check=True, stage="reboot")
-        new_id, oops_panic = _wait_new_boot_past_emulator_oops(ctx, rs, before, issued)
-    to_ssh = round(time.monotonic() - issued, 1)
-    to_loader, to_kernel = rs.seconds_to("loader", issued), rs.seconds_to("kernel", issued)
-    sysstate, timer_jobs = wait_boot_finished(ctx, rs)
-    to_running = round(time.monotonic() - issued, 1)
-    note_span(ctx, f"reboot:{mode}", issued, who="guest", seconds=to_running)
-    # systemd-analyze's blame and critical-chain (~3 s of a TCG guest each) only where a
-    # reboot failed: the reboot diff's second capture and the diagnostics bundle
-    after = capture_state(ctx, rs, boot_id=new_id, analyze="time")
-    rs.data["boot_ids"].append(new_id)
-    stages = {
-        "seconds_to_off": to_off,
-        "seconds_to_loader": to_loader,
-        "seconds_to_kernel": to_kernel,
-        "seconds_to_ssh": to_ssh,
-        "seconds_to_running": to_running,
-    }
-    record = {"mode": mode, "system_state": sysstate, "failed_units": after["failed_units"]}
-    if timer_jobs:
-        record["timer_jobs"] = timer_jobs
-    if oops_panic:
-        record["emulator_oops"] = oops_panic
-    if shutdown_console is not None:
-        record["stop_jobs"] = shutdown_stop_jobs(shutdown_console)
-        d = reboot_dir(rs, len(rs.data.get("reboots", [])) + 1, mode)
-        d.mkdir(parents=True, exist_ok=True)
-        write_owned(owned_path(d, "shutdown-console.txt"), shutdown_console)
-    rs.data.setdefault("reboots", []).append({**record, **stages})
-    rs.save()
-    progress(ctx, f"reboot:{mode}", f"new boot_id {new_id[:8]}: " + _reboot_story(record, stages))
-    return before, after
 
 
 def _reboot_story(record, stages):
@@ -3511,93 +3123,13 @@ def shutdown_stop_jobs(console_text):
     return seen
 
 
-def shut_down_cleanly(ctx, rs, before):
-    """A graceful reboot's first half: the ACPI power button, as `virsh reboot` sends a
-    guest without an agent, and the guest's own clean shutdown, within the reboot bound.
-    The caller then starts the domain in a fresh QEMU process rather than have libvirt
-    reset the guest in place: under TCG a guest reset inside a QEMU that had run for
-    minutes took 9-31 s from GRUB to the kernel banner, a fresh one 3.7 s (ADR-030).
-    -> (seconds until the domain was off, what its console printed meanwhile)."""
-    t0 = time.monotonic()
-    virsh(ctx, "shutdown", rs.domain, "--mode", "acpi", check=True, stage="reboot")
-    progress(ctx, "reboot:graceful", f"power button pressed; old boot_id {before['boot_id'][:8]}")
-
-    def off(_):
-        r = virsh(ctx, "domstate", rs.domain)
-        return r.returncode == 0 and r.stdout.strip() == "shut off"
-
-    what = f"the guest to power off after the ACPI power button (domain {rs.domain})"
-    # A local `virsh domstate` is cheap and the start waits on it (LOCAL_POLL).
-    wait_until(ctx, "reboot", ctx.bounds["reboot"], off, what, rs, poll=local_poll(ctx))
-    # Read before `virsh start`: the new QEMU process starts the console log afresh.
-    return round(time.monotonic() - t0, 1), ANSI_ESCAPE.sub("", rs.console_since_mark() or "")
-
-
-def _wait_new_boot(ctx, rs, before, issued):
-    """After a reboot issued at `issued`: the lease again, then a boot_id over SSH other
-    than `before`'s, within the reboot bound; -> the new boot_id."""
-    deadline = issued + ctx.bounds["reboot"]
-
-    def new_boot(_):
-        left = deadline - time.monotonic()
-        r = rs.ssh(
-            "cat /proc/sys/kernel/random/boot_id",
-            timeout=max(0.2, min(ctx.bounds["ssh-attempt"], left)),
-            shared=False,  # it may reach the old boot's sshd on its way down
-        )
-        bid = r.stdout.strip() if r.returncode == 0 else None
-        return bid if bid and bid != before["boot_id"] else None
-
-    try:
-        wait_lease(ctx, rs, stage="reboot")
-        new_id = wait_until(
-            ctx,
-            "reboot",
-            max(0.0, deadline - time.monotonic()),
-            gated_by_tcp22(ctx, rs, new_boot),
-            "a new boot_id over SSH",
-            rs,
-            poll=local_poll(ctx),
-        )
-    except InfraError as e:
-        msg = (
-            f"{e.msg} (boot_id before: {before['boot_id']}; the guest "
-            "did not come back from a new boot)"
-        )
-        if isinstance(e, GuestPanicked):
-            raise GuestPanicked("reboot", msg, e.panic) from None
-        raise InfraError("reboot", msg) from None
-    return new_id
-
-
-# The emulator's own race, not the host's (see boot()): under TCG the kernel's code
+# The emulator's own race, not the host's (see Machine.start()): under TCG the kernel's code
 # patching now and then hits an int3 the patch already removed, `Oops: int3` then a panic,
 # ~11 s into a boot. It has ended reboots after the applies too (2026-12-05, in
 # devcgroup_check_permission). Such a boot is powered on once more, with a warning; a
 # panic without that oops, a second panic, or any panic under KVM is the error it was.
 # (the kernel's own line only, as KERNEL_PANIC)
 TCG_INT3_OOPS = re.compile(r"^\r*(?:\[\s*\d+\.\d+\]\s?)?Oops: int3\b", re.MULTILINE)
-
-
-def _wait_new_boot_past_emulator_oops(ctx, rs, before, issued):
-    """_wait_new_boot, once more after the emulator's int3 oops under TCG.
-    -> (new boot_id, the panic line of the boot that died, or None)."""
-    try:
-        return _wait_new_boot(ctx, rs, before, issued), None
-    except GuestPanicked as e:
-        oops = TCG_INT3_OOPS.search(rs.console_since_mark() or "")
-        if rs.data.get("accel") != "tcg" or not oops:
-            raise
-        progress(
-            ctx,
-            "reboot",
-            f"{e.msg}; that is the emulator's code-patching race (Oops: int3 under TCG), "
-            "not the host's: powering it on once more",
-        )
-        virsh(ctx, "destroy", rs.domain, stage="reboot")
-        rs.mark_console()
-        virsh(ctx, "start", rs.domain, check=True, stage="reboot")
-        return _wait_new_boot(ctx, rs, before, time.monotonic()), e.panic
 
 
 # --------------------------------------------------------------------------------------
@@ -4510,6 +4042,510 @@ def _unexpected_found(ctx, mode, d, unexpected, summary, policy):
         )
     progress(ctx, f"reboot-diff:{mode}", f"warning (--reboot-diff=warn): {msg}")
     summary["warning"] = msg
+
+
+# --------------------------------------------------------------------------------------
+# Machine: the VM's verbs (create, start, the bounded waits, ssh, reboot with its proof)
+# --------------------------------------------------------------------------------------
+# One run's VM as an object, after the NixOS test driver's Machine (start, reboot, wait_for_*
+# on one retry helper) and cockpit's ssh_connection (the boot id read at login; a reboot is
+# "disconnect, wait until the id differs"). Its state stays the run's (RunState, run.json);
+# every wait goes through wait_until (a bound, a poll, the console's kernel panic).
+
+
+class Machine:
+    """The VM of the run `rs`: create (keys, seed, disks, define), start (the first boot),
+    the named waits, ssh, reboot(mode) proved by a new boot id."""
+
+    def __init__(self, ctx, rs):
+        self.ctx, self.rs = ctx, rs
+
+    def create(self, profile, accel, image):
+        """The run's keys and NoCloud seed, its disks, its domain defined."""
+        self._write_keys_and_seed_data(self.rs.name)
+        overlay, seed = self._create_disks(image)
+        self.define(profile, accel, image, overlay, seed)
+
+    def ssh(self, command, timeout, stage="ssh", input=None, shared=True):
+        """`command` on the guest over pinned SSH (RunState.ssh)."""
+        return self.rs.ssh(command, timeout, stage=stage, input=input, shared=shared)
+
+    def _write_keys_and_seed_data(self, name):
+        """The run's client key and the guest's host key (ssh-keygen), known_hosts pinning
+        that host key, and the NoCloud user-data/meta-data that carry both."""
+        ctx, rs = self.ctx, self.rs
+        for key, role in (("id_ed25519", "client"), ("ssh_host_ed25519_key", "host")):
+            run(
+                ssh_keygen_argv(rs.dir / key, f"boma-it {role} {name}"),
+                timeout=30,
+                check=True,
+                stage="keys",
+                cmdlog=ctx.cmdlog,
+            )
+        host_pub = (rs.dir / "ssh_host_ed25519_key.pub").read_text()
+        (rs.dir / "known_hosts").write_text(known_hosts_line(name, host_pub))
+        (rs.dir / "user-data").write_text(
+            render_user_data(
+                (rs.dir / "id_ed25519.pub").read_text(),
+                ANSIBLE_USER,
+                host_key_private=(rs.dir / "ssh_host_ed25519_key").read_text(),
+                host_key_public=host_pub,
+            )
+        )
+        (rs.dir / "meta-data").write_text(render_meta_data(f"iid-{name}", name))
+
+    def _create_disks(self, image):
+        """The run's overlay on the golden image and its NoCloud seed, root-only (DISK_MODE);
+        -> (overlay, seed)."""
+        ctx, rs = self.ctx, self.rs
+        overlay, seed = rs.overlay, rs.disk_dir / "seed.img"
+        os.chmod(rs.disk_dir, 0o700)  # until the seed (a private key) is root-only
+        make_overlay(ctx, image.disk, overlay, "boot")
+        run(
+            cloud_localds_argv(seed, rs.dir / "user-data", rs.dir / "meta-data"),
+            timeout=60,
+            check=True,
+            stage="boot",
+            cmdlog=ctx.cmdlog,
+        )
+        os.chmod(seed, DISK_MODE)
+        os.chmod(rs.disk_dir, 0o755)  # QEMU (not root) opens the disks by path
+        return overlay, seed
+
+    def define(self, profile, accel, image, overlay, seed):
+        """virt-install --print-xml for the run, checked and stamped with the ownership
+        metadata, saved as domain.xml and defined."""
+        ctx, rs = self.ctx, self.rs
+        data, name, host = rs.data, rs.name, profile["name"]
+        osinfo = osinfo_for(ctx)
+        with transient_pool(ctx, name, rs.disk_dir):
+            xml = run(
+                virt_install_argv(
+                    ctx.uri,
+                    name,
+                    profile["mem_mib"],
+                    profile["vcpus"],
+                    overlay,
+                    seed,
+                    data["mac"],
+                    rs.console_log,
+                    "kvm" if accel == "kvm" else "qemu",
+                    osinfo,
+                ),
+                timeout=120,
+                check=True,
+                stage="boot",
+                cmdlog=ctx.cmdlog,
+            ).stdout
+        if domain_name_from_xml(xml) != name:
+            raise InfraError("boot", "virt-install --print-xml returned XML for another domain")
+        xml = add_domain_metadata(
+            xml,
+            render_metadata_xml(
+                data["created_at"] + "/" + name, data["created_at"], host, data["owner"], host
+            ),
+        )
+        (rs.dir / "domain.xml").write_text(xml)
+        data["state"] = "defined"
+        rs.save()
+        virsh(ctx, "define", rs.dir / "domain.xml", check=True, stage="boot")
+
+    # Under TCG the guest's kernel has been seen to oops in its own code patching before
+    # systemd was up (`Oops: int3` in free_unref_page, two vCPUs emulated on host threads:
+    # text_poke's breakpoint dance racing the emulator). That is the emulator's, not the
+    # image's: a first boot that panics, before anything of the system under test has run in
+    # the guest, is started once more on a fresh overlay (same image, same seed) and says so.
+    # A second panic is the error it always was; on a later boot (the reboots after the
+    # applies) only the emulator's own `Oops: int3` is retried (_wait_new_boot_past_emulator_oops).
+    def start(self, image):
+        """The run's first boot (_boot_once), once more after a kernel panic. -> the panic
+        line of the first attempt, or None."""
+        ctx, rs = self.ctx, self.rs
+        try:
+            self._boot_once()
+            return None
+        except GuestPanicked as e:
+            progress(
+                ctx,
+                "boot",
+                f"{e.msg}; nothing has been applied: starting once more on a fresh overlay",
+            )
+            virsh(ctx, "destroy", rs.domain, check=True, stage="boot")
+            rs.overlay.unlink()
+            make_overlay(ctx, image.disk, rs.overlay, "boot")
+            self._boot_once()
+            return e.panic
+
+    def _boot_once(self):
+        ctx, rs = self.ctx, self.rs
+        t0 = time.monotonic()
+        stages = rs.data["boot_stages"] = {}  # seconds from `virsh start` to each stage
+
+        def reached(stage, msg):
+            stages[stage] = round(time.monotonic() - t0, 1)
+            progress(ctx, "boot", msg)
+
+        rs.mark_console()
+        with rs.watching_for_the_kernel():
+            virsh(ctx, "start", rs.domain, check=True, stage="domain-running")
+            rs.data["state"] = "booting"
+            rs.save()
+            self.wait_domain_running()
+            reached("domain-running", f"domain-running {rs.name}")
+            ip = self.wait_lease()
+        reached("dhcp-lease", f"dhcp-lease {ip}")
+        self.wait_tcp22()
+        reached("tcp-22", "tcp-22 open")
+        self.wait_ssh()
+        reached("ssh-handshake", "ssh-handshake ok (pinned host key)")
+        self.wait_cloud_init()
+        stages["cloud-init"] = round(time.monotonic() - t0, 1)
+        note_span(ctx, "boot", t0, who="guest")
+        for name, _ in CONSOLE_MILESTONES:  # firmware, then the boot loader's loading
+            if rs.seconds_to(name, t0) is not None:
+                stages[name] = rs.seconds_to(name, t0)
+        rs.data["boot_ids"].append(self.read_boot_id())
+        rs.data["state"] = "up"
+        rs.save()
+        write_current(ctx, rs)
+        progress(ctx, "boot", "cloud-init done")
+
+    def wait_domain_running(self):
+        ctx, rs = self.ctx, self.rs
+
+        def probe(_):
+            r = virsh(ctx, "domstate", rs.domain)
+            return r.returncode == 0 and r.stdout.strip() == "running"
+
+        wait_until(
+            ctx,
+            "domain-running",
+            ctx.bounds["domain-running"],
+            probe,
+            f"domain {rs.domain} to run",
+            rs,
+            poll=local_poll(ctx),
+        )
+
+    def wait_lease(self, stage="dhcp-lease"):
+        ctx, rs = self.ctx, self.rs
+
+        def probe(_):
+            r = virsh(ctx, "domifaddr", rs.domain, "--source", "lease")
+            return parse_lease_ip(r.stdout, rs.data["mac"]) if r.returncode == 0 else None
+
+        ip = wait_until(
+            ctx,
+            stage,
+            ctx.bounds["dhcp-lease"],
+            probe,
+            f"a DHCP lease for {rs.data['mac']}",
+            rs,
+            poll=local_poll(ctx),
+        )
+        rs.data["ip"] = ip
+        rs.save()
+        return ip
+
+    def wait_tcp22(self, stage="tcp-22"):
+        ctx, rs = self.ctx, self.rs
+        wait_until(
+            ctx,
+            stage,
+            ctx.bounds["tcp-22"],
+            lambda dl: tcp_open(rs.ip, ctx.ssh_port, min(5, dl - time.monotonic())),
+            f"TCP {rs.ip}:{ctx.ssh_port}",
+            rs,
+            poll=local_poll(ctx),
+        )
+
+    def gated_by_tcp22(self, attempt):
+        """A probe for a wait at local_poll(): attempt(deadline) only once TCP 22 answers, and
+        at most every ctx.poll. A connect costs the guest nothing; an SSH handshake costs a
+        TCG guest 1-2.6 s of emulated crypto, so attempts stay at the harness's poll while the
+        port is looked at often (a 2 s poll found a new boot's sshd ~1 s late on average)."""
+        ctx, rs = self.ctx, self.rs
+        last = [None]
+
+        def probe(deadline):
+            if not tcp_open(rs.ip, ctx.ssh_port, min(1.0, deadline - time.monotonic())):
+                return None
+            if last[0] is not None and time.monotonic() - last[0] < ctx.poll:
+                return None
+            last[0] = time.monotonic()
+            return attempt(deadline)
+
+        return probe
+
+    def wait_ssh(self, stage="ssh-handshake", command="true", accept=None):
+        """Pinned-key SSH until `command` succeeds (and accept(stdout) holds)."""
+        ctx, rs = self.ctx, self.rs
+        last = {"err": ""}
+
+        def probe(deadline):
+            left = deadline - time.monotonic()
+            r = rs.ssh(command, timeout=max(0.2, min(ctx.bounds["ssh-attempt"], left)))
+            if r.returncode == 0 and (accept is None or accept(r.stdout)):
+                return r.stdout or True
+            last["err"] = (
+                "attempt timed out"
+                if r.timed_out
+                else ((r.stderr.strip().splitlines() or [f"exit {r.returncode}"])[-1])
+            )
+            return None
+
+        try:
+            return wait_until(
+                ctx,
+                stage,
+                ctx.bounds[stage if stage in ctx.bounds else "ssh-handshake"],
+                probe,
+                f"SSH to {ANSIBLE_USER}@{rs.ip} ({command})",
+                rs,
+            )
+        except GuestPanicked:
+            raise  # the panic line says it all
+        except InfraError as e:
+            raise InfraError(e.stage, f"{e.msg}; last: {last['err']}") from None
+
+    def wait_cloud_init(self):
+        ctx, rs = self.ctx, self.rs
+        bound = ctx.bounds["cloud-init"]
+        r = rs.ssh(
+            f"timeout {bound:.0f} sh -c '{CLOUD_INIT_WAIT}'", timeout=bound + 5, stage="cloud-init"
+        )
+        if r.timed_out or r.returncode == 124:
+            raise InfraError(
+                "cloud-init",
+                f"cloud-init had not finished after {bound:.0f}s (no {CLOUD_INIT_RESULT}); "
+                f"console log: {rs.console_log}",
+            )
+        if r.returncode != 0:
+            raise InfraError(
+                "cloud-init",
+                f"could not read {CLOUD_INIT_RESULT} (exit {r.returncode}): "
+                f"{r.stderr.strip()[-300:]}",
+            )
+        errors, recoverable = parse_cloud_init_result(r.stdout)
+        if errors:
+            raise InfraError("cloud-init", f"cloud-init failed: {'; '.join(errors)[-300:]}")
+        if recoverable:
+            progress(
+                ctx,
+                "boot",
+                f"cloud-init finished with recoverable errors: {'; '.join(recoverable)[:300]}",
+            )
+
+    def read_boot_id(self, timeout=None):
+        ctx, rs = self.ctx, self.rs
+        r = rs.ssh(
+            "cat /proc/sys/kernel/random/boot_id",
+            timeout=timeout or ctx.bounds["ssh-command"],
+            stage="ssh",
+        )
+        if r.returncode != 0:
+            raise InfraError(
+                "ssh", f"could not read boot_id (exit {r.returncode}): {r.stderr.strip()[-200:]}"
+            )
+        return r.stdout.strip()
+
+    def queued_jobs(self):
+        """`; jobs still queued: <unit> (<type>), ...` from the guest's `systemctl list-jobs`,
+        or "": what held a boot in `starting` (a timer's long job at hh:00 has). Never fails."""
+        ctx, rs = self.ctx, self.rs
+        r = rs.ssh("systemctl list-jobs --no-legend --no-pager", timeout=ctx.bounds["ssh-command"])
+        if r.timed_out:
+            return ""
+        rows = [ln.split() for ln in r.stdout.splitlines()]
+        jobs = [f"{row[1]} ({row[2]})" for row in rows if len(row) >= 3 and row[0].isdigit()]
+        return f"; jobs still queued: {', '.join(jobs)}" if jobs else ""
+
+    def wait_boot_finished(self):
+        """-> (state, timer_jobs): the guest's `is-system-running` once its boot is over, or
+        ("starting", [units]) when only timer-started jobs are left. InfraError('reboot') when
+        the boot had not finished within the bound, naming the jobs that held it."""
+        ctx, rs = self.ctx, self.rs
+        bound = ctx.bounds["system-running"]
+        r = rs.ssh(f"timeout {bound:.0f} sh -c '{boot_wait_script()}'", timeout=bound + 5)
+        lines = r.stdout.split("\n")
+        state = lines[0].strip() or ("timeout" if r.timed_out or r.returncode == 124 else "unknown")
+        timer_jobs = []
+        if state == "starting" and len(lines) > 1 and lines[1].startswith("timer-jobs:"):
+            timer_jobs = lines[1].split()[1:]
+        if state not in ("running", "degraded") and not timer_jobs:
+            raise InfraError(
+                "reboot",
+                f"system state {state!r} after {bound:.0f}s "
+                f"(`systemctl is-system-running --wait`{self.queued_jobs()}); "
+                f"console log: {rs.console_log}",
+            )
+        return state, timer_jobs
+
+    def reboot(self, mode="graceful", before=None):
+        """Reboot and PROVE it: boot_id must change. graceful = the guest's own clean
+        shutdown on the ACPI power button, then power on; hard = power cut (virsh destroy).
+        Either way the next boot is a fresh QEMU process (virsh start). `before`: a capture
+        taken moments ago with nothing run since (the previous reboot's `after`), instead of
+        capturing again."""
+        ctx, rs = self.ctx, self.rs
+        if mode not in REBOOT_MODES:
+            raise UsageError(f"--reboot must be one of {', '.join(REBOOT_MODES)}")
+        before = before or capture_state(ctx, rs, analyze=False)
+        rs.close_ssh()  # its connection dies with this boot
+        rs.mark_console()
+        with rs.watching_for_the_kernel():
+            issued = time.monotonic()
+            to_off, shutdown_console = None, None
+            if mode == "graceful":
+                to_off, shutdown_console = self.shut_down_cleanly(before)
+            else:
+                virsh(ctx, "destroy", rs.domain, check=True, stage="reboot")
+                progress(ctx, "reboot:hard", f"power cut; old boot_id {before['boot_id'][:8]}")
+            virsh(ctx, "start", rs.domain, check=True, stage="reboot")
+            new_id, oops_panic = self._wait_new_boot_past_emulator_oops(before, issued)
+        to_ssh = round(time.monotonic() - issued, 1)
+        to_loader, to_kernel = rs.seconds_to("loader", issued), rs.seconds_to("kernel", issued)
+        sysstate, timer_jobs = self.wait_boot_finished()
+        to_running = round(time.monotonic() - issued, 1)
+        note_span(ctx, f"reboot:{mode}", issued, who="guest", seconds=to_running)
+        # systemd-analyze's blame and critical-chain (~3 s of a TCG guest each) only where a
+        # reboot failed: the reboot diff's second capture and the diagnostics bundle
+        after = capture_state(ctx, rs, boot_id=new_id, analyze="time")
+        rs.data["boot_ids"].append(new_id)
+        stages = {
+            "seconds_to_off": to_off,
+            "seconds_to_loader": to_loader,
+            "seconds_to_kernel": to_kernel,
+            "seconds_to_ssh": to_ssh,
+            "seconds_to_running": to_running,
+        }
+        record = {"mode": mode, "system_state": sysstate, "failed_units": after["failed_units"]}
+        if timer_jobs:
+            record["timer_jobs"] = timer_jobs
+        if oops_panic:
+            record["emulator_oops"] = oops_panic
+        if shutdown_console is not None:
+            record["stop_jobs"] = shutdown_stop_jobs(shutdown_console)
+            d = reboot_dir(rs, len(rs.data.get("reboots", [])) + 1, mode)
+            d.mkdir(parents=True, exist_ok=True)
+            write_owned(owned_path(d, "shutdown-console.txt"), shutdown_console)
+        rs.data.setdefault("reboots", []).append({**record, **stages})
+        rs.save()
+        progress(
+            ctx, f"reboot:{mode}", f"new boot_id {new_id[:8]}: " + _reboot_story(record, stages)
+        )
+        return before, after
+
+    def shut_down_cleanly(self, before):
+        """A graceful reboot's first half: the ACPI power button, as `virsh reboot` sends a
+        guest without an agent, and the guest's own clean shutdown, within the reboot bound.
+        The caller then starts the domain in a fresh QEMU process rather than have libvirt
+        reset the guest in place: under TCG a guest reset inside a QEMU that had run for
+        minutes took 9-31 s from GRUB to the kernel banner, a fresh one 3.7 s (ADR-030).
+        -> (seconds until the domain was off, what its console printed meanwhile)."""
+        ctx, rs = self.ctx, self.rs
+        t0 = time.monotonic()
+        virsh(ctx, "shutdown", rs.domain, "--mode", "acpi", check=True, stage="reboot")
+        progress(
+            ctx, "reboot:graceful", f"power button pressed; old boot_id {before['boot_id'][:8]}"
+        )
+
+        def off(_):
+            r = virsh(ctx, "domstate", rs.domain)
+            return r.returncode == 0 and r.stdout.strip() == "shut off"
+
+        what = f"the guest to power off after the ACPI power button (domain {rs.domain})"
+        # A local `virsh domstate` is cheap and the start waits on it (LOCAL_POLL).
+        wait_until(ctx, "reboot", ctx.bounds["reboot"], off, what, rs, poll=local_poll(ctx))
+        # Read before `virsh start`: the new QEMU process starts the console log afresh.
+        return round(time.monotonic() - t0, 1), ANSI_ESCAPE.sub("", rs.console_since_mark() or "")
+
+    def _wait_new_boot(self, before, issued):
+        """After a reboot issued at `issued`: the lease again, then a boot_id over SSH other
+        than `before`'s, within the reboot bound; -> the new boot_id."""
+        ctx, rs = self.ctx, self.rs
+        deadline = issued + ctx.bounds["reboot"]
+
+        def new_boot(_):
+            left = deadline - time.monotonic()
+            r = rs.ssh(
+                "cat /proc/sys/kernel/random/boot_id",
+                timeout=max(0.2, min(ctx.bounds["ssh-attempt"], left)),
+                shared=False,  # it may reach the old boot's sshd on its way down
+            )
+            bid = r.stdout.strip() if r.returncode == 0 else None
+            return bid if bid and bid != before["boot_id"] else None
+
+        try:
+            self.wait_lease(stage="reboot")
+            new_id = wait_until(
+                ctx,
+                "reboot",
+                max(0.0, deadline - time.monotonic()),
+                self.gated_by_tcp22(new_boot),
+                "a new boot_id over SSH",
+                rs,
+                poll=local_poll(ctx),
+            )
+        except InfraError as e:
+            msg = (
+                f"{e.msg} (boot_id before: {before['boot_id']}; the guest "
+                "did not come back from a new boot)"
+            )
+            if isinstance(e, GuestPanicked):
+                raise GuestPanicked("reboot", msg, e.panic) from None
+            raise InfraError("reboot", msg) from None
+        return new_id
+
+    def _wait_new_boot_past_emulator_oops(self, before, issued):
+        """_wait_new_boot, once more after the emulator's int3 oops under TCG.
+        -> (new boot_id, the panic line of the boot that died, or None)."""
+        ctx, rs = self.ctx, self.rs
+        try:
+            return self._wait_new_boot(before, issued), None
+        except GuestPanicked as e:
+            oops = TCG_INT3_OOPS.search(rs.console_since_mark() or "")
+            if rs.data.get("accel") != "tcg" or not oops:
+                raise
+            progress(
+                ctx,
+                "reboot",
+                f"{e.msg}; that is the emulator's code-patching race (Oops: int3 under TCG), "
+                "not the host's: powering it on once more",
+            )
+            virsh(ctx, "destroy", rs.domain, stage="reboot")
+            rs.mark_console()
+            virsh(ctx, "start", rs.domain, check=True, stage="reboot")
+            return self._wait_new_boot(before, time.monotonic()), e.panic
+
+
+def create_run(ctx, profile, certs, accel, image, run):
+    """Everything a run needs on disk, then define (with ownership metadata). The run
+    state is attached to the session's `run` as soon as it exists, so a failure anywhere
+    after that is cleaned up by down_run."""
+    host = profile["name"]
+    name = vm_name(host)
+    data = {
+        "name": name,
+        "host": host,
+        "profile": profile["path"],
+        "certs": certs,
+        "accel": accel,
+        "mac": make_mac(secrets.token_bytes(3)),
+        "ip": None,
+        "created_at": now_iso(),
+        "owner": owner_name(),
+        "image": str(image.disk),
+        "image_key": image.key,
+        "state": "creating",
+        "boot_ids": [],
+        "uri": ctx.uri,
+        "mem_mib": profile["mem_mib"],
+        "vcpus": profile["vcpus"],
+    }
+    rs = open_run(ctx, data, run)
+    Machine(ctx, rs).create(profile, accel, image)
+    return rs
 
 
 # --------------------------------------------------------------------------------------
@@ -5514,7 +5550,7 @@ def step_guest_clock(ctx, rs):
     its 'future'. Step it to the controller's (the sandbox has no NTP). First wait for SSH:
     the restored guest's network takes a moment (it took 3 s while the bridge ran STP,
     see NET_XML)."""
-    wait_ssh(ctx, rs, stage="resume")
+    Machine(ctx, rs).wait_ssh(stage="resume")
     r = rs.ssh(
         f"sudo -n date -u -s @{int(time.time())}", timeout=ctx.bounds["ssh-command"], stage="resume"
     )
@@ -5700,7 +5736,7 @@ def resume_run(ctx, profile, certs, manifest, chain_keys, run):
     # Persistent, so a hard reboot (destroy + start) finds it again.
     virsh(ctx, "define", rs.dir / "domain.xml", check=True, stage="resume")
     step_guest_clock(ctx, rs)
-    boot_id = read_boot_id(ctx, rs)
+    boot_id = Machine(ctx, rs).read_boot_id()
     if boot_id != manifest["boot_id"]:
         raise InfraError(
             "resume",
@@ -7015,7 +7051,7 @@ def phase_reboots(ctx, args, run):
     last = None  # the previous reboot's final capture is the next one's `before`
     for mode in result["reboot_modes"]:
         with timed_phase(ctx, result, f"reboot:{mode}") as entry:
-            before, after = reboot_vm(ctx, rs, mode, before=last)
+            before, after = Machine(ctx, rs).reboot(mode, before=last)
             entry["message"] = warn_reboot(result, rs.data["reboots"], rs)
         last_reboot = rs.data["reboots"][-1]
         stage = {
@@ -7303,7 +7339,7 @@ def provision(ctx, args, run):
             create_run(ctx, profile, certs, accel, image, run)
             note_span(ctx, "create-vm", t0)
         run.rs.data["lineage"] = run_lineage(run)
-        panic = boot(ctx, run.rs, image)
+        panic = Machine(ctx, run.rs).start(image)
         if panic:
             result["first_boot_panic"] = panic
         record_applied(run.rs, run.applied_chain, 0)
@@ -7428,7 +7464,7 @@ def loop_vm_silence(ctx, rs):
     one attempt was once not enough (a 2026-11-30 CI run refused a VM that had just
     passed; its reason was not kept, hence result.json's reuse_refused)."""
     try:
-        wait_ssh(ctx, rs, stage="reuse-ssh")
+        Machine(ctx, rs).wait_ssh(stage="reuse-ssh")
     except InfraError as e:
         return f"it does not answer over SSH ({e.msg})"
     return None

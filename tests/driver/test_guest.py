@@ -67,7 +67,7 @@ def test_the_wait_for_a_new_boot_handshakes_only_once_tcp_22_answers():
     closed.bind(("127.0.0.1", 0))  # bound, never listening: connection refused
     ctx = types.SimpleNamespace(ssh_port=closed.getsockname()[1], poll=60)
     rs = types.SimpleNamespace(ip="127.0.0.1")
-    probe = ivm.gated_by_tcp22(ctx, rs, lambda deadline: attempts.append(deadline))
+    probe = ivm.Machine(ctx, rs).gated_by_tcp22(lambda deadline: attempts.append(deadline))
     try:
         deadline = time.monotonic() + 5
         assert probe(deadline) is None and attempts == []
