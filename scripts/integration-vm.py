@@ -21,7 +21,7 @@ renderers, parsers) and its orchestration together, in this order:
   Constants and errors   shared names and defaults; the error hierarchy (exit codes)
   Processes              run() and its thin wrappers (virsh)
   Utilities              owned paths and writes, locks and claims, timed phases, the
-                         harness's domains and transient pools
+                         harness's domains (and their destroy) and transient pools
   Settings               every BOMA_IT_* variable declared once; Settings; Ctx
   Profile                profile files: loading, merging, validation, confined paths
   Image                  the golden image: recipe, key, build, fetch, publish
@@ -30,11 +30,11 @@ renderers, parsers) and its orchestration together, in this order:
                          virt-install and ssh argv, the wait helper, boot notes
   Reboot diff            state capture, normalisation, diff, tolerances, boot analysis
   Machine                the VM's verbs: create, start, the bounded waits, ssh, reboot
-                         with its proof (a new boot id)
+                         with its proof (a new boot id), save/restore, destroy
   Ansible                transport, transient inventory, argv, output, apply, verify
   Checkpoints            keys, role scan, take/stage/resume
   Day 2                  --from REF: REF's worktree and applies, then the upgrade
-  Diagnostics, teardown  what a failed run leaves; storage pools; destroy; down
+  Diagnostics, teardown  what a failed run leaves; storage pools
   Session                the Run and SessionOptions, preflight guards, the phase list
                          per command, the failure-policy table, result.json
                          (ResultRecord), JUnit
@@ -756,6 +756,31 @@ def owned_domains(ctx):
             meta["state"] = st.stdout.strip() if st.returncode == 0 else "unknown"
             owned[name] = meta
     return owned
+
+
+def destroy_domain(ctx, name, expect_run_id=None):
+    """Destroy+undefine a domain IF it carries our metadata. Idempotent."""
+    m = virsh(ctx, "metadata", name, "--uri", METADATA_URI)
+    if m.returncode != 0:
+        exists = virsh(ctx, "domstate", name).returncode == 0
+        if exists:
+            print(f"integration-vm: not touching domain {name}: no boma metadata", file=sys.stderr)
+        return False
+    meta = parse_metadata_xml(m.stdout)
+    if not meta or (expect_run_id and meta.get("id") != expect_run_id):
+        print(
+            f"integration-vm: not touching domain {name}: metadata is not this run's",
+            file=sys.stderr,
+        )
+        return False
+    if virsh(ctx, "domstate", name).stdout.strip() not in ("shut off", ""):
+        virsh(ctx, "destroy", name)
+    r = virsh(ctx, "undefine", name, "--nvram")
+    if r.returncode != 0:
+        r = virsh(ctx, "undefine", name)
+        if r.returncode != 0 and virsh(ctx, "domstate", name).returncode == 0:
+            raise InfraError("teardown", f"could not undefine {name}: {r.stderr.strip()}")
+    return True
 
 
 @contextlib.contextmanager
@@ -2848,7 +2873,7 @@ def domain_name_from_xml(domain_xml):
 
 def open_run(ctx, data, run):
     """A run's private dir (0700) and disk dir, attached to the session's `run` at once so
-    a failure anywhere after is cleaned up by down_run. `data` is checked against run.json's
+    a failure anywhere after is cleaned up by Machine.destroy. `data` is checked against run.json's
     schema (RunRecord): a field it does not declare is an error."""
     rs = RunState(ctx, RunRecord.from_json(data, strict=True).to_json())
     run.attach(rs)
@@ -4045,7 +4070,7 @@ def _unexpected_found(ctx, mode, d, unexpected, summary, policy):
 
 
 # --------------------------------------------------------------------------------------
-# Machine: the VM's verbs (create, start, the bounded waits, ssh, reboot with its proof)
+# Machine: the VM's verbs (create, start, waits, ssh, reboot and its proof, save, destroy)
 # --------------------------------------------------------------------------------------
 # One run's VM as an object, after the NixOS test driver's Machine (start, reboot, wait_for_*
 # on one retry helper) and cockpit's ssh_connection (the boot id read at login; a reboot is
@@ -4055,7 +4080,8 @@ def _unexpected_found(ctx, mode, d, unexpected, summary, policy):
 
 class Machine:
     """The VM of the run `rs`: create (keys, seed, disks, define), start (the first boot),
-    the named waits, ssh, reboot(mode) proved by a new boot id."""
+    the named waits, ssh, reboot(mode) proved by a new boot id, save and restore (a
+    checkpoint's memory image), step_clock (after a restore), destroy."""
 
     def __init__(self, ctx, rs):
         self.ctx, self.rs = ctx, rs
@@ -4518,11 +4544,69 @@ class Machine:
             virsh(ctx, "start", rs.domain, check=True, stage="reboot")
             return self._wait_new_boot(before, time.monotonic()), e.panic
 
+    def step_clock(self):
+        """A restored guest's clock stands where it was saved; apt rejects Release files from
+        its 'future'. Step it to the controller's (the sandbox has no NTP). First wait for SSH:
+        the restored guest's network takes a moment (it took 3 s while the bridge ran STP,
+        see NET_XML)."""
+        ctx, rs = self.ctx, self.rs
+        self.wait_ssh(stage="resume")
+        r = rs.ssh(
+            f"sudo -n date -u -s @{int(time.time())}",
+            timeout=ctx.bounds["ssh-command"],
+            stage="resume",
+        )
+        if r.returncode != 0:
+            raise InfraError(
+                "resume",
+                f"could not set the restored guest's clock: "
+                f"{(r.stderr.strip().splitlines() or ['?'])[-1]}",
+            )
+
+    def save(self, image):
+        """Save the running guest (memory and device state) to `image` and stop it: the Proc
+        of `virsh save` (libvirt aborts a failed save, and the guest runs on)."""
+        self.rs.close_ssh()  # a saved guest's TCP peers see it stop
+        return virsh(
+            self.ctx,
+            "save",
+            self.rs.domain,
+            image,
+            "--running",
+            timeout=self.ctx.bounds["checkpoint"],
+            stage="checkpoint",
+        )
+
+    def restore(self, image, stage, xml=None):
+        """Resume the guest saved in `image` (virsh restore), as the domain XML `xml` when
+        given."""
+        virsh(
+            self.ctx,
+            "restore",
+            image,
+            *(("--xml", xml) if xml else ()),
+            timeout=self.ctx.bounds["checkpoint"],
+            check=True,
+            stage=stage,
+        )
+
+    def destroy(self):
+        """Destroy the VM and its disks; keep run.json/logs/result (state=down)."""
+        ctx, rs = self.ctx, self.rs
+        run_id = rs.data.get("created_at", "") + "/" + rs.name
+        rs.close_ssh()
+        destroy_domain(ctx, rs.domain, run_id)
+        shutil.rmtree(rs.disk_dir, ignore_errors=True)
+        if rs.dir.is_dir():
+            rs.data["state"] = "down"
+            rs.data["down_at"] = now_iso()
+            rs.save()
+
 
 def create_run(ctx, profile, certs, accel, image, run):
     """Everything a run needs on disk, then define (with ownership metadata). The run
     state is attached to the session's `run` as soon as it exists, so a failure anywhere
-    after that is cleaned up by down_run."""
+    after that is cleaned up by Machine.destroy."""
     host = profile["name"]
     name = vm_name(host)
     data = {
@@ -5545,23 +5629,6 @@ def copy_run_keys(src, dst):
     os.chmod(dst / "id_ed25519", 0o600)
 
 
-def step_guest_clock(ctx, rs):
-    """A restored guest's clock stands where it was saved; apt rejects Release files from
-    its 'future'. Step it to the controller's (the sandbox has no NTP). First wait for SSH:
-    the restored guest's network takes a moment (it took 3 s while the bridge ran STP,
-    see NET_XML)."""
-    Machine(ctx, rs).wait_ssh(stage="resume")
-    r = rs.ssh(
-        f"sudo -n date -u -s @{int(time.time())}", timeout=ctx.bounds["ssh-command"], stage="resume"
-    )
-    if r.returncode != 0:
-        raise InfraError(
-            "resume",
-            f"could not set the restored guest's clock: "
-            f"{(r.stderr.strip().splitlines() or ['?'])[-1]}",
-        )
-
-
 def take_checkpoint(ctx, rs, stage, key, parent, result=None):
     """Save the running guest (memory + device state), freeze its overlay as the
     checkpoint's disk, give the run a fresh overlay on top and restore it. The guest sees
@@ -5604,7 +5671,7 @@ def take_checkpoint(ctx, rs, stage, key, parent, result=None):
                 shutil.rmtree(d, ignore_errors=True)
         rs.data.setdefault("checkpoints_taken", []).append(stage)
         rs.save()
-        step_guest_clock(ctx, rs)
+        Machine(ctx, rs).step_clock()
     size = sum(p.stat().st_size for p in d.iterdir()) // (1 << 20)
     progress(ctx, "checkpoint", f"{stage} saved ({key}, {size} MiB)")
     return manifest
@@ -5638,16 +5705,8 @@ def stage_checkpoint(ctx, rs, stage, key, tmp, d):
     the guest runs on as it was."""
     tmp.mkdir(parents=True)
     os.chmod(tmp, 0o700)  # until the seed copy and the memory image are root-only
-    rs.close_ssh()  # a saved guest's TCP peers see it stop
-    r = virsh(
-        ctx,
-        "save",
-        rs.domain,
-        tmp / "memory.save",
-        "--running",
-        timeout=ctx.bounds["checkpoint"],
-        stage="checkpoint",
-    )
+    machine = Machine(ctx, rs)
+    r = machine.save(tmp / "memory.save")
     if r.returncode != 0:  # libvirt aborts a failed save and the guest runs on
         progress(
             ctx,
@@ -5667,25 +5726,11 @@ def stage_checkpoint(ctx, rs, stage, key, tmp, d):
         os.chmod(tmp / "seed.img", FROZEN_DISK_MODE)
     except (HarnessError, OSError) as e:
         # Nothing of the run moved: give the guest back and go on without one.
-        virsh(
-            ctx,
-            "restore",
-            tmp / "memory.save",
-            timeout=ctx.bounds["checkpoint"],
-            check=True,
-            stage="checkpoint",
-        )
+        machine.restore(tmp / "memory.save", "checkpoint")
         progress(ctx, "checkpoint", f"skipping {stage}: {e}")
         return False
     _freeze_overlay(ctx, rs, stage, key, tmp, d)
-    virsh(
-        ctx,
-        "restore",
-        d / "memory.save",
-        timeout=ctx.bounds["checkpoint"],
-        check=True,
-        stage="checkpoint",
-    )
+    machine.restore(d / "memory.save", "checkpoint")
     return True
 
 
@@ -5721,22 +5766,14 @@ def resume_run(ctx, profile, certs, manifest, chain_keys, run):
     )
     _write_restore_files(ctx, rs, ck)
     t0 = time.monotonic()
-    virsh(
-        ctx,
-        "restore",
-        ck / "memory.save",
-        "--xml",
-        rs.dir / "domain.xml",
-        timeout=ctx.bounds["checkpoint"],
-        check=True,
-        stage="resume",
-    )
+    machine = Machine(ctx, rs)
+    machine.restore(ck / "memory.save", "resume", xml=rs.dir / "domain.xml")
     data["state"] = "restored"
     rs.save()
     # Persistent, so a hard reboot (destroy + start) finds it again.
     virsh(ctx, "define", rs.dir / "domain.xml", check=True, stage="resume")
-    step_guest_clock(ctx, rs)
-    boot_id = Machine(ctx, rs).read_boot_id()
+    machine.step_clock()
+    boot_id = machine.read_boot_id()
     if boot_id != manifest["boot_id"]:
         raise InfraError(
             "resume",
@@ -6187,43 +6224,6 @@ def remove_pool(ctx, name):
     """Stop and forget a pool (and its autostart link). Never deletes its files."""
     virsh(ctx, "pool-destroy", name)
     virsh(ctx, "pool-undefine", name)
-
-
-def destroy_domain(ctx, name, expect_run_id=None):
-    """Destroy+undefine a domain IF it carries our metadata. Idempotent."""
-    m = virsh(ctx, "metadata", name, "--uri", METADATA_URI)
-    if m.returncode != 0:
-        exists = virsh(ctx, "domstate", name).returncode == 0
-        if exists:
-            print(f"integration-vm: not touching domain {name}: no boma metadata", file=sys.stderr)
-        return False
-    meta = parse_metadata_xml(m.stdout)
-    if not meta or (expect_run_id and meta.get("id") != expect_run_id):
-        print(
-            f"integration-vm: not touching domain {name}: metadata is not this run's",
-            file=sys.stderr,
-        )
-        return False
-    if virsh(ctx, "domstate", name).stdout.strip() not in ("shut off", ""):
-        virsh(ctx, "destroy", name)
-    r = virsh(ctx, "undefine", name, "--nvram")
-    if r.returncode != 0:
-        r = virsh(ctx, "undefine", name)
-        if r.returncode != 0 and virsh(ctx, "domstate", name).returncode == 0:
-            raise InfraError("teardown", f"could not undefine {name}: {r.stderr.strip()}")
-    return True
-
-
-def down_run(ctx, rs):
-    """Destroy the VM and its disks; keep run.json/logs/result (state=down)."""
-    run_id = rs.data.get("created_at", "") + "/" + rs.name
-    rs.close_ssh()
-    destroy_domain(ctx, rs.domain, run_id)
-    shutil.rmtree(rs.disk_dir, ignore_errors=True)
-    if rs.dir.is_dir():
-        rs.data["state"] = "down"
-        rs.data["down_at"] = now_iso()
-        rs.save()
 
 
 # --------------------------------------------------------------------------------------
@@ -7089,7 +7089,7 @@ def phase_finish(ctx, args, run):
         compare_transports(ctx, rs, run.profile, run.certs, run.result)
     if command in GATE_COMMANDS and not args.keep:
         with timed_phase(ctx, run.result, "teardown"):
-            down_run(ctx, rs)
+            Machine(ctx, rs).destroy()
     elif command in CONVERGING_COMMANDS:
         run.result["kept"] = True
         if command == "loop":
@@ -7164,7 +7164,7 @@ def teardown_or_keep(ctx, args, command, result, rs, teardown):
     if teardown and command in CREATING_COMMANDS and not getattr(args, "keep", False):
         try:
             with timed_phase(ctx, result, "teardown"):
-                down_run(ctx, rs)
+                Machine(ctx, rs).destroy()
         except Exception as e:  # report, never mask the verdict
             result["teardown_error"] = str(e)
             print(
@@ -7389,7 +7389,7 @@ def try_resume(ctx, run):
                 raise
             why = f"checkpoint {stage} did not resume ({e})"
             if run.rs is not None:
-                down_run(ctx, run.rs)
+                Machine(ctx, run.rs).destroy()
                 run.rs = None  # its command log stays the log until the cold boot's
             result["resume_error"] = str(e)
         if why:
@@ -7540,7 +7540,7 @@ def retire_loop_vms(ctx, host):
 
 def retire_loop_vm(ctx, rs):
     progress(ctx, "loop", f"tearing down the previous quick loop's VM {rs.name}")
-    down_run(ctx, rs)
+    Machine(ctx, rs).destroy()
 
 
 # --------------------------------------------------------------------------------------
@@ -8593,7 +8593,7 @@ def cmd_down(ctx, args):
         print(f"integration-vm: --keep: leaving {rs.name} up")
         return EXIT_PASS
     was = rs.data.get("state")
-    down_run(ctx, rs)
+    Machine(ctx, rs).destroy()
     print(f"integration-vm: {rs.name} {'already down' if was == 'down' else 'destroyed'}")
     return EXIT_PASS
 

@@ -721,7 +721,7 @@ def calls(monkeypatch):
     monkeypatch.setattr(
         ivm, "collect_diagnostics", lambda ctx, rs, why: seen.append(("diag", why)) or "/d"
     )
-    monkeypatch.setattr(ivm, "down_run", lambda ctx, rs: seen.append(("down", rs.name)))
+    monkeypatch.setattr(ivm.Machine, "destroy", lambda m: seen.append(("down", m.rs.name)))
     monkeypatch.setattr(
         ivm, "inspection_help", lambda ctx, rs, kept: seen.append(("help", rs.name))
     )
@@ -847,7 +847,7 @@ def test_a_session_runs_its_phases_on_one_run_and_ends_by_the_policy(tmp_path, c
     monkeypatch.setitem(ivm.SESSION_PHASES, "up", (first, second, never))
     monkeypatch.setattr(ivm, "note_boot_times", lambda *a: None)
     # the VM slot is held until after the teardown
-    monkeypatch.setattr(ivm, "down_run", lambda ctx, rs: seen.append(("down", slot.closed)))
+    monkeypatch.setattr(ivm.Machine, "destroy", lambda m: seen.append(("down", slot.closed)))
     args = types.SimpleNamespace(keep=False, host="askari", junit=None)
     run = ivm.run_session(ctx, args, "up")
     assert seen == ["first", ("down", False)] and slot.closed
@@ -1106,7 +1106,7 @@ def _end_session(tmp_path, monkeypatch, command, stop, opts):
     and teardown stubbed. Its stdout and stderr."""
     monkeypatch.setattr(ivm, "_ignore_signals", lambda: None)
     monkeypatch.setattr(ivm, "collect_diagnostics", lambda ctx, rs, why: "/diag")
-    monkeypatch.setattr(ivm, "down_run", lambda ctx, rs: None)
+    monkeypatch.setattr(ivm.Machine, "destroy", lambda m: None)
     ctx = _ctx(tmp_path)
     rs = ivm.RunState(ctx, {"name": VM, "host": "askari", "ip": "192.0.2.7", "state": "up"})
 
