@@ -10,6 +10,7 @@ import json
 import pathlib
 import types
 
+import pytest
 from conftest import (
     HERE,
     OFFSITE,
@@ -484,10 +485,13 @@ def test_a_red_resumes_its_greens_checkpoint_and_gets_its_switch_on_one_apply_on
     assert result_of(hc, p)["host"] == "askari-late"
 
 
-def test_the_control_nodes_red_resumes_its_greens_last_checkpoint():
+@pytest.mark.parametrize("host", ["askari", "ubongo"])
+def test_every_red_resumes_its_greens_last_checkpoint(host):
+    """A RED is its GREEN's applies plus one that takes the fix away (ADR-031): after a
+    GREEN, the RED resumes the GREEN's applied-2 and runs only its own last apply."""
     ctx = ivm.ctx_from_env({}, types.SimpleNamespace())
     green, red = (
         [k for _, k, _ in ivm.checkpoint_chain(ctx, ivm.load_profile(h), "internal", "i", "tcg")]
-        for h in ("ubongo", "ubongo-regression")
+        for h in (host, f"{host}-regression")
     )
     assert red[:3] == green and len(red) == 4  # booted, applied-1, applied-2 shared

@@ -311,3 +311,13 @@ def test_every_host_of_the_production_inventory_has_a_profile():
             g for g, v in inventory["all"]["children"].items() if host in (v.get("hosts") or {})
         }
         assert set(ivm.load_profile(host)["groups"]) == groups, host
+
+
+def test_the_control_nodes_verify_looks_for_every_tool_the_harness_calls():
+    """verify-ubongo.yml's tool list is the driver's (a cycle with a locally built image,
+    and the emulator): the role installs no Recommends, so its verify must see each."""
+    import yaml
+
+    play = yaml.safe_load((ivm.REPO_ROOT / "tests/integration/verify-ubongo.yml").read_text())[0]
+    want = list(dict.fromkeys(ivm.tools_for("cycle", "build") + ["qemu-system-x86_64"]))
+    assert play["vars"]["verify__harness_tools"] == want

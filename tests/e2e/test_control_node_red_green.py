@@ -40,6 +40,8 @@ HEALTH = (
     "forward chain still default-deny",
     "libvirtd enabled and active",
     "harness network active and autostarted",
+    "every tool the harness calls is installed",
+    "libvirt starts a QEMU domain on the harness network",
 )
 
 pytestmark = pytest.mark.vm

@@ -6,7 +6,9 @@ Run them with `make test-integration-red HOST=askari` (RED only) or `make test-v
 
 GREEN: the askari profile (base firewall live + docker_host + reverse_proxy) survives a
 real reboot: verify passes, the VM is destroyed, result.json says pass.
-RED: the same cycle without docker_host's container-forward drop-in must FAIL verify, for
+RED: the GREEN's two applies, then a third that takes docker_host's container-forward
+drop-in away (the role removes it and reloads nftables; after a GREEN this resumes the
+GREEN's applied-2 checkpoint, as ubongo's RED does, ADR-031). It must FAIL verify, for
 the right reason: the published :443 is dead from the controller and the forward chain is
 pure policy drop, which the diagnostics bundle shows. It fails the LIVE verify, right
 after the applies ("dead live"): today's base role loads the ruleset it applies. If RED
