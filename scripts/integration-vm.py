@@ -71,7 +71,6 @@ if __name__ == "__main__":
 
 import argparse
 import contextlib
-import copy
 import dataclasses
 import datetime
 import difflib
@@ -1145,17 +1144,54 @@ class Ctx:
         return pathlib.Path(self.settings[name])
 
 
+@dataclasses.dataclass(frozen=True)
+class Options:
+    """The command line, parsed once (main) and never changed: every flag of every
+    subcommand, each with the value a subcommand that does not take it runs with. A step
+    that needs another value makes a copy (dataclasses.replace), as the bench's legs do."""
+
+    cmd: str = None
+    connect: str = None  # --connect: the libvirt URI (else LIBVIRT_DEFAULT_URI)
+    accel: str = None
+    strategy: str = None
+    host: str = None
+    run: str = None
+    certs: str = None
+    allow_prod_certs: bool = False
+    keep: bool = False
+    junit: str = None
+    reboot: str = None
+    reboot_diff: str = "fail"
+    no_reboot: bool = False
+    no_idempotence: bool = False
+    no_checkpoints: bool = False
+    expect_fail: str = None
+    from_ref: str = None
+    warm_edit: str = None
+    no_warm: bool = True  # only bench warms
+    fresh: bool = False
+    force: bool = False
+    images: bool = False
+    lines: int = 60
+    run_dir: str = None
+
+    @classmethod
+    def from_args(cls, namespace):
+        """From argparse's namespace; a flag the class does not declare is a TypeError."""
+        return cls(**vars(namespace))
+
+
 def ctx_from_env(environ, args):
     """The settings (every BOMA_IT_* parsed and checked) and the context built on them."""
     st = read_settings(environ)
-    accel = getattr(args, "accel", None) or st["BOMA_IT_ACCEL"]
-    strategy = getattr(args, "strategy", None) or st["BOMA_IT_ANSIBLE_STRATEGY"]
+    accel = args.accel or st["BOMA_IT_ACCEL"]
+    strategy = args.strategy or st["BOMA_IT_ANSIBLE_STRATEGY"]
     return Ctx(
         repo=REPO_ROOT,
         run_parent=st["BOMA_IT_RUN_DIR"],
         cache=st["BOMA_IT_CACHE"],
         diag_root=st["BOMA_IT_DIAG_DIR"],
-        uri=getattr(args, "connect", None) or st["LIBVIRT_DEFAULT_URI"],
+        uri=args.connect or st["LIBVIRT_DEFAULT_URI"],
         environ=dict(environ),
         accel_request=accel,
         strategy_request=strategy,
@@ -5502,7 +5538,7 @@ def rewrite_restore_xml(xml, overlay, seed, console_log, metadata_xml):
 
 
 def checkpoints_enabled(ctx, args):
-    return not getattr(args, "no_checkpoints", False) and ctx.settings["BOMA_IT_CHECKPOINTS"]
+    return not args.no_checkpoints and ctx.settings["BOMA_IT_CHECKPOINTS"]
 
 
 def checkpoint_dir(ctx, key):
@@ -6834,10 +6870,10 @@ def run_session(ctx, args, command, options=None):
     """One session as a Run (what cmd_bench composes): its phases, the policy for how they
     ended, then result.json, JUnit and the summary line. Returns the Run."""
     options = options or SessionOptions()
-    result = new_result(command, getattr(args, "host", None))
+    result = new_result(command, args.host)
     result["started_at"] = now_iso()
-    result["certs"] = getattr(args, "certs", None)
-    result["expect_fail"] = getattr(args, "expect_fail", None) or False
+    result["certs"] = args.certs
+    result["expect_fail"] = args.expect_fail or False
     run = Run(
         command=command,
         options=options,
@@ -6942,7 +6978,7 @@ def write_verdict(ctx, args, run):
         ctx,
         result,
         run.rs if writes_result else None,
-        getattr(args, "junit", None),
+        args.junit,
         stream=sys.stdout if writes_result else sys.stderr,
         strategy=run.strategy,
     )
@@ -6983,7 +7019,7 @@ def phase_provision(ctx, args, run):
 def phase_attach(ctx, args, run):
     """The live run this command acts on (--run, or the host's only one): its state,
     command log and its accelerator's bounds."""
-    rs = select_run(ctx, args.run, args.host, live="required")
+    rs = select_run(ctx, args.run, run.profile["name"], live="required")
     if rs.data.get("state") != "up":
         raise UsageError(f"run {rs.name} is {rs.data.get('state')}, not up")
     run.attach(rs)
@@ -6999,7 +7035,7 @@ def phase_from_ref(ctx, args, run):
     """--from REF (day 2): resolve REF (exit 2 when it is not a commit or lacks the
     profile), then check it out in a worktree and load REF's own profile."""
     host, frm = run.profile["name"], run.options.from_ref
-    if frm is None and getattr(args, "from_ref", None):
+    if frm is None and args.from_ref:
         frm = resolve_from_ref(ctx, args.from_ref, host)
     if frm is None:
         return
@@ -7161,7 +7197,7 @@ def teardown_or_keep(ctx, args, command, result, rs, teardown):
     inspect it."""
     if rs is None:
         return
-    if teardown and command in CREATING_COMMANDS and not getattr(args, "keep", False):
+    if teardown and command in CREATING_COMMANDS and not args.keep:
         try:
             with timed_phase(ctx, result, "teardown"):
                 Machine(ctx, rs).destroy()
@@ -7175,7 +7211,7 @@ def teardown_or_keep(ctx, args, command, result, rs, teardown):
     if command == "loop":  # a red loop's VM is where the next loop's fix goes
         rs.data["kept_by"] = "loop"
         rs.save()
-    kept = closing_lines(result, getattr(args, "keep", False))["kept"]
+    kept = closing_lines(result, args.keep)["kept"]
     print(inspection_help(ctx, rs, kept), file=sys.stderr, end="")
 
 
@@ -7256,15 +7292,14 @@ def check_junit(path):
 
 def prepare(ctx, args, command):
     """All validation that can fail before anything is created."""
-    check_junit(getattr(args, "junit", None))
+    check_junit(args.junit)
     host = args.host
     if host is None and command in ("apply", "assert", "reboot"):
         rs = select_run(ctx, args.run, None, live="required")
         host = rs.data["host"]
-        args.host = host
     profile = load_profile(host, ctx.repo / "tests" / "integration" / "profiles", ctx.repo)
     certs = args.certs
-    if certs is None and command in ("apply", "assert", "reboot") and args.host:
+    if certs is None and command in ("apply", "assert", "reboot") and host:
         try:
             certs = select_run(ctx, args.run, host, live="required").data.get("certs")
         except UsageError:
@@ -7480,7 +7515,7 @@ def reuse_loop_vm(ctx, args, run):
     run resumes a checkpoint. Sets run.reused."""
     host = run.profile["name"]
     kept = claimed_loop_vms(ctx, host)
-    last = kept.pop() if kept and not getattr(args, "fresh", False) else None
+    last = kept.pop() if kept and not args.fresh else None
     for rs, claim in kept:  # every other one (all of them with --fresh)
         with claim:
             retire_loop_vm(ctx, rs)
@@ -8518,16 +8553,14 @@ def cmd_bench(ctx, args):
         upgrade_from = resolve_from_ref(ctx, args.from_ref, args.host)
         legs.append(("upgrade", "bench"))
     progress(ctx, "bench", "cold cycle: image rebuilt, no checkpoint of this profile")
-    plain = copy.copy(args)
-    plain.from_ref = None  # the cold leg is a plain cycle; REF is the upgrade leg's
+    plain = dataclasses.replace(args, from_ref=None)  # a plain cycle; REF is the upgrade leg's
     cold = run_session(ctx, plain, "bench", BENCH_COLD)
     if cold.exit_code != EXIT_PASS:
         return cold.exit_code
     after, rc, copies = {}, cold.exit_code, []
     try:
         for phase, command in legs:
-            a = copy.copy(args)
-            a.cmd, a.from_ref = command, None
+            a = dataclasses.replace(args, cmd=command, from_ref=None)
             # The loop edits the first loop's copy (its VM is the one it goes onto); the
             # other legs get a copy and a stamp of their own: each must find the edit
             # new (same file, same invalidation), not resume another leg's checkpoint.
@@ -9060,32 +9093,9 @@ def _add_command_options(sps):
     )
 
 
-def _defaults(args):
-    for k, v in (
-        ("host", None),
-        ("run", None),
-        ("certs", None),
-        ("allow_prod_certs", False),
-        ("keep", False),
-        ("no_reboot", False),
-        ("reboot", None),
-        ("no_idempotence", False),
-        ("junit", None),
-        ("expect_fail", None),
-        ("reboot_diff", "fail"),
-        ("no_checkpoints", False),
-        ("no_warm", True),
-        ("warm_edit", None),
-        ("from_ref", None),
-    ):
-        if not hasattr(args, k):
-            setattr(args, k, v)
-    return args
-
-
 def main(argv=None):
     parser = build_parser()
-    args = _defaults(parser.parse_args(argv))
+    args = Options.from_args(parser.parse_args(argv))
 
     def on_term(signum, frame):
         raise KeyboardInterrupt

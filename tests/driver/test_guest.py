@@ -479,7 +479,7 @@ def _seed_network(h, monkeypatch, xml, domains=None, active=True):
     st = {"domains": domains or {}, "networks": {"boma-it": net}, "leases": {}, "calls": {}}
     h.state_file.write_text(json.dumps(st))
     h.cache.mkdir(parents=True)
-    return ivm.ctx_from_env(h.env, types.SimpleNamespace())
+    return ivm.ctx_from_env(h.env, ivm.Options())
 
 
 @pytest.mark.parametrize("active", [True, False], ids=["active", "inactive"])

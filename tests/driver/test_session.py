@@ -735,7 +735,7 @@ def _run(command="cycle", rs=True, expect_fail=False):
     return ivm.Run(command=command, result=result, rs=state)
 
 
-ARGS = types.SimpleNamespace(keep=False)
+ARGS = ivm.Options(keep=False)
 
 
 # ---- the failure policy -----------------------------------------------------------------
@@ -782,7 +782,7 @@ def test_infra_error_destroys_what_this_invocation_created_unless_keep(tmp_path,
     assert calls == [("diag", "boot: no lease"), ("down", run.rs.name)]
     calls.clear()
     kept = _run()
-    ivm.on_failure(_ctx(tmp_path), types.SimpleNamespace(keep=True), kept, "infra", e)
+    ivm.on_failure(_ctx(tmp_path), ivm.Options(keep=True), kept, "infra", e)
     assert calls == [("diag", "boot: no lease"), ("help", kept.rs.name)]
     calls.clear()
     theirs = _run("apply")  # apply acts on a VM another invocation created: kept
@@ -848,7 +848,7 @@ def test_a_session_runs_its_phases_on_one_run_and_ends_by_the_policy(tmp_path, c
     monkeypatch.setattr(ivm, "note_boot_times", lambda *a: None)
     # the VM slot is held until after the teardown
     monkeypatch.setattr(ivm.Machine, "destroy", lambda m: seen.append(("down", slot.closed)))
-    args = types.SimpleNamespace(keep=False, host="askari", junit=None)
+    args = ivm.Options(keep=False, host="askari")
     run = ivm.run_session(ctx, args, "up")
     assert seen == ["first", ("down", False)] and slot.closed
     assert run.exit_code == ivm.EXIT_INFRA and run.reported
@@ -862,7 +862,7 @@ def test_a_usage_error_before_anything_exists_writes_no_summary(tmp_path, monkey
 
     monkeypatch.setattr(ivm, "_ignore_signals", lambda: None)
     monkeypatch.setitem(ivm.SESSION_PHASES, "up", (bad,))
-    args = types.SimpleNamespace(keep=False, host="nope", junit=None)
+    args = ivm.Options(keep=False, host="nope")
     assert ivm.session(_ctx(tmp_path), args, "up") == ivm.EXIT_USAGE
     out = capsys.readouterr()
     assert out.out == "" and out.err == "integration-vm: error: no such host\n"
@@ -1126,11 +1126,8 @@ def _end_session(tmp_path, monkeypatch, command, stop, opts):
                 raise stop[1]
 
     monkeypatch.setitem(ivm.SESSION_PHASES, command, (phase, ivm.phase_finish))
-    args = types.SimpleNamespace(
-        host="askari",
-        keep=opts.get("keep", False),
-        expect_fail=opts.get("expect_fail"),
-        junit=None,
+    args = ivm.Options(
+        host="askari", keep=opts.get("keep", False), expect_fail=opts.get("expect_fail")
     )
     ivm.run_session(ctx, args, command)
 
