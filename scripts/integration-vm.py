@@ -22,24 +22,26 @@ renderers, parsers) and its orchestration together, in this order:
   Processes              run() and its thin wrappers (virsh)
   Utilities              owned paths and writes, locks and claims, timed phases, the
                          harness's domains (and their destroy) and transient pools
-  Settings               every BOMA_IT_* variable declared once; Settings; Ctx
+  Settings               every BOMA_IT_* variable declared once; Settings; Ctx; the
+                         command line's Options
   Profile                profile files: loading, merging, validation, confined paths
   Image                  the golden image: recipe, key, build, fetch, publish
   Network and accel.     the harness network, DHCP leases, KVM or TCG
   Guest                  a run's state (RunState, run.json's RunRecord), cloud-init,
                          virt-install and ssh argv, the wait helper, boot notes
-  Reboot diff            state capture, normalisation, diff, tolerances, boot analysis
+  Reboot diff            state capture, normalisation, diff, tolerances, boot analysis,
+                         the reboot's stage rows
   Machine                the VM's verbs: create, start, the bounded waits, ssh, reboot
                          with its proof (a new boot id), save/restore, destroy
   Ansible                transport, transient inventory, argv, output, apply, verify
   Checkpoints            keys, role scan, take/stage/resume
   Day 2                  --from REF: REF's worktree and applies, then the upgrade
   Diagnostics, teardown  what a failed run leaves; storage pools
+  Report                 report.html: one self-contained page per run, the harness's
+                         own time, the bench's tables
   Session                the Run and SessionOptions, preflight guards, the phase list
                          per command, the failure-policy table, result.json
                          (ResultRecord), JUnit
-  Report                 report.html: one self-contained page per run, the harness's
-                         own time
   Commands               cmd_* and the bench
   CLI                    help texts, build_parser, main
 """
@@ -703,6 +705,15 @@ def timed_phase(ctx, result, name):
         entry["seconds"] = round(time.monotonic() - t0, 1)
 
 
+def phase_totals(phases):
+    """Group `apply:site.yml`, `reboot:graceful` ... under their family, in order."""
+    totals = {}
+    for p in phases:
+        fam = p["name"].split(":", 1)[0]
+        totals[fam] = totals.get(fam, 0.0) + p["seconds"]
+    return totals
+
+
 def _age(iso):
     try:
         t = datetime.datetime.fromisoformat(iso)
@@ -800,7 +811,8 @@ def transient_pool(ctx, name, directory):
 # --------------------------------------------------------------------------------------
 # The SETTINGS table (one row per BOMA_IT_* variable), read once into a frozen Settings;
 # Ctx carries them with the libvirt URI and the paths: process-wide configuration only
-# (a session's own state is its Run, in the Session section).
+# (a session's own state is its Run, in the Session section). The command line is one
+# frozen Options, built once in main().
 
 
 # One row per variable: (name, parser, default, help). read_settings() parses them all at
@@ -4105,6 +4117,16 @@ def _unexpected_found(ctx, mode, d, unexpected, summary, policy):
     summary["warning"] = msg
 
 
+# The reboot's stages, as result.json's reboot_stages and the bench table show them.
+REBOOT_STAGE_ROWS = (
+    ("powered-off", "seconds_to_off"),  # graceful only: the guest's own shutdown
+    ("loader", "seconds_to_loader"),
+    ("kernel", "seconds_to_kernel"),
+    ("ssh", "seconds_to_ssh"),
+    ("system-running", "seconds_to_running"),
+)
+
+
 # --------------------------------------------------------------------------------------
 # Machine: the VM's verbs (create, start, waits, ssh, reboot and its proof, save, destroy)
 # --------------------------------------------------------------------------------------
@@ -6263,6 +6285,886 @@ def remove_pool(ctx, name):
 
 
 # --------------------------------------------------------------------------------------
+# Report: report.html, one self-contained page per run (issue 28), and the bench's tables
+# --------------------------------------------------------------------------------------
+# Built only from the run's own records (result.json, the reboot captures, the logs, the
+# console), so `report RUN_DIR` rebuilds it from a run dir or a diagnostics bundle. Every
+# text that comes from the guest or the playbooks is stripped of control characters,
+# bounded (its tail kept) and escaped; the page has no script and loads nothing. The
+# bench's tables (one run's phases, its legs side by side) come last.
+
+REPORT_NAME = "report.html"
+REPORT_TEXT_MAX = 2000  # characters of one message, line or cell kept (its tail)
+REPORT_LIST_MAX = 40  # rows of one list (diff lines, files per dir: 400)
+REPORT_CONSOLE_LINES = 60
+REPORT_CONSOLE_BYTES = 64 * 1024
+# Phases the guest never needs, counted whole as the harness's own time; in the others,
+# the harness's spans of result.json's `timeline` (captures, VM creation, poll waits).
+HARNESS_PHASES = ("checkpoint", "reboot-diff", "teardown")
+HARNESS_PARTS = {
+    "capture": "state captures",
+    "create-vm": "VM creation (keys, seed, overlay, virt-install, define)",
+    "poll-wait": "waits between polls (at most)",
+    "checkpoint": "checkpoints",
+    "reboot-diff": "reboot diffs",
+    "teardown": "teardown",
+}
+# Control characters but tab and newline, and the bidi overrides that reorder text.
+_REPORT_CONTROL = re.compile("[\x00-\x08\x0b-\x1f\x7f-\x9f\u202a-\u202e\u2066-\u2069]")
+_PRIVATE_FILES = ("id_ed25519", "ssh_host_ed25519_key", REPORT_NAME)
+STORY_TEXT = {
+    "dead live": "broken right after the applies, before any reboot: the change breaks "
+    "the running host",
+    "dies on reboot": "fine right after the applies, broken once rebooted: the host does "
+    "not survive a reboot",
+    "upgrade fails": "applied on top of what production runs (--from), the running host broke",
+}
+DIFF_CATEGORY_TEXT = {
+    "nft": "firewall rules",
+    "ports": "published ports",
+    "sockets": "listeners",
+    "failed_units": "failed units",
+    "services": "enabled services",
+}
+REBOOT_STAGE_LABELS = (
+    ("power-off", "seconds_to_off"),
+    ("loader", "seconds_to_loader"),
+    ("kernel", "seconds_to_kernel"),
+    ("SSH", "seconds_to_ssh"),
+    ("running", "seconds_to_running"),
+)
+
+
+def clean_text(text, limit=REPORT_TEXT_MAX):
+    """Guest or playbook text made safe to show: ANSI escapes, control characters (but
+    tab and newline) and bidi overrides removed, the tail kept past `limit`, escaped."""
+    text = _REPORT_CONTROL.sub("", ANSI_ESCAPE.sub("", str(text if text is not None else "")))
+    if len(text) > limit:
+        text = f"[... {len(text) - limit} characters cut] " + text[-limit:]
+    return html.escape(text, quote=True)
+
+
+def harness_seconds(result):
+    """{phase name: {part: seconds}}: what the harness spent in each phase that the guest
+    did not need. A checkpoint, reboot-diff or teardown phase is the harness's whole;
+    in another phase, its `timeline` spans who=harness (captures, create-vm, poll waits)."""
+    out = {}
+    for p in result.get("phase_details") or []:
+        fam = p["name"].split(":", 1)[0]
+        if fam in HARNESS_PHASES:
+            parts = out.setdefault(p["name"], {})
+            parts[fam] = round(parts.get(fam, 0.0) + p["seconds"], 2)
+    for s in result.get("timeline") or []:
+        phase = s.get("phase") or "(between phases)"
+        if s.get("who") != "harness" or phase.split(":", 1)[0] in HARNESS_PHASES:
+            continue
+        parts = out.setdefault(phase, {})
+        parts[s["what"]] = round(parts.get(s["what"], 0.0) + s["seconds"], 2)
+    return out
+
+
+def harness_share(result):
+    """(harness seconds, cycle seconds, percent) of a run (cycle_seconds: without the
+    bench's transport comparison)."""
+    spent = sum(sum(parts.values()) for parts in harness_seconds(result).values())
+    total = cycle_seconds(result)
+    return round(spent, 1), round(total, 1), (round(100 * spent / total) if total else 0)
+
+
+def report_dirs(run_dir, result):
+    """Where a run's files are: RUN_DIR first, then the run dir and the diagnostics
+    bundle result.json names, when they exist here (a copied bundle has only itself)."""
+    dirs = [pathlib.Path(run_dir)]
+    named = [result.get("run_dir"), result.get("diagnostics")]
+    named += [os.path.dirname(d.get("dir") or "") for d in result.get("reboot_diffs") or []]
+    for p in named:
+        if p and os.path.isdir(p) and all(not os.path.samefile(p, d) for d in dirs):
+            dirs.append(pathlib.Path(p))
+    return dirs
+
+
+def report_file(dirs, rel):
+    """The first of dirs that holds `rel` (a relative path), or None."""
+    for d in dirs:
+        f = d / rel
+        if f.is_file():
+            return f
+    return None
+
+
+def read_tail(path, max_bytes=REPORT_CONSOLE_BYTES):
+    """The last max_bytes of a file as text (a huge console is never read whole)."""
+    with open(path, "rb") as fh:
+        fh.seek(0, os.SEEK_END)
+        size = fh.tell()
+        fh.seek(max(0, size - max_bytes))
+        return fh.read().decode("utf-8", "replace")
+
+
+def _h(tag, body, cls=None):
+    return f"<{tag}{f' class={cls!r}' if cls else ''}>{body}</{tag}>"
+
+
+def _table(head, rows, cls="grid"):
+    """An HTML table; head and cells are already escaped."""
+    out = [f'<table class="{cls}">']
+    if head:
+        out += ["<thead><tr>", *[f"<th>{h}</th>" for h in head], "</tr></thead>"]
+    out.append("<tbody>")
+    for row in rows:
+        out.append("<tr>" + "".join(f"<td>{c}</td>" for c in row) + "</tr>")
+    return "".join(out + ["</tbody></table>"])
+
+
+def _report_verdict(result):
+    """The head of the page: verdict, story, failed stage and the run's one message."""
+    verdict = result.get("verdict") or "error"
+    head = f"{verdict.upper()}"
+    if result.get("expect_fail"):
+        head += f" (expected fail at {clean_text(result['expect_fail'], 80)})"
+    lines = [
+        f'<div class="verdict v-{clean_text(verdict, 20)}">',
+        f'<span class="badge" id="verdict">{clean_text(head, 200)}</span>',
+        f'<span class="who">{clean_text(result.get("host") or "-", 80)} &middot; '
+        f"{clean_text(result.get('command') or '-', 20)} &middot; "
+        f"{clean_text(result.get('vm') or '-', 120)}</span>",
+    ]
+    if result.get("story"):
+        story = result["story"]
+        lines.append(
+            f'<p class="story" id="story"><b>{clean_text(story, 80)}</b>: '
+            f"{clean_text(STORY_TEXT.get(story, ''), 300)}</p>"
+        )
+    if verdict != "pass" and result.get("failed_stage"):
+        lines.append(
+            f'<p>failed stage: <code id="failed-stage">{clean_text(result["failed_stage"], 200)}'
+            "</code></p>"
+        )
+    if verdict != "pass" and result.get("message"):
+        lines.append(f'<pre class="msg">{clean_text(result["message"])}</pre>')
+    seconds, total, pct = harness_share(result)
+    lines.append(
+        f'<p class="sub">{total:.1f} s in all; the harness\'s own time {seconds:.1f} s '
+        f"({pct} %); exit code {clean_text(result.get('exit_code'), 10)}</p></div>"
+    )
+    return "".join(lines)
+
+
+def _failed_checks(result):
+    """[(where, name, message)] of everything that failed, the checks first."""
+    out = []
+    for stage, key in VERIFY_TASK_KEYS.items():
+        for t in result.get(key) or []:
+            if t.get("status") == "failed":
+                out.append((stage, t.get("name"), t.get("message")))
+    named = {n for _, n, _ in out}
+    out += [("verify", n, "") for n in result.get("failures") or [] if n not in named]
+    for p in result.get("phase_details") or []:
+        if p.get("status") in ("fail", "error", "interrupted") and not p["name"].startswith(
+            "verify"
+        ):
+            out.append((p["name"], p["status"], p.get("detail") or p.get("message") or ""))
+    idem = result.get("idempotence") or {}
+    if result.get("failed_stage") == "idempotence":
+        out += [("idempotence", "changed", t) for t in idem.get("changed_tasks") or []]
+    return out
+
+
+def _report_failures(result):
+    rows = _failed_checks(result)
+    if not rows:
+        return ""
+    body = "".join(
+        f'<li class="fail-item"><span class="where">{clean_text(w, 80)}</span> '
+        f'<b class="check">{clean_text(n, 300)}</b>'
+        + (f"<pre>{clean_text(m)}</pre>" if m else "")
+        + "</li>"
+        for w, n, m in rows[:REPORT_LIST_MAX]
+    )
+    more = f"<p>... {len(rows) - REPORT_LIST_MAX} more</p>" if len(rows) > REPORT_LIST_MAX else ""
+    return (
+        f'<section id="failures"><h2>What failed</h2><ul class="fails">{body}</ul>{more}</section>'
+    )
+
+
+def _report_verify(result):
+    """Each check live (right after the applies) and after the reboots, side by side."""
+    live = {t.get("name"): t for t in result.get("verify_live_tasks") or []}
+    after = {t.get("name"): t for t in result.get("verify_tasks") or []}
+    names = list(dict.fromkeys([*live, *after]))
+    if not names:
+        return ""
+
+    def cell(t):
+        if t is None:
+            return '<span class="st-none">not run</span>'
+        st = t.get("status") or "?"
+        msg = (
+            f'<div class="cellmsg">{clean_text(t["message"], 400)}</div>'
+            if t.get("message")
+            else ""
+        )
+        return f'<span class="st st-{clean_text(st, 20)}">{clean_text(st, 20)}</span>{msg}'
+
+    rows = [(clean_text(n, 300), cell(live.get(n)), cell(after.get(n))) for n in names]
+    return (
+        '<section id="verify"><h2>Checks: live vs after the reboots</h2>'
+        + _table(("check", "live (after the applies)", "after the reboots"), rows)
+        + "</section>"
+    )
+
+
+# The timeline: one row per phase at its place in the run (seconds since the run
+# started); inside a boot or reboot, the guest's stages from `virsh start` (or the
+# reboot's issue) to each stage, in blues; the harness's own spans as an orange strip
+# under the bar (a harness-only phase is orange whole); a failed phase outlined in red.
+TL_WIDTH, TL_LABEL, TL_ROW, TL_TOP = 1160, 250, 30, 34
+
+
+def _timeline_phases(result):
+    """[(name, at, seconds, status)]: each phase where it ran (a result.json without
+    `at` places them one after another)."""
+    out, t = [], 0.0
+    for p in result.get("phase_details") or []:
+        at = p.get("at")
+        at = t if not isinstance(at, (int, float)) else at
+        out.append((p["name"], float(at), float(p.get("seconds") or 0.0), p.get("status")))
+        t = at + float(p.get("seconds") or 0.0)
+    return out
+
+
+def _guest_stages(result, phases):
+    """[(phase name, anchor seconds, [(label, start, end)])]: the first boot's and each
+    reboot's stages, placed from the guest span's start (else the phase's)."""
+    spans = [s for s in result.get("timeline") or [] if s.get("who") == "guest"]
+    starts = {n: at for n, at, _, _ in phases}
+    out = []
+    boots = [s for s in spans if s.get("what") == "boot"]
+    stages = result.get("boot_stages") or {}
+    if "boot" in starts and stages:
+        anchor = boots[-1]["at"] if boots else starts["boot"]
+        marks = sorted((v, k) for k, v in stages.items() if isinstance(v, (int, float)))
+        out.append(("boot", anchor, _segments([(k, v) for v, k in marks])))
+    reboots = [s for s in spans if str(s.get("what", "")).startswith("reboot:")]
+    for i, r in enumerate(result.get("reboot_stages") or []):
+        name = f"reboot:{r.get('mode')}"
+        anchor = reboots[i]["at"] if i < len(reboots) else starts.get(name)
+        marks = [(label, r.get(key)) for label, key in REBOOT_STAGE_LABELS]
+        marks = [(lbl, v) for lbl, v in marks if isinstance(v, (int, float))]
+        if anchor is not None:
+            out.append((name, anchor, _segments(marks)))
+    return out
+
+
+def _segments(marks):
+    """[(label, seconds)] in order -> [(label, start, end)]: each segment ends at its stage."""
+    out, prev = [], 0.0
+    for label, secs in marks:
+        if secs >= prev:
+            out.append((label, prev, secs))
+            prev = secs
+    return out
+
+
+def _tl_rect(x, y, w, h, cls, title, label=None):
+    text = ""
+    if label and w > 7 * len(label) + 6:
+        text = (
+            f'<text class="seg" x="{x + w / 2:.1f}" y="{y + h / 2 + 4:.1f}" '
+            f'text-anchor="middle">{clean_text(label, 40)}</text>'
+        )
+    return (
+        f'<g><rect class="{cls}" x="{x:.1f}" y="{y:.1f}" width="{max(w, 1.5):.1f}" '
+        f'height="{h}" rx="2"><title>{clean_text(title, 300)}</title></rect>{text}</g>'
+    )
+
+
+def _tl_axis(total, scale, height):
+    steps = (0.1, 0.2, 0.5, 1, 2, 5, 10, 15, 30, 60, 120, 300, 600)
+    step = next((s for s in steps if total / s <= 12), 1200)
+    out = []
+    for i in range(int(total / step + 1e-9) + 1):
+        x = TL_LABEL + i * step * scale
+        out.append(
+            f'<line class="tick" x1="{x:.1f}" y1="{TL_TOP - 8}" x2="{x:.1f}" y2="{height}"/>'
+            f'<text class="axis" x="{x:.1f}" y="{TL_TOP - 12}" text-anchor="middle">'
+            f"{round(i * step, 1):g}s</text>"
+        )
+    return "".join(out)
+
+
+def report_timeline_svg(result):
+    """The run's timeline as an inline SVG (see above), or "" without phases."""
+    phases = _timeline_phases(result)
+    if not phases:
+        return ""
+    total = max([result.get("total_seconds") or 0.0] + [at + s for _, at, s, _ in phases]) or 1
+    scale = (TL_WIDTH - TL_LABEL - 12) / total
+    guest = {name: (anchor, segs) for name, anchor, segs in _guest_stages(result, phases)}
+    rows = []
+    for i, (name, at, secs, status) in enumerate(phases):
+        rows.append(_tl_row(result, TL_TOP + i * TL_ROW, name, at, secs, status, scale, guest))
+    height = TL_TOP + len(phases) * TL_ROW + 6
+    return (
+        f'<svg id="timeline" xmlns="http://www.w3.org/2000/svg" width="{TL_WIDTH}" '
+        f'height="{height}" viewBox="0 0 {TL_WIDTH} {height}" role="img" '
+        f'aria-label="timeline of the run">{_tl_axis(total, scale, height)}{"".join(rows)}</svg>'
+    )
+
+
+def _tl_row(result, y, name, at, secs, status, scale, guest):
+    """One phase's row: label, seconds, its bar, its guest stages and harness spans."""
+    fam = name.split(":", 1)[0]
+    kind = (
+        "harness"
+        if fam in HARNESS_PHASES
+        else "ansible"
+        if fam in ("apply", "verify", "idempotence", "upgrade", "transport", "from")
+        else "guest"
+        if fam in ("boot", "reboot", "resume")
+        else "other"
+    )
+    x = TL_LABEL + at * scale
+    cls = f"bar k-{kind}" + (" failed" if status in ("fail", "error", "interrupted") else "")
+    failed = status in ("fail", "error", "interrupted")
+    out = [
+        f'<text class="label{" bad" if failed else ""}" x="8" y="{y + 15}">'
+        f"{clean_text(name, 60)}{' ✗' if failed else ''}</text>",
+        f'<text class="secs" x="{TL_LABEL - 8}" y="{y + 15}" text-anchor="end">{secs:.1f}s</text>',
+        _tl_rect(x, y + 2, secs * scale, 18, cls, f"{name}: {secs:.1f}s ({status})"),
+    ]
+    if name in guest:
+        anchor, segs = guest[name]
+        for j, (label, a, b) in enumerate(segs):
+            out.append(
+                _tl_rect(
+                    TL_LABEL + (anchor + a) * scale,
+                    y + 2,
+                    (b - a) * scale,
+                    18,
+                    f"stage s{j % 5}",
+                    f"{name}: {label} after {b:.1f}s (+{b - a:.1f}s)",
+                    label,
+                )
+            )
+    for s in result.get("timeline") or []:
+        if s.get("phase") == name and s.get("who") == "harness":
+            out.append(
+                _tl_rect(
+                    TL_LABEL + s["at"] * scale,
+                    y + 21,
+                    s["seconds"] * scale,
+                    6,
+                    "hspan",
+                    f"harness: {HARNESS_PARTS.get(s['what'], s['what'])} {s['seconds']:.1f}s",
+                )
+            )
+    return "".join(out)
+
+
+def _load_capture(d):
+    """A capture dir's categories {category: [lines]} (write_capture's JSON), or None."""
+    cats = {}
+    for cat in REBOOT_DIFF_CATEGORIES:
+        try:
+            cats[cat] = json.loads((d / f"{cat}.json").read_text())
+        except (OSError, ValueError):
+            return None
+    return cats
+
+
+def _lines_cell(lines):
+    if not lines:
+        return '<span class="st-none">-</span>'
+    shown = "".join(f"<div>{clean_text(ln, 400)}</div>" for ln in lines[:REPORT_LIST_MAX])
+    more = len(lines) - REPORT_LIST_MAX
+    return shown + (f"<div><i>... {more} more</i></div>" if more > 0 else "")
+
+
+def _report_reboot_diff(summary, stages, dirs):
+    """One reboot: how its boot went, what was unexpected, and per category what is gone
+    and what was added (from the before/after captures when the bundle is here)."""
+    mode, index = summary.get("mode"), summary.get("index")
+    rel = f"reboot-{index}-{mode}"
+    head = f"reboot {clean_text(index, 10)} ({clean_text(mode, 20)})"
+    reached = ", ".join(
+        f"{label} {stages[key]:.1f}s"
+        for label, key in REBOOT_STAGE_LABELS
+        if stages and isinstance(stages.get(key), (int, float))
+    )
+    out = [f"<h3>{head}</h3>"]
+    if reached:
+        out.append(f'<p class="sub">after the reboot was issued: {clean_text(reached, 400)}</p>')
+    for what in ("unexpected", "tolerated"):
+        if summary.get(what):
+            out.append(
+                f'<p class="{what}">{len(summary[what])} {what}:</p>'
+                + _lines_cell([str(u) for u in summary[what]])
+            )
+    before = after = None
+    for d in dirs:
+        if (d / rel / "before").is_dir():
+            before, after = _load_capture(d / rel / "before"), _load_capture(d / rel / "after")
+            break
+    if not summary.get("changed"):
+        out.append('<p class="ok">nothing changed across this reboot</p>')
+    elif before is not None and after is not None:
+        diff = diff_state(before, after)
+        rows = [
+            (
+                clean_text(DIFF_CATEGORY_TEXT.get(c, c)),
+                _lines_cell(v["removed"]),
+                _lines_cell(v["added"]),
+            )
+            for c, v in diff.items()
+        ]
+        out.append(_table(("", "gone after the reboot", "added by the reboot"), rows))
+    elif summary.get("categories"):
+        rows = [
+            (
+                clean_text(DIFF_CATEGORY_TEXT.get(c, c)),
+                clean_text(v.get("removed")),
+                clean_text(v.get("added")),
+            )
+            for c, v in summary["categories"].items()
+        ]
+        out.append(_table(("", "gone (count)", "added (count)"), rows))
+    return "".join(out)
+
+
+def _report_reboot_diffs(result, dirs):
+    diffs = result.get("reboot_diffs") or []
+    if not diffs:
+        return ""
+    stages = result.get("reboot_stages") or []
+    body = "".join(
+        _report_reboot_diff(s, stages[i] if i < len(stages) else {}, dirs)
+        for i, s in enumerate(diffs)
+    )
+    return f'<section id="reboot-diffs"><h2>What each reboot changed</h2>{body}</section>'
+
+
+def _report_idempotence(result):
+    idem = result.get("idempotence")
+    if not idem:
+        return ""
+    tasks = idem.get("changed_tasks") or []
+    body = (
+        f"<p>{clean_text(idem.get('changed'), 10)} task(s) changed on the re-apply after "
+        "the reboots (must be 0)</p>" + _lines_cell(tasks)
+        if idem.get("changed") or tasks
+        else '<p class="ok">the re-apply after the reboots changed nothing</p>'
+    )
+    return f'<section id="idempotence"><h2>Idempotence</h2>{body}</section>'
+
+
+_TASK_RECAP_LINE = re.compile(r"^(.+?) -{3,} (\d+(?:\.\d+)?)s\s*$")
+
+
+def slowest_tasks(dirs, top=12):
+    """[(seconds, task, log)]: profile_tasks' TASKS RECAP of each Ansible log, slowest
+    first (the logs of RUN_DIR's logs/, else of the other dirs)."""
+    logs = next((sorted((d / "logs").glob("*.log")) for d in dirs if (d / "logs").is_dir()), [])
+    rows = []
+    for log in logs:
+        text = read_tail(log, 256 * 1024)
+        recap = text.rpartition("TASKS RECAP")[2] if "TASKS RECAP" in text else ""
+        for line in recap.splitlines():
+            m = _TASK_RECAP_LINE.match(line.strip())
+            if m:
+                rows.append((float(m.group(2)), m.group(1), log.name))
+    return sorted(rows, key=lambda r: -r[0])[:top]
+
+
+def _report_tasks(dirs):
+    rows = slowest_tasks(dirs)
+    if not rows:
+        return ""
+    cells = [(f"{s:.2f}s", clean_text(t, 300), clean_text(log, 100)) for s, t, log in rows]
+    return (
+        '<section id="tasks"><h2>Slowest Ansible tasks</h2>'
+        + _table(("seconds", "task", "log"), cells)
+        + "</section>"
+    )
+
+
+def _report_warnings(result):
+    lines = list(result.get("warnings") or [])
+    lines += [
+        f"{p['name']}: {p['message']}"
+        for p in result.get("phase_details") or []
+        if p.get("status") in ("pass", "skipped") and p.get("message")
+    ]
+    for key in ("teardown_error", "resume_error", "first_boot_panic"):
+        if result.get(key):
+            lines.append(f"{key.replace('_', ' ')}: {result[key]}")
+    if result.get("reuse_refused"):
+        lines.append(f"the last loop's VM was not reused: {result['reuse_refused'].get('why')}")
+    lines = list(dict.fromkeys(str(x) for x in lines))
+    if not lines:
+        return ""
+    body = "".join(f"<li>{clean_text(w)}</li>" for w in lines[:REPORT_LIST_MAX])
+    return f'<section id="warnings"><h2>Warnings</h2><ul class="warns">{body}</ul></section>'
+
+
+BOOT_FAIL_STAGES = ("boot", "reboot", "resume", "domain-running", "dhcp-lease", "tcp-22")
+BOOT_FAIL_STAGES += ("ssh-handshake", "cloud-init")
+
+
+def _report_console(result, dirs):
+    """The console's tail when a boot or reboot failed (the guest's last words)."""
+    stage = (result.get("failed_stage") or "").split(":", 1)[0]
+    if result.get("verdict") == "pass" or stage not in BOOT_FAIL_STAGES:
+        return ""
+    f = report_file(dirs, "console.log")
+    if f is None:
+        return ""
+    lines = read_tail(f).splitlines()[-REPORT_CONSOLE_LINES:]
+    text = "\n".join(clean_text(ln, 300) for ln in lines)
+    return (
+        f'<section id="console"><h2>Console: the last {len(lines)} lines</h2>'
+        f'<pre class="console">{text}</pre></section>'
+    )
+
+
+def _report_facts(result):
+    """The run's facts: what ran, on what, from which commit."""
+    commit = result.get("commit") or (result.get("upgrade") or {}).get("to") or {}
+    strategy = result.get("ansible_strategy") or {}
+    frm = result.get("from_ref") or {}
+    resumed = result.get("resumed_from") or {}
+    facts = [
+        ("profile", result.get("host")),
+        ("certs", result.get("certs")),
+        ("command", result.get("command")),
+        (
+            "commit",
+            commit.get("commit")
+            and commit["commit"] + (" (working tree changed)" if commit.get("dirty") else ""),
+        ),
+        ("from", f"{frm.get('ref')} ({frm.get('commit')})" if frm else None),
+        ("accelerator", result.get("accel")),
+        ("Ansible strategy", strategy.get("used")),
+        ("reboots", ", ".join(result.get("reboot_modes") or []) or None),
+        ("resumed from", resumed.get("stage")),
+        ("onto the last loop's VM", (result.get("reused_vm") or {}).get("run")),
+        ("run", result.get("vm")),
+        ("domain", result.get("domain")),
+        ("ip", result.get("ip")),
+        ("started", result.get("started_at")),
+        ("finished", result.get("finished_at")),
+        ("kept", "yes" if result.get("kept") else "no"),
+        ("run dir", result.get("run_dir")),
+        ("diagnostics", result.get("diagnostics")),
+    ]
+    rows = [(clean_text(k), clean_text(v, 400)) for k, v in facts if v not in (None, "")]
+    return '<section id="facts"><h2>The run</h2>' + _table(None, rows, "facts") + "</section>"
+
+
+def _report_harness(result):
+    """The harness's own time per phase (the bench prints the same)."""
+    per = harness_seconds(result)
+    if not per:
+        return ""
+    rows = [
+        (
+            clean_text(phase, 80),
+            f"{sum(parts.values()):.1f}s",
+            clean_text(", ".join(f"{HARNESS_PARTS.get(k, k)} {v:.1f}s" for k, v in parts.items())),
+        )
+        for phase, parts in per.items()
+    ]
+    seconds, total, pct = harness_share(result)
+    return (
+        '<section id="harness"><h2>The harness\'s own time</h2>'
+        f"<p>{seconds:.1f}s of {total:.1f}s ({pct} %) the guest did not need.</p>"
+        + _table(("phase", "seconds", "spent on"), rows)
+        + "</section>"
+    )
+
+
+def _report_files(dirs, out_dir):
+    """Relative links to every file of the run dir and the bundle (not the private keys)."""
+    out = []
+    for d in dirs:
+        files = sorted(f for f in d.rglob("*") if f.is_file() and f.name not in _PRIVATE_FILES)
+        links = "".join(
+            f'<li><a href="{html.escape(urllib.parse.quote(os.path.relpath(f, out_dir)))}">'
+            f'{clean_text(f.relative_to(d), 300)}</a> <span class="size">'
+            f"{f.stat().st_size} B</span></li>"
+            for f in files[: REPORT_LIST_MAX * 10]
+        )
+        out.append(f'<h3>{clean_text(d, 400)}</h3><ul class="files">{links}</ul>')
+    return '<section id="files"><h2>Files</h2>' + "".join(out) + "</section>"
+
+
+REPORT_CSS = """
+body{font:15px/1.45 system-ui,-apple-system,"Segoe UI",Roboto,sans-serif;color:#1f2933;
+background:#f7f8fa;margin:0}
+main{max-width:1200px;margin:0 auto;padding:20px 24px 60px}
+h1{font-size:20px;margin:0 0 12px;font-weight:600}h2{font-size:17px;margin:28px 0 8px;
+border-bottom:1px solid #d9dee4;padding-bottom:4px}h3{font-size:15px;margin:16px 0 4px}
+.verdict{border-radius:8px;padding:14px 18px;background:#fff;border-left:8px solid #8a949e}
+.v-pass{border-color:#3c8d5a}.v-fail{border-color:#c0392b}.v-error{border-color:#c77c11}
+.badge{font-size:22px;font-weight:700;margin-right:14px}.v-pass .badge{color:#2f7a4a}
+.v-fail .badge{color:#b03a2e}.v-error .badge{color:#a4660c}.who{color:#52606d}
+.story{font-size:16px;margin:8px 0}.sub{color:#52606d;font-size:13px;margin:6px 0}
+pre{white-space:pre-wrap;word-break:break-word;background:#fff;border:1px solid #e1e5ea;
+border-radius:4px;padding:8px;font-size:12.5px;margin:4px 0;max-height:320px;overflow:auto}
+pre.console{background:#1f2933;color:#e4e7eb;max-height:520px}
+.fails{list-style:none;padding:0}.fail-item{background:#fff;border:1px solid #f0c4bf;
+border-left:5px solid #c0392b;border-radius:4px;padding:8px 12px;margin:6px 0}
+.where{font:12px ui-monospace,monospace;color:#7b8794;margin-right:6px}
+table{border-collapse:collapse;background:#fff;margin:6px 0;font-size:13.5px}
+td,th{border:1px solid #e1e5ea;padding:4px 8px;vertical-align:top;text-align:left}
+th{background:#eef1f4;font-weight:600}table.facts td:first-child{color:#52606d}
+.st{font-weight:600}.st-ok,.ok{color:#2f7a4a}.st-failed{color:#b03a2e}.st-skipped,
+.st-none{color:#9aa5b1}.cellmsg{font-size:12px;color:#52606d}.unexpected{color:#b03a2e;
+font-weight:600}.tolerated{color:#7b8794}.warns li{margin:3px 0}.size{color:#9aa5b1;
+font-size:12px}.files{columns:2;font-size:13px}code{font-size:13px}
+svg{background:#fff;border:1px solid #e1e5ea;border-radius:6px;max-width:100%;height:auto}
+svg text{font:12px system-ui,sans-serif;fill:#1f2933}svg .secs,svg .axis{fill:#7b8794}
+svg .seg{font-size:10.5px;fill:#fff}svg .bad{fill:#b03a2e;font-weight:600}.tick{stroke:#eef1f4}
+.bar{fill:#cfd6dd}.k-ansible{fill:#8fc1b5}.k-guest{fill:#c9dcf0}.k-harness{fill:#f2b880}
+.k-other{fill:#cfd6dd}.failed{stroke:#c0392b;stroke-width:2.5}
+.s0{fill:#9cc3e6}.s1{fill:#6fa8dc}.s2{fill:#4a8bc9}.s3{fill:#2f6fae}.s4{fill:#1d5690}
+.hspan{fill:#e8892f}.legend span{display:inline-block;width:12px;height:12px;
+border-radius:2px;margin:0 4px 0 14px;vertical-align:-1px}
+"""
+
+
+def _report_legend():
+    keys = (
+        ("#8fc1b5", "Ansible"),
+        ("#4a8bc9", "the guest's boot stages (each ends when its stage is reached)"),
+        ("#e8892f", "the harness's own time"),
+        ("#fff;border:2px solid #c0392b", "failed phase"),
+    )
+    return (
+        '<p class="legend sub">'
+        + "".join(f'<span style="background:{c}"></span>{t}' for c, t in keys)
+        + "</p>"
+    )
+
+
+def render_report(result, dirs, out_dir):
+    """The page: failures first, then the timeline, the checks, the reboots, the rest."""
+    verdict = (result.get("verdict") or "error").upper()
+    title = f"{verdict} {result.get('host') or '-'} {result.get('vm') or ''}"
+    timeline = report_timeline_svg(result)
+    body = [
+        _report_verdict(result),
+        _report_failures(result),
+        _report_console(result, dirs),
+        '<section id="timeline-section"><h2>Timeline</h2>'
+        + timeline
+        + _report_legend()
+        + "</section>"
+        if timeline
+        else "",
+        _report_verify(result),
+        _report_reboot_diffs(result, dirs),
+        _report_idempotence(result),
+        _report_warnings(result),
+        _report_tasks(dirs),
+        _report_harness(result),
+        _report_facts(result),
+        _report_files(dirs, out_dir),
+    ]
+    return (
+        '<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8">'
+        '<meta http-equiv="Content-Security-Policy" content="default-src \'none\'; '
+        "style-src 'unsafe-inline'\">"
+        '<meta name="viewport" content="width=device-width, initial-scale=1">'
+        f"<title>{clean_text(title, 200)}</title><style>{REPORT_CSS}</style></head>"
+        f"<body><main><h1>boma integration run</h1>{''.join(body)}</main></body></html>\n"
+    )
+
+
+def write_report(run_dir):
+    """RUN_DIR/report.html from RUN_DIR/result.json and the files the run left (here
+    and where result.json says); -> its path. OSError/ValueError when it cannot."""
+    run_dir = pathlib.Path(run_dir)
+    result = json.loads((run_dir / "result.json").read_text())
+    if not isinstance(result, dict):
+        raise ValueError(f"{run_dir / 'result.json'}: not a result")
+    dirs = report_dirs(run_dir, result)
+    out = run_dir / REPORT_NAME
+    write_owned(out, render_report(result, dirs, run_dir))
+    return out
+
+
+def write_run_reports(rs):
+    """A finished run's report.html in its run dir and its diagnostics dir -> the run
+    dir's path, or None. Never raises: a report must not change the verdict."""
+    first = None
+    for d in (rs.dir, rs.diag_dir):
+        try:
+            if (d / "result.json").is_file():
+                path = write_report(d)
+                first = first or path
+        except (OSError, ValueError, HarnessError) as e:
+            print(f"integration-vm: warning: could not write {REPORT_NAME}: {e}", file=sys.stderr)
+    return first
+
+
+def cmd_report(ctx, args):
+    """report RUN_DIR: rebuild report.html from a run dir or a diagnostics bundle."""
+    d = pathlib.Path(args.run_dir)
+    if not (d / "result.json").is_file():
+        raise UsageError(f"report: {d} has no result.json (a run dir or a diagnostics bundle)")
+    try:
+        path = write_report(d)
+    except (OSError, ValueError) as e:
+        raise UsageError(f"report: {d}: {e}") from None
+    print(f"report: {path}")
+    return EXIT_PASS
+
+
+# issue 13's targets on TCG: the ratios are of the same bench run's cold cycle.
+BENCH_TARGETS = {"loop": 0.25, "warm": 0.5, "transport": 4}
+BENCH_FAMILIES = (
+    "image",
+    "boot",
+    "resume",
+    "checkpoint",
+    "from",
+    "apply",
+    "upgrade",
+    "reboot",
+    "reboot-diff",
+    "verify",
+    "idempotence",
+    "transport",
+    "teardown",
+)
+
+
+def format_bench_table(result):
+    """Each phase's seconds and status, the boot and reboot stages under them, and the
+    harness's own seconds in it (what the guest did not need: harness_seconds(), the
+    split the report's timeline draws), with the parts; the total's share of the cycle."""
+    per = harness_seconds(result)
+    rows = [("phase", "seconds", "status", "harness", "")]
+    for p in result.get("phase_details", []):
+        parts = per.get(p["name"], {})
+        rows.append(
+            (
+                p["name"],
+                f"{p['seconds']:.1f}",
+                p["status"],
+                f"{sum(parts.values()):.1f}" if parts else "",
+                ", ".join(f"{k} {v:.1f}" for k, v in parts.items() if k not in HARNESS_PHASES),
+            )
+        )
+        rows += [(f"  {what}", f"{sec:.1f}", "", "", "") for what, sec in _bench_stages(result, p)]
+    spent, _, pct = harness_share(result)
+    rows.append(
+        (
+            "total",
+            f"{result.get('total_seconds') or 0:.1f}",
+            result.get("verdict") or "",
+            f"{spent:.1f}",
+            f"({pct}% of the cycle)",
+        )
+    )
+    w = [max(len(r[i]) for r in rows) for i in range(4)]
+    return (
+        "\n".join(
+            f"{a:<{w[0]}}  {b:>{w[1]}}  {c:<{w[2]}}  {d:>{w[3]}}  {e}".rstrip()
+            for a, b, c, d, e in rows
+        )
+        + "\n"
+    )
+
+
+def _bench_stages(result, p):
+    """[(what, seconds)] under a phase row: a boot's readiness stages (after `virsh
+    start`), a reboot's (after it was issued)."""
+    if p["name"] == "boot":
+        stages = result.get("boot_stages", {})
+        return [(f"boot to {st}", sec) for st, sec in sorted(stages.items(), key=lambda kv: kv[1])]
+    out = []
+    if p["name"].startswith("reboot:"):
+        for r in result.get("reboot_stages", []):
+            if p["name"] == f"reboot:{r['mode']}":
+                out += [
+                    (f"reboot to {what}", r[key])
+                    for what, key in REBOOT_STAGE_ROWS
+                    if r.get(key) is not None
+                ]
+    return out
+
+
+def bench_start_of(result):
+    """Where a bench leg started: the last loop's VM, a checkpoint, or nothing."""
+    reused = result.get("reused_vm")
+    if reused:
+        again = ", ".join(reused["reapplied"]) or "nothing"
+        return f"onto the last loop's VM (re-applied {again})"
+    return f"resumed from {(result.get('resumed_from') or {}).get('stage', 'nothing')}"
+
+
+def format_bench_comparison(cold, warm, edited, loop=None, upgrade=None, first_loop=None):
+    """The cold cycle, the first quick loop (nothing edited), the quick loop after the
+    edit, the warm full cycle (and with --from the day-2 cycle) side by side, by phase
+    family, against the targets (issue 13), then the transport's per-call figure."""
+    runs = [
+        ("cold", cold),
+        ("loop-first", first_loop),
+        ("loop", loop),
+        ("warm", warm),
+        ("upgrade", upgrade),
+    ]
+    runs = [(n, r) for n, r in runs if r is not None]
+    totals = [phase_totals(r.get("phase_details", [])) for _, r in runs]
+    rows = [("phase", *[n for n, _ in runs])]
+    for fam in BENCH_FAMILIES:
+        if any(fam in t for t in totals):
+            rows.append((fam, *[f"{t.get(fam, 0.0):.1f}" for t in totals]))
+    secs = [cycle_seconds(r) for _, r in runs]
+    rows.append(("total", *[f"{x:.1f}" for x in secs]))
+    shares = [harness_share(r) for _, r in runs]  # the seconds the guest did not need
+    rows.append(("harness", *[f"{h:.1f} ({pct}%)" for h, _, pct in shares]))
+    width = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    out = [
+        f"bench: after editing {edited} (in a copy; loop-first: before it): "
+        + "; ".join(f"{n} {bench_start_of(r)}" for n, r in runs if n != "cold")
+    ]
+    out += [
+        "  ".join(f"{c:<{width[0]}}" if i == 0 else f"{c:>{width[i]}}" for i, c in enumerate(row))
+        for row in rows
+    ]
+    c = secs[0]
+    for (n, _), x in zip(runs[1:], secs[1:], strict=True):
+        target = BENCH_TARGETS.get(n)
+        ratio = x / c if c else float("nan")
+        verdict = "" if target is None else (" (met)" if ratio <= target else " (NOT met)")
+        out.append(
+            f"{n}/cold = {ratio:.2f}" + (f" (target <= {target}){verdict}" if target else "")
+        )
+    t = cold.get("transport") or {}
+    if t.get("speedup"):
+        out.append(
+            f"transport: {t['calls']} module calls, linear {t['linear']['per_call']}s "
+            f"vs mitogen {t[MITOGEN_STRATEGY]['per_call']}s per call = "
+            f"{t['speedup']}x (target >= {BENCH_TARGETS['transport']})"
+            + (" (met)" if t["speedup"] >= BENCH_TARGETS["transport"] else " (NOT met)")
+        )
+    elif t.get("error"):
+        out.append(f"transport: not compared ({t['error']})")
+    return "\n".join(out) + "\n"
+
+
+def cycle_seconds(result):
+    """A run's wall time without the bench's own transport comparison."""
+    extra = sum(
+        p["seconds"] for p in result.get("phase_details", []) if p["name"].startswith("transport:")
+    )
+    return (result.get("total_seconds") or 0.0) - extra
+
+
+# --------------------------------------------------------------------------------------
 # Session: preflight, phases, the failure policy, result.json and JUnit
 # --------------------------------------------------------------------------------------
 # A session is one command's life: preflight guards (tools, RAM, disk, VM slot), its phase
@@ -6544,15 +7446,6 @@ def new_result(command, host=None):
     """A fresh result.json as the dict a session's phases fill in (ResultRecord's
     fields; finish_result writes it back through ResultRecord)."""
     return ResultRecord(command=command, host=host).to_json()
-
-
-def phase_totals(phases):
-    """Group `apply:site.yml`, `reboot:graceful` ... under their family, in order."""
-    totals = {}
-    for p in phases:
-        fam = p["name"].split(":", 1)[0]
-        totals[fam] = totals.get(fam, 0.0) + p["seconds"]
-    return totals
 
 
 def format_summary(result):
@@ -7579,898 +8472,10 @@ def retire_loop_vm(ctx, rs):
 
 
 # --------------------------------------------------------------------------------------
-# Report: report.html, one self-contained page per run (issue 28)
-# --------------------------------------------------------------------------------------
-# Built only from the run's own records (result.json, the reboot captures, the logs, the
-# console), so `report RUN_DIR` rebuilds it from a run dir or a diagnostics bundle. Every
-# text that comes from the guest or the playbooks is stripped of control characters,
-# bounded (its tail kept) and escaped; the page has no script and loads nothing.
-
-REPORT_NAME = "report.html"
-REPORT_TEXT_MAX = 2000  # characters of one message, line or cell kept (its tail)
-REPORT_LIST_MAX = 40  # rows of one list (diff lines, files per dir: 400)
-REPORT_CONSOLE_LINES = 60
-REPORT_CONSOLE_BYTES = 64 * 1024
-# Phases the guest never needs, counted whole as the harness's own time; in the others,
-# the harness's spans of result.json's `timeline` (captures, VM creation, poll waits).
-HARNESS_PHASES = ("checkpoint", "reboot-diff", "teardown")
-HARNESS_PARTS = {
-    "capture": "state captures",
-    "create-vm": "VM creation (keys, seed, overlay, virt-install, define)",
-    "poll-wait": "waits between polls (at most)",
-    "checkpoint": "checkpoints",
-    "reboot-diff": "reboot diffs",
-    "teardown": "teardown",
-}
-# Control characters but tab and newline, and the bidi overrides that reorder text.
-_REPORT_CONTROL = re.compile("[\x00-\x08\x0b-\x1f\x7f-\x9f\u202a-\u202e\u2066-\u2069]")
-_PRIVATE_FILES = ("id_ed25519", "ssh_host_ed25519_key", REPORT_NAME)
-STORY_TEXT = {
-    "dead live": "broken right after the applies, before any reboot: the change breaks "
-    "the running host",
-    "dies on reboot": "fine right after the applies, broken once rebooted: the host does "
-    "not survive a reboot",
-    "upgrade fails": "applied on top of what production runs (--from), the running host broke",
-}
-DIFF_CATEGORY_TEXT = {
-    "nft": "firewall rules",
-    "ports": "published ports",
-    "sockets": "listeners",
-    "failed_units": "failed units",
-    "services": "enabled services",
-}
-REBOOT_STAGE_LABELS = (
-    ("power-off", "seconds_to_off"),
-    ("loader", "seconds_to_loader"),
-    ("kernel", "seconds_to_kernel"),
-    ("SSH", "seconds_to_ssh"),
-    ("running", "seconds_to_running"),
-)
-
-
-def clean_text(text, limit=REPORT_TEXT_MAX):
-    """Guest or playbook text made safe to show: ANSI escapes, control characters (but
-    tab and newline) and bidi overrides removed, the tail kept past `limit`, escaped."""
-    text = _REPORT_CONTROL.sub("", ANSI_ESCAPE.sub("", str(text if text is not None else "")))
-    if len(text) > limit:
-        text = f"[... {len(text) - limit} characters cut] " + text[-limit:]
-    return html.escape(text, quote=True)
-
-
-def harness_seconds(result):
-    """{phase name: {part: seconds}}: what the harness spent in each phase that the guest
-    did not need. A checkpoint, reboot-diff or teardown phase is the harness's whole;
-    in another phase, its `timeline` spans who=harness (captures, create-vm, poll waits)."""
-    out = {}
-    for p in result.get("phase_details") or []:
-        fam = p["name"].split(":", 1)[0]
-        if fam in HARNESS_PHASES:
-            parts = out.setdefault(p["name"], {})
-            parts[fam] = round(parts.get(fam, 0.0) + p["seconds"], 2)
-    for s in result.get("timeline") or []:
-        phase = s.get("phase") or "(between phases)"
-        if s.get("who") != "harness" or phase.split(":", 1)[0] in HARNESS_PHASES:
-            continue
-        parts = out.setdefault(phase, {})
-        parts[s["what"]] = round(parts.get(s["what"], 0.0) + s["seconds"], 2)
-    return out
-
-
-def harness_share(result):
-    """(harness seconds, cycle seconds, percent) of a run (cycle_seconds: without the
-    bench's transport comparison)."""
-    spent = sum(sum(parts.values()) for parts in harness_seconds(result).values())
-    total = cycle_seconds(result)
-    return round(spent, 1), round(total, 1), (round(100 * spent / total) if total else 0)
-
-
-def report_dirs(run_dir, result):
-    """Where a run's files are: RUN_DIR first, then the run dir and the diagnostics
-    bundle result.json names, when they exist here (a copied bundle has only itself)."""
-    dirs = [pathlib.Path(run_dir)]
-    named = [result.get("run_dir"), result.get("diagnostics")]
-    named += [os.path.dirname(d.get("dir") or "") for d in result.get("reboot_diffs") or []]
-    for p in named:
-        if p and os.path.isdir(p) and all(not os.path.samefile(p, d) for d in dirs):
-            dirs.append(pathlib.Path(p))
-    return dirs
-
-
-def report_file(dirs, rel):
-    """The first of dirs that holds `rel` (a relative path), or None."""
-    for d in dirs:
-        f = d / rel
-        if f.is_file():
-            return f
-    return None
-
-
-def read_tail(path, max_bytes=REPORT_CONSOLE_BYTES):
-    """The last max_bytes of a file as text (a huge console is never read whole)."""
-    with open(path, "rb") as fh:
-        fh.seek(0, os.SEEK_END)
-        size = fh.tell()
-        fh.seek(max(0, size - max_bytes))
-        return fh.read().decode("utf-8", "replace")
-
-
-def _h(tag, body, cls=None):
-    return f"<{tag}{f' class={cls!r}' if cls else ''}>{body}</{tag}>"
-
-
-def _table(head, rows, cls="grid"):
-    """An HTML table; head and cells are already escaped."""
-    out = [f'<table class="{cls}">']
-    if head:
-        out += ["<thead><tr>", *[f"<th>{h}</th>" for h in head], "</tr></thead>"]
-    out.append("<tbody>")
-    for row in rows:
-        out.append("<tr>" + "".join(f"<td>{c}</td>" for c in row) + "</tr>")
-    return "".join(out + ["</tbody></table>"])
-
-
-def _report_verdict(result):
-    """The head of the page: verdict, story, failed stage and the run's one message."""
-    verdict = result.get("verdict") or "error"
-    head = f"{verdict.upper()}"
-    if result.get("expect_fail"):
-        head += f" (expected fail at {clean_text(result['expect_fail'], 80)})"
-    lines = [
-        f'<div class="verdict v-{clean_text(verdict, 20)}">',
-        f'<span class="badge" id="verdict">{clean_text(head, 200)}</span>',
-        f'<span class="who">{clean_text(result.get("host") or "-", 80)} &middot; '
-        f"{clean_text(result.get('command') or '-', 20)} &middot; "
-        f"{clean_text(result.get('vm') or '-', 120)}</span>",
-    ]
-    if result.get("story"):
-        story = result["story"]
-        lines.append(
-            f'<p class="story" id="story"><b>{clean_text(story, 80)}</b>: '
-            f"{clean_text(STORY_TEXT.get(story, ''), 300)}</p>"
-        )
-    if verdict != "pass" and result.get("failed_stage"):
-        lines.append(
-            f'<p>failed stage: <code id="failed-stage">{clean_text(result["failed_stage"], 200)}'
-            "</code></p>"
-        )
-    if verdict != "pass" and result.get("message"):
-        lines.append(f'<pre class="msg">{clean_text(result["message"])}</pre>')
-    seconds, total, pct = harness_share(result)
-    lines.append(
-        f'<p class="sub">{total:.1f} s in all; the harness\'s own time {seconds:.1f} s '
-        f"({pct} %); exit code {clean_text(result.get('exit_code'), 10)}</p></div>"
-    )
-    return "".join(lines)
-
-
-def _failed_checks(result):
-    """[(where, name, message)] of everything that failed, the checks first."""
-    out = []
-    for stage, key in VERIFY_TASK_KEYS.items():
-        for t in result.get(key) or []:
-            if t.get("status") == "failed":
-                out.append((stage, t.get("name"), t.get("message")))
-    named = {n for _, n, _ in out}
-    out += [("verify", n, "") for n in result.get("failures") or [] if n not in named]
-    for p in result.get("phase_details") or []:
-        if p.get("status") in ("fail", "error", "interrupted") and not p["name"].startswith(
-            "verify"
-        ):
-            out.append((p["name"], p["status"], p.get("detail") or p.get("message") or ""))
-    idem = result.get("idempotence") or {}
-    if result.get("failed_stage") == "idempotence":
-        out += [("idempotence", "changed", t) for t in idem.get("changed_tasks") or []]
-    return out
-
-
-def _report_failures(result):
-    rows = _failed_checks(result)
-    if not rows:
-        return ""
-    body = "".join(
-        f'<li class="fail-item"><span class="where">{clean_text(w, 80)}</span> '
-        f'<b class="check">{clean_text(n, 300)}</b>'
-        + (f"<pre>{clean_text(m)}</pre>" if m else "")
-        + "</li>"
-        for w, n, m in rows[:REPORT_LIST_MAX]
-    )
-    more = f"<p>... {len(rows) - REPORT_LIST_MAX} more</p>" if len(rows) > REPORT_LIST_MAX else ""
-    return (
-        f'<section id="failures"><h2>What failed</h2><ul class="fails">{body}</ul>{more}</section>'
-    )
-
-
-def _report_verify(result):
-    """Each check live (right after the applies) and after the reboots, side by side."""
-    live = {t.get("name"): t for t in result.get("verify_live_tasks") or []}
-    after = {t.get("name"): t for t in result.get("verify_tasks") or []}
-    names = list(dict.fromkeys([*live, *after]))
-    if not names:
-        return ""
-
-    def cell(t):
-        if t is None:
-            return '<span class="st-none">not run</span>'
-        st = t.get("status") or "?"
-        msg = (
-            f'<div class="cellmsg">{clean_text(t["message"], 400)}</div>'
-            if t.get("message")
-            else ""
-        )
-        return f'<span class="st st-{clean_text(st, 20)}">{clean_text(st, 20)}</span>{msg}'
-
-    rows = [(clean_text(n, 300), cell(live.get(n)), cell(after.get(n))) for n in names]
-    return (
-        '<section id="verify"><h2>Checks: live vs after the reboots</h2>'
-        + _table(("check", "live (after the applies)", "after the reboots"), rows)
-        + "</section>"
-    )
-
-
-# The timeline: one row per phase at its place in the run (seconds since the run
-# started); inside a boot or reboot, the guest's stages from `virsh start` (or the
-# reboot's issue) to each stage, in blues; the harness's own spans as an orange strip
-# under the bar (a harness-only phase is orange whole); a failed phase outlined in red.
-TL_WIDTH, TL_LABEL, TL_ROW, TL_TOP = 1160, 250, 30, 34
-
-
-def _timeline_phases(result):
-    """[(name, at, seconds, status)]: each phase where it ran (a result.json without
-    `at` places them one after another)."""
-    out, t = [], 0.0
-    for p in result.get("phase_details") or []:
-        at = p.get("at")
-        at = t if not isinstance(at, (int, float)) else at
-        out.append((p["name"], float(at), float(p.get("seconds") or 0.0), p.get("status")))
-        t = at + float(p.get("seconds") or 0.0)
-    return out
-
-
-def _guest_stages(result, phases):
-    """[(phase name, anchor seconds, [(label, start, end)])]: the first boot's and each
-    reboot's stages, placed from the guest span's start (else the phase's)."""
-    spans = [s for s in result.get("timeline") or [] if s.get("who") == "guest"]
-    starts = {n: at for n, at, _, _ in phases}
-    out = []
-    boots = [s for s in spans if s.get("what") == "boot"]
-    stages = result.get("boot_stages") or {}
-    if "boot" in starts and stages:
-        anchor = boots[-1]["at"] if boots else starts["boot"]
-        marks = sorted((v, k) for k, v in stages.items() if isinstance(v, (int, float)))
-        out.append(("boot", anchor, _segments([(k, v) for v, k in marks])))
-    reboots = [s for s in spans if str(s.get("what", "")).startswith("reboot:")]
-    for i, r in enumerate(result.get("reboot_stages") or []):
-        name = f"reboot:{r.get('mode')}"
-        anchor = reboots[i]["at"] if i < len(reboots) else starts.get(name)
-        marks = [(label, r.get(key)) for label, key in REBOOT_STAGE_LABELS]
-        marks = [(lbl, v) for lbl, v in marks if isinstance(v, (int, float))]
-        if anchor is not None:
-            out.append((name, anchor, _segments(marks)))
-    return out
-
-
-def _segments(marks):
-    """[(label, seconds)] in order -> [(label, start, end)]: each segment ends at its stage."""
-    out, prev = [], 0.0
-    for label, secs in marks:
-        if secs >= prev:
-            out.append((label, prev, secs))
-            prev = secs
-    return out
-
-
-def _tl_rect(x, y, w, h, cls, title, label=None):
-    text = ""
-    if label and w > 7 * len(label) + 6:
-        text = (
-            f'<text class="seg" x="{x + w / 2:.1f}" y="{y + h / 2 + 4:.1f}" '
-            f'text-anchor="middle">{clean_text(label, 40)}</text>'
-        )
-    return (
-        f'<g><rect class="{cls}" x="{x:.1f}" y="{y:.1f}" width="{max(w, 1.5):.1f}" '
-        f'height="{h}" rx="2"><title>{clean_text(title, 300)}</title></rect>{text}</g>'
-    )
-
-
-def _tl_axis(total, scale, height):
-    steps = (0.1, 0.2, 0.5, 1, 2, 5, 10, 15, 30, 60, 120, 300, 600)
-    step = next((s for s in steps if total / s <= 12), 1200)
-    out = []
-    for i in range(int(total / step + 1e-9) + 1):
-        x = TL_LABEL + i * step * scale
-        out.append(
-            f'<line class="tick" x1="{x:.1f}" y1="{TL_TOP - 8}" x2="{x:.1f}" y2="{height}"/>'
-            f'<text class="axis" x="{x:.1f}" y="{TL_TOP - 12}" text-anchor="middle">'
-            f"{round(i * step, 1):g}s</text>"
-        )
-    return "".join(out)
-
-
-def report_timeline_svg(result):
-    """The run's timeline as an inline SVG (see above), or "" without phases."""
-    phases = _timeline_phases(result)
-    if not phases:
-        return ""
-    total = max([result.get("total_seconds") or 0.0] + [at + s for _, at, s, _ in phases]) or 1
-    scale = (TL_WIDTH - TL_LABEL - 12) / total
-    guest = {name: (anchor, segs) for name, anchor, segs in _guest_stages(result, phases)}
-    rows = []
-    for i, (name, at, secs, status) in enumerate(phases):
-        rows.append(_tl_row(result, TL_TOP + i * TL_ROW, name, at, secs, status, scale, guest))
-    height = TL_TOP + len(phases) * TL_ROW + 6
-    return (
-        f'<svg id="timeline" xmlns="http://www.w3.org/2000/svg" width="{TL_WIDTH}" '
-        f'height="{height}" viewBox="0 0 {TL_WIDTH} {height}" role="img" '
-        f'aria-label="timeline of the run">{_tl_axis(total, scale, height)}{"".join(rows)}</svg>'
-    )
-
-
-def _tl_row(result, y, name, at, secs, status, scale, guest):
-    """One phase's row: label, seconds, its bar, its guest stages and harness spans."""
-    fam = name.split(":", 1)[0]
-    kind = (
-        "harness"
-        if fam in HARNESS_PHASES
-        else "ansible"
-        if fam in ("apply", "verify", "idempotence", "upgrade", "transport", "from")
-        else "guest"
-        if fam in ("boot", "reboot", "resume")
-        else "other"
-    )
-    x = TL_LABEL + at * scale
-    cls = f"bar k-{kind}" + (" failed" if status in ("fail", "error", "interrupted") else "")
-    failed = status in ("fail", "error", "interrupted")
-    out = [
-        f'<text class="label{" bad" if failed else ""}" x="8" y="{y + 15}">'
-        f"{clean_text(name, 60)}{' ✗' if failed else ''}</text>",
-        f'<text class="secs" x="{TL_LABEL - 8}" y="{y + 15}" text-anchor="end">{secs:.1f}s</text>',
-        _tl_rect(x, y + 2, secs * scale, 18, cls, f"{name}: {secs:.1f}s ({status})"),
-    ]
-    if name in guest:
-        anchor, segs = guest[name]
-        for j, (label, a, b) in enumerate(segs):
-            out.append(
-                _tl_rect(
-                    TL_LABEL + (anchor + a) * scale,
-                    y + 2,
-                    (b - a) * scale,
-                    18,
-                    f"stage s{j % 5}",
-                    f"{name}: {label} after {b:.1f}s (+{b - a:.1f}s)",
-                    label,
-                )
-            )
-    for s in result.get("timeline") or []:
-        if s.get("phase") == name and s.get("who") == "harness":
-            out.append(
-                _tl_rect(
-                    TL_LABEL + s["at"] * scale,
-                    y + 21,
-                    s["seconds"] * scale,
-                    6,
-                    "hspan",
-                    f"harness: {HARNESS_PARTS.get(s['what'], s['what'])} {s['seconds']:.1f}s",
-                )
-            )
-    return "".join(out)
-
-
-def _load_capture(d):
-    """A capture dir's categories {category: [lines]} (write_capture's JSON), or None."""
-    cats = {}
-    for cat in REBOOT_DIFF_CATEGORIES:
-        try:
-            cats[cat] = json.loads((d / f"{cat}.json").read_text())
-        except (OSError, ValueError):
-            return None
-    return cats
-
-
-def _lines_cell(lines):
-    if not lines:
-        return '<span class="st-none">-</span>'
-    shown = "".join(f"<div>{clean_text(ln, 400)}</div>" for ln in lines[:REPORT_LIST_MAX])
-    more = len(lines) - REPORT_LIST_MAX
-    return shown + (f"<div><i>... {more} more</i></div>" if more > 0 else "")
-
-
-def _report_reboot_diff(summary, stages, dirs):
-    """One reboot: how its boot went, what was unexpected, and per category what is gone
-    and what was added (from the before/after captures when the bundle is here)."""
-    mode, index = summary.get("mode"), summary.get("index")
-    rel = f"reboot-{index}-{mode}"
-    head = f"reboot {clean_text(index, 10)} ({clean_text(mode, 20)})"
-    reached = ", ".join(
-        f"{label} {stages[key]:.1f}s"
-        for label, key in REBOOT_STAGE_LABELS
-        if stages and isinstance(stages.get(key), (int, float))
-    )
-    out = [f"<h3>{head}</h3>"]
-    if reached:
-        out.append(f'<p class="sub">after the reboot was issued: {clean_text(reached, 400)}</p>')
-    for what in ("unexpected", "tolerated"):
-        if summary.get(what):
-            out.append(
-                f'<p class="{what}">{len(summary[what])} {what}:</p>'
-                + _lines_cell([str(u) for u in summary[what]])
-            )
-    before = after = None
-    for d in dirs:
-        if (d / rel / "before").is_dir():
-            before, after = _load_capture(d / rel / "before"), _load_capture(d / rel / "after")
-            break
-    if not summary.get("changed"):
-        out.append('<p class="ok">nothing changed across this reboot</p>')
-    elif before is not None and after is not None:
-        diff = diff_state(before, after)
-        rows = [
-            (
-                clean_text(DIFF_CATEGORY_TEXT.get(c, c)),
-                _lines_cell(v["removed"]),
-                _lines_cell(v["added"]),
-            )
-            for c, v in diff.items()
-        ]
-        out.append(_table(("", "gone after the reboot", "added by the reboot"), rows))
-    elif summary.get("categories"):
-        rows = [
-            (
-                clean_text(DIFF_CATEGORY_TEXT.get(c, c)),
-                clean_text(v.get("removed")),
-                clean_text(v.get("added")),
-            )
-            for c, v in summary["categories"].items()
-        ]
-        out.append(_table(("", "gone (count)", "added (count)"), rows))
-    return "".join(out)
-
-
-def _report_reboot_diffs(result, dirs):
-    diffs = result.get("reboot_diffs") or []
-    if not diffs:
-        return ""
-    stages = result.get("reboot_stages") or []
-    body = "".join(
-        _report_reboot_diff(s, stages[i] if i < len(stages) else {}, dirs)
-        for i, s in enumerate(diffs)
-    )
-    return f'<section id="reboot-diffs"><h2>What each reboot changed</h2>{body}</section>'
-
-
-def _report_idempotence(result):
-    idem = result.get("idempotence")
-    if not idem:
-        return ""
-    tasks = idem.get("changed_tasks") or []
-    body = (
-        f"<p>{clean_text(idem.get('changed'), 10)} task(s) changed on the re-apply after "
-        "the reboots (must be 0)</p>" + _lines_cell(tasks)
-        if idem.get("changed") or tasks
-        else '<p class="ok">the re-apply after the reboots changed nothing</p>'
-    )
-    return f'<section id="idempotence"><h2>Idempotence</h2>{body}</section>'
-
-
-_TASK_RECAP_LINE = re.compile(r"^(.+?) -{3,} (\d+(?:\.\d+)?)s\s*$")
-
-
-def slowest_tasks(dirs, top=12):
-    """[(seconds, task, log)]: profile_tasks' TASKS RECAP of each Ansible log, slowest
-    first (the logs of RUN_DIR's logs/, else of the other dirs)."""
-    logs = next((sorted((d / "logs").glob("*.log")) for d in dirs if (d / "logs").is_dir()), [])
-    rows = []
-    for log in logs:
-        text = read_tail(log, 256 * 1024)
-        recap = text.rpartition("TASKS RECAP")[2] if "TASKS RECAP" in text else ""
-        for line in recap.splitlines():
-            m = _TASK_RECAP_LINE.match(line.strip())
-            if m:
-                rows.append((float(m.group(2)), m.group(1), log.name))
-    return sorted(rows, key=lambda r: -r[0])[:top]
-
-
-def _report_tasks(dirs):
-    rows = slowest_tasks(dirs)
-    if not rows:
-        return ""
-    cells = [(f"{s:.2f}s", clean_text(t, 300), clean_text(log, 100)) for s, t, log in rows]
-    return (
-        '<section id="tasks"><h2>Slowest Ansible tasks</h2>'
-        + _table(("seconds", "task", "log"), cells)
-        + "</section>"
-    )
-
-
-def _report_warnings(result):
-    lines = list(result.get("warnings") or [])
-    lines += [
-        f"{p['name']}: {p['message']}"
-        for p in result.get("phase_details") or []
-        if p.get("status") in ("pass", "skipped") and p.get("message")
-    ]
-    for key in ("teardown_error", "resume_error", "first_boot_panic"):
-        if result.get(key):
-            lines.append(f"{key.replace('_', ' ')}: {result[key]}")
-    if result.get("reuse_refused"):
-        lines.append(f"the last loop's VM was not reused: {result['reuse_refused'].get('why')}")
-    lines = list(dict.fromkeys(str(x) for x in lines))
-    if not lines:
-        return ""
-    body = "".join(f"<li>{clean_text(w)}</li>" for w in lines[:REPORT_LIST_MAX])
-    return f'<section id="warnings"><h2>Warnings</h2><ul class="warns">{body}</ul></section>'
-
-
-BOOT_FAIL_STAGES = ("boot", "reboot", "resume", "domain-running", "dhcp-lease", "tcp-22")
-BOOT_FAIL_STAGES += ("ssh-handshake", "cloud-init")
-
-
-def _report_console(result, dirs):
-    """The console's tail when a boot or reboot failed (the guest's last words)."""
-    stage = (result.get("failed_stage") or "").split(":", 1)[0]
-    if result.get("verdict") == "pass" or stage not in BOOT_FAIL_STAGES:
-        return ""
-    f = report_file(dirs, "console.log")
-    if f is None:
-        return ""
-    lines = read_tail(f).splitlines()[-REPORT_CONSOLE_LINES:]
-    text = "\n".join(clean_text(ln, 300) for ln in lines)
-    return (
-        f'<section id="console"><h2>Console: the last {len(lines)} lines</h2>'
-        f'<pre class="console">{text}</pre></section>'
-    )
-
-
-def _report_facts(result):
-    """The run's facts: what ran, on what, from which commit."""
-    commit = result.get("commit") or (result.get("upgrade") or {}).get("to") or {}
-    strategy = result.get("ansible_strategy") or {}
-    frm = result.get("from_ref") or {}
-    resumed = result.get("resumed_from") or {}
-    facts = [
-        ("profile", result.get("host")),
-        ("certs", result.get("certs")),
-        ("command", result.get("command")),
-        (
-            "commit",
-            commit.get("commit")
-            and commit["commit"] + (" (working tree changed)" if commit.get("dirty") else ""),
-        ),
-        ("from", f"{frm.get('ref')} ({frm.get('commit')})" if frm else None),
-        ("accelerator", result.get("accel")),
-        ("Ansible strategy", strategy.get("used")),
-        ("reboots", ", ".join(result.get("reboot_modes") or []) or None),
-        ("resumed from", resumed.get("stage")),
-        ("onto the last loop's VM", (result.get("reused_vm") or {}).get("run")),
-        ("run", result.get("vm")),
-        ("domain", result.get("domain")),
-        ("ip", result.get("ip")),
-        ("started", result.get("started_at")),
-        ("finished", result.get("finished_at")),
-        ("kept", "yes" if result.get("kept") else "no"),
-        ("run dir", result.get("run_dir")),
-        ("diagnostics", result.get("diagnostics")),
-    ]
-    rows = [(clean_text(k), clean_text(v, 400)) for k, v in facts if v not in (None, "")]
-    return '<section id="facts"><h2>The run</h2>' + _table(None, rows, "facts") + "</section>"
-
-
-def _report_harness(result):
-    """The harness's own time per phase (the bench prints the same)."""
-    per = harness_seconds(result)
-    if not per:
-        return ""
-    rows = [
-        (
-            clean_text(phase, 80),
-            f"{sum(parts.values()):.1f}s",
-            clean_text(", ".join(f"{HARNESS_PARTS.get(k, k)} {v:.1f}s" for k, v in parts.items())),
-        )
-        for phase, parts in per.items()
-    ]
-    seconds, total, pct = harness_share(result)
-    return (
-        '<section id="harness"><h2>The harness\'s own time</h2>'
-        f"<p>{seconds:.1f}s of {total:.1f}s ({pct} %) the guest did not need.</p>"
-        + _table(("phase", "seconds", "spent on"), rows)
-        + "</section>"
-    )
-
-
-def _report_files(dirs, out_dir):
-    """Relative links to every file of the run dir and the bundle (not the private keys)."""
-    out = []
-    for d in dirs:
-        files = sorted(f for f in d.rglob("*") if f.is_file() and f.name not in _PRIVATE_FILES)
-        links = "".join(
-            f'<li><a href="{html.escape(urllib.parse.quote(os.path.relpath(f, out_dir)))}">'
-            f'{clean_text(f.relative_to(d), 300)}</a> <span class="size">'
-            f"{f.stat().st_size} B</span></li>"
-            for f in files[: REPORT_LIST_MAX * 10]
-        )
-        out.append(f'<h3>{clean_text(d, 400)}</h3><ul class="files">{links}</ul>')
-    return '<section id="files"><h2>Files</h2>' + "".join(out) + "</section>"
-
-
-REPORT_CSS = """
-body{font:15px/1.45 system-ui,-apple-system,"Segoe UI",Roboto,sans-serif;color:#1f2933;
-background:#f7f8fa;margin:0}
-main{max-width:1200px;margin:0 auto;padding:20px 24px 60px}
-h1{font-size:20px;margin:0 0 12px;font-weight:600}h2{font-size:17px;margin:28px 0 8px;
-border-bottom:1px solid #d9dee4;padding-bottom:4px}h3{font-size:15px;margin:16px 0 4px}
-.verdict{border-radius:8px;padding:14px 18px;background:#fff;border-left:8px solid #8a949e}
-.v-pass{border-color:#3c8d5a}.v-fail{border-color:#c0392b}.v-error{border-color:#c77c11}
-.badge{font-size:22px;font-weight:700;margin-right:14px}.v-pass .badge{color:#2f7a4a}
-.v-fail .badge{color:#b03a2e}.v-error .badge{color:#a4660c}.who{color:#52606d}
-.story{font-size:16px;margin:8px 0}.sub{color:#52606d;font-size:13px;margin:6px 0}
-pre{white-space:pre-wrap;word-break:break-word;background:#fff;border:1px solid #e1e5ea;
-border-radius:4px;padding:8px;font-size:12.5px;margin:4px 0;max-height:320px;overflow:auto}
-pre.console{background:#1f2933;color:#e4e7eb;max-height:520px}
-.fails{list-style:none;padding:0}.fail-item{background:#fff;border:1px solid #f0c4bf;
-border-left:5px solid #c0392b;border-radius:4px;padding:8px 12px;margin:6px 0}
-.where{font:12px ui-monospace,monospace;color:#7b8794;margin-right:6px}
-table{border-collapse:collapse;background:#fff;margin:6px 0;font-size:13.5px}
-td,th{border:1px solid #e1e5ea;padding:4px 8px;vertical-align:top;text-align:left}
-th{background:#eef1f4;font-weight:600}table.facts td:first-child{color:#52606d}
-.st{font-weight:600}.st-ok,.ok{color:#2f7a4a}.st-failed{color:#b03a2e}.st-skipped,
-.st-none{color:#9aa5b1}.cellmsg{font-size:12px;color:#52606d}.unexpected{color:#b03a2e;
-font-weight:600}.tolerated{color:#7b8794}.warns li{margin:3px 0}.size{color:#9aa5b1;
-font-size:12px}.files{columns:2;font-size:13px}code{font-size:13px}
-svg{background:#fff;border:1px solid #e1e5ea;border-radius:6px;max-width:100%;height:auto}
-svg text{font:12px system-ui,sans-serif;fill:#1f2933}svg .secs,svg .axis{fill:#7b8794}
-svg .seg{font-size:10.5px;fill:#fff}svg .bad{fill:#b03a2e;font-weight:600}.tick{stroke:#eef1f4}
-.bar{fill:#cfd6dd}.k-ansible{fill:#8fc1b5}.k-guest{fill:#c9dcf0}.k-harness{fill:#f2b880}
-.k-other{fill:#cfd6dd}.failed{stroke:#c0392b;stroke-width:2.5}
-.s0{fill:#9cc3e6}.s1{fill:#6fa8dc}.s2{fill:#4a8bc9}.s3{fill:#2f6fae}.s4{fill:#1d5690}
-.hspan{fill:#e8892f}.legend span{display:inline-block;width:12px;height:12px;
-border-radius:2px;margin:0 4px 0 14px;vertical-align:-1px}
-"""
-
-
-def _report_legend():
-    keys = (
-        ("#8fc1b5", "Ansible"),
-        ("#4a8bc9", "the guest's boot stages (each ends when its stage is reached)"),
-        ("#e8892f", "the harness's own time"),
-        ("#fff;border:2px solid #c0392b", "failed phase"),
-    )
-    return (
-        '<p class="legend sub">'
-        + "".join(f'<span style="background:{c}"></span>{t}' for c, t in keys)
-        + "</p>"
-    )
-
-
-def render_report(result, dirs, out_dir):
-    """The page: failures first, then the timeline, the checks, the reboots, the rest."""
-    verdict = (result.get("verdict") or "error").upper()
-    title = f"{verdict} {result.get('host') or '-'} {result.get('vm') or ''}"
-    timeline = report_timeline_svg(result)
-    body = [
-        _report_verdict(result),
-        _report_failures(result),
-        _report_console(result, dirs),
-        '<section id="timeline-section"><h2>Timeline</h2>'
-        + timeline
-        + _report_legend()
-        + "</section>"
-        if timeline
-        else "",
-        _report_verify(result),
-        _report_reboot_diffs(result, dirs),
-        _report_idempotence(result),
-        _report_warnings(result),
-        _report_tasks(dirs),
-        _report_harness(result),
-        _report_facts(result),
-        _report_files(dirs, out_dir),
-    ]
-    return (
-        '<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8">'
-        '<meta http-equiv="Content-Security-Policy" content="default-src \'none\'; '
-        "style-src 'unsafe-inline'\">"
-        '<meta name="viewport" content="width=device-width, initial-scale=1">'
-        f"<title>{clean_text(title, 200)}</title><style>{REPORT_CSS}</style></head>"
-        f"<body><main><h1>boma integration run</h1>{''.join(body)}</main></body></html>\n"
-    )
-
-
-def write_report(run_dir):
-    """RUN_DIR/report.html from RUN_DIR/result.json and the files the run left (here
-    and where result.json says); -> its path. OSError/ValueError when it cannot."""
-    run_dir = pathlib.Path(run_dir)
-    result = json.loads((run_dir / "result.json").read_text())
-    if not isinstance(result, dict):
-        raise ValueError(f"{run_dir / 'result.json'}: not a result")
-    dirs = report_dirs(run_dir, result)
-    out = run_dir / REPORT_NAME
-    write_owned(out, render_report(result, dirs, run_dir))
-    return out
-
-
-def write_run_reports(rs):
-    """A finished run's report.html in its run dir and its diagnostics dir -> the run
-    dir's path, or None. Never raises: a report must not change the verdict."""
-    first = None
-    for d in (rs.dir, rs.diag_dir):
-        try:
-            if (d / "result.json").is_file():
-                path = write_report(d)
-                first = first or path
-        except (OSError, ValueError, HarnessError) as e:
-            print(f"integration-vm: warning: could not write {REPORT_NAME}: {e}", file=sys.stderr)
-    return first
-
-
-def cmd_report(ctx, args):
-    """report RUN_DIR: rebuild report.html from a run dir or a diagnostics bundle."""
-    d = pathlib.Path(args.run_dir)
-    if not (d / "result.json").is_file():
-        raise UsageError(f"report: {d} has no result.json (a run dir or a diagnostics bundle)")
-    try:
-        path = write_report(d)
-    except (OSError, ValueError) as e:
-        raise UsageError(f"report: {d}: {e}") from None
-    print(f"report: {path}")
-    return EXIT_PASS
-
-
-# --------------------------------------------------------------------------------------
 # Commands: one cmd_* per subcommand that is not a plain session, and the bench
 # --------------------------------------------------------------------------------------
 # cmd_image, cmd_down, cmd_prune, cmd_status, cmd_console, cmd_doctor; cmd_bench composes
 # sessions (cold, loop, warm) and compares them with the targets.
-
-# issue 13's targets on TCG: the ratios are of the same bench run's cold cycle.
-BENCH_TARGETS = {"loop": 0.25, "warm": 0.5, "transport": 4}
-BENCH_FAMILIES = (
-    "image",
-    "boot",
-    "resume",
-    "checkpoint",
-    "from",
-    "apply",
-    "upgrade",
-    "reboot",
-    "reboot-diff",
-    "verify",
-    "idempotence",
-    "transport",
-    "teardown",
-)
-
-
-REBOOT_STAGE_ROWS = (
-    ("powered-off", "seconds_to_off"),  # graceful only: the guest's own shutdown
-    ("loader", "seconds_to_loader"),
-    ("kernel", "seconds_to_kernel"),
-    ("ssh", "seconds_to_ssh"),
-    ("system-running", "seconds_to_running"),
-)
-
-
-def format_bench_table(result):
-    """Each phase's seconds and status, the boot and reboot stages under them, and the
-    harness's own seconds in it (what the guest did not need: harness_seconds(), the
-    split the report's timeline draws), with the parts; the total's share of the cycle."""
-    per = harness_seconds(result)
-    rows = [("phase", "seconds", "status", "harness", "")]
-    for p in result.get("phase_details", []):
-        parts = per.get(p["name"], {})
-        rows.append(
-            (
-                p["name"],
-                f"{p['seconds']:.1f}",
-                p["status"],
-                f"{sum(parts.values()):.1f}" if parts else "",
-                ", ".join(f"{k} {v:.1f}" for k, v in parts.items() if k not in HARNESS_PHASES),
-            )
-        )
-        rows += [(f"  {what}", f"{sec:.1f}", "", "", "") for what, sec in _bench_stages(result, p)]
-    spent, _, pct = harness_share(result)
-    rows.append(
-        (
-            "total",
-            f"{result.get('total_seconds') or 0:.1f}",
-            result.get("verdict") or "",
-            f"{spent:.1f}",
-            f"({pct}% of the cycle)",
-        )
-    )
-    w = [max(len(r[i]) for r in rows) for i in range(4)]
-    return (
-        "\n".join(
-            f"{a:<{w[0]}}  {b:>{w[1]}}  {c:<{w[2]}}  {d:>{w[3]}}  {e}".rstrip()
-            for a, b, c, d, e in rows
-        )
-        + "\n"
-    )
-
-
-def _bench_stages(result, p):
-    """[(what, seconds)] under a phase row: a boot's readiness stages (after `virsh
-    start`), a reboot's (after it was issued)."""
-    if p["name"] == "boot":
-        stages = result.get("boot_stages", {})
-        return [(f"boot to {st}", sec) for st, sec in sorted(stages.items(), key=lambda kv: kv[1])]
-    out = []
-    if p["name"].startswith("reboot:"):
-        for r in result.get("reboot_stages", []):
-            if p["name"] == f"reboot:{r['mode']}":
-                out += [
-                    (f"reboot to {what}", r[key])
-                    for what, key in REBOOT_STAGE_ROWS
-                    if r.get(key) is not None
-                ]
-    return out
-
-
-def bench_start_of(result):
-    """Where a bench leg started: the last loop's VM, a checkpoint, or nothing."""
-    reused = result.get("reused_vm")
-    if reused:
-        again = ", ".join(reused["reapplied"]) or "nothing"
-        return f"onto the last loop's VM (re-applied {again})"
-    return f"resumed from {(result.get('resumed_from') or {}).get('stage', 'nothing')}"
-
-
-def format_bench_comparison(cold, warm, edited, loop=None, upgrade=None, first_loop=None):
-    """The cold cycle, the first quick loop (nothing edited), the quick loop after the
-    edit, the warm full cycle (and with --from the day-2 cycle) side by side, by phase
-    family, against the targets (issue 13), then the transport's per-call figure."""
-    runs = [
-        ("cold", cold),
-        ("loop-first", first_loop),
-        ("loop", loop),
-        ("warm", warm),
-        ("upgrade", upgrade),
-    ]
-    runs = [(n, r) for n, r in runs if r is not None]
-    totals = [phase_totals(r.get("phase_details", [])) for _, r in runs]
-    rows = [("phase", *[n for n, _ in runs])]
-    for fam in BENCH_FAMILIES:
-        if any(fam in t for t in totals):
-            rows.append((fam, *[f"{t.get(fam, 0.0):.1f}" for t in totals]))
-    secs = [cycle_seconds(r) for _, r in runs]
-    rows.append(("total", *[f"{x:.1f}" for x in secs]))
-    shares = [harness_share(r) for _, r in runs]  # the seconds the guest did not need
-    rows.append(("harness", *[f"{h:.1f} ({pct}%)" for h, _, pct in shares]))
-    width = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
-    out = [
-        f"bench: after editing {edited} (in a copy; loop-first: before it): "
-        + "; ".join(f"{n} {bench_start_of(r)}" for n, r in runs if n != "cold")
-    ]
-    out += [
-        "  ".join(f"{c:<{width[0]}}" if i == 0 else f"{c:>{width[i]}}" for i, c in enumerate(row))
-        for row in rows
-    ]
-    c = secs[0]
-    for (n, _), x in zip(runs[1:], secs[1:], strict=True):
-        target = BENCH_TARGETS.get(n)
-        ratio = x / c if c else float("nan")
-        verdict = "" if target is None else (" (met)" if ratio <= target else " (NOT met)")
-        out.append(
-            f"{n}/cold = {ratio:.2f}" + (f" (target <= {target}){verdict}" if target else "")
-        )
-    t = cold.get("transport") or {}
-    if t.get("speedup"):
-        out.append(
-            f"transport: {t['calls']} module calls, linear {t['linear']['per_call']}s "
-            f"vs mitogen {t[MITOGEN_STRATEGY]['per_call']}s per call = "
-            f"{t['speedup']}x (target >= {BENCH_TARGETS['transport']})"
-            + (" (met)" if t["speedup"] >= BENCH_TARGETS["transport"] else " (NOT met)")
-        )
-    elif t.get("error"):
-        out.append(f"transport: not compared ({t['error']})")
-    return "\n".join(out) + "\n"
-
-
-def cycle_seconds(result):
-    """A run's wall time without the bench's own transport comparison."""
-    extra = sum(
-        p["seconds"] for p in result.get("phase_details", []) if p["name"].startswith("transport:")
-    )
-    return (result.get("total_seconds") or 0.0) - extra
-
 
 BENCH_EDIT_SUFFIXES = (".yml", ".yaml", ".j2", ".sh", ".py", ".cfg", ".conf", ".nft", ".txt")
 BENCH_DEFAULT_EDIT = "roles/docker_host/templates/etc/nftables.d/10-docker-forward.nft.j2"
