@@ -151,45 +151,6 @@ def test_virt_install_argv_boots_the_disk():
         _vi(kernel="/i/vmlinuz")
 
 
-def test_metadata_roundtrip():
-    x = ivm.render_metadata_xml(
-        "2026-11-25T18:00:00+00:00/vm",
-        "2026-11-25T18:00:00+00:00",
-        "askari",
-        "claude",
-        host="askari",
-    )
-    m = ivm.parse_metadata_xml(x)
-    assert m == {
-        "id": "2026-11-25T18:00:00+00:00/vm",
-        "created_at": "2026-11-25T18:00:00+00:00",
-        "profile": "askari",
-        "owner": "claude",
-        "host": "askari",
-    }
-
-
-def test_metadata_parse_as_virsh_prints_it():
-    out = (
-        '<boma:run xmlns:boma="https://boma.invalid/integration-vm" id="r1" '
-        'created_at="t" profile="p" owner="o"/>\n'
-    )
-    assert ivm.parse_metadata_xml(out)["id"] == "r1"
-
-
-@pytest.mark.parametrize(
-    "text",
-    ["", "error: metadata not found", "<run/>", '<x:run xmlns:x="https://other.invalid" id="1"/>'],
-)
-def test_metadata_parse_rejects_foreign(text):
-    assert ivm.parse_metadata_xml(text) is None
-
-
-def test_metadata_escapes_attributes():
-    x = ivm.render_metadata_xml('a"<b', "t", "p&q", "o")
-    assert ivm.parse_metadata_xml(x)["id"] == 'a"<b' and ET.fromstring(x) is not None
-
-
 @pytest.mark.parametrize(
     "dom",
     [

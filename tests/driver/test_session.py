@@ -281,19 +281,6 @@ def test_result_shape_is_json_and_has_the_agreed_keys():
         assert k in r
 
 
-def test_phase_totals_group_families():
-    t = ivm.phase_totals(_result()["phase_details"])
-    assert t == {
-        "image": 0.2,
-        "boot": 31.0,
-        "apply": 250.0,
-        "reboot": 28.0,
-        "verify": 12.0,
-        "teardown": 2.0,
-    }
-    assert list(t) == ["image", "boot", "apply", "reboot", "verify", "teardown"]
-
-
 def test_format_summary_pass():
     assert ivm.format_summary(_result()) == (
         "integration-vm: PASS askari boma-it-askari-1a2b3c4d accel=tcg total=412s "
