@@ -2308,6 +2308,13 @@ class JsonRecord:
         record.extra = unknown
         return record
 
+    def __setattr__(self, name, value):
+        """Only the declared fields (and `extra`): a misspelt name is an error, not a new
+        field that is never written."""
+        if name != "extra" and name not in self.__dataclass_fields__:
+            raise AttributeError(f"{type(self).__name__} declares no field {name!r}")
+        super().__setattr__(name, value)
+
     def to_json(self):
         out = dict(self.extra)
         for name in self.field_names():
@@ -2319,7 +2326,7 @@ class JsonRecord:
 
 @dataclasses.dataclass
 class RunRecord(JsonRecord):
-    """run.json: one run's state (RunState.data holds its to_json()). .ci/run, `status`,
+    """run.json: one run's state (RunState.record, live). .ci/run, `status`,
     `down` and the runbook read name, host, state, ip, accel, domain and resumed_from."""
 
     name: str
@@ -2378,7 +2385,7 @@ GUEST_OUTPUT_MAX = 8 << 20
 @dataclasses.dataclass
 class RunState:
     ctx: Ctx
-    data: dict
+    record: RunRecord  # run.json, live: its fields set as attributes, written by save()
     console_mark: int = 0  # console.log's size when the current boot was issued
     # time.monotonic() when a poll first saw each CONSOLE_MILESTONES line of this boot:
     # firmware and boot loader, which systemd-analyze cannot see, come before the kernel
@@ -2448,14 +2455,14 @@ class RunState:
 
     @property
     def name(self):
-        return self.data["name"]
+        return self.record.name
 
     @property
     def domain(self):
         """The libvirt domain, guest hostname, inventory host and SSH HostKeyAlias. A run
         resumed from a checkpoint keeps the checkpoint's (a saved memory image pins its
         name, UUID and MAC); its own name still names its dirs, logs and diagnostics."""
-        return self.data.get("domain") or self.data["name"]
+        return self.record.domain or self.record.name
 
     @property
     def dir(self):
@@ -2479,11 +2486,11 @@ class RunState:
 
     @property
     def ip(self):
-        return self.data.get("ip")
+        return self.record.ip
 
     def save(self):
         self.dir.mkdir(parents=True, exist_ok=True)
-        record = RunRecord.from_json(self.data).to_json()
+        record = self.record.to_json()
         write_owned(self.dir / "run.json", json.dumps(record, indent=2, sort_keys=True) + "\n")
 
     def ssh(self, command, timeout, stage="ssh", input=None, shared=True):
@@ -2633,8 +2640,8 @@ def list_runs(ctx):
                 _SKIPPED_RUNS.add(p)
                 print(f"integration-vm: skipping {p}: {why}", file=sys.stderr)
             continue
-        runs.append(RunState(ctx, RunRecord.from_json(data).to_json()))
-    return sorted(runs, key=lambda r: r.data.get("created_at") or "")
+        runs.append(RunState(ctx, RunRecord.from_json(data)))
+    return sorted(runs, key=lambda r: r.record.created_at or "")
 
 
 def select_run(ctx, run_name=None, host=None, live=True):
@@ -2647,9 +2654,9 @@ def select_run(ctx, run_name=None, host=None, live=True):
             f"no run {run_name!r} under {ctx.run_parent} "
             f"(runs: {', '.join(r.name for r in runs) or 'none'})"
         )
-    cands = [r for r in runs if host is None or r.data.get("host") == host]
+    cands = [r for r in runs if host is None or r.record.host == host]
     if live:
-        up_ = [r for r in cands if r.data.get("state") != "down"]
+        up_ = [r for r in cands if r.record.state != "down"]
         cands = up_ or ([] if live == "required" else cands)
     if not cands:
         raise UsageError(
@@ -2657,7 +2664,7 @@ def select_run(ctx, run_name=None, host=None, live=True):
             + (f" for host {host!r}" if host else "")
             + "; start one with `integration-vm up --host <name>`"
         )
-    if host is None and len({r.data.get("host") for r in cands}) > 1:
+    if host is None and len({r.record.host for r in cands}) > 1:
         raise UsageError(
             f"several runs exist; pass --host or --run ({', '.join(r.name for r in cands)})"
         )
@@ -2673,7 +2680,7 @@ def write_current(ctx, run_state):
     ctx.run_parent.mkdir(parents=True, exist_ok=True)
     write_owned(
         ctx.run_parent / "current",
-        render_current(run_state.name, run_state.ip, run_state.data["host"]),
+        render_current(run_state.name, run_state.ip, run_state.record.host),
     )
 
 
@@ -2923,7 +2930,7 @@ def open_run(ctx, data, run):
     """A run's private dir (0700) and disk dir, attached to the session's `run` at once so
     a failure anywhere after is cleaned up by Machine.destroy. `data` is checked against run.json's
     schema (RunRecord): a field it does not declare is an error."""
-    rs = RunState(ctx, RunRecord.from_json(data, strict=True).to_json())
+    rs = RunState(ctx, RunRecord.from_json(data, strict=True))
     run.attach(rs)
     rs.dir.mkdir(parents=True, exist_ok=True)
     os.chmod(rs.dir, 0o700)
@@ -4023,7 +4030,7 @@ def reboot_diff(ctx, rs, profile, mode, before, after, result=None, policy="fail
     seconds (the guest may still be starting something), and if still there,
     VerifyFailed('reboot-diff') (policy fail) or a warning (policy warn). Returns the
     summary."""
-    index = len(rs.data.get("reboots", [])) or 1
+    index = len(rs.record.reboots or []) or 1
     spec = profile.get("reboot_diff_tolerate") or {}
     d = reboot_dir(rs, index, mode)
     diff = diff_state(before["categories"], after["categories"])
@@ -4048,8 +4055,8 @@ def reboot_diff(ctx, rs, profile, mode, before, after, result=None, policy="fail
     summary["boot"] = {"startup": boot.get("startup"), "blame_top": boot.get("blame_top", [])}
     if result is not None:
         result.setdefault("reboot_diffs", []).append(summary)
-    if rs.data.get("reboots"):
-        rs.data["reboots"][-1]["diff"] = {
+    if rs.record.reboots:
+        rs.record.reboots[-1]["diff"] = {
             "changed": summary["changed"],
             "unexpected": len(unexpected),
             "dir": str(d),
@@ -4200,7 +4207,7 @@ class Machine:
         """virt-install --print-xml for the run, checked and stamped with the ownership
         metadata, saved as domain.xml and defined."""
         ctx, rs = self.ctx, self.rs
-        data, name, host = rs.data, rs.name, profile["name"]
+        data, name, host = rs.record, rs.name, profile["name"]
         osinfo = osinfo_for(ctx)
         with transient_pool(ctx, name, rs.disk_dir):
             xml = run(
@@ -4211,7 +4218,7 @@ class Machine:
                     profile["vcpus"],
                     overlay,
                     seed,
-                    data["mac"],
+                    data.mac,
                     rs.console_log,
                     "kvm" if accel == "kvm" else "qemu",
                     osinfo,
@@ -4226,11 +4233,11 @@ class Machine:
         xml = add_domain_metadata(
             xml,
             render_metadata_xml(
-                data["created_at"] + "/" + name, data["created_at"], host, data["owner"], host
+                data.created_at + "/" + name, data.created_at, host, data.owner, host
             ),
         )
         (rs.dir / "domain.xml").write_text(xml)
-        data["state"] = "defined"
+        data.state = "defined"
         rs.save()
         virsh(ctx, "define", rs.dir / "domain.xml", check=True, stage="boot")
 
@@ -4263,7 +4270,7 @@ class Machine:
     def _boot_once(self):
         ctx, rs = self.ctx, self.rs
         t0 = time.monotonic()
-        stages = rs.data["boot_stages"] = {}  # seconds from `virsh start` to each stage
+        stages = rs.record.boot_stages = {}  # seconds from `virsh start` to each stage
 
         def reached(stage, msg):
             stages[stage] = round(time.monotonic() - t0, 1)
@@ -4272,7 +4279,7 @@ class Machine:
         rs.mark_console()
         with rs.watching_for_the_kernel():
             virsh(ctx, "start", rs.domain, check=True, stage="domain-running")
-            rs.data["state"] = "booting"
+            rs.record.state = "booting"
             rs.save()
             self.wait_domain_running()
             reached("domain-running", f"domain-running {rs.name}")
@@ -4288,8 +4295,8 @@ class Machine:
         for name, _ in CONSOLE_MILESTONES:  # firmware, then the boot loader's loading
             if rs.seconds_to(name, t0) is not None:
                 stages[name] = rs.seconds_to(name, t0)
-        rs.data["boot_ids"].append(self.read_boot_id())
-        rs.data["state"] = "up"
+        rs.record.boot_ids.append(self.read_boot_id())
+        rs.record.state = "up"
         rs.save()
         write_current(ctx, rs)
         progress(ctx, "boot", "cloud-init done")
@@ -4316,18 +4323,18 @@ class Machine:
 
         def probe(_):
             r = virsh(ctx, "domifaddr", rs.domain, "--source", "lease")
-            return parse_lease_ip(r.stdout, rs.data["mac"]) if r.returncode == 0 else None
+            return parse_lease_ip(r.stdout, rs.record.mac) if r.returncode == 0 else None
 
         ip = wait_until(
             ctx,
             stage,
             ctx.bounds["dhcp-lease"],
             probe,
-            f"a DHCP lease for {rs.data['mac']}",
+            f"a DHCP lease for {rs.record.mac}",
             rs,
             poll=local_poll(ctx),
         )
-        rs.data["ip"] = ip
+        rs.record.ip = ip
         rs.save()
         return ip
 
@@ -4495,7 +4502,7 @@ class Machine:
         # systemd-analyze's blame and critical-chain (~3 s of a TCG guest each) only where a
         # reboot failed: the reboot diff's second capture and the diagnostics bundle
         after = capture_state(ctx, rs, boot_id=new_id, analyze="time")
-        rs.data["boot_ids"].append(new_id)
+        rs.record.boot_ids.append(new_id)
         stages = {
             "seconds_to_off": to_off,
             "seconds_to_loader": to_loader,
@@ -4510,10 +4517,10 @@ class Machine:
             record["emulator_oops"] = oops_panic
         if shutdown_console is not None:
             record["stop_jobs"] = shutdown_stop_jobs(shutdown_console)
-            d = reboot_dir(rs, len(rs.data.get("reboots", [])) + 1, mode)
+            d = reboot_dir(rs, len(rs.record.reboots or []) + 1, mode)
             d.mkdir(parents=True, exist_ok=True)
             write_owned(owned_path(d, "shutdown-console.txt"), shutdown_console)
-        rs.data.setdefault("reboots", []).append({**record, **stages})
+        rs.record.reboots = [*(rs.record.reboots or []), {**record, **stages}]
         rs.save()
         progress(
             ctx, f"reboot:{mode}", f"new boot_id {new_id[:8]}: " + _reboot_story(record, stages)
@@ -4589,7 +4596,7 @@ class Machine:
             return self._wait_new_boot(before, issued), None
         except GuestPanicked as e:
             oops = TCG_INT3_OOPS.search(rs.console_since_mark() or "")
-            if rs.data.get("accel") != "tcg" or not oops:
+            if rs.record.accel != "tcg" or not oops:
                 raise
             progress(
                 ctx,
@@ -4651,13 +4658,13 @@ class Machine:
     def destroy(self):
         """Destroy the VM and its disks; keep run.json/logs/result (state=down)."""
         ctx, rs = self.ctx, self.rs
-        run_id = rs.data.get("created_at", "") + "/" + rs.name
+        run_id = rs.record.created_at + "/" + rs.name
         rs.close_ssh()
         destroy_domain(ctx, rs.domain, run_id)
         shutil.rmtree(rs.disk_dir, ignore_errors=True)
         if rs.dir.is_dir():
-            rs.data["state"] = "down"
-            rs.data["down_at"] = now_iso()
+            rs.record.state = "down"
+            rs.record.down_at = now_iso()
             rs.save()
 
 
@@ -5641,8 +5648,8 @@ def checkpoints_in_use(ctx):
     """Checkpoint keys a live run's disk chain still reads."""
     used = set()
     for rs in list_runs(ctx):
-        if rs.data.get("state") != "down":
-            used.update(rs.data.get("checkpoints_read", []))
+        if rs.record.state != "down":
+            used.update(rs.record.checkpoints_read or [])
     return used
 
 
@@ -5695,7 +5702,7 @@ def take_checkpoint(ctx, rs, stage, key, parent, result=None):
     that removes both, so no half-written checkpoint (with the run's keys) stays behind."""
     if load_checkpoint(ctx, key):
         return None
-    need = rs.data["mem_mib"] + 512
+    need = rs.record.mem_mib + 512
     free = shutil.disk_usage(ctx.cache).free // (1024 * 1024)
     if free < need:
         progress(
@@ -5727,7 +5734,7 @@ def take_checkpoint(ctx, rs, stage, key, parent, result=None):
             shutil.rmtree(tmp, ignore_errors=True)
             if manifest is None:
                 shutil.rmtree(d, ignore_errors=True)
-        rs.data.setdefault("checkpoints_taken", []).append(stage)
+        rs.record.checkpoints_taken = [*(rs.record.checkpoints_taken or []), stage]
         rs.save()
         Machine(ctx, rs).step_clock()
     size = sum(p.stat().st_size for p in d.iterdir()) // (1 << 20)
@@ -5741,19 +5748,19 @@ def _checkpoint_manifest(rs, stage, key, parent):
         "key": key,
         "parent": parent,
         "stage": stage,
-        "host": rs.data["host"],
+        "host": rs.record.host,
         "domain": rs.domain,
-        "mac": rs.data["mac"],
+        "mac": rs.record.mac,
         "ip": rs.ip,
-        "boot_id": rs.data["boot_ids"][-1],
-        "accel": rs.data["accel"],
-        "image_key": rs.data["image_key"],
-        "mem_mib": rs.data["mem_mib"],
-        "vcpus": rs.data["vcpus"],
+        "boot_id": rs.record.boot_ids[-1],
+        "accel": rs.record.accel,
+        "image_key": rs.record.image_key,
+        "mem_mib": rs.record.mem_mib,
+        "vcpus": rs.record.vcpus,
         "created_at": now_iso(),
         "created_by": rs.name,
         "format": CHECKPOINT_FORMAT,
-        "lineage": rs.data.get("lineage", FRESH_LINEAGE),
+        "lineage": rs.record.lineage or FRESH_LINEAGE,
     }
 
 
@@ -5802,7 +5809,7 @@ def _freeze_overlay(ctx, rs, stage, key, tmp, d):
         os.chmod(tmp, 0o755)  # QEMU opens disk.qcow2 as the run's backing file
         tmp.rename(d)
         # From here the run's disk reads this checkpoint: gc must leave it alone.
-        rs.data.setdefault("checkpoints_read", []).append(key)
+        rs.record.checkpoints_read = [*(rs.record.checkpoints_read or []), key]
         rs.save()
         make_overlay(ctx, d / "disk.qcow2", overlay, "checkpoint")
     except OSError as e:
@@ -5839,8 +5846,8 @@ def resume_run(ctx, profile, certs, manifest, chain_keys, run):
             f"checkpoint recorded {manifest['boot_id']}: it rebooted instead of "
             "resuming",
         )
-    rs.data["boot_stages"] = {"restored-ssh": round(time.monotonic() - t0, 1)}
-    rs.data["state"] = "up"
+    rs.record.boot_stages = {"restored-ssh": round(time.monotonic() - t0, 1)}
+    rs.record.state = "up"
     rs.save()
     write_current(ctx, rs)
     progress(
@@ -5887,7 +5894,7 @@ def _write_restore_files(ctx, rs, ck):
     """The resumed run's overlay on the checkpoint's disk and its domain.xml: the
     checkpoint's, pointed at that overlay and the run's console log, with the run's
     ownership metadata."""
-    data, name, host = rs.data, rs.name, rs.data["host"]
+    data, name, host = rs.record, rs.name, rs.record.host
     overlay = rs.overlay
     make_overlay(ctx, ck / "disk.qcow2", overlay, "resume")
     xml = rewrite_restore_xml(
@@ -5895,9 +5902,7 @@ def _write_restore_files(ctx, rs, ck):
         overlay,
         ck / "seed.img",
         rs.console_log,
-        render_metadata_xml(
-            data["created_at"] + "/" + name, data["created_at"], host, data["owner"], host
-        ),
+        render_metadata_xml(data.created_at + "/" + name, data.created_at, host, data.owner, host),
     )
     (rs.dir / "domain.xml").write_text(xml)
 
@@ -5906,8 +5911,8 @@ def record_applied(rs, chain, steps):
     """run.json: the VM has applied the profile's first `steps` playbooks, from the inputs
     `chain`'s keys hash (None: no chain, or a day-2 run, whose working tree went on top of
     REF's chain). The next quick loop re-applies from the first key that differs."""
-    rs.data["applied_steps"] = steps
-    rs.data["applied_keys"] = [k for _, k, _ in chain[: steps + 1]] if chain else None
+    rs.record.applied_steps = steps
+    rs.record.applied_keys = [k for _, k, _ in chain[: steps + 1]] if chain else None
     rs.save()
 
 
@@ -6093,7 +6098,7 @@ def apply_from_ref(ctx, rs, day2, certs, result, after_step):
             certs,
             phase_prefix="from",
             result=result,
-            start=rs.data.get("applied_steps", 0),
+            start=rs.record.applied_steps or 0,
             after_step=after_step,
         )
     finally:
@@ -6228,7 +6233,7 @@ def _write_diag_summary(rs, d, reason, notes):
     """SUMMARY.txt of a diagnostics dir: why, when, the files and what was not collected."""
     files = sorted(p for p in d.rglob("*") if p.is_file() and p.name != "SUMMARY.txt")
     lines = [
-        f"integration-vm diagnostics for {rs.name} ({rs.data.get('host')})",
+        f"integration-vm diagnostics for {rs.name} ({rs.record.host})",
         f"reason: {reason}",
         f"collected: {now_iso()}",
         f"ip: {rs.ip or '-'}",
@@ -7720,7 +7725,7 @@ def finish_result(ctx, result, rs, junit=None, stream=None, strategy=None):
         result["ansible_strategy"] = strategy
     if rs is not None:
         result.update(
-            vm=rs.name, domain=rs.domain, ip=rs.ip, accel=rs.data.get("accel"), run_dir=str(rs.dir)
+            vm=rs.name, domain=rs.domain, ip=rs.ip, accel=rs.record.accel, run_dir=str(rs.dir)
         )
         try:
             record = ResultRecord.from_json(result, strict=True).to_json()
@@ -7906,18 +7911,18 @@ def phase_provision(ctx, args, run):
     if run.reused:
         return
     provision(ctx, args, run)
-    run.result["host"] = run.rs.data["host"]
+    run.result["host"] = run.rs.record.host
 
 
 def phase_attach(ctx, args, run):
     """The live run this command acts on (--run, or the host's only one): its state,
     command log and its accelerator's bounds."""
     rs = select_run(ctx, args.run, run.profile["name"], live="required")
-    if rs.data.get("state") != "up":
-        raise UsageError(f"run {rs.name} is {rs.data.get('state')}, not up")
+    if rs.record.state != "up":
+        raise UsageError(f"run {rs.name} is {rs.record.state}, not up")
     run.attach(rs)
-    run.bounds = stage_bounds(rs.data.get("accel"), ctx.settings)
-    run.result["host"] = rs.data["host"]
+    run.bounds = stage_bounds(rs.record.accel, ctx.settings)
+    run.result["host"] = rs.record.host
 
 
 def phase_apply(ctx, args, run):
@@ -7942,7 +7947,7 @@ def phase_converge(ctx, args, run):
     each followed by its checkpoint when the run keeps them. Day 2: REF's playbooks that
     way (REF's chain), then the working tree's on top."""
     after_step = checkpoint_after_apply(ctx, run)
-    start = run.rs.data.get("applied_steps", 0)
+    start = run.rs.record.applied_steps or 0
     if run.day2 is None:
         apply(
             ctx,
@@ -7981,8 +7986,8 @@ def phase_reboots(ctx, args, run):
     for mode in result["reboot_modes"]:
         with timed_phase(ctx, result, f"reboot:{mode}") as entry:
             before, after = Machine(ctx, rs).reboot(mode, before=last)
-            entry["message"] = warn_reboot(result, rs.data["reboots"], rs)
-        last_reboot = rs.data["reboots"][-1]
+            entry["message"] = warn_reboot(result, rs.record.reboots, rs)
+        last_reboot = rs.record.reboots[-1]
         stage = {
             k: last_reboot.get(k)
             for k in ("mode", *(key for _, key in REBOOT_STAGE_ROWS), "stop_jobs")
@@ -8022,7 +8027,7 @@ def phase_finish(ctx, args, run):
     elif command in CONVERGING_COMMANDS:
         run.result["kept"] = True
         if command == "loop":
-            rs.data["kept_by"] = "loop"
+            rs.record.kept_by = "loop"
             rs.save()
         kept = closing_lines(run.result, args.keep)["kept"]
         print(inspection_help(ctx, rs, kept), file=sys.stderr, end="")
@@ -8102,7 +8107,7 @@ def teardown_or_keep(ctx, args, command, result, rs, teardown):
         return
     result["kept"] = True
     if command == "loop":  # a red loop's VM is where the next loop's fix goes
-        rs.data["kept_by"] = "loop"
+        rs.record.kept_by = "loop"
         rs.save()
     kept = closing_lines(result, args.keep)["kept"]
     print(inspection_help(ctx, rs, kept), file=sys.stderr, end="")
@@ -8189,12 +8194,12 @@ def prepare(ctx, args, command):
     host = args.host
     if host is None and command in ("apply", "assert", "reboot"):
         rs = select_run(ctx, args.run, None, live="required")
-        host = rs.data["host"]
+        host = rs.record.host
     profile = load_profile(host, ctx.repo / "tests" / "integration" / "profiles", ctx.repo)
     certs = args.certs
     if certs is None and command in ("apply", "assert", "reboot") and host:
         try:
-            certs = select_run(ctx, args.run, host, live="required").data.get("certs")
+            certs = select_run(ctx, args.run, host, live="required").record.certs
         except UsageError:
             certs = None
     certs = certs or "internal"
@@ -8266,12 +8271,12 @@ def provision(ctx, args, run):
             t0 = time.monotonic()
             create_run(ctx, profile, certs, accel, image, run)
             note_span(ctx, "create-vm", t0)
-        run.rs.data["lineage"] = run_lineage(run)
+        run.rs.record.lineage = run_lineage(run)
         panic = Machine(ctx, run.rs).start(image)
         if panic:
             result["first_boot_panic"] = panic
         record_applied(run.rs, run.applied_chain, 0)
-    result["boot_stages"] = run.rs.data.get("boot_stages", {})
+    result["boot_stages"] = run.rs.record.boot_stages or {}
     if run.checkpoint_chain:
         _, key, _ = run.checkpoint_chain[0]
         take_checkpoint(ctx, run.rs, "booted", key, None, result)
@@ -8328,11 +8333,11 @@ def try_resume(ctx, run):
             else:
                 progress(ctx, "resume", f"{why}: cold boot")
             return None
-    rs.data["lineage"] = run_lineage(run)
+    rs.record.lineage = run_lineage(run)
     steps = 0 if stage == "booted" else int(stage.split("-")[1])
     record_applied(rs, run.applied_chain, steps)
-    result["resumed_from"] = rs.data["resumed_from"]
-    result["boot_stages"] = rs.data.get("boot_stages", {})
+    result["resumed_from"] = rs.record.resumed_from
+    result["boot_stages"] = rs.record.boot_stages or {}
     return rs
 
 
@@ -8341,11 +8346,9 @@ def loop_vms(ctx, host):
     kept = [
         rs
         for rs in list_runs(ctx)
-        if rs.data.get("host") == host
-        and rs.data.get("kept_by") == "loop"
-        and rs.data.get("state") != "down"
+        if rs.record.host == host and rs.record.kept_by == "loop" and rs.record.state != "down"
     ]
-    return sorted(kept, key=lambda rs: rs.data.get("created_at") or "")
+    return sorted(kept, key=lambda rs: rs.record.created_at or "")
 
 
 def claimed_loop_vms(ctx, host):
@@ -8370,16 +8373,16 @@ def reuse_refusal(ctx, run, rs, chain):
     """Why the last loop's VM cannot take this loop's edit, or None. It can when it
     started where this run would (same golden image, profile shape, cert tier, a fresh
     lineage: the same booted key) and records what it applied."""
-    keys = rs.data.get("applied_keys")
+    keys = rs.record.applied_keys
     if run.day2 is not None:
         return "a --from loop starts from REF's checkpoint"
-    if rs.data.get("lineage", FRESH_LINEAGE) != FRESH_LINEAGE:
-        return f"it converged a {rs.data['lineage']} run"
-    if rs.data.get("certs") != run.certs:
-        return f"it runs --certs {rs.data.get('certs')}, this loop --certs {run.certs}"
+    if (rs.record.lineage or FRESH_LINEAGE) != FRESH_LINEAGE:
+        return f"it converged a {rs.record.lineage} run"
+    if rs.record.certs != run.certs:
+        return f"it runs --certs {rs.record.certs}, this loop --certs {run.certs}"
     if not keys or chain is None:
         return "what it applied is not recorded (--no-checkpoints, or a real-secret tier)"
-    if rs.data.get("image_key") != current_image_key(ctx):
+    if rs.record.image_key != current_image_key(ctx):
         return "the golden image's inputs changed since it booted"
     if keys[0] != chain[0][1]:
         return "the profile's VM (memory, vCPUs) or the accelerator changed since it booted"
@@ -8419,18 +8422,18 @@ def reuse_loop_vm(ctx, args, run):
     chain = None
     if run.certs not in REAL_SECRET_TIERS and checkpoints_enabled(ctx, args):
         chain = checkpoint_chain(
-            ctx, run.profile, run.certs, last.data.get("image_key"), last.data.get("accel")
+            ctx, run.profile, run.certs, last.record.image_key, last.record.accel
         )
     why = reuse_refusal(ctx, run, last, chain)
     if why is None:
-        run.bounds = stage_bounds(last.data.get("accel"), ctx.settings)
+        run.bounds = stage_bounds(last.record.accel, ctx.settings)
         why = loop_vm_silence(ctx, last)
     if why is not None:
         progress(ctx, "loop", f"not reusing the previous quick loop's VM {last.name}: {why}")
         run.result["reuse_refused"] = {"run": last.name, "why": why}
         retire_loop_vm(ctx, last)
         return
-    keys = last.data["applied_keys"]
+    keys = last.record.applied_keys
     same = 0
     while same + 1 < len(keys) and same + 1 < len(chain) and keys[same + 1] == chain[same + 1][1]:
         same += 1
@@ -8438,12 +8441,12 @@ def reuse_loop_vm(ctx, args, run):
     run.attach(last)
     run.reused = True
     run.checkpoint_chain = chain
-    last.data["kept_by"] = None  # this session's now; phase_finish keeps it again
+    last.record.kept_by = None  # this session's now; phase_finish keeps it again
     record_applied(last, chain, same)
     steps = [s["playbook"] for s in run.profile["applies"]]
     run.result.update(
         host=host,
-        accel=last.data.get("accel"),
+        accel=last.record.accel,
         reused_vm={"run": last.name, "kept": steps[:same], "reapplied": steps[same:]},
         checkpoints=chain_record(chain),
     )
@@ -8630,7 +8633,7 @@ def cmd_down(ctx, args):
     if args.keep:
         print(f"integration-vm: --keep: leaving {rs.name} up")
         return EXIT_PASS
-    was = rs.data.get("state")
+    was = rs.record.state
     Machine(ctx, rs).destroy()
     print(f"integration-vm: {rs.name} {'already down' if was == 'down' else 'destroyed'}")
     return EXIT_PASS
@@ -8694,15 +8697,15 @@ def cmd_status(ctx, args):
     check_tools(ctx, ["virsh"])
     check_libvirt(ctx)
     owned = owned_domains(ctx)
-    runs = {rs.domain: rs for rs in list_runs(ctx) if rs.data.get("state") != "down"}
+    runs = {rs.domain: rs for rs in list_runs(ctx) if rs.record.state != "down"}
     print(f"{'NAME':<36} {'STATE':<10} {'PROFILE':<20} {'AGE':>5}  IP")
     for name in sorted(set(owned) | set(runs)):
         meta, rs = owned.get(name, {}), runs.get(name)
-        state = meta.get("state") or (rs.data.get("state") if rs else "?")
-        if rs and name not in owned and rs.data.get("state") != "down":
+        state = meta.get("state") or (rs.record.state if rs else "?")
+        if rs and name not in owned and rs.record.state != "down":
             state = "orphan-run"
-        created = meta.get("created_at") or (rs.data.get("created_at") if rs else None)
-        profile = meta.get("profile") or (rs.data.get("host") if rs else "?")
+        created = meta.get("created_at") or (rs.record.created_at if rs else None)
+        profile = meta.get("profile") or (rs.record.host if rs else "?")
         print(
             f"{name:<36} {state:<10} {profile:<20} {_age(created):>5}  "
             f"{(rs.ip if rs else '') or '-'}"

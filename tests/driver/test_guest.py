@@ -604,6 +604,16 @@ def test_a_run_json_field_that_is_not_what_the_harness_writes_is_refused(h, fiel
     assert not h.calls("ansible-playbook")
 
 
+def test_a_runs_live_record_takes_only_its_declared_fields():
+    # run.json's state is a RunRecord while the run lives: a misspelt field is an error at
+    # once, not a key that save() would have kept in `extra` and no reader would look at.
+    record = ivm.RunRecord("boma-it-askari-0123abcd", "askari")
+    record.kept_by = "loop"
+    with pytest.raises(AttributeError, match="kept_bi"):
+        record.kept_bi = "loop"
+    assert record.to_json()["kept_by"] == "loop" and "kept_bi" not in record.to_json()
+
+
 def test_run_data_problem_checks_every_field_it_reads_back():
     good = {"name": "boma-it-a-0000000a", "host": "a", "ip": "192.168.150.9"}
     assert ivm.run_data_problem(good, good["name"]) is None

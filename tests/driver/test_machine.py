@@ -225,7 +225,7 @@ def test_a_panic_of_an_earlier_boot_is_not_this_boots(h):
     p = h.run("up", "--host", "askari")
     assert p.returncode == 0, p.stderr
     (data,) = [json.loads(f.read_text()) for f in h.run_root.glob("*/run.json")]
-    rs = ivm.RunState(types.SimpleNamespace(cache=h.cache), data)
+    rs = ivm.RunState(types.SimpleNamespace(cache=h.cache), ivm.RunRecord.from_json(data))
     with open(rs.console_log, "a") as fh:
         fh.write("Kernel panic - not syncing: an old boot's\n")
     assert rs.console_panic() is not None

@@ -873,7 +873,7 @@ def test_attaching_a_run_state_moves_the_command_log(tmp_path):
     assert ctx.cmdlog is None and ctx.bounds == {}
     run = ivm.Run(bounds={"virsh": 5.0})
     ctx = dataclasses.replace(ctx, run=run)
-    run.attach(ivm.RunState(ctx, {"name": "boma-it-askari-0123abcd"}))
+    run.attach(ivm.RunState(ctx, ivm.RunRecord("boma-it-askari-0123abcd", None)))
     assert ctx.cmdlog == tmp_path / ".run" / "boma-it-askari-0123abcd" / "logs" / "commands.log"
     assert ctx.bounds == {"virsh": 5.0}
 
@@ -919,7 +919,7 @@ def test_a_record_round_trips_an_older_harness_fields_but_refuses_its_own_typos(
 
 def test_result_json_is_written_through_its_schema(tmp_path, capsys):
     ctx = _ctx(tmp_path)
-    rs = ivm.RunState(ctx, {"name": "boma-it-askari-0123abcd", "host": "askari"})
+    rs = ivm.RunState(ctx, ivm.RunRecord("boma-it-askari-0123abcd", "askari"))
     result = ivm.new_result("cycle", "askari")
     ivm.finish_result(ctx, result, rs, strategy={"used": "linear"})
     written = (rs.dir / "result.json").read_text()
@@ -1095,7 +1095,7 @@ def _end_session(tmp_path, monkeypatch, command, stop, opts):
     monkeypatch.setattr(ivm, "collect_diagnostics", lambda ctx, rs, why: "/diag")
     monkeypatch.setattr(ivm.Machine, "destroy", lambda m: None)
     ctx = _ctx(tmp_path)
-    rs = ivm.RunState(ctx, {"name": VM, "host": "askari", "ip": "192.0.2.7", "state": "up"})
+    rs = ivm.RunState(ctx, ivm.RunRecord(VM, "askari", ip="192.0.2.7", state="up"))
 
     def phase(ctx, args, run):
         if opts.get("vm", True):
