@@ -20,22 +20,28 @@ renderers, parsers) and its orchestration together, in this order:
 
   Constants and errors   shared names and defaults; the error hierarchy (exit codes)
   Processes              run() and its thin wrappers (virsh)
-  Settings               every BOMA_IT_* variable declared once; Settings; Ctx
+  Utilities              owned paths and writes, locks and claims, timed phases, the
+                         harness's domains (and their destroy) and transient pools
+  Settings               every BOMA_IT_* variable declared once; Settings; Ctx; the
+                         command line's Options
   Profile                profile files: loading, merging, validation, confined paths
   Image                  the golden image: recipe, key, build, fetch, publish
   Network and accel.     the harness network, DHCP leases, KVM or TCG
   Guest                  a run's state (RunState, run.json's RunRecord), cloud-init,
-                         create/boot, waits, reboot proof
-  Reboot diff            state capture, normalisation, diff, tolerances, boot analysis
+                         virt-install and ssh argv, the wait helper, boot notes
+  Reboot diff            state capture, normalisation, diff, tolerances, boot analysis,
+                         the reboot's stage rows
+  Machine                the VM's verbs: create, start, the bounded waits, ssh, reboot
+                         with its proof (a new boot id), save/restore, destroy
   Ansible                transport, transient inventory, argv, output, apply, verify
   Checkpoints            keys, role scan, take/stage/resume
   Day 2                  --from REF: REF's worktree and applies, then the upgrade
-  Diagnostics, teardown  what a failed run leaves; storage pools; destroy; down
+  Diagnostics, teardown  what a failed run leaves; storage pools
+  Report                 report.html: one self-contained page per run, the harness's
+                         own time, the bench's tables
   Session                the Run and SessionOptions, preflight guards, the phase list
                          per command, the failure-policy table, result.json
                          (ResultRecord), JUnit
-  Report                 report.html: one self-contained page per run, the harness's
-                         own time
   Commands               cmd_* and the bench
   CLI                    help texts, build_parser, main
 """
@@ -69,7 +75,6 @@ if __name__ == "__main__":
 
 import argparse
 import contextlib
-import copy
 import dataclasses
 import datetime
 import difflib
@@ -560,11 +565,256 @@ def virsh(ctx, *args, check=False, stage="libvirt", timeout=None):
 
 
 # --------------------------------------------------------------------------------------
+# Utilities: owned paths and files, locks and claims, timed phases, the harness's domains
+# --------------------------------------------------------------------------------------
+# What every later section leans on, defined before its first user: paths and writes that
+# never follow a symlink, the lock files and directory claims, the phase timer of
+# result.json, and the domains (and transient pools) the harness owns.
+
+
+def owned_path(root, *parts):
+    """root/parts, each part one plain name and no symlink on the way below root: the
+    harness's own trees (runs, disks, diagnostics, images, checkpoints) are never reached
+    through a link or a name from a state file. Else InfraError('state')."""
+    p = pathlib.Path(root)
+    for part in map(str, parts):
+        if part in ("", ".", "..") or "/" in part or "\0" in part:
+            raise InfraError("state", f"refusing path component {part!r} under {root}")
+        p = p / part
+        if p.is_symlink():
+            raise InfraError("state", f"refusing {p}: a symlink inside the harness's own tree")
+    return p
+
+
+def write_owned(path, text, mode=0o644):
+    """Write a file the harness owns atomically, never through a symlink: a temp file
+    (O_EXCL|O_NOFOLLOW) renamed over `path` replaces a link instead of following it."""
+    path = pathlib.Path(path)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp.unlink(missing_ok=True)  # a crashed writer's (a link there is removed, not followed)
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, mode)
+    try:
+        with os.fdopen(fd, "w") as fh:
+            fh.write(text)
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+def open_lock_file(path):
+    """A lock file the harness owns, opened without following a symlink."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    return os.fdopen(os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o600), "r+")
+
+
+class LockBusy(InfraError):
+    """file_lock: another run held the lock for longer than the wait."""
+
+    def __init__(self, what, path, wait):
+        super().__init__(
+            "guard", f"{what}: lock {path} held by another run for more than {wait:.0f}s"
+        )
+        self.path = path
+
+
+@contextlib.contextmanager
+def file_lock(ctx, path, what, wait=None):
+    """Hold the lock file `path`, waiting for it `wait` s at most (the lock bound by
+    default); longer: LockBusy (InfraError 'guard')."""
+    fh = open_lock_file(path)
+    wait = ctx.bounds["lock"] if wait is None else wait
+    deadline = time.monotonic() + wait
+    try:
+        while True:
+            try:
+                fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                if time.monotonic() > deadline:
+                    raise LockBusy(what, path, wait) from None
+                time.sleep(ctx.poll)
+        yield
+    finally:
+        fh.close()
+
+
+@dataclasses.dataclass
+class Claim:
+    """A flock held on a directory of the harness (claim_dir) until closed."""
+
+    path: pathlib.Path
+    fd: int
+
+    def close(self):
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+
+def claim_dir(path, shared=False):
+    """Claim the directory `path` (a checkpoint, a run's dir) with a flock, never waiting:
+    a Claim, or None when another process holds a conflicting one, or `path` is gone, a
+    symlink or no longer the directory that was locked. Runs that resume a checkpoint
+    share it (shared=True); the gc, and a session that takes or retires a loop's VM,
+    need it alone. A killed holder's claim goes with its process."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW)
+    except OSError:
+        return None
+    claim = None
+    try:
+        fcntl.flock(fd, (fcntl.LOCK_SH if shared else fcntl.LOCK_EX) | fcntl.LOCK_NB)
+        now, held = os.stat(path, follow_symlinks=False), os.fstat(fd)
+        if (now.st_dev, now.st_ino) == (held.st_dev, held.st_ino):
+            claim = Claim(pathlib.Path(path), fd)
+    except OSError:  # BlockingIOError: another holds it; else removed while we locked
+        pass
+    finally:
+        if claim is None:
+            os.close(fd)
+    return claim
+
+
+@contextlib.contextmanager
+def timed_phase(ctx, result, name):
+    t0 = time.monotonic()
+    entry = {"name": name, "seconds": 0.0, "status": "pass"}
+    if ctx is not None:  # where it starts in the run (the report's timeline)
+        entry["at"] = round(t0 - ctx.t0, 1)
+    if result is not None:
+        result["phase_details"].append(entry)
+    try:
+        yield entry
+    except VerifyFailed as e:
+        entry["status"], entry["message"] = "fail", e.msg
+        if e.detail:
+            entry["detail"] = e.detail
+        raise
+    except KeyboardInterrupt:
+        entry["status"], entry["message"] = "interrupted", "interrupted"
+        raise
+    except Exception as e:  # any error ends the phase as an error
+        entry["status"], entry["message"] = "error", str(e)
+        raise
+    finally:
+        entry["seconds"] = round(time.monotonic() - t0, 1)
+
+
+def phase_totals(phases):
+    """Group `apply:site.yml`, `reboot:graceful` ... under their family, in order."""
+    totals = {}
+    for p in phases:
+        fam = p["name"].split(":", 1)[0]
+        totals[fam] = totals.get(fam, 0.0) + p["seconds"]
+    return totals
+
+
+def _age(iso):
+    try:
+        t = datetime.datetime.fromisoformat(iso)
+        secs = (datetime.datetime.now(datetime.UTC) - t).total_seconds()
+    except (TypeError, ValueError):
+        return "?"
+    for unit, n in (("d", 86400), ("h", 3600), ("m", 60)):
+        if secs >= n:
+            return f"{int(secs // n)}{unit}"
+    return f"{int(secs)}s"
+
+
+def parse_name_list(text):
+    return [ln.strip() for ln in (text or "").splitlines() if ln.strip()]
+
+
+def render_metadata_xml(run_id, created_at, profile, owner, host=None):
+    attrs = {"id": run_id, "created_at": created_at, "profile": profile, "owner": owner}
+    if host:
+        attrs["host"] = host
+    body = " ".join(f"{k}={_xml_quoteattr(str(v))}" for k, v in attrs.items())
+    return f'<boma:run xmlns:boma="{METADATA_URI}" {body}/>'
+
+
+def parse_metadata_xml(text):
+    """The boma run attributes from `virsh metadata --uri` output, or None."""
+    if not text or not text.strip():
+        return None
+    try:
+        el = ET.fromstring(text.strip())
+    except ET.ParseError:
+        return None
+    if el.tag not in (f"{{{METADATA_URI}}}run", "run"):
+        found = el.find(f".//{{{METADATA_URI}}}run")
+        if found is None:
+            return None
+        el = found
+    return dict(el.attrib) if el.get("id") else None
+
+
+def owned_domains(ctx):
+    """{name: metadata dict + state} for every domain carrying our metadata."""
+    r = virsh(ctx, "list", "--all", "--name", check=True)
+    owned = {}
+    for name in parse_name_list(r.stdout):
+        m = virsh(ctx, "metadata", name, "--uri", METADATA_URI)
+        meta = parse_metadata_xml(m.stdout) if m.returncode == 0 else None
+        if meta:
+            st = virsh(ctx, "domstate", name)
+            meta["state"] = st.stdout.strip() if st.returncode == 0 else "unknown"
+            owned[name] = meta
+    return owned
+
+
+def destroy_domain(ctx, name, expect_run_id=None):
+    """Destroy+undefine a domain IF it carries our metadata. Idempotent."""
+    m = virsh(ctx, "metadata", name, "--uri", METADATA_URI)
+    if m.returncode != 0:
+        exists = virsh(ctx, "domstate", name).returncode == 0
+        if exists:
+            print(f"integration-vm: not touching domain {name}: no boma metadata", file=sys.stderr)
+        return False
+    meta = parse_metadata_xml(m.stdout)
+    if not meta or (expect_run_id and meta.get("id") != expect_run_id):
+        print(
+            f"integration-vm: not touching domain {name}: metadata is not this run's",
+            file=sys.stderr,
+        )
+        return False
+    if virsh(ctx, "domstate", name).stdout.strip() not in ("shut off", ""):
+        virsh(ctx, "destroy", name)
+    r = virsh(ctx, "undefine", name, "--nvram")
+    if r.returncode != 0:
+        r = virsh(ctx, "undefine", name)
+        if r.returncode != 0 and virsh(ctx, "domstate", name).returncode == 0:
+            raise InfraError("teardown", f"could not undefine {name}: {r.stderr.strip()}")
+    return True
+
+
+@contextlib.contextmanager
+def transient_pool(ctx, name, directory):
+    """virt-install defines a persistent, autostarted storage pool for a disk's directory
+    unless a pool already holds it (virtinst's diskbackend.manage_path, even with
+    --print-xml): lend it a transient one, destroyed (and so gone) once the XML is out. The
+    domain names its disks by path, not by pool. A transient pool also dies with libvirtd."""
+    virsh(ctx, "pool-create-as", name, "dir", "--target", directory, check=True, stage="boot")
+    try:
+        yield
+    finally:
+        virsh(ctx, "pool-destroy", name)
+
+
+# --------------------------------------------------------------------------------------
 # Settings: every environment variable, declared once, and the context built on them
 # --------------------------------------------------------------------------------------
 # The SETTINGS table (one row per BOMA_IT_* variable), read once into a frozen Settings;
 # Ctx carries them with the libvirt URI and the paths: process-wide configuration only
-# (a session's own state is its Run, in the Session section).
+# (a session's own state is its Run, in the Session section). The command line is one
+# frozen Options, built once in main().
 
 
 # One row per variable: (name, parser, default, help). read_settings() parses them all at
@@ -673,6 +923,16 @@ def timeout_var(stage):
     return "BOMA_IT_TIMEOUT_" + stage.upper().replace("-", "_")
 
 
+def net_subnet(text):
+    """BOMA_IT_NET_SUBNET: an IPv4 /24 written as its network (`a.b.c.0/24`); the three
+    octets that name it. A /24, as the integration_test role takes (its network must be
+    this one, or the driver redefines it, ADR-031)."""
+    m = re.fullmatch(r"(\d{1,3})\.(\d{1,3})\.(\d{1,3})\.0/24", text.strip())
+    if not m or any(int(o) > 255 for o in m.groups()):
+        raise ValueError("must be an IPv4 /24 written as its network, e.g. 192.168.150.0/24")
+    return ".".join(str(int(o)) for o in m.groups()) + ".0/24"
+
+
 SETTINGS = (
     ("LIBVIRT_DEFAULT_URI", _text, DEFAULT_URI, "libvirt URI; --connect wins"),
     ("BOMA_IT_ACCEL", _choice(*ACCEL_CHOICES), "auto", "auto|kvm|tcg; --accel wins"),
@@ -743,7 +1003,7 @@ SETTINGS = (
     ("BOMA_IT_NETNS", _text, "", "set by scripts/it-run: the sandbox namespace (inspection hints)"),
     (
         "BOMA_IT_NET_SUBNET",
-        lambda text: net_subnet(text),
+        net_subnet,
         DEFAULT_NET_SUBNET,
         "the harness network's IPv4 /24 (must not overlap the host's networks; "
         "= the integration_test role's integration_test__network_subnet)",
@@ -898,17 +1158,54 @@ class Ctx:
         return pathlib.Path(self.settings[name])
 
 
+@dataclasses.dataclass(frozen=True)
+class Options:
+    """The command line, parsed once (main) and never changed: every flag of every
+    subcommand, each with the value a subcommand that does not take it runs with. A step
+    that needs another value makes a copy (dataclasses.replace), as the bench's legs do."""
+
+    cmd: str = None
+    connect: str = None  # --connect: the libvirt URI (else LIBVIRT_DEFAULT_URI)
+    accel: str = None
+    strategy: str = None
+    host: str = None
+    run: str = None
+    certs: str = None
+    allow_prod_certs: bool = False
+    keep: bool = False
+    junit: str = None
+    reboot: str = None
+    reboot_diff: str = "fail"
+    no_reboot: bool = False
+    no_idempotence: bool = False
+    no_checkpoints: bool = False
+    expect_fail: str = None
+    from_ref: str = None
+    warm_edit: str = None
+    no_warm: bool = True  # only bench warms
+    fresh: bool = False
+    force: bool = False
+    images: bool = False
+    lines: int = 60
+    run_dir: str = None
+
+    @classmethod
+    def from_args(cls, namespace):
+        """From argparse's namespace; a flag the class does not declare is a TypeError."""
+        return cls(**vars(namespace))
+
+
 def ctx_from_env(environ, args):
     """The settings (every BOMA_IT_* parsed and checked) and the context built on them."""
     st = read_settings(environ)
-    accel = getattr(args, "accel", None) or st["BOMA_IT_ACCEL"]
-    strategy = getattr(args, "strategy", None) or st["BOMA_IT_ANSIBLE_STRATEGY"]
+    accel = args.accel or st["BOMA_IT_ACCEL"]
+    strategy = args.strategy or st["BOMA_IT_ANSIBLE_STRATEGY"]
     return Ctx(
         repo=REPO_ROOT,
         run_parent=st["BOMA_IT_RUN_DIR"],
         cache=st["BOMA_IT_CACHE"],
         diag_root=st["BOMA_IT_DIAG_DIR"],
-        uri=getattr(args, "connect", None) or st["LIBVIRT_DEFAULT_URI"],
+        uri=args.connect or st["LIBVIRT_DEFAULT_URI"],
         environ=dict(environ),
         accel_request=accel,
         strategy_request=strategy,
@@ -982,6 +1279,33 @@ def parse_profile_text(text, path, root=None):
     if not isinstance(data, dict):
         raise UsageError(f"profile {_rel(path, root)}: top level must be a JSON object")
     return data
+
+
+def check_tolerance_spec(value, where):
+    """Validate a `reboot_diff_tolerate` value; UsageError naming `where`."""
+    if isinstance(value, list):
+        groups = {"*": value}
+    else:
+        unknown = sorted(set(value) - set(REBOOT_DIFF_CATEGORIES))
+        if unknown:
+            raise UsageError(
+                f"{where}: key 'reboot_diff_tolerate' has unknown categories "
+                f"{unknown} (known: {', '.join(REBOOT_DIFF_CATEGORIES)})"
+            )
+        groups = value
+    for cat, pats in groups.items():
+        if not isinstance(pats, list) or not all(isinstance(p, str) and p for p in pats):
+            raise UsageError(
+                f"{where}: key 'reboot_diff_tolerate' entries must be lists of "
+                f"non-empty regex strings (category {cat!r})"
+            )
+        for p in pats:
+            try:
+                re.compile(p)
+            except re.error as e:
+                raise UsageError(
+                    f"{where}: key 'reboot_diff_tolerate' has an invalid regex {p!r}: {e}"
+                ) from None
 
 
 def check_profile_types(data, path, root=None):
@@ -1677,16 +2001,6 @@ NET_NAME = "boma-it"
 # break, and with STP on Linux holds every new port (each `virsh start` or `restore` makes
 # one) in listening and learning for its minimum 2 s forward delay each. A restored guest
 # answered TCP 22 3.2 s after `virsh restore` returned with STP on, 0.01 s with it off.
-def net_subnet(text):
-    """BOMA_IT_NET_SUBNET: an IPv4 /24 written as its network (`a.b.c.0/24`); the three
-    octets that name it. A /24, as the integration_test role takes (its network must be
-    this one, or the driver redefines it, ADR-031)."""
-    m = re.fullmatch(r"(\d{1,3})\.(\d{1,3})\.(\d{1,3})\.0/24", text.strip())
-    if not m or any(int(o) > 255 for o in m.groups()):
-        raise ValueError("must be an IPv4 /24 written as its network, e.g. 192.168.150.0/24")
-    return ".".join(str(int(o)) for o in m.groups()) + ".0/24"
-
-
 def net_xml(subnet=DEFAULT_NET_SUBNET):
     """The harness network's definition for `subnet` (a /24): the bridge takes .1 and
     libvirt's dnsmasq leases .10-.254. roles/integration_test defines the same shape."""
@@ -1961,11 +2275,11 @@ def probe_accel(ctx, kernel):
 
 
 # --------------------------------------------------------------------------------------
-# Guest: a run's state, cloud-init, create and boot, bounded waits, the reboot proof
+# Guest: a run's state, cloud-init, the argv to create and reach it, the wait helper
 # --------------------------------------------------------------------------------------
 # A run is one VM: its state dir (run.json, owned paths), its NoCloud seed and overlay,
-# virt-install, the named waits (lease, TCP 22, SSH, cloud-init), and reboot_vm(), which
-# proves a reboot by a changed boot_id.
+# virt-install's and ssh's argv, wait_until (the one bounded poll), and what a reboot leaves
+# (its warnings, the boot history). The VM's verbs are the Machine's (its own section).
 
 
 def vm_name(host, suffix=None):
@@ -1996,6 +2310,13 @@ class JsonRecord:
         record.extra = unknown
         return record
 
+    def __setattr__(self, name, value):
+        """Only the declared fields (and `extra`): a misspelt name is an error, not a new
+        field that is never written."""
+        if name != "extra" and name not in self.__dataclass_fields__:
+            raise AttributeError(f"{type(self).__name__} declares no field {name!r}")
+        super().__setattr__(name, value)
+
     def to_json(self):
         out = dict(self.extra)
         for name in self.field_names():
@@ -2007,7 +2328,7 @@ class JsonRecord:
 
 @dataclasses.dataclass
 class RunRecord(JsonRecord):
-    """run.json: one run's state (RunState.data holds its to_json()). .ci/run, `status`,
+    """run.json: one run's state (RunState.record, live). .ci/run, `status`,
     `down` and the runbook read name, host, state, ip, accel, domain and resumed_from."""
 
     name: str
@@ -2066,7 +2387,7 @@ GUEST_OUTPUT_MAX = 8 << 20
 @dataclasses.dataclass
 class RunState:
     ctx: Ctx
-    data: dict
+    record: RunRecord  # run.json, live: its fields set as attributes, written by save()
     console_mark: int = 0  # console.log's size when the current boot was issued
     # time.monotonic() when a poll first saw each CONSOLE_MILESTONES line of this boot:
     # firmware and boot loader, which systemd-analyze cannot see, come before the kernel
@@ -2136,14 +2457,14 @@ class RunState:
 
     @property
     def name(self):
-        return self.data["name"]
+        return self.record.name
 
     @property
     def domain(self):
         """The libvirt domain, guest hostname, inventory host and SSH HostKeyAlias. A run
         resumed from a checkpoint keeps the checkpoint's (a saved memory image pins its
         name, UUID and MAC); its own name still names its dirs, logs and diagnostics."""
-        return self.data.get("domain") or self.data["name"]
+        return self.record.domain or self.record.name
 
     @property
     def dir(self):
@@ -2167,11 +2488,11 @@ class RunState:
 
     @property
     def ip(self):
-        return self.data.get("ip")
+        return self.record.ip
 
     def save(self):
         self.dir.mkdir(parents=True, exist_ok=True)
-        record = RunRecord.from_json(self.data).to_json()
+        record = self.record.to_json()
         write_owned(self.dir / "run.json", json.dumps(record, indent=2, sort_keys=True) + "\n")
 
     def ssh(self, command, timeout, stage="ssh", input=None, shared=True):
@@ -2202,36 +2523,6 @@ class RunState:
             run(ssh_mux_exit_argv(mux), timeout=5, cmdlog=self.ctx.cmdlog)
         with contextlib.suppress(OSError):
             mux.unlink()
-
-
-def owned_path(root, *parts):
-    """root/parts, each part one plain name and no symlink on the way below root: the
-    harness's own trees (runs, disks, diagnostics, images, checkpoints) are never reached
-    through a link or a name from a state file. Else InfraError('state')."""
-    p = pathlib.Path(root)
-    for part in map(str, parts):
-        if part in ("", ".", "..") or "/" in part or "\0" in part:
-            raise InfraError("state", f"refusing path component {part!r} under {root}")
-        p = p / part
-        if p.is_symlink():
-            raise InfraError("state", f"refusing {p}: a symlink inside the harness's own tree")
-    return p
-
-
-def write_owned(path, text, mode=0o644):
-    """Write a file the harness owns atomically, never through a symlink: a temp file
-    (O_EXCL|O_NOFOLLOW) renamed over `path` replaces a link instead of following it."""
-    path = pathlib.Path(path)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.unlink(missing_ok=True)  # a crashed writer's (a link there is removed, not followed)
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, mode)
-    try:
-        with os.fdopen(fd, "w") as fh:
-            fh.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
 
 
 def is_ipv4(value):
@@ -2351,8 +2642,8 @@ def list_runs(ctx):
                 _SKIPPED_RUNS.add(p)
                 print(f"integration-vm: skipping {p}: {why}", file=sys.stderr)
             continue
-        runs.append(RunState(ctx, RunRecord.from_json(data).to_json()))
-    return sorted(runs, key=lambda r: r.data.get("created_at") or "")
+        runs.append(RunState(ctx, RunRecord.from_json(data)))
+    return sorted(runs, key=lambda r: r.record.created_at or "")
 
 
 def select_run(ctx, run_name=None, host=None, live=True):
@@ -2365,9 +2656,9 @@ def select_run(ctx, run_name=None, host=None, live=True):
             f"no run {run_name!r} under {ctx.run_parent} "
             f"(runs: {', '.join(r.name for r in runs) or 'none'})"
         )
-    cands = [r for r in runs if host is None or r.data.get("host") == host]
+    cands = [r for r in runs if host is None or r.record.host == host]
     if live:
-        up_ = [r for r in cands if r.data.get("state") != "down"]
+        up_ = [r for r in cands if r.record.state != "down"]
         cands = up_ or ([] if live == "required" else cands)
     if not cands:
         raise UsageError(
@@ -2375,7 +2666,7 @@ def select_run(ctx, run_name=None, host=None, live=True):
             + (f" for host {host!r}" if host else "")
             + "; start one with `integration-vm up --host <name>`"
         )
-    if host is None and len({r.data.get("host") for r in cands}) > 1:
+    if host is None and len({r.record.host for r in cands}) > 1:
         raise UsageError(
             f"several runs exist; pass --host or --run ({', '.join(r.name for r in cands)})"
         )
@@ -2391,7 +2682,7 @@ def write_current(ctx, run_state):
     ctx.run_parent.mkdir(parents=True, exist_ok=True)
     write_owned(
         ctx.run_parent / "current",
-        render_current(run_state.name, run_state.ip, run_state.data["host"]),
+        render_current(run_state.name, run_state.ip, run_state.record.host),
     )
 
 
@@ -2615,30 +2906,6 @@ def virt_install_argv(
     ]
 
 
-def render_metadata_xml(run_id, created_at, profile, owner, host=None):
-    attrs = {"id": run_id, "created_at": created_at, "profile": profile, "owner": owner}
-    if host:
-        attrs["host"] = host
-    body = " ".join(f"{k}={_xml_quoteattr(str(v))}" for k, v in attrs.items())
-    return f'<boma:run xmlns:boma="{METADATA_URI}" {body}/>'
-
-
-def parse_metadata_xml(text):
-    """The boma run attributes from `virsh metadata --uri` output, or None."""
-    if not text or not text.strip():
-        return None
-    try:
-        el = ET.fromstring(text.strip())
-    except ET.ParseError:
-        return None
-    if el.tag not in (f"{{{METADATA_URI}}}run", "run"):
-        found = el.find(f".//{{{METADATA_URI}}}run")
-        if found is None:
-            return None
-        el = found
-    return dict(el.attrib) if el.get("id") else None
-
-
 def add_domain_metadata(domain_xml, metadata_xml):
     """Insert our element into the domain's <metadata> (creating it) — string surgery so
     the rest of virt-install's XML stays byte-identical."""
@@ -2663,9 +2930,9 @@ def domain_name_from_xml(domain_xml):
 
 def open_run(ctx, data, run):
     """A run's private dir (0700) and disk dir, attached to the session's `run` at once so
-    a failure anywhere after is cleaned up by down_run. `data` is checked against run.json's
+    a failure anywhere after is cleaned up by Machine.destroy. `data` is checked against run.json's
     schema (RunRecord): a field it does not declare is an error."""
-    rs = RunState(ctx, RunRecord.from_json(data, strict=True).to_json())
+    rs = RunState(ctx, RunRecord.from_json(data, strict=True))
     run.attach(rs)
     rs.dir.mkdir(parents=True, exist_ok=True)
     os.chmod(rs.dir, 0o700)
@@ -2674,61 +2941,6 @@ def open_run(ctx, data, run):
     rs.disk_dir.mkdir(parents=True, exist_ok=True)
     os.chmod(rs.disk_dir, 0o755)
     return rs
-
-
-def create_run(ctx, profile, certs, accel, image, run):
-    """Everything a run needs on disk, then define (with ownership metadata). The run
-    state is attached to the session's `run` as soon as it exists, so a failure anywhere
-    after that is cleaned up by down_run."""
-    host = profile["name"]
-    name = vm_name(host)
-    data = {
-        "name": name,
-        "host": host,
-        "profile": profile["path"],
-        "certs": certs,
-        "accel": accel,
-        "mac": make_mac(secrets.token_bytes(3)),
-        "ip": None,
-        "created_at": now_iso(),
-        "owner": owner_name(),
-        "image": str(image.disk),
-        "image_key": image.key,
-        "state": "creating",
-        "boot_ids": [],
-        "uri": ctx.uri,
-        "mem_mib": profile["mem_mib"],
-        "vcpus": profile["vcpus"],
-    }
-    rs = open_run(ctx, data, run)
-    _write_keys_and_seed_data(ctx, rs, name)
-    overlay, seed = _create_disks(ctx, rs, image)
-    _define_domain(ctx, rs, profile, accel, image, overlay, seed)
-    return rs
-
-
-def _write_keys_and_seed_data(ctx, rs, name):
-    """The run's client key and the guest's host key (ssh-keygen), known_hosts pinning
-    that host key, and the NoCloud user-data/meta-data that carry both."""
-    for key, role in (("id_ed25519", "client"), ("ssh_host_ed25519_key", "host")):
-        run(
-            ssh_keygen_argv(rs.dir / key, f"boma-it {role} {name}"),
-            timeout=30,
-            check=True,
-            stage="keys",
-            cmdlog=ctx.cmdlog,
-        )
-    host_pub = (rs.dir / "ssh_host_ed25519_key.pub").read_text()
-    (rs.dir / "known_hosts").write_text(known_hosts_line(name, host_pub))
-    (rs.dir / "user-data").write_text(
-        render_user_data(
-            (rs.dir / "id_ed25519.pub").read_text(),
-            ANSIBLE_USER,
-            host_key_private=(rs.dir / "ssh_host_ed25519_key").read_text(),
-            host_key_public=host_pub,
-        )
-    )
-    (rs.dir / "meta-data").write_text(render_meta_data(f"iid-{name}", name))
 
 
 def make_overlay(ctx, backing, overlay, stage):
@@ -2742,62 +2954,6 @@ def make_overlay(ctx, backing, overlay, stage):
         cmdlog=ctx.cmdlog,
     )
     os.chmod(overlay, DISK_MODE)
-
-
-def _create_disks(ctx, rs, image):
-    """The run's overlay on the golden image and its NoCloud seed, root-only (DISK_MODE);
-    -> (overlay, seed)."""
-    overlay, seed = rs.overlay, rs.disk_dir / "seed.img"
-    os.chmod(rs.disk_dir, 0o700)  # until the seed (a private key) is root-only
-    make_overlay(ctx, image.disk, overlay, "boot")
-    run(
-        cloud_localds_argv(seed, rs.dir / "user-data", rs.dir / "meta-data"),
-        timeout=60,
-        check=True,
-        stage="boot",
-        cmdlog=ctx.cmdlog,
-    )
-    os.chmod(seed, DISK_MODE)
-    os.chmod(rs.disk_dir, 0o755)  # QEMU (not root) opens the disks by path
-    return overlay, seed
-
-
-def _define_domain(ctx, rs, profile, accel, image, overlay, seed):
-    """virt-install --print-xml for the run, checked and stamped with the ownership
-    metadata, saved as domain.xml and defined."""
-    data, name, host = rs.data, rs.name, profile["name"]
-    osinfo = osinfo_for(ctx)
-    with transient_pool(ctx, name, rs.disk_dir):
-        xml = run(
-            virt_install_argv(
-                ctx.uri,
-                name,
-                profile["mem_mib"],
-                profile["vcpus"],
-                overlay,
-                seed,
-                data["mac"],
-                rs.console_log,
-                "kvm" if accel == "kvm" else "qemu",
-                osinfo,
-            ),
-            timeout=120,
-            check=True,
-            stage="boot",
-            cmdlog=ctx.cmdlog,
-        ).stdout
-    if domain_name_from_xml(xml) != name:
-        raise InfraError("boot", "virt-install --print-xml returned XML for another domain")
-    xml = add_domain_metadata(
-        xml,
-        render_metadata_xml(
-            data["created_at"] + "/" + name, data["created_at"], host, data["owner"], host
-        ),
-    )
-    (rs.dir / "domain.xml").write_text(xml)
-    data["state"] = "defined"
-    rs.save()
-    virsh(ctx, "define", rs.dir / "domain.xml", check=True, stage="boot")
 
 
 # A guest kernel that panicked will not answer, however long we wait: say so at once.
@@ -2876,102 +3032,6 @@ def tcp_open(ip, port, timeout):
         return False
 
 
-def wait_domain_running(ctx, rs):
-    def probe(_):
-        r = virsh(ctx, "domstate", rs.domain)
-        return r.returncode == 0 and r.stdout.strip() == "running"
-
-    wait_until(
-        ctx,
-        "domain-running",
-        ctx.bounds["domain-running"],
-        probe,
-        f"domain {rs.domain} to run",
-        rs,
-        poll=local_poll(ctx),
-    )
-
-
-def wait_lease(ctx, rs, stage="dhcp-lease"):
-    def probe(_):
-        r = virsh(ctx, "domifaddr", rs.domain, "--source", "lease")
-        return parse_lease_ip(r.stdout, rs.data["mac"]) if r.returncode == 0 else None
-
-    ip = wait_until(
-        ctx,
-        stage,
-        ctx.bounds["dhcp-lease"],
-        probe,
-        f"a DHCP lease for {rs.data['mac']}",
-        rs,
-        poll=local_poll(ctx),
-    )
-    rs.data["ip"] = ip
-    rs.save()
-    return ip
-
-
-def wait_tcp22(ctx, rs, stage="tcp-22"):
-    wait_until(
-        ctx,
-        stage,
-        ctx.bounds["tcp-22"],
-        lambda dl: tcp_open(rs.ip, ctx.ssh_port, min(5, dl - time.monotonic())),
-        f"TCP {rs.ip}:{ctx.ssh_port}",
-        rs,
-        poll=local_poll(ctx),
-    )
-
-
-def gated_by_tcp22(ctx, rs, attempt):
-    """A probe for a wait at local_poll(): attempt(deadline) only once TCP 22 answers, and
-    at most every ctx.poll. A connect costs the guest nothing; an SSH handshake costs a
-    TCG guest 1-2.6 s of emulated crypto, so attempts stay at the harness's poll while the
-    port is looked at often (a 2 s poll found a new boot's sshd ~1 s late on average)."""
-    last = [None]
-
-    def probe(deadline):
-        if not tcp_open(rs.ip, ctx.ssh_port, min(1.0, deadline - time.monotonic())):
-            return None
-        if last[0] is not None and time.monotonic() - last[0] < ctx.poll:
-            return None
-        last[0] = time.monotonic()
-        return attempt(deadline)
-
-    return probe
-
-
-def wait_ssh(ctx, rs, stage="ssh-handshake", command="true", accept=None):
-    """Pinned-key SSH until `command` succeeds (and accept(stdout) holds)."""
-    last = {"err": ""}
-
-    def probe(deadline):
-        left = deadline - time.monotonic()
-        r = rs.ssh(command, timeout=max(0.2, min(ctx.bounds["ssh-attempt"], left)))
-        if r.returncode == 0 and (accept is None or accept(r.stdout)):
-            return r.stdout or True
-        last["err"] = (
-            "attempt timed out"
-            if r.timed_out
-            else ((r.stderr.strip().splitlines() or [f"exit {r.returncode}"])[-1])
-        )
-        return None
-
-    try:
-        return wait_until(
-            ctx,
-            stage,
-            ctx.bounds[stage if stage in ctx.bounds else "ssh-handshake"],
-            probe,
-            f"SSH to {ANSIBLE_USER}@{rs.ip} ({command})",
-            rs,
-        )
-    except GuestPanicked:
-        raise  # the panic line says it all
-    except InfraError as e:
-        raise InfraError(e.stage, f"{e.msg}; last: {last['err']}") from None
-
-
 # cloud-init writes this when its last stage of THIS boot has finished (/run is the boot's),
 # with every stage's errors: the file `cloud-init status` itself reads. The guest waits for
 # it (a shell loop, one SSH call) and prints it. `cloud-init status --wait` did the same,
@@ -2997,104 +3057,6 @@ def parse_cloud_init_result(text):
     return errors, recoverable
 
 
-def wait_cloud_init(ctx, rs):
-    bound = ctx.bounds["cloud-init"]
-    r = rs.ssh(
-        f"timeout {bound:.0f} sh -c '{CLOUD_INIT_WAIT}'", timeout=bound + 5, stage="cloud-init"
-    )
-    if r.timed_out or r.returncode == 124:
-        raise InfraError(
-            "cloud-init",
-            f"cloud-init had not finished after {bound:.0f}s (no {CLOUD_INIT_RESULT}); "
-            f"console log: {rs.console_log}",
-        )
-    if r.returncode != 0:
-        raise InfraError(
-            "cloud-init",
-            f"could not read {CLOUD_INIT_RESULT} (exit {r.returncode}): {r.stderr.strip()[-300:]}",
-        )
-    errors, recoverable = parse_cloud_init_result(r.stdout)
-    if errors:
-        raise InfraError("cloud-init", f"cloud-init failed: {'; '.join(errors)[-300:]}")
-    if recoverable:
-        progress(
-            ctx,
-            "boot",
-            f"cloud-init finished with recoverable errors: {'; '.join(recoverable)[:300]}",
-        )
-
-
-def read_boot_id(ctx, rs, timeout=None):
-    r = rs.ssh(
-        "cat /proc/sys/kernel/random/boot_id",
-        timeout=timeout or ctx.bounds["ssh-command"],
-        stage="ssh",
-    )
-    if r.returncode != 0:
-        raise InfraError(
-            "ssh", f"could not read boot_id (exit {r.returncode}): {r.stderr.strip()[-200:]}"
-        )
-    return r.stdout.strip()
-
-
-# Under TCG the guest's kernel has been seen to oops in its own code patching before
-# systemd was up (`Oops: int3` in free_unref_page, two vCPUs emulated on host threads:
-# text_poke's breakpoint dance racing the emulator). That is the emulator's, not the
-# image's: a first boot that panics, before anything of the system under test has run in
-# the guest, is started once more on a fresh overlay (same image, same seed) and says so.
-# A second panic is the error it always was; on a later boot (the reboots after the
-# applies) only the emulator's own `Oops: int3` is retried (_wait_new_boot_past_emulator_oops).
-def boot(ctx, rs, image):
-    """The run's first boot (_boot_once), once more after a kernel panic. -> the panic
-    line of the first attempt, or None."""
-    try:
-        _boot_once(ctx, rs)
-        return None
-    except GuestPanicked as e:
-        progress(
-            ctx, "boot", f"{e.msg}; nothing has been applied: starting once more on a fresh overlay"
-        )
-        virsh(ctx, "destroy", rs.domain, check=True, stage="boot")
-        rs.overlay.unlink()
-        make_overlay(ctx, image.disk, rs.overlay, "boot")
-        _boot_once(ctx, rs)
-        return e.panic
-
-
-def _boot_once(ctx, rs):
-    t0 = time.monotonic()
-    stages = rs.data["boot_stages"] = {}  # seconds from `virsh start` to each stage
-
-    def reached(stage, msg):
-        stages[stage] = round(time.monotonic() - t0, 1)
-        progress(ctx, "boot", msg)
-
-    rs.mark_console()
-    with rs.watching_for_the_kernel():
-        virsh(ctx, "start", rs.domain, check=True, stage="domain-running")
-        rs.data["state"] = "booting"
-        rs.save()
-        wait_domain_running(ctx, rs)
-        reached("domain-running", f"domain-running {rs.name}")
-        ip = wait_lease(ctx, rs)
-    reached("dhcp-lease", f"dhcp-lease {ip}")
-    wait_tcp22(ctx, rs)
-    reached("tcp-22", "tcp-22 open")
-    wait_ssh(ctx, rs)
-    reached("ssh-handshake", "ssh-handshake ok (pinned host key)")
-    wait_cloud_init(ctx, rs)
-    stages["cloud-init"] = round(time.monotonic() - t0, 1)
-    note_span(ctx, "boot", t0, who="guest")
-    for name, _ in CONSOLE_MILESTONES:  # firmware, then the boot loader's loading
-        if rs.seconds_to(name, t0) is not None:
-            stages[name] = rs.seconds_to(name, t0)
-    rs.data["boot_ids"].append(read_boot_id(ctx, rs))
-    rs.data["state"] = "up"
-    rs.save()
-    write_current(ctx, rs)
-    progress(ctx, "boot", "cloud-init done")
-
-
 # A boot much slower than the profile's last passing run (same accelerator) is worth a
 # line: the system under test may have grown a slow unit. Never a failure (TCG timings
 # move with the machine's load); the default thresholds (BOMA_IT_SLOW_BOOT_*) are loose.
@@ -3111,6 +3073,11 @@ def slow_boot_warnings(last_pass, reboots, factor=1.5, slack=15.0):
                 f"the last passing run's {p:.0f}s (see reboot_diffs[].boot)"
             )
     return out
+
+
+def reboot_dir(rs, index, mode):
+    """The diagnostics of a run's index-th reboot (1-based), no symlink on the way."""
+    return owned_path(rs.diag_dir, f"reboot-{index}-{mode}")
 
 
 def warn_reboot(result, reboots, rs):
@@ -3174,17 +3141,6 @@ def note_boot_times(ctx, result, run_name):
         print(f"integration-vm: warning: boot history: {e}", file=sys.stderr)
 
 
-def queued_jobs(ctx, rs):
-    """`; jobs still queued: <unit> (<type>), ...` from the guest's `systemctl list-jobs`,
-    or "": what held a boot in `starting` (a timer's long job at hh:00 has). Never fails."""
-    r = rs.ssh("systemctl list-jobs --no-legend --no-pager", timeout=ctx.bounds["ssh-command"])
-    if r.timed_out:
-        return ""
-    rows = [ln.split() for ln in r.stdout.splitlines()]
-    jobs = [f"{row[1]} ({row[2]})" for row in rows if len(row) >= 3 and row[0].isdigit()]
-    return f"; jobs still queued: {', '.join(jobs)}" if jobs else ""
-
-
 # The guest waits for its boot to finish (`is-system-running --wait`, re-armed every
 # BOOT_WAIT_POLL seconds) and prints the state. It stops early, printing `starting` and
 # `timer-jobs: <units>`, when the boot target is reached and every job still queued is a
@@ -3209,80 +3165,6 @@ def boot_wait_script(poll=BOOT_WAIT_POLL):
         'echo starting; echo "timer-jobs:" $j; exit 0; '
         "done"
     )
-
-
-def wait_boot_finished(ctx, rs):
-    """-> (state, timer_jobs): the guest's `is-system-running` once its boot is over, or
-    ("starting", [units]) when only timer-started jobs are left. InfraError('reboot') when
-    the boot had not finished within the bound, naming the jobs that held it."""
-    bound = ctx.bounds["system-running"]
-    r = rs.ssh(f"timeout {bound:.0f} sh -c '{boot_wait_script()}'", timeout=bound + 5)
-    lines = r.stdout.split("\n")
-    state = lines[0].strip() or ("timeout" if r.timed_out or r.returncode == 124 else "unknown")
-    timer_jobs = []
-    if state == "starting" and len(lines) > 1 and lines[1].startswith("timer-jobs:"):
-        timer_jobs = lines[1].split()[1:]
-    if state not in ("running", "degraded") and not timer_jobs:
-        raise InfraError(
-            "reboot",
-            f"system state {state!r} after {bound:.0f}s "
-            f"(`systemctl is-system-running --wait`{queued_jobs(ctx, rs)}); "
-            f"console log: {rs.console_log}",
-        )
-    return state, timer_jobs
-
-
-def reboot_vm(ctx, rs, mode="graceful", before=None):
-    """Reboot and PROVE it: boot_id must change. graceful = the guest's own clean
-    shutdown on the ACPI power button, then power on; hard = power cut (virsh destroy).
-    Either way the next boot is a fresh QEMU process (virsh start). `before`: a capture
-    taken moments ago with nothing run since (the previous reboot's `after`), instead of
-    capturing again."""
-    if mode not in REBOOT_MODES:
-        raise UsageError(f"--reboot must be one of {', '.join(REBOOT_MODES)}")
-    before = before or capture_state(ctx, rs, analyze=False)
-    rs.close_ssh()  # its connection dies with this boot
-    rs.mark_console()
-    with rs.watching_for_the_kernel():
-        issued = time.monotonic()
-        to_off, shutdown_console = None, None
-        if mode == "graceful":
-            to_off, shutdown_console = shut_down_cleanly(ctx, rs, before)
-        else:
-            virsh(ctx, "destroy", rs.domain, check=True, stage="reboot")
-            progress(ctx, "reboot:hard", f"power cut; old boot_id {before['boot_id'][:8]}")
-        virsh(ctx, "start", rs.domain, check=True, stage="reboot")
-        new_id, oops_panic = _wait_new_boot_past_emulator_oops(ctx, rs, before, issued)
-    to_ssh = round(time.monotonic() - issued, 1)
-    to_loader, to_kernel = rs.seconds_to("loader", issued), rs.seconds_to("kernel", issued)
-    sysstate, timer_jobs = wait_boot_finished(ctx, rs)
-    to_running = round(time.monotonic() - issued, 1)
-    note_span(ctx, f"reboot:{mode}", issued, who="guest", seconds=to_running)
-    # systemd-analyze's blame and critical-chain (~3 s of a TCG guest each) only where a
-    # reboot failed: the reboot diff's second capture and the diagnostics bundle
-    after = capture_state(ctx, rs, boot_id=new_id, analyze="time")
-    rs.data["boot_ids"].append(new_id)
-    stages = {
-        "seconds_to_off": to_off,
-        "seconds_to_loader": to_loader,
-        "seconds_to_kernel": to_kernel,
-        "seconds_to_ssh": to_ssh,
-        "seconds_to_running": to_running,
-    }
-    record = {"mode": mode, "system_state": sysstate, "failed_units": after["failed_units"]}
-    if timer_jobs:
-        record["timer_jobs"] = timer_jobs
-    if oops_panic:
-        record["emulator_oops"] = oops_panic
-    if shutdown_console is not None:
-        record["stop_jobs"] = shutdown_stop_jobs(shutdown_console)
-        d = reboot_dir(rs, len(rs.data.get("reboots", [])) + 1, mode)
-        d.mkdir(parents=True, exist_ok=True)
-        write_owned(owned_path(d, "shutdown-console.txt"), shutdown_console)
-    rs.data.setdefault("reboots", []).append({**record, **stages})
-    rs.save()
-    progress(ctx, f"reboot:{mode}", f"new boot_id {new_id[:8]}: " + _reboot_story(record, stages))
-    return before, after
 
 
 def _reboot_story(record, stages):
@@ -3323,93 +3205,13 @@ def shutdown_stop_jobs(console_text):
     return seen
 
 
-def shut_down_cleanly(ctx, rs, before):
-    """A graceful reboot's first half: the ACPI power button, as `virsh reboot` sends a
-    guest without an agent, and the guest's own clean shutdown, within the reboot bound.
-    The caller then starts the domain in a fresh QEMU process rather than have libvirt
-    reset the guest in place: under TCG a guest reset inside a QEMU that had run for
-    minutes took 9-31 s from GRUB to the kernel banner, a fresh one 3.7 s (ADR-030).
-    -> (seconds until the domain was off, what its console printed meanwhile)."""
-    t0 = time.monotonic()
-    virsh(ctx, "shutdown", rs.domain, "--mode", "acpi", check=True, stage="reboot")
-    progress(ctx, "reboot:graceful", f"power button pressed; old boot_id {before['boot_id'][:8]}")
-
-    def off(_):
-        r = virsh(ctx, "domstate", rs.domain)
-        return r.returncode == 0 and r.stdout.strip() == "shut off"
-
-    what = f"the guest to power off after the ACPI power button (domain {rs.domain})"
-    # A local `virsh domstate` is cheap and the start waits on it (LOCAL_POLL).
-    wait_until(ctx, "reboot", ctx.bounds["reboot"], off, what, rs, poll=local_poll(ctx))
-    # Read before `virsh start`: the new QEMU process starts the console log afresh.
-    return round(time.monotonic() - t0, 1), ANSI_ESCAPE.sub("", rs.console_since_mark() or "")
-
-
-def _wait_new_boot(ctx, rs, before, issued):
-    """After a reboot issued at `issued`: the lease again, then a boot_id over SSH other
-    than `before`'s, within the reboot bound; -> the new boot_id."""
-    deadline = issued + ctx.bounds["reboot"]
-
-    def new_boot(_):
-        left = deadline - time.monotonic()
-        r = rs.ssh(
-            "cat /proc/sys/kernel/random/boot_id",
-            timeout=max(0.2, min(ctx.bounds["ssh-attempt"], left)),
-            shared=False,  # it may reach the old boot's sshd on its way down
-        )
-        bid = r.stdout.strip() if r.returncode == 0 else None
-        return bid if bid and bid != before["boot_id"] else None
-
-    try:
-        wait_lease(ctx, rs, stage="reboot")
-        new_id = wait_until(
-            ctx,
-            "reboot",
-            max(0.0, deadline - time.monotonic()),
-            gated_by_tcp22(ctx, rs, new_boot),
-            "a new boot_id over SSH",
-            rs,
-            poll=local_poll(ctx),
-        )
-    except InfraError as e:
-        msg = (
-            f"{e.msg} (boot_id before: {before['boot_id']}; the guest "
-            "did not come back from a new boot)"
-        )
-        if isinstance(e, GuestPanicked):
-            raise GuestPanicked("reboot", msg, e.panic) from None
-        raise InfraError("reboot", msg) from None
-    return new_id
-
-
-# The emulator's own race, not the host's (see boot()): under TCG the kernel's code
+# The emulator's own race, not the host's (see Machine.start()): under TCG the kernel's code
 # patching now and then hits an int3 the patch already removed, `Oops: int3` then a panic,
 # ~11 s into a boot. It has ended reboots after the applies too (2026-12-05, in
 # devcgroup_check_permission). Such a boot is powered on once more, with a warning; a
 # panic without that oops, a second panic, or any panic under KVM is the error it was.
 # (the kernel's own line only, as KERNEL_PANIC)
 TCG_INT3_OOPS = re.compile(r"^\r*(?:\[\s*\d+\.\d+\]\s?)?Oops: int3\b", re.MULTILINE)
-
-
-def _wait_new_boot_past_emulator_oops(ctx, rs, before, issued):
-    """_wait_new_boot, once more after the emulator's int3 oops under TCG.
-    -> (new boot_id, the panic line of the boot that died, or None)."""
-    try:
-        return _wait_new_boot(ctx, rs, before, issued), None
-    except GuestPanicked as e:
-        oops = TCG_INT3_OOPS.search(rs.console_since_mark() or "")
-        if rs.data.get("accel") != "tcg" or not oops:
-            raise
-        progress(
-            ctx,
-            "reboot",
-            f"{e.msg}; that is the emulator's code-patching race (Oops: int3 under TCG), "
-            "not the host's: powering it on once more",
-        )
-        virsh(ctx, "destroy", rs.domain, stage="reboot")
-        rs.mark_console()
-        virsh(ctx, "start", rs.domain, check=True, stage="reboot")
-        return _wait_new_boot(ctx, rs, before, time.monotonic()), e.panic
 
 
 # --------------------------------------------------------------------------------------
@@ -4123,33 +3925,6 @@ def classify_diff(diff, spec, errors=None):
     return tolerated, unexpected
 
 
-def check_tolerance_spec(value, where):
-    """Validate a `reboot_diff_tolerate` value; UsageError naming `where`."""
-    if isinstance(value, list):
-        groups = {"*": value}
-    else:
-        unknown = sorted(set(value) - set(REBOOT_DIFF_CATEGORIES))
-        if unknown:
-            raise UsageError(
-                f"{where}: key 'reboot_diff_tolerate' has unknown categories "
-                f"{unknown} (known: {', '.join(REBOOT_DIFF_CATEGORIES)})"
-            )
-        groups = value
-    for cat, pats in groups.items():
-        if not isinstance(pats, list) or not all(isinstance(p, str) and p for p in pats):
-            raise UsageError(
-                f"{where}: key 'reboot_diff_tolerate' entries must be lists of "
-                f"non-empty regex strings (category {cat!r})"
-            )
-        for p in pats:
-            try:
-                re.compile(p)
-            except re.error as e:
-                raise UsageError(
-                    f"{where}: key 'reboot_diff_tolerate' has an invalid regex {p!r}: {e}"
-                ) from None
-
-
 def render_state_diff(before, after, diff, tolerated, unexpected, mode, index, note=""):
     """diff.txt: a header, the verdict lines, then a unified diff per category."""
     out = [
@@ -4249,11 +4024,6 @@ def write_capture(d, state):
         (d / "boot-analysis.txt").write_text(state["boot"]["text"])
 
 
-def reboot_dir(rs, index, mode):
-    """The diagnostics of a run's index-th reboot (1-based), no symlink on the way."""
-    return owned_path(rs.diag_dir, f"reboot-{index}-{mode}")
-
-
 def reboot_diff(ctx, rs, profile, mode, before, after, result=None, policy="fail"):
     """Compare the captures around one reboot. Files go to the run's diagnostics dir
     (reboot-<n>-<mode>/before/, after/, diff.txt) on every outcome; the summary to
@@ -4262,7 +4032,7 @@ def reboot_diff(ctx, rs, profile, mode, before, after, result=None, policy="fail
     seconds (the guest may still be starting something), and if still there,
     VerifyFailed('reboot-diff') (policy fail) or a warning (policy warn). Returns the
     summary."""
-    index = len(rs.data.get("reboots", [])) or 1
+    index = len(rs.record.reboots or []) or 1
     spec = profile.get("reboot_diff_tolerate") or {}
     d = reboot_dir(rs, index, mode)
     diff = diff_state(before["categories"], after["categories"])
@@ -4287,8 +4057,8 @@ def reboot_diff(ctx, rs, profile, mode, before, after, result=None, policy="fail
     summary["boot"] = {"startup": boot.get("startup"), "blame_top": boot.get("blame_top", [])}
     if result is not None:
         result.setdefault("reboot_diffs", []).append(summary)
-    if rs.data.get("reboots"):
-        rs.data["reboots"][-1]["diff"] = {
+    if rs.record.reboots:
+        rs.record.reboots[-1]["diff"] = {
             "changed": summary["changed"],
             "unexpected": len(unexpected),
             "dir": str(d),
@@ -4354,6 +4124,579 @@ def _unexpected_found(ctx, mode, d, unexpected, summary, policy):
         )
     progress(ctx, f"reboot-diff:{mode}", f"warning (--reboot-diff=warn): {msg}")
     summary["warning"] = msg
+
+
+# The reboot's stages, as result.json's reboot_stages and the bench table show them.
+REBOOT_STAGE_ROWS = (
+    ("powered-off", "seconds_to_off"),  # graceful only: the guest's own shutdown
+    ("loader", "seconds_to_loader"),
+    ("kernel", "seconds_to_kernel"),
+    ("ssh", "seconds_to_ssh"),
+    ("system-running", "seconds_to_running"),
+)
+
+
+# --------------------------------------------------------------------------------------
+# Machine: the VM's verbs (create, start, waits, ssh, reboot and its proof, save, destroy)
+# --------------------------------------------------------------------------------------
+# One run's VM as an object, after the NixOS test driver's Machine (start, reboot, wait_for_*
+# on one retry helper) and cockpit's ssh_connection (the boot id read at login; a reboot is
+# "disconnect, wait until the id differs"). Its state stays the run's (RunState, run.json);
+# every wait goes through wait_until (a bound, a poll, the console's kernel panic).
+
+
+class Machine:
+    """The VM of the run `rs`: create (keys, seed, disks, define), start (the first boot),
+    the named waits, ssh, reboot(mode) proved by a new boot id, save and restore (a
+    checkpoint's memory image), step_clock (after a restore), destroy."""
+
+    def __init__(self, ctx, rs):
+        self.ctx, self.rs = ctx, rs
+
+    def create(self, profile, accel, image):
+        """The run's keys and NoCloud seed, its disks, its domain defined."""
+        self._write_keys_and_seed_data(self.rs.name)
+        overlay, seed = self._create_disks(image)
+        self.define(profile, accel, image, overlay, seed)
+
+    def ssh(self, command, timeout, stage="ssh", input=None, shared=True):
+        """`command` on the guest over pinned SSH (RunState.ssh)."""
+        return self.rs.ssh(command, timeout, stage=stage, input=input, shared=shared)
+
+    def _write_keys_and_seed_data(self, name):
+        """The run's client key and the guest's host key (ssh-keygen), known_hosts pinning
+        that host key, and the NoCloud user-data/meta-data that carry both."""
+        ctx, rs = self.ctx, self.rs
+        for key, role in (("id_ed25519", "client"), ("ssh_host_ed25519_key", "host")):
+            run(
+                ssh_keygen_argv(rs.dir / key, f"boma-it {role} {name}"),
+                timeout=30,
+                check=True,
+                stage="keys",
+                cmdlog=ctx.cmdlog,
+            )
+        host_pub = (rs.dir / "ssh_host_ed25519_key.pub").read_text()
+        (rs.dir / "known_hosts").write_text(known_hosts_line(name, host_pub))
+        (rs.dir / "user-data").write_text(
+            render_user_data(
+                (rs.dir / "id_ed25519.pub").read_text(),
+                ANSIBLE_USER,
+                host_key_private=(rs.dir / "ssh_host_ed25519_key").read_text(),
+                host_key_public=host_pub,
+            )
+        )
+        (rs.dir / "meta-data").write_text(render_meta_data(f"iid-{name}", name))
+
+    def _create_disks(self, image):
+        """The run's overlay on the golden image and its NoCloud seed, root-only (DISK_MODE);
+        -> (overlay, seed)."""
+        ctx, rs = self.ctx, self.rs
+        overlay, seed = rs.overlay, rs.disk_dir / "seed.img"
+        os.chmod(rs.disk_dir, 0o700)  # until the seed (a private key) is root-only
+        make_overlay(ctx, image.disk, overlay, "boot")
+        run(
+            cloud_localds_argv(seed, rs.dir / "user-data", rs.dir / "meta-data"),
+            timeout=60,
+            check=True,
+            stage="boot",
+            cmdlog=ctx.cmdlog,
+        )
+        os.chmod(seed, DISK_MODE)
+        os.chmod(rs.disk_dir, 0o755)  # QEMU (not root) opens the disks by path
+        return overlay, seed
+
+    def define(self, profile, accel, image, overlay, seed):
+        """virt-install --print-xml for the run, checked and stamped with the ownership
+        metadata, saved as domain.xml and defined."""
+        ctx, rs = self.ctx, self.rs
+        data, name, host = rs.record, rs.name, profile["name"]
+        osinfo = osinfo_for(ctx)
+        with transient_pool(ctx, name, rs.disk_dir):
+            xml = run(
+                virt_install_argv(
+                    ctx.uri,
+                    name,
+                    profile["mem_mib"],
+                    profile["vcpus"],
+                    overlay,
+                    seed,
+                    data.mac,
+                    rs.console_log,
+                    "kvm" if accel == "kvm" else "qemu",
+                    osinfo,
+                ),
+                timeout=120,
+                check=True,
+                stage="boot",
+                cmdlog=ctx.cmdlog,
+            ).stdout
+        if domain_name_from_xml(xml) != name:
+            raise InfraError("boot", "virt-install --print-xml returned XML for another domain")
+        xml = add_domain_metadata(
+            xml,
+            render_metadata_xml(
+                data.created_at + "/" + name, data.created_at, host, data.owner, host
+            ),
+        )
+        (rs.dir / "domain.xml").write_text(xml)
+        data.state = "defined"
+        rs.save()
+        virsh(ctx, "define", rs.dir / "domain.xml", check=True, stage="boot")
+
+    # Under TCG the guest's kernel has been seen to oops in its own code patching before
+    # systemd was up (`Oops: int3` in free_unref_page, two vCPUs emulated on host threads:
+    # text_poke's breakpoint dance racing the emulator). That is the emulator's, not the
+    # image's: a first boot that panics, before anything of the system under test has run in
+    # the guest, is started once more on a fresh overlay (same image, same seed) and says so.
+    # A second panic is the error it always was; on a later boot (the reboots after the
+    # applies) only the emulator's own `Oops: int3` is retried (_wait_new_boot_past_emulator_oops).
+    def start(self, image):
+        """The run's first boot (_boot_once), once more after a kernel panic. -> the panic
+        line of the first attempt, or None."""
+        ctx, rs = self.ctx, self.rs
+        try:
+            self._boot_once()
+            return None
+        except GuestPanicked as e:
+            progress(
+                ctx,
+                "boot",
+                f"{e.msg}; nothing has been applied: starting once more on a fresh overlay",
+            )
+            virsh(ctx, "destroy", rs.domain, check=True, stage="boot")
+            rs.overlay.unlink()
+            make_overlay(ctx, image.disk, rs.overlay, "boot")
+            self._boot_once()
+            return e.panic
+
+    def _boot_once(self):
+        ctx, rs = self.ctx, self.rs
+        t0 = time.monotonic()
+        stages = rs.record.boot_stages = {}  # seconds from `virsh start` to each stage
+
+        def reached(stage, msg):
+            stages[stage] = round(time.monotonic() - t0, 1)
+            progress(ctx, "boot", msg)
+
+        rs.mark_console()
+        with rs.watching_for_the_kernel():
+            virsh(ctx, "start", rs.domain, check=True, stage="domain-running")
+            rs.record.state = "booting"
+            rs.save()
+            self.wait_domain_running()
+            reached("domain-running", f"domain-running {rs.name}")
+            ip = self.wait_lease()
+        reached("dhcp-lease", f"dhcp-lease {ip}")
+        self.wait_tcp22()
+        reached("tcp-22", "tcp-22 open")
+        self.wait_ssh()
+        reached("ssh-handshake", "ssh-handshake ok (pinned host key)")
+        self.wait_cloud_init()
+        stages["cloud-init"] = round(time.monotonic() - t0, 1)
+        note_span(ctx, "boot", t0, who="guest")
+        for name, _ in CONSOLE_MILESTONES:  # firmware, then the boot loader's loading
+            if rs.seconds_to(name, t0) is not None:
+                stages[name] = rs.seconds_to(name, t0)
+        rs.record.boot_ids.append(self.read_boot_id())
+        rs.record.state = "up"
+        rs.save()
+        write_current(ctx, rs)
+        progress(ctx, "boot", "cloud-init done")
+
+    def wait_domain_running(self):
+        ctx, rs = self.ctx, self.rs
+
+        def probe(_):
+            r = virsh(ctx, "domstate", rs.domain)
+            return r.returncode == 0 and r.stdout.strip() == "running"
+
+        wait_until(
+            ctx,
+            "domain-running",
+            ctx.bounds["domain-running"],
+            probe,
+            f"domain {rs.domain} to run",
+            rs,
+            poll=local_poll(ctx),
+        )
+
+    def wait_lease(self, stage="dhcp-lease"):
+        ctx, rs = self.ctx, self.rs
+
+        def probe(_):
+            r = virsh(ctx, "domifaddr", rs.domain, "--source", "lease")
+            return parse_lease_ip(r.stdout, rs.record.mac) if r.returncode == 0 else None
+
+        ip = wait_until(
+            ctx,
+            stage,
+            ctx.bounds["dhcp-lease"],
+            probe,
+            f"a DHCP lease for {rs.record.mac}",
+            rs,
+            poll=local_poll(ctx),
+        )
+        rs.record.ip = ip
+        rs.save()
+        return ip
+
+    def wait_tcp22(self, stage="tcp-22"):
+        ctx, rs = self.ctx, self.rs
+        wait_until(
+            ctx,
+            stage,
+            ctx.bounds["tcp-22"],
+            lambda dl: tcp_open(rs.ip, ctx.ssh_port, min(5, dl - time.monotonic())),
+            f"TCP {rs.ip}:{ctx.ssh_port}",
+            rs,
+            poll=local_poll(ctx),
+        )
+
+    def gated_by_tcp22(self, attempt):
+        """A probe for a wait at local_poll(): attempt(deadline) only once TCP 22 answers, and
+        at most every ctx.poll. A connect costs the guest nothing; an SSH handshake costs a
+        TCG guest 1-2.6 s of emulated crypto, so attempts stay at the harness's poll while the
+        port is looked at often (a 2 s poll found a new boot's sshd ~1 s late on average)."""
+        ctx, rs = self.ctx, self.rs
+        last = [None]
+
+        def probe(deadline):
+            if not tcp_open(rs.ip, ctx.ssh_port, min(1.0, deadline - time.monotonic())):
+                return None
+            if last[0] is not None and time.monotonic() - last[0] < ctx.poll:
+                return None
+            last[0] = time.monotonic()
+            return attempt(deadline)
+
+        return probe
+
+    def wait_ssh(self, stage="ssh-handshake", command="true", accept=None):
+        """Pinned-key SSH until `command` succeeds (and accept(stdout) holds)."""
+        ctx, rs = self.ctx, self.rs
+        last = {"err": ""}
+
+        def probe(deadline):
+            left = deadline - time.monotonic()
+            r = rs.ssh(command, timeout=max(0.2, min(ctx.bounds["ssh-attempt"], left)))
+            if r.returncode == 0 and (accept is None or accept(r.stdout)):
+                return r.stdout or True
+            last["err"] = (
+                "attempt timed out"
+                if r.timed_out
+                else ((r.stderr.strip().splitlines() or [f"exit {r.returncode}"])[-1])
+            )
+            return None
+
+        try:
+            return wait_until(
+                ctx,
+                stage,
+                ctx.bounds[stage if stage in ctx.bounds else "ssh-handshake"],
+                probe,
+                f"SSH to {ANSIBLE_USER}@{rs.ip} ({command})",
+                rs,
+            )
+        except GuestPanicked:
+            raise  # the panic line says it all
+        except InfraError as e:
+            raise InfraError(e.stage, f"{e.msg}; last: {last['err']}") from None
+
+    def wait_cloud_init(self):
+        ctx, rs = self.ctx, self.rs
+        bound = ctx.bounds["cloud-init"]
+        r = rs.ssh(
+            f"timeout {bound:.0f} sh -c '{CLOUD_INIT_WAIT}'", timeout=bound + 5, stage="cloud-init"
+        )
+        if r.timed_out or r.returncode == 124:
+            raise InfraError(
+                "cloud-init",
+                f"cloud-init had not finished after {bound:.0f}s (no {CLOUD_INIT_RESULT}); "
+                f"console log: {rs.console_log}",
+            )
+        if r.returncode != 0:
+            raise InfraError(
+                "cloud-init",
+                f"could not read {CLOUD_INIT_RESULT} (exit {r.returncode}): "
+                f"{r.stderr.strip()[-300:]}",
+            )
+        errors, recoverable = parse_cloud_init_result(r.stdout)
+        if errors:
+            raise InfraError("cloud-init", f"cloud-init failed: {'; '.join(errors)[-300:]}")
+        if recoverable:
+            progress(
+                ctx,
+                "boot",
+                f"cloud-init finished with recoverable errors: {'; '.join(recoverable)[:300]}",
+            )
+
+    def read_boot_id(self, timeout=None):
+        ctx, rs = self.ctx, self.rs
+        r = rs.ssh(
+            "cat /proc/sys/kernel/random/boot_id",
+            timeout=timeout or ctx.bounds["ssh-command"],
+            stage="ssh",
+        )
+        if r.returncode != 0:
+            raise InfraError(
+                "ssh", f"could not read boot_id (exit {r.returncode}): {r.stderr.strip()[-200:]}"
+            )
+        return r.stdout.strip()
+
+    def queued_jobs(self):
+        """`; jobs still queued: <unit> (<type>), ...` from the guest's `systemctl list-jobs`,
+        or "": what held a boot in `starting` (a timer's long job at hh:00 has). Never fails."""
+        ctx, rs = self.ctx, self.rs
+        r = rs.ssh("systemctl list-jobs --no-legend --no-pager", timeout=ctx.bounds["ssh-command"])
+        if r.timed_out:
+            return ""
+        rows = [ln.split() for ln in r.stdout.splitlines()]
+        jobs = [f"{row[1]} ({row[2]})" for row in rows if len(row) >= 3 and row[0].isdigit()]
+        return f"; jobs still queued: {', '.join(jobs)}" if jobs else ""
+
+    def wait_boot_finished(self):
+        """-> (state, timer_jobs): the guest's `is-system-running` once its boot is over, or
+        ("starting", [units]) when only timer-started jobs are left. InfraError('reboot') when
+        the boot had not finished within the bound, naming the jobs that held it."""
+        ctx, rs = self.ctx, self.rs
+        bound = ctx.bounds["system-running"]
+        r = rs.ssh(f"timeout {bound:.0f} sh -c '{boot_wait_script()}'", timeout=bound + 5)
+        lines = r.stdout.split("\n")
+        state = lines[0].strip() or ("timeout" if r.timed_out or r.returncode == 124 else "unknown")
+        timer_jobs = []
+        if state == "starting" and len(lines) > 1 and lines[1].startswith("timer-jobs:"):
+            timer_jobs = lines[1].split()[1:]
+        if state not in ("running", "degraded") and not timer_jobs:
+            raise InfraError(
+                "reboot",
+                f"system state {state!r} after {bound:.0f}s "
+                f"(`systemctl is-system-running --wait`{self.queued_jobs()}); "
+                f"console log: {rs.console_log}",
+            )
+        return state, timer_jobs
+
+    def reboot(self, mode="graceful", before=None):
+        """Reboot and PROVE it: boot_id must change. graceful = the guest's own clean
+        shutdown on the ACPI power button, then power on; hard = power cut (virsh destroy).
+        Either way the next boot is a fresh QEMU process (virsh start). `before`: a capture
+        taken moments ago with nothing run since (the previous reboot's `after`), instead of
+        capturing again."""
+        ctx, rs = self.ctx, self.rs
+        if mode not in REBOOT_MODES:
+            raise UsageError(f"--reboot must be one of {', '.join(REBOOT_MODES)}")
+        before = before or capture_state(ctx, rs, analyze=False)
+        rs.close_ssh()  # its connection dies with this boot
+        rs.mark_console()
+        with rs.watching_for_the_kernel():
+            issued = time.monotonic()
+            to_off, shutdown_console = None, None
+            if mode == "graceful":
+                to_off, shutdown_console = self.shut_down_cleanly(before)
+            else:
+                virsh(ctx, "destroy", rs.domain, check=True, stage="reboot")
+                progress(ctx, "reboot:hard", f"power cut; old boot_id {before['boot_id'][:8]}")
+            virsh(ctx, "start", rs.domain, check=True, stage="reboot")
+            new_id, oops_panic = self._wait_new_boot_past_emulator_oops(before, issued)
+        to_ssh = round(time.monotonic() - issued, 1)
+        to_loader, to_kernel = rs.seconds_to("loader", issued), rs.seconds_to("kernel", issued)
+        sysstate, timer_jobs = self.wait_boot_finished()
+        to_running = round(time.monotonic() - issued, 1)
+        note_span(ctx, f"reboot:{mode}", issued, who="guest", seconds=to_running)
+        # systemd-analyze's blame and critical-chain (~3 s of a TCG guest each) only where a
+        # reboot failed: the reboot diff's second capture and the diagnostics bundle
+        after = capture_state(ctx, rs, boot_id=new_id, analyze="time")
+        rs.record.boot_ids.append(new_id)
+        stages = {
+            "seconds_to_off": to_off,
+            "seconds_to_loader": to_loader,
+            "seconds_to_kernel": to_kernel,
+            "seconds_to_ssh": to_ssh,
+            "seconds_to_running": to_running,
+        }
+        record = {"mode": mode, "system_state": sysstate, "failed_units": after["failed_units"]}
+        if timer_jobs:
+            record["timer_jobs"] = timer_jobs
+        if oops_panic:
+            record["emulator_oops"] = oops_panic
+        if shutdown_console is not None:
+            record["stop_jobs"] = shutdown_stop_jobs(shutdown_console)
+            d = reboot_dir(rs, len(rs.record.reboots or []) + 1, mode)
+            d.mkdir(parents=True, exist_ok=True)
+            write_owned(owned_path(d, "shutdown-console.txt"), shutdown_console)
+        rs.record.reboots = [*(rs.record.reboots or []), {**record, **stages}]
+        rs.save()
+        progress(
+            ctx, f"reboot:{mode}", f"new boot_id {new_id[:8]}: " + _reboot_story(record, stages)
+        )
+        return before, after
+
+    def shut_down_cleanly(self, before):
+        """A graceful reboot's first half: the ACPI power button, as `virsh reboot` sends a
+        guest without an agent, and the guest's own clean shutdown, within the reboot bound.
+        The caller then starts the domain in a fresh QEMU process rather than have libvirt
+        reset the guest in place: under TCG a guest reset inside a QEMU that had run for
+        minutes took 9-31 s from GRUB to the kernel banner, a fresh one 3.7 s (ADR-030).
+        -> (seconds until the domain was off, what its console printed meanwhile)."""
+        ctx, rs = self.ctx, self.rs
+        t0 = time.monotonic()
+        virsh(ctx, "shutdown", rs.domain, "--mode", "acpi", check=True, stage="reboot")
+        progress(
+            ctx, "reboot:graceful", f"power button pressed; old boot_id {before['boot_id'][:8]}"
+        )
+
+        def off(_):
+            r = virsh(ctx, "domstate", rs.domain)
+            return r.returncode == 0 and r.stdout.strip() == "shut off"
+
+        what = f"the guest to power off after the ACPI power button (domain {rs.domain})"
+        # A local `virsh domstate` is cheap and the start waits on it (LOCAL_POLL).
+        wait_until(ctx, "reboot", ctx.bounds["reboot"], off, what, rs, poll=local_poll(ctx))
+        # Read before `virsh start`: the new QEMU process starts the console log afresh.
+        return round(time.monotonic() - t0, 1), ANSI_ESCAPE.sub("", rs.console_since_mark() or "")
+
+    def _wait_new_boot(self, before, issued):
+        """After a reboot issued at `issued`: the lease again, then a boot_id over SSH other
+        than `before`'s, within the reboot bound; -> the new boot_id."""
+        ctx, rs = self.ctx, self.rs
+        deadline = issued + ctx.bounds["reboot"]
+
+        def new_boot(_):
+            left = deadline - time.monotonic()
+            r = rs.ssh(
+                "cat /proc/sys/kernel/random/boot_id",
+                timeout=max(0.2, min(ctx.bounds["ssh-attempt"], left)),
+                shared=False,  # it may reach the old boot's sshd on its way down
+            )
+            bid = r.stdout.strip() if r.returncode == 0 else None
+            return bid if bid and bid != before["boot_id"] else None
+
+        try:
+            self.wait_lease(stage="reboot")
+            new_id = wait_until(
+                ctx,
+                "reboot",
+                max(0.0, deadline - time.monotonic()),
+                self.gated_by_tcp22(new_boot),
+                "a new boot_id over SSH",
+                rs,
+                poll=local_poll(ctx),
+            )
+        except InfraError as e:
+            msg = (
+                f"{e.msg} (boot_id before: {before['boot_id']}; the guest "
+                "did not come back from a new boot)"
+            )
+            if isinstance(e, GuestPanicked):
+                raise GuestPanicked("reboot", msg, e.panic) from None
+            raise InfraError("reboot", msg) from None
+        return new_id
+
+    def _wait_new_boot_past_emulator_oops(self, before, issued):
+        """_wait_new_boot, once more after the emulator's int3 oops under TCG.
+        -> (new boot_id, the panic line of the boot that died, or None)."""
+        ctx, rs = self.ctx, self.rs
+        try:
+            return self._wait_new_boot(before, issued), None
+        except GuestPanicked as e:
+            oops = TCG_INT3_OOPS.search(rs.console_since_mark() or "")
+            if rs.record.accel != "tcg" or not oops:
+                raise
+            progress(
+                ctx,
+                "reboot",
+                f"{e.msg}; that is the emulator's code-patching race (Oops: int3 under TCG), "
+                "not the host's: powering it on once more",
+            )
+            virsh(ctx, "destroy", rs.domain, stage="reboot")
+            rs.mark_console()
+            virsh(ctx, "start", rs.domain, check=True, stage="reboot")
+            return self._wait_new_boot(before, time.monotonic()), e.panic
+
+    def step_clock(self):
+        """A restored guest's clock stands where it was saved; apt rejects Release files from
+        its 'future'. Step it to the controller's (the sandbox has no NTP). First wait for SSH:
+        the restored guest's network takes a moment (it took 3 s while the bridge ran STP,
+        see NET_XML)."""
+        ctx, rs = self.ctx, self.rs
+        self.wait_ssh(stage="resume")
+        r = rs.ssh(
+            f"sudo -n date -u -s @{int(time.time())}",
+            timeout=ctx.bounds["ssh-command"],
+            stage="resume",
+        )
+        if r.returncode != 0:
+            raise InfraError(
+                "resume",
+                f"could not set the restored guest's clock: "
+                f"{(r.stderr.strip().splitlines() or ['?'])[-1]}",
+            )
+
+    def save(self, image):
+        """Save the running guest (memory and device state) to `image` and stop it: the Proc
+        of `virsh save` (libvirt aborts a failed save, and the guest runs on)."""
+        self.rs.close_ssh()  # a saved guest's TCP peers see it stop
+        return virsh(
+            self.ctx,
+            "save",
+            self.rs.domain,
+            image,
+            "--running",
+            timeout=self.ctx.bounds["checkpoint"],
+            stage="checkpoint",
+        )
+
+    def restore(self, image, stage, xml=None):
+        """Resume the guest saved in `image` (virsh restore), as the domain XML `xml` when
+        given."""
+        virsh(
+            self.ctx,
+            "restore",
+            image,
+            *(("--xml", xml) if xml else ()),
+            timeout=self.ctx.bounds["checkpoint"],
+            check=True,
+            stage=stage,
+        )
+
+    def destroy(self):
+        """Destroy the VM and its disks; keep run.json/logs/result (state=down)."""
+        ctx, rs = self.ctx, self.rs
+        run_id = rs.record.created_at + "/" + rs.name
+        rs.close_ssh()
+        destroy_domain(ctx, rs.domain, run_id)
+        shutil.rmtree(rs.disk_dir, ignore_errors=True)
+        if rs.dir.is_dir():
+            rs.record.state = "down"
+            rs.record.down_at = now_iso()
+            rs.save()
+
+
+def create_run(ctx, profile, certs, accel, image, run):
+    """Everything a run needs on disk, then define (with ownership metadata). The run
+    state is attached to the session's `run` as soon as it exists, so a failure anywhere
+    after that is cleaned up by Machine.destroy."""
+    host = profile["name"]
+    name = vm_name(host)
+    data = {
+        "name": name,
+        "host": host,
+        "profile": profile["path"],
+        "certs": certs,
+        "accel": accel,
+        "mac": make_mac(secrets.token_bytes(3)),
+        "ip": None,
+        "created_at": now_iso(),
+        "owner": owner_name(),
+        "image": str(image.disk),
+        "image_key": image.key,
+        "state": "creating",
+        "boot_ids": [],
+        "uri": ctx.uri,
+        "mem_mib": profile["mem_mib"],
+        "vcpus": profile["vcpus"],
+    }
+    rs = open_run(ctx, data, run)
+    Machine(ctx, rs).create(profile, accel, image)
+    return rs
 
 
 # --------------------------------------------------------------------------------------
@@ -5226,7 +5569,7 @@ def rewrite_restore_xml(xml, overlay, seed, console_log, metadata_xml):
 
 
 def checkpoints_enabled(ctx, args):
-    return not getattr(args, "no_checkpoints", False) and ctx.settings["BOMA_IT_CHECKPOINTS"]
+    return not args.no_checkpoints and ctx.settings["BOMA_IT_CHECKPOINTS"]
 
 
 def checkpoint_dir(ctx, key):
@@ -5307,8 +5650,8 @@ def checkpoints_in_use(ctx):
     """Checkpoint keys a live run's disk chain still reads."""
     used = set()
     for rs in list_runs(ctx):
-        if rs.data.get("state") != "down":
-            used.update(rs.data.get("checkpoints_read", []))
+        if rs.record.state != "down":
+            used.update(rs.record.checkpoints_read or [])
     return used
 
 
@@ -5353,23 +5696,6 @@ def copy_run_keys(src, dst):
     os.chmod(dst / "id_ed25519", 0o600)
 
 
-def step_guest_clock(ctx, rs):
-    """A restored guest's clock stands where it was saved; apt rejects Release files from
-    its 'future'. Step it to the controller's (the sandbox has no NTP). First wait for SSH:
-    the restored guest's network takes a moment (it took 3 s while the bridge ran STP,
-    see NET_XML)."""
-    wait_ssh(ctx, rs, stage="resume")
-    r = rs.ssh(
-        f"sudo -n date -u -s @{int(time.time())}", timeout=ctx.bounds["ssh-command"], stage="resume"
-    )
-    if r.returncode != 0:
-        raise InfraError(
-            "resume",
-            f"could not set the restored guest's clock: "
-            f"{(r.stderr.strip().splitlines() or ['?'])[-1]}",
-        )
-
-
 def take_checkpoint(ctx, rs, stage, key, parent, result=None):
     """Save the running guest (memory + device state), freeze its overlay as the
     checkpoint's disk, give the run a fresh overlay on top and restore it. The guest sees
@@ -5378,7 +5704,7 @@ def take_checkpoint(ctx, rs, stage, key, parent, result=None):
     that removes both, so no half-written checkpoint (with the run's keys) stays behind."""
     if load_checkpoint(ctx, key):
         return None
-    need = rs.data["mem_mib"] + 512
+    need = rs.record.mem_mib + 512
     free = shutil.disk_usage(ctx.cache).free // (1024 * 1024)
     if free < need:
         progress(
@@ -5410,9 +5736,9 @@ def take_checkpoint(ctx, rs, stage, key, parent, result=None):
             shutil.rmtree(tmp, ignore_errors=True)
             if manifest is None:
                 shutil.rmtree(d, ignore_errors=True)
-        rs.data.setdefault("checkpoints_taken", []).append(stage)
+        rs.record.checkpoints_taken = [*(rs.record.checkpoints_taken or []), stage]
         rs.save()
-        step_guest_clock(ctx, rs)
+        Machine(ctx, rs).step_clock()
     size = sum(p.stat().st_size for p in d.iterdir()) // (1 << 20)
     progress(ctx, "checkpoint", f"{stage} saved ({key}, {size} MiB)")
     return manifest
@@ -5424,19 +5750,19 @@ def _checkpoint_manifest(rs, stage, key, parent):
         "key": key,
         "parent": parent,
         "stage": stage,
-        "host": rs.data["host"],
+        "host": rs.record.host,
         "domain": rs.domain,
-        "mac": rs.data["mac"],
+        "mac": rs.record.mac,
         "ip": rs.ip,
-        "boot_id": rs.data["boot_ids"][-1],
-        "accel": rs.data["accel"],
-        "image_key": rs.data["image_key"],
-        "mem_mib": rs.data["mem_mib"],
-        "vcpus": rs.data["vcpus"],
+        "boot_id": rs.record.boot_ids[-1],
+        "accel": rs.record.accel,
+        "image_key": rs.record.image_key,
+        "mem_mib": rs.record.mem_mib,
+        "vcpus": rs.record.vcpus,
         "created_at": now_iso(),
         "created_by": rs.name,
         "format": CHECKPOINT_FORMAT,
-        "lineage": rs.data.get("lineage", FRESH_LINEAGE),
+        "lineage": rs.record.lineage or FRESH_LINEAGE,
     }
 
 
@@ -5446,16 +5772,8 @@ def stage_checkpoint(ctx, rs, stage, key, tmp, d):
     the guest runs on as it was."""
     tmp.mkdir(parents=True)
     os.chmod(tmp, 0o700)  # until the seed copy and the memory image are root-only
-    rs.close_ssh()  # a saved guest's TCP peers see it stop
-    r = virsh(
-        ctx,
-        "save",
-        rs.domain,
-        tmp / "memory.save",
-        "--running",
-        timeout=ctx.bounds["checkpoint"],
-        stage="checkpoint",
-    )
+    machine = Machine(ctx, rs)
+    r = machine.save(tmp / "memory.save")
     if r.returncode != 0:  # libvirt aborts a failed save and the guest runs on
         progress(
             ctx,
@@ -5475,25 +5793,11 @@ def stage_checkpoint(ctx, rs, stage, key, tmp, d):
         os.chmod(tmp / "seed.img", FROZEN_DISK_MODE)
     except (HarnessError, OSError) as e:
         # Nothing of the run moved: give the guest back and go on without one.
-        virsh(
-            ctx,
-            "restore",
-            tmp / "memory.save",
-            timeout=ctx.bounds["checkpoint"],
-            check=True,
-            stage="checkpoint",
-        )
+        machine.restore(tmp / "memory.save", "checkpoint")
         progress(ctx, "checkpoint", f"skipping {stage}: {e}")
         return False
     _freeze_overlay(ctx, rs, stage, key, tmp, d)
-    virsh(
-        ctx,
-        "restore",
-        d / "memory.save",
-        timeout=ctx.bounds["checkpoint"],
-        check=True,
-        stage="checkpoint",
-    )
+    machine.restore(d / "memory.save", "checkpoint")
     return True
 
 
@@ -5507,7 +5811,7 @@ def _freeze_overlay(ctx, rs, stage, key, tmp, d):
         os.chmod(tmp, 0o755)  # QEMU opens disk.qcow2 as the run's backing file
         tmp.rename(d)
         # From here the run's disk reads this checkpoint: gc must leave it alone.
-        rs.data.setdefault("checkpoints_read", []).append(key)
+        rs.record.checkpoints_read = [*(rs.record.checkpoints_read or []), key]
         rs.save()
         make_overlay(ctx, d / "disk.qcow2", overlay, "checkpoint")
     except OSError as e:
@@ -5529,22 +5833,14 @@ def resume_run(ctx, profile, certs, manifest, chain_keys, run):
     )
     _write_restore_files(ctx, rs, ck)
     t0 = time.monotonic()
-    virsh(
-        ctx,
-        "restore",
-        ck / "memory.save",
-        "--xml",
-        rs.dir / "domain.xml",
-        timeout=ctx.bounds["checkpoint"],
-        check=True,
-        stage="resume",
-    )
+    machine = Machine(ctx, rs)
+    machine.restore(ck / "memory.save", "resume", xml=rs.dir / "domain.xml")
     data["state"] = "restored"
     rs.save()
     # Persistent, so a hard reboot (destroy + start) finds it again.
     virsh(ctx, "define", rs.dir / "domain.xml", check=True, stage="resume")
-    step_guest_clock(ctx, rs)
-    boot_id = read_boot_id(ctx, rs)
+    machine.step_clock()
+    boot_id = machine.read_boot_id()
     if boot_id != manifest["boot_id"]:
         raise InfraError(
             "resume",
@@ -5552,8 +5848,8 @@ def resume_run(ctx, profile, certs, manifest, chain_keys, run):
             f"checkpoint recorded {manifest['boot_id']}: it rebooted instead of "
             "resuming",
         )
-    rs.data["boot_stages"] = {"restored-ssh": round(time.monotonic() - t0, 1)}
-    rs.data["state"] = "up"
+    rs.record.boot_stages = {"restored-ssh": round(time.monotonic() - t0, 1)}
+    rs.record.state = "up"
     rs.save()
     write_current(ctx, rs)
     progress(
@@ -5600,7 +5896,7 @@ def _write_restore_files(ctx, rs, ck):
     """The resumed run's overlay on the checkpoint's disk and its domain.xml: the
     checkpoint's, pointed at that overlay and the run's console log, with the run's
     ownership metadata."""
-    data, name, host = rs.data, rs.name, rs.data["host"]
+    data, name, host = rs.record, rs.name, rs.record.host
     overlay = rs.overlay
     make_overlay(ctx, ck / "disk.qcow2", overlay, "resume")
     xml = rewrite_restore_xml(
@@ -5608,9 +5904,7 @@ def _write_restore_files(ctx, rs, ck):
         overlay,
         ck / "seed.img",
         rs.console_log,
-        render_metadata_xml(
-            data["created_at"] + "/" + name, data["created_at"], host, data["owner"], host
-        ),
+        render_metadata_xml(data.created_at + "/" + name, data.created_at, host, data.owner, host),
     )
     (rs.dir / "domain.xml").write_text(xml)
 
@@ -5619,8 +5913,8 @@ def record_applied(rs, chain, steps):
     """run.json: the VM has applied the profile's first `steps` playbooks, from the inputs
     `chain`'s keys hash (None: no chain, or a day-2 run, whose working tree went on top of
     REF's chain). The next quick loop re-applies from the first key that differs."""
-    rs.data["applied_steps"] = steps
-    rs.data["applied_keys"] = [k for _, k, _ in chain[: steps + 1]] if chain else None
+    rs.record.applied_steps = steps
+    rs.record.applied_keys = [k for _, k, _ in chain[: steps + 1]] if chain else None
     rs.save()
 
 
@@ -5806,7 +6100,7 @@ def apply_from_ref(ctx, rs, day2, certs, result, after_step):
             certs,
             phase_prefix="from",
             result=result,
-            start=rs.data.get("applied_steps", 0),
+            start=rs.record.applied_steps or 0,
             after_step=after_step,
         )
     finally:
@@ -5941,7 +6235,7 @@ def _write_diag_summary(rs, d, reason, notes):
     """SUMMARY.txt of a diagnostics dir: why, when, the files and what was not collected."""
     files = sorted(p for p in d.rglob("*") if p.is_file() and p.name != "SUMMARY.txt")
     lines = [
-        f"integration-vm diagnostics for {rs.name} ({rs.data.get('host')})",
+        f"integration-vm diagnostics for {rs.name} ({rs.record.host})",
         f"reason: {reason}",
         f"collected: {now_iso()}",
         f"ip: {rs.ip or '-'}",
@@ -5953,10 +6247,6 @@ def _write_diag_summary(rs, d, reason, notes):
     if notes:
         lines += ["", "not collected:"] + [f"  {n}" for n in notes]
     (d / "SUMMARY.txt").write_text("\n".join(lines) + "\n")
-
-
-def parse_name_list(text):
-    return [ln.strip() for ln in (text or "").splitlines() if ln.strip()]
 
 
 def parse_pool_target(pool_xml):
@@ -5980,19 +6270,6 @@ def is_harness_pool(name, target, cache_roots, target_exists):
     return name.startswith(NAME_PREFIX) and (not target or not target_exists)
 
 
-@contextlib.contextmanager
-def transient_pool(ctx, name, directory):
-    """virt-install defines a persistent, autostarted storage pool for a disk's directory
-    unless a pool already holds it (virtinst's diskbackend.manage_path, even with
-    --print-xml): lend it a transient one, destroyed (and so gone) once the XML is out. The
-    domain names its disks by path, not by pool. A transient pool also dies with libvirtd."""
-    virsh(ctx, "pool-create-as", name, "dir", "--target", directory, check=True, stage="boot")
-    try:
-        yield
-    finally:
-        virsh(ctx, "pool-destroy", name)
-
-
 def harness_pools(ctx):
     """[(name, target)] of every storage pool the harness made (is_harness_pool)."""
     r = virsh(ctx, "pool-list", "--all", "--name")
@@ -6014,1486 +6291,14 @@ def remove_pool(ctx, name):
     virsh(ctx, "pool-undefine", name)
 
 
-def destroy_domain(ctx, name, expect_run_id=None):
-    """Destroy+undefine a domain IF it carries our metadata. Idempotent."""
-    m = virsh(ctx, "metadata", name, "--uri", METADATA_URI)
-    if m.returncode != 0:
-        exists = virsh(ctx, "domstate", name).returncode == 0
-        if exists:
-            print(f"integration-vm: not touching domain {name}: no boma metadata", file=sys.stderr)
-        return False
-    meta = parse_metadata_xml(m.stdout)
-    if not meta or (expect_run_id and meta.get("id") != expect_run_id):
-        print(
-            f"integration-vm: not touching domain {name}: metadata is not this run's",
-            file=sys.stderr,
-        )
-        return False
-    if virsh(ctx, "domstate", name).stdout.strip() not in ("shut off", ""):
-        virsh(ctx, "destroy", name)
-    r = virsh(ctx, "undefine", name, "--nvram")
-    if r.returncode != 0:
-        r = virsh(ctx, "undefine", name)
-        if r.returncode != 0 and virsh(ctx, "domstate", name).returncode == 0:
-            raise InfraError("teardown", f"could not undefine {name}: {r.stderr.strip()}")
-    return True
-
-
-def down_run(ctx, rs):
-    """Destroy the VM and its disks; keep run.json/logs/result (state=down)."""
-    run_id = rs.data.get("created_at", "") + "/" + rs.name
-    rs.close_ssh()
-    destroy_domain(ctx, rs.domain, run_id)
-    shutil.rmtree(rs.disk_dir, ignore_errors=True)
-    if rs.dir.is_dir():
-        rs.data["state"] = "down"
-        rs.data["down_at"] = now_iso()
-        rs.save()
-
-
 # --------------------------------------------------------------------------------------
-# Session: preflight, phases, the failure policy, result.json and JUnit
-# --------------------------------------------------------------------------------------
-# A session is one command's life: preflight guards (tools, RAM, disk, VM slot), its phase
-# list, and one policy for each way it can end (diagnostics? keep or destroy? exit code).
-
-# The end-of-run checkpoint gc waits this long for checkpoints.lock, then skips (another
-# run writing a checkpoint holds it for minutes; the next run's gc does the work).
-END_GC_LOCK_WAIT = 5.0
-
-
-@dataclasses.dataclass(frozen=True)
-class SessionOptions:
-    """What a caller composing sessions (cmd_bench) changes about one, decided before it
-    starts; a plain command runs with the defaults."""
-
-    cold_image: bool = False  # rebuild the golden image first, timed as image:cold
-    fresh_checkpoints: bool = False  # remove this profile's checkpoints before resuming
-    gc_outdated: bool = True  # after the run, remove checkpoints these inputs cannot resume
-    time_transports: bool = False  # time linear vs Mitogen on the VM before teardown
-    strategy: dict = None  # a strategy_choice() already resolved in this process
-    from_ref: object = None  # a FromRef resolved by the caller (bench), instead of --from
-    git_repo: pathlib.Path = None  # ... and the repository its worktree comes from
-
-
-@dataclasses.dataclass(eq=False)
-class Run:
-    """One session's run (cockpit's and the NixOS driver's `Machine` are the models): the
-    command and its options, the profile and cert tier it runs, its RunState once created
-    or selected (run.json), its VM slot lock, its result (result.json), its stage bounds,
-    command log, checkpoint chain and resolved Ansible strategy."""
-
-    command: str = "session"
-    options: SessionOptions = SessionOptions()
-    result: dict = dataclasses.field(default_factory=dict)
-    profile: dict = None
-    certs: str = None
-    rs: object = None  # a RunState
-    slot: object = None  # the open vm-slot-N.lock, held from define to teardown
-    claims: list = dataclasses.field(default_factory=list)  # Claims held to the end
-    bounds: dict = dataclasses.field(default_factory=dict)
-    cmdlog: pathlib.Path = None
-    checkpoint_chain: list = None  # [(stage, key, detail)] when this run uses checkpoints
-    strategy: dict = None  # strategy_choice(), resolved once (resolve_strategy)
-    day2: object = None  # a DayTwo: --from REF's ref, worktree and profile
-    reused: bool = False  # loop: its VM is the one the last loop left (reuse_loop_vm)
-    exit_code: int = None
-    reported: bool = False  # result.json and the summary line written (end_session)
-    report: pathlib.Path = None  # its report.html (end_session)
-
-    def attach(self, rs):
-        """This run's state from now on: its command log, and what a failure tears down."""
-        self.rs = rs
-        self.cmdlog = rs.dir / "logs" / "commands.log" if rs is not None else None
-
-    @property
-    def applied_chain(self):
-        """The chain whose keys say what this run's VM has applied (record_applied), or
-        None: a day-2 run applies the working tree on top of REF's chain."""
-        return None if self.day2 else self.checkpoint_chain
-
-    @property
-    def creates(self):
-        return self.command in CREATING_COMMANDS
-
-    def acquire_slot(self, ctx):
-        """Hold one of BOMA_IT_MAX_VMS slot locks from before the domain is defined to the
-        end of the session (its teardown included): two sessions can never both be
-        between define and teardown beyond the limit. Busy -> InfraError('guard') at once."""
-        for i in range(ctx.max_vms):
-            fh = open_lock_file(owned_path(ctx.cache, f"vm-slot-{i}.lock"))
-            try:
-                fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except BlockingIOError:
-                fh.close()
-                continue
-            self.slot = fh
-            return
-        raise InfraError(
-            "guard",
-            f"refusing to start: another run holds the VM slot "
-            f"(BOMA_IT_MAX_VMS={ctx.max_vms}, all slots busy)",
-        )
-
-    def release_slot(self):
-        if self.slot is not None:
-            self.slot.close()
-            self.slot = None
-
-    def release_claims(self):
-        """The checkpoints and the loop VM this session claimed (claim_dir) are free."""
-        while self.claims:
-            self.claims.pop().close()
-
-
-TOOL_PACKAGES = {
-    "virsh": "libvirt-clients",
-    "virt-install": "virt-install (bookworm: virtinst)",
-    "qemu-img": "qemu-utils",
-    "cloud-localds": "cloud-image-utils",
-    "ssh": "openssh-client",
-    "ssh-keygen": "openssh-client",
-    "mmdebstrap": "mmdebstrap",
-    "mkfs.ext4": "e2fsprogs",
-    "qemu-system-x86_64": "qemu-system-x86",
-    "ansible-playbook": "make venv",
-}
-
-
-def tools_for(command, image_source, need_build=True):
-    tools = ["virsh"] if command != "image" else []
-    if command in CREATING_COMMANDS:
-        tools += ["virt-install", "qemu-img", "cloud-localds", "ssh", "ssh-keygen"]
-    if command in (*CREATING_COMMANDS, "image") and image_source == "build" and need_build:
-        tools += ["mmdebstrap", "mkfs.ext4", "qemu-img"]
-    if command in ("apply", "reboot", "assert"):
-        tools += ["ssh"]
-    return list(dict.fromkeys(tools))
-
-
-def check_tools(ctx, tools):
-    path = ctx.environ.get("PATH")
-    for t in tools:
-        if shutil.which(t, path=path) is None:
-            raise InfraError(
-                "tools",
-                f"required tool {t!r} not found on PATH (install {TOOL_PACKAGES.get(t, t)})",
-            )
-
-
-def check_ansible(ctx):
-    pb = find_ansible_playbook(ctx)
-    if shutil.which(pb, path=ctx.environ.get("PATH")) is None and not os.access(pb, os.X_OK):
-        raise InfraError(
-            "tools", "ansible-playbook not found (set BOMA_IT_ANSIBLE_PLAYBOOK or run `make venv`)"
-        )
-    return pb
-
-
-def check_libvirt(ctx):
-    r = virsh(ctx, "uri", timeout=min(ctx.bounds["virsh"], 30))
-    if r.returncode != 0:
-        lines = (
-            r.stderr.strip() or r.stdout.strip() or ("timed out" if r.timed_out else "no output")
-        ).splitlines()
-        raise InfraError("libvirt", f"libvirtd not reachable at {ctx.uri}: {lines[0]}")
-
-
-def read_meminfo(ctx):
-    try:
-        return ctx.path_env("BOMA_IT_MEMINFO").read_text()
-    except OSError:
-        return ""
-
-
-def free_mib(meminfo_text):
-    m = re.search(r"^MemAvailable:\s+(\d+)\s+kB", meminfo_text, re.MULTILINE)
-    return int(m.group(1)) // 1024 if m else 0
-
-
-def owned_domains(ctx):
-    """{name: metadata dict + state} for every domain carrying our metadata."""
-    r = virsh(ctx, "list", "--all", "--name", check=True)
-    owned = {}
-    for name in parse_name_list(r.stdout):
-        m = virsh(ctx, "metadata", name, "--uri", METADATA_URI)
-        meta = parse_metadata_xml(m.stdout) if m.returncode == 0 else None
-        if meta:
-            st = virsh(ctx, "domstate", name)
-            meta["state"] = st.stdout.strip() if st.returncode == 0 else "unknown"
-            owned[name] = meta
-    return owned
-
-
-def ram_guard(ctx, mem_mib):
-    """(ok, detail) of the RAM guard, for check_guards and doctor alike."""
-    avail = free_mib(read_meminfo(ctx))
-    floor = ctx.settings["BOMA_IT_RAM_FLOOR_MIB"]
-    return avail - mem_mib >= floor, (
-        f"MemAvailable {avail} MiB minus the VM's {mem_mib} MiB "
-        f"must leave {floor} MiB (BOMA_IT_RAM_FLOOR_MIB)"
-    )
-
-
-def disk_guard(ctx, need_image):
-    """(ok, detail) of the free-disk guard under the cache, for check_guards and doctor."""
-    free = shutil.disk_usage(ctx.cache).free // (1024 * 1024)
-    need = ctx.settings["BOMA_IT_MIN_DISK_MIB"]
-    if need is None:
-        need = MIN_DISK_MIB_RUN + (MIN_DISK_MIB_IMAGE if need_image else 0)
-    return free >= need, f"{free} MiB free under {ctx.cache}, need {need} MiB"
-
-
-def check_guards(ctx, profile, need_image, count_vms=True):
-    """RAM, the one-VM slot (count_vms: every domain the harness owns, shut off or not;
-    authoritative only under the lock, with the run's slot held), and disk.
-    Raises InfraError('guard', ...)."""
-    ok, detail = ram_guard(ctx, profile["mem_mib"])
-    if not ok:
-        raise InfraError("guard", f"refusing to start: {detail}")
-    owned = sorted(owned_domains(ctx)) if count_vms else []
-    if len(owned) >= ctx.max_vms:
-        raise InfraError(
-            "guard",
-            f"refusing to start: {len(owned)} harness VM(s) already "
-            f"running or defined ({', '.join(owned)}); BOMA_IT_MAX_VMS="
-            f"{ctx.max_vms}. Tear it down with `integration-vm down --run NAME` "
-            "or `make test-integration-clean`",
-        )
-    ctx.cache.mkdir(parents=True, exist_ok=True)
-    ok, detail = disk_guard(ctx, need_image)
-    if not ok:
-        raise InfraError("guard", f"refusing to start: {detail}")
-
-
-def open_lock_file(path):
-    """A lock file the harness owns, opened without following a symlink."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    return os.fdopen(os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o600), "r+")
-
-
-class LockBusy(InfraError):
-    """file_lock: another run held the lock for longer than the wait."""
-
-    def __init__(self, what, path, wait):
-        super().__init__(
-            "guard", f"{what}: lock {path} held by another run for more than {wait:.0f}s"
-        )
-        self.path = path
-
-
-@contextlib.contextmanager
-def file_lock(ctx, path, what, wait=None):
-    """Hold the lock file `path`, waiting for it `wait` s at most (the lock bound by
-    default); longer: LockBusy (InfraError 'guard')."""
-    fh = open_lock_file(path)
-    wait = ctx.bounds["lock"] if wait is None else wait
-    deadline = time.monotonic() + wait
-    try:
-        while True:
-            try:
-                fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                break
-            except BlockingIOError:
-                if time.monotonic() > deadline:
-                    raise LockBusy(what, path, wait) from None
-                time.sleep(ctx.poll)
-        yield
-    finally:
-        fh.close()
-
-
-@dataclasses.dataclass
-class Claim:
-    """A flock held on a directory of the harness (claim_dir) until closed."""
-
-    path: pathlib.Path
-    fd: int
-
-    def close(self):
-        if self.fd >= 0:
-            os.close(self.fd)
-            self.fd = -1
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        self.close()
-
-
-def claim_dir(path, shared=False):
-    """Claim the directory `path` (a checkpoint, a run's dir) with a flock, never waiting:
-    a Claim, or None when another process holds a conflicting one, or `path` is gone, a
-    symlink or no longer the directory that was locked. Runs that resume a checkpoint
-    share it (shared=True); the gc, and a session that takes or retires a loop's VM,
-    need it alone. A killed holder's claim goes with its process."""
-    try:
-        fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW)
-    except OSError:
-        return None
-    claim = None
-    try:
-        fcntl.flock(fd, (fcntl.LOCK_SH if shared else fcntl.LOCK_EX) | fcntl.LOCK_NB)
-        now, held = os.stat(path, follow_symlinks=False), os.fstat(fd)
-        if (now.st_dev, now.st_ino) == (held.st_dev, held.st_ino):
-            claim = Claim(pathlib.Path(path), fd)
-    except OSError:  # BlockingIOError: another holds it; else removed while we locked
-        pass
-    finally:
-        if claim is None:
-            os.close(fd)
-    return claim
-
-
-@dataclasses.dataclass
-class ResultRecord(JsonRecord):
-    """result.json (schema 1), what .ci/run, the bench tables and the runbook read.
-    `phases` maps a phase family (image, boot, apply, reboot, verify, idempotence,
-    teardown) to seconds; `phase_details` keeps each step (apply:site.yml, reboot:hard
-    ...) with its status; `failures` are the failing verify (or idempotence) task names;
-    `failed_stage` names where a non-pass stopped."""
-
-    command: str
-    schema: int = 1
-    verdict: str = None  # pass | fail | error | interrupted
-    exit_code: int = None
-    failed_stage: str = None
-    message: str = ""
-    host: str = None
-    vm: str = None  # the run's name
-    ip: str = None
-    accel: str = None
-    certs: str = None
-    reboot_modes: list = dataclasses.field(default_factory=list)
-    reboot_diffs: list = dataclasses.field(default_factory=list)
-    phases: dict = dataclasses.field(default_factory=dict)
-    phase_details: list = dataclasses.field(default_factory=list)
-    failures: list = dataclasses.field(default_factory=list)
-    verify_tasks: list = dataclasses.field(default_factory=list)  # after the reboots
-    verify_live_tasks: list = dataclasses.field(default_factory=list)  # before them
-    story: str = None  # a red run's: "dead live" | "dies on reboot" | "upgrade fails"
-    from_ref: dict = None  # --from: {ref, commit, tree}
-    upgrade: dict = None  # --from: {from, to, changed, changed_tasks}
-    idempotence: dict = None
-    diagnostics: str = None
-    run_dir: str = None
-    started_at: str = None
-    finished_at: str = None
-    total_seconds: float = None
-    kept: bool = False
-    expect_fail: object = False  # False, or the stage --expect-fail names
-    domain: str = None  # the libvirt domain (a resumed run's is its checkpoint's)
-    ansible_strategy: dict = None  # the strategy_choice() its applies used
-    boot_stages: dict = None
-    reboot_stages: list = None  # each reboot's seconds to ssh and to running
-    warnings: list = None  # slow-boot warnings
-    checkpoints: dict = None  # {"chain": [{stage, key, ...}]}
-    resumed_from: dict = None
-    reused_vm: dict = None  # loop: {run, kept, reapplied} when it reused the last loop's VM
-    reuse_refused: dict = None  # loop: {run, why} when the last loop's VM could not take it
-    first_boot_panic: str = None  # the panic line of a first boot that was started again
-    resume_error: str = None
-    transport: dict = None  # bench: linear vs Mitogen figures
-    teardown_error: str = None
-    commit: dict = None  # the working tree's {commit, dirty} (None: not a git checkout)
-    timeline: list = None  # spans [{phase, what, who: harness|guest, at, seconds}]
-    extra: dict = dataclasses.field(default_factory=dict, repr=False)
-
-    ABSENT_WHEN_NONE = frozenset(
-        {
-            "domain",
-            "ansible_strategy",
-            "boot_stages",
-            "reboot_stages",
-            "warnings",
-            "checkpoints",
-            "resumed_from",
-            "reused_vm",
-            "reuse_refused",
-            "first_boot_panic",
-            "resume_error",
-            "transport",
-            "teardown_error",
-            "commit",
-            "timeline",
-            "from_ref",
-            "upgrade",
-        }
-    )
-
-
-def new_result(command, host=None):
-    """A fresh result.json as the dict a session's phases fill in (ResultRecord's
-    fields; finish_result writes it back through ResultRecord)."""
-    return ResultRecord(command=command, host=host).to_json()
-
-
-def phase_totals(phases):
-    """Group `apply:site.yml`, `reboot:graceful` ... under their family, in order."""
-    totals = {}
-    for p in phases:
-        fam = p["name"].split(":", 1)[0]
-        totals[fam] = totals.get(fam, 0.0) + p["seconds"]
-    return totals
-
-
-def format_summary(result):
-    verdict = (result.get("verdict") or "error").upper()
-    if result.get("expect_fail"):
-        verdict += (
-            " (expected fail)"
-            if result.get("verdict") == "fail" and result.get("exit_code") == EXIT_PASS
-            else f" (expected FAIL at {result['expect_fail']})"
-        )
-    head = f"integration-vm: {verdict}"
-    if result.get("verdict") in ("error", "fail", "interrupted") and result.get("failed_stage"):
-        head += f"[{result['failed_stage']}]"
-    parts = [
-        head,
-        result.get("host") or "-",
-        result.get("vm") or "-",
-        f"accel={result.get('accel') or '-'}",
-        f"total={round(result.get('total_seconds') or 0)}s",
-    ]
-    totals = phase_totals(result.get("phase_details", []))
-    if totals:
-        parts.append("(" + ", ".join(f"{k} {round(v)}s" for k, v in totals.items()) + ")")
-    if result.get("story"):  # last: the fields before it keep their positions
-        parts.append(f"— {result['story']}")
-    return " ".join(parts)
-
-
-# What XML 1.0 cannot carry at all, escaped or not (C0 controls but tab/LF/CR, lone
-# surrogates, U+FFFE/U+FFFF): one such character from a guest's console and CI cannot
-# parse the whole report.
-_XML_FORBIDDEN = re.compile("[\x00-\x08\x0b\x0c\x0e-\x1f\ud800-\udfff\ufffe\uffff]")
-JUNIT_TEXT_MAX = 64 * 1024  # characters of one message or body (guest output is unbounded)
-
-
-def xml_text(value, limit=JUNIT_TEXT_MAX):
-    """`value` as text XML can carry: forbidden characters dropped, at most `limit`
-    characters (the head, then a note of what was cut). Escaping is the caller's."""
-    text = _XML_FORBIDDEN.sub("", str(value if value is not None else ""))
-    if len(text) > limit:
-        text = text[:limit] + f"\n[... {len(text) - limit} more characters cut]"
-    return text
-
-
-def render_junit(result):
-    """JUnit XML: one testcase per phase and per verify task. Every text is xml_text()."""
-    suite = xml_text(f"integration-vm.{result.get('host') or 'unknown'}", 200)
-    cases = [
-        (xml_text(name, 500), secs, status, xml_text(msg, 300), xml_text(body))
-        for name, secs, status, msg, body in _junit_cases(result)
-    ]
-    failures = sum(1 for c in cases if c[2] == "fail")
-    errors = sum(1 for c in cases if c[2] in ("error", "interrupted"))
-    skipped = sum(1 for c in cases if c[2] == "skipped")
-    out = [
-        '<?xml version="1.0" encoding="UTF-8"?>',
-        f'<testsuites name="integration-vm" tests="{len(cases)}" failures="{failures}" '
-        f'errors="{errors}" time="{result.get("total_seconds") or 0:.3f}">',
-        f'  <testsuite name={_xml_quoteattr(suite)} tests="{len(cases)}" '
-        f'failures="{failures}" errors="{errors}" skipped="{skipped}" '
-        f'time="{result.get("total_seconds") or 0:.3f}">',
-    ]
-    for name, secs, status, msg, body in cases:
-        head = (
-            f"    <testcase classname={_xml_quoteattr(suite)} name={_xml_quoteattr(name)} "
-            f'time="{secs:.3f}"'
-        )
-        if status == "pass" and not msg:
-            out.append(head + "/>")
-            continue
-        out.append(head + ">")
-        if status == "pass":  # a passing case with a note (e.g. --reboot-diff=warn)
-            out.append(f"      <system-out>{_xml_escape(body)}</system-out>")
-        else:
-            tag = {"fail": "failure", "skipped": "skipped"}.get(status, "error")
-            out.append(
-                f"      <{tag} message={_xml_quoteattr(msg[:300] or status)}>"
-                f"{_xml_escape(body)}</{tag}>"
-            )
-        out.append("    </testcase>")
-    out += ["  </testsuite>", "</testsuites>"]
-    return "\n".join(out) + "\n"
-
-
-def _junit_cases(result):
-    """render_junit's cases [(name, seconds, status, message, body)]: the phases, the
-    verify tasks, and one error case when the run ended in error with none recorded."""
-    cases = []
-    for p in result.get("phase_details", []):
-        cases.append(
-            (
-                p["name"],
-                p["seconds"],
-                p["status"],
-                p.get("message", ""),
-                p.get("detail") or p.get("message", ""),
-            )
-        )
-    for stage, key in VERIFY_TASK_KEYS.items():
-        for t in result.get(key, []):
-            st = (
-                "fail"
-                if t["status"] == "failed"
-                else ("skipped" if t["status"] == "skipped" else "pass")
-            )
-            msg = t.get("message", "")
-            cases.append((f"{stage}: {t['name']}", 0.0, st, msg, msg))
-    if result.get("verdict") in ("error", "interrupted") and not any(
-        c[2] in ("error", "fail") for c in cases
-    ):
-        cases.append(
-            (
-                result.get("failed_stage") or "harness",
-                0.0,
-                "error",
-                result.get("message", ""),
-                result.get("message", ""),
-            )
-        )
-    return cases
-
-
-@contextlib.contextmanager
-def timed_phase(ctx, result, name):
-    t0 = time.monotonic()
-    entry = {"name": name, "seconds": 0.0, "status": "pass"}
-    if ctx is not None:  # where it starts in the run (the report's timeline)
-        entry["at"] = round(t0 - ctx.t0, 1)
-    if result is not None:
-        result["phase_details"].append(entry)
-    try:
-        yield entry
-    except VerifyFailed as e:
-        entry["status"], entry["message"] = "fail", e.msg
-        if e.detail:
-            entry["detail"] = e.detail
-        raise
-    except KeyboardInterrupt:
-        entry["status"], entry["message"] = "interrupted", "interrupted"
-        raise
-    except Exception as e:  # any error ends the phase as an error
-        entry["status"], entry["message"] = "error", str(e)
-        raise
-    finally:
-        entry["seconds"] = round(time.monotonic() - t0, 1)
-
-
-def _current_phase(result):
-    running = [p["name"] for p in result["phase_details"] if p["status"] == "interrupted"]
-    return running[-1] if running else "interrupted"
-
-
-# ---- the closing lines: the words a run ends with -----------------------------------------
-# Decided here only (issue 30), from result.json's fields: the command, the verdict, the
-# stage that failed and why the VM stays up. docs/runbooks/integration-testing.md ("The
-# closing lines") quotes each; tests/driver/test_session.py ends a session every way.
-# fmt: off
-FAILED_STAGE_WORDS = {
-    # the failed stage's family  its line ({story}: " (dead live)" ...; {msg}: the error's)
-    "apply":             "apply failed{story}: {msg}",
-    "from":              "apply of {ref} (--from) failed: {msg}",
-    "upgrade":           "apply failed{story}: {msg}",  # the working tree on top of REF
-    "reboot-diff":       "reboot diff found differences: {msg}",
-    "verify":            "verify failed{story}: {msg}",  # verify:live too
-    "idempotence":       "idempotence changed {changed} on the re-apply after the reboot: "
-                         "{tasks}",
-    "idempotence-apply": "idempotence re-apply failed: {msg}",
-}
-KEPT_WORDS = {
-    # why the VM stays up  the head of its inspection help
-    "failure":   "kept for inspection",
-    "loop-red":  "kept for inspection; the next loop applies your fix onto it",
-    "next-loop": "kept for the next loop",
-    "keep":      "kept (--keep)",
-    "not-ours":  "left up (this command did not create it)",
-}
-LOOP_VM_WORDS = {
-    # the loop's VM          how the loop's last line ends
-    "kept":                " The VM stays up at this state until the next loop, cycle or "
-                           "`make test-integration-clean`.",
-    "torn down":           " Its VM was torn down.",
-    "teardown incomplete": " Its VM's teardown was incomplete: `make test-integration-clean`.",
-    None:                  "",  # no VM (a guard refused the loop), or one left as it was
-}
-# fmt: on
-LOOP_NOT_THE_GATE = (
-    "a quick loop has one graceful reboot, no power cut and no idempotence pass. This is "
-    "NOT the gate: `make test-integration HOST={host}` (cycle) must pass before the change "
-    "is done.{vm}"
-)
-
-
-def stage_family(stage):
-    """A failed stage's FAILED_STAGE_WORDS key: apply:site.yml -> apply, verify:live ->
-    verify; idempotence:site.yml (the idempotence pass's apply itself failed) ->
-    idempotence-apply."""
-    family, _, step = (stage or "").partition(":")
-    return "idempotence-apply" if family == "idempotence" and step else family
-
-
-def kept_reason(command, verdict, keep):
-    """Why a run's VM stays up: its KEPT_WORDS key."""
-    if verdict == "pass":  # only a loop, or --keep, keeps a passing run's VM
-        return "next-loop" if command == "loop" else "keep"
-    if verdict == "interrupted":  # a creating command tears down unless --keep
-        return "keep" if keep and command in CREATING_COMMANDS else "not-ours"
-    return "loop-red" if command == "loop" else "failure"
-
-
-def verdict_words(result):
-    """The line a run that did not pass says first: the stage that failed, in words."""
-    verdict, stage, msg = result.get("verdict"), result.get("failed_stage"), result.get("message")
-    if verdict == "interrupted":
-        return (
-            f"interrupted during {stage}" if stage not in (None, "interrupted") else "interrupted"
-        )
-    if verdict == "error":  # an error's stage leads its message, as the InfraError reads
-        return f"error: {msg}" if stage in (None, "usage") else f"error: {stage}: {msg}"
-    if verdict != "fail":
-        return None
-    idem = result.get("idempotence") or {}
-    changed = idem.get("changed", 0)
-    return FAILED_STAGE_WORDS.get(stage_family(stage), "{stage} failed: {msg}").format(
-        stage=stage,
-        msg=msg,
-        story=f" ({result['story']})" if result.get("story") else "",
-        ref=(result.get("from_ref") or {}).get("ref") or "REF",
-        changed=f"{changed} task{'' if changed == 1 else 's'}",
-        tasks=", ".join(idem.get("changed_tasks") or result.get("failures") or ["?"]),
-    )
-
-
-def expect_words(result):
-    """--expect-fail's line, when the run did not fail where it names."""
-    want, stage = result.get("expect_fail"), result.get("failed_stage")
-    if want and result.get("verdict") == "pass":
-        return f"{want} PASSED but --expect-fail={want} was given"
-    if want and result.get("verdict") == "fail" and not expected_failure(result, stage):
-        return f"failed at {stage}, not at the expected stage {want} (--expect-fail)"
-    return None
-
-
-def loop_vm_fate(result):
-    """What became of a loop's VM: a LOOP_VM_WORDS key."""
-    if result.get("kept"):
-        return "kept"
-    teardown = [p for p in result.get("phase_details", []) if p["name"] == "teardown"]
-    if teardown:
-        return "torn down" if teardown[-1]["status"] == "pass" else "teardown incomplete"
-    return None
-
-
-def closing_lines(result, keep=False):
-    """The words of a run's closing lines, each after "integration-vm: ", from its
-    result.json fields and --keep (None: the run has no such line), in the order they
-    come: `verdict` (a run that did not pass), `kept` (the head of the kept VM's
-    inspection help), `expect` (--expect-fail's), `loop` (the quick loop's last line,
-    after the summary line format_summary writes)."""
-    command, verdict = result.get("command"), result.get("verdict")
-    loop = None
-    if command == "loop":
-        vm = LOOP_VM_WORDS[loop_vm_fate(result)]
-        loop = LOOP_NOT_THE_GATE.format(host=result.get("host") or "<host>", vm=vm)
-    return {
-        "verdict": verdict_words(result),
-        "kept": KEPT_WORDS[kept_reason(command, verdict, keep)] if result.get("kept") else None,
-        "expect": expect_words(result),
-        "loop": loop,
-    }
-
-
-def inspection_help(ctx, rs, kept):
-    """The kept VM's inspection help; `kept` says why it stays up (closing_lines)."""
-    # Under scripts/it-run's sandbox the VM is only reachable inside its namespace.
-    netns = ctx.settings["BOMA_IT_NETNS"]
-    prefix = f"ip netns exec {netns} " if netns else ""
-    ssh_cmd = shlex.join(ssh_argv(rs.dir, rs.domain, rs.ip or "<ip>", "", port=ctx.ssh_port)[:-1])
-    return (
-        f"integration-vm: VM {rs.domain} (run {rs.name}) {kept}:\n"
-        f"  console log:  {rs.console_log}\n"
-        f"  serial:       {prefix}virsh --connect {ctx.uri} console {rs.domain}\n"
-        f"  ssh:          {prefix}{ssh_cmd}\n"
-        f"  diagnostics:  {rs.diag_dir}\n"
-        f"  clean up:     scripts/integration-vm.py down --run {rs.name}   "
-        f"(or: make test-integration-clean)\n"
-    )
-
-
-def finish_result(ctx, result, rs, junit=None, stream=None, strategy=None):
-    """result.json and report.html (with a run), JUnit, the summary line -> the report's
-    path or None."""
-    report = None
-    result["finished_at"] = now_iso()
-    result["total_seconds"] = round(time.monotonic() - ctx.t0, 1)
-    result["phases"] = {k: round(v, 1) for k, v in phase_totals(result["phase_details"]).items()}
-    if strategy is not None:
-        result["ansible_strategy"] = strategy
-    if rs is not None:
-        result.update(
-            vm=rs.name, domain=rs.domain, ip=rs.ip, accel=rs.data.get("accel"), run_dir=str(rs.dir)
-        )
-        try:
-            record = ResultRecord.from_json(result, strict=True).to_json()
-            text = json.dumps(record, indent=2, sort_keys=True) + "\n"
-            rs.dir.mkdir(parents=True, exist_ok=True)
-            write_owned(rs.dir / "result.json", text)
-            rs.diag_dir.mkdir(parents=True, exist_ok=True)
-            write_owned(rs.diag_dir / "result.json", text)
-        except (OSError, ValueError, HarnessError) as e:
-            print(f"integration-vm: warning: could not write result.json: {e}", file=sys.stderr)
-        report = write_run_reports(rs)
-    if junit:
-        try:
-            pathlib.Path(junit).write_text(render_junit(result))
-        except OSError as e:
-            print(f"integration-vm: warning: could not write {junit}: {e}", file=sys.stderr)
-    print(format_summary(result), file=stream or sys.stdout, flush=True)
-    return report
-
-
-def _ignore_signals():
-    """While diagnostics/teardown run, a second Ctrl-C must not abort them. A Python
-    handler (not SIG_IGN, which children would inherit across exec) keeps the processes
-    we start killable."""
-
-    def note(signum, frame):
-        print("integration-vm: cleaning up, please wait", file=sys.stderr, flush=True)
-
-    for s in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(s, note)
-
-
-def session(ctx, args, command, options=None):
-    """Run a command's phases (SESSION_PHASES) and end it by FAILURE_POLICY; the exit
-    code. A success of cycle/bench tears down (unless --keep)."""
-    return run_session(ctx, args, command, options).exit_code
-
-
-def run_session(ctx, args, command, options=None):
-    """One session as a Run (what cmd_bench composes): its phases, the policy for how they
-    ended, then result.json, JUnit and the summary line. Returns the Run."""
-    options = options or SessionOptions()
-    result = new_result(command, getattr(args, "host", None))
-    result["started_at"] = now_iso()
-    result["certs"] = getattr(args, "certs", None)
-    result["expect_fail"] = getattr(args, "expect_fail", None) or False
-    run = Run(
-        command=command,
-        options=options,
-        result=result,
-        bounds=dict(ctx.default_bounds),
-        strategy=options.strategy,
-    )
-    ctx = dataclasses.replace(ctx, run=run)  # the process's context, bound to this run
-    if shutil.which("git", path=ctx.environ.get("PATH")) and (ctx.repo / ".git").exists():
-        result["commit"] = working_tree_commit(ctx)  # what the report names
-    try:
-        run.exit_code = apply_expect_fail(result, run_phases(ctx, args, run))
-        result["exit_code"] = run.exit_code
-        if run.exit_code == EXIT_USAGE and run.rs is None:
-            return run  # bad input: the one error line says it all, nothing ran
-        end_session(ctx, args, run)
-        run.reported = True
-        return run
-    finally:  # REF's worktree goes, whatever happened (end_session: after the verdict)
-        if run.day2 is not None:
-            run.day2.close(ctx)
-
-
-def run_phases(ctx, args, run):
-    """The command's phases in order; the first failure is classified and handled by
-    on_failure. The VM slot is released last, after any teardown."""
-    try:
-        try:
-            for phase in SESSION_PHASES[run.command]:
-                phase(ctx, args, run)
-        except VerifyFailed as e:
-            return on_failure(ctx, args, run, "verify", e)
-        except KeyboardInterrupt:
-            return on_failure(ctx, args, run, "interrupt", None)
-        except Exception as e:  # every error takes the same road
-            e = as_harness_error(e, run.result)
-            return on_failure(ctx, args, run, ERROR_KINDS.get(e.exit_code, "infra"), e)
-        return EXIT_PASS
-    finally:
-        if run.rs is not None:  # a kept VM keeps no SSH process of ours either
-            run.rs.close_ssh()
-        flush_command_log(run.cmdlog)
-        run.release_slot()
-        run.release_claims()
-
-
-def end_session(ctx, args, run):
-    """After the verdict: the verdict written (write_verdict) with interrupts held back,
-    then the end-of-run work (REF's worktree removed, the checkpoint gc), bounded; an
-    interrupt there cuts it short and leaves the verdict, and its exit code, as written
-    (issue 27). run_session removes the worktree if this did not."""
-    try:
-        with _signals_deferred():
-            write_verdict(ctx, args, run)
-        if run.day2 is not None:  # REF's worktree (and git's record of it) goes
-            run.day2.close(ctx)
-        gc_after_run(ctx, run)
-    except KeyboardInterrupt:
-        print(
-            "\nintegration-vm: interrupted after the verdict: checkpoint cleanup skipped "
-            "(the next run's does it)",
-            file=sys.stderr,
-        )
-    if run.report is not None:  # the run's last line (stdout's last stays the summary)
-        sys.stdout.flush()
-        print(f"report: {run.report}", file=sys.stderr, flush=True)
-
-
-def gc_after_run(ctx, run):
-    """One chain per profile: what these inputs can no longer resume goes. Optional
-    work: its lock is waited for END_GC_LOCK_WAIT at most (another run writing a
-    checkpoint holds it for minutes), then skipped with one line."""
-    if not (run.checkpoint_chain and run.options.gc_outdated):
-        return
-    try:
-        gone = gc_checkpoints(
-            ctx,
-            run.result.get("host"),
-            keep=[k for _, k, _ in run.checkpoint_chain],
-            lineage=run_lineage(run),
-            wait=END_GC_LOCK_WAIT,
-        )
-        if gone:
-            progress(ctx, "checkpoint", f"removed {len(gone)} outdated checkpoint(s)")
-    except LockBusy as e:
-        print(
-            f"integration-vm: checkpoint cleanup skipped: another run holds {e.path} "
-            "(the next run's cleanup does it)",
-            file=sys.stderr,
-        )
-    except Exception as e:  # a cleanup must not change the verdict
-        print(f"integration-vm: warning: checkpoint cleanup: {e}", file=sys.stderr)
-
-
-def write_verdict(ctx, args, run):
-    """The boot-time history, result.json (the converging commands and assert), JUnit,
-    the summary line and the command's footer."""
-    result, command = run.result, run.command
-    note_boot_times(ctx, result, run.rs.name if run.rs else None)
-    writes_result = command in (*CONVERGING_COMMANDS, "assert")
-    run.report = finish_result(
-        ctx,
-        result,
-        run.rs if writes_result else None,
-        getattr(args, "junit", None),
-        stream=sys.stdout if writes_result else sys.stderr,
-        strategy=run.strategy,
-    )
-    if command == "bench":
-        sys.stdout.write(format_bench_table(result))
-    if command == "loop":
-        print(f"integration-vm: {closing_lines(result)['loop']}", file=sys.stderr)
-
-
-# ---- the phases: each takes (ctx, args, run) and raises on failure -------------------
-
-
-def phase_prepare(ctx, args, run):
-    """Every check that can fail before anything is created (prepare)."""
-    run.profile, run.certs = prepare(ctx, args, run.command)
-    run.result["certs"] = run.certs
-
-
-def phase_retire_loop_vms(ctx, args, run):
-    retire_loop_vms(ctx, run.profile["name"])
-
-
-def phase_reuse_loop_vm(ctx, args, run):
-    """loop: the edit goes onto the VM the last loop left when it can (reuse_loop_vm);
-    any other loop VM of the profile is torn down, as the gate does."""
-    reuse_loop_vm(ctx, args, run)
-
-
-def phase_provision(ctx, args, run):
-    """A new VM: image, accel, network, slot, then a resumed checkpoint or a cold boot
-    (nothing to do for a loop that reuses the last loop's VM)."""
-    if run.reused:
-        return
-    provision(ctx, args, run)
-    run.result["host"] = run.rs.data["host"]
-
-
-def phase_attach(ctx, args, run):
-    """The live run this command acts on (--run, or the host's only one): its state,
-    command log and its accelerator's bounds."""
-    rs = select_run(ctx, args.run, args.host, live="required")
-    if rs.data.get("state") != "up":
-        raise UsageError(f"run {rs.name} is {rs.data.get('state')}, not up")
-    run.attach(rs)
-    run.bounds = stage_bounds(rs.data.get("accel"), ctx.settings)
-    run.result["host"] = rs.data["host"]
-
-
-def phase_apply(ctx, args, run):
-    apply(ctx, run.rs, run.profile, run.certs, result=run.result)
-
-
-def phase_from_ref(ctx, args, run):
-    """--from REF (day 2): resolve REF (exit 2 when it is not a commit or lacks the
-    profile), then check it out in a worktree and load REF's own profile."""
-    host, frm = run.profile["name"], run.options.from_ref
-    if frm is None and getattr(args, "from_ref", None):
-        frm = resolve_from_ref(ctx, args.from_ref, host)
-    if frm is None:
-        return
-    run.day2 = DayTwo(frm, host, git_repo=run.options.git_repo)
-    run.result["from_ref"] = run.day2.frm.as_json()
-    run.day2.open(ctx, f"{run.profile['name']}-{os.getpid()}")
-
-
-def phase_converge(ctx, args, run):
-    """The playbooks from the first step this VM has not applied (a resumed checkpoint's),
-    each followed by its checkpoint when the run keeps them. Day 2: REF's playbooks that
-    way (REF's chain), then the working tree's on top."""
-    after_step = checkpoint_after_apply(ctx, run)
-    start = run.rs.data.get("applied_steps", 0)
-    if run.day2 is None:
-        apply(
-            ctx,
-            run.rs,
-            run.profile,
-            run.certs,
-            result=run.result,
-            start=start,
-            after_step=after_step,
-            start_why="on the last loop's VM, its inputs unchanged" if run.reused else None,
-        )
-        return
-    apply_from_ref(ctx, run.rs, run.day2, run.certs, run.result, after_step)
-    upgrade(ctx, run.rs, run.profile, run.certs, run.result, run.day2)
-
-
-def phase_verify_live(ctx, args, run):
-    """The verify right after the applies, before any reboot: a host broken live fails
-    here ("dead live"), one the reboot breaks fails the verify after it ("dies on reboot")."""
-    if run.command in GATE_COMMANDS and args.no_reboot:
-        return  # no reboot: the one verify is the live one
-    run_assert(ctx, run.rs, run.profile, run.certs, run.result, stage=LIVE_VERIFY)
-
-
-def phase_reboots(ctx, args, run):
-    """Each reboot mode the command runs (loop: one graceful; reboot: the first; the gate:
-    all, unless --no-reboot), each proved and diffed against the capture before it."""
-    command, result, rs = run.command, run.result, run.rs
-    if command in GATE_COMMANDS and args.no_reboot:
-        return
-    modes = [args.reboot] if args.reboot else run.profile["reboot"]
-    result["reboot_modes"] = (
-        ["graceful"] if command == "loop" else modes[:1] if command == "reboot" else modes
-    )
-    last = None  # the previous reboot's final capture is the next one's `before`
-    for mode in result["reboot_modes"]:
-        with timed_phase(ctx, result, f"reboot:{mode}") as entry:
-            before, after = reboot_vm(ctx, rs, mode, before=last)
-            entry["message"] = warn_reboot(result, rs.data["reboots"], rs)
-        last_reboot = rs.data["reboots"][-1]
-        stage = {
-            k: last_reboot.get(k)
-            for k in ("mode", *(key for _, key in REBOOT_STAGE_ROWS), "stop_jobs")
-        }
-        for k in ("timer_jobs", "emulator_oops"):  # only when there are some
-            if last_reboot.get(k):
-                stage[k] = last_reboot[k]
-        result.setdefault("reboot_stages", []).append(stage)
-        with timed_phase(ctx, result, f"reboot-diff:{mode}") as entry:
-            summary = reboot_diff(
-                ctx, rs, run.profile, mode, before, after, result, args.reboot_diff
-            )
-            if summary.get("warning"):
-                entry["message"] = summary["warning"]
-        last = None if summary.get("recaptured") else after
-
-
-def phase_assert(ctx, args, run):
-    run_assert(ctx, run.rs, run.profile, run.certs, run.result)
-
-
-def phase_idempotence(ctx, args, run):
-    if not args.no_idempotence and not args.no_reboot:
-        idempotence(ctx, run.rs, run.profile, run.certs, run.result)
-
-
-def phase_finish(ctx, args, run):
-    """Everything passed: the verdict, the transport timing (bench), then teardown (the
-    gate) or the kept VM's inspection help; `up` prints name and IP."""
-    command, rs = run.command, run.rs
-    run.result["verdict"] = "pass"
-    if run.options.time_transports:
-        compare_transports(ctx, rs, run.profile, run.certs, run.result)
-    if command in GATE_COMMANDS and not args.keep:
-        with timed_phase(ctx, run.result, "teardown"):
-            down_run(ctx, rs)
-    elif command in CONVERGING_COMMANDS:
-        run.result["kept"] = True
-        if command == "loop":
-            rs.data["kept_by"] = "loop"
-            rs.save()
-        kept = closing_lines(run.result, args.keep)["kept"]
-        print(inspection_help(ctx, rs, kept), file=sys.stderr, end="")
-    if command == "up":
-        print(f"{rs.name} {rs.ip}", flush=True)
-
-
-# Each command's phases, in order (a new phase is one line here: e.g. a live verify
-# after the converge and before the reboots). The gate's --no-reboot/--no-idempotence
-# are read by the phases they skip.
-_GATE_PHASES = (
-    phase_prepare,
-    phase_from_ref,
-    phase_retire_loop_vms,
-    phase_provision,
-    phase_converge,
-    phase_verify_live,
-    phase_reboots,
-    phase_assert,
-    phase_idempotence,
-    phase_finish,
-)
-SESSION_PHASES = {
-    "up": (phase_prepare, phase_provision, phase_finish),
-    "apply": (phase_prepare, phase_attach, phase_apply, phase_finish),
-    "reboot": (phase_prepare, phase_attach, phase_reboots, phase_finish),
-    "assert": (phase_prepare, phase_attach, phase_assert, phase_finish),
-    "loop": (
-        phase_prepare,
-        phase_from_ref,
-        phase_reuse_loop_vm,
-        phase_provision,
-        phase_converge,
-        phase_verify_live,
-        phase_reboots,
-        phase_assert,
-        phase_finish,
-    ),
-    "cycle": _GATE_PHASES,
-    "bench": _GATE_PHASES,
-}
-
-
-def expected_failure(result, stage):
-    """Whether a VerifyFailed at `stage` is the one --expect-fail[=STAGE] names (verify by
-    default; a family name like `apply` covers `apply:site.yml`)."""
-    want = result.get("expect_fail")
-    return bool(want) and stage is not None and want in (stage, stage.split(":")[0])
-
-
-def apply_expect_fail(result, exit_code):
-    """--expect-fail: the named stage failing is a pass; a pass is a failure; a failure
-    at another stage stays one."""
-    want = result.get("expect_fail")
-    if not want or exit_code not in (EXIT_PASS, EXIT_VERIFY):
-        return exit_code
-    if exit_code == EXIT_VERIFY and expected_failure(result, result.get("failed_stage")):
-        return EXIT_PASS
-    print(f"integration-vm: {closing_lines(result)['expect']}", file=sys.stderr)
-    return EXIT_VERIFY
-
-
-def teardown_or_keep(ctx, args, command, result, rs, teardown):
-    """Tear down what this invocation created (never raises), or keep it and say how to
-    inspect it."""
-    if rs is None:
-        return
-    if teardown and command in CREATING_COMMANDS and not getattr(args, "keep", False):
-        try:
-            with timed_phase(ctx, result, "teardown"):
-                down_run(ctx, rs)
-        except Exception as e:  # report, never mask the verdict
-            result["teardown_error"] = str(e)
-            print(
-                f"integration-vm: warning: teardown of {rs.name} incomplete: {e}", file=sys.stderr
-            )
-        return
-    result["kept"] = True
-    if command == "loop":  # a red loop's VM is where the next loop's fix goes
-        rs.data["kept_by"] = "loop"
-        rs.save()
-    kept = closing_lines(result, getattr(args, "keep", False))["kept"]
-    print(inspection_help(ctx, rs, kept), file=sys.stderr, end="")
-
-
-@dataclasses.dataclass(frozen=True)
-class FailurePolicy:
-    verdict: str  # result.json's verdict
-    diagnostics: bool  # collect them (when a run exists)
-    end: str  # the run's VM: "destroy" what this invocation created (unless --keep),
-    #           "keep" it for inspection, or "leave" it as it is without a word
-    exit_code: int  # (its words: closing_lines)
-
-
-# How a session ends, by failure kind. A VerifyFailed at the stage --expect-fail names
-# is destroyed like a pass; an interrupt announces its teardown (the operator waits).
-# fmt: off
-FAILURE_POLICY = {
-    #                          verdict        diagnostics  the VM     exit code
-    "verify":    FailurePolicy("fail",        True,        "keep",    EXIT_VERIFY),
-    "infra":     FailurePolicy("error",       True,        "destroy", EXIT_INFRA),
-    "usage":     FailurePolicy("error",       False,       "leave",   EXIT_USAGE),
-    "interrupt": FailurePolicy("interrupted", False,       "destroy", EXIT_INTERRUPTED),
-}
-# fmt: on
-ERROR_KINDS = {EXIT_INFRA: "infra", EXIT_USAGE: "usage"}  # a HarnessError's, by exit code
-
-
-def on_failure(ctx, args, run, kind, e):
-    """FAILURE_POLICY[kind] applied to the run: result.json's verdict and failed stage,
-    one line, then diagnostics and teardown-or-keep as the table says. Its exit code."""
-    _ignore_signals()
-    policy, result, rs = FAILURE_POLICY[kind], run.result, run.rs
-    stage = e.stage if e is not None else _current_phase(result)
-    msg = getattr(e, "msg", str(e)) if e is not None else "interrupted"
-    result.update(verdict=policy.verdict, failed_stage=stage, message=msg)
-    if kind == "verify":
-        result["failures"] = e.failed_tasks
-        result["story"] = story_of(result)
-    lead = "\n" if kind == "interrupt" else ""  # after ^C the terminal's line is not empty
-    print(f"{lead}integration-vm: {closing_lines(result)['verdict']}", file=sys.stderr)
-    if rs is None or policy.end == "leave":
-        return policy.exit_code
-    if policy.diagnostics:
-        reason = f"{stage}: {msg}" if kind == "verify" else str(e)
-        result["diagnostics"] = str(collect_diagnostics(ctx, rs, reason))
-    destroy = policy.end == "destroy" or expected_failure(result, stage)
-    if kind == "interrupt" and run.creates and not args.keep:
-        progress(ctx, "teardown", f"tearing down {rs.name}")
-    teardown_or_keep(ctx, args, run.command, result, rs, destroy)
-    return policy.exit_code
-
-
-def as_harness_error(e, result):
-    """An exception as the HarnessError the policy handles: an unexpected one (OSError,
-    ValueError, ...) is an infrastructure error of the stage that was running."""
-    if isinstance(e, HarnessError):
-        return e
-    failed = [p["name"] for p in result["phase_details"] if p["status"] == "error"]
-    stage = failed[-1] if failed else "session"
-    what = (
-        f"{e.strerror}: {e.filename}"
-        if isinstance(e, OSError) and e.strerror and e.filename
-        else (str(e).splitlines() or [""])[0]
-    )
-    return InfraError(stage, f"unexpected {type(e).__name__}: {what}")
-
-
-def check_junit(path):
-    """--junit FILE: its directory must exist and be writable now, not after a cycle."""
-    if not path:
-        return
-    f = pathlib.Path(path)
-    parent = f.parent if str(f.parent) else pathlib.Path(".")
-    if f.is_dir() or not parent.is_dir() or not os.access(parent, os.W_OK | os.X_OK):
-        raise UsageError(
-            f"--junit {path}: not a writable file path (its directory must exist and be writable)"
-        )
-
-
-def prepare(ctx, args, command):
-    """All validation that can fail before anything is created."""
-    check_junit(getattr(args, "junit", None))
-    host = args.host
-    if host is None and command in ("apply", "assert", "reboot"):
-        rs = select_run(ctx, args.run, None, live="required")
-        host = rs.data["host"]
-        args.host = host
-    profile = load_profile(host, ctx.repo / "tests" / "integration" / "profiles", ctx.repo)
-    certs = args.certs
-    if certs is None and command in ("apply", "assert", "reboot") and args.host:
-        try:
-            certs = select_run(ctx, args.run, host, live="required").data.get("certs")
-        except UsageError:
-            certs = None
-    certs = certs or "internal"
-    if certs == PROD_TIER and not args.allow_prod_certs:
-        raise UsageError(
-            f"--certs {PROD_TIER} uses the production DNS token and the real "
-            "zone; pass --allow-prod-certs to confirm"
-        )
-    if not (ctx.repo / "tests" / "integration" / "certs" / f"{certs}.yml").is_file():
-        raise UsageError(f"cert tier file tests/integration/certs/{certs}.yml does not exist")
-    if certs in REAL_SECRET_TIERS and command in ("apply", *CREATING_COMMANDS):
-        # Before anything is created: these tiers need the real Gandi token.
-        r = run([str(ctx.repo / "scripts" / "vault-password.sh")], timeout=30)
-        if r.returncode != 0 or not r.stdout.strip():
-            why = (r.stderr.strip().splitlines() or ["no password printed"])[-1]
-            raise UsageError(
-                f"--certs {certs} needs the production vault password "
-                f"(scripts/vault-password.sh: {why})"
-            )
-    if command != "reboot" and command != "up":
-        check_ansible(ctx)
-    cached = (ctx.cache / "images" / current_image_key(ctx) / "manifest.json").is_file()
-    check_tools(ctx, tools_for(command, image_source(ctx), need_build=not cached))
-    check_libvirt(ctx)
-    return profile, certs
-
-
-def provision(ctx, args, run):
-    """image -> accel -> network -> guarded create -> boot (or a resumed checkpoint)."""
-    profile, certs, result = run.profile, run.certs, run.result
-    cached = (ctx.cache / "images" / current_image_key(ctx) / "manifest.json").is_file()
-    check_guards(ctx, profile, need_image=not cached, count_vms=not cached)  # before a build
-    if run.options.cold_image:
-        # The benchmark measures both: a forced rebuild (cold) and the cache hit (warm).
-        with timed_phase(ctx, result, "image:cold"):
-            ensure_image(ctx, force=True)
-    with timed_phase(ctx, result, "image"):
-        image = ensure_image(ctx)
-        if not image.built:
-            progress(ctx, "image", f"cached {image.dir}")
-    accel = choose_accel(ctx, image)
-    result["accel"] = accel
-    run.bounds = stage_bounds(accel, ctx.settings)
-    run.acquire_slot(ctx)  # held until the session ends, after its teardown
-    if certs in REAL_SECRET_TIERS and checkpoints_enabled(ctx, args):
-        progress(
-            ctx,
-            "checkpoint",
-            f"off: --certs {certs} puts the real Gandi token in the "
-            "guest's memory, which a checkpoint would keep on disk",
-        )
-    elif run.command in CONVERGING_COMMANDS and checkpoints_enabled(ctx, args):
-        day2 = run.day2  # a day-2 run resumes REF's chain (its keys hash REF's files)
-        run.checkpoint_chain = (
-            checkpoint_chain(day2.ref_ctx(ctx), day2.profile, certs, image.key, accel)
-            if day2
-            else checkpoint_chain(ctx, profile, certs, image.key, accel)
-        )
-        result["checkpoints"] = chain_record(run.checkpoint_chain)
-        if run.options.fresh_checkpoints:  # a cold benchmark starts with none of its own
-            gc_checkpoints(ctx, profile["name"], keep=())
-        ensure_network(ctx)  # a restore needs it active too (a fresh libvirtd has not started it)
-        if try_resume(ctx, run) is not None:
-            return run.rs
-    with timed_phase(ctx, result, "boot"):
-        ensure_network(ctx)
-        with file_lock(ctx, ctx.cache / "lock", "up"):
-            check_guards(ctx, profile, need_image=False)  # authoritative, under the lock
-            t0 = time.monotonic()
-            create_run(ctx, profile, certs, accel, image, run)
-            note_span(ctx, "create-vm", t0)
-        run.rs.data["lineage"] = run_lineage(run)
-        panic = boot(ctx, run.rs, image)
-        if panic:
-            result["first_boot_panic"] = panic
-        record_applied(run.rs, run.applied_chain, 0)
-    result["boot_stages"] = run.rs.data.get("boot_stages", {})
-    if run.checkpoint_chain:
-        _, key, _ = run.checkpoint_chain[0]
-        take_checkpoint(ctx, run.rs, "booted", key, None, result)
-    return run.rs
-
-
-def try_resume(ctx, run):
-    """Resume the newest valid checkpoint of run.checkpoint_chain; None -> boot cold.
-    The chain it reads is claimed first (claim_dir: no gc removes it) until the session
-    ends. A checkpoint that fails to come back (an InfraError, or an OSError: a file gone
-    mid-resume) is a warning and the run boots cold instead."""
-    chain, result = run.checkpoint_chain, run.result
-    keys = [k for _, k, _ in chain]
-    # Claimed before they are judged: from here no other run's gc removes them (one the
-    # gc holds is being removed, so not valid here). Held until the session ends.
-    claims = {k: claim_dir(checkpoint_dir(ctx, k), shared=True) for k in keys}
-    manifests = {k: load_checkpoint(ctx, k) if claims[k] else None for k in keys}
-    best = newest_valid_checkpoint(
-        [(st, k) for st, k, _ in chain], lambda k: manifests[k] is not None
-    )
-    used = keys[: keys.index(best[1]) + 1] if best else []  # the disk chain this run reads
-    for k, claim in claims.items():
-        if claim is not None and k in used:
-            run.claims.append(claim)
-        elif claim is not None:
-            claim.close()
-    if best is None:
-        progress(ctx, "resume", "no valid checkpoint for these inputs: cold boot")
-        return None
-    stage, key = best
-    manifest, keys = manifests[key], used
-    with timed_phase(ctx, result, "resume") as entry:
-        why = None
-        try:
-            with file_lock(ctx, ctx.cache / "lock", "up"):
-                check_guards(ctx, run.profile, need_image=False)
-                if virsh(ctx, "domstate", manifest["domain"]).returncode == 0:
-                    why = f"checkpoint {stage} is in use (domain {manifest['domain']} exists)"
-                else:
-                    rs = resume_run(ctx, run.profile, run.certs, manifest, keys, run)
-        except (InfraError, OSError) as e:  # an OSError too: a file gone mid-resume
-            if isinstance(e, InfraError) and e.stage == "guard":
-                raise
-            why = f"checkpoint {stage} did not resume ({e})"
-            if run.rs is not None:
-                down_run(ctx, run.rs)
-                run.rs = None  # its command log stays the log until the cold boot's
-            result["resume_error"] = str(e)
-        if why:
-            # Not an error of this run: it boots cold. JUnit shows the phase as skipped.
-            entry.update(status="skipped", message=f"{why}: cold boot")
-            if "resume_error" in result:  # it failed: a warning, not only progress
-                print(f"integration-vm: warning: {why}: cold boot", file=sys.stderr)
-            else:
-                progress(ctx, "resume", f"{why}: cold boot")
-            return None
-    rs.data["lineage"] = run_lineage(run)
-    steps = 0 if stage == "booted" else int(stage.split("-")[1])
-    record_applied(rs, run.applied_chain, steps)
-    result["resumed_from"] = rs.data["resumed_from"]
-    result["boot_stages"] = rs.data.get("boot_stages", {})
-    return rs
-
-
-def loop_vms(ctx, host):
-    """The VMs quick loops of `host` left up, oldest first."""
-    kept = [
-        rs
-        for rs in list_runs(ctx)
-        if rs.data.get("host") == host
-        and rs.data.get("kept_by") == "loop"
-        and rs.data.get("state") != "down"
-    ]
-    return sorted(kept, key=lambda rs: rs.data.get("created_at") or "")
-
-
-def claimed_loop_vms(ctx, host):
-    """loop_vms that no other session is using, as [(rs, Claim)], oldest first: each
-    claimed (its run dir, claim_dir) before it is looked at, then read again, so two
-    sessions started together never take, nor tear down, the same VM (issue 27). A VM
-    another session holds (a loop applying onto it) is left alone, with one line."""
-    claims = {}
-    for rs in loop_vms(ctx, host):
-        claim = claim_dir(rs.dir)
-        if claim is None:
-            progress(ctx, "loop", f"leaving {rs.name} alone: another session is using it")
-        else:
-            claims[rs.name] = claim
-    mine = [(rs, claims.pop(rs.name)) for rs in loop_vms(ctx, host) if rs.name in claims]
-    for claim in claims.values():  # taken or torn down between the two looks
-        claim.close()
-    return mine
-
-
-def reuse_refusal(ctx, run, rs, chain):
-    """Why the last loop's VM cannot take this loop's edit, or None. It can when it
-    started where this run would (same golden image, profile shape, cert tier, a fresh
-    lineage: the same booted key) and records what it applied."""
-    keys = rs.data.get("applied_keys")
-    if run.day2 is not None:
-        return "a --from loop starts from REF's checkpoint"
-    if rs.data.get("lineage", FRESH_LINEAGE) != FRESH_LINEAGE:
-        return f"it converged a {rs.data['lineage']} run"
-    if rs.data.get("certs") != run.certs:
-        return f"it runs --certs {rs.data.get('certs')}, this loop --certs {run.certs}"
-    if not keys or chain is None:
-        return "what it applied is not recorded (--no-checkpoints, or a real-secret tier)"
-    if rs.data.get("image_key") != current_image_key(ctx):
-        return "the golden image's inputs changed since it booted"
-    if keys[0] != chain[0][1]:
-        return "the profile's VM (memory, vCPUs) or the accelerator changed since it booted"
-    return None
-
-
-def loop_vm_silence(ctx, rs):
-    """Why the last loop's VM does not answer over SSH within the reuse-ssh bound, or
-    None. Retried, not one attempt: a refusal costs a restore and every re-apply, and
-    one attempt was once not enough (a 2026-11-30 CI run refused a VM that had just
-    passed; its reason was not kept, hence result.json's reuse_refused)."""
-    try:
-        wait_ssh(ctx, rs, stage="reuse-ssh")
-    except InfraError as e:
-        return f"it does not answer over SSH ({e.msg})"
-    return None
-
-
-def reuse_loop_vm(ctx, args, run):
-    """A quick loop applies its edit to the VM the last loop left, re-applying only the
-    playbooks from the first one whose inputs changed since that VM applied them (the
-    checkpoint chain's keys, compared with run.json's applied_keys), as one iterates on
-    a dev box: no restore, no apt install already done. What it applies onto is the last
-    loop's state, not a fresh one: the gate (cycle) still starts fresh. --fresh, a VM
-    that cannot take the edit (reuse_refusal) or does not answer: torn down, and this
-    run resumes a checkpoint. Sets run.reused."""
-    host = run.profile["name"]
-    kept = claimed_loop_vms(ctx, host)
-    last = kept.pop() if kept and not getattr(args, "fresh", False) else None
-    for rs, claim in kept:  # every other one (all of them with --fresh)
-        with claim:
-            retire_loop_vm(ctx, rs)
-    if last is None:
-        return
-    last, claim = last
-    run.claims.append(claim)  # this session's until it ends, kept or torn down
-    chain = None
-    if run.certs not in REAL_SECRET_TIERS and checkpoints_enabled(ctx, args):
-        chain = checkpoint_chain(
-            ctx, run.profile, run.certs, last.data.get("image_key"), last.data.get("accel")
-        )
-    why = reuse_refusal(ctx, run, last, chain)
-    if why is None:
-        run.bounds = stage_bounds(last.data.get("accel"), ctx.settings)
-        why = loop_vm_silence(ctx, last)
-    if why is not None:
-        progress(ctx, "loop", f"not reusing the previous quick loop's VM {last.name}: {why}")
-        run.result["reuse_refused"] = {"run": last.name, "why": why}
-        retire_loop_vm(ctx, last)
-        return
-    keys = last.data["applied_keys"]
-    same = 0
-    while same + 1 < len(keys) and same + 1 < len(chain) and keys[same + 1] == chain[same + 1][1]:
-        same += 1
-    run.acquire_slot(ctx)
-    run.attach(last)
-    run.reused = True
-    run.checkpoint_chain = chain
-    last.data["kept_by"] = None  # this session's now; phase_finish keeps it again
-    record_applied(last, chain, same)
-    steps = [s["playbook"] for s in run.profile["applies"]]
-    run.result.update(
-        host=host,
-        accel=last.data.get("accel"),
-        reused_vm={"run": last.name, "kept": steps[:same], "reapplied": steps[same:]},
-        checkpoints=chain_record(chain),
-    )
-    progress(
-        ctx,
-        "loop",
-        f"applying the edit onto the previous quick loop's VM {last.name}: "
-        + (f"re-applying {', '.join(steps[same:])}" if steps[same:] else "nothing to re-apply")
-        + (f" ({', '.join(steps[:same])} unchanged)" if same else ""),
-    )
-
-
-def retire_loop_vms(ctx, host):
-    """A quick loop leaves its VM up for inspection until the next run of the profile:
-    that run tears it down first (it holds the checkpoint's domain name and the VM slot).
-    Only runs a loop kept; a --keep/KEEP=1 VM is the operator's and stays, and so does
-    one another session is using (claimed_loop_vms)."""
-    for rs, claim in claimed_loop_vms(ctx, host):
-        with claim:
-            retire_loop_vm(ctx, rs)
-
-
-def retire_loop_vm(ctx, rs):
-    progress(ctx, "loop", f"tearing down the previous quick loop's VM {rs.name}")
-    down_run(ctx, rs)
-
-
-# --------------------------------------------------------------------------------------
-# Report: report.html, one self-contained page per run (issue 28)
+# Report: report.html, one self-contained page per run (issue 28), and the bench's tables
 # --------------------------------------------------------------------------------------
 # Built only from the run's own records (result.json, the reboot captures, the logs, the
 # console), so `report RUN_DIR` rebuilds it from a run dir or a diagnostics bundle. Every
 # text that comes from the guest or the playbooks is stripped of control characters,
-# bounded (its tail kept) and escaped; the page has no script and loads nothing.
+# bounded (its tail kept) and escaped; the page has no script and loads nothing. The
+# bench's tables (one run's phases, its legs side by side) come last.
 
 REPORT_NAME = "report.html"
 REPORT_TEXT_MAX = 2000  # characters of one message, line or cell kept (its tail)
@@ -8223,12 +7028,6 @@ def cmd_report(ctx, args):
     return EXIT_PASS
 
 
-# --------------------------------------------------------------------------------------
-# Commands: one cmd_* per subcommand that is not a plain session, and the bench
-# --------------------------------------------------------------------------------------
-# cmd_image, cmd_down, cmd_prune, cmd_status, cmd_console, cmd_doctor; cmd_bench composes
-# sessions (cold, loop, warm) and compares them with the targets.
-
 # issue 13's targets on TCG: the ratios are of the same bench run's cold cycle.
 BENCH_TARGETS = {"loop": 0.25, "warm": 0.5, "transport": 4}
 BENCH_FAMILIES = (
@@ -8245,15 +7044,6 @@ BENCH_FAMILIES = (
     "idempotence",
     "transport",
     "teardown",
-)
-
-
-REBOOT_STAGE_ROWS = (
-    ("powered-off", "seconds_to_off"),  # graceful only: the guest's own shutdown
-    ("loader", "seconds_to_loader"),
-    ("kernel", "seconds_to_kernel"),
-    ("ssh", "seconds_to_ssh"),
-    ("system-running", "seconds_to_running"),
 )
 
 
@@ -8381,6 +7171,1317 @@ def cycle_seconds(result):
     return (result.get("total_seconds") or 0.0) - extra
 
 
+# --------------------------------------------------------------------------------------
+# Session: preflight, phases, the failure policy, result.json and JUnit
+# --------------------------------------------------------------------------------------
+# A session is one command's life: preflight guards (tools, RAM, disk, VM slot), its phase
+# list, and one policy for each way it can end (diagnostics? keep or destroy? exit code).
+
+# The end-of-run checkpoint gc waits this long for checkpoints.lock, then skips (another
+# run writing a checkpoint holds it for minutes; the next run's gc does the work).
+END_GC_LOCK_WAIT = 5.0
+
+
+@dataclasses.dataclass(frozen=True)
+class SessionOptions:
+    """What a caller composing sessions (cmd_bench) changes about one, decided before it
+    starts; a plain command runs with the defaults."""
+
+    cold_image: bool = False  # rebuild the golden image first, timed as image:cold
+    fresh_checkpoints: bool = False  # remove this profile's checkpoints before resuming
+    gc_outdated: bool = True  # after the run, remove checkpoints these inputs cannot resume
+    time_transports: bool = False  # time linear vs Mitogen on the VM before teardown
+    strategy: dict = None  # a strategy_choice() already resolved in this process
+    from_ref: object = None  # a FromRef resolved by the caller (bench), instead of --from
+    git_repo: pathlib.Path = None  # ... and the repository its worktree comes from
+
+
+@dataclasses.dataclass(eq=False)
+class Run:
+    """One session's run (cockpit's and the NixOS driver's `Machine` are the models): the
+    command and its options, the profile and cert tier it runs, its RunState once created
+    or selected (run.json), its VM slot lock, its result (result.json), its stage bounds,
+    command log, checkpoint chain and resolved Ansible strategy."""
+
+    command: str = "session"
+    options: SessionOptions = SessionOptions()
+    result: dict = dataclasses.field(default_factory=dict)
+    profile: dict = None
+    certs: str = None
+    rs: object = None  # a RunState
+    slot: object = None  # the open vm-slot-N.lock, held from define to teardown
+    claims: list = dataclasses.field(default_factory=list)  # Claims held to the end
+    bounds: dict = dataclasses.field(default_factory=dict)
+    cmdlog: pathlib.Path = None
+    checkpoint_chain: list = None  # [(stage, key, detail)] when this run uses checkpoints
+    strategy: dict = None  # strategy_choice(), resolved once (resolve_strategy)
+    day2: object = None  # a DayTwo: --from REF's ref, worktree and profile
+    reused: bool = False  # loop: its VM is the one the last loop left (reuse_loop_vm)
+    exit_code: int = None
+    reported: bool = False  # result.json and the summary line written (end_session)
+    report: pathlib.Path = None  # its report.html (end_session)
+
+    def attach(self, rs):
+        """This run's state from now on: its command log, and what a failure tears down."""
+        self.rs = rs
+        self.cmdlog = rs.dir / "logs" / "commands.log" if rs is not None else None
+
+    @property
+    def applied_chain(self):
+        """The chain whose keys say what this run's VM has applied (record_applied), or
+        None: a day-2 run applies the working tree on top of REF's chain."""
+        return None if self.day2 else self.checkpoint_chain
+
+    @property
+    def creates(self):
+        return self.command in CREATING_COMMANDS
+
+    def acquire_slot(self, ctx):
+        """Hold one of BOMA_IT_MAX_VMS slot locks from before the domain is defined to the
+        end of the session (its teardown included): two sessions can never both be
+        between define and teardown beyond the limit. Busy -> InfraError('guard') at once."""
+        for i in range(ctx.max_vms):
+            fh = open_lock_file(owned_path(ctx.cache, f"vm-slot-{i}.lock"))
+            try:
+                fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                fh.close()
+                continue
+            self.slot = fh
+            return
+        raise InfraError(
+            "guard",
+            f"refusing to start: another run holds the VM slot "
+            f"(BOMA_IT_MAX_VMS={ctx.max_vms}, all slots busy)",
+        )
+
+    def release_slot(self):
+        if self.slot is not None:
+            self.slot.close()
+            self.slot = None
+
+    def release_claims(self):
+        """The checkpoints and the loop VM this session claimed (claim_dir) are free."""
+        while self.claims:
+            self.claims.pop().close()
+
+
+TOOL_PACKAGES = {
+    "virsh": "libvirt-clients",
+    "virt-install": "virt-install (bookworm: virtinst)",
+    "qemu-img": "qemu-utils",
+    "cloud-localds": "cloud-image-utils",
+    "ssh": "openssh-client",
+    "ssh-keygen": "openssh-client",
+    "mmdebstrap": "mmdebstrap",
+    "mkfs.ext4": "e2fsprogs",
+    "qemu-system-x86_64": "qemu-system-x86",
+    "ansible-playbook": "make venv",
+}
+
+
+def tools_for(command, image_source, need_build=True):
+    tools = ["virsh"] if command != "image" else []
+    if command in CREATING_COMMANDS:
+        tools += ["virt-install", "qemu-img", "cloud-localds", "ssh", "ssh-keygen"]
+    if command in (*CREATING_COMMANDS, "image") and image_source == "build" and need_build:
+        tools += ["mmdebstrap", "mkfs.ext4", "qemu-img"]
+    if command in ("apply", "reboot", "assert"):
+        tools += ["ssh"]
+    return list(dict.fromkeys(tools))
+
+
+def check_tools(ctx, tools):
+    path = ctx.environ.get("PATH")
+    for t in tools:
+        if shutil.which(t, path=path) is None:
+            raise InfraError(
+                "tools",
+                f"required tool {t!r} not found on PATH (install {TOOL_PACKAGES.get(t, t)})",
+            )
+
+
+def check_ansible(ctx):
+    pb = find_ansible_playbook(ctx)
+    if shutil.which(pb, path=ctx.environ.get("PATH")) is None and not os.access(pb, os.X_OK):
+        raise InfraError(
+            "tools", "ansible-playbook not found (set BOMA_IT_ANSIBLE_PLAYBOOK or run `make venv`)"
+        )
+    return pb
+
+
+def check_libvirt(ctx):
+    r = virsh(ctx, "uri", timeout=min(ctx.bounds["virsh"], 30))
+    if r.returncode != 0:
+        lines = (
+            r.stderr.strip() or r.stdout.strip() or ("timed out" if r.timed_out else "no output")
+        ).splitlines()
+        raise InfraError("libvirt", f"libvirtd not reachable at {ctx.uri}: {lines[0]}")
+
+
+def read_meminfo(ctx):
+    try:
+        return ctx.path_env("BOMA_IT_MEMINFO").read_text()
+    except OSError:
+        return ""
+
+
+def free_mib(meminfo_text):
+    m = re.search(r"^MemAvailable:\s+(\d+)\s+kB", meminfo_text, re.MULTILINE)
+    return int(m.group(1)) // 1024 if m else 0
+
+
+def ram_guard(ctx, mem_mib):
+    """(ok, detail) of the RAM guard, for check_guards and doctor alike."""
+    avail = free_mib(read_meminfo(ctx))
+    floor = ctx.settings["BOMA_IT_RAM_FLOOR_MIB"]
+    return avail - mem_mib >= floor, (
+        f"MemAvailable {avail} MiB minus the VM's {mem_mib} MiB "
+        f"must leave {floor} MiB (BOMA_IT_RAM_FLOOR_MIB)"
+    )
+
+
+def disk_guard(ctx, need_image):
+    """(ok, detail) of the free-disk guard under the cache, for check_guards and doctor."""
+    free = shutil.disk_usage(ctx.cache).free // (1024 * 1024)
+    need = ctx.settings["BOMA_IT_MIN_DISK_MIB"]
+    if need is None:
+        need = MIN_DISK_MIB_RUN + (MIN_DISK_MIB_IMAGE if need_image else 0)
+    return free >= need, f"{free} MiB free under {ctx.cache}, need {need} MiB"
+
+
+def check_guards(ctx, profile, need_image, count_vms=True):
+    """RAM, the one-VM slot (count_vms: every domain the harness owns, shut off or not;
+    authoritative only under the lock, with the run's slot held), and disk.
+    Raises InfraError('guard', ...)."""
+    ok, detail = ram_guard(ctx, profile["mem_mib"])
+    if not ok:
+        raise InfraError("guard", f"refusing to start: {detail}")
+    owned = sorted(owned_domains(ctx)) if count_vms else []
+    if len(owned) >= ctx.max_vms:
+        raise InfraError(
+            "guard",
+            f"refusing to start: {len(owned)} harness VM(s) already "
+            f"running or defined ({', '.join(owned)}); BOMA_IT_MAX_VMS="
+            f"{ctx.max_vms}. Tear it down with `integration-vm down --run NAME` "
+            "or `make test-integration-clean`",
+        )
+    ctx.cache.mkdir(parents=True, exist_ok=True)
+    ok, detail = disk_guard(ctx, need_image)
+    if not ok:
+        raise InfraError("guard", f"refusing to start: {detail}")
+
+
+@dataclasses.dataclass
+class ResultRecord(JsonRecord):
+    """result.json (schema 1), what .ci/run, the bench tables and the runbook read.
+    `phases` maps a phase family (image, boot, apply, reboot, verify, idempotence,
+    teardown) to seconds; `phase_details` keeps each step (apply:site.yml, reboot:hard
+    ...) with its status; `failures` are the failing verify (or idempotence) task names;
+    `failed_stage` names where a non-pass stopped."""
+
+    command: str
+    schema: int = 1
+    verdict: str = None  # pass | fail | error | interrupted
+    exit_code: int = None
+    failed_stage: str = None
+    message: str = ""
+    host: str = None
+    vm: str = None  # the run's name
+    ip: str = None
+    accel: str = None
+    certs: str = None
+    reboot_modes: list = dataclasses.field(default_factory=list)
+    reboot_diffs: list = dataclasses.field(default_factory=list)
+    phases: dict = dataclasses.field(default_factory=dict)
+    phase_details: list = dataclasses.field(default_factory=list)
+    failures: list = dataclasses.field(default_factory=list)
+    verify_tasks: list = dataclasses.field(default_factory=list)  # after the reboots
+    verify_live_tasks: list = dataclasses.field(default_factory=list)  # before them
+    story: str = None  # a red run's: "dead live" | "dies on reboot" | "upgrade fails"
+    from_ref: dict = None  # --from: {ref, commit, tree}
+    upgrade: dict = None  # --from: {from, to, changed, changed_tasks}
+    idempotence: dict = None
+    diagnostics: str = None
+    run_dir: str = None
+    started_at: str = None
+    finished_at: str = None
+    total_seconds: float = None
+    kept: bool = False
+    expect_fail: object = False  # False, or the stage --expect-fail names
+    domain: str = None  # the libvirt domain (a resumed run's is its checkpoint's)
+    ansible_strategy: dict = None  # the strategy_choice() its applies used
+    boot_stages: dict = None
+    reboot_stages: list = None  # each reboot's seconds to ssh and to running
+    warnings: list = None  # slow-boot warnings
+    checkpoints: dict = None  # {"chain": [{stage, key, ...}]}
+    resumed_from: dict = None
+    reused_vm: dict = None  # loop: {run, kept, reapplied} when it reused the last loop's VM
+    reuse_refused: dict = None  # loop: {run, why} when the last loop's VM could not take it
+    first_boot_panic: str = None  # the panic line of a first boot that was started again
+    resume_error: str = None
+    transport: dict = None  # bench: linear vs Mitogen figures
+    teardown_error: str = None
+    commit: dict = None  # the working tree's {commit, dirty} (None: not a git checkout)
+    timeline: list = None  # spans [{phase, what, who: harness|guest, at, seconds}]
+    extra: dict = dataclasses.field(default_factory=dict, repr=False)
+
+    ABSENT_WHEN_NONE = frozenset(
+        {
+            "domain",
+            "ansible_strategy",
+            "boot_stages",
+            "reboot_stages",
+            "warnings",
+            "checkpoints",
+            "resumed_from",
+            "reused_vm",
+            "reuse_refused",
+            "first_boot_panic",
+            "resume_error",
+            "transport",
+            "teardown_error",
+            "commit",
+            "timeline",
+            "from_ref",
+            "upgrade",
+        }
+    )
+
+
+def new_result(command, host=None):
+    """A fresh result.json as the dict a session's phases fill in (ResultRecord's
+    fields; finish_result writes it back through ResultRecord)."""
+    return ResultRecord(command=command, host=host).to_json()
+
+
+def format_summary(result):
+    verdict = (result.get("verdict") or "error").upper()
+    if result.get("expect_fail"):
+        verdict += (
+            " (expected fail)"
+            if result.get("verdict") == "fail" and result.get("exit_code") == EXIT_PASS
+            else f" (expected FAIL at {result['expect_fail']})"
+        )
+    head = f"integration-vm: {verdict}"
+    if result.get("verdict") in ("error", "fail", "interrupted") and result.get("failed_stage"):
+        head += f"[{result['failed_stage']}]"
+    parts = [
+        head,
+        result.get("host") or "-",
+        result.get("vm") or "-",
+        f"accel={result.get('accel') or '-'}",
+        f"total={round(result.get('total_seconds') or 0)}s",
+    ]
+    totals = phase_totals(result.get("phase_details", []))
+    if totals:
+        parts.append("(" + ", ".join(f"{k} {round(v)}s" for k, v in totals.items()) + ")")
+    if result.get("story"):  # last: the fields before it keep their positions
+        parts.append(f"— {result['story']}")
+    return " ".join(parts)
+
+
+# What XML 1.0 cannot carry at all, escaped or not (C0 controls but tab/LF/CR, lone
+# surrogates, U+FFFE/U+FFFF): one such character from a guest's console and CI cannot
+# parse the whole report.
+_XML_FORBIDDEN = re.compile("[\x00-\x08\x0b\x0c\x0e-\x1f\ud800-\udfff\ufffe\uffff]")
+JUNIT_TEXT_MAX = 64 * 1024  # characters of one message or body (guest output is unbounded)
+
+
+def xml_text(value, limit=JUNIT_TEXT_MAX):
+    """`value` as text XML can carry: forbidden characters dropped, at most `limit`
+    characters (the head, then a note of what was cut). Escaping is the caller's."""
+    text = _XML_FORBIDDEN.sub("", str(value if value is not None else ""))
+    if len(text) > limit:
+        text = text[:limit] + f"\n[... {len(text) - limit} more characters cut]"
+    return text
+
+
+def render_junit(result):
+    """JUnit XML: one testcase per phase and per verify task. Every text is xml_text()."""
+    suite = xml_text(f"integration-vm.{result.get('host') or 'unknown'}", 200)
+    cases = [
+        (xml_text(name, 500), secs, status, xml_text(msg, 300), xml_text(body))
+        for name, secs, status, msg, body in _junit_cases(result)
+    ]
+    failures = sum(1 for c in cases if c[2] == "fail")
+    errors = sum(1 for c in cases if c[2] in ("error", "interrupted"))
+    skipped = sum(1 for c in cases if c[2] == "skipped")
+    out = [
+        '<?xml version="1.0" encoding="UTF-8"?>',
+        f'<testsuites name="integration-vm" tests="{len(cases)}" failures="{failures}" '
+        f'errors="{errors}" time="{result.get("total_seconds") or 0:.3f}">',
+        f'  <testsuite name={_xml_quoteattr(suite)} tests="{len(cases)}" '
+        f'failures="{failures}" errors="{errors}" skipped="{skipped}" '
+        f'time="{result.get("total_seconds") or 0:.3f}">',
+    ]
+    for name, secs, status, msg, body in cases:
+        head = (
+            f"    <testcase classname={_xml_quoteattr(suite)} name={_xml_quoteattr(name)} "
+            f'time="{secs:.3f}"'
+        )
+        if status == "pass" and not msg:
+            out.append(head + "/>")
+            continue
+        out.append(head + ">")
+        if status == "pass":  # a passing case with a note (e.g. --reboot-diff=warn)
+            out.append(f"      <system-out>{_xml_escape(body)}</system-out>")
+        else:
+            tag = {"fail": "failure", "skipped": "skipped"}.get(status, "error")
+            out.append(
+                f"      <{tag} message={_xml_quoteattr(msg[:300] or status)}>"
+                f"{_xml_escape(body)}</{tag}>"
+            )
+        out.append("    </testcase>")
+    out += ["  </testsuite>", "</testsuites>"]
+    return "\n".join(out) + "\n"
+
+
+def _junit_cases(result):
+    """render_junit's cases [(name, seconds, status, message, body)]: the phases, the
+    verify tasks, and one error case when the run ended in error with none recorded."""
+    cases = []
+    for p in result.get("phase_details", []):
+        cases.append(
+            (
+                p["name"],
+                p["seconds"],
+                p["status"],
+                p.get("message", ""),
+                p.get("detail") or p.get("message", ""),
+            )
+        )
+    for stage, key in VERIFY_TASK_KEYS.items():
+        for t in result.get(key, []):
+            st = (
+                "fail"
+                if t["status"] == "failed"
+                else ("skipped" if t["status"] == "skipped" else "pass")
+            )
+            msg = t.get("message", "")
+            cases.append((f"{stage}: {t['name']}", 0.0, st, msg, msg))
+    if result.get("verdict") in ("error", "interrupted") and not any(
+        c[2] in ("error", "fail") for c in cases
+    ):
+        cases.append(
+            (
+                result.get("failed_stage") or "harness",
+                0.0,
+                "error",
+                result.get("message", ""),
+                result.get("message", ""),
+            )
+        )
+    return cases
+
+
+def _current_phase(result):
+    running = [p["name"] for p in result["phase_details"] if p["status"] == "interrupted"]
+    return running[-1] if running else "interrupted"
+
+
+# ---- the closing lines: the words a run ends with -----------------------------------------
+# Decided here only (issue 30), from result.json's fields: the command, the verdict, the
+# stage that failed and why the VM stays up. docs/runbooks/integration-testing.md ("The
+# closing lines") quotes each; tests/driver/test_session.py ends a session every way.
+# fmt: off
+FAILED_STAGE_WORDS = {
+    # the failed stage's family  its line ({story}: " (dead live)" ...; {msg}: the error's)
+    "apply":             "apply failed{story}: {msg}",
+    "from":              "apply of {ref} (--from) failed: {msg}",
+    "upgrade":           "apply failed{story}: {msg}",  # the working tree on top of REF
+    "reboot-diff":       "reboot diff found differences: {msg}",
+    "verify":            "verify failed{story}: {msg}",  # verify:live too
+    "idempotence":       "idempotence changed {changed} on the re-apply after the reboot: "
+                         "{tasks}",
+    "idempotence-apply": "idempotence re-apply failed: {msg}",
+}
+KEPT_WORDS = {
+    # why the VM stays up  the head of its inspection help
+    "failure":   "kept for inspection",
+    "loop-red":  "kept for inspection; the next loop applies your fix onto it",
+    "next-loop": "kept for the next loop",
+    "keep":      "kept (--keep)",
+    "not-ours":  "left up (this command did not create it)",
+}
+LOOP_VM_WORDS = {
+    # the loop's VM          how the loop's last line ends
+    "kept":                " The VM stays up at this state until the next loop, cycle or "
+                           "`make test-integration-clean`.",
+    "torn down":           " Its VM was torn down.",
+    "teardown incomplete": " Its VM's teardown was incomplete: `make test-integration-clean`.",
+    None:                  "",  # no VM (a guard refused the loop), or one left as it was
+}
+# fmt: on
+LOOP_NOT_THE_GATE = (
+    "a quick loop has one graceful reboot, no power cut and no idempotence pass. This is "
+    "NOT the gate: `make test-integration HOST={host}` (cycle) must pass before the change "
+    "is done.{vm}"
+)
+
+
+def stage_family(stage):
+    """A failed stage's FAILED_STAGE_WORDS key: apply:site.yml -> apply, verify:live ->
+    verify; idempotence:site.yml (the idempotence pass's apply itself failed) ->
+    idempotence-apply."""
+    family, _, step = (stage or "").partition(":")
+    return "idempotence-apply" if family == "idempotence" and step else family
+
+
+def kept_reason(command, verdict, keep):
+    """Why a run's VM stays up: its KEPT_WORDS key."""
+    if verdict == "pass":  # only a loop, or --keep, keeps a passing run's VM
+        return "next-loop" if command == "loop" else "keep"
+    if verdict == "interrupted":  # a creating command tears down unless --keep
+        return "keep" if keep and command in CREATING_COMMANDS else "not-ours"
+    return "loop-red" if command == "loop" else "failure"
+
+
+def verdict_words(result):
+    """The line a run that did not pass says first: the stage that failed, in words."""
+    verdict, stage, msg = result.get("verdict"), result.get("failed_stage"), result.get("message")
+    if verdict == "interrupted":
+        return (
+            f"interrupted during {stage}" if stage not in (None, "interrupted") else "interrupted"
+        )
+    if verdict == "error":  # an error's stage leads its message, as the InfraError reads
+        return f"error: {msg}" if stage in (None, "usage") else f"error: {stage}: {msg}"
+    if verdict != "fail":
+        return None
+    idem = result.get("idempotence") or {}
+    changed = idem.get("changed", 0)
+    return FAILED_STAGE_WORDS.get(stage_family(stage), "{stage} failed: {msg}").format(
+        stage=stage,
+        msg=msg,
+        story=f" ({result['story']})" if result.get("story") else "",
+        ref=(result.get("from_ref") or {}).get("ref") or "REF",
+        changed=f"{changed} task{'' if changed == 1 else 's'}",
+        tasks=", ".join(idem.get("changed_tasks") or result.get("failures") or ["?"]),
+    )
+
+
+def expect_words(result):
+    """--expect-fail's line, when the run did not fail where it names."""
+    want, stage = result.get("expect_fail"), result.get("failed_stage")
+    if want and result.get("verdict") == "pass":
+        return f"{want} PASSED but --expect-fail={want} was given"
+    if want and result.get("verdict") == "fail" and not expected_failure(result, stage):
+        return f"failed at {stage}, not at the expected stage {want} (--expect-fail)"
+    return None
+
+
+def loop_vm_fate(result):
+    """What became of a loop's VM: a LOOP_VM_WORDS key."""
+    if result.get("kept"):
+        return "kept"
+    teardown = [p for p in result.get("phase_details", []) if p["name"] == "teardown"]
+    if teardown:
+        return "torn down" if teardown[-1]["status"] == "pass" else "teardown incomplete"
+    return None
+
+
+def closing_lines(result, keep=False):
+    """The words of a run's closing lines, each after "integration-vm: ", from its
+    result.json fields and --keep (None: the run has no such line), in the order they
+    come: `verdict` (a run that did not pass), `kept` (the head of the kept VM's
+    inspection help), `expect` (--expect-fail's), `loop` (the quick loop's last line,
+    after the summary line format_summary writes)."""
+    command, verdict = result.get("command"), result.get("verdict")
+    loop = None
+    if command == "loop":
+        vm = LOOP_VM_WORDS[loop_vm_fate(result)]
+        loop = LOOP_NOT_THE_GATE.format(host=result.get("host") or "<host>", vm=vm)
+    return {
+        "verdict": verdict_words(result),
+        "kept": KEPT_WORDS[kept_reason(command, verdict, keep)] if result.get("kept") else None,
+        "expect": expect_words(result),
+        "loop": loop,
+    }
+
+
+def inspection_help(ctx, rs, kept):
+    """The kept VM's inspection help; `kept` says why it stays up (closing_lines)."""
+    # Under scripts/it-run's sandbox the VM is only reachable inside its namespace.
+    netns = ctx.settings["BOMA_IT_NETNS"]
+    prefix = f"ip netns exec {netns} " if netns else ""
+    ssh_cmd = shlex.join(ssh_argv(rs.dir, rs.domain, rs.ip or "<ip>", "", port=ctx.ssh_port)[:-1])
+    return (
+        f"integration-vm: VM {rs.domain} (run {rs.name}) {kept}:\n"
+        f"  console log:  {rs.console_log}\n"
+        f"  serial:       {prefix}virsh --connect {ctx.uri} console {rs.domain}\n"
+        f"  ssh:          {prefix}{ssh_cmd}\n"
+        f"  diagnostics:  {rs.diag_dir}\n"
+        f"  clean up:     scripts/integration-vm.py down --run {rs.name}   "
+        f"(or: make test-integration-clean)\n"
+    )
+
+
+def finish_result(ctx, result, rs, junit=None, stream=None, strategy=None):
+    """result.json and report.html (with a run), JUnit, the summary line -> the report's
+    path or None."""
+    report = None
+    result["finished_at"] = now_iso()
+    result["total_seconds"] = round(time.monotonic() - ctx.t0, 1)
+    result["phases"] = {k: round(v, 1) for k, v in phase_totals(result["phase_details"]).items()}
+    if strategy is not None:
+        result["ansible_strategy"] = strategy
+    if rs is not None:
+        result.update(
+            vm=rs.name, domain=rs.domain, ip=rs.ip, accel=rs.record.accel, run_dir=str(rs.dir)
+        )
+        try:
+            record = ResultRecord.from_json(result, strict=True).to_json()
+            text = json.dumps(record, indent=2, sort_keys=True) + "\n"
+            rs.dir.mkdir(parents=True, exist_ok=True)
+            write_owned(rs.dir / "result.json", text)
+            rs.diag_dir.mkdir(parents=True, exist_ok=True)
+            write_owned(rs.diag_dir / "result.json", text)
+        except (OSError, ValueError, HarnessError) as e:
+            print(f"integration-vm: warning: could not write result.json: {e}", file=sys.stderr)
+        report = write_run_reports(rs)
+    if junit:
+        try:
+            pathlib.Path(junit).write_text(render_junit(result))
+        except OSError as e:
+            print(f"integration-vm: warning: could not write {junit}: {e}", file=sys.stderr)
+    print(format_summary(result), file=stream or sys.stdout, flush=True)
+    return report
+
+
+def _ignore_signals():
+    """While diagnostics/teardown run, a second Ctrl-C must not abort them. A Python
+    handler (not SIG_IGN, which children would inherit across exec) keeps the processes
+    we start killable."""
+
+    def note(signum, frame):
+        print("integration-vm: cleaning up, please wait", file=sys.stderr, flush=True)
+
+    for s in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(s, note)
+
+
+def session(ctx, args, command, options=None):
+    """Run a command's phases (SESSION_PHASES) and end it by FAILURE_POLICY; the exit
+    code. A success of cycle/bench tears down (unless --keep)."""
+    return run_session(ctx, args, command, options).exit_code
+
+
+def run_session(ctx, args, command, options=None):
+    """One session as a Run (what cmd_bench composes): its phases, the policy for how they
+    ended, then result.json, JUnit and the summary line. Returns the Run."""
+    options = options or SessionOptions()
+    result = new_result(command, args.host)
+    result["started_at"] = now_iso()
+    result["certs"] = args.certs
+    result["expect_fail"] = args.expect_fail or False
+    run = Run(
+        command=command,
+        options=options,
+        result=result,
+        bounds=dict(ctx.default_bounds),
+        strategy=options.strategy,
+    )
+    ctx = dataclasses.replace(ctx, run=run)  # the process's context, bound to this run
+    if shutil.which("git", path=ctx.environ.get("PATH")) and (ctx.repo / ".git").exists():
+        result["commit"] = working_tree_commit(ctx)  # what the report names
+    try:
+        run.exit_code = apply_expect_fail(result, run_phases(ctx, args, run))
+        result["exit_code"] = run.exit_code
+        if run.exit_code == EXIT_USAGE and run.rs is None:
+            return run  # bad input: the one error line says it all, nothing ran
+        end_session(ctx, args, run)
+        run.reported = True
+        return run
+    finally:  # REF's worktree goes, whatever happened (end_session: after the verdict)
+        if run.day2 is not None:
+            run.day2.close(ctx)
+
+
+def run_phases(ctx, args, run):
+    """The command's phases in order; the first failure is classified and handled by
+    on_failure. The VM slot is released last, after any teardown."""
+    try:
+        try:
+            for phase in SESSION_PHASES[run.command]:
+                phase(ctx, args, run)
+        except VerifyFailed as e:
+            return on_failure(ctx, args, run, "verify", e)
+        except KeyboardInterrupt:
+            return on_failure(ctx, args, run, "interrupt", None)
+        except Exception as e:  # every error takes the same road
+            e = as_harness_error(e, run.result)
+            return on_failure(ctx, args, run, ERROR_KINDS.get(e.exit_code, "infra"), e)
+        return EXIT_PASS
+    finally:
+        if run.rs is not None:  # a kept VM keeps no SSH process of ours either
+            run.rs.close_ssh()
+        flush_command_log(run.cmdlog)
+        run.release_slot()
+        run.release_claims()
+
+
+def end_session(ctx, args, run):
+    """After the verdict: the verdict written (write_verdict) with interrupts held back,
+    then the end-of-run work (REF's worktree removed, the checkpoint gc), bounded; an
+    interrupt there cuts it short and leaves the verdict, and its exit code, as written
+    (issue 27). run_session removes the worktree if this did not."""
+    try:
+        with _signals_deferred():
+            write_verdict(ctx, args, run)
+        if run.day2 is not None:  # REF's worktree (and git's record of it) goes
+            run.day2.close(ctx)
+        gc_after_run(ctx, run)
+    except KeyboardInterrupt:
+        print(
+            "\nintegration-vm: interrupted after the verdict: checkpoint cleanup skipped "
+            "(the next run's does it)",
+            file=sys.stderr,
+        )
+    if run.report is not None:  # the run's last line (stdout's last stays the summary)
+        sys.stdout.flush()
+        print(f"report: {run.report}", file=sys.stderr, flush=True)
+
+
+def gc_after_run(ctx, run):
+    """One chain per profile: what these inputs can no longer resume goes. Optional
+    work: its lock is waited for END_GC_LOCK_WAIT at most (another run writing a
+    checkpoint holds it for minutes), then skipped with one line."""
+    if not (run.checkpoint_chain and run.options.gc_outdated):
+        return
+    try:
+        gone = gc_checkpoints(
+            ctx,
+            run.result.get("host"),
+            keep=[k for _, k, _ in run.checkpoint_chain],
+            lineage=run_lineage(run),
+            wait=END_GC_LOCK_WAIT,
+        )
+        if gone:
+            progress(ctx, "checkpoint", f"removed {len(gone)} outdated checkpoint(s)")
+    except LockBusy as e:
+        print(
+            f"integration-vm: checkpoint cleanup skipped: another run holds {e.path} "
+            "(the next run's cleanup does it)",
+            file=sys.stderr,
+        )
+    except Exception as e:  # a cleanup must not change the verdict
+        print(f"integration-vm: warning: checkpoint cleanup: {e}", file=sys.stderr)
+
+
+def write_verdict(ctx, args, run):
+    """The boot-time history, result.json (the converging commands and assert), JUnit,
+    the summary line and the command's footer."""
+    result, command = run.result, run.command
+    note_boot_times(ctx, result, run.rs.name if run.rs else None)
+    writes_result = command in (*CONVERGING_COMMANDS, "assert")
+    run.report = finish_result(
+        ctx,
+        result,
+        run.rs if writes_result else None,
+        args.junit,
+        stream=sys.stdout if writes_result else sys.stderr,
+        strategy=run.strategy,
+    )
+    if command == "bench":
+        sys.stdout.write(format_bench_table(result))
+    if command == "loop":
+        print(f"integration-vm: {closing_lines(result)['loop']}", file=sys.stderr)
+
+
+# ---- the phases: each takes (ctx, args, run) and raises on failure -------------------
+
+
+def phase_prepare(ctx, args, run):
+    """Every check that can fail before anything is created (prepare)."""
+    run.profile, run.certs = prepare(ctx, args, run.command)
+    run.result["certs"] = run.certs
+
+
+def phase_retire_loop_vms(ctx, args, run):
+    retire_loop_vms(ctx, run.profile["name"])
+
+
+def phase_reuse_loop_vm(ctx, args, run):
+    """loop: the edit goes onto the VM the last loop left when it can (reuse_loop_vm);
+    any other loop VM of the profile is torn down, as the gate does."""
+    reuse_loop_vm(ctx, args, run)
+
+
+def phase_provision(ctx, args, run):
+    """A new VM: image, accel, network, slot, then a resumed checkpoint or a cold boot
+    (nothing to do for a loop that reuses the last loop's VM)."""
+    if run.reused:
+        return
+    provision(ctx, args, run)
+    run.result["host"] = run.rs.record.host
+
+
+def phase_attach(ctx, args, run):
+    """The live run this command acts on (--run, or the host's only one): its state,
+    command log and its accelerator's bounds."""
+    rs = select_run(ctx, args.run, run.profile["name"], live="required")
+    if rs.record.state != "up":
+        raise UsageError(f"run {rs.name} is {rs.record.state}, not up")
+    run.attach(rs)
+    run.bounds = stage_bounds(rs.record.accel, ctx.settings)
+    run.result["host"] = rs.record.host
+
+
+def phase_apply(ctx, args, run):
+    apply(ctx, run.rs, run.profile, run.certs, result=run.result)
+
+
+def phase_from_ref(ctx, args, run):
+    """--from REF (day 2): resolve REF (exit 2 when it is not a commit or lacks the
+    profile), then check it out in a worktree and load REF's own profile."""
+    host, frm = run.profile["name"], run.options.from_ref
+    if frm is None and args.from_ref:
+        frm = resolve_from_ref(ctx, args.from_ref, host)
+    if frm is None:
+        return
+    run.day2 = DayTwo(frm, host, git_repo=run.options.git_repo)
+    run.result["from_ref"] = run.day2.frm.as_json()
+    run.day2.open(ctx, f"{run.profile['name']}-{os.getpid()}")
+
+
+def phase_converge(ctx, args, run):
+    """The playbooks from the first step this VM has not applied (a resumed checkpoint's),
+    each followed by its checkpoint when the run keeps them. Day 2: REF's playbooks that
+    way (REF's chain), then the working tree's on top."""
+    after_step = checkpoint_after_apply(ctx, run)
+    start = run.rs.record.applied_steps or 0
+    if run.day2 is None:
+        apply(
+            ctx,
+            run.rs,
+            run.profile,
+            run.certs,
+            result=run.result,
+            start=start,
+            after_step=after_step,
+            start_why="on the last loop's VM, its inputs unchanged" if run.reused else None,
+        )
+        return
+    apply_from_ref(ctx, run.rs, run.day2, run.certs, run.result, after_step)
+    upgrade(ctx, run.rs, run.profile, run.certs, run.result, run.day2)
+
+
+def phase_verify_live(ctx, args, run):
+    """The verify right after the applies, before any reboot: a host broken live fails
+    here ("dead live"), one the reboot breaks fails the verify after it ("dies on reboot")."""
+    if run.command in GATE_COMMANDS and args.no_reboot:
+        return  # no reboot: the one verify is the live one
+    run_assert(ctx, run.rs, run.profile, run.certs, run.result, stage=LIVE_VERIFY)
+
+
+def phase_reboots(ctx, args, run):
+    """Each reboot mode the command runs (loop: one graceful; reboot: the first; the gate:
+    all, unless --no-reboot), each proved and diffed against the capture before it."""
+    command, result, rs = run.command, run.result, run.rs
+    if command in GATE_COMMANDS and args.no_reboot:
+        return
+    modes = [args.reboot] if args.reboot else run.profile["reboot"]
+    result["reboot_modes"] = (
+        ["graceful"] if command == "loop" else modes[:1] if command == "reboot" else modes
+    )
+    last = None  # the previous reboot's final capture is the next one's `before`
+    for mode in result["reboot_modes"]:
+        with timed_phase(ctx, result, f"reboot:{mode}") as entry:
+            before, after = Machine(ctx, rs).reboot(mode, before=last)
+            entry["message"] = warn_reboot(result, rs.record.reboots, rs)
+        last_reboot = rs.record.reboots[-1]
+        stage = {
+            k: last_reboot.get(k)
+            for k in ("mode", *(key for _, key in REBOOT_STAGE_ROWS), "stop_jobs")
+        }
+        for k in ("timer_jobs", "emulator_oops"):  # only when there are some
+            if last_reboot.get(k):
+                stage[k] = last_reboot[k]
+        result.setdefault("reboot_stages", []).append(stage)
+        with timed_phase(ctx, result, f"reboot-diff:{mode}") as entry:
+            summary = reboot_diff(
+                ctx, rs, run.profile, mode, before, after, result, args.reboot_diff
+            )
+            if summary.get("warning"):
+                entry["message"] = summary["warning"]
+        last = None if summary.get("recaptured") else after
+
+
+def phase_assert(ctx, args, run):
+    run_assert(ctx, run.rs, run.profile, run.certs, run.result)
+
+
+def phase_idempotence(ctx, args, run):
+    if not args.no_idempotence and not args.no_reboot:
+        idempotence(ctx, run.rs, run.profile, run.certs, run.result)
+
+
+def phase_finish(ctx, args, run):
+    """Everything passed: the verdict, the transport timing (bench), then teardown (the
+    gate) or the kept VM's inspection help; `up` prints name and IP."""
+    command, rs = run.command, run.rs
+    run.result["verdict"] = "pass"
+    if run.options.time_transports:
+        compare_transports(ctx, rs, run.profile, run.certs, run.result)
+    if command in GATE_COMMANDS and not args.keep:
+        with timed_phase(ctx, run.result, "teardown"):
+            Machine(ctx, rs).destroy()
+    elif command in CONVERGING_COMMANDS:
+        run.result["kept"] = True
+        if command == "loop":
+            rs.record.kept_by = "loop"
+            rs.save()
+        kept = closing_lines(run.result, args.keep)["kept"]
+        print(inspection_help(ctx, rs, kept), file=sys.stderr, end="")
+    if command == "up":
+        print(f"{rs.name} {rs.ip}", flush=True)
+
+
+# Each command's phases, in order (a new phase is one line here: e.g. a live verify
+# after the converge and before the reboots). The gate's --no-reboot/--no-idempotence
+# are read by the phases they skip.
+_GATE_PHASES = (
+    phase_prepare,
+    phase_from_ref,
+    phase_retire_loop_vms,
+    phase_provision,
+    phase_converge,
+    phase_verify_live,
+    phase_reboots,
+    phase_assert,
+    phase_idempotence,
+    phase_finish,
+)
+SESSION_PHASES = {
+    "up": (phase_prepare, phase_provision, phase_finish),
+    "apply": (phase_prepare, phase_attach, phase_apply, phase_finish),
+    "reboot": (phase_prepare, phase_attach, phase_reboots, phase_finish),
+    "assert": (phase_prepare, phase_attach, phase_assert, phase_finish),
+    "loop": (
+        phase_prepare,
+        phase_from_ref,
+        phase_reuse_loop_vm,
+        phase_provision,
+        phase_converge,
+        phase_verify_live,
+        phase_reboots,
+        phase_assert,
+        phase_finish,
+    ),
+    "cycle": _GATE_PHASES,
+    "bench": _GATE_PHASES,
+}
+
+
+def expected_failure(result, stage):
+    """Whether a VerifyFailed at `stage` is the one --expect-fail[=STAGE] names (verify by
+    default; a family name like `apply` covers `apply:site.yml`)."""
+    want = result.get("expect_fail")
+    return bool(want) and stage is not None and want in (stage, stage.split(":")[0])
+
+
+def apply_expect_fail(result, exit_code):
+    """--expect-fail: the named stage failing is a pass; a pass is a failure; a failure
+    at another stage stays one."""
+    want = result.get("expect_fail")
+    if not want or exit_code not in (EXIT_PASS, EXIT_VERIFY):
+        return exit_code
+    if exit_code == EXIT_VERIFY and expected_failure(result, result.get("failed_stage")):
+        return EXIT_PASS
+    print(f"integration-vm: {closing_lines(result)['expect']}", file=sys.stderr)
+    return EXIT_VERIFY
+
+
+def teardown_or_keep(ctx, args, command, result, rs, teardown):
+    """Tear down what this invocation created (never raises), or keep it and say how to
+    inspect it."""
+    if rs is None:
+        return
+    if teardown and command in CREATING_COMMANDS and not args.keep:
+        try:
+            with timed_phase(ctx, result, "teardown"):
+                Machine(ctx, rs).destroy()
+        except Exception as e:  # report, never mask the verdict
+            result["teardown_error"] = str(e)
+            print(
+                f"integration-vm: warning: teardown of {rs.name} incomplete: {e}", file=sys.stderr
+            )
+        return
+    result["kept"] = True
+    if command == "loop":  # a red loop's VM is where the next loop's fix goes
+        rs.record.kept_by = "loop"
+        rs.save()
+    kept = closing_lines(result, args.keep)["kept"]
+    print(inspection_help(ctx, rs, kept), file=sys.stderr, end="")
+
+
+@dataclasses.dataclass(frozen=True)
+class FailurePolicy:
+    verdict: str  # result.json's verdict
+    diagnostics: bool  # collect them (when a run exists)
+    end: str  # the run's VM: "destroy" what this invocation created (unless --keep),
+    #           "keep" it for inspection, or "leave" it as it is without a word
+    exit_code: int  # (its words: closing_lines)
+
+
+# How a session ends, by failure kind. A VerifyFailed at the stage --expect-fail names
+# is destroyed like a pass; an interrupt announces its teardown (the operator waits).
+# fmt: off
+FAILURE_POLICY = {
+    #                          verdict        diagnostics  the VM     exit code
+    "verify":    FailurePolicy("fail",        True,        "keep",    EXIT_VERIFY),
+    "infra":     FailurePolicy("error",       True,        "destroy", EXIT_INFRA),
+    "usage":     FailurePolicy("error",       False,       "leave",   EXIT_USAGE),
+    "interrupt": FailurePolicy("interrupted", False,       "destroy", EXIT_INTERRUPTED),
+}
+# fmt: on
+ERROR_KINDS = {EXIT_INFRA: "infra", EXIT_USAGE: "usage"}  # a HarnessError's, by exit code
+
+
+def on_failure(ctx, args, run, kind, e):
+    """FAILURE_POLICY[kind] applied to the run: result.json's verdict and failed stage,
+    one line, then diagnostics and teardown-or-keep as the table says. Its exit code."""
+    _ignore_signals()
+    policy, result, rs = FAILURE_POLICY[kind], run.result, run.rs
+    stage = e.stage if e is not None else _current_phase(result)
+    msg = getattr(e, "msg", str(e)) if e is not None else "interrupted"
+    result.update(verdict=policy.verdict, failed_stage=stage, message=msg)
+    if kind == "verify":
+        result["failures"] = e.failed_tasks
+        result["story"] = story_of(result)
+    lead = "\n" if kind == "interrupt" else ""  # after ^C the terminal's line is not empty
+    print(f"{lead}integration-vm: {closing_lines(result)['verdict']}", file=sys.stderr)
+    if rs is None or policy.end == "leave":
+        return policy.exit_code
+    if policy.diagnostics:
+        reason = f"{stage}: {msg}" if kind == "verify" else str(e)
+        result["diagnostics"] = str(collect_diagnostics(ctx, rs, reason))
+    destroy = policy.end == "destroy" or expected_failure(result, stage)
+    if kind == "interrupt" and run.creates and not args.keep:
+        progress(ctx, "teardown", f"tearing down {rs.name}")
+    teardown_or_keep(ctx, args, run.command, result, rs, destroy)
+    return policy.exit_code
+
+
+def as_harness_error(e, result):
+    """An exception as the HarnessError the policy handles: an unexpected one (OSError,
+    ValueError, ...) is an infrastructure error of the stage that was running."""
+    if isinstance(e, HarnessError):
+        return e
+    failed = [p["name"] for p in result["phase_details"] if p["status"] == "error"]
+    stage = failed[-1] if failed else "session"
+    what = (
+        f"{e.strerror}: {e.filename}"
+        if isinstance(e, OSError) and e.strerror and e.filename
+        else (str(e).splitlines() or [""])[0]
+    )
+    return InfraError(stage, f"unexpected {type(e).__name__}: {what}")
+
+
+def check_junit(path):
+    """--junit FILE: its directory must exist and be writable now, not after a cycle."""
+    if not path:
+        return
+    f = pathlib.Path(path)
+    parent = f.parent if str(f.parent) else pathlib.Path(".")
+    if f.is_dir() or not parent.is_dir() or not os.access(parent, os.W_OK | os.X_OK):
+        raise UsageError(
+            f"--junit {path}: not a writable file path (its directory must exist and be writable)"
+        )
+
+
+def prepare(ctx, args, command):
+    """All validation that can fail before anything is created."""
+    check_junit(args.junit)
+    host = args.host
+    if host is None and command in ("apply", "assert", "reboot"):
+        rs = select_run(ctx, args.run, None, live="required")
+        host = rs.record.host
+    profile = load_profile(host, ctx.repo / "tests" / "integration" / "profiles", ctx.repo)
+    certs = args.certs
+    if certs is None and command in ("apply", "assert", "reboot") and host:
+        try:
+            certs = select_run(ctx, args.run, host, live="required").record.certs
+        except UsageError:
+            certs = None
+    certs = certs or "internal"
+    if certs == PROD_TIER and not args.allow_prod_certs:
+        raise UsageError(
+            f"--certs {PROD_TIER} uses the production DNS token and the real "
+            "zone; pass --allow-prod-certs to confirm"
+        )
+    if not (ctx.repo / "tests" / "integration" / "certs" / f"{certs}.yml").is_file():
+        raise UsageError(f"cert tier file tests/integration/certs/{certs}.yml does not exist")
+    if certs in REAL_SECRET_TIERS and command in ("apply", *CREATING_COMMANDS):
+        # Before anything is created: these tiers need the real Gandi token.
+        r = run([str(ctx.repo / "scripts" / "vault-password.sh")], timeout=30)
+        if r.returncode != 0 or not r.stdout.strip():
+            why = (r.stderr.strip().splitlines() or ["no password printed"])[-1]
+            raise UsageError(
+                f"--certs {certs} needs the production vault password "
+                f"(scripts/vault-password.sh: {why})"
+            )
+    if command != "reboot" and command != "up":
+        check_ansible(ctx)
+    cached = (ctx.cache / "images" / current_image_key(ctx) / "manifest.json").is_file()
+    check_tools(ctx, tools_for(command, image_source(ctx), need_build=not cached))
+    check_libvirt(ctx)
+    return profile, certs
+
+
+def provision(ctx, args, run):
+    """image -> accel -> network -> guarded create -> boot (or a resumed checkpoint)."""
+    profile, certs, result = run.profile, run.certs, run.result
+    cached = (ctx.cache / "images" / current_image_key(ctx) / "manifest.json").is_file()
+    check_guards(ctx, profile, need_image=not cached, count_vms=not cached)  # before a build
+    if run.options.cold_image:
+        # The benchmark measures both: a forced rebuild (cold) and the cache hit (warm).
+        with timed_phase(ctx, result, "image:cold"):
+            ensure_image(ctx, force=True)
+    with timed_phase(ctx, result, "image"):
+        image = ensure_image(ctx)
+        if not image.built:
+            progress(ctx, "image", f"cached {image.dir}")
+    accel = choose_accel(ctx, image)
+    result["accel"] = accel
+    run.bounds = stage_bounds(accel, ctx.settings)
+    run.acquire_slot(ctx)  # held until the session ends, after its teardown
+    if certs in REAL_SECRET_TIERS and checkpoints_enabled(ctx, args):
+        progress(
+            ctx,
+            "checkpoint",
+            f"off: --certs {certs} puts the real Gandi token in the "
+            "guest's memory, which a checkpoint would keep on disk",
+        )
+    elif run.command in CONVERGING_COMMANDS and checkpoints_enabled(ctx, args):
+        day2 = run.day2  # a day-2 run resumes REF's chain (its keys hash REF's files)
+        run.checkpoint_chain = (
+            checkpoint_chain(day2.ref_ctx(ctx), day2.profile, certs, image.key, accel)
+            if day2
+            else checkpoint_chain(ctx, profile, certs, image.key, accel)
+        )
+        result["checkpoints"] = chain_record(run.checkpoint_chain)
+        if run.options.fresh_checkpoints:  # a cold benchmark starts with none of its own
+            gc_checkpoints(ctx, profile["name"], keep=())
+        ensure_network(ctx)  # a restore needs it active too (a fresh libvirtd has not started it)
+        if try_resume(ctx, run) is not None:
+            return run.rs
+    with timed_phase(ctx, result, "boot"):
+        ensure_network(ctx)
+        with file_lock(ctx, ctx.cache / "lock", "up"):
+            check_guards(ctx, profile, need_image=False)  # authoritative, under the lock
+            t0 = time.monotonic()
+            create_run(ctx, profile, certs, accel, image, run)
+            note_span(ctx, "create-vm", t0)
+        run.rs.record.lineage = run_lineage(run)
+        panic = Machine(ctx, run.rs).start(image)
+        if panic:
+            result["first_boot_panic"] = panic
+        record_applied(run.rs, run.applied_chain, 0)
+    result["boot_stages"] = run.rs.record.boot_stages or {}
+    if run.checkpoint_chain:
+        _, key, _ = run.checkpoint_chain[0]
+        take_checkpoint(ctx, run.rs, "booted", key, None, result)
+    return run.rs
+
+
+def try_resume(ctx, run):
+    """Resume the newest valid checkpoint of run.checkpoint_chain; None -> boot cold.
+    The chain it reads is claimed first (claim_dir: no gc removes it) until the session
+    ends. A checkpoint that fails to come back (an InfraError, or an OSError: a file gone
+    mid-resume) is a warning and the run boots cold instead."""
+    chain, result = run.checkpoint_chain, run.result
+    keys = [k for _, k, _ in chain]
+    # Claimed before they are judged: from here no other run's gc removes them (one the
+    # gc holds is being removed, so not valid here). Held until the session ends.
+    claims = {k: claim_dir(checkpoint_dir(ctx, k), shared=True) for k in keys}
+    manifests = {k: load_checkpoint(ctx, k) if claims[k] else None for k in keys}
+    best = newest_valid_checkpoint(
+        [(st, k) for st, k, _ in chain], lambda k: manifests[k] is not None
+    )
+    used = keys[: keys.index(best[1]) + 1] if best else []  # the disk chain this run reads
+    for k, claim in claims.items():
+        if claim is not None and k in used:
+            run.claims.append(claim)
+        elif claim is not None:
+            claim.close()
+    if best is None:
+        progress(ctx, "resume", "no valid checkpoint for these inputs: cold boot")
+        return None
+    stage, key = best
+    manifest, keys = manifests[key], used
+    with timed_phase(ctx, result, "resume") as entry:
+        why = None
+        try:
+            with file_lock(ctx, ctx.cache / "lock", "up"):
+                check_guards(ctx, run.profile, need_image=False)
+                if virsh(ctx, "domstate", manifest["domain"]).returncode == 0:
+                    why = f"checkpoint {stage} is in use (domain {manifest['domain']} exists)"
+                else:
+                    rs = resume_run(ctx, run.profile, run.certs, manifest, keys, run)
+        except (InfraError, OSError) as e:  # an OSError too: a file gone mid-resume
+            if isinstance(e, InfraError) and e.stage == "guard":
+                raise
+            why = f"checkpoint {stage} did not resume ({e})"
+            if run.rs is not None:
+                Machine(ctx, run.rs).destroy()
+                run.rs = None  # its command log stays the log until the cold boot's
+            result["resume_error"] = str(e)
+        if why:
+            # Not an error of this run: it boots cold. JUnit shows the phase as skipped.
+            entry.update(status="skipped", message=f"{why}: cold boot")
+            if "resume_error" in result:  # it failed: a warning, not only progress
+                print(f"integration-vm: warning: {why}: cold boot", file=sys.stderr)
+            else:
+                progress(ctx, "resume", f"{why}: cold boot")
+            return None
+    rs.record.lineage = run_lineage(run)
+    steps = 0 if stage == "booted" else int(stage.split("-")[1])
+    record_applied(rs, run.applied_chain, steps)
+    result["resumed_from"] = rs.record.resumed_from
+    result["boot_stages"] = rs.record.boot_stages or {}
+    return rs
+
+
+def loop_vms(ctx, host):
+    """The VMs quick loops of `host` left up, oldest first."""
+    kept = [
+        rs
+        for rs in list_runs(ctx)
+        if rs.record.host == host and rs.record.kept_by == "loop" and rs.record.state != "down"
+    ]
+    return sorted(kept, key=lambda rs: rs.record.created_at or "")
+
+
+def claimed_loop_vms(ctx, host):
+    """loop_vms that no other session is using, as [(rs, Claim)], oldest first: each
+    claimed (its run dir, claim_dir) before it is looked at, then read again, so two
+    sessions started together never take, nor tear down, the same VM (issue 27). A VM
+    another session holds (a loop applying onto it) is left alone, with one line."""
+    claims = {}
+    for rs in loop_vms(ctx, host):
+        claim = claim_dir(rs.dir)
+        if claim is None:
+            progress(ctx, "loop", f"leaving {rs.name} alone: another session is using it")
+        else:
+            claims[rs.name] = claim
+    mine = [(rs, claims.pop(rs.name)) for rs in loop_vms(ctx, host) if rs.name in claims]
+    for claim in claims.values():  # taken or torn down between the two looks
+        claim.close()
+    return mine
+
+
+def reuse_refusal(ctx, run, rs, chain):
+    """Why the last loop's VM cannot take this loop's edit, or None. It can when it
+    started where this run would (same golden image, profile shape, cert tier, a fresh
+    lineage: the same booted key) and records what it applied."""
+    keys = rs.record.applied_keys
+    if run.day2 is not None:
+        return "a --from loop starts from REF's checkpoint"
+    if (rs.record.lineage or FRESH_LINEAGE) != FRESH_LINEAGE:
+        return f"it converged a {rs.record.lineage} run"
+    if rs.record.certs != run.certs:
+        return f"it runs --certs {rs.record.certs}, this loop --certs {run.certs}"
+    if not keys or chain is None:
+        return "what it applied is not recorded (--no-checkpoints, or a real-secret tier)"
+    if rs.record.image_key != current_image_key(ctx):
+        return "the golden image's inputs changed since it booted"
+    if keys[0] != chain[0][1]:
+        return "the profile's VM (memory, vCPUs) or the accelerator changed since it booted"
+    return None
+
+
+def loop_vm_silence(ctx, rs):
+    """Why the last loop's VM does not answer over SSH within the reuse-ssh bound, or
+    None. Retried, not one attempt: a refusal costs a restore and every re-apply, and
+    one attempt was once not enough (a 2026-11-30 CI run refused a VM that had just
+    passed; its reason was not kept, hence result.json's reuse_refused)."""
+    try:
+        Machine(ctx, rs).wait_ssh(stage="reuse-ssh")
+    except InfraError as e:
+        return f"it does not answer over SSH ({e.msg})"
+    return None
+
+
+def reuse_loop_vm(ctx, args, run):
+    """A quick loop applies its edit to the VM the last loop left, re-applying only the
+    playbooks from the first one whose inputs changed since that VM applied them (the
+    checkpoint chain's keys, compared with run.json's applied_keys), as one iterates on
+    a dev box: no restore, no apt install already done. What it applies onto is the last
+    loop's state, not a fresh one: the gate (cycle) still starts fresh. --fresh, a VM
+    that cannot take the edit (reuse_refusal) or does not answer: torn down, and this
+    run resumes a checkpoint. Sets run.reused."""
+    host = run.profile["name"]
+    kept = claimed_loop_vms(ctx, host)
+    last = kept.pop() if kept and not args.fresh else None
+    for rs, claim in kept:  # every other one (all of them with --fresh)
+        with claim:
+            retire_loop_vm(ctx, rs)
+    if last is None:
+        return
+    last, claim = last
+    run.claims.append(claim)  # this session's until it ends, kept or torn down
+    chain = None
+    if run.certs not in REAL_SECRET_TIERS and checkpoints_enabled(ctx, args):
+        chain = checkpoint_chain(
+            ctx, run.profile, run.certs, last.record.image_key, last.record.accel
+        )
+    why = reuse_refusal(ctx, run, last, chain)
+    if why is None:
+        run.bounds = stage_bounds(last.record.accel, ctx.settings)
+        why = loop_vm_silence(ctx, last)
+    if why is not None:
+        progress(ctx, "loop", f"not reusing the previous quick loop's VM {last.name}: {why}")
+        run.result["reuse_refused"] = {"run": last.name, "why": why}
+        retire_loop_vm(ctx, last)
+        return
+    keys = last.record.applied_keys
+    same = 0
+    while same + 1 < len(keys) and same + 1 < len(chain) and keys[same + 1] == chain[same + 1][1]:
+        same += 1
+    run.acquire_slot(ctx)
+    run.attach(last)
+    run.reused = True
+    run.checkpoint_chain = chain
+    last.record.kept_by = None  # this session's now; phase_finish keeps it again
+    record_applied(last, chain, same)
+    steps = [s["playbook"] for s in run.profile["applies"]]
+    run.result.update(
+        host=host,
+        accel=last.record.accel,
+        reused_vm={"run": last.name, "kept": steps[:same], "reapplied": steps[same:]},
+        checkpoints=chain_record(chain),
+    )
+    progress(
+        ctx,
+        "loop",
+        f"applying the edit onto the previous quick loop's VM {last.name}: "
+        + (f"re-applying {', '.join(steps[same:])}" if steps[same:] else "nothing to re-apply")
+        + (f" ({', '.join(steps[:same])} unchanged)" if same else ""),
+    )
+
+
+def retire_loop_vms(ctx, host):
+    """A quick loop leaves its VM up for inspection until the next run of the profile:
+    that run tears it down first (it holds the checkpoint's domain name and the VM slot).
+    Only runs a loop kept; a --keep/KEEP=1 VM is the operator's and stays, and so does
+    one another session is using (claimed_loop_vms)."""
+    for rs, claim in claimed_loop_vms(ctx, host):
+        with claim:
+            retire_loop_vm(ctx, rs)
+
+
+def retire_loop_vm(ctx, rs):
+    progress(ctx, "loop", f"tearing down the previous quick loop's VM {rs.name}")
+    Machine(ctx, rs).destroy()
+
+
+# --------------------------------------------------------------------------------------
+# Commands: one cmd_* per subcommand that is not a plain session, and the bench
+# --------------------------------------------------------------------------------------
+# cmd_image, cmd_down, cmd_prune, cmd_status, cmd_console, cmd_doctor; cmd_bench composes
+# sessions (cold, loop, warm) and compares them with the targets.
+
 BENCH_EDIT_SUFFIXES = (".yml", ".yaml", ".j2", ".sh", ".py", ".cfg", ".conf", ".nft", ".txt")
 BENCH_DEFAULT_EDIT = "roles/docker_host/templates/etc/nftables.d/10-docker-forward.nft.j2"
 
@@ -8462,16 +8563,14 @@ def cmd_bench(ctx, args):
         upgrade_from = resolve_from_ref(ctx, args.from_ref, args.host)
         legs.append(("upgrade", "bench"))
     progress(ctx, "bench", "cold cycle: image rebuilt, no checkpoint of this profile")
-    plain = copy.copy(args)
-    plain.from_ref = None  # the cold leg is a plain cycle; REF is the upgrade leg's
+    plain = dataclasses.replace(args, from_ref=None)  # a plain cycle; REF is the upgrade leg's
     cold = run_session(ctx, plain, "bench", BENCH_COLD)
     if cold.exit_code != EXIT_PASS:
         return cold.exit_code
     after, rc, copies = {}, cold.exit_code, []
     try:
         for phase, command in legs:
-            a = copy.copy(args)
-            a.cmd, a.from_ref = command, None
+            a = dataclasses.replace(args, cmd=command, from_ref=None)
             # The loop edits the first loop's copy (its VM is the one it goes onto); the
             # other legs get a copy and a stamp of their own: each must find the edit
             # new (same file, same invalidation), not resume another leg's checkpoint.
@@ -8536,8 +8635,8 @@ def cmd_down(ctx, args):
     if args.keep:
         print(f"integration-vm: --keep: leaving {rs.name} up")
         return EXIT_PASS
-    was = rs.data.get("state")
-    down_run(ctx, rs)
+    was = rs.record.state
+    Machine(ctx, rs).destroy()
     print(f"integration-vm: {rs.name} {'already down' if was == 'down' else 'destroyed'}")
     return EXIT_PASS
 
@@ -8596,31 +8695,19 @@ def prune_tree(tree, what, keep=(), match=None):
     return True
 
 
-def _age(iso):
-    try:
-        t = datetime.datetime.fromisoformat(iso)
-        secs = (datetime.datetime.now(datetime.UTC) - t).total_seconds()
-    except (TypeError, ValueError):
-        return "?"
-    for unit, n in (("d", 86400), ("h", 3600), ("m", 60)):
-        if secs >= n:
-            return f"{int(secs // n)}{unit}"
-    return f"{int(secs)}s"
-
-
 def cmd_status(ctx, args):
     check_tools(ctx, ["virsh"])
     check_libvirt(ctx)
     owned = owned_domains(ctx)
-    runs = {rs.domain: rs for rs in list_runs(ctx) if rs.data.get("state") != "down"}
+    runs = {rs.domain: rs for rs in list_runs(ctx) if rs.record.state != "down"}
     print(f"{'NAME':<36} {'STATE':<10} {'PROFILE':<20} {'AGE':>5}  IP")
     for name in sorted(set(owned) | set(runs)):
         meta, rs = owned.get(name, {}), runs.get(name)
-        state = meta.get("state") or (rs.data.get("state") if rs else "?")
-        if rs and name not in owned and rs.data.get("state") != "down":
+        state = meta.get("state") or (rs.record.state if rs else "?")
+        if rs and name not in owned and rs.record.state != "down":
             state = "orphan-run"
-        created = meta.get("created_at") or (rs.data.get("created_at") if rs else None)
-        profile = meta.get("profile") or (rs.data.get("host") if rs else "?")
+        created = meta.get("created_at") or (rs.record.created_at if rs else None)
+        profile = meta.get("profile") or (rs.record.host if rs else "?")
         print(
             f"{name:<36} {state:<10} {profile:<20} {_age(created):>5}  "
             f"{(rs.ip if rs else '') or '-'}"
@@ -9016,32 +9103,9 @@ def _add_command_options(sps):
     )
 
 
-def _defaults(args):
-    for k, v in (
-        ("host", None),
-        ("run", None),
-        ("certs", None),
-        ("allow_prod_certs", False),
-        ("keep", False),
-        ("no_reboot", False),
-        ("reboot", None),
-        ("no_idempotence", False),
-        ("junit", None),
-        ("expect_fail", None),
-        ("reboot_diff", "fail"),
-        ("no_checkpoints", False),
-        ("no_warm", True),
-        ("warm_edit", None),
-        ("from_ref", None),
-    ):
-        if not hasattr(args, k):
-            setattr(args, k, v)
-    return args
-
-
 def main(argv=None):
     parser = build_parser()
-    args = _defaults(parser.parse_args(argv))
+    args = Options.from_args(parser.parse_args(argv))
 
     def on_term(signum, frame):
         raise KeyboardInterrupt

@@ -402,10 +402,10 @@ def test_resolve_strategy_default_does_not_probe(tmp_path):
 
 
 def test_bad_strategy_request_is_a_usage_error():
-    args = types.SimpleNamespace(strategy=None, connect=None, accel=None)
+    args = ivm.Options()
     with pytest.raises(ivm.UsageError, match="BOMA_IT_ANSIBLE_STRATEGY"):
         ivm.ctx_from_env({"BOMA_IT_ANSIBLE_STRATEGY": "fast"}, args)
-    args.strategy = "default"  # the flag wins over a valid variable...
+    args = ivm.Options(strategy="default")  # the flag wins over a valid variable...
     assert (
         ivm.ctx_from_env({"BOMA_IT_ANSIBLE_STRATEGY": "mitogen"}, args).strategy_request
         == "default"

@@ -8,7 +8,6 @@ the saved domain's name.
 
 import json
 import pathlib
-import types
 
 import pytest
 from conftest import (
@@ -451,7 +450,7 @@ def _late_switch_profile(h):
 
 def test_a_red_shares_its_greens_booted_checkpoint_and_applies_before_its_switch(hc):
     _late_switch_profile(hc)
-    ctx = ivm.ctx_from_env(hc.env, types.SimpleNamespace())
+    ctx = ivm.ctx_from_env(hc.env, ivm.Options())
     prof = {
         h: ivm.load_profile(h, hc.repo / "tests/integration/profiles", hc.repo)
         for h in ("askari", "askari-late", "askari-regression")
@@ -489,7 +488,7 @@ def test_a_red_resumes_its_greens_checkpoint_and_gets_its_switch_on_one_apply_on
 def test_every_red_resumes_its_greens_last_checkpoint(host):
     """A RED is its GREEN's applies plus one that takes the fix away (ADR-031): after a
     GREEN, the RED resumes the GREEN's applied-2 and runs only its own last apply."""
-    ctx = ivm.ctx_from_env({}, types.SimpleNamespace())
+    ctx = ivm.ctx_from_env({}, ivm.Options())
     green, red = (
         [k for _, k, _ in ivm.checkpoint_chain(ctx, ivm.load_profile(h), "internal", "i", "tcg")]
         for h in (host, f"{host}-regression")

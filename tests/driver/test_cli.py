@@ -1,5 +1,7 @@
 """CLI: the parser, its usage errors and help text."""
 
+import argparse
+import dataclasses
 import json
 import re
 import shutil
@@ -9,7 +11,7 @@ import sys
 import time
 
 import pytest
-from conftest import ASKARI, DRIVER, assert_nothing_created, assert_one_line_error
+from conftest import ASKARI, DRIVER, assert_nothing_created, assert_one_line_error, ivm
 
 
 @pytest.mark.parametrize(
@@ -212,3 +214,18 @@ def test_a_ctrl_c_at_any_moment_of_the_start_is_one_line_and_exit_130(h, delay):
     said = [ln for ln in err.splitlines() if ln.startswith("integration-vm: ")]
     assert len(said) == 1 and said[0].startswith("integration-vm: interrupted"), err
     assert h.domains() == {}
+
+
+def test_options_declare_the_flags_of_every_subcommand_and_no_other():
+    # main() builds one frozen Options from argparse's namespace: a flag added to the
+    # parser and not to Options would fail its command at start (from_args: TypeError).
+    parser = ivm.build_parser()
+    (subparsers,) = [a for a in parser._actions if isinstance(a, argparse._SubParsersAction)]
+    dests = {"cmd"}
+    for sub in subparsers.choices.values():
+        dests |= {a.dest for a in sub._actions if a.dest != "help"}
+    assert dests == {f.name for f in dataclasses.fields(ivm.Options)}
+    options = ivm.Options.from_args(parser.parse_args(["up", "--host", "askari"]))
+    assert (options.cmd, options.host, options.no_warm) == ("up", "askari", True)
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        options.host = "other"

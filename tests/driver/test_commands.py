@@ -7,7 +7,6 @@ import re
 
 import pytest
 from conftest import (
-    _result,
     assert_nothing_created,
     assert_one_line_error,
     intact,
@@ -169,76 +168,6 @@ def test_bench_prints_table(h):
     assert "reboot to ssh" in out and "reboot to system-running" in out
 
 
-def test_format_bench_table():
-    t = ivm.format_bench_table(_result())
-    lines = t.splitlines()
-    assert lines[0].split() == ["phase", "seconds", "status", "harness"]
-    assert lines[3].split() == ["apply:site.yml", "200.0", "pass"]
-    assert lines[-2].split() == ["teardown", "2.0", "pass", "2.0"]
-    assert lines[-1].split() == ["total", "412.3", "pass", "2.0", "(0%", "of", "the", "cycle)"]
-
-
-def test_the_bench_table_shows_the_harness_own_seconds_per_phase_and_their_share():
-    """The seconds the guest did not need, per phase (result.json's timeline spans), the
-    split the report's timeline draws; the total as a share of the cycle."""
-    res = _result(total_seconds=100.0)
-    res["timeline"] = [
-        {"phase": "reboot:graceful", "what": "capture", "who": "harness", "at": 1, "seconds": 9.0},
-        {"phase": "reboot:graceful", "what": "poll-wait", "who": "harness", "at": 2, "seconds": 1},
-        {
-            "phase": "reboot:graceful",
-            "what": "reboot:graceful",
-            "who": "guest",
-            "at": 3,
-            "seconds": 9,
-        },
-    ]
-    lines = ivm.format_bench_table(res).splitlines()
-    (reboot,) = [ln for ln in lines if ln.startswith("reboot:graceful")]
-    assert reboot.split() == [
-        "reboot:graceful",
-        "28.0",
-        "pass",
-        "10.0",
-        "capture",
-        "9.0,",
-        "poll-wait",
-        "1.0",
-    ]
-    assert lines[-1].split()[3:] == ["12.0", "(12%", "of", "the", "cycle)"]
-
-
-def test_bench_comparison_table():
-    cold = {
-        "total_seconds": 500.0,
-        "phase_details": [
-            {"name": "boot", "seconds": 40.0},
-            {"name": "apply:site.yml", "seconds": 60.0},
-            {"name": "checkpoint:booted", "seconds": 8.0},
-        ],
-    }
-    warm = {
-        "total_seconds": 150.0,
-        "resumed_from": {"stage": "applied-1"},
-        "phase_details": [
-            {"name": "resume", "seconds": 5.0},
-            {"name": "apply:site.yml", "seconds": 0.0},
-        ],
-    }
-    text = ivm.format_bench_comparison(cold, warm, "roles/x/y.j2")
-    assert "resumed from applied-1" in text and "warm/cold = 0.30" in text
-    assert [ln.split()[0] for ln in text.splitlines()[2:-1]] == [
-        "boot",
-        "resume",
-        "checkpoint",
-        "apply",
-        "total",
-        "harness",
-    ]
-    (harness,) = [ln.split() for ln in text.splitlines() if ln.startswith("harness")]
-    assert harness == ["harness", "8.0", "(2%)", "0.0", "(0%)"]  # cold's checkpoint
-
-
 def test_prune_never_follows_a_symlinked_cache_tree(h):
     assert h.run("up", "--host", "askari").returncode == 0
     assert h.run("down").returncode == 0
@@ -317,36 +246,3 @@ def test_bench_runs_cold_loop_and_warm_after_the_same_edit_and_leaves_nothing(hc
     copies = set(re.findall(r" in (/\S+/boma-bench-\w+)", p.stderr))
     assert len(copies) == 2 and not [c for c in copies if pathlib.Path(c).exists()]
     assert hc.domains() == {}
-
-
-def test_bench_comparison_puts_cold_loop_and_warm_side_by_side_with_the_targets():
-    cold = {
-        "total_seconds": 700.0,
-        "transport": ivm.transport_figures({"linear": 100.0, "mitogen_linear": 20.0}),
-        "phase_details": [
-            {"name": "boot", "seconds": 40.0},
-            {"name": "apply:site.yml", "seconds": 200.0},
-            {"name": "transport:linear", "seconds": 100.0},
-            {"name": "transport:mitogen_linear", "seconds": 20.0},
-        ],
-    }
-    loop = {
-        "total_seconds": 140.0,
-        "resumed_from": {"stage": "applied-1"},
-        "phase_details": [{"name": "resume", "seconds": 9.0}],
-    }
-    warm = {
-        "total_seconds": 330.0,
-        "resumed_from": {"stage": "applied-1"},
-        "phase_details": [{"name": "resume", "seconds": 9.0}],
-    }
-    text = ivm.format_bench_comparison(cold, warm, "roles/x/y.j2", loop=loop)
-    lines = text.splitlines()
-    assert lines[1].split() == ["phase", "cold", "loop", "warm"]
-    # the cold total is the cycle's own: the transport comparison is taken out
-    assert [ln.split() for ln in lines if ln.startswith("total")] == [
-        ["total", "580.0", "140.0", "330.0"]
-    ]
-    assert "loop/cold = 0.24 (target <= 0.25) (met)" in text
-    assert "warm/cold = 0.57 (target <= 0.5) (NOT met)" in text
-    assert "linear 2.5s vs mitogen 0.5s per call = 5.0x (target >= 4) (met)" in text

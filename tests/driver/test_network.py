@@ -3,7 +3,6 @@
 import os
 import re
 import time
-import types
 
 import pytest
 from conftest import BOUNDS, assert_one_line_error, ivm
@@ -192,10 +191,8 @@ def test_the_driver_defines_the_network_on_the_configured_subnet(h):
 
 
 def test_the_subnet_is_an_input_of_the_booted_checkpoint(h):
-    ctx = ivm.ctx_from_env(h.env, types.SimpleNamespace())
-    other = ivm.ctx_from_env(
-        {**h.env, "BOMA_IT_NET_SUBNET": "10.77.5.0/24"}, types.SimpleNamespace()
-    )
+    ctx = ivm.ctx_from_env(h.env, ivm.Options())
+    other = ivm.ctx_from_env({**h.env, "BOMA_IT_NET_SUBNET": "10.77.5.0/24"}, ivm.Options())
     profile = ivm.load_profile("askari")
     keys = [ivm.checkpoint_chain(c, profile, "internal", "img", "tcg")[0][1] for c in (ctx, other)]
     assert keys[0] != keys[1]

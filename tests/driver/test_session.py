@@ -281,19 +281,6 @@ def test_result_shape_is_json_and_has_the_agreed_keys():
         assert k in r
 
 
-def test_phase_totals_group_families():
-    t = ivm.phase_totals(_result()["phase_details"])
-    assert t == {
-        "image": 0.2,
-        "boot": 31.0,
-        "apply": 250.0,
-        "reboot": 28.0,
-        "verify": 12.0,
-        "teardown": 2.0,
-    }
-    assert list(t) == ["image", "boot", "apply", "reboot", "verify", "teardown"]
-
-
 def test_format_summary_pass():
     assert ivm.format_summary(_result()) == (
         "integration-vm: PASS askari boma-it-askari-1a2b3c4d accel=tcg total=412s "
@@ -721,7 +708,7 @@ def calls(monkeypatch):
     monkeypatch.setattr(
         ivm, "collect_diagnostics", lambda ctx, rs, why: seen.append(("diag", why)) or "/d"
     )
-    monkeypatch.setattr(ivm, "down_run", lambda ctx, rs: seen.append(("down", rs.name)))
+    monkeypatch.setattr(ivm.Machine, "destroy", lambda m: seen.append(("down", m.rs.name)))
     monkeypatch.setattr(
         ivm, "inspection_help", lambda ctx, rs, kept: seen.append(("help", rs.name))
     )
@@ -735,7 +722,7 @@ def _run(command="cycle", rs=True, expect_fail=False):
     return ivm.Run(command=command, result=result, rs=state)
 
 
-ARGS = types.SimpleNamespace(keep=False)
+ARGS = ivm.Options(keep=False)
 
 
 # ---- the failure policy -----------------------------------------------------------------
@@ -782,7 +769,7 @@ def test_infra_error_destroys_what_this_invocation_created_unless_keep(tmp_path,
     assert calls == [("diag", "boot: no lease"), ("down", run.rs.name)]
     calls.clear()
     kept = _run()
-    ivm.on_failure(_ctx(tmp_path), types.SimpleNamespace(keep=True), kept, "infra", e)
+    ivm.on_failure(_ctx(tmp_path), ivm.Options(keep=True), kept, "infra", e)
     assert calls == [("diag", "boot: no lease"), ("help", kept.rs.name)]
     calls.clear()
     theirs = _run("apply")  # apply acts on a VM another invocation created: kept
@@ -847,8 +834,8 @@ def test_a_session_runs_its_phases_on_one_run_and_ends_by_the_policy(tmp_path, c
     monkeypatch.setitem(ivm.SESSION_PHASES, "up", (first, second, never))
     monkeypatch.setattr(ivm, "note_boot_times", lambda *a: None)
     # the VM slot is held until after the teardown
-    monkeypatch.setattr(ivm, "down_run", lambda ctx, rs: seen.append(("down", slot.closed)))
-    args = types.SimpleNamespace(keep=False, host="askari", junit=None)
+    monkeypatch.setattr(ivm.Machine, "destroy", lambda m: seen.append(("down", slot.closed)))
+    args = ivm.Options(keep=False, host="askari")
     run = ivm.run_session(ctx, args, "up")
     assert seen == ["first", ("down", False)] and slot.closed
     assert run.exit_code == ivm.EXIT_INFRA and run.reported
@@ -862,7 +849,7 @@ def test_a_usage_error_before_anything_exists_writes_no_summary(tmp_path, monkey
 
     monkeypatch.setattr(ivm, "_ignore_signals", lambda: None)
     monkeypatch.setitem(ivm.SESSION_PHASES, "up", (bad,))
-    args = types.SimpleNamespace(keep=False, host="nope", junit=None)
+    args = ivm.Options(keep=False, host="nope")
     assert ivm.session(_ctx(tmp_path), args, "up") == ivm.EXIT_USAGE
     out = capsys.readouterr()
     assert out.out == "" and out.err == "integration-vm: error: no such host\n"
@@ -886,7 +873,7 @@ def test_attaching_a_run_state_moves_the_command_log(tmp_path):
     assert ctx.cmdlog is None and ctx.bounds == {}
     run = ivm.Run(bounds={"virsh": 5.0})
     ctx = dataclasses.replace(ctx, run=run)
-    run.attach(ivm.RunState(ctx, {"name": "boma-it-askari-0123abcd"}))
+    run.attach(ivm.RunState(ctx, ivm.RunRecord("boma-it-askari-0123abcd", None)))
     assert ctx.cmdlog == tmp_path / ".run" / "boma-it-askari-0123abcd" / "logs" / "commands.log"
     assert ctx.bounds == {"virsh": 5.0}
 
@@ -932,7 +919,7 @@ def test_a_record_round_trips_an_older_harness_fields_but_refuses_its_own_typos(
 
 def test_result_json_is_written_through_its_schema(tmp_path, capsys):
     ctx = _ctx(tmp_path)
-    rs = ivm.RunState(ctx, {"name": "boma-it-askari-0123abcd", "host": "askari"})
+    rs = ivm.RunState(ctx, ivm.RunRecord("boma-it-askari-0123abcd", "askari"))
     result = ivm.new_result("cycle", "askari")
     ivm.finish_result(ctx, result, rs, strategy={"used": "linear"})
     written = (rs.dir / "result.json").read_text()
@@ -1106,9 +1093,9 @@ def _end_session(tmp_path, monkeypatch, command, stop, opts):
     and teardown stubbed. Its stdout and stderr."""
     monkeypatch.setattr(ivm, "_ignore_signals", lambda: None)
     monkeypatch.setattr(ivm, "collect_diagnostics", lambda ctx, rs, why: "/diag")
-    monkeypatch.setattr(ivm, "down_run", lambda ctx, rs: None)
+    monkeypatch.setattr(ivm.Machine, "destroy", lambda m: None)
     ctx = _ctx(tmp_path)
-    rs = ivm.RunState(ctx, {"name": VM, "host": "askari", "ip": "192.0.2.7", "state": "up"})
+    rs = ivm.RunState(ctx, ivm.RunRecord(VM, "askari", ip="192.0.2.7", state="up"))
 
     def phase(ctx, args, run):
         if opts.get("vm", True):
@@ -1126,11 +1113,8 @@ def _end_session(tmp_path, monkeypatch, command, stop, opts):
                 raise stop[1]
 
     monkeypatch.setitem(ivm.SESSION_PHASES, command, (phase, ivm.phase_finish))
-    args = types.SimpleNamespace(
-        host="askari",
-        keep=opts.get("keep", False),
-        expect_fail=opts.get("expect_fail"),
-        junit=None,
+    args = ivm.Options(
+        host="askari", keep=opts.get("keep", False), expect_fail=opts.get("expect_fail")
     )
     ivm.run_session(ctx, args, command)
 

@@ -117,3 +117,45 @@ def test_the_table_of_contents_lists_every_section_in_order():
     source = DRIVER.read_text()
     assert len(banner_sections(source)) >= 15  # the scan still sees the banners
     assert contents_sections(source) == banner_sections(source)
+
+
+def calls_into_later_sections(source):
+    """[(line, caller, callee)] of every call, inside a top-level statement, to a top-level
+    function or class that a later section (banner) defines."""
+    tree = ast.parse(source)
+    starts = [source.count("\n", 0, m.start()) + 1 for m in _BANNER.finditer(source)]
+
+    def section(line):
+        return sum(1 for s in starts if s <= line)
+
+    defined = {n.name: section(n.lineno) for n in tree.body if hasattr(n, "name")}
+    found = []
+    for top in tree.body:
+        here = section(top.lineno)
+        for node in ast.walk(top):
+            callee = (
+                node.func.id
+                if isinstance(node, ast.Call) and isinstance(node.func, ast.Name)
+                else None
+            )
+            if defined.get(callee, -1) > here:
+                found.append((node.lineno, getattr(top, "name", "<module>"), callee))
+    return found
+
+
+_BANNER = re.compile(r"^# -{40,}\n# (\w+)[^\n]*\n# -{40,}$", re.M)
+
+
+def test_no_call_points_to_a_later_section():
+    # A reader meets each name before its first use (issue 26: 23 such calls before).
+    assert calls_into_later_sections(DRIVER.read_text()) == []
+
+
+def test_the_later_section_scan_sees_a_forward_call():
+    dashes = "# " + "-" * 40 + "\n"
+    src = (
+        f"{dashes}# One\n{dashes}def a():\n    b()\n    c()\n\ndef c():\n    pass\n"
+        f"{dashes}# Two\n{dashes}def b():\n    a()\n"
+        "X = [b() for _ in ()]\n"
+    )
+    assert calls_into_later_sections(src) == [(5, "a", "b")]
