@@ -5835,7 +5835,7 @@ def resume_run(ctx, profile, certs, manifest, chain_keys, run):
     t0 = time.monotonic()
     machine = Machine(ctx, rs)
     machine.restore(ck / "memory.save", "resume", xml=rs.dir / "domain.xml")
-    data["state"] = "restored"
+    rs.record.state = "restored"
     rs.save()
     # Persistent, so a hard reboot (destroy + start) finds it again.
     virsh(ctx, "define", rs.dir / "domain.xml", check=True, stage="resume")

@@ -494,3 +494,24 @@ def test_every_red_resumes_its_greens_last_checkpoint(host):
         for h in (host, f"{host}-regression")
     )
     assert red[:3] == green and len(red) == 4  # booted, applied-1, applied-2 shared
+
+
+def test_a_resumed_run_says_restored_between_the_restore_and_its_first_ssh(hc):
+    """run.json is what `status`, `down` and a later run read when a driver dies mid-resume:
+    between the restore and the boot-id check it must say `restored` (it said `creating`:
+    the state went to a dict open_run had already copied)."""
+    assert hc.run("cycle", "--host", "askari").returncode == 0
+    seen = []
+
+    def watch_state(mod):
+        step_clock = mod.Machine.step_clock
+
+        def reading_run_json(self):
+            seen.append(json.loads((self.rs.dir / "run.json").read_text())["state"])
+            return step_clock(self)
+
+        mod.Machine.step_clock = reading_run_json
+
+    p = hc.run("cycle", "--host", "askari", patch=watch_state)
+    assert "resumed from checkpoint" in p.stderr, p.stderr
+    assert seen == ["restored"], seen
