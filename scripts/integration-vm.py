@@ -21,7 +21,8 @@ renderers, parsers) and its orchestration together, in this order:
   Constants and errors   shared names and defaults; the error hierarchy (exit codes)
   Processes              run() and its thin wrappers (virsh)
   Utilities              owned paths and writes, locks and claims, timed phases, the
-                         harness's domains (and their destroy) and transient pools
+                         harness's domains (and their destroy) and transient pools, the
+                         resource guards (RAM, VM slot, disk)
   Settings               every BOMA_IT_* variable declared once; Settings; Ctx; the
                          command line's Options
   Profile                profile files: loading, merging, validation, confined paths
@@ -34,7 +35,7 @@ renderers, parsers) and its orchestration together, in this order:
   Machine                the VM's verbs: create, start, the bounded waits, ssh, reboot
                          with its proof (a new boot id), save/restore, destroy
   Ansible                transport, transient inventory, argv, output, apply, verify
-  Checkpoints            keys, role scan, take/stage/resume
+  Checkpoints            keys, role scan, take/stage/resume, the session's resume
   Day 2                  --from REF: REF's worktree and applies, then the upgrade
   Diagnostics, teardown  what a failed run leaves; storage pools
   Report                 report.html: one self-contained page per run, the harness's
@@ -569,7 +570,8 @@ def virsh(ctx, *args, check=False, stage="libvirt", timeout=None):
 # --------------------------------------------------------------------------------------
 # What every later section leans on, defined before its first user: paths and writes that
 # never follow a symlink, the lock files and directory claims, the phase timer of
-# result.json, and the domains (and transient pools) the harness owns.
+# result.json, the domains (and transient pools) the harness owns, and the resource guards
+# (RAM, the VM slot, disk) a run passes before it starts a VM.
 
 
 def owned_path(root, *parts):
@@ -806,6 +808,59 @@ def transient_pool(ctx, name, directory):
         yield
     finally:
         virsh(ctx, "pool-destroy", name)
+
+
+def read_meminfo(ctx):
+    try:
+        return ctx.path_env("BOMA_IT_MEMINFO").read_text()
+    except OSError:
+        return ""
+
+
+def free_mib(meminfo_text):
+    m = re.search(r"^MemAvailable:\s+(\d+)\s+kB", meminfo_text, re.MULTILINE)
+    return int(m.group(1)) // 1024 if m else 0
+
+
+def ram_guard(ctx, mem_mib):
+    """(ok, detail) of the RAM guard, for check_guards and doctor alike."""
+    avail = free_mib(read_meminfo(ctx))
+    floor = ctx.settings["BOMA_IT_RAM_FLOOR_MIB"]
+    return avail - mem_mib >= floor, (
+        f"MemAvailable {avail} MiB minus the VM's {mem_mib} MiB "
+        f"must leave {floor} MiB (BOMA_IT_RAM_FLOOR_MIB)"
+    )
+
+
+def disk_guard(ctx, need_image):
+    """(ok, detail) of the free-disk guard under the cache, for check_guards and doctor."""
+    free = shutil.disk_usage(ctx.cache).free // (1024 * 1024)
+    need = ctx.settings["BOMA_IT_MIN_DISK_MIB"]
+    if need is None:
+        need = MIN_DISK_MIB_RUN + (MIN_DISK_MIB_IMAGE if need_image else 0)
+    return free >= need, f"{free} MiB free under {ctx.cache}, need {need} MiB"
+
+
+def check_guards(ctx, profile, need_image, count_vms=True):
+    """RAM, the one-VM slot (count_vms: every domain the harness owns, shut off or not;
+    authoritative only under the lock, with the run's slot held), and disk.
+    Raises InfraError('guard', ...)."""
+    ok, detail = ram_guard(ctx, profile["mem_mib"])
+    if not ok:
+        raise InfraError("guard", f"refusing to start: {detail}")
+    owned = sorted(owned_domains(ctx)) if count_vms else []
+    if len(owned) >= ctx.max_vms:
+        raise InfraError(
+            "guard",
+            f"refusing to start: {len(owned)} harness VM(s) already "
+            f"running or defined ({', '.join(owned)}); BOMA_IT_MAX_VMS="
+            f"{ctx.max_vms}. Tear it down with `integration-vm down --run NAME` "
+            "or `make test-integration-clean`",
+        )
+    ctx.cache.mkdir(parents=True, exist_ok=True)
+    ok, detail = disk_guard(ctx, need_image)
+    if not ok:
+        raise InfraError("guard", f"refusing to start: {detail}")
 
 
 # --------------------------------------------------------------------------------------
@@ -5273,7 +5328,8 @@ def compare_transports(ctx, rs, profile, certs, result):
 # Checkpoints: keys, the role scan, take, stage and resume (issue 5, ADR-026)
 # --------------------------------------------------------------------------------------
 # The checkpoint chain (booted -> applied-N), its keys (the role scan that decides what an
-# edit invalidates), and taking, staging and resuming from a checkpoint.
+# edit invalidates), and taking, staging and resuming from a checkpoint: try_resume
+# decides which checkpoint, claims it and restores it (or says why the run boots cold).
 
 # A checkpoint is a paused guest written to disk: its memory (`virsh save`) plus the
 # qcow2 layer its disk had grown, frozen read-only. The chain for a profile is
@@ -5933,6 +5989,69 @@ def checkpoint_after_apply(ctx, run):
     return after
 
 
+def run_lineage(run):
+    """The lineage of the checkpoints this session takes (see gc_checkpoints)."""
+    return run.day2.frm.lineage if run.day2 else FRESH_LINEAGE
+
+
+def try_resume(ctx, run):
+    """Resume the newest valid checkpoint of run.checkpoint_chain; None -> boot cold.
+    The chain it reads is claimed first (claim_dir: no gc removes it) until the session
+    ends. A checkpoint that fails to come back (an InfraError, or an OSError: a file gone
+    mid-resume) is a warning and the run boots cold instead."""
+    chain, result = run.checkpoint_chain, run.result
+    keys = [k for _, k, _ in chain]
+    # Claimed before they are judged: from here no other run's gc removes them (one the
+    # gc holds is being removed, so not valid here). Held until the session ends.
+    claims = {k: claim_dir(checkpoint_dir(ctx, k), shared=True) for k in keys}
+    manifests = {k: load_checkpoint(ctx, k) if claims[k] else None for k in keys}
+    best = newest_valid_checkpoint(
+        [(st, k) for st, k, _ in chain], lambda k: manifests[k] is not None
+    )
+    used = keys[: keys.index(best[1]) + 1] if best else []  # the disk chain this run reads
+    for k, claim in claims.items():
+        if claim is not None and k in used:
+            run.claims.append(claim)
+        elif claim is not None:
+            claim.close()
+    if best is None:
+        progress(ctx, "resume", "no valid checkpoint for these inputs: cold boot")
+        return None
+    stage, key = best
+    manifest, keys = manifests[key], used
+    with timed_phase(ctx, result, "resume") as entry:
+        why = None
+        try:
+            with file_lock(ctx, ctx.cache / "lock", "up"):
+                check_guards(ctx, run.profile, need_image=False)
+                if virsh(ctx, "domstate", manifest["domain"]).returncode == 0:
+                    why = f"checkpoint {stage} is in use (domain {manifest['domain']} exists)"
+                else:
+                    rs = resume_run(ctx, run.profile, run.certs, manifest, keys, run)
+        except (InfraError, OSError) as e:  # an OSError too: a file gone mid-resume
+            if isinstance(e, InfraError) and e.stage == "guard":
+                raise
+            why = f"checkpoint {stage} did not resume ({e})"
+            if run.rs is not None:
+                Machine(ctx, run.rs).destroy()
+                run.rs = None  # its command log stays the log until the cold boot's
+            result["resume_error"] = str(e)
+        if why:
+            # Not an error of this run: it boots cold. JUnit shows the phase as skipped.
+            entry.update(status="skipped", message=f"{why}: cold boot")
+            if "resume_error" in result:  # it failed: a warning, not only progress
+                print(f"integration-vm: warning: {why}: cold boot", file=sys.stderr)
+            else:
+                progress(ctx, "resume", f"{why}: cold boot")
+            return None
+    rs.record.lineage = run_lineage(run)
+    steps = 0 if stage == "booted" else int(stage.split("-")[1])
+    record_applied(rs, run.applied_chain, steps)
+    result["resumed_from"] = rs.record.resumed_from
+    result["boot_stages"] = rs.record.boot_stages or {}
+    return rs
+
+
 # --------------------------------------------------------------------------------------
 # Day 2: --from REF, the host as production runs it, then the change on top
 # --------------------------------------------------------------------------------------
@@ -6043,11 +6162,6 @@ def remove_from_worktree(ctx, path, git_repo=None):
     except Exception as e:  # a cleanup must not mask the verdict
         print(f"integration-vm: warning: removing worktree {path}: {e}", file=sys.stderr)
     return not os.path.lexists(path)
-
-
-def run_lineage(run):
-    """The lineage of the checkpoints this session takes (see gc_checkpoints)."""
-    return run.day2.frm.lineage if run.day2 else FRESH_LINEAGE
 
 
 def prune_worktrees(ctx):
@@ -7174,7 +7288,7 @@ def cycle_seconds(result):
 # --------------------------------------------------------------------------------------
 # Session: preflight, phases, the failure policy, result.json and JUnit
 # --------------------------------------------------------------------------------------
-# A session is one command's life: preflight guards (tools, RAM, disk, VM slot), its phase
+# A session is one command's life: preflight guards (tools, libvirt), its phase
 # list, and one policy for each way it can end (diagnostics? keep or destroy? exit code).
 
 # The end-of-run checkpoint gc waits this long for checkpoints.lock, then skips (another
@@ -7317,59 +7431,6 @@ def check_libvirt(ctx):
             r.stderr.strip() or r.stdout.strip() or ("timed out" if r.timed_out else "no output")
         ).splitlines()
         raise InfraError("libvirt", f"libvirtd not reachable at {ctx.uri}: {lines[0]}")
-
-
-def read_meminfo(ctx):
-    try:
-        return ctx.path_env("BOMA_IT_MEMINFO").read_text()
-    except OSError:
-        return ""
-
-
-def free_mib(meminfo_text):
-    m = re.search(r"^MemAvailable:\s+(\d+)\s+kB", meminfo_text, re.MULTILINE)
-    return int(m.group(1)) // 1024 if m else 0
-
-
-def ram_guard(ctx, mem_mib):
-    """(ok, detail) of the RAM guard, for check_guards and doctor alike."""
-    avail = free_mib(read_meminfo(ctx))
-    floor = ctx.settings["BOMA_IT_RAM_FLOOR_MIB"]
-    return avail - mem_mib >= floor, (
-        f"MemAvailable {avail} MiB minus the VM's {mem_mib} MiB "
-        f"must leave {floor} MiB (BOMA_IT_RAM_FLOOR_MIB)"
-    )
-
-
-def disk_guard(ctx, need_image):
-    """(ok, detail) of the free-disk guard under the cache, for check_guards and doctor."""
-    free = shutil.disk_usage(ctx.cache).free // (1024 * 1024)
-    need = ctx.settings["BOMA_IT_MIN_DISK_MIB"]
-    if need is None:
-        need = MIN_DISK_MIB_RUN + (MIN_DISK_MIB_IMAGE if need_image else 0)
-    return free >= need, f"{free} MiB free under {ctx.cache}, need {need} MiB"
-
-
-def check_guards(ctx, profile, need_image, count_vms=True):
-    """RAM, the one-VM slot (count_vms: every domain the harness owns, shut off or not;
-    authoritative only under the lock, with the run's slot held), and disk.
-    Raises InfraError('guard', ...)."""
-    ok, detail = ram_guard(ctx, profile["mem_mib"])
-    if not ok:
-        raise InfraError("guard", f"refusing to start: {detail}")
-    owned = sorted(owned_domains(ctx)) if count_vms else []
-    if len(owned) >= ctx.max_vms:
-        raise InfraError(
-            "guard",
-            f"refusing to start: {len(owned)} harness VM(s) already "
-            f"running or defined ({', '.join(owned)}); BOMA_IT_MAX_VMS="
-            f"{ctx.max_vms}. Tear it down with `integration-vm down --run NAME` "
-            "or `make test-integration-clean`",
-        )
-    ctx.cache.mkdir(parents=True, exist_ok=True)
-    ok, detail = disk_guard(ctx, need_image)
-    if not ok:
-        raise InfraError("guard", f"refusing to start: {detail}")
 
 
 @dataclasses.dataclass
@@ -8283,64 +8344,6 @@ def provision(ctx, args, run):
         _, key, _ = run.checkpoint_chain[0]
         take_checkpoint(ctx, run.rs, "booted", key, None, result)
     return run.rs
-
-
-def try_resume(ctx, run):
-    """Resume the newest valid checkpoint of run.checkpoint_chain; None -> boot cold.
-    The chain it reads is claimed first (claim_dir: no gc removes it) until the session
-    ends. A checkpoint that fails to come back (an InfraError, or an OSError: a file gone
-    mid-resume) is a warning and the run boots cold instead."""
-    chain, result = run.checkpoint_chain, run.result
-    keys = [k for _, k, _ in chain]
-    # Claimed before they are judged: from here no other run's gc removes them (one the
-    # gc holds is being removed, so not valid here). Held until the session ends.
-    claims = {k: claim_dir(checkpoint_dir(ctx, k), shared=True) for k in keys}
-    manifests = {k: load_checkpoint(ctx, k) if claims[k] else None for k in keys}
-    best = newest_valid_checkpoint(
-        [(st, k) for st, k, _ in chain], lambda k: manifests[k] is not None
-    )
-    used = keys[: keys.index(best[1]) + 1] if best else []  # the disk chain this run reads
-    for k, claim in claims.items():
-        if claim is not None and k in used:
-            run.claims.append(claim)
-        elif claim is not None:
-            claim.close()
-    if best is None:
-        progress(ctx, "resume", "no valid checkpoint for these inputs: cold boot")
-        return None
-    stage, key = best
-    manifest, keys = manifests[key], used
-    with timed_phase(ctx, result, "resume") as entry:
-        why = None
-        try:
-            with file_lock(ctx, ctx.cache / "lock", "up"):
-                check_guards(ctx, run.profile, need_image=False)
-                if virsh(ctx, "domstate", manifest["domain"]).returncode == 0:
-                    why = f"checkpoint {stage} is in use (domain {manifest['domain']} exists)"
-                else:
-                    rs = resume_run(ctx, run.profile, run.certs, manifest, keys, run)
-        except (InfraError, OSError) as e:  # an OSError too: a file gone mid-resume
-            if isinstance(e, InfraError) and e.stage == "guard":
-                raise
-            why = f"checkpoint {stage} did not resume ({e})"
-            if run.rs is not None:
-                Machine(ctx, run.rs).destroy()
-                run.rs = None  # its command log stays the log until the cold boot's
-            result["resume_error"] = str(e)
-        if why:
-            # Not an error of this run: it boots cold. JUnit shows the phase as skipped.
-            entry.update(status="skipped", message=f"{why}: cold boot")
-            if "resume_error" in result:  # it failed: a warning, not only progress
-                print(f"integration-vm: warning: {why}: cold boot", file=sys.stderr)
-            else:
-                progress(ctx, "resume", f"{why}: cold boot")
-            return None
-    rs.record.lineage = run_lineage(run)
-    steps = 0 if stage == "booted" else int(stage.split("-")[1])
-    record_applied(rs, run.applied_chain, steps)
-    result["resumed_from"] = rs.record.resumed_from
-    result["boot_stages"] = rs.record.boot_stages or {}
-    return rs
 
 
 def loop_vms(ctx, host):

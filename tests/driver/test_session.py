@@ -252,15 +252,6 @@ def test_max_vms_allows_two(h):
     assert len(h.domains()) == 1
 
 
-def test_free_mib_parses_memavailable():
-    sample = "MemTotal:       16331156 kB\nMemAvailable:    8388608 kB\n"
-    assert ivm.free_mib(sample) == 8192
-
-
-def test_free_mib_missing_field_is_zero():
-    assert ivm.free_mib("MemTotal: 1 kB\n") == 0
-
-
 def test_result_shape_is_json_and_has_the_agreed_keys():
     r = ivm.new_result("cycle", "askari")
     json.dumps(r)

@@ -1,6 +1,7 @@
 """Utilities: what every later section leans on (owned paths and writes, locks and claims,
-the phase timer, the harness's domains and their metadata). Most are exercised through
-the commands, in the tests of the sections that use them; these are the direct ones.
+the phase timer, the harness's domains and their metadata, the resource guards). Most are
+exercised through the commands, in the tests of the sections that use them; these are the
+direct ones.
 """
 
 import xml.etree.ElementTree as ET
@@ -59,3 +60,12 @@ def test_phase_totals_group_families():
         "teardown": 2.0,
     }
     assert list(t) == ["image", "boot", "apply", "reboot", "verify", "teardown"]
+
+
+def test_free_mib_parses_memavailable():
+    sample = "MemTotal:       16331156 kB\nMemAvailable:    8388608 kB\n"
+    assert ivm.free_mib(sample) == 8192
+
+
+def test_free_mib_missing_field_is_zero():
+    assert ivm.free_mib("MemTotal: 1 kB\n") == 0
