@@ -40,6 +40,8 @@ renderers, parsers) and its orchestration together, in this order:
   Diagnostics, teardown  what a failed run leaves; storage pools
   Report                 report.html: one self-contained page per run, the harness's
                          own time, the bench's tables
+  Loop                   the quick loop's VM: kept for the next loop, reused (what it
+                         re-applies) or retired
   Session                the Run and SessionOptions, preflight guards, the phase list
                          per command, the failure-policy table, result.json
                          (ResultRecord), JUnit
@@ -7286,6 +7288,155 @@ def cycle_seconds(result):
 
 
 # --------------------------------------------------------------------------------------
+# Loop: the quick loop's VM, kept for the next loop, reused or retired by it
+# --------------------------------------------------------------------------------------
+# A quick loop (`loop`) leaves its VM up, green or red (kept_by "loop" in run.json); the
+# next loop of the profile applies its edit onto that VM, re-applying only the playbooks
+# whose inputs changed since, or tears it down (--fresh, a VM that cannot take the edit or
+# does not answer) and resumes a checkpoint. The gate (cycle) retires every loop VM first.
+
+
+def keep_for_next_loop(rs):
+    """The one place a VM becomes the next loop's (loop_vms finds it): a loop's VM, green
+    or red, is where the next loop's edit goes."""
+    rs.record.kept_by = "loop"
+    rs.save()
+
+
+def loop_vms(ctx, host):
+    """The VMs quick loops of `host` left up, oldest first."""
+    kept = [
+        rs
+        for rs in list_runs(ctx)
+        if rs.record.host == host and rs.record.kept_by == "loop" and rs.record.state != "down"
+    ]
+    return sorted(kept, key=lambda rs: rs.record.created_at or "")
+
+
+def claimed_loop_vms(ctx, host):
+    """loop_vms that no other session is using, as [(rs, Claim)], oldest first: each
+    claimed (its run dir, claim_dir) before it is looked at, then read again, so two
+    sessions started together never take, nor tear down, the same VM (issue 27). A VM
+    another session holds (a loop applying onto it) is left alone, with one line."""
+    claims = {}
+    for rs in loop_vms(ctx, host):
+        claim = claim_dir(rs.dir)
+        if claim is None:
+            progress(ctx, "loop", f"leaving {rs.name} alone: another session is using it")
+        else:
+            claims[rs.name] = claim
+    mine = [(rs, claims.pop(rs.name)) for rs in loop_vms(ctx, host) if rs.name in claims]
+    for claim in claims.values():  # taken or torn down between the two looks
+        claim.close()
+    return mine
+
+
+def reuse_refusal(ctx, run, rs, chain):
+    """Why the last loop's VM cannot take this loop's edit, or None. It can when it
+    started where this run would (same golden image, profile shape, cert tier, a fresh
+    lineage: the same booted key) and records what it applied."""
+    keys = rs.record.applied_keys
+    if run.day2 is not None:
+        return "a --from loop starts from REF's checkpoint"
+    if (rs.record.lineage or FRESH_LINEAGE) != FRESH_LINEAGE:
+        return f"it converged a {rs.record.lineage} run"
+    if rs.record.certs != run.certs:
+        return f"it runs --certs {rs.record.certs}, this loop --certs {run.certs}"
+    if not keys or chain is None:
+        return "what it applied is not recorded (--no-checkpoints, or a real-secret tier)"
+    if rs.record.image_key != current_image_key(ctx):
+        return "the golden image's inputs changed since it booted"
+    if keys[0] != chain[0][1]:
+        return "the profile's VM (memory, vCPUs) or the accelerator changed since it booted"
+    return None
+
+
+def loop_vm_silence(ctx, rs):
+    """Why the last loop's VM does not answer over SSH within the reuse-ssh bound, or
+    None. Retried, not one attempt: a refusal costs a restore and every re-apply, and
+    one attempt was once not enough (a 2026-11-30 CI run refused a VM that had just
+    passed; its reason was not kept, hence result.json's reuse_refused)."""
+    try:
+        Machine(ctx, rs).wait_ssh(stage="reuse-ssh")
+    except InfraError as e:
+        return f"it does not answer over SSH ({e.msg})"
+    return None
+
+
+def reuse_loop_vm(ctx, args, run):
+    """A quick loop applies its edit to the VM the last loop left, re-applying only the
+    playbooks from the first one whose inputs changed since that VM applied them (the
+    checkpoint chain's keys, compared with run.json's applied_keys), as one iterates on
+    a dev box: no restore, no apt install already done. What it applies onto is the last
+    loop's state, not a fresh one: the gate (cycle) still starts fresh. --fresh, a VM
+    that cannot take the edit (reuse_refusal) or does not answer: torn down, and this
+    run resumes a checkpoint. Sets run.reused."""
+    host = run.profile["name"]
+    kept = claimed_loop_vms(ctx, host)
+    last = kept.pop() if kept and not args.fresh else None
+    for rs, claim in kept:  # every other one (all of them with --fresh)
+        with claim:
+            retire_loop_vm(ctx, rs)
+    if last is None:
+        return
+    last, claim = last
+    run.claims.append(claim)  # this session's until it ends, kept or torn down
+    chain = None
+    if run.certs not in REAL_SECRET_TIERS and checkpoints_enabled(ctx, args):
+        chain = checkpoint_chain(
+            ctx, run.profile, run.certs, last.record.image_key, last.record.accel
+        )
+    why = reuse_refusal(ctx, run, last, chain)
+    if why is None:
+        run.bounds = stage_bounds(last.record.accel, ctx.settings)
+        why = loop_vm_silence(ctx, last)
+    if why is not None:
+        progress(ctx, "loop", f"not reusing the previous quick loop's VM {last.name}: {why}")
+        run.result["reuse_refused"] = {"run": last.name, "why": why}
+        retire_loop_vm(ctx, last)
+        return
+    keys = last.record.applied_keys
+    same = 0
+    while same + 1 < len(keys) and same + 1 < len(chain) and keys[same + 1] == chain[same + 1][1]:
+        same += 1
+    run.acquire_slot(ctx)
+    run.attach(last)
+    run.reused = True
+    run.checkpoint_chain = chain
+    last.record.kept_by = None  # this session's now; keep_vm keeps it again
+    record_applied(last, chain, same)
+    steps = [s["playbook"] for s in run.profile["applies"]]
+    run.result.update(
+        host=host,
+        accel=last.record.accel,
+        reused_vm={"run": last.name, "kept": steps[:same], "reapplied": steps[same:]},
+        checkpoints=chain_record(chain),
+    )
+    progress(
+        ctx,
+        "loop",
+        f"applying the edit onto the previous quick loop's VM {last.name}: "
+        + (f"re-applying {', '.join(steps[same:])}" if steps[same:] else "nothing to re-apply")
+        + (f" ({', '.join(steps[:same])} unchanged)" if same else ""),
+    )
+
+
+def retire_loop_vms(ctx, host):
+    """A quick loop leaves its VM up for inspection until the next run of the profile:
+    that run tears it down first (it holds the checkpoint's domain name and the VM slot).
+    Only runs a loop kept; a --keep/KEEP=1 VM is the operator's and stays, and so does
+    one another session is using (claimed_loop_vms)."""
+    for rs, claim in claimed_loop_vms(ctx, host):
+        with claim:
+            retire_loop_vm(ctx, rs)
+
+
+def retire_loop_vm(ctx, rs):
+    progress(ctx, "loop", f"tearing down the previous quick loop's VM {rs.name}")
+    Machine(ctx, rs).destroy()
+
+
+# --------------------------------------------------------------------------------------
 # Session: preflight, phases, the failure policy, result.json and JUnit
 # --------------------------------------------------------------------------------------
 # A session is one command's life: preflight guards (tools, libvirt), its phase
@@ -8088,12 +8239,7 @@ def phase_finish(ctx, args, run):
         with timed_phase(ctx, run.result, "teardown"):
             Machine(ctx, rs).destroy()
     elif command in CONVERGING_COMMANDS:
-        run.result["kept"] = True
-        if command == "loop":
-            rs.record.kept_by = "loop"
-            rs.save()
-        kept = closing_lines(run.result, args.keep)["kept"]
-        print(inspection_help(ctx, rs, kept), file=sys.stderr, end="")
+        keep_vm(ctx, args, command, run.result, rs)
     if command == "up":
         print(f"{rs.name} {rs.ip}", flush=True)
 
@@ -8168,10 +8314,15 @@ def teardown_or_keep(ctx, args, command, result, rs, teardown):
                 f"integration-vm: warning: teardown of {rs.name} incomplete: {e}", file=sys.stderr
             )
         return
+    keep_vm(ctx, args, command, result, rs)
+
+
+def keep_vm(ctx, args, command, result, rs):
+    """The VM stays up (a pass or a failure alike): result.json says so, a loop's VM is
+    the next loop's (keep_for_next_loop), and the operator is told how to inspect it."""
     result["kept"] = True
-    if command == "loop":  # a red loop's VM is where the next loop's fix goes
-        rs.record.kept_by = "loop"
-        rs.save()
+    if command == "loop":
+        keep_for_next_loop(rs)
     kept = closing_lines(result, args.keep)["kept"]
     print(inspection_help(ctx, rs, kept), file=sys.stderr, end="")
 
@@ -8344,139 +8495,6 @@ def provision(ctx, args, run):
         _, key, _ = run.checkpoint_chain[0]
         take_checkpoint(ctx, run.rs, "booted", key, None, result)
     return run.rs
-
-
-def loop_vms(ctx, host):
-    """The VMs quick loops of `host` left up, oldest first."""
-    kept = [
-        rs
-        for rs in list_runs(ctx)
-        if rs.record.host == host and rs.record.kept_by == "loop" and rs.record.state != "down"
-    ]
-    return sorted(kept, key=lambda rs: rs.record.created_at or "")
-
-
-def claimed_loop_vms(ctx, host):
-    """loop_vms that no other session is using, as [(rs, Claim)], oldest first: each
-    claimed (its run dir, claim_dir) before it is looked at, then read again, so two
-    sessions started together never take, nor tear down, the same VM (issue 27). A VM
-    another session holds (a loop applying onto it) is left alone, with one line."""
-    claims = {}
-    for rs in loop_vms(ctx, host):
-        claim = claim_dir(rs.dir)
-        if claim is None:
-            progress(ctx, "loop", f"leaving {rs.name} alone: another session is using it")
-        else:
-            claims[rs.name] = claim
-    mine = [(rs, claims.pop(rs.name)) for rs in loop_vms(ctx, host) if rs.name in claims]
-    for claim in claims.values():  # taken or torn down between the two looks
-        claim.close()
-    return mine
-
-
-def reuse_refusal(ctx, run, rs, chain):
-    """Why the last loop's VM cannot take this loop's edit, or None. It can when it
-    started where this run would (same golden image, profile shape, cert tier, a fresh
-    lineage: the same booted key) and records what it applied."""
-    keys = rs.record.applied_keys
-    if run.day2 is not None:
-        return "a --from loop starts from REF's checkpoint"
-    if (rs.record.lineage or FRESH_LINEAGE) != FRESH_LINEAGE:
-        return f"it converged a {rs.record.lineage} run"
-    if rs.record.certs != run.certs:
-        return f"it runs --certs {rs.record.certs}, this loop --certs {run.certs}"
-    if not keys or chain is None:
-        return "what it applied is not recorded (--no-checkpoints, or a real-secret tier)"
-    if rs.record.image_key != current_image_key(ctx):
-        return "the golden image's inputs changed since it booted"
-    if keys[0] != chain[0][1]:
-        return "the profile's VM (memory, vCPUs) or the accelerator changed since it booted"
-    return None
-
-
-def loop_vm_silence(ctx, rs):
-    """Why the last loop's VM does not answer over SSH within the reuse-ssh bound, or
-    None. Retried, not one attempt: a refusal costs a restore and every re-apply, and
-    one attempt was once not enough (a 2026-11-30 CI run refused a VM that had just
-    passed; its reason was not kept, hence result.json's reuse_refused)."""
-    try:
-        Machine(ctx, rs).wait_ssh(stage="reuse-ssh")
-    except InfraError as e:
-        return f"it does not answer over SSH ({e.msg})"
-    return None
-
-
-def reuse_loop_vm(ctx, args, run):
-    """A quick loop applies its edit to the VM the last loop left, re-applying only the
-    playbooks from the first one whose inputs changed since that VM applied them (the
-    checkpoint chain's keys, compared with run.json's applied_keys), as one iterates on
-    a dev box: no restore, no apt install already done. What it applies onto is the last
-    loop's state, not a fresh one: the gate (cycle) still starts fresh. --fresh, a VM
-    that cannot take the edit (reuse_refusal) or does not answer: torn down, and this
-    run resumes a checkpoint. Sets run.reused."""
-    host = run.profile["name"]
-    kept = claimed_loop_vms(ctx, host)
-    last = kept.pop() if kept and not args.fresh else None
-    for rs, claim in kept:  # every other one (all of them with --fresh)
-        with claim:
-            retire_loop_vm(ctx, rs)
-    if last is None:
-        return
-    last, claim = last
-    run.claims.append(claim)  # this session's until it ends, kept or torn down
-    chain = None
-    if run.certs not in REAL_SECRET_TIERS and checkpoints_enabled(ctx, args):
-        chain = checkpoint_chain(
-            ctx, run.profile, run.certs, last.record.image_key, last.record.accel
-        )
-    why = reuse_refusal(ctx, run, last, chain)
-    if why is None:
-        run.bounds = stage_bounds(last.record.accel, ctx.settings)
-        why = loop_vm_silence(ctx, last)
-    if why is not None:
-        progress(ctx, "loop", f"not reusing the previous quick loop's VM {last.name}: {why}")
-        run.result["reuse_refused"] = {"run": last.name, "why": why}
-        retire_loop_vm(ctx, last)
-        return
-    keys = last.record.applied_keys
-    same = 0
-    while same + 1 < len(keys) and same + 1 < len(chain) and keys[same + 1] == chain[same + 1][1]:
-        same += 1
-    run.acquire_slot(ctx)
-    run.attach(last)
-    run.reused = True
-    run.checkpoint_chain = chain
-    last.record.kept_by = None  # this session's now; phase_finish keeps it again
-    record_applied(last, chain, same)
-    steps = [s["playbook"] for s in run.profile["applies"]]
-    run.result.update(
-        host=host,
-        accel=last.record.accel,
-        reused_vm={"run": last.name, "kept": steps[:same], "reapplied": steps[same:]},
-        checkpoints=chain_record(chain),
-    )
-    progress(
-        ctx,
-        "loop",
-        f"applying the edit onto the previous quick loop's VM {last.name}: "
-        + (f"re-applying {', '.join(steps[same:])}" if steps[same:] else "nothing to re-apply")
-        + (f" ({', '.join(steps[:same])} unchanged)" if same else ""),
-    )
-
-
-def retire_loop_vms(ctx, host):
-    """A quick loop leaves its VM up for inspection until the next run of the profile:
-    that run tears it down first (it holds the checkpoint's domain name and the VM slot).
-    Only runs a loop kept; a --keep/KEEP=1 VM is the operator's and stays, and so does
-    one another session is using (claimed_loop_vms)."""
-    for rs, claim in claimed_loop_vms(ctx, host):
-        with claim:
-            retire_loop_vm(ctx, rs)
-
-
-def retire_loop_vm(ctx, rs):
-    progress(ctx, "loop", f"tearing down the previous quick loop's VM {rs.name}")
-    Machine(ctx, rs).destroy()
 
 
 # --------------------------------------------------------------------------------------
