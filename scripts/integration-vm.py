@@ -1195,7 +1195,7 @@ class Ctx:
     # its Run (None outside a session). The low-level helpers (virsh, the waits,
     # run_playbook) read the run's bounds, command log and resolved strategy through it
     # (ctx.bounds, ctx.cmdlog); everything else takes the run explicitly.
-    run: object = None  # a Run
+    session: object = None  # the active Run (run_session binds it)
 
     def __post_init__(self):
         if self.settings is None:
@@ -1204,12 +1204,12 @@ class Ctx:
     @property
     def bounds(self):
         """The active run's per-stage bounds (its accelerator's), else the defaults."""
-        return self.run.bounds if self.run is not None else self.default_bounds
+        return self.session.bounds if self.session is not None else self.default_bounds
 
     @property
     def cmdlog(self):
         """The active run's command log (logs/commands.log in its dir), else None."""
-        return self.run.cmdlog if self.run is not None else None
+        return self.session.cmdlog if self.session is not None else None
 
     def path_env(self, name):
         return pathlib.Path(self.settings[name])
@@ -2985,12 +2985,12 @@ def domain_name_from_xml(domain_xml):
     return m.group(1) if m else None
 
 
-def open_run(ctx, data, run):
-    """A run's private dir (0700) and disk dir, attached to the session's `run` at once so
+def open_run(ctx, data, session):
+    """A run's private dir (0700) and disk dir, attached to `session` at once so
     a failure anywhere after is cleaned up by Machine.destroy. `data` is checked against run.json's
     schema (RunRecord): a field it does not declare is an error."""
     rs = RunState(ctx, RunRecord.from_json(data, strict=True))
-    run.attach(rs)
+    session.attach(rs)
     rs.dir.mkdir(parents=True, exist_ok=True)
     os.chmod(rs.dir, 0o700)
     (rs.dir / "logs").mkdir(exist_ok=True)
@@ -3032,7 +3032,7 @@ def note_span(ctx, what, t0, who="harness", seconds=None):
     bench sums the harness's): `who` is harness (time the guest did not need: a state
     capture, the VM's creation, a wait between polls) or guest (a boot, from `virsh start`
     to the stage the harness waits for). t0: time.monotonic() at its start."""
-    result = ctx.run.result if ctx.run is not None else None
+    result = ctx.session.result if ctx.session is not None else None
     if result is None:
         return
     if result.get("timeline") is None:
@@ -4727,9 +4727,9 @@ class Machine:
             rs.save()
 
 
-def create_run(ctx, profile, certs, accel, image, run):
+def create_run(ctx, profile, certs, accel, image, session):
     """Everything a run needs on disk, then define (with ownership metadata). The run
-    state is attached to the session's `run` as soon as it exists, so a failure anywhere
+    state is attached to `session` as soon as it exists, so a failure anywhere
     after that is cleaned up by Machine.destroy."""
     host = profile["name"]
     name = vm_name(host)
@@ -4751,7 +4751,7 @@ def create_run(ctx, profile, certs, accel, image, run):
         "mem_mib": profile["mem_mib"],
         "vcpus": profile["vcpus"],
     }
-    rs = open_run(ctx, data, run)
+    rs = open_run(ctx, data, session)
     Machine(ctx, rs).create(profile, accel, image)
     return rs
 
@@ -4815,9 +4815,9 @@ def strategy_env(choice):
 
 
 def resolve_strategy(ctx, ansible_playbook):
-    """strategy_choice() for the active run (ctx.run), probed once (a fraction of a second
+    """strategy_choice() for the active run (ctx.session), probed once (a fraction of a second
     on the controller) and announced once, fallback included."""
-    active = ctx.run
+    active = ctx.session
     if active.strategy is not None:
         return active.strategy
     rc = out = err = None
@@ -5289,10 +5289,10 @@ def transport_figures(seconds, calls=TRANSPORT_PROBE_CALLS):
 def compare_transports(ctx, rs, profile, certs, result):
     """bench: the probe playbook with ansible-core's linear strategy, then with Mitogen,
     on this VM. Needs Mitogen to load (else the figure would compare linear with itself)."""
-    mito = ctx.run.strategy
+    mito = ctx.session.strategy
     if not mito or mito["used"] != MITOGEN_STRATEGY:  # the run used linear: probe Mitogen
-        probe_run = dataclasses.replace(ctx.run, strategy=None)  # the same bounds, log
-        probe = dataclasses.replace(ctx, strategy_request="mitogen", run=probe_run)
+        probe_run = dataclasses.replace(ctx.session, strategy=None)  # the same bounds, log
+        probe = dataclasses.replace(ctx, strategy_request="mitogen", session=probe_run)
         mito = resolve_strategy(probe, find_ansible_playbook(ctx))
     if mito["used"] != MITOGEN_STRATEGY:
         result["transport"] = {"error": mito["fallback"]}
@@ -5876,7 +5876,7 @@ def _freeze_overlay(ctx, rs, stage, key, tmp, d):
         raise InfraError("checkpoint", f"{stage}: {e}") from None
 
 
-def resume_run(ctx, profile, certs, manifest, chain_keys, run):
+def resume_run(ctx, profile, certs, manifest, chain_keys, session):
     """A new run whose VM is a checkpoint's guest, restored mid-flight: same domain
     name, UUID, MAC, keys and boot_id; its own run dir, overlay, console log and
     ownership metadata."""
@@ -5884,7 +5884,7 @@ def resume_run(ctx, profile, certs, manifest, chain_keys, run):
     name = vm_name(host)
     ck = checkpoint_dir(ctx, manifest["key"])
     data = _resume_data(ctx, profile, certs, manifest, chain_keys, name, ck)
-    rs = open_run(ctx, data, run)
+    rs = open_run(ctx, data, session)
     copy_run_keys(ck, rs.dir)
     (rs.dir / "known_hosts").write_text(
         known_hosts_line(rs.domain, (ck / "ssh_host_ed25519_key.pub").read_text())
@@ -5976,32 +5976,32 @@ def record_applied(rs, chain, steps):
     rs.save()
 
 
-def checkpoint_after_apply(ctx, run):
+def checkpoint_after_apply(ctx, session):
     """after_step for apply(): record what the VM has applied, then checkpoint applied-i
     when this run keeps checkpoints. Never on a reused loop VM: its state is this edit
     applied on top of the last loop's, not these inputs applied to a fresh VM."""
 
     def after(i):
-        record_applied(run.rs, run.applied_chain, i)
-        if run.checkpoint_chain and not run.reused:
-            _, parent, _ = run.checkpoint_chain[i - 1]
-            stage, key, _ = run.checkpoint_chain[i]
-            take_checkpoint(ctx, run.rs, stage, key, parent, run.result)
+        record_applied(session.rs, session.applied_chain, i)
+        if session.checkpoint_chain and not session.reused:
+            _, parent, _ = session.checkpoint_chain[i - 1]
+            stage, key, _ = session.checkpoint_chain[i]
+            take_checkpoint(ctx, session.rs, stage, key, parent, session.result)
 
     return after
 
 
-def run_lineage(run):
+def run_lineage(session):
     """The lineage of the checkpoints this session takes (see gc_checkpoints)."""
-    return run.day2.frm.lineage if run.day2 else FRESH_LINEAGE
+    return session.day2.frm.lineage if session.day2 else FRESH_LINEAGE
 
 
-def try_resume(ctx, run):
-    """Resume the newest valid checkpoint of run.checkpoint_chain; None -> boot cold.
+def try_resume(ctx, session):
+    """Resume the newest valid checkpoint of session.checkpoint_chain; None -> boot cold.
     The chain it reads is claimed first (claim_dir: no gc removes it) until the session
     ends. A checkpoint that fails to come back (an InfraError, or an OSError: a file gone
     mid-resume) is a warning and the run boots cold instead."""
-    chain, result = run.checkpoint_chain, run.result
+    chain, result = session.checkpoint_chain, session.result
     keys = [k for _, k, _ in chain]
     # Claimed before they are judged: from here no other run's gc removes them (one the
     # gc holds is being removed, so not valid here). Held until the session ends.
@@ -6013,7 +6013,7 @@ def try_resume(ctx, run):
     used = keys[: keys.index(best[1]) + 1] if best else []  # the disk chain this run reads
     for k, claim in claims.items():
         if claim is not None and k in used:
-            run.claims.append(claim)
+            session.claims.append(claim)
         elif claim is not None:
             claim.close()
     if best is None:
@@ -6025,18 +6025,18 @@ def try_resume(ctx, run):
         why = None
         try:
             with file_lock(ctx, ctx.cache / "lock", "up"):
-                check_guards(ctx, run.profile, need_image=False)
+                check_guards(ctx, session.profile, need_image=False)
                 if virsh(ctx, "domstate", manifest["domain"]).returncode == 0:
                     why = f"checkpoint {stage} is in use (domain {manifest['domain']} exists)"
                 else:
-                    rs = resume_run(ctx, run.profile, run.certs, manifest, keys, run)
+                    rs = resume_run(ctx, session.profile, session.certs, manifest, keys, session)
         except (InfraError, OSError) as e:  # an OSError too: a file gone mid-resume
             if isinstance(e, InfraError) and e.stage == "guard":
                 raise
             why = f"checkpoint {stage} did not resume ({e})"
-            if run.rs is not None:
-                Machine(ctx, run.rs).destroy()
-                run.rs = None  # its command log stays the log until the cold boot's
+            if session.rs is not None:
+                Machine(ctx, session.rs).destroy()
+                session.rs = None  # its command log stays the log until the cold boot's
             result["resume_error"] = str(e)
         if why:
             # Not an error of this run: it boots cold. JUnit shows the phase as skipped.
@@ -6046,9 +6046,9 @@ def try_resume(ctx, run):
             else:
                 progress(ctx, "resume", f"{why}: cold boot")
             return None
-    rs.record.lineage = run_lineage(run)
+    rs.record.lineage = run_lineage(session)
     steps = 0 if stage == "booted" else int(stage.split("-")[1])
-    record_applied(rs, run.applied_chain, steps)
+    record_applied(rs, session.applied_chain, steps)
     result["resumed_from"] = rs.record.resumed_from
     result["boot_stages"] = rs.record.boot_stages or {}
     return rs
@@ -7331,17 +7331,17 @@ def claimed_loop_vms(ctx, host):
     return mine
 
 
-def reuse_refusal(ctx, run, rs, chain):
+def reuse_refusal(ctx, session, rs, chain):
     """Why the last loop's VM cannot take this loop's edit, or None. It can when it
     started where this run would (same golden image, profile shape, cert tier, a fresh
     lineage: the same booted key) and records what it applied."""
     keys = rs.record.applied_keys
-    if run.day2 is not None:
+    if session.day2 is not None:
         return "a --from loop starts from REF's checkpoint"
     if (rs.record.lineage or FRESH_LINEAGE) != FRESH_LINEAGE:
         return f"it converged a {rs.record.lineage} run"
-    if rs.record.certs != run.certs:
-        return f"it runs --certs {rs.record.certs}, this loop --certs {run.certs}"
+    if rs.record.certs != session.certs:
+        return f"it runs --certs {rs.record.certs}, this loop --certs {session.certs}"
     if not keys or chain is None:
         return "what it applied is not recorded (--no-checkpoints, or a real-secret tier)"
     if rs.record.image_key != current_image_key(ctx):
@@ -7363,15 +7363,15 @@ def loop_vm_silence(ctx, rs):
     return None
 
 
-def reuse_loop_vm(ctx, args, run):
+def reuse_loop_vm(ctx, args, session):
     """A quick loop applies its edit to the VM the last loop left, re-applying only the
     playbooks from the first one whose inputs changed since that VM applied them (the
     checkpoint chain's keys, compared with run.json's applied_keys), as one iterates on
     a dev box: no restore, no apt install already done. What it applies onto is the last
     loop's state, not a fresh one: the gate (cycle) still starts fresh. --fresh, a VM
     that cannot take the edit (reuse_refusal) or does not answer: torn down, and this
-    run resumes a checkpoint. Sets run.reused."""
-    host = run.profile["name"]
+    run resumes a checkpoint. Sets session.reused."""
+    host = session.profile["name"]
     kept = claimed_loop_vms(ctx, host)
     last = kept.pop() if kept and not args.fresh else None
     for rs, claim in kept:  # every other one (all of them with --fresh)
@@ -7380,33 +7380,33 @@ def reuse_loop_vm(ctx, args, run):
     if last is None:
         return
     last, claim = last
-    run.claims.append(claim)  # this session's until it ends, kept or torn down
+    session.claims.append(claim)  # this session's until it ends, kept or torn down
     chain = None
-    if run.certs not in REAL_SECRET_TIERS and checkpoints_enabled(ctx, args):
+    if session.certs not in REAL_SECRET_TIERS and checkpoints_enabled(ctx, args):
         chain = checkpoint_chain(
-            ctx, run.profile, run.certs, last.record.image_key, last.record.accel
+            ctx, session.profile, session.certs, last.record.image_key, last.record.accel
         )
-    why = reuse_refusal(ctx, run, last, chain)
+    why = reuse_refusal(ctx, session, last, chain)
     if why is None:
-        run.bounds = stage_bounds(last.record.accel, ctx.settings)
+        session.bounds = stage_bounds(last.record.accel, ctx.settings)
         why = loop_vm_silence(ctx, last)
     if why is not None:
         progress(ctx, "loop", f"not reusing the previous quick loop's VM {last.name}: {why}")
-        run.result["reuse_refused"] = {"run": last.name, "why": why}
+        session.result["reuse_refused"] = {"run": last.name, "why": why}
         retire_loop_vm(ctx, last)
         return
     keys = last.record.applied_keys
     same = 0
     while same + 1 < len(keys) and same + 1 < len(chain) and keys[same + 1] == chain[same + 1][1]:
         same += 1
-    run.acquire_slot(ctx)
-    run.attach(last)
-    run.reused = True
-    run.checkpoint_chain = chain
+    session.acquire_slot(ctx)
+    session.attach(last)
+    session.reused = True
+    session.checkpoint_chain = chain
     last.record.kept_by = None  # this session's now; keep_vm keeps it again
     record_applied(last, chain, same)
-    steps = [s["playbook"] for s in run.profile["applies"]]
-    run.result.update(
+    steps = [s["playbook"] for s in session.profile["applies"]]
+    session.result.update(
         host=host,
         accel=last.record.accel,
         reused_vm={"run": last.name, "kept": steps[:same], "reapplied": steps[same:]},
@@ -7986,86 +7986,86 @@ def run_session(ctx, args, command, options=None):
     result["started_at"] = now_iso()
     result["certs"] = args.certs
     result["expect_fail"] = args.expect_fail or False
-    run = Run(
+    session = Run(
         command=command,
         options=options,
         result=result,
         bounds=dict(ctx.default_bounds),
         strategy=options.strategy,
     )
-    ctx = dataclasses.replace(ctx, run=run)  # the process's context, bound to this run
+    ctx = dataclasses.replace(ctx, session=session)  # the process's context, bound to this run
     if shutil.which("git", path=ctx.environ.get("PATH")) and (ctx.repo / ".git").exists():
         result["commit"] = working_tree_commit(ctx)  # what the report names
     try:
-        run.exit_code = apply_expect_fail(result, run_phases(ctx, args, run))
-        result["exit_code"] = run.exit_code
-        if run.exit_code == EXIT_USAGE and run.rs is None:
-            return run  # bad input: the one error line says it all, nothing ran
-        end_session(ctx, args, run)
-        run.reported = True
-        return run
+        session.exit_code = apply_expect_fail(result, run_phases(ctx, args, session))
+        result["exit_code"] = session.exit_code
+        if session.exit_code == EXIT_USAGE and session.rs is None:
+            return session  # bad input: the one error line says it all, nothing ran
+        end_session(ctx, args, session)
+        session.reported = True
+        return session
     finally:  # REF's worktree goes, whatever happened (end_session: after the verdict)
-        if run.day2 is not None:
-            run.day2.close(ctx)
+        if session.day2 is not None:
+            session.day2.close(ctx)
 
 
-def run_phases(ctx, args, run):
+def run_phases(ctx, args, session):
     """The command's phases in order; the first failure is classified and handled by
     on_failure. The VM slot is released last, after any teardown."""
     try:
         try:
-            for phase in SESSION_PHASES[run.command]:
-                phase(ctx, args, run)
+            for phase in SESSION_PHASES[session.command]:
+                phase(ctx, args, session)
         except VerifyFailed as e:
-            return on_failure(ctx, args, run, "verify", e)
+            return on_failure(ctx, args, session, "verify", e)
         except KeyboardInterrupt:
-            return on_failure(ctx, args, run, "interrupt", None)
+            return on_failure(ctx, args, session, "interrupt", None)
         except Exception as e:  # every error takes the same road
-            e = as_harness_error(e, run.result)
-            return on_failure(ctx, args, run, ERROR_KINDS.get(e.exit_code, "infra"), e)
+            e = as_harness_error(e, session.result)
+            return on_failure(ctx, args, session, ERROR_KINDS.get(e.exit_code, "infra"), e)
         return EXIT_PASS
     finally:
-        if run.rs is not None:  # a kept VM keeps no SSH process of ours either
-            run.rs.close_ssh()
-        flush_command_log(run.cmdlog)
-        run.release_slot()
-        run.release_claims()
+        if session.rs is not None:  # a kept VM keeps no SSH process of ours either
+            session.rs.close_ssh()
+        flush_command_log(session.cmdlog)
+        session.release_slot()
+        session.release_claims()
 
 
-def end_session(ctx, args, run):
+def end_session(ctx, args, session):
     """After the verdict: the verdict written (write_verdict) with interrupts held back,
     then the end-of-run work (REF's worktree removed, the checkpoint gc), bounded; an
     interrupt there cuts it short and leaves the verdict, and its exit code, as written
     (issue 27). run_session removes the worktree if this did not."""
     try:
         with _signals_deferred():
-            write_verdict(ctx, args, run)
-        if run.day2 is not None:  # REF's worktree (and git's record of it) goes
-            run.day2.close(ctx)
-        gc_after_run(ctx, run)
+            write_verdict(ctx, args, session)
+        if session.day2 is not None:  # REF's worktree (and git's record of it) goes
+            session.day2.close(ctx)
+        gc_after_run(ctx, session)
     except KeyboardInterrupt:
         print(
             "\nintegration-vm: interrupted after the verdict: checkpoint cleanup skipped "
             "(the next run's does it)",
             file=sys.stderr,
         )
-    if run.report is not None:  # the run's last line (stdout's last stays the summary)
+    if session.report is not None:  # the run's last line (stdout's last stays the summary)
         sys.stdout.flush()
-        print(f"report: {run.report}", file=sys.stderr, flush=True)
+        print(f"report: {session.report}", file=sys.stderr, flush=True)
 
 
-def gc_after_run(ctx, run):
+def gc_after_run(ctx, session):
     """One chain per profile: what these inputs can no longer resume goes. Optional
     work: its lock is waited for END_GC_LOCK_WAIT at most (another run writing a
     checkpoint holds it for minutes), then skipped with one line."""
-    if not (run.checkpoint_chain and run.options.gc_outdated):
+    if not (session.checkpoint_chain and session.options.gc_outdated):
         return
     try:
         gone = gc_checkpoints(
             ctx,
-            run.result.get("host"),
-            keep=[k for _, k, _ in run.checkpoint_chain],
-            lineage=run_lineage(run),
+            session.result.get("host"),
+            keep=[k for _, k, _ in session.checkpoint_chain],
+            lineage=run_lineage(session),
             wait=END_GC_LOCK_WAIT,
         )
         if gone:
@@ -8080,19 +8080,19 @@ def gc_after_run(ctx, run):
         print(f"integration-vm: warning: checkpoint cleanup: {e}", file=sys.stderr)
 
 
-def write_verdict(ctx, args, run):
+def write_verdict(ctx, args, session):
     """The boot-time history, result.json (the converging commands and assert), JUnit,
     the summary line and the command's footer."""
-    result, command = run.result, run.command
-    note_boot_times(ctx, result, run.rs.name if run.rs else None)
+    result, command = session.result, session.command
+    note_boot_times(ctx, result, session.rs.name if session.rs else None)
     writes_result = command in (*CONVERGING_COMMANDS, "assert")
-    run.report = finish_result(
+    session.report = finish_result(
         ctx,
         result,
-        run.rs if writes_result else None,
+        session.rs if writes_result else None,
         args.junit,
         stream=sys.stdout if writes_result else sys.stderr,
-        strategy=run.strategy,
+        strategy=session.strategy,
     )
     if command == "bench":
         sys.stdout.write(format_bench_table(result))
@@ -8103,96 +8103,96 @@ def write_verdict(ctx, args, run):
 # ---- the phases: each takes (ctx, args, run) and raises on failure -------------------
 
 
-def phase_prepare(ctx, args, run):
+def phase_prepare(ctx, args, session):
     """Every check that can fail before anything is created (prepare)."""
-    run.profile, run.certs = prepare(ctx, args, run.command)
-    run.result["certs"] = run.certs
+    session.profile, session.certs = prepare(ctx, args, session.command)
+    session.result["certs"] = session.certs
 
 
-def phase_retire_loop_vms(ctx, args, run):
-    retire_loop_vms(ctx, run.profile["name"])
+def phase_retire_loop_vms(ctx, args, session):
+    retire_loop_vms(ctx, session.profile["name"])
 
 
-def phase_reuse_loop_vm(ctx, args, run):
+def phase_reuse_loop_vm(ctx, args, session):
     """loop: the edit goes onto the VM the last loop left when it can (reuse_loop_vm);
     any other loop VM of the profile is torn down, as the gate does."""
-    reuse_loop_vm(ctx, args, run)
+    reuse_loop_vm(ctx, args, session)
 
 
-def phase_provision(ctx, args, run):
+def phase_provision(ctx, args, session):
     """A new VM: image, accel, network, slot, then a resumed checkpoint or a cold boot
     (nothing to do for a loop that reuses the last loop's VM)."""
-    if run.reused:
+    if session.reused:
         return
-    provision(ctx, args, run)
-    run.result["host"] = run.rs.record.host
+    provision(ctx, args, session)
+    session.result["host"] = session.rs.record.host
 
 
-def phase_attach(ctx, args, run):
+def phase_attach(ctx, args, session):
     """The live run this command acts on (--run, or the host's only one): its state,
     command log and its accelerator's bounds."""
-    rs = select_run(ctx, args.run, run.profile["name"], live="required")
+    rs = select_run(ctx, args.run, session.profile["name"], live="required")
     if rs.record.state != "up":
         raise UsageError(f"run {rs.name} is {rs.record.state}, not up")
-    run.attach(rs)
-    run.bounds = stage_bounds(rs.record.accel, ctx.settings)
-    run.result["host"] = rs.record.host
+    session.attach(rs)
+    session.bounds = stage_bounds(rs.record.accel, ctx.settings)
+    session.result["host"] = rs.record.host
 
 
-def phase_apply(ctx, args, run):
-    apply(ctx, run.rs, run.profile, run.certs, result=run.result)
+def phase_apply(ctx, args, session):
+    apply(ctx, session.rs, session.profile, session.certs, result=session.result)
 
 
-def phase_from_ref(ctx, args, run):
+def phase_from_ref(ctx, args, session):
     """--from REF (day 2): resolve REF (exit 2 when it is not a commit or lacks the
     profile), then check it out in a worktree and load REF's own profile."""
-    host, frm = run.profile["name"], run.options.from_ref
+    host, frm = session.profile["name"], session.options.from_ref
     if frm is None and args.from_ref:
         frm = resolve_from_ref(ctx, args.from_ref, host)
     if frm is None:
         return
-    run.day2 = DayTwo(frm, host, git_repo=run.options.git_repo)
-    run.result["from_ref"] = run.day2.frm.as_json()
-    run.day2.open(ctx, f"{run.profile['name']}-{os.getpid()}")
+    session.day2 = DayTwo(frm, host, git_repo=session.options.git_repo)
+    session.result["from_ref"] = session.day2.frm.as_json()
+    session.day2.open(ctx, f"{session.profile['name']}-{os.getpid()}")
 
 
-def phase_converge(ctx, args, run):
+def phase_converge(ctx, args, session):
     """The playbooks from the first step this VM has not applied (a resumed checkpoint's),
     each followed by its checkpoint when the run keeps them. Day 2: REF's playbooks that
     way (REF's chain), then the working tree's on top."""
-    after_step = checkpoint_after_apply(ctx, run)
-    start = run.rs.record.applied_steps or 0
-    if run.day2 is None:
+    after_step = checkpoint_after_apply(ctx, session)
+    start = session.rs.record.applied_steps or 0
+    if session.day2 is None:
         apply(
             ctx,
-            run.rs,
-            run.profile,
-            run.certs,
-            result=run.result,
+            session.rs,
+            session.profile,
+            session.certs,
+            result=session.result,
             start=start,
             after_step=after_step,
-            start_why="on the last loop's VM, its inputs unchanged" if run.reused else None,
+            start_why="on the last loop's VM, its inputs unchanged" if session.reused else None,
         )
         return
-    apply_from_ref(ctx, run.rs, run.day2, run.certs, run.result, after_step)
-    upgrade(ctx, run.rs, run.profile, run.certs, run.result, run.day2)
+    apply_from_ref(ctx, session.rs, session.day2, session.certs, session.result, after_step)
+    upgrade(ctx, session.rs, session.profile, session.certs, session.result, session.day2)
 
 
-def phase_verify_live(ctx, args, run):
+def phase_verify_live(ctx, args, session):
     """The verify right after the applies, before any reboot: a host broken live fails
     here ("dead live"), one the reboot breaks fails the verify after it ("dies on reboot")."""
-    if run.command in GATE_COMMANDS and args.no_reboot:
+    if session.command in GATE_COMMANDS and args.no_reboot:
         return  # no reboot: the one verify is the live one
-    run_assert(ctx, run.rs, run.profile, run.certs, run.result, stage=LIVE_VERIFY)
+    run_assert(ctx, session.rs, session.profile, session.certs, session.result, stage=LIVE_VERIFY)
 
 
-def phase_reboots(ctx, args, run):
+def phase_reboots(ctx, args, session):
     """Each reboot mode the command runs (loop: one graceful; reboot: the first; the gate:
     all, unless --no-reboot), each proved and diffed against the capture before it."""
-    command, result, rs = run.command, run.result, run.rs
+    command, result, rs = session.command, session.result, session.rs
     if command in GATE_COMMANDS and args.no_reboot:
         return
-    modes = [args.reboot] if args.reboot else run.profile["reboot"]
+    modes = [args.reboot] if args.reboot else session.profile["reboot"]
     result["reboot_modes"] = (
         ["graceful"] if command == "loop" else modes[:1] if command == "reboot" else modes
     )
@@ -8212,34 +8212,34 @@ def phase_reboots(ctx, args, run):
         result.setdefault("reboot_stages", []).append(stage)
         with timed_phase(ctx, result, f"reboot-diff:{mode}") as entry:
             summary = reboot_diff(
-                ctx, rs, run.profile, mode, before, after, result, args.reboot_diff
+                ctx, rs, session.profile, mode, before, after, result, args.reboot_diff
             )
             if summary.get("warning"):
                 entry["message"] = summary["warning"]
         last = None if summary.get("recaptured") else after
 
 
-def phase_assert(ctx, args, run):
-    run_assert(ctx, run.rs, run.profile, run.certs, run.result)
+def phase_assert(ctx, args, session):
+    run_assert(ctx, session.rs, session.profile, session.certs, session.result)
 
 
-def phase_idempotence(ctx, args, run):
+def phase_idempotence(ctx, args, session):
     if not args.no_idempotence and not args.no_reboot:
-        idempotence(ctx, run.rs, run.profile, run.certs, run.result)
+        idempotence(ctx, session.rs, session.profile, session.certs, session.result)
 
 
-def phase_finish(ctx, args, run):
+def phase_finish(ctx, args, session):
     """Everything passed: the verdict, the transport timing (bench), then teardown (the
     gate) or the kept VM's inspection help; `up` prints name and IP."""
-    command, rs = run.command, run.rs
-    run.result["verdict"] = "pass"
-    if run.options.time_transports:
-        compare_transports(ctx, rs, run.profile, run.certs, run.result)
+    command, rs = session.command, session.rs
+    session.result["verdict"] = "pass"
+    if session.options.time_transports:
+        compare_transports(ctx, rs, session.profile, session.certs, session.result)
     if command in GATE_COMMANDS and not args.keep:
-        with timed_phase(ctx, run.result, "teardown"):
+        with timed_phase(ctx, session.result, "teardown"):
             Machine(ctx, rs).destroy()
     elif command in CONVERGING_COMMANDS:
-        keep_vm(ctx, args, command, run.result, rs)
+        keep_vm(ctx, args, command, session.result, rs)
     if command == "up":
         print(f"{rs.name} {rs.ip}", flush=True)
 
@@ -8350,11 +8350,11 @@ FAILURE_POLICY = {
 ERROR_KINDS = {EXIT_INFRA: "infra", EXIT_USAGE: "usage"}  # a HarnessError's, by exit code
 
 
-def on_failure(ctx, args, run, kind, e):
+def on_failure(ctx, args, session, kind, e):
     """FAILURE_POLICY[kind] applied to the run: result.json's verdict and failed stage,
     one line, then diagnostics and teardown-or-keep as the table says. Its exit code."""
     _ignore_signals()
-    policy, result, rs = FAILURE_POLICY[kind], run.result, run.rs
+    policy, result, rs = FAILURE_POLICY[kind], session.result, session.rs
     stage = e.stage if e is not None else _current_phase(result)
     msg = getattr(e, "msg", str(e)) if e is not None else "interrupted"
     result.update(verdict=policy.verdict, failed_stage=stage, message=msg)
@@ -8369,9 +8369,9 @@ def on_failure(ctx, args, run, kind, e):
         reason = f"{stage}: {msg}" if kind == "verify" else str(e)
         result["diagnostics"] = str(collect_diagnostics(ctx, rs, reason))
     destroy = policy.end == "destroy" or expected_failure(result, stage)
-    if kind == "interrupt" and run.creates and not args.keep:
+    if kind == "interrupt" and session.creates and not args.keep:
         progress(ctx, "teardown", f"tearing down {rs.name}")
-    teardown_or_keep(ctx, args, run.command, result, rs, destroy)
+    teardown_or_keep(ctx, args, session.command, result, rs, destroy)
     return policy.exit_code
 
 
@@ -8441,12 +8441,12 @@ def prepare(ctx, args, command):
     return profile, certs
 
 
-def provision(ctx, args, run):
+def provision(ctx, args, session):
     """image -> accel -> network -> guarded create -> boot (or a resumed checkpoint)."""
-    profile, certs, result = run.profile, run.certs, run.result
+    profile, certs, result = session.profile, session.certs, session.result
     cached = (ctx.cache / "images" / current_image_key(ctx) / "manifest.json").is_file()
     check_guards(ctx, profile, need_image=not cached, count_vms=not cached)  # before a build
-    if run.options.cold_image:
+    if session.options.cold_image:
         # The benchmark measures both: a forced rebuild (cold) and the cache hit (warm).
         with timed_phase(ctx, result, "image:cold"):
             ensure_image(ctx, force=True)
@@ -8456,8 +8456,8 @@ def provision(ctx, args, run):
             progress(ctx, "image", f"cached {image.dir}")
     accel = choose_accel(ctx, image)
     result["accel"] = accel
-    run.bounds = stage_bounds(accel, ctx.settings)
-    run.acquire_slot(ctx)  # held until the session ends, after its teardown
+    session.bounds = stage_bounds(accel, ctx.settings)
+    session.acquire_slot(ctx)  # held until the session ends, after its teardown
     if certs in REAL_SECRET_TIERS and checkpoints_enabled(ctx, args):
         progress(
             ctx,
@@ -8465,36 +8465,36 @@ def provision(ctx, args, run):
             f"off: --certs {certs} puts the real Gandi token in the "
             "guest's memory, which a checkpoint would keep on disk",
         )
-    elif run.command in CONVERGING_COMMANDS and checkpoints_enabled(ctx, args):
-        day2 = run.day2  # a day-2 run resumes REF's chain (its keys hash REF's files)
-        run.checkpoint_chain = (
+    elif session.command in CONVERGING_COMMANDS and checkpoints_enabled(ctx, args):
+        day2 = session.day2  # a day-2 run resumes REF's chain (its keys hash REF's files)
+        session.checkpoint_chain = (
             checkpoint_chain(day2.ref_ctx(ctx), day2.profile, certs, image.key, accel)
             if day2
             else checkpoint_chain(ctx, profile, certs, image.key, accel)
         )
-        result["checkpoints"] = chain_record(run.checkpoint_chain)
-        if run.options.fresh_checkpoints:  # a cold benchmark starts with none of its own
+        result["checkpoints"] = chain_record(session.checkpoint_chain)
+        if session.options.fresh_checkpoints:  # a cold benchmark starts with none of its own
             gc_checkpoints(ctx, profile["name"], keep=())
         ensure_network(ctx)  # a restore needs it active too (a fresh libvirtd has not started it)
-        if try_resume(ctx, run) is not None:
-            return run.rs
+        if try_resume(ctx, session) is not None:
+            return session.rs
     with timed_phase(ctx, result, "boot"):
         ensure_network(ctx)
         with file_lock(ctx, ctx.cache / "lock", "up"):
             check_guards(ctx, profile, need_image=False)  # authoritative, under the lock
             t0 = time.monotonic()
-            create_run(ctx, profile, certs, accel, image, run)
+            create_run(ctx, profile, certs, accel, image, session)
             note_span(ctx, "create-vm", t0)
-        run.rs.record.lineage = run_lineage(run)
-        panic = Machine(ctx, run.rs).start(image)
+        session.rs.record.lineage = run_lineage(session)
+        panic = Machine(ctx, session.rs).start(image)
         if panic:
             result["first_boot_panic"] = panic
-        record_applied(run.rs, run.applied_chain, 0)
-    result["boot_stages"] = run.rs.record.boot_stages or {}
-    if run.checkpoint_chain:
-        _, key, _ = run.checkpoint_chain[0]
-        take_checkpoint(ctx, run.rs, "booted", key, None, result)
-    return run.rs
+        record_applied(session.rs, session.applied_chain, 0)
+    result["boot_stages"] = session.rs.record.boot_stages or {}
+    if session.checkpoint_chain:
+        _, key, _ = session.checkpoint_chain[0]
+        take_checkpoint(ctx, session.rs, "booted", key, None, result)
+    return session.rs
 
 
 # --------------------------------------------------------------------------------------

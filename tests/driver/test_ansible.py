@@ -336,7 +336,7 @@ def test_ansible_env_selects_the_strategy_explicitly_either_way():
 
 def _ctx(request="mitogen"):
     return types.SimpleNamespace(
-        run=types.SimpleNamespace(strategy=None),  # the session's Run holds the choice
+        session=types.SimpleNamespace(strategy=None),  # the session's Run holds the choice
         strategy_request=request,
         cmdlog=None,
         environ={"PATH": os.environ.get("PATH", "")},

@@ -809,7 +809,7 @@ def test_a_session_runs_its_phases_on_one_run_and_ends_by_the_policy(tmp_path, c
     ctx, seen, slot = _ctx(tmp_path), [], _Slot()
 
     def first(ctx, args, run):
-        assert ctx.run is run and ctx.bounds is run.bounds  # the active run's bounds
+        assert ctx.session is run and ctx.bounds is run.bounds  # the active run's bounds
         run.rs, run.slot = (
             types.SimpleNamespace(name="boma-it-askari-0123abcd", close_ssh=lambda: None),
             slot,
@@ -831,7 +831,7 @@ def test_a_session_runs_its_phases_on_one_run_and_ends_by_the_policy(tmp_path, c
     assert seen == ["first", ("down", False)] and slot.closed
     assert run.exit_code == ivm.EXIT_INFRA and run.reported
     assert run.result["failed_stage"] == "apply:site.yml" and run.result["exit_code"] == 3
-    assert ctx.run is None  # the session bound a copy of the caller's context, not it
+    assert ctx.session is None  # the session bound a copy of the caller's context, not it
 
 
 def test_a_usage_error_before_anything_exists_writes_no_summary(tmp_path, monkeypatch, capsys):
@@ -863,7 +863,7 @@ def test_attaching_a_run_state_moves_the_command_log(tmp_path):
     ctx = _ctx(tmp_path)
     assert ctx.cmdlog is None and ctx.bounds == {}
     run = ivm.Run(bounds={"virsh": 5.0})
-    ctx = dataclasses.replace(ctx, run=run)
+    ctx = dataclasses.replace(ctx, session=run)
     run.attach(ivm.RunState(ctx, ivm.RunRecord("boma-it-askari-0123abcd", None)))
     assert ctx.cmdlog == tmp_path / ".run" / "boma-it-askari-0123abcd" / "logs" / "commands.log"
     assert ctx.bounds == {"virsh": 5.0}
