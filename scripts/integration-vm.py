@@ -693,7 +693,7 @@ def timed_phase(ctx, result, name):
     if ctx is not None:  # where it starts in the run (the report's timeline)
         entry["at"] = round(t0 - ctx.t0, 1)
     if result is not None:
-        result["phase_details"].append(entry)
+        result.phase_details.append(entry)
     try:
         yield entry
     except VerifyFailed as e:
@@ -3035,10 +3035,10 @@ def note_span(ctx, what, t0, who="harness", seconds=None):
     result = ctx.session.result if ctx.session is not None else None
     if result is None:
         return
-    if result.get("timeline") is None:
-        result["timeline"] = []
-    phases = result.get("phase_details") or []
-    result["timeline"].append(
+    if result.timeline is None:
+        result.timeline = []
+    phases = result.phase_details or []
+    result.timeline.append(
         {
             "phase": phases[-1]["name"] if phases else None,
             "what": what,
@@ -3164,7 +3164,7 @@ def warn_reboot(result, reboots, rs):
             "until they end)"
         )
     for w in lines:
-        result.setdefault("warnings", []).append(w)
+        result.add_warning(w)
         print(f"integration-vm: warning: {w}", file=sys.stderr)
     return "; ".join(lines) or None
 
@@ -3172,12 +3172,12 @@ def warn_reboot(result, reboots, rs):
 def note_boot_times(ctx, result, run_name):
     """Compare this run's reboots with the profile's last passing run on this
     accelerator (warnings into result.json), and remember them when this one passed."""
-    host, reboots = result.get("host"), result.get("reboot_stages")
+    host, reboots = result.host, result.reboot_stages
     if not host or not reboots or not re.fullmatch(HOST_RE, host):
         return
     try:
         d = owned_path(ctx.cache, "boot-history")
-        f = owned_path(d, f"{host}-{result.get('accel') or 'unknown'}.json")
+        f = owned_path(d, f"{host}-{result.accel or 'unknown'}.json")
         last = json.loads(f.read_text()) if f.is_file() else {}
         for w in slow_boot_warnings(
             last.get("reboot_stages"),
@@ -3185,9 +3185,9 @@ def note_boot_times(ctx, result, run_name):
             ctx.settings["BOMA_IT_SLOW_BOOT_FACTOR"],
             ctx.settings["BOMA_IT_SLOW_BOOT_SLACK"],
         ):
-            result.setdefault("warnings", []).append(w)
+            result.add_warning(w)
             print(f"integration-vm: warning: {w}", file=sys.stderr)
-        if result.get("verdict") == "pass":
+        if result.verdict == "pass":
             d.mkdir(parents=True, exist_ok=True)
             write_owned(
                 f,
@@ -4084,7 +4084,7 @@ def write_capture(d, state):
 def reboot_diff(ctx, rs, profile, mode, before, after, result=None, policy="fail"):
     """Compare the captures around one reboot. Files go to the run's diagnostics dir
     (reboot-<n>-<mode>/before/, after/, diff.txt) on every outcome; the summary to
-    result['reboot_diffs'] and run.json. Differences the profile's reboot_diff_tolerate
+    result.reboot_diffs and run.json. Differences the profile's reboot_diff_tolerate
     does not cover are UNEXPECTED: they are captured once more after reboot-settle
     seconds (the guest may still be starting something), and if still there,
     VerifyFailed('reboot-diff') (policy fail) or a warning (policy warn). Returns the
@@ -4113,7 +4113,7 @@ def reboot_diff(ctx, rs, profile, mode, before, after, result=None, policy="fail
     boot = after.get("boot") or {}
     summary["boot"] = {"startup": boot.get("startup"), "blame_top": boot.get("blame_top", [])}
     if result is not None:
-        result.setdefault("reboot_diffs", []).append(summary)
+        result.reboot_diffs.append(summary)
     if rs.record.reboots:
         rs.record.reboots[-1]["diff"] = {
             "changed": summary["changed"],
@@ -5194,7 +5194,7 @@ def apply(
 
 def _skipped_apply(ctx, result, phase, why):
     if result is not None:
-        result["phase_details"].append(
+        result.phase_details.append(
             {
                 "name": phase,
                 "seconds": 0.0,
@@ -5216,15 +5216,15 @@ def story_of(result):
     """A failed run's story: "dead live" (broken right after the apply), "dies on reboot"
     (the live verify passed, the one after the reboots failed), "upgrade fails" (the
     working tree's apply on top of --from REF broke); else None."""
-    stage = result.get("failed_stage") or ""
-    if stage == "verify" and not any(p["name"] == LIVE_VERIFY for p in result["phase_details"]):
+    stage = result.failed_stage or ""
+    if stage == "verify" and not any(p["name"] == LIVE_VERIFY for p in result.phase_details):
         return None  # no live verify ran (assert, --no-reboot): the story is unknown
     return STORIES.get(stage.split(":")[0] if stage.startswith("upgrade:") else stage)
 
 
 def run_assert(ctx, rs, profile, certs, result=None, stage="verify"):
     """The verify playbook, as `stage` (verify, or verify:live before the reboots).
-    Its checks go to result[VERIFY_TASK_KEYS[stage]]."""
+    Its checks go to the result's VERIFY_TASK_KEYS[stage] field."""
     with timed_phase(ctx, result, stage):
         progress(ctx, stage, f"ansible-playbook {profile['verify']}")
         rc, out = run_playbook(
@@ -5239,9 +5239,8 @@ def run_assert(ctx, rs, profile, certs, result=None, stage="verify"):
         )
         tasks = verify_checks(out, rs.domain)
         if result is not None:
-            result[VERIFY_TASK_KEYS[stage]] = [
-                {"name": n, "status": s, "message": m} for n, s, m in tasks
-            ]
+            checks = [{"name": n, "status": s, "message": m} for n, s, m in tasks]
+            setattr(result, VERIFY_TASK_KEYS[stage], checks)
         recap = parse_recap(out).get(rs.domain, {})
         if recap.get("unreachable"):
             raise InfraError(stage, f"{rs.domain} unreachable during {stage}")
@@ -5260,7 +5259,7 @@ def idempotence(ctx, rs, profile, certs, result=None):
     progress(ctx, "idempotence", "re-applying the profile; expecting zero changes")
     changed, tasks = apply(ctx, rs, profile, certs, "idempotence", result)
     if result is not None:
-        result["idempotence"] = {"changed": changed, "changed_tasks": tasks}
+        result.idempotence = {"changed": changed, "changed_tasks": tasks}
     if changed:
         raise VerifyFailed(
             "idempotence",
@@ -5295,7 +5294,7 @@ def compare_transports(ctx, rs, profile, certs, result):
         probe = dataclasses.replace(ctx, strategy_request="mitogen", session=probe_run)
         mito = resolve_strategy(probe, find_ansible_playbook(ctx))
     if mito["used"] != MITOGEN_STRATEGY:
-        result["transport"] = {"error": mito["fallback"]}
+        result.transport = {"error": mito["fallback"]}
         return
     seconds = {}
     for choice in (strategy_choice("default"), mito):
@@ -5316,8 +5315,8 @@ def compare_transports(ctx, rs, profile, certs, result):
             if rc != 0:
                 raise InfraError(f"transport:{name}", f"{TRANSPORT_PROBE} failed (exit {rc})")
             seconds[name] = time.monotonic() - t0
-    result["transport"] = transport_figures(seconds)
-    t = result["transport"]
+    result.transport = transport_figures(seconds)
+    t = result.transport
     progress(
         ctx,
         "transport",
@@ -6037,11 +6036,11 @@ def try_resume(ctx, session):
             if session.rs is not None:
                 Machine(ctx, session.rs).destroy()
                 session.rs = None  # its command log stays the log until the cold boot's
-            result["resume_error"] = str(e)
+            result.resume_error = str(e)
         if why:
             # Not an error of this run: it boots cold. JUnit shows the phase as skipped.
             entry.update(status="skipped", message=f"{why}: cold boot")
-            if "resume_error" in result:  # it failed: a warning, not only progress
+            if result.resume_error is not None:  # it failed: a warning, not only progress
                 print(f"integration-vm: warning: {why}: cold boot", file=sys.stderr)
             else:
                 progress(ctx, "resume", f"{why}: cold boot")
@@ -6049,8 +6048,8 @@ def try_resume(ctx, session):
     rs.record.lineage = run_lineage(session)
     steps = 0 if stage == "booted" else int(stage.split("-")[1])
     record_applied(rs, session.applied_chain, steps)
-    result["resumed_from"] = rs.record.resumed_from
-    result["boot_stages"] = rs.record.boot_stages or {}
+    result.resumed_from = rs.record.resumed_from
+    result.boot_stages = rs.record.boot_stages or {}
     return rs
 
 
@@ -6225,10 +6224,10 @@ def apply_from_ref(ctx, rs, day2, certs, result, after_step):
 
 def upgrade(ctx, rs, profile, certs, result, day2):
     """The working tree applied on top of REF: what the change does to a running host."""
-    result["upgrade"] = {"from": day2.frm.as_json(), "to": working_tree_commit(ctx)}
+    result.upgrade = {"from": day2.frm.as_json(), "to": working_tree_commit(ctx)}
     changed, tasks = apply(ctx, rs, profile, certs, "upgrade", result)
-    result["upgrade"].update(changed=changed, changed_tasks=tasks)
-    write_owned(rs.dir / "logs" / "upgrade.json", json.dumps(result["upgrade"], indent=2) + "\n")
+    result.upgrade.update(changed=changed, changed_tasks=tasks)
+    write_owned(rs.dir / "logs" / "upgrade.json", json.dumps(result.upgrade, indent=2) + "\n")
     progress(ctx, "upgrade", f"{changed} task(s) changed on top of {day2.frm.ref}")
 
 
@@ -7392,7 +7391,7 @@ def reuse_loop_vm(ctx, args, session):
         why = loop_vm_silence(ctx, last)
     if why is not None:
         progress(ctx, "loop", f"not reusing the previous quick loop's VM {last.name}: {why}")
-        session.result["reuse_refused"] = {"run": last.name, "why": why}
+        session.result.reuse_refused = {"run": last.name, "why": why}
         retire_loop_vm(ctx, last)
         return
     keys = last.record.applied_keys
@@ -7406,12 +7405,10 @@ def reuse_loop_vm(ctx, args, session):
     last.record.kept_by = None  # this session's now; keep_vm keeps it again
     record_applied(last, chain, same)
     steps = [s["playbook"] for s in session.profile["applies"]]
-    session.result.update(
-        host=host,
-        accel=last.record.accel,
-        reused_vm={"run": last.name, "kept": steps[:same], "reapplied": steps[same:]},
-        checkpoints=chain_record(chain),
-    )
+    result = session.result
+    result.host, result.accel = host, last.record.accel
+    result.reused_vm = {"run": last.name, "kept": steps[:same], "reapplied": steps[same:]}
+    result.checkpoints = chain_record(chain)
     progress(
         ctx,
         "loop",
@@ -7470,7 +7467,7 @@ class Run:
 
     command: str = "session"
     options: SessionOptions = SessionOptions()
-    result: dict = dataclasses.field(default_factory=dict)
+    result: object = None  # its ResultRecord (result.json), live; new_result(command) if None
     profile: dict = None
     certs: str = None
     rs: object = None  # a RunState
@@ -7485,6 +7482,10 @@ class Run:
     exit_code: int = None
     reported: bool = False  # result.json and the summary line written (end_session)
     report: pathlib.Path = None  # its report.html (end_session)
+
+    def __post_init__(self):
+        if self.result is None:
+            self.result = new_result(self.command)
 
     def attach(self, rs):
         """This run's state from now on: its command log, and what a failure tears down."""
@@ -7660,11 +7661,18 @@ class ResultRecord(JsonRecord):
         }
     )
 
+    def add_warning(self, line):
+        """One warning line into `warnings` (absent from result.json until the first)."""
+        if self.warnings is None:
+            self.warnings = []
+        self.warnings.append(line)
+
 
 def new_result(command, host=None):
-    """A fresh result.json as the dict a session's phases fill in (ResultRecord's
-    fields; finish_result writes it back through ResultRecord)."""
-    return ResultRecord(command=command, host=host).to_json()
+    """A fresh result.json as the ResultRecord a session's phases fill in (its fields
+    set as attributes); finish_result writes it out (ResultRecord.to_json, the one place
+    it becomes result.json's dict)."""
+    return ResultRecord(command=command, host=host)
 
 
 def format_summary(result):
@@ -7788,7 +7796,7 @@ def _junit_cases(result):
 
 
 def _current_phase(result):
-    running = [p["name"] for p in result["phase_details"] if p["status"] == "interrupted"]
+    running = [p["name"] for p in result.phase_details if p["status"] == "interrupted"]
     return running[-1] if running else "interrupted"
 
 
@@ -7932,18 +7940,16 @@ def finish_result(ctx, result, rs, junit=None, stream=None, strategy=None):
     """result.json and report.html (with a run), JUnit, the summary line -> the report's
     path or None."""
     report = None
-    result["finished_at"] = now_iso()
-    result["total_seconds"] = round(time.monotonic() - ctx.t0, 1)
-    result["phases"] = {k: round(v, 1) for k, v in phase_totals(result["phase_details"]).items()}
+    result.finished_at = now_iso()
+    result.total_seconds = round(time.monotonic() - ctx.t0, 1)
+    result.phases = {k: round(v, 1) for k, v in phase_totals(result.phase_details).items()}
     if strategy is not None:
-        result["ansible_strategy"] = strategy
+        result.ansible_strategy = strategy
     if rs is not None:
-        result.update(
-            vm=rs.name, domain=rs.domain, ip=rs.ip, accel=rs.record.accel, run_dir=str(rs.dir)
-        )
+        result.vm, result.domain, result.ip = rs.name, rs.domain, rs.ip
+        result.accel, result.run_dir = rs.record.accel, str(rs.dir)
         try:
-            record = ResultRecord.from_json(result, strict=True).to_json()
-            text = json.dumps(record, indent=2, sort_keys=True) + "\n"
+            text = json.dumps(result.to_json(), indent=2, sort_keys=True) + "\n"
             rs.dir.mkdir(parents=True, exist_ok=True)
             write_owned(rs.dir / "result.json", text)
             rs.diag_dir.mkdir(parents=True, exist_ok=True)
@@ -7953,10 +7959,10 @@ def finish_result(ctx, result, rs, junit=None, stream=None, strategy=None):
         report = write_run_reports(rs)
     if junit:
         try:
-            pathlib.Path(junit).write_text(render_junit(result))
+            pathlib.Path(junit).write_text(render_junit(result.to_json()))
         except OSError as e:
             print(f"integration-vm: warning: could not write {junit}: {e}", file=sys.stderr)
-    print(format_summary(result), file=stream or sys.stdout, flush=True)
+    print(format_summary(result.to_json()), file=stream or sys.stdout, flush=True)
     return report
 
 
@@ -7983,9 +7989,9 @@ def run_session(ctx, args, command, options=None):
     ended, then result.json, JUnit and the summary line. Returns the Run."""
     options = options or SessionOptions()
     result = new_result(command, args.host)
-    result["started_at"] = now_iso()
-    result["certs"] = args.certs
-    result["expect_fail"] = args.expect_fail or False
+    result.started_at = now_iso()
+    result.certs = args.certs
+    result.expect_fail = args.expect_fail or False
     session = Run(
         command=command,
         options=options,
@@ -7995,10 +8001,10 @@ def run_session(ctx, args, command, options=None):
     )
     ctx = dataclasses.replace(ctx, session=session)  # the process's context, bound to this run
     if shutil.which("git", path=ctx.environ.get("PATH")) and (ctx.repo / ".git").exists():
-        result["commit"] = working_tree_commit(ctx)  # what the report names
+        result.commit = working_tree_commit(ctx)  # what the report names
     try:
         session.exit_code = apply_expect_fail(result, run_phases(ctx, args, session))
-        result["exit_code"] = session.exit_code
+        result.exit_code = session.exit_code
         if session.exit_code == EXIT_USAGE and session.rs is None:
             return session  # bad input: the one error line says it all, nothing ran
         end_session(ctx, args, session)
@@ -8063,7 +8069,7 @@ def gc_after_run(ctx, session):
     try:
         gone = gc_checkpoints(
             ctx,
-            session.result.get("host"),
+            session.result.host,
             keep=[k for _, k, _ in session.checkpoint_chain],
             lineage=run_lineage(session),
             wait=END_GC_LOCK_WAIT,
@@ -8095,9 +8101,9 @@ def write_verdict(ctx, args, session):
         strategy=session.strategy,
     )
     if command == "bench":
-        sys.stdout.write(format_bench_table(result))
+        sys.stdout.write(format_bench_table(result.to_json()))
     if command == "loop":
-        print(f"integration-vm: {closing_lines(result)['loop']}", file=sys.stderr)
+        print(f"integration-vm: {closing_lines(result.to_json())['loop']}", file=sys.stderr)
 
 
 # ---- the phases: each takes (ctx, args, run) and raises on failure -------------------
@@ -8106,7 +8112,7 @@ def write_verdict(ctx, args, session):
 def phase_prepare(ctx, args, session):
     """Every check that can fail before anything is created (prepare)."""
     session.profile, session.certs = prepare(ctx, args, session.command)
-    session.result["certs"] = session.certs
+    session.result.certs = session.certs
 
 
 def phase_retire_loop_vms(ctx, args, session):
@@ -8125,7 +8131,7 @@ def phase_provision(ctx, args, session):
     if session.reused:
         return
     provision(ctx, args, session)
-    session.result["host"] = session.rs.record.host
+    session.result.host = session.rs.record.host
 
 
 def phase_attach(ctx, args, session):
@@ -8136,7 +8142,7 @@ def phase_attach(ctx, args, session):
         raise UsageError(f"run {rs.name} is {rs.record.state}, not up")
     session.attach(rs)
     session.bounds = stage_bounds(rs.record.accel, ctx.settings)
-    session.result["host"] = rs.record.host
+    session.result.host = rs.record.host
 
 
 def phase_apply(ctx, args, session):
@@ -8152,7 +8158,7 @@ def phase_from_ref(ctx, args, session):
     if frm is None:
         return
     session.day2 = DayTwo(frm, host, git_repo=session.options.git_repo)
-    session.result["from_ref"] = session.day2.frm.as_json()
+    session.result.from_ref = session.day2.frm.as_json()
     session.day2.open(ctx, f"{session.profile['name']}-{os.getpid()}")
 
 
@@ -8193,11 +8199,11 @@ def phase_reboots(ctx, args, session):
     if command in GATE_COMMANDS and args.no_reboot:
         return
     modes = [args.reboot] if args.reboot else session.profile["reboot"]
-    result["reboot_modes"] = (
+    result.reboot_modes = (
         ["graceful"] if command == "loop" else modes[:1] if command == "reboot" else modes
     )
     last = None  # the previous reboot's final capture is the next one's `before`
-    for mode in result["reboot_modes"]:
+    for mode in result.reboot_modes:
         with timed_phase(ctx, result, f"reboot:{mode}") as entry:
             before, after = Machine(ctx, rs).reboot(mode, before=last)
             entry["message"] = warn_reboot(result, rs.record.reboots, rs)
@@ -8209,7 +8215,8 @@ def phase_reboots(ctx, args, session):
         for k in ("timer_jobs", "emulator_oops"):  # only when there are some
             if last_reboot.get(k):
                 stage[k] = last_reboot[k]
-        result.setdefault("reboot_stages", []).append(stage)
+        result.reboot_stages = result.reboot_stages or []  # None until the first reboot
+        result.reboot_stages.append(stage)
         with timed_phase(ctx, result, f"reboot-diff:{mode}") as entry:
             summary = reboot_diff(
                 ctx, rs, session.profile, mode, before, after, result, args.reboot_diff
@@ -8232,7 +8239,7 @@ def phase_finish(ctx, args, session):
     """Everything passed: the verdict, the transport timing (bench), then teardown (the
     gate) or the kept VM's inspection help; `up` prints name and IP."""
     command, rs = session.command, session.rs
-    session.result["verdict"] = "pass"
+    session.result.verdict = "pass"
     if session.options.time_transports:
         compare_transports(ctx, rs, session.profile, session.certs, session.result)
     if command in GATE_COMMANDS and not args.keep:
@@ -8290,12 +8297,12 @@ def expected_failure(result, stage):
 def apply_expect_fail(result, exit_code):
     """--expect-fail: the named stage failing is a pass; a pass is a failure; a failure
     at another stage stays one."""
-    want = result.get("expect_fail")
+    want = result.expect_fail
     if not want or exit_code not in (EXIT_PASS, EXIT_VERIFY):
         return exit_code
-    if exit_code == EXIT_VERIFY and expected_failure(result, result.get("failed_stage")):
+    if exit_code == EXIT_VERIFY and expected_failure(result.to_json(), result.failed_stage):
         return EXIT_PASS
-    print(f"integration-vm: {closing_lines(result)['expect']}", file=sys.stderr)
+    print(f"integration-vm: {closing_lines(result.to_json())['expect']}", file=sys.stderr)
     return EXIT_VERIFY
 
 
@@ -8309,7 +8316,7 @@ def teardown_or_keep(ctx, args, command, result, rs, teardown):
             with timed_phase(ctx, result, "teardown"):
                 Machine(ctx, rs).destroy()
         except Exception as e:  # report, never mask the verdict
-            result["teardown_error"] = str(e)
+            result.teardown_error = str(e)
             print(
                 f"integration-vm: warning: teardown of {rs.name} incomplete: {e}", file=sys.stderr
             )
@@ -8320,10 +8327,10 @@ def teardown_or_keep(ctx, args, command, result, rs, teardown):
 def keep_vm(ctx, args, command, result, rs):
     """The VM stays up (a pass or a failure alike): result.json says so, a loop's VM is
     the next loop's (keep_for_next_loop), and the operator is told how to inspect it."""
-    result["kept"] = True
+    result.kept = True
     if command == "loop":
         keep_for_next_loop(rs)
-    kept = closing_lines(result, args.keep)["kept"]
+    kept = closing_lines(result.to_json(), args.keep)["kept"]
     print(inspection_help(ctx, rs, kept), file=sys.stderr, end="")
 
 
@@ -8357,18 +8364,18 @@ def on_failure(ctx, args, session, kind, e):
     policy, result, rs = FAILURE_POLICY[kind], session.result, session.rs
     stage = e.stage if e is not None else _current_phase(result)
     msg = getattr(e, "msg", str(e)) if e is not None else "interrupted"
-    result.update(verdict=policy.verdict, failed_stage=stage, message=msg)
+    result.verdict, result.failed_stage, result.message = policy.verdict, stage, msg
     if kind == "verify":
-        result["failures"] = e.failed_tasks
-        result["story"] = story_of(result)
+        result.failures = e.failed_tasks
+        result.story = story_of(result)
     lead = "\n" if kind == "interrupt" else ""  # after ^C the terminal's line is not empty
-    print(f"{lead}integration-vm: {closing_lines(result)['verdict']}", file=sys.stderr)
+    print(f"{lead}integration-vm: {closing_lines(result.to_json())['verdict']}", file=sys.stderr)
     if rs is None or policy.end == "leave":
         return policy.exit_code
     if policy.diagnostics:
         reason = f"{stage}: {msg}" if kind == "verify" else str(e)
-        result["diagnostics"] = str(collect_diagnostics(ctx, rs, reason))
-    destroy = policy.end == "destroy" or expected_failure(result, stage)
+        result.diagnostics = str(collect_diagnostics(ctx, rs, reason))
+    destroy = policy.end == "destroy" or expected_failure(result.to_json(), stage)
     if kind == "interrupt" and session.creates and not args.keep:
         progress(ctx, "teardown", f"tearing down {rs.name}")
     teardown_or_keep(ctx, args, session.command, result, rs, destroy)
@@ -8380,7 +8387,7 @@ def as_harness_error(e, result):
     ValueError, ...) is an infrastructure error of the stage that was running."""
     if isinstance(e, HarnessError):
         return e
-    failed = [p["name"] for p in result["phase_details"] if p["status"] == "error"]
+    failed = [p["name"] for p in result.phase_details if p["status"] == "error"]
     stage = failed[-1] if failed else "session"
     what = (
         f"{e.strerror}: {e.filename}"
@@ -8455,7 +8462,7 @@ def provision(ctx, args, session):
         if not image.built:
             progress(ctx, "image", f"cached {image.dir}")
     accel = choose_accel(ctx, image)
-    result["accel"] = accel
+    result.accel = accel
     session.bounds = stage_bounds(accel, ctx.settings)
     session.acquire_slot(ctx)  # held until the session ends, after its teardown
     if certs in REAL_SECRET_TIERS and checkpoints_enabled(ctx, args):
@@ -8472,7 +8479,7 @@ def provision(ctx, args, session):
             if day2
             else checkpoint_chain(ctx, profile, certs, image.key, accel)
         )
-        result["checkpoints"] = chain_record(session.checkpoint_chain)
+        result.checkpoints = chain_record(session.checkpoint_chain)
         if session.options.fresh_checkpoints:  # a cold benchmark starts with none of its own
             gc_checkpoints(ctx, profile["name"], keep=())
         ensure_network(ctx)  # a restore needs it active too (a fresh libvirtd has not started it)
@@ -8488,9 +8495,9 @@ def provision(ctx, args, session):
         session.rs.record.lineage = run_lineage(session)
         panic = Machine(ctx, session.rs).start(image)
         if panic:
-            result["first_boot_panic"] = panic
+            result.first_boot_panic = panic
         record_applied(session.rs, session.applied_chain, 0)
-    result["boot_stages"] = session.rs.record.boot_stages or {}
+    result.boot_stages = session.rs.record.boot_stages or {}
     if session.checkpoint_chain:
         _, key, _ = session.checkpoint_chain[0]
         take_checkpoint(ctx, session.rs, "booted", key, None, result)
@@ -8607,17 +8614,17 @@ def cmd_bench(ctx, args):
             if phase == "upgrade":
                 options = dataclasses.replace(options, from_ref=upgrade_from, git_repo=ctx.repo)
             leg = run_session(sub, a, command, options)
-            after[phase], rc = leg.result if leg.reported else None, leg.exit_code
+            after[phase], rc = leg.result.to_json() if leg.reported else None, leg.exit_code
             if rc != EXIT_PASS:
                 break
     finally:
         for tmp in copies:
             shutil.rmtree(tmp, ignore_errors=True)
-    retire_loop_vms(ctx, cold.result.get("host"))  # the bench leaves nothing running
+    retire_loop_vms(ctx, cold.result.host)  # the bench leaves nothing running
     sys.stdout.write(
         "\n"
         + format_bench_comparison(
-            cold.result,
+            cold.result.to_json(),
             after.get("warm"),
             args.warm_edit,
             loop=after.get("loop"),
@@ -9150,13 +9157,15 @@ def main(argv=None):
             "report": cmd_report,
         }[args.cmd](ctx, args)
     except KeyboardInterrupt:
-        ended = dict(new_result(args.cmd), verdict="interrupted")
+        ended = dict(new_result(args.cmd).to_json(), verdict="interrupted")
         print(f"\nintegration-vm: {closing_lines(ended)['verdict']}", file=sys.stderr)
         return EXIT_INTERRUPTED
     except Exception as e:  # one line, never a traceback
         e = as_harness_error(e, new_result(args.cmd))
         msg = getattr(e, "msg", str(e))
-        ended = dict(new_result(args.cmd), verdict="error", failed_stage=e.stage, message=msg)
+        ended = dict(
+            new_result(args.cmd).to_json(), verdict="error", failed_stage=e.stage, message=msg
+        )
         print(f"integration-vm: {closing_lines(ended)['verdict']}", file=sys.stderr)
         return e.exit_code
 

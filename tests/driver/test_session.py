@@ -253,7 +253,7 @@ def test_max_vms_allows_two(h):
 
 
 def test_result_shape_is_json_and_has_the_agreed_keys():
-    r = ivm.new_result("cycle", "askari")
+    r = ivm.new_result("cycle", "askari").to_json()
     json.dumps(r)
     for k in (
         "verdict",
@@ -301,7 +301,7 @@ def test_render_junit_well_formed_with_failures():
 
 
 def test_render_junit_infra_error_without_phases():
-    r = ivm.new_result("cycle", "askari")
+    r = ivm.new_result("cycle", "askari").to_json()
     r.update(verdict="error", failed_stage="libvirt", message="libvirtd not reachable")
     suite = ET.fromstring(ivm.render_junit(r)).find("testsuite")
     assert suite.get("errors") == "1"
@@ -344,7 +344,7 @@ def test_render_junit_reboot_diff_failure_detail_and_warning_note():
 
 
 def test_result_has_reboot_diffs_and_settle_bound():
-    assert ivm.new_result("cycle")["reboot_diffs"] == []
+    assert ivm.new_result("cycle").reboot_diffs == []
     b = ivm.stage_bounds("tcg", {})
     assert b["reboot-settle"] == ivm.DEFAULT_BOUNDS["reboot-settle"] * ivm.TCG_SCALE
     assert ivm.stage_bounds("kvm", {"BOMA_IT_TIMEOUT_REBOOT_SETTLE": "0"})["reboot-settle"] == 0
@@ -374,7 +374,7 @@ def test_an_unexpected_exception_becomes_an_infra_error_of_the_running_stage():
     e = ivm.as_harness_error(ValueError("x"), result)
     assert isinstance(e, ivm.InfraError) and e.exit_code == 3
     assert e.stage == "apply:site.yml" and str(e) == "apply:site.yml: unexpected ValueError: x"
-    assert result["phase_details"][0]["status"] == "error"
+    assert result.phase_details[0]["status"] == "error"
 
 
 def test_junit_into_a_missing_directory_is_refused_before_anything_runs(h):
@@ -708,7 +708,7 @@ def calls(monkeypatch):
 
 def _run(command="cycle", rs=True, expect_fail=False):
     result = ivm.new_result(command, "askari")
-    result["expect_fail"] = expect_fail
+    result.expect_fail = expect_fail
     state = types.SimpleNamespace(name="boma-it-askari-0123abcd") if rs else None
     return ivm.Run(command=command, result=result, rs=state)
 
@@ -737,7 +737,7 @@ def test_verify_failure_collects_diagnostics_and_keeps_the_vm(tmp_path, calls, c
     assert ivm.on_failure(_ctx(tmp_path), ARGS, run, "verify", e) == ivm.EXIT_VERIFY
     assert calls == [("diag", "verify: 2 tasks failed"), ("help", run.rs.name)]
     r = run.result
-    assert (r["verdict"], r["failed_stage"], r["failures"], r["kept"]) == (
+    assert (r.verdict, r.failed_stage, r.failures, r.kept) == (
         "fail",
         "verify",
         ["a", "b"],
@@ -750,7 +750,7 @@ def test_the_verify_failure_expect_fail_names_is_torn_down(tmp_path, calls):
     run = _run(expect_fail="verify")
     e = ivm.VerifyFailed("verify", "failed as planted")
     ivm.on_failure(_ctx(tmp_path), ARGS, run, "verify", e)
-    assert ("down", run.rs.name) in calls and run.result["kept"] is False
+    assert ("down", run.rs.name) in calls and run.result.kept is False
 
 
 def test_infra_error_destroys_what_this_invocation_created_unless_keep(tmp_path, calls):
@@ -765,24 +765,24 @@ def test_infra_error_destroys_what_this_invocation_created_unless_keep(tmp_path,
     calls.clear()
     theirs = _run("apply")  # apply acts on a VM another invocation created: kept
     ivm.on_failure(_ctx(tmp_path), ARGS, theirs, "infra", e)
-    assert ("down", theirs.rs.name) not in calls and theirs.result["kept"] is True
+    assert ("down", theirs.rs.name) not in calls and theirs.result.kept is True
 
 
 def test_usage_error_leaves_the_run_as_it_is_without_a_word(tmp_path, calls, capsys):
     for run in (_run(rs=False), _run()):
         e = ivm.UsageError("bad --run")
         assert ivm.on_failure(_ctx(tmp_path), ARGS, run, "usage", e) == ivm.EXIT_USAGE
-        assert run.result["verdict"] == "error" and run.result["kept"] is False
+        assert run.result.verdict == "error" and run.result.kept is False
     assert calls == []
     assert capsys.readouterr().err.count("integration-vm: error: bad --run") == 2
 
 
 def test_interrupt_tears_down_without_diagnostics_and_says_so(tmp_path, calls, capsys):
     run = _run()
-    run.result["phase_details"].append({"name": "apply:site.yml", "status": "interrupted"})
+    run.result.phase_details.append({"name": "apply:site.yml", "status": "interrupted"})
     assert ivm.on_failure(_ctx(tmp_path), ARGS, run, "interrupt", None) == 130
     assert calls == [("down", run.rs.name)]
-    assert run.result["failed_stage"] == "apply:site.yml"
+    assert run.result.failed_stage == "apply:site.yml"
     err = capsys.readouterr().err
     assert "\nintegration-vm: interrupted" in err and f"tearing down {run.rs.name}" in err
 
@@ -830,7 +830,7 @@ def test_a_session_runs_its_phases_on_one_run_and_ends_by_the_policy(tmp_path, c
     run = ivm.run_session(ctx, args, "up")
     assert seen == ["first", ("down", False)] and slot.closed
     assert run.exit_code == ivm.EXIT_INFRA and run.reported
-    assert run.result["failed_stage"] == "apply:site.yml" and run.result["exit_code"] == 3
+    assert run.result.failed_stage == "apply:site.yml" and run.result.exit_code == 3
     assert ctx.session is None  # the session bound a copy of the caller's context, not it
 
 
@@ -884,7 +884,8 @@ def test_bench_legs_are_session_options_not_ctx_flags():
 # ---- run.json and result.json: one schema each -----------------------------------------
 def test_new_result_is_the_result_records_defaults():
     r = ivm.new_result("cycle", "askari")
-    assert r == ivm.ResultRecord(command="cycle", host="askari").to_json()
+    assert r == ivm.ResultRecord(command="cycle", host="askari")
+    r = r.to_json()
     assert r["schema"] == 1 and r["verdict"] is None and r["phase_details"] == []
     assert "resumed_from" not in r and "ansible_strategy" not in r  # absent until they apply
 
@@ -908,18 +909,24 @@ def test_a_record_round_trips_an_older_harness_fields_but_refuses_its_own_typos(
         ivm.RunRecord.from_json(on_disk, strict=True)
 
 
-def test_result_json_is_written_through_its_schema(tmp_path, capsys):
+def test_result_json_is_written_through_its_schema(tmp_path):
     ctx = _ctx(tmp_path)
     rs = ivm.RunState(ctx, ivm.RunRecord("boma-it-askari-0123abcd", "askari"))
     result = ivm.new_result("cycle", "askari")
     ivm.finish_result(ctx, result, rs, strategy={"used": "linear"})
     written = (rs.dir / "result.json").read_text()
     assert '"ansible_strategy"' in written and '"vm": "boma-it-askari-0123abcd"' in written
-    (rs.dir / "result.json").unlink()
-    result["typo_field"] = 1  # a field nobody declared is not written silently
-    ivm.finish_result(ctx, result, rs)
-    assert not (rs.dir / "result.json").exists()
-    assert "undeclared field(s) typo_field" in capsys.readouterr().err
+
+
+def test_a_misspelt_result_field_is_an_error_where_it_is_set():
+    """The live result is a ResultRecord: its fields are attributes, and one nobody
+    declared (a typo) raises where it is set, not a silent new key in result.json."""
+    result = ivm.new_result("cycle", "askari")
+    result.verdict = "pass"
+    assert result.to_json()["verdict"] == "pass"
+    with pytest.raises(AttributeError, match="ResultRecord declares no field 'verdcit'"):
+        result.verdcit = "fail"
+    assert "verdcit" not in result.to_json()
 
 
 # ---- the closing lines: every way a session ends, and what its last lines say (issue 30) ----
@@ -1092,13 +1099,13 @@ def _end_session(tmp_path, monkeypatch, command, stop, opts):
         if opts.get("vm", True):
             run.attach(rs)
         if "from_ref" in opts:
-            run.result["from_ref"] = opts["from_ref"]
+            run.result.from_ref = opts["from_ref"]
         for name in opts.get("passed", ()):
             with ivm.timed_phase(ctx, run.result, name):
                 pass
         if "idempotence" in opts:
             n, *tasks = opts["idempotence"]
-            run.result["idempotence"] = {"changed": n, "changed_tasks": tasks}
+            run.result.idempotence = {"changed": n, "changed_tasks": tasks}
         if stop is not None:
             with ivm.timed_phase(ctx, run.result, stop[0]):
                 raise stop[1]
