@@ -6237,173 +6237,187 @@ def upgrade(ctx, rs, profile, certs, result, day2):
 # Diagnostics are collected before anything is destroyed; teardown removes the domain,
 # its transient storage pools and its disks, and only what the harness owns.
 
-# The guest's share of a diagnostics bundle, in bytes (each command's output is also
-# capped on its own: GUEST_OUTPUT_MAX).
-DIAG_GUEST_MAX = 32 << 20
-GUEST_DIAG_COMMANDS = (
-    ("nft-ruleset.txt", "nft list ruleset"),
-    ("nft-ruleset.json", "nft -j list ruleset"),
-    ("docker-ps.txt", "docker ps -a"),
-    # libvirt's dnsmasq logs through syslog (the control node's harness network, ADR-031).
-    ("dnsmasq.log", "journalctl -b --no-pager -t dnsmasq -t dnsmasq-dhcp"),
-    ("ss-tlnp.txt", "ss -tlnp"),
-    ("journal-this-boot.txt", "journalctl -b --no-pager"),
-    ("journal-previous-boot.txt", "journalctl -b -1 --no-pager"),
-    ("critical-chain.txt", "systemd-analyze critical-chain"),
-    ("blame.txt", "systemd-analyze blame --no-pager"),
-    ("failed-units.txt", "systemctl --failed --no-pager"),
-    ("cloud-init.log", "cat /var/log/cloud-init.log"),
-    ("cloud-init-output.log", "cat /var/log/cloud-init-output.log"),
-)
 
+class Diagnostics:
+    """The Diagnostics section as a namespace (static methods only): what a failed run
+    leaves, teardown, storage pools."""
 
-def collect_diagnostics(ctx, rs, reason):
-    """Host + guest bundle under the run's diagnostics dir. Never raises."""
-    d = rs.diag_dir
-    notes = []
-    try:
-        d.mkdir(parents=True, exist_ok=True)
-        _collect_host_files(ctx, rs, d, notes)
-        guest_ok = False
-        if rs.ip:
-            r = rs.ssh("true", timeout=min(15, ctx.bounds["diag-command"]))
-            guest_ok = r.returncode == 0
-            why = (
-                "attempt timed out" if r.timed_out else (r.stderr.strip() or f"exit {r.returncode}")
-            )
-        else:
-            why = "the VM never got an IP address"
-        if guest_ok:
-            _collect_guest_files(ctx, rs, d, notes)
-        else:
-            (d / "NOTE").write_text(
-                f"Guest-side diagnostics could not be collected: SSH to "
-                f"{ANSIBLE_USER}@{rs.ip or '?'} failed ({why}).\n"
-                "Only host-side files are here; read console.log.\n"
-            )
-        logs = rs.dir / "logs"
-        if logs.is_dir():
-            shutil.copytree(logs, d / "logs", dirs_exist_ok=True)
-        _write_diag_summary(rs, d, reason, notes)
-        progress(ctx, "diagnostics", f"written to {d}")
-    except Exception as e:  # diagnostics must never mask the real failure
-        print(f"integration-vm: warning: diagnostics incomplete: {e}", file=sys.stderr)
-    return d
+    # The guest's share of a diagnostics bundle, in bytes (each command's output is also
+    # capped on its own: GUEST_OUTPUT_MAX).
+    DIAG_GUEST_MAX = 32 << 20
+    GUEST_DIAG_COMMANDS = (
+        ("nft-ruleset.txt", "nft list ruleset"),
+        ("nft-ruleset.json", "nft -j list ruleset"),
+        ("docker-ps.txt", "docker ps -a"),
+        # libvirt's dnsmasq logs through syslog (the control node's harness network, ADR-031).
+        ("dnsmasq.log", "journalctl -b --no-pager -t dnsmasq -t dnsmasq-dhcp"),
+        ("ss-tlnp.txt", "ss -tlnp"),
+        ("journal-this-boot.txt", "journalctl -b --no-pager"),
+        ("journal-previous-boot.txt", "journalctl -b -1 --no-pager"),
+        ("critical-chain.txt", "systemd-analyze critical-chain"),
+        ("blame.txt", "systemd-analyze blame --no-pager"),
+        ("failed-units.txt", "systemctl --failed --no-pager"),
+        ("cloud-init.log", "cat /var/log/cloud-init.log"),
+        ("cloud-init-output.log", "cat /var/log/cloud-init-output.log"),
+    )
 
-
-def copy_tail(src, dst, cap):
-    """Copy at most the last `cap` bytes of `src` to `dst` (a note first when cut)."""
-    with open(src, "rb") as fi, open(dst, "wb") as fo:
-        size = os.fstat(fi.fileno()).st_size
-        if size > cap:
-            fi.seek(size - cap)
-            fo.write(f"[... first {size - cap} bytes cut]\n".encode())
-        fo.write(fi.read(cap))  # never more, though the guest writes on meanwhile
-
-
-def _collect_guest_files(ctx, rs, d, notes):
-    """collect_diagnostics' guest side: GUEST_DIAG_COMMANDS' output, each command's tail
-    (rs.ssh's cap), all of them together at most DIAG_GUEST_MAX bytes."""
-    room = DIAG_GUEST_MAX
-    for fname, cmd in GUEST_DIAG_COMMANDS:
-        if room <= 0:
-            notes.append(f"{fname}: not collected (the bundle's {DIAG_GUEST_MAX} bytes are full)")
-            continue
-        r = rs.ssh(f"sudo -n {cmd}", timeout=ctx.bounds["diag-command"])
-        text = (
-            r.stdout
-            + (f"\n# stderr:\n{r.stderr}" if r.stderr.strip() else "")
-            + ("\n# TIMED OUT\n" if r.timed_out else "")
-        ).encode("utf-8", "replace")
-        if len(text) > room:
-            note = b"[... its head cut: the bundle is full]\n"
-            text = note + text[len(text) - room + len(note) :]
-        (d / fname).write_bytes(text)
-        room -= len(text)
-
-
-def _collect_host_files(ctx, rs, d, notes):
-    """collect_diagnostics' host side: the console and QEMU logs, and virsh's view of the
-    domain and the network. What fails is one line in `notes`."""
-    for src, dst in (
-        (rs.console_log, "console.log"),
-        (ctx.path_env("BOMA_IT_LIBVIRT_LOG_DIR") / f"{rs.domain}.log", "libvirt-qemu.log"),
-    ):
+    @staticmethod
+    def collect_diagnostics(ctx, rs, reason):
+        """Host + guest bundle under the run's diagnostics dir. Never raises."""
+        d = rs.diag_dir
+        notes = []
         try:
-            copy_tail(src, d / dst, GUEST_OUTPUT_MAX)  # the guest writes the console
-        except OSError as e:
-            notes.append(f"{dst}: not collected ({e.strerror or e})")
-    for fname, args in (
-        ("domifaddr.txt", ("domifaddr", rs.domain, "--source", "lease")),
-        ("net-dhcp-leases.txt", ("net-dhcp-leases", NET_NAME)),
-        ("domain.xml", ("dumpxml", rs.domain)),
-        ("domstate.txt", ("domstate", rs.domain, "--reason")),
-    ):
-        try:
-            r = virsh(ctx, *args, timeout=ctx.bounds["diag-command"])
-            (d / fname).write_text(r.stdout + r.stderr)
-        except HarnessError as e:
-            notes.append(f"{fname}: {e}")
+            d.mkdir(parents=True, exist_ok=True)
+            Diagnostics._collect_host_files(ctx, rs, d, notes)
+            guest_ok = False
+            if rs.ip:
+                r = rs.ssh("true", timeout=min(15, ctx.bounds["diag-command"]))
+                guest_ok = r.returncode == 0
+                why = (
+                    "attempt timed out"
+                    if r.timed_out
+                    else (r.stderr.strip() or f"exit {r.returncode}")
+                )
+            else:
+                why = "the VM never got an IP address"
+            if guest_ok:
+                Diagnostics._collect_guest_files(ctx, rs, d, notes)
+            else:
+                (d / "NOTE").write_text(
+                    f"Guest-side diagnostics could not be collected: SSH to "
+                    f"{ANSIBLE_USER}@{rs.ip or '?'} failed ({why}).\n"
+                    "Only host-side files are here; read console.log.\n"
+                )
+            logs = rs.dir / "logs"
+            if logs.is_dir():
+                shutil.copytree(logs, d / "logs", dirs_exist_ok=True)
+            Diagnostics._write_diag_summary(rs, d, reason, notes)
+            progress(ctx, "diagnostics", f"written to {d}")
+        except Exception as e:  # diagnostics must never mask the real failure
+            print(f"integration-vm: warning: diagnostics incomplete: {e}", file=sys.stderr)
+        return d
 
+    @staticmethod
+    def copy_tail(src, dst, cap):
+        """Copy at most the last `cap` bytes of `src` to `dst` (a note first when cut)."""
+        with open(src, "rb") as fi, open(dst, "wb") as fo:
+            size = os.fstat(fi.fileno()).st_size
+            if size > cap:
+                fi.seek(size - cap)
+                fo.write(f"[... first {size - cap} bytes cut]\n".encode())
+            fo.write(fi.read(cap))  # never more, though the guest writes on meanwhile
 
-def _write_diag_summary(rs, d, reason, notes):
-    """SUMMARY.txt of a diagnostics dir: why, when, the files and what was not collected."""
-    files = sorted(p for p in d.rglob("*") if p.is_file() and p.name != "SUMMARY.txt")
-    lines = [
-        f"integration-vm diagnostics for {rs.name} ({rs.record.host})",
-        f"reason: {reason}",
-        f"collected: {now_iso()}",
-        f"ip: {rs.ip or '-'}",
-        f"console log: {rs.console_log}",
-        "",
-        "files:",
-    ]
-    lines += [f"  {p.relative_to(d)}  ({p.stat().st_size} bytes)" for p in files]
-    if notes:
-        lines += ["", "not collected:"] + [f"  {n}" for n in notes]
-    (d / "SUMMARY.txt").write_text("\n".join(lines) + "\n")
+    @staticmethod
+    def _collect_guest_files(ctx, rs, d, notes):
+        """collect_diagnostics' guest side: GUEST_DIAG_COMMANDS' output, each command's tail
+        (rs.ssh's cap), all of them together at most DIAG_GUEST_MAX bytes."""
+        room = Diagnostics.DIAG_GUEST_MAX
+        for fname, cmd in Diagnostics.GUEST_DIAG_COMMANDS:
+            if room <= 0:
+                notes.append(
+                    f"{fname}: not collected "
+                    f"(the bundle's {Diagnostics.DIAG_GUEST_MAX} bytes are full)"
+                )
+                continue
+            r = rs.ssh(f"sudo -n {cmd}", timeout=ctx.bounds["diag-command"])
+            text = (
+                r.stdout
+                + (f"\n# stderr:\n{r.stderr}" if r.stderr.strip() else "")
+                + ("\n# TIMED OUT\n" if r.timed_out else "")
+            ).encode("utf-8", "replace")
+            if len(text) > room:
+                note = b"[... its head cut: the bundle is full]\n"
+                text = note + text[len(text) - room + len(note) :]
+            (d / fname).write_bytes(text)
+            room -= len(text)
 
+    @staticmethod
+    def _collect_host_files(ctx, rs, d, notes):
+        """collect_diagnostics' host side: the console and QEMU logs, and virsh's view of the
+        domain and the network. What fails is one line in `notes`."""
+        for src, dst in (
+            (rs.console_log, "console.log"),
+            (ctx.path_env("BOMA_IT_LIBVIRT_LOG_DIR") / f"{rs.domain}.log", "libvirt-qemu.log"),
+        ):
+            try:
+                Diagnostics.copy_tail(
+                    src, d / dst, GUEST_OUTPUT_MAX
+                )  # the guest writes the console
+            except OSError as e:
+                notes.append(f"{dst}: not collected ({e.strerror or e})")
+        for fname, args in (
+            ("domifaddr.txt", ("domifaddr", rs.domain, "--source", "lease")),
+            ("net-dhcp-leases.txt", ("net-dhcp-leases", NET_NAME)),
+            ("domain.xml", ("dumpxml", rs.domain)),
+            ("domstate.txt", ("domstate", rs.domain, "--reason")),
+        ):
+            try:
+                r = virsh(ctx, *args, timeout=ctx.bounds["diag-command"])
+                (d / fname).write_text(r.stdout + r.stderr)
+            except HarnessError as e:
+                notes.append(f"{fname}: {e}")
 
-def parse_pool_target(pool_xml):
-    """A storage pool's target directory from `virsh pool-dumpxml`, or None."""
-    m = re.search(r"<target>\s*<path>([^<]+)</path>", pool_xml or "")
-    return m.group(1).strip() if m else None
+    @staticmethod
+    def _write_diag_summary(rs, d, reason, notes):
+        """SUMMARY.txt of a diagnostics dir: why, when, the files and what was not collected."""
+        files = sorted(p for p in d.rglob("*") if p.is_file() and p.name != "SUMMARY.txt")
+        lines = [
+            f"integration-vm diagnostics for {rs.name} ({rs.record.host})",
+            f"reason: {reason}",
+            f"collected: {now_iso()}",
+            f"ip: {rs.ip or '-'}",
+            f"console log: {rs.console_log}",
+            "",
+            "files:",
+        ]
+        lines += [f"  {p.relative_to(d)}  ({p.stat().st_size} bytes)" for p in files]
+        if notes:
+            lines += ["", "not collected:"] + [f"  {n}" for n in notes]
+        (d / "SUMMARY.txt").write_text("\n".join(lines) + "\n")
 
+    @staticmethod
+    def parse_pool_target(pool_xml):
+        """A storage pool's target directory from `virsh pool-dumpxml`, or None."""
+        m = re.search(r"<target>\s*<path>([^<]+)</path>", pool_xml or "")
+        return m.group(1).strip() if m else None
 
-def path_under(path, root):
-    """path is root or below it, compared as normalised strings (path may not exist)."""
-    path, root = os.path.normpath(str(path)), os.path.normpath(str(root))
-    return path == root or path.startswith(root.rstrip("/") + "/")
+    @staticmethod
+    def path_under(path, root):
+        """path is root or below it, compared as normalised strings (path may not exist)."""
+        path, root = os.path.normpath(str(path)), os.path.normpath(str(root))
+        return path == root or path.startswith(root.rstrip("/") + "/")
 
+    @staticmethod
+    def is_harness_pool(name, target, cache_roots, target_exists):
+        """A pool the harness (or virt-install on its behalf) made: its directory is under the
+        cache, or it carries the run-name prefix and points at a directory that is gone (what
+        earlier versions left, one per run). A foreign pool with live content is never ours."""
+        if target and any(Diagnostics.path_under(target, r) for r in cache_roots):
+            return True
+        return name.startswith(NAME_PREFIX) and (not target or not target_exists)
 
-def is_harness_pool(name, target, cache_roots, target_exists):
-    """A pool the harness (or virt-install on its behalf) made: its directory is under the
-    cache, or it carries the run-name prefix and points at a directory that is gone (what
-    earlier versions left, one per run). A foreign pool with live content is never ours."""
-    if target and any(path_under(target, r) for r in cache_roots):
-        return True
-    return name.startswith(NAME_PREFIX) and (not target or not target_exists)
+    @staticmethod
+    def harness_pools(ctx):
+        """[(name, target)] of every storage pool the harness made (is_harness_pool)."""
+        r = virsh(ctx, "pool-list", "--all", "--name")
+        if r.returncode != 0:
+            return []
+        roots = {str(ctx.cache), str(ctx.cache.resolve())}
+        found = []
+        for name in parse_name_list(r.stdout):
+            x = virsh(ctx, "pool-dumpxml", name)
+            target = Diagnostics.parse_pool_target(x.stdout) if x.returncode == 0 else None
+            if Diagnostics.is_harness_pool(
+                name, target, roots, bool(target) and os.path.isdir(target)
+            ):
+                found.append((name, target))
+        return found
 
-
-def harness_pools(ctx):
-    """[(name, target)] of every storage pool the harness made (is_harness_pool)."""
-    r = virsh(ctx, "pool-list", "--all", "--name")
-    if r.returncode != 0:
-        return []
-    roots = {str(ctx.cache), str(ctx.cache.resolve())}
-    found = []
-    for name in parse_name_list(r.stdout):
-        x = virsh(ctx, "pool-dumpxml", name)
-        target = parse_pool_target(x.stdout) if x.returncode == 0 else None
-        if is_harness_pool(name, target, roots, bool(target) and os.path.isdir(target)):
-            found.append((name, target))
-    return found
-
-
-def remove_pool(ctx, name):
-    """Stop and forget a pool (and its autostart link). Never deletes its files."""
-    virsh(ctx, "pool-destroy", name)
-    virsh(ctx, "pool-undefine", name)
+    @staticmethod
+    def remove_pool(ctx, name):
+        """Stop and forget a pool (and its autostart link). Never deletes its files."""
+        virsh(ctx, "pool-destroy", name)
+        virsh(ctx, "pool-undefine", name)
 
 
 # --------------------------------------------------------------------------------------
@@ -8374,7 +8388,7 @@ def on_failure(ctx, args, session, kind, e):
         return policy.exit_code
     if policy.diagnostics:
         reason = f"{stage}: {msg}" if kind == "verify" else str(e)
-        result.diagnostics = str(collect_diagnostics(ctx, rs, reason))
+        result.diagnostics = str(Diagnostics.collect_diagnostics(ctx, rs, reason))
     destroy = policy.end == "destroy" or expected_failure(result.to_json(), stage)
     if kind == "interrupt" and session.creates and not args.keep:
         progress(ctx, "teardown", f"tearing down {rs.name}")
@@ -8680,8 +8694,8 @@ def cmd_prune(ctx, args):
     for name in owned:
         destroy_domain(ctx, name)
         print(f"integration-vm: pruned domain {name}")
-    for name, target in harness_pools(ctx):
-        remove_pool(ctx, name)
+    for name, target in Diagnostics.harness_pools(ctx):
+        Diagnostics.remove_pool(ctx, name)
         print(f"integration-vm: pruned storage pool {name} ({target})")
     prune_tree(ctx.cache / "runs", None, match=RUN_NAME_RE.fullmatch)
     for rs in list_runs(ctx):
@@ -8740,7 +8754,7 @@ def cmd_status(ctx, args):
             f"{name:<36} {state:<10} {profile:<20} {_age(created):>5}  "
             f"{(rs.ip if rs else '') or '-'}"
         )
-    for name, target in harness_pools(ctx):
+    for name, target in Diagnostics.harness_pools(ctx):
         print(f"storage pool {name}: {target} (left over; make test-integration-clean removes it)")
     for d in sorted((ctx.cache / "images").glob("*/manifest.json")):
         try:

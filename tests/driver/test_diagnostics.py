@@ -131,7 +131,7 @@ def test_a_guest_that_floods_its_diagnostics_commands_leaves_a_bounded_bundle(
     # 2c: a guest printing without end into every diagnostics command
     from conftest import ivm
 
-    monkeypatch.setattr(ivm, "DIAG_GUEST_MAX", 5 << 20)
+    monkeypatch.setattr(ivm.Diagnostics, "DIAG_GUEST_MAX", 5 << 20)
     calls = []
 
     def ssh(cmd, timeout):
@@ -141,10 +141,10 @@ def test_a_guest_that_floods_its_diagnostics_commands_leaves_a_bounded_bundle(
     rs = types.SimpleNamespace(ssh=ssh)
     ctx = types.SimpleNamespace(bounds={"diag-command": 5})
     notes = []
-    ivm._collect_guest_files(ctx, rs, tmp_path, notes)
+    ivm.Diagnostics._collect_guest_files(ctx, rs, tmp_path, notes)
     total = sum(p.stat().st_size for p in tmp_path.iterdir())
     assert total <= 5 << 20
-    assert len(calls) == 3 and len(notes) == len(ivm.GUEST_DIAG_COMMANDS) - 3
+    assert len(calls) == 3 and len(notes) == len(ivm.Diagnostics.GUEST_DIAG_COMMANDS) - 3
     assert "bytes are full" in notes[0]
 
 
@@ -154,7 +154,7 @@ def test_the_console_log_in_the_bundle_is_its_tail(tmp_path):
     ivm_copy = tmp_path / "copy"
     from conftest import ivm
 
-    ivm.copy_tail(src, ivm_copy, 100)
+    ivm.Diagnostics.copy_tail(src, ivm_copy, 100)
     data = ivm_copy.read_bytes()
     assert data.startswith(b"[... first 4907 bytes cut]\n") and data.endswith(
         b"a" * 93 + b"the end"

@@ -697,7 +697,9 @@ def calls(monkeypatch):
     seen = []
     monkeypatch.setattr(ivm, "_ignore_signals", lambda: None)
     monkeypatch.setattr(
-        ivm, "collect_diagnostics", lambda ctx, rs, why: seen.append(("diag", why)) or "/d"
+        ivm.Diagnostics,
+        "collect_diagnostics",
+        lambda ctx, rs, why: seen.append(("diag", why)) or "/d",
     )
     monkeypatch.setattr(ivm.Machine, "destroy", lambda m: seen.append(("down", m.rs.name)))
     monkeypatch.setattr(
@@ -1090,7 +1092,7 @@ def _end_session(tmp_path, monkeypatch, command, stop, opts):
     exception raised inside that stage's timed phase; None: it passes), with diagnostics
     and teardown stubbed. Its stdout and stderr."""
     monkeypatch.setattr(ivm, "_ignore_signals", lambda: None)
-    monkeypatch.setattr(ivm, "collect_diagnostics", lambda ctx, rs, why: "/diag")
+    monkeypatch.setattr(ivm.Diagnostics, "collect_diagnostics", lambda ctx, rs, why: "/diag")
     monkeypatch.setattr(ivm.Machine, "destroy", lambda m: None)
     ctx = _ctx(tmp_path)
     rs = ivm.RunState(ctx, ivm.RunRecord(VM, "askari", ip="192.0.2.7", state="up"))

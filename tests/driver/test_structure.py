@@ -119,9 +119,21 @@ def test_the_table_of_contents_lists_every_section_in_order():
     assert contents_sections(source) == banner_sections(source)
 
 
+def _callee(node, classes):
+    """The top-level name a call reaches: `f(...)` is f, `Cls.method(...)` is Cls when Cls
+    is a top-level class (a section's class of static methods), anything else None."""
+    if not isinstance(node, ast.Call):
+        return None
+    if isinstance(node.func, ast.Name):
+        return node.func.id
+    if isinstance(node.func, ast.Attribute) and isinstance(node.func.value, ast.Name):
+        return node.func.value.id if node.func.value.id in classes else None
+    return None
+
+
 def calls_into_later_sections(source):
     """[(line, caller, callee)] of every call, inside a top-level statement, to a top-level
-    function or class that a later section (banner) defines."""
+    function or class (or a method of that class) that a later section (banner) defines."""
     tree = ast.parse(source)
     starts = [source.count("\n", 0, m.start()) + 1 for m in _BANNER.finditer(source)]
 
@@ -129,15 +141,12 @@ def calls_into_later_sections(source):
         return sum(1 for s in starts if s <= line)
 
     defined = {n.name: section(n.lineno) for n in tree.body if hasattr(n, "name")}
+    classes = {n.name for n in tree.body if isinstance(n, ast.ClassDef)}
     found = []
     for top in tree.body:
         here = section(top.lineno)
         for node in ast.walk(top):
-            callee = (
-                node.func.id
-                if isinstance(node, ast.Call) and isinstance(node.func, ast.Name)
-                else None
-            )
+            callee = _callee(node, classes)
             if defined.get(callee, -1) > here:
                 found.append((node.lineno, getattr(top, "name", "<module>"), callee))
     return found
@@ -157,5 +166,7 @@ def test_the_later_section_scan_sees_a_forward_call():
         f"{dashes}# One\n{dashes}def a():\n    b()\n    c()\n\ndef c():\n    pass\n"
         f"{dashes}# Two\n{dashes}def b():\n    a()\n"
         "X = [b() for _ in ()]\n"
+        f"{dashes}# Three\n{dashes}class C:\n    @staticmethod\n    def d():\n        pass\n"
     )
-    assert calls_into_later_sections(src) == [(5, "a", "b")]
+    src = src.replace("    c()\n", "    c()\n    C.d()\n", 1)
+    assert calls_into_later_sections(src) == [(5, "a", "b"), (7, "a", "C")]
