@@ -84,12 +84,15 @@ def _python3_answering_the_mitogen_probe():
     symlinked venv interpreter is not the venv). test_ansible.py runs the real probe.
     FAKE_NO_MITOGEN=1: the probe fails as it does where Mitogen is not installed."""
     real = subprocess.run(
-        [sys.executable, "-c", ivm.MITOGEN_PROBE], capture_output=True, text=True, timeout=60
+        [sys.executable, "-c", ivm.Ansible.MITOGEN_PROBE],
+        capture_output=True,
+        text=True,
+        timeout=60,
     )
     q = shlex.quote
     return (
         "#!/bin/sh\n"
-        f'if [ "$#" = 2 ] && [ "$1" = -c ] && [ "$2" = {q(ivm.MITOGEN_PROBE)} ]; then\n'
+        f'if [ "$#" = 2 ] && [ "$1" = -c ] && [ "$2" = {q(ivm.Ansible.MITOGEN_PROBE)} ]; then\n'
         '  [ "$FAKE_NO_MITOGEN" = 1 ] && {\n'
         "    echo \"ModuleNotFoundError: No module named 'ansible_mitogen'\" >&2; exit 1; }\n"
         f"  printf %s {q(real.stdout)}; printf %s {q(real.stderr)} >&2; exit {real.returncode}\n"
@@ -236,7 +239,7 @@ def run_driver(script, args, env, cwd, timeout, patch=None):
                 exec(code, mod.__dict__)
                 if patch is not None:
                     patch(mod)
-                ret = mod.main(list(args))
+                ret = mod.CLI.main(list(args))
                 rc = 0 if ret is None else ret
             except SystemExit as e:
                 rc = e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
@@ -529,7 +532,7 @@ FIXTURES = HERE / "fakes"
 
 
 def _result(**kw):
-    r = ivm.new_result("cycle", "askari").to_json()  # result.json as read back
+    r = ivm.Session.new_result("cycle", "askari").to_json()  # result.json as read back
     r.update(vm="boma-it-askari-1a2b3c4d", accel="tcg", total_seconds=412.3, verdict="pass")
     r["phase_details"] = [
         {"name": "image", "seconds": 0.2, "status": "pass"},

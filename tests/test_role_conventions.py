@@ -293,6 +293,6 @@ def test_the_checkpoint_scanner_follows_the_apt_index_import():
         ("workstation.yml", [], "integration_test"),
     ):
         text = (REPO / "playbooks" / playbook).read_text()
-        roles, complete = ivm.roles_used(REPO, text, tags)
+        roles, complete = ivm.Checkpoints.roles_used(REPO, text, tags)
         assert complete, playbook
         assert role in roles and APT_INDEX_ROLE in roles, (playbook, roles)

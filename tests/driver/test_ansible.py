@@ -49,7 +49,9 @@ def test_apply_failure_is_a_verdict_and_keeps_the_vm(h):
 
 
 def test_render_run_hosts_single_host_in_groups():
-    out = ivm.render_run_hosts("boma-it-askari-x", "192.168.150.42", "ansible", ["offsite_hosts"])
+    out = ivm.Ansible.render_run_hosts(
+        "boma-it-askari-x", "192.168.150.42", "ansible", ["offsite_hosts"]
+    )
     inv = json.loads(out)  # JSON: Ansible's yaml inventory plugin reads it
     assert inv == {
         "all": {
@@ -66,11 +68,11 @@ def test_render_run_hosts_single_host_in_groups():
         }
     }
     # invariant: the real askari host must NOT appear
-    assert ivm.inventory_host_names(out) == {"boma-it-askari-x"}
+    assert ivm.Ansible.inventory_host_names(out) == {"boma-it-askari-x"}
 
 
 def test_render_run_hosts_host_vars_are_strings():
-    out = ivm.render_run_hosts(
+    out = ivm.Ansible.render_run_hosts(
         "vm",
         "10.0.0.2",
         "ansible",
@@ -86,10 +88,10 @@ def test_render_run_hosts_host_vars_are_strings():
 
 
 def test_inventory_host_names_of_rendered_inventory():
-    out = ivm.render_run_hosts(
+    out = ivm.Ansible.render_run_hosts(
         "boma-it-x-1", "1.2.3.4", "ansible", ["a", "b"], host_vars={"ansible_port": 22}
     )
-    assert ivm.inventory_host_names(out) == {"boma-it-x-1"}
+    assert ivm.Ansible.inventory_host_names(out) == {"boma-it-x-1"}
 
 
 def test_inventory_host_names_sees_a_smuggled_real_host():
@@ -109,26 +111,28 @@ def test_inventory_host_names_sees_a_smuggled_real_host():
             }
         }
     )
-    assert ivm.inventory_host_names(inv) == {"boma-it-x-1", "askari", "other", "third"}
+    assert ivm.Ansible.inventory_host_names(inv) == {"boma-it-x-1", "askari", "other", "third"}
     with pytest.raises(ivm.InfraError) as e:
-        ivm.assert_single_host_inventory(inv, "boma-it-x-1")
+        ivm.Ansible.assert_single_host_inventory(inv, "boma-it-x-1")
     assert e.value.stage == "inventory"
 
 
 def test_single_host_guard_refuses_an_inventory_that_is_not_json():
     with pytest.raises(ivm.InfraError) as e:
-        ivm.assert_single_host_inventory("all:\n  hosts:\n    boma-it-x-1:\n", "boma-it-x-1")
+        ivm.Ansible.assert_single_host_inventory(
+            "all:\n  hosts:\n    boma-it-x-1:\n", "boma-it-x-1"
+        )
     assert e.value.stage == "inventory"
 
 
 def test_ansible_ssh_args_keeps_multiplexing_and_pinning():
-    s = ivm.ansible_ssh_args("/r", "vm")
+    s = ivm.Ansible.ansible_ssh_args("/r", "vm")
     assert s.startswith("-o ControlMaster=auto -o ControlPersist=60s")
     assert "StrictHostKeyChecking=yes" in s and "-p" not in s.split()
 
 
 def test_ansible_playbook_argv_requires_limit():
-    a = ivm.ansible_playbook_argv(
+    a = ivm.Ansible.ansible_playbook_argv(
         "/v/ansible-playbook",
         "/r/inventory/hosts.yml",
         "/p/site.yml",
@@ -151,11 +155,11 @@ def test_ansible_playbook_argv_requires_limit():
         "@/y.yml",
     ]
     with pytest.raises(ivm.InfraError):
-        ivm.ansible_playbook_argv("ap", "inv", "pb", "", [], [])
+        ivm.Ansible.ansible_playbook_argv("ap", "inv", "pb", "", [], [])
 
 
 def test_ansible_env():
-    env = ivm.ansible_env(
+    env = ivm.Ansible.ansible_env(
         {"PATH": "/bin", "ANSIBLE_SSH_ARGS": "-o StrictHostKeyChecking=no"},
         "/repo",
         "/repo/run/vm",
@@ -168,7 +172,7 @@ def test_ansible_env():
 
 
 def test_parse_recap_real_output():
-    assert ivm.parse_recap(REAL) == {
+    assert ivm.Ansible.parse_recap(REAL) == {
         VM: {
             "ok": 4,
             "changed": 2,
@@ -187,12 +191,12 @@ def test_parse_recap_sums_several_plays_and_hosts():
         "h2 : ok=1 changed=0 unreachable=0 failed=0 skipped=1 rescued=0 ignored=0\n"
         "h1 : ok=2 changed=3 unreachable=0 failed=0 skipped=0 rescued=0 ignored=0\n"
     )
-    r = ivm.parse_recap(out)
+    r = ivm.Ansible.parse_recap(out)
     assert r["h1"]["changed"] == 4 and r["h1"]["ok"] == 3 and r["h2"]["skipped"] == 1
 
 
 def test_parse_task_results_real_output():
-    tasks = {t[0]: t for t in ivm.parse_task_results(REAL, VM)}
+    tasks = {t[0]: t for t in ivm.Ansible.parse_task_results(REAL, VM)}
     assert tasks["Probe something"][1] == "ok"
     assert tasks["Change one thing"][1] == "changed"
     assert tasks["Ignored failure"][1] == "ok"  # ...ignoring
@@ -207,12 +211,12 @@ def test_parse_task_results_real_output():
         tasks[name][3][1][2]
         == "FAILED forward chain admits container traffic: pure drop (no accept)"
     )
-    assert ivm.failed_task_names(REAL, VM) == [name]
-    assert ivm.parse_task_results(REAL, "some-other-host")[0][1] == "skipped"
+    assert ivm.Ansible.failed_task_names(REAL, VM) == [name]
+    assert ivm.Ansible.parse_task_results(REAL, "some-other-host")[0][1] == "skipped"
 
 
 def test_verify_checks_expand_loop_items():
-    checks = ivm.verify_checks(REAL, VM)
+    checks = ivm.Ansible.verify_checks(REAL, VM)
     failed = [n for n, s, _ in checks if s == "failed"]
     assert failed == [
         "forward chain admits container traffic",
@@ -227,7 +231,7 @@ def test_parse_task_results_fatal_single_line_and_delegation():
         'fatal: [vm -> localhost]: FAILED! => {"changed": false, "msg": "Connection timed out"}\n'
         "TASK [next] ***\nskipping: [vm]\n"
     )
-    (t1, t2) = ivm.parse_task_results(out, "vm")
+    (t1, t2) = ivm.Ansible.parse_task_results(out, "vm")
     assert t1[:3] == ("Probe :443", "failed", "Connection timed out")
     assert t2[1] == "skipped"
 
@@ -235,9 +239,9 @@ def test_parse_task_results_fatal_single_line_and_delegation():
 # venv; the DRIVER never imports it) -----------------------------------------------------
 def test_rendered_inventory_is_valid_yaml():
     yaml = pytest.importorskip("yaml")
-    args = ivm.ansible_ssh_args("/r un/vm", "vm")
+    args = ivm.Ansible.ansible_ssh_args("/r un/vm", "vm")
     inv = yaml.safe_load(
-        ivm.render_run_hosts(
+        ivm.Ansible.render_run_hosts(
             "boma-it-a-1",
             "192.168.150.9",
             "ansible",
@@ -254,7 +258,7 @@ def test_rendered_inventory_is_valid_yaml():
 
 
 def test_transport_figures():
-    t = ivm.transport_figures({"linear": 88.0, "mitogen_linear": 16.0}, calls=40)
+    t = ivm.Ansible.transport_figures({"linear": 88.0, "mitogen_linear": 16.0}, calls=40)
     assert t == {
         "linear": {"seconds": 88.0, "per_call": 2.2},
         "mitogen_linear": {"seconds": 16.0, "per_call": 0.4},
@@ -275,11 +279,11 @@ def test_transport_figures():
     ],
 )
 def test_script_interpreter(line, interp):
-    assert ivm.script_interpreter(line) == interp
+    assert ivm.Ansible.script_interpreter(line) == interp
 
 
 def test_strategy_choice_uses_mitogen_when_the_probe_prints_its_plugin_dir():
-    c = ivm.strategy_choice("mitogen", 0, "/v/lib/ansible_mitogen/plugins/strategy\n")
+    c = ivm.Ansible.strategy_choice("mitogen", 0, "/v/lib/ansible_mitogen/plugins/strategy\n")
     assert c == {
         "requested": "mitogen",
         "used": "mitogen_linear",
@@ -308,12 +312,12 @@ def test_strategy_choice_uses_mitogen_when_the_probe_prints_its_plugin_dir():
     ],
 )
 def test_strategy_choice_falls_back_to_linear_and_says_why(rc, out, err, reason):
-    c = ivm.strategy_choice("mitogen", rc, out, err)
+    c = ivm.Ansible.strategy_choice("mitogen", rc, out, err)
     assert c["used"] == "linear" and c["plugin_dir"] is None and c["fallback"] == reason
 
 
 def test_strategy_choice_default_never_probes_nor_falls_back():
-    assert ivm.strategy_choice("default") == {
+    assert ivm.Ansible.strategy_choice("default") == {
         "requested": "default",
         "used": "linear",
         "plugin_dir": None,
@@ -323,14 +327,16 @@ def test_strategy_choice_default_never_probes_nor_falls_back():
 
 def test_ansible_env_selects_the_strategy_explicitly_either_way():
     hostile = {"PATH": "/bin", "ANSIBLE_STRATEGY": "free", "ANSIBLE_STRATEGY_PLUGINS": "/tmp/evil"}
-    mito = ivm.strategy_choice("mitogen", 0, "/v/strategy\n")
-    env = ivm.ansible_env(hostile, "/repo", "/run", "vm", mito)
+    mito = ivm.Ansible.strategy_choice("mitogen", 0, "/v/strategy\n")
+    env = ivm.Ansible.ansible_env(hostile, "/repo", "/run", "vm", mito)
     assert env["ANSIBLE_STRATEGY"] == "mitogen_linear"
     assert env["ANSIBLE_STRATEGY_PLUGINS"] == "/v/strategy"
-    env = ivm.ansible_env(hostile, "/repo", "/run", "vm", ivm.strategy_choice("default"))
+    env = ivm.Ansible.ansible_env(
+        hostile, "/repo", "/run", "vm", ivm.Ansible.strategy_choice("default")
+    )
     assert env["ANSIBLE_STRATEGY"] == "linear" and "ANSIBLE_STRATEGY_PLUGINS" not in env
     assert env["ANSIBLE_TIMEOUT"] == "30"  # an emulated guest answers slowly after a boot
-    env = ivm.ansible_env(hostile, "/repo", "/run", "vm")  # not resolved: linear
+    env = ivm.Ansible.ansible_env(hostile, "/repo", "/run", "vm")  # not resolved: linear
     assert env["ANSIBLE_STRATEGY"] == "linear" and "ANSIBLE_STRATEGY_PLUGINS" not in env
 
 
@@ -361,12 +367,12 @@ def test_resolve_strategy_probes_ansible_playbooks_own_interpreter_once(tmp_path
         'echo "$1 $2" >> "$(dirname "$0")/calls"\necho /venv/ansible_mitogen/plugins/strategy\n',
     )
     ctx = _ctx()
-    c = ivm.resolve_strategy(ctx, str(pb))
+    c = ivm.Ansible.resolve_strategy(ctx, str(pb))
     assert c["used"] == "mitogen_linear"
     assert c["plugin_dir"] == "/venv/ansible_mitogen/plugins/strategy"
-    assert ivm.resolve_strategy(ctx, str(pb)) is c
+    assert ivm.Ansible.resolve_strategy(ctx, str(pb)) is c
     calls = (tmp_path / "calls").read_text().splitlines()
-    assert calls == ["-c " + ivm.MITOGEN_PROBE]  # probed once, with the probe
+    assert calls == ["-c " + ivm.Ansible.MITOGEN_PROBE]  # probed once, with the probe
     assert "strategy mitogen_linear" in capsys.readouterr().err
 
 
@@ -374,7 +380,7 @@ def test_the_pinned_mitogen_loads_under_the_venvs_own_ansible_playbook(capsys):
     # the real probe, with the interpreter of this venv's ansible-playbook: what a harness
     # run does first (the driver-level tests answer it from one such probe per worker)
     pb = pathlib.Path(sys.executable).parent / "ansible-playbook"
-    c = ivm.resolve_strategy(_ctx(), str(pb))
+    c = ivm.Ansible.resolve_strategy(_ctx(), str(pb))
     assert c["used"] == "mitogen_linear", c
     assert (pathlib.Path(c["plugin_dir"]) / "mitogen_linear.py").is_file()
 
@@ -383,7 +389,7 @@ def test_resolve_strategy_falls_back_when_mitogen_does_not_import(tmp_path, caps
     pb = _playbook_with_interpreter(
         tmp_path, "echo \"ModuleNotFoundError: No module named 'ansible_mitogen'\" >&2\nexit 1\n"
     )
-    c = ivm.resolve_strategy(_ctx(), str(pb))
+    c = ivm.Ansible.resolve_strategy(_ctx(), str(pb))
     assert c["used"] == "linear" and "No module named 'ansible_mitogen'" in c["fallback"]
     assert "fallback from mitogen" in capsys.readouterr().err
 
@@ -391,27 +397,27 @@ def test_resolve_strategy_falls_back_when_mitogen_does_not_import(tmp_path, caps
 def test_resolve_strategy_falls_back_when_the_interpreter_is_missing(tmp_path):
     pb = tmp_path / "ansible-playbook"
     pb.write_text(f"#!{tmp_path}/no-such-python\n")
-    c = ivm.resolve_strategy(_ctx(), str(pb))
+    c = ivm.Ansible.resolve_strategy(_ctx(), str(pb))
     assert c["used"] == "linear" and "no-such-python" in c["fallback"]
 
 
 def test_resolve_strategy_default_does_not_probe(tmp_path):
     pb = _playbook_with_interpreter(tmp_path, 'touch "$(dirname "$0")/probed"\n')
-    assert ivm.resolve_strategy(_ctx("default"), str(pb))["used"] == "linear"
+    assert ivm.Ansible.resolve_strategy(_ctx("default"), str(pb))["used"] == "linear"
     assert not (tmp_path / "probed").exists()
 
 
 def test_bad_strategy_request_is_a_usage_error():
     args = ivm.Options()
     with pytest.raises(ivm.UsageError, match="BOMA_IT_ANSIBLE_STRATEGY"):
-        ivm.ctx_from_env({"BOMA_IT_ANSIBLE_STRATEGY": "fast"}, args)
+        ivm.Env.ctx_from_env({"BOMA_IT_ANSIBLE_STRATEGY": "fast"}, args)
     args = ivm.Options(strategy="default")  # the flag wins over a valid variable...
     assert (
-        ivm.ctx_from_env({"BOMA_IT_ANSIBLE_STRATEGY": "mitogen"}, args).strategy_request
+        ivm.Env.ctx_from_env({"BOMA_IT_ANSIBLE_STRATEGY": "mitogen"}, args).strategy_request
         == "default"
     )
     with pytest.raises(ivm.UsageError):  # ...but a bad variable is an error either way
-        ivm.ctx_from_env({"BOMA_IT_ANSIBLE_STRATEGY": "fast"}, args)
+        ivm.Env.ctx_from_env({"BOMA_IT_ANSIBLE_STRATEGY": "fast"}, args)
 
 
 def _both(name):
@@ -427,30 +433,34 @@ def test_saved_outputs_exist_for_both_strategies():
 @pytest.mark.parametrize("name", PAIRS)
 def test_task_results_and_recap_identical_under_both_strategies(name):
     linear, mitogen = _both(name)
-    host = next(iter(ivm.parse_recap(linear)))
-    assert ivm.parse_recap(linear) == ivm.parse_recap(mitogen)
+    host = next(iter(ivm.Ansible.parse_recap(linear)))
+    assert ivm.Ansible.parse_recap(linear) == ivm.Ansible.parse_recap(mitogen)
     strip = [
         [
             (n, st, items and [(lb, s) for lb, s, _ in items])
-            for n, st, _, items in ivm.parse_task_results(out, host)
+            for n, st, _, items in ivm.Ansible.parse_task_results(out, host)
         ]
         for out in (linear, mitogen)
     ]
     assert strip[0] == strip[1]
-    assert ivm.failed_task_names(linear, host) == ivm.failed_task_names(mitogen, host)
+    assert ivm.Ansible.failed_task_names(linear, host) == ivm.Ansible.failed_task_names(
+        mitogen, host
+    )
 
 
 @pytest.mark.parametrize("name", [n for n in PAIRS if n.startswith("verify")])
 def test_verify_checks_and_junit_identical_under_both_strategies(name):
     linear, mitogen = _both(name)
-    host = next(iter(ivm.parse_recap(linear)))
-    checks = [[(n, st) for n, st, _ in ivm.verify_checks(o, host)] for o in (linear, mitogen)]
+    host = next(iter(ivm.Ansible.parse_recap(linear)))
+    checks = [
+        [(n, st) for n, st, _ in ivm.Ansible.verify_checks(o, host)] for o in (linear, mitogen)
+    ]
     assert checks[0] == checks[1] and checks[0]
     failed = [n for n, st in checks[0] if st == "failed"]
     assert bool(failed) == name.startswith("verify-fail")
     # the failure message (what JUnit and result.json show) names the same outcome
     msgs = [
-        {n: m for n, st, m in ivm.verify_checks(o, host) if st == "failed"}
+        {n: m for n, st, m in ivm.Ansible.verify_checks(o, host) if st == "failed"}
         for o in (linear, mitogen)
     ]
     assert msgs[0].keys() == msgs[1].keys()
@@ -458,22 +468,24 @@ def test_verify_checks_and_junit_identical_under_both_strategies(name):
 
 def test_changed_tasks_for_idempotence_identical_under_both_strategies():
     linear, mitogen = _both("apply-changed.txt")
-    host = next(iter(ivm.parse_recap(linear)))
+    host = next(iter(ivm.Ansible.parse_recap(linear)))
     changed = [
-        [n for n, st, _, _ in ivm.parse_task_results(o, host) if st == "changed"]
+        [n for n, st, _, _ in ivm.Ansible.parse_task_results(o, host) if st == "changed"]
         for o in (linear, mitogen)
     ]
     assert changed[0] == changed[1] and changed[0]
-    assert ivm.parse_recap(linear)[host]["changed"] == len(changed[0])
+    assert ivm.Ansible.parse_recap(linear)[host]["changed"] == len(changed[0])
 
 
 def test_a_handlers_result_is_the_handlers_not_the_task_printed_before_it():
     # a changed handler used to be counted against the last task (here Caddy's container,
     # which did not change): an idempotence or upgrade report then named the wrong task
     linear, mitogen = _both("apply-changed.txt")
-    host = next(iter(ivm.parse_recap(linear)))
+    host = next(iter(ivm.Ansible.parse_recap(linear)))
     for out in (linear, mitogen):
-        changed = [n for n, st, _, _ in ivm.parse_task_results(out, host) if st == "changed"]
+        changed = [
+            n for n, st, _, _ in ivm.Ansible.parse_task_results(out, host) if st == "changed"
+        ]
         assert changed == [
             "docker_host : firewall | Install the container-forward drop-in",
             "handler: docker_host : Reload nftables with the container-forward drop-in",
@@ -489,7 +501,7 @@ def test_no_inventory_value_is_ever_templated_by_the_real_ansible(tmp_path):
     (tmp_path / "ansible.cfg").write_text("[defaults]\n")
     inv = tmp_path / "hosts.json"
     inv.write_text(
-        ivm.render_run_hosts(
+        ivm.Ansible.render_run_hosts(
             "boma-it-a-0000000a",
             "{{ 6 * 7 }}",
             "ansible",

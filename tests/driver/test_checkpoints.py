@@ -44,41 +44,47 @@ def chain(repo):
         uri="test:///",
         environ={},
     )
-    return {st: k for st, k, _ in ivm.checkpoint_chain(ctx, PROFILE, "internal", "img1", "tcg")}
+    return {
+        st: k
+        for st, k, _ in ivm.Checkpoints.checkpoint_chain(ctx, PROFILE, "internal", "img1", "tcg")
+    }
 
 
 def test_role_refs_read_tags_and_flag_what_they_cannot_follow():
-    refs, complete = ivm.playbook_role_refs(SITE)
+    refs, complete = ivm.Checkpoints.playbook_role_refs(SITE)
     assert refs == [("base", ["base"]), ("docker_host", ["docker_host"])] and complete
-    assert ivm.playbook_role_refs("- import_playbook: other.yml\n")[1] is False
-    assert ivm.playbook_role_refs("- hosts: all\n  roles:\n    - role: '{{ r }}'\n")[1] is False
-    refs, complete = ivm.playbook_role_refs(
+    assert ivm.Checkpoints.playbook_role_refs("- import_playbook: other.yml\n")[1] is False
+    assert (
+        ivm.Checkpoints.playbook_role_refs("- hosts: all\n  roles:\n    - role: '{{ r }}'\n")[1]
+        is False
+    )
+    refs, complete = ivm.Checkpoints.playbook_role_refs(
         "- hosts: all\n  tasks:\n    - ansible.builtin.include_role:\n        name: foo\n"
     )
     assert refs == [("foo", None)] and complete
     # play-level tags reach every role: no role may then be filtered out by tags
-    refs, _ = ivm.playbook_role_refs(
+    refs, _ = ivm.Checkpoints.playbook_role_refs(
         "- hosts: all\n  tags: [x]\n  roles:\n    - role: a\n      tags: [a]\n"
     )
     assert refs == [("a", None)]
 
 
 def test_role_selected_by_tags_unless_it_has_always_tasks():
-    assert ivm.role_selected(["docker_host"], ["base"], False) is False
-    assert ivm.role_selected(["docker_host"], ["base"], True) is True
-    assert ivm.role_selected(None, ["base"], False) is True
-    assert ivm.role_selected(["docker_host"], [], False) is True
+    assert ivm.Checkpoints.role_selected(["docker_host"], ["base"], False) is False
+    assert ivm.Checkpoints.role_selected(["docker_host"], ["base"], True) is True
+    assert ivm.Checkpoints.role_selected(None, ["base"], False) is True
+    assert ivm.Checkpoints.role_selected(["docker_host"], [], False) is True
 
 
 def test_roles_used_follows_tags_and_always(tmp_path):
     make_roles(tmp_path)
-    assert ivm.roles_used(tmp_path, SITE, ["base"]) == (["base"], True)
-    assert ivm.roles_used(tmp_path, OFFSITE, ["docker_host", "reverse_proxy"]) == (
+    assert ivm.Checkpoints.roles_used(tmp_path, SITE, ["base"]) == (["base"], True)
+    assert ivm.Checkpoints.roles_used(tmp_path, OFFSITE, ["docker_host", "reverse_proxy"]) == (
         ["docker_host", "reverse_proxy"],
         True,
     )
     # reverse_proxy's always-tagged preflight runs under any --tags
-    assert ivm.roles_used(tmp_path, OFFSITE, ["docker_host"]) == (
+    assert ivm.Checkpoints.roles_used(tmp_path, OFFSITE, ["docker_host"]) == (
         ["docker_host", "reverse_proxy"],
         True,
     )
@@ -117,17 +123,23 @@ def test_key_chain_invalidation(tmp_path):
 
 
 def test_booted_key_covers_image_shape_and_accel():
-    base = ivm.booted_checkpoint_inputs("img1", "askari", 2048, 2, "tcg")
-    key = ivm.checkpoint_key(None, "booted", base)
+    base = ivm.Checkpoints.booted_checkpoint_inputs("img1", "askari", 2048, 2, "tcg")
+    key = ivm.Checkpoints.checkpoint_key(None, "booted", base)
     for change in ({"image": "img2"}, {"mem_mib": 4096}, {"accel": "kvm"}, {"host": "x"}):
-        assert ivm.checkpoint_key(None, "booted", {**base, **change}) != key
+        assert ivm.Checkpoints.checkpoint_key(None, "booted", {**base, **change}) != key
 
 
 def test_newest_valid_checkpoint_needs_its_whole_ancestry():
     chain_ = [("booted", "a"), ("applied-1", "b"), ("applied-2", "c")]
-    assert ivm.newest_valid_checkpoint(chain_, {"a", "b", "c"}.__contains__) == ("applied-2", "c")
-    assert ivm.newest_valid_checkpoint(chain_, {"a", "c"}.__contains__) == ("booted", "a")
-    assert ivm.newest_valid_checkpoint(chain_, {"b", "c"}.__contains__) is None
+    assert ivm.Checkpoints.newest_valid_checkpoint(chain_, {"a", "b", "c"}.__contains__) == (
+        "applied-2",
+        "c",
+    )
+    assert ivm.Checkpoints.newest_valid_checkpoint(chain_, {"a", "c"}.__contains__) == (
+        "booted",
+        "a",
+    )
+    assert ivm.Checkpoints.newest_valid_checkpoint(chain_, {"b", "c"}.__contains__) is None
 
 
 def test_rewrite_restore_xml_keeps_identity_and_moves_paths():
@@ -145,7 +157,7 @@ def test_rewrite_restore_xml_keeps_identity_and_moves_paths():
   </devices>
 </domain>"""
     meta = '<boma:run xmlns:boma="https://boma.invalid/integration-vm" id="new/boma-it-askari-2"/>'
-    out = ivm.rewrite_restore_xml(
+    out = ivm.Checkpoints.rewrite_restore_xml(
         xml,
         "/c/runs/boma-it-askari-2/overlay.qcow2",
         "/c/checkpoints/k/seed.img",
@@ -386,13 +398,13 @@ def test_a_checkpoint_another_runs_gc_removes_after_this_run_chose_it_is_still_r
     gone = []
 
     def other_runs_gc_in_between(mod):
-        resume_run = mod.resume_run
+        resume_run = mod.Checkpoints.resume_run
 
         def racing(ctx, *args):
-            gone.append(mod.gc_checkpoints(ctx, "askari", keep=()))
+            gone.append(mod.Checkpoints.gc_checkpoints(ctx, "askari", keep=()))
             return resume_run(ctx, *args)
 
-        mod.resume_run = racing
+        mod.Checkpoints.resume_run = racing
 
     p = hc.run("cycle", "--host", "askari", patch=other_runs_gc_in_between)
     assert p.returncode == 0, p.stderr
@@ -406,7 +418,7 @@ def test_a_checkpoint_removed_mid_resume_is_a_cold_boot_with_a_warning(hc):
     assert hc.run("cycle", "--host", "askari").returncode == 0
 
     def pruned_mid_resume(mod):
-        copy_run_keys, calls = mod.copy_run_keys, []
+        copy_run_keys, calls = mod.Checkpoints.copy_run_keys, []
 
         def pruned(src, dst):
             if not calls:
@@ -414,7 +426,7 @@ def test_a_checkpoint_removed_mid_resume_is_a_cold_boot_with_a_warning(hc):
                 mod.shutil.rmtree(src.parent)  # every checkpoint, as `prune` does
             return copy_run_keys(src, dst)
 
-        mod.copy_run_keys = pruned
+        mod.Checkpoints.copy_run_keys = pruned
 
     p = hc.run("cycle", "--host", "askari", patch=pruned_mid_resume)
     assert p.returncode == 0, p.stderr
@@ -450,13 +462,13 @@ def _late_switch_profile(h):
 
 def test_a_red_shares_its_greens_booted_checkpoint_and_applies_before_its_switch(hc):
     _late_switch_profile(hc)
-    ctx = ivm.ctx_from_env(hc.env, ivm.Options())
+    ctx = ivm.Env.ctx_from_env(hc.env, ivm.Options())
     prof = {
-        h: ivm.load_profile(h, hc.repo / "tests/integration/profiles", hc.repo)
+        h: ivm.Profiles.load_profile(h, hc.repo / "tests/integration/profiles", hc.repo)
         for h in ("askari", "askari-late", "askari-regression")
     }
     keys = {
-        h: [k for _, k, _ in ivm.checkpoint_chain(ctx, p, "internal", "img", "tcg")]
+        h: [k for _, k, _ in ivm.Checkpoints.checkpoint_chain(ctx, p, "internal", "img", "tcg")]
         for h, p in prof.items()
     }
     assert keys["askari-late"][:2] == keys["askari"][:2]  # booted, applied-1 (site.yml)
@@ -488,9 +500,14 @@ def test_a_red_resumes_its_greens_checkpoint_and_gets_its_switch_on_one_apply_on
 def test_every_red_resumes_its_greens_last_checkpoint(host):
     """A RED is its GREEN's applies plus one that takes the fix away (ADR-031): after a
     GREEN, the RED resumes the GREEN's applied-2 and runs only its own last apply."""
-    ctx = ivm.ctx_from_env({}, ivm.Options())
+    ctx = ivm.Env.ctx_from_env({}, ivm.Options())
     green, red = (
-        [k for _, k, _ in ivm.checkpoint_chain(ctx, ivm.load_profile(h), "internal", "i", "tcg")]
+        [
+            k
+            for _, k, _ in ivm.Checkpoints.checkpoint_chain(
+                ctx, ivm.Profiles.load_profile(h), "internal", "i", "tcg"
+            )
+        ]
         for h in (host, f"{host}-regression")
     )
     assert red[:3] == green and len(red) == 4  # booted, applied-1, applied-2 shared

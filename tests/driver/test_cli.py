@@ -219,7 +219,7 @@ def test_a_ctrl_c_at_any_moment_of_the_start_is_one_line_and_exit_130(h, delay):
 def test_options_declare_the_flags_of_every_subcommand_and_no_other():
     # main() builds one frozen Options from argparse's namespace: a flag added to the
     # parser and not to Options would fail its command at start (from_args: TypeError).
-    parser = ivm.build_parser()
+    parser = ivm.CLI.build_parser()
     (subparsers,) = [a for a in parser._actions if isinstance(a, argparse._SubParsersAction)]
     dests = {"cmd"}
     for sub in subparsers.choices.values():

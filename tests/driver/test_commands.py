@@ -216,7 +216,7 @@ def test_doctor_uses_the_run_guards_and_their_settings(h):
 
 
 def test_bench_runs_cold_loop_and_warm_after_the_same_edit_and_leaves_nothing(hc):
-    before = hc.repo / ivm.BENCH_DEFAULT_EDIT
+    before = hc.repo / ivm.Commands.BENCH_DEFAULT_EDIT
     before.parent.mkdir(parents=True, exist_ok=True)
     before.write_text("table inet filter {}\n")
     text = before.read_text()

@@ -326,7 +326,7 @@ def test_ctrl_c_while_git_worktree_add_runs_leaves_no_worktree(hg):
 
 # ---- bench --from: a day-2 leg beside the loop and the warm cycle ----------------------------
 def test_bench_from_adds_a_day2_leg_that_resumes_refs_checkpoint(hg):
-    target = hg.repo / ivm.BENCH_DEFAULT_EDIT
+    target = hg.repo / ivm.Commands.BENCH_DEFAULT_EDIT
     target.parent.mkdir(parents=True, exist_ok=True)
     target.write_text("table inet filter {}\n")
     git(hg, "add", "-A")
@@ -346,7 +346,7 @@ def test_bench_from_adds_a_day2_leg_that_resumes_refs_checkpoint(hg):
 
 
 def test_bench_from_a_bad_ref_is_exit_2_before_the_cold_cycle(hg):
-    target = hg.repo / ivm.BENCH_DEFAULT_EDIT
+    target = hg.repo / ivm.Commands.BENCH_DEFAULT_EDIT
     target.parent.mkdir(parents=True, exist_ok=True)
     target.write_text("table inet filter {}\n")
     p = hg.run("bench", "--host", "askari", "--from", "nope")
@@ -361,5 +361,5 @@ def test_remove_from_worktree_touches_nothing_outside_the_worktrees_dir(tmp_path
     ctx = types.SimpleNamespace(cache=cache, repo=tmp_path, cmdlog=None)
     outside = victim(types.SimpleNamespace(tmp=tmp_path), "outside")
     for path in (outside, cache / "worktrees" / "deeper" / "wt", cache, cache / "worktrees"):
-        assert ivm.remove_from_worktree(ctx, path) is False
+        assert ivm.Day2.remove_from_worktree(ctx, path) is False
     assert intact(outside) and (cache / "worktrees" / "deeper" / "wt").is_dir()

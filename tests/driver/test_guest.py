@@ -18,22 +18,22 @@ from conftest import intact, ivm, ran, victim
 
 
 def test_vm_name_prefix_and_suffix():
-    assert ivm.vm_name("askari", "ab12cd34") == "boma-it-askari-ab12cd34"
+    assert ivm.Guest.vm_name("askari", "ab12cd34") == "boma-it-askari-ab12cd34"
 
 
 def test_vm_name_generates_suffix():
-    n = ivm.vm_name("askari")
+    n = ivm.Guest.vm_name("askari")
     assert n.startswith("boma-it-askari-") and len(n.split("-")[-1]) == 8
 
 
 def test_meta_data_has_instance_and_hostname():
-    md = ivm.render_meta_data("iid-askari-x", "boma-it-askari-x")
+    md = ivm.Guest.render_meta_data("iid-askari-x", "boma-it-askari-x")
     assert "instance-id: iid-askari-x" in md
     assert "local-hostname: boma-it-askari-x" in md
 
 
 def test_user_data_injects_key_and_ansible_user():
-    ud = ivm.render_user_data("ssh-ed25519 AAAA... claude@ubongo", "ansible")
+    ud = ivm.Guest.render_user_data("ssh-ed25519 AAAA... claude@ubongo", "ansible")
     assert ud.startswith("#cloud-config")
     assert "name: ansible" in ud
     assert "ssh-ed25519 AAAA... claude@ubongo" in ud
@@ -41,7 +41,7 @@ def test_user_data_injects_key_and_ansible_user():
 
 
 def test_render_current_spec_format():
-    assert ivm.render_current("boma-it-a-1", "10.0.0.2", "a").splitlines() == [
+    assert ivm.Guest.render_current("boma-it-a-1", "10.0.0.2", "a").splitlines() == [
         "boma-it-a-1",
         "10.0.0.2",
         "a",
@@ -50,7 +50,7 @@ def test_render_current_spec_format():
 
 def test_user_data_with_host_key_block():
     priv = "-----BEGIN OPENSSH PRIVATE KEY-----\nAAA\nBBB\n-----END OPENSSH PRIVATE KEY-----\n"
-    ud = ivm.render_user_data(
+    ud = ivm.Guest.render_user_data(
         "ssh-ed25519 CLIENT c",
         "ansible",
         host_key_private=priv,
@@ -63,11 +63,11 @@ def test_user_data_with_host_key_block():
 
 
 def test_user_data_without_host_key_has_no_ssh_keys():
-    assert "ssh_keys" not in ivm.render_user_data("ssh-ed25519 K c", "ansible")
+    assert "ssh_keys" not in ivm.Guest.render_user_data("ssh-ed25519 K c", "ansible")
 
 
 def test_ssh_options_pin_the_host_key():
-    opts = ivm.ssh_options("/r", "boma-it-x-1", 2222)
+    opts = ivm.Guest.ssh_options("/r", "boma-it-x-1", 2222)
     joined = " ".join(opts)
     assert "StrictHostKeyChecking=yes" in joined and "StrictHostKeyChecking=no" not in joined
     assert "UserKnownHostsFile=/r/known_hosts" in joined and "HostKeyAlias=boma-it-x-1" in joined
@@ -76,16 +76,16 @@ def test_ssh_options_pin_the_host_key():
 
 
 def test_ssh_argv_ends_with_destination_and_command():
-    a = ivm.ssh_argv("/r", "vm", "10.0.0.2", "cloud-init status --wait")
+    a = ivm.Guest.ssh_argv("/r", "vm", "10.0.0.2", "cloud-init status --wait")
     assert a[0] == "ssh" and a[-2:] == ["ansible@10.0.0.2", "cloud-init status --wait"]
 
 
 def test_known_hosts_line_uses_alias():
-    assert ivm.known_hosts_line("vm", "ssh-ed25519 AAAA comment\n") == "vm ssh-ed25519 AAAA\n"
+    assert ivm.Guest.known_hosts_line("vm", "ssh-ed25519 AAAA comment\n") == "vm ssh-ed25519 AAAA\n"
 
 
 def test_ssh_keygen_and_disk_argv():
-    assert ivm.ssh_keygen_argv("/r/k", "c") == [
+    assert ivm.Guest.ssh_keygen_argv("/r/k", "c") == [
         "ssh-keygen",
         "-q",
         "-t",
@@ -97,7 +97,7 @@ def test_ssh_keygen_and_disk_argv():
         "-f",
         "/r/k",
     ]
-    assert ivm.qemu_img_overlay_argv("/g.qcow2", "/o.qcow2") == [
+    assert ivm.Guest.qemu_img_overlay_argv("/g.qcow2", "/o.qcow2") == [
         "qemu-img",
         "create",
         "-q",
@@ -109,15 +109,17 @@ def test_ssh_keygen_and_disk_argv():
         "/g.qcow2",
         "/o.qcow2",
     ]
-    assert ivm.cloud_localds_argv("/s", "/u", "/m") == ["cloud-localds", "/s", "/u", "/m"]
+    assert ivm.Guest.cloud_localds_argv("/s", "/u", "/m") == ["cloud-localds", "/s", "/u", "/m"]
 
 
 def test_choose_osinfo():
-    assert ivm.choose_osinfo("debian12\ndebian13, debiantesting\n") == "debian13"
-    assert ivm.choose_osinfo("debian11\ndebian12\n") == "debian12"
-    assert ivm.choose_osinfo("debian11, debianbullseye\ndebian10, debianbuster\n") == "debian11"
-    assert ivm.choose_osinfo("fedora40\n") == "detect=on,require=off"
-    assert ivm.choose_osinfo("") == "detect=on,require=off"
+    assert ivm.Guest.choose_osinfo("debian12\ndebian13, debiantesting\n") == "debian13"
+    assert ivm.Guest.choose_osinfo("debian11\ndebian12\n") == "debian12"
+    assert (
+        ivm.Guest.choose_osinfo("debian11, debianbullseye\ndebian10, debianbuster\n") == "debian11"
+    )
+    assert ivm.Guest.choose_osinfo("fedora40\n") == "detect=on,require=off"
+    assert ivm.Guest.choose_osinfo("") == "detect=on,require=off"
 
 
 def _vi(**kw):
@@ -134,7 +136,7 @@ def _vi(**kw):
         osinfo="debian13",
     )
     base.update(kw)
-    return ivm.virt_install_argv(**base)
+    return ivm.Guest.virt_install_argv(**base)
 
 
 def test_virt_install_argv_boots_the_disk():
@@ -161,29 +163,31 @@ def test_virt_install_argv_boots_the_disk():
     ],
 )
 def test_add_domain_metadata(dom):
-    meta = ivm.render_metadata_xml("id1", "t", "p", "o")
-    out = ivm.add_domain_metadata(dom, meta)
+    meta = ivm.Utilities.render_metadata_xml("id1", "t", "p", "o")
+    out = ivm.Guest.add_domain_metadata(dom, meta)
     root = ET.fromstring(out)
     found = root.find(f"metadata/{{{ivm.METADATA_URI}}}run")
     assert found is not None and found.get("id") == "id1"
-    assert ivm.domain_name_from_xml(out) == "vm"
+    assert ivm.Guest.domain_name_from_xml(out) == "vm"
 
 
 def test_add_domain_metadata_rejects_non_domain():
     with pytest.raises(ivm.InfraError):
-        ivm.add_domain_metadata("garbage", "<m/>")
+        ivm.Guest.add_domain_metadata("garbage", "<m/>")
 
 
 def test_rendered_user_data_is_valid_cloud_config():
     yaml = pytest.importorskip("yaml")
     priv = "-----BEGIN OPENSSH PRIVATE KEY-----\nAAAA\n-----END OPENSSH PRIVATE KEY-----\n"
-    ud = yaml.safe_load(ivm.render_user_data("ssh-ed25519 C c", "ansible", priv, "ssh-ed25519 H h"))
+    ud = yaml.safe_load(
+        ivm.Guest.render_user_data("ssh-ed25519 C c", "ansible", priv, "ssh-ed25519 H h")
+    )
     assert ud["users"][0]["name"] == "ansible"
     assert ud["users"][0]["ssh_authorized_keys"] == ["ssh-ed25519 C c"]
     assert ud["ssh_keys"]["ed25519_private"] == priv
     assert ud["ssh_keys"]["ed25519_public"] == "ssh-ed25519 H h"
     assert ud["ssh_genkeytypes"] == ["ed25519"] and ud["manage_etc_hosts"] is True
-    md = yaml.safe_load(ivm.render_meta_data("iid-x", "boma-it-x"))
+    md = yaml.safe_load(ivm.Guest.render_meta_data("iid-x", "boma-it-x"))
     assert md == {"instance-id": "iid-x", "local-hostname": "boma-it-x"}
 
 
@@ -224,7 +228,7 @@ def test_slow_boot_warnings_compare_each_reboot_with_the_last_pass():
         {"mode": "hard", "seconds_to_running": 50.0},
     ]
     assert (
-        ivm.slow_boot_warnings(
+        ivm.Guest.slow_boot_warnings(
             last,
             [
                 {"mode": "graceful", "seconds_to_running": 80.0},
@@ -233,7 +237,7 @@ def test_slow_boot_warnings_compare_each_reboot_with_the_last_pass():
         )
         == []
     )
-    (w,) = ivm.slow_boot_warnings(
+    (w,) = ivm.Guest.slow_boot_warnings(
         last,
         [
             {"mode": "graceful", "seconds_to_running": 100.0},
@@ -243,15 +247,15 @@ def test_slow_boot_warnings_compare_each_reboot_with_the_last_pass():
     assert w.startswith("the graceful reboot took 100s to `running`, 1.7x the last passing")
     # slower by the factor but not by the slack: no line (TCG noise on short boots)
     assert (
-        ivm.slow_boot_warnings(
+        ivm.Guest.slow_boot_warnings(
             [{"mode": "hard", "seconds_to_running": 10.0}],
             [{"mode": "hard", "seconds_to_running": 24.0}],
         )
         == []
     )
-    assert ivm.slow_boot_warnings(None, [{"mode": "hard", "seconds_to_running": 99.0}]) == []
+    assert ivm.Guest.slow_boot_warnings(None, [{"mode": "hard", "seconds_to_running": 99.0}]) == []
     assert (
-        ivm.slow_boot_warnings(
+        ivm.Guest.slow_boot_warnings(
             [{"mode": "graceful", "seconds_to_running": 10.0}],
             [{"mode": "hard", "seconds_to_running": 99.0}],
         )
@@ -330,7 +334,7 @@ def _ssh_kind(call):
 def short_cache(h):
     # The control socket lives beside the run's disks, under the cache: the harness's
     # cache is a short path (as the real one), so the driver shares connections there.
-    assert ivm.ssh_mux_path(h.cache / "runs" / ("x" * 24)) is not None
+    assert ivm.Guest.ssh_mux_path(h.cache / "runs" / ("x" * 24)) is not None
     return h.cache
 
 
@@ -378,12 +382,12 @@ def test_a_kept_vm_keeps_no_shared_connection(h, short_cache):
 
 
 def test_a_socket_path_too_long_for_an_address_means_connections_of_their_own():
-    assert ivm.ssh_mux_path("/r" * 30) == pathlib.Path("/r" * 30) / "ssh-mux"
-    assert ivm.ssh_mux_path("/r" * 60) is None
-    argv = ivm.ssh_argv("/r", "a", "10.0.0.2", "true", mux=pathlib.Path("/c/ssh-mux"))
+    assert ivm.Guest.ssh_mux_path("/r" * 30) == pathlib.Path("/r" * 30) / "ssh-mux"
+    assert ivm.Guest.ssh_mux_path("/r" * 60) is None
+    argv = ivm.Guest.ssh_argv("/r", "a", "10.0.0.2", "true", mux=pathlib.Path("/c/ssh-mux"))
     assert argv[-2:] == ["ansible@10.0.0.2", "true"]
     assert "ControlPath=/c/ssh-mux" in argv and "ControlMaster=auto" in argv
-    assert not [a for a in ivm.ssh_argv("/r", "a", "ip", "true") if a.startswith("Control")]
+    assert not [a for a in ivm.Guest.ssh_argv("/r", "a", "ip", "true") if a.startswith("Control")]
 
 
 def test_stop_jobs_are_read_from_systemds_status_lines():
@@ -396,40 +400,42 @@ def test_stop_jobs_are_read_from_systemds_status_lines():
         "[  \x1b[0;1;31m*\x1b[0m   ] (1 of 2) A stop job is running for \x1b[0;1;39mdocker."
         "service\x1b[0m - Docker Application Container Engine (7s / 1min 30s)\r\n"
     )
-    assert ivm.shutdown_stop_jobs(console) == [
+    assert ivm.Guest.shutdown_stop_jobs(console) == [
         "docker.service - Docker Application Container Engine",
         "Session 3 of User ansi…",
     ]
-    assert ivm.shutdown_stop_jobs("[  OK  ] Stopped docker.service.\n") == []
-    assert ivm.shutdown_stop_jobs(None) == []
+    assert ivm.Guest.shutdown_stop_jobs("[  OK  ] Stopped docker.service.\n") == []
+    assert ivm.Guest.shutdown_stop_jobs(None) == []
 
 
 def test_a_reboots_diagnostics_are_never_reached_through_a_symlink(tmp_path):
     elsewhere = tmp_path / "elsewhere"
     elsewhere.mkdir()
     rs = types.SimpleNamespace(diag_dir=tmp_path)
-    assert ivm.reboot_dir(rs, 1, "graceful") == tmp_path / "reboot-1-graceful"
+    assert ivm.Guest.reboot_dir(rs, 1, "graceful") == tmp_path / "reboot-1-graceful"
     (tmp_path / "reboot-1-graceful").symlink_to(elsewhere)
     with pytest.raises(ivm.InfraError, match="symlink"):
-        ivm.reboot_dir(rs, 1, "graceful")
+        ivm.Guest.reboot_dir(rs, 1, "graceful")
 
 
 # ---- the harness's network: as NET_XML defines it ------------------------------------------
-OLD_NET_XML = ivm.NET_XML.replace("stp='off'", "stp='on'")  # before 2026-12-05 (ADR-030)
+OLD_NET_XML = ivm.Network.NET_XML.replace("stp='off'", "stp='on'")  # before 2026-12-05 (ADR-030)
 
 
 def test_a_network_definition_is_compared_on_what_the_harness_relies_on():
-    libvirt_made = ivm.NET_XML.replace(
+    libvirt_made = ivm.Network.NET_XML.replace(
         "<forward", "<uuid>0f0e</uuid>\n  <mac address='52:54:00:aa:bb:cc'/>\n  <forward"
     )
-    assert ivm.net_drift(libvirt_made) == []
-    assert ivm.net_drift(OLD_NET_XML) == ["stp=on"]
-    assert ivm.net_drift(ivm.NET_XML.replace(" stp='off'", "")) == ["stp=on"]  # its default
-    assert ivm.net_drift(ivm.NET_XML.replace("150", "151")) == [
+    assert ivm.Network.net_drift(libvirt_made) == []
+    assert ivm.Network.net_drift(OLD_NET_XML) == ["stp=on"]
+    assert ivm.Network.net_drift(ivm.Network.NET_XML.replace(" stp='off'", "")) == [
+        "stp=on"
+    ]  # its default
+    assert ivm.Network.net_drift(ivm.Network.NET_XML.replace("150", "151")) == [
         "address=192.168.151.1",
         "dhcp=192.168.151.10-192.168.151.254",
     ]
-    assert len(ivm.net_drift("<network")) == len(ivm.net_shape(ivm.NET_XML))
+    assert len(ivm.Network.net_drift("<network")) == len(ivm.Network.net_shape(ivm.Network.NET_XML))
 
 
 def _seed_network(h, monkeypatch, xml, domains=None, active=True):
@@ -440,7 +446,7 @@ def _seed_network(h, monkeypatch, xml, domains=None, active=True):
     st = {"domains": domains or {}, "networks": {"boma-it": net}, "leases": {}, "calls": {}}
     h.state_file.write_text(json.dumps(st))
     h.cache.mkdir(parents=True)
-    return ivm.ctx_from_env(h.env, ivm.Options())
+    return ivm.Env.ctx_from_env(h.env, ivm.Options())
 
 
 @pytest.mark.parametrize("active", [True, False], ids=["active", "inactive"])
@@ -449,12 +455,12 @@ def test_a_network_an_older_harness_defined_is_redefined(h, monkeypatch, capsys,
     # the bridge with STP (each resume waited ~3 s for the port) until someone removed it.
     # Inactive: what a sandbox's fresh libvirtd holds (and libvirt lists no ports there).
     ctx = _seed_network(h, monkeypatch, OLD_NET_XML, active=active)
-    ivm.ensure_network(ctx)
+    ivm.Network.ensure_network(ctx)
     net = h.state()["networks"]["boma-it"]
     assert "stp='off'" in net["xml"] and net["active"] and net["autostart"]
     assert "network: boma-it redefined: it differed (stp=on)" in capsys.readouterr().err
     n = len(h.virsh_cmds())
-    ivm.ensure_network(ctx)  # as defined now: looked at, nothing redone
+    ivm.Network.ensure_network(ctx)  # as defined now: looked at, nothing redone
     assert [a[0] for a in h.virsh_cmds()[n:]] == ["net-info", "net-dumpxml"]
 
 
@@ -468,9 +474,9 @@ def test_a_network_an_older_harness_defined_is_redefined(h, monkeypatch, capsys,
 def test_a_drifted_network_is_kept_while_in_use(h, monkeypatch, capsys, state, metadata, user):
     vm = "boma-it-askari-0123abcd"
     xml = f"<domain><name>{vm}</name><interface><source network='boma-it'/></interface></domain>"
-    meta = ivm.render_metadata_xml("x", "2026-12-05T06:00:00+00:00", "askari", "root")
+    meta = ivm.Utilities.render_metadata_xml("x", "2026-12-05T06:00:00+00:00", "askari", "root")
     dom = {"xml": xml, "state": state, "metadata": meta if metadata else None, "boot_id": "x"}
-    ivm.ensure_network(_seed_network(h, monkeypatch, OLD_NET_XML, {vm: dom}))
+    ivm.Network.ensure_network(_seed_network(h, monkeypatch, OLD_NET_XML, {vm: dom}))
     assert h.state()["networks"]["boma-it"]["xml"] == OLD_NET_XML
     assert f"boma-it differs (stp=on); kept while in use: {user}" in capsys.readouterr().err
     assert not [a for a in h.virsh_cmds() if a[0] in ("net-destroy", "net-undefine")]
@@ -482,18 +488,18 @@ def test_a_network_another_run_redid_while_this_one_waited_is_left_alone(h, monk
     ctx = _seed_network(h, monkeypatch, OLD_NET_XML)
     lock = open(h.cache / "lock", "a")  # noqa: SIM115 - held across the thread below
     fcntl.flock(lock, fcntl.LOCK_EX)  # the other run, mid-redefinition
-    at_lock, real_file_lock = threading.Event(), ivm.file_lock
+    at_lock, real_file_lock = threading.Event(), ivm.Utilities.file_lock
 
     def file_lock(*args):  # its first look is done (no fake runs): it waits for the lock
         at_lock.set()
         return real_file_lock(*args)
 
-    monkeypatch.setattr(ivm, "file_lock", file_lock)
-    worker = threading.Thread(target=ivm.ensure_network, args=(ctx,))
+    monkeypatch.setattr(ivm.Utilities, "file_lock", file_lock)
+    worker = threading.Thread(target=ivm.Network.ensure_network, args=(ctx,))
     worker.start()
     assert at_lock.wait(timeout=10), "ensure_network never asked for the lock"
     st = h.state()
-    st["networks"]["boma-it"]["xml"] = ivm.NET_XML  # what the other run defined
+    st["networks"]["boma-it"]["xml"] = ivm.Network.NET_XML  # what the other run defined
     h.state_file.write_text(json.dumps(st))
     lock.close()
     worker.join(timeout=10)
@@ -517,7 +523,7 @@ def _boot_wait(tmp_path, **scenario):
     )
     stub.chmod(0o755)
     env = {"PATH": f"{tmp_path}:{os.environ['PATH']}", **scenario}
-    script = ivm.boot_wait_script(poll=0.2)
+    script = ivm.Guest.boot_wait_script(poll=0.2)
     return subprocess.run(
         ["timeout", "1", "sh", "-c", script], env=env, capture_output=True, text=True, timeout=10
     )
@@ -616,21 +622,23 @@ def test_a_runs_live_record_takes_only_its_declared_fields():
 
 def test_run_data_problem_checks_every_field_it_reads_back():
     good = {"name": "boma-it-a-0000000a", "host": "a", "ip": "192.168.150.9"}
-    assert ivm.run_data_problem(good, good["name"]) is None
-    assert ivm.run_data_problem({**good, "ip": None, "mac": None}, good["name"]) is None
-    assert ivm.run_data_problem({**good, "ip": "1.2.3.4\n"}, good["name"]) == "bad ip"
-    assert ivm.run_data_problem({**good, "boot_ids": ["{#x#}"]}, good["name"]).startswith(
+    assert ivm.Guest.run_data_problem(good, good["name"]) is None
+    assert ivm.Guest.run_data_problem({**good, "ip": None, "mac": None}, good["name"]) is None
+    assert ivm.Guest.run_data_problem({**good, "ip": "1.2.3.4\n"}, good["name"]) == "bad ip"
+    assert ivm.Guest.run_data_problem({**good, "boot_ids": ["{#x#}"]}, good["name"]).startswith(
         "bad boot_ids"
     )
-    assert ivm.run_data_problem({**good, "extra": {"k": "\x1b[2J"}}, good["name"]).startswith(
+    assert ivm.Guest.run_data_problem({**good, "extra": {"k": "\x1b[2J"}}, good["name"]).startswith(
         "bad extra"
     )
 
 
 def test_state_fields_problem_covers_a_checkpoint_manifest():
-    assert ivm.state_fields_problem({"ip": "{{ 1 }}", "key": "k"}) == "bad ip"
-    assert ivm.state_fields_problem({"domain": "boma-it-a-0000000a", "boot_id": "ab-12"}) is None
-    assert ivm.state_fields_problem({"stage": "{% x %}"}).startswith("bad stage")
+    assert ivm.Guest.state_fields_problem({"ip": "{{ 1 }}", "key": "k"}) == "bad ip"
+    assert (
+        ivm.Guest.state_fields_problem({"domain": "boma-it-a-0000000a", "boot_id": "ab-12"}) is None
+    )
+    assert ivm.Guest.state_fields_problem({"stage": "{% x %}"}).startswith("bad stage")
 
 
 # ---- guest output is hostile input (issue 27, class 2a) --------------------------------
@@ -650,7 +658,7 @@ def test_a_status_line_quoting_a_panic_is_not_a_panic(h):
 
 def test_only_the_kernels_own_lines_are_a_panic_or_an_int3_oops():
     def panic(text):
-        m = ivm.KERNEL_PANIC.search(text)
+        m = ivm.Guest.KERNEL_PANIC.search(text)
         return m.group(1) if m else None
 
     assert panic("[   11.120851] Kernel panic - not syncing: Fatal exception\r\n") == (
@@ -665,8 +673,8 @@ def test_only_the_kernels_own_lines_are_a_panic_or_an_int3_oops():
         "Dec 05 08:00:00 host logger[1]: Kernel panic - not syncing\n",
     ):
         assert panic(quoted) is None, quoted
-    assert ivm.TCG_INT3_OOPS.search("[   11.110001] Oops: int3: 0000 [#1] PREEMPT SMP")
-    assert not ivm.TCG_INT3_OOPS.search("[  OK  ] Started Oops: int3 reporter.\n")
+    assert ivm.Guest.TCG_INT3_OOPS.search("[   11.110001] Oops: int3: 0000 [#1] PREEMPT SMP")
+    assert not ivm.Guest.TCG_INT3_OOPS.search("[  OK  ] Started Oops: int3 reporter.\n")
 
 
 def test_a_run_json_whose_name_is_not_a_harness_run_name_is_skipped(h):
@@ -675,7 +683,7 @@ def test_a_run_json_whose_name_is_not_a_harness_run_name_is_skipped(h):
         d = h.run_root / name
         d.mkdir(parents=True, exist_ok=True)
         (d / "run.json").write_text(json.dumps({"name": name, "host": "askari", "state": "up"}))
-    assert ivm.run_data_problem({"name": "askari", "host": "askari"}, "askari") == (
+    assert ivm.Guest.run_data_problem({"name": "askari", "host": "askari"}, "askari") == (
         "its name is not its directory's harness run name"
     )
     p = h.run("status")

@@ -73,7 +73,7 @@ def test_image_build_seals_and_is_keyed(h):
 
 
 def test_seal_spec_contents():
-    s = ivm.seal_spec()
+    s = ivm.Images.seal_spec()
     f = s["files"]
     assert f["etc/machine-id"] == ""
     assert f["etc/fstab"] == "LABEL=root / ext4 defaults 0 1\n"
@@ -88,11 +88,11 @@ def test_seal_spec_contents():
 
 
 def test_image_key_does_not_depend_on_the_order_inputs_were_written_in():
-    inputs = ivm.image_inputs()
+    inputs = ivm.Images.image_inputs()
     backwards = dict(reversed(inputs.items()))
     backwards["seal"] = dict(reversed(inputs["seal"].items()))
-    assert ivm.image_key(backwards) == ivm.image_key(inputs)
-    assert len(ivm.image_key(inputs)) == 16
+    assert ivm.Images.image_key(backwards) == ivm.Images.image_key(inputs)
+    assert len(ivm.Images.image_key(inputs)) == 16
 
 
 @pytest.mark.parametrize(
@@ -109,21 +109,23 @@ def test_image_key_does_not_depend_on_the_order_inputs_were_written_in():
     ],
 )
 def test_image_key_changes_with_each_input(mutate):
-    inputs = ivm.image_inputs()
-    before = ivm.image_key(inputs)
+    inputs = ivm.Images.image_inputs()
+    before = ivm.Images.image_key(inputs)
     mutate(inputs)
-    assert ivm.image_key(inputs) != before
+    assert ivm.Images.image_key(inputs) != before
 
 
 def test_fetch_key_differs_from_build_key():
-    assert ivm.image_key(ivm.fetch_inputs()) != ivm.image_key(ivm.image_inputs())
+    assert ivm.Images.image_key(ivm.Images.fetch_inputs()) != ivm.Images.image_key(
+        ivm.Images.image_inputs()
+    )
 
 
 def test_image_build_argv():
-    a = ivm.mmdebstrap_argv("trixie", "/t/root", "http://deb.debian.org/debian", ["a", "b"])
+    a = ivm.Images.mmdebstrap_argv("trixie", "/t/root", "http://deb.debian.org/debian", ["a", "b"])
     assert a[0] == "mmdebstrap" and "--variant=minbase" in a and "--include=a,b" in a
     assert a[-3:] == ["trixie", "/t/root", "http://deb.debian.org/debian"]
-    assert ivm.mkfs_argv("/t/root", "/t/disk.raw", 8 << 30) == [
+    assert ivm.Images.mkfs_argv("/t/root", "/t/disk.raw", 8 << 30) == [
         "mkfs.ext4",
         "-q",
         "-F",
@@ -136,7 +138,7 @@ def test_image_build_argv():
         "/t/disk.raw",
         f"{(8 << 20) - 1024}k",
     ]
-    assert ivm.qemu_img_convert_argv("/t/r", "/t/q") == [
+    assert ivm.Images.qemu_img_convert_argv("/t/r", "/t/q") == [
         "qemu-img",
         "convert",
         "-O",
@@ -147,22 +149,25 @@ def test_image_build_argv():
 
 
 def test_size_bytes():
-    assert ivm.size_bytes("8G") == 8 * 1024**3 and ivm.size_bytes("512") == 512
+    assert ivm.Images.size_bytes("8G") == 8 * 1024**3 and ivm.Images.size_bytes("512") == 512
     with pytest.raises(ValueError):
-        ivm.size_bytes("8 GB")
+        ivm.Images.size_bytes("8 GB")
 
 
 def test_find_boot_file_resolves_symlink_inside_root(tmp_path):
     (tmp_path / "boot").mkdir()
     (tmp_path / "boot" / "vmlinuz-6.12.9-cloud-amd64").write_text("new")
     (tmp_path / "boot" / "vmlinuz-6.12.10-cloud-amd64").write_text("newer")
-    assert ivm.find_boot_file(tmp_path, "vmlinuz", "vmlinuz").name == "vmlinuz-6.12.10-cloud-amd64"
+    assert (
+        ivm.Images.find_boot_file(tmp_path, "vmlinuz", "vmlinuz").name
+        == "vmlinuz-6.12.10-cloud-amd64"
+    )
     (tmp_path / "vmlinuz").symlink_to("/boot/vmlinuz-6.12.9-cloud-amd64")  # absolute: re-rooted
     assert (
-        ivm.find_boot_file(tmp_path, "vmlinuz", "vmlinuz")
+        ivm.Images.find_boot_file(tmp_path, "vmlinuz", "vmlinuz")
         == tmp_path / "boot" / "vmlinuz-6.12.9-cloud-amd64"
     )
-    assert ivm.find_boot_file(tmp_path, "initrd.img", "initrd.img") is None
+    assert ivm.Images.find_boot_file(tmp_path, "initrd.img", "initrd.img") is None
 
 
 def test_apply_seal(tmp_path):
@@ -171,25 +176,25 @@ def test_apply_seal(tmp_path):
     (tmp_path / "etc" / "ssh" / "sshd_config").write_text("c")
     (tmp_path / "etc" / "machine-id").write_text("abc\n")
     (tmp_path / "etc" / "resolv.conf").write_text("nameserver 1.1.1.1\n")
-    ivm.apply_seal(tmp_path, ivm.seal_spec())
+    ivm.Images.apply_seal(tmp_path, ivm.Images.seal_spec())
     assert not (tmp_path / "etc" / "ssh" / "ssh_host_rsa_key").exists()
     assert (tmp_path / "etc" / "ssh" / "sshd_config").exists()
     assert (tmp_path / "etc" / "machine-id").read_text() == ""
     assert (tmp_path / "etc" / "resolv.conf").is_symlink()
     assert (tmp_path / "etc" / "apt" / "apt.conf.d" / "20auto-upgrades").is_file()
-    ivm.apply_seal(tmp_path, ivm.seal_spec())  # idempotent
+    ivm.Images.apply_seal(tmp_path, ivm.Images.seal_spec())  # idempotent
 
 
 def test_expected_sha():
     text = "abc123  debian-13-genericcloud-amd64.qcow2\ndef456 *other.raw\nbad line here x\n"
-    assert ivm._expected_sha(text, "debian-13-genericcloud-amd64.qcow2") == "abc123"
-    assert ivm._expected_sha(text, "other.raw") == "def456"
-    assert ivm._expected_sha(text, "missing.qcow2") is None
+    assert ivm.Images._expected_sha(text, "debian-13-genericcloud-amd64.qcow2") == "abc123"
+    assert ivm.Images._expected_sha(text, "other.raw") == "def456"
+    assert ivm.Images._expected_sha(text, "missing.qcow2") is None
 
 
 def test_cloud_cfg_is_valid_yaml():
     yaml = pytest.importorskip("yaml")
-    cfg = yaml.safe_load(ivm.CLOUD_CFG)
+    cfg = yaml.safe_load(ivm.Images.CLOUD_CFG)
     assert cfg == {"datasource_list": ["NoCloud", "None"]}  # network, growpart: cloud-init's
 
 
@@ -199,7 +204,7 @@ def test_the_download_bound_covers_the_whole_transfer(h, monkeypatch, tmp_path):
     clock = iter(range(100))
     monkeypatch.setattr(ivm.time, "monotonic", lambda: float(next(clock)))
     with pytest.raises(ivm.InfraError) as e:
-        ivm._download(src.as_uri(), tmp_path / "out", deadline=2.5, bound=2.5)
+        ivm.Images._download(src.as_uri(), tmp_path / "out", deadline=2.5, bound=2.5)
     assert "exceeded BOMA_IT_TIMEOUT_DOWNLOAD" in str(e.value)
     monkeypatch.undo()
     # ... and the driver passes BOMA_IT_TIMEOUT_DOWNLOAD to it

@@ -42,7 +42,7 @@ def role_packages():
 
 
 def test_reference_list_parses_and_names_its_source():
-    ref = ivm.reference_packages()
+    ref = ivm.Images.reference_packages()
     assert len(ref) == len(set(ref)) > 40
     for pkg in (
         "sudo",
@@ -57,57 +57,59 @@ def test_reference_list_parses_and_names_its_source():
         "grub-cloud-amd64",
     ):
         assert pkg in ref
-    head = (REPO / ivm.IMAGE_REFERENCE_LIST).read_text()
+    head = (REPO / ivm.Images.IMAGE_REFERENCE_LIST).read_text()
     assert "config_space/13/package_config" in head and "36cd5fc1" in head
 
 
 def test_nothing_a_role_installs_is_in_the_image():
     roles = role_packages()
     assert ROLE_ONLY - {"gnupg"} <= roles, roles  # the reader sees the roles' lists
-    image = set(ivm.image_packages())
+    image = set(ivm.Images.image_packages())
     assert not ROLE_ONLY & image
     # a role may install what the provider ships too (openssh-server, ca-certificates),
     # never what only the image would have added
-    assert not (roles - set(ivm.reference_packages())) & image
+    assert not (roles - set(ivm.Images.reference_packages())) & image
 
 
 def test_extras_each_carry_a_reason(tmp_path):
-    extras = ivm.extra_packages()
-    assert not set(extras) & set(ivm.reference_packages())
+    extras = ivm.Images.extra_packages()
+    assert not set(extras) & set(ivm.Images.reference_packages())
     bad = tmp_path / "extras.txt"
     bad.write_text("# header\nqemu-guest-agent\n")
     with pytest.raises(ivm.UsageError, match=r"extras.txt:2: want `package  # reason`"):
-        ivm.read_package_list(bad, need_reason=True)
+        ivm.Images.read_package_list(bad, need_reason=True)
     bad.write_text("Not_A_Package  # why\n")
     with pytest.raises(ivm.UsageError, match="extras.txt:1"):
-        ivm.read_package_list(bad, need_reason=True)
+        ivm.Images.read_package_list(bad, need_reason=True)
     with pytest.raises(ivm.UsageError, match="cannot read"):
-        ivm.read_package_list(tmp_path / "missing.txt")
+        ivm.Images.read_package_list(tmp_path / "missing.txt")
 
 
 def test_mmdebstrap_installs_exactly_the_list_and_extras_without_recommends():
-    a = ivm.mmdebstrap_argv("trixie", "/t/root", "http://m/debian", ivm.image_packages())
+    a = ivm.Images.mmdebstrap_argv(
+        "trixie", "/t/root", "http://m/debian", ivm.Images.image_packages()
+    )
     assert "--variant=minbase" in a
     (include,) = [x for x in a if x.startswith("--include=")]
     assert set(include.removeprefix("--include=").split(",")) == set(
-        ivm.reference_packages()
-    ) | set(ivm.extra_packages())
+        ivm.Images.reference_packages()
+    ) | set(ivm.Images.extra_packages())
     assert not any("Recommends" in x for x in a)  # mmdebstrap's default: none
     hooks = [x for x in a if x.startswith("--customize-hook=")]
     assert any("grub-mkimage -O i386-pc" in h for h in hooks)
 
 
 def test_image_key_follows_the_reference_list(tmp_path, monkeypatch):
-    before = ivm.image_key(ivm.image_inputs())
+    before = ivm.Images.image_key(ivm.Images.image_inputs())
     ref = tmp_path / "ref.txt"
-    ref.write_text((REPO / ivm.IMAGE_REFERENCE_LIST).read_text() + "htop\n")
-    monkeypatch.setattr(ivm, "IMAGE_REFERENCE_LIST", str(ref))
-    assert "htop" in ivm.image_inputs()["packages"]
-    assert ivm.image_key(ivm.image_inputs()) != before
+    ref.write_text((REPO / ivm.Images.IMAGE_REFERENCE_LIST).read_text() + "htop\n")
+    monkeypatch.setattr(ivm.Images, "IMAGE_REFERENCE_LIST", str(ref))
+    assert "htop" in ivm.Images.image_inputs()["packages"]
+    assert ivm.Images.image_key(ivm.Images.image_inputs()) != before
 
 
 def test_timers_and_docker_units_are_left_as_the_packages_enable_them():
-    spec = ivm.seal_spec()
+    spec = ivm.Images.seal_spec()
     assert spec["remove_globs"] == ["etc/ssh/ssh_host_*", "var/lib/dbus/machine-id"]
     auto = spec["files"]["etc/apt/apt.conf.d/20auto-upgrades"]
     assert 'APT::Periodic::Unattended-Upgrade "1";' in auto
@@ -117,21 +119,21 @@ def test_timers_and_docker_units_are_left_as_the_packages_enable_them():
 
 
 def test_grub_menu_boots_the_kernel_symlinks():
-    cfg = ivm.seal_spec()["files"]["boot/grub/grub.cfg"]
-    assert "linux /vmlinuz " + ivm.KERNEL_ARGS in cfg and "initrd /initrd.img" in cfg
+    cfg = ivm.Images.seal_spec()["files"]["boot/grub/grub.cfg"]
+    assert "linux /vmlinuz " + ivm.Images.KERNEL_ARGS in cfg and "initrd /initrd.img" in cfg
     assert "--label root" in cfg
 
 
 def test_mbr_has_grub_code_and_one_bootable_partition_to_the_end():
     boot = bytes(range(256)) * 2
     disk = 8 << 30
-    mbr = ivm.mbr_bytes(boot, disk)
+    mbr = ivm.Images.mbr_bytes(boot, disk)
     assert len(mbr) == 512 and mbr[:440] == boot[:440] and mbr[510:] == b"\x55\xaa"
     status, ptype, start, count = struct.unpack("<B3xB3xII", mbr[446:462])
     assert (status, ptype, start) == (0x80, 0x83, 2048)
     assert (start + count) * 512 == disk and mbr[462:510] == bytes(48)
     with pytest.raises(ivm.InfraError, match="boot.img"):
-        ivm.mbr_bytes(b"short", disk)
+        ivm.Images.mbr_bytes(b"short", disk)
 
 
 def _fake_root(tmp_path, core=b"core" * 1000):
@@ -152,9 +154,9 @@ def test_make_disk_embeds_core_img_after_the_mbr(tmp_path, monkeypatch):
             pathlib.Path(argv[-1]).write_bytes(pathlib.Path(argv[-2]).read_bytes())
 
     monkeypatch.setattr(ivm, "run", fake_run)
-    monkeypatch.setattr(ivm, "IMAGE_DISK_SIZE", "4M")
+    monkeypatch.setattr(ivm.Images, "IMAGE_DISK_SIZE", "4M")
     ctx = types.SimpleNamespace(bounds={"image-build": 10}, cmdlog=None)
-    ivm._make_disk(ctx, root, tmp_path)
+    ivm.Images._make_disk(ctx, root, tmp_path)
     assert calls[0][:7] == ["mkfs.ext4", "-q", "-F", "-L", "root", "-E", "offset=1048576"]
     assert calls[0][-1] == "3072k"  # 4 MiB disk − 1 MiB before the partition
     disk = (tmp_path / "disk.qcow2").read_bytes()
@@ -167,7 +169,7 @@ def test_make_disk_refuses_without_grub_boot_code(tmp_path, monkeypatch):
     monkeypatch.setattr(ivm, "run", lambda *a, **k: pytest.fail("no process without boot code"))
     ctx = types.SimpleNamespace(bounds={"image-build": 10}, cmdlog=None)
     with pytest.raises(ivm.InfraError, match="no GRUB boot code"):
-        ivm._make_disk(ctx, tmp_path / "empty-root", tmp_path)
-    root = _fake_root(tmp_path, core=bytes(ivm.PARTITION_OFFSET))
+        ivm.Images._make_disk(ctx, tmp_path / "empty-root", tmp_path)
+    root = _fake_root(tmp_path, core=bytes(ivm.Images.PARTITION_OFFSET))
     with pytest.raises(ivm.InfraError, match="does not fit"):
-        ivm._make_disk(ctx, root, tmp_path)
+        ivm.Images._make_disk(ctx, root, tmp_path)

@@ -76,32 +76,34 @@ def test_parse_lease_ip_extracts_ipv4():
         "-------------------------------------------------------------------\n"
         " vnet0      52:54:00:aa:bb:cc    ipv4         192.168.150.42/24\n"
     )
-    assert ivm.parse_lease_ip(out) == "192.168.150.42"
+    assert ivm.Network.parse_lease_ip(out) == "192.168.150.42"
 
 
 def test_parse_lease_ip_none_when_absent():
-    assert ivm.parse_lease_ip("no leases\n") is None
+    assert ivm.Network.parse_lease_ip("no leases\n") is None
 
 
 def test_parse_lease_ip_matches_mac_case_insensitively():
-    assert ivm.parse_lease_ip(LEASES, "52:54:00:11:22:33") == "192.168.150.77"
-    assert ivm.parse_lease_ip(LEASES, "52:54:00:AA:BB:CC") == "192.168.150.42"
-    assert ivm.parse_lease_ip(LEASES, "52:54:00:de:ad:00") is None
+    assert ivm.Network.parse_lease_ip(LEASES, "52:54:00:11:22:33") == "192.168.150.77"
+    assert ivm.Network.parse_lease_ip(LEASES, "52:54:00:AA:BB:CC") == "192.168.150.42"
+    assert ivm.Network.parse_lease_ip(LEASES, "52:54:00:de:ad:00") is None
 
 
 def test_parse_lease_ip_ignores_ipv6_rows():
     out = " vnet0  52:54:00:aa:bb:cc  ipv6  fe80::1/64\n"
-    assert ivm.parse_lease_ip(out, "52:54:00:aa:bb:cc") is None
+    assert ivm.Network.parse_lease_ip(out, "52:54:00:aa:bb:cc") is None
 
 
 def test_make_mac_is_libvirt_prefixed():
-    assert ivm.make_mac(bytes([1, 0xAB, 255])) == "52:54:00:01:ab:ff"
+    assert ivm.Network.make_mac(bytes([1, 0xAB, 255])) == "52:54:00:01:ab:ff"
 
 
 def test_parse_net_info_and_name_list():
-    info = ivm.parse_net_info("Name:           boma-it\nActive:         yes\nBridge: virbr-boma\n")
+    info = ivm.Network.parse_net_info(
+        "Name:           boma-it\nActive:         yes\nBridge: virbr-boma\n"
+    )
     assert info["active"] == "yes" and info["name"] == "boma-it"
-    assert ivm.parse_name_list("a\n\n b \n") == ["a", "b"]
+    assert ivm.Utilities.parse_name_list("a\n\n b \n") == ["a", "b"]
 
 
 @pytest.mark.parametrize(
@@ -117,15 +119,15 @@ def test_parse_net_info_and_name_list():
     ],
 )
 def test_classify_accel_probe(out, verdict):
-    assert ivm.classify_accel_probe(out)[0] == verdict
+    assert ivm.Network.classify_accel_probe(out)[0] == verdict
 
 
 def test_classify_accel_probe_timeout_reason():
-    assert "within 30s" in ivm.classify_accel_probe("", timed_out=True, bound=30)[1]
+    assert "within 30s" in ivm.Network.classify_accel_probe("", timed_out=True, bound=30)[1]
 
 
 def test_accel_probe_argv():
-    a = ivm.accel_probe_argv("/img/vmlinuz")
+    a = ivm.Network.accel_probe_argv("/img/vmlinuz")
     assert a[:3] == ["qemu-system-x86_64", "-accel", "kvm"]
     assert a[a.index("-kernel") + 1] == "/img/vmlinuz" and "-no-reboot" in a
     assert "root=/dev/nonexistent" in a[a.index("-append") + 1]
@@ -142,25 +144,25 @@ def test_accel_probe_argv():
     ],
 )
 def test_kvm_group_accessible(mode, gid, kvm_gid, ok):
-    assert ivm.kvm_group_accessible(mode, gid, kvm_gid) is ok
+    assert ivm.Network.kvm_group_accessible(mode, gid, kvm_gid) is ok
 
 
 # ---- the harness network's subnet (BOMA_IT_NET_SUBNET, ADR-031) --------------------------
 def test_the_default_network_is_the_one_before_the_subnet_was_configurable():
     # Same text, so every booted checkpoint key made before stays valid.
-    assert ivm.net_xml() == ivm.NET_XML
-    assert "<ip address='192.168.150.1' netmask='255.255.255.0'>" in ivm.NET_XML
-    assert "<range start='192.168.150.10' end='192.168.150.254'/>" in ivm.NET_XML
+    assert ivm.Network.net_xml() == ivm.Network.NET_XML
+    assert "<ip address='192.168.150.1' netmask='255.255.255.0'>" in ivm.Network.NET_XML
+    assert "<range start='192.168.150.10' end='192.168.150.254'/>" in ivm.Network.NET_XML
 
 
 def test_a_configured_subnet_renders_the_same_shape_on_other_addresses():
-    shape = ivm.net_shape(ivm.net_xml("10.77.5.0/24"))
+    shape = ivm.Network.net_shape(ivm.Network.net_xml("10.77.5.0/24"))
     assert shape == {
-        **ivm.net_shape(ivm.NET_XML),
+        **ivm.Network.net_shape(ivm.Network.NET_XML),
         "address": "10.77.5.1",
         "dhcp": "10.77.5.10-10.77.5.254",
     }
-    assert ivm.net_drift(ivm.NET_XML, ivm.net_xml("10.77.5.0/24")) == [
+    assert ivm.Network.net_drift(ivm.Network.NET_XML, ivm.Network.net_xml("10.77.5.0/24")) == [
         "address=192.168.150.1",
         "dhcp=192.168.150.10-192.168.150.254",
     ]
@@ -171,7 +173,7 @@ def test_a_configured_subnet_renders_the_same_shape_on_other_addresses():
 )
 def test_a_subnet_that_is_not_a_24_network_is_refused(text):
     with pytest.raises(ValueError, match="IPv4 /24"):
-        ivm.net_subnet(text)
+        ivm.Env.net_subnet(text)
 
 
 def test_a_bad_subnet_setting_is_exit_2_before_anything_is_created(h):
@@ -186,15 +188,18 @@ def test_the_driver_defines_the_network_on_the_configured_subnet(h):
     p = h.run("up", "--host", "askari", BOMA_IT_NET_SUBNET="10.77.5.0/24")
     assert p.returncode == 0, p.stderr
     xml = h.state()["networks"]["boma-it"]["xml"]
-    assert ivm.net_shape(xml) == ivm.net_shape(ivm.net_xml("10.77.5.0/24"))
+    assert ivm.Network.net_shape(xml) == ivm.Network.net_shape(ivm.Network.net_xml("10.77.5.0/24"))
     assert h.run("down").returncode == 0
 
 
 def test_the_subnet_is_an_input_of_the_booted_checkpoint(h):
-    ctx = ivm.ctx_from_env(h.env, ivm.Options())
-    other = ivm.ctx_from_env({**h.env, "BOMA_IT_NET_SUBNET": "10.77.5.0/24"}, ivm.Options())
-    profile = ivm.load_profile("askari")
-    keys = [ivm.checkpoint_chain(c, profile, "internal", "img", "tcg")[0][1] for c in (ctx, other)]
+    ctx = ivm.Env.ctx_from_env(h.env, ivm.Options())
+    other = ivm.Env.ctx_from_env({**h.env, "BOMA_IT_NET_SUBNET": "10.77.5.0/24"}, ivm.Options())
+    profile = ivm.Profiles.load_profile("askari")
+    keys = [
+        ivm.Checkpoints.checkpoint_chain(c, profile, "internal", "img", "tcg")[0][1]
+        for c in (ctx, other)
+    ]
     assert keys[0] != keys[1]
 
 
@@ -222,9 +227,12 @@ def test_the_role_defines_the_network_the_driver_would(tmp_path):
         ]
         tpl = role / "templates" / "etc" / "boma-integration" / "network-boma-it.xml.j2"
         xml = strict.from_string(tpl.read_text()).render(ctx)
-        assert ivm.net_shape(xml) == ivm.net_shape(ivm.net_xml(subnet)), subnet
-        assert ivm.net_drift(xml, ivm.net_xml(subnet)) == []
+        assert ivm.Network.net_shape(xml) == ivm.Network.net_shape(ivm.Network.net_xml(subnet)), (
+            subnet
+        )
+        assert ivm.Network.net_drift(xml, ivm.Network.net_xml(subnet)) == []
         # What the role looks for in libvirt's copy is in the driver's definition too.
         assert all(
-            piece in ivm.net_xml(subnet) for piece in ctx["__integration_test_network_shape"]
+            piece in ivm.Network.net_xml(subnet)
+            for piece in ctx["__integration_test_network_shape"]
         )

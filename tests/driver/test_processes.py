@@ -111,9 +111,9 @@ def test_a_count_still_pending_when_the_run_ends_is_written(tmp_path, monkeypatc
         for _ in range(3):
             ivm._log_command(run.cmdlog, poll)
 
-    monkeypatch.setitem(ivm.SESSION_PHASES, "up", (polls,))
+    monkeypatch.setitem(ivm.Session.SESSION_PHASES, "up", (polls,))
     run = ivm.Run(command="up", cmdlog=log)
-    assert ivm.run_phases(None, None, run) == ivm.EXIT_PASS
+    assert ivm.Session.run_phases(None, None, run) == ivm.EXIT_PASS
     lines = [ln.split(" ", 1)[1] for ln in log.read_text().splitlines()]
     assert lines == ["virsh domstate vm", "(the command above ran 2 more times until here)"]
     ivm._log_command(log, poll)  # a new run's first command is a line of its own

@@ -25,14 +25,14 @@ def test_extra_vars_order(tmp_path):
     (tmp_path / "certs").mkdir()
     vault = tmp_path / "vault.yml"
     prof = {"extra_vars_files": ["overrides/a.yml", "overrides/b.yml"]}
-    files = ivm.extra_vars_files(prof, "le-staging", tmp_path, vault)
+    files = ivm.Profiles.extra_vars_files(prof, "le-staging", tmp_path, vault)
     assert [f.relative_to(tmp_path).as_posix() for f in files] == [
         "overrides/a.yml",
         "overrides/b.yml",
         "certs/le-staging.yml",
     ]
     vault.write_text("x: 1\n")
-    assert ivm.extra_vars_files(prof, "internal", tmp_path, vault)[-1] == vault
+    assert ivm.Profiles.extra_vars_files(prof, "internal", tmp_path, vault)[-1] == vault
 
 
 @pytest.mark.parametrize("tier", ["le-staging", "le-prod-wildcard"])
@@ -40,7 +40,7 @@ def test_real_secret_tiers_never_get_the_fake_vault_values(tmp_path, tier):
     # Their Caddy needs the real Gandi token: the production vault is loaded instead.
     vault = tmp_path / "vault.yml"
     vault.write_text("x: 1\n")
-    files = ivm.extra_vars_files({"extra_vars_files": []}, tier, tmp_path, vault)
+    files = ivm.Profiles.extra_vars_files({"extra_vars_files": []}, tier, tmp_path, vault)
     assert vault not in files and files[-1].name == f"{tier}.yml"
     assert tier in ivm.REAL_SECRET_TIERS and "internal" not in ivm.REAL_SECRET_TIERS
 
@@ -57,7 +57,7 @@ def _profiles(tmp_path, **files):
     for name, content in files.items():
         text = content if isinstance(content, str) else json.dumps(content, indent=2)
         (tmp_path / "tests" / "integration" / "profiles" / f"{name}.json").write_text(text)
-    return lambda host: ivm.load_profile(
+    return lambda host: ivm.Profiles.load_profile(
         host, tmp_path / "tests" / "integration" / "profiles", tmp_path
     )
 
@@ -175,7 +175,7 @@ def test_bad_profile_type_error_names_the_file_that_set_it(tmp_path):
 
 
 def test_merge_profiles_is_shallow():
-    m = ivm.merge_profiles(
+    m = ivm.Profiles.merge_profiles(
         {"groups": ["a"], "extra_vars_files": ["x"], "mem_mib": 1},
         {"groups": ["b"], "extra_vars_files": ["y"], "extends": "p"},
     )
@@ -185,7 +185,7 @@ def test_merge_profiles_is_shallow():
 def test_repo_profiles_load():
     """The profiles other engineers commit must pass the driver's validation."""
     for p in sorted(ivm.PROFILE_DIR.glob("*.json")):
-        prof = ivm.load_profile(p.stem)
+        prof = ivm.Profiles.load_profile(p.stem)
         assert prof["groups"] and prof["applies"]
 
 
@@ -202,11 +202,11 @@ def test_load_profile_checks_tolerance_and_reboot_list(tmp_path):
             "b": {"extends": "a", "reboot_diff_tolerate": {"x": []}},
         },
     )
-    prof = ivm.load_profile("a", tmp_path / "tests/integration/profiles", tmp_path)
+    prof = ivm.Profiles.load_profile("a", tmp_path / "tests/integration/profiles", tmp_path)
     assert prof["reboot"] == ["graceful", "hard"]
     assert prof["reboot_diff_tolerate"] == {"sockets": ["dhclient"]}
     with pytest.raises(ivm.UsageError) as e:
-        ivm.load_profile("b", tmp_path / "tests/integration/profiles", tmp_path)
+        ivm.Profiles.load_profile("b", tmp_path / "tests/integration/profiles", tmp_path)
     assert "b.json: key 'reboot_diff_tolerate' has unknown categories" in str(e.value)
 
 
@@ -273,16 +273,16 @@ def test_hostile_profile_json_is_exit_2_one_line(h, content, needle):
 
 def test_a_profile_names_its_verify_and_its_red_inherits_it():
     # askari keeps the default verify; the control node has its own (ADR-031).
-    assert ivm.load_profile("askari")["verify"] == "tests/integration/verify.yml"
+    assert ivm.Profiles.load_profile("askari")["verify"] == "tests/integration/verify.yml"
     for host in ("ubongo", "ubongo-regression"):
-        prof = ivm.load_profile(host)
+        prof = ivm.Profiles.load_profile(host)
         assert prof["verify"] == "tests/integration/verify-ubongo.yml", host
         assert prof["groups"] == ["control"] and prof["reboot"] == ["graceful", "hard"]
         assert [a["playbook"] for a in prof["applies"][:2]] == ["site.yml", "workstation.yml"]
-    red = ivm.load_profile("ubongo-regression")
+    red = ivm.Profiles.load_profile("ubongo-regression")
     assert red["extra_vars_files"] == ["overrides/ubongo.yml"] and red["root"] == "ubongo"
     # The GREEN's applies, then the drop-in's switch on a third apply only (ADR-031).
-    assert red["applies"][:2] == ivm.load_profile("ubongo")["applies"]
+    assert red["applies"][:2] == ivm.Profiles.load_profile("ubongo")["applies"]
     assert red["applies"][2] == {
         "playbook": "workstation.yml",
         "tags": ["firewall"],
@@ -310,7 +310,7 @@ def test_every_host_of_the_production_inventory_has_a_profile():
         groups = {
             g for g, v in inventory["all"]["children"].items() if host in (v.get("hosts") or {})
         }
-        assert set(ivm.load_profile(host)["groups"]) == groups, host
+        assert set(ivm.Profiles.load_profile(host)["groups"]) == groups, host
 
 
 def test_the_control_nodes_verify_looks_for_every_tool_the_harness_calls():
@@ -319,5 +319,5 @@ def test_the_control_nodes_verify_looks_for_every_tool_the_harness_calls():
     import yaml
 
     play = yaml.safe_load((ivm.REPO_ROOT / "tests/integration/verify-ubongo.yml").read_text())[0]
-    want = list(dict.fromkeys(ivm.tools_for("cycle", "build") + ["qemu-system-x86_64"]))
+    want = list(dict.fromkeys(ivm.Session.tools_for("cycle", "build") + ["qemu-system-x86_64"]))
     assert play["vars"]["verify__harness_tools"] == want

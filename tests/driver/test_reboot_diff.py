@@ -201,7 +201,7 @@ def _capture(**sections):
 
 
 def test_capture_script_bounds_every_command_and_runs_as_one_script():
-    s = ivm.render_capture_script(NONCE, 30.4)
+    s = ivm.Reboot.render_capture_script(NONCE, 30.4)
     assert s.startswith(f"M='@@boma-{NONCE}'\nT=30\n") and s.rstrip().endswith("exit 0")
     assert 'timeout -k 2 "$T" "$@" </dev/null' in s  # bounded, and never eats the script
     for sec in (
@@ -228,8 +228,8 @@ def test_capture_script_bounds_every_command_and_runs_as_one_script():
     ):
         assert cmd in s
     assert "sudo" not in s  # the whole script runs under ONE `sudo -n sh -s`
-    assert ivm.render_capture_script(NONCE, 0.2).splitlines()[1] == "T=1"
-    assert s.count("timeout -k 2") <= ivm.CAPTURE_COMMANDS
+    assert ivm.Reboot.render_capture_script(NONCE, 0.2).splitlines()[1] == "T=1"
+    assert s.count("timeout -k 2") <= ivm.Reboot.CAPTURE_COMMANDS
 
 
 def _stub_guest(tmp_path, docker="running"):
@@ -278,7 +278,7 @@ def _stub_guest(tmp_path, docker="running"):
 
 
 def st_boot(secs):
-    return ivm.boot_analysis(secs)
+    return ivm.Reboot.boot_analysis(secs)
 
 
 @pytest.mark.parametrize("docker", ["running", "stopped", "absent"])
@@ -288,14 +288,14 @@ def test_capture_script_runs_under_sh_and_parses(tmp_path, docker):
     bin_ = _stub_guest(tmp_path, docker)
     p = subprocess.run(
         ["/bin/sh", "-s"],
-        input=ivm.render_capture_script(NONCE, 5),
+        input=ivm.Reboot.render_capture_script(NONCE, 5),
         env={"PATH": str(bin_)},
         capture_output=True,
         text=True,
         timeout=60,
     )
     assert p.returncode == 0, p.stderr
-    secs = ivm.parse_capture_output(p.stdout, NONCE)
+    secs = ivm.Reboot.parse_capture_output(p.stdout, NONCE)
     assert set(secs) == {
         "boot_id",
         "port_range",
@@ -313,7 +313,7 @@ def test_capture_script_runs_under_sh_and_parses(tmp_path, docker):
     assert st_boot(secs)["startup"]["total"] == 66.001
     assert st_boot(secs)["blame_top"][0] == [30.811, "docker.service"]
     assert secs["enabled_active"]["rc"] == 3  # is-active: some unit inactive
-    st = ivm.normalise_capture(secs, own_ips=["192.168.150.42"])
+    st = ivm.Reboot.normalise_capture(secs, own_ips=["192.168.150.42"])
     assert st["boot_id"] and len(st["boot_id"]) == 36
     cats = st["categories"]
     assert "rule inet filter forward: meta iifname docker0 accept" in cats["nft"]
@@ -328,7 +328,7 @@ def test_capture_script_runs_under_sh_and_parses(tmp_path, docker):
     assert (
         cats["ports"]
         == {
-            "running": ivm.normalise_docker_ports((GUEST / "docker-ps.txt").read_text()),
+            "running": ivm.Reboot.normalise_docker_ports((GUEST / "docker-ps.txt").read_text()),
             "stopped": ["docker: not running"],
             "absent": ["docker: absent"],
         }[docker]
@@ -342,7 +342,7 @@ def test_parse_capture_output_rc_stderr_and_cut_off():
         f"@@boma-{NONCE} end b 1 nft: Operation not permitted \n"
         f"@@boma-{NONCE} begin c\npartial"
     )
-    s = ivm.parse_capture_output(text, NONCE)
+    s = ivm.Reboot.parse_capture_output(text, NONCE)
     assert s["a"] == {"rc": 0, "out": "line 1", "err": ""}
     # a marker with another nonce is content, not structure
     assert s["b"] == {
@@ -351,7 +351,7 @@ def test_parse_capture_output_rc_stderr_and_cut_off():
         "err": "nft: Operation not permitted",
     }
     assert s["c"]["rc"] is None and s["c"]["out"] == "partial"
-    assert ivm.parse_capture_output("", NONCE) == {}
+    assert ivm.Reboot.parse_capture_output("", NONCE) == {}
 
 
 @pytest.mark.parametrize(
@@ -436,12 +436,12 @@ def test_parse_capture_output_rc_stderr_and_cut_off():
     ],
 )
 def test_nft_expr_text(expr, text):
-    assert ivm.nft_expr_text(expr) == text
+    assert ivm.Reboot.nft_expr_text(expr) == text
 
 
 def test_normalise_nft_json_drops_volatile_fields():
     text = (GUEST / "nft-ruleset.json").read_text()
-    lines = ivm.normalise_nft_json(text)
+    lines = ivm.Reboot.normalise_nft_json(text)
     joined = "\n".join(lines)
     for gone in ("handle", "packets", "bytes", "metainfo", "Bullmoose"):
         assert gone not in joined
@@ -467,7 +467,7 @@ def test_normalise_nft_json_drops_volatile_fields():
     assert "chain ip nat POSTROUTING {type nat hook postrouting prio 100 policy accept}" in lines
     assert "chain ip filter DOCKER-USER" in lines
     # ... the text listing translates them; with it, those rules say where they go
-    full = ivm.normalise_nft_json(text, None, (GUEST / "nft-ruleset.txt").read_text())
+    full = ivm.Reboot.normalise_nft_json(text, None, (GUEST / "nft-ruleset.txt").read_text())
     assert [ln for ln in full if "xt " in ln] == []
     assert (
         'rule ip nat DOCKER: iifname != "br-d2b0beece4b3" tcp dport 443 counter '
@@ -503,7 +503,9 @@ def _rebooted(items, boots=2):
 
 def test_normalise_nft_json_is_blind_to_what_a_reboot_reorders():
     items = _nft_items()
-    assert ivm.normalise_nft_json(_nft(items)) == ivm.normalise_nft_json(_nft(_rebooted(items)))
+    assert ivm.Reboot.normalise_nft_json(_nft(items)) == ivm.Reboot.normalise_nft_json(
+        _nft(_rebooted(items))
+    )
 
 
 def test_parse_nft_text_rules():
@@ -537,7 +539,7 @@ table inet f {
 	}
 }
 """
-    assert ivm.parse_nft_text_rules(text) == {
+    assert ivm.Reboot.parse_nft_text_rules(text) == {
         ("ip", "nat", "DOCKER"): [
             'iifname "docker0" counter return',
             'iifname != "br-1" tcp dport 443 counter dnat to 172.18.0.2:443',
@@ -548,7 +550,7 @@ table inet f {
         ("inet", "f", "input"): ["ip saddr @allow tcp dport { 22, 443 } accept"],
         ("inet", "f", "empty"): [],
     }
-    assert ivm.parse_nft_text_rules("") == {}
+    assert ivm.Reboot.parse_nft_text_rules("") == {}
 
 
 def test_xt_rules_fall_back_to_json_when_the_text_disagrees():
@@ -562,7 +564,7 @@ def test_xt_rules_fall_back_to_json_when_the_text_disagrees():
         1,
     )
     assert extra != text
-    lines = ivm.normalise_nft_json(js, None, extra)
+    lines = ivm.Reboot.normalise_nft_json(js, None, extra)
     assert (
         "rule ip nat DOCKER: meta iifname != br-d2b0beece4b3 tcp dport 443 counter xt target DNAT"
         in lines
@@ -571,7 +573,7 @@ def test_xt_rules_fall_back_to_json_when_the_text_disagrees():
 
 
 def test_container_addresses_become_names():
-    ips = ivm.parse_container_ips(
+    ips = ivm.Reboot.parse_container_ips(
         "/caddy 172.18.0.2 \n/db 172.18.0.25 fd00::19\n/hostnet  \n/odd <no value>\n"
     )
     assert ips == {"172.18.0.2": "caddy", "172.18.0.25": "db", "fd00::19": "db"}
@@ -579,7 +581,7 @@ def test_container_addresses_become_names():
         "ip saddr 172.18.0.2 ip daddr 172.18.0.25 dnat to 172.18.0.2:443 "
         "ip daddr 172.18.0.20 ip6 daddr fd00::19 ip6 daddr fd00::190 ip saddr 172.18.0.2/32"
     )
-    assert ivm.name_container_addresses(line, ips) == (
+    assert ivm.Reboot.name_container_addresses(line, ips) == (
         "ip saddr <caddy> ip daddr <db> dnat to <caddy>:443 ip daddr 172.18.0.20 "
         "ip6 daddr <db> ip6 daddr fd00::190 ip saddr <caddy>/32"
     )
@@ -587,15 +589,15 @@ def test_container_addresses_become_names():
     items, text = _nft_items(), (GUEST / "nft-ruleset.txt").read_text()
     moved = json.loads(json.dumps(items).replace('"172.18.0.2"', '"172.18.0.3"'))
     moved_text = text.replace("172.18.0.2", "172.18.0.3")
-    before = ivm.normalise_nft_json(_nft(items), {"172.18.0.2": "caddy"}, text)
-    assert before == ivm.normalise_nft_json(_nft(moved), {"172.18.0.3": "caddy"}, moved_text)
+    before = ivm.Reboot.normalise_nft_json(_nft(items), {"172.18.0.2": "caddy"}, text)
+    assert before == ivm.Reboot.normalise_nft_json(_nft(moved), {"172.18.0.3": "caddy"}, moved_text)
     assert (
         'rule ip nat DOCKER: iifname != "br-d2b0beece4b3" udp dport 443 counter '
         "dnat to <caddy>:443" in before
     )
     # ... but a DNAT to an address no container holds any more is a difference
-    stale = ivm.normalise_nft_json(_nft(moved), {"172.18.0.4": "caddy"}, moved_text)
-    removed, added = ivm.diff_lines(before, stale)
+    stale = ivm.Reboot.normalise_nft_json(_nft(moved), {"172.18.0.4": "caddy"}, moved_text)
+    removed, added = ivm.Reboot.diff_lines(before, stale)
     assert len(removed) == len(added) == 9 and all("172.18.0.3" in a for a in added)
     assert sum("dnat to 172.18.0.3" in a for a in added) == 3
 
@@ -609,9 +611,12 @@ def test_normalise_nft_json_keeps_rule_order_in_boma_tables():
     ]
     swapped = list(items)
     swapped[idx[0]], swapped[idx[1]] = swapped[idx[1]], swapped[idx[0]]
-    before, after = ivm.normalise_nft_json(_nft(items)), ivm.normalise_nft_json(_nft(swapped))
+    before, after = (
+        ivm.Reboot.normalise_nft_json(_nft(items)),
+        ivm.Reboot.normalise_nft_json(_nft(swapped)),
+    )
     assert sorted(before) == sorted(after) and before != after
-    removed, added = ivm.diff_lines(before, after)
+    removed, added = ivm.Reboot.diff_lines(before, after)
     assert len(removed) == len(added) == 1 and removed == added  # a moved rule
 
 
@@ -646,20 +651,20 @@ def test_normalise_nft_json_sets_objects_and_empty():
             ]
         }
     )
-    assert ivm.normalise_nft_json(text) == [
+    assert ivm.Reboot.normalise_nft_json(text) == [
         "table inet f",
         "chain inet f c",
         'set inet f allow {"flags":["interval"],"type":"ipv4_addr"} elements '
         "{ 10.0.0.0/8, 192.168.1.1 }",
         "counter inet f hits {}",
     ]
-    assert ivm.normalise_nft_json('{"nftables": [{"metainfo": {}}]}') == []
+    assert ivm.Reboot.normalise_nft_json('{"nftables": [{"metainfo": {}}]}') == []
     with pytest.raises(ValueError):
-        ivm.normalise_nft_json("nft: not JSON")
+        ivm.Reboot.normalise_nft_json("nft: not JSON")
 
 
 def test_normalise_docker_ports():
-    out = ivm.normalise_docker_ports(
+    out = ivm.Reboot.normalise_docker_ports(
         (GUEST / "docker-ps.txt").read_text() + "netbird-signal \nzz-worker\n"
     )
     assert out == [
@@ -672,12 +677,12 @@ def test_normalise_docker_ports():
         "netbird-signal -",
         "zz-worker -",
     ]
-    assert ivm.normalise_docker_ports("docker: absent\n") == ["docker: absent"]
-    assert ivm.normalise_docker_ports("") == []
+    assert ivm.Reboot.normalise_docker_ports("docker: absent\n") == ["docker: absent"]
+    assert ivm.Reboot.normalise_docker_ports("") == []
 
 
 def test_normalise_listeners_realistic():
-    out = ivm.normalise_listeners(
+    out = ivm.Reboot.normalise_listeners(
         (GUEST / "ss-tulnp.txt").read_text(), (32768, 60999), own_ips=["192.168.150.42"]
     )
     assert out == sorted(
@@ -715,7 +720,7 @@ def test_normalise_listeners_tlnp_without_netid_and_odd_rows():
         'LISTEN 0 5 127.0.0.1:45000 0.0.0.0:* users:(("containerd",pid=7,fd=9))\n'
         "garbage\n"
     )
-    assert ivm.normalise_listeners(text, (40000, 50000), own_ips=["127.0.0.1"]) == [
+    assert ivm.Reboot.normalise_listeners(text, (40000, 50000), own_ips=["127.0.0.1"]) == [
         "tcp *:8080 nginx",
         "tcp 0.0.0.0:2049 -",
         "tcp 0.0.0.0:443 docker-proxy",
@@ -725,28 +730,28 @@ def test_normalise_listeners_tlnp_without_netid_and_odd_rows():
 
 
 def test_parse_port_range_and_failed_units():
-    assert ivm.parse_port_range("32768\t60999\n") == (32768, 60999)
-    assert ivm.parse_port_range("") == (32768, 60999)
-    assert ivm.parse_failed_units(
+    assert ivm.Reboot.parse_port_range("32768\t60999\n") == (32768, 60999)
+    assert ivm.Reboot.parse_port_range("") == (32768, 60999)
+    assert ivm.Reboot.parse_failed_units(
         "fstrim.service loaded failed failed Discard\na.mount loaded failed failed A\n\n"
     ) == ["a.mount", "fstrim.service"]
-    assert ivm.parse_failed_units("") == []
+    assert ivm.Reboot.parse_failed_units("") == []
 
 
 def test_pair_enabled_active():
     units = (GUEST / "list-unit-files.txt").read_text()
     names = [ln.split()[0] for ln in units.splitlines() if "@." not in ln]
     states = "\n".join("inactive" if n.startswith("sshd-keygen") else "active" for n in names)
-    out = ivm.pair_enabled_active(units, states)
+    out = ivm.Reboot.pair_enabled_active(units, states)
     assert "getty@.service active" not in out and len(out) == len(names) == 13
     assert out[0] == "cloud-config.service active" and "sshd-keygen.service inactive" in out
-    assert ivm.pair_enabled_active(units, "active\n")[0].startswith("! services: 13 enabled")
-    assert ivm.pair_enabled_active("", "") == []
+    assert ivm.Reboot.pair_enabled_active(units, "active\n")[0].startswith("! services: 13 enabled")
+    assert ivm.Reboot.pair_enabled_active("", "") == []
 
 
 def test_normalise_capture_records_failures_as_lines():
-    st = ivm.normalise_capture(
-        ivm.parse_capture_output(
+    st = ivm.Reboot.normalise_capture(
+        ivm.Reboot.parse_capture_output(
             _capture(
                 boot_id=(0, "b-1"),
                 port_range=(0, "32768 60999"),
@@ -767,8 +772,8 @@ def test_normalise_capture_records_failures_as_lines():
     assert c["failed_units"] == ["! systemctl --failed: not captured"]
     assert c["services"] == ["ssh.service active"]
     assert st["nft_text"] == "! nft list ruleset: not captured"
-    bad = ivm.normalise_capture(
-        ivm.parse_capture_output(
+    bad = ivm.Reboot.normalise_capture(
+        ivm.Reboot.parse_capture_output(
             _capture(
                 nft_json=(0, "{not json"),
                 enabled_units=(0, "a.service enabled enabled"),
@@ -800,7 +805,7 @@ def test_diff_state_finds_flushes_readds_and_losses():
         "failed_units": ["docker.service"],
         "services": ["docker.service failed"],
     }
-    d = ivm.diff_state(before, after)
+    d = ivm.Reboot.diff_state(before, after)
     assert d["nft"] == {"removed": [], "added": ["rule inet filter forward: accept"]}
     assert d["ports"] == {"removed": ["caddy 0.0.0.0:443->443/tcp"], "added": []}
     assert d["sockets"] == {"removed": [], "added": []}
@@ -809,19 +814,19 @@ def test_diff_state_finds_flushes_readds_and_losses():
         "removed": ["docker.service active"],
         "added": ["docker.service failed"],
     }
-    assert ivm.diff_state(before, before) == {
-        c: {"removed": [], "added": []} for c in ivm.REBOOT_DIFF_CATEGORIES
+    assert ivm.Reboot.diff_state(before, before) == {
+        c: {"removed": [], "added": []} for c in ivm.Reboot.REBOOT_DIFF_CATEGORIES
     }
 
 
 def test_classify_diff_with_dict_and_list_tolerance():
-    d = {c: {"removed": [], "added": []} for c in ivm.REBOOT_DIFF_CATEGORIES}
+    d = {c: {"removed": [], "added": []} for c in ivm.Reboot.REBOOT_DIFF_CATEGORIES}
     d["sockets"]["added"] = ["udp 0.0.0.0:68 dhclient"]
     d["nft"]["removed"] = [
         "rule ip nat DOCKER: meta iifname docker0 counter return",
         "rule inet filter forward: meta iifname docker0 accept",
     ]
-    tol, unexp = ivm.classify_diff(
+    tol, unexp = ivm.Reboot.classify_diff(
         d, {"sockets": ["dhclient"], "nft": ["^rule ip6? (nat|filter) DOCKER"]}
     )
     assert tol == [
@@ -830,11 +835,11 @@ def test_classify_diff_with_dict_and_list_tolerance():
     ]
     assert unexp == ["nft: - rule inet filter forward: meta iifname docker0 accept"]
     # a pattern only applies to its own category; the sign is not part of the line
-    tol, unexp = ivm.classify_diff(d, {"nft": ["dhclient"], "sockets": ["^[+-]"]})
+    tol, unexp = ivm.Reboot.classify_diff(d, {"nft": ["dhclient"], "sockets": ["^[+-]"]})
     assert tol == [] and len(unexp) == 3
-    tol, unexp = ivm.classify_diff(d, ["docker0"])  # a list applies everywhere
+    tol, unexp = ivm.Reboot.classify_diff(d, ["docker0"])  # a list applies everywhere
     assert unexp == ["sockets: + udp 0.0.0.0:68 dhclient"] and len(tol) == 2
-    assert ivm.classify_diff(d, {}) == (
+    assert ivm.Reboot.classify_diff(d, {}) == (
         [],
         [
             "nft: - rule ip nat DOCKER: meta iifname docker0 counter return",
@@ -852,13 +857,13 @@ def test_capture_errors_are_unexpected_even_when_unchanged():
         "nft": ["table inet filter"],
         "services": ["! systemctl is-active: timed out"],
     }
-    errors = ivm.capture_errors(before, after)
+    errors = ivm.Reboot.capture_errors(before, after)
     assert errors == {"sockets": [err], "services": ["! systemctl is-active: timed out"]}
-    d = ivm.diff_state(before, after)
+    d = ivm.Reboot.diff_state(before, after)
     assert d["sockets"] == {"removed": [], "added": []}  # the same both times: no diff...
-    tol, unexp = ivm.classify_diff(d, {}, errors)  # ...but not compared either
+    tol, unexp = ivm.Reboot.classify_diff(d, {}, errors)  # ...but not compared either
     assert unexp == [f"sockets: {err}", "services: + ! systemctl is-active: timed out"]
-    tol, unexp = ivm.classify_diff(d, {"sockets": ["^! ss .*netlink"]}, errors)
+    tol, unexp = ivm.Reboot.classify_diff(d, {"sockets": ["^! ss .*netlink"]}, errors)
     assert tol == [f"sockets: {err}"] and len(unexp) == 1
 
 
@@ -874,12 +879,12 @@ def test_capture_errors_are_unexpected_even_when_unchanged():
 )
 def test_check_tolerance_spec_rejects(value, needle):
     with pytest.raises(ivm.UsageError) as e:
-        ivm.check_tolerance_spec(value, "profile x.json")
+        ivm.Profiles.check_tolerance_spec(value, "profile x.json")
     assert str(e.value).startswith("profile x.json: key 'reboot_diff_tolerate'") and needle in str(
         e.value
     )
-    ivm.check_tolerance_spec({"sockets": ["dhclient"], "nft": ["^rule ip"]}, "p")
-    ivm.check_tolerance_spec(["dhclient"], "p")
+    ivm.Profiles.check_tolerance_spec({"sockets": ["dhclient"], "nft": ["^rule ip"]}, "p")
+    ivm.Profiles.check_tolerance_spec(["dhclient"], "p")
 
 
 def _states():
@@ -907,9 +912,9 @@ def _states():
 
 def test_render_state_diff_and_summary(tmp_path):
     before, after = _states()
-    d = ivm.diff_state(before["categories"], after["categories"])
-    tol, unexp = ivm.classify_diff(d, {"sockets": ["dhclient"]})
-    text = ivm.render_state_diff(before, after, d, tol, unexp, "hard", 2, note="a note")
+    d = ivm.Reboot.diff_state(before["categories"], after["categories"])
+    tol, unexp = ivm.Reboot.classify_diff(d, {"sockets": ["dhclient"]})
+    text = ivm.Reboot.render_state_diff(before, after, d, tol, unexp, "hard", 2, note="a note")
     assert text.startswith("reboot 2 (hard): boot_id aaaa -> bbbb\n")
     assert "a note" in text
     assert (
@@ -922,15 +927,17 @@ def test_render_state_diff_and_summary(tmp_path):
         and "\n-rule inet filter forward: b\n" in text
     )
     assert "== ports: 0 removed, 0 added ==" in text
-    s = ivm.reboot_diff_summary("hard", 2, d, tol, unexp, tmp_path / "reboot-2-hard")
+    s = ivm.Reboot.reboot_diff_summary("hard", 2, d, tol, unexp, tmp_path / "reboot-2-hard")
     json.dumps(s)
     assert s["changed"] is True and s["mode"] == "hard" and s["index"] == 2
     assert s["categories"]["nft"] == {"added": 0, "removed": 1}
     assert s["categories"]["sockets"] == {"added": 1, "removed": 0}
     assert s["diff"].endswith("reboot-2-hard/diff.txt")
-    same = ivm.diff_state(before["categories"], before["categories"])
-    assert "no differences" in ivm.render_state_diff(before, before, same, [], [], "graceful", 1)
-    assert ivm.reboot_diff_summary("graceful", 1, same, [], [], tmp_path)["changed"] is False
+    same = ivm.Reboot.diff_state(before["categories"], before["categories"])
+    assert "no differences" in ivm.Reboot.render_state_diff(
+        before, before, same, [], [], "graceful", 1
+    )
+    assert ivm.Reboot.reboot_diff_summary("graceful", 1, same, [], [], tmp_path)["changed"] is False
 
 
 @pytest.mark.parametrize(
@@ -945,23 +952,23 @@ def test_render_state_diff_and_summary(tmp_path):
     ],
 )
 def test_parse_timespan(text, secs):
-    assert ivm.parse_timespan(text) == secs
+    assert ivm.Reboot.parse_timespan(text) == secs
 
 
 def test_parse_analyze_time_with_and_without_initrd():
-    assert ivm.parse_analyze_time(
+    assert ivm.Reboot.parse_analyze_time(
         "Startup finished in 1.975s (kernel) + 2.123s (initrd) + 10.3s (userspace) = 14.398s\n"
         "graphical.target reached after 10.2s in userspace.\n"
     ) == {"kernel": 1.975, "initrd": 2.123, "userspace": 10.3, "total": 14.398}
-    assert ivm.parse_analyze_time(
+    assert ivm.Reboot.parse_analyze_time(
         "Startup finished in 3.871s (kernel) + 1min 2.130s (userspace) = 1min 6.001s \n"
     ) == {"kernel": 3.871, "userspace": 62.13, "total": 66.001}
-    assert ivm.parse_analyze_time("Bootup is not yet finished.\n") is None
+    assert ivm.Reboot.parse_analyze_time("Bootup is not yet finished.\n") is None
 
 
 def test_parse_blame_sorts_and_cuts():
     text = " 987ms a.service\n1min 2.5s b.service\n30.8s c.service\ngarbage\n"
-    assert ivm.parse_blame(text, top=2) == [[62.5, "b.service"], [30.8, "c.service"]]
+    assert ivm.Reboot.parse_blame(text, top=2) == [[62.5, "b.service"], [30.8, "c.service"]]
 
 
 def test_a_capture_before_a_reboot_leaves_out_the_boot_analysis(tmp_path):
@@ -970,16 +977,16 @@ def test_a_capture_before_a_reboot_leaves_out_the_boot_analysis(tmp_path):
     bin_ = _stub_guest(tmp_path, "running")
     p = subprocess.run(
         ["/bin/sh", "-s"],
-        input=ivm.render_capture_script(NONCE, 5, analyze=False),
+        input=ivm.Reboot.render_capture_script(NONCE, 5, analyze=False),
         env={"PATH": str(bin_)},
         capture_output=True,
         text=True,
         timeout=60,
     )
-    secs = ivm.parse_capture_output(p.stdout, NONCE)
+    secs = ivm.Reboot.parse_capture_output(p.stdout, NONCE)
     assert p.returncode == 0 and "nft_json" in secs and "enabled_active" in secs
     assert not {"boot_time", "boot_blame", "boot_chain"} & set(secs)
-    assert ivm.normalise_capture(secs)["boot"] is None
+    assert ivm.Reboot.normalise_capture(secs)["boot"] is None
 
 
 def test_a_cycle_with_two_reboots_captures_three_times_not_four(hc):

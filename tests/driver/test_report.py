@@ -130,7 +130,7 @@ def test_hostile_text_stays_text_and_the_page_stays_bounded(tmp_path):
     (tmp_path / "logs" / "apply-site.yml.log").write_text(
         f"TASKS RECAP ****\n{HOSTILE} -------------- 9.99s\n"
     )
-    text = ivm.write_report(tmp_path).read_text()
+    text = ivm.Report.write_report(tmp_path).read_text()
     page = _Page(text)
     assert set(page.tags) <= {
         *("html", "head", "meta", "title", "style", "body", "main", "h1", "h2", "h3"),
@@ -146,7 +146,7 @@ def test_hostile_text_stays_text_and_the_page_stays_bounded(tmp_path):
 
 
 def test_clean_text_keeps_the_tail_of_a_long_text():
-    out = ivm.clean_text("a" * 50 + "<end>", limit=10)
+    out = ivm.Report.clean_text("a" * 50 + "<end>", limit=10)
     assert out.endswith("aaaaa&lt;end&gt;") and "[... 45 characters cut]" in out
 
 
@@ -163,7 +163,7 @@ def test_the_harness_time_is_its_spans_and_its_own_phases():
         {"phase": "reboot:graceful", "what": "capture", "who": "harness", "at": 9, "seconds": 9},
         {"phase": "reboot:graceful", "what": "poll-wait", "who": "harness", "at": 7, "seconds": 1},
     ]
-    per = ivm.harness_seconds(res)
+    per = ivm.Report.harness_seconds(res)
     assert per == {
         "teardown": {"teardown": 2.0},
         "checkpoint:booted": {"checkpoint": 6.0},
@@ -171,11 +171,11 @@ def test_the_harness_time_is_its_spans_and_its_own_phases():
         "boot": {"create-vm": 2.0},
         "reboot:graceful": {"capture": 12.0, "poll-wait": 1.0},
     }
-    assert ivm.harness_share(res) == (23.5, 412.3, 6)
+    assert ivm.Report.harness_share(res) == (23.5, 412.3, 6)
 
 
 def test_an_old_result_without_at_or_spans_still_draws_its_phases():
-    svg = ivm.report_timeline_svg(_result())
+    svg = ivm.Report.report_timeline_svg(_result())
     page = _Page(svg)
     assert page.tags.count("rect") >= 7
     for name in ("image", "boot", "apply:site.yml", "reboot:graceful", "teardown"):
@@ -184,7 +184,7 @@ def test_an_old_result_without_at_or_spans_still_draws_its_phases():
 
 # ---- the bench's tables ---------------------------------------------------------------
 def test_format_bench_table():
-    t = ivm.format_bench_table(_result())
+    t = ivm.Report.format_bench_table(_result())
     lines = t.splitlines()
     assert lines[0].split() == ["phase", "seconds", "status", "harness"]
     assert lines[3].split() == ["apply:site.yml", "200.0", "pass"]
@@ -207,7 +207,7 @@ def test_the_bench_table_shows_the_harness_own_seconds_per_phase_and_their_share
             "seconds": 9,
         },
     ]
-    lines = ivm.format_bench_table(res).splitlines()
+    lines = ivm.Report.format_bench_table(res).splitlines()
     (reboot,) = [ln for ln in lines if ln.startswith("reboot:graceful")]
     assert reboot.split() == [
         "reboot:graceful",
@@ -239,7 +239,7 @@ def test_bench_comparison_table():
             {"name": "apply:site.yml", "seconds": 0.0},
         ],
     }
-    text = ivm.format_bench_comparison(cold, warm, "roles/x/y.j2")
+    text = ivm.Report.format_bench_comparison(cold, warm, "roles/x/y.j2")
     assert "resumed from applied-1" in text and "warm/cold = 0.30" in text
     assert [ln.split()[0] for ln in text.splitlines()[2:-1]] == [
         "boot",
@@ -256,7 +256,7 @@ def test_bench_comparison_table():
 def test_bench_comparison_puts_cold_loop_and_warm_side_by_side_with_the_targets():
     cold = {
         "total_seconds": 700.0,
-        "transport": ivm.transport_figures({"linear": 100.0, "mitogen_linear": 20.0}),
+        "transport": ivm.Ansible.transport_figures({"linear": 100.0, "mitogen_linear": 20.0}),
         "phase_details": [
             {"name": "boot", "seconds": 40.0},
             {"name": "apply:site.yml", "seconds": 200.0},
@@ -274,7 +274,7 @@ def test_bench_comparison_puts_cold_loop_and_warm_side_by_side_with_the_targets(
         "resumed_from": {"stage": "applied-1"},
         "phase_details": [{"name": "resume", "seconds": 9.0}],
     }
-    text = ivm.format_bench_comparison(cold, warm, "roles/x/y.j2", loop=loop)
+    text = ivm.Report.format_bench_comparison(cold, warm, "roles/x/y.j2", loop=loop)
     lines = text.splitlines()
     assert lines[1].split() == ["phase", "cold", "loop", "warm"]
     # the cold total is the cycle's own: the transport comparison is taken out

@@ -253,7 +253,7 @@ def test_max_vms_allows_two(h):
 
 
 def test_result_shape_is_json_and_has_the_agreed_keys():
-    r = ivm.new_result("cycle", "askari").to_json()
+    r = ivm.Session.new_result("cycle", "askari").to_json()
     json.dumps(r)
     for k in (
         "verdict",
@@ -273,14 +273,14 @@ def test_result_shape_is_json_and_has_the_agreed_keys():
 
 
 def test_format_summary_pass():
-    assert ivm.format_summary(_result()) == (
+    assert ivm.Session.format_summary(_result()) == (
         "integration-vm: PASS askari boma-it-askari-1a2b3c4d accel=tcg total=412s "
         "(image 0s, boot 31s, apply 250s, reboot 28s, verify 12s, teardown 2s)"
     )
 
 
 def test_format_summary_failure_names_stage():
-    s = ivm.format_summary(_result(verdict="error", failed_stage="dhcp-lease", vm=None))
+    s = ivm.Session.format_summary(_result(verdict="error", failed_stage="dhcp-lease", vm=None))
     assert s.startswith("integration-vm: ERROR[dhcp-lease] askari - accel=tcg")
 
 
@@ -291,7 +291,7 @@ def test_render_junit_well_formed_with_failures():
         {"name": "docker <active>", "status": "ok", "message": ""},
         {"name": "published :443", "status": "failed", "message": "timed out & dead"},
     ]
-    root = ET.fromstring(ivm.render_junit(r))
+    root = ET.fromstring(ivm.Session.render_junit(r))
     suite = root.find("testsuite")
     assert suite.get("name") == "integration-vm.askari"
     assert suite.get("tests") == "9" and suite.get("failures") == "2" and suite.get("errors") == "0"
@@ -301,9 +301,9 @@ def test_render_junit_well_formed_with_failures():
 
 
 def test_render_junit_infra_error_without_phases():
-    r = ivm.new_result("cycle", "askari").to_json()
+    r = ivm.Session.new_result("cycle", "askari").to_json()
     r.update(verdict="error", failed_stage="libvirt", message="libvirtd not reachable")
-    suite = ET.fromstring(ivm.render_junit(r)).find("testsuite")
+    suite = ET.fromstring(ivm.Session.render_junit(r)).find("testsuite")
     assert suite.get("errors") == "1"
     assert suite.find("testcase").get("name") == "libvirt"
 
@@ -327,7 +327,7 @@ def test_render_junit_reboot_diff_failure_detail_and_warning_note():
             "detail": "nft: - rule a\nports: - caddy 0.0.0.0:443->443/tcp",
         },
     ]
-    suite = ET.fromstring(ivm.render_junit(r)).find("testsuite")
+    suite = ET.fromstring(ivm.Session.render_junit(r)).find("testsuite")
     cases = {c.get("name"): c for c in suite.iter("testcase")}
     assert list(cases)[4:] == [
         "reboot:graceful",
@@ -344,10 +344,10 @@ def test_render_junit_reboot_diff_failure_detail_and_warning_note():
 
 
 def test_result_has_reboot_diffs_and_settle_bound():
-    assert ivm.new_result("cycle").reboot_diffs == []
-    b = ivm.stage_bounds("tcg", {})
+    assert ivm.Session.new_result("cycle").reboot_diffs == []
+    b = ivm.Env.stage_bounds("tcg", {})
     assert b["reboot-settle"] == ivm.DEFAULT_BOUNDS["reboot-settle"] * ivm.TCG_SCALE
-    assert ivm.stage_bounds("kvm", {"BOMA_IT_TIMEOUT_REBOOT_SETTLE": "0"})["reboot-settle"] == 0
+    assert ivm.Env.stage_bounds("kvm", {"BOMA_IT_TIMEOUT_REBOOT_SETTLE": "0"})["reboot-settle"] == 0
 
 
 def test_an_oserror_mid_run_is_exit_3_with_its_stage_and_the_vm_torn_down(h):
@@ -368,10 +368,10 @@ def test_an_oserror_mid_run_is_exit_3_with_its_stage_and_the_vm_torn_down(h):
 
 
 def test_an_unexpected_exception_becomes_an_infra_error_of_the_running_stage():
-    result = ivm.new_result("cycle")
-    with pytest.raises(ValueError), ivm.timed_phase(None, result, "apply:site.yml"):
+    result = ivm.Session.new_result("cycle")
+    with pytest.raises(ValueError), ivm.Utilities.timed_phase(None, result, "apply:site.yml"):
         raise ValueError("bad value\nsecond line")
-    e = ivm.as_harness_error(ValueError("x"), result)
+    e = ivm.Session.as_harness_error(ValueError("x"), result)
     assert isinstance(e, ivm.InfraError) and e.exit_code == 3
     assert e.stage == "apply:site.yml" and str(e) == "apply:site.yml: unexpected ValueError: x"
     assert result.phase_details[0]["status"] == "error"
@@ -599,14 +599,14 @@ def test_a_loop_vm_one_session_took_is_neither_taken_nor_torn_down_by_another(hc
     beside = []
 
     def another_session_starts_now(mod):
-        silence = mod.loop_vm_silence
+        silence = mod.Loop.loop_vm_silence
 
         def racing(ctx, rs):  # this loop has chosen the last loop's VM: the other starts
             if not beside:
                 beside.append(hc.run(other, "--host", "askari", in_process=False, **two))
             return silence(ctx, rs)
 
-        mod.loop_vm_silence = racing
+        mod.Loop.loop_vm_silence = racing
 
     two = {"BOMA_IT_MAX_VMS": "2"}
     p, mine = ran(hc, "loop", "--host", "askari", patch=another_session_starts_now, **two)
@@ -666,7 +666,7 @@ def test_the_checkpoint_cleanup_waits_for_its_lock_briefly_then_skips_with_a_not
     assert p.returncode == 0, p.stderr
     notes = [ln for ln in p.stderr.splitlines() if "checkpoint cleanup skipped" in ln]
     assert len(notes) == 1 and "another run holds" in notes[0], p.stderr
-    assert took < ivm.END_GC_LOCK_WAIT + 15, took
+    assert took < ivm.Session.END_GC_LOCK_WAIT + 15, took
     assert p.stdout.splitlines()[-1].startswith("integration-vm: PASS askari")
 
 
@@ -695,7 +695,7 @@ class _Slot:
 def calls(monkeypatch):
     """Diagnostics, teardown and the inspection help, recorded instead of run."""
     seen = []
-    monkeypatch.setattr(ivm, "_ignore_signals", lambda: None)
+    monkeypatch.setattr(ivm.Session, "_ignore_signals", lambda: None)
     monkeypatch.setattr(
         ivm.Diagnostics,
         "collect_diagnostics",
@@ -703,13 +703,13 @@ def calls(monkeypatch):
     )
     monkeypatch.setattr(ivm.Machine, "destroy", lambda m: seen.append(("down", m.rs.name)))
     monkeypatch.setattr(
-        ivm, "inspection_help", lambda ctx, rs, kept: seen.append(("help", rs.name))
+        ivm.Session, "inspection_help", lambda ctx, rs, kept: seen.append(("help", rs.name))
     )
     return seen
 
 
 def _run(command="cycle", rs=True, expect_fail=False):
-    result = ivm.new_result(command, "askari")
+    result = ivm.Session.new_result(command, "askari")
     result.expect_fail = expect_fail
     state = types.SimpleNamespace(name="boma-it-askari-0123abcd") if rs else None
     return ivm.Run(command=command, result=result, rs=state)
@@ -720,7 +720,7 @@ ARGS = ivm.Options(keep=False)
 
 # ---- the failure policy -----------------------------------------------------------------
 def test_the_failure_policy_is_one_table():
-    p = ivm.FAILURE_POLICY
+    p = ivm.Session.FAILURE_POLICY
     assert (p["verify"].verdict, p["verify"].diagnostics, p["verify"].end) == (
         "fail",
         True,
@@ -730,13 +730,13 @@ def test_the_failure_policy_is_one_table():
     assert (p["usage"].diagnostics, p["usage"].end, p["usage"].exit_code) == (False, "leave", 2)
     assert (p["interrupt"].diagnostics, p["interrupt"].end) == (False, "destroy")
     assert p["interrupt"].exit_code == ivm.EXIT_INTERRUPTED
-    assert ivm.ERROR_KINDS == {ivm.EXIT_INFRA: "infra", ivm.EXIT_USAGE: "usage"}
+    assert ivm.Session.ERROR_KINDS == {ivm.EXIT_INFRA: "infra", ivm.EXIT_USAGE: "usage"}
 
 
 def test_verify_failure_collects_diagnostics_and_keeps_the_vm(tmp_path, calls, capsys):
     run = _run()
     e = ivm.VerifyFailed("verify", "2 tasks failed", ["a", "b"])
-    assert ivm.on_failure(_ctx(tmp_path), ARGS, run, "verify", e) == ivm.EXIT_VERIFY
+    assert ivm.Session.on_failure(_ctx(tmp_path), ARGS, run, "verify", e) == ivm.EXIT_VERIFY
     assert calls == [("diag", "verify: 2 tasks failed"), ("help", run.rs.name)]
     r = run.result
     assert (r.verdict, r.failed_stage, r.failures, r.kept) == (
@@ -751,29 +751,29 @@ def test_verify_failure_collects_diagnostics_and_keeps_the_vm(tmp_path, calls, c
 def test_the_verify_failure_expect_fail_names_is_torn_down(tmp_path, calls):
     run = _run(expect_fail="verify")
     e = ivm.VerifyFailed("verify", "failed as planted")
-    ivm.on_failure(_ctx(tmp_path), ARGS, run, "verify", e)
+    ivm.Session.on_failure(_ctx(tmp_path), ARGS, run, "verify", e)
     assert ("down", run.rs.name) in calls and run.result.kept is False
 
 
 def test_infra_error_destroys_what_this_invocation_created_unless_keep(tmp_path, calls):
     e = ivm.InfraError("boot", "no lease")
     run = _run()
-    assert ivm.on_failure(_ctx(tmp_path), ARGS, run, "infra", e) == ivm.EXIT_INFRA
+    assert ivm.Session.on_failure(_ctx(tmp_path), ARGS, run, "infra", e) == ivm.EXIT_INFRA
     assert calls == [("diag", "boot: no lease"), ("down", run.rs.name)]
     calls.clear()
     kept = _run()
-    ivm.on_failure(_ctx(tmp_path), ivm.Options(keep=True), kept, "infra", e)
+    ivm.Session.on_failure(_ctx(tmp_path), ivm.Options(keep=True), kept, "infra", e)
     assert calls == [("diag", "boot: no lease"), ("help", kept.rs.name)]
     calls.clear()
     theirs = _run("apply")  # apply acts on a VM another invocation created: kept
-    ivm.on_failure(_ctx(tmp_path), ARGS, theirs, "infra", e)
+    ivm.Session.on_failure(_ctx(tmp_path), ARGS, theirs, "infra", e)
     assert ("down", theirs.rs.name) not in calls and theirs.result.kept is True
 
 
 def test_usage_error_leaves_the_run_as_it_is_without_a_word(tmp_path, calls, capsys):
     for run in (_run(rs=False), _run()):
         e = ivm.UsageError("bad --run")
-        assert ivm.on_failure(_ctx(tmp_path), ARGS, run, "usage", e) == ivm.EXIT_USAGE
+        assert ivm.Session.on_failure(_ctx(tmp_path), ARGS, run, "usage", e) == ivm.EXIT_USAGE
         assert run.result.verdict == "error" and run.result.kept is False
     assert calls == []
     assert capsys.readouterr().err.count("integration-vm: error: bad --run") == 2
@@ -782,7 +782,7 @@ def test_usage_error_leaves_the_run_as_it_is_without_a_word(tmp_path, calls, cap
 def test_interrupt_tears_down_without_diagnostics_and_says_so(tmp_path, calls, capsys):
     run = _run()
     run.result.phase_details.append({"name": "apply:site.yml", "status": "interrupted"})
-    assert ivm.on_failure(_ctx(tmp_path), ARGS, run, "interrupt", None) == 130
+    assert ivm.Session.on_failure(_ctx(tmp_path), ARGS, run, "interrupt", None) == 130
     assert calls == [("down", run.rs.name)]
     assert run.result.failed_stage == "apply:site.yml"
     err = capsys.readouterr().err
@@ -791,11 +791,15 @@ def test_interrupt_tears_down_without_diagnostics_and_says_so(tmp_path, calls, c
 
 # ---- the phase list ---------------------------------------------------------------------
 def test_each_session_command_is_an_ordered_phase_list():
-    ph = ivm.SESSION_PHASES
+    ph = ivm.Session.SESSION_PHASES
     assert set(ph) == {"up", "apply", "reboot", "assert", "cycle", "loop", "bench"}
     for command, phases in ph.items():
-        assert phases[0] is ivm.phase_prepare and phases[-1] is ivm.phase_finish
-        first_vm = ivm.phase_provision if command in ivm.CREATING_COMMANDS else ivm.phase_attach
+        assert phases[0] is ivm.Session.phase_prepare and phases[-1] is ivm.Session.phase_finish
+        first_vm = (
+            ivm.Session.phase_provision
+            if command in ivm.CREATING_COMMANDS
+            else ivm.Session.phase_attach
+        )
         assert first_vm in phases
     gate = [p.__name__ for p in ph["cycle"]]
     assert (
@@ -804,7 +808,7 @@ def test_each_session_command_is_an_ordered_phase_list():
         < gate.index("phase_assert")
         < gate.index("phase_idempotence")
     )
-    assert ph["bench"] == ph["cycle"] and ivm.phase_idempotence not in ph["loop"]
+    assert ph["bench"] == ph["cycle"] and ivm.Session.phase_idempotence not in ph["loop"]
 
 
 def test_a_session_runs_its_phases_on_one_run_and_ends_by_the_policy(tmp_path, calls, monkeypatch):
@@ -824,12 +828,12 @@ def test_a_session_runs_its_phases_on_one_run_and_ends_by_the_policy(tmp_path, c
     def never(ctx, args, run):
         seen.append("never")
 
-    monkeypatch.setitem(ivm.SESSION_PHASES, "up", (first, second, never))
-    monkeypatch.setattr(ivm, "note_boot_times", lambda *a: None)
+    monkeypatch.setitem(ivm.Session.SESSION_PHASES, "up", (first, second, never))
+    monkeypatch.setattr(ivm.Guest, "note_boot_times", lambda *a: None)
     # the VM slot is held until after the teardown
     monkeypatch.setattr(ivm.Machine, "destroy", lambda m: seen.append(("down", slot.closed)))
     args = ivm.Options(keep=False, host="askari")
-    run = ivm.run_session(ctx, args, "up")
+    run = ivm.Session.run_session(ctx, args, "up")
     assert seen == ["first", ("down", False)] and slot.closed
     assert run.exit_code == ivm.EXIT_INFRA and run.reported
     assert run.result.failed_stage == "apply:site.yml" and run.result.exit_code == 3
@@ -840,10 +844,10 @@ def test_a_usage_error_before_anything_exists_writes_no_summary(tmp_path, monkey
     def bad(ctx, args, run):
         raise ivm.UsageError("no such host")
 
-    monkeypatch.setattr(ivm, "_ignore_signals", lambda: None)
-    monkeypatch.setitem(ivm.SESSION_PHASES, "up", (bad,))
+    monkeypatch.setattr(ivm.Session, "_ignore_signals", lambda: None)
+    monkeypatch.setitem(ivm.Session.SESSION_PHASES, "up", (bad,))
     args = ivm.Options(keep=False, host="nope")
-    assert ivm.session(_ctx(tmp_path), args, "up") == ivm.EXIT_USAGE
+    assert ivm.Session.session(_ctx(tmp_path), args, "up") == ivm.EXIT_USAGE
     out = capsys.readouterr()
     assert out.out == "" and out.err == "integration-vm: error: no such host\n"
 
@@ -872,7 +876,11 @@ def test_attaching_a_run_state_moves_the_command_log(tmp_path):
 
 
 def test_bench_legs_are_session_options_not_ctx_flags():
-    cold, only, after = ivm.BENCH_COLD, ivm.BENCH_ONLY, ivm.BENCH_AFTER_EDIT
+    cold, only, after = (
+        ivm.Commands.BENCH_COLD,
+        ivm.Commands.BENCH_ONLY,
+        ivm.Commands.BENCH_AFTER_EDIT,
+    )
     assert cold.cold_image and cold.fresh_checkpoints and cold.time_transports
     assert only.cold_image and only.time_transports and not only.fresh_checkpoints
     for leg in after.values():  # the loop and the warm cycle: cached image, keep the chain
@@ -885,7 +893,7 @@ def test_bench_legs_are_session_options_not_ctx_flags():
 
 # ---- run.json and result.json: one schema each -----------------------------------------
 def test_new_result_is_the_result_records_defaults():
-    r = ivm.new_result("cycle", "askari")
+    r = ivm.Session.new_result("cycle", "askari")
     assert r == ivm.ResultRecord(command="cycle", host="askari")
     r = r.to_json()
     assert r["schema"] == 1 and r["verdict"] is None and r["phase_details"] == []
@@ -914,8 +922,8 @@ def test_a_record_round_trips_an_older_harness_fields_but_refuses_its_own_typos(
 def test_result_json_is_written_through_its_schema(tmp_path):
     ctx = _ctx(tmp_path)
     rs = ivm.RunState(ctx, ivm.RunRecord("boma-it-askari-0123abcd", "askari"))
-    result = ivm.new_result("cycle", "askari")
-    ivm.finish_result(ctx, result, rs, strategy={"used": "linear"})
+    result = ivm.Session.new_result("cycle", "askari")
+    ivm.Session.finish_result(ctx, result, rs, strategy={"used": "linear"})
     written = (rs.dir / "result.json").read_text()
     assert '"ansible_strategy"' in written and '"vm": "boma-it-askari-0123abcd"' in written
 
@@ -923,7 +931,7 @@ def test_result_json_is_written_through_its_schema(tmp_path):
 def test_a_misspelt_result_field_is_an_error_where_it_is_set():
     """The live result is a ResultRecord: its fields are attributes, and one nobody
     declared (a typo) raises where it is set, not a silent new key in result.json."""
-    result = ivm.new_result("cycle", "askari")
+    result = ivm.Session.new_result("cycle", "askari")
     result.verdict = "pass"
     assert result.to_json()["verdict"] == "pass"
     with pytest.raises(AttributeError, match="ResultRecord declares no field 'verdcit'"):
@@ -1091,7 +1099,7 @@ def _end_session(tmp_path, monkeypatch, command, stop, opts):
     """A session of `command` whose phases stop as `stop` says ((stage, exception): the
     exception raised inside that stage's timed phase; None: it passes), with diagnostics
     and teardown stubbed. Its stdout and stderr."""
-    monkeypatch.setattr(ivm, "_ignore_signals", lambda: None)
+    monkeypatch.setattr(ivm.Session, "_ignore_signals", lambda: None)
     monkeypatch.setattr(ivm.Diagnostics, "collect_diagnostics", lambda ctx, rs, why: "/diag")
     monkeypatch.setattr(ivm.Machine, "destroy", lambda m: None)
     ctx = _ctx(tmp_path)
@@ -1103,20 +1111,20 @@ def _end_session(tmp_path, monkeypatch, command, stop, opts):
         if "from_ref" in opts:
             run.result.from_ref = opts["from_ref"]
         for name in opts.get("passed", ()):
-            with ivm.timed_phase(ctx, run.result, name):
+            with ivm.Utilities.timed_phase(ctx, run.result, name):
                 pass
         if "idempotence" in opts:
             n, *tasks = opts["idempotence"]
             run.result.idempotence = {"changed": n, "changed_tasks": tasks}
         if stop is not None:
-            with ivm.timed_phase(ctx, run.result, stop[0]):
+            with ivm.Utilities.timed_phase(ctx, run.result, stop[0]):
                 raise stop[1]
 
-    monkeypatch.setitem(ivm.SESSION_PHASES, command, (phase, ivm.phase_finish))
+    monkeypatch.setitem(ivm.Session.SESSION_PHASES, command, (phase, ivm.Session.phase_finish))
     args = ivm.Options(
         host="askari", keep=opts.get("keep", False), expect_fail=opts.get("expect_fail")
     )
-    ivm.run_session(ctx, args, command)
+    ivm.Session.run_session(ctx, args, command)
 
 
 @pytest.mark.parametrize("ending", ENDINGS)
@@ -1161,7 +1169,7 @@ def test_render_junit_drops_what_xml_forbids_and_bounds_every_text():
         status="fail", message="m\x00\x08" + "x" * 1000, detail="d\x1f" + "y" * 10**6
     )
     r["verify_tasks"] = [{"name": "t\x03" * 2000, "status": "failed", "message": "\x0e"}]
-    xml = ivm.render_junit(r)
+    xml = ivm.Session.render_junit(r)
     root = ET.fromstring(xml)
     assert len(xml) < 200_000
     case = [c for c in root.iter("testcase") if c.get("name") == "verify"][0]

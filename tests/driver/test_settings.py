@@ -10,8 +10,8 @@ from conftest import HERE, assert_nothing_created, assert_one_line_error, ivm
 
 
 def test_stage_bounds_scale_for_tcg_and_env_wins():
-    kvm = ivm.stage_bounds("kvm", {})
-    tcg = ivm.stage_bounds("tcg", {"BOMA_IT_TIMEOUT_DHCP_LEASE": "7"})
+    kvm = ivm.Env.stage_bounds("kvm", {})
+    tcg = ivm.Env.stage_bounds("tcg", {"BOMA_IT_TIMEOUT_DHCP_LEASE": "7"})
     assert tcg["cloud-init"] == kvm["cloud-init"] * ivm.TCG_SCALE
     assert tcg["virsh"] == kvm["virsh"] and tcg["dhcp-lease"] == 7.0
 
@@ -59,19 +59,19 @@ def test_bad_environment_values_are_exit_2_naming_the_variable(h, var, value):
 
 def test_every_setting_is_declared_once_read_once_and_documented():
     src = (HERE.parent / "scripts" / "integration-vm.py").read_text()
-    names = [row[0] for row in ivm.SETTINGS]
+    names = [row[0] for row in ivm.Env.SETTINGS]
     assert len(names) == len(set(names))
     used = set(re.findall(r'"(BOMA_IT_[A-Z_]+[A-Z])"', src))
     assert used <= set(names), used - set(names)
     assert 'environ.get("BOMA_IT' not in src and 'environ["BOMA_IT' not in src
-    help_text = ivm.build_parser().format_help()  # what --help prints, epilog included
+    help_text = ivm.CLI.build_parser().format_help()  # what --help prints, epilog included
     for name in names:
         if not name.startswith("BOMA_IT_TIMEOUT_"):
             assert re.search(rf"^  {name} ", help_text, re.M), name  # a line of its own
     for stage in ivm.DEFAULT_BOUNDS:
         assert re.search(rf"[ ,]{stage}=", help_text), stage  # not split at its hyphen
-        assert ivm.stage_bounds("tcg", {ivm.timeout_var(stage): "7"})[stage] == 7.0, stage
-    st = ivm.read_settings({})
+        assert ivm.Env.stage_bounds("tcg", {ivm.timeout_var(stage): "7"})[stage] == 7.0, stage
+    st = ivm.Env.read_settings({})
     with pytest.raises(dataclasses.FrozenInstanceError):
         st.values = {}
     for dead in (
@@ -104,4 +104,4 @@ def test_a_directory_setting_on_a_regular_file_is_exit_2_creating_nothing(h, var
 
 
 def test_a_zero_settle_bound_still_means_no_settle():
-    assert ivm.stage_bounds("kvm", {"BOMA_IT_TIMEOUT_REBOOT_SETTLE": "0"})["reboot-settle"] == 0
+    assert ivm.Env.stage_bounds("kvm", {"BOMA_IT_TIMEOUT_REBOOT_SETTLE": "0"})["reboot-settle"] == 0

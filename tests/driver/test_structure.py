@@ -170,3 +170,30 @@ def test_the_later_section_scan_sees_a_forward_call():
     )
     src = src.replace("    c()\n", "    c()\n    C.d()\n", 1)
     assert calls_into_later_sections(src) == [(5, "a", "b"), (7, "a", "C")]
+
+
+MAX_TOP_LEVEL_NAMES = 150
+
+
+def top_level_names(source):
+    """The names the module's own statements bind at top level (functions, classes,
+    constants; imports not counted): the outline a reader holds. A section's helpers live
+    in its class (issue 26: 587 top-level names before)."""
+    names = set()
+    for top in ast.parse(source).body:
+        if isinstance(top, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)):
+            names.add(top.name)
+        elif isinstance(top, (ast.Assign, ast.AnnAssign, ast.AugAssign)):
+            targets = top.targets if isinstance(top, ast.Assign) else [top.target]
+            names.update(n.id for t in targets for n in ast.walk(t) if isinstance(n, ast.Name))
+    return names
+
+
+def test_the_outline_is_at_most_150_top_level_names():
+    names = top_level_names(DRIVER.read_text())
+    assert len(names) <= MAX_TOP_LEVEL_NAMES, sorted(names)
+
+
+def test_the_outline_count_sees_functions_classes_and_constants():
+    src = "import os\nA = 1\nB, C = 2, 3\nD: int = 4\ndef f():\n    x = 1\nclass K:\n    y = 2\n"
+    assert top_level_names(src) == {"A", "B", "C", "D", "f", "K"}

@@ -11,14 +11,14 @@ from conftest import _result, ivm
 
 
 def test_metadata_roundtrip():
-    x = ivm.render_metadata_xml(
+    x = ivm.Utilities.render_metadata_xml(
         "2026-11-25T18:00:00+00:00/vm",
         "2026-11-25T18:00:00+00:00",
         "askari",
         "claude",
         host="askari",
     )
-    m = ivm.parse_metadata_xml(x)
+    m = ivm.Utilities.parse_metadata_xml(x)
     assert m == {
         "id": "2026-11-25T18:00:00+00:00/vm",
         "created_at": "2026-11-25T18:00:00+00:00",
@@ -33,7 +33,7 @@ def test_metadata_parse_as_virsh_prints_it():
         '<boma:run xmlns:boma="https://boma.invalid/integration-vm" id="r1" '
         'created_at="t" profile="p" owner="o"/>\n'
     )
-    assert ivm.parse_metadata_xml(out)["id"] == "r1"
+    assert ivm.Utilities.parse_metadata_xml(out)["id"] == "r1"
 
 
 @pytest.mark.parametrize(
@@ -41,16 +41,16 @@ def test_metadata_parse_as_virsh_prints_it():
     ["", "error: metadata not found", "<run/>", '<x:run xmlns:x="https://other.invalid" id="1"/>'],
 )
 def test_metadata_parse_rejects_foreign(text):
-    assert ivm.parse_metadata_xml(text) is None
+    assert ivm.Utilities.parse_metadata_xml(text) is None
 
 
 def test_metadata_escapes_attributes():
-    x = ivm.render_metadata_xml('a"<b', "t", "p&q", "o")
-    assert ivm.parse_metadata_xml(x)["id"] == 'a"<b' and ET.fromstring(x) is not None
+    x = ivm.Utilities.render_metadata_xml('a"<b', "t", "p&q", "o")
+    assert ivm.Utilities.parse_metadata_xml(x)["id"] == 'a"<b' and ET.fromstring(x) is not None
 
 
 def test_phase_totals_group_families():
-    t = ivm.phase_totals(_result()["phase_details"])
+    t = ivm.Utilities.phase_totals(_result()["phase_details"])
     assert t == {
         "image": 0.2,
         "boot": 31.0,
@@ -64,8 +64,8 @@ def test_phase_totals_group_families():
 
 def test_free_mib_parses_memavailable():
     sample = "MemTotal:       16331156 kB\nMemAvailable:    8388608 kB\n"
-    assert ivm.free_mib(sample) == 8192
+    assert ivm.Utilities.free_mib(sample) == 8192
 
 
 def test_free_mib_missing_field_is_zero():
-    assert ivm.free_mib("MemTotal: 1 kB\n") == 0
+    assert ivm.Utilities.free_mib("MemTotal: 1 kB\n") == 0

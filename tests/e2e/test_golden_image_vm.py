@@ -111,7 +111,7 @@ def guest():
 def guest_run(guest, command):
     run_dir, name, ip = guest
     r = subprocess.run(
-        ivm.ssh_argv(run_dir, name, ip, command), text=True, capture_output=True, timeout=120
+        ivm.Guest.ssh_argv(run_dir, name, ip, command), text=True, capture_output=True, timeout=120
     )
     assert r.returncode == 0, r.stderr
     return r.stdout
@@ -122,8 +122,8 @@ def test_installed_packages_are_the_reference(guest):
     missing, unlisted = package_check(
         guest_run(guest, QUERY_PACKAGES),
         guest_run(guest, "apt-mark showmanual").split(),
-        ivm.reference_packages(),
-        ivm.extra_packages(),
+        ivm.Images.reference_packages(),
+        ivm.Images.extra_packages(),
     )
     assert missing == [], f"reference packages not installed: {missing}"
     assert unlisted == [], f"installed by hand, in neither list nor minbase: {unlisted}"
@@ -161,7 +161,7 @@ def wait_for_new_boot(guest, old_boot_id):
     run_dir, name, ip = guest
     while time.monotonic() < deadline:
         r = subprocess.run(
-            ivm.ssh_argv(run_dir, name, ip, "cat /proc/sys/kernel/random/boot_id"),
+            ivm.Guest.ssh_argv(run_dir, name, ip, "cat /proc/sys/kernel/random/boot_id"),
             text=True,
             capture_output=True,
             timeout=60,
@@ -178,10 +178,10 @@ def test_a_kernel_installed_in_the_guest_is_the_kernel_it_reboots_into(guest):
     before = guest_run(guest, "uname -r").strip()
     boot_id = guest_run(guest, "cat /proc/sys/kernel/random/boot_id").strip()
     run_dir, name, ip = guest
-    subprocess.run(ivm.ssh_argv(run_dir, name, ip, NEW_KERNEL), check=True, timeout=1500)
+    subprocess.run(ivm.Guest.ssh_argv(run_dir, name, ip, NEW_KERNEL), check=True, timeout=1500)
     newest = guest_run(guest, "readlink /vmlinuz").strip()
     assert before not in newest, newest  # the postinst moved /vmlinuz to the new kernel
-    subprocess.run(ivm.ssh_argv(run_dir, name, ip, "sudo systemctl reboot"), timeout=60)
+    subprocess.run(ivm.Guest.ssh_argv(run_dir, name, ip, "sudo systemctl reboot"), timeout=60)
     wait_for_new_boot(guest, boot_id)
     after = guest_run(guest, "uname -r").strip()
     assert after != before and after in newest, (before, after, newest)
