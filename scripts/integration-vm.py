@@ -16,7 +16,10 @@ every other function reaches virsh, qemu-img, ssh and ansible-playbook through i
 60 lines).
 
 Layout of this file: one section per concept, each with its pure helpers (argv builders,
-renderers, parsers) and its orchestration together, in this order:
+renderers, parsers) and its orchestration together. From Utilities on, a section's
+functions and constants live in its class, called on the class and never instantiated
+(`Checkpoints.try_resume(ctx, session)`, `Report.format_bench_table(r)`), beside the
+section's objects (Machine, RunState, Run, Options, ...). The sections, in this order:
 
   Constants and errors   shared names and defaults; the error hierarchy (exit codes)
   Processes              run() and its thin wrappers (virsh)
