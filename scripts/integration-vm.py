@@ -45,9 +45,10 @@ section's objects (Machine, RunState, Run, Options, ...). The sections, in this 
                          own time, the bench's tables
   Loop                   the quick loop's VM: kept for the next loop, reused (what it
                          re-applies) or retired
+  Reporting              result.json (ResultRecord), the summary line, JUnit, the
+                         closing lines, --expect-fail
   Session                the Run and SessionOptions, preflight guards, the phase list
-                         per command, the failure-policy table, result.json
-                         (ResultRecord), JUnit
+                         per command, the failure-policy table
   Commands               cmd_* and the bench
   CLI                    help texts, build_parser, main
 """
@@ -7396,81 +7397,98 @@ class Loop:
 
 
 # --------------------------------------------------------------------------------------
-# Session: preflight, phases, the failure policy, result.json and JUnit
+# Reporting: result.json (ResultRecord), the summary line, JUnit, the closing lines
 # --------------------------------------------------------------------------------------
-# A session is one command's life: preflight guards (tools, libvirt), its phase
-# list, and one policy for each way it can end (diagnostics? keep or destroy? exit code).
+# What a run says when it ends: the live result and its file, the one-line summary, the
+# JUnit report, and the closing lines (the verdict in words, what was kept and why).
 
 
-@dataclasses.dataclass(frozen=True)
-class FailurePolicy:
-    verdict: str  # result.json's verdict
-    diagnostics: bool  # collect them (when a run exists)
-    end: str  # the run's VM: "destroy" what this invocation created (unless --keep),
-    #           "keep" it for inspection, or "leave" it as it is without a word
-    exit_code: int  # (its words: closing_lines)
+@dataclasses.dataclass
+class ResultRecord(JsonRecord):
+    """result.json (schema 1), what .ci/run, the bench tables and the runbook read.
+    `phases` maps a phase family (image, boot, apply, reboot, verify, idempotence,
+    teardown) to seconds; `phase_details` keeps each step (apply:site.yml, reboot:hard
+    ...) with its status; `failures` are the failing verify (or idempotence) task names;
+    `failed_stage` names where a non-pass stopped."""
+
+    command: str
+    schema: int = 1
+    verdict: str = None  # pass | fail | error | interrupted
+    exit_code: int = None
+    failed_stage: str = None
+    message: str = ""
+    host: str = None
+    vm: str = None  # the run's name
+    ip: str = None
+    accel: str = None
+    certs: str = None
+    reboot_modes: list = dataclasses.field(default_factory=list)
+    reboot_diffs: list = dataclasses.field(default_factory=list)
+    phases: dict = dataclasses.field(default_factory=dict)
+    phase_details: list = dataclasses.field(default_factory=list)
+    failures: list = dataclasses.field(default_factory=list)
+    verify_tasks: list = dataclasses.field(default_factory=list)  # after the reboots
+    verify_live_tasks: list = dataclasses.field(default_factory=list)  # before them
+    story: str = None  # a red run's: "dead live" | "dies on reboot" | "upgrade fails"
+    from_ref: dict = None  # --from: {ref, commit, tree}
+    upgrade: dict = None  # --from: {from, to, changed, changed_tasks}
+    idempotence: dict = None
+    diagnostics: str = None
+    run_dir: str = None
+    started_at: str = None
+    finished_at: str = None
+    total_seconds: float = None
+    kept: bool = False
+    expect_fail: object = False  # False, or the stage --expect-fail names
+    domain: str = None  # the libvirt domain (a resumed run's is its checkpoint's)
+    ansible_strategy: dict = None  # the strategy_choice() its applies used
+    boot_stages: dict = None
+    reboot_stages: list = None  # each reboot's seconds to ssh and to running
+    warnings: list = None  # slow-boot warnings
+    checkpoints: dict = None  # {"chain": [{stage, key, ...}]}
+    resumed_from: dict = None
+    reused_vm: dict = None  # loop: {run, kept, reapplied} when it reused the last loop's VM
+    reuse_refused: dict = None  # loop: {run, why} when the last loop's VM could not take it
+    first_boot_panic: str = None  # the panic line of a first boot that was started again
+    resume_error: str = None
+    transport: dict = None  # bench: linear vs Mitogen figures
+    teardown_error: str = None
+    commit: dict = None  # the working tree's {commit, dirty} (None: not a git checkout)
+    timeline: list = None  # spans [{phase, what, who: harness|guest, at, seconds}]
+    extra: dict = dataclasses.field(default_factory=dict, repr=False)
+
+    ABSENT_WHEN_NONE = frozenset(
+        {
+            "domain",
+            "ansible_strategy",
+            "boot_stages",
+            "reboot_stages",
+            "warnings",
+            "checkpoints",
+            "resumed_from",
+            "reused_vm",
+            "reuse_refused",
+            "first_boot_panic",
+            "resume_error",
+            "transport",
+            "teardown_error",
+            "commit",
+            "timeline",
+            "from_ref",
+            "upgrade",
+        }
+    )
+
+    def add_warning(self, line):
+        """One warning line into `warnings` (absent from result.json until the first)."""
+        if self.warnings is None:
+            self.warnings = []
+        self.warnings.append(line)
 
 
-class Session:
-    """The Session section's functions as a namespace (its functions called on the class, never
-    an instance): preflight guards, the phase list per command, the failure-policy table,
-    result.json, JUnit, the closing lines."""
-
-    # The end-of-run checkpoint gc waits this long for checkpoints.lock, then skips (another
-    # run writing a checkpoint holds it for minutes; the next run's gc does the work).
-    END_GC_LOCK_WAIT = 5.0
-
-    TOOL_PACKAGES = {
-        "virsh": "libvirt-clients",
-        "virt-install": "virt-install (bookworm: virtinst)",
-        "qemu-img": "qemu-utils",
-        "cloud-localds": "cloud-image-utils",
-        "ssh": "openssh-client",
-        "ssh-keygen": "openssh-client",
-        "mmdebstrap": "mmdebstrap",
-        "mkfs.ext4": "e2fsprogs",
-        "qemu-system-x86_64": "qemu-system-x86",
-        "ansible-playbook": "make venv",
-    }
-
-    def tools_for(command, image_source, need_build=True):
-        tools = ["virsh"] if command != "image" else []
-        if command in CREATING_COMMANDS:
-            tools += ["virt-install", "qemu-img", "cloud-localds", "ssh", "ssh-keygen"]
-        if command in (*CREATING_COMMANDS, "image") and image_source == "build" and need_build:
-            tools += ["mmdebstrap", "mkfs.ext4", "qemu-img"]
-        if command in ("apply", "reboot", "assert"):
-            tools += ["ssh"]
-        return list(dict.fromkeys(tools))
-
-    def check_tools(ctx, tools):
-        path = ctx.environ.get("PATH")
-        for t in tools:
-            if shutil.which(t, path=path) is None:
-                raise InfraError(
-                    "tools",
-                    f"required tool {t!r} not found on PATH (install "
-                    f"{Session.TOOL_PACKAGES.get(t, t)})",
-                )
-
-    def check_ansible(ctx):
-        pb = Ansible.find_ansible_playbook(ctx)
-        if shutil.which(pb, path=ctx.environ.get("PATH")) is None and not os.access(pb, os.X_OK):
-            raise InfraError(
-                "tools",
-                "ansible-playbook not found (set BOMA_IT_ANSIBLE_PLAYBOOK or run `make venv`)",
-            )
-        return pb
-
-    def check_libvirt(ctx):
-        r = virsh(ctx, "uri", timeout=min(ctx.bounds["virsh"], 30))
-        if r.returncode != 0:
-            lines = (
-                r.stderr.strip()
-                or r.stdout.strip()
-                or ("timed out" if r.timed_out else "no output")
-            ).splitlines()
-            raise InfraError("libvirt", f"libvirtd not reachable at {ctx.uri}: {lines[0]}")
+class Reporting:
+    """The Reporting section as a namespace (its functions called on the class, never an
+    instance): result.json, the summary line, JUnit, the closing lines, --expect-fail."""
 
     def new_result(command, host=None):
         """A fresh result.json as the ResultRecord a session's phases fill in (its fields
@@ -7512,23 +7530,23 @@ class Session:
     def xml_text(value, limit=JUNIT_TEXT_MAX):
         """`value` as text XML can carry: forbidden characters dropped, at most `limit`
         characters (the head, then a note of what was cut). Escaping is the caller's."""
-        text = Session._XML_FORBIDDEN.sub("", str(value if value is not None else ""))
+        text = Reporting._XML_FORBIDDEN.sub("", str(value if value is not None else ""))
         if len(text) > limit:
             text = text[:limit] + f"\n[... {len(text) - limit} more characters cut]"
         return text
 
     def render_junit(result):
         """JUnit XML: one testcase per phase and per verify task. Every text is xml_text()."""
-        suite = Session.xml_text(f"integration-vm.{result.get('host') or 'unknown'}", 200)
+        suite = Reporting.xml_text(f"integration-vm.{result.get('host') or 'unknown'}", 200)
         cases = [
             (
-                Session.xml_text(name, 500),
+                Reporting.xml_text(name, 500),
                 secs,
                 status,
-                Session.xml_text(msg, 300),
-                Session.xml_text(body),
+                Reporting.xml_text(msg, 300),
+                Reporting.xml_text(body),
             )
-            for name, secs, status, msg, body in Session._junit_cases(result)
+            for name, secs, status, msg, body in Reporting._junit_cases(result)
         ]
         failures = sum(1 for c in cases if c[2] == "fail")
         errors = sum(1 for c in cases if c[2] in ("error", "interrupted"))
@@ -7676,8 +7694,8 @@ class Session:
             return None
         idem = result.get("idempotence") or {}
         changed = idem.get("changed", 0)
-        return Session.FAILED_STAGE_WORDS.get(
-            Session.stage_family(stage), "{stage} failed: {msg}"
+        return Reporting.FAILED_STAGE_WORDS.get(
+            Reporting.stage_family(stage), "{stage} failed: {msg}"
         ).format(
             stage=stage,
             msg=msg,
@@ -7692,7 +7710,11 @@ class Session:
         want, stage = result.get("expect_fail"), result.get("failed_stage")
         if want and result.get("verdict") == "pass":
             return f"{want} PASSED but --expect-fail={want} was given"
-        if want and result.get("verdict") == "fail" and not Session.expected_failure(result, stage):
+        if (
+            want
+            and result.get("verdict") == "fail"
+            and not Reporting.expected_failure(result, stage)
+        ):
             return f"failed at {stage}, not at the expected stage {want} (--expect-fail)"
         return None
 
@@ -7714,14 +7736,14 @@ class Session:
         command, verdict = result.get("command"), result.get("verdict")
         loop = None
         if command == "loop":
-            vm = Session.LOOP_VM_WORDS[Session.loop_vm_fate(result)]
-            loop = Session.LOOP_NOT_THE_GATE.format(host=result.get("host") or "<host>", vm=vm)
+            vm = Reporting.LOOP_VM_WORDS[Reporting.loop_vm_fate(result)]
+            loop = Reporting.LOOP_NOT_THE_GATE.format(host=result.get("host") or "<host>", vm=vm)
         return {
-            "verdict": Session.verdict_words(result),
-            "kept": Session.KEPT_WORDS[Session.kept_reason(command, verdict, keep)]
+            "verdict": Reporting.verdict_words(result),
+            "kept": Reporting.KEPT_WORDS[Reporting.kept_reason(command, verdict, keep)]
             if result.get("kept")
             else None,
-            "expect": Session.expect_words(result),
+            "expect": Reporting.expect_words(result),
             "loop": loop,
         }
 
@@ -7768,11 +7790,111 @@ class Session:
             report = Report.write_run_reports(rs)
         if junit:
             try:
-                pathlib.Path(junit).write_text(Session.render_junit(result.to_json()))
+                pathlib.Path(junit).write_text(Reporting.render_junit(result.to_json()))
             except OSError as e:
                 print(f"integration-vm: warning: could not write {junit}: {e}", file=sys.stderr)
-        print(Session.format_summary(result.to_json()), file=stream or sys.stdout, flush=True)
+        print(Reporting.format_summary(result.to_json()), file=stream or sys.stdout, flush=True)
         return report
+
+    def expected_failure(result, stage):
+        """Whether a VerifyFailed at `stage` is the one --expect-fail[=STAGE] names (verify by
+        default; a family name like `apply` covers `apply:site.yml`)."""
+        want = result.get("expect_fail")
+        return bool(want) and stage is not None and want in (stage, stage.split(":")[0])
+
+    def apply_expect_fail(result, exit_code):
+        """--expect-fail: the named stage failing is a pass; a pass is a failure; a failure
+        at another stage stays one."""
+        want = result.expect_fail
+        if not want or exit_code not in (EXIT_PASS, EXIT_VERIFY):
+            return exit_code
+        if exit_code == EXIT_VERIFY and Reporting.expected_failure(
+            result.to_json(), result.failed_stage
+        ):
+            return EXIT_PASS
+        print(
+            f"integration-vm: {Reporting.closing_lines(result.to_json())['expect']}",
+            file=sys.stderr,
+        )
+        return EXIT_VERIFY
+
+
+# --------------------------------------------------------------------------------------
+# Session: preflight, phases, the failure policy
+# --------------------------------------------------------------------------------------
+# A session is one command's life: preflight guards (tools, libvirt), its phase
+# list, and one policy for each way it can end (diagnostics? keep or destroy? exit code).
+
+
+@dataclasses.dataclass(frozen=True)
+class FailurePolicy:
+    verdict: str  # result.json's verdict
+    diagnostics: bool  # collect them (when a run exists)
+    end: str  # the run's VM: "destroy" what this invocation created (unless --keep),
+    #           "keep" it for inspection, or "leave" it as it is without a word
+    exit_code: int  # (its words: closing_lines)
+
+
+class Session:
+    """The Session section's functions as a namespace (its functions called on the class, never
+    an instance): preflight guards, the phase list per command, the failure-policy table,
+    result.json, JUnit, the closing lines."""
+
+    # The end-of-run checkpoint gc waits this long for checkpoints.lock, then skips (another
+    # run writing a checkpoint holds it for minutes; the next run's gc does the work).
+    END_GC_LOCK_WAIT = 5.0
+
+    TOOL_PACKAGES = {
+        "virsh": "libvirt-clients",
+        "virt-install": "virt-install (bookworm: virtinst)",
+        "qemu-img": "qemu-utils",
+        "cloud-localds": "cloud-image-utils",
+        "ssh": "openssh-client",
+        "ssh-keygen": "openssh-client",
+        "mmdebstrap": "mmdebstrap",
+        "mkfs.ext4": "e2fsprogs",
+        "qemu-system-x86_64": "qemu-system-x86",
+        "ansible-playbook": "make venv",
+    }
+
+    def tools_for(command, image_source, need_build=True):
+        tools = ["virsh"] if command != "image" else []
+        if command in CREATING_COMMANDS:
+            tools += ["virt-install", "qemu-img", "cloud-localds", "ssh", "ssh-keygen"]
+        if command in (*CREATING_COMMANDS, "image") and image_source == "build" and need_build:
+            tools += ["mmdebstrap", "mkfs.ext4", "qemu-img"]
+        if command in ("apply", "reboot", "assert"):
+            tools += ["ssh"]
+        return list(dict.fromkeys(tools))
+
+    def check_tools(ctx, tools):
+        path = ctx.environ.get("PATH")
+        for t in tools:
+            if shutil.which(t, path=path) is None:
+                raise InfraError(
+                    "tools",
+                    f"required tool {t!r} not found on PATH (install "
+                    f"{Session.TOOL_PACKAGES.get(t, t)})",
+                )
+
+    def check_ansible(ctx):
+        pb = Ansible.find_ansible_playbook(ctx)
+        if shutil.which(pb, path=ctx.environ.get("PATH")) is None and not os.access(pb, os.X_OK):
+            raise InfraError(
+                "tools",
+                "ansible-playbook not found (set BOMA_IT_ANSIBLE_PLAYBOOK or run `make venv`)",
+            )
+        return pb
+
+    def check_libvirt(ctx):
+        r = virsh(ctx, "uri", timeout=min(ctx.bounds["virsh"], 30))
+        if r.returncode != 0:
+            lines = (
+                r.stderr.strip()
+                or r.stdout.strip()
+                or ("timed out" if r.timed_out else "no output")
+            ).splitlines()
+            raise InfraError("libvirt", f"libvirtd not reachable at {ctx.uri}: {lines[0]}")
 
     def _ignore_signals():
         """While diagnostics/teardown run, a second Ctrl-C must not abort them. A Python
@@ -7794,7 +7916,7 @@ class Session:
         """One session as a Run (what cmd_bench composes): its phases, the policy for how they
         ended, then result.json, JUnit and the summary line. Returns the Run."""
         options = options or SessionOptions()
-        result = Session.new_result(command, args.host)
+        result = Reporting.new_result(command, args.host)
         result.started_at = Env.now_iso()
         result.certs = args.certs
         result.expect_fail = args.expect_fail or False
@@ -7809,7 +7931,7 @@ class Session:
         if shutil.which("git", path=ctx.environ.get("PATH")) and (ctx.repo / ".git").exists():
             result.commit = Day2.working_tree_commit(ctx)  # what the report names
         try:
-            session.exit_code = Session.apply_expect_fail(
+            session.exit_code = Reporting.apply_expect_fail(
                 result, Session.run_phases(ctx, args, session)
             )
             result.exit_code = session.exit_code
@@ -7898,7 +8020,7 @@ class Session:
         result, command = session.result, session.command
         Guest.note_boot_times(ctx, result, session.rs.name if session.rs else None)
         writes_result = command in (*CONVERGING_COMMANDS, "assert")
-        session.report = Session.finish_result(
+        session.report = Reporting.finish_result(
             ctx,
             result,
             session.rs if writes_result else None,
@@ -7910,7 +8032,7 @@ class Session:
             sys.stdout.write(Report.format_bench_table(result.to_json()))
         if command == "loop":
             print(
-                f"integration-vm: {Session.closing_lines(result.to_json())['loop']}",
+                f"integration-vm: {Reporting.closing_lines(result.to_json())['loop']}",
                 file=sys.stderr,
             )
 
@@ -8089,27 +8211,6 @@ class Session:
         "bench": _GATE_PHASES,
     }
 
-    def expected_failure(result, stage):
-        """Whether a VerifyFailed at `stage` is the one --expect-fail[=STAGE] names (verify by
-        default; a family name like `apply` covers `apply:site.yml`)."""
-        want = result.get("expect_fail")
-        return bool(want) and stage is not None and want in (stage, stage.split(":")[0])
-
-    def apply_expect_fail(result, exit_code):
-        """--expect-fail: the named stage failing is a pass; a pass is a failure; a failure
-        at another stage stays one."""
-        want = result.expect_fail
-        if not want or exit_code not in (EXIT_PASS, EXIT_VERIFY):
-            return exit_code
-        if exit_code == EXIT_VERIFY and Session.expected_failure(
-            result.to_json(), result.failed_stage
-        ):
-            return EXIT_PASS
-        print(
-            f"integration-vm: {Session.closing_lines(result.to_json())['expect']}", file=sys.stderr
-        )
-        return EXIT_VERIFY
-
     def teardown_or_keep(ctx, args, command, result, rs, teardown):
         """Tear down what this invocation created (never raises), or keep it and say how to
         inspect it."""
@@ -8134,8 +8235,8 @@ class Session:
         result.kept = True
         if command == "loop":
             Loop.keep_for_next_loop(rs)
-        kept = Session.closing_lines(result.to_json(), args.keep)["kept"]
-        print(Session.inspection_help(ctx, rs, kept), file=sys.stderr, end="")
+        kept = Reporting.closing_lines(result.to_json(), args.keep)["kept"]
+        print(Reporting.inspection_help(ctx, rs, kept), file=sys.stderr, end="")
 
     # How a session ends, by failure kind. A VerifyFailed at the stage --expect-fail names
     # is destroyed like a pass; an interrupt announces its teardown (the operator waits).
@@ -8155,7 +8256,7 @@ class Session:
         one line, then diagnostics and teardown-or-keep as the table says. Its exit code."""
         Session._ignore_signals()
         policy, result, rs = Session.FAILURE_POLICY[kind], session.result, session.rs
-        stage = e.stage if e is not None else Session._current_phase(result)
+        stage = e.stage if e is not None else Reporting._current_phase(result)
         msg = getattr(e, "msg", str(e)) if e is not None else "interrupted"
         result.verdict, result.failed_stage, result.message = policy.verdict, stage, msg
         if kind == "verify":
@@ -8163,7 +8264,7 @@ class Session:
             result.story = Ansible.story_of(result)
         lead = "\n" if kind == "interrupt" else ""  # after ^C the terminal's line is not empty
         print(
-            f"{lead}integration-vm: {Session.closing_lines(result.to_json())['verdict']}",
+            f"{lead}integration-vm: {Reporting.closing_lines(result.to_json())['verdict']}",
             file=sys.stderr,
         )
         if rs is None or policy.end == "leave":
@@ -8171,7 +8272,7 @@ class Session:
         if policy.diagnostics:
             reason = f"{stage}: {msg}" if kind == "verify" else str(e)
             result.diagnostics = str(Diagnostics.collect_diagnostics(ctx, rs, reason))
-        destroy = policy.end == "destroy" or Session.expected_failure(result.to_json(), stage)
+        destroy = policy.end == "destroy" or Reporting.expected_failure(result.to_json(), stage)
         if kind == "interrupt" and session.creates and not args.keep:
             Env.progress(ctx, "teardown", f"tearing down {rs.name}")
         Session.teardown_or_keep(ctx, args, session.command, result, rs, destroy)
@@ -8347,7 +8448,7 @@ class Run:
 
     def __post_init__(self):
         if self.result is None:
-            self.result = Session.new_result(self.command)
+            self.result = Reporting.new_result(self.command)
 
     def attach(self, rs):
         """This run's state from now on: its command log, and what a failure tears down."""
@@ -8392,89 +8493,6 @@ class Run:
         """The checkpoints and the loop VM this session claimed (claim_dir) are free."""
         while self.claims:
             self.claims.pop().close()
-
-
-@dataclasses.dataclass
-class ResultRecord(JsonRecord):
-    """result.json (schema 1), what .ci/run, the bench tables and the runbook read.
-    `phases` maps a phase family (image, boot, apply, reboot, verify, idempotence,
-    teardown) to seconds; `phase_details` keeps each step (apply:site.yml, reboot:hard
-    ...) with its status; `failures` are the failing verify (or idempotence) task names;
-    `failed_stage` names where a non-pass stopped."""
-
-    command: str
-    schema: int = 1
-    verdict: str = None  # pass | fail | error | interrupted
-    exit_code: int = None
-    failed_stage: str = None
-    message: str = ""
-    host: str = None
-    vm: str = None  # the run's name
-    ip: str = None
-    accel: str = None
-    certs: str = None
-    reboot_modes: list = dataclasses.field(default_factory=list)
-    reboot_diffs: list = dataclasses.field(default_factory=list)
-    phases: dict = dataclasses.field(default_factory=dict)
-    phase_details: list = dataclasses.field(default_factory=list)
-    failures: list = dataclasses.field(default_factory=list)
-    verify_tasks: list = dataclasses.field(default_factory=list)  # after the reboots
-    verify_live_tasks: list = dataclasses.field(default_factory=list)  # before them
-    story: str = None  # a red run's: "dead live" | "dies on reboot" | "upgrade fails"
-    from_ref: dict = None  # --from: {ref, commit, tree}
-    upgrade: dict = None  # --from: {from, to, changed, changed_tasks}
-    idempotence: dict = None
-    diagnostics: str = None
-    run_dir: str = None
-    started_at: str = None
-    finished_at: str = None
-    total_seconds: float = None
-    kept: bool = False
-    expect_fail: object = False  # False, or the stage --expect-fail names
-    domain: str = None  # the libvirt domain (a resumed run's is its checkpoint's)
-    ansible_strategy: dict = None  # the strategy_choice() its applies used
-    boot_stages: dict = None
-    reboot_stages: list = None  # each reboot's seconds to ssh and to running
-    warnings: list = None  # slow-boot warnings
-    checkpoints: dict = None  # {"chain": [{stage, key, ...}]}
-    resumed_from: dict = None
-    reused_vm: dict = None  # loop: {run, kept, reapplied} when it reused the last loop's VM
-    reuse_refused: dict = None  # loop: {run, why} when the last loop's VM could not take it
-    first_boot_panic: str = None  # the panic line of a first boot that was started again
-    resume_error: str = None
-    transport: dict = None  # bench: linear vs Mitogen figures
-    teardown_error: str = None
-    commit: dict = None  # the working tree's {commit, dirty} (None: not a git checkout)
-    timeline: list = None  # spans [{phase, what, who: harness|guest, at, seconds}]
-    extra: dict = dataclasses.field(default_factory=dict, repr=False)
-
-    ABSENT_WHEN_NONE = frozenset(
-        {
-            "domain",
-            "ansible_strategy",
-            "boot_stages",
-            "reboot_stages",
-            "warnings",
-            "checkpoints",
-            "resumed_from",
-            "reused_vm",
-            "reuse_refused",
-            "first_boot_panic",
-            "resume_error",
-            "transport",
-            "teardown_error",
-            "commit",
-            "timeline",
-            "from_ref",
-            "upgrade",
-        }
-    )
-
-    def add_warning(self, line):
-        """One warning line into `warnings` (absent from result.json until the first)."""
-        if self.warnings is None:
-            self.warnings = []
-        self.warnings.append(line)
 
 
 # --------------------------------------------------------------------------------------
@@ -9147,19 +9165,19 @@ class CLI:
                 "report": Report.cmd_report,
             }[args.cmd](ctx, args)
         except KeyboardInterrupt:
-            ended = dict(Session.new_result(args.cmd).to_json(), verdict="interrupted")
-            print(f"\nintegration-vm: {Session.closing_lines(ended)['verdict']}", file=sys.stderr)
+            ended = dict(Reporting.new_result(args.cmd).to_json(), verdict="interrupted")
+            print(f"\nintegration-vm: {Reporting.closing_lines(ended)['verdict']}", file=sys.stderr)
             return EXIT_INTERRUPTED
         except Exception as e:  # one line, never a traceback
-            e = Session.as_harness_error(e, Session.new_result(args.cmd))
+            e = Session.as_harness_error(e, Reporting.new_result(args.cmd))
             msg = getattr(e, "msg", str(e))
             ended = dict(
-                Session.new_result(args.cmd).to_json(),
+                Reporting.new_result(args.cmd).to_json(),
                 verdict="error",
                 failed_stage=e.stage,
                 message=msg,
             )
-            print(f"integration-vm: {Session.closing_lines(ended)['verdict']}", file=sys.stderr)
+            print(f"integration-vm: {Reporting.closing_lines(ended)['verdict']}", file=sys.stderr)
             return e.exit_code
 
 

@@ -532,7 +532,7 @@ FIXTURES = HERE / "fakes"
 
 
 def _result(**kw):
-    r = ivm.Session.new_result("cycle", "askari").to_json()  # result.json as read back
+    r = ivm.Reporting.new_result("cycle", "askari").to_json()  # result.json as read back
     r.update(vm="boma-it-askari-1a2b3c4d", accel="tcg", total_seconds=412.3, verdict="pass")
     r["phase_details"] = [
         {"name": "image", "seconds": 0.2, "status": "pass"},

@@ -253,7 +253,7 @@ def test_max_vms_allows_two(h):
 
 
 def test_result_shape_is_json_and_has_the_agreed_keys():
-    r = ivm.Session.new_result("cycle", "askari").to_json()
+    r = ivm.Reporting.new_result("cycle", "askari").to_json()
     json.dumps(r)
     for k in (
         "verdict",
@@ -273,14 +273,14 @@ def test_result_shape_is_json_and_has_the_agreed_keys():
 
 
 def test_format_summary_pass():
-    assert ivm.Session.format_summary(_result()) == (
+    assert ivm.Reporting.format_summary(_result()) == (
         "integration-vm: PASS askari boma-it-askari-1a2b3c4d accel=tcg total=412s "
         "(image 0s, boot 31s, apply 250s, reboot 28s, verify 12s, teardown 2s)"
     )
 
 
 def test_format_summary_failure_names_stage():
-    s = ivm.Session.format_summary(_result(verdict="error", failed_stage="dhcp-lease", vm=None))
+    s = ivm.Reporting.format_summary(_result(verdict="error", failed_stage="dhcp-lease", vm=None))
     assert s.startswith("integration-vm: ERROR[dhcp-lease] askari - accel=tcg")
 
 
@@ -291,7 +291,7 @@ def test_render_junit_well_formed_with_failures():
         {"name": "docker <active>", "status": "ok", "message": ""},
         {"name": "published :443", "status": "failed", "message": "timed out & dead"},
     ]
-    root = ET.fromstring(ivm.Session.render_junit(r))
+    root = ET.fromstring(ivm.Reporting.render_junit(r))
     suite = root.find("testsuite")
     assert suite.get("name") == "integration-vm.askari"
     assert suite.get("tests") == "9" and suite.get("failures") == "2" and suite.get("errors") == "0"
@@ -301,9 +301,9 @@ def test_render_junit_well_formed_with_failures():
 
 
 def test_render_junit_infra_error_without_phases():
-    r = ivm.Session.new_result("cycle", "askari").to_json()
+    r = ivm.Reporting.new_result("cycle", "askari").to_json()
     r.update(verdict="error", failed_stage="libvirt", message="libvirtd not reachable")
-    suite = ET.fromstring(ivm.Session.render_junit(r)).find("testsuite")
+    suite = ET.fromstring(ivm.Reporting.render_junit(r)).find("testsuite")
     assert suite.get("errors") == "1"
     assert suite.find("testcase").get("name") == "libvirt"
 
@@ -327,7 +327,7 @@ def test_render_junit_reboot_diff_failure_detail_and_warning_note():
             "detail": "nft: - rule a\nports: - caddy 0.0.0.0:443->443/tcp",
         },
     ]
-    suite = ET.fromstring(ivm.Session.render_junit(r)).find("testsuite")
+    suite = ET.fromstring(ivm.Reporting.render_junit(r)).find("testsuite")
     cases = {c.get("name"): c for c in suite.iter("testcase")}
     assert list(cases)[4:] == [
         "reboot:graceful",
@@ -344,7 +344,7 @@ def test_render_junit_reboot_diff_failure_detail_and_warning_note():
 
 
 def test_result_has_reboot_diffs_and_settle_bound():
-    assert ivm.Session.new_result("cycle").reboot_diffs == []
+    assert ivm.Reporting.new_result("cycle").reboot_diffs == []
     b = ivm.Env.stage_bounds("tcg", {})
     assert b["reboot-settle"] == ivm.DEFAULT_BOUNDS["reboot-settle"] * ivm.TCG_SCALE
     assert ivm.Env.stage_bounds("kvm", {"BOMA_IT_TIMEOUT_REBOOT_SETTLE": "0"})["reboot-settle"] == 0
@@ -368,7 +368,7 @@ def test_an_oserror_mid_run_is_exit_3_with_its_stage_and_the_vm_torn_down(h):
 
 
 def test_an_unexpected_exception_becomes_an_infra_error_of_the_running_stage():
-    result = ivm.Session.new_result("cycle")
+    result = ivm.Reporting.new_result("cycle")
     with pytest.raises(ValueError), ivm.Utilities.timed_phase(None, result, "apply:site.yml"):
         raise ValueError("bad value\nsecond line")
     e = ivm.Session.as_harness_error(ValueError("x"), result)
@@ -703,13 +703,13 @@ def calls(monkeypatch):
     )
     monkeypatch.setattr(ivm.Machine, "destroy", lambda m: seen.append(("down", m.rs.name)))
     monkeypatch.setattr(
-        ivm.Session, "inspection_help", lambda ctx, rs, kept: seen.append(("help", rs.name))
+        ivm.Reporting, "inspection_help", lambda ctx, rs, kept: seen.append(("help", rs.name))
     )
     return seen
 
 
 def _run(command="cycle", rs=True, expect_fail=False):
-    result = ivm.Session.new_result(command, "askari")
+    result = ivm.Reporting.new_result(command, "askari")
     result.expect_fail = expect_fail
     state = types.SimpleNamespace(name="boma-it-askari-0123abcd") if rs else None
     return ivm.Run(command=command, result=result, rs=state)
@@ -893,7 +893,7 @@ def test_bench_legs_are_session_options_not_ctx_flags():
 
 # ---- run.json and result.json: one schema each -----------------------------------------
 def test_new_result_is_the_result_records_defaults():
-    r = ivm.Session.new_result("cycle", "askari")
+    r = ivm.Reporting.new_result("cycle", "askari")
     assert r == ivm.ResultRecord(command="cycle", host="askari")
     r = r.to_json()
     assert r["schema"] == 1 and r["verdict"] is None and r["phase_details"] == []
@@ -922,8 +922,8 @@ def test_a_record_round_trips_an_older_harness_fields_but_refuses_its_own_typos(
 def test_result_json_is_written_through_its_schema(tmp_path):
     ctx = _ctx(tmp_path)
     rs = ivm.RunState(ctx, ivm.RunRecord("boma-it-askari-0123abcd", "askari"))
-    result = ivm.Session.new_result("cycle", "askari")
-    ivm.Session.finish_result(ctx, result, rs, strategy={"used": "linear"})
+    result = ivm.Reporting.new_result("cycle", "askari")
+    ivm.Reporting.finish_result(ctx, result, rs, strategy={"used": "linear"})
     written = (rs.dir / "result.json").read_text()
     assert '"ansible_strategy"' in written and '"vm": "boma-it-askari-0123abcd"' in written
 
@@ -931,7 +931,7 @@ def test_result_json_is_written_through_its_schema(tmp_path):
 def test_a_misspelt_result_field_is_an_error_where_it_is_set():
     """The live result is a ResultRecord: its fields are attributes, and one nobody
     declared (a typo) raises where it is set, not a silent new key in result.json."""
-    result = ivm.Session.new_result("cycle", "askari")
+    result = ivm.Reporting.new_result("cycle", "askari")
     result.verdict = "pass"
     assert result.to_json()["verdict"] == "pass"
     with pytest.raises(AttributeError, match="ResultRecord declares no field 'verdcit'"):
@@ -1169,7 +1169,7 @@ def test_render_junit_drops_what_xml_forbids_and_bounds_every_text():
         status="fail", message="m\x00\x08" + "x" * 1000, detail="d\x1f" + "y" * 10**6
     )
     r["verify_tasks"] = [{"name": "t\x03" * 2000, "status": "failed", "message": "\x0e"}]
-    xml = ivm.Session.render_junit(r)
+    xml = ivm.Reporting.render_junit(r)
     root = ET.fromstring(xml)
     assert len(xml) < 200_000
     case = [c for c in root.iter("testcase") if c.get("name") == "verify"][0]

@@ -97,7 +97,7 @@ def test_day2_red_a_restarting_firewall_handler_kills_docker_live(tmp_path):
     assert result["verdict"] == "fail" and result["failed_stage"] == "verify:live"
     assert result["story"] == "dead live"
     # its closing lines name the stage and the story; the expected failure is torn down
-    verdict = "integration-vm: " + ivm.Session.closing_lines(result)["verdict"]
+    verdict = "integration-vm: " + ivm.Reporting.closing_lines(result)["verdict"]
     assert verdict.startswith("integration-vm: verify failed (dead live): live verify playbook")
     assert proc.stderr.splitlines().count(verdict) == 1, verdict
     assert "kept for inspection" not in proc.stderr

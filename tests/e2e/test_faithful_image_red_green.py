@@ -66,7 +66,7 @@ def test_red_a_role_that_assumes_a_package_the_providers_image_lacks(tmp_path):
     result = json.loads((repo / "tests" / "integration" / ".run" / vm / "result.json").read_text())
     assert result["verdict"] == "fail" and result["failed_stage"] == "apply:site.yml"
     # its closing lines name the apply that failed (not "verify failed"); torn down as expected
-    verdict = "integration-vm: " + ivm.Session.closing_lines(result)["verdict"]
+    verdict = "integration-vm: " + ivm.Reporting.closing_lines(result)["verdict"]
     assert verdict.startswith("integration-vm: apply failed: ansible-playbook site.yml failed ")
     assert proc.stderr.splitlines().count(verdict) == 1, verdict
     assert line.startswith("integration-vm: FAIL (expected fail)[apply:site.yml] "), line

@@ -75,7 +75,7 @@ def test_red_regression_fails_for_the_right_reason():
     assert result["failed_stage"] == "verify:live" and result["story"] == "dead live"
     # ...and its closing lines say so (docs/runbooks/integration-testing.md, "The closing
     # lines"): the stage that failed, its story, and why the VM is still up
-    verdict = "integration-vm: " + ivm.Session.closing_lines(result)["verdict"]
+    verdict = "integration-vm: " + ivm.Reporting.closing_lines(result)["verdict"]
     assert verdict.startswith("integration-vm: verify failed (dead live): live verify playbook")
     assert proc.stderr.splitlines().count(verdict) == 1, verdict
     kept = f"integration-vm: VM {result['domain']} (run {result['vm']}) kept for inspection:"
