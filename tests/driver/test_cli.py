@@ -178,9 +178,10 @@ def test_run_as_a_user_runs_it_a_ctrl_c_during_pythons_own_start_is_one_line(h, 
     proc.send_signal(signal.SIGINT)
     out, err = proc.communicate(timeout=60)
     assert "Traceback" not in err, err
-    if delay == 0 and proc.returncode == -signal.SIGINT:
-        # it landed in env's own first millisecond, before it blocked the signal: env
-        # dies of it, silently (the shell reports 130); nothing of the driver ran
+    if delay <= 0.02 and proc.returncode == -signal.SIGINT:
+        # it landed before env had blocked it (its first millisecond once it runs; on a
+        # loaded machine env may not have run at all 20 ms after the fork): env dies of
+        # it, silently (the shell reports 130); nothing of the driver ran
         assert (out, err) == ("", "")
         return
     assert proc.returncode == 130, (proc.returncode, err, out)
