@@ -671,3 +671,60 @@ def test_leftovers_reports_a_killed_image_build_and_a_stale_worktree_record(sb):
     assert f"a killed image build's {build}" in p.stderr, p.stderr
     assert f"stale git worktree record {wt} (" in p.stderr, p.stderr
     assert "images/e63" not in p.stderr  # the golden image itself is kept on purpose
+
+
+def _held_lock(sb, how):
+    """Another it-run's hold on the sandbox lock: a process with it flocked `how` (-s/-x)."""
+    lock = sb.root / "run" / "lock" / f"{NS}.lock"
+    lock.touch()
+    holder = subprocess.Popen(["flock", how, str(lock), "sleep", "30"])
+    deadline = time.monotonic() + 5
+    while time.monotonic() < deadline:  # until the flock is taken
+        if subprocess.run(["flock", "-n", "-x", str(lock), "true"]).returncode != 0:
+            return holder
+        time.sleep(0.05)
+    holder.kill()
+    raise AssertionError("the holder never took the lock")
+
+
+def test_a_second_it_run_joins_a_running_sandbox_without_waiting_for_the_first(sb):
+    """CI runs the control node's it-run beside askari's: the first holds the lock shared
+    for its whole command. The second must join at once when the sandbox is up (it waited
+    for an exclusive lock instead, and timed out after 900 s in the rehearsal)."""
+    virsh_state(sb)
+    sb.update(lambda st: st.update(netns={NS: {"pids": []}}))
+    holder = _held_lock(sb, "-s")
+    try:
+        t0 = time.monotonic()
+        p = sb.sh(
+            "ns_exists() { :; }; libvirtd_alive() { :; }; sandbox_up() { echo UP >&2; }; "
+            "ensure_substrate() { :; }; sandbox_down() { echo SANDBOX-DOWN >&2; }; "
+            f"main exec -- touch {sb.tmp / 'ran'}",
+            BOMA_IT_TIMEOUT_SANDBOX_LOCK="5",
+        )
+        assert p.returncode == 0, p.stderr
+        assert time.monotonic() - t0 < 4, "it waited for the other run's lock"
+        assert (sb.tmp / "ran").exists() and "UP" not in p.stderr
+        # ...and leaves the sandbox up for the run still in it
+        assert "still in use by another run; leaving it up" in p.stderr, p.stderr
+        assert "SANDBOX-DOWN" not in p.stderr
+    finally:
+        holder.kill()
+
+
+def test_bringing_the_sandbox_up_waits_for_the_one_bringing_it_up_and_is_bounded(sb):
+    """While another it-run holds the lock exclusively (it is bringing the sandbox up or
+    down), a newcomer waits, bounded, and names the stage; nothing of it runs."""
+    holder = _held_lock(sb, "-x")
+    try:
+        p = sb.sh(
+            "ns_exists() { return 1; }; sandbox_up() { echo UP >&2; }; "
+            "ensure_substrate() { :; }; sandbox_down() { :; }; "
+            f"main exec -- touch {sb.tmp / 'ran'}",
+            BOMA_IT_TIMEOUT_SANDBOX_LOCK="2",
+        )
+        assert p.returncode == 3, p.stderr
+        assert "stage sandbox-lock" in p.stderr and "UP" not in p.stderr
+        assert not (sb.tmp / "ran").exists()
+    finally:
+        holder.kill()
