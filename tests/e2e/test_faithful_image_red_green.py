@@ -50,6 +50,11 @@ def test_red_a_role_that_assumes_a_package_the_providers_image_lacks(tmp_path):
             "--host",
             HOST,
             "--expect-fail=apply",
+            # No checkpoints: this edited clone's cycle would otherwise end with the
+            # checkpoint gc (one chain per profile) and remove the GREEN's applied-1 and
+            # applied-2 that the askari RED resumes; every CI RED so far booted cold behind
+            # it (resumed `booted` only: 501-646 s). This RED fails on the image as booted.
+            "--no-checkpoints",
         ],
         cwd=repo,
         timeout=CYCLE_TIMEOUT_S,

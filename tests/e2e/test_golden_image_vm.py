@@ -105,7 +105,7 @@ def guest():
     try:
         yield RUN_ROOT / name, name, ip
     finally:
-        driver("down", "--host", HOST)
+        driver("down", "--run", name)  # its own VM only: other runs may share the host
 
 
 def guest_run(guest, command):
