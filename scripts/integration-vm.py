@@ -1311,6 +1311,7 @@ class Profiles:
         "reboot_diff_tolerate": (dict, list),
         "verify": str,
         "description": str,
+        "reboot_settled_when": str,
     }
     PROFILE_REQUIRED = ("groups", "applies")
 
@@ -1415,6 +1416,12 @@ class Profiles:
                 )
         if "reboot_diff_tolerate" in data:
             Profiles.check_tolerance_spec(data["reboot_diff_tolerate"], f"{where}")
+        settled = data.get("reboot_settled_when")
+        if settled is not None and not (0 < len(settled) <= 500 and settled.isprintable()):
+            raise UsageError(
+                f"{where}: key 'reboot_settled_when' must be one line of shell, 1-500 "
+                "printable characters"
+            )
         for key, lo, hi in (("mem_mib", 512, 1 << 20), ("vcpus", 1, 256)):
             if key in data and data[key] < lo:
                 raise UsageError(f"{where}: key {key!r} must be >= {lo}")
@@ -2964,6 +2971,11 @@ class Guest:
                 else ""
             )
             + (f", failed units: {', '.join(failed)}" if failed else "")
+            + (
+                f", settled after {stages['seconds_to_settled']}s"
+                if stages.get("seconds_to_settled") is not None
+                else ""
+            )
         )
 
     # systemd's status line while a unit's stop outlasts a few seconds at shutdown (with the
@@ -4130,6 +4142,7 @@ exit 0
         ("kernel", "seconds_to_kernel"),
         ("ssh", "seconds_to_ssh"),
         ("system-running", "seconds_to_running"),
+        ("settled", "seconds_to_settled"),  # the profile's reboot_settled_when, if it has one
     )
 
 
@@ -4473,12 +4486,13 @@ class Machine:
             )
         return state, timer_jobs
 
-    def reboot(self, mode="graceful", before=None):
+    def reboot(self, mode="graceful", before=None, settled_when=None):
         """Reboot and PROVE it: boot_id must change. graceful = the guest's own clean
         shutdown on the ACPI power button, then power on; hard = power cut (virsh destroy).
         Either way the next boot is a fresh QEMU process (virsh start). `before`: a capture
         taken moments ago with nothing run since (the previous reboot's `after`), instead of
-        capturing again."""
+        capturing again. `settled_when`: the profile's reboot_settled_when (wait_settled),
+        waited for before the capture after the boot."""
         ctx, rs = self.ctx, self.rs
         if mode not in REBOOT_MODES:
             raise UsageError(f"--reboot must be one of {', '.join(REBOOT_MODES)}")
@@ -4499,7 +4513,12 @@ class Machine:
         to_loader, to_kernel = rs.seconds_to("loader", issued), rs.seconds_to("kernel", issued)
         sysstate, timer_jobs = self.wait_boot_finished()
         to_running = round(time.monotonic() - issued, 1)
-        Guest.note_span(ctx, f"reboot:{mode}", issued, who="guest", seconds=to_running)
+        to_settled = None
+        if settled_when and self.wait_settled(settled_when):
+            to_settled = round(time.monotonic() - issued, 1)
+        Guest.note_span(
+            ctx, f"reboot:{mode}", issued, who="guest", seconds=to_settled or to_running
+        )
         # systemd-analyze's blame and critical-chain (~3 s of a TCG guest each) only where a
         # reboot failed: the reboot diff's second capture and the diagnostics bundle
         after = Reboot.capture_state(ctx, rs, boot_id=new_id, analyze="time")
@@ -4510,25 +4529,60 @@ class Machine:
             "seconds_to_kernel": to_kernel,
             "seconds_to_ssh": to_ssh,
             "seconds_to_running": to_running,
+            "seconds_to_settled": to_settled,
         }
         record = {"mode": mode, "system_state": sysstate, "failed_units": after["failed_units"]}
         if timer_jobs:
             record["timer_jobs"] = timer_jobs
         if oops_panic:
             record["emulator_oops"] = oops_panic
-        if shutdown_console is not None:
-            record["stop_jobs"] = Guest.shutdown_stop_jobs(shutdown_console)
-            d = Guest.reboot_dir(rs, len(rs.record.reboots or []) + 1, mode)
-            d.mkdir(parents=True, exist_ok=True)
-            Utilities.write_owned(Utilities.owned_path(d, "shutdown-console.txt"), shutdown_console)
-        rs.record.reboots = [*(rs.record.reboots or []), {**record, **stages}]
-        rs.save()
+        self._record_reboot(record, stages, shutdown_console)
         Env.progress(
             ctx,
             f"reboot:{mode}",
             f"new boot_id {new_id[:8]}: " + Guest._reboot_story(record, stages),
         )
         return before, after
+
+    def _record_reboot(self, record, stages, shutdown_console):
+        """The reboot into run.json's reboots; a graceful one's stop jobs, and its shutdown
+        console kept in the reboot's diagnostics dir."""
+        rs = self.rs
+        if shutdown_console is not None:
+            record["stop_jobs"] = Guest.shutdown_stop_jobs(shutdown_console)
+            d = Guest.reboot_dir(rs, len(rs.record.reboots or []) + 1, record["mode"])
+            d.mkdir(parents=True, exist_ok=True)
+            Utilities.write_owned(Utilities.owned_path(d, "shutdown-console.txt"), shutdown_console)
+        rs.record.reboots = [*(rs.record.reboots or []), {**record, **stages}]
+        rs.save()
+
+    def wait_settled(self, condition):
+        """The profile's `reboot_settled_when`: a shell condition for what the host still
+        starts after systemd reports the boot over (a control node's libvirtd brings its
+        autostarted network up after it says it is ready). Polled once a second in the
+        guest as root (as the capture reads it), in one SSH call, within reboot-settle; the
+        after-capture then sees the settled host instead of capturing twice. True when it
+        held; False (one line) when not: the reboot diff's own second look still applies."""
+        ctx = self.ctx
+        bound = ctx.bounds["reboot-settle"]
+        if bound <= 0:
+            return False
+        script = f"until {condition}; do sleep 1; done"
+        secs = max(1, math.ceil(bound))  # coreutils' `timeout 0` would never end it
+        r = self.rs.ssh(
+            f"sudo -n timeout {secs} sh -c {shlex.quote(script)}",
+            timeout=bound + 15,
+            stage="reboot",
+        )
+        if r.returncode == 0:
+            return True
+        Env.progress(
+            ctx,
+            "reboot",
+            f"reboot_settled_when still false after {secs}s (exit {r.returncode}): "
+            "capturing anyway",
+        )
+        return False
 
     def shut_down_cleanly(self, before):
         """A graceful reboot's first half: the ACPI power button, as `virsh reboot` sends a
@@ -6405,6 +6459,7 @@ class Report:
         ("kernel", "seconds_to_kernel"),
         ("SSH", "seconds_to_ssh"),
         ("running", "seconds_to_running"),
+        ("settled", "seconds_to_settled"),
     )
 
     def clean_text(text, limit=REPORT_TEXT_MAX):
@@ -7624,7 +7679,7 @@ class Reporting:
     # ---- the closing lines: the words a run ends with -----------------------------------------
     # Decided here only (issue 30), from result.json's fields: the command, the verdict, the
     # stage that failed and why the VM stays up. docs/runbooks/integration-testing.md ("The
-    # closing lines") quotes each; tests/driver/test_session.py ends a session every way.
+    # closing lines") quotes each; tests/driver/test_reporting.py ends a session every way.
     # fmt: off
     FAILED_STAGE_WORDS = {
         # the failed stage's family  its line ({story}: " (dead live)" ...; {msg}: the error's)
@@ -8134,7 +8189,9 @@ class Session:
         last = None  # the previous reboot's final capture is the next one's `before`
         for mode in result.reboot_modes:
             with Utilities.timed_phase(ctx, result, f"reboot:{mode}") as entry:
-                before, after = Machine(ctx, rs).reboot(mode, before=last)
+                before, after = Machine(ctx, rs).reboot(
+                    mode, before=last, settled_when=session.profile.get("reboot_settled_when")
+                )
                 entry["message"] = Guest.warn_reboot(result, rs.record.reboots, rs)
             last_reboot = rs.record.reboots[-1]
             stage = {

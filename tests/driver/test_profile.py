@@ -153,6 +153,12 @@ def test_load_profile_extends_appends_extra_vars_and_replaces_lists(tmp_path):
             "key 'reboot' entries must be one of graceful, hard",
         ),
         ({"a": {**BASE, "mem_mib": 64}}, "a", "key 'mem_mib' must be >= 512"),
+        (
+            {"a": {**BASE, "reboot_settled_when": "true\nreboot"}},
+            "a",
+            "key 'reboot_settled_when' must be one line of shell, 1-500 printable characters",
+        ),
+        ({"a": {**BASE, "reboot_settled_when": ""}}, "a", "key 'reboot_settled_when' must be"),
         ({"a": {**BASE, "memory": 1}}, "a", "unknown key 'memory'"),
         ({"a": {"extends": "b"}, "b": {"extends": "a"}}, "a", "'extends' cycle (a -> b -> a)"),
         ({"a": {"extends": "ghost"}}, "a", "key 'extends' names 'ghost'"),

@@ -146,6 +146,49 @@ def test_reboot_diff_settles_a_late_port(h):
     assert "tcp 0.0.0.0:443 docker-proxy" in (rd / "after" / "sockets.json").read_text()
 
 
+SETTLED_WHEN = "test -e /run/libvirt/network/boma-it.xml"
+
+
+def test_a_profiles_settled_condition_is_waited_for_before_the_capture_not_captured_twice(h):
+    # ubongo's libvirtd brings its autostarted network up after systemd says `running`:
+    # without the wait the first capture misses it and the diff captures again 60 s later
+    _profile(h, "askari", reboot_settled_when=SETTLED_WHEN)
+    p = h.run("cycle", "--host", "askari", "--no-idempotence", FAKE_REBOOT_CHANGE="late-443")
+    assert p.returncode == 0, p.stderr
+    (res,) = h.results()
+    (diff,) = res["reboot_diffs"]
+    assert not diff["recaptured"] and diff["unexpected"] == []
+    assert not (pathlib.Path(diff["dir"]) / "after-first").exists()
+    (stage,) = res["reboot_stages"]
+    assert stage["seconds_to_settled"] >= stage["seconds_to_running"]
+    assert f"settled after {stage['seconds_to_settled']}s" in p.stderr
+    (wait,) = [c["argv"][-1] for c in h.calls("ssh") if "sudo -n timeout" in c["argv"][-1]]
+    assert wait.startswith("sudo -n timeout 1 sh -c 'until test -e /run/libvirt/"), wait
+
+
+def test_a_settled_condition_that_never_holds_is_one_line_and_the_diff_looks_twice(h):
+    _profile(h, "askari", reboot_settled_when=SETTLED_WHEN)
+    p = h.run(
+        "cycle",
+        "--host",
+        "askari",
+        "--no-idempotence",
+        FAKE_REBOOT_CHANGE="late-443",
+        FAKE_SETTLED="never",
+    )
+    assert p.returncode == 0, p.stderr
+    assert "reboot_settled_when still false after 1s (exit 124): capturing anyway" in p.stderr
+    (res,) = h.results()
+    (diff,) = res["reboot_diffs"]
+    assert diff["recaptured"] and diff["unexpected"] == []
+    assert res["reboot_stages"][0]["seconds_to_settled"] is None
+
+
+def test_a_profile_without_a_settled_condition_runs_no_wait(h):
+    assert h.run("cycle", "--host", "askari", "--no-idempotence").returncode == 0
+    assert not [c for c in h.calls("ssh") if "sudo -n timeout" in c["argv"][-1]]
+
+
 def test_profile_reboot_list_runs_graceful_then_hard_with_a_diff_each(h):
     _profile(h, "askari", reboot=["graceful", "hard"])
     p = h.run("cycle", "--host", "askari", "--no-idempotence", "--junit", str(h.tmp / "j.xml"))

@@ -76,9 +76,12 @@ normalise away.
                              drop-in's accepts missing from inet filter forward),
                              port-443-gone (no :443 listeners/published ports),
                              late-443 (port-443-gone on the first capture of a boot
-                             only), dhclient (a dhclient socket appears),
+                             only, unless the profile's reboot_settled_when was waited
+                             for first), dhclient (a dhclient socket appears),
                              service-inactive (docker.service inactive)
   FAKE_REBOOT_CHANGE_FROM=N  the boot FAKE_REBOOT_CHANGE's changes start at (default 2)
+  FAKE_SETTLED=never         the profile's reboot_settled_when never holds (the guest's
+                             `timeout N` ends the wait, exit 124)
   FAKE_DOCKER=absent         the guest has no docker
   FAKE_CAPTURE_FAIL=1        sudo refuses the capture script
   FAKE_ANALYZE_SECONDS=N     a capture sleeps N seconds for each of `systemd-analyze blame`
@@ -705,6 +708,11 @@ def ssh():
         boot_id = d["boot_id"]
         boots = d.get("boots", 1)
         nth = 0
+        # the profile's reboot_settled_when, waited for in the guest (Machine.wait_settled)
+        settle = command.startswith("sudo -n timeout ") and "until " in command
+        if settle and ENV.get("FAKE_SETTLED") != "never":
+            d["settled_boot"] = boots  # what it waits for is up from here on (late-443)
+        settled = d.get("settled_boot") == boots
         if command == "sudo -n sh -s":
             caps = d.setdefault("captures", {})
             nth = caps[str(boots)] = caps.get(str(boots), 0) + 1
@@ -717,7 +725,12 @@ def ssh():
         write_text(mux, f"{alias} {boots}")  # this call opens the shared connection
     sysstate = ENV.get("FAKE_SYSTEM_STATE", "running")
     if command == "sudo -n sh -s":
-        return guest_capture(sys.stdin.read(), boot_id, boots, nth, sysstate)
+        return guest_capture(sys.stdin.read(), boot_id, boots, nth, sysstate, settled)
+    if settle:
+        if ENV.get("FAKE_SETTLED") == "never":
+            time.sleep(float(command.split()[3]))  # the guest's coreutils timeout N
+            sys.exit(124)
+        return
     if command == "true":
         return
     if command == "cat /proc/sys/kernel/random/boot_id":
@@ -833,7 +846,7 @@ def guest_nft(boots, changes):
     return js.replace('"172.18.0.2"', f'"{ip}"'), re.sub(r"172\.18\.0\.2\b", ip, text)
 
 
-def guest_capture(script, boot_id, boots, nth, sysstate):
+def guest_capture(script, boot_id, boots, nth, sysstate, settled=False):
     """Answer the driver's capture script the way the guest's shell would."""
     mark = re.search(r"^M='(@@boma-[0-9a-f]+)'", script, re.M).group(1)
 
@@ -856,7 +869,7 @@ def guest_capture(script, boot_id, boots, nth, sysstate):
         die(f"fake ssh: unknown FAKE_REBOOT_CHANGE {sorted(set(changes) - set(GUEST_CHANGES))}")
     if boots < int(ENV.get("FAKE_REBOOT_CHANGE_FROM", "2")):
         changes = set()
-    if "late-443" in changes and nth == 1:
+    if "late-443" in changes and nth == 1 and not settled:
         changes.add("port-443-gone")
     ss = (GUEST / "ss-tulnp.txt").read_text()
     ps = (GUEST / "docker-ps.txt").read_text()
