@@ -9238,5 +9238,36 @@ class CLI:
             return e.exit_code
 
 
+class OutputWithoutReader:
+    """stdout or stderr whose reader may be gone: a parent killed before the driver (CI's
+    trap stopping a background job, a pytest that died of the same SIGTERM) closes the
+    pipe, and a write to it (the interrupt's own line) would end the run with
+    BrokenPipeError before its verdict and teardown, leaving the VM up. From the first
+    write that finds no reader on, the output goes to /dev/null."""
+
+    def __init__(self, stream):
+        self._stream = stream
+
+    def _gone(self):
+        self._stream = open(os.devnull, "w")  # noqa: SIM115 (lives as long as the process)
+
+    def write(self, text):
+        try:
+            return self._stream.write(text)
+        except BrokenPipeError:
+            self._gone()
+            return len(text)
+
+    def flush(self):
+        try:
+            self._stream.flush()
+        except BrokenPipeError:
+            self._gone()
+
+    def __getattr__(self, name):  # fileno, isatty, encoding, ...: the stream's own
+        return getattr(self._stream, name)
+
+
 if __name__ == "__main__":  # pragma: no cover
+    sys.stdout, sys.stderr = OutputWithoutReader(sys.stdout), OutputWithoutReader(sys.stderr)
     sys.exit(CLI.main())

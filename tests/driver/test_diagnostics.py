@@ -86,6 +86,25 @@ def test_interrupt_mid_apply_tears_down(h, sig):
         os.kill(pb_pid, 0)
 
 
+def test_a_sigterm_after_the_readers_of_its_output_are_gone_still_tears_down(h):
+    # rehearsal 6 (2026-12-07): .ci/run's EXIT trap stopped a background job; the pytest
+    # reading the driver's pipes died first, the driver's interrupt line hit the closed
+    # pipe, and the run ended (exit 120) with its VM up and no result.json
+    proc = h.popen("cycle", "--host", "askari", FAKE_APPLY_SLEEP="60")
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline and not h.calls("ansible-playbook"):
+        time.sleep(0.05)
+    assert h.calls("ansible-playbook"), "apply never started"
+    time.sleep(0.3)
+    proc.stdout.close()
+    proc.stderr.close()
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(timeout=30) == 130
+    assert h.domains() == {}
+    (res,) = h.results()
+    assert res["verdict"] == "interrupted" and res["failed_stage"] == "apply:site.yml"
+
+
 def plant_run(h, dirname, data):
     d = h.run_root / dirname
     d.mkdir(parents=True, exist_ok=True)
