@@ -513,6 +513,18 @@ def h(tmp_path):
     harness.close()
 
 
+def plain_ctx(tmp_path):
+    """A Ctx under tmp_path for calling the driver's functions directly (no fake tools)."""
+    return ivm.Ctx(
+        repo=tmp_path,
+        run_parent=tmp_path / ".run",
+        cache=tmp_path / "cache",
+        diag_root=tmp_path / "diag",
+        uri="test:///",
+        environ={},
+    )
+
+
 def assert_one_line_error(proc):
     assert "Traceback" not in proc.stderr, proc.stderr
     errs = [ln for ln in proc.stderr.splitlines() if ln.startswith("integration-vm: error:")]

@@ -64,14 +64,20 @@ def test_verify_failure_keeps_vm_and_writes_diagnostics(h):
     assert d2.returncode == 0 and "already down" in d2.stdout
 
 
-@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
-def test_interrupt_mid_apply_tears_down(h, sig):
+def cycle_in_its_apply(h):
+    """A cycle as its own process, once its first apply is running (a minute long)."""
     proc = h.popen("cycle", "--host", "askari", FAKE_APPLY_SLEEP="60")
     deadline = time.monotonic() + 30
     while time.monotonic() < deadline and not h.calls("ansible-playbook"):
         time.sleep(0.05)
     assert h.calls("ansible-playbook"), "apply never started"
     time.sleep(0.3)
+    return proc
+
+
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
+def test_interrupt_mid_apply_tears_down(h, sig):
+    proc = cycle_in_its_apply(h)
     proc.send_signal(sig)
     out, err = proc.communicate(timeout=30)
     assert proc.returncode == 130, err
@@ -90,12 +96,7 @@ def test_a_sigterm_after_the_readers_of_its_output_are_gone_still_tears_down(h):
     # rehearsal 6 (2026-12-07): .ci/run's EXIT trap stopped a background job; the pytest
     # reading the driver's pipes died first, the driver's interrupt line hit the closed
     # pipe, and the run ended (exit 120) with its VM up and no result.json
-    proc = h.popen("cycle", "--host", "askari", FAKE_APPLY_SLEEP="60")
-    deadline = time.monotonic() + 30
-    while time.monotonic() < deadline and not h.calls("ansible-playbook"):
-        time.sleep(0.05)
-    assert h.calls("ansible-playbook"), "apply never started"
-    time.sleep(0.3)
+    proc = cycle_in_its_apply(h)
     proc.stdout.close()
     proc.stderr.close()
     proc.send_signal(signal.SIGTERM)

@@ -7,7 +7,7 @@ import json
 import xml.etree.ElementTree as ET
 
 import pytest
-from conftest import _result, ivm
+from conftest import _result, ivm, plain_ctx
 
 
 def test_result_shape_is_json_and_has_the_agreed_keys():
@@ -108,17 +108,6 @@ def test_result_has_reboot_diffs_and_settle_bound():
     assert ivm.Env.stage_bounds("kvm", {"BOMA_IT_TIMEOUT_REBOOT_SETTLE": "0"})["reboot-settle"] == 0
 
 
-def _ctx(tmp_path):
-    return ivm.Ctx(
-        repo=tmp_path,
-        run_parent=tmp_path / ".run",
-        cache=tmp_path / "cache",
-        diag_root=tmp_path / "diag",
-        uri="test:///",
-        environ={},
-    )
-
-
 # ---- run.json and result.json: one schema each -----------------------------------------
 def test_new_result_is_the_result_records_defaults():
     r = ivm.Reporting.new_result("cycle", "askari")
@@ -148,7 +137,7 @@ def test_a_record_round_trips_an_older_harness_fields_but_refuses_its_own_typos(
 
 
 def test_result_json_is_written_through_its_schema(tmp_path):
-    ctx = _ctx(tmp_path)
+    ctx = plain_ctx(tmp_path)
     rs = ivm.RunState(ctx, ivm.RunRecord("boma-it-askari-0123abcd", "askari"))
     result = ivm.Reporting.new_result("cycle", "askari")
     ivm.Reporting.finish_result(ctx, result, rs, strategy={"used": "linear"})
@@ -330,7 +319,7 @@ def _end_session(tmp_path, monkeypatch, command, stop, opts):
     monkeypatch.setattr(ivm.Session, "_ignore_signals", lambda: None)
     monkeypatch.setattr(ivm.Diagnostics, "collect_diagnostics", lambda ctx, rs, why: "/diag")
     monkeypatch.setattr(ivm.Machine, "destroy", lambda m: None)
-    ctx = _ctx(tmp_path)
+    ctx = plain_ctx(tmp_path)
     rs = ivm.RunState(ctx, ivm.RunRecord(VM, "askari", ip="192.0.2.7", state="up"))
 
     def phase(ctx, args, run):

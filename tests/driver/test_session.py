@@ -13,7 +13,7 @@ import types
 import xml.etree.ElementTree as ET
 
 import pytest
-from conftest import assert_nothing_created, assert_one_line_error, ivm
+from conftest import assert_nothing_created, assert_one_line_error, ivm, plain_ctx
 
 
 def test_passing_cycle(h):
@@ -371,17 +371,6 @@ def test_the_checkpoint_cleanup_waits_for_its_lock_briefly_then_skips_with_a_not
 # ---- the session as data: the Run, the phase lists, the failure policy, SessionOptions ----
 
 
-def _ctx(tmp_path):
-    return ivm.Ctx(
-        repo=tmp_path,
-        run_parent=tmp_path / ".run",
-        cache=tmp_path / "cache",
-        diag_root=tmp_path / "diag",
-        uri="test:///",
-        environ={},
-    )
-
-
 class _Slot:
     closed = False
 
@@ -434,7 +423,7 @@ def test_the_failure_policy_is_one_table():
 def test_verify_failure_collects_diagnostics_and_keeps_the_vm(tmp_path, calls, capsys):
     run = _run()
     e = ivm.VerifyFailed("verify", "2 tasks failed", ["a", "b"])
-    assert ivm.Session.on_failure(_ctx(tmp_path), ARGS, run, "verify", e) == ivm.EXIT_VERIFY
+    assert ivm.Session.on_failure(plain_ctx(tmp_path), ARGS, run, "verify", e) == ivm.EXIT_VERIFY
     assert calls == [("diag", "verify: 2 tasks failed"), ("help", run.rs.name)]
     r = run.result
     assert (r.verdict, r.failed_stage, r.failures, r.kept) == (
@@ -449,29 +438,29 @@ def test_verify_failure_collects_diagnostics_and_keeps_the_vm(tmp_path, calls, c
 def test_the_verify_failure_expect_fail_names_is_torn_down(tmp_path, calls):
     run = _run(expect_fail="verify")
     e = ivm.VerifyFailed("verify", "failed as planted")
-    ivm.Session.on_failure(_ctx(tmp_path), ARGS, run, "verify", e)
+    ivm.Session.on_failure(plain_ctx(tmp_path), ARGS, run, "verify", e)
     assert ("down", run.rs.name) in calls and run.result.kept is False
 
 
 def test_infra_error_destroys_what_this_invocation_created_unless_keep(tmp_path, calls):
     e = ivm.InfraError("boot", "no lease")
     run = _run()
-    assert ivm.Session.on_failure(_ctx(tmp_path), ARGS, run, "infra", e) == ivm.EXIT_INFRA
+    assert ivm.Session.on_failure(plain_ctx(tmp_path), ARGS, run, "infra", e) == ivm.EXIT_INFRA
     assert calls == [("diag", "boot: no lease"), ("down", run.rs.name)]
     calls.clear()
     kept = _run()
-    ivm.Session.on_failure(_ctx(tmp_path), ivm.Options(keep=True), kept, "infra", e)
+    ivm.Session.on_failure(plain_ctx(tmp_path), ivm.Options(keep=True), kept, "infra", e)
     assert calls == [("diag", "boot: no lease"), ("help", kept.rs.name)]
     calls.clear()
     theirs = _run("apply")  # apply acts on a VM another invocation created: kept
-    ivm.Session.on_failure(_ctx(tmp_path), ARGS, theirs, "infra", e)
+    ivm.Session.on_failure(plain_ctx(tmp_path), ARGS, theirs, "infra", e)
     assert ("down", theirs.rs.name) not in calls and theirs.result.kept is True
 
 
 def test_usage_error_leaves_the_run_as_it_is_without_a_word(tmp_path, calls, capsys):
     for run in (_run(rs=False), _run()):
         e = ivm.UsageError("bad --run")
-        assert ivm.Session.on_failure(_ctx(tmp_path), ARGS, run, "usage", e) == ivm.EXIT_USAGE
+        assert ivm.Session.on_failure(plain_ctx(tmp_path), ARGS, run, "usage", e) == ivm.EXIT_USAGE
         assert run.result.verdict == "error" and run.result.kept is False
     assert calls == []
     assert capsys.readouterr().err.count("integration-vm: error: bad --run") == 2
@@ -480,7 +469,7 @@ def test_usage_error_leaves_the_run_as_it_is_without_a_word(tmp_path, calls, cap
 def test_interrupt_tears_down_without_diagnostics_and_says_so(tmp_path, calls, capsys):
     run = _run()
     run.result.phase_details.append({"name": "apply:site.yml", "status": "interrupted"})
-    assert ivm.Session.on_failure(_ctx(tmp_path), ARGS, run, "interrupt", None) == 130
+    assert ivm.Session.on_failure(plain_ctx(tmp_path), ARGS, run, "interrupt", None) == 130
     assert calls == [("down", run.rs.name)]
     assert run.result.failed_stage == "apply:site.yml"
     err = capsys.readouterr().err
@@ -510,7 +499,7 @@ def test_each_session_command_is_an_ordered_phase_list():
 
 
 def test_a_session_runs_its_phases_on_one_run_and_ends_by_the_policy(tmp_path, calls, monkeypatch):
-    ctx, seen, slot = _ctx(tmp_path), [], _Slot()
+    ctx, seen, slot = plain_ctx(tmp_path), [], _Slot()
 
     def first(ctx, args, run):
         assert ctx.session is run and ctx.bounds is run.bounds  # the active run's bounds
@@ -545,7 +534,7 @@ def test_a_usage_error_before_anything_exists_writes_no_summary(tmp_path, monkey
     monkeypatch.setattr(ivm.Session, "_ignore_signals", lambda: None)
     monkeypatch.setitem(ivm.Session.SESSION_PHASES, "up", (bad,))
     args = ivm.Options(keep=False, host="nope")
-    assert ivm.Session.session(_ctx(tmp_path), args, "up") == ivm.EXIT_USAGE
+    assert ivm.Session.session(plain_ctx(tmp_path), args, "up") == ivm.EXIT_USAGE
     out = capsys.readouterr()
     assert out.out == "" and out.err == "integration-vm: error: no such host\n"
 
@@ -553,7 +542,7 @@ def test_a_usage_error_before_anything_exists_writes_no_summary(tmp_path, monkey
 # ---- the run owns its state, Ctx only configuration ---------------------------------------
 def test_ctx_carries_no_run_state(tmp_path):
     with pytest.raises(dataclasses.FrozenInstanceError):
-        _ctx(tmp_path).poll = 1.0  # configuration, fixed for the process
+        plain_ctx(tmp_path).poll = 1.0  # configuration, fixed for the process
     fields = {f.name for f in dataclasses.fields(ivm.Ctx)}
     gone = {"bounds", "cmdlog", "checkpoint_chain", "bench_phase", "bench_transport"}
     assert not fields & (gone | {"last_result", "strategy"})
@@ -564,7 +553,7 @@ def test_ctx_carries_no_run_state(tmp_path):
 
 
 def test_attaching_a_run_state_moves_the_command_log(tmp_path):
-    ctx = _ctx(tmp_path)
+    ctx = plain_ctx(tmp_path)
     assert ctx.cmdlog is None and ctx.bounds == {}
     run = ivm.Run(bounds={"virsh": 5.0})
     ctx = dataclasses.replace(ctx, session=run)
